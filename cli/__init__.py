@@ -1,0 +1,1 @@
+"""Command-line entry points: thin click wrappers over the embstore library."""

@@ -1,0 +1,181 @@
+"""``embstore``: extract, info, ls, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.common import Group, UserError, explicit, load_yaml_config, setup_logging
+
+
+def _split_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=FILE (e.g. train=train.csv); got {v!r}.")
+        out.append((name, path))
+    return tuple(out)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="embstore")
+def main() -> None:
+    """Run a frozen backbone once; store every layer; probe them from the store."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it.")
+@click.option("--data", help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets (the default when no --split is given).")
+@click.option("--split", "splits", multiple=True, callback=_split_option, help="NAME=FILE, one per split (repeatable).")
+@click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split (seeded, stratified).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout.")
+@click.option("--text-col", help="Text column [default: text].")
+@click.option("--text-pair-col", help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers.")
+@click.option("--towers", is_flag=True, help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b').")
+@click.option("--label-col", help="Label column (strings or integers).")
+@click.option("--model", default="minilm", show_default=True, help="minilm, random:NAME, a local HF directory, or a Hub id in the local HF cache.")
+@click.option("--layers", default="all", show_default=True, help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings).")
+@click.option("--pooling", default="cls,mean", show_default=True, help="Comma list of cls, mean, max.")
+@click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers).")
+@click.option("--max-length", type=int, default=256, show_default=True, help="Truncate inputs to this many tokens.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch.")
+@click.option("--token-budget", type=int, default=16384, show_default=True, help="Most padded tokens per forward batch.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype.")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True, help="Store format.")
+@click.option("--out", help="Store path (*.zarr / *.h5) or a directory for the store [default: $EMBSTORE_CACHE or ./cache].")
+@click.option("--limit", type=int, help="Keep the first N rows of each split.")
+@click.option("--skip-empty", is_flag=True, help="Drop empty or missing text rows instead of failing.")
+@click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume).")
+@click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead).")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.pass_context
+def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: bool, **opts: Any) -> None:
+    """Run the backbone once over every split and store every chosen layer."""
+    setup_logging(verbose)
+    from embstore.config import ExtractConfig
+
+    values = load_yaml_config(config_file)
+    renames = {"fmt": "format", "towers": "pair_mode"}
+    for key, value in opts.items():
+        name = renames.get(key, key)
+        if explicit(ctx, key) or name not in values:
+            if key == "towers":
+                value = "towers" if value else "joint"
+            if key == "pooling" and isinstance(value, str):
+                value = tuple(p.strip() for p in value.split(",") if p.strip())
+            values[name] = value
+    if not values.get("splits") and not values.get("data"):
+        values["data"] = "builtin:tweets"
+    out = values.get("out")
+    if out and str(out).endswith((".h5", ".hdf5")):
+        values["format"] = "h5"
+    try:
+        config = ExtractConfig.from_dict(values)
+    except TypeError as exc:
+        raise UserError(f"Bad option in {config_file}: {exc}") from None
+    from embstore.extraction import extract as run_extract
+
+    result = run_extract(config, show_progress=not quiet)
+    rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
+    click.echo(f"{result.status}: {rows} rows in {result.seconds:.1f}s", err=True)
+    trunc = sum(result.truncated.values())
+    if trunc:
+        click.echo(f"truncated at --max-length {config.max_length}: {trunc} inputs ({result.truncated})", err=True)
+    skipped = sum(result.skipped_empty.values())
+    if skipped:
+        click.echo(f"skipped empty rows: {skipped} ({result.skipped_empty})", err=True)
+    click.echo(result.path)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("store_path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(store_path: str, as_json: bool) -> None:
+    """Describe a store: splits, layers, shapes, bytes, provenance."""
+    from embstore.store import open_store
+
+    with open_store(store_path, allow_incomplete=True) as store:
+        d = store.describe()
+    if as_json:
+        click.echo(json.dumps(d, default=str))
+        return
+    prov = d["provenance"]
+    lines = [
+        f"store      {d['path']} ({d['format']}, {'complete' if d['complete'] else 'INCOMPLETE'})",
+        f"model      {prov.get('model', {}).get('name')}  hidden {d['hidden']}  layers {','.join(map(str, d['layers']))}",
+        f"poolings   {','.join(d['poolings'])}  dtype {d['dtype']}  towers {','.join(d['towers'])}"
+        + (f"  tokens for layers {','.join(map(str, d['token_layers']))}" if d["token_layers"] else ""),
+        f"labels     {', '.join(d['label_names']) if d['label_names'] else '(none)'}",
+    ]
+    for name, s in d["splits"].items():
+        lines.append(f"split      {name}: {s['rows']} rows, {s['chunks_done']}/{s['chunks']} chunks, "
+                     f"{sum(s['tokens'].values())} tokens, {s['truncated'] or 0} truncated")
+    for src in prov.get("sources", []):
+        lines.append(f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns {','.join(src['columns'])}")
+    lines.append(f"bytes      {_human(d['bytes'])}")
+    lines.append(f"created    {d['created']}  finished {d['finished']}  embstore {prov.get('tool', {}).get('embstore')}")
+    click.echo("\n".join(lines))
+
+
+@main.command("ls")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Directory to list [default: $EMBSTORE_CACHE or ./cache].")
+def ls_(directory: str | None) -> None:
+    """List the stores in the cache with their state."""
+    from embstore.extraction import cache_dir
+    from embstore.store import open_store
+
+    base = Path(directory) if directory else cache_dir()
+    if not base.is_dir():
+        click.echo(f"no stores: {base} does not exist", err=True)
+        return
+    entries = sorted(p for p in base.iterdir() if p.name.endswith((".zarr", ".h5", ".hdf5")))
+    for p in entries:
+        try:
+            with open_store(p, allow_incomplete=True) as store:
+                d = store.describe()
+            done = sum(s["chunks_done"] for s in d["splits"].values())
+            total = sum(s["chunks"] for s in d["splits"].values())
+            state = "complete" if d["complete"] else f"incomplete {done}/{total} chunks"
+            rows = ",".join(f"{k}={v['rows']}" for k, v in d["splits"].items())
+            model = d["provenance"].get("model", {}).get("name")
+            click.echo(f"{p}\t{state}\t{model}\t{rows}\t{_human(d['bytes'])}")
+        except Exception as exc:  # one unreadable entry must not hide the others
+            click.echo(f"{p}\tunreadable ({type(exc).__name__})")
+    if not entries:
+        click.echo(f"no stores in {base}", err=True)
+
+
+@main.command()
+@click.argument("store_path")
+def verify(store_path: str) -> None:
+    """Check completeness and every row chunk's checksum. Exit 1 if anything is wrong."""
+    from embstore.store import open_store
+
+    with open_store(store_path, allow_incomplete=True) as store:
+        problems = store.verify()
+        n = sum(sl.n_chunks for sl in store.layout.splits.values())
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+        click.echo(f"{store_path}: {len(problems)} problem(s)", err=True)
+        raise SystemExit(1)
+    click.echo(f"{store_path}: ok ({n} row chunks verified)")
+
+
+if __name__ == "__main__":
+    main()

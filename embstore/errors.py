@@ -1,0 +1,71 @@
+"""Every error a user can cause, in one place.
+
+Each class subclasses the closest built-in so callers can catch either. The CLI turns any
+:class:`EmbstoreError` into one line on stderr and exit code 2; a traceback is a bug.
+Messages name the bad value and say how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EmbstoreError",
+    "DataError",
+    "ColumnNotFoundError",
+    "DataFileNotFoundError",
+    "ModelNotFoundError",
+    "LayerSpecError",
+    "StoreNotFoundError",
+    "StoreIncompleteError",
+    "StoreMismatchError",
+    "OutputNotWritableError",
+    "DiskFullError",
+    "ConfigError",
+]
+
+
+class EmbstoreError(Exception):
+    """Base class of every error caused by user input or the environment."""
+
+
+class ConfigError(EmbstoreError, ValueError):
+    """An option has a value outside what it accepts."""
+
+
+class DataError(EmbstoreError, ValueError):
+    """The data file parses but its content cannot be used (empty, NaN rows, missing labels)."""
+
+
+class ColumnNotFoundError(DataError):
+    """A named column is not in the data file."""
+
+
+class DataFileNotFoundError(EmbstoreError, FileNotFoundError):
+    """A data file does not exist."""
+
+
+class ModelNotFoundError(EmbstoreError, FileNotFoundError):
+    """A --model value is neither built in, a local directory, nor in the local HF cache."""
+
+
+class LayerSpecError(EmbstoreError, ValueError):
+    """A layer specification is malformed or names layers the model/store does not have."""
+
+
+class StoreNotFoundError(EmbstoreError, FileNotFoundError):
+    """No store at the given path."""
+
+
+class StoreIncompleteError(EmbstoreError, RuntimeError):
+    """The store exists but its extraction has not finished."""
+
+
+class StoreMismatchError(EmbstoreError, ValueError):
+    """A store exists at the output path but was made from other inputs or another schema."""
+
+
+class OutputNotWritableError(EmbstoreError, PermissionError):
+    """The output location cannot be created or written."""
+
+
+class DiskFullError(EmbstoreError, OSError):
+    """Not enough free space for the store."""

@@ -1,0 +1,385 @@
+"""Orchestrates one extraction: plan, content address, resume, split work between ranks,
+write, mark complete. The model loop itself lives in :mod:`embstore.encode`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embstore import layout as L
+from embstore.config import ExtractConfig
+from embstore.data import Dataset, load_dataset
+from embstore.encode import ChunkEncoder, ChunkJob, Encoded, length_order, tokenize
+from embstore.errors import ConfigError, DiskFullError, OutputNotWritableError, StoreMismatchError
+from embstore.layers import parse_layers
+from embstore.models import Backbone, load_backbone
+from embstore.store import is_h5_path, open_store
+from embstore.writer import StoreWriter, export_h5, io_errors
+
+__all__ = ["extract", "ExtractResult", "cache_dir", "pick_device"]
+
+log = logging.getLogger(__name__)
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    path: str
+    status: str
+    """'created', 'resumed' or 'already complete'."""
+    rows: dict[str, int]
+    truncated: dict[str, int]
+    skipped_empty: dict[str, int]
+    seconds: float
+
+
+def cache_dir() -> Path:
+    """Default store location: $EMBSTORE_CACHE, else ./cache."""
+    return Path(os.environ.get("EMBSTORE_CACHE", "cache"))
+
+
+def pick_device(requested: str | None) -> str:
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} asked for CUDA but no CUDA GPU is visible; use --device cpu.")
+    return requested
+
+
+@dataclass
+class _Plan:
+    """Everything decided before the model runs; identical in every rank."""
+
+    backbone: Backbone
+    dataset: Dataset
+    layout: L.StoreLayout
+    fingerprint: str
+    order: dict[str, np.ndarray]
+    encoded: dict[tuple[str, str], Encoded]
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    token_counts: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "store"
+
+
+def _fingerprint(config: ExtractConfig, backbone: Backbone, dataset: Dataset, lay: L.StoreLayout, precision: str) -> str:
+    ident = backbone.identity
+    model_cfg = {k: v for k, v in ident["config"].items() if k not in _VOLATILE_CONFIG_KEYS}
+    content = {
+        "schema_version": L.SCHEMA_VERSION,
+        "model": {"weights": ident["weights_sha256"], "class": ident["class"], "config": model_cfg,
+                  "tokenizer": ident["tokenizer"]["sha256"] or ident["tokenizer"]["class"]},
+        "data": [{k: s.get(k) for k in ("split", "sha256", "columns", "holdout")} for s in dataset.sources],
+        "columns": [config.text_col, config.text_pair_col, config.label_col], "pair_mode": config.pair_mode,
+        "limit": config.limit, "skip_empty": config.skip_empty, "max_length": config.max_length,
+        "layers": list(lay.layers), "poolings": list(lay.poolings), "token_layers": list(lay.token_layers),
+        "dtype": lay.dtype, "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plan(config: ExtractConfig, device: str) -> _Plan:
+    from embstore._version import __version__
+
+    dataset = load_dataset(data=config.data, splits=config.splits, holdout=config.holdout, seed=config.seed,
+                           text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,
+                           limit=config.limit, skip_empty=config.skip_empty)
+    backbone = load_backbone(config.model, device)
+    available = list(range(backbone.n_layers + 1))
+    layers = parse_layers(config.layers, available, "layers")
+    token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
+    if config.max_length > backbone.max_positions:
+        raise ConfigError(f"--max-length {config.max_length} exceeds what {config.model} can encode ({backbone.max_positions} positions); use --max-length {backbone.max_positions} or less.")
+    towers = L.PAIR_TOWERS if config.pair_mode == "towers" else (L.SINGLE_TOWER,)
+    tok = backbone.tokenizer
+    encoded: dict[tuple[str, str], Encoded] = {}
+    order: dict[str, np.ndarray] = {}
+    splits: dict[str, L.SplitLayout] = {}
+    arrays: dict[str, np.ndarray] = {}
+    token_counts: dict[tuple[str, str], np.ndarray] = {}
+    truncated: dict[str, int] = {}
+    for name, sd in dataset.splits.items():
+        if config.pair_mode == "towers":
+            encoded[(name, "a")] = tokenize(tok, sd.texts, None, config.max_length)
+            encoded[(name, "b")] = tokenize(tok, sd.pairs or [], None, config.max_length)
+        else:
+            encoded[(name, L.SINGLE_TOWER)] = tokenize(tok, sd.texts, sd.pairs, config.max_length)
+        total = sum(encoded[(name, t)].lengths.astype(np.int64) for t in towers)
+        order[name] = perm = length_order(total)
+        n = len(perm)
+        arrays[L.row_ids_path(name)] = sd.row_ids[perm]
+        if sd.labels is not None:
+            arrays[L.labels_path(name)] = sd.labels[perm]
+        for t in towers:
+            e = encoded[(name, t)]
+            arrays[L.n_tokens_path(name, t)] = e.lengths[perm]
+            arrays[L.truncated_path(name, t)] = e.truncated[perm]
+            token_counts[(name, t)] = e.lengths[perm]
+        truncated[name] = int(sum(encoded[(name, t)].truncated.sum() for t in towers))
+        splits[name] = L.SplitLayout(n_rows=n, n_chunks=L.n_chunks(n, config.chunk_rows),
+                                     n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers})
+    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(config.pooling), hidden=backbone.hidden, dtype=config.dtype,
+                        towers=tuple(towers), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
+    precision = "bf16-autocast" if device.startswith("cuda") else "float32"
+    fp = _fingerprint(config, backbone, dataset, lay, precision)
+    import torch
+    import transformers
+    import zarr
+
+    meta = {
+        "schema_version": L.SCHEMA_VERSION, "complete": False, "fingerprint": fp, "modality": "text",
+        "layout": lay.to_dict(), "label_names": dataset.label_names, "truncated": truncated,
+        "skipped_empty": dataset.skipped_empty, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,
+        "provenance": {
+            "model": {k: v for k, v in backbone.identity.items() if k != "tokenizer"},
+            "tokenizer": backbone.identity["tokenizer"], "max_length": config.max_length,
+            "poolings": list(config.pooling), "dtype": config.dtype, "precision": precision, "device": device,
+            "sources": dataset.sources, "text_col": config.text_col or "text", "text_pair_col": config.text_pair_col,
+            "pair_mode": config.pair_mode, "label_col": config.label_col,
+            "rows": {k: v.n_rows for k, v in splits.items()},
+            "tool": {"embstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "zarr": zarr.__version__, "python": sys.version.split()[0]},
+            "config": config.to_dict(),
+        },
+    }
+    return _Plan(backbone=backbone, dataset=dataset, layout=lay, fingerprint=fp, order=order, encoded=encoded,
+                 meta=meta, arrays=arrays, token_counts=token_counts)
+
+
+def _paths(config: ExtractConfig, plan: _Plan) -> tuple[str, str]:
+    """(final store path, zarr path written during extraction)."""
+    out = config.out
+    if out is not None and (out.rstrip("/").endswith((".zarr", ".h5", ".hdf5"))):
+        final = out.rstrip("/")
+    else:
+        data_name = config.data.split(":", 1)[-1] if config.data else "-".join(n for n, _ in config.splits)
+        data_name = Path(data_name).stem if config.data and not config.data.startswith("builtin:") else data_name
+        suffix = ".h5" if config.format == "h5" else ".zarr"
+        base = Path(out) if out is not None else cache_dir()
+        final = str(base / f"{_slug(config.model)}-{_slug(data_name)}-{plan.fingerprint[:12]}{suffix}")
+    return final, (final + ".partial.zarr" if is_h5_path(final) else final)
+
+
+def _check_writable(path: str, needed: int) -> None:
+    if "://" in path:
+        return
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".embstore-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputNotWritableError(f"Cannot write the store under {parent} ({exc.strerror}); choose a writable --out or set EMBSTORE_CACHE.") from None
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise DiskFullError(f"The store needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free under {parent}; free space, store fewer layers/poolings, or choose another --out.")
+
+
+def _needed_bytes(lay: L.StoreLayout, h5: bool) -> int:
+    item = np.dtype(lay.dtype).itemsize
+    total = 0
+    for sl in lay.splits.values():
+        total += sl.n_rows * len(lay.layers) * len(lay.poolings) * len(lay.towers) * lay.hidden * item
+        total += sum(sl.n_tokens.values()) * len(lay.token_layers) * lay.hidden * item
+    return int(total * (2 if h5 else 1) * 1.02)
+
+
+def _jobs(plan: _Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
+    jobs = []
+    for split, chunks in pending.items():
+        perm = plan.order[split]
+        n = len(perm)
+        for c in chunks:
+            start, stop = L.chunk_rows_range(n, plan.layout.chunk_rows, c)
+            rows = perm[start:stop]
+            towers = {}
+            for t in plan.layout.towers:
+                e = plan.encoded[(split, t)]
+                towers[t] = ([e.ids[i] for i in rows], None if e.type_ids is None else [e.type_ids[i] for i in rows])
+            jobs.append(ChunkJob(split=split, chunk=c, towers=towers))
+    return jobs
+
+
+def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, write_path: str, jobs: list[ChunkJob],
+              device: str, show_progress: bool, desc: str = "extract") -> None:
+    """Encode row chunks and write each in a background thread while the model runs the next."""
+    from tqdm import tqdm
+
+    writer = StoreWriter.open(write_path)
+    encoder = ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, layers=lay.layers,
+                           token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
+                           batch_size=config.batch_size, token_budget=config.token_budget, device=device)
+    total = sum(len(next(iter(j.towers.values()))[0]) for j in jobs)
+    bar = tqdm(total=total, unit="ex", desc=desc, disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for job in jobs:
+            def name(tower: str, what: str, layer: int | None, _s: str = job.split, _c: int = job.chunk) -> str:
+                return L.token_chunk_path(_s, tower, layer, _c) if what == "tokens" and layer is not None else L.pooled_path(_s, tower, what)
+            data = encoder.encode(job, name, bar.update)
+            if pending is not None:
+                pending.result()  # at most one chunk waits for the disk: memory stays bounded
+            pending = pool.submit(writer.write_chunk, job.split, job.chunk, data)
+        if pending is not None:
+            pending.result()
+    bar.close()
+
+
+def _worker(rank: int, config_dict: dict[str, Any], device: str, write_path: str, jobs: list[ChunkJob],
+            threads: int) -> None:
+    """Entry point of one ``--num-processes`` worker (spawned)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    config = ExtractConfig.from_dict(config_dict)
+    backbone = load_backbone(config.model, device)
+    lay = StoreWriter.open(write_path).layout
+    _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
+
+
+def _run_processes(config: ExtractConfig, plan: _Plan, write_path: str, pending: dict[str, list[int]], device: str) -> None:
+    import multiprocessing as mp
+
+    jobs = _jobs(plan, pending)
+    n = config.num_processes
+    threads = max(1, (os.cpu_count() or 1) // n)
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in range(n):
+        dev = f"cuda:{rank % max(1, _cuda_count())}" if device.startswith("cuda") else device
+        p = ctx.Process(target=_worker, args=(rank, config.to_dict(), dev, write_path, jobs[rank::n], threads))
+        p.start()
+        procs.append(p)
+    failed = []
+    for rank, p in enumerate(procs):
+        p.join()
+        if p.exitcode != 0:
+            failed.append((rank, p.exitcode))
+    if failed:
+        raise RuntimeError(f"extraction worker(s) failed: {failed}; re-run the same command to resume from the written chunks")
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _dist_env() -> tuple[int, int]:
+    """(rank, world size) when started by ``accelerate launch`` / torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResult:
+    """Run the backbone once over every split and write (or finish) the store.
+
+    Re-running with the same inputs finds the complete store and does nothing; an interrupted
+    store is resumed from its last finished row chunk.
+    """
+    t0 = time.perf_counter()
+    rank, world = _dist_env()
+    state = None
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        device = str(state.device)
+    else:
+        device = pick_device(config.device)
+    plan = _plan(config, device)
+    final, write_path = _paths(config, plan)
+    rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
+    truncated = dict(plan.meta["truncated"])
+
+    def result(status: str) -> ExtractResult:
+        return ExtractResult(path=final, status=status, rows=rows, truncated=truncated,
+                             skipped_empty=dict(plan.dataset.skipped_empty), seconds=time.perf_counter() - t0)
+
+    status = "created"
+    if os.path.exists(final) or "://" in final:
+        existing = _existing(final)
+        if existing is not None:
+            fp, complete = existing
+            if fp != plan.fingerprint:
+                raise StoreMismatchError(f"{final} holds a store made from other inputs (fingerprint {fp[:12]}, this run {plan.fingerprint[:12]}); choose another --out or delete it.")
+            if complete:
+                return result("already complete")
+            status = "resumed"
+    if rank == 0:
+        if os.path.exists(write_path) or "://" in write_path:
+            existing = _existing(write_path)
+            if existing is not None and existing[0] != plan.fingerprint:
+                raise StoreMismatchError(f"{write_path} holds a partial store made from other inputs; delete it or choose another --out.")
+            status = "resumed" if existing is not None else status
+            if existing is None and os.path.exists(write_path):
+                raise StoreMismatchError(f"{write_path} exists and is not an embstore store; choose another --out or remove it.")
+        if status == "created":
+            _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
+            StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
+    if state is not None:
+        state.wait_for_everyone()
+    writer = StoreWriter.open(write_path)
+    if writer.layout.chunk_rows != plan.layout.chunk_rows:  # resume with the store's own chunking
+        raise ConfigError(f"{write_path} was started with --chunk-rows {writer.layout.chunk_rows}; resume with that value.")
+    pending = {s: [int(c) for c in np.flatnonzero(~writer.done(s))] for s in plan.layout.splits}
+    if status == "resumed":
+        log.info("resuming %s: %d row chunks left", write_path, sum(map(len, pending.values())))
+    if world > 1:
+        jobs = _jobs(plan, pending)[rank::world]
+        _run_jobs(plan.backbone, plan.layout, config, write_path, jobs, device, show_progress and rank == 0)
+        assert state is not None
+        state.wait_for_everyone()
+        if rank != 0:
+            return result(status)
+    elif config.num_processes > 1:
+        del plan.backbone.model
+        _run_processes(config, plan, write_path, pending, device)
+    else:
+        _run_jobs(plan.backbone, plan.layout, config, write_path, _jobs(plan, pending), device, show_progress)
+    _finalize(writer, final, write_path)
+    return result(status)
+
+
+def _existing(path: str) -> tuple[str, bool] | None:
+    """(fingerprint, complete) of the store at ``path``, or None if it is not a readable store."""
+    try:
+        store = open_store(path, allow_incomplete=True)
+    except Exception:
+        return None
+    try:
+        return store.fingerprint, store.complete
+    finally:
+        store.close()
+
+
+def _finalize(writer: StoreWriter, final: str, write_path: str) -> None:
+    missing = {s: int((~writer.done(s)).sum()) for s in writer.layout.splits}
+    if any(missing.values()):
+        raise RuntimeError(f"row chunks still missing after extraction: {missing}; re-run to resume")
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    writer.finalize({"finished": now})
+    if final != write_path:
+        export_h5(write_path, final)
+        with io_errors(write_path):
+            shutil.rmtree(write_path)

