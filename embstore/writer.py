@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,8 +68,9 @@ class StoreWriter:
         lay = L.StoreLayout.from_dict(meta["layout"])
         target = f"{path}.creating-{os.getpid()}" if _local(path) else path
         with io_errors(path):
-            if _local(path):
-                shutil.rmtree(target, ignore_errors=True)
+            if _local(path):  # leftovers of runs killed while creating
+                for stale in Path(path).parent.glob(Path(path).name + ".creating-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             g = zarr.open_group(target, mode="w")
             for name, arr in arrays.items():
                 g.create_array(name, data=arr, chunks=(max(1, min(len(arr), 1 << 20)),), compressors=None)

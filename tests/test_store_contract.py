@@ -1,0 +1,126 @@
+"""One store contract, run against every backend (zarr and HDF5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import LABELS, TEXTS
+from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
+from embstore import layout as L
+
+
+def _build(tmp_path_factory, fmt: str) -> str:
+    base = tmp_path_factory.mktemp(f"store-{fmt}")
+    data = base / "d.csv"
+    pd.DataFrame({"text": TEXTS * 3, "label": LABELS * 3}).to_csv(data, index=False)
+    cfg = ExtractConfig(model="random:tiny-bert", data=str(data), label_col="label", pooling=("cls", "mean", "max"),
+                        tokens="0,-1", chunk_rows=8, format=fmt, out=str(base), batch_size=5)
+    return extract(cfg, show_progress=False).path
+
+
+class StoreContract:
+    """Every backend must pass these; subclasses supply the ``store_path`` fixture."""
+
+    n = 36
+
+    @pytest.fixture
+    def store(self, store_path):
+        with open_store(store_path) as s:
+            yield s
+
+    def test_description(self, store):
+        assert store.complete
+        assert store.splits == ["all"]
+        assert store.layers == [0, 1, 2]
+        assert store.hidden == 32
+        assert store.poolings == ["cls", "mean", "max"]
+        assert store.towers == ["text"]
+        assert store.token_layers == [0, 2]
+        assert store.label_names == ["business", "science", "sport", "world"]
+        d = store.describe()
+        assert d["splits"]["all"] == {"rows": self.n, "chunks": 5, "chunks_done": 5, "tokens": {"text": int(store.n_tokens("all").sum())}, "truncated": 0}
+        prov = d["provenance"]
+        assert prov["model"]["name"] == "random:tiny-bert" and prov["model"]["weights_sha256"]
+        assert prov["tokenizer"]["sha256"] and prov["max_length"] == 256 and prov["dtype"] == "float16"
+        assert prov["sources"][0]["sha256"] and prov["rows"] == {"all": self.n}
+        assert prov["tool"]["embstore"] and d["created"] and d["finished"]
+
+    def test_rows_map_back_to_the_source(self, store):
+        rid = store.row_ids("all")
+        assert sorted(rid) == list(range(self.n))
+        names = store.label_names
+        assert [names[i] for i in store.labels("all")] == [(LABELS * 3)[i] for i in rid]
+        lengths = store.n_tokens("all")
+        assert list(lengths) == sorted(lengths, reverse=True)  # stored longest first
+
+    def test_pooled_shapes_and_selection(self, store):
+        full = store.pooled("all", "cls")
+        assert full.shape == (self.n, 3, 32) and full.dtype == np.float16
+        np.testing.assert_array_equal(store.pooled("all", "cls", "-1")[:, 0], full[:, 2])
+        np.testing.assert_array_equal(store.pooled("all", "cls", [0, 2]), full[:, [0, 2]])
+        assert np.isfinite(store.pooled("all", "max").astype(np.float32)).all()
+
+    def test_tokens_agree_with_pooling(self, store):
+        for layer in (0, 2):
+            tok = store.tokens("all", layer)
+            assert len(tok) == self.n
+            np.testing.assert_array_equal(tok.lengths, store.n_tokens("all"))
+            cls = store.pooled("all", "cls", [layer])[:, 0]
+            mean = store.pooled("all", "mean", [layer])[:, 0].astype(np.float32)
+            mx = store.pooled("all", "max", [layer])[:, 0]
+            for i in (0, 17, self.n - 1):
+                np.testing.assert_array_equal(tok[i][0], cls[i])
+                np.testing.assert_allclose(tok[i].astype(np.float32).mean(0), mean[i], atol=2e-2)
+                np.testing.assert_array_equal(tok[i].max(0), mx[i])
+
+    def test_one_layer_reads_only_its_chunks(self, store):
+        assert store.layout.chunk_shape_pooled(self.n) == (1, 8, 32)
+
+    def test_verify_passes(self, store):
+        assert store.verify() == []
+
+    def test_bad_requests_name_the_choices(self, store):
+        with pytest.raises(ConfigError, match=r"Split 'train' is not in .* its splits are all"):
+            store.pooled("train", "cls")
+        with pytest.raises(ConfigError, match=r"Pooling 'sum' .* stores cls, mean, max"):
+            store.pooled("all", "sum")
+        with pytest.raises(LayerSpecError, match=r"\[0, 2\]"):
+            store.pooled("all", "cls", "5")
+        with pytest.raises(ConfigError, match=r"Layer 1 has no per-token states .* --tokens 1"):
+            store.tokens("all", 1)
+        with pytest.raises(ConfigError, match=r"Tower 'b'"):
+            store.pooled("all", "cls", tower="b")
+
+
+class TestZarrStore(StoreContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def store_path(cls, tmp_path_factory):
+        path = _build(tmp_path_factory, "zarr")
+        assert path.endswith(".zarr")
+        return path
+
+
+class TestH5Store(StoreContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def store_path(cls, tmp_path_factory):
+        path = _build(tmp_path_factory, "h5")
+        assert path.endswith(".h5")
+        return path
+
+
+def test_backends_hold_identical_content(tmp_path_factory):
+    z, h = open_store(_build(tmp_path_factory, "zarr")), open_store(_build(tmp_path_factory, "h5"))
+    assert z.fingerprint == h.fingerprint
+    for pooling in z.poolings:
+        np.testing.assert_array_equal(z.pooled("all", pooling), h.pooled("all", pooling))
+    np.testing.assert_array_equal(z.tokens("all", 2).values, h.tokens("all", 2).values)
+    np.testing.assert_array_equal(z.row_ids("all"), h.row_ids("all"))
+
+
+def test_layout_owns_paths():
+    assert L.pooled_path("train", "text", "cls") == "splits/train/text/pooled/cls"
+    assert L.chunk_rows_range(10, 4, 2) == (8, 10)
