@@ -1,0 +1,88 @@
+"""Crash safety and scale-out: a kill -9 mid-run resumes to the same store; 2 processes = 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embstore import ExtractConfig, StoreIncompleteError, extract, open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(tmp_path: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    words = np.array("the a model layer store token chunk resume crash probe head sweep vector news sport".split())
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 40))) for _ in range(n)]
+    path = tmp_path / "synthetic.csv"
+    pd.DataFrame({"text": texts, "label": rng.integers(0, 3, size=n)}).to_csv(path, index=False)
+    return path
+
+
+def _assert_same_store(a: str, b: str) -> None:
+    sa, sb = open_store(a), open_store(b)
+    assert sa.fingerprint == sb.fingerprint
+    for split in sa.splits:
+        np.testing.assert_array_equal(sa.row_ids(split), sb.row_ids(split))
+        np.testing.assert_array_equal(sa.labels(split), sb.labels(split))
+        for pooling in sa.poolings:
+            np.testing.assert_array_equal(sa.pooled(split, pooling), sb.pooled(split, pooling))
+        for layer in sa.token_layers:
+            np.testing.assert_array_equal(sa.tokens(split, layer).values, sb.tokens(split, layer).values)
+    assert sa.verify() == [] and sb.verify() == []
+
+
+def _done(path: Path) -> tuple[int, int]:
+    import zarr
+
+    try:
+        flags = zarr.open_group(str(path), mode="r")["progress/all/done"][:]
+    except Exception:
+        return 0, 0
+    return int(flags.sum()), len(flags)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    data = _data(tmp_path, 4000)
+    out = tmp_path / "killed.zarr"
+    args = [sys.executable, "-m", "cli.embstore_cli", "extract", "--model", "random:tiny-bert", "--data", str(data),
+            "--label-col", "label", "--tokens", "-1", "--chunk-rows", "32", "--out", str(out), "-q"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    done, total = 0, 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        done, total = _done(out)
+        if done >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done, total = _done(out)
+    assert 0 < done < total, (done, total)
+    with pytest.raises(StoreIncompleteError, match="re-run the same 'embstore extract'"):
+        open_store(out)
+    cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="-1", chunk_rows=32)
+    resumed = extract(ExtractConfig(out=str(out), **cfg), show_progress=False)
+    assert resumed.status == "resumed"
+    clean = extract(ExtractConfig(out=str(tmp_path / "clean.zarr"), **cfg), show_progress=False)
+    assert clean.status == "created"
+    _assert_same_store(resumed.path, clean.path)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_store_as_one(tmp_path):
+    data = _data(tmp_path, 300)
+    cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
+    two = extract(ExtractConfig(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg), show_progress=False)
+    one = extract(ExtractConfig(out=str(tmp_path / "one.zarr"), **cfg), show_progress=False)
+    _assert_same_store(two.path, one.path)
