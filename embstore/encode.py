@@ -112,17 +112,19 @@ class ChunkEncoder:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
             hidden = self.model(**tensors, output_hidden_states=True).hidden_states
             mask = tensors["attention_mask"].bool()  # (B, T)
-            stacked = torch.stack([hidden[i] for i in self.layers], dim=0).float()  # (k, B, T, H)
+            weights = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1).float()  # (B, 1, T)
             pooled: dict[str, np.ndarray] = {}
             for p in self.poolings:
-                if p == "cls":
-                    v = stacked[:, :, 0]
-                elif p == "mean":
-                    m = mask[None, :, :, None].to(stacked.dtype)
-                    v = (stacked * m).sum(2) / m.sum(2).clamp(min=1)
-                else:
-                    v = stacked.masked_fill(~mask[None, :, :, None], float("-inf")).amax(2)
-                pooled[p] = v.to(torch.float32).cpu().numpy().astype(self.np_dtype, copy=False)  # (k, B, H)
+                per_layer = []
+                for i in self.layers:
+                    h = hidden[i].float()  # (B, T, H)
+                    if p == "cls":
+                        per_layer.append(h[:, 0])
+                    elif p == "mean":
+                        per_layer.append(torch.bmm(weights, h).squeeze(1))
+                    else:
+                        per_layer.append(h.masked_fill(~mask[:, :, None], float("-inf")).amax(1))
+                pooled[p] = torch.stack(per_layer).cpu().numpy().astype(self.np_dtype, copy=False)  # (k, B, H)
             # rows are consecutive and right-padded, so masked selection is the flat ragged layout
             tokens = {layer: hidden[layer][mask].float().cpu().numpy().astype(self.np_dtype, copy=False)
                       for layer in self.token_layers}

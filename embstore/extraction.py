@@ -134,8 +134,8 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
             arrays[L.truncated_path(name, t)] = e.truncated[perm]
             token_counts[(name, t)] = e.lengths[perm]
         truncated[name] = int(sum(encoded[(name, t)].truncated.sum() for t in towers))
-        splits[name] = L.SplitLayout(n_rows=n, n_chunks=L.n_chunks(n, config.chunk_rows),
-                                     n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers})
+        splits[name] = L.SplitLayout.plan(n, config.chunk_rows,
+                                          n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers})
     lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(config.pooling), hidden=backbone.hidden, dtype=config.dtype,
                         towers=tuple(towers), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
     precision = "bf16-autocast" if device.startswith("cuda") else "float32"
@@ -208,9 +208,8 @@ def _jobs(plan: _Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
     jobs = []
     for split, chunks in pending.items():
         perm = plan.order[split]
-        n = len(perm)
         for c in chunks:
-            start, stop = L.chunk_rows_range(n, plan.layout.chunk_rows, c)
+            start, stop = plan.layout.splits[split].rows(c)
             rows = perm[start:stop]
             towers = {}
             for t in plan.layout.towers:
@@ -340,8 +339,9 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     if state is not None:
         state.wait_for_everyone()
     writer = StoreWriter.open(write_path)
-    if writer.layout.chunk_rows != plan.layout.chunk_rows:  # resume with the store's own chunking
-        raise ConfigError(f"{write_path} was started with --chunk-rows {writer.layout.chunk_rows}; resume with that value.")
+    if writer.layout.chunk_rows != plan.layout.chunk_rows:
+        log.info("resuming with the store's own --chunk-rows %d", writer.layout.chunk_rows)
+    plan.layout = writer.layout  # same content (the fingerprint matched); its chunking wins
     pending = {s: [int(c) for c in np.flatnonzero(~writer.done(s))] for s in plan.layout.splits}
     if status == "resumed":
         log.info("resuming %s: %d row chunks left", write_path, sum(map(len, pending.values())))

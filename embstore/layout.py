@@ -15,7 +15,8 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
 
 Rows are stored in extraction order (longest first); ``row_ids`` maps them back. The pooled
 array is chunked one layer at a time, so reading one layer touches only that layer's chunks.
-Row chunk ``c`` covers rows [c * chunk_rows, (c + 1) * chunk_rows): the unit of resume and
+Row chunk ``c`` covers rows [c * chunk_rows, (c + 1) * chunk_rows) (chunk_rows per split, see
+``SplitLayout.plan``): the unit of resume and
 of multi-process work, aligned with the storage chunks so ranks never share a chunk.
 """
 
@@ -40,7 +41,6 @@ __all__ = [
     "token_chunk_path",
     "done_path",
     "digest_path",
-    "chunk_rows_range",
 ]
 
 SCHEMA_VERSION = 1
@@ -56,10 +56,25 @@ class SplitLayout:
 
     n_rows: int
     """Stored rows."""
-    n_chunks: int
-    """Row chunks (work units)."""
+    chunk_rows: int
+    """Rows per row chunk: the requested maximum evened out so the last chunk is not mostly empty."""
     n_tokens: dict[str, int]
     """Total tokens per tower (the flat length of per-token arrays)."""
+
+    @classmethod
+    def plan(cls, n_rows: int, max_chunk_rows: int, n_tokens: dict[str, int]) -> "SplitLayout":
+        chunks = max(1, -(-n_rows // max_chunk_rows))
+        return cls(n_rows=n_rows, chunk_rows=max(1, -(-n_rows // chunks)), n_tokens=n_tokens)
+
+    @property
+    def n_chunks(self) -> int:
+        """Row chunks (work units)."""
+        return max(1, -(-self.n_rows // self.chunk_rows))
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        """Row range [start, stop) of row chunk ``chunk``."""
+        start = chunk * self.chunk_rows
+        return start, min(self.n_rows, start + self.chunk_rows)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +92,7 @@ class StoreLayout:
     token_layers: tuple[int, ...]
     """Layers with per-token states."""
     chunk_rows: int
+    """The requested maximum rows per chunk (each split evens it out)."""
     splits: dict[str, SplitLayout]
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +100,7 @@ class StoreLayout:
             "layers": list(self.layers), "poolings": list(self.poolings), "hidden": self.hidden,
             "dtype": self.dtype, "towers": list(self.towers), "token_layers": list(self.token_layers),
             "chunk_rows": self.chunk_rows,
-            "splits": {k: {"n_rows": v.n_rows, "n_chunks": v.n_chunks, "n_tokens": dict(v.n_tokens)}
+            "splits": {k: {"n_rows": v.n_rows, "chunk_rows": v.chunk_rows, "n_chunks": v.n_chunks, "n_tokens": dict(v.n_tokens)}
                        for k, v in self.splits.items()},
         }
 
@@ -94,7 +110,7 @@ class StoreLayout:
             layers=tuple(d["layers"]), poolings=tuple(d["poolings"]), hidden=int(d["hidden"]),
             dtype=d["dtype"], towers=tuple(d["towers"]), token_layers=tuple(d["token_layers"]),
             chunk_rows=int(d["chunk_rows"]),
-            splits={k: SplitLayout(n_rows=v["n_rows"], n_chunks=v["n_chunks"], n_tokens=dict(v["n_tokens"]))
+            splits={k: SplitLayout(n_rows=v["n_rows"], chunk_rows=v["chunk_rows"], n_tokens=dict(v["n_tokens"]))
                     for k, v in d["splits"].items()},
         )
 
@@ -102,8 +118,8 @@ class StoreLayout:
         """Index of ``layer`` along the pooled arrays' first axis."""
         return self.layers.index(layer)
 
-    def chunk_shape_pooled(self, n_rows: int) -> tuple[int, int, int]:
-        return (1, max(1, min(self.chunk_rows, n_rows)), self.hidden)
+    def chunk_shape_pooled(self, split: str) -> tuple[int, int, int]:
+        return (1, self.splits[split].chunk_rows, self.hidden)
 
     def data_paths(self, split: str) -> list[str]:
         """Every array written per row chunk, in the canonical order used for digests."""
@@ -152,12 +168,3 @@ def done_path(split: str) -> str:
 def digest_path(split: str) -> str:
     return f"progress/{split}/digest"
 
-
-def chunk_rows_range(n_rows: int, chunk_rows: int, chunk: int) -> tuple[int, int]:
-    """Row range [start, stop) of row chunk ``chunk``."""
-    start = chunk * chunk_rows
-    return start, min(n_rows, start + chunk_rows)
-
-
-def n_chunks(n_rows: int, chunk_rows: int) -> int:
-    return max(1, -(-n_rows // chunk_rows))

@@ -112,7 +112,7 @@ class TokenStates:
 def chunk_selections(lay: L.StoreLayout, split: str, chunk: int) -> list[tuple[str, Any]]:
     """(array path, selection) of every hidden-state region row chunk ``chunk`` writes, canonical order."""
     sl = lay.splits[split]
-    start, stop = L.chunk_rows_range(sl.n_rows, lay.chunk_rows, chunk)
+    start, stop = sl.rows(chunk)
     out: list[tuple[str, Any]] = []
     for tower in lay.towers:
         for pooling in lay.poolings:

@@ -80,7 +80,7 @@ class StoreWriter:
                 for tower in lay.towers:
                     for pooling in lay.poolings:
                         g.create_array(L.pooled_path(split, tower, pooling), shape=(len(lay.layers), sl.n_rows, lay.hidden),
-                                       chunks=lay.chunk_shape_pooled(sl.n_rows), dtype=lay.dtype, fill_value=0, compressors=None)
+                                       chunks=lay.chunk_shape_pooled(split), dtype=lay.dtype, fill_value=0, compressors=None)
                     if not lay.token_layers:
                         continue
                     counts = token_counts[(split, tower)].astype(np.int64)
@@ -88,7 +88,7 @@ class StoreWriter:
                     for layer in lay.token_layers:
                         g.create_array(L.token_offsets_path(split, tower, layer), data=offsets, chunks=(len(offsets),), compressors=None)
                         for c in range(sl.n_chunks):
-                            start, stop = L.chunk_rows_range(sl.n_rows, lay.chunk_rows, c)
+                            start, stop = sl.rows(c)
                             n_tok = int(offsets[stop] - offsets[start])
                             g.create_array(L.token_chunk_path(split, tower, layer, c), shape=(n_tok, lay.hidden),
                                            chunks=(max(1, min(n_tok, L.TOKEN_CHUNK_ROWS)), lay.hidden),

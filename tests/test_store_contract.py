@@ -76,7 +76,9 @@ class StoreContract:
                 np.testing.assert_array_equal(tok[i].max(0), mx[i])
 
     def test_one_layer_reads_only_its_chunks(self, store):
-        assert store.layout.chunk_shape_pooled(self.n) == (1, 8, 32)
+        # 36 rows with at most 8 per chunk: 5 chunks evened out to 8 rows (no mostly-empty last chunk)
+        assert store.layout.chunk_shape_pooled("all") == (1, 8, 32)
+        assert store.layout.splits["all"].rows(4) == (32, 36)
 
     def test_verify_passes(self, store):
         assert store.verify() == []
@@ -123,4 +125,6 @@ def test_backends_hold_identical_content(tmp_path_factory):
 
 def test_layout_owns_paths():
     assert L.pooled_path("train", "text", "cls") == "splits/train/text/pooled/cls"
-    assert L.chunk_rows_range(10, 4, 2) == (8, 10)
+    sl = L.SplitLayout.plan(7600, 2048, {"text": 1})
+    assert (sl.n_chunks, sl.chunk_rows) == (4, 1900)
+    assert sl.rows(3) == (5700, 7600)

@@ -1,0 +1,30 @@
+"""Every file in configs/ must stay valid for the code."""
+
+from pathlib import Path
+
+import pytest
+
+from cli.common import load_yaml_config
+from embstore import ExtractConfig
+from embstore.models import resolve_random_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("extract-*.yaml")), ids=lambda p: p.name)
+def test_extract_configs_parse(path):
+    cfg = ExtractConfig.from_dict(load_yaml_config(str(path)))
+    assert cfg.model and (cfg.data or cfg.splits)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "models").glob("*.yaml")), ids=lambda p: p.name)
+def test_model_configs_resolve(path):
+    cfg, origin = resolve_random_config(str(path))
+    assert cfg["model_type"] == "bert" and origin == str(path)
+
+
+def test_unknown_config_key_is_named():
+    from embstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"Unknown extract config keys \['layer'\]"):
+        ExtractConfig.from_dict({"layer": "all"})
