@@ -83,6 +83,8 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
     from embstore.extraction import extract as run_extract
 
     result = run_extract(config, show_progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun only rank 0 reports
+        return
     rows = ", ".join(f"{k} {v}" for k, v in result.rows.items())
     click.echo(f"{result.status}: {rows} rows in {result.seconds:.1f}s", err=True)
     trunc = sum(result.truncated.values())

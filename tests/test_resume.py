@@ -86,3 +86,19 @@ def test_two_processes_write_the_same_store_as_one(tmp_path):
     two = extract(ExtractConfig(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg), show_progress=False)
     one = extract(ExtractConfig(out=str(tmp_path / "one.zarr"), **cfg), show_progress=False)
     _assert_same_store(two.path, one.path)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
+    """The `accelerate launch` / torchrun path: ranks from the environment, gloo barriers on CPU."""
+    data = _data(tmp_path, 200)
+    out = tmp_path / "ranks.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cli.embstore_cli", "extract", "-q", "--model", "random:tiny-bert", "--data", str(data),
+           "--label-col", "label", "--chunk-rows", "16", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = extract(ExtractConfig(model="random:tiny-bert", data=str(data), label_col="label", chunk_rows=16,
+                                out=str(tmp_path / "one.zarr")), show_progress=False)
+    _assert_same_store(str(out), one.path)
