@@ -122,7 +122,7 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
             encoded[(name, "b")] = tokenize(tok, sd.pairs or [], None, config.max_length)
         else:
             encoded[(name, L.SINGLE_TOWER)] = tokenize(tok, sd.texts, sd.pairs, config.max_length)
-        total = sum(encoded[(name, t)].lengths.astype(np.int64) for t in towers)
+        total = np.sum([encoded[(name, t)].lengths.astype(np.int64) for t in towers], axis=0)  # (n,)
         order[name] = perm = length_order(total)
         n = len(perm)
         arrays[L.row_ids_path(name)] = sd.row_ids[perm]

@@ -178,3 +178,22 @@ def test_fsspec_url_store(tiny_csv):
     store = open_store(out)
     assert store.complete and store.pooled("all", "mean").shape == (12, 3, 32) and store.verify() == []
     assert extract(cfg(tiny_csv, label_col="label", out=out, chunk_rows=5), show_progress=False).status == "already complete"
+
+
+def test_hub_id_resolves_from_the_local_hf_cache(tiny_csv, tmp_path, monkeypatch):
+    """A Hub id is looked up in the local cache only (offline); here a cache laid out as the Hub client does."""
+    from embstore.models import load_backbone, minilm_path
+
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (snap / name).symlink_to(minilm_path() / name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    bb = load_backbone("acme/tiny")
+    assert bb.identity["kind"] == "hf-cache" and bb.n_layers == 6
+    assert bb.identity["weights_sha256"] == load_backbone("minilm").identity["weights_sha256"]

@@ -21,9 +21,17 @@ def _build(tmp_path_factory, fmt: str) -> str:
 
 
 class StoreContract:
-    """Every backend must pass these; subclasses supply the ``store_path`` fixture."""
+    """Every backend must pass these; subclasses name their format in ``fmt``."""
 
     n = 36
+    fmt = ""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def store_path(cls, tmp_path_factory):
+        path = _build(tmp_path_factory, cls.fmt)
+        assert path.endswith(f".{cls.fmt}")
+        return path
 
     @pytest.fixture
     def store(self, store_path):
@@ -97,21 +105,11 @@ class StoreContract:
 
 
 class TestZarrStore(StoreContract):
-    @pytest.fixture(scope="class")
-    @classmethod
-    def store_path(cls, tmp_path_factory):
-        path = _build(tmp_path_factory, "zarr")
-        assert path.endswith(".zarr")
-        return path
+    fmt = "zarr"
 
 
 class TestH5Store(StoreContract):
-    @pytest.fixture(scope="class")
-    @classmethod
-    def store_path(cls, tmp_path_factory):
-        path = _build(tmp_path_factory, "h5")
-        assert path.endswith(".h5")
-        return path
+    fmt = "h5"
 
 
 def test_backends_hold_identical_content(tmp_path_factory):
