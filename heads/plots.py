@@ -1,0 +1,98 @@
+"""PNG plots of a run and of a report (matplotlib's Agg renderer, no pyplot, no global state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from heads.results import ConfigStats
+
+def names_for(confusion: list[list[int]], label_names: list[str]) -> list[str]:
+    return list(label_names) if len(label_names) == len(confusion) else [str(i) for i in range(len(confusion))]
+
+
+def new_figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
+    # A bare Figure on an Agg canvas: no pyplot, no global backend switch, safe in threads and notebooks.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def plot_per_layer(path: Path, stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str]) -> bool:
+    singles = [s for s in stats if s.is_single]
+    if not singles:
+        return False
+    fig, (ax,) = new_figure(7, 4.2)
+    lines: dict[tuple[str, str], list[ConfigStats]] = {}
+    for s in singles:
+        lines.setdefault((s.key[2], s.key[3]), []).append(s)
+    several_heads = len({head for _, head in lines}) > 1
+    for (pooling, head), group in lines.items():
+        ax.errorbar([int(s.key[0]) for s in group], [s.f1_mean for s in group], yerr=[s.f1_std for s in group],
+                    marker="o", capsize=3, label=f"{pooling} / {head}" if several_heads else pooling)
+    ax.set_xticks(sorted({int(s.key[0]) for s in singles}))
+    ax.set(xlabel="layer", ylabel="macro-F1 (mean ± std)", title="Macro-F1 per single layer")
+    ax.grid(alpha=0.3)
+    ax.legend(title="pooling / head" if several_heads else "pooling")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_curves(path: Path, stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str]) -> bool:
+    history = best.first.history if best else []
+    if not best or not history:
+        return False
+    fig, (ax_loss, ax_f1) = new_figure(10, 4, ncols=2)
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    ax_f1.plot(epochs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
+    ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", title="Validation macro-F1")
+    if best.first.best_epoch is not None:
+        ax_f1.axvline(best.first.best_epoch, color="gray", linestyle="--", label=f"best epoch {best.first.best_epoch}")
+        ax_f1.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_f1):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{' / '.join(best.key)} (seed {best.first.seed})")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_confusion(path: Path, stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str]) -> bool:
+    if best is None or not best.first.confusion:
+        return False
+    import numpy as np
+
+    cm = np.asarray(best.first.confusion)
+    names = names_for(best.first.confusion, label_names)
+    size = max(4.0, 0.6 * len(names) + 2.5)
+    fig, (ax,) = new_figure(size + 1, size)
+    ax.imshow(cm, cmap="Blues")  # counts are written in the cells, so no colour bar
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=45, ha="right")
+    ax.set_yticks(ticks, names)
+    threshold = cm.max() / 2 if cm.size else 0
+    for i, j in np.ndindex(cm.shape):
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion: {' / '.join(best.key)} (seed {best.first.seed})")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_report(path: Path, entries: list[tuple[str, str, ConfigStats]]) -> None:
+    fig, (ax,) = new_figure(9, max(2.5, 0.35 * len(entries) + 1.2))
+    labels = [f"{run}: {s.key[3]} {s.key[0]} {s.key[1]} {s.key[2]}" for run, _, s in entries][::-1]
+    means, stds = [s.f1_mean for _, _, s in entries][::-1], [s.f1_std for _, _, s in entries][::-1]
+    colors = ["tab:blue"] * (len(entries) - 1) + ["tab:orange"]  # the best (drawn last = top) stands out
+    ax.barh(range(len(entries)), means, xerr=stds, color=colors, capsize=2)
+    ax.set_yticks(range(len(entries)), labels, fontsize=8)
+    ax.set(xlabel="macro-F1 (mean ± std)", title="Macro-F1 per config, best on top")
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=120)
