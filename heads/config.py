@@ -45,6 +45,8 @@ class HeadConfig:
     """rnn/gru/lstm: run both directions."""
     aggregate: Literal["mean", "max", "last"] = "mean"
     """rnn/gru/lstm: how the per-token outputs become one vector (masked)."""
+    standardize: bool = True
+    """linear/mlp: standardize each input feature with the training rows' mean and std (kept with the head)."""
     lr: float = 1e-3
     weight_decay: float = 0.01
     """AdamW decoupled weight decay."""

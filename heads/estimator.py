@@ -1,0 +1,345 @@
+"""``HeadClassifier``: a scikit-learn-like estimator over the head modules, with its training loop and save/load.
+
+Features stay in memory as given (float16 from the store); each minibatch is gathered, converted to float32 and
+moved to the device once, so a large X is never copied whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import f1_score
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from embstore.errors import ConfigError, EmbstoreError
+from heads.config import TOKEN_HEADS, HeadConfig
+from heads.modules import InputShape, Inputs, Ragged, Standardize, as_inputs, build_module
+
+__all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged", "check_labels"]
+
+log = logging.getLogger(__name__)
+WEIGHTS_FILE, META_FILE = "head.safetensors", "head.json"
+
+
+class NotFittedError(EmbstoreError, ValueError):
+    """predict/predict_proba/save was called before fit."""
+
+
+class HeadNotFoundError(EmbstoreError, FileNotFoundError):
+    """HeadClassifier.load was given a directory without head.json / head.safetensors."""
+
+
+def check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
+    """``y`` as (n,) int64 class indices; ConfigError if the length or dtype is wrong."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ConfigError(f"{name} must be 1-D with one label per feature row ({n}); got shape {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{name} must hold integer class indices 0..C-1; got dtype {y.dtype}. Encode labels as "
+                          "indices first (e.g. sklearn LabelEncoder).")
+    if n and y.min() < 0:
+        raise ConfigError(f"{name} must hold class indices 0..C-1; got {y.min()}.")
+    return y.astype(np.int64, copy=False)
+
+
+def resolve_device(cfg: HeadConfig) -> torch.device:
+    """cfg.device, or CUDA when present, else CPU."""
+    if cfg.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"The 'device' option is {cfg.device!r} but CUDA is not available; use device='cpu'.")
+    return torch.device(cfg.device)
+
+
+@dataclass
+class Split:
+    """Training rows and (optional) validation rows, as indices into their Inputs."""
+
+    train_idx: np.ndarray
+    y: np.ndarray
+    """labels of the training Inputs, all rows (index with train_idx)."""
+    val_idx: np.ndarray | None
+    y_val: np.ndarray | None
+    """labels of the validation Inputs, all rows."""
+    val_is_train: bool
+    """True when validation rows were carved from the training Inputs."""
+
+
+def make_split(y: np.ndarray, y_val: np.ndarray | None, cfg: HeadConfig) -> Split:
+    """Carve cfg.validation_fraction of the rows (seeded, stratified when every class has 2 rows) if needed."""
+    n = len(y)
+    if n == 0:
+        raise ConfigError("fit got 0 training rows; pass at least one row per class.")
+    if y_val is not None:
+        return Split(np.arange(n), y, np.arange(len(y_val)), y_val, False)
+    if cfg.patience == 0:
+        return Split(np.arange(n), y, None, None, False)
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min(initial=n) >= 2 else None
+    try:
+        tr, va = train_test_split(np.arange(n), test_size=cfg.validation_fraction, random_state=cfg.seed,
+                                  stratify=stratify)
+    except ValueError:  # too few validation rows for one per class: carve without stratifying
+        try:
+            tr, va = train_test_split(np.arange(n), test_size=cfg.validation_fraction, random_state=cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or "
+                              "patience=0.") from e
+    # Sorted: batches are drawn by permutation anyway, sorted rows keep the gathers cache friendly.
+    return Split(np.sort(tr), y, np.sort(va), y, True)
+
+
+def class_weights(y_train: np.ndarray, n_classes: int, cfg: HeadConfig) -> torch.Tensor | None:
+    """'balanced': n / (C * count_c), 0 for absent classes; None otherwise. (C,) float32."""
+    if cfg.class_weight != "balanced":
+        return None
+    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
+    w = np.divide(len(y_train), n_classes * counts, out=np.zeros_like(counts), where=counts > 0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: HeadConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-epoch lr schedule; None for constant."""
+    if cfg.schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return None
+
+
+def epoch_batches(train_idx: np.ndarray, batch_size: int, gen: torch.Generator) -> Iterator[np.ndarray]:
+    """One seeded permutation of the training rows, cut into minibatches of row indices."""
+    order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    """(accuracy, macro-F1)."""
+    return float(np.mean(y_true == y_pred)), float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+class BestTracker:
+    """Early stopping on validation macro-F1: keeps the best (earliest on ties) epoch and its state."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best_f1, self.best_epoch, self.bad = patience, -math.inf, -1, 0
+        self.state: Any = None
+        self.stopped = False
+
+    def update(self, epoch: int, f1: float | None, snapshot: Any) -> bool:
+        """Record one epoch; ``snapshot()`` is called only for a new best. Returns True when training should stop."""
+        if self.patience == 0 or f1 is None:  # no early stopping: the last epoch wins
+            self.best_epoch = epoch
+            return False
+        if f1 > self.best_f1:
+            self.best_f1, self.best_epoch, self.bad, self.state = f1, epoch, 0, snapshot()
+        else:
+            self.bad += 1
+        self.stopped = self.bad >= self.patience
+        return self.stopped
+
+
+def _logits(module: nn.Module, inputs: Inputs, idx: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Eval-mode logits of rows ``idx``, (len(idx), C) float32 on CPU."""
+    device = next(module.parameters()).device
+    module.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            out.append(module(*inputs.batch(idx[start:start + batch_size], device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+class HeadClassifier:
+    """A head trained on stored features, used like a scikit-learn classifier.
+
+    ``HeadClassifier(HeadConfig(head="mix"), epochs=5).fit(X, y).predict(X_test)``. X is (n, dim) or
+    (n, layers, hidden) float arrays, a pair (Xa, Xb), or ragged token states, depending on the head.
+    """
+
+    # Learned state, set by fit (or load); absent before.
+    module_: nn.Module
+    n_classes_: int
+    input_shape_: InputShape
+    history_: list[dict[str, Any]]
+    best_epoch_: int
+    train_seconds_: float
+    mix_weights_: np.ndarray
+    mix_scale_: float
+    extra_: dict[str, Any]
+
+    def __init__(self, config: HeadConfig | None = None, **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(HeadConfig().to_dict()))
+        if unknown:
+            raise ConfigError(f"Unknown HeadClassifier options {unknown}; valid ones are the HeadConfig fields.")
+        self.config = (config or HeadConfig()).replace(**overrides)
+
+    def __repr__(self) -> str:
+        return f"HeadClassifier(head={self.config.head!r})"
+
+    # -- training ------------------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, n_classes: int | None = None
+            ) -> "HeadClassifier":
+        """Train on X (see the class docstring) and y (n,) int class indices; returns self.
+
+        Validation for early stopping is X_val/y_val, or a seeded stratified carve of X when patience > 0.
+        """
+        cfg, t0 = self.config, time.perf_counter()
+        train = as_inputs(X, cfg.head)
+        y = check_labels(y, len(train))
+        val = None
+        if X_val is not None:
+            val = as_inputs(X_val, cfg.head)
+            self._check_shape(val, train.shape, "X_val")
+            y_val = check_labels(y_val, len(val), "y_val")
+        elif y_val is not None:
+            raise ConfigError("y_val was given without X_val; pass both or neither.")
+        n_classes = resolve_n_classes(y, y_val, n_classes)
+        split = make_split(y, y_val, cfg)
+        val = train if split.val_is_train else val
+        device = resolve_device(cfg)
+
+        torch.manual_seed(cfg.seed)
+        module = build_module(cfg, train.shape, n_classes)
+        if cfg.standardize and isinstance(getattr(module, "standardize", None), Standardize):
+            module.standardize.fit_stats(train, split.train_idx)  # type: ignore[union-attr, operator]
+        module = module.to(device)
+        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = make_scheduler(opt, cfg)
+        weight = class_weights(y[split.train_idx], n_classes, cfg)
+        loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        tracker, history = BestTracker(cfg.patience), []
+        for epoch in range(cfg.epochs):
+            lr = float(opt.param_groups[0]["lr"])
+            module.train()
+            total = torch.zeros((), device=device)  # summed on device: no sync per batch
+            for idx in epoch_batches(split.train_idx, cfg.batch_size, gen):
+                loss = loss_fn(module(*train.batch(idx, device)), torch.from_numpy(y[idx]).to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(idx)
+            if sched is not None:
+                sched.step()
+            acc = f1 = None
+            if val is not None and split.val_idx is not None and split.y_val is not None:
+                pred = _logits(module, val, split.val_idx, self._eval_batch()).argmax(1).numpy()
+                acc, f1 = scores(split.y_val[split.val_idx], pred)
+            history.append({"epoch": epoch, "train_loss": float(total) / len(split.train_idx),
+                            "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
+            log.debug("%r epoch %d: %s", self, epoch, history[-1])
+            if tracker.update(epoch, f1, lambda: copy.deepcopy(module.state_dict())):
+                break
+        if tracker.state is not None:
+            module.load_state_dict(tracker.state)
+        self._set_fitted(module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
+        return self
+
+    def _set_fitted(self, module: nn.Module, n_classes: int, shape: InputShape, history: list[dict[str, Any]],
+                    best_epoch: int, train_seconds: float) -> None:
+        self.module_ = module.eval()
+        self.n_classes_, self.input_shape_, self.history_ = n_classes, shape, history
+        self.best_epoch_, self.train_seconds_ = best_epoch, train_seconds
+        mix = getattr(module, "mix", None)
+        if self.config.head == "mix" and mix is not None:
+            self.mix_weights_ = mix.mix_weights()
+            self.mix_scale_ = float(mix.gamma.detach().cpu())
+
+    # -- inference -----------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            raise NotFittedError(f"This {self!r} is not fitted yet; call fit(X, y) first.")
+
+    def _check_shape(self, inputs: Inputs, expected: InputShape, name: str = "X") -> None:
+        if inputs.shape != expected:
+            raise ConfigError(f"{name} must match the features the {self!r} was fitted on: {expected.describe()}; "
+                              f"got {inputs.shape.describe()}. Use features of the same layers and pooling.")
+
+    def _eval_batch(self) -> int:
+        # Tokens pad per batch, so keep their batches at the training size; dense rows are cheap.
+        return self.config.batch_size if self.config.head in TOKEN_HEADS else max(self.config.batch_size, 1024)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (n, C) float32."""
+        self._check_fitted()
+        inputs = as_inputs(X, self.config.head)
+        self._check_shape(inputs, self.input_shape_)
+        logits = _logits(self.module_, inputs, np.arange(len(inputs)), self._eval_batch())
+        if len(inputs) == 0:
+            return np.zeros((0, self.n_classes_), dtype=np.float32)
+        return torch.softmax(logits, dim=1).numpy().astype(np.float32, copy=False)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class per row, (n,) int64."""
+        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write head.safetensors (weights) and head.json (config, shapes, history, ``extra``) into ``directory``."""
+        self._check_fitted()
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()},
+                  str(path / WEIGHTS_FILE))
+        meta = {"config": self.config.to_dict(), "n_classes": self.n_classes_,
+                "input_shape": self.input_shape_.to_dict(), "best_epoch": self.best_epoch_,
+                "train_seconds": self.train_seconds_, "history": self.history_,
+                "mix_weights": self.mix_weights_.tolist() if hasattr(self, "mix_weights_") else None,
+                "mix_scale": getattr(self, "mix_scale_", None), "extra": extra or {}}
+        (path / META_FILE).write_text(json.dumps(meta, indent=1))
+        return path
+
+    @staticmethod
+    def read_extra(directory: str | Path) -> dict[str, Any]:
+        """The ``extra`` dict given to :meth:`save`."""
+        return dict(_read_meta(Path(directory)).get("extra") or {})
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | None = None) -> "HeadClassifier":
+        """Rebuild a head written by :meth:`save`; ``device`` overrides the saved one. Sets ``extra_``."""
+        path = Path(directory)
+        meta = _read_meta(path)
+        cfg = HeadConfig.from_dict(meta["config"])
+        if device is not None:
+            cfg = cfg.replace(device=device)
+        est = cls(cfg)
+        shape = InputShape.from_dict(meta["input_shape"])
+        with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
+            module = build_module(cfg, shape, int(meta["n_classes"]))
+        module.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        est._set_fitted(module.to(resolve_device(cfg)), int(meta["n_classes"]), shape, list(meta["history"]),
+                        int(meta["best_epoch"]), float(meta["train_seconds"]))
+        est.extra_ = dict(meta.get("extra") or {})
+        return est
+
+
+def resolve_n_classes(y: np.ndarray, y_val: np.ndarray | None, n_classes: int | None) -> int:
+    """n_classes, or 1 + the largest label seen; ConfigError if a label is out of range."""
+    seen = max([int(a.max()) for a in (y, y_val) if a is not None and len(a)] or [0]) + 1
+    if n_classes is None:
+        return seen
+    if n_classes < seen:
+        raise ConfigError(f"n_classes is {n_classes} but the labels go up to {seen - 1}; pass n_classes >= {seen}.")
+    return int(n_classes)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise HeadNotFoundError(f"{path} holds no saved head ({META_FILE} + {WEIGHTS_FILE}); pass a directory "
+                                "written by HeadClassifier.save.")
+    meta: dict[str, Any] = json.loads((path / META_FILE).read_text())
+    return meta
