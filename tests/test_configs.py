@@ -28,3 +28,11 @@ def test_unknown_config_key_is_named():
 
     with pytest.raises(ConfigError, match=r"Unknown extract config keys \['layer'\]"):
         ExtractConfig.from_dict({"layer": "all"})
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("sweep-*.yaml")) + sorted(CONFIGS.glob("train-*.yaml")), ids=lambda p: p.name)
+def test_sweep_configs_parse(path):
+    from heads.sweep import SweepConfig
+
+    cfg = SweepConfig.from_dict(load_yaml_config(str(path)))
+    assert cfg.heads and cfg.layers

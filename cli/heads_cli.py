@@ -1,0 +1,152 @@
+"""``heads``: sweep, train, predict, report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.common import Group, load_yaml_config, setup_logging
+
+_HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
+    click.option("--store", help="Store path [default: the most recent complete store in the cache]."),
+    click.option("--layers", help="Layer spec: all, 9-12, -4--1, 3,6, last4 [default: all]."),
+    click.option("--combine", help="Comma list of single, concat, sum, mean, mix [sweep default: all five]."),
+    click.option("--pooling", help="Comma list of stored poolings [default: every stored pooling]."),
+    click.option("--head", help="Head kind(s), comma list: linear, mlp, conv, sum, mix, pair, rnn, gru, lstm [default: linear]."),
+    click.option("--hidden", help="mlp hidden sizes, e.g. 2048 or 512,128."),
+    click.option("--dropout", type=float), click.option("--activation", type=click.Choice(["relu", "gelu", "tanh"])),
+    click.option("--conv-hidden", type=int), click.option("--sum-hidden", type=int),
+    click.option("--rnn-hidden", type=int), click.option("--rnn-layers", type=int),
+    click.option("--bidirectional/--unidirectional", default=None),
+    click.option("--aggregate", type=click.Choice(["mean", "max", "last"])),
+    click.option("--lr", type=float), click.option("--weight-decay", type=float),
+    click.option("--batch-size", type=int), click.option("--epochs", type=int),
+    click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off)."),
+    click.option("--schedule", type=click.Choice(["constant", "exponential", "cosine"])),
+    click.option("--gamma", type=float, help="Exponential schedule: lr factor per epoch."),
+    click.option("--class-weight", type=click.Choice(["none", "balanced"])),
+    click.option("--validation-fraction", type=float, help="Share of training rows carved for early stopping."),
+    click.option("--train-split", help="[default: train]"),
+    click.option("--eval-split", help="[default: test, else validation]"),
+    click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
+    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
+    click.option("--folds", type=int, help="K-fold cross-validation on the training split."),
+    click.option("--max-memory", help="Feature memory budget, e.g. 8GB."),
+    click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
+    click.option("--device", help="cpu, cuda... [default: cuda when present]."),
+    click.option("-v", "--verbose", is_flag=True),
+]
+
+
+def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_HEAD_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _sweep_config(config_file: str | None, opts: dict[str, Any]) -> Any:
+    from heads.sweep import SweepConfig
+
+    values = load_yaml_config(config_file)
+    values.update({k: v for k, v in opts.items() if v is not None})
+    return SweepConfig.from_dict(values)
+
+
+def _announce(config: Any) -> Any:
+    if config.store is None:
+        from embstore.extraction import cache_dir
+        from heads.sweep import latest_store
+
+        path = latest_store(cache_dir())
+        click.echo(f"using store {path} (the most recent complete store in {cache_dir()}; pass --store to choose)", err=True)
+        import dataclasses
+
+        config = dataclasses.replace(config, store=path)
+    return config
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="embstore")
+def main() -> None:
+    """Train and compare small heads on stored hidden states."""
+
+
+def _finish(result: Any) -> None:
+    b = result.best
+    click.echo(f"{result.rows} runs; best: layers {b['layers']} {b['combine']} {b['pooling']} {b['head']}: "
+               f"macro-F1 {b['f1_macro']:.4f}, accuracy {b['accuracy']:.4f}", err=True)
+    click.echo(f"summary: {result.run_dir / 'summary.md'}", err=True)
+    click.echo(str(result.run_dir))
+
+
+@main.command()
+@head_options
+def sweep(config_file: str | None, verbose: bool, **opts: Any) -> None:
+    """Train every head on every layer combination of a store; write results, plots and the best head."""
+    setup_logging(verbose)
+    from heads.sweep import run_sweep
+
+    _finish(run_sweep(_announce(_sweep_config(config_file, opts))))
+
+
+@main.command()
+@head_options
+def train(config_file: str | None, verbose: bool, **opts: Any) -> None:
+    """Train one configuration (one layer group, combine, pooling and head)."""
+    setup_logging(verbose)
+    from embstore.errors import ConfigError
+    from heads.sweep import run_sweep
+
+    config = _sweep_config(config_file, {**opts, "combine": opts.get("combine") or "single"})
+    for name, values in (("head", config.heads), ("combine", config.combine), ("pooling", config.pooling or ())):
+        if len(values) > 1:
+            raise ConfigError(f"heads train trains one configuration; --{name} has {len(values)} values ({','.join(values)}): give one, or use heads sweep.")
+    _finish(run_sweep(_announce(config)))
+
+
+@main.command()
+@click.argument("input_file", default="-", type=click.File("r"))
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head).")
+@click.option("--head-dir", type=click.Path(exists=True, file_okay=False), help="A saved head directory.")
+@click.option("--device", help="cpu, cuda... [default: cuda when present].")
+def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None) -> None:
+    """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
+
+    Prints one JSON object per line: text, label, probabilities.
+    """
+    from embstore.errors import ConfigError
+    from embstore.extraction import pick_device
+    from heads.predict import load_head, predict_texts
+
+    est = load_head(run_dir, head_dir)
+    lines = [line.rstrip("\n") for line in input_file if line.strip()]
+    if not lines:
+        raise ConfigError("No texts to label: the input is empty; give one text per line.")
+    texts = [line.split("\t", 1)[0] for line in lines]
+    pairs = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
+    labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
+    names = list(est.extra_.get("label_names") or range(proba.shape[1]))
+    for text, label, p in zip(lines, labels, proba):
+        click.echo(json.dumps({"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}}, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", help="Report directory [default: reports/<time>].")
+def report(runs: tuple[str, ...], out: str | None) -> None:
+    """Merge run directories (sweeps, trains, fine-tunes) into one table and plot."""
+    from heads.results import write_report
+
+    target = Path(out) if out else Path("reports") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = write_report([Path(r) for r in runs], target)
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

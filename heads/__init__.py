@@ -1,0 +1,1 @@
+"""heads: small classifiers trained from an embstore store, swept over layers and heads."""

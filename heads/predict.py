@@ -1,0 +1,77 @@
+"""``heads predict``: the backbone of the store plus a saved head, on new texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embstore import layout as L
+from embstore.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+from embstore.errors import ConfigError, ModelNotFoundError
+from embstore.models import load_backbone
+from heads.estimator import HeadClassifier
+from heads.features import FeatureBank
+from heads.modules import Ragged
+from heads.specs import Combo
+
+__all__ = ["load_head", "predict_texts"]
+
+
+def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassifier:
+    """The best head of a run directory, or a head directory."""
+    if (run is None) == (head_dir is None):
+        raise ConfigError("Pass exactly one of --run RUNDIR (its best head) or --head-dir DIR.")
+    directory = Path(head_dir) if head_dir is not None else Path(str(run)) / "best_head"
+    if not (directory / "head.json").is_file():
+        raise ConfigError(f"{directory} holds no saved head (head.json); pass a run directory written by 'heads sweep'/'heads train' or a head directory.")
+    return HeadClassifier.load(directory)
+
+
+def predict_texts(est: HeadClassifier, texts: list[str], pairs: list[str] | None = None,
+                  device: str = "cpu", batch_size: int = 64, token_budget: int = 16384) -> tuple[list[str], np.ndarray]:
+    """Labels and (n, classes) probabilities for new texts, encoded exactly as the store was."""
+    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
+    if "model" not in extra:
+        raise ConfigError("This head was saved without its store's description; save it with 'heads sweep' or 'heads train'.")
+    if not texts:
+        raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")
+    combo = Combo(tuple(extra["layers"]), extra["combine"], extra["pooling"], extra["head"])
+    towers = list(extra.get("towers") or [L.SINGLE_TOWER])
+    needs_pairs = len(towers) == 2 or bool(extra.get("text_pair_col"))
+    if needs_pairs and pairs is None:
+        raise ConfigError("This head was trained on sentence pairs: give one 'TEXT<TAB>PAIR' per line.")
+    if not needs_pairs:
+        pairs = None
+    model_info = extra["model"]
+    backbone = load_backbone(str(model_info["name"]), device)
+    if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
+        raise ModelNotFoundError(f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; point --model at the original weights.")
+    max_length = int(extra.get("max_length") or 256)
+    tok = backbone.tokenizer
+    inputs = {t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length) for t in towers}
+    lengths = np.sum([e.lengths for e in inputs.values()], axis=0)
+    order = length_order(lengths)
+    job = ChunkJob(split="predict", chunk=0, towers={
+        t: ([e.ids[i] for i in order], None if e.type_ids is None else [e.type_ids[i] for i in order]) for t, e in inputs.items()})
+    token_layers = list(combo.layers) if combo.pooling == "tokens" else []
+    poolings = [] if combo.pooling == "tokens" else [combo.pooling]
+    encoder = ChunkEncoder(backbone.model, tok.pad_token_id or 0, layers=combo.layers, token_layers=token_layers,
+                           poolings=poolings or ["cls"], dtype=str(extra.get("dtype", "float16")), batch_size=batch_size,
+                           token_budget=token_budget, device=device)
+    arrays = encoder.encode(job, lambda tower, what, layer: f"{tower}/{what}/{layer}")
+    inverse = np.argsort(order)
+    if combo.pooling == "tokens":
+        t = towers[0]
+        values = arrays[f"{t}/tokens/{combo.layers[0]}"]
+        lens = np.array([len(x) for x in job.towers[t][0]], dtype=np.int64)
+        ragged = Ragged(values, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+        X: Any = ragged.take(inverse)
+    else:
+        blocks = [arrays[f"{t}/{combo.pooling}/None"].transpose(1, 0, 2)[inverse] for t in towers]  # (n, k, hidden)
+        shaped = [FeatureBank._shape(combo, b, None) for b in blocks]
+        X = tuple(shaped) if combo.head == "pair" else shaped[0]
+    proba = est.predict_proba(X)
+    names = list(extra.get("label_names") or [str(i) for i in range(proba.shape[1])])
+    return [names[i] for i in proba.argmax(1)], proba
