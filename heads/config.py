@@ -51,8 +51,8 @@ class HeadConfig:
     weight_decay: float = 0.01
     """AdamW decoupled weight decay."""
     batch_size: int = 64
-    epochs: int = 20
-    patience: int = 3
+    epochs: int = 30
+    patience: int = 5
     """Early stopping: epochs without a better validation macro-F1 before stopping (0: never stop early).
     The best epoch's weights are restored."""
     schedule: Literal["constant", "exponential", "cosine"] = "constant"

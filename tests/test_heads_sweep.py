@@ -230,3 +230,28 @@ def test_real_minilm_store_beats_the_majority_class(tmp_path):
     majority = json.loads((res.run_dir / "run.json").read_text())["majority_accuracy"]
     assert df.accuracy.min() > majority + 0.3, (df.accuracy.tolist(), majority)
     assert open_store(store).label_names == ["0", "1", "2", "3"]
+
+
+def test_memory_budget_reads_per_configuration_with_the_same_results(tiny_store, tmp_path):
+    """Over --max-memory the sweep reads each configuration's layers when it trains: same numbers, lower peak."""
+    from heads.features import FeatureBank
+    from heads.specs import Combo
+
+    store = open_store(tiny_store)
+    combos = [Combo((x,), "single", "mean", "linear") for x in store.layers]
+    full = FeatureBank(store, combos, ["train", "test"], 1 << 30)
+    assert full.preloaded and full.needed == 120 * 3 * 32 * 2
+    small = FeatureBank(store, combos, ["train", "test"], 10_000)  # one layer of one split is 90*32*2 = 5,760 bytes
+    assert not small.preloaded
+    for c in combos:
+        np.testing.assert_array_equal(full.features(c, "train"), small.features(c, "train"))
+    with pytest.raises(ConfigError, match=r"needs .* GB, over --max-memory"):
+        FeatureBank(store, [Combo((0, 1, 2), "concat", "mean", "linear")], ["train"], 10_000).features(
+            Combo((0, 1, 2), "concat", "mean", "linear"), "train")
+    args = ["sweep", "--store", tiny_store, "--pooling", "mean", "--combine", "single", "--epochs", "3"]
+    a = run(*args, "--out", str(tmp_path / "a"))
+    b = run(*args, "--max-memory", "10000", "--out", str(tmp_path / "b"))
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    pa, pb = pd.read_csv(tmp_path / "a" / "results.csv"), pd.read_csv(tmp_path / "b" / "results.csv")
+    np.testing.assert_allclose(pa.accuracy, pb.accuracy)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["features_preloaded"] is False
