@@ -96,6 +96,15 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"store: {store_path} (train {store.n_rows('train')}, test {store.n_rows('test')}; extraction {t_extract:.1f}s, 0 if reused)")
 
+    # Warm the one-time imports both sides would otherwise pay inside the timings (torch's optimizer
+    # pulls in torch._dynamo, ~1.5 s; matplotlib ~0.8 s; scikit-learn's estimators).
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import sklearn.model_selection  # noqa: F401
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
     # 1. the sweep against scikit-learn
     t0 = time.perf_counter()
     single = run_sweep(SweepConfig(store=store_path, layers="all", combine=("single",), out="runs/bench-sweep-single"))

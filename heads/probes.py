@@ -104,10 +104,15 @@ def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.
     def batch_x(inputs: list[Inputs], gs: list[int], idx: np.ndarray) -> torch.Tensor:
         x = torch.stack([inputs[g].batch(idx, device)[0].flatten(1) for g in gs], dim=1)  # (b, G_d, d)
         d = x.shape[2]
-        return (x - shift[d]) * scale[d]
+        return (x - shift[d][sel[d]]) * scale[d][sel[d]]  # sel: the live probes of this epoch
 
     for epoch in range(cfg.epochs):
-        live = {d: gs for d, gs in groups.items() if not all(trackers[g].stopped for g in gs)}
+        # Probes that stopped early are frozen at their best: leave them out of the batches (their weights
+        # may still drift under AdamW's momentum, but only their best snapshot is kept).
+        live_pos = {d: [j for j, g in enumerate(gs) if not trackers[g].stopped] for d, gs in groups.items()}
+        live_pos = {d: js for d, js in live_pos.items() if js}
+        live = {d: [groups[d][j] for j in js] for d, js in live_pos.items()}
+        sel = {d: torch.tensor(js, device=device) for d, js in live_pos.items()}
         if not live:
             break
         lr = float(opt.param_groups[0]["lr"])
@@ -118,7 +123,7 @@ def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.
             denom = weight[yb].sum() if weight is not None else torch.tensor(float(len(idx)), device=device)
             loss = torch.zeros((), device=device)
             for d, gs in live.items():
-                logits = torch.einsum("bgd,gdc->bgc", batch_x(train, gs, idx), W[d]) + B[d]  # (b, G_d, C)
+                logits = torch.einsum("bgd,gdc->bgc", batch_x(train, gs, idx), W[d][sel[d]]) + B[d][sel[d]]  # (b, G_live, C)
                 per_row = F.cross_entropy(logits.permute(0, 2, 1), yb[:, None].expand(-1, len(gs)), weight=weight,
                                           reduction="none")  # (b, G_d)
                 per_probe = per_row.sum(0) / denom  # (G_d,)
@@ -129,15 +134,16 @@ def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.
             opt.step()
         if sched is not None:
             sched.step()
-        preds = _val_predictions(val, split.val_idx, live, W, B, batch_x, max(cfg.batch_size, 1024))
+        preds = _val_predictions(val, split.val_idx, live, sel, W, B, batch_x, max(cfg.batch_size, 1024))
         for d, gs in live.items():
-            for j, g in enumerate(gs):
+            for jj, g in enumerate(gs):
+                j = live_pos[d][jj]  # position of probe g in its width group's W/B
                 if trackers[g].stopped:  # frozen at its best: later epochs must not touch its record
                     continue
                 acc = f1 = None
                 if preds is not None and split.y_val is not None and split.val_idx is not None:
-                    acc, f1 = scores(split.y_val[split.val_idx], preds[d][:, j])
-                histories[g].append({"epoch": epoch, "train_loss": float(totals[d][j]) / len(split.train_idx),
+                    acc, f1 = scores(split.y_val[split.val_idx], preds[d][:, jj])
+                histories[g].append({"epoch": epoch, "train_loss": float(totals[d][jj]) / len(split.train_idx),
                                      "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
                 trackers[g].update(epoch, f1, lambda d=d, j=j: (W[d][j].detach().clone(), B[d][j].detach().clone()))
         log.debug("probes epoch %d: %d/%d still training", epoch, sum(not t.stopped for t in trackers), G)
@@ -159,7 +165,8 @@ def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.
 
 
 def _val_predictions(val: list[Inputs] | None, val_idx: np.ndarray | None, live: dict[int, list[int]],
-                     W: dict[int, nn.Parameter], B: dict[int, nn.Parameter], batch_x: Any, batch_size: int
+                     sel: dict[int, torch.Tensor], W: dict[int, nn.Parameter], B: dict[int, nn.Parameter],
+                     batch_x: Any, batch_size: int
                      ) -> dict[int, np.ndarray] | None:
     """Predicted classes of the validation rows per width group, {d: (n_val, G_d)}; None without validation."""
     if val is None or val_idx is None:
@@ -169,6 +176,6 @@ def _val_predictions(val: list[Inputs] | None, val_idx: np.ndarray | None, live:
         for start in range(0, len(val_idx), batch_size):
             idx = val_idx[start:start + batch_size]
             for d, gs in live.items():
-                logits = torch.einsum("bgd,gdc->bgc", batch_x(val, gs, idx), W[d]) + B[d]
+                logits = torch.einsum("bgd,gdc->bgc", batch_x(val, gs, idx), W[d][sel[d]]) + B[d][sel[d]]
                 out[d].append(logits.argmax(2).cpu())
     return {d: torch.cat(parts).numpy() for d, parts in out.items()}
