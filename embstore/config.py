@@ -8,10 +8,17 @@ from typing import Any, Literal
 
 from embstore.errors import ConfigError
 
-__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA"]
+__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys"]
 
 POOLINGS = ("cls", "mean", "max")
 DEFAULT_DATA = "builtin:tweets"
+
+
+def reject_unknown_keys(d: dict[str, Any], known: set[str], what: str) -> None:
+    """A config file's misspelt key is an error naming it and the valid keys, never silently ignored."""
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"Unknown {what} config keys {unknown}; valid keys are {sorted(known)}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,10 +119,7 @@ class ExtractConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown extract config keys {unknown}; valid keys are {sorted(known)}.")
+        reject_unknown_keys(d, {f.name for f in dataclasses.fields(cls)}, "extract")
         d = dict(d)
         if "splits" in d:
             d["splits"] = tuple(tuple(s) for s in d["splits"])

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError
 
 __all__ = ["HeadConfig", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS"]
@@ -98,10 +99,7 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HeadConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown head config keys {unknown}; valid keys are {sorted(known)}.")
+        reject_unknown_keys(d, {f.name for f in dataclasses.fields(cls)}, "head")
         d = dict(d)
         if "hidden" in d:
             h = d["hidden"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, DataError, StoreNotFoundError
 from embstore.store import Store, open_store
 from heads.config import HeadConfig
@@ -79,9 +80,7 @@ class SweepConfig:
         """Sweep keys and head hyper-parameters side by side (as in a YAML config)."""
         own = {f.name for f in dataclasses.fields(cls)} - {"head"}
         head_keys = {f.name for f in dataclasses.fields(HeadConfig)} - {"head"}
-        unknown = sorted(set(d) - own - head_keys - {"head"})
-        if unknown:
-            raise ConfigError(f"Unknown sweep config keys {unknown}; valid keys are {sorted(own | head_keys | {'head'})}.")
+        reject_unknown_keys(d, own | head_keys | {"head"}, "sweep")
         kw = {k: v for k, v in d.items() if k in own}
         for key in ("combine", "pooling", "heads"):
             if isinstance(kw.get(key), str):
