@@ -50,10 +50,12 @@ def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _sweep_config(config_file: str | None, opts: dict[str, Any]) -> Any:
+def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+    """Defaults, then the YAML file, then the flags given on the command line."""
     from heads.sweep import SweepConfig
 
-    values = load_yaml_config(config_file)
+    values = dict(defaults or {})
+    values.update(load_yaml_config(config_file))
     values.update({k: v for k, v in opts.items() if v is not None})
     return SweepConfig.from_dict(values)
 
@@ -103,7 +105,7 @@ def train(config_file: str | None, verbose: bool, **opts: Any) -> None:
     from embstore.errors import ConfigError
     from heads.sweep import run_sweep
 
-    config = _sweep_config(config_file, {**opts, "combine": opts.get("combine") or "single"})
+    config = _sweep_config(config_file, opts, defaults={"combine": "single"})
     for name, values in (("head", config.heads), ("combine", config.combine), ("pooling", config.pooling or ())):
         if len(values) > 1:
             raise ConfigError(f"heads train trains one configuration; --{name} has {len(values)} values ({','.join(values)}): give one, or use heads sweep.")

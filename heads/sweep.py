@@ -6,6 +6,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,8 @@ def _best_key(rows: list[ResultRow]) -> tuple[str, str, str, str]:
 
 
 def _rounds(config: SweepConfig, y_train: np.ndarray, tr_rows: np.ndarray | None, tr_split: str, ev_split: str,
-            ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int):  # type: ignore[no-untyped-def]
+            ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int
+            ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, str, np.ndarray]]:
     """(fit rows of the train split, eval rows, eval split, eval labels) per fold (one round without folds)."""
     base = np.arange(len(y_train)) if tr_rows is None else tr_rows
     if not config.folds:

@@ -255,3 +255,14 @@ def test_memory_budget_reads_per_configuration_with_the_same_results(tiny_store,
     pa, pb = pd.read_csv(tmp_path / "a" / "results.csv"), pd.read_csv(tmp_path / "b" / "results.csv")
     np.testing.assert_allclose(pa.accuracy, pb.accuracy)
     assert json.loads((tmp_path / "b" / "run.json").read_text())["features_preloaded"] is False
+
+
+def test_train_takes_one_configuration_from_a_config_file(tiny_store, tmp_path):
+    conf = tmp_path / "train.yaml"
+    conf.write_text("layers: 1-2\ncombine: concat\npooling: mean\nhead: linear\nepochs: 3\n")
+    res = run("train", "--config", str(conf), "--store", tiny_store, "--out", str(tmp_path / "t"))
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "t" / "results.csv")
+    assert list(zip(df.layers.astype(str), df["combine"], df.pooling)) == [("1,2", "concat", "mean")]
+    res = run("train", "--store", tiny_store, "--head", "linear,mlp", "--out", str(tmp_path / "u"))
+    assert res.exit_code == 2 and "heads train trains one configuration; --head has 2 values" in res.stderr
