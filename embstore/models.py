@@ -170,7 +170,13 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
             raise ModelNotFoundError(f"{path} holds no weight files (*.safetensors or *.bin); pass a complete model directory.")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
+            if "embstore_pruned_heads" in json.loads((path / "config.json").read_text()):
+                # Pruned heads change layer shapes, so from_pretrained cannot build it.
+                from embstore.surgery import load_model
+
+                model = load_model(path).base_model
+            else:
+                model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
         tok_path = path

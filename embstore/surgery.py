@@ -1,0 +1,377 @@
+"""Model surgery for BERT-family encoders: freeze, truncate, prune attention heads, save/reload.
+
+Groundwork for ``heads finetune``. Layer numbers follow embstore everywhere: 0 is the
+embedding output, 1..L the encoder layers. Heads are numbered from 0 and always by their
+*original* index: pruning is recorded in ``config.embstore_pruned_heads`` ({"layer": [heads]},
+string keys so it round-trips through config.json) and a later call maps original indices
+onto the surviving rows, as the old transformers ``pruned_heads`` did (transformers 5 dropped
+``prune_heads``, so it is re-implemented here with ``prune_linear_layer``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
+from embstore.layers import parse_layers
+
+__all__ = [
+    "PRUNED_HEADS_KEY",
+    "encoder_layers",
+    "parse_freeze",
+    "freeze",
+    "count_parameters",
+    "truncate",
+    "parse_prune_spec",
+    "pruned_heads",
+    "prune_heads",
+    "head_importance",
+    "heads_to_prune",
+    "save_model",
+    "load_model",
+]
+
+PRUNED_HEADS_KEY = "embstore_pruned_heads"
+"""config attribute holding the removed heads, {"layer (1..L)": [original head indices]}."""
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def _base(model: nn.Module) -> Any:
+    """The BERT-like base model (the one with ``.embeddings`` and ``.encoder.layer``).
+
+    Typed Any: its submodules are reached by attribute, which nn.Module cannot type."""
+    candidates = [model, getattr(model, "bert", None), getattr(model, "base_model", None)]
+    for cand in candidates:
+        encoder = getattr(cand, "encoder", None)
+        if isinstance(cand, nn.Module) and isinstance(getattr(encoder, "layer", None), nn.ModuleList) \
+                and hasattr(cand, "embeddings"):
+            return cand
+    raise ConfigError(
+        f"Model surgery supports BERT-family encoders (BERT, RoBERTa, ELECTRA: a model with "
+        f".embeddings and .encoder.layer, or one wrapping it as .bert/.base_model); got "
+        f"{type(model).__name__}. Use such a model."
+    )
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder layers 1..L as a list (index i holds layer i + 1)."""
+    return list(_base(model).encoder.layer)
+
+
+def _attention(layer: nn.Module) -> tuple[Any, nn.Linear]:
+    """(self-attention module with query/key/value, attention output dense) of one layer."""
+    attention = getattr(layer, "attention", None)
+    self_attn = getattr(attention, "self", None)
+    dense = getattr(getattr(attention, "output", None), "dense", None)
+    if self_attn is None or not isinstance(dense, nn.Linear) or not all(
+            isinstance(getattr(self_attn, n, None), nn.Linear) for n in ("query", "key", "value")):
+        raise ConfigError(
+            f"{type(layer).__name__} has no BERT-style attention (attention.self.query/key/value and "
+            f"attention.output.dense); head pruning supports BERT, RoBERTa and ELECTRA layers."
+        )
+    return self_attn, dense
+
+
+def _n_heads(model: nn.Module) -> int:
+    """Heads per layer before any pruning (the config value; pruning never changes it)."""
+    return int(_base(model).config.num_attention_heads)
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+_FREEZE_WORDS = "'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3' or negative indices"
+
+
+def parse_freeze(spec: str, n_layers: int) -> set[int]:
+    """Layers to freeze for ``spec`` on a model with ``n_layers`` encoder layers (0 = embeddings).
+
+    Accepts 'none', 'embeddings' (= {0}), 'all' (0..L), 'all-but-last' (0..L-1) and any
+    embstore layer spec over 0..L ('0-8', '0,3', '-3--1'); 'embeddings' may appear in a list.
+    """
+    text = spec.strip().lower()
+    if text == "none":
+        return set()
+    if text == "all":
+        return set(range(n_layers + 1))
+    if text == "all-but-last":
+        return set(range(n_layers))
+    if not text:
+        raise ConfigError(f"The 'freeze' option is empty; use {_FREEZE_WORDS}.")
+    parts = ["0" if p.strip() == "embeddings" else p for p in text.split(",")]
+    return set(parse_layers(",".join(parts), range(n_layers + 1), option="freeze"))
+
+
+def freeze(model: nn.Module, layers: Iterable[int]) -> None:
+    """Set requires_grad=False on the embeddings (layer 0) and the chosen encoder layers 1..L.
+
+    Only freezes: other parameters keep their flag (the pooler and any task head stay as
+    they are), so call ``model.requires_grad_(True)`` first to start from a trainable model.
+    """
+    base = _base(model)
+    blocks = encoder_layers(base)
+    chosen = set(layers)
+    bad = sorted(i for i in chosen if not 0 <= i <= len(blocks))
+    if bad:
+        raise LayerSpecError(
+            f"Cannot freeze layers {bad}: the model has layers [0, {len(blocks)}] (0 = embeddings); "
+            f"pass indices in that range (see parse_freeze)."
+        )
+    for i in chosen:
+        module = base.embeddings if i == 0 else blocks[i - 1]
+        module.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# --------------------------------------------------------------------------- truncation
+
+
+def truncate(model: nn.Module, k: int) -> None:
+    """Keep encoder layers 1..k and physically delete the rest; config.num_hidden_layers = k.
+
+    k = 0 is refused: in transformers 5 a BERT without encoder layers returns no
+    ``hidden_states`` at all (they are captured by hooks on the layers), which breaks
+    extraction; keep at least one layer.
+    """
+    base = _base(model)
+    blocks = base.encoder.layer
+    n = len(blocks)
+    if not 1 <= k <= n:
+        extra = " (0, embeddings only, is not supported: transformers 5 then returns no hidden states)" if k == 0 else ""
+        raise LayerSpecError(
+            f"Cannot truncate to {k} layers: keep between 1 and {n} encoder layers{extra}; pass k in [1, {n}]."
+        )
+    base.encoder.layer = nn.ModuleList(list(blocks)[:k])
+    base.config.num_hidden_layers = k
+    record = pruned_heads(base)
+    if record:  # removed layers no longer have heads to re-prune on reload
+        _set_record(base, {layer: heads for layer, heads in record.items() if layer <= k})
+
+
+# --------------------------------------------------------------------------- head pruning
+
+
+def parse_prune_spec(spec: str, n_layers: int, n_heads: int) -> dict[int, list[int]]:
+    """Parse '11:0,3;10:5' into {11: [0, 3], 10: [5]} (layers 1..L, heads 0..H-1)."""
+    out: dict[int, set[int]] = {}
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        layer_text, sep, heads_text = part.partition(":")
+        try:
+            layer = int(layer_text)
+            heads = [int(h) for h in heads_text.split(",") if h.strip()]
+        except ValueError:
+            heads = []
+        if not sep or not heads:
+            raise ConfigError(
+                f"Cannot read the prune spec {spec!r} at {part!r}: write 'LAYER:HEAD,HEAD;LAYER:HEAD', e.g. '11:0,3;10:5'."
+            )
+        if not 1 <= layer <= n_layers:
+            raise LayerSpecError(
+                f"The prune spec {spec!r} names layer {layer}, but attention layers are [1, {n_layers}]; "
+                f"use a layer in that range (0 is the embeddings, which have no heads)."
+            )
+        bad = [h for h in heads if not 0 <= h < n_heads]
+        if bad:
+            raise ConfigError(
+                f"The prune spec {spec!r} names head {bad[0]} of layer {layer}, but heads are [0, {n_heads - 1}]; "
+                f"use a head in that range."
+            )
+        out.setdefault(layer, set()).update(heads)
+    for layer, removed in out.items():
+        if len(removed) >= n_heads:
+            raise ConfigError(f"cannot remove all {n_heads} heads of layer {layer}; keep at least one")
+    return {layer: sorted(heads) for layer, heads in sorted(out.items())}
+
+
+def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
+    """Heads removed so far, {layer 1..L: sorted original head indices}."""
+    raw = getattr(_base(model).config, PRUNED_HEADS_KEY, None) or {}
+    return {int(layer): sorted(int(h) for h in heads) for layer, heads in raw.items()}
+
+
+def _set_record(base: Any, record: Mapping[int, Iterable[int]]) -> None:
+    base.config.embstore_pruned_heads = {
+        str(layer): sorted(heads) for layer, heads in sorted(record.items()) if heads}
+
+
+def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
+    """Physically remove attention heads, {layer 1..L: [original head indices]}.
+
+    Shrinks query/key/value (output rows) and the attention output dense (input columns),
+    updates the attention module's head count, and accumulates the removed original indices
+    in ``config.embstore_pruned_heads``. Heads already removed are skipped.
+    """
+    from transformers.pytorch_utils import prune_linear_layer
+
+    base = _base(model)
+    blocks = encoder_layers(base)
+    n_heads = _n_heads(base)
+    record = pruned_heads(base)
+    plan: dict[int, tuple[list[int], list[int]]] = {}
+    # Validate everything before touching any weight, so an error leaves the model intact.
+    for layer, given in heads.items():
+        chosen = set(given)
+        if not 1 <= layer <= len(blocks):
+            raise LayerSpecError(f"Cannot prune heads of layer {layer}: attention layers are [1, {len(blocks)}].")
+        bad = sorted(h for h in chosen if not 0 <= h < n_heads)
+        if bad:
+            raise ConfigError(f"Cannot prune head {bad[0]} of layer {layer}: heads are [0, {n_heads - 1}].")
+        done = set(record.get(layer, []))
+        kept = [h for h in range(n_heads) if h not in done]  # original index of each current head
+        if not kept or set(kept) <= chosen:
+            raise ConfigError(f"cannot remove all {n_heads} heads of layer {layer}; keep at least one")
+        plan[layer] = (kept, sorted(chosen - done))
+    for layer, (kept, remove) in plan.items():
+        if not remove:
+            continue
+        self_attn, dense = _attention(blocks[layer - 1])
+        head_dim = int(self_attn.attention_head_size)
+        positions = [kept.index(h) for h in remove]  # current rows of the heads to drop
+        mask = torch.ones(len(kept), head_dim, dtype=torch.bool)
+        mask[positions] = False
+        index = cast(torch.LongTensor, torch.arange(len(kept) * head_dim)[mask.view(-1)])
+        for name in ("query", "key", "value"):
+            setattr(self_attn, name, prune_linear_layer(getattr(self_attn, name), index))
+        block: Any = blocks[layer - 1]
+        block.attention.output.dense = prune_linear_layer(dense, index, dim=1)
+        # forward reshapes with attention_head_size and -1, but keep every count consistent.
+        self_attn.num_attention_heads = len(kept) - len(remove)
+        self_attn.all_head_size = self_attn.num_attention_heads * head_dim
+        record[layer] = sorted(set(record.get(layer, [])) | set(remove))
+    _set_record(base, record)
+
+
+# --------------------------------------------------------------------------- head importance
+
+
+def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
+                    loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]) -> torch.Tensor:
+    """Head importance of Michel et al. (2019): sum over batches of |d loss / d gate|.
+
+    A gate of ones per head multiplies each head's context before the attention output
+    dense. Returns (L, H) indexed by original head index, L2-normalised per layer; heads
+    already pruned away are NaN. The model runs in eval mode; its .grad fields are untouched.
+    """
+    base = _base(model)
+    blocks = encoder_layers(base)
+    n_heads = _n_heads(base)
+    record = pruned_heads(base)
+    kept = [[h for h in range(n_heads) if h not in record.get(i + 1, [])] for i in range(len(blocks))]
+    device = next(model.parameters()).device
+    gates = [torch.ones(len(k), device=device, requires_grad=True) for k in kept]
+    totals = [torch.zeros(len(k), device=device) for k in kept]
+
+    def make_hook(gate: torch.Tensor) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            context = args[0]  # (B, T, heads * d)
+            split = context.view(*context.shape[:-1], gate.numel(), -1)  # (B, T, heads, d)
+            return ((split * gate[:, None]).view_as(context), *args[1:])
+        return hook
+
+    handles = [_attention(block)[1].register_forward_pre_hook(make_hook(g)) for block, g in zip(blocks, gates)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            grads = torch.autograd.grad(loss, gates, allow_unused=True)
+            for total, grad in zip(totals, grads):
+                if grad is not None:
+                    total += grad.detach().abs()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    out = torch.full((len(blocks), n_heads), math.nan, device=device)
+    for i, (k, total) in enumerate(zip(kept, totals)):
+        # Per-layer L2 normalisation as in the paper's code (1e-20 keeps all-zero layers at 0).
+        out[i, k] = total / (total.norm(p=2) + 1e-20)
+    return out.cpu()
+
+
+def heads_to_prune(importance: torch.Tensor, fraction: float, min_heads_per_layer: int = 1) -> dict[int, list[int]]:
+    """The globally least important heads, up to ``fraction`` of the present heads.
+
+    ``importance`` is (L, H) from :func:`head_importance` (NaN = already removed). Keeps
+    at least ``min_heads_per_layer`` heads in every layer. Returns {layer 1..L: [heads]}.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"The pruning fraction must be in [0, 1); got {fraction}. Use e.g. 0.2 to remove 20% of heads.")
+    if min_heads_per_layer < 1:
+        raise ConfigError(f"min_heads_per_layer must be at least 1; got {min_heads_per_layer}.")
+    present = ~torch.isnan(importance)  # (L, H)
+    budget = int(fraction * int(present.sum()))
+    left = present.sum(dim=1).tolist()  # heads still present per layer
+    chosen: dict[int, list[int]] = {}
+    order = torch.argsort(torch.where(present, importance, math.inf).flatten(), stable=True)
+    n_heads = importance.shape[1]
+    for flat in order.tolist()[: int(present.sum())]:
+        if budget == 0:
+            break
+        layer, head = divmod(flat, n_heads)
+        if left[layer] <= min_heads_per_layer:
+            continue
+        left[layer] -= 1
+        budget -= 1
+        chosen.setdefault(layer + 1, []).append(head)
+    return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_model(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
+    """Write a Hugging Face directory (config.json with num_hidden_layers and the pruning record,
+    safetensors weights, tokenizer files) that :func:`load_model` and ``load_backbone`` read."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    cast(Any, model).save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_model(directory: str | Path) -> nn.Module:
+    """Rebuild a (pruned, truncated) model saved by :func:`save_model`.
+
+    The model is built from config.json, the recorded pruning is re-applied so the shapes
+    match, then the safetensors weights are loaded strictly. Returned in eval mode.
+    """
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    path = Path(directory)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not (path / "config.json").is_file() or not files:
+        raise ModelNotFoundError(
+            f"{path} is not a saved model directory (config.json + *.safetensors); save one with save_model."
+        )
+    config = AutoConfig.from_pretrained(path)
+    record = {int(k): list(v) for k, v in (getattr(config, PRUNED_HEADS_KEY, None) or {}).items()}
+    setattr(config, PRUNED_HEADS_KEY, {})  # prune_heads rebuilds the record as it applies it
+    # The saved class (e.g. a classifier wrapper) so its keys match; AutoModel otherwise.
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    model: nn.Module = cls(config) if cls is not None else AutoModel.from_config(config)
+    prune_heads(model, record)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
