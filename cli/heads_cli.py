@@ -150,5 +150,76 @@ def report(runs: tuple[str, ...], out: str | None) -> None:
     click.echo(str(path))
 
 
+def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=FILE (e.g. train=train.csv); got {v!r}.")
+        out.append([name, path])
+    return out or None
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML of options; with a 'runs:' list (name + overrides each) it runs a study and writes a report.")
+@click.option("--model", help="Backbone: minilm, random:NAME, a local HF directory [default: minilm].")
+@click.option("--data", help="One CSV/TSV/JSONL/Parquet file (with --holdout) or builtin:tweets.")
+@click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split.")
+@click.option("--holdout", type=float)
+@click.option("--text-col")
+@click.option("--text-pair-col")
+@click.option("--label-col")
+@click.option("--limit", type=int, help="First N rows of each split.")
+@click.option("--max-length", type=int)
+@click.option("--freeze", help="Layers to freeze: 0-8, embeddings, all, all-but-last, lists, negative indices.")
+@click.option("--truncate", type=int, help="Classify from layer K and drop the layers above it.")
+@click.option("--prune-heads", help="Remove attention heads: '11:0,3;10:5' (layer:heads; layers 1..L, heads from 0).")
+@click.option("--prune-fraction", type=float, help="Remove this fraction of the least important heads (Michel et al. 2019).")
+@click.option("--min-heads-per-layer", type=int)
+@click.option("--classifier", type=click.Choice(["linear", "mlp"]))
+@click.option("--pooling", type=click.Choice(["cls", "mean"]))
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--epochs", type=int)
+@click.option("--patience", type=int)
+@click.option("--warmup-ratio", type=float)
+@click.option("--schedule", type=click.Choice(["linear", "cosine", "exponential"]))
+@click.option("--grad-accum", type=int)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option("--seed", type=int)
+@click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint.")
+@click.option("--out", help="Run directory.")
+@click.option("-v", "--verbose", is_flag=True)
+def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **opts: Any) -> None:
+    """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
+    setup_logging(verbose)
+    from heads.finetune import FinetuneConfig, run_finetune
+    from heads.results import write_report
+
+    values = load_yaml_config(config_file)
+    runs = values.pop("runs", None)
+    values.update({k: v for k, v in opts.items() if v is not None})
+    if splits:
+        values["splits"] = _split_pairs(splits)
+        values.setdefault("data", None)
+    if runs is None:
+        result = run_finetune(FinetuneConfig.from_dict(values))
+        click.echo(f"accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}, trainable {result.trainable_params:,} "
+                   f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch", err=True)
+        click.echo(str(result.run_dir))
+        return
+    base = Path(str(values.pop("out", None) or Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-study"))
+    dirs = []
+    for variant in runs:
+        variant = dict(variant)
+        name = str(variant.pop("name"))
+        result = run_finetune(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}))
+        click.echo(f"{name}: accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}", err=True)
+        dirs.append(result.run_dir)
+    click.echo(str(write_report(dirs, base / "report")))
+
+
 if __name__ == "__main__":
     main()

@@ -36,3 +36,14 @@ def test_sweep_configs_parse(path):
 
     cfg = SweepConfig.from_dict(load_yaml_config(str(path)))
     assert cfg.heads and cfg.layers
+
+
+def test_finetune_study_config_parses():
+    from heads.finetune_config import FinetuneConfig
+
+    values = load_yaml_config(str(CONFIGS / "study-finetune.yaml"))
+    runs = values.pop("runs")
+    assert [r["name"] for r in runs] == ["full", "freeze-0-4", "freeze-all-but-last", "truncate-4", "prune-30pct"]
+    for run in runs:
+        variant = {k: v for k, v in run.items() if k != "name"}
+        assert FinetuneConfig.from_dict({**values, **variant}).model == "minilm"

@@ -1,0 +1,165 @@
+"""heads.finetune on random:tiny-bert (2 layers, 2 heads) and a tiny separable 3-class CSV."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from embstore import ExtractConfig, extract, open_store
+from embstore.errors import ConfigError, LayerSpecError
+from embstore.models import load_backbone
+from embstore.surgery import count_parameters
+from heads.finetune import FinetuneConfig, SequenceClassifier, run_finetune
+from heads.results import read_run
+
+VOCAB = {"fruit": "apple banana cherry grape lemon mango peach".split(),
+         "vehicle": "car truck bus train bicycle engine wheel".split(),
+         "color": "red blue green yellow purple orange pink".split()}
+
+
+@pytest.fixture
+def sep_csv(tmp_path: Path) -> Path:
+    """60 rows, 3 classes, each with its own vocabulary."""
+    rng = random.Random(0)
+    names = list(VOCAB)
+    rows = [(" ".join(rng.choice(VOCAB[names[i % 3]]) for _ in range(5)), names[i % 3]) for i in range(60)]
+    path = tmp_path / "sep.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    return path
+
+
+def cfg(data: Path, out: Path, **kw: object) -> FinetuneConfig:
+    base = dict(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.25, lr=5e-3, epochs=3,
+                patience=3, batch_size=8, out=str(out))
+    base.update(kw)
+    return FinetuneConfig.from_dict(base)
+
+
+def test_run_writes_outputs_and_beats_majority(sep_csv, tmp_path):
+    res = run_finetune(cfg(sep_csv, tmp_path / "run", epochs=4, pooling="mean"))
+    for name in ("results.csv", "summary.md", "run.json", "model/config.json", "model/classifier/classifier.safetensors",
+                 "model/classifier/classifier.json", "checkpoint/finetune_state.json"):
+        assert (res.run_dir / name).is_file(), name
+    meta, rows = read_run(res.run_dir)
+    assert meta["kind"] == "finetune" and meta["label_names"] == sorted(VOCAB)
+    assert res.accuracy > meta["majority_accuracy"] + 0.2
+    (row,) = rows
+    assert row.combine == "finetune" and row.layers == "2" and row.pooling == "mean" and len(row.history) == 4
+    assert row.accuracy == res.accuracy and row.extra["total_params"] == res.total_params
+    # Totals match the encoder plus the classifier; only the unused pooler is not trainable.
+    backbone = load_backbone("random:tiny-bert")
+    clf = SequenceClassifier(backbone.model, 3)
+    assert res.total_params == count_parameters(clf)[1]
+    pooler = sum(p.numel() for p in backbone.model.pooler.parameters())
+    assert res.trainable_params == res.total_params - pooler
+    assert json.loads((res.run_dir / "model/classifier/classifier.json").read_text())["label_names"] == sorted(VOCAB)
+
+
+def test_freeze_keeps_frozen_weights_bit_identical(sep_csv, tmp_path):
+    res = run_finetune(cfg(sep_csv, tmp_path / "run", freeze="0-1", epochs=2))
+    before = load_backbone("random:tiny-bert").model.state_dict()
+    after = load_backbone(str(res.run_dir / "model")).model.state_dict()
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("embeddings.", "encoder.layer.0.", "pooler."))]
+    trained = [k for k in before if k.startswith("encoder.layer.1.")]
+    assert frozen and trained
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), k
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("weight"))
+    layer2 = sum(v.numel() for k, v in before.items() if k.startswith("encoder.layer.1."))
+    head = 32 * 3 + 3
+    assert res.trainable_params == layer2 + head
+    assert res.total_params == sum(v.numel() for v in before.values()) + head
+
+
+def test_truncate_gives_a_model_extract_can_use(sep_csv, tmp_path):
+    res = run_finetune(cfg(sep_csv, tmp_path / "run", truncate=1, epochs=1))
+    model_dir = res.run_dir / "model"
+    assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 1
+    assert read_run(res.run_dir)[1][0].layers == "1"
+    out = extract(ExtractConfig(model=str(model_dir), data=str(sep_csv), label_col="label",
+                                out=str(tmp_path / "s.zarr")), show_progress=False)
+    store = open_store(out.path)
+    assert store.layers == [0, 1]
+
+
+def test_prune_heads_spec_reloads_with_one_head(sep_csv, tmp_path):
+    res = run_finetune(cfg(sep_csv, tmp_path / "run", prune_heads="2:0", epochs=1))
+    model = load_backbone(str(res.run_dir / "model")).model
+    assert model.encoder.layer[1].attention.self.query.out_features == 16  # 1 head of 16
+    assert model.encoder.layer[0].attention.self.query.out_features == 32
+    assert read_run(res.run_dir)[1][0].extra["pruned_heads"]["spec"] == {"2": [0]}
+
+
+def test_prune_fraction_prunes_after_the_first_epoch(sep_csv, tmp_path):
+    res = run_finetune(cfg(sep_csv, tmp_path / "run", prune_fraction=0.5, epochs=2))
+    row = read_run(res.run_dir)[1][0]
+    pruned = row.extra["pruned_heads"]["importance"]
+    assert sum(len(v) for v in pruned.values()) == 2 and all(len(v) == 1 for v in pruned.values())
+    assert row.extra["pruned_heads"]["importance_after_epoch"] == 1 and len(row.history) == 2
+    assert load_backbone(str(res.run_dir / "model")).identity["config"]["embstore_pruned_heads"] == pruned
+
+
+def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path):
+    out = tmp_path / "run"
+    run_finetune(cfg(sep_csv, out, epochs=1))
+    res = run_finetune(cfg(sep_csv, out, epochs=2, resume=True))
+    history = read_run(res.run_dir)[1][0].history
+    assert [h["epoch"] for h in history] == [1, 2]
+    with pytest.raises(ConfigError, match=r"checkpoint in .*differing: lr"):
+        run_finetune(cfg(sep_csv, out, epochs=3, resume=True, lr=1e-3))
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"freeze": "0-9"}, LayerSpecError, r"\[0, 2\]"),
+    ({"prune_heads": "2:0,1"}, ConfigError, "cannot remove all 2 heads of layer 2"),
+    ({"truncate": 5}, LayerSpecError, r"between 1 and 2"),
+    ({"prune_heads": "3:0"}, LayerSpecError, r"attention layers are \[1, 2\]"),
+])
+def test_bad_surgery_is_refused(sep_csv, tmp_path, kw, error, match):
+    with pytest.raises(error, match=match):
+        run_finetune(cfg(sep_csv, tmp_path / "run", **kw))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"pooling": "max"}, "'pooling' option must be one of cls, mean"),
+    ({"prune_fraction": 0.3, "epochs": 1}, "at least 2"),
+    ({"lr": 0}, "'lr' option must be positive"),
+    ({"bogus": 1}, r"Unknown finetune config keys \['bogus'\]"),
+])
+def test_config_validation(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig.from_dict({"data": "x.csv", **kw})
+
+
+def test_config_round_trip():
+    c = FinetuneConfig(data=None, splits=(("train", "a.csv"), ("test", "b.csv")), classifier_hidden=(8, 4))
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
+    """`heads finetune` runs one config or a study ('runs:' list) and renders one report; bad input is one line."""
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+
+    base = ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col", "label"]
+    res = CliRunner().invoke(heads_main, [*base, "--epochs", "2", "--lr", "0.005", "--out", str(tmp_path / "one")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == str(tmp_path / "one")
+    assert "trainable" in res.stderr
+    study = tmp_path / "study.yaml"
+    study.write_text(f"model: random:tiny-bert\ndata: {sep_csv}\nholdout: 0.25\nlabel_col: label\nepochs: 2\nlr: 0.005\n"
+                     "runs:\n  - name: full\n  - name: frozen\n    freeze: 0-1\n  - name: truncated\n    truncate: 1\n")
+    res = CliRunner().invoke(heads_main, ["finetune", "--config", str(study), "--out", str(tmp_path / "study")])
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert all(name in report for name in ("full", "frozen", "truncated"))
+    res = CliRunner().invoke(heads_main, [*base, "--freeze", "0-9", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "[0, 2]" in res.stderr
