@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,16 +125,19 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
     """
     from embstore.errors import ConfigError
     from embstore.extraction import pick_device
-    from heads.predict import load_head, predict_texts
+    from heads.predict import is_finetune_run, load_head, predict_finetuned, predict_texts
 
-    est = load_head(run_dir, head_dir)
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
     if not lines:
         raise ConfigError("No texts to label: the input is empty; give one text per line.")
     texts = [line.split("\t", 1)[0] for line in lines]
     pairs = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
-    labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
-    names = list(est.extra_.get("label_names") or range(proba.shape[1]))
+    if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
+        labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=pick_device(device))
+    else:
+        est = load_head(run_dir, head_dir)
+        labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
+        names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
     for text, label, p in zip(lines, labels, proba):
         click.echo(json.dumps({"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}}, ensure_ascii=False))
 
@@ -204,8 +208,11 @@ def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **
     if splits:
         values["splits"] = _split_pairs(splits)
         values.setdefault("data", None)
+    quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:
         result = run_finetune(FinetuneConfig.from_dict(values))
+        if quiet_rank:
+            return
         click.echo(f"accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}, trainable {result.trainable_params:,} "
                    f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch", err=True)
         click.echo(str(result.run_dir))

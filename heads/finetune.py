@@ -397,14 +397,17 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         log.info("epoch %d: loss %.4f, val macro-F1 %s", epoch, loss, val["f1_macro"])
         tracker.update(epoch, val["f1_macro"], lambda: _state(trainer.acc.unwrap_model(trainer.model)))
         trainer.acc.save_state(str(ckpt))
-        if tracker.state is not None and tracker.best_epoch == epoch:
+        main = trainer.acc.is_main_process  # ranks hold identical weights and scores; one writes
+        if main and tracker.state is not None and tracker.best_epoch == epoch:
             save_file(tracker.state, str(ckpt / BEST_FILE))
-        (ckpt / CHECKPOINT_FILE).write_text(json.dumps({
-            "epoch": epoch, "steps": trainer.steps, "best_f1": tracker.best_f1, "best_epoch": tracker.best_epoch,
-            "bad": tracker.bad, "stopped": tracker.stopped, "history": history, "fingerprint": fingerprint,
-            "weights_sha256": backbone.identity.get("weights_sha256"),
-            "config": {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED},
-            "importance_pruned": {str(k): v for k, v in importance_pruned.items()}}, indent=2, default=str))
+        if main:
+            (ckpt / CHECKPOINT_FILE).write_text(json.dumps({
+                "epoch": epoch, "steps": trainer.steps, "best_f1": tracker.best_f1, "best_epoch": tracker.best_epoch,
+                "bad": tracker.bad, "stopped": tracker.stopped, "history": history, "fingerprint": fingerprint,
+                "weights_sha256": backbone.identity.get("weights_sha256"),
+                "config": {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED},
+                "importance_pruned": {str(k): v for k, v in importance_pruned.items()}}, indent=2, default=str))
+        trainer.acc.wait_for_everyone()
 
     final = trainer.acc.unwrap_model(trainer.model)
     if tracker.state is not None:
@@ -412,6 +415,10 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     y_eval, p_eval = trainer.predict(trainer.eval)
     metrics = classification_metrics(y_eval, p_eval, label_names)
     trainable, total = count_parameters(final)
+    spe = float(np.mean(epoch_seconds)) if epoch_seconds else 0.0
+    if not trainer.acc.is_main_process:  # rank 0 writes the run directory
+        return FinetuneResult(run_dir=run_dir, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
+                              trainable_params=trainable, total_params=total, seconds_per_epoch=spe)
 
     out_dir = save_model(final.encoder, backbone.tokenizer, run_dir / MODEL_DIR) / CLASSIFIER_DIR
     out_dir.mkdir(exist_ok=True)
@@ -428,7 +435,6 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             "majority_accuracy": majority_accuracy(y_train, te.labels[rows_te]), "config": config.to_dict(),
             "fingerprint": fingerprint, **sources}
     writer = RunWriter(run_dir, meta)
-    spe = float(np.mean(epoch_seconds)) if epoch_seconds else 0.0
     writer.add(ResultRow(
         layers=str(n_layers), combine="finetune", pooling=config.pooling, head=config.classifier, seed=config.seed,
         accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"], train_seconds=train_seconds,

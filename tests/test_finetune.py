@@ -163,3 +163,41 @@ def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
     res = CliRunner().invoke(heads_main, [*base, "--freeze", "0-9", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert len(res.stderr.strip().splitlines()) == 1 and "[0, 2]" in res.stderr
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(sep_csv, tmp_path):
+    """The same loop on 2 CPU processes (torchrun; `accelerate launch` sets the same environment): DDP over gloo."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
+           "finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col", "label",
+           "--epochs", "2", "--lr", "0.005", "--batch-size", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 1 and df["combine"].iloc[0] == "finetune"
+    from embstore.models import load_backbone
+
+    assert load_backbone(str(out / "model")).n_layers == 2
+
+
+def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
+    """heads predict --run on a fine-tune run uses its model/ (backbone + classifier) and agrees with the eval metrics."""
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+
+    res = run_finetune(cfg(sep_csv, tmp_path / "ft", epochs=4))
+    df = pd.read_csv(sep_csv)
+    lines = "\n".join(df.text.tolist()) + "\n"
+    out = CliRunner().invoke(heads_main, ["predict", "--run", str(res.run_dir)], input=lines)
+    assert out.exit_code == 0, out.output
+    preds = [json.loads(x)["label"] for x in out.stdout.strip().splitlines()]
+    accuracy = sum(p == t for p, t in zip(preds, df.label)) / len(df)
+    assert accuracy > 0.6, accuracy
