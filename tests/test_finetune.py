@@ -201,3 +201,20 @@ def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
     preds = [json.loads(x)["label"] for x in out.stdout.strip().splitlines()]
     accuracy = sum(p == t for p, t in zip(preds, df.label)) / len(df)
     assert accuracy > 0.6, accuracy
+
+
+@pytest.mark.slow
+def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
+    """A short real run: MiniLM on 160 AG News rows, last layer trainable only, evaluated on 160 test rows."""
+    from conftest import needs_shared
+
+    ag = needs_shared("ag_news")
+    pd.read_csv(ag / "train_pool.csv").sample(160, random_state=0)[["text", "label"]].to_csv(tmp_path / "train.csv", index=False)
+    pd.read_csv(ag / "test.csv").sample(160, random_state=0)[["text", "label"]].to_csv(tmp_path / "test.csv", index=False)
+    res = run_finetune(FinetuneConfig.from_dict(dict(
+        model="minilm", data=None, splits=[["train", str(tmp_path / "train.csv")], ["test", str(tmp_path / "test.csv")]],
+        label_col="label", max_length=64, epochs=2, batch_size=16, lr=1e-3, freeze="0-5", pooling="mean", patience=2,
+        out=str(tmp_path / "run"))))
+    majority = json.loads((res.run_dir / "run.json").read_text())["majority_accuracy"]
+    assert res.accuracy > majority + 0.25, (res.accuracy, majority)
+    assert res.trainable_params < res.total_params / 4
