@@ -333,7 +333,10 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         name = Path(run_dir).resolve().name
         while name in stores:
             name += "'"  # two runs with the same folder name stay distinguishable
-        ids = sorted({r.store_id for r in rows}) or [str(meta.get("store_fingerprint", "?"))]
+        ids = sorted({r.store_id for r in rows if r.store_id}) or [str(meta.get("store_fingerprint", "?"))]
+        if meta.get("kind") == "finetune":  # fine-tunes read no store: name the model they started from
+            model = meta.get("model")
+            ids = [f"fine-tuned from {model.get('name') if isinstance(model, dict) else model}"]
         stores[name] = ", ".join(ids)
         entries += [(name, stores[name], s) for s in aggregate(rows)]
     if not entries:
@@ -356,7 +359,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         lines = ["# Heads report", "", f"{len(entries)} configs from {len(stores)} runs, best first.", ""]
         lines += _md_table(["run", "layers", "combine", "pooling", "head", "accuracy", "macro-F1", "runs",
                             "trainable params", "s / epoch", "train s"], table)
-        lines += ["", "## Stores", ""] + [f"- {run}: `{store}`" for run, store in stores.items()]
+        lines += ["", "## Stores and models", ""] + [f"- {run}: `{store}`" for run, store in stores.items()]
         if len(set(stores.values())) > 1:
             lines.append("\nThe runs come from different stores: compare them only if the stores share their data split.")
         lines += ["", "![macro-F1 per config](report.png)", ""]
