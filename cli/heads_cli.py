@@ -228,5 +228,78 @@ def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **
     click.echo(str(write_report(dirs, base / "report")))
 
 
+_BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"}
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML of pretrain options (flags override it), or a BERT config YAML such as "
+                   "configs/models/mini-bert.yaml (then it sets the architecture).")
+@click.option("--data", help="One CSV/TSV/JSONL/Parquet file; a share is held out for perplexity.")
+@click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split (train=..., validation=...).")
+@click.option("--text-col", help="Text column [default: text].")
+@click.option("--text-pair-col", help="Second sentence column: train on pairs [CLS] A [SEP] B [SEP].")
+@click.option("--limit", type=int, help="First N rows of each split.")
+@click.option("--skip-empty/--no-skip-empty", default=None, help="Drop empty rows instead of failing.")
+@click.option("--train-split", help="[default: train]")
+@click.option("--eval-split", help="Held-out split [default: validation, dev or test, else carve rows].")
+@click.option("--heldout-fraction", type=float, help="Share of rows carved for held-out perplexity [default: 0.05].")
+@click.option("--tokenizer", type=click.Path(exists=True), help="Reuse this tokenizer (directory or tokenizer.json) "
+              "instead of training a WordPiece one.")
+@click.option("--vocab-size", type=int, help="WordPiece vocabulary size [default: 8000].")
+@click.option("--min-frequency", type=int, help="WordPiece minimum merge frequency [default: 2].")
+@click.option("--lowercase/--cased", default=None, help="Lower-case before WordPiece [default: lowercase].")
+@click.option("--cjk-chars/--no-cjk-chars", default=None, help="Split CJK ideographs into characters [default: on].")
+@click.option("--model-config", help="BERT config YAML/JSON or a configs/models NAME; flags below override it.")
+@click.option("--layers", type=int, help="Encoder layers [default: 4].")
+@click.option("--hidden", type=int, help="Hidden size [default: 256].")
+@click.option("--heads", type=int, help="Attention heads [default: 4].")
+@click.option("--intermediate", type=int, help="Feed-forward size [default: 4 x hidden].")
+@click.option("--max-positions", type=int, help="Position embeddings [default: 512].")
+@click.option("--max-length", type=int, help="Tokens per sequence, specials included [default: 128].")
+@click.option("--mask-prob", type=float, help="Bernoulli masking probability (80/10/10) [default: 0.15].")
+@click.option("--whole-word/--no-whole-word", default=None, help="Mask whole words.")
+@click.option("--swap-augment/--no-swap-augment", default=None, help="Pairs: train on both sentence orders.")
+@click.option("--pair-objective", type=click.Choice(["sop", "nsp", "none"]), help="Pairs: sentence-order or "
+              "next-sentence prediction, trained jointly [default: none].")
+@click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int, help="Optimizer steps in total (overrides --epochs).")
+@click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
+@click.option("--warmup-ratio", type=float)
+@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]))
+@click.option("--grad-accum", type=int)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option("--seed", type=int)
+@click.option("--resume/--no-resume", default=None, help="Continue from the run directory's checkpoint.")
+@click.option("--out", help="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].")
+@click.option("--device", help="cpu, cuda... [default: cuda when present].")
+@click.option("--progress/--no-progress", default=True, help="tqdm progress bar with tokens/s.")
+@click.option("-v", "--verbose", is_flag=True)
+def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
+    """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
+    setup_logging(verbose)
+    from heads.pretrain import PretrainConfig, run_pretrain
+
+    values = load_yaml_config(config_file)
+    if config_file is not None and _BERT_FIELDS & set(values):  # a model config, not an options file
+        values = {"model_config": config_file}
+    values.update({k: v for k, v in opts.items() if v is not None})
+    if splits:
+        values["splits"] = _split_pairs(splits)
+        values.setdefault("data", None)
+    result = run_pretrain(PretrainConfig.from_dict(values), show_progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    click.echo(f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; train MLM loss {result.train_mlm_loss:.4f}, "
+               f"masked accuracy {result.train_masked_accuracy:.4f}; held-out perplexity {result.heldout_perplexity:.2f}, "
+               f"masked accuracy {result.heldout_masked_accuracy:.4f}", err=True)
+    click.echo(f"model: {result.model_dir}", err=True)
+    click.echo(str(result.run_dir))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,146 @@
+"""What a pretraining run starts from: the corpus (training and held-out rows), the tokenizer and the BERT config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embstore.errors import ConfigError, DataError
+from heads.pretrain_config import PretrainConfig
+from heads.tokenizer import load_tokenizer, train_wordpiece
+
+__all__ = ["DEFAULT_ARCHITECTURE", "PretrainData", "build_bert_config", "load_corpus"]
+
+log = logging.getLogger(__name__)
+DEFAULT_ARCHITECTURE = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                        "max_position_embeddings": 512}
+"""Without --config/--model-config: a small BERT, 4 layers of 256 with 4 heads (intermediate 4 x hidden)."""
+_EVAL_SPLITS = ("validation", "dev", "test")
+
+
+@dataclass(frozen=True)
+class PretrainData:
+    """Training and held-out sentences (second sentences for pairs), the tokenizer, and their provenance."""
+
+    tokenizer: Any
+    train_texts: list[str]
+    train_pairs: list[str] | None
+    eval_texts: list[str]
+    eval_pairs: list[str] | None
+    provenance: dict[str, Any]
+    """sources, sources_sha256, tokenizer (how it was made), tokenizer_sha256, train_rows, eval_rows, eval_from."""
+
+
+def _split_roles(config: PretrainConfig, splits: dict[str, Any]) -> tuple[Any, Any | None, str]:
+    """(training split, held-out split or None to carve, description of the held-out rows)."""
+    names = list(splits)
+    if config.data is not None:
+        return splits[names[0]], None, f"{config.heldout_fraction:.0%} of the rows, carved with seed {config.seed}"
+    if config.train_split not in splits:
+        raise ConfigError(f"The training split {config.train_split!r} is not in the data; its splits are "
+                          f"{', '.join(names)}. Pass --train-split NAME or name a split train=FILE.")
+    if config.eval_split is not None:
+        if config.eval_split not in splits:
+            raise ConfigError(f"The held-out split {config.eval_split!r} is not in the data; its splits are "
+                              f"{', '.join(names)}. Pass --eval-split with one of them or omit it to carve rows.")
+        return splits[config.train_split], splits[config.eval_split], f"split {config.eval_split!r}"
+    ev = next((s for s in _EVAL_SPLITS if s in splits and s != config.train_split), None)
+    if ev is None:
+        return splits[config.train_split], None, f"{config.heldout_fraction:.0%} of the training rows (seed {config.seed})"
+    return splits[config.train_split], splits[ev], f"split {ev!r}"
+
+
+def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> PretrainData:
+    """Read the corpus, pick or carve the held-out rows and train (or load) the tokenizer.
+
+    ``saved_tokenizer``: a resumed run's checkpoint tokenizer, used instead of training a new one when present.
+    """
+    from embstore.data import load_dataset
+
+    ds = load_dataset(data=config.data, splits=config.splits, seed=config.seed, text_col=config.text_col,
+                      text_pair_col=config.text_pair_col, limit=config.limit, skip_empty=config.skip_empty)
+    train, held, eval_from = _split_roles(config, ds.splits)
+    texts, pairs = list(train.texts), None if train.pairs is None else list(train.pairs)
+    if held is not None:
+        ev_texts, ev_pairs = list(held.texts), None if held.pairs is None else list(held.pairs)
+    else:
+        if len(texts) < 2:
+            raise DataError(f"The corpus has {len(texts)} row; holding rows out for perplexity needs at least 2. "
+                            "Give more text or a held-out file with --split validation=FILE.")
+        order = np.random.default_rng(config.seed).permutation(len(texts))
+        n_eval = min(len(texts) - 1, max(1, round(config.heldout_fraction * len(texts))))
+        ev_idx, tr_idx = sorted(order[:n_eval].tolist()), sorted(order[n_eval:].tolist())
+        ev_texts, texts = [texts[i] for i in ev_idx], [texts[i] for i in tr_idx]
+        ev_pairs = None if pairs is None else [pairs[i] for i in ev_idx]
+        pairs = None if pairs is None else [pairs[i] for i in tr_idx]
+    if not any(t.strip() for t in texts):
+        raise DataError("The training corpus is empty (no non-blank text); check --text-col and the data file.")
+
+    if config.tokenizer is not None:
+        tok, how = load_tokenizer(config.tokenizer), f"loaded from {config.tokenizer}"
+    elif saved_tokenizer is not None and saved_tokenizer.is_dir():
+        tok, how = load_tokenizer(str(saved_tokenizer)), f"trained WordPiece (reloaded from {saved_tokenizer})"
+    else:
+        tok = train_wordpiece(texts + (pairs or []), vocab_size=config.vocab_size, min_frequency=config.min_frequency,
+                              lowercase=config.lowercase, cjk_chars=config.cjk_chars, max_length=config.max_length)
+        how = "trained WordPiece"
+    tok.model_max_length = config.max_length
+    tok_json = tok.backend_tokenizer.to_str()
+    provenance = {"sources": ds.sources, "sources_sha256": [s["sha256"] for s in ds.sources],
+                  "tokenizer": how, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
+                  "vocab_size": len(tok), "train_rows": len(texts), "eval_rows": len(ev_texts), "eval_from": eval_from,
+                  "pairs": pairs is not None}
+    log.info("corpus: %d training rows, %d held-out rows (%s); vocabulary %d (%s)", len(texts), len(ev_texts),
+             eval_from, len(tok), how)
+    return PretrainData(tokenizer=tok, train_texts=texts, train_pairs=pairs, eval_texts=ev_texts, eval_pairs=ev_pairs,
+                        provenance=provenance)
+
+
+def _read_model_config(spec: str) -> dict[str, Any]:
+    candidates = [Path(spec), Path("configs/models") / f"{spec}.yaml", Path("configs/models") / f"{spec}.json"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise ConfigError(f"The model config {spec!r} is neither a file nor configs/models/{spec}.yaml; pass a BERT "
+                          "config YAML/JSON (num_hidden_layers, hidden_size, ...) or use --layers/--hidden/--heads.")
+    import yaml
+
+    text = path.read_text()
+    values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of BERT config fields; got {type(values).__name__}.")
+    if values.get("model_type", "bert") != "bert":
+        raise ConfigError(f"{path} has model_type {values['model_type']!r}; heads pretrain builds BERT models "
+                          "(model_type: bert).")
+    return {k: v for k, v in values.items() if k != "model_type"}
+
+
+def build_bert_config(config: PretrainConfig, *, vocab_size: int, pad_id: int) -> Any:
+    """BertConfig: defaults < ``model_config`` file < the layers/hidden/heads/intermediate/max_positions options.
+
+    ``vocab_size`` is the tokenizer's; a file's vocab_size is replaced by it.
+    """
+    from transformers import BertConfig
+
+    fields: dict[str, Any] = dict(DEFAULT_ARCHITECTURE)
+    if config.model_config is not None:
+        fields.update(_read_model_config(config.model_config))
+    flags = {"num_hidden_layers": config.layers, "hidden_size": config.hidden, "num_attention_heads": config.heads,
+             "intermediate_size": config.intermediate, "max_position_embeddings": config.max_positions}
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    if config.intermediate is None and (config.hidden is not None or "intermediate_size" not in fields):
+        fields["intermediate_size"] = 4 * int(fields["hidden_size"])
+    if int(fields["hidden_size"]) % int(fields["num_attention_heads"]):
+        raise ConfigError(f"hidden size {fields['hidden_size']} is not a multiple of {fields['num_attention_heads']} "
+                          "attention heads; pick e.g. --hidden 256 --heads 4.")
+    if int(fields["max_position_embeddings"]) < config.max_length:
+        raise ConfigError(f"max_position_embeddings {fields['max_position_embeddings']} is shorter than max_length "
+                          f"{config.max_length}: the model could not embed the last positions. Raise --max-positions "
+                          f"to at least {config.max_length} or lower --max-length.")
+    fields.update(vocab_size=vocab_size, pad_token_id=pad_id, type_vocab_size=2)
+    return BertConfig(**fields)
