@@ -38,9 +38,19 @@ def main() -> None:
 @click.option("--text-pair-col", help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers.")
 @click.option("--towers", is_flag=True, help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b').")
 @click.option("--label-col", help="Label column (strings or integers).")
-@click.option("--model", default="minilm", show_default=True, help="minilm, random:NAME, a local HF directory, or a Hub id in the local HF cache.")
+@click.option("--audio-col", help="Audio: column of audio file paths (relative to the table); needs a speech --model.")
+@click.option("--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split.")
+@click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds.")
+@click.option("--skip-bad", is_flag=True, help="Audio: drop rows whose file is missing, unreadable or empty instead of failing.")
+@click.option("--augment", help="Audio: augmented training copies with these transforms: comma list of noise, shift, speed.")
+@click.option("--copies", type=int, default=1, show_default=True, help="Augmented copies per chosen training row.")
+@click.option("--augment-classes", default="minority", show_default=True, help="Rows to augment: minority (classes below the mean size), all, or a comma list of labels.")
+@click.option("--snr-db", type=float, default=20.0, show_default=True, help="Noise augmentation: signal-to-noise ratio in dB.")
+@click.option("--batch-seconds", type=float, default=60.0, show_default=True, help="Audio: most padded seconds of audio per forward batch.")
+@click.option("--bucket/--no-bucket", default=True, show_default=True, help="Sort rows by length (tokens or duration) so batches hold similar lengths.")
+@click.option("--model", default="minilm", show_default=True, help="minilm, random:NAME (tiny-bert, bert-base, hubert-tiny, hubert-base...), a local HF directory, or a Hub id in the local HF cache.")
 @click.option("--layers", default="all", show_default=True, help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings).")
-@click.option("--pooling", default="cls,mean", show_default=True, help="Comma list of cls, mean, max.")
+@click.option("--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio].")
 @click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers).")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Truncate inputs to this many tokens.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch.")
@@ -68,7 +78,7 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
         if explicit(ctx, key) or name not in values:
             if key == "towers":
                 value = "towers" if value else "joint"
-            if key == "pooling" and isinstance(value, str):
+            if key in ("pooling", "augment") and isinstance(value, str):
                 value = tuple(p.strip() for p in value.split(",") if p.strip())
             values[name] = value
     if not values.get("splits") and not values.get("data"):
@@ -92,7 +102,8 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
         click.echo(f"truncated at --max-length {config.max_length}: {trunc} inputs ({result.truncated})", err=True)
     skipped = sum(result.skipped_empty.values())
     if skipped:
-        click.echo(f"skipped empty rows: {skipped} ({result.skipped_empty})", err=True)
+        what = "unusable audio rows" if config.audio_col else "empty rows"
+        click.echo(f"skipped {what}: {skipped} ({result.skipped_empty})", err=True)
     click.echo(result.path)
 
 
@@ -118,15 +129,19 @@ def info(store_path: str, as_json: bool) -> None:
         return
     prov = d["provenance"]
     lines = [
-        f"store      {d['path']} ({d['format']}, {'complete' if d['complete'] else 'INCOMPLETE'})",
+        f"store      {d['path']} ({d['format']}, {d['modality']}, {'complete' if d['complete'] else 'INCOMPLETE'})",
         f"model      {prov.get('model', {}).get('name')}  hidden {d['hidden']}  layers {','.join(map(str, d['layers']))}",
         f"poolings   {','.join(d['poolings'])}  dtype {d['dtype']}  towers {','.join(d['towers'])}"
         + (f"  tokens for layers {','.join(map(str, d['token_layers']))}" if d["token_layers"] else ""),
         f"labels     {', '.join(d['label_names']) if d['label_names'] else '(none)'}",
     ]
+    if d.get("group_names"):
+        lines.append(f"groups     {', '.join(d['group_names'])}")
+    unit, cut = ("frames", "cropped") if d["modality"] == "audio" else ("tokens", "truncated")
     for name, s in d["splits"].items():
         lines.append(f"split      {name}: {s['rows']} rows, {s['chunks_done']}/{s['chunks']} chunks, "
-                     f"{sum(s['tokens'].values())} tokens, {s['truncated'] or 0} truncated")
+                     f"{sum(s['tokens'].values())} {unit}, {s['truncated'] or 0} {cut}"
+                     + (f", {s['augmented']} augmented" if s.get("augmented") else ""))
     for src in prov.get("sources", []):
         lines.append(f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns {','.join(src['columns'])}")
     lines.append(f"bytes      {_human(d['bytes'])}")

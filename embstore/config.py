@@ -8,9 +8,15 @@ from typing import Any, Literal
 
 from embstore.errors import ConfigError
 
-__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys"]
+__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
 
 POOLINGS = ("cls", "mean", "max")
+AUDIO_POOLINGS = ("mean", "max")
+
+
+def default_pooling(modality: str) -> tuple[str, ...]:
+    """cls and mean for text; mean and max over frames for audio (which has no [CLS] frame)."""
+    return AUDIO_POOLINGS if modality == "audio" else ("cls", "mean")
 DEFAULT_DATA = "builtin:tweets"
 
 
@@ -43,10 +49,30 @@ class ExtractConfig:
     """'joint' encodes [CLS] a [SEP] b; 'towers' encodes each column alone and stores both."""
     label_col: str | None = None
     """Label column (strings or integers); None means none (or the builtin source's default)."""
+    audio_col: str | None = None
+    """Audio: column of audio file paths (relative to the table); the model must be a speech model."""
+    group_col: str | None = None
+    """Column of groups (e.g. speaker): --holdout keeps each group in one split; stored per row."""
+    max_seconds: float | None = None
+    """Audio: crop each recording to its first this many seconds (cropped rows are counted)."""
+    skip_bad: bool = False
+    """Audio: drop rows whose file is missing, unreadable or empty instead of failing."""
+    augment: tuple[str, ...] = ()
+    """Audio: transforms of augmented training copies, any of noise, shift, speed; () for none."""
+    copies: int = 1
+    """Augmented copies per chosen training row."""
+    augment_classes: str = "minority"
+    """Rows to augment: 'minority' (classes below the mean class size), 'all', or a comma list of labels."""
+    snr_db: float = 20.0
+    """noise: signal-to-noise ratio of the added Gaussian noise, dB."""
+    batch_seconds: float = 60.0
+    """Audio: most padded seconds of audio in one forward batch (the audio token budget)."""
+    bucket: bool = True
+    """Sort rows by length (tokens or duration) so batches hold similar lengths; False keeps source order."""
     layers: str = "all"
     """Layers to store: 'all', '9-12', '-4--1', '3,6'. 0 is the embedding output."""
-    pooling: tuple[str, ...] = ("cls", "mean")
-    """Poolings to store, any of cls, mean, max (attention-masked)."""
+    pooling: tuple[str, ...] | None = None
+    """Poolings to store, any of cls, mean, max (masked); None: cls,mean for text, mean,max for audio."""
     tokens: str | None = None
     """Layers whose per-token states are also stored (ragged); None stores none."""
     max_length: int = 256
@@ -75,11 +101,25 @@ class ExtractConfig:
     """Free-form notes recorded in provenance, never in the fingerprint."""
 
     def __post_init__(self) -> None:
-        bad = [p for p in self.pooling if p not in POOLINGS]
-        if bad or not self.pooling:
-            raise ConfigError(
-                f"The 'pooling' option must be a comma list of {', '.join(POOLINGS)}; got {','.join(self.pooling) or 'nothing'}."
-            )
+        if self.pooling is not None:
+            bad = [p for p in self.pooling if p not in POOLINGS]
+            if bad or not self.pooling:
+                raise ConfigError(
+                    f"The 'pooling' option must be a comma list of {', '.join(POOLINGS)}; got {','.join(self.pooling) or 'nothing'}."
+                )
+            if self.audio_col and "cls" in self.pooling:
+                raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max with --audio-col.")
+        if self.audio_col and (self.text_col or self.text_pair_col):
+            raise ConfigError("You cannot pass both --audio-col and --text-col/--text-pair-col; a store holds text or audio.")
+        if self.augment and not self.audio_col:
+            raise ConfigError("--augment makes audio copies: it needs --audio-col (and a speech model).")
+        if self.augment and self.holdout is None and "train" not in dict(self.splits):
+            raise ConfigError("Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or --split train=FILE.")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"The 'max_seconds' option must be a positive number of seconds; got {self.max_seconds}.")
+        if self.batch_seconds <= 0:
+            raise ConfigError(f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}.")
+        self.augment_spec()  # validates the transforms and copies
         if self.data is not None and self.splits:
             raise ConfigError("You cannot pass both --data and --split; pass one file with --data (and --holdout) or one --split per file.")
         if self.data is None and not self.splits:
@@ -113,7 +153,8 @@ class ExtractConfig:
         """JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
         d["splits"] = [list(s) for s in self.splits]
-        d["pooling"] = list(self.pooling)
+        d["pooling"] = None if self.pooling is None else list(self.pooling)
+        d["augment"] = list(self.augment)
         return d
 
     @classmethod
@@ -123,7 +164,19 @@ class ExtractConfig:
         d = dict(d)
         if "splits" in d:
             d["splits"] = tuple(tuple(s) for s in d["splits"])
-        if "pooling" in d:
-            p = d["pooling"]
-            d["pooling"] = tuple(p.split(",")) if isinstance(p, str) else tuple(p)
+        if d.get("augment") is None:
+            d.pop("augment", None)
+        for key in ("pooling", "augment"):
+            p = d.get(key)
+            if p is not None:
+                d[key] = tuple(x.strip() for x in p.split(",") if x.strip()) if isinstance(p, str) else tuple(p)
         return cls(**d)
+
+    def augment_spec(self) -> Any:
+        """The :class:`embstore.augment.AugmentSpec` of this extraction, or None without --augment."""
+        if not self.augment:
+            return None
+        from embstore.augment import AugmentSpec
+
+        return AugmentSpec(transforms=self.augment, copies=self.copies, classes=self.augment_classes,
+                           snr_db=self.snr_db, seed=self.seed)

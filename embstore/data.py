@@ -53,6 +53,17 @@ class SplitData:
     """Second text per row, or None."""
     labels: np.ndarray | None
     """(n,) int64 index into Dataset.label_names, or None."""
+    groups: np.ndarray | None = None
+    """(n,) int64 index into Dataset.group_names (e.g. speaker), or None."""
+    audio: list[str] | None = None
+    """Audio sources: resolved file paths (``texts`` is then empty)."""
+    audio_frames: np.ndarray | None = None
+    """(n,) int64 samples per channel of each audio file."""
+    audio_rates: np.ndarray | None = None
+    """(n,) int64 sampling rate of each audio file."""
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,9 @@ class Dataset:
     sources: list[dict[str, Any]]
     """Provenance per source file: path, sha256, format, columns used, rows read."""
     skipped_empty: dict[str, int]
+    group_names: list[str] | None = None
+    modality: str = "text"
+    """'text' or 'audio'."""
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -143,16 +157,49 @@ class _Raw:
     texts: list[str]
     pairs: list[str] | None
     labels: list[Any] | None
+    groups: list[Any] | None = None
+    audio: list[str] | None = None
+    frames: np.ndarray | None = None
+    rates: np.ndarray | None = None
+
+
+def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[list[str], np.ndarray, Any]:
+    """Resolved file paths, a mask of unusable rows, and the header facts (missing/unreadable/empty files fail unless skipped)."""
+    from embstore.audio import probe_files
+
+    raw, _ = _texts(_column(df, audio_col, path, "--audio-col"))
+    files = [str((path.parent / r).resolve()) if r.strip() else "" for r in raw]
+    info = probe_files(files)
+    bad = np.zeros(len(files), dtype=bool)
+    if info.bad:
+        bad[[i for i, _ in info.bad]] = True
+        if not skip_bad:
+            shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
+            raise DataError(f"{len(info.bad)} of {len(files)} audio files listed in {path} (column {audio_col!r}, paths relative to the table) cannot be used: {shown}. Fix them, or pass --skip-bad to drop those rows.")
+    return files, bad, info
 
 
 def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, label_col: str | None,
-                skip_empty: bool, display: str) -> tuple[_Raw, dict[str, Any], int]:
+                skip_empty: bool, display: str, audio_col: str | None = None, group_col: str | None = None,
+                skip_bad: bool = False) -> tuple[_Raw, dict[str, Any], int]:
     df = read_table(path)
-    texts, empty = _texts(_column(df, text_col, path, "--text-col"))
     pairs = None
+    audio = info = None
+    if audio_col:
+        audio, empty, info = _audio_rows(df, path, audio_col, skip_bad)
+        texts: list[str] = []
+    else:
+        texts, empty = _texts(_column(df, text_col, path, "--text-col"))
     if pair_col:
         pairs, empty_b = _texts(_column(df, pair_col, path, "--text-pair-col"))
         empty = empty | empty_b
+    groups = None
+    if group_col:
+        g = _column(df, group_col, path, "--group-col")
+        no_group = np.flatnonzero(g.isna().to_numpy() & ~empty)
+        if len(no_group):
+            raise DataError(f"{len(no_group)} of {len(df)} rows of {path} have no group in column {group_col!r} (rows {_first(no_group)}); fill or remove them.")
+        groups = [_label_key(v) for v in g.tolist()]
     labels = None
     if label_col:
         lab = _column(df, label_col, path, "--label-col")
@@ -161,20 +208,32 @@ def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, labe
             raise DataError(f"{len(missing)} of {len(df)} rows of {path} have no label in column {label_col!r} (rows {_first(missing)}); fill or remove them.")
         labels = lab.tolist()
     bad = np.flatnonzero(empty)
-    if len(bad) and not skip_empty:
+    if len(bad) and not skip_empty and not audio_col:
         cols = text_col + (f"/{pair_col}" if pair_col else "")
         raise DataError(f"{len(bad)} of {len(df)} rows of {path} have empty or missing text in {cols!r} (rows {_first(bad)}); pass --skip-empty to drop them, or fill them.")
     keep = np.flatnonzero(~empty)
     if len(keep) == 0:
-        raise DataError(f"Every row of {path} has empty text in {text_col!r}; nothing to extract.")
+        what = f"a usable audio file in {audio_col!r}" if audio_col else f"non-empty text in {text_col!r}"
+        raise DataError(f"No row of {path} has {what}; nothing to extract.")
     raw = _Raw(
-        name=name, row_ids=keep.astype(np.int64), texts=[texts[i] for i in keep],
+        name=name, row_ids=keep.astype(np.int64), texts=[texts[i] for i in keep] if texts else [],
         pairs=None if pairs is None else [pairs[i] for i in keep],
         labels=None if labels is None else [labels[i] for i in keep],
+        groups=None if groups is None else [groups[i] for i in keep],
+        audio=None if audio is None else [audio[i] for i in keep],
+        frames=None if info is None else info.frames[keep], rates=None if info is None else info.rates[keep],
     )
-    used = [c for c in (text_col, pair_col, label_col) if c]
+    used = [c for c in ((audio_col or text_col), pair_col, label_col, group_col) if c]
     prov = {"split": name, "path": display, "sha256": file_sha256(path), "format": path.suffix.lstrip(".").lower(),
             "columns": used, "rows": int(len(df))}
+    if audio is not None:
+        # The files' bytes are part of the data: a changed recording makes another store.
+        h = hashlib.sha256()
+        for i in keep:
+            h.update(os.path.relpath(audio[i], path.parent).encode())
+            h.update(bytes.fromhex(file_sha256(audio[i])))
+        prov["audio_sha256"] = h.hexdigest()
+        prov["audio_files"] = int(len(keep))
     return raw, prov, int(len(bad))
 
 
@@ -194,15 +253,48 @@ def _label_key(v: Any) -> str:
 
 
 def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
-    return _Raw(name=name, row_ids=raw.row_ids[idx], texts=[raw.texts[i] for i in idx],
-                pairs=None if raw.pairs is None else [raw.pairs[i] for i in idx],
-                labels=None if raw.labels is None else [raw.labels[i] for i in idx])
+    def pick(values: list[Any] | None) -> list[Any] | None:
+        return None if values is None else [values[i] for i in idx]
+    return _Raw(name=name, row_ids=raw.row_ids[idx], texts=[raw.texts[i] for i in idx] if raw.texts else [],
+                pairs=pick(raw.pairs), labels=pick(raw.labels), groups=pick(raw.groups), audio=pick(raw.audio),
+                frames=None if raw.frames is None else raw.frames[idx], rates=None if raw.rates is None else raw.rates[idx])
+
+
+def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(train, test) positions: group-disjoint when groups are given, else stratified by label when possible."""
+    from sklearn.model_selection import GroupShuffleSplit, train_test_split
+
+    idx = np.arange(len(raw.row_ids))
+    if len(idx) < 2:
+        raise DataError(f"--holdout needs at least 2 rows; {source} has {len(idx)}.")
+    if raw.groups is not None:
+        n_groups = len(set(raw.groups))
+        if n_groups < 2:
+            raise DataError(f"--holdout with --group-col needs at least 2 groups; {source} has {n_groups}.")
+        tr, te = next(GroupShuffleSplit(n_splits=1, test_size=holdout, random_state=seed).split(idx, groups=raw.groups))
+        return np.sort(tr), np.sort(te), {"fraction": holdout, "seed": seed, "stratified": False, "grouped": True}
+    strat = None
+    if raw.labels is not None:
+        keys = [_label_key(v) for v in raw.labels]
+        counts = {k: keys.count(k) for k in set(keys)}
+        n_test = int(np.ceil(holdout * len(idx)))
+        if min(counts.values()) >= 2 and n_test >= len(counts) and len(idx) - n_test >= len(counts):
+            strat = keys
+        else:
+            log.warning("holdout is not stratified: a class has fewer than 2 rows or the split is too small")
+    tr, te = train_test_split(idx, test_size=holdout, random_state=seed, stratify=strat)
+    return np.asarray(tr), np.asarray(te), {"fraction": holdout, "seed": seed, "stratified": strat is not None}
 
 
 def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), holdout: float | None = None,
                  seed: int = 0, text_col: str | None = None, text_pair_col: str | None = None,
-                 label_col: str | None = None, limit: int | None = None, skip_empty: bool = False) -> Dataset:
-    """Read, validate and split the data. Errors name the file, column or rows and the fix."""
+                 label_col: str | None = None, limit: int | None = None, skip_empty: bool = False,
+                 audio_col: str | None = None, group_col: str | None = None, skip_bad: bool = False) -> Dataset:
+    """Read, validate and split the data. Errors name the file, column or rows and the fix.
+
+    With ``audio_col`` the rows are audio files (paths relative to the table); with
+    ``group_col`` the holdout keeps every group (e.g. speaker) in one split.
+    """
     sources: list[tuple[str, Path, str]] = []
     if data is not None and data.startswith("builtin:"):
         name = data.split(":", 1)[1]
@@ -220,45 +312,37 @@ def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), 
 
     raws, provs, skipped = [], [], {}
     for name, path, display in sources:
-        raw, prov, n_bad = _read_split(name, path, text_col, text_pair_col, label_col, skip_empty, display)
+        raw, prov, n_bad = _read_split(name, path, text_col, text_pair_col, label_col, skip_empty, display,
+                                       audio_col, group_col, skip_bad)
         raws.append(raw)
         provs.append(prov)
         skipped[name] = n_bad
         if n_bad:
-            log.warning("skipped %d empty rows of %s", n_bad, path)
+            log.warning("skipped %d %s rows of %s", n_bad, "unusable audio" if audio_col else "empty", path)
 
     if holdout is not None:
-        from sklearn.model_selection import train_test_split
-
-        raw = raws[0]
-        idx = np.arange(len(raw.texts))
-        strat = None
-        if raw.labels is not None:
-            keys = [_label_key(v) for v in raw.labels]
-            counts = {k: keys.count(k) for k in set(keys)}
-            n_test = int(np.ceil(holdout * len(idx)))
-            if min(counts.values()) >= 2 and n_test >= len(counts) and len(idx) - n_test >= len(counts):
-                strat = keys
-            else:
-                log.warning("holdout is not stratified: a class has fewer than 2 rows or the split is too small")
-        if len(idx) < 2:
-            raise DataError(f"--holdout needs at least 2 rows; {sources[0][1]} has {len(idx)}.")
-        tr, te = train_test_split(idx, test_size=holdout, random_state=seed, stratify=strat)
-        raws = [_subset(raw, np.asarray(tr), "train"), _subset(raw, np.asarray(te), "test")]
+        tr, te, how = _holdout(raws[0], holdout, seed, sources[0][1])
+        raws = [_subset(raws[0], tr, "train"), _subset(raws[0], te, "test")]
         skipped = {"train": skipped["all"], "test": 0}
-        provs[0]["holdout"] = {"fraction": holdout, "seed": seed, "stratified": strat is not None}
+        provs[0]["holdout"] = how
 
     if limit is not None:
-        raws = [_subset(r, np.arange(min(limit, len(r.texts))), r.name) for r in raws]
+        raws = [_subset(r, np.arange(min(limit, len(r.row_ids))), r.name) for r in raws]
 
     label_names = None
     if label_col:
         label_names = _label_names([v for r in raws for v in (r.labels or [])])
         lookup = {n: i for i, n in enumerate(label_names)}
+    group_names = sorted({g for r in raws for g in (r.groups or [])}) if group_col else None
     out = {}
     for r in raws:
-        labels = None
+        labels = groups = None
         if r.labels is not None:
             labels = np.array([lookup[_label_key(v)] for v in r.labels], dtype=np.int64)
-        out[r.name] = SplitData(name=r.name, row_ids=r.row_ids, texts=r.texts, pairs=r.pairs, labels=labels)
-    return Dataset(splits=out, label_names=label_names, sources=provs, skipped_empty=skipped)
+        if r.groups is not None and group_names is not None:
+            gl = {g: i for i, g in enumerate(group_names)}
+            groups = np.array([gl[g] for g in r.groups], dtype=np.int64)
+        out[r.name] = SplitData(name=r.name, row_ids=r.row_ids, texts=r.texts, pairs=r.pairs, labels=labels,
+                                groups=groups, audio=r.audio, audio_frames=r.frames, audio_rates=r.rates)
+    return Dataset(splits=out, label_names=label_names, sources=provs, skipped_empty=skipped, group_names=group_names,
+                   modality="audio" if audio_col else "text")

@@ -47,14 +47,20 @@ def length_order(lengths: np.ndarray) -> np.ndarray:
 
 
 def make_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> list[tuple[int, int]]:
-    """Split consecutive rows (sorted longest first) into [start, stop) batches whose padded
-    size (rows x first row's length) stays within ``token_budget`` and ``batch_size``."""
+    """Split consecutive rows into [start, stop) batches whose padded size (rows x longest
+    row) stays within ``token_budget`` and ``batch_size`` (a single row may exceed the budget).
+    Sorted longest first, the first row of each batch sets its width; unsorted rows still fit."""
     out, start, n = [], 0, len(lengths)
     while start < n:
-        width = int(lengths[start])
-        rows = max(1, min(batch_size, token_budget // max(1, width)))
-        out.append((start, min(n, start + rows)))
-        start += rows
+        width = max(1, int(lengths[start]))
+        stop = start + 1
+        while stop < n and stop - start < batch_size:
+            wider = max(width, int(lengths[stop]))
+            if (stop - start + 1) * wider > token_budget:
+                break
+            width, stop = wider, stop + 1
+        out.append((start, stop))
+        start = stop
     return out
 
 
@@ -81,7 +87,13 @@ class ChunkJob:
 
     split: str
     chunk: int
-    towers: dict[str, tuple[list[list[int]], list[list[int]] | None]]
+    towers: dict[str, Any]
+    """Text: tower -> (token ids, token type ids or None). Audio: 'audio' -> list of AudioItem."""
+
+    @property
+    def n_rows(self) -> int:
+        first = next(iter(self.towers.values()))
+        return len(first[0]) if isinstance(first, tuple) else len(first)
 
 
 class ChunkEncoder:
@@ -102,8 +114,13 @@ class ChunkEncoder:
 
         self.uses_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
 
-    def _forward(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
-        """Pooled (pooling -> (k, B, H)) and flat per-token (layer -> (sum_len, H)) arrays of one batch."""
+    def _forward(self, batch: dict[str, np.ndarray], out_lengths: np.ndarray | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
+        """Pooled (pooling -> (k, B, H)) and flat per-token (layer -> (sum_len, H)) arrays of one batch.
+
+        Pooling masks with the attention mask, or with ``out_lengths`` (B,) when the model's
+        output positions are not its input positions (audio frames).
+        """
         import torch
 
         tensors = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()
@@ -111,7 +128,11 @@ class ChunkEncoder:
         on_cuda = self.device.startswith("cuda")
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
             hidden = self.model(**tensors, output_hidden_states=True).hidden_states
-            mask = tensors["attention_mask"].bool()  # (B, T)
+            if out_lengths is not None:
+                width = hidden[0].shape[1]
+                mask = torch.arange(width, device=hidden[0].device)[None, :] < torch.from_numpy(out_lengths).to(hidden[0].device)[:, None]
+            else:
+                mask = tensors["attention_mask"].bool()  # (B, T)
             weights = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1).float()  # (B, 1, T)
             pooled: dict[str, np.ndarray] = {}
             for p in self.poolings:

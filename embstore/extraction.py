@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from embstore import layout as L
-from embstore.config import ExtractConfig
-from embstore.data import Dataset, load_dataset
+from embstore.config import ExtractConfig, default_pooling
+from embstore.data import Dataset, SplitData, load_dataset
 from embstore.encode import ChunkEncoder, ChunkJob, Encoded, length_order, tokenize
 from embstore.errors import ConfigError, DiskFullError, OutputNotWritableError, StoreMismatchError
 from embstore.layers import parse_layers
@@ -70,7 +70,8 @@ class _Plan:
     layout: L.StoreLayout
     fingerprint: str
     order: dict[str, np.ndarray]
-    encoded: dict[tuple[str, str], Encoded]
+    encoded: dict[tuple[str, str], Any]
+    """(split, tower) -> Encoded token ids (text) or AudioRows (audio)."""
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     token_counts: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
@@ -87,25 +88,40 @@ def _fingerprint(config: ExtractConfig, backbone: Backbone, dataset: Dataset, la
         "schema_version": L.SCHEMA_VERSION,
         "model": {"weights": ident["weights_sha256"], "class": ident["class"], "config": model_cfg,
                   "tokenizer": ident["tokenizer"]["sha256"] or ident["tokenizer"]["class"]},
-        "data": [{k: s.get(k) for k in ("split", "sha256", "columns", "holdout")} for s in dataset.sources],
+        "data": [{k: s.get(k) for k in ("split", "sha256", "columns", "holdout", "audio_sha256") if k in s}
+                 for s in dataset.sources],
         "columns": [config.text_col, config.text_pair_col, config.label_col], "pair_mode": config.pair_mode,
         "limit": config.limit, "skip_empty": config.skip_empty, "max_length": config.max_length,
         "layers": list(lay.layers), "poolings": list(lay.poolings), "token_layers": list(lay.token_layers),
         "dtype": lay.dtype, "precision": precision,
     }
+    if dataset.modality == "audio" or config.group_col or not config.bucket:
+        content["audio"] = {"audio_col": config.audio_col, "group_col": config.group_col, "max_seconds": config.max_seconds,
+                            "skip_bad": config.skip_bad, "augment": list(config.augment),
+                            "copies": config.copies if config.augment else None,
+                            "augment_classes": config.augment_classes if config.augment else None,
+                            "snr_db": config.snr_db if "noise" in config.augment else None,
+                            "seed": config.seed if config.augment else None,
+                            "feature_extractor": ident["tokenizer"].get("config"), "bucket": config.bucket}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _plan(config: ExtractConfig, device: str) -> _Plan:
-    from embstore._version import __version__
-
     dataset = load_dataset(data=config.data, splits=config.splits, holdout=config.holdout, seed=config.seed,
                            text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,
-                           limit=config.limit, skip_empty=config.skip_empty)
+                           limit=config.limit, skip_empty=config.skip_empty, audio_col=config.audio_col,
+                           group_col=config.group_col, skip_bad=config.skip_bad)
     backbone = load_backbone(config.model, device)
+    if backbone.modality != dataset.modality:
+        if backbone.modality == "audio":
+            raise ConfigError(f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a table of audio file paths), or a text model.")
+        raise ConfigError(f"{config.model} is a text model, but --audio-col gives audio; pass a speech model (random:hubert-tiny, or a local HuBERT/wav2vec2/WavLM directory).")
     available = list(range(backbone.n_layers + 1))
     layers = parse_layers(config.layers, available, "layers")
     token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
+    poolings = config.pooling or default_pooling(dataset.modality)
+    if dataset.modality == "audio":
+        return _plan_audio(config, device, dataset, backbone, layers, token_layers, poolings)
     if config.max_length > backbone.max_positions:
         raise ConfigError(f"--max-length {config.max_length} exceeds what {config.model} can encode ({backbone.max_positions} positions); use --max-length {backbone.max_positions} or less.")
     towers = L.PAIR_TOWERS if config.pair_mode == "towers" else (L.SINGLE_TOWER,)
@@ -123,11 +139,9 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
         else:
             encoded[(name, L.SINGLE_TOWER)] = tokenize(tok, sd.texts, sd.pairs, config.max_length)
         total = np.sum([encoded[(name, t)].lengths.astype(np.int64) for t in towers], axis=0)  # (n,)
-        order[name] = perm = length_order(total)
+        order[name] = perm = length_order(total) if config.bucket else np.arange(len(total))
         n = len(perm)
-        arrays[L.row_ids_path(name)] = sd.row_ids[perm]
-        if sd.labels is not None:
-            arrays[L.labels_path(name)] = sd.labels[perm]
+        _row_arrays(arrays, name, sd, perm, np.arange(len(perm)))
         for t in towers:
             e = encoded[(name, t)]
             arrays[L.n_tokens_path(name, t)] = e.lengths[perm]
@@ -136,8 +150,70 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
         truncated[name] = int(sum(encoded[(name, t)].truncated.sum() for t in towers))
         splits[name] = L.SplitLayout.plan(n, config.chunk_rows,
                                           n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers})
-    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(config.pooling), hidden=backbone.hidden, dtype=config.dtype,
+    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(poolings), hidden=backbone.hidden, dtype=config.dtype,
                         towers=tuple(towers), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
+    return _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
+
+
+def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: np.ndarray, source: np.ndarray) -> None:
+    """Per-row arrays known before the model runs; ``source[perm]`` maps stored rows to source rows."""
+    src = source[perm]
+    arrays[L.row_ids_path(name)] = sd.row_ids[src]
+    if sd.labels is not None:
+        arrays[L.labels_path(name)] = sd.labels[src]
+    if sd.groups is not None:
+        arrays[L.groups_path(name)] = sd.groups[src]
+
+
+def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, layers: list[int],
+                token_layers: list[int], poolings: tuple[str, ...]) -> _Plan:
+    """Audio rows: lengths from file headers, augmented copies for the training split only."""
+    from embstore.speech import plan_audio_split
+
+    if "cls" in poolings:
+        raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max for a speech model.")
+    rate = backbone.sampling_rate
+    spec = config.augment_spec()
+    encoded: dict[tuple[str, str], Any] = {}
+    order: dict[str, np.ndarray] = {}
+    splits: dict[str, L.SplitLayout] = {}
+    arrays: dict[str, np.ndarray] = {}
+    token_counts: dict[tuple[str, str], np.ndarray] = {}
+    truncated: dict[str, int] = {}
+    augmented: dict[str, int] = {}
+    t = L.AUDIO_TOWER
+    for name, sd in dataset.splits.items():
+        rows = plan_audio_split(sd, rate=rate, frames_of=backbone.frames, max_seconds=config.max_seconds,
+                                augment=spec if name == "train" else None, label_names=dataset.label_names)
+        encoded[(name, t)] = rows
+        order[name] = perm = length_order(rows.samples) if config.bucket else np.arange(len(rows.items))
+        _row_arrays(arrays, name, sd, perm, rows.source)
+        arrays[L.n_tokens_path(name, t)] = rows.frames[perm].astype(np.int32)
+        arrays[L.truncated_path(name, t)] = rows.cropped[perm]
+        arrays[L.duration_path(name)] = (rows.samples[perm] / rate).astype(np.float32)
+        token_counts[(name, t)] = rows.frames[perm]
+        truncated[name] = int(rows.cropped.sum())
+        if spec is not None and name == "train":
+            params = [it.augment for it in rows.items]
+            nan = float("nan")
+            arrays[L.augment_path(name, "copy")] = np.array([0 if p is None else p.copy for p in params], dtype=np.int16)[perm]
+            for f, attr in (("speed", "speed"), ("shift", "shift_fraction"), ("snr_db", "snr_db")):
+                arrays[L.augment_path(name, f)] = np.array([nan if p is None else getattr(p, attr) for p in params], dtype=np.float32)[perm]
+            augmented[name] = int(sum(p is not None for p in params))
+        splits[name] = L.SplitLayout.plan(len(perm), config.chunk_rows, n_tokens={t: int(rows.frames.sum())})
+    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(poolings), hidden=backbone.hidden, dtype=config.dtype,
+                        towers=(t,), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
+    plan = _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
+    plan.meta["augmented"] = augmented
+    plan.meta["sampling_rate"] = rate
+    return plan
+
+
+def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, lay: L.StoreLayout,
+                 order: dict[str, np.ndarray], encoded: dict[tuple[str, str], Any], arrays: dict[str, np.ndarray],
+                 token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> _Plan:
+    from embstore._version import __version__
+
     precision = "bf16-autocast" if device.startswith("cuda") else "float32"
     fp = _fingerprint(config, backbone, dataset, lay, precision)
     import torch
@@ -145,17 +221,22 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
     import zarr
 
     meta = {
-        "schema_version": L.SCHEMA_VERSION, "complete": False, "fingerprint": fp, "modality": "text",
+        "schema_version": L.SCHEMA_VERSION, "complete": False, "fingerprint": fp, "modality": dataset.modality,
+        "group_names": dataset.group_names,
         "layout": lay.to_dict(), "label_names": dataset.label_names, "truncated": truncated,
         "skipped_empty": dataset.skipped_empty, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "finished": None,
         "provenance": {
             "model": {k: v for k, v in backbone.identity.items() if k != "tokenizer"},
             "tokenizer": backbone.identity["tokenizer"], "max_length": config.max_length,
-            "poolings": list(config.pooling), "dtype": config.dtype, "precision": precision, "device": device,
+            "poolings": list(lay.poolings), "dtype": config.dtype, "precision": precision, "device": device,
             "sources": dataset.sources, "text_col": config.text_col or "text", "text_pair_col": config.text_pair_col,
             "pair_mode": config.pair_mode, "label_col": config.label_col,
-            "rows": {k: v.n_rows for k, v in splits.items()},
+            "audio_col": config.audio_col, "group_col": config.group_col, "max_seconds": config.max_seconds,
+            "augment": None if not config.augment else {
+                "transforms": list(config.augment), "copies": config.copies, "classes": config.augment_classes,
+                "snr_db": config.snr_db, "seed": config.seed},
+            "rows": {k: v.n_rows for k, v in lay.splits.items()},
             "tool": {"embstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "zarr": zarr.__version__, "python": sys.version.split()[0]},
             "config": config.to_dict(),
@@ -213,10 +294,13 @@ def _jobs(plan: _Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
         for c in chunks:
             start, stop = plan.layout.splits[split].rows(c)
             rows = perm[start:stop]
-            towers = {}
+            towers: dict[str, Any] = {}
             for t in plan.layout.towers:
                 e = plan.encoded[(split, t)]
-                towers[t] = ([e.ids[i] for i in rows], None if e.type_ids is None else [e.type_ids[i] for i in rows])
+                if isinstance(e, Encoded):
+                    towers[t] = ([e.ids[i] for i in rows], None if e.type_ids is None else [e.type_ids[i] for i in rows])
+                else:  # AudioRows
+                    towers[t] = [e.items[i] for i in rows]
             jobs.append(ChunkJob(split=split, chunk=c, towers=towers))
     return jobs
 
@@ -227,10 +311,19 @@ def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, wri
     from tqdm import tqdm
 
     writer = StoreWriter.open(write_path)
-    encoder = ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, layers=lay.layers,
-                           token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
-                           batch_size=config.batch_size, token_budget=config.token_budget, device=device)
-    total = sum(len(next(iter(j.towers.values()))[0]) for j in jobs)
+    common = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
+                  batch_size=config.batch_size, token_budget=config.token_budget, device=device)
+    encoder: ChunkEncoder
+    if backbone.modality == "audio":
+        from embstore.speech import AudioChunkEncoder
+
+        rate = backbone.sampling_rate
+        encoder = AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
+                                    max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
+                                    **common)
+    else:
+        encoder = ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
+    total = sum(j.n_rows for j in jobs)
     bar = tqdm(total=total, unit="ex", desc=desc, disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
     pending: Future[None] | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:

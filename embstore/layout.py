@@ -5,14 +5,21 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
     attrs["embstore"] = {schema_version, complete, fingerprint, layout, provenance, ...}
     splits/<split>/row_ids                       (n,) int64   row index in the source file
     splits/<split>/labels                        (n,) int64   index into label_names (if labelled)
-    splits/<split>/<tower>/n_tokens              (n,) int32   tokens after truncation
-    splits/<split>/<tower>/truncated             (n,) bool
+    splits/<split>/groups                        (n,) int64   index into group_names (with --group-col)
+    splits/<split>/duration                      (n,) float32 seconds the model heard (audio)
+    splits/<split>/augment/<field>               (n,) per row: copy (int16, 0 = original row),
+                                                 speed, shift, snr_db (float32, NaN = not applied)
+    splits/<split>/<tower>/n_tokens              (n,) int32   tokens (audio: output frames) after truncation
+    splits/<split>/<tower>/truncated             (n,) bool    (audio: cropped by --max-seconds)
     splits/<split>/<tower>/pooled/<pooling>      (n_layers, n, hidden)  chunks (1, chunk_rows, hidden)
     splits/<split>/<tower>/tokens/<layer>/offsets      (n + 1,) int64 into the flat token rows
     splits/<split>/<tower>/tokens/<layer>/c<chunk>     (tokens of that row chunk, hidden)
     progress/<split>/done                        (n_chunks,) uint8, one storage chunk per element
     progress/<split>/digest                      (n_chunks, 32) uint8 sha256 of each row chunk
 
+Text stores have one tower 'text' (or 'a' and 'b'), audio stores one tower 'audio'.
+Augmented audio rows share their source row's ``row_ids`` (and group), so they can be traced
+and kept on their source's side of every split.
 Rows are stored in extraction order (longest first); ``row_ids`` maps them back. The pooled
 array is chunked one layer at a time, so reading one layer touches only that layer's chunks.
 Row chunk ``c`` covers rows [c * chunk_rows, (c + 1) * chunk_rows) (chunk_rows per split, see
@@ -34,6 +41,11 @@ __all__ = [
     "SplitLayout",
     "row_ids_path",
     "labels_path",
+    "groups_path",
+    "duration_path",
+    "augment_path",
+    "AUDIO_TOWER",
+    "AUGMENT_FIELDS",
     "n_tokens_path",
     "truncated_path",
     "pooled_path",
@@ -47,6 +59,8 @@ SCHEMA_VERSION = 1
 ATTR_KEY = "embstore"
 SINGLE_TOWER = "text"
 PAIR_TOWERS = ("a", "b")
+AUDIO_TOWER = "audio"
+AUGMENT_FIELDS = ("copy", "speed", "shift", "snr_db")
 TOKEN_CHUNK_ROWS = 8192
 
 
@@ -139,6 +153,20 @@ def row_ids_path(split: str) -> str:
 
 def labels_path(split: str) -> str:
     return f"{_split(split)}/labels"
+
+
+def groups_path(split: str) -> str:
+    return f"{_split(split)}/groups"
+
+
+def duration_path(split: str) -> str:
+    return f"{_split(split)}/duration"
+
+
+def augment_path(split: str, field: str) -> str:
+    if field not in AUGMENT_FIELDS:
+        raise KeyError(f"unknown augmentation field {field!r}; one of {AUGMENT_FIELDS}")
+    return f"{_split(split)}/augment/{field}"
 
 
 def n_tokens_path(split: str, tower: str) -> str:

@@ -31,7 +31,24 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     # bert-base shape (12 x 768, 110M parameters) for speed measurements.
     "bert-base": {"model_type": "bert", "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
                   "intermediate_size": 3072, "max_position_embeddings": 512, "vocab_size": 30522},
+    # A tiny HuBERT for tests: the real 7-layer conv front end (320x downsampling, 20 ms frames
+    # at 16 kHz) at 32 channels, then 2 transformer layers 32 wide. Stable layer norm, so it
+    # takes an attention mask and padded batches equal unpadded rows.
+    "hubert-tiny": {"model_type": "hubert", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                    "intermediate_size": 64, "conv_dim": [32] * 7, "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+                    "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_bias": True, "feat_extract_norm": "layer",
+                    "do_stable_layer_norm": True, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
+                    "vocab_size": 32},
+    # HuBERT-base shape (12 x 768, 95M parameters) for speed measurements.
+    "hubert-base": {"model_type": "hubert", "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
+                    "intermediate_size": 3072, "feat_extract_norm": "group", "do_stable_layer_norm": False,
+                    "vocab_size": 32},
 }
+
+# Hugging Face model types whose input is a waveform (read through AutoFeatureExtractor).
+SPEECH_MODEL_TYPES = frozenset({"hubert", "wav2vec2", "wav2vec2-conformer", "wav2vec2-bert", "wavlm", "data2vec-audio",
+                                "unispeech", "unispeech-sat", "sew", "sew-d"})
+SPEECH_SAMPLING_RATE = 16000
 
 
 @dataclass
@@ -41,8 +58,24 @@ class Backbone:
     name: str
     model: Any
     tokenizer: Any
+    """The fast tokenizer of a text model; the feature extractor of a speech model."""
     identity: dict[str, Any]
     """name, kind, path, config, weights_sha256, tokenizer {class, sha256}."""
+    modality: str = "text"
+    """'text' (token ids in) or 'audio' (waveforms in)."""
+
+    @property
+    def sampling_rate(self) -> int:
+        """Audio models: the rate their input must have, in Hz."""
+        return int(getattr(self.tokenizer, "sampling_rate", SPEECH_SAMPLING_RATE))
+
+    def frames(self, samples: Any) -> Any:
+        """Audio models: output frames for input lengths in samples (the conv front end's arithmetic)."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model._get_feat_extract_output_lengths(torch.as_tensor(samples, dtype=torch.long))
+        return out.cpu().numpy().astype("int64")
 
     @property
     def n_layers(self) -> int:
@@ -87,13 +120,35 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
-                    "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model")
+                    "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model", "preprocessor_config.json")
 
 
-def _tokenizer_identity(tokenizer: Any, path: Path) -> dict[str, Any]:
-    files = [path / n for n in _TOKENIZER_FILES if (path / n).is_file()]
-    return {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
-            "sha256": _sha256_files(files) if files else None, "vocab_size": len(tokenizer)}
+def _tokenizer_identity(tokenizer: Any, path: Path | None) -> dict[str, Any]:
+    files = [path / n for n in _TOKENIZER_FILES if (path / n).is_file()] if path is not None else []
+    ident: dict[str, Any] = {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
+                             "sha256": _sha256_files(files) if files else None}
+    if hasattr(tokenizer, "sampling_rate"):  # a feature extractor: its settings are its identity
+        ident["config"] = tokenizer.to_dict()
+        if ident["sha256"] is None:
+            ident["sha256"] = hashlib.sha256(json.dumps(ident["config"], sort_keys=True, default=str).encode()).hexdigest()
+    else:
+        ident["vocab_size"] = len(tokenizer)
+    return ident
+
+
+def _speech_feature_extractor() -> Any:
+    """The feature extractor of a random speech model: 16 kHz, per-utterance normalisation, attention mask."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SPEECH_SAMPLING_RATE, padding_value=0.0,
+                                    do_normalize=True, return_attention_mask=True)
+
+
+def _model_type(path: Path) -> str:
+    try:
+        return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def resolve_random_config(name: str) -> tuple[dict[str, Any], str]:
@@ -123,7 +178,7 @@ def _hub_snapshot(name: str) -> Path:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise ModelNotFoundError(
-            f"Model {name!r} is not a built-in name (minilm, random:tiny-bert, random:bert-base), not a local directory, "
+            f"Model {name!r} is not a built-in name (minilm, random:tiny-bert, random:bert-base, random:hubert-tiny), not a local directory, "
             f"and not in the local Hugging Face cache ({HF_HUB_CACHE}); nothing is downloaded here: "
             f"fetch it on a machine with internet (huggingface-cli download {name}) into that cache, or pass a local model directory."
         ) from exc
@@ -138,14 +193,19 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    modality = "text"
+    tok_path: Path | None
     if name.startswith("random:"):
         cfg_dict, origin = resolve_random_config(name.split(":", 1)[1])
         cfg_dict = dict(cfg_dict)
         model_type = cfg_dict.pop("model_type")
-        tok_path = minilm_path()
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
         config = AutoConfig.for_model(model_type, **cfg_dict)
-        if config.vocab_size < len(tokenizer):
+        if model_type in SPEECH_MODEL_TYPES:
+            modality, tok_path, tokenizer = "audio", None, _speech_feature_extractor()
+        else:
+            tok_path = minilm_path()
+            tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        if modality == "text" and config.vocab_size < len(tokenizer):
             raise ModelNotFoundError(f"{origin} has vocab_size {config.vocab_size}, smaller than its tokenizer's {len(tokenizer)}; raise vocab_size.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
@@ -169,7 +229,13 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
         if not weights:
             raise ModelNotFoundError(f"{path} holds no weight files (*.safetensors or *.bin); pass a complete model directory.")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            if _model_type(path) in SPEECH_MODEL_TYPES:
+                from transformers import AutoFeatureExtractor
+
+                modality = "audio"
+                tokenizer = AutoFeatureExtractor.from_pretrained(path)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(path)
             if "embstore_pruned_heads" in json.loads((path / "config.json").read_text()):
                 # Pruned heads change layer shapes, so from_pretrained cannot build it.
                 from embstore.surgery import load_model
@@ -182,10 +248,11 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
         tok_path = path
         identity = {"name": name, "kind": kind, "path": str(path), "weights_sha256": _sha256_files(weights),
                     "weight_files": sorted(f.name for f in weights)}
-    if not getattr(tokenizer, "is_fast", False):
+    if modality == "text" and not getattr(tokenizer, "is_fast", False):
         raise ModelNotFoundError(f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed.")
     model.eval().requires_grad_(False).to(device)
     identity["config"] = model.config.to_diff_dict()
     identity["class"] = type(model).__name__
-    identity["tokenizer"] = _tokenizer_identity(tokenizer, Path(tok_path))
-    return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity)
+    identity["tokenizer"] = _tokenizer_identity(tokenizer, tok_path)
+    identity["modality"] = modality
+    return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity, modality=modality)

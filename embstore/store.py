@@ -212,13 +212,15 @@ class Store:
         for name, sl in self.layout.splits.items():
             done = int(self.done_chunks(name).sum())
             splits[name] = {"rows": sl.n_rows, "chunks": sl.n_chunks, "chunks_done": done,
-                            "tokens": sl.n_tokens, "truncated": self.meta.get("truncated", {}).get(name)}
+                            "tokens": sl.n_tokens, "truncated": self.meta.get("truncated", {}).get(name),
+                            "augmented": self.meta.get("augmented", {}).get(name, 0)}
         return {
             "path": self.path, "format": "h5" if isinstance(self._b, H5Backend) else "zarr",
             "complete": self.complete, "fingerprint": self.fingerprint, "schema_version": L.SCHEMA_VERSION,
             "modality": self.modality, "splits": splits, "layers": self.layers, "hidden": self.hidden,
             "poolings": self.poolings, "towers": self.towers, "token_layers": self.token_layers,
-            "dtype": self.layout.dtype, "label_names": self.label_names, "bytes": self.nbytes(),
+            "dtype": self.layout.dtype, "label_names": self.label_names, "group_names": self.group_names,
+            "sampling_rate": self.meta.get("sampling_rate"), "bytes": self.nbytes(),
             "created": self.meta.get("created"), "finished": self.meta.get("finished"),
             "provenance": self.provenance,
         }
@@ -249,6 +251,34 @@ class Store:
         if self.label_names is None:
             raise ConfigError(f"{self.path} was extracted without labels; re-extract with --label-col COLUMN.")
         return self._b.read(L.labels_path(split))
+
+    @property
+    def group_names(self) -> list[str] | None:
+        """Names of the groups (e.g. speakers) when extracted with --group-col."""
+        names = self.meta.get("group_names")
+        return None if names is None else list(names)
+
+    def groups(self, split: str) -> np.ndarray | None:
+        """(n,) int64 indices into :attr:`group_names`, or None without --group-col."""
+        self._split(split)
+        return self._b.read(L.groups_path(split)) if self._b.has(L.groups_path(split)) else None
+
+    def durations(self, split: str) -> np.ndarray | None:
+        """(n,) float32 seconds of audio per row (audio stores), else None."""
+        self._split(split)
+        return self._b.read(L.duration_path(split)) if self._b.has(L.duration_path(split)) else None
+
+    def augmentation(self, split: str) -> dict[str, np.ndarray] | None:
+        """Per-row augmentation record (copy, speed, shift, snr_db), or None when the split has none."""
+        self._split(split)
+        if not self._b.has(L.augment_path(split, "copy")):
+            return None
+        return {f: self._b.read(L.augment_path(split, f)) for f in L.AUGMENT_FIELDS}
+
+    def augmented(self, split: str) -> np.ndarray:
+        """(n,) bool: rows that are augmented copies (never evaluate on them)."""
+        aug = self.augmentation(split)
+        return np.zeros(self.n_rows(split), dtype=bool) if aug is None else aug["copy"] > 0
 
     def n_tokens(self, split: str, tower: str | None = None) -> np.ndarray:
         """(n,) int32 tokens per row after truncation."""

@@ -24,7 +24,7 @@ from heads.probes import fit_linear_probes
 from heads.results import ResultRow, RunWriter
 from heads.specs import COMBINES, Combo, expand, parse_combine
 
-__all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store", "split_roles"]
+__all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store", "split_roles", "carve_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +132,32 @@ def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, 
         return (train, None), (name, None)
     if len(store.splits) == 1 and evaluate is None:
         only = store.splits[0]
-        tr, te = _carve(store.labels(only), holdout, seed)
+        tr, te = _carve(store.labels(only), holdout, seed, carve_groups(store, only))
+        te = te[~store.augmented(only)[te]]  # augmented copies train, never evaluate
         log.info("store has one split %r: carved %d rows for evaluation", only, len(te))
         return (only, tr), (only, te)
     raise ConfigError(f"--train-split {train!r} is not in {store.path}; its splits are {', '.join(store.splits)}.")
 
 
-def _carve(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+def carve_groups(store: Store, split: str) -> np.ndarray | None:
+    """Groups no carve may cut through: the stored groups (e.g. speakers), else the source row of
+    augmented copies (a copy must stay on its source's side), else None."""
+    groups = store.groups(split)
+    if groups is not None:
+        return groups
+    return store.row_ids(split) if store.augmented(split).any() else None
+
+
+def _carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, carved) sorted row positions; group-disjoint when ``groups`` are given, else stratified."""
+    from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
     idx = np.arange(len(y))
+    if groups is not None:
+        if len(np.unique(groups)) >= 2:
+            tr, va = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, groups=groups))
+            return np.sort(tr), np.sort(va)
+        log.warning("only one group: carving rows without keeping groups apart")
     counts = np.bincount(y)
     ok = counts[counts > 0].min() >= 2 and int(np.ceil(fraction * len(y))) >= (counts > 0).sum()
     tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y if ok else None)
@@ -175,6 +191,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None) -> SweepResult:
     names = store.label_names
     n_classes = len(names)
     (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(store, config.train_split, config.eval_split, config.holdout, config.head.seed)
+    groups_all = carve_groups(store, tr_split)
+    augmented = store.augmented(tr_split)
     y_all = store.labels(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     absent = [names[c] for c in range(n_classes) if not (y_train == c).any()]
@@ -200,12 +218,16 @@ def run_sweep(config: SweepConfig, cache: Path | None = None) -> SweepResult:
     n_rows = 0
     for seed in range(config.seeds):
         cfg = config.head.replace(seed=seed)
-        for fold, (fit_rows, eval_rows, eval_split, y_ev) in enumerate(_rounds(config, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed)):
+        rounds = _rounds(config, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed,
+                         None if groups_all is None else groups_all if tr_rows is None else groups_all[tr_rows], augmented)
+        for fold, (fit_rows, eval_rows, eval_split, y_ev) in enumerate(rounds):
             fold_id = fold if config.folds else None
             y_fit = y_all[fit_rows] if fit_rows is not None else y_all
-            fit_idx, val_idx = _carve(y_fit, cfg.validation_fraction, seed)
+            g_fit = None if groups_all is None else groups_all[fit_rows] if fit_rows is not None else groups_all
+            fit_idx, val_idx = _carve(y_fit, cfg.validation_fraction, seed, g_fit)
             rows_fit = fit_idx if fit_rows is None else fit_rows[fit_idx]
             rows_val = val_idx if fit_rows is None else fit_rows[val_idx]
+            rows_val = rows_val[~augmented[rows_val]]  # early stopping watches original rows only
             trained = _train_all(combos, bank, cfg, tr_split, rows_fit, rows_val, y_all, n_classes, bank.preloaded)
             for combo, est in trained:
                 pred = est.predict(bank.features(combo, eval_split, eval_rows))
@@ -247,19 +269,31 @@ def _best_key(rows: list[ResultRow]) -> tuple[str, str, str, str]:
 
 
 def _rounds(config: SweepConfig, y_train: np.ndarray, tr_rows: np.ndarray | None, tr_split: str, ev_split: str,
-            ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int
+            ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int, groups: np.ndarray | None, augmented: np.ndarray
             ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, str, np.ndarray]]:
-    """(fit rows of the train split, eval rows, eval split, eval labels) per fold (one round without folds)."""
+    """(fit rows of the train split, eval rows, eval split, eval labels) per fold (one round without folds).
+
+    With ``groups`` (aligned with the training rows) folds are group-disjoint; augmented rows
+    only ever join the fitting side.
+    """
     base = np.arange(len(y_train)) if tr_rows is None else tr_rows
     if not config.folds:
         yield (tr_rows, ev_rows, ev_split, y_eval)
         return
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     counts = np.bincount(y_train)
     if counts[counts > 0].min() < config.folds:
         raise ConfigError(f"--folds {config.folds} needs at least {config.folds} training rows of every class; the rarest class has {counts[counts > 0].min()}.")
-    for fit, held in StratifiedKFold(config.folds, shuffle=True, random_state=seed).split(base, y_train):
+    if groups is not None:
+        n_groups = len(np.unique(groups))
+        if n_groups < config.folds:
+            raise ConfigError(f"--folds {config.folds} keeps groups apart but the training rows hold only {n_groups} groups; use --folds {n_groups} or fewer.")
+        splits = StratifiedGroupKFold(config.folds, shuffle=True, random_state=seed).split(base, y_train, groups)
+    else:
+        splits = StratifiedKFold(config.folds, shuffle=True, random_state=seed).split(base, y_train)
+    for fit, held in splits:
+        held = held[~augmented[base[held]]]
         yield (base[fit], base[held], tr_split, y_train[held])
 
 

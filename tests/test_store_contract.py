@@ -48,7 +48,7 @@ class StoreContract:
         assert store.token_layers == [0, 2]
         assert store.label_names == ["business", "science", "sport", "world"]
         d = store.describe()
-        assert d["splits"]["all"] == {"rows": self.n, "chunks": 5, "chunks_done": 5, "tokens": {"text": int(store.n_tokens("all").sum())}, "truncated": 0}
+        assert d["splits"]["all"] == {"rows": self.n, "chunks": 5, "chunks_done": 5, "tokens": {"text": int(store.n_tokens("all").sum())}, "truncated": 0, "augmented": 0}
         prov = d["provenance"]
         assert prov["model"]["name"] == "random:tiny-bert" and prov["model"]["weights_sha256"]
         assert prov["tokenizer"]["sha256"] and prov["max_length"] == 256 and prov["dtype"] == "float16"

@@ -1,0 +1,137 @@
+"""Speech backbones (HuBERT, wav2vec2, WavLM...): plan the rows of an audio split (including
+augmented copies) and encode row chunks of waveforms into pooled and per-frame states.
+
+Hidden state 0 is what the transformer receives (the projected conv features plus the
+convolutional position embedding); 1..L are the transformer layers. Pooling is over output
+frames, masked by each row's frame count (the conv front end's arithmetic on its length), so
+padded frames never enter a mean or max, whether or not the model takes an attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from embstore.audio import load_waveform, rational, resampled_length
+from embstore.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
+from embstore.data import SplitData
+from embstore.encode import ChunkEncoder, ChunkJob, make_batches
+from embstore.errors import DataError
+
+__all__ = ["AudioItem", "AudioRows", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
+
+AUDIO_TOWER = "audio"
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One stored row: a file, how to load it, and the augmentation applied (None: original)."""
+
+    path: str
+    samples: int
+    """Samples after resampling, augmentation and cropping: what the model sees."""
+    augment: AugmentParams | None = None
+
+
+@dataclass(frozen=True)
+class AudioRows:
+    """The rows of one audio split in source order (originals, then augmented copies)."""
+
+    items: list[AudioItem]
+    source: np.ndarray
+    """(n,) int64 position of each row's source row among the split's originals."""
+    samples: np.ndarray
+    """(n,) int64 samples the model sees."""
+    frames: np.ndarray
+    """(n,) int64 output frames."""
+    cropped: np.ndarray
+    """(n,) bool: longer than --max-seconds before cropping."""
+
+
+def plan_audio_split(sd: SplitData, *, rate: int, frames_of: Callable[[np.ndarray], np.ndarray],
+                     max_seconds: float | None, augment: AugmentSpec | None, label_names: list[str] | None) -> AudioRows:
+    """Every row's length in samples and frames from file headers alone; augmented copies appended."""
+    if sd.audio is None or sd.audio_frames is None or sd.audio_rates is None:
+        raise DataError(f"Split {sd.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of audio file paths.")
+    max_samples = int(round(max_seconds * rate)) if max_seconds is not None else None
+    full = np.array([resampled_length(int(n), *rational(Fraction(rate, int(r))))
+                     for n, r in zip(sd.audio_frames, sd.audio_rates)], dtype=np.int64)
+    items = [AudioItem(path=p, samples=int(min(n, max_samples) if max_samples is not None else n)) for p, n in zip(sd.audio, full)]
+    source = list(range(len(items)))
+    cropped = [max_samples is not None and int(n) > max_samples for n in full]
+    if augment is not None:
+        chosen = choose_sources(sd.labels, label_names, augment.classes)
+        for params in draw_params(augment, chosen, sd.row_ids):
+            n_full = augmented_length(int(full[params.source]), params, None)
+            items.append(AudioItem(path=sd.audio[params.source], samples=augmented_length(int(full[params.source]), params, max_samples),
+                                   augment=params))
+            source.append(params.source)
+            cropped.append(max_samples is not None and n_full > max_samples)
+    samples = np.array([it.samples for it in items], dtype=np.int64)
+    frames = frames_of(samples)
+    short = np.flatnonzero(frames < 1)
+    if len(short):
+        shown = ", ".join(items[i].path for i in short[:3]) + (", ..." if len(short) > 3 else "")
+        raise DataError(f"{len(short)} audio rows of split {sd.name!r} are too short for the model to produce one frame ({shown}); drop them from the table or pass --skip-bad after removing them.")
+    return AudioRows(items=items, source=np.array(source, dtype=np.int64), samples=samples, frames=frames,
+                     cropped=np.array(cropped, dtype=bool))
+
+
+def load_item(item: AudioItem, rate: int, max_samples: int | None) -> np.ndarray:
+    """The waveform the model sees for one row: (samples,) float32 at ``rate``."""
+    if item.augment is None:
+        x = load_waveform(item.path, rate, max_samples)
+    else:
+        x = apply(load_waveform(item.path, rate, None), item.augment, max_samples)
+    if len(x) != item.samples:
+        raise DataError(f"{item.path} now has {len(x)} samples at {rate} Hz where its header promised {item.samples}; the file changed during extraction: re-run to make a new store.")
+    return x
+
+
+class AudioChunkEncoder(ChunkEncoder):
+    """Encodes row chunks of audio: load, resample, augment, pad by the feature extractor, pool over frames."""
+
+    def __init__(self, model: Any, feature_extractor: Any, frames_of: Callable[[np.ndarray], np.ndarray], *,
+                 max_samples: int | None, batch_seconds: float, **kw: Any) -> None:
+        super().__init__(model, 0, **kw)
+        self.fe = feature_extractor
+        self.rate = int(feature_extractor.sampling_rate)
+        self.frames_of = frames_of
+        self.max_samples = max_samples
+        self.sample_budget = max(1, int(batch_seconds * self.rate))
+        self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+
+    def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
+               on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+        items: list[AudioItem] = job.towers[AUDIO_TOWER]
+        n = len(items)
+        lengths = np.array([it.samples for it in items], dtype=np.int64)
+        frames = self.frames_of(lengths)
+        offsets = np.concatenate([[0], np.cumsum(frames)])
+        pooled_buf: dict[str, np.ndarray] = {}
+        tok_buf: dict[int, np.ndarray] = {}
+        for start, stop in make_batches(lengths, self.batch_size, self.sample_budget):
+            waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
+            enc = self.fe(waves, sampling_rate=self.rate, padding=True, return_attention_mask=self.use_mask, return_tensors="np")
+            batch = {"input_values": enc["input_values"].astype(np.float32, copy=False)}
+            if self.use_mask:
+                batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)
+            pooled, tokens = self._forward(batch, frames[start:stop])
+            for p, v in pooled.items():
+                if p not in pooled_buf:
+                    pooled_buf[p] = np.empty((len(self.layers), n, v.shape[2]), dtype=self.np_dtype)
+                pooled_buf[p][:, start:stop] = v
+            for layer, v in tokens.items():
+                if layer not in tok_buf:
+                    tok_buf[layer] = np.empty((int(offsets[-1]), v.shape[1]), dtype=self.np_dtype)
+                tok_buf[layer][offsets[start]:offsets[stop]] = v
+            if on_rows is not None:
+                on_rows(stop - start)
+        out = {paths(AUDIO_TOWER, p, None): pooled_buf[p] for p in self.poolings}
+        for layer in self.token_layers:
+            out[paths(AUDIO_TOWER, "tokens", layer)] = tok_buf[layer]
+        return out
