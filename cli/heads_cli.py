@@ -181,7 +181,9 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--prune-heads", help="Remove attention heads: '11:0,3;10:5' (layer:heads; layers 1..L, heads from 0).")
 @click.option("--prune-fraction", type=float, help="Remove this fraction of the least important heads (Michel et al. 2019).")
 @click.option("--min-heads-per-layer", type=int)
-@click.option("--classifier", type=click.Choice(["linear", "mlp"]))
+@click.option("--classifier", type=click.Choice(["linear", "mlp"]), help="Head on the pooled vector [default: linear].")
+@click.option("--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) or 512,128.")
+@click.option("--dropout", type=float, help="mlp dropout [default: 0.1].")
 @click.option("--pooling", type=click.Choice(["cls", "mean"]))
 @click.option("--lr", type=float)
 @click.option("--weight-decay", type=float)
@@ -193,6 +195,8 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--grad-accum", type=int)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
 @click.option("--seed", type=int)
+@click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
+              "per-fold rows and mean +- std; no model/ is kept.")
 @click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint.")
 @click.option("--out", help="Run directory.")
 @click.option("-v", "--verbose", is_flag=True)
@@ -213,6 +217,9 @@ def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **
         result = run_finetune(FinetuneConfig.from_dict(values))
         if quiet_rank:
             return
+        if result.folds:
+            click.echo(f"{result.folds} folds: accuracy {result.accuracy:.4f} ± {result.accuracy_std:.4f}, macro-F1 "
+                       f"{result.f1_macro:.4f} ± {result.f1_macro_std:.4f}", err=True)
         click.echo(f"accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}, trainable {result.trainable_params:,} "
                    f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch", err=True)
         click.echo(str(result.run_dir))

@@ -10,13 +10,11 @@ continues for the remaining epochs; early stopping only compares epochs after th
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
 import time
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from embstore.errors import ConfigError
 from embstore.surgery import (
@@ -40,6 +38,8 @@ from embstore.surgery import (
     truncate,
 )
 from heads.finetune_config import FinetuneConfig
+from heads.finetune_data import Rows, collate, rounds, split_rows
+from heads.training import EpochSampler, fingerprint, make_scheduler, read_checkpoint
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "SequenceClassifier", "run_finetune", "config_fingerprint"]
 
@@ -59,6 +59,10 @@ class FinetuneResult:
     trainable_params: int
     total_params: int
     seconds_per_epoch: float
+    accuracy_std: float = 0.0
+    """Standard deviation over folds (0 without --folds)."""
+    f1_macro_std: float = 0.0
+    folds: int | None = None
 
 
 class SequenceClassifier(nn.Module):
@@ -99,114 +103,19 @@ class SequenceClassifier(nn.Module):
         return self.head(pooled)
 
 
-# --------------------------------------------------------------------------- data
-
-
-class _Rows(torch.utils.data.Dataset[tuple[list[int], list[int] | None, int]]):
-    def __init__(self, ids: list[list[int]], type_ids: list[list[int]] | None, labels: np.ndarray) -> None:
-        self.ids, self.type_ids, self.labels = ids, type_ids, labels
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> tuple[list[int], list[int] | None, int]:
-        return self.ids[i], None if self.type_ids is None else self.type_ids[i], int(self.labels[i])
-
-
-class _EpochSampler(Sampler[int]):
-    """A permutation seeded by (seed, epoch), so a resumed run sees the same order as an uninterrupted one."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def _collate(pad_id: int) -> Any:
-    from embstore.encode import pad_batch
-
-    def collate(rows: list[tuple[list[int], list[int] | None, int]]) -> dict[str, torch.Tensor]:
-        types = None if rows[0][1] is None else [r[1] or [] for r in rows]
-        batch = {k: torch.from_numpy(v) for k, v in pad_batch([r[0] for r in rows], types, pad_id).items()}
-        batch["labels"] = torch.tensor([r[2] for r in rows], dtype=torch.long)
-        return batch
-    return collate
-
-
-def _split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray, list[str], dict[str, Any]]:
-    """(train split, eval split, train rows, eval rows, label_names, sources) as the sweep picks them."""
-    from embstore.data import load_dataset
-    from heads.sweep import _carve
-
-    ds = load_dataset(data=config.data, splits=config.splits, holdout=config.holdout, seed=config.seed,
-                      text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,
-                      limit=config.limit, skip_empty=config.skip_empty)
-    if ds.label_names is None:
-        raise ConfigError("Fine-tuning needs labels: pass --label-col NAME.")
-    names = list(ds.splits)
-    if config.train_split in ds.splits:
-        ev = config.eval_split or next((s for s in ("test", "validation") if s in ds.splits), None)
-        if ev is None or ev not in ds.splits:
-            raise ConfigError(f"The evaluation split {ev!r} is not in the data; its splits are {', '.join(names)}; "
-                              "pass --eval-split NAME or --holdout 0.2.")
-        tr, te = ds.splits[config.train_split], ds.splits[ev]
-        rows_tr, rows_te = np.arange(len(tr.texts)), np.arange(len(te.texts))
-    elif len(names) == 1 and config.eval_split is None:
-        tr = te = ds.splits[names[0]]
-        rows_tr, rows_te = _carve(np.asarray(tr.labels), 0.2, config.seed)
-        log.info("data has one split %r: carved %d rows for evaluation", names[0], len(rows_te))
-    else:
-        raise ConfigError(f"--train-split {config.train_split!r} is not in the data; its splits are {', '.join(names)}.")
-    missing = sorted(set(range(len(ds.label_names))) - set(np.asarray(tr.labels)[rows_tr].tolist()))
-    if missing:
-        raise ConfigError(f"Classes {[ds.label_names[i] for i in missing]} have no training rows; every class needs "
-                          "at least one (check --label-col, --limit or the split files).")
-    return tr, te, rows_tr, rows_te, ds.label_names, {"sources": ds.sources}
-
-
 # --------------------------------------------------------------------------- checkpoint identity
 
 
 def config_fingerprint(config: FinetuneConfig, weights_sha256: str) -> str:
     """sha256 of the config (minus out/resume/epochs/device) and the backbone's weights hash."""
-    d = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-    return hashlib.sha256(json.dumps([d, weights_sha256], sort_keys=True, default=str).encode()).hexdigest()
+    return fingerprint(_fingerprinted(config), weights_sha256)
 
 
-def _read_checkpoint(ckpt: Path, fingerprint: str, config: FinetuneConfig) -> dict[str, Any] | None:
-    path = ckpt / CHECKPOINT_FILE
-    if not path.is_file():
-        log.info("resume: no checkpoint in %s, starting from scratch", ckpt)
-        return None
-    state: dict[str, Any] = json.loads(path.read_text())
-    if state["fingerprint"] != fingerprint:
-        old = state.get("config", {})
-        new = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) or ["model weights"]
-        raise ConfigError(
-            f"The checkpoint in {ckpt} was made with another configuration or model (checkpoint fingerprint "
-            f"{state['fingerprint'][:12]}, this run {fingerprint[:12]}; differing: {', '.join(diff)}). "
-            "Rerun with the checkpoint's options, without --resume, or with a new --out.")
-    return state
+def _fingerprinted(config: FinetuneConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
 
 
 # --------------------------------------------------------------------------- training
-
-
-def _lr_lambda(config: FinetuneConfig, total: int, warmup: int, per_epoch: int) -> Any:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return float(config.gamma ** ((step - warmup) / max(1, per_epoch)))
-    return factor
 
 
 class _Trainer:
@@ -215,7 +124,6 @@ class _Trainer:
     def __init__(self, config: FinetuneConfig, model: SequenceClassifier, loaders: dict[str, DataLoader[Any]],
                  done_steps: int = 0) -> None:
         from accelerate import Accelerator
-        from transformers import get_scheduler
 
         cpu = config.device == "cpu" or not torch.cuda.is_available()
         self.acc = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
@@ -228,15 +136,8 @@ class _Trainer:
             raise ConfigError("Every parameter is frozen (freeze covers all layers and there is nothing to train); "
                               "freeze fewer layers, e.g. 'all-but-last'.")
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        sched: torch.optim.lr_scheduler.LRScheduler
-        if config.schedule == "exponential":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, total, warmup, per_epoch))
-        else:
-            sched = get_scheduler(config.schedule, opt, num_warmup_steps=warmup, num_training_steps=total)
-        with warnings.catch_warnings():  # fast-forward after a rebuild: no optimizer step is due
-            warnings.simplefilter("ignore")
-            for _ in range(done_steps):
-                sched.step()
+        sched = make_scheduler(opt, config.schedule, warmup=warmup, total=total, per_epoch=per_epoch,
+                               gamma=config.gamma, done_steps=done_steps)
         self.steps = done_steps
         self.model, self.opt, self.train, self.sched, self.val, self.eval = self.acc.prepare(
             model, opt, loaders["train"], sched, loaders["val"], loaders["eval"])
@@ -295,69 +196,58 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def run_finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune ``config.model`` on the data and write a run directory (results, summary, model/).
+@dataclass
+class _Outcome:
+    """What one training round (the whole run, or one fold) produced."""
 
-    Returns the evaluation accuracy and macro-F1, trainable/total parameters and seconds per epoch.
-    """
+    model: SequenceClassifier
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    epoch_seconds: list[float]
+    train_seconds: float
+    importance_pruned: dict[int, list[int]]
+    is_main: bool
+
+
+def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_classes: int, label_names: list[str],
+               train: Any, fit_pool: np.ndarray, evaluation: Any, eval_rows: np.ndarray, ckpt: Path, fingerprint: str,
+               weights_sha256: Any, resumed: dict[str, Any] | None) -> _Outcome:
+    """Train a classifier on ``encoder`` over ``fit_pool`` rows (a validation share carved for early stopping),
+    checkpointing to ``ckpt`` every epoch, and score ``eval_rows`` of ``evaluation`` with the best epoch's weights."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
 
     from embstore.encode import tokenize
-    from embstore.models import load_backbone
     from heads.config import HeadConfig
     from heads.estimator import BestTracker, make_split
-    from heads.metrics import classification_metrics, majority_accuracy
-    from heads.results import ResultRow, RunWriter
-
-    run_dir = Path(config.out or Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-finetune")
-    ckpt = run_dir / CHECKPOINT_DIR
-    tr, te, rows_tr, rows_te, label_names, sources = _split_rows(config)
-    backbone = load_backbone(config.model, "cpu")
-    fingerprint = config_fingerprint(config, str(backbone.identity.get("weights_sha256", "")))
-    resumed = _read_checkpoint(ckpt, fingerprint, config) if config.resume else None
-
-    # Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape).
-    encoder = backbone.model
-    encoder.requires_grad_(True)
-    if config.truncate is not None:
-        truncate(encoder, config.truncate)
-    n_layers = int(encoder.config.num_hidden_layers)
-    if config.prune_heads:
-        prune_heads(encoder, parse_prune_spec(config.prune_heads, n_layers, int(encoder.config.num_attention_heads)))
-    if config.freeze:
-        freeze(encoder, parse_freeze(config.freeze, n_layers))
-    if getattr(encoder, "pooler", None) is not None:  # unused by cls/mean pooling of the last hidden state
-        encoder.pooler.requires_grad_(False)
-    spec_pruned = pruned_heads(encoder)
+    from heads.metrics import classification_metrics
 
     set_seed(config.seed)
-    model = SequenceClassifier(encoder, len(label_names), pooling=config.pooling, classifier=config.classifier,
+    model = SequenceClassifier(encoder, n_classes, pooling=config.pooling, classifier=config.classifier,
                                hidden=config.classifier_hidden, dropout=config.dropout)
-    split = make_split(tr.labels[rows_tr], None, HeadConfig(patience=1, seed=config.seed,
-                                                            validation_fraction=config.validation_fraction))
-    fit_rows, val_rows = rows_tr[split.train_idx], rows_tr[split.val_idx if split.val_idx is not None else []]
+    split = make_split(train.labels[fit_pool], None, HeadConfig(patience=1, seed=config.seed,
+                                                                validation_fraction=config.validation_fraction))
+    fit_rows, val_rows = fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]
 
-    def rows(split_data: Any, idx: np.ndarray) -> _Rows:
+    def rows(split_data: Any, idx: np.ndarray) -> Rows:
         texts = [split_data.texts[i] for i in idx]
         pairs = None if split_data.pairs is None else [split_data.pairs[i] for i in idx]
-        enc = tokenize(backbone.tokenizer, texts, pairs, config.max_length)
-        return _Rows(enc.ids, enc.type_ids, split_data.labels[idx])
+        enc = tokenize(tokenizer, texts, pairs, config.max_length)
+        return Rows(enc.ids, enc.type_ids, split_data.labels[idx])
 
-    collate = _collate(int(backbone.tokenizer.pad_token_id or 0))
-    train_rows = rows(tr, fit_rows)
-    sampler = _EpochSampler(len(train_rows), config.seed)
+    fn = collate(int(tokenizer.pad_token_id or 0))
+    train_rows = rows(train, fit_rows)
+    sampler = EpochSampler(len(train_rows), config.seed)
     loaders: dict[str, DataLoader[Any]] = {
-        "train": DataLoader(train_rows, batch_size=config.batch_size, sampler=sampler,
-                            collate_fn=collate),
-        "val": DataLoader(rows(tr, val_rows), batch_size=config.batch_size, collate_fn=collate),
-        "eval": DataLoader(rows(te, rows_te), batch_size=config.batch_size, collate_fn=collate)}
+        "train": DataLoader(train_rows, batch_size=config.batch_size, sampler=sampler, collate_fn=fn),
+        "val": DataLoader(rows(train, val_rows), batch_size=config.batch_size, collate_fn=fn),
+        "eval": DataLoader(rows(evaluation, eval_rows), batch_size=config.batch_size, collate_fn=fn)}
 
     importance_pruned: dict[int, list[int]] = {}
     tracker = BestTracker(config.patience)
     history: list[dict[str, Any]] = []
-    start = 1
-    done_steps = 0
+    start, done_steps = 1, 0
     if resumed is not None:
         importance_pruned = {int(k): v for k, v in resumed["importance_pruned"].items()}
         if importance_pruned:
@@ -404,8 +294,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             (ckpt / CHECKPOINT_FILE).write_text(json.dumps({
                 "epoch": epoch, "steps": trainer.steps, "best_f1": tracker.best_f1, "best_epoch": tracker.best_epoch,
                 "bad": tracker.bad, "stopped": tracker.stopped, "history": history, "fingerprint": fingerprint,
-                "weights_sha256": backbone.identity.get("weights_sha256"),
-                "config": {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED},
+                "weights_sha256": weights_sha256, "config": _fingerprinted(config),
                 "importance_pruned": {str(k): v for k, v in importance_pruned.items()}}, indent=2, default=str))
         trainer.acc.wait_for_everyone()
 
@@ -413,14 +302,18 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     if tracker.state is not None:
         final.load_state_dict(tracker.state)
     y_eval, p_eval = trainer.predict(trainer.eval)
-    metrics = classification_metrics(y_eval, p_eval, label_names)
-    trainable, total = count_parameters(final)
-    spe = float(np.mean(epoch_seconds)) if epoch_seconds else 0.0
-    if not trainer.acc.is_main_process:  # rank 0 writes the run directory
-        return FinetuneResult(run_dir=run_dir, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
-                              trainable_params=trainable, total_params=total, seconds_per_epoch=spe)
+    return _Outcome(model=final, metrics=classification_metrics(y_eval, p_eval, label_names), history=history,
+                    best_epoch=tracker.best_epoch if tracker.best_epoch > 0 else None, epoch_seconds=epoch_seconds,
+                    train_seconds=train_seconds, importance_pruned=importance_pruned,
+                    is_main=trainer.acc.is_main_process)
 
-    out_dir = save_model(final.encoder, backbone.tokenizer, run_dir / MODEL_DIR) / CLASSIFIER_DIR
+
+def _save_model_dir(final: SequenceClassifier, tokenizer: Any, run_dir: Path, config: FinetuneConfig,
+                    label_names: list[str]) -> None:
+    """model/ (the encoder as a Hugging Face directory) and model/classifier/ (head weights and settings)."""
+    from safetensors.torch import save_file
+
+    out_dir = save_model(final.encoder, tokenizer, run_dir / MODEL_DIR) / CLASSIFIER_DIR
     out_dir.mkdir(exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in final.head.state_dict().items()},
               str(out_dir / CLASSIFIER_WEIGHTS))
@@ -429,23 +322,100 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         "classifier_hidden": list(config.classifier_hidden), "dropout": config.dropout,
         "n_classes": len(label_names), "max_length": config.max_length}, indent=2))
 
+
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune ``config.model`` on the data and write a run directory (results, summary, model/).
+
+    With ``folds`` K, K models are trained from the same starting backbone on stratified folds of the
+    training rows, each scored on its held-out fold: one result row per fold (reported as mean +- std),
+    checkpoints under checkpoint/fold-K, and no model/ (train without --folds for a model to keep).
+    Returns the (mean) evaluation accuracy and macro-F1, trainable/total parameters and seconds per epoch.
+    """
+    import copy
+
+    from embstore.models import load_backbone
+    from heads.metrics import majority_accuracy
+    from heads.results import ResultRow, RunWriter
+
+    run_dir = Path(config.out or Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-finetune")
+    tr, te, rows_tr, rows_te, label_names, sources = split_rows(config)
+    backbone = load_backbone(config.model, "cpu")
+    weights_sha = backbone.identity.get("weights_sha256")
+    fp = config_fingerprint(config, str(weights_sha or ""))
+
+    # Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape).
+    encoder = backbone.model
+    encoder.requires_grad_(True)
+    if config.truncate is not None:
+        truncate(encoder, config.truncate)
+    n_layers = int(encoder.config.num_hidden_layers)
+    if config.prune_heads:
+        prune_heads(encoder, parse_prune_spec(config.prune_heads, n_layers, int(encoder.config.num_attention_heads)))
+    if config.freeze:
+        freeze(encoder, parse_freeze(config.freeze, n_layers))
+    if getattr(encoder, "pooler", None) is not None:  # unused by cls/mean pooling of the last hidden state
+        encoder.pooler.requires_grad_(False)
+    spec_pruned = pruned_heads(encoder)
+
+    plan = list(rounds(config, tr, rows_tr, te, rows_te))
+    result_rows: list[ResultRow] = []
+    outcome: _Outcome | None = None
+    for rnd in plan:
+        ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
+        resumed = read_checkpoint(ckpt, CHECKPOINT_FILE, fp, _fingerprinted(config)) if config.resume else None
+        if resumed is not None and resumed.get("row") is not None:  # a fold that finished before the interruption
+            result_rows.append(ResultRow.from_dict(resumed["row"]))
+            log.info("fold %s finished before; its result is reused", rnd.fold)
+            continue
+        start_encoder = encoder if len(plan) == 1 else copy.deepcopy(encoder)  # every fold starts from the backbone
+        outcome = _fit_round(config, start_encoder, backbone.tokenizer, len(label_names), label_names, tr,
+                             rnd.fit_rows, rnd.eval_data, rnd.eval_rows, ckpt, fp, weights_sha, resumed)
+        metrics = outcome.metrics
+        trainable, total = count_parameters(outcome.model)
+        row = ResultRow(
+            layers=str(n_layers), combine="finetune", pooling=config.pooling, head=config.classifier, seed=config.seed,
+            fold=rnd.fold, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
+            train_seconds=outcome.train_seconds, hyperparameters=config.to_dict(), per_class=metrics["per_class"],
+            confusion=metrics["confusion"], store_id="", best_epoch=outcome.best_epoch, trainable_params=trainable,
+            seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
+            history=outcome.history,
+            extra={"total_params": total, "freeze": config.freeze, "truncate": config.truncate,
+                   "eval_rows": int(len(rnd.eval_rows)),
+                   "pruned_heads": {"spec": {str(k): v for k, v in spec_pruned.items()},
+                                    "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
+                                    "importance_after_epoch": 1 if config.prune_fraction is not None else None,
+                                    "all": {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()}}})
+        result_rows.append(row)
+        if rnd.fold is not None and outcome.is_main:  # mark the fold done, so --resume skips it
+            state = json.loads((ckpt / CHECKPOINT_FILE).read_text())
+            (ckpt / CHECKPOINT_FILE).write_text(json.dumps({**state, "row": row.to_dict()}, indent=2, default=str))
+            log.info("fold %d: accuracy %.4f, macro-F1 %.4f", rnd.fold, row.accuracy, row.f1_macro)
+
+    acc_mean, acc_std = float(np.mean([r.accuracy for r in result_rows])), float(np.std([r.accuracy for r in result_rows]))
+    f1_mean, f1_std = float(np.mean([r.f1_macro for r in result_rows])), float(np.std([r.f1_macro for r in result_rows]))
+    trainable_p = int(result_rows[-1].trainable_params or 0)
+    total_p = int(result_rows[-1].extra["total_params"])
+    spe = float(np.mean([r.seconds_per_epoch or 0.0 for r in result_rows]))
+    result = FinetuneResult(run_dir=run_dir, accuracy=acc_mean, f1_macro=f1_mean, trainable_params=trainable_p,
+                            total_params=total_p, seconds_per_epoch=spe, accuracy_std=acc_std, f1_macro_std=f1_std,
+                            folds=config.folds)
+    if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
+        return result
+    if config.folds is None and outcome is not None:
+        _save_model_dir(outcome.model, backbone.tokenizer, run_dir, config, label_names)
+
     y_train = tr.labels[rows_tr]
     meta = {"kind": "finetune", "model": backbone.identity, "label_names": label_names,
             "train_rows": int(len(rows_tr)), "eval_rows": int(len(rows_te)),
             "majority_accuracy": majority_accuracy(y_train, te.labels[rows_te]), "config": config.to_dict(),
-            "fingerprint": fingerprint, **sources}
+            "fingerprint": fp, **sources}
+    if config.folds is not None:
+        meta["folds"] = {"k": config.folds, "seed": config.seed, "stratified": True,
+                         "accuracy_mean": acc_mean, "accuracy_std": acc_std, "f1_macro_mean": f1_mean,
+                         "f1_macro_std": f1_std, "eval": "each fold's held-out training rows"}
+        meta["majority_accuracy"] = majority_accuracy(y_train, y_train)
     writer = RunWriter(run_dir, meta)
-    writer.add(ResultRow(
-        layers=str(n_layers), combine="finetune", pooling=config.pooling, head=config.classifier, seed=config.seed,
-        accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"], train_seconds=train_seconds,
-        hyperparameters=config.to_dict(), per_class=metrics["per_class"], confusion=metrics["confusion"], store_id="",
-        best_epoch=tracker.best_epoch if tracker.best_epoch > 0 else None, trainable_params=trainable,
-        seconds_per_epoch=spe, history=history,
-        extra={"total_params": total, "freeze": config.freeze, "truncate": config.truncate,
-               "pruned_heads": {"spec": {str(k): v for k, v in spec_pruned.items()},
-                                "importance": {str(k): v for k, v in importance_pruned.items()},
-                                "importance_after_epoch": 1 if config.prune_fraction is not None else None,
-                                "all": {str(k): v for k, v in pruned_heads(final.encoder).items()}}}))
+    for row in result_rows:
+        writer.add(row)
     writer.finish(label_names)
-    return FinetuneResult(run_dir=run_dir, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
-                          trainable_params=trainable, total_params=total, seconds_per_epoch=spe)
+    return result

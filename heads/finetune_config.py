@@ -80,6 +80,9 @@ class FinetuneConfig:
     """None: 'test' if present, else 'validation'."""
     validation_fraction: float = 0.1
     """Share of the training rows carved (seeded, stratified) for early stopping."""
+    folds: int | None = None
+    """Stratified, seeded K-fold cross-validation of the training rows: K models from the same backbone, each
+    scored on its held-out fold (the evaluation split is unused); results are reported as mean +- std."""
     resume: bool = False
     """Continue from ``out``/checkpoint when its fingerprint matches."""
     out: str | None = None
@@ -105,6 +108,8 @@ class FinetuneConfig:
                 raise ConfigError(f"The '{name}' option must be a positive integer; got {getattr(self, name)}.")
         if self.max_length < 2:
             raise ConfigError(f"The 'max_length' option must be at least 2 tokens; got {self.max_length}.")
+        if self.folds is not None and self.folds < 2:
+            raise ConfigError(f"The 'folds' option must be at least 2 (K-fold cross-validation); got {self.folds}.")
         if self.patience < 0:
             raise ConfigError(f"The 'patience' option must be 0 (off) or more epochs; got {self.patience}.")
         if self.lr <= 0:

@@ -218,3 +218,58 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     majority = json.loads((res.run_dir / "run.json").read_text())["majority_accuracy"]
     assert res.accuracy > majority + 0.25, (res.accuracy, majority)
     assert res.trainable_params < res.total_params / 4
+
+
+def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
+    from heads.finetune_data import rounds, split_rows
+
+    config = FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 3})
+    tr, te, rows_tr, rows_te, names, _ = split_rows(config)
+    assert tr is te and len(rows_tr) == 60  # one split, no holdout: every row is cross-validated
+    plan = list(rounds(config, tr, rows_tr, te, rows_te))
+    held = [set(r.eval_rows.tolist()) for r in plan]
+    assert [r.fold for r in plan] == [0, 1, 2, 3]
+    assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1:])
+    assert set().union(*held) == set(rows_tr.tolist())
+    for r in plan:
+        assert set(r.fit_rows.tolist()) == set(rows_tr.tolist()) - set(r.eval_rows.tolist())
+        assert sorted(pd.Series(tr.labels[r.eval_rows]).value_counts().tolist()) == [5, 5, 5]  # stratified
+    again = [r.eval_rows.tolist() for r in rounds(config, tr, rows_tr, te, rows_te)]
+    other = [r.eval_rows.tolist() for r in rounds(FinetuneConfig.from_dict(
+        {"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 4}), tr, rows_tr, te, rows_te)]
+    assert again == [r.eval_rows.tolist() for r in plan] and other != again
+    with pytest.raises(ConfigError, match="--folds 30 needs at least 30 training rows of every class"):
+        list(rounds(FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 30}),
+                    tr, rows_tr, te, rows_te))
+    with pytest.raises(ConfigError, match="'folds' option must be at least 2"):
+        FinetuneConfig.from_dict({"data": "x.csv", "folds": 1})
+
+
+def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path):
+    res = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
+    meta, rows = read_run(res.run_dir)
+    assert [r.fold for r in rows] == [0, 1, 2] and sum(r.extra["eval_rows"] for r in rows) == meta["train_rows"] == 45
+    assert res.folds == 3 and res.accuracy == pytest.approx(sum(r.accuracy for r in rows) / 3)
+    assert res.accuracy_std == pytest.approx(float(pd.Series([r.accuracy for r in rows]).std(ddof=0)))
+    assert meta["folds"]["k"] == 3 and meta["folds"]["f1_macro_std"] == pytest.approx(res.f1_macro_std)
+    summary = (res.run_dir / "summary.md").read_text()
+    assert f"{res.accuracy:.4f} ± {res.accuracy_std:.4f}" in summary and "**3**" in summary  # 3 runs (the only config is the best, in bold)
+    assert not (res.run_dir / "model").exists() and (res.run_dir / "checkpoint/fold-2/finetune_state.json").is_file()
+    assert rows[0].head == "mlp" and rows[0].trainable_params > 64 * 32  # the 32 -> 64 -> 3 MLP is trained
+    again = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
+                             resume=True))
+    assert [r.accuracy for r in read_run(again.run_dir)[1]] == [r.accuracy for r in rows]
+
+
+def test_cli_finetune_folds_with_an_mlp(sep_csv, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+
+    res = CliRunner().invoke(heads_main, ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv),
+                                          "--label-col", "label", "--folds", "2", "--epochs", "1", "--lr", "0.005",
+                                          "--classifier", "mlp", "--classifier-hidden", "48", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    assert "2 folds: accuracy" in res.stderr and " ± " in res.stderr
+    hp = read_run(tmp_path / "f")[1][0].hyperparameters
+    assert hp["classifier"] == "mlp" and hp["classifier_hidden"] == [48] and hp["folds"] == 2

@@ -1,0 +1,199 @@
+"""heads pretrain: tokenizer, masking, the loop on real WiC text, the saved model/ directory, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import needs_shared
+
+from cli.heads_cli import main as heads_main
+from embstore.errors import ConfigError, DataError
+from heads.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
+from heads.pretrain import PretrainConfig, run_pretrain
+from heads.pretrain_report import read_log
+from heads.tokenizer import train_wordpiece
+
+TINY = {"vocab_size": 200, "min_frequency": 1, "layers": 2, "hidden": 32, "heads": 2, "max_length": 32,
+        "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models run fastest on one thread, and two threads stall when the other core is busy.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _wic_sentences(tmp_path: Path, rows: int) -> Path:
+    wic = needs_shared("wic")
+    df = pd.read_csv(wic / "train.csv").head(rows)
+    path = tmp_path / "wic.csv"
+    df[["sentence1", "sentence2", "label"]].to_csv(path, index=False)
+    return path
+
+
+def test_mlm_loss_falls_on_real_text(tmp_path):
+    data = _wic_sentences(tmp_path, 400)
+    res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(data), "text_col": "sentence1",
+                                                 "max_steps": 60, "out": str(tmp_path / "run")}), show_progress=False)
+    log = read_log(res.run_dir)
+    assert [h["epoch"] for h in log] == [0, 1, 2] and log[0]["steps"] == 0 and res.steps == 60
+    assert log[0]["heldout_perplexity"] == pytest.approx(math.exp(log[0]["heldout_mlm_loss"]), rel=1e-6)
+    # From about ln(vocab) at initialisation to clearly below it, on held-out text too.
+    assert res.heldout_mlm_loss < log[0]["heldout_mlm_loss"] - 0.5, log
+    assert log[-1]["train_mlm_loss"] < log[1]["train_mlm_loss"]
+    assert res.heldout_masked_accuracy > log[0]["heldout_masked_accuracy"] + 0.05
+    assert res.tokens_per_second > 0 and all(h["tokens_per_second"] > 0 for h in log[1:])
+    for name in ("run.json", "pretrain_log.jsonl", "loss_curve.png", "summary.md", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json", "checkpoint/pretrain_state.json"):
+        assert (res.run_dir / name).is_file(), name
+    meta = json.loads((res.run_dir / "run.json").read_text())
+    assert meta["kind"] == "pretrain" and meta["final"]["stopped_by"] == "max_steps"
+    assert meta["corpus"]["eval_rows"] == 20 and meta["corpus"]["train_rows"] == 380
+
+
+@pytest.mark.parametrize("prob", [0.15, 0.4])
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_masking_statistics_match_mask_prob(prob, whole_word):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 5000, (400, 64), generator=gen)
+    candidates = torch.ones_like(ids, dtype=torch.bool)
+    candidates[:, 0] = candidates[:, -1] = False  # [CLS] ... [SEP]
+    words = (torch.arange(64) // 2).expand(400, 64).clone() if whole_word else None  # 2 pieces per word
+    inputs, labels = mask_tokens(ids, candidates, mask_prob=prob, mask_id=4, vocab_size=5000, generator=gen,
+                                 word_ids=words)
+    selected = labels != IGNORE
+    assert not selected[~candidates].any()
+    assert selected[candidates].float().mean().item() == pytest.approx(prob, abs=0.01)
+    assert torch.equal(labels[selected], ids[selected]) and torch.equal(inputs[~selected], ids[~selected])
+    n = selected.sum().item()
+    masked = (inputs[selected] == 4).sum().item() / n
+    unchanged = (inputs[selected] == ids[selected]).sum().item() / n
+    assert masked == pytest.approx(0.8, abs=0.02) and unchanged == pytest.approx(0.1, abs=0.015)
+    assert 1 - masked - unchanged == pytest.approx(0.1, abs=0.015)  # random replacements
+    if whole_word:  # both pieces of a word share the decision (positions 0/63 are specials)
+        inner = selected[:, 2:62].reshape(400, 30, 2)
+        assert torch.equal(inner[..., 0], inner[..., 1])
+
+
+def test_collator_builds_pairs_swaps_and_pair_labels():
+    corpus = Corpus(a=[[10, 11, 12], [20, 21], [30]], b=[[40, 41], [50], [60, 61, 62, 63, 64, 65]])
+    kw = {"cls_id": 2, "sep_id": 3, "pad_id": 0, "mask_id": 4, "vocab_size": 100, "max_length": 8, "mask_prob": 0.01}
+    batch = PretrainCollator(corpus, **kw)([(0, 0), (0, 1), (2, 0)])
+    labels = batch["labels"]
+    ids = torch.where(labels != IGNORE, labels, batch["input_ids"])  # undo the (rare) masking
+    assert ids[0, :7].tolist() == [2, 10, 11, 12, 3, 40, 41] and ids[0, 7].item() == 3
+    assert ids[1].tolist() == [2, 40, 41, 3, 10, 11, 12, 3]  # order 1: swapped
+    assert ids[2].tolist() == [2, 30, 3, 60, 61, 62, 63, 3]  # longest-first truncation to 8
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    sop = PretrainCollator(corpus, **kw, pair_objective="sop")
+    for _ in range(5):
+        b = sop([(0, 0)] * 8)
+        first = torch.where(b["labels"] != IGNORE, b["labels"], b["input_ids"])[:, 1]
+        assert torch.equal(b["pair_labels"], (first == 40).long())  # label 1 exactly when B comes first
+    nsp = PretrainCollator(corpus, **kw, pair_objective="nsp")([(0, 0)] * 32)
+    second = torch.where(nsp["labels"] != IGNORE, nsp["labels"], nsp["input_ids"])[:, 5]
+    assert torch.equal(nsp["pair_labels"], (second != 40).long()) and 0 < nsp["pair_labels"].sum() < 32
+
+
+def test_tokenizer_lowercase_and_cjk_characters():
+    texts = ["Apple pie 你好世界", "apple tart 世界和平", "APPLE juice"] * 20
+    cased = train_wordpiece(texts, vocab_size=120, min_frequency=1, lowercase=False)
+    lower = train_wordpiece(texts, vocab_size=120, min_frequency=1, lowercase=True)
+    assert "Apple" in cased.get_vocab() and "Apple" not in lower.get_vocab()
+    assert lower.tokenize("你好世界") == ["你", "好", "世", "界"]  # one token per ideograph
+    assert train_wordpiece(texts, vocab_size=120, min_frequency=1, cjk_chars=False).tokenize("你好") != ["你", "好"]
+
+
+def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
+    from embstore import ExtractConfig, extract, open_store
+    from embstore.models import load_backbone
+    from heads.sweep import SweepConfig, run_sweep
+
+    res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(pair_csv), "text_col": "s1", "text_pair_col": "s2",
+                                                 "swap_augment": True, "pair_objective": "nsp", "whole_word": True,
+                                                 "epochs": 2, "out": str(tmp_path / "pt")}), show_progress=False)
+    backbone = load_backbone(str(res.model_dir))
+    assert backbone.n_layers == 2 and backbone.hidden == 32 and type(backbone.model).__name__ == "BertModel"
+    assert backbone.tokenizer.mask_token == "[MASK]" and len(backbone.tokenizer) == backbone.model.config.vocab_size
+    assert read_log(res.run_dir)[-1]["heldout_pair_accuracy"] is not None
+    out = extract(ExtractConfig(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
+                                label_col="label", out=str(tmp_path / "s.zarr")), show_progress=False)
+    assert open_store(out.path).layers == [0, 1, 2]
+    sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
+                                             "epochs": 2, "out": str(tmp_path / "sweep")}))
+    assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
+    from heads.finetune import FinetuneConfig, run_finetune
+
+    ft = run_finetune(FinetuneConfig(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
+                                     label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
+                                     classifier_hidden=(64,), out=str(tmp_path / "ft")))
+    assert ft.folds == 2 and 0.0 <= ft.accuracy <= 1.0 and ft.accuracy_std >= 0.0
+
+
+def test_resume_continues_and_refuses_another_config(tmp_path):
+    data = tmp_path / "corpus.csv"
+    pd.DataFrame({"text": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "cow", "hen") for v in
+                           ("red", "big", "old", "new", "wet")]}).to_csv(data, index=False)
+    base = {**TINY, "data": str(data), "batch_size": 4, "out": str(tmp_path / "run")}
+    first = run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 3}), show_progress=False)
+    state = json.loads((first.run_dir / "checkpoint/pretrain_state.json").read_text())
+    assert state["steps"] == 3 and state["epoch_done"] is False and state["batches_done"] == 3
+    again = run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 8, "resume": True}), show_progress=False)
+    assert again.steps == 8 and [h["steps"] for h in again.history] == [0, 3, 5, 8]
+    with pytest.raises(ConfigError, match=r"checkpoint in .*differing: mask_prob"):
+        run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 9, "resume": True, "mask_prob": 0.3}))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--vocab-size", "4"], "room beyond the 5 special tokens"),
+    (["--max-positions", "16", "--max-length", "32"], "max_positions 16 is shorter than max_length 32"),
+    (["--swap-augment"], "need sentence pairs; pass --text-pair-col"),
+    (["--text-pair-col", "text", "--swap-augment", "--pair-objective", "sop"], "use --pair-objective nsp"),
+    (["--hidden", "30", "--heads", "4"], "not a multiple of heads"),
+])
+def test_cli_bad_options_are_one_line(tiny_csv, tmp_path, extra, match):
+    res = CliRunner().invoke(heads_main, ["pretrain", "--data", str(tiny_csv), "--out", str(tmp_path / "r"), *extra])
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and match in res.stderr and "Traceback" not in res.output
+
+
+def test_cli_empty_corpus_and_resume_mismatch(tiny_csv, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text\n")
+    res = CliRunner().invoke(heads_main, ["pretrain", "--data", str(empty), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "no data rows" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    blank = tmp_path / "blank.csv"
+    pd.DataFrame({"text": [" ", "  "], "other": [1, 2]}).to_csv(blank, index=False)
+    with pytest.raises(DataError, match="empty text"):
+        run_pretrain(PretrainConfig(data=str(blank), skip_empty=True, out=str(tmp_path / "b")))
+    args = ["pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
+            "--hidden", "16", "--heads", "2", "--max-length", "16", "--max-steps", "2", "--batch-size", "4",
+            "--no-progress", "--out", str(tmp_path / "r")]
+    ok = CliRunner().invoke(heads_main, args)
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.strip().splitlines()[-1] == str(tmp_path / "r") and "tokens/s" in ok.stderr
+    bad = CliRunner().invoke(heads_main, [*args, "--resume", "--lr", "0.1"])
+    assert bad.exit_code == 2 and "differing: lr" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_config_round_trip_and_model_config_file(tmp_path):
+    c = PretrainConfig(data=None, splits=(("train", "a.csv"), ("validation", "b.csv")), text_pair_col="b",
+                       pair_objective="nsp", swap_augment=True)
+    assert PretrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['bogus'\]"):
+        PretrainConfig.from_dict({"data": "x.csv", "bogus": 1})
+    from heads.pretrain_data import build_bert_config
+
+    cfg = build_bert_config(PretrainConfig(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2),
+                            vocab_size=321, pad_id=0)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (2, 256, 1024, 321)
