@@ -311,7 +311,7 @@ def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, wri
     from tqdm import tqdm
 
     writer = StoreWriter.open(write_path)
-    common = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
+    common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
                   batch_size=config.batch_size, token_budget=config.token_budget, device=device)
     encoder: ChunkEncoder
     if backbone.modality == "audio":
