@@ -121,11 +121,13 @@ def train(config_file: str | None, verbose: bool, **opts: Any) -> None:
 def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
+    For a head trained on a speech model's store, each line is an audio file path instead.
+
     Prints one JSON object per line: text, label, probabilities.
     """
     from embstore.errors import ConfigError
     from embstore.extraction import pick_device
-    from heads.predict import is_finetune_run, load_head, predict_finetuned, predict_texts
+    from heads.predict import head_modality, is_finetune_run, load_head, predict_audio, predict_finetuned, predict_texts
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
     if not lines:
@@ -136,7 +138,10 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
         labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=pick_device(device))
     else:
         est = load_head(run_dir, head_dir)
-        labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
+        if head_modality(est) == "audio":
+            labels, proba = predict_audio(est, [line.strip() for line in lines], device=pick_device(device))
+        else:
+            labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
         names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
     for text, label, p in zip(lines, labels, proba):
         click.echo(json.dumps({"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}}, ensure_ascii=False))

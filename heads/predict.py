@@ -16,7 +16,7 @@ from heads.features import FeatureBank
 from heads.modules import Ragged
 from heads.specs import Combo
 
-__all__ = ["load_head", "predict_texts"]
+__all__ = ["load_head", "predict_texts", "predict_audio", "head_modality"]
 
 
 def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassifier:
@@ -44,10 +44,9 @@ def predict_texts(est: HeadClassifier, texts: list[str], pairs: list[str] | None
         raise ConfigError("This head was trained on sentence pairs: give one 'TEXT<TAB>PAIR' per line.")
     if not needs_pairs:
         pairs = None
-    model_info = extra["model"]
-    backbone = load_backbone(str(model_info["name"]), device)
-    if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
-        raise ModelNotFoundError(f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; point --model at the original weights.")
+    backbone = _backbone(extra, device)
+    if backbone.modality != "text":
+        raise ConfigError(f"This head was trained on audio ({backbone.name}); give audio file paths, one per line.")
     max_length = int(extra.get("max_length") or 256)
     tok = backbone.tokenizer
     inputs = {t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length) for t in towers}
@@ -61,12 +60,27 @@ def predict_texts(est: HeadClassifier, texts: list[str], pairs: list[str] | None
                            poolings=poolings or ["cls"], dtype=str(extra.get("dtype", "float16")), batch_size=batch_size,
                            token_budget=token_budget, device=device)
     arrays = encoder.encode(job, lambda tower, what, layer: f"{tower}/{what}/{layer}")
+    lens = np.array([len(x) for x in job.towers[towers[0]][0]], dtype=np.int64)
+    return _classify(est, combo, arrays, towers, order, lens)
+
+
+def _backbone(extra: dict[str, Any], device: str) -> Any:
+    """The head's backbone, refused when its weights are not those the store was made with."""
+    model_info = extra["model"]
+    backbone = load_backbone(str(model_info["name"]), device)
+    if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
+        raise ModelNotFoundError(f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; point --model at the original weights.")
+    return backbone
+
+
+def _classify(est: HeadClassifier, combo: Combo, arrays: dict[str, np.ndarray], towers: list[str], order: np.ndarray,
+              token_lengths: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Labels and probabilities from encoded arrays (rows in ``order``), back in input order."""
+    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
     inverse = np.argsort(order)
     if combo.pooling == "tokens":
-        t = towers[0]
-        values = arrays[f"{t}/tokens/{combo.layers[0]}"]
-        lens = np.array([len(x) for x in job.towers[t][0]], dtype=np.int64)
-        ragged = Ragged(values, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
+        values = arrays[f"{towers[0]}/tokens/{combo.layers[0]}"]
+        ragged = Ragged(values, np.concatenate([[0], np.cumsum(token_lengths)]).astype(np.int64))
         X: Any = ragged.take(inverse)
     else:
         blocks = [arrays[f"{t}/{combo.pooling}/None"].transpose(1, 0, 2)[inverse] for t in towers]  # (n, k, hidden)
@@ -75,6 +89,51 @@ def predict_texts(est: HeadClassifier, texts: list[str], pairs: list[str] | None
     proba = est.predict_proba(X)
     names = list(extra.get("label_names") or [str(i) for i in range(proba.shape[1])])
     return [names[i] for i in proba.argmax(1)], proba
+
+
+def head_modality(est: HeadClassifier) -> str:
+    """'audio' when the head was trained on a speech model's store, else 'text'."""
+    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
+    return str((extra.get("model") or {}).get("modality") or "text")
+
+
+def predict_audio(est: HeadClassifier, paths: list[str], device: str = "cpu", batch_size: int = 64,
+                  batch_seconds: float = 60.0) -> tuple[list[str], np.ndarray]:
+    """Labels and (n, classes) probabilities for audio files, loaded and encoded as the store's were."""
+    from fractions import Fraction
+
+    from embstore.audio import probe_files, rational, resampled_length
+    from embstore.errors import DataError
+    from embstore.speech import AUDIO_TOWER, AudioChunkEncoder, AudioItem
+
+    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
+    if "model" not in extra:
+        raise ConfigError("This head was saved without its store's description; save it with 'heads sweep' or 'heads train'.")
+    if not paths:
+        raise ConfigError("No audio files to label: give one file path per line.")
+    combo = Combo(tuple(extra["layers"]), extra["combine"], extra["pooling"], extra["head"])
+    backbone = _backbone(extra, device)
+    info = probe_files(paths)
+    if info.bad:
+        shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
+        raise DataError(f"{len(info.bad)} of {len(paths)} audio files cannot be used: {shown}.")
+    rate = backbone.sampling_rate
+    max_seconds = extra.get("max_seconds")
+    max_samples = None if max_seconds is None else int(round(float(max_seconds) * rate))
+    samples = [resampled_length(int(n), *rational(Fraction(rate, int(r)))) for n, r in zip(info.frames, info.rates)]
+    if max_samples is not None:
+        samples = [min(n, max_samples) for n in samples]
+    items = [AudioItem(path=p, samples=n) for p, n in zip(paths, samples)]
+    order = length_order(np.array(samples))
+    job = ChunkJob(split="predict", chunk=0, towers={AUDIO_TOWER: [items[i] for i in order]})
+    token_layers = list(combo.layers) if combo.pooling == "tokens" else []
+    poolings = [] if combo.pooling == "tokens" else [combo.pooling]
+    encoder = AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, max_samples=max_samples,
+                                batch_seconds=batch_seconds, layers=combo.layers, token_layers=token_layers,
+                                poolings=poolings or ["mean"], dtype=str(extra.get("dtype", "float16")),
+                                batch_size=batch_size, token_budget=0, device=device)
+    arrays = encoder.encode(job, lambda tower, what, layer: f"{tower}/{what}/{layer}")
+    return _classify(est, combo, arrays, [AUDIO_TOWER], order, backbone.frames(np.array(samples)[order]))
 
 
 def is_finetune_run(run: str | Path) -> bool:

@@ -243,7 +243,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None) -> SweepResult:
              "pooling": best_combo.pooling, "head": best_combo.head, "store": path, "store_id": store.fingerprint,
              "label_names": names, "model": store.provenance.get("model", {}), "max_length": store.provenance.get("max_length"),
              "pair_mode": store.provenance.get("pair_mode"), "text_pair_col": store.provenance.get("text_pair_col"),
-             "towers": store.towers, "dtype": store.layout.dtype}
+             "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds")}
     kept[best_key].save(run_dir / "best_head", extra=extra)
     log.info("sweep of %d runs in %.1fs; best %s", n_rows, time.perf_counter() - t0, best_key)
     best = {"layers": best_key[0], "combine": best_key[1], "pooling": best_key[2], "head": best_key[3],

@@ -391,3 +391,27 @@ def test_two_processes_equal_one(tones: Path, tmp_path: Path):
             for pooling in a.poolings:
                 # float32 storage: a worker runs on 1 thread, the parent on 2, so sums may differ in the last bit
                 np.testing.assert_allclose(a.pooled(split, pooling), b.pooled(split, pooling), rtol=0, atol=1e-6)
+
+
+def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_path: Path):
+    from heads.predict import head_modality, load_head
+
+    path = extract(cfg(tones, tmp_path, holdout=0.25, max_seconds=0.4), show_progress=False).path
+    out = run_sweep(SweepConfig(store=path, layers="1-2", combine=("concat",), out=str(tmp_path / "run")))
+    est = load_head(str(out.run_dir))
+    assert head_modality(est) == "audio"
+    table = pd.read_csv(tones)
+    with open_store(path) as s:
+        rows = s.row_ids("test")
+        proba = est.predict_proba(s.pooled("test", out.best["pooling"], [1, 2]).reshape(len(rows), -1))
+    stored = proba.argmax(1)
+    files = [str(tones.parent / table.file[r]) for r in rows]
+    res = CliRunner().invoke(heads_main, ["predict", "--run", str(out.run_dir), "-"], input="\n".join(files) + "\n")
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line)["label"] for line in res.output.strip().splitlines()]
+    assert got == [est.extra_["label_names"][i] for i in stored]
+    names = est.extra_["label_names"]
+    got_proba = np.array([[json.loads(line)["probabilities"][n] for n in names] for line in res.output.strip().splitlines()])
+    np.testing.assert_allclose(got_proba, proba, atol=2e-3)
+    bad = CliRunner().invoke(heads_main, ["predict", "--run", str(out.run_dir), "-"], input="nope.wav\n")
+    assert bad.exit_code == 2 and "1 of 1 audio files cannot be used: nope.wav: no such file" in bad.output
