@@ -415,3 +415,17 @@ def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_pat
     np.testing.assert_allclose(got_proba, proba, atol=2e-3)
     bad = CliRunner().invoke(heads_main, ["predict", "--run", str(out.run_dir), "-"], input="nope.wav\n")
     assert bad.exit_code == 2 and "1 of 1 audio files cannot be used: nope.wav: no such file" in bad.output
+
+
+def test_h5_audio_store_matches_zarr(tones: Path, tmp_path: Path):
+    kw = dict(group_col="speaker", holdout=0.34, augment=("shift",), augment_classes="all")
+    z = extract(cfg(tones, tmp_path, **kw), show_progress=False).path
+    h = extract(cfg(tones, tmp_path, format="h5", **kw), show_progress=False).path
+    assert h.endswith(".h5")
+    with open_store(z) as a, open_store(h) as b:
+        assert b.modality == "audio" and b.group_names == a.group_names and b.verify() == []
+        for split in a.splits:
+            np.testing.assert_array_equal(a.groups(split), b.groups(split))
+            np.testing.assert_array_equal(a.durations(split), b.durations(split))
+            np.testing.assert_array_equal(a.pooled(split, "mean"), b.pooled(split, "mean"))
+        np.testing.assert_array_equal(a.augmentation("train")["shift"], b.augmentation("train")["shift"])
