@@ -253,6 +253,13 @@ def _summary_md(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStat
              f"- labels: {', '.join(label_names)}", f"- rows: {sum(s.n for s in stats)} runs of {len(stats)} configs"]
     if meta.get("majority_accuracy") is not None:
         lines.append(f"- majority-class baseline accuracy: {float(meta['majority_accuracy']):.4f}")
+    if meta.get("eval_split") is not None and meta.get("train_rows") is not None:
+        carved = " (carved from it)" if meta.get("carved_eval") else ""
+        lines.append(f"- training split `{meta.get('train_split')}` ({meta['train_rows']} rows"
+                     + (f", {meta['augmented_rows']} augmented" if meta.get("augmented_rows") else "")
+                     + f"), evaluation split `{meta['eval_split']}`{carved} ({meta.get('eval_rows')} rows)")
+    if meta.get("kept_apart"):
+        lines.append(f"- every carve keeps {meta['kept_apart']} apart (no group on both sides)")
     if best is None:
         return "\n".join(lines + ["", "No result rows were written.", ""])
     table = []
