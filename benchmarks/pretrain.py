@@ -130,8 +130,8 @@ def main() -> None:
         for name, model_dir in (("pretrained", res.model_dir), ("random", random_dir)):
             t1 = time.perf_counter()
             ft = run_finetune(FinetuneConfig(model=str(model_dir), data=str(work / "ft-train.csv"), text_col="sentence1",
-                                             text_pair_col="sentence2", label_col="label", folds=args.folds, epochs=2,
-                                             patience=0, lr=1e-4, batch_size=32, max_length=64, classifier="mlp",
+                                             text_pair_col="sentence2", label_col="label", folds=args.folds, epochs=3,
+                                             patience=0, lr=3e-4, batch_size=32, max_length=64, classifier="mlp",
                                              classifier_hidden=(2048,), out=str(work / f"ft-{name}")))
             report[f"finetune_{name}"] = {"accuracy": ft.accuracy, "accuracy_std": ft.accuracy_std,
                                           "f1_macro": ft.f1_macro, "f1_macro_std": ft.f1_macro_std,
