@@ -197,3 +197,20 @@ def test_config_round_trip_and_model_config_file(tmp_path):
     cfg = build_bert_config(PretrainConfig(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2),
                             vocab_size=321, pad_id=0)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (2, 256, 1024, 321)
+
+
+def test_cli_config_may_be_a_bert_config_or_an_options_file(tiny_csv, tmp_path):
+    """--config takes a BERT config (configs/models/*.yaml) or a YAML of pretrain options; flags override both."""
+    common = ["--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--max-length", "16",
+              "--max-steps", "1", "--batch-size", "4", "--no-progress"]
+    res = CliRunner().invoke(heads_main, ["pretrain", "--config", "configs/models/mini-bert.yaml", "--layers", "1",
+                                          "--hidden", "16", "--heads", "2", *common, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]) == (1, 16, 64, 100)
+    options = tmp_path / "opts.yaml"
+    options.write_text("layers: 1\nhidden: 16\nheads: 2\nmask_prob: 0.3\n")
+    res = CliRunner().invoke(heads_main, ["pretrain", "--config", str(options), *common, "--mask-prob", "0.2",
+                                          "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["mask_prob"] == 0.2
