@@ -1,5 +1,11 @@
 """Speech extraction and sweep benchmark on Emo-DB (../shared/datasets/emodb), in one run.
 
+0. Extraction against plain loops, on the first --rows Emo-DB files, in one run: (a) a bare
+   forward loop over the same duration-sorted batches with the waveforms already decoded and
+   resampled, nothing stored; (b) ``embstore extract`` end to end (reading, resampling, every
+   layer, mean+max, zarr store with checksums); (c) the naive loop of speech tutorials: one file at
+   a time through the feature extractor and the model, pooled per layer into Python lists, saved
+   with numpy at the end.
 1. Extraction throughput, seconds of audio per wall second, with and without duration bucketing
    (rows sorted by duration so batches hold similar lengths, versus source order). Every Emo-DB
    file in the shared copy is exactly 2.00 s, so bucketing cannot matter there; the bucketing
@@ -58,6 +64,38 @@ def variable_clips(root: Path, out: Path, n: int, seed: int = 0) -> tuple[Path, 
     return out / "clips.csv", total
 
 
+def bare_and_naive(model: str, files: list[Path], batch_seconds: float, out: Path) -> tuple[float, float]:
+    """(bare forward loop seconds, naive per-file loop seconds) for the same files."""
+    from embstore.audio import load_waveform
+    from embstore.encode import length_order, make_batches
+    from embstore.models import load_backbone
+
+    bb = load_backbone(model)
+    rate = bb.sampling_rate
+    waves = [load_waveform(f, rate) for f in files]
+    lengths = np.array([len(w) for w in waves])
+    order = length_order(lengths)
+    sorted_waves = [waves[i] for i in order]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for a, b in make_batches(lengths[order], 64, int(batch_seconds * rate)):
+            enc = bb.tokenizer(sorted_waves[a:b], sampling_rate=rate, padding=True, return_attention_mask=True, return_tensors="pt")
+            bb.model(**enc, output_hidden_states=True)
+    bare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    means, maxes = [], []
+    with torch.no_grad():
+        for f in files:
+            x = load_waveform(f, rate)
+            enc = bb.tokenizer(x, sampling_rate=rate, return_tensors="pt")
+            hs = bb.model(**enc, output_hidden_states=True).hidden_states
+            means.append([h[0].mean(0).numpy() for h in hs])
+            maxes.append([h[0].amax(0).numpy() for h in hs])
+    np.save(out / "mean.npy", np.array(means, dtype=np.float16))
+    np.save(out / "max.npy", np.array(maxes, dtype=np.float16))
+    return bare, time.perf_counter() - t0
+
+
 def timed_extract(cfg: ExtractConfig) -> tuple[float, str]:
     t0 = time.perf_counter()
     res = extract(cfg, show_progress=False)
@@ -68,6 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:hubert-base", help="model of the bucketing comparison")
     ap.add_argument("--clips", type=int, default=200, help="variable-length clips for the bucketing comparison")
+    ap.add_argument("--rows", type=int, default=100, help="Emo-DB files of the bare/naive comparison")
+    ap.add_argument("--only-loops", action="store_true", help="run only the bare/naive comparison")
     ap.add_argument("--batch-seconds", type=float, default=60.0)
     ap.add_argument("--sweep-models", default="random:hubert-tiny,random:hubert-base")
     ap.add_argument("--data", default=str(EMODB))
@@ -80,6 +120,25 @@ def main() -> None:
                                          f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}"}
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
+        table = pd.read_csv(root / "labels.csv").head(args.rows)
+        few = [(root / f).resolve() for f in table.file]
+        table.assign(file=[str(f) for f in few]).to_csv(tmpd / "few.csv", index=False)
+        seconds = float(sum(sf.info(f).duration for f in few))
+        (tmpd / "naive").mkdir()
+        bare_s, naive_s = bare_and_naive(args.model, few, args.batch_seconds, tmpd / "naive")
+        ext_s, _ = timed_extract(ExtractConfig(model=args.model, data=str(tmpd / "few.csv"), audio_col="file",
+                                               label_col="label", layers="all", batch_seconds=args.batch_seconds,
+                                               out=str(tmpd / "stores-loops")))
+        out["loops"] = {"model": args.model, "files": len(few), "audio_seconds": round(seconds, 1),
+                        "bare_s": round(bare_s, 2), "extract_s": round(ext_s, 2), "naive_s": round(naive_s, 2),
+                        "extract_over_bare_throughput": round(bare_s / ext_s, 3),
+                        "extract_over_naive_throughput": round(naive_s / ext_s, 3)}
+        print(json.dumps(out["loops"]), flush=True)
+        if args.only_loops:
+            print(json.dumps(out, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=1))
+            return
         clips, total = variable_clips(root, tmpd / "clips", args.clips)
         common = dict(model=args.model, data=str(clips), audio_col="file", label_col="label", layers="all",
                       batch_seconds=args.batch_seconds, out=str(tmpd / "stores"))
