@@ -429,3 +429,23 @@ def test_h5_audio_store_matches_zarr(tones: Path, tmp_path: Path):
             np.testing.assert_array_equal(a.durations(split), b.durations(split))
             np.testing.assert_array_equal(a.pooled(split, "mean"), b.pooled(split, "mean"))
         np.testing.assert_array_equal(a.augmentation("train")["shift"], b.augmentation("train")["shift"])
+
+
+def test_local_speech_model_directory(tones: Path, tmp_path: Path):
+    """A saved HuBERT directory loads through AutoFeatureExtractor + AutoModel; without an attention
+    mask in its feature extractor, pooling still counts only each row's own frames."""
+    bb = load_backbone(HUBERT)
+    model_dir = tmp_path / "my-hubert"
+    bb.model.save_pretrained(model_dir)
+    fe = bb.tokenizer
+    fe.return_attention_mask = False
+    fe.save_pretrained(model_dir)
+    local = load_backbone(str(model_dir))
+    assert local.modality == "audio" and type(local.tokenizer).__name__ == "Wav2Vec2FeatureExtractor"
+    assert local.identity["tokenizer"]["sha256"] and local.identity["kind"] == "local"
+    res = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=1), show_progress=False)
+    with open_store(res.path) as s, open_store(extract(cfg(tones, tmp_path, batch_size=1), show_progress=False).path) as ref:
+        assert s.provenance["model"]["path"] == str(model_dir.resolve())
+        # one row per batch: no padding, so masked or not the states equal the random model's
+        np.testing.assert_allclose(s.pooled("all", "mean"), ref.pooled("all", "mean"), atol=1e-4)
+        np.testing.assert_array_equal(s.n_tokens("all"), ref.n_tokens("all"))
