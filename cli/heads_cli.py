@@ -134,6 +134,11 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
         raise ConfigError("No texts to label: the input is empty; give one text per line.")
     texts = [line.split("\t", 1)[0] for line in lines]
     pairs = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
+    run_meta = Path(run_dir or "", "run.json")
+    meta = json.loads(run_meta.read_text()) if run_dir is not None and run_meta.is_file() else {}
+    if meta.get("kind") == "finetune" and meta.get("folds"):
+        raise ConfigError(f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
+                          "fine-tune without --folds to get one for heads predict.")
     if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
         labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=pick_device(device))
     else:

@@ -259,6 +259,12 @@ def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_
     again = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
                              resume=True))
     assert [r.accuracy for r in read_run(again.run_dir)[1]] == [r.accuracy for r in rows]
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+
+    out = CliRunner().invoke(heads_main, ["predict", "--run", str(res.run_dir)], input="some text\n")
+    assert out.exit_code == 2 and "cross-validation run" in out.stderr and "without --folds" in out.stderr
 
 
 def test_cli_finetune_folds_with_an_mlp(sep_csv, tmp_path):
