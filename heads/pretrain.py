@@ -97,6 +97,15 @@ def evaluate_mlm(acc: Any, model: nn.Module, loader: Any, collator: PretrainColl
             "heldout_perplexity": math.exp(min(loss, 700.0)) if not math.isnan(loss) else math.nan, "heldout_pair_accuracy": pair}
 
 
+def _out_of_time(acc: Any, mine: bool) -> bool:
+    """Whether any process has used up the time budget; every rank must stop at the same batch,
+    or the others would wait forever in the next gradient all-reduce."""
+    if acc.num_processes == 1:
+        return mine
+    flag = torch.tensor([1.0 if mine else 0.0], device=acc.device)
+    return bool(acc.reduce(flag, "sum").item() > 0)
+
+
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -216,7 +225,7 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
             if steps >= total and acc.sync_gradients:
                 reason, epoch_done = "max_steps", batches_done >= len(loader)
                 break
-            if budget is not None and train_seconds >= budget:
+            if budget is not None and _out_of_time(acc, train_seconds >= budget):
                 reason, epoch_done = "max_minutes", batches_done >= len(loader)
                 break
         bar.close()

@@ -214,3 +214,27 @@ def test_cli_config_may_be_a_bert_config_or_an_options_file(tiny_csv, tmp_path):
                                           "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["mask_prob"] == 0.2
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
+    """torchrun with 2 CPU processes (the environment `accelerate launch` sets up): DDP over gloo, a
+    time budget every rank stops at together, only rank 0 writes and reports, model/ loads."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
+           "pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
+           "--hidden", "16", "--heads", "2", "--max-length", "16", "--batch-size", "2", "--epochs", "50",
+           "--max-minutes", "0.02", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["final"]["stopped_by"] == "max_minutes"
+    from embstore.models import load_backbone
+
+    assert load_backbone(str(out / "model")).n_layers == 1
