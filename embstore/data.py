@@ -163,6 +163,15 @@ class _Raw:
     rates: np.ndarray | None = None
 
 
+def _filled(df: Any, col: str, path: Path, option: str, what: str, empty: np.ndarray) -> list[Any]:
+    """The values of a column every usable row must fill (labels, groups); a gap names its rows."""
+    values = _column(df, col, path, option)
+    missing = np.flatnonzero(values.isna().to_numpy() & ~empty)
+    if len(missing):
+        raise DataError(f"{len(missing)} of {len(df)} rows of {path} have no {what} in column {col!r} (rows {_first(missing)}); fill or remove them.")
+    return list(values.tolist())
+
+
 def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[list[str], np.ndarray, Any]:
     """Resolved file paths, a mask of unusable rows, and the header facts (missing/unreadable/empty files fail unless skipped)."""
     from embstore.audio import probe_files
@@ -195,18 +204,8 @@ def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, labe
         empty = empty | empty_b
     groups = None
     if group_col:
-        g = _column(df, group_col, path, "--group-col")
-        no_group = np.flatnonzero(g.isna().to_numpy() & ~empty)
-        if len(no_group):
-            raise DataError(f"{len(no_group)} of {len(df)} rows of {path} have no group in column {group_col!r} (rows {_first(no_group)}); fill or remove them.")
-        groups = [_label_key(v) for v in g.tolist()]
-    labels = None
-    if label_col:
-        lab = _column(df, label_col, path, "--label-col")
-        missing = np.flatnonzero(lab.isna().to_numpy() & ~empty)
-        if len(missing):
-            raise DataError(f"{len(missing)} of {len(df)} rows of {path} have no label in column {label_col!r} (rows {_first(missing)}); fill or remove them.")
-        labels = lab.tolist()
+        groups = [_label_key(v) for v in _filled(df, group_col, path, "--group-col", "group", empty)]
+    labels = _filled(df, label_col, path, "--label-col", "label", empty) if label_col else None
     bad = np.flatnonzero(empty)
     if len(bad) and not skip_empty and not audio_col:
         cols = text_col + (f"/{pair_col}" if pair_col else "")

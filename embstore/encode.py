@@ -3,13 +3,14 @@ pool every chosen layer, and hand finished row chunks to a background writer."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Encoded", "tokenize", "length_order", "make_batches", "pad_batch", "ChunkJob", "ChunkEncoder"]
+__all__ = ["Encoded", "tokenize", "length_order", "make_batches", "pad_batch", "ChunkJob", "ChunkBuffers", "ChunkEncoder"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,33 @@ class ChunkJob:
         return len(first[0]) if isinstance(first, tuple) else len(first)
 
 
+class ChunkBuffers:
+    """The arrays of one row chunk, filled batch by batch: pooled (k, n, hidden) per pooling and
+    flat per-token (total tokens, hidden) per token layer, rows at ``offsets``."""
+
+    def __init__(self, n_layers: int, n_rows: int, offsets: np.ndarray, dtype: np.dtype) -> None:
+        self.n_layers, self.n_rows, self.offsets, self.dtype = n_layers, n_rows, offsets, dtype
+        self.pooled: dict[str, np.ndarray] = {}
+        self.tokens: dict[int, np.ndarray] = {}
+
+    def put(self, start: int, stop: int, pooled: dict[str, np.ndarray], tokens: dict[int, np.ndarray]) -> None:
+        """Store one batch's outputs for rows [start, stop)."""
+        for p, v in pooled.items():
+            if p not in self.pooled:
+                self.pooled[p] = np.empty((self.n_layers, self.n_rows, v.shape[2]), dtype=self.dtype)
+            self.pooled[p][:, start:stop] = v
+        for layer, v in tokens.items():
+            if layer not in self.tokens:
+                self.tokens[layer] = np.empty((int(self.offsets[-1]), v.shape[1]), dtype=self.dtype)
+            self.tokens[layer][self.offsets[start]:self.offsets[stop]] = v
+
+    def named(self, name: Callable[[str, int | None], str]) -> dict[str, np.ndarray]:
+        """The arrays keyed by ``name(pooling, None)`` and ``name('tokens', layer)``."""
+        out = {name(p, None): v for p, v in self.pooled.items()}
+        out.update({name("tokens", layer): v for layer, v in self.tokens.items()})
+        return out
+
+
 class ChunkEncoder:
     """Runs the model over row chunks and yields, per chunk, the arrays the writer stores."""
 
@@ -162,23 +190,11 @@ class ChunkEncoder:
             n = len(ids)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
-            pooled_buf = {p: np.empty((len(self.layers), n, 0), dtype=self.np_dtype) for p in self.poolings}
-            tok_buf: dict[int, np.ndarray] = {}
+            buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
             for start, stop in make_batches(lengths, self.batch_size, self.token_budget):
                 batch = pad_batch(ids[start:stop], None if type_ids is None else type_ids[start:stop], self.pad_id)
-                pooled, tokens = self._forward(batch)
-                for p, v in pooled.items():
-                    if pooled_buf[p].shape[2] == 0:
-                        pooled_buf[p] = np.empty((len(self.layers), n, v.shape[2]), dtype=self.np_dtype)
-                    pooled_buf[p][:, start:stop] = v
-                for layer, v in tokens.items():
-                    if layer not in tok_buf:
-                        tok_buf[layer] = np.empty((int(offsets[-1]), v.shape[1]), dtype=self.np_dtype)
-                    tok_buf[layer][offsets[start]:offsets[stop]] = v
+                buf.put(start, stop, *self._forward(batch))
                 if on_rows is not None and tower == next(iter(job.towers)):
                     on_rows(stop - start)
-            for p in self.poolings:
-                out[paths(tower, p, None)] = pooled_buf[p]
-            for layer in self.token_layers:
-                out[paths(tower, "tokens", layer)] = tok_buf[layer]
+            out.update(buf.named(functools.partial(paths, tower)))
         return out

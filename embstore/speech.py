@@ -19,7 +19,7 @@ import numpy as np
 from embstore.audio import load_waveform, rational, resampled_length
 from embstore.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
 from embstore.data import SplitData
-from embstore.encode import ChunkEncoder, ChunkJob, make_batches
+from embstore.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
 from embstore.errors import DataError
 
 __all__ = ["AudioItem", "AudioRows", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
@@ -112,26 +112,14 @@ class AudioChunkEncoder(ChunkEncoder):
         lengths = np.array([it.samples for it in items], dtype=np.int64)
         frames = self.frames_of(lengths)
         offsets = np.concatenate([[0], np.cumsum(frames)])
-        pooled_buf: dict[str, np.ndarray] = {}
-        tok_buf: dict[int, np.ndarray] = {}
+        buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
         for start, stop in make_batches(lengths, self.batch_size, self.sample_budget):
             waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
             enc = self.fe(waves, sampling_rate=self.rate, padding=True, return_attention_mask=self.use_mask, return_tensors="np")
             batch = {"input_values": enc["input_values"].astype(np.float32, copy=False)}
             if self.use_mask:
                 batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)
-            pooled, tokens = self._forward(batch, frames[start:stop])
-            for p, v in pooled.items():
-                if p not in pooled_buf:
-                    pooled_buf[p] = np.empty((len(self.layers), n, v.shape[2]), dtype=self.np_dtype)
-                pooled_buf[p][:, start:stop] = v
-            for layer, v in tokens.items():
-                if layer not in tok_buf:
-                    tok_buf[layer] = np.empty((int(offsets[-1]), v.shape[1]), dtype=self.np_dtype)
-                tok_buf[layer][offsets[start]:offsets[stop]] = v
+            buf.put(start, stop, *self._forward(batch, frames[start:stop]))
             if on_rows is not None:
                 on_rows(stop - start)
-        out = {paths(AUDIO_TOWER, p, None): pooled_buf[p] for p in self.poolings}
-        for layer in self.token_layers:
-            out[paths(AUDIO_TOWER, "tokens", layer)] = tok_buf[layer]
-        return out
+        return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))
