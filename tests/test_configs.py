@@ -47,3 +47,10 @@ def test_finetune_study_config_parses():
     for run in runs:
         variant = {k: v for k, v in run.items() if k != "name"}
         assert FinetuneConfig.from_dict({**values, **variant}).model == "minilm"
+
+
+def test_pretrain_config_parses():
+    from heads.pretrain_config import PretrainConfig
+
+    cfg = PretrainConfig.from_dict(load_yaml_config(str(CONFIGS / "pretrain-wic.yaml")))
+    assert cfg.swap_augment and cfg.text_pair_col
