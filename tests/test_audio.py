@@ -449,3 +449,33 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
         # one row per batch: no padding, so masked or not the states equal the random model's
         np.testing.assert_allclose(s.pooled("all", "mean"), ref.pooled("all", "mean"), atol=1e-4)
         np.testing.assert_array_equal(s.n_tokens("all"), ref.n_tokens("all"))
+
+
+@pytest.mark.parametrize("model_type", ["wav2vec2", "wavlm"])
+def test_other_speech_architectures_from_local_directories(model_type: str, tones: Path, tmp_path: Path):
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from embstore.models import RANDOM_CONFIGS, _speech_feature_extractor
+
+    kw = {k: v for k, v in RANDOM_CONFIGS["hubert-tiny"].items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **kw))
+    model.save_pretrained(tmp_path / model_type)
+    _speech_feature_extractor().save_pretrained(tmp_path / model_type)
+    res = extract(cfg(tones, tmp_path, model=str(tmp_path / model_type)), show_progress=False)
+    with open_store(res.path) as s:
+        assert s.modality == "audio" and s.pooled("all", "mean").shape == (24, 3, 32)
+        assert s.provenance["model"]["class"] == type(model).__name__
+
+
+def test_one_table_per_split_and_augmentation_only_in_train(tones: Path, tmp_path: Path):
+    table = pd.read_csv(tones)
+    table.iloc[:16].to_csv(tones.parent / "train.tsv", sep="\t", index=False)
+    table.iloc[16:].to_json(tones.parent / "test.jsonl", orient="records", lines=True)
+    splits = (("train", str(tones.parent / "train.tsv")), ("test", str(tones.parent / "test.jsonl")))
+    res = extract(ExtractConfig(model=HUBERT, data=None, splits=splits, audio_col="file", label_col="label",
+                                augment=("noise",), augment_classes="all", out=str(tmp_path / "s")), show_progress=False)
+    with open_store(res.path) as s:
+        assert s.n_rows("train") == 32 and s.n_rows("test") == 8
+        assert s.augmented("train").sum() == 16 and s.augmentation("test") is None
