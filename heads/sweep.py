@@ -209,7 +209,9 @@ def run_sweep(config: SweepConfig, cache: Path | None = None) -> SweepResult:
     meta = {"kind": "sweep", "store": path, "store_fingerprint": store.fingerprint, "model": store.provenance.get("model", {}).get("name"),
             "label_names": names, "train_split": tr_split, "eval_split": ev_split,
             "train_rows": int(len(y_train)), "eval_rows": int(len(y_eval)), "carved_eval": ev_rows is not None,
-            "majority_accuracy": majority_accuracy(y_train, y_eval), "config": config.to_dict(),
+            # the baseline predicts the commonest class of the original rows (augmented copies skew the counts)
+            "majority_accuracy": majority_accuracy(y_train[~(augmented if tr_rows is None else augmented[tr_rows])], y_eval),
+            "config": config.to_dict(),
             "augmented_rows": int(augmented.sum() if tr_rows is None else augmented[tr_rows].sum()),
             "kept_apart": None if groups_all is None else (
                 f"groups of {store.provenance.get('group_col') or 'the group column'}" if store.groups(tr_split) is not None
