@@ -170,9 +170,7 @@ def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: 
     """Audio rows: lengths from file headers, augmented copies for the training split only."""
     from embstore.speech import plan_audio_split
 
-    if "cls" in poolings:
-        raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max for a speech model.")
-    rate = backbone.sampling_rate
+    rate = backbone.sampling_rate  # (ExtractConfig already refused cls pooling with --audio-col)
     spec = config.augment_spec()
     encoded: dict[tuple[str, str], Any] = {}
     order: dict[str, np.ndarray] = {}
