@@ -216,25 +216,47 @@ def test_cli_config_may_be_a_bert_config_or_an_options_file(tiny_csv, tmp_path):
     assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["mask_prob"] == 0.2
 
 
+_FAKE_CLOCK_RUN = """
+import itertools, os, sys
+import heads.pretrain
+from cli.heads_cli import main
+# Rank 0's training clock advances 1 s per reading (0.5 s per batch); rank 1's never moves. Only rank 0
+# runs out of its --max-minutes budget, so rank 1 stops at the same batch only through the shared decision;
+# without it rank 1 would wait forever in the next gradient all-reduce.
+ticks = itertools.count()
+step = 0.5 if os.environ["RANK"] == "0" else 0.0
+heads.pretrain._clock = lambda: next(ticks) * step
+main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
 def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
     """torchrun with 2 CPU processes (the environment `accelerate launch` sets up): DDP over gloo, a
-    time budget every rank stops at together, only rank 0 writes and reports, model/ loads."""
+    time budget every rank stops at together, only rank 0 writes and reports, model/ loads.
+
+    The budget runs on a fake clock (see _FAKE_CLOCK_RUN), so the outcome does not depend on machine speed."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
+    script = tmp_path / "fake_clock_run.py"
+    script.write_text(_FAKE_CLOCK_RUN)
+    # 12 rows, 2 ranks, batch 2: 3 batches per epoch per rank. Budget 0.05 min = 3 s of rank 0's fake clock,
+    # i.e. 6 batches: the run stops in epoch 2, well before its 50 epochs.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            "pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
            "--hidden", "16", "--heads", "2", "--max-length", "16", "--batch-size", "2", "--epochs", "50",
-           "--max-minutes", "0.02", "--no-progress", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+           "--max-minutes", "0.05", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
     meta = json.loads((out / "run.json").read_text())
     assert meta["final"]["stopped_by"] == "max_minutes"
+    assert meta["final"]["steps"] == 6  # the same batch on both ranks, whatever the machine's speed
     from embstore.models import load_backbone
 
     assert load_backbone(str(out / "model")).n_layers == 1
