@@ -63,6 +63,7 @@ def main() -> None:
 @click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume).")
 @click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead).")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].")
+@click.option("--wait", is_flag=True, help="If another process is writing this store, wait for it, then resume or report it complete.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 @click.pass_context

@@ -21,6 +21,9 @@ from embstore.errors import (
     ModelNotFoundError,
     OutputNotWritableError,
     StoreIncompleteError,
+    RankFailedError,
+    StoreBusyError,
+    StoreDamagedError,
     StoreMismatchError,
     StoreNotFoundError,
 )
@@ -39,5 +42,5 @@ __all__ = [
     "__version__", "ExtractConfig", "extract", "open_store", "Store", "TokenStates", "parse_layers", "format_layers",
     "EmbstoreError", "ConfigError", "DataError", "ColumnNotFoundError", "DataFileNotFoundError", "DiskFullError",
     "LayerSpecError", "ModelNotFoundError", "OutputNotWritableError", "StoreIncompleteError", "StoreMismatchError",
-    "StoreNotFoundError",
+    "StoreNotFoundError", "StoreBusyError", "StoreDamagedError", "RankFailedError",
 ]

@@ -97,6 +97,8 @@ class ExtractConfig:
     """Worker processes that split the chunks between them."""
     device: str | None = None
     """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
+    wait: bool = False
+    """When another process is writing the same store, wait for it (then resume or find it complete) instead of failing."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in provenance, never in the fingerprint."""
 

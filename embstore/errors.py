@@ -20,6 +20,9 @@ __all__ = [
     "OutputNotWritableError",
     "DiskFullError",
     "ConfigError",
+    "StoreBusyError",
+    "StoreDamagedError",
+    "RankFailedError",
 ]
 
 
@@ -69,3 +72,15 @@ class OutputNotWritableError(EmbstoreError, PermissionError):
 
 class DiskFullError(EmbstoreError, OSError):
     """Not enough free space for the store."""
+
+
+class StoreBusyError(EmbstoreError, BlockingIOError):
+    """Another process holds the store's write lock."""
+
+
+class StoreDamagedError(EmbstoreError, ValueError):
+    """A store's metadata exists but cannot be parsed (a torn or edited zarr.json / HDF5 attribute)."""
+
+
+class RankFailedError(EmbstoreError, RuntimeError):
+    """One rank of a multi-process run failed; every rank stops with this error."""

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +23,13 @@ from embstore import layout as L
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data import Dataset, SplitData, load_dataset
 from embstore.encode import ChunkEncoder, ChunkJob, Encoded, length_order, tokenize
-from embstore.errors import ConfigError, DiskFullError, OutputNotWritableError, StoreMismatchError
+from embstore.errors import (
+    ConfigError, DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
+)
 from embstore.layers import parse_layers
+from embstore.lock import StoreLock
 from embstore.models import Backbone, load_backbone
+from embstore.ranks import Ranks
 from embstore.store import is_h5_path, open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
 
@@ -368,7 +372,7 @@ def _run_processes(config: ExtractConfig, plan: _Plan, write_path: str, pending:
         if p.exitcode != 0:
             failed.append((rank, p.exitcode))
     if failed:
-        raise RuntimeError(f"extraction worker(s) failed: {failed}; re-run the same command to resume from the written chunks")
+        raise RankFailedError(f"extraction worker process(es) failed (rank, exit code): {failed}; their errors are above; re-run the same command to resume from the written chunks")
 
 
 def _cuda_count() -> int:
@@ -377,37 +381,24 @@ def _cuda_count() -> int:
     return torch.cuda.device_count()
 
 
-def _init_distributed() -> Callable[[], None]:
-    """Join the process group that `accelerate launch` / torchrun set up in the environment
-    (gloo on CPU, nccl on GPUs) and return its barrier."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.barrier
-
-
-def _dist_env() -> tuple[int, int]:
-    """(rank, world size) when started by ``accelerate launch`` / torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
 def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResult:
     """Run the backbone once over every split and write (or finish) the store.
 
     Re-running with the same inputs finds the complete store and does nothing; an interrupted
-    store is resumed from its last finished row chunk.
+    store is resumed from its last finished row chunk. One process writes a store at a time (a
+    lock beside it; ``config.wait`` queues behind the holder). Under torchrun / accelerate launch
+    every rank plans, rank 0 takes the lock and creates the store, ranks write disjoint chunks,
+    and a failure on any rank stops them all with the same error (:mod:`embstore.ranks`).
     """
     t0 = time.perf_counter()
-    rank, world = _dist_env()
-    barrier = _init_distributed() if world > 1 else None
-    device = pick_device(config.device)
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    plan = _plan(config, device)
-    final, write_path = _paths(config, plan)
+    ranks = Ranks.from_env()
+    with ranks.phase("planning"):
+        device = pick_device(config.device)
+        if ranks.world > 1 and device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        plan = _plan(config, device)
+        final, write_path = _paths(config, plan)
+        state = _state(final, write_path, plan.fingerprint)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
     truncated = dict(plan.meta["truncated"])
 
@@ -415,66 +406,73 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
         return ExtractResult(path=final, status=status, rows=rows, truncated=truncated,
                              skipped_empty=dict(plan.dataset.skipped_empty), seconds=time.perf_counter() - t0)
 
-    status = "created"
-    if os.path.exists(final) or "://" in final:
-        existing = _existing(final)
-        if existing is not None:
-            fp, complete = existing
-            if fp != plan.fingerprint:
-                raise StoreMismatchError(f"{final} holds a store made from other inputs (fingerprint {fp[:12]}, this run {plan.fingerprint[:12]}); choose another --out or delete it.")
-            if complete:
-                return result("already complete")
-            status = "resumed"
-    if barrier is not None:
-        barrier()  # every rank has looked before rank 0 creates anything
-    if rank == 0:
-        if os.path.exists(write_path) or "://" in write_path:
-            existing = _existing(write_path)
-            if existing is not None and existing[0] != plan.fingerprint:
-                raise StoreMismatchError(f"{write_path} holds a partial store made from other inputs; delete it or choose another --out.")
-            status = "resumed" if existing is not None else status
-            if existing is None and os.path.exists(write_path):
-                raise StoreMismatchError(f"{write_path} exists and is not an embstore store; choose another --out or remove it.")
-        if status == "created":
-            _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
-            StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
-    if barrier is not None:
-        barrier()
-    writer = StoreWriter.open(write_path)
-    if writer.layout.chunk_rows != plan.layout.chunk_rows:
-        log.info("resuming with the store's own --chunk-rows %d", writer.layout.chunk_rows)
-    plan.layout = writer.layout  # same content (the fingerprint matched); its chunking wins
-    pending = {s: [int(c) for c in np.flatnonzero(~writer.done(s))] for s in plan.layout.splits}
-    if status == "resumed":
-        log.info("resuming %s: %d row chunks left", write_path, sum(map(len, pending.values())))
-    if world > 1:
-        # chunk c belongs to rank c % world, whatever the other ranks have written already
-        mine = {split: [c for c in chunks if c % world == rank] for split, chunks in pending.items()}
-        jobs = _jobs(plan, mine)
-        _run_jobs(plan.backbone, plan.layout, config, write_path, jobs, device, show_progress and rank == 0)
-        if barrier is not None:
-            barrier()
-        if rank != 0:
-            return result(status)
-    elif config.num_processes > 1:
-        del plan.backbone.model
-        _run_processes(config, plan, write_path, pending, device)
-    else:
-        _run_jobs(plan.backbone, plan.layout, config, write_path, _jobs(plan, pending), device, show_progress)
-    _finalize(writer, final, write_path)
+    if state == "complete":
+        return result("already complete")
+    lock = StoreLock(final) if "://" not in final else None
+    try:
+        with ranks.phase("creating the store"):
+            if ranks.main:
+                if state == "absent":  # before the lock file: a full disk or read-only --out leaves nothing behind
+                    _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
+                if lock is not None:
+                    lock.acquire(wait=config.wait, ranks=ranks.world)
+                    state = _state(final, write_path, plan.fingerprint)  # another writer may have finished meanwhile
+                if state == "absent":
+                    StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
+        state = str(ranks.share(state))
+        if state == "complete":
+            return result("already complete")
+        status = "resumed" if state == "partial" else "created"
+        with ranks.phase("writing row chunks"):
+            writer = StoreWriter.open(write_path)
+            if writer.layout.chunk_rows != plan.layout.chunk_rows:
+                log.info("resuming with the store's own --chunk-rows %d", writer.layout.chunk_rows)
+            plan.layout = writer.layout  # same content (the fingerprint matched); its chunking wins
+            pending = {s: [int(c) for c in np.flatnonzero(~writer.done(s))] for s in plan.layout.splits}
+            if status == "resumed" and ranks.main:
+                log.info("resuming %s: %d row chunks left", write_path, sum(map(len, pending.values())))
+            if ranks.world > 1:
+                # chunk c belongs to rank c % world, whatever the other ranks have written already
+                mine = {split: [c for c in chunks if c % ranks.world == ranks.rank] for split, chunks in pending.items()}
+                _run_jobs(plan.backbone, plan.layout, config, write_path, _jobs(plan, mine), device, show_progress and ranks.main)
+            elif config.num_processes > 1:
+                del plan.backbone.model
+                _run_processes(config, plan, write_path, pending, device)
+            else:
+                _run_jobs(plan.backbone, plan.layout, config, write_path, _jobs(plan, pending), device, show_progress)
+        with ranks.phase("finishing the store"):
+            if ranks.main:
+                _finalize(writer, final, write_path)
+    finally:
+        if lock is not None:
+            lock.release()
     return result(status)
 
 
-def _existing(path: str) -> tuple[str, bool] | None:
-    """(fingerprint, complete) of the store at ``path``, or None if it is not a readable store."""
-    try:
-        store = open_store(path, allow_incomplete=True)
-    except Exception:
-        return None
-    try:
-        return store.fingerprint, store.complete
-    finally:
-        store.close()
+def _state(final: str, write_path: str, fingerprint: str) -> str:
+    """'complete', 'partial' (resumable) or 'absent'; raises when something else is in the way.
+
+    A store made from other inputs is :class:`StoreMismatchError`; one whose metadata cannot be
+    parsed is :class:`StoreDamagedError` (from :func:`check_metadata`), never silently "not ours".
+    """
+    for path in dict.fromkeys((final, write_path)):
+        if "://" not in path and not os.path.exists(path):
+            continue
+        try:
+            store = open_store(path, allow_incomplete=True)
+        except StoreNotFoundError:
+            if "://" in path:
+                continue  # nothing at that URL yet
+            raise StoreMismatchError(f"{path} exists and is not an embstore store; choose another --out or remove it.") from None
+        with store:
+            if store.fingerprint != fingerprint:
+                what = "a store" if store.complete else "a partial store"
+                raise StoreMismatchError(f"{path} holds {what} made from other inputs (fingerprint {store.fingerprint[:12]}, this run {fingerprint[:12]}); choose another --out or delete it.")
+            if path == final and store.complete:
+                return "complete"
+            if path == write_path:
+                return "partial"
+    return "absent"
 
 
 def _finalize(writer: StoreWriter, final: str, write_path: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embstore import layout as L
-from embstore.errors import ConfigError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
+from embstore.errors import ConfigError, StoreDamagedError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
 from embstore.layers import parse_layers
 
 __all__ = ["Store", "TokenStates", "open_store", "is_h5_path", "chunk_selections", "digest_arrays"]
@@ -363,6 +363,38 @@ def _exists(path: str) -> bool:
     return "://" in path or os.path.exists(path)
 
 
+STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
+
+
+def check_metadata(path: str) -> None:
+    """Fail clearly before opening a local path that is not a readable store.
+
+    A directory of stores (what ``--out DIR`` makes) names the stores inside; a store whose root
+    metadata cannot be parsed is :class:`StoreDamagedError`, never mistaken for "not a store".
+    Remote (fsspec) paths are left to the backend.
+    """
+    if "://" in path:
+        return
+    root = Path(path)
+    if root.is_dir() and not is_h5_path(path):
+        meta = root / "zarr.json"
+        if not meta.is_file():
+            inside = sorted(c.name for c in root.iterdir() if c.name.endswith(STORE_SUFFIXES))
+            if inside:
+                shown = ", ".join(inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+                raise StoreNotFoundError(f"{path} is a directory of stores, not a store: it holds {shown}; pass one of them (e.g. {root / inside[0]}), or run 'embstore ls --dir {path}'.")
+            raise StoreNotFoundError(f"{path} is not an embstore store (no zarr.json); pass a path printed by 'embstore extract' or listed by 'embstore ls'.")
+        try:
+            json.loads(meta.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreDamagedError(f"{meta} cannot be parsed ({type(exc).__name__}: {str(exc).splitlines()[0]}); the store is damaged: run 'embstore verify {path}', or delete it and re-extract.") from None
+    elif root.is_file() and is_h5_path(path):
+        import h5py
+
+        if not h5py.is_hdf5(str(root)):
+            raise StoreDamagedError(f"{path} is not a readable HDF5 file (damaged or not a store); delete it and re-extract, or pass another path.")
+
+
 def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
                storage_options: dict[str, Any] | None = None) -> Store:
     """Open a store for reading.
@@ -375,6 +407,7 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
         if is_h5_path(p) and os.path.exists(p + ".partial.zarr"):
             raise StoreIncompleteError(f"{p} is incomplete (its extraction is staged in {p}.partial.zarr); re-run the same 'embstore extract' command to resume it.")
         raise StoreNotFoundError(f"No store at {p}; run 'embstore ls' to list the stores in the cache.")
+    check_metadata(p)
     try:
         backend: Backend = H5Backend(p) if is_h5_path(p) else ZarrBackend(p, storage_options)
     except (OSError, ValueError, KeyError) as exc:

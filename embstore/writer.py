@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from embstore import layout as L
-from embstore.errors import DiskFullError, OutputNotWritableError
+from embstore.errors import DiskFullError, OutputNotWritableError, StoreMismatchError
+from embstore.lock import owner_tag, stale_owner
 from embstore.store import chunk_selections, digest_arrays
 
 __all__ = ["StoreWriter", "export_h5", "io_errors"]
@@ -42,6 +43,65 @@ def io_errors(path: str) -> Iterator[None]:
 
 def _local(path: str) -> bool:
     return "://" not in path
+
+
+CREATING = ".creating-"
+"""A store is built in ``<path>.creating-<host>-<pid>`` and renamed into place."""
+
+
+def clean_stale_staging(path: str) -> None:
+    """Remove the ``.creating-*`` directories of runs that died while creating ``path``; a live owner's stay."""
+    for stale in Path(path).parent.glob(Path(path).name + CREATING + "*"):
+        if stale_owner(stale.name.rsplit(CREATING, 1)[1]):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, new files) durable; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (a freshly built skeleton: metadata and small arrays)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
+
+
+def _chunk_files(root: Path, arr: Any, selection: Any) -> list[Path]:
+    """Paths of the storage chunks of ``arr`` that ``selection`` touches (``...``, or a tuple of ints/slices)."""
+    shape, chunks = arr.shape, arr.chunks
+    if selection is Ellipsis:
+        selection = ()
+    ranges = []
+    for dim, (size, step) in enumerate(zip(shape, chunks)):
+        sel = selection[dim] if dim < len(selection) else slice(None)
+        if isinstance(sel, (int, np.integer)):
+            ranges.append(range(int(sel) // step, int(sel) // step + 1))
+        else:
+            start, stop, _ = sel.indices(size)
+            ranges.append(range(start // step, max(start, stop - 1) // step + 1) if stop > start else range(0))
+    import itertools
+
+    return [root / arr.path / arr.metadata.encode_chunk_key(coords) for coords in itertools.product(*ranges)]
 
 
 class StoreWriter:
@@ -66,11 +126,10 @@ class StoreWriter:
         import zarr
 
         lay = L.StoreLayout.from_dict(meta["layout"])
-        target = f"{path}.creating-{os.getpid()}" if _local(path) else path
+        target = f"{path}{CREATING}{owner_tag()}" if _local(path) else path
         with io_errors(path):
-            if _local(path):  # leftovers of runs killed while creating
-                for stale in Path(path).parent.glob(Path(path).name + ".creating-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
+            if _local(path):
+                clean_stale_staging(path)
             g = zarr.open_group(target, mode="w")
             for name, arr in arrays.items():
                 g.create_array(name, data=arr, chunks=(max(1, min(len(arr), 1 << 20)),), compressors=None)
@@ -95,7 +154,15 @@ class StoreWriter:
                                            dtype=lay.dtype, fill_value=0, compressors=None)
             g.attrs[L.ATTR_KEY] = meta
             if _local(path):
-                os.replace(target, path)
+                _fsync_tree(Path(target))
+                try:
+                    os.replace(target, path)
+                except OSError as exc:
+                    shutil.rmtree(target, ignore_errors=True)
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                        raise StoreMismatchError(f"{path} appeared while this run was creating it (something else wrote there without the store lock); remove it or choose another --out.") from None
+                    raise
+                fsync_dir(Path(path).parent)
         return cls.open(path)
 
     @classmethod
@@ -124,15 +191,36 @@ class StoreWriter:
         with io_errors(self.path):
             for name, sel in sels:
                 self.group[name][sel] = data[name]
+            # The data must be on disk before the flag that vouches for it: after a power loss a resume
+            # trusts every chunk whose done flag it finds.
+            self._sync([(name, sel) for name, sel in sels])
             digest = digest_arrays([(name, data[name]) for name, _ in sels])
             self.group[L.digest_path(split)][chunk] = np.frombuffer(digest, dtype=np.uint8)
+            self._sync([(L.digest_path(split), (chunk,))])
             self.group[L.done_path(split)][chunk] = 1
+            self._sync([(L.done_path(split), (chunk,))])
+
+    def _sync(self, regions: list[tuple[str, Any]]) -> None:
+        """fsync the chunk files (and their directories) that ``regions`` (array path, selection) wrote."""
+        if not _local(self.path):
+            return
+        dirs: set[Path] = set()
+        for name, sel in regions:
+            for f in _chunk_files(Path(self.path), self.group[name], sel):
+                if f.is_file():
+                    _fsync_file(f)
+                    dirs.add(f.parent)
+        for d in dirs:
+            fsync_dir(d)
 
     def finalize(self, updates: dict[str, Any]) -> None:
         """Mark the store complete (the last write of an extraction)."""
         meta = {**self.meta, **updates, "complete": True}
         with io_errors(self.path):
             self.group.attrs[L.ATTR_KEY] = meta
+            if _local(self.path):
+                _fsync_file(Path(self.path) / "zarr.json")
+                fsync_dir(Path(self.path))
         self.meta = meta
 
     def update_meta(self, updates: dict[str, Any]) -> None:
@@ -166,6 +254,7 @@ def export_h5(zarr_path: str, h5_path: str, rows_per_copy: int = 65536) -> None:
                             ds[s:s + rows_per_copy] = arr[s:s + rows_per_copy]
                 f.attrs[L.ATTR_KEY] = json.dumps(src.attrs[L.ATTR_KEY])
             os.replace(tmp, h5_path)
+            fsync_dir(Path(h5_path).parent)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
