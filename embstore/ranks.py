@@ -88,7 +88,7 @@ class Ranks:
         try:
             yield
         except Exception as exc:  # reported to the other ranks, then re-raised as the shared error
-            if not isinstance(exc, EmbstoreError):
+            if self.world > 1 and not isinstance(exc, EmbstoreError):
                 log.exception("rank %d failed during %s", self.rank, name)
             error = exc
         self.check(error)
