@@ -28,48 +28,51 @@ def main() -> None:
     """Run a frozen backbone once; store every layer; probe them from the store."""
 
 
-@main.command()
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it.")
-@click.option("--data", help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets (the default when no --split is given).")
-@click.option("--split", "splits", multiple=True, callback=_split_option, help="NAME=FILE, one per split (repeatable).")
-@click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split (seeded, stratified).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout.")
-@click.option("--text-col", help="Text column [default: text].")
-@click.option("--text-pair-col", help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers.")
-@click.option("--towers", is_flag=True, help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b').")
-@click.option("--label-col", help="Label column (strings or integers).")
-@click.option("--audio-col", help="Audio: column of audio file paths (relative to the table); needs a speech --model.")
-@click.option("--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split.")
-@click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds.")
-@click.option("--skip-bad", is_flag=True, help="Audio: drop rows whose file is missing, unreadable or empty instead of failing.")
-@click.option("--augment", help="Audio: augmented training copies with these transforms: comma list of noise, shift, speed.")
-@click.option("--copies", type=int, default=1, show_default=True, help="Augmented copies per chosen training row.")
-@click.option("--augment-classes", default="minority", show_default=True, help="Rows to augment: minority (classes below the mean size), all, or a comma list of labels.")
-@click.option("--snr-db", type=float, default=20.0, show_default=True, help="Noise augmentation: signal-to-noise ratio in dB.")
-@click.option("--batch-seconds", type=float, default=60.0, show_default=True, help="Audio: most padded seconds of audio per forward batch.")
-@click.option("--bucket/--no-bucket", default=True, show_default=True, help="Sort rows by length (tokens or duration) so batches hold similar lengths.")
-@click.option("--model", default="minilm", show_default=True, help="minilm, random:NAME (tiny-bert, bert-base, hubert-tiny, hubert-base...), a local HF directory, or a Hub id in the local HF cache.")
-@click.option("--layers", default="all", show_default=True, help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings).")
-@click.option("--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio].")
-@click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers).")
-@click.option("--max-length", type=int, default=256, show_default=True, help="Truncate inputs to this many tokens.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch.")
-@click.option("--token-budget", type=int, default=16384, show_default=True, help="Most padded tokens per forward batch.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype.")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True, help="Store format.")
-@click.option("--out", help="Store path (*.zarr / *.h5) or a directory for the store [default: $EMBSTORE_CACHE or ./cache].")
-@click.option("--limit", type=int, help="Keep the first N rows of each split.")
-@click.option("--skip-empty", is_flag=True, help="Drop empty or missing text rows instead of failing.")
-@click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume).")
-@click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead).")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].")
-@click.option("--wait", is_flag=True, help="If another process is writing this store, wait for it, then resume or report it complete.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Log more.")
-@click.pass_context
-def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: bool, **opts: Any) -> None:
-    """Run the backbone once over every split and store every chosen layer."""
-    setup_logging(verbose)
+def extract_options(f: Any) -> Any:
+    """The options of ``embstore extract``, shared by ``embstore plan`` (which takes exactly the same)."""
+    for option in reversed([
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
+        click.option("--data", help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets (the default when no --split is given)."),
+        click.option("--split", "splits", multiple=True, callback=_split_option, help="NAME=FILE, one per split (repeatable)."),
+        click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split (seeded, stratified)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout."),
+        click.option("--text-col", help="Text column [default: text]."),
+        click.option("--text-pair-col", help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers."),
+        click.option("--towers", is_flag=True, help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b')."),
+        click.option("--label-col", help="Label column (strings or integers)."),
+        click.option("--audio-col", help="Audio: column of audio file paths (relative to the table); needs a speech --model."),
+        click.option("--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split."),
+        click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds."),
+        click.option("--skip-bad", is_flag=True, help="Audio: drop rows whose file is missing, unreadable or empty instead of failing."),
+        click.option("--augment", help="Audio: augmented training copies with these transforms: comma list of noise, shift, speed."),
+        click.option("--copies", type=int, default=1, show_default=True, help="Augmented copies per chosen training row."),
+        click.option("--augment-classes", default="minority", show_default=True, help="Rows to augment: minority (classes below the mean size), all, or a comma list of labels."),
+        click.option("--snr-db", type=float, default=20.0, show_default=True, help="Noise augmentation: signal-to-noise ratio in dB."),
+        click.option("--batch-seconds", type=float, default=60.0, show_default=True, help="Audio: most padded seconds of audio per forward batch."),
+        click.option("--bucket/--no-bucket", default=True, show_default=True, help="Sort rows by length (tokens or duration) so batches hold similar lengths."),
+        click.option("--model", default="minilm", show_default=True, help="minilm, random:NAME (tiny-bert, bert-base, hubert-tiny, hubert-base...), a local HF directory, or a Hub id in the local HF cache."),
+        click.option("--layers", default="all", show_default=True, help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings)."),
+        click.option("--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio]."),
+        click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
+        click.option("--max-length", type=int, default=256, show_default=True, help="Truncate inputs to this many tokens."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch."),
+        click.option("--token-budget", type=int, default=16384, show_default=True, help="Most padded tokens per forward batch."),
+        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype."),
+        click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True, help="Store format."),
+        click.option("--out", help="Store path (*.zarr / *.h5) or a directory for the store [default: $EMBSTORE_CACHE or ./cache]."),
+        click.option("--limit", type=int, help="Keep the first N rows of each split."),
+        click.option("--skip-empty", is_flag=True, help="Drop empty or missing text rows instead of failing."),
+        click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume)."),
+        click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead)."),
+        click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present]."),
+        click.option("--wait", is_flag=True, help="If another process is writing this store, wait for it, then resume or report it complete."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str, Any]) -> Any:
+    """The ExtractConfig of the command line: the --config file, then the flags given (which override it)."""
     from embstore.config import ExtractConfig
 
     values = load_yaml_config(config_file)
@@ -88,9 +91,20 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
     if out and str(out).endswith((".h5", ".hdf5")):
         values["format"] = "h5"
     try:
-        config = ExtractConfig.from_dict(values)
+        return ExtractConfig.from_dict(values)
     except TypeError as exc:
         raise UserError(f"Bad option in {config_file}: {exc}") from None
+
+
+@main.command()
+@extract_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.pass_context
+def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: bool, **opts: Any) -> None:
+    """Run the backbone once over every split and store every chosen layer."""
+    setup_logging(verbose)
+    config = _extract_config(ctx, config_file, opts)
     from embstore.extraction import extract as run_extract
 
     result = run_extract(config, show_progress=not quiet)
@@ -106,6 +120,61 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
         what = "unusable audio rows" if config.audio_col else "empty rows"
         click.echo(f"skipped {what}: {skipped} ({result.skipped_empty})", err=True)
     click.echo(result.path)
+
+
+@main.command()
+@extract_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (bytes, estimated_seconds, splits...).")
+@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry with extract.", hidden=True)
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.pass_context
+def plan(ctx: click.Context, config_file: str | None, as_json: bool, quiet: bool, verbose: bool, **opts: Any) -> None:
+    """Say what 'embstore extract' with these options would do: rows, tokens, bytes, free disk, time.
+
+    Takes exactly the options of extract. Reads and tokenizes the data and times a few real batches;
+    the model does not run over the whole data and nothing is written.
+    """
+    setup_logging(verbose)
+    config = _extract_config(ctx, config_file, opts)
+    from embstore.plan import plan_extraction
+
+    report = plan_extraction(config)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    click.echo(_plan_text(report))
+
+
+def _plan_text(r: Any) -> str:
+    state = {"absent": "new", "partial": "partial: a run resumes it", "complete": "complete: a run does nothing"}[r.state]
+    lines = [f"store      {r.path} ({state})", f"model      {r.model} on {r.device} ({r.modality})"]
+    for name, s in r.splits.items():
+        size = (f"{s['seconds']:.1f} s of audio, {s['frames']} frames, {s['truncated']} cropped"
+                + (f", {s['augmented']} augmented" if s.get("augmented") else "")) if r.modality == "audio" \
+            else f"{s['tokens']} tokens, {s['truncated']} truncated"
+        lines.append(f"split      {name}: {s['rows']} rows, {size}, {s['chunks_left']}/{s['chunks']} chunks to write")
+    d = r.bytes_detail
+    parts = [f"{p} {_human(n)}" for p, n in d["pooled"].items()] + [f"tokens of layer {k} {_human(n)}" for k, n in d["tokens"].items()]
+    parts.append(f"metadata and row arrays {_human(d['metadata_and_row_arrays'] + d['progress'])}")
+    lines.append(f"bytes      {_human(r.bytes)} ({r.bytes} bytes{'' if r.bytes_exact else ', estimated'}): " + ", ".join(parts))
+    if r.peak_bytes > r.bytes:
+        lines.append(f"peak       {_human(r.peak_bytes)} while extracting (HDF5 is staged as zarr, then exported)")
+    if r.free_bytes is not None:
+        verdict = "enough" if r.free_bytes >= r.peak_bytes else "NOT ENOUGH: free space or choose another --out"
+        lines.append(f"disk       {_human(r.free_bytes)} free where the store goes ({verdict})")
+    t = r.timing
+    timed = (f"{t['batches_timed']} of {t['batches']} batches timed ({t['rows_timed']} rows in {t['seconds_timed']:.2f} s)"
+             if t.get("batches_timed") else "nothing to encode")
+    lines.append(f"time       about {_duration(r.estimated_seconds)} on {r.device}: {timed}, planning {t['planning_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _human(n: float) -> str:

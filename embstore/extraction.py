@@ -307,24 +307,27 @@ def _jobs(plan: _Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
     return jobs
 
 
+def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, device: str) -> ChunkEncoder:
+    """The chunk encoder an extraction with ``config`` runs (``embstore plan`` times the same one)."""
+    common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
+                                  batch_size=config.batch_size, token_budget=config.token_budget, device=device)
+    if backbone.modality == "audio":
+        from embstore.speech import AudioChunkEncoder
+
+        rate = backbone.sampling_rate
+        return AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
+                                 max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
+                                 **common)
+    return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
+
+
 def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, write_path: str, jobs: list[ChunkJob],
               device: str, show_progress: bool, desc: str = "extract") -> None:
     """Encode row chunks and write each in a background thread while the model runs the next."""
     from tqdm import tqdm
 
     writer = StoreWriter.open(write_path)
-    common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
-                  batch_size=config.batch_size, token_budget=config.token_budget, device=device)
-    encoder: ChunkEncoder
-    if backbone.modality == "audio":
-        from embstore.speech import AudioChunkEncoder
-
-        rate = backbone.sampling_rate
-        encoder = AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
-                                    max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
-                                    **common)
-    else:
-        encoder = ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
+    encoder = make_encoder(backbone, lay, config, device)
     total = sum(j.n_rows for j in jobs)
     bar = tqdm(total=total, unit="ex", desc=desc, disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
     pending: Future[None] | None = None
