@@ -60,13 +60,16 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
     """Read the corpus, pick or carve the held-out rows and train (or load) the tokenizer.
 
     ``saved_tokenizer``: a resumed run's checkpoint tokenizer, used instead of training a new one when present.
+    The provenance's ``eval_set`` identifies the held-out rows (:mod:`heads.evalset`).
     """
+    from heads.evalset import eval_set, source_sha256
 
     ds = config.source.load()
     train, held, eval_from = _split_roles(config, ds.splits)
     texts, pairs = list(train.texts), None if train.pairs is None else list(train.pairs)
     if held is not None:
         ev_texts, ev_pairs = list(held.texts), None if held.pairs is None else list(held.pairs)
+        scored = eval_set(source_sha256(ds.sources, held.name), held.row_ids)
     else:
         if len(texts) < 2:
             raise DataError(f"The corpus has {len(texts)} row; holding rows out for perplexity needs at least 2. "
@@ -74,6 +77,7 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
         order = np.random.default_rng(config.source.seed).permutation(len(texts))
         n_eval = min(len(texts) - 1, max(1, round(config.heldout_fraction * len(texts))))
         ev_idx, tr_idx = sorted(order[:n_eval].tolist()), sorted(order[n_eval:].tolist())
+        scored = eval_set(source_sha256(ds.sources, train.name), train.row_ids[ev_idx])
         ev_texts, texts = [texts[i] for i in ev_idx], [texts[i] for i in tr_idx]
         ev_pairs = None if pairs is None else [pairs[i] for i in ev_idx]
         pairs = None if pairs is None else [pairs[i] for i in tr_idx]
@@ -93,7 +97,7 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
     provenance = {"sources": ds.sources, "sources_sha256": [s["sha256"] for s in ds.sources],
                   "tokenizer": how, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
                   "vocab_size": len(tok), "train_rows": len(texts), "eval_rows": len(ev_texts), "eval_from": eval_from,
-                  "pairs": pairs is not None}
+                  "pairs": pairs is not None, "eval_set": scored}
     log.info("corpus: %d training rows, %d held-out rows (%s); vocabulary %d (%s)", len(texts), len(ev_texts),
              eval_from, len(tok), how)
     return PretrainData(tokenizer=tok, train_texts=texts, train_pairs=pairs, eval_texts=ev_texts, eval_pairs=ev_pairs,

@@ -10,6 +10,7 @@ from typing import Any
 
 from embstore._version import __version__
 from embstore.errors import OutputNotWritableError
+from heads.evalset import EVAL_SET_KEY
 from heads.pretrain_config import PretrainConfig
 
 __all__ = ["LOG_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "read_log", "write_outputs"]
@@ -25,7 +26,8 @@ def write_outputs(run_dir: Path, config: PretrainConfig, data: Any, bert_config:
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = {"name": run_dir.name, "kind": "pretrain", "tool_version": __version__,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"), "config": config.to_dict(),
-                "model_config": bert_config.to_diff_dict(), "corpus": data.provenance, "final": final}
+                "model_config": bert_config.to_diff_dict(), "corpus": data.provenance,
+                EVAL_SET_KEY: data.provenance.get(EVAL_SET_KEY), "final": final}
         (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         (run_dir / LOG_FILE).write_text("".join(json.dumps(h, default=str) + "\n" for h in history))
         _plot(run_dir / PLOT_FILE, history)

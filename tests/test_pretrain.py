@@ -260,3 +260,22 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
     from embstore.models import load_backbone
 
     assert load_backbone(str(out / "model")).n_layers == 1
+
+
+def test_run_records_which_rows_were_held_out(tiny_csv, tmp_path):
+    """run.json's eval_set names the held-out file and rows, like a sweep's or a fine-tune's (heads.evalset)."""
+    from embstore.data import file_sha256
+    from heads.evalset import eval_set
+
+    held = tmp_path / "held.csv"
+    pd.read_csv(tiny_csv).head(5).to_csv(held, index=False)
+    res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": None, "splits": [["train", str(tiny_csv)],
+                                                                                   ["validation", str(held)]],
+                                                 "max_steps": 1, "out": str(tmp_path / "r")}), show_progress=False)
+    recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
+    assert recorded == eval_set(file_sha256(held), range(5)) and recorded["rows"] == 5
+    carved = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(tiny_csv), "heldout_fraction": 0.25,
+                                                    "max_steps": 1, "out": str(tmp_path / "c")}), show_progress=False)
+    meta = json.loads((carved.run_dir / "run.json").read_text())
+    assert meta["eval_set"]["rows"] == meta["corpus"]["eval_rows"] == 3
+    assert meta["eval_set"]["source_sha256"] == file_sha256(tiny_csv) and meta["eval_set"] != recorded
