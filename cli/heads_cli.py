@@ -195,13 +195,16 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) or 512,128.")
 @click.option("--dropout", type=float, help="mlp dropout [default: 0.1].")
 @click.option("--pooling", type=click.Choice(["cls", "mean"]))
-@click.option("--lr", type=float)
+@click.option("--lr", type=float, help="Backbone learning rate [default: 5e-5].")
+@click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's [default: 1e-3].")
 @click.option("--weight-decay", type=float)
 @click.option("--batch-size", type=int)
 @click.option("--epochs", type=int)
-@click.option("--patience", type=int)
+@click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off).")
+@click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs.")
 @click.option("--warmup-ratio", type=float)
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "exponential"]))
+@click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1].")
 @click.option("--grad-accum", type=int)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
 @click.option("--seed", type=int)
@@ -209,8 +212,9 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
               "per-fold rows and mean +- std; no model/ is kept.")
 @click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint.")
 @click.option("--out", help="Run directory.")
+@click.option("--progress/--no-progress", default=True, help="tqdm bar per epoch with loss and examples/s.")
 @click.option("-v", "--verbose", is_flag=True)
-def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **opts: Any) -> None:
+def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
     from heads.finetune import FinetuneConfig, run_finetune
@@ -224,7 +228,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **
         values.setdefault("data", None)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:
-        result = run_finetune(FinetuneConfig.from_dict(values))
+        result = run_finetune(FinetuneConfig.from_dict(values), show_progress=progress)
         if quiet_rank:
             return
         if result.folds:
@@ -239,7 +243,8 @@ def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **
     for variant in runs:
         variant = dict(variant)
         name = str(variant.pop("name"))
-        result = run_finetune(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}))
+        result = run_finetune(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}),
+                              show_progress=progress)
         click.echo(f"{name}: accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}", err=True)
         dirs.append(result.run_dir)
     click.echo(str(write_report(dirs, base / "report")))

@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from embstore.errors import ConfigError
 from embstore.surgery import (
     count_parameters,
     freeze,
-    head_importance,
-    heads_to_prune,
     parse_freeze,
     parse_prune_spec,
     prune_heads,
@@ -39,7 +34,8 @@ from embstore.surgery import (
 )
 from heads.finetune_config import FinetuneConfig
 from heads.finetune_data import Rows, collate, rounds, split_rows
-from heads.training import EpochSampler, fingerprint, make_scheduler, read_checkpoint
+from heads.finetune_loop import EarlyStopping, RoundTrainer, importance_pruning, state_copy
+from heads.training import EpochSampler, fingerprint, read_checkpoint
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "SequenceClassifier", "run_finetune", "config_fingerprint"]
 
@@ -106,94 +102,20 @@ class SequenceClassifier(nn.Module):
 # --------------------------------------------------------------------------- checkpoint identity
 
 
-def config_fingerprint(config: FinetuneConfig, weights_sha256: str) -> str:
-    """sha256 of the config (minus out/resume/epochs/device) and the backbone's weights hash."""
-    return fingerprint(_fingerprinted(config), weights_sha256)
+def config_fingerprint(config: FinetuneConfig, weights_sha256: str, sources: list[dict[str, Any]] | None = None) -> str:
+    """sha256 of the config (minus out/resume/epochs/device), the backbone's weights hash and, given the loaded
+    data's provenance ``sources``, the data files' content (so a resumed run refuses an edited file)."""
+    return fingerprint(_fingerprinted(config, sources), weights_sha256)
 
 
-def _fingerprinted(config: FinetuneConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+def _fingerprinted(config: FinetuneConfig, sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    d = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    if sources is not None:
+        d["data_content"] = config.source.fingerprinted(sources)["data"]
+    return d
 
 
 # --------------------------------------------------------------------------- training
-
-
-class _Trainer:
-    """The accelerate objects for one model shape; rebuilt after pruning changes parameter shapes."""
-
-    def __init__(self, config: FinetuneConfig, model: SequenceClassifier, loaders: dict[str, DataLoader[Any]],
-                 done_steps: int = 0) -> None:
-        from accelerate import Accelerator
-
-        cpu = config.device == "cpu" or not torch.cuda.is_available()
-        self.acc = Accelerator(mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum,
-                               cpu=cpu)
-        per_epoch = math.ceil(len(loaders["train"]) / config.optim.grad_accum)
-        total = per_epoch * config.optim.epochs
-        warmup = int(config.optim.warmup_ratio * total)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("Every parameter is frozen (freeze covers all layers and there is nothing to train); "
-                              "freeze fewer layers, e.g. 'all-but-last'.")
-        opt = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        sched = make_scheduler(opt, config.optim.schedule, warmup=warmup, total=total, per_epoch=per_epoch,
-                               gamma=config.gamma, done_steps=done_steps)
-        self.steps = done_steps
-        self.model, self.opt, self.train, self.sched, self.val, self.eval = self.acc.prepare(
-            model, opt, loaders["train"], sched, loaders["val"], loaders["eval"])
-
-    def epoch(self) -> float:
-        """One pass over the training rows; returns the mean loss."""
-        self.model.train()
-        losses = []
-        for batch in self.train:
-            with self.acc.accumulate(self.model):
-                labels = batch.pop("labels")
-                loss = nn.functional.cross_entropy(self.model(**batch), labels)
-                self.acc.backward(loss)
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad()
-                if self.acc.sync_gradients:
-                    self.steps += 1
-            losses.append(float(loss.detach()))
-        return float(np.mean(losses)) if losses else float("nan")
-
-    def predict(self, loader: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(y_true, y_pred) over a prepared loader, gathered across processes."""
-        self.model.eval()
-        ys, ps = [], []
-        with torch.no_grad():
-            for batch in loader:
-                labels = batch.pop("labels")
-                pred = self.model(**batch).argmax(-1)
-                pred, labels = self.acc.gather_for_metrics((pred, labels))
-                ys.append(labels.cpu().numpy())
-                ps.append(pred.cpu().numpy())
-        return np.concatenate(ys), np.concatenate(ps)
-
-    def lr(self) -> float:
-        return float(self.sched.get_last_lr()[0])
-
-
-def _importance_pruning(model: SequenceClassifier, loader: DataLoader[Any], config: FinetuneConfig) -> dict[int, list[int]]:
-    """Prune the least important heads (importance on ``prune_batches`` training batches); returns what was removed."""
-    def loss_fn(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        device = next(m.parameters()).device
-        inputs = {k: v.to(device) for k, v in batch.items()}
-        labels = inputs.pop("labels")
-        return nn.functional.cross_entropy(m(**inputs), labels)
-
-    batches = [b for _, b in zip(range(config.prune_batches), loader)]
-    importance = head_importance(model, batches, loss_fn)  # (L, H)
-    plan = heads_to_prune(importance, config.prune_fraction or 0.0, config.min_heads_per_layer)
-    prune_heads(model.encoder, plan)
-    log.info("pruned heads after epoch 1 by importance: %s", plan)
-    return plan
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass
@@ -211,16 +133,19 @@ class _Outcome:
 
 
 def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_classes: int, label_names: list[str],
-               train: Any, fit_pool: np.ndarray, evaluation: Any, eval_rows: np.ndarray, ckpt: Path, fingerprint: str,
-               weights_sha256: Any, resumed: dict[str, Any] | None) -> _Outcome:
+               train: Any, fit_pool: np.ndarray, evaluation: Any, eval_rows: np.ndarray, ckpt: Path,
+               identity: tuple[str, dict[str, Any]],
+               weights_sha256: Any, resumed: dict[str, Any] | None, show_progress: bool = False) -> _Outcome:
     """Train a classifier on ``encoder`` over ``fit_pool`` rows (a validation share carved for early stopping),
-    checkpointing to ``ckpt`` every epoch, and score ``eval_rows`` of ``evaluation`` with the best epoch's weights."""
+    checkpointing to ``ckpt`` every epoch, and score ``eval_rows`` of ``evaluation`` with the best epoch's weights.
+
+    Early stopping: :class:`heads.finetune_loop.EarlyStopping` (``patience``, ``min_epochs``)."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
 
     from embstore.encode import tokenize
     from heads.config import HeadConfig
-    from heads.estimator import BestTracker, make_split
+    from heads.estimator import make_split
     from heads.metrics import classification_metrics
 
     set_seed(config.source.seed)
@@ -245,7 +170,12 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
         "eval": DataLoader(rows(evaluation, eval_rows), batch_size=config.optim.batch_size, collate_fn=fn)}
 
     importance_pruned: dict[int, list[int]] = {}
-    tracker = BestTracker(config.patience)
+    epochs = config.optim.epochs
+
+    def new_stopper() -> EarlyStopping:
+        return EarlyStopping(config.patience, config.min_epochs, epochs)
+
+    stopper = new_stopper()
     history: list[dict[str, Any]] = []
     start, done_steps = 1, 0
     if resumed is not None:
@@ -253,57 +183,54 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
         if importance_pruned:
             prune_heads(encoder, importance_pruned)
         done_steps = int(resumed["steps"])
-    trainer = _Trainer(config, model, loaders, done_steps)
+    trainer = RoundTrainer(config, model, loaders, done_steps, show_progress)
     if resumed is not None:
         trainer.acc.load_state(str(ckpt))
         history, start = list(resumed["history"]), int(resumed["epoch"]) + 1
-        tracker.best_f1, tracker.best_epoch, tracker.bad = resumed["best_f1"], resumed["best_epoch"], resumed["bad"]
-        tracker.stopped = bool(resumed["stopped"])
-        if (ckpt / BEST_FILE).is_file():
-            tracker.state = load_file(str(ckpt / BEST_FILE))
+        stopper.load(resumed, load_file(str(ckpt / BEST_FILE)) if (ckpt / BEST_FILE).is_file() else None)
         log.info("resumed from epoch %d of %s", start - 1, ckpt)
 
     epoch_seconds: list[float] = []
     train_seconds = 0.0
-    for epoch in range(start, config.optim.epochs + 1):
-        if tracker.stopped:
+    for epoch in range(start, epochs + 1):
+        if stopper.stopped:
             break
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        loss = trainer.epoch()
-        lr = trainer.lr()
+        loss = trainer.epoch(epoch)
+        lr, head_lr = trainer.lr()
         if epoch == 1 and config.prune_fraction is not None:
             unwrapped = trainer.acc.unwrap_model(trainer.model)
-            importance_pruned = _importance_pruning(unwrapped, loaders["train"], config)
-            trainer = _Trainer(config, unwrapped, loaders, trainer.steps)  # new shapes: new optimizer
-            tracker = BestTracker(config.patience)  # the unpruned epoch's weights no longer fit
+            importance_pruned = importance_pruning(unwrapped, loaders["train"], config)
+            trainer = RoundTrainer(config, unwrapped, loaders, trainer.steps, show_progress)  # new shapes: new optimizer
+            stopper = new_stopper()  # the unpruned epoch's weights no longer fit
         y_val, p_val = trainer.predict(trainer.val) if len(val_rows) else (np.zeros(0), np.zeros(0))
         val = classification_metrics(y_val, p_val, label_names) if len(y_val) else {"accuracy": None, "f1_macro": None}
         seconds = time.perf_counter() - t0
         epoch_seconds.append(seconds)
         train_seconds += seconds
+        one_class = EarlyStopping.one_class(y_val, p_val)
         history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val["accuracy"],
-                        "val_f1_macro": val["f1_macro"], "lr": lr})
+                        "val_f1_macro": val["f1_macro"], "lr": lr, "head_lr": head_lr, "one_class": one_class})
         log.info("epoch %d: loss %.4f, val macro-F1 %s", epoch, loss, val["f1_macro"])
-        tracker.update(epoch, val["f1_macro"], lambda: _state(trainer.acc.unwrap_model(trainer.model)))
+        stopper.update(epoch, val["f1_macro"], one_class, lambda: state_copy(trainer.acc.unwrap_model(trainer.model)))
         trainer.acc.save_state(str(ckpt))
         main = trainer.acc.is_main_process  # ranks hold identical weights and scores; one writes
-        if main and tracker.state is not None and tracker.best_epoch == epoch:
-            save_file(tracker.state, str(ckpt / BEST_FILE))
+        if main and stopper.state is not None and stopper.best_epoch == epoch:
+            save_file(stopper.state, str(ckpt / BEST_FILE))
         if main:
             (ckpt / CHECKPOINT_FILE).write_text(json.dumps({
-                "epoch": epoch, "steps": trainer.steps, "best_f1": tracker.best_f1, "best_epoch": tracker.best_epoch,
-                "bad": tracker.bad, "stopped": tracker.stopped, "history": history, "fingerprint": fingerprint,
-                "weights_sha256": weights_sha256, "config": _fingerprinted(config),
+                "epoch": epoch, "steps": trainer.steps, **stopper.to_dict(), "history": history,
+                "fingerprint": identity[0], "weights_sha256": weights_sha256, "config": identity[1],
                 "importance_pruned": {str(k): v for k, v in importance_pruned.items()}}, indent=2, default=str))
         trainer.acc.wait_for_everyone()
 
     final = trainer.acc.unwrap_model(trainer.model)
-    if tracker.state is not None:
-        final.load_state_dict(tracker.state)
+    if stopper.state is not None:
+        final.load_state_dict(stopper.state)
     y_eval, p_eval = trainer.predict(trainer.eval)
     return _Outcome(model=final, metrics=classification_metrics(y_eval, p_eval, label_names), history=history,
-                    best_epoch=tracker.best_epoch if tracker.best_epoch > 0 else None, epoch_seconds=epoch_seconds,
+                    best_epoch=stopper.best_epoch if stopper.best_epoch > 0 else None, epoch_seconds=epoch_seconds,
                     train_seconds=train_seconds, importance_pruned=importance_pruned,
                     is_main=trainer.acc.is_main_process)
 
@@ -323,17 +250,22 @@ def _save_model_dir(final: SequenceClassifier, tokenizer: Any, run_dir: Path, co
         "n_classes": len(label_names), "max_length": config.max_length}, indent=2))
 
 
-def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> FinetuneResult:
     """Fine-tune ``config.model`` on the data and write a run directory (results, summary, model/).
 
     With ``folds`` K, K models are trained from the same starting backbone on stratified folds of the
     training rows, each scored on its held-out fold: one result row per fold (reported as mean +- std),
     checkpoints under checkpoint/fold-K, and no model/ (train without --folds for a model to keep).
     Returns the (mean) evaluation accuracy and macro-F1, trainable/total parameters and seconds per epoch.
+    ``show_progress``: a tqdm bar per epoch with the running loss and examples/s.
+
+    run.json records ``eval_set``, the id of the scored rows (:mod:`heads.evalset`): the evaluation split's
+    rows, or with ``folds`` every training row (the union of the held-out folds).
     """
     import copy
 
     from embstore.models import load_backbone
+    from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
     from heads.metrics import majority_accuracy
     from heads.results import ResultRow, RunWriter
 
@@ -341,7 +273,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     tr, te, rows_tr, rows_te, label_names, sources = split_rows(config)
     backbone = load_backbone(config.model, "cpu")
     weights_sha = backbone.identity.get("weights_sha256")
-    fp = config_fingerprint(config, str(weights_sha or ""))
+    fp = config_fingerprint(config, str(weights_sha or ""), sources["sources"])
+    fp_config = _fingerprinted(config, sources["sources"])
 
     # Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape).
     encoder = backbone.model
@@ -362,14 +295,15 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     outcome: _Outcome | None = None
     for rnd in plan:
         ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
-        resumed = read_checkpoint(ckpt, CHECKPOINT_FILE, fp, _fingerprinted(config)) if config.resume else None
+        resumed = read_checkpoint(ckpt, CHECKPOINT_FILE, fp, fp_config) if config.resume else None
         if resumed is not None and resumed.get("row") is not None:  # a fold that finished before the interruption
             result_rows.append(ResultRow.from_dict(resumed["row"]))
             log.info("fold %s finished before; its result is reused", rnd.fold)
             continue
         start_encoder = encoder if len(plan) == 1 else copy.deepcopy(encoder)  # every fold starts from the backbone
         outcome = _fit_round(config, start_encoder, backbone.tokenizer, len(label_names), label_names, tr,
-                             rnd.fit_rows, rnd.eval_data, rnd.eval_rows, ckpt, fp, weights_sha, resumed)
+                             rnd.fit_rows, rnd.eval_data, rnd.eval_rows, ckpt, (fp, fp_config), weights_sha, resumed,
+                             show_progress)
         metrics = outcome.metrics
         trainable, total = count_parameters(outcome.model)
         row = ResultRow(
@@ -409,6 +343,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             "train_rows": int(len(rows_tr)), "eval_rows": int(len(rows_te)),
             "majority_accuracy": majority_accuracy(y_train, te.labels[rows_te]), "config": config.to_dict(),
             "fingerprint": fp, **sources}
+    scored_split, scored = (te, te.row_ids[rows_te]) if config.folds is None else (tr, tr.row_ids[rows_tr])
+    meta[EVAL_SET_KEY] = eval_set(source_sha256(sources["sources"], scored_split.name), scored)
     if config.folds is not None:
         meta["folds"] = {"k": config.folds, "seed": config.source.seed, "stratified": True,
                          "accuracy_mean": acc_mean, "accuracy_std": acc_std, "f1_macro_mean": f1_mean,

@@ -53,8 +53,16 @@ class FinetuneConfig:
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (linear, cosine, exponential), grad_accum,
     mixed_precision; flat keys in YAML."""
+    head_lr: float = 1e-3
+    """Learning rate of the freshly initialised classifier (the backbone gets ``lr``): a random head needs a far
+    larger step than pretrained weights, or a small data set ends in a majority-class model."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this before every optimizer step (0: no clipping), as the Trainer does."""
     patience: int = 2
     """Epochs without a better validation macro-F1 before stopping (0: never; the last epoch wins)."""
+    min_epochs: int = 2
+    """Early stopping never stops before this many epochs; epochs whose validation predictions are all one
+    class (the classifier has not moved yet) do not count against the patience."""
     gamma: float = 0.9
     """exponential: lr multiplier per epoch."""
     train_split: str = "train"
@@ -90,6 +98,13 @@ class FinetuneConfig:
             raise ConfigError(f"The 'folds' option must be at least 2 (K-fold cross-validation); got {self.folds}.")
         if self.patience < 0:
             raise ConfigError(f"The 'patience' option must be 0 (off) or more epochs; got {self.patience}.")
+        if self.min_epochs < 1:
+            raise ConfigError(f"The 'min_epochs' option must be a positive number of epochs; got {self.min_epochs}.")
+        if not self.head_lr > 0:
+            raise ConfigError(f"The 'head_lr' option (the classifier's learning rate) must be positive; got "
+                              f"{self.head_lr}. Use e.g. --head-lr 0.001.")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"The 'max_grad_norm' option must be 0 (no clipping) or more; got {self.max_grad_norm}.")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}.")
         if not 0.0 < self.gamma <= 1.0:

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -50,6 +51,7 @@ def test_run_writes_outputs_and_beats_majority(sep_csv, tmp_path):
     assert res.accuracy > meta["majority_accuracy"] + 0.2
     (row,) = rows
     assert row.combine == "finetune" and row.layers == "2" and row.pooling == "mean" and len(row.history) == 4
+    assert row.history[0]["head_lr"] / row.history[0]["lr"] == pytest.approx(FinetuneConfig().head_lr / 5e-3)
     assert row.accuracy == res.accuracy and row.extra["total_params"] == res.total_params
     # Totals match the encoder plus the classifier; only the unused pooler is not trainable.
     backbone = load_backbone("random:tiny-bert")
@@ -130,6 +132,9 @@ def test_bad_surgery_is_refused(sep_csv, tmp_path, kw, error, match):
     ({"pooling": "max"}, "'pooling' option must be one of cls, mean"),
     ({"prune_fraction": 0.3, "epochs": 1}, "at least 2"),
     ({"lr": 0}, "'lr' option must be positive"),
+    ({"head_lr": -1e-3}, r"'head_lr' option \(the classifier's learning rate\) must be positive; got -0.001"),
+    ({"min_epochs": 0}, "'min_epochs' option must be a positive number of epochs"),
+    ({"max_grad_norm": -1}, "'max_grad_norm' option must be 0"),
     ({"bogus": 1}, r"Unknown finetune config keys \['bogus'\]"),
 ])
 def test_config_validation(tmp_path, kw, match):
@@ -279,3 +284,128 @@ def test_cli_finetune_folds_with_an_mlp(sep_csv, tmp_path):
     assert "2 folds: accuracy" in res.stderr and " ± " in res.stderr
     hp = read_run(tmp_path / "f")[1][0].hyperparameters
     assert hp["classifier"] == "mlp" and hp["classifier_hidden"] == [48] and hp["folds"] == 2
+
+
+def test_cli_head_lr_must_be_positive(sep_csv, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+
+    res = CliRunner().invoke(heads_main, ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout",
+                                          "0.25", "--label-col", "label", "--head-lr", "0", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.strip().splitlines() == ["error: The 'head_lr' option (the classifier's learning rate) must be "
+                                               "positive; got 0.0. Use e.g. --head-lr 0.001."]
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_classifier_gets_its_own_learning_rate_when_the_backbone_is_frozen(sep_csv, tmp_path):
+    """Everything but the classifier frozen, default learning rates: the new head moves at head_lr, not lr."""
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    res = run_finetune(FinetuneConfig.from_dict({"model": "random:tiny-bert", "data": str(sep_csv), "label_col": "label",
+                                                 "holdout": 0.25, "freeze": "all", "out": str(tmp_path / "r")}),
+                       show_progress=False)
+    row = read_run(res.run_dir)[1][0]
+    assert res.trainable_params == 32 * 3 + 3
+    assert row.history[0]["lr"] is None and row.history[0]["head_lr"] > 0  # no backbone parameter trains
+    set_seed(0)  # the run's seed: the classifier it started from
+    start = SequenceClassifier(load_backbone("random:tiny-bert").model, 3).head.state_dict()
+    end = load_file(str(res.run_dir / "model/classifier/classifier.safetensors"))
+    moved = max(float((end[k] - start[k]).abs().max()) for k in start)
+    steps = len(row.history) * 3  # 45 training rows - 5 validation rows, batches of 16
+    defaults = FinetuneConfig()
+    assert moved > 0.3 * steps * defaults.head_lr > 10 * steps * defaults.optim.lr, moved  # Adam: about lr per step
+
+
+def test_param_groups_split_backbone_and_classifier():
+    from heads.finetune_loop import param_groups
+
+    model = SequenceClassifier(load_backbone("random:tiny-bert").model.requires_grad_(True), 3)
+    groups = param_groups(model, 1e-5, 1e-3, 0.01)
+    head = [g for g in groups if g["head"]]
+    assert {g["lr"] for g in head} == {1e-3} and {g["lr"] for g in groups if not g["head"]} == {1e-5}
+    assert sum(p.numel() for g in head for p in g["params"]) == 32 * 3 + 3
+    assert all(p.ndim == 1 for g in groups if g["weight_decay"] == 0.0 for p in g["params"])  # biases, LayerNorm
+
+
+def test_early_stopping_waits_for_the_classifier_to_move_and_for_min_epochs():
+    from heads.finetune_loop import EarlyStopping
+
+    def run(stopper, epochs):  # [(val macro-F1, all one class?)] -> epochs trained
+        for epoch, (f1, one_class) in enumerate(epochs, 1):
+            stopper.update(epoch, f1, one_class, lambda: {"epoch": epoch})
+            if stopper.stopped:
+                return epoch
+        return len(epochs)
+
+    # Two one-class epochs do not use up patience 1; the first real epoch is the best, the next worse stops.
+    s = EarlyStopping(patience=1, min_epochs=1, last_epoch=6)
+    assert run(s, [(0.2, True), (0.2, True), (0.6, False), (0.5, False), (0.9, False), (0.9, False)]) == 4
+    assert s.best_epoch == 3 and s.state == {"epoch": 3}
+    # patience 1 would stop after epoch 2; min_epochs 3 keeps training through epoch 3.
+    s = EarlyStopping(patience=1, min_epochs=3, last_epoch=6)
+    assert run(s, [(0.6, False), (0.5, False), (0.4, False), (0.9, False)]) == 3 and s.best_epoch == 1
+    # Once the classifier has moved, a collapse counts like any worse epoch.
+    s = EarlyStopping(patience=1, min_epochs=1, last_epoch=6)
+    assert run(s, [(0.6, False), (0.2, True), (0.9, False)]) == 2
+    # A run that never moves still ends with the last epoch's weights as its result.
+    s = EarlyStopping(patience=1, min_epochs=1, last_epoch=3)
+    assert run(s, [(0.2, True)] * 3) == 3 and s.best_epoch == 3
+    restored = EarlyStopping(patience=1, min_epochs=1, last_epoch=3)
+    restored.load(s.to_dict(), s.state)
+    assert restored.to_dict() == s.to_dict() and restored.state == {"epoch": 3}
+    assert EarlyStopping.one_class(np.array([0, 1, 2]), np.array([1, 1, 1]))
+    assert not EarlyStopping.one_class(np.array([1, 1]), np.array([1, 1]))  # one class is all there is
+
+
+def test_cli_shows_a_progress_bar_per_epoch(sep_csv, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main as heads_main
+
+    base = ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col",
+            "label", "--epochs", "2"]
+    res = CliRunner().invoke(heads_main, [*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "finetune epoch 1" in res.stderr and "finetune epoch 2" in res.stderr
+    assert "loss=" in res.stderr and "ex_s=" in res.stderr
+    quiet = CliRunner().invoke(heads_main, [*base, "--no-progress", "--out", str(tmp_path / "b")])
+    assert quiet.exit_code == 0 and "finetune epoch" not in quiet.stderr
+
+
+def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
+    """A fine-tune of a file with --holdout F --seed S is scored on the test rows of the store that
+    `embstore extract --holdout F --seed S` makes of the same file: the same eval_set id a sweep records."""
+    from heads.evalset import eval_set, source_sha256
+
+    rng = random.Random(1)
+    names = list(VOCAB)
+    rows = [(" ".join(rng.choice(VOCAB[names[i % 3]]) for _ in range(4)), names[i % 3]) for i in range(50)]
+    rows[7] = ("", rows[7][1])  # an empty row, dropped by skip_empty: positions in the file must still agree
+    data = tmp_path / "data.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(data, index=False)
+    common = {"label_col": "label", "holdout": 0.3, "seed": 5, "skip_empty": True}
+    store = open_store(extract(ExtractConfig.from_dict({"model": "random:tiny-bert", "data": str(data), **common,
+                                                         "out": str(tmp_path / "s.zarr")}), show_progress=False).path)
+    expected = eval_set(source_sha256(store.provenance["sources"], "test"), store.row_ids("test"))
+    res = run_finetune(cfg(data, tmp_path / "ft", epochs=1, **common), show_progress=False)
+    recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
+    assert recorded == expected and recorded["rows"] == store.n_rows("test") == 15
+    other = run_finetune(cfg(data, tmp_path / "ft2", epochs=1, **{**common, "seed": 6}), show_progress=False)
+    assert json.loads((other.run_dir / "run.json").read_text())["eval_set"]["id"] != expected["id"]
+    folds = run_finetune(cfg(data, tmp_path / "cv", epochs=1, folds=2, **common), show_progress=False)
+    cv = json.loads((folds.run_dir / "run.json").read_text())
+    train_ids = store.row_ids("train")
+    assert cv["eval_set"] == eval_set(expected["source_sha256"], train_ids)  # every held-out fold: the training rows
+
+
+def test_resume_refuses_an_edited_data_file(sep_csv, tmp_path):
+    out = tmp_path / "run"
+    run_finetune(cfg(sep_csv, out, epochs=1), show_progress=False)
+    df = pd.read_csv(sep_csv)
+    df.loc[0, "text"] = "apple apple apple"
+    df.to_csv(sep_csv, index=False)
+    with pytest.raises(ConfigError, match=r"differing: data_content"):
+        run_finetune(cfg(sep_csv, out, epochs=2, resume=True), show_progress=False)
