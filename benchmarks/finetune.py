@@ -1,33 +1,176 @@
-"""Fine-tuning variants of MiniLM on the same data, in one run: full, frozen 0..L-1, truncated, 30%-pruned.
+"""``heads finetune`` at its defaults against the Hugging Face Trainer at its defaults, on the same rows.
 
-Reports seconds per epoch, training examples/s and test accuracy / macro-F1 per variant, then the
-inference speed of the pruned and truncated models against the full one (same texts, same batches).
+For every data set and freezing (full fine-tuning, and embeddings + layers 1-4 frozen, ``--freeze 0-4``)
+both contenders train MiniLM in the same process on the same training rows and are scored on the same
+test rows:
 
-Usage: python benchmarks/finetune.py [--train-rows 800] [--test-rows 800] [--epochs 2]
+- ours: ``run_finetune`` with nothing but the model, the data and ``--freeze`` given;
+- the Trainer: ``AutoModelForSequenceClassification`` on the same weights, ``TrainingArguments`` at their
+  defaults (lr 5e-5, batch 8, 3 epochs, linear decay, no warmup, no weight decay, seed 42), the same
+  tokenizer and max length, a plain torch Dataset and the Trainer's default padding collator.
+
+Reported: macro-F1 and accuracy on the test rows, and seconds per epoch (ours includes its validation
+pass; the Trainer's is train_runtime / epochs). Targets: our macro-F1 >= the Trainer's on every data set
+for both freezings, and our seconds per epoch <= 1.1x the Trainer's.
+
+Then (``--surgery``, the default) the other variants on ag_news: all-but-last frozen, truncated to 4
+layers, 30% of heads pruned, and the inference speed of the pruned and truncated models.
+
+Data (seeded, from ../shared/datasets):
+- ag_news: N rows sampled from train_pool.csv, M from test.csv;
+- youtube_6class: N training rows and M test rows, a stratified split of youtube_6class_dedup.csv;
+- sentipers: N rows sampled from train.csv, M from test.csv (Persian; MiniLM sees it as characters);
+- tweets (on request): builtin:tweets, N training and M test rows, stratified.
+
+Usage:
+    python benchmarks/finetune.py                       # 800 / 800 rows, ag_news youtube sentipers, + surgery
+    python benchmarks/finetune.py --quick               # 96 / 96 rows of ag_news, no surgery (a smoke test)
+    python benchmarks/finetune.py --datasets ag_news,tweets --train-rows 800 --test-rows 400 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
-from embstore.encode import length_order, make_batches, pad_batch, tokenize
-from embstore.models import load_backbone
-from heads.finetune import run_finetune
-from heads.finetune_config import FinetuneConfig
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+FREEZINGS = {"full": None, "freeze 0-4": "0-4"}
 
-AG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news"
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare(name: str, work: Path, train_rows: int, test_rows: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``work/name/train.csv`` and ``test.csv`` (columns text, label) and return their paths."""
+    from sklearn.model_selection import train_test_split
+
+    def sample(df: pd.DataFrame, n: int) -> pd.DataFrame:
+        return df.sample(min(n, len(df)), random_state=seed)
+
+    def stratified(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        train, rest = train_test_split(df, train_size=train_rows, stratify=df["label"], random_state=seed)
+        test, _ = train_test_split(rest, train_size=min(test_rows, len(rest) - df["label"].nunique()),
+                                   stratify=rest["label"], random_state=seed)
+        return train, test
+
+    if name == "ag_news":
+        train = sample(pd.read_csv(SHARED / "ag_news" / "train_pool.csv"), train_rows)
+        test = sample(pd.read_csv(SHARED / "ag_news" / "test.csv"), test_rows)
+    elif name == "youtube":
+        df = pd.read_csv(SHARED / "youtube_6class" / "youtube_6class_dedup.csv").rename(columns={"category": "label"})
+        train, test = stratified(df)
+    elif name == "sentipers":
+        train = sample(pd.read_csv(SHARED / "sentipers" / "train.csv"), train_rows)
+        test = sample(pd.read_csv(SHARED / "sentipers" / "test.csv"), test_rows)
+    elif name == "tweets":
+        from embstore.data import builtin_path
+
+        df = pd.read_csv(builtin_path("tweets"), encoding_errors="replace").rename(columns={"sentiment": "label"}).dropna(subset=["text", "label"])
+        df = df[df["text"].astype(str).str.strip() != ""]
+        train, test = stratified(df)
+    else:
+        raise SystemExit(f"unknown data set {name!r}; choose from ag_news, youtube, sentipers, tweets")
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    for split, df in (("train", train), ("test", test)):
+        df = df[["text", "label"]].copy()
+        df["text"] = df["text"].astype(str).str.replace(r"[\r\n]+", " ", regex=True)  # one physical line per row
+        df.to_csv(out / f"{split}.csv", index=False)
+    return out / "train.csv", out / "test.csv"
+
+
+def majority(train_csv: Path, test_csv: Path) -> float:
+    """Test accuracy of always predicting the most frequent training class."""
+    top = pd.read_csv(train_csv)["label"].value_counts().idxmax()
+    return float((pd.read_csv(test_csv)["label"] == top).mean())
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+def run_ours(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, show_progress: bool = False,
+             **options: Any) -> dict[str, Any]:
+    """``heads finetune --model minilm --split train=... --split test=... --label-col label [--freeze F]``."""
+    from heads.finetune import run_finetune
+    from heads.finetune_config import FinetuneConfig
+
+    values = {"model": "minilm", "data": None, "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
+              "label_col": "label", "freeze": freeze, "out": str(out), **options}
+    res = run_finetune(FinetuneConfig.from_dict(values), show_progress=show_progress)
+    return {"accuracy": res.accuracy, "f1_macro": res.f1_macro, "seconds_per_epoch": res.seconds_per_epoch,
+            "trainable_params": res.trainable_params, "run_dir": str(res.run_dir)}
+
+
+class _Encoded(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Tokenised rows with their labels: what a Trainer user writes without the datasets library."""
+
+    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[int]) -> None:
+        self.encodings, self.labels = encodings, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+
+def run_trainer(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, max_length: int = 128) -> dict[str, Any]:
+    """transformers.Trainer at its default TrainingArguments; freeze '0-4' freezes embeddings + layers 1-4."""
+    from sklearn.metrics import f1_score
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    from embstore.models import minilm_path
+
+    path = str(minilm_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    train, test = pd.read_csv(train_csv), pd.read_csv(test_csv)
+    names = sorted(set(train["label"]) | set(test["label"]))  # the same label order as ours
+    index = {n: i for i, n in enumerate(names)}
+
+    def encoded(df: pd.DataFrame) -> _Encoded:
+        enc = tok(df["text"].astype(str).tolist(), truncation=True, max_length=max_length)
+        return _Encoded(dict(enc), [index[v] for v in df["label"]])
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(names))
+    if freeze is not None:
+        if freeze != "0-4":
+            raise ValueError(f"the Trainer contender knows only freeze '0-4'; got {freeze!r}")
+        model.bert.embeddings.requires_grad_(False)
+        for layer in model.bert.encoder.layer[:4]:
+            layer.requires_grad_(False)
+    args = TrainingArguments(output_dir=str(out), report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=encoded(train), processing_class=tok)
+    metrics = trainer.train().metrics
+    pred = trainer.predict(encoded(test))
+    y_pred = np.asarray(pred.predictions).argmax(-1)
+    y_true = np.asarray(pred.label_ids)
+    return {"accuracy": float((y_pred == y_true).mean()),
+            "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "seconds_per_epoch": float(metrics["train_runtime"]) / float(args.num_train_epochs),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lr": args.learning_rate, "batch_size": args.per_device_train_batch_size, "epochs": args.num_train_epochs}
+
+
+# --------------------------------------------------------------------------- surgery variants
 
 
 def inference_seconds(model_dir: Path, texts: list[str], repeats: int = 2) -> float:
     """Best-of-N seconds for one pass of the encoder over ``texts`` (sorted batches, inference mode)."""
+    from embstore.encode import length_order, make_batches, pad_batch, tokenize
+    from embstore.models import load_backbone
+
     bb = load_backbone(str(model_dir))
     enc = tokenize(bb.tokenizer, texts, None, 128)
     order = length_order(enc.lengths)
@@ -43,36 +186,97 @@ def inference_seconds(model_dir: Path, texts: list[str], repeats: int = 2) -> fl
     return best
 
 
-def main() -> None:
+def surgery(train_csv: Path, test_csv: Path, work: Path, full_run: Path | None) -> dict[str, Any]:
+    """The other fine-tuning variants at our defaults, and the inference speed of the smaller models."""
+    from heads.finetune import run_finetune
+    from heads.finetune_config import FinetuneConfig
+
+    base = {"model": "minilm", "data": None, "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
+            "label_col": "label"}
+    variants = {"freeze 0-5 (all but last)": {"freeze": "all-but-last"}, "truncate 4": {"truncate": 4},
+                "prune 30% of heads": {"prune_fraction": 0.3}}
+    results: dict[str, Any] = {}
+    n_train = len(pd.read_csv(train_csv))
+    for name, kw in variants.items():
+        res = run_finetune(FinetuneConfig.from_dict({**base, **kw, "out": str(work / name.split()[0])}),
+                           show_progress=False)
+        results[name] = {"accuracy": res.accuracy, "f1_macro": res.f1_macro, "trainable_params": res.trainable_params,
+                         "total_params": res.total_params, "seconds_per_epoch": res.seconds_per_epoch,
+                         "run_dir": str(res.run_dir)}
+        print(f"{name:28s} acc {res.accuracy:.4f}  macro-F1 {res.f1_macro:.4f}  trainable {res.trainable_params:>10,} "
+              f"of {res.total_params:>10,}  {res.seconds_per_epoch:6.1f} s/epoch  "
+              f"{n_train / res.seconds_per_epoch:6.1f} train ex/s", flush=True)
+    if full_run is not None:
+        texts = pd.read_csv(test_csv)["text"].astype(str).tolist()
+        t_full = inference_seconds(full_run / "model", texts)
+        for name in ("truncate 4", "prune 30% of heads"):
+            t = inference_seconds(Path(results[name]["run_dir"]) / "model", texts)
+            results[name]["inference_speedup"] = t_full / t
+            print(f"inference {name}: {len(texts) / t:7.1f} ex/s vs full {len(texts) / t_full:7.1f} ex/s "
+                  f"-> {t_full / t:.2f}x", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="ag_news,youtube,sentipers", help="comma list of ag_news, youtube, sentipers, tweets")
     ap.add_argument("--train-rows", type=int, default=800)
     ap.add_argument("--test-rows", type=int, default=800)
-    ap.add_argument("--epochs", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--seed", type=int, default=0, help="seed of the row sampling")
+    ap.add_argument("--surgery", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the all-but-last / truncate / prune variants on ag_news, with inference speed")
+    ap.add_argument("--quick", action="store_true", help="96 / 96 rows of ag_news, no surgery: a smoke test")
+    ap.add_argument("--json", help="also write every figure to this JSON file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.datasets, args.train_rows, args.test_rows, args.surgery = "ag_news", 96, 96, False
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="embstore-ft-"))
-    train = pd.read_csv(AG / "train_pool.csv").head(args.train_rows)
-    test = pd.read_csv(AG / "test.csv").head(args.test_rows)
-    train[["text", "label"]].to_csv(work / "train.csv", index=False)
-    test[["text", "label"]].to_csv(work / "test.csv", index=False)
-    base = dict(model="minilm", data=None, splits=[["train", str(work / "train.csv")], ["test", str(work / "test.csv")]],
-                label_col="label", max_length=128, epochs=args.epochs, batch_size=16, lr=5e-5, patience=args.epochs)
-    variants = {"full": {}, "freeze 0-5 (all but last)": {"freeze": "all-but-last"}, "truncate 4": {"truncate": 4},
-                "prune 30% of heads": {"prune_fraction": 0.3}}
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"data: ag_news train_pool first {len(train)} rows -> test first {len(test)} rows; MiniLM, max length 128, "
-          f"{args.epochs} epochs, batch 16, lr 5e-5")
-    results = {}
-    for name, kw in variants.items():
-        res = run_finetune(FinetuneConfig.from_dict({**base, **kw, "out": str(work / name.split()[0])}))
-        results[name] = res
-        print(f"{name:28s} acc {res.accuracy:.4f}  macro-F1 {res.f1_macro:.4f}  trainable {res.trainable_params:>10,} of "
-              f"{res.total_params:>10,}  {res.seconds_per_epoch:6.1f} s/epoch  {len(train) / res.seconds_per_epoch:6.1f} train ex/s")
-    texts = test.text.astype(str).tolist()
-    t_full = inference_seconds(results["full"].run_dir / "model", texts)
-    for name in ("truncate 4", "prune 30% of heads"):
-        t = inference_seconds(results[name].run_dir / "model", texts)
-        print(f"inference {name}: {len(texts) / t:7.1f} ex/s vs full {len(texts) / t_full:7.1f} ex/s -> {t_full / t:.2f}x")
+    machine = (f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads), {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print(f"machine: {machine}", flush=True)
+    report: dict[str, Any] = {"machine": machine, "train_rows": args.train_rows, "test_rows": args.test_rows, "rows": []}
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        train_csv, test_csv = prepare(name, work, args.train_rows, args.test_rows, args.seed)
+        maj = majority(train_csv, test_csv)
+        print(f"\n{name}: {len(pd.read_csv(train_csv))} train / {len(pd.read_csv(test_csv))} test rows, "
+              f"majority class {maj:.4f} of test", flush=True)
+        for variant, freeze in FREEZINGS.items():
+            ours = run_ours(train_csv, test_csv, freeze, work / name / f"ours-{variant.replace(' ', '')}")
+            hf = run_trainer(train_csv, test_csv, freeze, work / name / f"hf-{variant.replace(' ', '')}")
+            row = {"dataset": name, "variant": variant, "majority_accuracy": maj, "ours": ours, "trainer": hf,
+                   "f1_met": ours["f1_macro"] >= hf["f1_macro"],
+                   "time_ratio": ours["seconds_per_epoch"] / hf["seconds_per_epoch"]}
+            row["time_met"] = row["time_ratio"] <= 1.1
+            report["rows"].append(row)
+            print(f"  {variant:11s} ours macro-F1 {ours['f1_macro']:.4f} (acc {ours['accuracy']:.4f}, "
+                  f"{ours['seconds_per_epoch']:.1f} s/epoch) | Trainer macro-F1 {hf['f1_macro']:.4f} "
+                  f"(acc {hf['accuracy']:.4f}, {hf['seconds_per_epoch']:.1f} s/epoch) | time ratio "
+                  f"{row['time_ratio']:.2f}x", flush=True)
+    print("\n| data set | variant | majority | ours macro-F1 | Trainer macro-F1 | ours s/epoch | Trainer s/epoch | ratio | F1 target | time target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        o, h = r["ours"], r["trainer"]
+        print(f"| {r['dataset']} | {r['variant']} | {r['majority_accuracy']:.3f} | {o['f1_macro']:.4f} | {h['f1_macro']:.4f} | "
+              f"{o['seconds_per_epoch']:.1f} | {h['seconds_per_epoch']:.1f} | {r['time_ratio']:.2f}x | "
+              f"{'met' if r['f1_met'] else 'MISSED'} | {'met' if r['time_met'] else 'MISSED'} |")
+    if args.surgery:
+        print("\nsurgery variants on ag_news at our defaults:", flush=True)
+        train_csv, test_csv = work / "ag_news" / "train.csv", work / "ag_news" / "test.csv"
+        if not train_csv.is_file():
+            train_csv, test_csv = prepare("ag_news", work, args.train_rows, args.test_rows, args.seed)
+        full = next((Path(r["ours"]["run_dir"]) for r in report["rows"]
+                     if r["dataset"] == "ag_news" and r["variant"] == "full"), None)
+        report["surgery"] = surgery(train_csv, test_csv, work / "ag_news" / "surgery", full)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    missed = [r for r in report["rows"] if not (r["f1_met"] and r["time_met"])]
+    print(f"\n{len(report['rows']) - len(missed)} of {len(report['rows'])} comparisons meet both targets", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
