@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -210,7 +211,8 @@ def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
 
 @pytest.mark.slow
 def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
-    """A short real run: MiniLM on 160 AG News rows, last layer trainable only, evaluated on 160 test rows."""
+    """A short real run at the default learning rates and batch size: MiniLM on 160 AG News rows, embeddings and
+    layers 1-4 frozen, evaluated on 160 test rows (3 epochs and 64 tokens to keep it short)."""
     from conftest import needs_shared
 
     ag = needs_shared("ag_news")
@@ -218,8 +220,7 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     pd.read_csv(ag / "test.csv").sample(160, random_state=0)[["text", "label"]].to_csv(tmp_path / "test.csv", index=False)
     res = run_finetune(FinetuneConfig.from_dict(dict(
         model="minilm", data=None, splits=[["train", str(tmp_path / "train.csv")], ["test", str(tmp_path / "test.csv")]],
-        label_col="label", max_length=64, epochs=2, batch_size=16, lr=1e-3, freeze="0-5", pooling="mean", patience=2,
-        out=str(tmp_path / "run"))))
+        label_col="label", max_length=64, epochs=3, freeze="0-4", out=str(tmp_path / "run"))), show_progress=False)
     majority = json.loads((res.run_dir / "run.json").read_text())["majority_accuracy"]
     assert res.accuracy > majority + 0.25, (res.accuracy, majority)
     assert res.trainable_params < res.total_params / 4
@@ -314,9 +315,11 @@ def test_the_classifier_gets_its_own_learning_rate_when_the_backbone_is_frozen(s
     start = SequenceClassifier(load_backbone("random:tiny-bert").model, 3).head.state_dict()
     end = load_file(str(res.run_dir / "model/classifier/classifier.safetensors"))
     moved = max(float((end[k] - start[k]).abs().max()) for k in start)
-    steps = len(row.history) * 3  # 45 training rows - 5 validation rows, batches of 16
     defaults = FinetuneConfig()
-    assert moved > 0.3 * steps * defaults.head_lr > 10 * steps * defaults.optim.lr, moved  # Adam: about lr per step
+    steps = len(row.history) * math.ceil(40 / defaults.optim.batch_size)  # 45 training rows - 5 validation rows
+    # An Adam update moves a weight by at most about the learning rate: the head moved further than the
+    # backbone's lr could have taken it in these steps, and at a good share of its own.
+    assert moved > 2 * steps * defaults.optim.lr and moved > 0.3 * steps * defaults.head_lr, moved
 
 
 def test_param_groups_split_backbone_and_classifier():
