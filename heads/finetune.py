@@ -1,7 +1,8 @@
 """``heads finetune``: train the backbone itself (optionally frozen, truncated or pruned) plus a small classifier.
 
 The loop is plain PyTorch plus accelerate (``prepare``, ``accumulate``, ``backward``), as in accelerate's
-``examples/nlp_example.py``. Surgery comes from :mod:`embstore.surgery`; results go through :class:`RunWriter`
+``examples/nlp_example.py`` (:mod:`heads.finetune_loop`); the new classifier trains at its own ``head_lr``, far
+above the backbone's ``lr``, so a small data set or a frozen backbone still moves it. Surgery comes from :mod:`embstore.surgery`; results go through :class:`RunWriter`
 so a fine-tuning run reads back like a sweep. ``prune_fraction`` prunes *after the first epoch* (head importance
 needs a classifier that has learnt something; an untrained head's gradients rank heads at random), then training
 continues for the remaining epochs; early stopping only compares epochs after the pruning.

@@ -212,7 +212,7 @@ def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
 @pytest.mark.slow
 def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     """A short real run at the default learning rates and batch size: MiniLM on 160 AG News rows, embeddings and
-    layers 1-4 frozen, evaluated on 160 test rows (3 epochs and 64 tokens to keep it short)."""
+    layers 1-4 frozen, evaluated on 160 test rows (2 epochs and 64 tokens to keep it short)."""
     from conftest import needs_shared
 
     ag = needs_shared("ag_news")
@@ -220,7 +220,7 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     pd.read_csv(ag / "test.csv").sample(160, random_state=0)[["text", "label"]].to_csv(tmp_path / "test.csv", index=False)
     res = run_finetune(FinetuneConfig.from_dict(dict(
         model="minilm", data=None, splits=[["train", str(tmp_path / "train.csv")], ["test", str(tmp_path / "test.csv")]],
-        label_col="label", max_length=64, epochs=3, freeze="0-4", out=str(tmp_path / "run"))), show_progress=False)
+        label_col="label", max_length=64, epochs=2, freeze="0-4", out=str(tmp_path / "run"))), show_progress=False)
     majority = json.loads((res.run_dir / "run.json").read_text())["majority_accuracy"]
     assert res.accuracy > majority + 0.25, (res.accuracy, majority)
     assert res.trainable_params < res.total_params / 4
@@ -374,7 +374,7 @@ def test_cli_shows_a_progress_bar_per_epoch(sep_csv, tmp_path):
     assert res.exit_code == 0, res.output
     assert "finetune epoch 1" in res.stderr and "finetune epoch 2" in res.stderr
     assert "loss=" in res.stderr and "ex_s=" in res.stderr
-    quiet = CliRunner().invoke(heads_main, [*base, "--no-progress", "--out", str(tmp_path / "b")])
+    quiet = CliRunner().invoke(heads_main, [*base[:-1], "1", "--no-progress", "--out", str(tmp_path / "b")])
     assert quiet.exit_code == 0 and "finetune epoch" not in quiet.stderr
 
 
@@ -396,12 +396,11 @@ def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
     res = run_finetune(cfg(data, tmp_path / "ft", epochs=1, **common), show_progress=False)
     recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
     assert recorded == expected and recorded["rows"] == store.n_rows("test") == 15
-    other = run_finetune(cfg(data, tmp_path / "ft2", epochs=1, **{**common, "seed": 6}), show_progress=False)
-    assert json.loads((other.run_dir / "run.json").read_text())["eval_set"]["id"] != expected["id"]
     folds = run_finetune(cfg(data, tmp_path / "cv", epochs=1, folds=2, **common), show_progress=False)
     cv = json.loads((folds.run_dir / "run.json").read_text())
     train_ids = store.row_ids("train")
     assert cv["eval_set"] == eval_set(expected["source_sha256"], train_ids)  # every held-out fold: the training rows
+    assert cv["eval_set"]["id"] != expected["id"]
 
 
 def test_resume_refuses_an_edited_data_file(sep_csv, tmp_path):
