@@ -4,8 +4,6 @@ write, mark complete. The model loop itself lives in :mod:`embstore.encode`."""
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
 import re
@@ -24,19 +22,19 @@ from embstore.config import ExtractConfig, default_pooling
 from embstore.data import Dataset, SplitData, load_dataset
 from embstore.encode import ChunkEncoder, ChunkJob, Encoded, length_order, tokenize
 from embstore.errors import (
-    ConfigError, DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
+    ConfigError, DiskFullError, EmbstoreError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
 )
+from embstore.identity import cuda_present, data_identity, model_identity, store_fingerprint
 from embstore.layers import parse_layers
 from embstore.lock import StoreLock
 from embstore.models import Backbone, load_backbone
 from embstore.ranks import Ranks
-from embstore.store import is_h5_path, open_store
+from embstore.store import complete_meta, is_h5_path, open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
 
 __all__ = ["extract", "ExtractResult", "cache_dir", "pick_device"]
 
 log = logging.getLogger(__name__)
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
 
 
 @dataclass(frozen=True)
@@ -56,11 +54,11 @@ def cache_dir() -> Path:
 
 
 def pick_device(requested: str | None) -> str:
-    import torch
-
+    """The device to run on: ``requested``, or CUDA when present (checked without importing torch on
+    machines without an NVIDIA driver)."""
     if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if cuda_present() else "cpu"
+    if requested.startswith("cuda") and not cuda_present():
         raise ConfigError(f"--device {requested} asked for CUDA but no CUDA GPU is visible; use --device cpu.")
     return requested
 
@@ -85,29 +83,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "store"
 
 
-def _fingerprint(config: ExtractConfig, backbone: Backbone, dataset: Dataset, lay: L.StoreLayout, precision: str) -> str:
-    ident = backbone.identity
-    model_cfg = {k: v for k, v in ident["config"].items() if k not in _VOLATILE_CONFIG_KEYS}
-    content = {
-        "schema_version": L.SCHEMA_VERSION,
-        "model": {"weights": ident["weights_sha256"], "class": ident["class"], "config": model_cfg,
-                  "tokenizer": ident["tokenizer"]["sha256"] or ident["tokenizer"]["class"]},
-        "data": [{k: s.get(k) for k in ("split", "sha256", "columns", "holdout", "audio_sha256") if k in s}
-                 for s in dataset.sources],
-        "columns": [config.text_col, config.text_pair_col, config.label_col], "pair_mode": config.pair_mode,
-        "limit": config.limit, "skip_empty": config.skip_empty, "max_length": config.max_length,
-        "layers": list(lay.layers), "poolings": list(lay.poolings), "token_layers": list(lay.token_layers),
-        "dtype": lay.dtype, "precision": precision,
-    }
-    if dataset.modality == "audio" or config.group_col or not config.bucket:
-        content["audio"] = {"audio_col": config.audio_col, "group_col": config.group_col, "max_seconds": config.max_seconds,
-                            "skip_bad": config.skip_bad, "augment": list(config.augment),
-                            "copies": config.copies if config.augment else None,
-                            "augment_classes": config.augment_classes if config.augment else None,
-                            "snr_db": config.snr_db if "noise" in config.augment else None,
-                            "seed": config.seed if config.augment else None,
-                            "feature_extractor": ident["tokenizer"].get("config"), "bucket": config.bucket}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+def _quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
+    """(fingerprint, final path, write path) from cheap inputs only (no model load, no tokenizing), or
+    None when those cannot decide it; the full plan then computes the same id, or reports the problem."""
+    try:
+        model = model_identity(config.model)
+        data = data_identity(config)
+        if data is None or model["n_layers"] is None or model["modality"] != ("audio" if config.audio_col else "text"):
+            return None
+        available = list(range(int(model["n_layers"]) + 1))
+        layers = parse_layers(config.layers, available, "layers")
+        token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
+    except EmbstoreError:
+        return None
+    fp = store_fingerprint(config, model, data, layers=layers, token_layers=token_layers,
+                           poolings=list(config.pooling or default_pooling(model["modality"])), precision=_precision(device))
+    return (fp, *_paths(config, fp))
+
+
+def _precision(device: str) -> str:
+    return "bf16-autocast" if device.startswith("cuda") else "float32"
 
 
 def _plan(config: ExtractConfig, device: str) -> _Plan:
@@ -216,8 +211,12 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
                  token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> _Plan:
     from embstore._version import __version__
 
-    precision = "bf16-autocast" if device.startswith("cuda") else "float32"
-    fp = _fingerprint(config, backbone, dataset, lay, precision)
+    precision = _precision(device)
+    data = data_identity(config)
+    if data is None:  # load_dataset has read every file: they exist
+        raise RuntimeError("the data files changed while planning; re-run")
+    fp = store_fingerprint(config, model_identity(config.model), data, layers=list(lay.layers),
+                           token_layers=list(lay.token_layers), poolings=list(lay.poolings), precision=precision)
     import torch
     import transformers
     import zarr
@@ -248,7 +247,7 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
                  meta=meta, arrays=arrays, token_counts=token_counts)
 
 
-def _paths(config: ExtractConfig, plan: _Plan) -> tuple[str, str]:
+def _paths(config: ExtractConfig, fingerprint: str) -> tuple[str, str]:
     """(final store path, zarr path written during extraction)."""
     out = config.out
     if out is not None and out.startswith("file://"):
@@ -260,7 +259,7 @@ def _paths(config: ExtractConfig, plan: _Plan) -> tuple[str, str]:
         data_name = Path(data_name).stem if config.data and not config.data.startswith("builtin:") else data_name
         suffix = ".h5" if config.format == "h5" else ".zarr"
         base = Path(out) if out is not None else cache_dir()
-        final = str(base / f"{_slug(config.model)}-{_slug(data_name)}-{plan.fingerprint[:12]}{suffix}")
+        final = str(base / f"{_slug(config.model)}-{_slug(data_name)}-{fingerprint[:12]}{suffix}")
     return final, (final + ".partial.zarr" if is_h5_path(final) else final)
 
 
@@ -399,9 +398,17 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
         device = pick_device(config.device)
         if ranks.world > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        plan = _plan(config, device)
-        final, write_path = _paths(config, plan)
-        state = _state(final, write_path, plan.fingerprint)
+        quick = _quick_id(config, device)
+        done = None if quick is None else complete_meta(quick[1], quick[0])
+        if quick is not None and done is not None:
+            final = quick[1]  # found from file hashes alone: no model load, no tokenizing
+        else:
+            quick = None
+            plan = _plan(config, device)
+            final, write_path = _paths(config, plan.fingerprint)
+            state = _state(final, write_path, plan.fingerprint)
+    if done is not None:
+        return _complete_result(final, done, t0)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
     truncated = dict(plan.meta["truncated"])
 
@@ -450,6 +457,13 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
         if lock is not None:
             lock.release()
     return result(status)
+
+
+def _complete_result(path: str, meta: dict[str, Any], t0: float) -> ExtractResult:
+    """The result of a run that found its store complete, from the store's own record."""
+    rows = {s: int(v["n_rows"]) for s, v in meta["layout"]["splits"].items()}
+    return ExtractResult(path=path, status="already complete", rows=rows, truncated=dict(meta.get("truncated") or {}),
+                         skipped_empty=dict(meta.get("skipped_empty") or {}), seconds=time.perf_counter() - t0)
 
 
 def _state(final: str, write_path: str, fingerprint: str) -> str:

@@ -103,13 +103,9 @@ def minilm_path() -> Path:
 
 
 def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    from embstore.identity import files_sha256
+
+    return files_sha256(files)  # cached by path, size and mtime: a re-run does not re-read the weights
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -123,8 +119,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "
                     "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model", "preprocessor_config.json")
 
 
+def tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer (or feature extractor) files of a model directory."""
+    return [path / n for n in _TOKENIZER_FILES if (path / n).is_file()]
+
+
 def _tokenizer_identity(tokenizer: Any, path: Path | None) -> dict[str, Any]:
-    files = [path / n for n in _TOKENIZER_FILES if (path / n).is_file()] if path is not None else []
+    files = tokenizer_files(path) if path is not None else []
     ident: dict[str, Any] = {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
                              "sha256": _sha256_files(files) if files else None}
     if hasattr(tokenizer, "sampling_rate"):  # a feature extractor: its settings are its identity

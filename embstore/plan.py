@@ -210,7 +210,7 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     t0 = time.perf_counter()
     device = pick_device(config.device)
     plan = _plan(config, device)
-    final, write_path = _paths(config, plan)
+    final, write_path = _paths(config, plan.fingerprint)
     state = _state(final, write_path, plan.fingerprint)
     planning_seconds = time.perf_counter() - t0
 

@@ -16,7 +16,7 @@ from embstore import layout as L
 from embstore.errors import ConfigError, StoreDamagedError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
 from embstore.layers import parse_layers
 
-__all__ = ["Store", "TokenStates", "open_store", "is_h5_path", "chunk_selections", "digest_arrays"]
+__all__ = ["Store", "TokenStates", "open_store", "complete_meta", "is_h5_path", "chunk_selections", "digest_arrays"]
 
 
 def is_h5_path(path: str | os.PathLike[str]) -> bool:
@@ -393,6 +393,30 @@ def check_metadata(path: str) -> None:
 
         if not h5py.is_hdf5(str(root)):
             raise StoreDamagedError(f"{path} is not a readable HDF5 file (damaged or not a store); delete it and re-extract, or pass another path.")
+
+
+def complete_meta(path: str, fingerprint: str) -> dict[str, Any] | None:
+    """The metadata of the complete store at ``path`` if its fingerprint is ``fingerprint``, else None.
+
+    Reads only the root metadata (``zarr.json`` as JSON; an HDF5 file's attribute), so a re-run that
+    finds its store finished answers without importing zarr.
+    """
+    if "://" in path or not os.path.exists(path):
+        return None
+    try:
+        if is_h5_path(path):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get(L.ATTR_KEY)
+            meta = None if raw is None else json.loads(raw)
+        else:
+            meta = json.loads((Path(path) / "zarr.json").read_bytes()).get("attributes", {}).get(L.ATTR_KEY)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("schema_version") != L.SCHEMA_VERSION:
+        return None
+    return meta if meta.get("fingerprint") == fingerprint and meta.get("complete") else None
 
 
 def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,

@@ -82,7 +82,7 @@ def test_interrupted_store_is_refused_then_resumed(tiny_csv, monkeypatch):
         m.setattr(extraction, "_finalize", crash)
         with pytest.raises(KeyboardInterrupt):
             extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
-    path = extraction._paths(cfg(tiny_csv), extraction._plan(cfg(tiny_csv, chunk_rows=4), "cpu"))[0]
+    path = extraction._paths(cfg(tiny_csv), extraction._plan(cfg(tiny_csv, chunk_rows=4), "cpu").fingerprint)[0]
     with pytest.raises(StoreIncompleteError, match=r"incomplete \(3 of 3 row chunks written\).*re-run the same 'embstore extract'"):
         open_store(path)
     res = extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
@@ -96,7 +96,7 @@ def test_interrupted_h5_store_is_refused(tiny_csv, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             extract(cfg(tiny_csv, format="h5"), show_progress=False)
     plan = extraction._plan(cfg(tiny_csv, format="h5"), "cpu")
-    final = extraction._paths(cfg(tiny_csv, format="h5"), plan)[0]
+    final = extraction._paths(cfg(tiny_csv, format="h5"), plan.fingerprint)[0]
     with pytest.raises(StoreIncompleteError, match=r"incomplete .*partial\.zarr.*resume"):
         open_store(final)
     assert extract(cfg(tiny_csv, format="h5"), show_progress=False).status == "resumed"
