@@ -126,9 +126,9 @@ def main() -> None:
         seconds = float(sum(sf.info(f).duration for f in few))
         (tmpd / "naive").mkdir()
         bare_s, naive_s = bare_and_naive(args.model, few, args.batch_seconds, tmpd / "naive")
-        ext_s, _ = timed_extract(ExtractConfig(model=args.model, data=str(tmpd / "few.csv"), audio_col="file",
+        ext_s, _ = timed_extract(ExtractConfig.from_dict(dict(model=args.model, data=str(tmpd / "few.csv"), audio_col="file",
                                                label_col="label", layers="all", batch_seconds=args.batch_seconds,
-                                               out=str(tmpd / "stores-loops")))
+                                               out=str(tmpd / "stores-loops"))))
         out["loops"] = {"model": args.model, "files": len(few), "audio_seconds": round(seconds, 1),
                         "bare_s": round(bare_s, 2), "extract_s": round(ext_s, 2), "naive_s": round(naive_s, 2),
                         "extract_over_bare_throughput": round(bare_s / ext_s, 3),
@@ -143,9 +143,9 @@ def main() -> None:
         common = dict(model=args.model, data=str(clips), audio_col="file", label_col="label", layers="all",
                       batch_seconds=args.batch_seconds, out=str(tmpd / "stores"))
         # warm-up: model load and first-call overheads, on a few rows
-        extract(ExtractConfig(**common, limit=8), show_progress=False)
-        t_bucket, _ = timed_extract(ExtractConfig(**common))
-        t_plain, _ = timed_extract(ExtractConfig(**common, bucket=False))
+        extract(ExtractConfig.from_dict(dict(**common, limit=8)), show_progress=False)
+        t_bucket, _ = timed_extract(ExtractConfig.from_dict(dict(**common)))
+        t_plain, _ = timed_extract(ExtractConfig.from_dict(dict(**common, bucket=False)))
         out["bucketing"] = {"model": args.model, "clips": args.clips, "audio_seconds": round(total, 1),
                             "bucketed_s": round(t_bucket, 2), "source_order_s": round(t_plain, 2),
                             "bucketed_audio_s_per_s": round(total / t_bucket, 1),
@@ -156,9 +156,9 @@ def main() -> None:
         sweeps = []
         n_files = len(pd.read_csv(root / "labels.csv"))
         for model in [m for m in args.sweep_models.split(",") if m]:
-            cfg = ExtractConfig(model=model, data=str(root / "labels.csv"), audio_col="file", label_col="label",
+            cfg = ExtractConfig.from_dict(dict(model=model, data=str(root / "labels.csv"), audio_col="file", label_col="label",
                                 group_col="speaker", holdout=0.2, layers="all", batch_seconds=args.batch_seconds,
-                                out=str(tmpd / "stores"))
+                                out=str(tmpd / "stores")))
             t_ext, path = timed_extract(cfg)
             t0 = time.perf_counter()
             res = run_sweep(SweepConfig(store=path, layers="all", out=str(tmpd / f"run-{model.split(':')[-1]}")))
@@ -178,9 +178,9 @@ def main() -> None:
             print(json.dumps(sweeps[-1]), flush=True)
 
         # augmentation paid once: one noise+shift+speed copy of every minority-class training row
-        aug = ExtractConfig(model="random:hubert-tiny", data=str(root / "labels.csv"), audio_col="file", label_col="label",
+        aug = ExtractConfig.from_dict(dict(model="random:hubert-tiny", data=str(root / "labels.csv"), audio_col="file", label_col="label",
                             group_col="speaker", holdout=0.2, augment=("noise", "shift", "speed"), copies=1,
-                            batch_seconds=args.batch_seconds, out=str(tmpd / "stores"))
+                            batch_seconds=args.batch_seconds, out=str(tmpd / "stores")))
         t_aug, path = timed_extract(aug)
         with open_store(path) as s:
             out["augmentation"] = {"model": "random:hubert-tiny", "extract_s": round(t_aug, 2),

@@ -80,9 +80,9 @@ def main() -> None:
         ta, tb = [], []
         for r in range(args.repeats):  # interleaved, best of N: this machine is shared and noisy
             ta.append(bare(texts, args.model, args.max_length, args.batch_size, args.token_budget, args.device))
-            cfg = ExtractConfig(model=args.model, data=args.data, limit=args.rows, layers="all", pooling=("cls", "mean"),
+            cfg = ExtractConfig.from_dict(dict(model=args.model, data=args.data, limit=args.rows, layers="all", pooling=("cls", "mean"),
                                 max_length=args.max_length, batch_size=args.batch_size, token_budget=args.token_budget,
-                                out=str(work / f"run{r}"), device=args.device)
+                                out=str(work / f"run{r}"), device=args.device))
             t0 = time.perf_counter()
             res = extract(cfg, show_progress=False)
             tb.append(time.perf_counter() - t0)

@@ -56,10 +56,10 @@ def random_init_dir(pretrain_dir: Path, out: Path, seed: int) -> Path:
 def probe(model_dir: Path, work: Path, name: str) -> dict[str, Any]:
     """Extract WiC train/test with ``model_dir`` and sweep linear probes over all layers."""
     t0 = time.perf_counter()
-    store = extract(ExtractConfig(model=str(model_dir), data=None, splits=(("train", str(WIC / "train.csv")),
+    store = extract(ExtractConfig.from_dict(dict(model=str(model_dir), data=None, splits=(("train", str(WIC / "train.csv")),
                                                                              ("test", str(WIC / "test.csv"))),
                                   text_col="sentence1", text_pair_col="sentence2", label_col="label", max_length=64,
-                                  out=str(work / f"{name}.zarr")), show_progress=False)
+                                  out=str(work / f"{name}.zarr"))), show_progress=False)
     t_extract = time.perf_counter() - t0
     sweep = run_sweep(SweepConfig.from_dict({"store": str(store.path), "layers": "all", "out": str(work / f"sweep-{name}")}))
     _, rows = read_run(sweep.run_dir)
@@ -129,10 +129,10 @@ def main() -> None:
         pd.read_csv(WIC / "train.csv").head(args.finetune_rows).to_csv(work / "ft-train.csv", index=False)
         for name, model_dir in (("pretrained", res.model_dir), ("random", random_dir)):
             t1 = time.perf_counter()
-            ft = run_finetune(FinetuneConfig(model=str(model_dir), data=str(work / "ft-train.csv"), text_col="sentence1",
+            ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(model_dir), data=str(work / "ft-train.csv"), text_col="sentence1",
                                              text_pair_col="sentence2", label_col="label", folds=args.folds, epochs=3,
                                              patience=0, lr=3e-4, batch_size=32, max_length=64, classifier="mlp",
-                                             classifier_hidden=(2048,), out=str(work / f"ft-{name}")))
+                                             classifier_hidden=(2048,), out=str(work / f"ft-{name}"))))
             report[f"finetune_{name}"] = {"accuracy": ft.accuracy, "accuracy_std": ft.accuracy_std,
                                           "f1_macro": ft.f1_macro, "f1_macro_std": ft.f1_macro_std,
                                           "seconds": time.perf_counter() - t1}

@@ -89,8 +89,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    store_path = extract(ExtractConfig(model="minilm", data=None, splits=(("train", str(AG / "train_pool.csv")), ("test", str(AG / "test.csv"))),
-                                       label_col="label", limit=args.test_rows), show_progress=True).path
+    store_path = extract(ExtractConfig.from_dict(dict(model="minilm", data=None, splits=(("train", str(AG / "train_pool.csv")), ("test", str(AG / "test.csv"))),
+                                       label_col="label", limit=args.test_rows)), show_progress=True).path
     t_extract = time.perf_counter() - t0
     store = open_store(store_path)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -117,7 +117,7 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
         click.echo(f"truncated at --max-length {config.max_length}: {trunc} inputs ({result.truncated})", err=True)
     skipped = sum(result.skipped_empty.values())
     if skipped:
-        what = "unusable audio rows" if config.audio_col else "empty rows"
+        what = "unusable audio rows" if config.source.audio_col else "empty rows"
         click.echo(f"skipped {what}: {skipped} ({result.skipped_empty})", err=True)
     click.echo(result.path)
 

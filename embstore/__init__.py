@@ -2,14 +2,17 @@
 
 Public API::
 
-    from embstore import ExtractConfig, extract, open_store
-    result = extract(ExtractConfig(model="minilm", data="train.csv", label_col="label"))
+    from embstore import DataSpec, ExtractConfig, extract, open_store
+    result = extract(ExtractConfig(model="minilm", source=DataSpec(data="train.csv", label_col="label")))
+    # or from the flat keys of a YAML file / the CLI:
+    result = extract(ExtractConfig.from_dict({"model": "minilm", "data": "train.csv", "label_col": "label"}))
     store = open_store(result.path)
     X = store.pooled("all", "cls", layers="-4--1")   # (n, 4, hidden)
 """
 
 from embstore._version import __version__
 from embstore.config import ExtractConfig
+from embstore.dataspec import DataSpec
 from embstore.errors import (
     ColumnNotFoundError,
     ConfigError,
@@ -39,7 +42,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True):  # type: igno
 
 
 __all__ = [
-    "__version__", "ExtractConfig", "extract", "open_store", "Store", "TokenStates", "parse_layers", "format_layers",
+    "__version__", "DataSpec", "ExtractConfig", "extract", "open_store", "Store", "TokenStates", "parse_layers", "format_layers",
     "EmbstoreError", "ConfigError", "DataError", "ColumnNotFoundError", "DataFileNotFoundError", "DiskFullError",
     "LayerSpecError", "ModelNotFoundError", "OutputNotWritableError", "StoreIncompleteError", "StoreMismatchError",
     "StoreNotFoundError", "StoreBusyError", "StoreDamagedError", "RankFailedError",

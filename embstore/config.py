@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from embstore.dataspec import DATA_KEYS, DEFAULT_DATA, DataSpec
 from embstore.errors import ConfigError
 
 __all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
@@ -17,7 +18,6 @@ AUDIO_POOLINGS = ("mean", "max")
 def default_pooling(modality: str) -> tuple[str, ...]:
     """cls and mean for text; mean and max over frames for audio (which has no [CLS] frame)."""
     return AUDIO_POOLINGS if modality == "audio" else ("cls", "mean")
-DEFAULT_DATA = "builtin:tweets"
 
 
 def reject_unknown_keys(d: dict[str, Any], known: set[str], what: str) -> None:
@@ -33,30 +33,13 @@ class ExtractConfig:
 
     model: str = "minilm"
     """Backbone: 'minilm', 'random:NAME', a local HF directory, or a Hub id in the local cache."""
-    data: str | None = DEFAULT_DATA
-    """One data file (CSV/TSV/JSONL/Parquet) or 'builtin:tweets'; None when ``splits`` is given."""
-    splits: tuple[tuple[str, str], ...] = ()
-    """(split name, file) pairs, one file per split; exclusive with ``data``."""
-    holdout: float | None = None
-    """Fraction of ``data`` held out as a 'test' split (seeded, stratified by label)."""
-    seed: int = 0
-    """Seed of the holdout split."""
-    text_col: str | None = None
-    """Text column; None means the source's default ('text')."""
-    text_pair_col: str | None = None
-    """Second text column for sentence pairs."""
+    source: DataSpec = DataSpec()
+    """Where the rows come from (data or splits, holdout and seed, columns, limit, skip_empty/skip_bad);
+    its keys stay flat in YAML, on the command line and in the stored config."""
     pair_mode: Literal["joint", "towers"] = "joint"
     """'joint' encodes [CLS] a [SEP] b; 'towers' encodes each column alone and stores both."""
-    label_col: str | None = None
-    """Label column (strings or integers); None means none (or the builtin source's default)."""
-    audio_col: str | None = None
-    """Audio: column of audio file paths (relative to the table); the model must be a speech model."""
-    group_col: str | None = None
-    """Column of groups (e.g. speaker): --holdout keeps each group in one split; stored per row."""
     max_seconds: float | None = None
     """Audio: crop each recording to its first this many seconds (cropped rows are counted)."""
-    skip_bad: bool = False
-    """Audio: drop rows whose file is missing, unreadable or empty instead of failing."""
     augment: tuple[str, ...] = ()
     """Audio: transforms of augmented training copies, any of noise, shift, speed; () for none."""
     copies: int = 1
@@ -87,10 +70,6 @@ class ExtractConfig:
     """Store format."""
     out: str | None = None
     """Store path (ends in .zarr/.h5) or a directory for content-addressed stores; None: the cache."""
-    limit: int | None = None
-    """Keep only the first N rows of each split (quick runs)."""
-    skip_empty: bool = False
-    """Drop empty/NaN text rows instead of failing."""
     chunk_rows: int = 2048
     """Rows per work unit and per storage chunk; the unit of resume and of multi-process work."""
     num_processes: int = 1
@@ -103,33 +82,24 @@ class ExtractConfig:
     """Free-form notes recorded in provenance, never in the fingerprint."""
 
     def __post_init__(self) -> None:
+        src = self.source
         if self.pooling is not None:
             bad = [p for p in self.pooling if p not in POOLINGS]
             if bad or not self.pooling:
                 raise ConfigError(
                     f"The 'pooling' option must be a comma list of {', '.join(POOLINGS)}; got {','.join(self.pooling) or 'nothing'}."
                 )
-            if self.audio_col and "cls" in self.pooling:
+            if src.audio_col and "cls" in self.pooling:
                 raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max with --audio-col.")
-        if self.audio_col and (self.text_col or self.text_pair_col):
-            raise ConfigError("You cannot pass both --audio-col and --text-col/--text-pair-col; a store holds text or audio.")
-        if self.augment and not self.audio_col:
+        if self.augment and not src.audio_col:
             raise ConfigError("--augment makes audio copies: it needs --audio-col (and a speech model).")
-        if self.augment and self.holdout is None and "train" not in dict(self.splits):
+        if self.augment and src.holdout is None and "train" not in dict(src.splits):
             raise ConfigError("Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or --split train=FILE.")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"The 'max_seconds' option must be a positive number of seconds; got {self.max_seconds}.")
         if self.batch_seconds <= 0:
             raise ConfigError(f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}.")
         self.augment_spec()  # validates the transforms and copies
-        if self.data is not None and self.splits:
-            raise ConfigError("You cannot pass both --data and --split; pass one file with --data (and --holdout) or one --split per file.")
-        if self.data is None and not self.splits:
-            raise ConfigError("No data given: pass --data FILE or --split NAME=FILE.")
-        if self.holdout is not None and not 0.0 < self.holdout < 1.0:
-            raise ConfigError(f"The 'holdout' option must be a fraction in (0, 1); got {self.holdout}.")
-        if self.holdout is not None and self.splits:
-            raise ConfigError("--holdout splits one --data file; with --split files the splits are already given.")
         for name, value in (("max_length", self.max_length), ("batch_size", self.batch_size),
                             ("token_budget", self.token_budget), ("chunk_rows", self.chunk_rows),
                             ("num_processes", self.num_processes)):
@@ -137,35 +107,30 @@ class ExtractConfig:
                 raise ConfigError(f"The '{name}' option must be a positive integer; got {value}.")
         if self.max_length < 2:
             raise ConfigError(f"The 'max_length' option must be at least 2 tokens; got {self.max_length}.")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"The 'limit' option must be a positive number of rows; got {self.limit}.")
         if self.pair_mode not in ("joint", "towers"):
             raise ConfigError(f"The 'pair_mode' option must be 'joint' or 'towers'; got {self.pair_mode!r}.")
-        if self.pair_mode == "towers" and not self.text_pair_col:
+        if self.pair_mode == "towers" and not src.text_pair_col:
             raise ConfigError("Towers mode encodes two columns separately: give --text-pair-col too.")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"The 'dtype' option must be float16 or float32; got {self.dtype!r}.")
         if self.format not in ("zarr", "h5"):
             raise ConfigError(f"The 'format' option must be zarr or h5; got {self.format!r}.")
-        names = [n for n, _ in self.splits]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"Split names must be unique; got {', '.join(names)}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["splits"] = [list(s) for s in self.splits]
+        """JSON-ready flat dict (tuples become lists; the data source's keys at the top level)."""
+        d = {"model": self.model, **self.source.to_dict(),
+             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "source")}}
+        d["extra"] = dict(self.extra)
         d["pooling"] = None if self.pooling is None else list(self.pooling)
         d["augment"] = list(self.augment)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
+    def from_dict(cls, d_in: dict[str, Any]) -> "ExtractConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        reject_unknown_keys(d, {f.name for f in dataclasses.fields(cls)}, "extract")
-        d = dict(d)
-        if "splits" in d:
-            d["splits"] = tuple(tuple(s) for s in d["splits"])
+        reject_unknown_keys(d_in, ({f.name for f in dataclasses.fields(cls)} - {"source"}) | set(DATA_KEYS), "extract")
+        d: dict[str, Any] = {k: v for k, v in d_in.items() if k not in DATA_KEYS}
+        d["source"] = DataSpec.from_dict({k: v for k, v in d_in.items() if k in DATA_KEYS})
         if d.get("augment") is None:
             d.pop("augment", None)
         for key in ("pooling", "augment"):
@@ -181,4 +146,4 @@ class ExtractConfig:
         from embstore.augment import AugmentSpec
 
         return AugmentSpec(transforms=self.augment, copies=self.copies, classes=self.augment_classes,
-                           snr_db=self.snr_db, seed=self.seed)
+                           snr_db=self.snr_db, seed=self.source.seed)

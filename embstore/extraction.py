@@ -88,8 +88,8 @@ def _quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None
     None when those cannot decide it; the full plan then computes the same id, or reports the problem."""
     try:
         model = model_identity(config.model)
-        data = data_identity(config)
-        if data is None or model["n_layers"] is None or model["modality"] != ("audio" if config.audio_col else "text"):
+        data = data_identity(config.source)
+        if data is None or model["n_layers"] is None or model["modality"] != ("audio" if config.source.audio_col else "text"):
             return None
         available = list(range(int(model["n_layers"]) + 1))
         layers = parse_layers(config.layers, available, "layers")
@@ -106,10 +106,10 @@ def _precision(device: str) -> str:
 
 
 def _plan(config: ExtractConfig, device: str) -> _Plan:
-    dataset = load_dataset(data=config.data, splits=config.splits, holdout=config.holdout, seed=config.seed,
-                           text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,
-                           limit=config.limit, skip_empty=config.skip_empty, audio_col=config.audio_col,
-                           group_col=config.group_col, skip_bad=config.skip_bad)
+    dataset = load_dataset(data=config.source.data, splits=config.source.splits, holdout=config.source.holdout, seed=config.source.seed,
+                           text_col=config.source.text_col, text_pair_col=config.source.text_pair_col, label_col=config.source.label_col,
+                           limit=config.source.limit, skip_empty=config.source.skip_empty, audio_col=config.source.audio_col,
+                           group_col=config.source.group_col, skip_bad=config.source.skip_bad)
     backbone = load_backbone(config.model, device)
     if backbone.modality != dataset.modality:
         if backbone.modality == "audio":
@@ -212,7 +212,7 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
     from embstore._version import __version__
 
     precision = _precision(device)
-    data = data_identity(config)
+    data = data_identity(config.source)
     if data is None:  # load_dataset has read every file: they exist
         raise RuntimeError("the data files changed while planning; re-run")
     fp = store_fingerprint(config, model_identity(config.model), data, layers=list(lay.layers),
@@ -231,12 +231,12 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
             "model": {k: v for k, v in backbone.identity.items() if k != "tokenizer"},
             "tokenizer": backbone.identity["tokenizer"], "max_length": config.max_length,
             "poolings": list(lay.poolings), "dtype": config.dtype, "precision": precision, "device": device,
-            "sources": dataset.sources, "text_col": config.text_col or "text", "text_pair_col": config.text_pair_col,
-            "pair_mode": config.pair_mode, "label_col": config.label_col,
-            "audio_col": config.audio_col, "group_col": config.group_col, "max_seconds": config.max_seconds,
+            "sources": dataset.sources, "text_col": config.source.text_col or "text", "text_pair_col": config.source.text_pair_col,
+            "pair_mode": config.pair_mode, "label_col": config.source.label_col,
+            "audio_col": config.source.audio_col, "group_col": config.source.group_col, "max_seconds": config.max_seconds,
             "augment": None if not config.augment else {
                 "transforms": list(config.augment), "copies": config.copies, "classes": config.augment_classes,
-                "snr_db": config.snr_db, "seed": config.seed},
+                "snr_db": config.snr_db, "seed": config.source.seed},
             "rows": {k: v.n_rows for k, v in lay.splits.items()},
             "tool": {"embstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "zarr": zarr.__version__, "python": sys.version.split()[0]},
@@ -255,8 +255,8 @@ def _paths(config: ExtractConfig, fingerprint: str) -> tuple[str, str]:
     if out is not None and (out.rstrip("/").endswith((".zarr", ".h5", ".hdf5"))):
         final = out.rstrip("/")
     else:
-        data_name = config.data.split(":", 1)[-1] if config.data else "-".join(n for n, _ in config.splits)
-        data_name = Path(data_name).stem if config.data and not config.data.startswith("builtin:") else data_name
+        data_name = config.source.data.split(":", 1)[-1] if config.source.data else "-".join(n for n, _ in config.source.splits)
+        data_name = Path(data_name).stem if config.source.data and not config.source.data.startswith("builtin:") else data_name
         suffix = ".h5" if config.format == "h5" else ".zarr"
         base = Path(out) if out is not None else cache_dir()
         final = str(base / f"{_slug(config.model)}-{_slug(data_name)}-{fingerprint[:12]}{suffix}")

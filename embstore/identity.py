@@ -251,7 +251,7 @@ def store_fingerprint(config: Any, model: dict[str, Any], data: dict[str, Any], 
                             "copies": config.copies if config.augment else None,
                             "augment_classes": config.augment_classes if config.augment else None,
                             "snr_db": config.snr_db if "noise" in config.augment else None,
-                            "seed": config.seed if config.augment else None}
+                            "seed": config.source.seed if config.augment else None}
         if not model["attention_mask"]:
             # Without an attention mask the zero padding of a batch reaches the real frames' attention,
             # so which rows share a batch changes the stored values.

@@ -126,17 +126,17 @@ class _Trainer:
         from accelerate import Accelerator
 
         cpu = config.device == "cpu" or not torch.cuda.is_available()
-        self.acc = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+        self.acc = Accelerator(mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum,
                                cpu=cpu)
-        per_epoch = math.ceil(len(loaders["train"]) / config.grad_accum)
-        total = per_epoch * config.epochs
-        warmup = int(config.warmup_ratio * total)
+        per_epoch = math.ceil(len(loaders["train"]) / config.optim.grad_accum)
+        total = per_epoch * config.optim.epochs
+        warmup = int(config.optim.warmup_ratio * total)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("Every parameter is frozen (freeze covers all layers and there is nothing to train); "
                               "freeze fewer layers, e.g. 'all-but-last'.")
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        sched = make_scheduler(opt, config.schedule, warmup=warmup, total=total, per_epoch=per_epoch,
+        opt = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        sched = make_scheduler(opt, config.optim.schedule, warmup=warmup, total=total, per_epoch=per_epoch,
                                gamma=config.gamma, done_steps=done_steps)
         self.steps = done_steps
         self.model, self.opt, self.train, self.sched, self.val, self.eval = self.acc.prepare(
@@ -223,10 +223,10 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
     from heads.estimator import BestTracker, make_split
     from heads.metrics import classification_metrics
 
-    set_seed(config.seed)
+    set_seed(config.source.seed)
     model = SequenceClassifier(encoder, n_classes, pooling=config.pooling, classifier=config.classifier,
                                hidden=config.classifier_hidden, dropout=config.dropout)
-    split = make_split(train.labels[fit_pool], None, HeadConfig(patience=1, seed=config.seed,
+    split = make_split(train.labels[fit_pool], None, HeadConfig(patience=1, seed=config.source.seed,
                                                                 validation_fraction=config.validation_fraction))
     fit_rows, val_rows = fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]
 
@@ -238,11 +238,11 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
 
     fn = collate(int(tokenizer.pad_token_id or 0))
     train_rows = rows(train, fit_rows)
-    sampler = EpochSampler(len(train_rows), config.seed)
+    sampler = EpochSampler(len(train_rows), config.source.seed)
     loaders: dict[str, DataLoader[Any]] = {
-        "train": DataLoader(train_rows, batch_size=config.batch_size, sampler=sampler, collate_fn=fn),
-        "val": DataLoader(rows(train, val_rows), batch_size=config.batch_size, collate_fn=fn),
-        "eval": DataLoader(rows(evaluation, eval_rows), batch_size=config.batch_size, collate_fn=fn)}
+        "train": DataLoader(train_rows, batch_size=config.optim.batch_size, sampler=sampler, collate_fn=fn),
+        "val": DataLoader(rows(train, val_rows), batch_size=config.optim.batch_size, collate_fn=fn),
+        "eval": DataLoader(rows(evaluation, eval_rows), batch_size=config.optim.batch_size, collate_fn=fn)}
 
     importance_pruned: dict[int, list[int]] = {}
     tracker = BestTracker(config.patience)
@@ -265,7 +265,7 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
 
     epoch_seconds: list[float] = []
     train_seconds = 0.0
-    for epoch in range(start, config.epochs + 1):
+    for epoch in range(start, config.optim.epochs + 1):
         if tracker.stopped:
             break
         t0 = time.perf_counter()
@@ -373,7 +373,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         metrics = outcome.metrics
         trainable, total = count_parameters(outcome.model)
         row = ResultRow(
-            layers=str(n_layers), combine="finetune", pooling=config.pooling, head=config.classifier, seed=config.seed,
+            layers=str(n_layers), combine="finetune", pooling=config.pooling, head=config.classifier, seed=config.source.seed,
             fold=rnd.fold, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
             train_seconds=outcome.train_seconds, hyperparameters=config.to_dict(), per_class=metrics["per_class"],
             confusion=metrics["confusion"], store_id="", best_epoch=outcome.best_epoch, trainable_params=trainable,
@@ -410,7 +410,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             "majority_accuracy": majority_accuracy(y_train, te.labels[rows_te]), "config": config.to_dict(),
             "fingerprint": fp, **sources}
     if config.folds is not None:
-        meta["folds"] = {"k": config.folds, "seed": config.seed, "stratified": True,
+        meta["folds"] = {"k": config.folds, "seed": config.source.seed, "stratified": True,
                          "accuracy_mean": acc_mean, "accuracy_std": acc_std, "f1_macro_mean": f1_mean,
                          "f1_macro_std": f1_std, "eval": "each fold's held-out training rows"}
         meta["majority_accuracy"] = majority_accuracy(y_train, y_train)

@@ -6,10 +6,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.config import DEFAULT_DATA, reject_unknown_keys
+from embstore.config import reject_unknown_keys
+from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
+from heads.optim_config import OPTIM_KEYS, OptimConfig
 
-__all__ = ["FinetuneConfig"]
+__all__ = ["DATA_KEYS", "FinetuneConfig"]
+
+DATA_KEYS = ("data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "limit", "skip_empty")
+"""The flat data-source keys ``heads finetune`` takes (it reads text: no audio options)."""
+SCHEDULES = ("linear", "cosine", "exponential")
+_DEFAULT_OPTIM = OptimConfig(lr=2e-5, weight_decay=0.01, batch_size=16, epochs=3, warmup_ratio=0.1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,24 +25,9 @@ class FinetuneConfig:
 
     model: str = "minilm"
     """Backbone: 'minilm', 'random:NAME', a local HF directory or a cached Hub id."""
-    data: str | None = DEFAULT_DATA
-    """One data file or 'builtin:tweets'; None when ``splits`` is given."""
-    splits: tuple[tuple[str, str], ...] = ()
-    """(split name, file) pairs."""
-    holdout: float | None = None
-    """Fraction of ``data`` held out as 'test' by load_dataset (seeded, stratified)."""
-    seed: int = 0
-    """Seed of the holdout, the validation carve, initialisation and shuffling."""
-    text_col: str | None = None
-    """Text column (None: 'text' or the builtin default)."""
-    text_pair_col: str | None = None
-    """Second text column for sentence pairs (encoded jointly)."""
-    label_col: str | None = None
-    """Label column (None: the builtin default); fine-tuning needs labels."""
-    limit: int | None = None
-    """First N rows of each split."""
-    skip_empty: bool = False
-    """Drop empty text rows instead of failing."""
+    source: DataSpec = DataSpec()
+    """Where the rows come from (data or splits, holdout, seed, columns, limit, skip_empty); flat keys in YAML.
+    Its seed also seeds the validation carve, initialisation and shuffling. Fine-tuning needs labels."""
     max_length: int = 128
     """Inputs are truncated to this many tokens."""
     freeze: str | None = None
@@ -58,23 +50,13 @@ class FinetuneConfig:
     """mlp: dropout before each linear layer after the first."""
     pooling: Literal["cls", "mean"] = "cls"
     """'cls' (first token) or attention-masked 'mean' of the last hidden state."""
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-    batch_size: int = 16
-    epochs: int = 3
+    optim: OptimConfig = _DEFAULT_OPTIM
+    """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (linear, cosine, exponential), grad_accum,
+    mixed_precision; flat keys in YAML."""
     patience: int = 2
     """Epochs without a better validation macro-F1 before stopping (0: never; the last epoch wins)."""
-    warmup_ratio: float = 0.1
-    """Share of the optimizer steps with a linear warmup."""
-    schedule: Literal["linear", "cosine", "exponential"] = "linear"
-    """lr decay after the warmup (per optimizer step)."""
     gamma: float = 0.9
     """exponential: lr multiplier per epoch."""
-    grad_accum: int = 1
-    """Gradient accumulation steps per optimizer step."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """accelerate mixed precision (fp16 needs a GPU)."""
     train_split: str = "train"
     eval_split: str | None = None
     """None: 'test' if present, else 'validation'."""
@@ -97,13 +79,9 @@ class FinetuneConfig:
 
         choice("classifier", ("linear", "mlp"))
         choice("pooling", ("cls", "mean"))
-        choice("schedule", ("linear", "cosine", "exponential"))
-        choice("mixed_precision", ("no", "fp16", "bf16"))
-        if self.data is not None and self.splits:
-            raise ConfigError("You cannot pass both --data and --split; pass one file with --data or one --split per file.")
-        if self.data is None and not self.splits:
-            raise ConfigError("No data given: pass --data FILE or --split NAME=FILE.")
-        for name in ("max_length", "batch_size", "epochs", "grad_accum", "prune_batches", "min_heads_per_layer"):
+        self.source.only(DATA_KEYS, "heads finetune")
+        self.optim.check(SCHEDULES)
+        for name in ("max_length", "prune_batches", "min_heads_per_layer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"The '{name}' option must be a positive integer; got {getattr(self, name)}.")
         if self.max_length < 2:
@@ -112,16 +90,8 @@ class FinetuneConfig:
             raise ConfigError(f"The 'folds' option must be at least 2 (K-fold cross-validation); got {self.folds}.")
         if self.patience < 0:
             raise ConfigError(f"The 'patience' option must be 0 (off) or more epochs; got {self.patience}.")
-        if self.lr <= 0:
-            raise ConfigError(f"The 'lr' option must be positive; got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"The 'weight_decay' option must be 0 or more; got {self.weight_decay}.")
-        for name in ("holdout", "validation_fraction"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 < v < 1.0:
-                raise ConfigError(f"The '{name}' option must be a fraction in (0, 1); got {v}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"The 'warmup_ratio' option must be in [0, 1); got {self.warmup_ratio}.")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}.")
         if not 0.0 < self.gamma <= 1.0:
             raise ConfigError(f"The 'gamma' option must be in (0, 1]; got {self.gamma}.")
         if not 0.0 <= self.dropout < 1.0:
@@ -134,27 +104,27 @@ class FinetuneConfig:
             if not 0.0 < self.prune_fraction < 1.0:
                 raise ConfigError(f"The 'prune_fraction' option must be in (0, 1); got {self.prune_fraction}. "
                                   "Use e.g. 0.2 to remove 20% of the heads.")
-            if self.epochs < 2:
+            if self.optim.epochs < 2:
                 raise ConfigError(f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
-                                  f"at least 2; got {self.epochs}.")
+                                  f"at least 2; got {self.optim.epochs}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["splits"] = [list(s) for s in self.splits]
+        """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "optim")}
+        d = {"model": d.pop("model"), **self.source.to_dict(DATA_KEYS), **self.optim.to_dict(), **d}
         d["classifier_hidden"] = list(self.classifier_hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        reject_unknown_keys(d, {f.name for f in dataclasses.fields(cls)}, "finetune")
-        d = dict(d)
-        if d.get("splits") is not None:
-            d["splits"] = tuple(tuple(s) for s in d["splits"])
-        else:
-            d.pop("splits", None)
-        if "classifier_hidden" in d:
-            h = d["classifier_hidden"]
-            d["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
-        return cls(**d)
+        """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"source", "optim"}
+        reject_unknown_keys(d, own | set(DATA_KEYS) | set(OPTIM_KEYS), "finetune")
+        values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
+        values["source"] = DataSpec.from_dict({k: v for k, v in d.items() if k in DATA_KEYS})
+        values["optim"] = dataclasses.replace(_DEFAULT_OPTIM, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+        if "classifier_hidden" in values:
+            h = values["classifier_hidden"]
+            values["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
+        return cls(**values)
+

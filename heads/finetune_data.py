@@ -48,12 +48,9 @@ def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray
 
     With ``folds`` a data set of one split is not carved: all its rows are cross-validated.
     """
-    from embstore.data import load_dataset
     from heads.sweep import _carve
 
-    ds = load_dataset(data=config.data, splits=config.splits, holdout=config.holdout, seed=config.seed,
-                      text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,
-                      limit=config.limit, skip_empty=config.skip_empty)
+    ds = config.source.load()
     if ds.label_names is None:
         raise ConfigError("Fine-tuning needs labels: pass --label-col NAME.")
     names = list(ds.splits)
@@ -71,7 +68,7 @@ def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray
         if config.folds is not None:
             rows_tr = rows_te = np.arange(len(tr.texts))
         else:
-            rows_tr, rows_te = _carve(np.asarray(tr.labels), 0.2, config.seed)
+            rows_tr, rows_te = _carve(np.asarray(tr.labels), 0.2, config.source.seed)
             log.info("data has one split %r: carved %d rows for evaluation", names[0], len(rows_te))
     else:
         raise ConfigError(f"--train-split {config.train_split!r} is not in the data; its splits are {', '.join(names)}.")
@@ -105,5 +102,5 @@ def rounds(config: FinetuneConfig, train: Any, rows_tr: np.ndarray, evaluation: 
     if counts[counts > 0].min() < config.folds:
         raise ConfigError(f"--folds {config.folds} needs at least {config.folds} training rows of every class; the "
                           f"rarest class has {counts[counts > 0].min()}. Use fewer folds or more data.")
-    for k, (fit, held) in enumerate(StratifiedKFold(config.folds, shuffle=True, random_state=config.seed).split(rows_tr, y)):
+    for k, (fit, held) in enumerate(StratifiedKFold(config.folds, shuffle=True, random_state=config.source.seed).split(rows_tr, y)):
         yield Round(k, rows_tr[fit], train, rows_tr[held])

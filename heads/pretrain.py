@@ -137,7 +137,7 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
     fp = fingerprint(config.fingerprinted(), json.dumps(data.provenance["sources_sha256"]), data.provenance["tokenizer_sha256"])
     resumed = read_checkpoint(ckpt, STATE_FILE, fp, config.fingerprinted()) if config.resume else None
 
-    set_seed(config.seed)
+    set_seed(config.source.seed)
     net = BertForPreTraining(bert_config)
     if config.pair_objective is None:  # untrained parts are kept (AutoModel loads the pooler) but not updated
         if net.bert.pooler is not None:
@@ -153,22 +153,22 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
     eval_corpus = tokenize_corpus(tok, data.eval_texts, data.eval_pairs, whole_word=config.whole_word)
     orders = (0, 1) if config.swap_augment else (0,)
     items = [(row, o) for o in orders for row in range(len(train_corpus))]
-    collator = PretrainCollator(train_corpus, seed=config.seed, **ids)
-    eval_collator = PretrainCollator(eval_corpus, seed=config.seed + 7_919, **ids)
-    sampler = EpochSampler(len(items), config.seed)
-    train_loader: DataLoader[Any] = DataLoader(items, batch_size=config.batch_size, sampler=sampler,  # type: ignore[arg-type]
+    collator = PretrainCollator(train_corpus, seed=config.source.seed, **ids)
+    eval_collator = PretrainCollator(eval_corpus, seed=config.source.seed + 7_919, **ids)
+    sampler = EpochSampler(len(items), config.source.seed)
+    train_loader: DataLoader[Any] = DataLoader(items, batch_size=config.optim.batch_size, sampler=sampler,  # type: ignore[arg-type]
                                                collate_fn=collator)
     eval_loader: DataLoader[Any] = DataLoader([(r, 0) for r in range(len(eval_corpus))],  # type: ignore[arg-type]
-                                              batch_size=config.batch_size, collate_fn=eval_collator)
+                                              batch_size=config.optim.batch_size, collate_fn=eval_collator)
 
     cpu = config.device == "cpu" or not torch.cuda.is_available()
-    acc = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum, cpu=cpu)
-    per_epoch = math.ceil(len(train_loader) / config.grad_accum)
-    total = config.max_steps or per_epoch * config.epochs
-    epochs = math.ceil(total / per_epoch) if config.max_steps else config.epochs
+    acc = Accelerator(mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum, cpu=cpu)
+    per_epoch = math.ceil(len(train_loader) / config.optim.grad_accum)
+    total = config.max_steps or per_epoch * config.optim.epochs
+    epochs = math.ceil(total / per_epoch) if config.max_steps else config.optim.epochs
     done_steps = int(resumed["steps"]) if resumed else 0
-    opt = _optimizer(model, config.lr, config.weight_decay)
-    sched = make_scheduler(opt, config.schedule, warmup=int(config.warmup_ratio * total), total=total)
+    opt = _optimizer(model, config.optim.lr, config.optim.weight_decay)
+    sched = make_scheduler(opt, config.optim.schedule, warmup=int(config.optim.warmup_ratio * total), total=total)
     model, opt, loader, sched, eval_loader = acc.prepare(model, opt, train_loader, sched, eval_loader)
 
     history: list[dict[str, Any]] = []
@@ -233,7 +233,7 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
                 break
         bar.close()
         skip = 0
-        rows = sums["batches"] * config.batch_size
+        rows = sums["batches"] * config.optim.batch_size
         entry = {"epoch": epoch, "steps": steps, "epoch_complete": epoch_done,
                  "train_mlm_loss": sums["loss"] / max(sums["masked"], 1),
                  "train_masked_accuracy": sums["correct"] / max(sums["masked"], 1),

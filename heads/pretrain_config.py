@@ -7,32 +7,30 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from embstore.config import reject_unknown_keys
+from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
+from heads.optim_config import OPTIM_KEYS, OptimConfig
 
-__all__ = ["NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
+__all__ = ["DATA_KEYS", "NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """The special tokens of a trained WordPiece vocabulary, ids 0..4 in this order."""
 NOT_FINGERPRINTED = ("out", "resume", "epochs", "max_steps", "max_minutes", "device")
 """Options a resumed run may change (how long to train, where); every other one must match the checkpoint."""
+DATA_KEYS = ("data", "splits", "seed", "text_col", "text_pair_col", "limit", "skip_empty")
+"""The flat data-source keys ``heads pretrain`` takes (unlabelled text; held-out rows are carved by
+``heldout_fraction`` or come from a split, so no holdout)."""
+SCHEDULES = ("linear", "cosine", "constant")
+_DEFAULT_OPTIM = OptimConfig(lr=5e-4, weight_decay=0.01, batch_size=32, epochs=1, warmup_ratio=0.06)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """One pretraining run; saved in run.json and fingerprinted into every checkpoint."""
 
-    data: str | None = None
-    """One data file (CSV/TSV/JSONL/Parquet); None when ``splits`` is given."""
-    splits: tuple[tuple[str, str], ...] = ()
-    """(split name, file) pairs; ``train_split`` is the corpus, ``eval_split`` the held-out text."""
-    text_col: str | None = None
-    """Text column (None: 'text')."""
-    text_pair_col: str | None = None
-    """Second sentence column: rows become pairs [CLS] A [SEP] B [SEP]."""
-    limit: int | None = None
-    """First N rows of each split."""
-    skip_empty: bool = False
-    """Drop empty text rows instead of failing."""
+    source: DataSpec
+    """The corpus (data or splits, seed, text/pair columns, limit, skip_empty); flat keys in YAML. Its seed
+    also seeds initialisation, the held-out carve, shuffling and masking."""
     train_split: str = "train"
     """Split used for training (a single --data file is always the corpus)."""
     eval_split: str | None = None
@@ -61,8 +59,6 @@ class PretrainConfig:
     """Feed-forward size (default 4 x hidden)."""
     max_positions: int | None = None
     """Position embeddings (default 512); must be at least ``max_length``."""
-    seed: int = 0
-    """Seed of initialisation, the held-out carve, shuffling and masking."""
     max_length: int = 128
     """Token sequences (specials included) are truncated to this length."""
     mask_prob: float = 0.15
@@ -75,24 +71,13 @@ class PretrainConfig:
     """Sentence pairs: add sentence-order ('sop') or next-sentence ('nsp') prediction on [CLS], trained jointly."""
     pair_weight: float = 1.0
     """Weight of the pair-objective loss added to the MLM loss."""
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-    batch_size: int = 32
-    epochs: int = 1
-    """Passes over the corpus (a bound; ``max_steps`` and ``max_minutes`` may stop earlier)."""
+    optim: OptimConfig = _DEFAULT_OPTIM
+    """lr, weight_decay, batch_size, epochs (a bound; max_steps and max_minutes may stop earlier), warmup_ratio,
+    schedule (linear, cosine, constant), grad_accum, mixed_precision; flat keys in YAML."""
     max_steps: int | None = None
     """Optimizer steps in total; when given it sets the schedule length instead of ``epochs``."""
     max_minutes: float | None = None
     """Stop (and save) after this many minutes of training; the schedule is unchanged."""
-    warmup_ratio: float = 0.06
-    """Share of the optimizer steps with a linear warmup."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """lr decay after the warmup (per optimizer step)."""
-    grad_accum: int = 1
-    """Gradient accumulation steps per optimizer step."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """accelerate mixed precision (fp16 needs a GPU)."""
     resume: bool = False
     """Continue from ``out``/checkpoint when its fingerprint matches."""
     out: str | None = None
@@ -107,14 +92,9 @@ class PretrainConfig:
                 raise ConfigError(f"The '{name}' option must be one of {shown}; got {getattr(self, name)!r}.")
 
         choice("pair_objective", (None, "sop", "nsp"))
-        choice("schedule", ("linear", "cosine", "constant"))
-        choice("mixed_precision", ("no", "fp16", "bf16"))
-        if self.data is not None and self.splits:
-            raise ConfigError("You cannot pass both --data and --split; pass one file with --data or one --split per file.")
-        if self.data is None and not self.splits:
-            raise ConfigError("No data given: pass --data FILE or --split NAME=FILE.")
-        for name in ("batch_size", "epochs", "grad_accum", "min_frequency", "max_steps", "layers", "hidden", "heads",
-                     "intermediate", "max_positions", "limit"):
+        self.source.only(DATA_KEYS, "heads pretrain")
+        self.optim.check(SCHEDULES)
+        for name in ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"The '{name}' option must be a positive integer; got {v}.")
@@ -134,16 +114,11 @@ class PretrainConfig:
             raise ConfigError(f"The 'mask_prob' option must be in (0, 1); got {self.mask_prob}. BERT uses 0.15.")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"The 'heldout_fraction' option must be a fraction in (0, 1); got {self.heldout_fraction}.")
-        if self.lr <= 0:
-            raise ConfigError(f"The 'lr' option must be positive; got {self.lr}.")
-        if self.weight_decay < 0 or self.pair_weight < 0:
-            raise ConfigError("The 'weight_decay' and 'pair_weight' options must be 0 or more; "
-                              f"got {self.weight_decay} and {self.pair_weight}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"The 'warmup_ratio' option must be in [0, 1); got {self.warmup_ratio}.")
+        if self.pair_weight < 0:
+            raise ConfigError(f"The 'pair_weight' option must be 0 or more; got {self.pair_weight}.")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"The 'max_minutes' option must be positive; got {self.max_minutes}.")
-        if (self.swap_augment or self.pair_objective) and not self.text_pair_col:
+        if (self.swap_augment or self.pair_objective) and not self.source.text_pair_col:
             raise ConfigError("--swap-augment and --pair-objective need sentence pairs; pass --text-pair-col COLUMN.")
         if self.swap_augment and self.pair_objective == "sop":
             raise ConfigError("--pair-objective sop predicts which order is the original one, but --swap-augment "
@@ -151,10 +126,9 @@ class PretrainConfig:
                               "or drop --swap-augment.")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["splits"] = [list(s) for s in self.splits]
-        return d
+        """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "optim")}
+        return {**self.source.to_dict(DATA_KEYS), **self.optim.to_dict(), **d}
 
     def fingerprinted(self) -> dict[str, Any]:
         """The options a resumed run must share with its checkpoint."""
@@ -162,13 +136,13 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        reject_unknown_keys(d, {f.name for f in dataclasses.fields(cls)}, "pretrain")
-        d = dict(d)
-        if d.get("splits"):
-            d["splits"] = tuple(tuple(s) for s in d["splits"])
-        else:
-            d.pop("splits", None)
-        if d.get("pair_objective") in ("none", ""):
-            d["pair_objective"] = None
-        return cls(**d)
+        """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"source", "optim"}
+        reject_unknown_keys(d, own | set(DATA_KEYS) | set(OPTIM_KEYS), "pretrain")
+        values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
+        values["source"] = DataSpec.from_dict({"data": None, **{k: v for k, v in d.items() if k in DATA_KEYS}})
+        values["optim"] = dataclasses.replace(_DEFAULT_OPTIM, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+        if values.get("pair_objective") in ("none", ""):
+            values["pair_objective"] = None
+        return cls(**values)
+

@@ -40,8 +40,8 @@ class PretrainData:
 def _split_roles(config: PretrainConfig, splits: dict[str, Any]) -> tuple[Any, Any | None, str]:
     """(training split, held-out split or None to carve, description of the held-out rows)."""
     names = list(splits)
-    if config.data is not None:
-        return splits[names[0]], None, f"{config.heldout_fraction:.0%} of the rows, carved with seed {config.seed}"
+    if config.source.data is not None:
+        return splits[names[0]], None, f"{config.heldout_fraction:.0%} of the rows, carved with seed {config.source.seed}"
     if config.train_split not in splits:
         raise ConfigError(f"The training split {config.train_split!r} is not in the data; its splits are "
                           f"{', '.join(names)}. Pass --train-split NAME or name a split train=FILE.")
@@ -52,7 +52,7 @@ def _split_roles(config: PretrainConfig, splits: dict[str, Any]) -> tuple[Any, A
         return splits[config.train_split], splits[config.eval_split], f"split {config.eval_split!r}"
     ev = next((s for s in _EVAL_SPLITS if s in splits and s != config.train_split), None)
     if ev is None:
-        return splits[config.train_split], None, f"{config.heldout_fraction:.0%} of the training rows (seed {config.seed})"
+        return splits[config.train_split], None, f"{config.heldout_fraction:.0%} of the training rows (seed {config.source.seed})"
     return splits[config.train_split], splits[ev], f"split {ev!r}"
 
 
@@ -61,10 +61,8 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
 
     ``saved_tokenizer``: a resumed run's checkpoint tokenizer, used instead of training a new one when present.
     """
-    from embstore.data import load_dataset
 
-    ds = load_dataset(data=config.data, splits=config.splits, seed=config.seed, text_col=config.text_col,
-                      text_pair_col=config.text_pair_col, limit=config.limit, skip_empty=config.skip_empty)
+    ds = config.source.load()
     train, held, eval_from = _split_roles(config, ds.splits)
     texts, pairs = list(train.texts), None if train.pairs is None else list(train.pairs)
     if held is not None:
@@ -73,7 +71,7 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
         if len(texts) < 2:
             raise DataError(f"The corpus has {len(texts)} row; holding rows out for perplexity needs at least 2. "
                             "Give more text or a held-out file with --split validation=FILE.")
-        order = np.random.default_rng(config.seed).permutation(len(texts))
+        order = np.random.default_rng(config.source.seed).permutation(len(texts))
         n_eval = min(len(texts) - 1, max(1, round(config.heldout_fraction * len(texts))))
         ev_idx, tr_idx = sorted(order[:n_eval].tolist()), sorted(order[n_eval:].tolist())
         ev_texts, texts = [texts[i] for i in ev_idx], [texts[i] for i in tr_idx]

@@ -75,8 +75,8 @@ def _summary(name: str, config: PretrainConfig, corpus: dict[str, Any], bert_con
              f"{', both orders' if config.swap_augment else ''}; held-out: {corpus['eval_rows']} rows ({corpus['eval_from']})"),
              f"- objective: masked-LM at {config.mask_prob} ({'whole words' if config.whole_word else 'tokens'}, 80/10/10)"
              + (f" + {config.pair_objective}" if config.pair_objective else ""),
-             (f"- optimisation: AdamW lr {config.lr}, batch {config.batch_size} x accumulation {config.grad_accum}, "
-             f"{config.schedule} schedule, warmup {config.warmup_ratio:.0%}, seed {config.seed}")]
+             (f"- optimisation: AdamW lr {config.optim.lr}, batch {config.optim.batch_size} x accumulation {config.optim.grad_accum}, "
+             f"{config.optim.schedule} schedule, warmup {config.optim.warmup_ratio:.0%}, seed {config.source.seed}")]
     if final:
         lines.append(f"- {final['steps']} optimizer steps in {final['train_seconds']:.0f} s "
                      f"({final['tokens_per_second']:.0f} tokens/s), stopped by {final['stopped_by']}")

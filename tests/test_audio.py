@@ -64,7 +64,7 @@ def cfg(data: Path, tmp_path: Path, **kw) -> ExtractConfig:
     base = dict(model=HUBERT, data=str(data), audio_col="file", label_col="label", dtype="float32",
                 out=str(tmp_path / "stores"))
     base.update(kw)
-    return ExtractConfig(**base)
+    return ExtractConfig.from_dict(dict(**base))
 
 
 # -- reading and resampling --------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_skip_bad_drops_rows(tones: Path, tmp_path: Path):
 
 def test_speech_model_with_text_data(tiny_csv: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="random:hubert-tiny is a speech model and takes audio, but the data is text"):
-        extract(ExtractConfig(model=HUBERT, data=str(tiny_csv), label_col="label", out=str(tmp_path)), show_progress=False)
+        extract(ExtractConfig.from_dict(dict(model=HUBERT, data=str(tiny_csv), label_col="label", out=str(tmp_path))), show_progress=False)
 
 
 def test_too_short_audio(tmp_path: Path):
@@ -474,8 +474,8 @@ def test_one_table_per_split_and_augmentation_only_in_train(tones: Path, tmp_pat
     table.iloc[:16].to_csv(tones.parent / "train.tsv", sep="\t", index=False)
     table.iloc[16:].to_json(tones.parent / "test.jsonl", orient="records", lines=True)
     splits = (("train", str(tones.parent / "train.tsv")), ("test", str(tones.parent / "test.jsonl")))
-    res = extract(ExtractConfig(model=HUBERT, data=None, splits=splits, audio_col="file", label_col="label",
-                                augment=("noise",), augment_classes="all", out=str(tmp_path / "s")), show_progress=False)
+    res = extract(ExtractConfig.from_dict(dict(model=HUBERT, data=None, splits=splits, audio_col="file", label_col="label",
+                                augment=("noise",), augment_classes="all", out=str(tmp_path / "s"))), show_progress=False)
     with open_store(res.path) as s:
         assert s.n_rows("train") == 32 and s.n_rows("test") == 8
         assert s.augmented("train").sum() == 16 and s.augmentation("test") is None

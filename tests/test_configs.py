@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("extract-*.yaml")), ids=lambda p: p.name)
 def test_extract_configs_parse(path):
     cfg = ExtractConfig.from_dict(load_yaml_config(str(path)))
-    assert cfg.model and (cfg.data or cfg.splits)
+    assert cfg.model and (cfg.source.data or cfg.source.splits)
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "models").glob("*.yaml")), ids=lambda p: p.name)
@@ -53,4 +53,4 @@ def test_pretrain_config_parses():
     from heads.pretrain_config import PretrainConfig
 
     cfg = PretrainConfig.from_dict(load_yaml_config(str(CONFIGS / "pretrain-wic.yaml")))
-    assert cfg.swap_augment and cfg.text_pair_col
+    assert cfg.swap_augment and cfg.source.text_pair_col

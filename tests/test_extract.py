@@ -14,7 +14,7 @@ from embstore import extraction
 
 def cfg(data, **kw) -> ExtractConfig:
     kw.setdefault("model", "random:tiny-bert")
-    return ExtractConfig(data=str(data), **kw)
+    return ExtractConfig.from_dict(dict(data=str(data), **kw))
 
 
 def test_rerun_is_a_no_op_and_any_changed_input_is_a_new_store(tiny_csv):
@@ -152,8 +152,8 @@ def test_minilm_matches_transformers_output_hidden_states():
     from embstore.models import minilm_path
 
     data = needs_shared("ag_news") / "test.csv"
-    res = extract(ExtractConfig(model="minilm", data=str(data), label_col="label", limit=48, layers="0,3,6",
-                                chunk_rows=16, batch_size=7), show_progress=False)
+    res = extract(ExtractConfig.from_dict(dict(model="minilm", data=str(data), label_col="label", limit=48, layers="0,3,6",
+                                chunk_rows=16, batch_size=7)), show_progress=False)
     store = open_store(res.path)
     texts = pd.read_csv(data).text.iloc[store.row_ids("all")].tolist()
     tok = AutoTokenizer.from_pretrained(minilm_path())

@@ -82,8 +82,8 @@ def test_truncate_gives_a_model_extract_can_use(sep_csv, tmp_path):
     model_dir = res.run_dir / "model"
     assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 1
     assert read_run(res.run_dir)[1][0].layers == "1"
-    out = extract(ExtractConfig(model=str(model_dir), data=str(sep_csv), label_col="label",
-                                out=str(tmp_path / "s.zarr")), show_progress=False)
+    out = extract(ExtractConfig.from_dict(dict(model=str(model_dir), data=str(sep_csv), label_col="label",
+                                out=str(tmp_path / "s.zarr"))), show_progress=False)
     store = open_store(out.path)
     assert store.layers == [0, 1]
 
@@ -138,7 +138,7 @@ def test_config_validation(tmp_path, kw, match):
 
 
 def test_config_round_trip():
-    c = FinetuneConfig(data=None, splits=(("train", "a.csv"), ("test", "b.csv")), classifier_hidden=(8, 4))
+    c = FinetuneConfig.from_dict(dict(data=None, splits=(("train", "a.csv"), ("test", "b.csv")), classifier_hidden=(8, 4)))
     assert FinetuneConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 

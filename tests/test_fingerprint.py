@@ -6,7 +6,6 @@ plan computes the very same one, which is what lets a finished store answer at o
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -28,6 +27,11 @@ def table(tmp_path: Path) -> Path:
     return path
 
 
+def cfg(**kw) -> ExtractConfig:
+    """A config from flat keys, as YAML and the CLI give them."""
+    return ExtractConfig.from_dict(kw)
+
+
 def _id(cfg: ExtractConfig, device: str = "cpu") -> str:
     quick = _quick_id(cfg, device)
     assert quick is not None
@@ -35,9 +39,9 @@ def _id(cfg: ExtractConfig, device: str = "cpu") -> str:
 
 
 def test_the_cheap_id_is_the_full_plans_id(table):
-    for cfg in (ExtractConfig(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5, tokens="-1"),
-                ExtractConfig(model="minilm", data=str(table), text_col="text", text_pair_col="other", layers="2-4")):
-        assert _id(cfg) == _plan(cfg, "cpu").fingerprint
+    for c in (cfg(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5, tokens="-1"),
+              cfg(model="minilm", data=str(table), text_col="text", text_pair_col="other", layers="2-4")):
+        assert _id(c) == _plan(c, "cpu").fingerprint
 
 
 CHANGES = {
@@ -51,33 +55,33 @@ CHANGES = {
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_options_that_change_values_change_the_id(table, change):
-    base = ExtractConfig(model="random:tiny-bert", data=str(table), label_col="label")
-    assert _id(dataclasses.replace(base, **CHANGES[change])) != _id(base)
+    base = dict(model="random:tiny-bert", data=str(table), label_col="label")
+    assert _id(cfg(**{**base, **CHANGES[change]})) != _id(cfg(**base))
 
 
 def test_holdout_seed_file_bytes_device_and_libraries_change_the_id(table, tmp_path, monkeypatch):
-    base = ExtractConfig(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5)
-    ref = _id(base)
-    assert _id(dataclasses.replace(base, seed=1)) != ref
-    assert _id(base, "cuda") != ref  # bf16 autocast on a GPU computes other values
+    base = dict(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5)
+    ref = _id(cfg(**base))
+    assert _id(cfg(**base, seed=1)) != ref
+    assert _id(cfg(**base), "cuda") != ref  # bf16 autocast on a GPU computes other values
     edited = tmp_path / "edited.csv"
     edited.write_text(table.read_text().replace("twice", "thrice"))
-    assert _id(dataclasses.replace(base, data=str(edited))) != ref
+    assert _id(cfg(**{**base, "data": str(edited)})) != ref
     monkeypatch.setattr(identity, "library_versions", lambda: {"torch": "9.9", "transformers": "9.9"})
-    assert _id(base) != ref
+    assert _id(cfg(**base)) != ref
 
 
 def test_options_that_cannot_change_values_keep_the_id(table, tmp_path):
-    base = ExtractConfig(model="random:tiny-bert", data=str(table), label_col="label")
-    ref = _id(base)
+    base = dict(model="random:tiny-bert", data=str(table), label_col="label")
+    ref = _id(cfg(**base))
     same = [dict(num_processes=2), dict(batch_size=3), dict(token_budget=64), dict(chunk_rows=4), dict(wait=True),
             dict(device="cpu"), dict(out=str(tmp_path / "elsewhere")), dict(extra={"note": "x"})]
     for change in same:
-        assert _id(dataclasses.replace(base, **change)) == ref, change
+        assert _id(cfg(**{**base, **change})) == ref, change
     moved = tmp_path / "moved" / "copy.csv"
     moved.parent.mkdir()
     shutil.copy(table, moved)
-    assert _id(dataclasses.replace(base, data=str(moved))) == ref  # the bytes count, not the path
+    assert _id(cfg(**{**base, "data": str(moved)})) == ref  # the bytes count, not the path
 
 
 def _tones(tmp_path: Path) -> Path:
@@ -101,12 +105,12 @@ def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
     bb.tokenizer.return_attention_mask = False
     bb.tokenizer.save_pretrained(unmasked)
     for model, batching_counts in (("random:hubert-tiny", False), (str(unmasked), True)):
-        base = ExtractConfig(model=model, data=str(table), audio_col="file", label_col="label")
+        base = dict(model=model, data=str(table), audio_col="file", label_col="label")
         for change in (dict(batch_seconds=1.0), dict(batch_size=2), dict(chunk_rows=2)):
-            assert (_id(dataclasses.replace(base, **change)) != _id(base)) is batching_counts, (model, change)
-        assert _id(dataclasses.replace(base, max_seconds=0.3)) != _id(base)
-        assert _id(base) == _plan(base, "cpu").fingerprint
-    base = ExtractConfig(model="random:hubert-tiny", data=str(table), audio_col="file", label_col="label")
+            assert (_id(cfg(**base, **change)) != _id(cfg(**base))) is batching_counts, (model, change)
+        assert _id(cfg(**base, max_seconds=0.3)) != _id(cfg(**base))
+        assert _id(cfg(**base)) == _plan(cfg(**base), "cpu").fingerprint
+    base = cfg(model="random:hubert-tiny", data=str(table), audio_col="file", label_col="label")
     before = _id(base)
     (tmp_path / "audio" / "r2.wav").write_bytes((tmp_path / "audio" / "r1.wav").read_bytes())  # a recording changed
     assert _id(base) != before
@@ -115,12 +119,12 @@ def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
 def test_a_finished_store_answers_without_loading_the_model(table, monkeypatch):
     import embstore.extraction as extraction
 
-    cfg = ExtractConfig(model="random:tiny-bert", data=str(table), label_col="label")
-    first = extract(cfg, show_progress=False)
+    c = cfg(model="random:tiny-bert", data=str(table), label_col="label")
+    first = extract(c, show_progress=False)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded for a complete store")
 
     monkeypatch.setattr(extraction, "load_backbone", refuse)
-    again = extract(cfg, show_progress=False)
+    again = extract(c, show_progress=False)
     assert (again.status, again.path, again.rows) == ("already complete", first.path, first.rows)

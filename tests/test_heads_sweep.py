@@ -39,16 +39,16 @@ def separable(path: Path, n_per_class: int = 40, seed: int = 0) -> Path:
 def tiny_store(tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("sweepstore")
     data = separable(base / "sep.csv")
-    return extract(ExtractConfig(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.25,
-                                 pooling=("cls", "mean"), tokens="-1", out=str(base)), show_progress=False).path
+    return extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.25,
+                                 pooling=("cls", "mean"), tokens="-1", out=str(base))), show_progress=False).path
 
 
 @pytest.fixture(scope="module")
 def tower_store(tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("towerstore")
     data = separable(base / "sep.csv")
-    return extract(ExtractConfig(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.25,
-                                 text_pair_col="other", pair_mode="towers", pooling=("mean",), out=str(base)), show_progress=False).path
+    return extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.25,
+                                 text_pair_col="other", pair_mode="towers", pooling=("mean",), out=str(base))), show_progress=False).path
 
 
 def run(*args: str, input: str | None = None):
@@ -193,8 +193,8 @@ def _bad(kind: str, tiny_store: str, tower_store: str, tmp_path: Path) -> tuple[
         train, test = df[df.label != "space"], df
         train.to_csv(tmp_path / "train.csv", index=False)
         test.to_csv(data, index=False)
-        store = extract(ExtractConfig(model="random:tiny-bert", data=None, splits=(("train", str(tmp_path / "train.csv")), ("test", str(data))),
-                                      label_col="label", out=str(tmp_path)), show_progress=False).path
+        store = extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=None, splits=(("train", str(tmp_path / "train.csv")), ("test", str(data))),
+                                      label_col="label", out=str(tmp_path))), show_progress=False).path
         return ["--store", store], r"Class 'space' has no rows in the training split 'train'"
     cases = {
         "layer": (["--store", tiny_store, "--layers", "5"], r"must name layers in \[0, 2\]"),
@@ -221,8 +221,8 @@ def test_bad_input_is_one_line_exit_2(kind, tiny_store, tower_store, tmp_path):
 def test_real_minilm_store_beats_the_majority_class(tmp_path):
     """A real distribution: MiniLM on AG News (train_pool -> test), linear probes on the last layers."""
     ag = needs_shared("ag_news")
-    store = extract(ExtractConfig(model="minilm", data=None, splits=(("train", str(ag / "train_pool.csv")), ("test", str(ag / "test.csv"))),
-                                  label_col="label", limit=300, layers="-2--1", pooling=("mean",)), show_progress=False).path
+    store = extract(ExtractConfig.from_dict(dict(model="minilm", data=None, splits=(("train", str(ag / "train_pool.csv")), ("test", str(ag / "test.csv"))),
+                                  label_col="label", limit=300, layers="-2--1", pooling=("mean",))), show_progress=False).path
     from heads.sweep import SweepConfig, run_sweep
 
     res = run_sweep(SweepConfig(store=store, layers="all", combine=("single", "concat"), out=str(tmp_path / "run")))

@@ -28,8 +28,8 @@ def _data(tmp_path: Path, n: int = 90) -> Path:
 @pytest.mark.parametrize("extra", [dict(), dict(tokens="0,-1", pooling=("cls", "mean", "max"), dtype="float32")],
                          ids=["pooled", "tokens"])
 def test_planned_bytes_are_the_stores_bytes(tmp_path, extra):
-    cfg = ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path)), label_col="label", holdout=0.3,
-                        chunk_rows=16, max_length=40, out=str(tmp_path / "out"), **extra)
+    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path)), label_col="label", holdout=0.3,
+                        chunk_rows=16, max_length=40, out=str(tmp_path / "out"), **extra))
     report = plan_extraction(cfg)
     assert report.state == "absent" and report.bytes_exact
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # planning writes nothing
@@ -51,7 +51,7 @@ def test_planned_bytes_are_the_stores_bytes(tmp_path, extra):
 def test_plan_of_a_partial_store_counts_what_is_left(tmp_path, monkeypatch):
     import embstore.writer as w
 
-    cfg = ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path)), chunk_rows=16, out=str(tmp_path / "s.zarr"))
+    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path)), chunk_rows=16, out=str(tmp_path / "s.zarr")))
     original = w.StoreWriter.write_chunk
     written: list[int] = []
 
@@ -94,8 +94,8 @@ def test_plan_of_audio_counts_seconds(tmp_path):
         rows.append({"file": f"audio/r{i}.wav", "label": i % 2})
     table = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
-    cfg = ExtractConfig(model="random:hubert-tiny", data=str(table), audio_col="file", label_col="label",
-                        out=str(tmp_path / "a.zarr"))
+    cfg = ExtractConfig.from_dict(dict(model="random:hubert-tiny", data=str(table), audio_col="file", label_col="label",
+                        out=str(tmp_path / "a.zarr")))
     report = plan_extraction(cfg)
     assert report.modality == "audio"
     assert report.splits["all"]["seconds"] == pytest.approx(sum(0.5 + 0.05 * i for i in range(6)), abs=1e-3)
@@ -104,7 +104,7 @@ def test_plan_of_audio_counts_seconds(tmp_path):
 
 
 def test_plan_of_an_h5_store_says_it_estimates(tmp_path):
-    cfg = ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path, 40)), out=str(tmp_path / "s.h5"), format="h5")
+    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path, 40)), out=str(tmp_path / "s.h5"), format="h5"))
     report = plan_extraction(cfg)
     assert not report.bytes_exact and report.peak_bytes > report.bytes
     actual = open_store(extract(cfg, show_progress=False).path).nbytes()

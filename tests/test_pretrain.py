@@ -126,17 +126,17 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     assert backbone.n_layers == 2 and backbone.hidden == 32 and type(backbone.model).__name__ == "BertModel"
     assert backbone.tokenizer.mask_token == "[MASK]" and len(backbone.tokenizer) == backbone.model.config.vocab_size
     assert read_log(res.run_dir)[-1]["heldout_pair_accuracy"] is not None
-    out = extract(ExtractConfig(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
-                                label_col="label", out=str(tmp_path / "s.zarr")), show_progress=False)
+    out = extract(ExtractConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
+                                label_col="label", out=str(tmp_path / "s.zarr"))), show_progress=False)
     assert open_store(out.path).layers == [0, 1, 2]
     sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
                                              "epochs": 2, "out": str(tmp_path / "sweep")}))
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
     from heads.finetune import FinetuneConfig, run_finetune
 
-    ft = run_finetune(FinetuneConfig(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
+    ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                      label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
-                                     classifier_hidden=(64,), out=str(tmp_path / "ft")))
+                                     classifier_hidden=(64,), out=str(tmp_path / "ft"))))
     assert ft.folds == 2 and 0.0 <= ft.accuracy <= 1.0 and ft.accuracy_std >= 0.0
 
 
@@ -175,7 +175,7 @@ def test_cli_empty_corpus_and_resume_mismatch(tiny_csv, tmp_path):
     blank = tmp_path / "blank.csv"
     pd.DataFrame({"text": [" ", "  "], "other": [1, 2]}).to_csv(blank, index=False)
     with pytest.raises(DataError, match="empty text"):
-        run_pretrain(PretrainConfig(data=str(blank), skip_empty=True, out=str(tmp_path / "b")))
+        run_pretrain(PretrainConfig.from_dict(dict(data=str(blank), skip_empty=True, out=str(tmp_path / "b"))))
     args = ["pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
             "--hidden", "16", "--heads", "2", "--max-length", "16", "--max-steps", "2", "--batch-size", "4",
             "--no-progress", "--out", str(tmp_path / "r")]
@@ -187,14 +187,14 @@ def test_cli_empty_corpus_and_resume_mismatch(tiny_csv, tmp_path):
 
 
 def test_config_round_trip_and_model_config_file(tmp_path):
-    c = PretrainConfig(data=None, splits=(("train", "a.csv"), ("validation", "b.csv")), text_pair_col="b",
-                       pair_objective="nsp", swap_augment=True)
+    c = PretrainConfig.from_dict(dict(data=None, splits=(("train", "a.csv"), ("validation", "b.csv")), text_pair_col="b",
+                       pair_objective="nsp", swap_augment=True))
     assert PretrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['bogus'\]"):
         PretrainConfig.from_dict({"data": "x.csv", "bogus": 1})
     from heads.pretrain_data import build_bert_config
 
-    cfg = build_bert_config(PretrainConfig(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2),
+    cfg = build_bert_config(PretrainConfig.from_dict(dict(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2)),
                             vocab_size=321, pad_id=0)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (2, 256, 1024, 321)
 

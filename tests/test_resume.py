@@ -79,9 +79,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     with pytest.raises(StoreIncompleteError, match="re-run the same 'embstore extract'"):
         open_store(out)
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="-1", chunk_rows=32)
-    resumed = extract(ExtractConfig(out=str(out), **cfg), show_progress=False)
+    resumed = extract(ExtractConfig.from_dict(dict(out=str(out), **cfg)), show_progress=False)
     assert resumed.status == "resumed"
-    clean = extract(ExtractConfig(out=str(tmp_path / "clean.zarr"), **cfg), show_progress=False)
+    clean = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "clean.zarr"), **cfg)), show_progress=False)
     assert clean.status == "created"
     _assert_same_store(resumed.path, clean.path)
 
@@ -90,8 +90,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_two_processes_write_the_same_store_as_one(tmp_path):
     data = _data(tmp_path, 300)
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
-    two = extract(ExtractConfig(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg), show_progress=False)
-    one = extract(ExtractConfig(out=str(tmp_path / "one.zarr"), **cfg), show_progress=False)
+    two = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg)), show_progress=False)
+    one = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "one.zarr"), **cfg)), show_progress=False)
     _assert_same_store(two.path, one.path)
 
 
@@ -106,6 +106,6 @@ def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    one = extract(ExtractConfig(model="random:tiny-bert", data=str(data), label_col="label", chunk_rows=16,
-                                out=str(tmp_path / "one.zarr")), show_progress=False)
+    one = extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", chunk_rows=16,
+                                out=str(tmp_path / "one.zarr"))), show_progress=False)
     _assert_same_store(str(out), one.path)

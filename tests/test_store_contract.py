@@ -15,8 +15,8 @@ def _build(tmp_path_factory, fmt: str) -> str:
     base = tmp_path_factory.mktemp(f"store-{fmt}")
     data = base / "d.csv"
     pd.DataFrame({"text": TEXTS * 3, "label": LABELS * 3}).to_csv(data, index=False)
-    cfg = ExtractConfig(model="random:tiny-bert", data=str(data), label_col="label", pooling=("cls", "mean", "max"),
-                        tokens="0,-1", chunk_rows=8, format=fmt, out=str(base), batch_size=5)
+    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", pooling=("cls", "mean", "max"),
+                        tokens="0,-1", chunk_rows=8, format=fmt, out=str(base), batch_size=5))
     return extract(cfg, show_progress=False).path
 
 

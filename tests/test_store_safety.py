@@ -148,7 +148,7 @@ def test_chunk_data_is_fsynced_before_its_done_flag(tmp_path, monkeypatch):
         original(path)
 
     monkeypatch.setattr(w, "_fsync_file", record)
-    extract(ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path, 10)), label_col="label", out=str(store)),
+    extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path, 10)), label_col="label", out=str(store))),
             show_progress=False)
     data_syncs = [(p, flag) for p, flag in synced if "/pooled/" in p and "/c/" in p]
     assert data_syncs and all(not flag for _, flag in data_syncs)  # every data chunk before the flag exists
@@ -156,7 +156,7 @@ def test_chunk_data_is_fsynced_before_its_done_flag(tmp_path, monkeypatch):
 
 
 def test_damaged_metadata_is_reported_as_damaged(tmp_path):
-    cfg = ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path, 10)), label_col="label", out=str(tmp_path / "s.zarr"))
+    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path, 10)), label_col="label", out=str(tmp_path / "s.zarr")))
     path = Path(extract(cfg, show_progress=False).path)
     meta = path / "zarr.json"
     meta.write_bytes(meta.read_bytes()[: len(meta.read_bytes()) // 2])  # a torn write
@@ -170,7 +170,7 @@ def test_a_foreign_directory_at_out_is_refused(tmp_path):
     (tmp_path / "s.zarr").mkdir()
     (tmp_path / "s.zarr" / "notes.txt").write_text("mine")
     with pytest.raises(StoreMismatchError, match="exists and is not an embstore store"):
-        extract(ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path, 10)), out=str(tmp_path / "s.zarr")),
+        extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path, 10)), out=str(tmp_path / "s.zarr"))),
                 show_progress=False)
 
 
@@ -184,7 +184,7 @@ def test_only_dead_owners_staging_is_cleaned(tmp_path):
     other_host = tmp_path / "s.zarr.creating-elsewhere-1"
     for d in (dead, live, other_host):
         d.mkdir()
-    extract(ExtractConfig(model="random:tiny-bert", data=str(_data(tmp_path, 10)), out=str(out)), show_progress=False)
+    extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path, 10)), out=str(out))), show_progress=False)
     assert not dead.exists() and live.exists() and other_host.exists()
 
 

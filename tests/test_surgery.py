@@ -301,7 +301,7 @@ def test_load_backbone_and_extract_from_a_pruned_directory(tmp_path):
 
     data = tmp_path / "tiny.csv"
     pd.DataFrame({"text": TEXTS[:6], "label": ["a", "b"] * 3}).to_csv(data, index=False)
-    res = extract(ExtractConfig(model=str(directory), data=str(data), label_col="label",
-                                out=str(tmp_path / "s.zarr")), show_progress=False)
+    res = extract(ExtractConfig.from_dict(dict(model=str(directory), data=str(data), label_col="label",
+                                out=str(tmp_path / "s.zarr"))), show_progress=False)
     store = open_store(res.path)
     assert store.layers == [0, 1, 2] and store.pooled("all", "mean").shape == (6, 3, HIDDEN)
