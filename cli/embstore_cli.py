@@ -63,6 +63,11 @@ def main() -> None:
 @click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume).")
 @click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead).")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present].")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: dynamic int8 quantisation of the Linear layers, CPU only (faster; changes the values: "
+                   "the deviation from float32 is measured and recorded in provenance).")
+@click.option("--allow-pickle", is_flag=True, help="Accept a model directory whose weights are pickle files (.bin/.pt); "
+              "they are loaded with torch.load(weights_only=True). Without it only safetensors weights load.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 @click.pass_context

@@ -198,6 +198,14 @@ class ChunkEncoder:
         batch = pad_batch(ids, type_ids if self.uses_type_ids else None, self.pad_id)
         return self.forward.stage(batch), batch["attention_mask"].sum(1)
 
+    def first_batch(self, job: ChunkJob) -> ChunkJob:
+        """``job`` cut to the rows of its first forward batch (of its first tower)."""
+        ids = next(iter(job.towers.values()))[0]
+        stop = make_batches(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)),
+                            self.batch_size, self.token_budget)[0][1]
+        return ChunkJob(split=job.split, chunk=job.chunk,
+                        towers={t: (i[:stop], None if tt is None else tt[:stop]) for t, (i, tt) in job.towers.items()})
+
     def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
                on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         """All arrays of one row chunk, keyed by store path (see ``chunk_selections``).

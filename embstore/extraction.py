@@ -26,6 +26,7 @@ from embstore.encode import ChunkEncoder, ChunkJob, Encoded, length_order, token
 from embstore.errors import ConfigError, DiskFullError, OutputNotWritableError, StoreMismatchError
 from embstore.layers import parse_layers
 from embstore.models import Backbone, load_backbone
+from embstore.quantize import check_quantize_device, measure_int8, quantize_int8
 from embstore.store import is_h5_path, open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
 
@@ -95,6 +96,8 @@ def _fingerprint(config: ExtractConfig, backbone: Backbone, dataset: Dataset, la
         "layers": list(lay.layers), "poolings": list(lay.poolings), "token_layers": list(lay.token_layers),
         "dtype": lay.dtype, "precision": precision,
     }
+    if config.quantize != "none":  # only then, so the ids of float32 stores stay as they were
+        content["quantize"] = config.quantize
     if dataset.modality == "audio" or config.group_col or not config.bucket:
         content["audio"] = {"audio_col": config.audio_col, "group_col": config.group_col, "max_seconds": config.max_seconds,
                             "skip_bad": config.skip_bad, "augment": list(config.augment),
@@ -212,7 +215,7 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
                  token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> _Plan:
     from embstore._version import __version__
 
-    precision = "bf16-autocast" if device.startswith("cuda") else "float32"
+    precision = "bf16-autocast" if device.startswith("cuda") else "int8-dynamic" if config.quantize == "int8" else "float32"
     fp = _fingerprint(config, backbone, dataset, lay, precision)
     import torch
     import transformers
@@ -303,24 +306,47 @@ def _jobs(plan: _Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
     return jobs
 
 
+def _encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, device: str) -> ChunkEncoder:
+    common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
+                                  batch_size=config.batch_size, token_budget=config.token_budget, device=device)
+    if backbone.modality == "audio":
+        from embstore.speech import AudioChunkEncoder
+
+        rate = backbone.sampling_rate
+        return AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
+                                 max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
+                                 **common)
+    return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
+
+
+def _measure_int8(plan: _Plan, config: ExtractConfig, device: str) -> dict[str, Any]:
+    """Quantise the plan's model in place and return the provenance record of its deviation from
+    float32 on the first batch (of the first row chunk of the first split)."""
+    split = next(iter(plan.layout.splits))
+    encoder = _encoder(plan.backbone, plan.layout, config, device)
+    job = encoder.first_batch(_jobs(plan, {split: [0]})[0])
+
+    def encode() -> dict[tuple[str, str, int | None], np.ndarray]:
+        keys: dict[str, tuple[str, str, int | None]] = {}
+
+        def name(tower: str, what: str, layer: int | None) -> str:
+            keys[f"{tower}/{what}/{layer}"] = (tower, what, layer)
+            return f"{tower}/{what}/{layer}"
+
+        return {keys[n]: a for n, a in encoder.encode(job, name).items()}
+
+    return {**measure_int8(plan.backbone.model, encode, plan.layout.layers), "split": split}
+
+
 def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, write_path: str, jobs: list[ChunkJob],
               device: str, show_progress: bool, desc: str = "extract") -> None:
     """Encode row chunks and write each in a background thread while the model runs the next."""
     from tqdm import tqdm
 
     writer = StoreWriter.open(write_path)
-    common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
-                  batch_size=config.batch_size, token_budget=config.token_budget, device=device)
-    encoder: ChunkEncoder
-    if backbone.modality == "audio":
-        from embstore.speech import AudioChunkEncoder
-
-        rate = backbone.sampling_rate
-        encoder = AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
-                                    max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
-                                    **common)
-    else:
-        encoder = ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
+    if config.quantize == "int8":
+        quantize_int8(backbone.model)
+    encoder = _encoder(backbone, lay, config, device)
     total = sum(j.n_rows for j in jobs)
     bar = tqdm(total=total, unit="ex", desc=desc, disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
     pending: Future[None] | None = None
@@ -404,6 +430,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     rank, world = _dist_env()
     barrier = _init_distributed() if world > 1 else None
     device = pick_device(config.device)
+    check_quantize_device(config.quantize, device)
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     plan = _plan(config, device)
@@ -437,6 +464,8 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                 raise StoreMismatchError(f"{write_path} exists and is not an embstore store; choose another --out or remove it.")
         if status == "created":
             _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
+            if config.quantize == "int8":
+                plan.meta["provenance"]["quantization"] = _measure_int8(plan, config, device)
             StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
     if barrier is not None:
         barrier()

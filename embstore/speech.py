@@ -106,6 +106,11 @@ class AudioChunkEncoder(ChunkEncoder):
         self.sample_budget = max(1, int(batch_seconds * self.rate))
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
 
+    def first_batch(self, job: ChunkJob) -> ChunkJob:
+        items: list[AudioItem] = job.towers[AUDIO_TOWER]
+        stop = make_batches(np.array([it.samples for it in items], dtype=np.int64), self.batch_size, self.sample_budget)[0][1]
+        return ChunkJob(split=job.split, chunk=job.chunk, towers={AUDIO_TOWER: items[:stop]})
+
     def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
                on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         items: list[AudioItem] = job.towers[AUDIO_TOWER]
