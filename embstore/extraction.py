@@ -114,7 +114,7 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
                            text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,
                            limit=config.limit, skip_empty=config.skip_empty, audio_col=config.audio_col,
                            group_col=config.group_col, skip_bad=config.skip_bad)
-    backbone = load_backbone(config.model, device)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
     if backbone.modality != dataset.modality:
         if backbone.modality == "audio":
             raise ConfigError(f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a table of audio file paths), or a text model.")
@@ -370,7 +370,7 @@ def _worker(rank: int, config_dict: dict[str, Any], device: str, write_path: str
 
     torch.set_num_threads(threads)
     config = ExtractConfig.from_dict(config_dict)
-    backbone = load_backbone(config.model, device)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
     lay = StoreWriter.open(write_path).layout
     _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
 
