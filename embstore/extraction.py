@@ -28,6 +28,7 @@ from embstore.identity import cuda_present, data_identity, model_identity, store
 from embstore.layers import parse_layers
 from embstore.lock import StoreLock
 from embstore.models import Backbone, load_backbone
+from embstore.quantize import check_quantize_device, measure_int8, quantize_int8
 from embstore.ranks import Ranks
 from embstore.store import complete_meta, is_h5_path, open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
@@ -97,12 +98,13 @@ def _quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None
     except EmbstoreError:
         return None
     fp = store_fingerprint(config, model, data, layers=layers, token_layers=token_layers,
-                           poolings=list(config.pooling or default_pooling(model["modality"])), precision=_precision(device))
+                           poolings=list(config.pooling or default_pooling(model["modality"])), precision=_precision(device, config.quantize))
     return (fp, *_paths(config, fp))
 
 
-def _precision(device: str) -> str:
-    return "bf16-autocast" if device.startswith("cuda") else "float32"
+def _precision(device: str, quantize: str) -> str:
+    """How the model computes: bf16 autocast on CUDA, int8 dynamic Linear layers with --quantize int8, else float32."""
+    return "bf16-autocast" if device.startswith("cuda") else "int8-dynamic" if quantize == "int8" else "float32"
 
 
 def _plan(config: ExtractConfig, device: str) -> _Plan:
@@ -110,7 +112,7 @@ def _plan(config: ExtractConfig, device: str) -> _Plan:
                            text_col=config.source.text_col, text_pair_col=config.source.text_pair_col, label_col=config.source.label_col,
                            limit=config.source.limit, skip_empty=config.source.skip_empty, audio_col=config.source.audio_col,
                            group_col=config.source.group_col, skip_bad=config.source.skip_bad)
-    backbone = load_backbone(config.model, device)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
     if backbone.modality != dataset.modality:
         if backbone.modality == "audio":
             raise ConfigError(f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a table of audio file paths), or a text model.")
@@ -211,7 +213,7 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
                  token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> _Plan:
     from embstore._version import __version__
 
-    precision = _precision(device)
+    precision = _precision(device, config.quantize)
     data = data_identity(config.source)
     if data is None:  # load_dataset has read every file: they exist
         raise RuntimeError("the data files changed while planning; re-run")
@@ -320,12 +322,33 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
     return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
 
 
+def _measure_int8(plan: _Plan, config: ExtractConfig, device: str) -> dict[str, Any]:
+    """Quantise the plan's model in place and return the provenance record of its deviation from
+    float32 on the first batch (of the first row chunk of the first split)."""
+    split = next(iter(plan.layout.splits))
+    encoder = make_encoder(plan.backbone, plan.layout, config, device)
+    job = encoder.first_batch(_jobs(plan, {split: [0]})[0])
+
+    def encode() -> dict[tuple[str, str, int | None], np.ndarray]:
+        keys: dict[str, tuple[str, str, int | None]] = {}
+
+        def name(tower: str, what: str, layer: int | None) -> str:
+            keys[f"{tower}/{what}/{layer}"] = (tower, what, layer)
+            return f"{tower}/{what}/{layer}"
+
+        return {keys[n]: a for n, a in encoder.encode(job, name).items()}
+
+    return {**measure_int8(plan.backbone.model, encode, plan.layout.layers), "split": split}
+
+
 def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, write_path: str, jobs: list[ChunkJob],
               device: str, show_progress: bool, desc: str = "extract") -> None:
     """Encode row chunks and write each in a background thread while the model runs the next."""
     from tqdm import tqdm
 
     writer = StoreWriter.open(write_path)
+    if config.quantize == "int8":
+        quantize_int8(backbone.model)
     encoder = make_encoder(backbone, lay, config, device)
     total = sum(j.n_rows for j in jobs)
     bar = tqdm(total=total, unit="ex", desc=desc, disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
@@ -350,7 +373,7 @@ def _worker(rank: int, config_dict: dict[str, Any], device: str, write_path: str
 
     torch.set_num_threads(threads)
     config = ExtractConfig.from_dict(config_dict)
-    backbone = load_backbone(config.model, device)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
     lay = StoreWriter.open(write_path).layout
     _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
 
@@ -396,6 +419,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     ranks = Ranks.from_env()
     with ranks.phase("planning"):
         device = pick_device(config.device)
+        check_quantize_device(config.quantize, device)
         if ranks.world > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         quick = _quick_id(config, device)
@@ -428,6 +452,8 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                     lock.acquire(wait=config.wait, ranks=ranks.world)
                     state = _state(final, write_path, plan.fingerprint)  # another writer may have finished meanwhile
                 if state == "absent":
+                    if config.quantize == "int8":
+                        plan.meta["provenance"]["quantization"] = _measure_int8(plan, config, device)
                     StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
         state = str(ranks.share(state))
         if state == "complete":

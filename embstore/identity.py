@@ -246,6 +246,8 @@ def store_fingerprint(config: Any, model: dict[str, Any], data: dict[str, Any], 
         "layers": list(layers), "poolings": list(poolings), "token_layers": list(token_layers),
         "dtype": config.dtype, "precision": precision, "libraries": library_versions(),
     }
+    if getattr(config, "quantize", "none") != "none":
+        content["quantize"] = config.quantize
     if model["modality"] == "audio":
         content["audio"] = {"max_seconds": config.max_seconds, "augment": list(config.augment),
                             "copies": config.copies if config.augment else None,

@@ -106,6 +106,10 @@ def _time_batches(plan: Any, config: ExtractConfig, device: str, batches: list[t
 
     if not batches:
         return 0.0, {"batches_timed": 0, "batches": 0}
+    if config.quantize == "int8":  # time what the extraction will run
+        from embstore.quantize import quantize_int8
+
+        quantize_int8(plan.backbone.model)
     encoder = make_encoder(plan.backbone, plan.layout, config, device)
 
     def run(b: tuple[str, int, str, np.ndarray, int]) -> float:
@@ -260,7 +264,8 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
             entry["tokens"] = int(sum(sl.n_tokens.values()))
         splits[name] = entry
     return PlanReport(path=final, state=state, fingerprint=plan.fingerprint, model=config.model, device=device,
-                      modality=plan.dataset.modality, splits=splits, bytes=int(total), bytes_exact=not h5,
+                      # int8 stores also record their measured deviation in the metadata (a few hundred bytes)
+                      modality=plan.dataset.modality, splits=splits, bytes=int(total), bytes_exact=not h5 and config.quantize == "none",
                       bytes_detail=detail, free_bytes=free, peak_bytes=int(zarr_bytes + (total if h5 else 0)),
                       estimated_seconds=round(float(estimate), 2), timing=timing)
 

@@ -49,7 +49,7 @@ CHANGES = {
     "max_length": dict(max_length=16), "dtype": dict(dtype="float32"), "text_col": dict(text_col="other"),
     "pair": dict(text_pair_col="other"), "label_col": dict(label_col=None), "group_col": dict(group_col="group"),
     "limit": dict(limit=5), "skip_empty": dict(skip_empty=True), "holdout": dict(holdout=0.5),
-    "bucket": dict(bucket=False), "model": dict(model="random:mini-bert"),
+    "bucket": dict(bucket=False), "model": dict(model="random:mini-bert"), "quantize": dict(quantize="int8"),
 }
 
 

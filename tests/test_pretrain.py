@@ -150,6 +150,10 @@ def test_resume_continues_and_refuses_another_config(tmp_path):
     assert state["steps"] == 3 and state["epoch_done"] is False and state["batches_done"] == 3
     again = run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 8, "resume": True}), show_progress=False)
     assert again.steps == 8 and [h["steps"] for h in again.history] == [0, 3, 5, 8]
+    # the checkpoint and model/ are safetensors + JSON: nothing anywhere in the run is a pickle file
+    written = [p for p in again.run_dir.rglob("*") if p.is_file()]
+    assert again.run_dir / "checkpoint" / "model.safetensors" in written
+    assert not [p for p in written if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     with pytest.raises(ConfigError, match=r"checkpoint in .*differing: mask_prob"):
         run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 9, "resume": True, "mask_prob": 0.3}))
 
