@@ -179,7 +179,8 @@ def _state_bytes(lay: L.StoreLayout) -> dict[str, Any]:
     for sl in lay.splits.values():
         for p in lay.poolings:
             per_pooling[p] += len(lay.towers) * len(lay.layers) * sl.n_chunks * sl.chunk_rows * lay.hidden * item
-        progress += sl.n_chunks * (1 + 32)  # one done flag and one sha256 digest per row chunk
+        # a done flag, the chunk's sha256 and one sha256 per (tower, pooling or tokens, layer)
+        progress += sl.n_chunks * (1 + 32 + 32 * len(lay.digest_entries()))
     return {"pooled": per_pooling, "progress": progress}
 
 
