@@ -1,6 +1,6 @@
 """The store id: every option that can change a stored value changes it; the others do not.
 
-The id is computed from cheap inputs (``_quick_id``: no model load, no tokenizing) and the full
+The id is computed from cheap inputs (``quick_id``: no model load, no tokenizing) and the full
 plan computes the very same one, which is what lets a finished store answer at once.
 """
 
@@ -16,7 +16,7 @@ import soundfile as sf
 
 import embstore.identity as identity
 from embstore import ExtractConfig, extract
-from embstore.extraction import _plan, _quick_id
+from embstore.planner import make_plan as _plan, quick_id as _quick_id
 from conftest import LABELS, TEXTS
 
 
@@ -118,6 +118,7 @@ def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
 
 def test_a_finished_store_answers_without_loading_the_model(table, monkeypatch):
     import embstore.extraction as extraction
+    import embstore.planner as planner
 
     c = cfg(model="random:tiny-bert", data=str(table), label_col="label")
     first = extract(c, show_progress=False)
@@ -125,6 +126,7 @@ def test_a_finished_store_answers_without_loading_the_model(table, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded for a complete store")
 
+    monkeypatch.setattr(planner, "load_backbone", refuse)
     monkeypatch.setattr(extraction, "load_backbone", refuse)
     again = extract(c, show_progress=False)
     assert (again.status, again.path, again.rows) == ("already complete", first.path, first.rows)

@@ -74,7 +74,7 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
         cfg(tiny_csv, quantize="int4")
     # CUDA picked automatically (no --device) is refused before anything is loaded
     monkeypatch.setattr(extraction, "pick_device", lambda requested: "cuda")
-    monkeypatch.setattr(extraction, "_plan", lambda *a: pytest.fail("planned an int8 run on CUDA"))
+    monkeypatch.setattr(extraction, "make_plan", lambda *a: pytest.fail("planned an int8 run on CUDA"))
     with pytest.raises(ConfigError, match=r"--quantize int8 is for CPU extraction"):
         extract(cfg(tiny_csv, quantize="int8"), show_progress=False)
     res = CliRunner().invoke(main, ["extract", "--model", "random:tiny-bert", "--data", str(tiny_csv), "--quantize", "int8",
