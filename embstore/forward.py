@@ -121,25 +121,40 @@ class Launched:
         return ({p: pooled[j] for j, p in enumerate(poolings)}, {layer: tokens[j] for j, layer in enumerate(token_layers)})
 
 
-class _PinnedRing:
-    """Pinned host buffers that device batches are copied into on a side stream (CUDA only).
+class _HostRing:
+    """A ring of host buffers that batches are copied into, reused two batches later: the caller
+    must have read batch i (``Launched.result``) before it launches batch i + 2, which
+    :class:`embstore.encode.ChunkEncoder` does by reading each batch right after launching the next."""
 
-    A slot is reused two batches later: the caller must have read batch i (``Launched.result``)
-    before it launches batch i + 2, which :class:`embstore.encode.ChunkEncoder` does by reading each
-    batch right after launching the next."""
-
-    def __init__(self, device: torch.device, slots: int = 2) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
+    def __init__(self, slots: int = 2, pin: bool = False) -> None:
         self.buffers: list[torch.Tensor | None] = [None] * slots
         self.next = 0
+        self.pin = pin
 
-    def copy(self, flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def slot(self, flat: torch.Tensor) -> torch.Tensor:
+        """The next buffer, grown (with a margin) to hold ``flat``, as a view of ``flat``'s size."""
         i, self.next = self.next, (self.next + 1) % len(self.buffers)
         buf = self.buffers[i]
         if buf is None or buf.numel() < flat.numel() or buf.dtype != flat.dtype:
-            buf = self.buffers[i] = torch.empty(flat.numel() + flat.numel() // 4, dtype=flat.dtype, pin_memory=True)
-        host = buf[: flat.numel()]
+            buf = self.buffers[i] = torch.empty(flat.numel() + flat.numel() // 4, dtype=flat.dtype, pin_memory=self.pin)
+        return buf[: flat.numel()]
+
+    def copy(self, flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        host = self.slot(flat)
+        host.copy_(flat)
+        return host, None
+
+
+class _PinnedRing(_HostRing):
+    """CUDA: pinned buffers, filled on a side stream so the copy overlaps the next forward."""
+
+    def __init__(self, device: torch.device, slots: int = 2) -> None:
+        super().__init__(slots, pin=True)
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def copy(self, flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        host = self.slot(flat)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the results are computed
         with torch.cuda.stream(self.stream):
             host.copy_(flat, non_blocking=True)
@@ -160,7 +175,7 @@ class BatchForward:
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
-        self.ring = _PinnedRing(self.device) if self.on_cuda else None
+        self.ring: _HostRing | None = _PinnedRing(self.device) if self.on_cuda else None
 
     def stage(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Host tensors of one padded batch, pinned on CUDA so they go up without blocking (any thread)."""
@@ -193,8 +208,8 @@ class BatchForward:
                 tokens = flat[pooled.numel():].view(len(self.token_layers), n_tokens, size)
                 for j, layer in enumerate(self.token_layers):
                     tokens[j].copy_(hidden[layer].reshape(batch * width, size).index_select(0, index).float())
-        shape = (len(self.poolings), len(self.layers), batch, size)
-        if self.ring is None:
-            return Launched(host=flat, event=None, pooled_shape=shape, n_tokens=n_tokens)
-        host, event = self.ring.copy(flat)
+            shape = (len(self.poolings), len(self.layers), batch, size)
+            if self.ring is None:  # CPU: flat already is the host array
+                return Launched(host=flat, event=None, pooled_shape=shape, n_tokens=n_tokens)
+            host, event = self.ring.copy(flat)  # returns at once; the next forward is launched while it copies
         return Launched(host=host, event=event, pooled_shape=shape, n_tokens=n_tokens)

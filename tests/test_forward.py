@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TEXTS
 from embstore import ExtractConfig, extract, open_store
 from embstore.forward import hidden_states, layer_modules, pool_layers
 from embstore.models import RANDOM_CONFIGS, load_backbone
@@ -113,3 +114,24 @@ def test_a_store_of_low_layers_equals_the_full_store(tiny_csv, layers, tokens):
         for c in range(part.layout.splits["all"].n_chunks):
             path = L.token_chunk_path("all", L.SINGLE_TOWER, layer, c)
             np.testing.assert_array_equal(part._b.read(path), full._b.read(path))
+
+
+def test_batches_read_back_through_a_reused_ring_of_host_buffers_are_intact(tiny_csv):
+    """The CUDA protocol on the CPU: each batch lands in one of two reused host buffers and is read
+    only after the next one was launched; nothing is overwritten before it is read."""
+    from embstore.encode import ChunkEncoder, ChunkJob, tokenize
+    from embstore.forward import _HostRing
+
+    bb = load_backbone("random:tiny-bert")
+    enc = tokenize(bb.tokenizer, [t * (1 + i % 3) for i, t in enumerate(TEXTS)], None, 64)
+    job = ChunkJob(split="x", chunk=0, towers={"t": (enc.ids, None)})
+    kw = dict(layers=[0, 2], token_layers=[1], poolings=["cls", "mean", "max"], dtype="float16", batch_size=2,
+              token_budget=10_000, device="cpu")
+    plain = ChunkEncoder(bb.model, 0, **kw).encode(job, lambda t, w, layer: f"{w}{layer}")
+    ringed = ChunkEncoder(bb.model, 0, **kw)
+    ringed.forward.ring = _HostRing()
+    out = ringed.encode(job, lambda t, w, layer: f"{w}{layer}")
+    assert ringed.forward.ring.next == 0 and all(b is not None for b in ringed.forward.ring.buffers)  # 6 batches, 2 slots
+    assert out.keys() == plain.keys()
+    for name in plain:
+        np.testing.assert_array_equal(out[name], plain[name])
