@@ -379,7 +379,7 @@ class Store:
         """Per-token states of one layer, ragged (see :class:`TokenStates`)."""
         sl = self._split(split)
         t = self._tower(tower)
-        resolved = parse_layers([layer], self.layers)[0]
+        resolved = parse_layers([layer], sorted({*self.layers, *self.token_layers}))[0]  # token layers need not be pooled
         if resolved not in self.layout.token_layers:
             stored = ",".join(map(str, self.token_layers)) or "none"
             raise ConfigError(f"Layer {layer} has no per-token states in {self.path} (stored: {stored}); re-extract with --tokens {resolved}.")
