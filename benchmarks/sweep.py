@@ -28,9 +28,9 @@ import torch
 from embstore import ExtractConfig, extract, open_store
 from embstore.encode import pad_batch, tokenize
 from embstore.models import load_backbone
-from heads.config import HeadConfig
-from heads.estimator import HeadClassifier
-from heads.sweep import SweepConfig, run_sweep
+from heads.probe.config import HeadConfig
+from heads.probe.estimator import HeadClassifier
+from heads.probe.sweep import SweepConfig, run_sweep
 
 AG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news"
 

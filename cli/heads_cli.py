@@ -53,7 +53,7 @@ def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
     """Defaults, then the YAML file, then the flags given on the command line."""
-    from heads.sweep import SweepConfig
+    from heads.probe.sweep import SweepConfig
 
     values = dict(defaults or {})
     values.update(load_yaml_config(config_file))
@@ -64,7 +64,7 @@ def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[
 def _announce(config: Any) -> Any:
     if config.store is None:
         from embstore.extraction import cache_dir
-        from heads.sweep import latest_store
+        from heads.probe.sweep import latest_store
 
         path = latest_store(cache_dir())
         click.echo(f"using store {path} (the most recent complete store in {cache_dir()}; pass --store to choose)", err=True)
@@ -93,7 +93,7 @@ def _finish(result: Any) -> None:
 def sweep(config_file: str | None, verbose: bool, **opts: Any) -> None:
     """Train every head on every layer combination of a store; write results, plots and the best head."""
     setup_logging(verbose)
-    from heads.sweep import run_sweep
+    from heads.probe.sweep import run_sweep
 
     _finish(run_sweep(_announce(_sweep_config(config_file, opts))))
 
@@ -104,7 +104,7 @@ def train(config_file: str | None, verbose: bool, **opts: Any) -> None:
     """Train one configuration (one layer group, combine, pooling and head)."""
     setup_logging(verbose)
     from embstore.errors import ConfigError
-    from heads.sweep import run_sweep
+    from heads.probe.sweep import run_sweep
 
     config = _sweep_config(config_file, opts, defaults={"combine": "single"})
     for name, values in (("head", config.heads), ("combine", config.combine), ("pooling", config.pooling or ())):
@@ -127,7 +127,8 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
     """
     from embstore.errors import ConfigError
     from embstore.extraction import pick_device
-    from heads.predict import head_modality, is_finetune_run, load_head, predict_audio, predict_finetuned, predict_texts
+    from heads.finetune_predict import is_finetune_run, predict_finetuned
+    from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
     if not lines:
@@ -157,7 +158,7 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
 @click.option("--out", help="Report directory [default: reports/<time>].")
 def report(runs: tuple[str, ...], out: str | None) -> None:
     """Merge run directories (sweeps, trains, fine-tunes) into one table and plot."""
-    from heads.results import write_report
+    from heads.report import write_report
 
     target = Path(out) if out else Path("reports") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = write_report([Path(r) for r in runs], target)
@@ -214,7 +215,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], verbose: bool, **
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
     from heads.finetune import FinetuneConfig, run_finetune
-    from heads.results import write_report
+    from heads.report import write_report
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)

@@ -49,7 +49,7 @@ def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray
     With ``folds`` a data set of one split is not carved: all its rows are cross-validated.
     """
     from embstore.data import load_dataset
-    from heads.sweep import _carve
+    from heads.protocol import carve as _carve
 
     ds = load_dataset(data=config.data, splits=config.splits, holdout=config.holdout, seed=config.seed,
                       text_col=config.text_col, text_pair_col=config.text_pair_col, label_col=config.label_col,

@@ -23,7 +23,8 @@ from embstore.errors import ConfigError, DataError
 from embstore.extraction import extract
 from embstore.models import load_backbone
 from embstore.store import open_store
-from heads.sweep import SweepConfig, run_sweep, split_roles
+from heads.probe.sweep import SweepConfig, run_sweep
+from heads.protocol import split_roles
 from tests.conftest import needs_shared
 
 HUBERT = "random:hubert-tiny"
@@ -394,7 +395,7 @@ def test_two_processes_equal_one(tones: Path, tmp_path: Path):
 
 
 def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_path: Path):
-    from heads.predict import head_modality, load_head
+    from heads.probe.predict import head_modality, load_head
 
     path = extract(cfg(tones, tmp_path, holdout=0.25, max_seconds=0.4), show_progress=False).path
     out = run_sweep(SweepConfig(store=path, layers="1-2", combine=("concat",), out=str(tmp_path / "run")))

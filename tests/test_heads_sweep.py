@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cli.heads_cli import main as heads_main
 from conftest import needs_shared
 from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
-from heads.specs import expand, parse_combine
+from heads.probe.specs import expand, parse_combine
 
 VOCAB = {
     "sport": "goal match striker keeper league cup coach penalty team season".split(),
@@ -111,9 +111,9 @@ def test_sweep_writes_the_run_and_the_best_head_predicts(tiny_store, tmp_path):
 
 def test_predict_equals_the_head_on_stored_features(tiny_store, tmp_path):
     """Texts re-encoded by heads predict give the same probabilities as the stored features."""
-    from heads.features import FeatureBank
-    from heads.predict import load_head, predict_texts
-    from heads.specs import Combo
+    from heads.probe.features import FeatureBank
+    from heads.probe.predict import load_head, predict_texts
+    from heads.probe.specs import Combo
 
     out = tmp_path / "run"
     assert run("sweep", "--store", tiny_store, "--layers", "1-2", "--combine", "concat", "--pooling", "mean",
@@ -223,7 +223,7 @@ def test_real_minilm_store_beats_the_majority_class(tmp_path):
     ag = needs_shared("ag_news")
     store = extract(ExtractConfig(model="minilm", data=None, splits=(("train", str(ag / "train_pool.csv")), ("test", str(ag / "test.csv"))),
                                   label_col="label", limit=300, layers="-2--1", pooling=("mean",)), show_progress=False).path
-    from heads.sweep import SweepConfig, run_sweep
+    from heads.probe.sweep import SweepConfig, run_sweep
 
     res = run_sweep(SweepConfig(store=store, layers="all", combine=("single", "concat"), out=str(tmp_path / "run")))
     df = pd.read_csv(res.run_dir / "results.csv")
@@ -234,8 +234,8 @@ def test_real_minilm_store_beats_the_majority_class(tmp_path):
 
 def test_memory_budget_reads_per_configuration_with_the_same_results(tiny_store, tmp_path):
     """Over --max-memory the sweep reads each configuration's layers when it trains: same numbers, lower peak."""
-    from heads.features import FeatureBank
-    from heads.specs import Combo
+    from heads.probe.features import FeatureBank
+    from heads.probe.specs import Combo
 
     store = open_store(tiny_store)
     combos = [Combo((x,), "single", "mean", "linear") for x in store.layers]

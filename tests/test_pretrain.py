@@ -117,7 +117,7 @@ def test_tokenizer_lowercase_and_cjk_characters():
 def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     from embstore import ExtractConfig, extract, open_store
     from embstore.models import load_backbone
-    from heads.sweep import SweepConfig, run_sweep
+    from heads.probe.sweep import SweepConfig, run_sweep
 
     res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(pair_csv), "text_col": "s1", "text_pair_col": "s2",
                                                  "swap_augment": True, "pair_objective": "nsp", "whole_word": True,

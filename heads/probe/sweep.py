@@ -16,15 +16,17 @@ import numpy as np
 from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, DataError, StoreNotFoundError
 from embstore.store import Store, open_store
-from heads.config import HeadConfig
-from heads.estimator import HeadClassifier
-from heads.features import FeatureBank, parse_memory
-from heads.metrics import classification_metrics, majority_accuracy
-from heads.probes import fit_linear_probes
-from heads.results import ResultRow, RunWriter
-from heads.specs import COMBINES, Combo, expand, parse_combine
+from heads.probe.config import HeadConfig
+from heads.probe.estimator import HeadClassifier
+from heads.probe.features import FeatureBank, parse_memory
+from heads.report.metrics import classification_metrics, majority_accuracy
+from heads.probe.adamw import fit_linear_probes
+from heads.report.results import ResultRow, RunWriter
+from heads.probe.specs import COMBINES, Combo, expand, parse_combine
+from heads.protocol import carve as _carve
+from heads.protocol import carve_groups, split_roles
 
-__all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store", "split_roles", "carve_groups"]
+__all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store"]
 
 log = logging.getLogger(__name__)
 
@@ -119,49 +121,6 @@ def latest_store(cache: Path) -> str:
     if not found:
         raise StoreNotFoundError(f"No complete store in {cache}; run 'embstore extract' first or pass --store PATH.")
     return max(found)[1]
-
-
-def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, seed: int) -> tuple[tuple[str, np.ndarray | None], tuple[str, np.ndarray | None]]:
-    """((train split, rows or None), (eval split, rows or None)); a one-split store is carved."""
-    if train in store.splits:
-        name = evaluate or next((s for s in ("test", "validation") if s in store.splits), None)
-        if name is None:
-            raise ConfigError(f"{store.path} has splits {', '.join(store.splits)} and none is named test or validation; pass --eval-split NAME.")
-        if name not in store.splits:
-            raise ConfigError(f"--eval-split {name!r} is not in {store.path}; its splits are {', '.join(store.splits)}.")
-        return (train, None), (name, None)
-    if len(store.splits) == 1 and evaluate is None:
-        only = store.splits[0]
-        tr, te = _carve(store.labels(only), holdout, seed, carve_groups(store, only))
-        te = te[~store.augmented(only)[te]]  # augmented copies train, never evaluate
-        log.info("store has one split %r: carved %d rows for evaluation", only, len(te))
-        return (only, tr), (only, te)
-    raise ConfigError(f"--train-split {train!r} is not in {store.path}; its splits are {', '.join(store.splits)}.")
-
-
-def carve_groups(store: Store, split: str) -> np.ndarray | None:
-    """Groups no carve may cut through: the stored groups (e.g. speakers), else the source row of
-    augmented copies (a copy must stay on its source's side), else None."""
-    groups = store.groups(split)
-    if groups is not None:
-        return groups
-    return store.row_ids(split) if store.augmented(split).any() else None
-
-
-def _carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, carved) sorted row positions; group-disjoint when ``groups`` are given, else stratified."""
-    from sklearn.model_selection import GroupShuffleSplit, train_test_split
-
-    idx = np.arange(len(y))
-    if groups is not None:
-        if len(np.unique(groups)) >= 2:
-            tr, va = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, groups=groups))
-            return np.sort(tr), np.sort(va)
-        log.warning("only one group: carving rows without keeping groups apart")
-    counts = np.bincount(y)
-    ok = counts[counts > 0].min() >= 2 and int(np.ceil(fraction * len(y))) >= (counts > 0).sum()
-    tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y if ok else None)
-    return np.sort(tr), np.sort(va)
 
 
 def _row(combo: Combo, est: HeadClassifier, metrics: dict[str, Any], seed: int, fold: int | None, store: Store, cfg: HeadConfig) -> ResultRow:
@@ -259,7 +218,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None) -> SweepResult:
 
 
 def _rows_of(run_dir: Path) -> list[ResultRow]:
-    from heads.results import read_run
+    from heads.report import read_run
 
     return read_run(run_dir)[1]
 

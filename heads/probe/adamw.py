@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from embstore.errors import ConfigError
-from heads.config import HeadConfig
-from heads.estimator import (
+from heads.probe.config import HeadConfig
+from heads.probe.estimator import (
     BestTracker, HeadClassifier, check_labels, class_weights, epoch_batches, make_scheduler, make_split,
     resolve_device, resolve_n_classes, scores,
 )
-from heads.modules import Inputs, LinearHead, as_inputs, build_module
+from heads.probe.modules import Inputs, LinearHead, as_inputs, build_module
 
 __all__ = ["fit_linear_probes"]
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from embstore.errors import ConfigError
-from heads.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS, HeadConfig
+from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS, HeadConfig
 
 __all__ = [
     "InputShape", "ScalarMix", "LinearHead", "MLPHead", "ConvHead", "SumHead", "MixHead", "PairHead",
@@ -122,7 +122,7 @@ def as_inputs(X: Any, head: str) -> Inputs:
         if isinstance(X, np.ndarray) or not (hasattr(X, "values") and hasattr(X, "offsets")):
             raise ConfigError(
                 f"The '{head}' head takes ragged token states (.values (T, hidden), .offsets (n+1,)), such as "
-                f"store.tokens(split, layer) or heads.estimator.Ragged; got {_got(X)}. Use a pooled head such as "
+                f"store.tokens(split, layer) or heads.Ragged; got {_got(X)}. Use a pooled head such as "
                 "linear for (n, dim) features.")
         values, offsets = np.asarray(X.values), np.asarray(X.offsets)
         if values.ndim != 2 or offsets.ndim != 1 or len(offsets) < 1 or np.any(np.diff(offsets) < 0) \
