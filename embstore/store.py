@@ -304,6 +304,29 @@ class Store:
             block = np.stack([self._b.read(path, p) for p in pos])
         return np.ascontiguousarray(block.transpose(1, 0, 2))  # (n, k, hidden)
 
+    def pooled_rows(self, split: str, pooling: str, start: int, stop: int, layers: str | Sequence[int] | None = None,
+                    tower: str | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of :meth:`pooled`, ``(stop - start, len(layers), hidden)`` in the stored dtype.
+
+        For streaming a split chunk by chunk (``layout.splits[split].rows(c)`` gives chunk ``c``'s range), so
+        only those rows are read.
+        """
+        n = self._split(split).n_rows
+        if not 0 <= start <= stop <= n:
+            raise ConfigError(f"Rows [{start}, {stop}) are outside split {split!r} of {self.path} ({n} rows).")
+        t = self._tower(tower)
+        if pooling not in self.layout.poolings:
+            raise ConfigError(f"Pooling {pooling!r} is not in {self.path}; it stores {', '.join(self.poolings)}.")
+        chosen = self.layers if layers is None else parse_layers(layers, self.layers)
+        path = L.pooled_path(split, t, pooling)
+        pos = [self.layout.layer_position(x) for x in chosen]
+        rows = slice(start, stop)
+        if pos == list(range(pos[0], pos[-1] + 1)):
+            block = self._b.read(path, (slice(pos[0], pos[-1] + 1), rows))  # (k, rows, hidden)
+        else:
+            block = np.stack([self._b.read(path, (p, rows)) for p in pos])
+        return np.ascontiguousarray(block.transpose(1, 0, 2))  # (rows, k, hidden)
+
     def tokens(self, split: str, layer: int, tower: str | None = None) -> TokenStates:
         """Per-token states of one layer, ragged (see :class:`TokenStates`)."""
         sl = self._split(split)

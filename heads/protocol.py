@@ -154,18 +154,27 @@ def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarr
         raise ConfigError(f"The validation carve of {what} ({fraction:g} of {n} rows = {want}) cannot hold every one "
                           f"of the {need} classes{rare}; {fix}.")
     idx = np.arange(n)
-    if groups is not None and len(np.unique(groups)) >= 2:
-        k = max(2, int(round(1.0 / fraction)))
-        if len(np.unique(groups)) < k:
-            raise ConfigError(f"The validation carve of {what} keeps groups apart, but they hold only "
-                              f"{len(np.unique(groups))} groups for a {fraction:g} carve; {fix}.")
-        fit, val = next(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, y, groups))
-    else:
-        fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
-    missing = sorted(set(present.tolist()) - set(y[val].tolist()) | set(present.tolist()) - set(y[fit].tolist()))
-    if missing:
-        raise ConfigError(f"The validation carve of {what} ({len(val)} of {n} rows, groups kept apart) leaves "
-                          f"class {missing[0]} out of one side; {fix}.")
+    n_groups = 0 if groups is None else len(np.unique(groups))
+
+    def covers(fit: np.ndarray, val: np.ndarray) -> bool:
+        return len(np.unique(y[val])) == need and len(np.unique(y[fit])) == need
+
+    if groups is not None and n_groups >= 2:
+        # One fold of a stratified group k-fold (k = 1/fraction): groups whole, classes as balanced as the groups
+        # allow. When no fold holds every class (few groups, each of few classes), fewer and larger folds are tried.
+        k_max = min(max(2, int(round(1.0 / fraction))), n_groups)
+        for k in range(k_max, 1, -1):
+            for fit, val in StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, y, groups):
+                if covers(fit, val):
+                    if k < round(1.0 / fraction):
+                        log.info("validation carve of %s: %d of %d rows (1 of %d group folds) to hold every class",
+                                 what, len(val), n, k)
+                    return np.sort(fit), np.sort(val)
+        raise ConfigError(f"The validation carve of {what} keeps its {n_groups} groups apart, and no carve of them holds "
+                          f"every one of the {need} classes on both sides; {fix}.")
+    if groups is not None:
+        log.warning("only one group: carving validation rows without keeping groups apart")
+    fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
     return np.sort(fit), np.sort(val)
 
 

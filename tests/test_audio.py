@@ -55,7 +55,8 @@ def tones(tmp_path: Path) -> Path:
         if i == 5:
             x = np.stack([x, 0.5 * x], axis=1)  # stereo
         sf.write(d / f"r{i:02d}.wav", x, rate)
-        rows.append({"file": f"audio/r{i:02d}.wav", "label": label, "speaker": f"s{i % 6}"})
+        # every speaker says both (2 low, 2 high): a speaker-disjoint validation carve can then hold both classes
+        rows.append({"file": f"audio/r{i:02d}.wav", "label": label, "speaker": f"s{(i // 2) % 6}"})
     path = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -265,7 +266,8 @@ def run(*args: str):
 
 def test_cli_extract_and_info(tones: Path, tmp_path: Path):
     res = run("extract", "--model", HUBERT, "--data", str(tones), "--audio-col", "file", "--label-col", "label",
-              "--group-col", "speaker", "--holdout", "0.34", "--augment", "noise,speed", "--out", str(tmp_path / "s"), "-q")
+              "--group-col", "speaker", "--holdout", "0.34", "--augment", "noise,speed", "--augment-classes", "all",
+              "--out", str(tmp_path / "s"), "-q")
     assert res.exit_code == 0, res.output
     path = res.output.strip().splitlines()[-1]
     info = json.loads(run("info", path, "--json").output)

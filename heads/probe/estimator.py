@@ -21,7 +21,7 @@ from torch import nn
 
 from embstore.errors import ConfigError, EmbstoreError
 from heads.probe.config import TOKEN_HEADS, HeadConfig
-from heads.probe.modules import InputShape, Inputs, Ragged, Standardize, as_inputs, build_module
+from heads.probe.modules import InputShape, Inputs, Ragged, as_inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, make_split, scores
 
 __all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged", "check_labels"]
@@ -147,8 +147,8 @@ class HeadClassifier:
 
         torch.manual_seed(cfg.seed)
         module = build_module(cfg, train.shape, n_classes)
-        if cfg.standardize and isinstance(getattr(module, "standardize", None), Standardize):
-            module.standardize.fit_stats(train, split.train_idx)  # type: ignore[union-attr, operator]
+        if cfg.standardize:
+            fit_input_stats(module, train, split.train_idx)
         module = module.to(device)
         opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = make_scheduler(opt, cfg)
@@ -253,7 +253,7 @@ class HeadClassifier:
         shape = InputShape.from_dict(meta["input_shape"])
         with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
             module = build_module(cfg, shape, int(meta["n_classes"]))
-        module.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        _load_weights(module, load_file(str(path / WEIGHTS_FILE)), path)
         est._set_fitted(module.to(resolve_device(cfg)), int(meta["n_classes"]), shape, list(meta["history"]),
                         int(meta["best_epoch"]), float(meta["train_seconds"]))
         est.extra_ = dict(meta.get("extra") or {})
@@ -268,6 +268,16 @@ def resolve_n_classes(y: np.ndarray, y_val: np.ndarray | None, n_classes: int | 
     if n_classes < seen:
         raise ConfigError(f"n_classes is {n_classes} but the labels go up to {seen - 1}; pass n_classes >= {seen}.")
     return int(n_classes)
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load saved weights; heads saved before every head standardised its inputs lack only the statistics,
+    which stay the identity (as those heads were trained)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.split(".")[0].startswith("standardize")]
+    if missing or unexpected:
+        raise HeadNotFoundError(f"{path / WEIGHTS_FILE} does not match its head.json (missing {missing[:3]}, unexpected "
+                                f"{list(unexpected)[:3]}); save the head again with this version.")
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

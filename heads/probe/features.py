@@ -1,10 +1,13 @@
-"""Features for heads, read from a store once per sweep and held in the stored dtype.
+"""Features for heads, read from a store once per sweep and held in the stored dtype, or streamed by row chunk.
 
-A :class:`FeatureBank` serves every configuration of a sweep from one read of the layers it
-needs. When those would not fit in ``max_memory`` it reads each configuration's layers from
-the store when that configuration trains and drops them after, so the peak stays at one
-configuration's features (each layer is its own chunks in the store, so this reads nothing
-twice per configuration).
+A :class:`FeatureBank` serves every configuration of a sweep from one read of the layers it needs. When those
+would not fit in ``max_memory`` it does not preload: the linear solver then streams row chunks from the store
+(:meth:`FeatureBank.chunk_features`, one full pass per iteration), and the other heads read each configuration's
+layers when that configuration trains (each layer is its own chunks in the store, so this reads nothing twice
+per configuration).
+
+Rows are always absolute positions in a store split, sorted; :meth:`FeatureBank.chunks` cuts a row set along
+the store's row chunks, the unit the stream path reads and that torchrun ranks divide (``c % world == rank``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import numpy as np
 
 from embstore.errors import ConfigError
 from embstore.store import Store, TokenStates
-from heads.config import POOLED_HEADS
-from heads.modules import Ragged
-from heads.specs import Combo
+from heads.probe.config import POOLED_HEADS
+from heads.probe.modules import Ragged
+from heads.probe.specs import Combo
 
-__all__ = ["FeatureBank", "parse_memory"]
+__all__ = ["FeatureBank", "parse_memory", "feature_width"]
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +39,26 @@ def parse_memory(text: str | int) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"The 'max_memory' option must be a size like 8GB, 512MB or a byte count; got {text!r}.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    except ValueError:
+        raise ConfigError(f"The 'max_memory' option must be a size like 8GB, 512MB or a byte count; got {text!r}.") from None
+    if value <= 0:
+        raise ConfigError(f"The 'max_memory' option must be a positive size like 8GB; got {text!r}.")
+    return value
 
 
 def _towers_for(combo: Combo, towers: Sequence[str]) -> list[str]:
     return list(towers) if combo.head == "pair" else [towers[0]]
 
 
-class FeatureBank:
-    """Features of the store splits a sweep uses.
+def feature_width(combo: Combo, hidden: int) -> int:
+    """Width of a pooled head's input vector: hidden (single, sum, mean) or layers x hidden (concat)."""
+    return hidden * len(combo.layers) if combo.combine == "concat" else hidden
 
-    ``rows[split]`` optionally restricts/reorders a store split (for carved holdouts); None is all rows.
-    """
+
+class FeatureBank:
+    """Features of the store splits a sweep uses, preloaded when they fit ``max_memory``."""
 
     def __init__(self, store: Store, combos: Sequence[Combo], splits: Sequence[str], max_memory: int) -> None:
         self.store = store
@@ -55,8 +66,10 @@ class FeatureBank:
         self.layers = sorted({x for c in combos if c.pooling != "tokens" for x in c.layers})
         self.poolings = sorted({c.pooling for c in combos if c.pooling != "tokens"})
         self.towers = sorted({t for c in combos if c.pooling != "tokens" for t in _towers_for(c, store.towers)})
-        item = np.dtype(store.layout.dtype).itemsize
-        self.needed = sum(store.n_rows(s) for s in self.splits) * len(self.layers) * len(self.poolings) * len(self.towers) * store.hidden * item
+        self.itemsize = np.dtype(store.layout.dtype).itemsize
+        self.row_bytes = len(self.layers) * len(self.poolings) * len(self.towers) * store.hidden * self.itemsize
+        """Bytes of one row of every needed layer, pooling and tower, in the stored dtype."""
+        self.needed = sum(store.n_rows(s) for s in self.splits) * self.row_bytes
         self.max_memory = max_memory
         self.preloaded = self.needed <= max_memory
         self._cache: dict[tuple[str, str, str], np.ndarray] = {}
@@ -67,9 +80,10 @@ class FeatureBank:
                         # (n, k, hidden) in the stored dtype, read once for the whole sweep
                         self._cache[(split, pooling, tower)] = store.pooled(split, pooling, self.layers, tower=tower)
         elif self.layers:
-            log.info("features need %.2f GB > max_memory %.2f GB: reading each configuration's layers when it trains",
+            log.info("features need %.2f GB > max_memory %.2f GB: streaming row chunks from the store",
                      self.needed / 1e9, max_memory / 1e9)
 
+    # -- whole configurations ------------------------------------------------------------------------------
     def _block(self, split: str, pooling: str, tower: str, layers: Sequence[int]) -> np.ndarray:
         """(n, len(layers), hidden) for the given layers, from memory or the store."""
         if self.preloaded:
@@ -78,10 +92,10 @@ class FeatureBank:
             if pos == list(range(pos[0], pos[-1] + 1)):
                 return full[:, pos[0]:pos[-1] + 1]  # a view, no copy
             return full[:, pos]
-        block = self.store.pooled(split, pooling, list(layers), tower=tower)
-        if block.nbytes > self.max_memory:
-            raise ConfigError(f"One configuration ({len(layers)} layers of {split}) needs {block.nbytes / 1e9:.2f} GB, over --max-memory {self.max_memory / 1e9:.2f} GB; raise --max-memory or sweep fewer layers at once.")
-        return block
+        need = self.store.n_rows(split) * len(layers) * self.store.hidden * self.itemsize
+        if need > self.max_memory:
+            raise ConfigError(f"One configuration ({len(layers)} layers of {split}) needs {need / 1e9:.2f} GB, over --max-memory {self.max_memory / 1e9:.2f} GB; raise --max-memory or sweep fewer layers at once.")
+        return self.store.pooled(split, pooling, list(layers), tower=tower)
 
     def features(self, combo: Combo, split: str, rows: np.ndarray | None = None) -> Any:
         """The input of ``combo``'s head for ``split`` (optionally only ``rows``, in that order).
@@ -107,8 +121,38 @@ class FeatureBank:
             return block[:, 0]
         if combo.combine == "concat":
             return block.reshape(len(block), -1)
-        if combo.combine == "sum":
-            return block.astype(np.float32).sum(1).astype(block.dtype)
+        if combo.combine == "sum":  # in float32: a float16 sum of many layers loses digits (or overflows)
+            return block.astype(np.float32).sum(1)
         if combo.combine == "mean":
-            return block.astype(np.float32).mean(1).astype(block.dtype)
+            return block.astype(np.float32).mean(1)
         raise ConfigError(f"Unknown combine {combo.combine!r} for head {combo.head!r}.")
+
+    # -- row chunks (the stream path) ----------------------------------------------------------------------
+    def chunks(self, split: str, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(store row chunk, the sorted absolute ``rows`` inside it) for every chunk that holds some of them."""
+        sl = self.store.layout.splits[split]
+        rows = np.asarray(rows, dtype=np.int64)
+        ids = rows // sl.chunk_rows
+        return [(int(c), rows[ids == c]) for c in np.unique(ids)]
+
+    def chunk_bytes(self, split: str, n_features: int) -> int:
+        """Working set of one row chunk: the read (every needed layer and pooling, stored dtype) plus ``n_features``
+        float32 values per row (the features built from it)."""
+        rows = self.store.layout.splits[split].chunk_rows
+        return rows * (self.row_bytes + 4 * n_features)
+
+    def chunk_features(self, combos: Sequence[Combo], split: str, chunk: int, rows: np.ndarray) -> list[np.ndarray]:
+        """Float32 inputs of pooled heads ``combos`` for ``rows`` (absolute, all inside row chunk ``chunk``), one
+        (len(rows), width) array per combo, from memory or read from the store chunk."""
+        tower = self.store.towers[0]
+        if self.preloaded:
+            blocks = {p: self._cache[(split, p, tower)][rows] for p in self.poolings}
+        else:
+            start, stop = self.store.layout.splits[split].rows(chunk)
+            blocks = {p: self.store.pooled_rows(split, p, start, stop, self.layers, tower=tower)[rows - start]
+                      for p in self.poolings}
+        out = []
+        for combo in combos:
+            pos = [self.layers.index(x) for x in combo.layers]
+            out.append(np.ascontiguousarray(self._shape(combo, blocks[combo.pooling][:, pos], None), dtype=np.float32))
+        return out

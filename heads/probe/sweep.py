@@ -1,12 +1,19 @@
-"""``heads sweep`` / ``heads train``: many heads on many layer combinations, straight from a store."""
+"""``heads sweep`` / ``heads train``: many heads on many layer combinations, straight from a store.
+
+A sweep plans its rounds (:mod:`heads.probe.plan`), trains every configuration of every round
+(:mod:`heads.probe.rounds`), writes one result row per configuration x seed x fold, and saves as ``best_head/``
+the head of the summary's best row: the configuration with the highest mean validation macro-F1. The evaluation
+split is scored once per configuration, for the report only.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 import logging
+import os
+import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,15 +23,15 @@ import numpy as np
 from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, DataError, StoreNotFoundError
 from embstore.store import Store, open_store
-from heads.probe.config import HeadConfig
-from heads.probe.estimator import HeadClassifier
-from heads.probe.features import FeatureBank, parse_memory
-from heads.report.metrics import classification_metrics, majority_accuracy
-from heads.probe.adamw import fit_linear_probes
-from heads.report.results import ResultRow, RunWriter
+from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
+from heads.probe.config import POOLED_HEADS, TOKEN_HEADS, HeadConfig
+from heads.probe.features import FeatureBank, feature_width, parse_memory
+from heads.probe.plan import check_val_split, drop_duplicates, plan_rounds
+from heads.probe.rounds import Labels, Outcome, Plan, train_adamw, train_lbfgs, train_stacked, train_tokens
 from heads.probe.specs import COMBINES, Combo, expand, parse_combine
-from heads.protocol import carve as _carve
 from heads.protocol import carve_groups, split_roles
+from heads.report.metrics import majority_accuracy
+from heads.report.results import ResultRow, RunWriter
 
 __all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store"]
 
@@ -52,12 +59,16 @@ class SweepConfig:
     """None: the store's 'test' split, else 'validation'."""
     holdout: float = 0.2
     """Only for a store with one split: the share carved (seeded, stratified) for evaluation."""
+    val_split: str | None = None
+    """A store split to make every choice on (epoch, C, configuration); None carves ``validation_fraction`` of the
+    training rows (seeded, stratified, group-aware)."""
     seeds: int = 1
     """Repeat every configuration with seeds 0..N-1 (reported as mean +- std)."""
     folds: int | None = None
     """K-fold cross-validation on the training split instead of the evaluation split."""
     max_memory: str = "8GB"
-    """Feature memory budget; above it each configuration's layers are read when it trains."""
+    """Feature memory budget; above it linear probes stream row chunks from the store and the other heads read
+    each configuration's layers when it trains."""
     out: str | None = None
     """Run directory; None: runs/<time>-<store>."""
 
@@ -103,6 +114,9 @@ class SweepResult:
     store: str
     rows: int
     best: dict[str, Any]
+    """The best configuration (by validation macro-F1): layers, combine, pooling, head, val and test scores."""
+    rank: int = 0
+    """The torchrun rank that returned it (only rank 0 writes the run directory)."""
 
 
 def latest_store(cache: Path) -> str:
@@ -123,160 +137,184 @@ def latest_store(cache: Path) -> str:
     return max(found)[1]
 
 
-def _row(combo: Combo, est: HeadClassifier, metrics: dict[str, Any], seed: int, fold: int | None, store: Store, cfg: HeadConfig) -> ResultRow:
+def _size(n: int, up: bool = False) -> str:
+    """Bytes as a --max-memory value: 512KB, 3.2MB, 1.5GB (rounded up with ``up``, so it is enough)."""
+    import math
+
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= factor:
+            value = n / factor
+            return f"{math.ceil(value * 10) / 10:g}{unit}" if up else f"{value:.1f}{unit}"
+    return f"{n}B"
+
+
+def _join_process_group() -> Any:
+    """Under torchrun / accelerate launch: join the process group (gloo on CPU, nccl on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
+def _row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> ResultRow:
+    est, combo, plan = o.est, o.combo, o.plan
     history = list(getattr(est, "history_", []))
     seconds = float(getattr(est, "train_seconds_", 0.0))
-    hp = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "device")}
-    hp["head"] = combo.head
-    params = sum(int(p.numel()) for p in est.module_.parameters())
+    hp = {k: v for k, v in cfg.replace(head=combo.head).to_dict().items() if k not in ("seed", "device")}
+    hp.update(o.hyper)
+    lbfgs = "C" in o.hyper
     mix = getattr(est, "mix_weights_", None)
-    return ResultRow(layers=combo.layers_label, combine=combo.combine, pooling=combo.pooling, head=combo.head, seed=seed,
-                     accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"], train_seconds=seconds, hyperparameters=hp,
-                     per_class=metrics["per_class"], confusion=metrics["confusion"], store_id=store.fingerprint, fold=fold,
-                     best_epoch=getattr(est, "best_epoch_", None), trainable_params=params,
-                     seconds_per_epoch=seconds / max(1, len(history)), history=history,
-                     mix_weights=None if mix is None else [float(w) for w in mix])
+    return ResultRow(layers=combo.layers_label, combine=combo.combine, pooling=combo.pooling, head=combo.head, seed=plan.seed,
+                     accuracy=o.metrics["accuracy"], f1_macro=o.metrics["f1_macro"], train_seconds=seconds, hyperparameters=hp,
+                     per_class=o.metrics["per_class"], confusion=o.metrics["confusion"], store_id=store.fingerprint,
+                     fold=plan.fold, best_epoch=None if lbfgs else getattr(est, "best_epoch_", None),
+                     trainable_params=sum(int(p.numel()) for p in est.module_.parameters()),
+                     seconds_per_epoch=None if lbfgs else seconds / max(1, len(history)), history=history,
+                     mix_weights=None if mix is None else [float(w) for w in mix],
+                     val_accuracy=o.val.get("accuracy"), val_f1_macro=o.val.get("f1_macro"),
+                     extra={**o.extra, "eval_set": eval_id})
 
 
-def run_sweep(config: SweepConfig, cache: Path | None = None) -> SweepResult:
-    """Train every configuration x seed (x fold) and write the run directory."""
+def _progress(total: int, show: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="heads sweep", unit="config", disable=(not show) if show is not None else None,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def _eval_record(store: Store, plan: Plan) -> dict[str, Any]:
+    return eval_set(source_sha256(store.provenance.get("sources", []), plan.eval_split),
+                    store.row_ids(plan.eval_split)[plan.eval_rows])
+
+
+def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: bool | None = None) -> SweepResult:
+    """Train every configuration x seed (x fold) and write the run directory (rank 0 under torchrun).
+
+    ``show_progress``: a tqdm bar of configurations done / total / ETA (None: only on a terminal).
+    """
     from embstore._version import __version__
     from embstore.extraction import cache_dir
+    from heads.probe.estimator import resolve_device
+    from heads.probe.solvers import Comm
 
+    _join_process_group()
+    comm = Comm()
     path = config.store or latest_store(cache or cache_dir())
     store = open_store(path)
     if store.label_names is None:
         raise DataError(f"{path} was extracted without labels; re-extract with --label-col COLUMN.")
     names = store.label_names
-    n_classes = len(names)
-    (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(store, config.train_split, config.eval_split, config.holdout, config.head.seed)
-    groups_all = carve_groups(store, tr_split)
-    augmented = store.augmented(tr_split)
+    cfg = config.head
+    (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(store, config.train_split, config.eval_split, config.holdout, cfg.seed)
+    if config.val_split is not None:
+        check_val_split(store, config.val_split, tr_split, ev_split)
     y_all = store.labels(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
-    absent = [names[c] for c in range(n_classes) if not (y_train == c).any()]
+    absent = [names[c] for c in range(len(names)) if not (y_train == c).any()]
     if absent:
         raise DataError(f"Class {', '.join(map(repr, absent))} has no rows in the training split {tr_split!r}; a head cannot learn it: re-split the data so every class is in training.")
-    y_eval_all = store.labels(ev_split)
-    y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
     combos = expand(layers=config.layers, combine=parse_combine(config.combine), poolings=config.pooling or tuple(store.poolings),
                     heads=config.heads, store_layers=store.layers, store_poolings=store.poolings, token_layers=store.token_layers,
                     towers=store.towers, store_path=path)
-    bank = FeatureBank(store, combos, [tr_split, ev_split], parse_memory(config.max_memory))
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.out) if config.out else Path("runs") / f"{stamp}-sweep-{Path(path).stem[:40]}"
+    combos, notes = drop_duplicates(combos, cfg.standardize)
+    plans = plan_rounds(store, seeds=config.seeds, folds=config.folds, validation_fraction=cfg.validation_fraction,
+                        val_split=config.val_split, train=(tr_split, tr_rows), evaluate=(ev_split, ev_rows))
+    splits = [tr_split, ev_split] + ([config.val_split] if config.val_split else [])
+    budget = parse_memory(config.max_memory)
+    bank = FeatureBank(store, combos, splits, budget)
+    lbfgs = [c for c in combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
+    widths = sum(feature_width(c, store.hidden) for c in lbfgs)
+    if lbfgs and not bank.preloaded:
+        need = max(bank.chunk_bytes(s, widths) for s in splits)
+        if need > budget:
+            raise ConfigError(f"--max-memory {config.max_memory} is below one row chunk of {path} ({_size(need)}: "
+                              f"{store.layout.splits[tr_split].chunk_rows} rows of the layers and poolings the linear probes "
+                              f"need, and their features); raise --max-memory to at least {_size(need, up=True)}.")
+    # standardised float32 chunks stay on the device when they fit next to the bank
+    cache_chunks = bank.preloaded and bank.needed + 4 * widths * max(len(p.fit_rows) for p in plans) <= budget
+    device = resolve_device(cfg)
+    labels = Labels({s: store.labels(s) for s in dict.fromkeys(splits)}, names)
+
+    main = comm.rank == 0
+    run_dir = Path(config.out) if config.out else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-sweep-{Path(path).stem[:40]}"
+    augmented = store.augmented(tr_split)
+    groups_all = carve_groups(store, tr_split)
+    aug_train = augmented if tr_rows is None else augmented[tr_rows]
+    y_eval_all = store.labels(ev_split)
+    y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
+    first = plans[0]
+    validation = (f"split `{config.val_split}` ({len(first.val_rows)} rows)" if config.val_split else
+                  f"a seeded, stratified{', group-aware' if groups_all is not None else ''} {cfg.validation_fraction:g} carve of "
+                  f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)")
+    held = np.unique(np.concatenate([p.eval_rows for p in plans if p.seed == 0]))
+    run_eval = eval_set(source_sha256(store.provenance.get("sources", []), first.eval_split), store.row_ids(first.eval_split)[held])
     meta = {"kind": "sweep", "store": path, "store_fingerprint": store.fingerprint, "model": store.provenance.get("model", {}).get("name"),
-            "label_names": names, "train_split": tr_split, "eval_split": ev_split,
-            "train_rows": int(len(y_train)), "eval_rows": int(len(y_eval)), "carved_eval": ev_rows is not None,
+            "label_names": names, "train_split": tr_split, "eval_split": ev_split, "val_split": config.val_split,
+            "validation": validation, "train_rows": int(len(y_train)), "eval_rows": int(len(held) if config.folds else len(y_eval)),
+            "carved_eval": ev_rows is not None,
             # the baseline predicts the commonest class of the original rows (augmented copies skew the counts)
-            "majority_accuracy": majority_accuracy(y_train[~(augmented if tr_rows is None else augmented[tr_rows])], y_eval),
-            "config": config.to_dict(),
-            "augmented_rows": int(augmented.sum() if tr_rows is None else augmented[tr_rows].sum()),
+            "majority_accuracy": majority_accuracy(y_train[~aug_train], y_train[~aug_train] if config.folds else y_eval),
+            "config": config.to_dict(), "augmented_rows": int(aug_train.sum()),
             "kept_apart": None if groups_all is None else (
                 f"groups of {store.provenance.get('group_col') or 'the group column'}" if store.groups(tr_split) is not None
                 else "augmented copies and their source rows"),
-            "configurations": len(combos), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "embstore": __version__, "feature_bytes": bank.needed, "features_preloaded": bank.preloaded}
-    writer = RunWriter(run_dir, meta)
-    kept: dict[tuple[str, str, str, str], HeadClassifier] = {}
+            "configurations": len(combos), "embstore": __version__, "feature_bytes": bank.needed,
+            "features_preloaded": bank.preloaded, "solver": cfg.solver, "world_size": comm.world,
+            EVAL_SET_KEY: run_eval, "notes": notes}
+    writer = RunWriter(run_dir, meta) if main else None
+
     t0 = time.perf_counter()
-    n_rows = 0
-    for seed in range(config.seeds):
-        cfg = config.head.replace(seed=seed)
-        rounds = _rounds(config, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed,
-                         None if groups_all is None else groups_all if tr_rows is None else groups_all[tr_rows], augmented)
-        for fold, (fit_rows, eval_rows, eval_split, y_ev) in enumerate(rounds):
-            fold_id = fold if config.folds else None
-            y_fit = y_all[fit_rows] if fit_rows is not None else y_all
-            g_fit = None if groups_all is None else groups_all[fit_rows] if fit_rows is not None else groups_all
-            fit_idx, val_idx = _carve(y_fit, cfg.validation_fraction, seed, g_fit)
-            rows_fit = fit_idx if fit_rows is None else fit_rows[fit_idx]
-            rows_val = val_idx if fit_rows is None else fit_rows[val_idx]
-            rows_val = rows_val[~augmented[rows_val]]  # early stopping watches original rows only
-            trained = _train_all(combos, bank, cfg, tr_split, rows_fit, rows_val, y_all, n_classes, bank.preloaded)
-            for combo, est in trained:
-                pred = est.predict(bank.features(combo, eval_split, eval_rows))
-                row = _row(combo, est, classification_metrics(y_ev, pred, names), seed, fold_id, store, cfg.replace(head=combo.head))
-                writer.add(row)
-                n_rows += 1
-                kept.setdefault(combo.key, est)
-    writer.finish(names)
-    rows = _rows_of(run_dir)
-    best_key = _best_key(rows)
-    best_combo = next(c for c in combos if c.key == best_key)
-    extra = {"layers": list(best_combo.layers), "layers_label": best_combo.layers_label, "combine": best_combo.combine,
-             "pooling": best_combo.pooling, "head": best_combo.head, "store": path, "store_id": store.fingerprint,
+    bar = _progress(len(combos) * len(plans), show_progress if main else False)
+    outcomes: list[Outcome] = []
+    stacked = [c for c in combos if c not in lbfgs and c.head not in TOKEN_HEADS
+               and not (c.head == "linear" and c.head in POOLED_HEADS and cfg.solver == "adamw")]
+    adamw = [c for c in combos if c.head == "linear" and cfg.solver == "adamw"]
+    tokens = [c for c in combos if c.head in TOKEN_HEADS]
+    eval_ids = {id(p): _eval_record(store, p)["id"] for p in plans}
+    # L-BFGS probes first, on every rank (their passes are collective), then the heads rank 0 trains alone
+    for plan in plans:
+        if lbfgs:
+            for o in train_lbfgs(lbfgs, plan, bank, labels, cfg, device, cache_chunks, comm):
+                if writer is not None:
+                    writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
+                outcomes.append(o)
+            bar.update(len(lbfgs))
+    for plan in plans if main else []:
+        done = train_adamw(adamw, plan, bank, labels, cfg) if adamw else []
+        bar.update(len(adamw))
+        for combo in tokens:
+            done.append(train_tokens(combo, plan, bank, labels, cfg))
+            bar.update(1)
+        for o in done:
+            if writer is not None:
+                writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
+        outcomes += done
+    if main and stacked:  # every round at once: one stack per architecture and input shape
+        for o in train_stacked([(c, p) for p in plans for c in stacked], bank, labels, cfg, device, lambda: bar.update(1)):
+            if writer is not None:
+                writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
+            outcomes.append(o)
+    bar.close()
+    if writer is None:  # another rank: rank 0 writes the run directory
+        return SweepResult(run_dir=run_dir, store=path, rows=len(outcomes), best={}, rank=comm.rank)
+    summary = writer.finish(names)
+    best = summary["best"]
+    key = (best["layers"], best["combine"], best["pooling"], best["head"])
+    shown = next(r for r in writer.rows if r.config_key == key)  # the summary's best row (the first written)
+    est = next(o.est for o in outcomes if o.combo.key == key and o.plan.seed == shown.seed and o.plan.fold == shown.fold)
+    combo = next(c for c in combos if c.key == key)
+    extra = {"layers": list(combo.layers), "layers_label": combo.layers_label, "combine": combo.combine,
+             "pooling": combo.pooling, "head": combo.head, "store": path, "store_id": store.fingerprint,
              "label_names": names, "model": store.provenance.get("model", {}), "max_length": store.provenance.get("max_length"),
              "pair_mode": store.provenance.get("pair_mode"), "text_pair_col": store.provenance.get("text_pair_col"),
-             "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds")}
-    kept[best_key].save(run_dir / "best_head", extra=extra)
-    log.info("sweep of %d runs in %.1fs; best %s", n_rows, time.perf_counter() - t0, best_key)
-    best = {"layers": best_key[0], "combine": best_key[1], "pooling": best_key[2], "head": best_key[3],
-            "f1_macro": float(np.mean([r.f1_macro for r in rows if r.config_key == best_key])),
-            "accuracy": float(np.mean([r.accuracy for r in rows if r.config_key == best_key]))}
-    return SweepResult(run_dir=run_dir, store=path, rows=n_rows, best=best)
-
-
-def _rows_of(run_dir: Path) -> list[ResultRow]:
-    from heads.report import read_run
-
-    return read_run(run_dir)[1]
-
-
-def _best_key(rows: list[ResultRow]) -> tuple[str, str, str, str]:
-    keys = {r.config_key for r in rows}
-
-    def score(k: tuple[str, str, str, str]) -> tuple[float, float, float]:
-        rs = [r for r in rows if r.config_key == k]
-        return (float(np.mean([r.f1_macro for r in rs])), float(np.mean([r.accuracy for r in rs])), -float(np.mean([r.train_seconds for r in rs])))
-
-    return max(sorted(keys), key=score)
-
-
-def _rounds(config: SweepConfig, y_train: np.ndarray, tr_rows: np.ndarray | None, tr_split: str, ev_split: str,
-            ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int, groups: np.ndarray | None, augmented: np.ndarray
-            ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, str, np.ndarray]]:
-    """(fit rows of the train split, eval rows, eval split, eval labels) per fold (one round without folds).
-
-    With ``groups`` (aligned with the training rows) folds are group-disjoint; augmented rows
-    only ever join the fitting side.
-    """
-    base = np.arange(len(y_train)) if tr_rows is None else tr_rows
-    if not config.folds:
-        yield (tr_rows, ev_rows, ev_split, y_eval)
-        return
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-    counts = np.bincount(y_train)
-    if counts[counts > 0].min() < config.folds:
-        raise ConfigError(f"--folds {config.folds} needs at least {config.folds} training rows of every class; the rarest class has {counts[counts > 0].min()}.")
-    if groups is not None:
-        n_groups = len(np.unique(groups))
-        if n_groups < config.folds:
-            raise ConfigError(f"--folds {config.folds} keeps groups apart but the training rows hold only {n_groups} groups; use --folds {n_groups} or fewer.")
-        splits = StratifiedGroupKFold(config.folds, shuffle=True, random_state=seed).split(base, y_train, groups)
-    else:
-        splits = StratifiedKFold(config.folds, shuffle=True, random_state=seed).split(base, y_train)
-    for fit, held in splits:
-        held = held[~augmented[base[held]]]
-        yield (base[fit], base[held], tr_split, y_train[held])
-
-
-def _train_all(combos: list[Combo], bank: FeatureBank, cfg: HeadConfig, split: str, rows_fit: np.ndarray, rows_val: np.ndarray,
-               y_all: np.ndarray, n_classes: int, batched: bool) -> list[tuple[Combo, HeadClassifier]]:
-    """Fit every combo once; all pooled linear probes share one pass over the data when features are in memory."""
-    y_fit, y_val = y_all[rows_fit], y_all[rows_val]
-    out: list[tuple[Combo, HeadClassifier]] = []
-    probes = [c for c in combos if c.head == "linear"] if batched else []
-    if probes:
-        ests = fit_linear_probes([bank.features(c, split, rows_fit) for c in probes], y_fit,
-                                 [bank.features(c, split, rows_val) for c in probes], y_val, cfg.replace(head="linear"), n_classes=n_classes)
-        out += list(zip(probes, ests))
-    for combo in combos:
-        if combo in probes:
-            continue
-        est = HeadClassifier(cfg.replace(head=combo.head))
-        est.fit(bank.features(combo, split, rows_fit), y_fit, bank.features(combo, split, rows_val), y_val, n_classes=n_classes)
-        out.append((combo, est))
-    order = {c.key: i for i, c in enumerate(combos)}
-    return sorted(out, key=lambda ce: order[ce[0].key])
+             "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds"),
+             "seed": shown.seed, "fold": shown.fold, "chosen_on": "validation macro-F1"}
+    est.save(run_dir / "best_head", extra=extra)
+    log.info("sweep of %d runs in %.1fs; best %s", len(outcomes), time.perf_counter() - t0, key)
+    result = {"layers": key[0], "combine": key[1], "pooling": key[2], "head": key[3], "f1_macro": best["f1_macro_mean"],
+              "accuracy": best["accuracy_mean"], "val_f1_macro": best["val_f1_macro_mean"], "val_accuracy": best["val_accuracy_mean"]}
+    return SweepResult(run_dir=run_dir, store=path, rows=len(outcomes), best=result)

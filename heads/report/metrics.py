@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-__all__ = ["classification_metrics", "majority_accuracy", "mean_std"]
+__all__ = ["classification_metrics", "metrics_from_confusion", "majority_accuracy", "mean_std"]
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -40,6 +40,26 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
         "per_class": per_class,
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).astype(int).tolist(),
     }
+
+
+def metrics_from_confusion(confusion: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """What :func:`classification_metrics` returns, from a (classes, classes) confusion matrix (rows: true).
+
+    For predictions counted where they were made (every torchrun rank scores its own row chunks and the counts
+    are summed), with the same conventions: every label counts, zero_division=0.
+    """
+    cm = np.asarray(confusion, dtype=np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    total = int(cm.sum())
+    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                        "support": int(support[i])} for i, name in enumerate(label_names)}
+    return {"accuracy": float(tp.sum() / total) if total else 0.0, "f1_macro": float(f1.mean()) if len(f1) else 0.0,
+            "per_class": per_class, "confusion": cm.astype(int).tolist()}
 
 
 def majority_accuracy(y_train: np.ndarray, y_eval: np.ndarray) -> float:

@@ -155,15 +155,17 @@ def selection_rule(stats: list[ConfigStats]) -> str:
 
 
 def rank(s: ConfigStats, rule: str) -> tuple[float, float, float]:
-    """Sort key, best first: higher macro-F1 (validation or evaluation per ``rule``), then accuracy, then seconds."""
+    """Sort key, best first: higher macro-F1 (validation or evaluation per ``rule``), then accuracy, then fewer
+    trainable parameters (never seconds: a choice must not depend on machine load)."""
+    params = float(s.trainable_params) if s.trainable_params is not None else float("inf")
     if rule == "validation":
-        return (-float(s.val_f1_mean or 0.0), -float(s.val_accuracy_mean or 0.0), s.train_seconds)
-    return (-s.f1_mean, -s.accuracy_mean, s.train_seconds)
+        return (-float(s.val_f1_mean or 0.0), -float(s.val_accuracy_mean or 0.0), params)
+    return (-s.f1_mean, -s.accuracy_mean, params)
 
 
 def best_config(stats: list[ConfigStats]) -> ConfigStats:
     """Highest mean validation macro-F1 (evaluation macro-F1 for runs without validation scores); ties: higher
-    accuracy, then fewer train seconds, then display order."""
+    accuracy, then fewer trainable parameters, then display order."""
     if not stats:
         raise DataError("No result rows to choose a best config from; train at least one head first.")
     rule = selection_rule(stats)

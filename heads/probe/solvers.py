@@ -1,0 +1,440 @@
+"""Linear probes by a batched full-batch solver: multinomial logistic regression by L-BFGS, in float32, on the device.
+
+Every probe of a sweep (layer x pooling x combination) and every inverse L2 strength ``C`` of the grid is one
+problem; problems of one feature width are stacked and solved together, and every width in the same data pass.
+The objective of each is scikit-learn's ``LogisticRegression(C=C)`` (multinomial, lbfgs), scaled as scikit-learn
+scales it::
+
+    f(W, b) = (1/S) sum_i w_i CE(x_i W + b, y_i) + 1/(2 C S) ||W||^2      (S = sum_i w_i, intercept unpenalised)
+
+on inputs standardised with the training rows' mean and std (``StandardScaler``), stopped when the largest
+gradient entry is at most ``tol`` (scipy's ``pgtol``, which scikit-learn sets to its ``tol``). For two classes
+scikit-learn fits one weight vector; the symmetric two-class softmax with a doubled penalty has the same
+solution, so the penalty is doubled there.
+
+The data arrive as row chunks from a :class:`ChunkSource` (in memory, or streamed from the store when the
+features exceed the memory budget); every iteration is one pass over them (a line-search step that is not
+accepted at once costs another). Under torchrun each rank sees only its own chunks and the per-chunk sums are
+all-reduced, so every rank takes the same steps. Problems that converge stop being computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["ChunkSource", "Comm", "LogisticFit", "fit_logistic_probes", "grid_confusions", "chosen_confusions"]
+
+log = logging.getLogger(__name__)
+
+Chunk = tuple[list[np.ndarray], np.ndarray]
+"""One row chunk: one float32 (rows, width) array per probe, and the rows' labels (rows,) int64."""
+
+
+Objective = Callable[[dict[int, "torch.Tensor"], dict[int, "torch.Tensor"]],
+                     tuple[dict[int, "torch.Tensor"], dict[int, "torch.Tensor"], dict[int, "torch.Tensor"]]]
+"""(parameters, active problems) -> (objective, data term, gradient), each per width d."""
+
+
+class ChunkSource(Protocol):
+    """Row chunks of one row set (this rank's share), each with every probe's raw (unstandardised) features."""
+
+    def __call__(self) -> Iterator[Chunk]: ...
+
+
+class Comm:
+    """Sums across torchrun ranks (a no-op in one process)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.rank = dist.get_rank() if self.distributed else 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+
+@dataclass
+class LogisticFit:
+    """One probe's solutions over the C grid, in the input (unstandardised) feature space's shapes."""
+
+    weights: np.ndarray
+    """(K, d, classes) float32, acting on standardised inputs."""
+    bias: np.ndarray
+    """(K, classes) float32."""
+    mean: np.ndarray
+    """(d,) float32: training rows' mean."""
+    scale: np.ndarray
+    """(d,) float32: 1 / std (floored), as :class:`heads.probe.modules.Standardize` holds it."""
+    iterations: np.ndarray
+    """(K,) iterations until each C converged (or max_iter)."""
+    converged: np.ndarray
+    """(K,) bool."""
+    train_loss: np.ndarray
+    """(K,) mean (weighted) cross-entropy on the training rows, without the penalty."""
+    chosen: int = 0
+    """Index of the C chosen on validation."""
+    val_confusion: np.ndarray | None = None
+    """(K, classes, classes) validation confusion counts per C (rows: true)."""
+    refined: np.ndarray | None = None
+    """(K,) bool: solved to ``tol`` (the chosen C, and any other that was a candidate); the rest of the grid only
+    to the screening tolerance 10 x tol."""
+
+    def at(self, k: int) -> "LogisticFit":
+        """The solution at grid index ``k`` alone (K = 1)."""
+        return LogisticFit(self.weights[k:k + 1], self.bias[k:k + 1], self.mean, self.scale, self.iterations[k:k + 1],
+                           self.converged[k:k + 1], self.train_loss[k:k + 1])
+
+
+def _stats(source: ChunkSource, widths: list[int], comm: Comm) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Per-probe mean and 1/std (floored at 1e-6, as :class:`Standardize` floors it) of the training rows, and the
+    row count. Chunk means and centred sums of squares are combined exactly (Chan et al.), in float64, across
+    chunks and ranks, so a feature with a large mean and a small spread keeps its digits."""
+    parts: list[tuple[int, list[np.ndarray], list[np.ndarray]]] = []
+    for feats, y in source():
+        if not len(y):
+            continue
+        mus = [x.astype(np.float64).mean(0) for x in feats]
+        m2s = [((x.astype(np.float64) - mu) ** 2).sum(0) for x, mu in zip(feats, mus)]
+        parts.append((len(y), mus, m2s))
+    n_local = sum(p[0] for p in parts)
+    sums = [sum((p[0] * p[1][j] for p in parts), np.zeros(d)) for j, d in enumerate(widths)]
+    flat = comm.sum(torch.from_numpy(np.concatenate([*sums, [float(n_local)]]))).numpy()
+    n = int(round(float(flat[-1])))
+    cuts = np.cumsum([0, *widths])
+    means = [flat[cuts[j]:cuts[j + 1]] / max(1, n) for j in range(len(widths))]
+    m2 = [sum((p[2][j] + p[0] * (p[1][j] - means[j]) ** 2 for p in parts), np.zeros(d)) for j, d in enumerate(widths)]
+    m2_all = comm.sum(torch.from_numpy(np.concatenate(m2))).numpy()
+    scales = []
+    for j in range(len(widths)):
+        std = np.sqrt(m2_all[cuts[j]:cuts[j + 1]] / max(1, n))
+        scales.append((1.0 / np.maximum(std, 1e-6)).astype(np.float32))
+    return [m.astype(np.float32) for m in means], scales, n
+
+
+class _Data:
+    """Standardised row chunks grouped by feature width, cached on the device or rebuilt per pass."""
+
+    def __init__(self, source: ChunkSource, groups: dict[int, list[int]], means: list[np.ndarray],
+                 scales: list[np.ndarray], n_classes: int, weight: np.ndarray | None, device: torch.device,
+                 cache: bool) -> None:
+        self.source, self.groups, self.n_classes, self.device = source, groups, n_classes, device
+        self.shift = {d: torch.from_numpy(np.stack([means[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
+        self.scale = {d: torch.from_numpy(np.stack([scales[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
+        self.weight = None if weight is None else torch.from_numpy(weight.astype(np.float32)).to(device)
+        self.cached: list[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]] | None = None
+        if cache:
+            self.cached = list(self._build())
+
+    def _build(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:
+        for feats, y in self.source():
+            yt = torch.from_numpy(y).to(self.device)
+            onehot = torch.nn.functional.one_hot(yt, self.n_classes).float()
+            w = torch.ones(len(y), device=self.device) if self.weight is None else self.weight[yt]
+            xs = {d: (torch.from_numpy(np.stack([feats[j] for j in js])).to(self.device) - self.shift[d]) * self.scale[d]
+                  for d, js in self.groups.items()}  # (G_d, rows, d) standardised
+            yield xs, onehot, w
+
+    def __iter__(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:
+        return iter(self.cached) if self.cached is not None else self._build()
+
+
+def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: int, c_grid: Sequence[float], *,
+                        val_source: ChunkSource | None = None, max_iter: int = 1000, tol: float = 1e-4,
+                        history: int = 10, class_weight: str = "none", labels: np.ndarray | None = None,
+                        device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None
+                        ) -> list[LogisticFit]:
+    """Solve every probe (input width ``widths[j]``) at every C of ``c_grid`` on the rows ``source`` yields, and
+    pick each probe's C on the rows ``val_source`` yields (highest validation macro-F1; ties: accuracy, then the
+    smaller C).
+
+    With several C the grid is first screened (solved to ``10 * tol``), C is chosen, and only each probe's chosen
+    C is then solved on to ``tol`` (from where it stopped) and scored again, until every probe's best validation
+    score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen. ``labels`` (all training rows, every rank) sets the 'balanced' class weights ``n / (classes * count)``;
+    ``cache`` keeps the standardised chunks on the device (else every pass rebuilds them from ``source``).
+    """
+    comm = comm or Comm()
+    device = torch.device(device)
+    widths = [int(d) for d in widths]
+    K = len(c_grid)
+    if K > 1 and val_source is None:
+        raise ValueError("choosing C from a grid needs validation rows (val_source)")
+    means, scales, n = _stats(source, widths, comm)
+    weight = None
+    if class_weight == "balanced":
+        if labels is None:
+            raise ValueError("class_weight='balanced' needs the training labels")
+        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        present = int((counts > 0).sum())
+        weight = np.divide(len(labels), present * counts, out=np.zeros_like(counts), where=counts > 0)
+    total_weight = float(n) if weight is None else float(weight[labels].sum())  # type: ignore[index]
+    groups: dict[int, list[int]] = {}
+    for j, d in enumerate(widths):
+        groups.setdefault(d, []).append(j)
+    data = _Data(source, groups, means, scales, n_classes, weight, device, cache)
+    objective = _objective(data, groups, n_classes, c_grid, total_weight, device, comm)
+    thetas = {d: torch.zeros(len(js), K, d * n_classes + n_classes, device=device) for d, js in groups.items()}
+    solver = _BatchedLBFGS(objective, thetas, history=history)
+    its, _ = solver.run(max_iter, tol if K == 1 else 10 * tol)
+    fits = _unpack(solver.thetas, groups, widths, n_classes, means, scales, its)
+    refined = np.zeros((len(widths), K), dtype=bool) if K > 1 else np.ones((len(widths), 1), dtype=bool)
+    if K > 1 and val_source is not None:
+        val = grid_confusions(fits, val_source, n_classes, comm=comm)
+        total_its = dict(its)
+        # Choose on validation; solve the choice on to the full tolerance and score it again. A refined solution
+        # may score lower than its screening one (less converged is more regularised), so repeat until every
+        # probe's best score belongs to a refined C (at most K rounds, usually one).
+        for _round in range(K):
+            picks = [_choose(cm) for cm in val]
+            todo = [(j, k) for j, k in enumerate(picks) if not refined[j, k]]
+            if not todo:
+                break
+            only = {d: torch.zeros(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
+            for j, k in todo:
+                d = widths[j]
+                only[d][groups[d].index(j), k] = True
+            more, _ = solver.run(max_iter, tol, only=only)
+            total_its = {d: total_its[d] + more[d] for d in total_its}
+            now = _unpack(solver.thetas, groups, widths, n_classes, means, scales, total_its)
+            again = grid_confusions([now[j].at(k) for j, k in todo], val_source, n_classes, comm=comm,
+                                    probes=[j for j, _ in todo])[:, 0]
+            for (j, k), cm in zip(todo, again):
+                val[j][k] = cm
+                refined[j, k] = True
+        fits = _unpack(solver.thetas, groups, widths, n_classes, means, scales, total_its)
+        for j, f in enumerate(fits):
+            f.val_confusion, f.chosen = val[j], _choose(val[j])
+    elif val_source is not None:  # one C: nothing to choose, the validation scores are still reported
+        for f, cm in zip(fits, grid_confusions(fits, val_source, n_classes, comm=comm)):
+            f.val_confusion = cm
+    everyone = {d: torch.ones(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
+    _, data_loss, grad = objective(solver.thetas, everyone)
+    for d, js in groups.items():
+        for gi, j in enumerate(js):
+            f = fits[j]
+            f.train_loss = data_loss[d][gi].cpu().numpy()
+            f.refined = refined[j].copy()
+            reached = np.where(refined[j], tol, 10 * tol)
+            f.converged = grad[d][gi].abs().amax(-1).cpu().numpy() <= reached * 1.0001
+    bad = [(j, k) for j, f in enumerate(fits) for k in range(K) if not f.converged[k]]
+    if bad:
+        log.warning("%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise --max-iter",
+                    len(bad), len(widths) * K, max_iter, tol)
+    return fits
+
+
+def _choose(cm: np.ndarray) -> int:
+    """Index of the best C from (K, classes, classes) validation confusions: macro-F1, accuracy, smaller C."""
+    best = (-1.0, -1.0)
+    pick = 0
+    for k in range(len(cm)):
+        score = (macro_f1(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())))
+        if score > best:  # strictly better: the smaller C (earlier in the grid) wins ties
+            best, pick = score, k
+    return pick
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Macro-F1 over the classes present in the true or predicted labels of a confusion matrix (rows: true),
+    as scikit-learn's f1_score(average='macro') computes it on the same predictions."""
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], widths: list[int], n_classes: int,
+            means: list[np.ndarray], scales: list[np.ndarray], its: dict[int, torch.Tensor]) -> list[LogisticFit]:
+    C = n_classes
+    fits: list[LogisticFit | None] = [None] * len(widths)
+    for d, js in groups.items():
+        th = thetas[d].detach().cpu()
+        K = th.shape[1]
+        for gi, j in enumerate(js):
+            fits[j] = LogisticFit(weights=th[gi, :, : d * C].reshape(K, d, C).numpy().copy(), bias=th[gi, :, d * C:].numpy().copy(),
+                                  mean=means[j], scale=scales[j], iterations=its[d][gi].cpu().numpy().copy(),
+                                  converged=np.zeros(K, dtype=bool), train_loss=np.zeros(K))
+    return [f for f in fits if f is not None]
+
+
+def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid: Sequence[float], total_weight: float,
+               device: torch.device, comm: Comm) -> Objective:
+    # lam_k = 1 / (C_k S); two classes: doubled (see the module docstring)
+    lam = torch.tensor([(2.0 if n_classes == 2 else 1.0) / (float(c) * total_weight) for c in c_grid], device=device)
+    C = n_classes
+
+    def objective(thetas: dict[int, torch.Tensor], active: dict[int, torch.Tensor]
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Mean loss (with and without penalty) and gradient of every problem; inactive ones are left at 0.
+
+        Only configurations with an active problem, and only the C columns some of them need, are computed.
+        """
+        sel = {d: (active[d].any(1).nonzero().flatten(), active[d].any(0).nonzero().flatten()) for d in thetas}
+        loss = {d: torch.zeros(len(gs), len(ks), dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
+        grad = {d: torch.zeros(len(gs), len(ks), d * C + C, dtype=torch.float64, device=device)
+                for d, (gs, ks) in sel.items()}
+        params = {}
+        for d, (gs, ks) in sel.items():
+            th = thetas[d][gs][:, ks]  # (Ga, Ka, D)
+            W = th[..., : d * C].reshape(len(gs), len(ks), d, C).permute(0, 2, 1, 3).reshape(len(gs), d, len(ks) * C)
+            params[d] = (W, th[..., d * C:].reshape(len(gs), 1, len(ks) * C))
+        for xs, onehot, w in data:
+            for d, (gs, ks) in sel.items():
+                if not len(gs):
+                    continue
+                X = xs[d] if len(gs) == xs[d].shape[0] else xs[d][gs]  # (Ga, rows, d)
+                W, b = params[d]
+                logits = torch.baddbmm(b, X, W).view(X.shape[0], X.shape[1], len(ks), C)  # (Ga, rows, Ka, C)
+                logp = torch.log_softmax(logits, -1)
+                loss[d] -= ((logp * onehot[None, :, None, :]).sum(-1) * w[None, :, None]).sum(1).double()
+                dl = (logp.exp_() - onehot[None, :, None, :]) * w[None, :, None, None]
+                gW = torch.bmm(X.transpose(1, 2), dl.view(X.shape[0], X.shape[1], len(ks) * C))  # (Ga, d, Ka*C)
+                grad[d][..., : d * C] += gW.view(len(gs), d, len(ks), C).permute(0, 2, 1, 3).reshape(len(gs), len(ks), d * C)
+                grad[d][..., d * C:] += dl.sum(1)
+        fs, data_fs, gs_out = {}, {}, {}
+        for d, (gs, ks) in sel.items():
+            reduced = comm.sum(torch.cat([loss[d].flatten(), grad[d].flatten()]))
+            lo = reduced[: loss[d].numel()].view_as(loss[d]) / total_weight
+            gr = (reduced[loss[d].numel():].view_as(grad[d]) / total_weight).float()  # (Ga, Ka, D)
+            Wflat = thetas[d][gs][:, ks][..., : d * C]
+            pen = 0.5 * lam[ks][None, :] * (Wflat * Wflat).sum(-1)
+            gr[..., : d * C] += lam[ks][None, :, None] * Wflat
+            full_f = torch.zeros(thetas[d].shape[:2], dtype=torch.float64, device=device)
+            full_d = torch.zeros_like(full_f)
+            full_g = torch.zeros_like(thetas[d])
+            idx = (gs[:, None], ks[None, :])
+            full_f[idx] = lo + pen.double()
+            full_d[idx] = lo
+            full_g[idx] = gr
+            fs[d], data_fs[d], gs_out[d] = full_f, full_d, full_g
+        return fs, data_fs, gs_out
+
+    return objective
+
+
+class _BatchedLBFGS:
+    """L-BFGS on many independent problems at once: per-problem two-loop recursion, step and convergence.
+
+    ``thetas[d]`` is (G, K, D) for width d; every problem (g, k) has its own history of the last ``history``
+    (s, y) pairs, its own backtracking Armijo step (a step not accepted at once is halved, one evaluation pass for
+    all problems still searching) and stops when its largest gradient entry is at most ``tol``.
+    """
+
+    def __init__(self, objective: Objective, thetas: dict[int, torch.Tensor], *, history: int) -> None:
+        self.objective, self.thetas, self.m = objective, thetas, history
+
+    def run(self, max_iter: int, tol: float, only: dict[int, torch.Tensor] | None = None
+            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Iterate from ``thetas`` (updated in place) until every problem (or every one in ``only``) has its largest
+        gradient entry at most ``tol``; returns the iterations each took and whether it got there."""
+        th = self.thetas
+        dev = next(iter(th.values())).device
+        everyone = only or {d: torch.ones(t.shape[:2], dtype=torch.bool, device=dev) for d, t in th.items()}
+        f, _, g = self.objective(th, everyone)
+        done = {d: (g[d].abs().amax(-1) <= tol) | ~everyone[d] for d in th}
+        its = {d: torch.zeros(t.shape[:2], dtype=torch.long, device=dev) for d, t in th.items()}
+        hist: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {d: [] for d in th}
+        for _ in range(max_iter):
+            if all(bool(done[d].all()) for d in th):
+                break
+            p, gp = {}, {}
+            for d in th:
+                p[d] = torch.where(done[d][..., None], torch.zeros_like(g[d]), self._direction(g[d], hist[d]))
+                gp[d] = (g[d] * p[d]).sum(-1)
+                uphill = (gp[d] >= 0) & ~done[d]  # not a descent direction (numerical trouble): steepest descent
+                if bool(uphill.any()):
+                    p[d] = torch.where(uphill[..., None], -g[d], p[d])
+                    gp[d] = (g[d] * p[d]).sum(-1)
+                    hist[d] = []
+            pending = {d: ~done[d] for d in th}
+            step = {d: torch.ones(t.shape[:2], device=dev) for d, t in th.items()}
+            new_th = {d: t.clone() for d, t in th.items()}
+            new_f = {d: t.clone() for d, t in f.items()}
+            new_g = {d: t.clone() for d, t in g.items()}
+            for _ls in range(20):
+                trial = {d: th[d] + step[d][..., None] * p[d] for d in th}
+                ft, _, gt = self.objective(trial, pending)
+                for d in th:
+                    # Armijo, with a float32-noise allowance so a converged problem is not stuck halving forever
+                    ok = pending[d] & (ft[d] <= f[d] + 1e-4 * step[d].double() * gp[d].double() + 1e-7 * f[d].abs())
+                    new_th[d][ok], new_f[d][ok], new_g[d][ok] = trial[d][ok], ft[d][ok], gt[d][ok]
+                    pending[d] = pending[d] & ~ok
+                    step[d] = torch.where(pending[d], step[d] * 0.5, step[d])
+                if not any(bool(pending[d].any()) for d in th):
+                    break
+            for d in th:
+                s, y = new_th[d] - th[d], new_g[d] - g[d]
+                sy = (s * y).sum(-1, keepdim=True)
+                good = sy > 1e-10 * (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
+                hist[d].append((torch.where(good, s, 0.0), torch.where(good, y, 0.0),
+                                torch.where(good, 1.0 / sy.clamp_min(1e-30), 0.0)))
+                if len(hist[d]) > self.m:
+                    hist[d].pop(0)
+                its[d] += (~done[d]).long()
+                stuck = pending[d]  # no decrease found along the direction: as far as float32 goes
+                th[d], f[d], g[d] = new_th[d], new_f[d], new_g[d]
+                done[d] = done[d] | stuck | (g[d].abs().amax(-1) <= tol)
+        converged = {d: g[d].abs().amax(-1) <= tol for d in th}
+        return its, converged
+
+    @staticmethod
+    def _direction(g: torch.Tensor, hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """-H g by the two-loop recursion, per problem (inner products over the last dim)."""
+        q = -g
+        alphas = []
+        for s, y, rho in reversed(hist):
+            a = rho * (s * q).sum(-1, keepdim=True)
+            alphas.append(a)
+            q = q - a * y
+        if hist:
+            s, y, rho = hist[-1]
+            yy = (y * y).sum(-1, keepdim=True)
+            gamma = torch.where(yy > 0, (s * y).sum(-1, keepdim=True) / yy.clamp_min(1e-30), 0.0)
+        else:
+            gamma = torch.zeros_like(g[..., :1])
+        # no curvature pair yet: a first step of length 1 / max(1, |g|_1) as torch's L-BFGS takes
+        first = (1.0 / g.abs().sum(-1, keepdim=True).clamp_min(1.0))
+        q = q * torch.where(gamma > 0, gamma, first)
+        for (s, y, rho), a in zip(hist, reversed(alphas)):
+            q = q + s * (a - rho * (y * q).sum(-1, keepdim=True))
+        return q
+
+
+def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int, comm: Comm | None = None,
+                    probes: Sequence[int] | None = None) -> np.ndarray:
+    """(len(fits), K, classes, classes) confusion counts (rows: true) of every fit at every C on ``source``'s rows.
+
+    ``fits[i]`` scores the features of probe ``probes[i]`` of the source (default: probe ``i``).
+    """
+    comm = comm or Comm()
+    K = len(fits[0].bias) if fits else 0
+    cm = torch.zeros(len(fits), K, n_classes, n_classes, dtype=torch.float64)
+    tensors = [(torch.from_numpy(f.weights), torch.from_numpy(f.bias), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
+               for f in fits]
+    for feats, y in source():
+        yt = torch.from_numpy(y)
+        for j, (W, b, mu, sc) in enumerate(tensors):
+            x = (torch.from_numpy(feats[j if probes is None else probes[j]]) - mu) * sc
+            pred = (torch.einsum("nd,kdc->knc", x, W) + b[:, None]).argmax(-1)  # (K, rows)
+            for k in range(K):
+                cm[j, k].view(-1).index_add_(0, yt * n_classes + pred[k], torch.ones(len(y), dtype=torch.float64))
+    return comm.sum(cm).numpy().round().astype(np.int64)
+
+
+def chosen_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int, comm: Comm | None = None
+                      ) -> np.ndarray:
+    """(probes, classes, classes) confusion counts of each probe at its chosen C on ``source``'s rows."""
+    return grid_confusions([f.at(f.chosen) for f in fits], source, n_classes, comm=comm)[:, 0]
