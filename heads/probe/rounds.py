@@ -109,7 +109,7 @@ def train_lbfgs(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: 
         _source(bank, probes, plan.train_split, plan.fit_rows, y_tr, comm), widths, n_classes, cfg.c_grid,
         val_source=_source(bank, probes, plan.val_split, plan.val_rows, labels[plan.val_split], comm),
         max_iter=cfg.max_iter, tol=cfg.tol, class_weight=cfg.class_weight, labels=y_tr[plan.fit_rows],
-        device=device, cache=cache, comm=comm)
+        device=device, cache=cache, comm=comm, standardize=cfg.standardize)
     seconds = (time.perf_counter() - t0) / max(1, len(probes))
     evals = chosen_confusions(fits, _source(bank, probes, plan.eval_split, plan.eval_rows, labels[plan.eval_split], comm),
                               n_classes, comm=comm)

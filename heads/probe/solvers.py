@@ -153,8 +153,8 @@ class _Data:
 def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: int, c_grid: Sequence[float], *,
                         val_source: ChunkSource | None = None, max_iter: int = 1000, tol: float = 1e-4,
                         history: int = 10, class_weight: str = "none", labels: np.ndarray | None = None,
-                        device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None
-                        ) -> list[LogisticFit]:
+                        device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None,
+                        standardize: bool = True) -> list[LogisticFit]:
     """Solve every probe (input width ``widths[j]``) at every C of ``c_grid`` on the rows ``source`` yields, and
     pick each probe's C on the rows ``val_source`` yields (highest validation macro-F1; ties: accuracy, then the
     smaller C).
@@ -162,7 +162,8 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     With several C the grid is first screened (solved to ``10 * tol``), C is chosen, and only each probe's chosen
     C is then solved on to ``tol`` (from where it stopped) and scored again, until every probe's best validation
     score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen. ``labels`` (all training rows, every rank) sets the 'balanced' class weights ``n / (classes * count)``;
-    ``cache`` keeps the standardised chunks on the device (else every pass rebuilds them from ``source``).
+    ``cache`` keeps the standardised chunks on the device (else every pass rebuilds them from ``source``);
+    ``standardize=False`` fits the raw features (as ``LogisticRegression`` without ``StandardScaler``).
     """
     comm = comm or Comm()
     device = torch.device(device)
@@ -171,6 +172,8 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     if K > 1 and val_source is None:
         raise ValueError("choosing C from a grid needs validation rows (val_source)")
     means, scales, n = _stats(source, widths, comm)
+    if not standardize:
+        means, scales = [np.zeros(d, np.float32) for d in widths], [np.ones(d, np.float32) for d in widths]
     weight = None
     if class_weight == "balanced":
         if labels is None:

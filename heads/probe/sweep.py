@@ -229,11 +229,11 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     lbfgs = [c for c in combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
     widths = sum(feature_width(c, store.hidden) for c in lbfgs)
     if lbfgs and not bank.preloaded:
-        need = max(bank.chunk_bytes(s, widths) for s in splits)
+        need, worst = max((bank.chunk_bytes(s, widths), s) for s in splits)
         if need > budget:
             raise ConfigError(f"--max-memory {config.max_memory} is below one row chunk of {path} ({_size(need)}: "
-                              f"{store.layout.splits[tr_split].chunk_rows} rows of the layers and poolings the linear probes "
-                              f"need, and their features); raise --max-memory to at least {_size(need, up=True)}.")
+                              f"{store.layout.splits[worst].chunk_rows} rows of split {worst!r} in the layers and poolings the "
+                              f"linear probes need, and their features); raise --max-memory to at least {_size(need, up=True)}.")
     # standardised float32 chunks stay on the device when they fit next to the bank
     cache_chunks = bank.preloaded and bank.needed + 4 * widths * max(len(p.fit_rows) for p in plans) <= budget
     device = resolve_device(cfg)
