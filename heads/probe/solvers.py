@@ -48,7 +48,8 @@ class ChunkSource(Protocol):
 
 
 class Comm:
-    """Sums across torchrun ranks (a no-op in one process)."""
+    """Sums across torchrun ranks (a no-op in one process). nccl reduces CUDA tensors only, gloo CPU ones: a
+    tensor is moved to the backend's device for the reduction and back."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -56,13 +57,17 @@ class Comm:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
+        nccl = self.distributed and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            import torch.distributed as dist
+        if not self.distributed:
+            return t
+        import torch.distributed as dist
 
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        x = t.to(self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x.to(t.device)
 
 
 @dataclass

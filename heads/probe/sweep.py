@@ -155,6 +155,8 @@ def _join_process_group() -> Any:
     import torch
     import torch.distributed as dist
 
+    if torch.cuda.is_available():  # 'cuda' is then this rank's own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist
