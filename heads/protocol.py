@@ -36,10 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(accuracy, macro-F1) over the classes present in either array."""
-    from sklearn.metrics import f1_score
+    """(accuracy, macro-F1) over the classes present in either array (scikit-learn's ``f1_score(average='macro')``)."""
+    from heads.report.metrics import confusion, macro_f1_present
 
-    return float(np.mean(y_true == y_pred)), float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if not len(y_true):
+        return 0.0, 0.0
+    n = int(max(y_true.max(), y_pred.max())) + 1
+    return float(np.mean(y_true == y_pred)), macro_f1_present(confusion(y_true, y_pred, n))
 
 
 class BestTracker:
@@ -136,14 +140,13 @@ def carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None =
 
 def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None,
                      what: str = "the training rows") -> tuple[np.ndarray, np.ndarray]:
-    """(fit, validation) sorted positions: a seeded, stratified carve of ``fraction`` of the rows, group-aware
-    (no group on both sides, classes balanced as far as the groups allow) when ``groups`` are given.
+    """(fit, validation) sorted positions: a seeded, stratified carve of ``ceil(fraction * n)`` rows (each class in
+    proportion, at least one row of each), group-aware (no group on both sides, classes balanced as far as the
+    groups allow) when ``groups`` are given.
 
     Every choice of a sweep is made on the carved rows, so they must hold every class that ``y`` holds (and
     the fitting side too); otherwise a ConfigError names the sizes and the fix.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-
     present = np.flatnonzero(np.bincount(y))
     n, need = len(y), len(present)
     want = int(np.ceil(fraction * n))
@@ -160,6 +163,8 @@ def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarr
         return len(np.unique(y[val])) == need and len(np.unique(y[fit])) == need
 
     if groups is not None and n_groups >= 2:
+        from sklearn.model_selection import StratifiedGroupKFold
+
         # One fold of a stratified group k-fold (k = 1/fraction): groups whole, classes as balanced as the groups
         # allow. When no fold holds every class (few groups, each of few classes), fewer and larger folds are tried.
         k_max = min(max(2, int(round(1.0 / fraction))), n_groups)
@@ -174,8 +179,25 @@ def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarr
                           f"every one of the {need} classes on both sides; {fix}.")
     if groups is not None:
         log.warning("only one group: carving validation rows without keeping groups apart")
-    fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
-    return np.sort(fit), np.sort(val)
+    val = _stratified_pick(y, present, want, seed)
+    fit = np.setdiff1d(idx, val)
+    return fit, val
+
+
+def _stratified_pick(y: np.ndarray, present: np.ndarray, want: int, seed: int) -> np.ndarray:
+    """``want`` sorted rows, each class's share proportional to its count (largest remainders; at least one per
+    class, never all of a class), drawn by a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(y)[present]
+    exact = want * counts / counts.sum()
+    take = np.clip(np.floor(exact).astype(np.int64), 1, counts - 1)
+    for c in np.argsort(-(exact - np.floor(exact)), kind="stable"):  # hand out what rounding left over
+        if take.sum() >= want:
+            break
+        if take[c] < counts[c] - 1:
+            take[c] += 1
+    picked = [rng.permutation(np.flatnonzero(y == cls))[:k] for cls, k in zip(present, take)]
+    return np.sort(np.concatenate(picked))
 
 
 def carve_groups(store: Store, split: str) -> np.ndarray | None:

@@ -20,7 +20,7 @@ from embstore import ExtractConfig, extract
 from test_heads_sweep import separable
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--layers", "all", "--combine", "single,concat,mean", "--c-grid", "1e-2,1,100", "--no-progress"]
+ARGS = ["--layers", "all", "--combine", "single,mean", "--c-grid", "1e-2,1,100", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _same(a: Path, b: Path) -> None:
 def test_streamed_chunks_give_the_in_memory_results(chunked, tmp_path):
     mem = run("sweep", "--store", chunked, *ARGS, "--out", str(tmp_path / "mem"))
     assert mem.exit_code == 0, mem.output
-    # the features need 120 rows x 3 layers x 32 x 2 bytes = 23,040 B; one chunk with its features 17,408 B
+    # the features need 120 rows x 3 layers x 32 x 2 bytes = 23,040 B; one chunk with its features and work 18,176 B
     streamed = run("sweep", "--store", chunked, *ARGS, "--max-memory", "20000", "--out", str(tmp_path / "stream"))
     assert streamed.exit_code == 0, streamed.output
     meta = json.loads((tmp_path / "stream" / "run.json").read_text())

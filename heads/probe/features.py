@@ -2,7 +2,7 @@
 
 A :class:`FeatureBank` serves every configuration of a sweep from one read of the layers it needs. When those
 would not fit in ``max_memory`` it does not preload: the linear solver then streams row chunks from the store
-(:meth:`FeatureBank.chunk_features`, one full pass per iteration), and the other heads read each configuration's
+(:meth:`FeatureBank.chunk_blocks`, one full pass per iteration), and the other heads read each configuration's
 layers when that configuration trains (each layer is its own chunks in the store, so this reads nothing twice
 per configuration).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,10 @@ from heads.probe.config import POOLED_HEADS
 from heads.probe.modules import Ragged
 from heads.probe.specs import Combo
 
-__all__ = ["FeatureBank", "parse_memory", "feature_width"]
+__all__ = ["FeatureBank", "parse_memory", "feature_width", "BLOCK_ROWS"]
+
+BLOCK_ROWS = 1024
+"""Rows per block of the linear solver's passes (a row chunk is cut into blocks, the same in memory and streamed)."""
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +138,29 @@ class FeatureBank:
         ids = rows // sl.chunk_rows
         return [(int(c), rows[ids == c]) for c in np.unique(ids)]
 
-    def chunk_bytes(self, split: str, n_features: int) -> int:
-        """Working set of one row chunk: the read (every needed layer and pooling, stored dtype) plus ``n_features``
-        float32 values per row (the features built from it)."""
+    def chunk_bytes(self, split: str, n_features: int, per_row_work: int = 0) -> int:
+        """Working set of one row chunk: the read (every needed layer and pooling, stored dtype), plus for one block
+        of at most ``BLOCK_ROWS`` of its rows ``n_features`` float32 features and ``per_row_work`` bytes of work."""
         rows = self.store.layout.splits[split].chunk_rows
-        return rows * (self.row_bytes + 4 * n_features)
+        return rows * self.row_bytes + min(rows, BLOCK_ROWS) * (4 * n_features + per_row_work)
 
-    def chunk_features(self, combos: Sequence[Combo], split: str, chunk: int, rows: np.ndarray) -> list[np.ndarray]:
-        """Float32 inputs of pooled heads ``combos`` for ``rows`` (absolute, all inside row chunk ``chunk``), one
-        (len(rows), width) array per combo, from memory or read from the store chunk."""
+    def chunk_blocks(self, combos: Sequence[Combo], split: str, chunk: int, rows: np.ndarray
+                     ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """(rows, one float32 (len(rows), width) array per pooled combo) for blocks of at most ``BLOCK_ROWS`` of
+        ``rows`` (absolute, all inside row chunk ``chunk``): the chunk is read once (from memory, or from the
+        store), the float32 features built one block at a time, so a streamed chunk costs its stored bytes plus
+        one block's features."""
         tower = self.store.towers[0]
         if self.preloaded:
-            blocks = {p: self._cache[(split, p, tower)][rows] for p in self.poolings}
+            raw = {p: self._cache[(split, p, tower)] for p in self.poolings}
+            offset = 0
         else:
             start, stop = self.store.layout.splits[split].rows(chunk)
-            blocks = {p: self.store.pooled_rows(split, p, start, stop, self.layers, tower=tower)[rows - start]
-                      for p in self.poolings}
-        out = []
-        for combo in combos:
-            pos = [self.layers.index(x) for x in combo.layers]
-            out.append(np.ascontiguousarray(self._shape(combo, blocks[combo.pooling][:, pos], None), dtype=np.float32))
-        return out
+            raw = {p: self.store.pooled_rows(split, p, start, stop, self.layers, tower=tower) for p in self.poolings}
+            offset = start
+        pos = {c: [self.layers.index(x) for x in c.layers] for c in combos}
+        for b in range(0, len(rows), BLOCK_ROWS):
+            sub = rows[b:b + BLOCK_ROWS]
+            blocks = {p: raw[p][sub - offset] for p in self.poolings}
+            yield sub, [np.ascontiguousarray(self._shape(c, blocks[c.pooling][:, pos[c]], None), dtype=np.float32)
+                        for c in combos]

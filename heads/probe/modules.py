@@ -26,7 +26,7 @@ from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HE
 
 __all__ = [
     "InputShape", "ScalarMix", "LinearHead", "MLPHead", "ConvHead", "SumHead", "MixHead", "PairHead",
-    "RecurrentHead", "build_module", "Ragged", "Inputs", "as_inputs", "Standardize", "fit_input_stats",
+    "RecurrentHead", "build_module", "Ragged", "Inputs", "as_inputs", "Standardize", "fit_input_stats", "inverse_scale",
 ]
 
 
@@ -192,8 +192,8 @@ class Standardize(nn.Module):
 
     @torch.no_grad()
     def fit_stats(self, inputs: "Inputs", rows: np.ndarray, array: int = 0, chunk: int = 4096) -> None:
-        """Mean and 1/std (floored at 1e-6) over ``rows`` of input ``array`` (over their tokens for token inputs),
-        in two float64 passes (the mean, then centred squares), chunk by chunk."""
+        """Mean and 1/std (:func:`inverse_scale`, as StandardScaler) over ``rows`` of input ``array`` (over their
+        tokens for token inputs), in two float64 passes (the mean, then centred squares), chunk by chunk."""
         width = int(np.prod(self.shift.shape))
 
         def parts() -> Any:
@@ -218,9 +218,18 @@ class Standardize(nn.Module):
         m2 = np.zeros(width)
         for x in parts():
             m2 += ((x - mean) ** 2).sum(0)
-        std = np.sqrt(m2 / max(1, n))
         self.shift.copy_(torch.from_numpy(mean.reshape(self.shift.shape)))
-        self.scale.copy_(torch.from_numpy((1.0 / np.maximum(std, 1e-6)).reshape(self.shift.shape)))
+        self.scale.copy_(torch.from_numpy(inverse_scale(m2 / max(1, n), mean, n).reshape(self.shift.shape)))
+
+
+def inverse_scale(var: np.ndarray, mean: np.ndarray, n: int) -> np.ndarray:
+    """1 / std per feature as scikit-learn's StandardScaler divides: features indistinguishable from a constant
+    (variance within the float64 two-pass error bound, ``n eps var + (n mean eps)^2``) get 1 (they stay centred at
+    0), every other feature 1 / std, however small its std."""
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    std = np.sqrt(np.where(constant, 1.0, var))
+    return 1.0 / std
 
 
 def fit_input_stats(module: nn.Module, inputs: "Inputs", rows: np.ndarray) -> None:

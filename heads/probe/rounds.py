@@ -80,7 +80,8 @@ def _source(bank: FeatureBank, probes: Sequence[Combo], split: str, rows: np.nda
 
     def chunks() -> Any:
         for c, r in mine:
-            yield bank.chunk_features(probes, split, c, r), y[r]
+            for rows, feats in bank.chunk_blocks(probes, split, c, r):
+                yield feats, y[rows]
     return chunks
 
 

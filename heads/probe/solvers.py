@@ -28,6 +28,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from heads.probe.modules import inverse_scale
+from heads.report.metrics import macro_f1_present
+
 __all__ = ["ChunkSource", "Comm", "LogisticFit", "fit_logistic_probes", "grid_confusions", "chosen_confusions"]
 
 log = logging.getLogger(__name__)
@@ -103,8 +106,8 @@ class LogisticFit:
 
 
 def _stats(source: ChunkSource, widths: list[int], comm: Comm) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Per-probe mean and 1/std (floored at 1e-6, as :class:`Standardize` floors it) of the training rows, and the
-    row count. Chunk means and centred sums of squares are combined exactly (Chan et al.), in float64, across
+    """Per-probe mean and 1/std (scikit-learn's StandardScaler rule, :func:`inverse_scale`) of the training rows, and
+    the row count. Chunk means and centred sums of squares are combined exactly (Chan et al.), in float64, across
     chunks and ranks, so a feature with a large mean and a small spread keeps its digits."""
     parts: list[tuple[int, list[np.ndarray], list[np.ndarray]]] = []
     for feats, y in source():
@@ -121,10 +124,8 @@ def _stats(source: ChunkSource, widths: list[int], comm: Comm) -> tuple[list[np.
     means = [flat[cuts[j]:cuts[j + 1]] / max(1, n) for j in range(len(widths))]
     m2 = [sum((p[2][j] + p[0] * (p[1][j] - means[j]) ** 2 for p in parts), np.zeros(d)) for j, d in enumerate(widths)]
     m2_all = comm.sum(torch.from_numpy(np.concatenate(m2))).numpy()
-    scales = []
-    for j in range(len(widths)):
-        std = np.sqrt(m2_all[cuts[j]:cuts[j + 1]] / max(1, n))
-        scales.append((1.0 / np.maximum(std, 1e-6)).astype(np.float32))
+    scales = [inverse_scale(m2_all[cuts[j]:cuts[j + 1]] / max(1, n), means[j], n).astype(np.float32)
+              for j in range(len(widths))]
     return [m.astype(np.float32) for m in means], scales, n
 
 
@@ -138,20 +139,20 @@ class _Data:
         self.shift = {d: torch.from_numpy(np.stack([means[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
         self.scale = {d: torch.from_numpy(np.stack([scales[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
         self.weight = None if weight is None else torch.from_numpy(weight.astype(np.float32)).to(device)
-        self.cached: list[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]] | None = None
+        self.cached: list[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
         if cache:
             self.cached = list(self._build())
 
-    def _build(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    def _build(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         for feats, y in self.source():
             yt = torch.from_numpy(y).to(self.device)
             onehot = torch.nn.functional.one_hot(yt, self.n_classes).float()
-            w = torch.ones(len(y), device=self.device) if self.weight is None else self.weight[yt]
+            w = None if self.weight is None else self.weight[yt]
             xs = {d: (torch.from_numpy(np.stack([feats[j] for j in js])).to(self.device) - self.shift[d]) * self.scale[d]
                   for d, js in self.groups.items()}  # (G_d, rows, d) standardised
-            yield xs, onehot, w
+            yield xs, yt, onehot, w
 
-    def __iter__(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         return iter(self.cached) if self.cached is not None else self._build()
 
 
@@ -247,21 +248,10 @@ def _choose(cm: np.ndarray) -> int:
     best = (-1.0, -1.0)
     pick = 0
     for k in range(len(cm)):
-        score = (macro_f1(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())))
+        score = (macro_f1_present(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())))
         if score > best:  # strictly better: the smaller C (earlier in the grid) wins ties
             best, pick = score, k
     return pick
-
-
-def macro_f1(cm: np.ndarray) -> float:
-    """Macro-F1 over the classes present in the true or predicted labels of a confusion matrix (rows: true),
-    as scikit-learn's f1_score(average='macro') computes it on the same predictions."""
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1[present].mean()) if present.any() else 0.0
 
 
 def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], widths: list[int], n_classes: int,
@@ -292,26 +282,32 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid
         """
         sel = {d: (active[d].any(1).nonzero().flatten(), active[d].any(0).nonzero().flatten()) for d in thetas}
         loss = {d: torch.zeros(len(gs), len(ks), dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
-        grad = {d: torch.zeros(len(gs), len(ks), d * C + C, dtype=torch.float64, device=device)
-                for d, (gs, ks) in sel.items()}
+        # accumulated in the layouts the matmuls produce; (Ga, Ka, D) once per call, below
+        grad_w = {d: torch.zeros(len(gs), d, len(ks) * C, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
+        grad_b = {d: torch.zeros(len(gs), len(ks), C, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
         params = {}
         for d, (gs, ks) in sel.items():
             th = thetas[d][gs][:, ks]  # (Ga, Ka, D)
             W = th[..., : d * C].reshape(len(gs), len(ks), d, C).permute(0, 2, 1, 3).reshape(len(gs), d, len(ks) * C)
             params[d] = (W, th[..., d * C:].reshape(len(gs), 1, len(ks) * C))
-        for xs, onehot, w in data:
+        for xs, y, onehot, w in data:
             for d, (gs, ks) in sel.items():
                 if not len(gs):
                     continue
                 X = xs[d] if len(gs) == xs[d].shape[0] else xs[d][gs]  # (Ga, rows, d)
                 W, b = params[d]
-                logits = torch.baddbmm(b, X, W).view(X.shape[0], X.shape[1], len(ks), C)  # (Ga, rows, Ka, C)
-                logp = torch.log_softmax(logits, -1)
-                loss[d] -= ((logp * onehot[None, :, None, :]).sum(-1) * w[None, :, None]).sum(1).double()
-                dl = (logp.exp_() - onehot[None, :, None, :]) * w[None, :, None, None]
-                gW = torch.bmm(X.transpose(1, 2), dl.view(X.shape[0], X.shape[1], len(ks) * C))  # (Ga, d, Ka*C)
-                grad[d][..., : d * C] += gW.view(len(gs), d, len(ks), C).permute(0, 2, 1, 3).reshape(len(gs), len(ks), d * C)
-                grad[d][..., d * C:] += dl.sum(1)
+                Ga, rows, Ka = X.shape[0], X.shape[1], len(ks)
+                logits = torch.baddbmm(b, X, W).view(Ga, rows, Ka, C)
+                logp = torch.log_softmax(logits, -1)  # (Ga, rows, Ka, C)
+                picked = logp.gather(-1, y.view(1, rows, 1, 1).expand(Ga, rows, Ka, 1)).squeeze(-1)  # (Ga, rows, Ka)
+                loss[d] -= (picked if w is None else picked * w[None, :, None]).sum(1).double()
+                dl = logp.exp_().sub_(onehot[None, :, None, :])  # d loss / d logits
+                if w is not None:
+                    dl.mul_(w[None, :, None, None])
+                grad_w[d] += torch.bmm(X.transpose(1, 2), dl.view(Ga, rows, Ka * C))  # (Ga, d, Ka*C)
+                grad_b[d] += dl.sum(1)
+        grad = {d: torch.cat([grad_w[d].view(len(gs), d, len(ks), C).permute(0, 2, 1, 3).reshape(len(gs), len(ks), d * C),
+                              grad_b[d]], -1) for d, (gs, ks) in sel.items()}
         fs, data_fs, gs_out = {}, {}, {}
         for d, (gs, ks) in sel.items():
             reduced = comm.sum(torch.cat([loss[d].flatten(), grad[d].flatten()]))

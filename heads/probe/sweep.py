@@ -231,7 +231,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     lbfgs = [c for c in combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
     widths = sum(feature_width(c, store.hidden) for c in lbfgs)
     if lbfgs and not bank.preloaded:
-        need, worst = max((bank.chunk_bytes(s, widths), s) for s in splits)
+        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(names)  # the solver's logits, log-probabilities, gradients
+        need, worst = max((bank.chunk_bytes(s, widths, work), s) for s in splits)
         if need > budget:
             raise ConfigError(f"--max-memory {config.max_memory} is below one row chunk of {path} ({_size(need)}: "
                               f"{store.layout.splits[worst].chunk_rows} rows of split {worst!r} in the layers and poolings the "

@@ -6,9 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-__all__ = ["classification_metrics", "metrics_from_confusion", "majority_accuracy", "mean_std"]
+__all__ = ["classification_metrics", "confusion", "metrics_from_confusion", "macro_f1_present", "majority_accuracy", "mean_std"]
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) int64 counts: rows true label, columns predicted (labels outside range ignored)."""
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    ok = (y_true >= 0) & (y_true < n_classes) & (y_pred >= 0) & (y_pred < n_classes)
+    return np.bincount(y_true[ok] * n_classes + y_pred[ok], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -16,30 +23,22 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
 
     ``y_true`` and ``y_pred`` are integer label indices, shape (n,), into ``label_names``.
     Every label counts, also one absent from both arrays: its scores are 0 (zero_division=0),
-    so macro-F1 is averaged over all ``len(label_names)`` classes. ``confusion[i][j]`` counts
-    rows of true label i predicted as j.
+    so macro-F1 is averaged over all ``len(label_names)`` classes (scikit-learn's
+    ``f1_score(labels=all, average='macro', zero_division=0)``, computed here in numpy so a sweep
+    does not import scikit-learn). ``confusion[i][j]`` counts rows of true label i predicted as j.
     """
-    y_true = np.asarray(y_true).reshape(-1)
-    y_pred = np.asarray(y_pred).reshape(-1)
-    labels = list(range(len(label_names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    per_class = {
-        name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(label_names)
-    }
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class": per_class,
-        "confusion": confusion_matrix(y_true, y_pred, labels=labels).astype(int).tolist(),
-    }
+    return metrics_from_confusion(confusion(y_true, y_pred, len(label_names)), label_names)
+
+
+def macro_f1_present(cm: np.ndarray) -> float:
+    """Macro-F1 over the classes present in the true or predicted labels of a confusion matrix (rows: true),
+    as scikit-learn's ``f1_score(average='macro', zero_division=0)`` computes it without ``labels``."""
+    cm = np.asarray(cm)
+    tp = np.diag(cm).astype(np.float64)
+    denom = (cm.sum(1) + cm.sum(0)).astype(np.float64)
+    present = denom > 0
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+    return float(f1[present].mean()) if present.any() else 0.0
 
 
 def metrics_from_confusion(confusion: np.ndarray, label_names: list[str]) -> dict[str, Any]:
