@@ -18,8 +18,10 @@ extracted into ``--cache`` when absent (content-addressed: a re-run reuses them)
    a time (``HeadClassifier.fit``). Target >= 5x.
 5. memory: a sweep whose features are twice ``--max-memory`` streams row chunks; peak RSS (getrusage of the
    process) at most the budget + 0.5 GB.
+6. (``--uncached-rows N``) one head trained from the store against the usual loop that runs the frozen backbone
+   on every batch of every epoch.
 
-Usage: python benchmarks/sweep.py [--quick] [--cache DIR] [--json out.json] [--datasets ag_news,youtube]
+Usage: python benchmarks/sweep.py [--quick] [--cache DIR] [--json out.json] [--datasets ag_news,youtube] [--uncached-rows 500]
 ``--quick`` uses 600 rows per split, a small MLP and few epochs: a check that everything runs, not a measurement.
 """
 
@@ -253,6 +255,52 @@ def memory_part(store_path: str, work: Path, report: dict[str, Any]) -> None:
                         "streamed": not meta["features_preloaded"]}
 
 
+def uncached_part(store_path: str, rows: int, epochs: int) -> None:
+    """One linear head (the minibatch AdamW loop) from the store vs the usual loop that runs the frozen backbone on
+    every batch of every epoch (ag_news train_pool, the same first source rows)."""
+    import torch
+
+    from embstore import open_store
+    from embstore.encode import pad_batch, tokenize
+    from embstore.models import load_backbone
+    from heads.probe.config import HeadConfig
+    from heads.probe.estimator import HeadClassifier
+
+    store = open_store(store_path)
+    cfg = HeadConfig(head="linear", solver="adamw", epochs=epochs, patience=0, batch_size=64)
+    pos = np.argsort(store.row_ids("train"))[:rows]  # the same first source rows
+    X, y = store.pooled("train", "mean", [store.layers[-1]])[:, 0][pos], store.labels("train")[pos]
+    t0 = time.perf_counter()
+    HeadClassifier(cfg).fit(X, y)
+    t_cached = time.perf_counter() - t0
+    table = pd.read_csv(SHARED / "ag_news" / "train_pool.csv")
+    texts, labels = table.text.astype(str).tolist()[:rows], table.label.to_numpy()[:rows]
+    bb = load_backbone("minilm")
+    enc = tokenize(bb.tokenizer, texts, None, 256)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(bb.hidden, int(labels.max()) + 1)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(len(texts), generator=gen).numpy()
+        for s in range(0, len(perm), cfg.batch_size):
+            idx = perm[s:s + cfg.batch_size]
+            b = pad_batch([enc.ids[i] for i in idx], None, bb.tokenizer.pad_token_id)
+            with torch.no_grad():  # frozen backbone, as people write it
+                h = bb.model(**{k: torch.from_numpy(v) for k, v in b.items()}).last_hidden_state
+                m = torch.from_numpy(b["attention_mask"])[:, :, None].float()
+                x = (h * m).sum(1) / m.sum(1)
+            loss = torch.nn.functional.cross_entropy(head(x), torch.from_numpy(labels[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    t_uncached = time.perf_counter() - t0
+    print(f"\n6. one linear head on the last layer, mean, {rows} rows, {epochs} epochs: from the store {t_cached:.2f}s, "
+          f"recomputing the backbone every epoch {t_uncached:.1f}s -> {t_uncached / t_cached:.0f}x (one extraction pass "
+          f"of these rows is about {t_uncached / epochs:.1f}s, so {t_uncached / (t_uncached / epochs + t_cached):.1f}x including it)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="600 rows per split, small MLP, few epochs: checks that it runs")
@@ -260,6 +308,8 @@ def main() -> None:
     ap.add_argument("--datasets", default="ag_news,youtube")
     ap.add_argument("--mlp-hidden", type=int, default=None, help="[default: 2048, the default mlp head; --quick: 64]")
     ap.add_argument("--mlp-epochs", type=int, default=None, help="[default: 30; --quick: 4]")
+    ap.add_argument("--uncached-rows", type=int, default=0, help="also time one head against recomputing the backbone "
+                    "every epoch on this many ag_news rows (0: skip; BENCHMARKS.md used 500)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     import torch
@@ -288,6 +338,8 @@ def main() -> None:
         first = next(iter(stores.values()))
         mlp_part(first, work, report, args.mlp_hidden or (64 if args.quick else 2048), args.mlp_epochs or (4 if args.quick else 30))
         memory_part(first, work, report)
+    if args.uncached_rows and "ag_news" in stores:
+        uncached_part(stores["ag_news"], args.uncached_rows, 10)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 

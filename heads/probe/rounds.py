@@ -149,9 +149,10 @@ def train_adamw(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: 
 
 
 def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels: Labels, cfg: HeadConfig,
-                  device: torch.device, on_done: Callable[[], None]) -> list[Outcome]:
+                  device: torch.device, on_done: Callable[[], None], budget: int | None = None) -> list[Outcome]:
     """Dense and pair heads (not linear probes, not token heads) of every round: one stack per architecture and
-    input shape, every configuration's features moved to the device once."""
+    input shape, every configuration's features moved to the device once. A stack whose float32 features exceed
+    ``budget`` is cut into stacks of fewer configurations (each configuration's features still move once)."""
     names = labels.names
     by_bundle: dict[Any, list[tuple[Combo, Plan]]] = {}
     shapes: dict[Combo, InputShape] = {}
@@ -159,8 +160,18 @@ def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels:
         if combo not in shapes:
             shapes[combo] = as_inputs(bank.features(combo, plan.train_split, plan.fit_rows[:1]), combo.head).shape
         by_bundle.setdefault(bundle_key(cfg.replace(head=combo.head), shapes[combo]), []).append((combo, plan))
-    out: list[Outcome] = []
+    pieces: list[list[tuple[Combo, Plan]]] = []
     for bundle in by_bundle.values():
+        combos = list(dict.fromkeys(c for c, _ in bundle))
+        rows = bank.store.n_rows(bundle[0][1].train_split) + (0 if bundle[0][1].val_split == bundle[0][1].train_split
+                                                             else bank.store.n_rows(bundle[0][1].val_split))
+        per_combo = 4 * rows * sum(int(np.prod(s)) for s in shapes[combos[0]].shapes)
+        size = len(combos) if budget is None else max(1, budget // max(1, per_combo))
+        for start in range(0, len(combos), size):
+            part = set(combos[start:start + size])
+            pieces.append([(c, p) for c, p in bundle if c in part])
+    out: list[Outcome] = []
+    for bundle in pieces:
         combos = list(dict.fromkeys(c for c, _ in bundle))
         plan0 = bundle[0][1]
         head_cfg = cfg.replace(head=combos[0].head)

@@ -24,7 +24,7 @@ from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, DataError, StoreNotFoundError
 from embstore.store import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
-from heads.probe.config import POOLED_HEADS, TOKEN_HEADS, HeadConfig
+from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.features import FeatureBank, feature_width, parse_memory
 from heads.probe.plan import check_val_split, drop_duplicates, plan_rounds
 from heads.probe.rounds import Labels, Outcome, Plan, train_adamw, train_lbfgs, train_stacked, train_tokens
@@ -273,10 +273,9 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     t0 = time.perf_counter()
     bar = _progress(len(combos) * len(plans), show_progress if main else False)
     outcomes: list[Outcome] = []
-    stacked = [c for c in combos if c not in lbfgs and c.head not in TOKEN_HEADS
-               and not (c.head == "linear" and c.head in POOLED_HEADS and cfg.solver == "adamw")]
     adamw = [c for c in combos if c.head == "linear" and cfg.solver == "adamw"]
     tokens = [c for c in combos if c.head in TOKEN_HEADS]
+    stacked = [c for c in combos if c not in lbfgs and c not in adamw and c not in tokens]
     eval_ids = {id(p): _eval_record(store, p)["id"] for p in plans}
     # L-BFGS probes first, on every rank (their passes are collective), then the heads rank 0 trains alone
     for plan in plans:
@@ -297,7 +296,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
                 writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
         outcomes += done
     if main and stacked:  # every round at once: one stack per architecture and input shape
-        for o in train_stacked([(c, p) for p in plans for c in stacked], bank, labels, cfg, device, lambda: bar.update(1)):
+        for o in train_stacked([(c, p) for p in plans for c in stacked], bank, labels, cfg, device, lambda: bar.update(1),
+                               budget=budget):
             if writer is not None:
                 writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
             outcomes.append(o)
