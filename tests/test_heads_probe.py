@@ -204,6 +204,14 @@ def test_single_seed_rows_and_summary(store, tmp_path):
     assert mix.split(" | ")[-3].strip("* ") == "1"  # runs
 
 
+def test_adamw_solver_stays_available(store, tmp_path):
+    res = run("sweep", "--store", store, "--layers", "1-2", "--combine", "single", "--solver", "adamw", "--epochs", "4",
+              "--out", str(tmp_path / "a"))
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(tmp_path / "a" / "results.csv")
+    assert set(df.hp_solver) == {"adamw"} and "hp_C" not in df and df.best_epoch.notna().all() and df.val_f1_macro.notna().all()
+
+
 def test_summary_best_is_chosen_on_validation_not_on_test(tmp_path):
     """Config a wins on test, b on validation: b is the best row, and the summary says how it was chosen."""
     from heads.report import ResultRow, RunWriter

@@ -118,18 +118,14 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
         base.train()
         # every member's permutation of its own rows, cut into batches; members with fewer rows are padded
         orders = [members[i].fit_rows[torch.randperm(len(members[i].fit_rows), generator=gens[i]).numpy()] for i in alive]
-        n_batches = max(-(-len(o) // cfg.batch_size) for o in orders)
+        order_idx, order_mask = _padded(orders)  # (A, longest): rows, 1 where real (members may differ in rows)
+        n_batches = -(-order_idx.shape[1] // cfg.batch_size)
         totals = torch.zeros(len(alive), device=device)
+        feats = feature_of[alive][:, None]
         for b in range(n_batches):
-            idx = np.zeros((len(alive), cfg.batch_size), dtype=np.int64)
-            mask = np.zeros((len(alive), cfg.batch_size), dtype=np.float32)
-            for a, o in enumerate(orders):
-                part = o[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                idx[a, :len(part)], mask[a, :len(part)] = part, 1.0
-            width = int(mask.sum(1).max())
-            idx_t = torch.from_numpy(idx[:, :width]).to(device)
-            mask_t = torch.from_numpy(mask[:, :width]).to(device)
-            feats = feature_of[alive][:, None]
+            cut = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            idx_t = torch.from_numpy(order_idx[:, cut]).to(device)
+            mask_t = torch.from_numpy(order_mask[:, cut]).to(device)
             xs = [x[feats, idx_t] for x in train_x]  # (A, b, *row_shape) gathered on the device
             logits = batched(params, buffers, *xs)  # (A, b, C)
             yb = y_tr[idx_t]
@@ -143,12 +139,12 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
         base.eval()
         stopped = []
         with torch.inference_mode():
+            preds = _predict_all(batched, params, buffers, val_x, feats, [members[i].val_rows for i in alive], device)
             for a, i in enumerate(alive):
                 m = members[i]
                 acc = f1 = None
                 if len(m.val_rows):
-                    pred = _predict_one(batched, params, buffers, a, val_x, m.feature, m.val_rows, device)
-                    acc, f1 = scores(y_va[m.val_rows], pred)
+                    acc, f1 = scores(y_va[m.val_rows], preds[a])
                 histories[i].append({"epoch": epoch, "train_loss": float(totals[a]) / max(1, len(m.fit_rows)),
                                      "val_accuracy": acc, "val_f1_macro": f1, "lr": lrs[epoch]})
                 if trackers[i].update(epoch, f1, lambda a=a: {k: v[a].detach().clone() for k, v in params.items()}):
@@ -179,18 +175,30 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
     return fitted
 
 
-def _predict_one(batched: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                 a: int, val_x: list[torch.Tensor], feature: int, rows: np.ndarray, device: torch.device,
-                 batch: int = 4096) -> np.ndarray:
-    """Predicted classes of rows ``rows`` by stack member ``a`` (eval mode)."""
-    p1 = {k: v[a:a + 1] for k, v in params.items()}
-    b1 = {k: v[a:a + 1] for k, v in buffers.items()}
+def _padded(orders: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Row lists of possibly different lengths as one (members, longest) index array (padded with row 0) and a
+    float32 mask of the real entries."""
+    longest = max(len(o) for o in orders)
+    idx = np.zeros((len(orders), longest), dtype=np.int64)
+    mask = np.zeros((len(orders), longest), dtype=np.float32)
+    for a, o in enumerate(orders):
+        idx[a, :len(o)], mask[a, :len(o)] = o, 1.0
+    return idx, mask
+
+
+def _predict_all(batched: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                 val_x: list[torch.Tensor], feats: torch.Tensor, rows: Sequence[np.ndarray], device: torch.device,
+                 batch: int = 2048) -> list[np.ndarray]:
+    """Every stack member's predicted classes of its own validation rows (eval mode), in one batched pass."""
+    if not any(len(r) for r in rows):
+        return [np.zeros(0, dtype=np.int64) for _ in rows]
+    idx, _ = _padded([r if len(r) else np.zeros(1, dtype=np.int64) for r in rows])
     out = []
-    for start in range(0, len(rows), batch):
-        r = torch.from_numpy(rows[start:start + batch]).to(device)
-        xs = [x[feature][r][None] for x in val_x]
-        out.append(batched(p1, b1, *xs)[0].argmax(-1).cpu())
-    return torch.cat(out).numpy()
+    for start in range(0, idx.shape[1], batch):
+        idx_t = torch.from_numpy(idx[:, start:start + batch]).to(device)
+        out.append(batched(params, buffers, *[x[feats, idx_t] for x in val_x]).argmax(-1).cpu())
+    pred = torch.cat(out, dim=1).numpy()  # (A, longest)
+    return [pred[a, :len(r)] for a, r in enumerate(rows)]
 
 
 def _compact(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt: torch.optim.Optimizer,

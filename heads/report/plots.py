@@ -108,6 +108,6 @@ def plot_report(path: Path, entries: list[tuple[str, str, ConfigStats]]) -> None
     colors = ["tab:blue"] * (len(entries) - 1) + ["tab:orange"]  # the best (drawn last = top) stands out
     ax.barh(range(len(entries)), means, xerr=stds, color=colors, capsize=2)
     ax.set_yticks(range(len(entries)), labels, fontsize=8)
-    ax.set(xlabel="macro-F1 (mean ± std)", title="Macro-F1 per config, best on top")
+    ax.set(xlabel="evaluation macro-F1 (mean ± std)", title="Macro-F1 per config, best (as the report ranks) on top")
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=120)
