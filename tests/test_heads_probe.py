@@ -91,7 +91,7 @@ def _chunks(features: list[np.ndarray], y: np.ndarray, rows: np.ndarray, size: i
     def gen():
         for start in range(0, len(rows), size):
             r = rows[start:start + size]
-            yield [f[r] for f in features], y[r]
+            yield [f[r] for f in features], y[r], None
     return gen
 
 
@@ -117,7 +117,7 @@ def test_lbfgs_equals_scikit_learn_at_a_fixed_C(n_classes, class_weight, C):
     feats, y = _problem(n_classes)
     rows = np.arange(len(y))
     fits = fit_logistic_probes(_chunks(feats, y, rows), [f.shape[1] for f in feats], n_classes, [C],
-                               class_weight=class_weight, labels=y, tol=1e-5)
+                               class_weight=class_weight, tol=1e-5)
     for f, fit in zip(feats, fits):
         sk = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, tol=1e-6,
                                                                 class_weight=None if class_weight == "none" else class_weight))
@@ -133,6 +133,27 @@ def test_lbfgs_equals_scikit_learn_at_a_fixed_C(n_classes, class_weight, C):
             ours, theirs = ours - ours.mean(1, keepdims=True), theirs - theirs.mean(1, keepdims=True)
         np.testing.assert_allclose(ours, theirs, atol=5e-3 * max(1.0, np.abs(theirs).max()))
         assert np.mean(sk.predict(f) == (ours > 0 if n_classes == 2 else ours.argmax(1))) >= 0.99
+
+
+def test_probes_on_other_rows_share_one_pass_and_equal_their_own_solves():
+    """Seeds and folds are probes of one feature on other rows: solved together, each equals its own solve."""
+    from heads.probe.solvers import fit_logistic_probes
+
+    feats, y = _problem(3, seed=2, n=300)
+    rows = [np.arange(0, 200), np.arange(100, 300)]
+    every = np.arange(300)
+
+    def blocks():  # one feature, read once; each probe's rows marked
+        for start in range(0, 300, 64):
+            r = every[start:start + 64]
+            yield [feats[0][r]], y[r], np.stack([np.isin(r, rows[0]), np.isin(r, rows[1])])
+
+    both = fit_logistic_probes(blocks, [12], 3, [0.1], feature_of=[0, 0], class_weight="balanced")
+    for r, fit in zip(rows, both):
+        alone = fit_logistic_probes(_chunks([feats[0]], y, r), [12], 3, [0.1], class_weight="balanced")[0]
+        np.testing.assert_allclose(fit.mean, alone.mean, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(fit.weights, alone.weights, atol=2e-3)
+        np.testing.assert_allclose(fit.train_loss, alone.train_loss, rtol=1e-4)
 
 
 def test_lbfgs_picks_C_on_validation_and_every_grid_member_on_its_own_row():

@@ -1,7 +1,7 @@
 """How a sweep trains its configurations: one function per kind of head, all returning :class:`Outcome`.
 
-* pooled linear heads, ``solver='lbfgs'``: :func:`heads.probe.solvers.fit_logistic_probes`, every configuration
-  and every C of the grid of a round together, C chosen on validation, streamed by row chunk when the features
+* pooled linear heads, ``solver='lbfgs'``: :func:`heads.probe.solvers.fit_logistic_probes`, every configuration,
+  seed, fold and every C of the grid together, C chosen on validation, streamed by row chunk when the features
   exceed the memory budget and split across torchrun ranks;
 * pooled linear heads, ``solver='adamw'``: :func:`heads.probe.adamw.fit_linear_probes` (one batched pass);
 * other dense and pair heads: :func:`heads.probe.ensemble.fit_stacked`, every configuration and seed of one
@@ -73,15 +73,23 @@ class Labels:
         return self.by_split[split]
 
 
-def _source(bank: FeatureBank, probes: Sequence[Combo], split: str, rows: np.ndarray, y: np.ndarray,
-            comm: Comm) -> Callable[[], Any]:
-    """This rank's row chunks (chunk c goes to rank c % world) of ``rows``, with every probe's features."""
-    mine = [(c, r) for c, r in bank.chunks(split, rows) if c % comm.world == comm.rank]
+def _source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows: Sequence[np.ndarray],
+            plan_of: Sequence[int], y: np.ndarray, comm: Comm) -> Callable[[], Any]:
+    """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``plan_rows``, with every
+    combo's features once, and each probe's rows (probe p belongs to plan ``plan_of[p]``)."""
+    union = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in plan_rows]))
+    mine = [(c, r) for c, r in bank.chunks(split, union) if c % comm.world == comm.rank]
+    n = bank.store.n_rows(split)
+    member = np.zeros((len(plan_rows), n), dtype=bool)
+    for i, r in enumerate(plan_rows):
+        member[i, r] = True
+    everyone = bool(member[:, union].all())  # one plan, or plans on the same rows: no masks
+    probe_plan = np.asarray(plan_of, dtype=np.int64)
 
     def chunks() -> Any:
         for c, r in mine:
-            for rows, feats in bank.chunk_blocks(probes, split, c, r):
-                yield feats, y[rows]
+            for rows, feats in bank.chunk_blocks(combos, split, c, r):
+                yield feats, y[rows], None if everyone else member[probe_plan][:, rows]
     return chunks
 
 
@@ -99,23 +107,28 @@ def _linear_head(fit: LogisticFit, k: int, cfg: HeadConfig, n_classes: int, devi
     return est
 
 
-def train_lbfgs(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig,
+def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBank, labels: Labels, cfg: HeadConfig,
                 device: torch.device, cache: bool, comm: Comm) -> list[Outcome]:
-    """Every pooled linear probe of one round at every C of the grid, C chosen on the validation rows."""
+    """Every pooled linear probe of every round (combo x seed x fold) at every C of the grid, in one solve (every
+    combo's features read once per pass), C chosen on each round's validation rows."""
     t0 = time.perf_counter()
     n_classes, names = len(labels.names), labels.names
-    y_tr = labels[plan.train_split]
-    widths = [feature_width(c, bank.store.hidden) for c in probes]
+    p0 = plans[0]
+    probes = [(ci, pi) for pi in range(len(plans)) for ci in range(len(combos))]
+    feature_of, plan_of = [ci for ci, _ in probes], [pi for _, pi in probes]
+    widths = [feature_width(c, bank.store.hidden) for c in combos]
+
+    def source(split: str, rows: Sequence[np.ndarray]) -> Callable[[], Any]:
+        return _source(bank, combos, split, rows, plan_of, labels[split], comm)
+
     fits = fit_logistic_probes(
-        _source(bank, probes, plan.train_split, plan.fit_rows, y_tr, comm), widths, n_classes, cfg.c_grid,
-        val_source=_source(bank, probes, plan.val_split, plan.val_rows, labels[plan.val_split], comm),
-        max_iter=cfg.max_iter, tol=cfg.tol, class_weight=cfg.class_weight, labels=y_tr[plan.fit_rows],
-        device=device, cache=cache, comm=comm, standardize=cfg.standardize)
+        source(p0.train_split, [p.fit_rows for p in plans]), widths, n_classes, cfg.c_grid, feature_of=feature_of,
+        val_source=source(p0.val_split, [p.val_rows for p in plans]), max_iter=cfg.max_iter, tol=cfg.tol,
+        class_weight=cfg.class_weight, device=device, cache=cache, comm=comm, standardize=cfg.standardize)
     seconds = (time.perf_counter() - t0) / max(1, len(probes))
-    evals = chosen_confusions(fits, _source(bank, probes, plan.eval_split, plan.eval_rows, labels[plan.eval_split], comm),
-                              n_classes, comm=comm)
+    evals = chosen_confusions(fits, source(p0.eval_split, [p.eval_rows for p in plans]), n_classes, feature_of, comm=comm)
     out = []
-    for combo, fit, cm in zip(probes, fits, evals):
+    for (ci, pi), fit, cm in zip(probes, fits, evals):
         k = fit.chosen
         history = []
         for j, c in enumerate(cfg.c_grid):
@@ -123,9 +136,9 @@ def train_lbfgs(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: 
             history.append({"C": float(c), "train_loss": float(fit.train_loss[j]), "iterations": int(fit.iterations[j]),
                             "converged": bool(fit.converged[j]), "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
                             "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"]})
-        est = _linear_head(fit, k, cfg.replace(seed=plan.seed), n_classes, device, seconds, history)
+        est = _linear_head(fit, k, cfg.replace(seed=plans[pi].seed), n_classes, device, seconds, history)
         val = metrics_from_confusion(fit.val_confusion[k], names) if fit.val_confusion is not None else {}
-        out.append(Outcome(combo, plan, est, metrics_from_confusion(cm, names), val, hyper={"C": float(cfg.c_grid[k])},
+        out.append(Outcome(combos[ci], plans[pi], est, metrics_from_confusion(cm, names), val, hyper={"C": float(cfg.c_grid[k])},
                            extra={"iterations": int(fit.iterations[k]), "converged": bool(fit.converged[k])}))
     return out
 

@@ -35,8 +35,9 @@ __all__ = ["ChunkSource", "Comm", "LogisticFit", "fit_logistic_probes", "grid_co
 
 log = logging.getLogger(__name__)
 
-Chunk = tuple[list[np.ndarray], np.ndarray]
-"""One row chunk: one float32 (rows, width) array per probe, and the rows' labels (rows,) int64."""
+Chunk = tuple[list[np.ndarray], np.ndarray, "np.ndarray | None"]
+"""One block of rows: one float32 (rows, width) array per feature, the rows' labels (rows,) int64, and which rows
+each probe uses, (probes, rows) bool (None: every probe uses every row)."""
 
 
 Objective = Callable[[dict[int, "torch.Tensor"], dict[int, "torch.Tensor"]],
@@ -45,7 +46,8 @@ Objective = Callable[[dict[int, "torch.Tensor"], dict[int, "torch.Tensor"]],
 
 
 class ChunkSource(Protocol):
-    """Row chunks of one row set (this rank's share), each with every probe's raw (unstandardised) features."""
+    """Blocks of rows (this rank's row chunks), each with every feature's raw (unstandardised) values and each probe's
+    rows. Probes that share a feature but not their rows (seeds, folds) read it once."""
 
     def __call__(self) -> Iterator[Chunk]: ...
 
@@ -105,141 +107,169 @@ class LogisticFit:
                            self.converged[k:k + 1], self.train_loss[k:k + 1])
 
 
-def _stats(source: ChunkSource, widths: list[int], comm: Comm) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Per-probe mean and 1/std (scikit-learn's StandardScaler rule, :func:`inverse_scale`) of the training rows, and
-    the row count. Chunk means and centred sums of squares are combined exactly (Chan et al.), in float64, across
-    chunks and ranks, so a feature with a large mean and a small spread keeps its digits."""
-    parts: list[tuple[int, list[np.ndarray], list[np.ndarray]]] = []
-    for feats, y in source():
-        if not len(y):
-            continue
-        mus = [x.astype(np.float64).mean(0) for x in feats]
-        m2s = [((x.astype(np.float64) - mu) ** 2).sum(0) for x, mu in zip(feats, mus)]
-        parts.append((len(y), mus, m2s))
-    n_local = sum(p[0] for p in parts)
-    sums = [sum((p[0] * p[1][j] for p in parts), np.zeros(d)) for j, d in enumerate(widths)]
-    flat = comm.sum(torch.from_numpy(np.concatenate([*sums, [float(n_local)]]))).numpy()
-    n = int(round(float(flat[-1])))
-    cuts = np.cumsum([0, *widths])
-    means = [flat[cuts[j]:cuts[j + 1]] / max(1, n) for j in range(len(widths))]
-    m2 = [sum((p[2][j] + p[0] * (p[1][j] - means[j]) ** 2 for p in parts), np.zeros(d)) for j, d in enumerate(widths)]
-    m2_all = comm.sum(torch.from_numpy(np.concatenate(m2))).numpy()
-    scales = [inverse_scale(m2_all[cuts[j]:cuts[j + 1]] / max(1, n), means[j], n).astype(np.float32)
-              for j in range(len(widths))]
-    return [m.astype(np.float32) for m in means], scales, n
+def _stats(source: ChunkSource, feature_of: list[int], widths: list[int], n_classes: int, comm: Comm
+           ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per probe: mean and 1/std (scikit-learn's StandardScaler rule, :func:`inverse_scale`) of its training rows,
+    its row count and its class counts. Block means and centred sums of squares are merged exactly (Chan et al.) in
+    float64, then across ranks, so a feature with a large mean and a small spread keeps its digits."""
+    P = len(feature_of)
+    n = np.zeros(P)
+    mean = [np.zeros(widths[f]) for f in feature_of]
+    m2 = [np.zeros(widths[f]) for f in feature_of]
+    counts = np.zeros((P, n_classes))
+    for feats, y, masks in source():
+        for p, f in enumerate(feature_of):
+            x, yy = (feats[f], y) if masks is None else (feats[f][masks[p]], y[masks[p]])
+            if not len(yy):
+                continue
+            x64 = x.astype(np.float64)
+            mu = x64.mean(0)
+            k = len(yy)
+            delta = mu - mean[p]
+            mean[p] = mean[p] + delta * (k / (n[p] + k))
+            m2[p] = m2[p] + ((x64 - mu) ** 2).sum(0) + delta * delta * (n[p] * k / (n[p] + k))
+            n[p] += k
+            counts[p] += np.bincount(yy, minlength=n_classes)
+    # across ranks: the global mean from the summed n * mean, then every rank's M2 about it
+    flat = comm.sum(torch.from_numpy(np.concatenate([n, counts.ravel(), *[n[p] * mean[p] for p in range(P)]]))).numpy()
+    n_all, counts_all = flat[:P], flat[P:P + P * n_classes].reshape(P, n_classes)
+    cuts = np.cumsum([0, *[widths[f] for f in feature_of]]) + P + P * n_classes
+    means = [flat[cuts[p]:cuts[p + 1]] / max(1.0, n_all[p]) for p in range(P)]
+    local = [m2[p] + n[p] * (mean[p] - means[p]) ** 2 for p in range(P)]
+    m2_all = comm.sum(torch.from_numpy(np.concatenate(local))).numpy()
+    cuts = cuts - cuts[0]
+    scales = [inverse_scale(m2_all[cuts[p]:cuts[p + 1]] / max(1.0, n_all[p]), means[p], int(n_all[p])).astype(np.float32)
+              for p in range(P)]
+    return [m.astype(np.float32) for m in means], scales, n_all, counts_all
+
+
+Block = tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, "dict[int, torch.Tensor] | None"]
+"""(standardised features per width (G_d, rows, d), labels (rows,), one-hot (rows, C), row weights per width
+(G_d, rows) or None when every row weighs 1)."""
 
 
 class _Data:
-    """Standardised row chunks grouped by feature width, cached on the device or rebuilt per pass."""
+    """Standardised blocks grouped by feature width, cached on the device or rebuilt per pass."""
 
-    def __init__(self, source: ChunkSource, groups: dict[int, list[int]], means: list[np.ndarray],
-                 scales: list[np.ndarray], n_classes: int, weight: np.ndarray | None, device: torch.device,
+    def __init__(self, source: ChunkSource, groups: dict[int, list[int]], feature_of: list[int], means: list[np.ndarray],
+                 scales: list[np.ndarray], n_classes: int, class_weights: np.ndarray | None, device: torch.device,
                  cache: bool) -> None:
-        self.source, self.groups, self.n_classes, self.device = source, groups, n_classes, device
+        self.source, self.groups, self.feature_of, self.n_classes, self.device = source, groups, feature_of, n_classes, device
         self.shift = {d: torch.from_numpy(np.stack([means[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
         self.scale = {d: torch.from_numpy(np.stack([scales[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
-        self.weight = None if weight is None else torch.from_numpy(weight.astype(np.float32)).to(device)
-        self.cached: list[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+        # (G_d, classes) per-probe class weights, or None
+        self.cw = None if class_weights is None else \
+            {d: torch.from_numpy(class_weights[js].astype(np.float32)).to(device) for d, js in groups.items()}
+        self.cached: list[Block] | None = None
         if cache:
             self.cached = list(self._build())
 
-    def _build(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        for feats, y in self.source():
+    def _build(self) -> Iterator[Block]:
+        for feats, y, masks in self.source():
             yt = torch.from_numpy(y).to(self.device)
             onehot = torch.nn.functional.one_hot(yt, self.n_classes).float()
-            w = None if self.weight is None else self.weight[yt]
-            xs = {d: (torch.from_numpy(np.stack([feats[j] for j in js])).to(self.device) - self.shift[d]) * self.scale[d]
-                  for d, js in self.groups.items()}  # (G_d, rows, d) standardised
+            xs = {d: (torch.from_numpy(np.stack([feats[self.feature_of[j]] for j in js])).to(self.device) - self.shift[d])
+                  * self.scale[d] for d, js in self.groups.items()}  # (G_d, rows, d) standardised
+            w: dict[int, torch.Tensor] | None = None
+            if masks is not None or self.cw is not None:
+                w = {}
+                for d, js in self.groups.items():
+                    wd = torch.ones(len(js), len(y), device=self.device) if masks is None else \
+                        torch.from_numpy(masks[js].astype(np.float32)).to(self.device)
+                    if self.cw is not None:
+                        wd = wd * self.cw[d][:, yt]
+                    w[d] = wd
             yield xs, yt, onehot, w
 
-    def __iter__(self) -> Iterator[tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def __iter__(self) -> Iterator[Block]:
         return iter(self.cached) if self.cached is not None else self._build()
 
 
 def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: int, c_grid: Sequence[float], *,
-                        val_source: ChunkSource | None = None, max_iter: int = 1000, tol: float = 1e-4,
-                        history: int = 10, class_weight: str = "none", labels: np.ndarray | None = None,
+                        feature_of: Sequence[int] | None = None, val_source: ChunkSource | None = None,
+                        max_iter: int = 1000, tol: float = 1e-4, history: int = 10, class_weight: str = "none",
                         device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None,
                         standardize: bool = True) -> list[LogisticFit]:
-    """Solve every probe (input width ``widths[j]``) at every C of ``c_grid`` on the rows ``source`` yields, and
-    pick each probe's C on the rows ``val_source`` yields (highest validation macro-F1; ties: accuracy, then the
-    smaller C).
+    """Solve every probe at every C of ``c_grid`` on its rows of ``source``, and pick each probe's C on its rows of
+    ``val_source`` (highest validation macro-F1; ties: accuracy, then the smaller C). One LogisticFit per probe.
 
+    Probe ``p`` reads feature ``feature_of[p]`` (default: probe p reads feature p; feature f is ``widths[f]`` wide).
     With several C the grid is first screened (solved to ``10 * tol``), C is chosen, and only each probe's chosen
     C is then solved on to ``tol`` (from where it stopped) and scored again, until every probe's best validation
-    score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen. ``labels`` (all training rows, every rank) sets the 'balanced' class weights ``n / (classes * count)``;
-    ``cache`` keeps the standardised chunks on the device (else every pass rebuilds them from ``source``);
+    score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen.
+    ``class_weight='balanced'`` weighs each probe's rows by ``n / (classes * count)`` of its own rows; ``cache``
+    keeps the standardised blocks on the device (else every pass rebuilds them from ``source``);
     ``standardize=False`` fits the raw features (as ``LogisticRegression`` without ``StandardScaler``).
     """
     comm = comm or Comm()
     device = torch.device(device)
     widths = [int(d) for d in widths]
-    K = len(c_grid)
+    fof = list(range(len(widths))) if feature_of is None else [int(f) for f in feature_of]
+    P, K = len(fof), len(c_grid)
     if K > 1 and val_source is None:
         raise ValueError("choosing C from a grid needs validation rows (val_source)")
-    means, scales, n = _stats(source, widths, comm)
+    means, scales, n, counts = _stats(source, fof, widths, n_classes, comm)
     if not standardize:
-        means, scales = [np.zeros(d, np.float32) for d in widths], [np.ones(d, np.float32) for d in widths]
-    weight = None
-    if class_weight == "balanced":
-        if labels is None:
-            raise ValueError("class_weight='balanced' needs the training labels")
-        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-        present = int((counts > 0).sum())
-        weight = np.divide(len(labels), present * counts, out=np.zeros_like(counts), where=counts > 0)
-    total_weight = float(n) if weight is None else float(weight[labels].sum())  # type: ignore[index]
+        means = [np.zeros(widths[feat], np.float32) for feat in fof]
+        scales = [np.ones(widths[feat], np.float32) for feat in fof]
+    weights = None
+    if class_weight == "balanced":  # scikit-learn's: n / (classes present * count), per probe
+        present = (counts > 0).sum(1, keepdims=True)
+        weights = np.divide(n[:, None], present * counts, out=np.zeros_like(counts), where=counts > 0)
+    # the sum of the row weights S per probe (balanced weights also sum to n)
+    total = np.maximum(n if weights is None else (weights * counts).sum(1), 1.0)
     groups: dict[int, list[int]] = {}
-    for j, d in enumerate(widths):
-        groups.setdefault(d, []).append(j)
-    data = _Data(source, groups, means, scales, n_classes, weight, device, cache)
-    objective = _objective(data, groups, n_classes, c_grid, total_weight, device, comm)
+    for p, feat in enumerate(fof):
+        groups.setdefault(widths[feat], []).append(p)
+    data = _Data(source, groups, fof, means, scales, n_classes, weights, device, cache)
+    objective = _objective(data, groups, n_classes, c_grid, total, device, comm)
     thetas = {d: torch.zeros(len(js), K, d * n_classes + n_classes, device=device) for d, js in groups.items()}
     solver = _BatchedLBFGS(objective, thetas, history=history)
     its, _ = solver.run(max_iter, tol if K == 1 else 10 * tol)
-    fits = _unpack(solver.thetas, groups, widths, n_classes, means, scales, its)
-    refined = np.zeros((len(widths), K), dtype=bool) if K > 1 else np.ones((len(widths), 1), dtype=bool)
+    fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, its)
+    refined = np.zeros((P, K), dtype=bool) if K > 1 else np.ones((P, 1), dtype=bool)
     if K > 1 and val_source is not None:
-        val = grid_confusions(fits, val_source, n_classes, comm=comm)
+        val = grid_confusions(fits, val_source, n_classes, fof, comm=comm)
         total_its = dict(its)
         # Choose on validation; solve the choice on to the full tolerance and score it again. A refined solution
         # may score lower than its screening one (less converged is more regularised), so repeat until every
         # probe's best score belongs to a refined C (at most K rounds, usually one).
         for _round in range(K):
             picks = [_choose(cm) for cm in val]
-            todo = [(j, k) for j, k in enumerate(picks) if not refined[j, k]]
+            todo = [(p, k) for p, k in enumerate(picks) if not refined[p, k]]
             if not todo:
                 break
             only = {d: torch.zeros(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
-            for j, k in todo:
-                d = widths[j]
-                only[d][groups[d].index(j), k] = True
+            for p, k in todo:
+                d = widths[fof[p]]
+                only[d][groups[d].index(p), k] = True
             more, _ = solver.run(max_iter, tol, only=only)
             total_its = {d: total_its[d] + more[d] for d in total_its}
-            now = _unpack(solver.thetas, groups, widths, n_classes, means, scales, total_its)
-            again = grid_confusions([now[j].at(k) for j, k in todo], val_source, n_classes, comm=comm,
-                                    probes=[j for j, _ in todo])[:, 0]
-            for (j, k), cm in zip(todo, again):
-                val[j][k] = cm
-                refined[j, k] = True
-        fits = _unpack(solver.thetas, groups, widths, n_classes, means, scales, total_its)
-        for j, f in enumerate(fits):
-            f.val_confusion, f.chosen = val[j], _choose(val[j])
+            now = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
+            again = grid_confusions([now[p].at(k) for p, k in todo], val_source, n_classes, fof, comm=comm,
+                                    probes=[p for p, _ in todo])[:, 0]
+            for (p, k), cm in zip(todo, again):
+                val[p][k] = cm
+                refined[p, k] = True
+        fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
+        for p, f in enumerate(fits):
+            f.val_confusion, f.chosen = val[p], _choose(val[p])
     elif val_source is not None:  # one C: nothing to choose, the validation scores are still reported
-        for f, cm in zip(fits, grid_confusions(fits, val_source, n_classes, comm=comm)):
+        for f, cm in zip(fits, grid_confusions(fits, val_source, n_classes, fof, comm=comm)):
             f.val_confusion = cm
     everyone = {d: torch.ones(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
     _, data_loss, grad = objective(solver.thetas, everyone)
     for d, js in groups.items():
-        for gi, j in enumerate(js):
-            f = fits[j]
+        for gi, p in enumerate(js):
+            f = fits[p]
             f.train_loss = data_loss[d][gi].cpu().numpy()
-            f.refined = refined[j].copy()
-            reached = np.where(refined[j], tol, 10 * tol)
+            f.refined = refined[p].copy()
+            reached = np.where(refined[p], tol, 10 * tol)
             f.converged = grad[d][gi].abs().amax(-1).cpu().numpy() <= reached * 1.0001
-    bad = [(j, k) for j, f in enumerate(fits) for k in range(K) if not f.converged[k]]
+    bad = sum(int((~f.converged).sum()) for f in fits)
     if bad:
         log.warning("%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise --max-iter",
-                    len(bad), len(widths) * K, max_iter, tol)
+                    bad, P * K, max_iter, tol)
     return fits
 
 
@@ -254,10 +284,10 @@ def _choose(cm: np.ndarray) -> int:
     return pick
 
 
-def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], widths: list[int], n_classes: int,
+def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], n_probes: int, n_classes: int,
             means: list[np.ndarray], scales: list[np.ndarray], its: dict[int, torch.Tensor]) -> list[LogisticFit]:
     C = n_classes
-    fits: list[LogisticFit | None] = [None] * len(widths)
+    fits: list[LogisticFit | None] = [None] * n_probes
     for d, js in groups.items():
         th = thetas[d].detach().cpu()
         K = th.shape[1]
@@ -268,10 +298,13 @@ def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], width
     return [f for f in fits if f is not None]
 
 
-def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid: Sequence[float], total_weight: float,
+def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid: Sequence[float], total: np.ndarray,
                device: torch.device, comm: Comm) -> Objective:
-    # lam_k = 1 / (C_k S); two classes: doubled (see the module docstring)
-    lam = torch.tensor([(2.0 if n_classes == 2 else 1.0) / (float(c) * total_weight) for c in c_grid], device=device)
+    # lam = 1 / (C_k S_p) per probe p (its rows' total weight S_p) and C; two classes: doubled (module docstring)
+    factor = 2.0 if n_classes == 2 else 1.0
+    inv_c = torch.tensor([1.0 / float(c) for c in c_grid], dtype=torch.float64, device=device)
+    S = {d: torch.tensor(total[js], dtype=torch.float64, device=device) for d, js in groups.items()}  # (G_d,)
+    lam = {d: (factor * inv_c[None, :] / S[d][:, None]).float() for d in groups}  # (G_d, K)
     C = n_classes
 
     def objective(thetas: dict[int, torch.Tensor], active: dict[int, torch.Tensor]
@@ -294,16 +327,18 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid
             for d, (gs, ks) in sel.items():
                 if not len(gs):
                     continue
-                X = xs[d] if len(gs) == xs[d].shape[0] else xs[d][gs]  # (Ga, rows, d)
+                every = len(gs) == xs[d].shape[0]
+                X = xs[d] if every else xs[d][gs]  # (Ga, rows, d)
+                ww = None if w is None else (w[d] if every else w[d][gs])[:, :, None]  # (Ga, rows, 1)
                 W, b = params[d]
                 Ga, rows, Ka = X.shape[0], X.shape[1], len(ks)
                 logits = torch.baddbmm(b, X, W).view(Ga, rows, Ka, C)
                 logp = torch.log_softmax(logits, -1)  # (Ga, rows, Ka, C)
                 picked = logp.gather(-1, y.view(1, rows, 1, 1).expand(Ga, rows, Ka, 1)).squeeze(-1)  # (Ga, rows, Ka)
-                loss[d] -= (picked if w is None else picked * w[None, :, None]).sum(1).double()
+                loss[d] -= (picked if ww is None else picked * ww).sum(1).double()
                 dl = logp.exp_().sub_(onehot[None, :, None, :])  # d loss / d logits
-                if w is not None:
-                    dl.mul_(w[None, :, None, None])
+                if ww is not None:
+                    dl.mul_(ww[..., None])
                 grad_w[d] += torch.bmm(X.transpose(1, 2), dl.view(Ga, rows, Ka * C))  # (Ga, d, Ka*C)
                 grad_b[d] += dl.sum(1)
         grad = {d: torch.cat([grad_w[d].view(len(gs), d, len(ks), C).permute(0, 2, 1, 3).reshape(len(gs), len(ks), d * C),
@@ -311,11 +346,13 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid
         fs, data_fs, gs_out = {}, {}, {}
         for d, (gs, ks) in sel.items():
             reduced = comm.sum(torch.cat([loss[d].flatten(), grad[d].flatten()]))
-            lo = reduced[: loss[d].numel()].view_as(loss[d]) / total_weight
-            gr = (reduced[loss[d].numel():].view_as(grad[d]) / total_weight).float()  # (Ga, Ka, D)
+            Sg = S[d][gs]
+            lo = reduced[: loss[d].numel()].view_as(loss[d]) / Sg[:, None]
+            gr = (reduced[loss[d].numel():].view_as(grad[d]) / Sg[:, None, None]).float()  # (Ga, Ka, D)
             Wflat = thetas[d][gs][:, ks][..., : d * C]
-            pen = 0.5 * lam[ks][None, :] * (Wflat * Wflat).sum(-1)
-            gr[..., : d * C] += lam[ks][None, :, None] * Wflat
+            lk = lam[d][gs][:, ks]  # (Ga, Ka)
+            pen = 0.5 * lk * (Wflat * Wflat).sum(-1)
+            gr[..., : d * C] += lk[..., None] * Wflat
             full_f = torch.zeros(thetas[d].shape[:2], dtype=torch.float64, device=device)
             full_d = torch.zeros_like(full_f)
             full_g = torch.zeros_like(thetas[d])
@@ -417,28 +454,33 @@ class _BatchedLBFGS:
         return q
 
 
-def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int, comm: Comm | None = None,
+def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
+                    feature_of: Sequence[int] | None = None, comm: Comm | None = None,
                     probes: Sequence[int] | None = None) -> np.ndarray:
-    """(len(fits), K, classes, classes) confusion counts (rows: true) of every fit at every C on ``source``'s rows.
-
-    ``fits[i]`` scores the features of probe ``probes[i]`` of the source (default: probe ``i``).
-    """
+    """(len(fits), K, classes, classes) confusion counts (rows: true) of every fit at every C on its probe's rows
+    of ``source``: ``fits[i]`` is probe ``probes[i]`` (default i), reading feature ``feature_of[probe]``."""
     comm = comm or Comm()
     K = len(fits[0].bias) if fits else 0
+    which = list(range(len(fits))) if probes is None else list(probes)
+    fof = list(range(max(which, default=-1) + 1)) if feature_of is None else list(feature_of)
     cm = torch.zeros(len(fits), K, n_classes, n_classes, dtype=torch.float64)
     tensors = [(torch.from_numpy(f.weights), torch.from_numpy(f.bias), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
                for f in fits]
-    for feats, y in source():
-        yt = torch.from_numpy(y)
-        for j, (W, b, mu, sc) in enumerate(tensors):
-            x = (torch.from_numpy(feats[j if probes is None else probes[j]]) - mu) * sc
+    for feats, y, masks in source():
+        for i, (W, b, mu, sc) in enumerate(tensors):
+            q = which[i]
+            rows = slice(None) if masks is None else torch.from_numpy(masks[q])
+            yt = torch.from_numpy(y)[rows]
+            if not len(yt):
+                continue
+            x = (torch.from_numpy(feats[fof[q]])[rows] - mu) * sc
             pred = (torch.einsum("nd,kdc->knc", x, W) + b[:, None]).argmax(-1)  # (K, rows)
             for k in range(K):
-                cm[j, k].view(-1).index_add_(0, yt * n_classes + pred[k], torch.ones(len(y), dtype=torch.float64))
+                cm[i, k].view(-1).index_add_(0, yt * n_classes + pred[k], torch.ones(len(yt), dtype=torch.float64))
     return comm.sum(cm).numpy().round().astype(np.int64)
 
 
-def chosen_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int, comm: Comm | None = None
-                      ) -> np.ndarray:
-    """(probes, classes, classes) confusion counts of each probe at its chosen C on ``source``'s rows."""
-    return grid_confusions([f.at(f.chosen) for f in fits], source, n_classes, comm=comm)[:, 0]
+def chosen_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
+                      feature_of: Sequence[int] | None = None, comm: Comm | None = None) -> np.ndarray:
+    """(probes, classes, classes) confusion counts of each probe at its chosen C on its rows of ``source``."""
+    return grid_confusions([f.at(f.chosen) for f in fits], source, n_classes, feature_of, comm=comm)[:, 0]

@@ -238,7 +238,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
                               f"{store.layout.splits[worst].chunk_rows} rows of split {worst!r} in the layers and poolings the "
                               f"linear probes need, and their features); raise --max-memory to at least {_size(need, up=True)}.")
     # standardised float32 chunks stay on the device when they fit next to the bank
-    cache_chunks = bank.preloaded and bank.needed + 4 * widths * max(len(p.fit_rows) for p in plans) <= budget
+    cache_chunks = bank.preloaded and bank.needed + 4 * widths * sum(len(p.fit_rows) for p in plans) <= budget
     device = resolve_device(cfg)
     labels = Labels({s: store.labels(s) for s in dict.fromkeys(splits)}, names)
 
@@ -277,14 +277,13 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     tokens = [c for c in combos if c.head in TOKEN_HEADS]
     stacked = [c for c in combos if c not in lbfgs and c not in adamw and c not in tokens]
     eval_ids = {id(p): _eval_record(store, p)["id"] for p in plans}
-    # L-BFGS probes first, on every rank (their passes are collective), then the heads rank 0 trains alone
-    for plan in plans:
-        if lbfgs:
-            for o in train_lbfgs(lbfgs, plan, bank, labels, cfg, device, cache_chunks, comm):
-                if writer is not None:
-                    writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
-                outcomes.append(o)
-            bar.update(len(lbfgs))
+    # L-BFGS probes of every round first, on every rank (their passes are collective), then what rank 0 trains alone
+    if lbfgs:
+        for o in train_lbfgs(lbfgs, plans, bank, labels, cfg, device, cache_chunks, comm):
+            if writer is not None:
+                writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
+            outcomes.append(o)
+        bar.update(len(lbfgs) * len(plans))
     for plan in plans if main else []:
         done = train_adamw(adamw, plan, bank, labels, cfg) if adamw else []
         bar.update(len(adamw))
