@@ -16,8 +16,8 @@ extracted into ``--cache`` when absent (content-addressed: a re-run reuses them)
    validation, mean accuracy at least scikit-learn's at its default.
 4. MLP heads on every layer (mean pooling) x 3 seeds: one stacked training against the same heads trained one at
    a time (``HeadClassifier.fit``). Target >= 5x.
-5. memory: a sweep whose features are twice ``--max-memory`` streams row chunks; peak RSS (getrusage of the
-   process) at most the budget + 0.5 GB.
+5. memory: a sweep of every single layer whose features are twice ``--max-memory`` streams row chunks; peak
+   RSS (getrusage of the process) at most the budget + 0.5 GB.
 6. (``--uncached-rows N``) one head trained from the store against the usual loop that runs the frozen backbone
    on every batch of every epoch.
 
@@ -241,7 +241,7 @@ def memory_part(store_path: str, work: Path, report: dict[str, Any]) -> None:
     budget = needed // 2
     try:
         wall, rss = timed_process([sys.executable, "-m", "cli.heads_cli", "sweep", "--store", store_path, "--layers", "all",
-                                   "--combine", "single,concat", "--max-memory", str(budget), "--no-progress",
+                                   "--combine", "single", "--max-memory", str(budget), "--no-progress",
                                    "--out", str(work / "memory")])
     except SystemExit as exc:  # e.g. a --quick store whose one row chunk is more than half of its features
         print(f"\n5. memory: not measured on this store ({str(exc).strip().splitlines()[-1]})")

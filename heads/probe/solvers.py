@@ -312,7 +312,7 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid
         sel = {d: (active[d].any(1).nonzero().flatten(), active[d].any(0).nonzero().flatten()) for d in thetas}
         loss = {d: torch.zeros(len(gs), len(ks), dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
         # accumulated in the layouts the matmuls produce; (Ga, Ka, D) once per call, below
-        grad_w = {d: torch.zeros(len(gs), d, len(ks) * C, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
+        grad_w = {d: torch.zeros(len(gs), len(ks) * C, d, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
         grad_b = {d: torch.zeros(len(gs), len(ks), C, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
         params = {}
         for d, (gs, ks) in sel.items():
@@ -329,15 +329,17 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid
                 W, b = params[d]
                 Ga, rows, Ka = X.shape[0], X.shape[1], len(ks)
                 logits = torch.baddbmm(b, X, W).view(Ga, rows, Ka, C)
-                logp = torch.log_softmax(logits, -1)  # (Ga, rows, Ka, C)
+                # (Ga, rows, Ka, C); on CPU faster than log_softmax over a last dim of a few classes
+                logp = logits - torch.logsumexp(logits, -1, keepdim=True)
                 picked = logp.gather(-1, y.view(1, rows, 1, 1).expand(Ga, rows, Ka, 1)).squeeze(-1)  # (Ga, rows, Ka)
                 loss[d] -= (picked if ww is None else picked * ww).sum(1).double()
                 dl = logp.exp_().sub_(onehot[None, :, None, :])  # d loss / d logits
                 if ww is not None:
                     dl.mul_(ww[..., None])
-                grad_w[d] += torch.bmm(X.transpose(1, 2), dl.view(Ga, rows, Ka * C))  # (Ga, d, Ka*C)
+                # (Ga, Ka*C, d): dl^T X reads X in its row-major order (twice as fast on CPU as X^T dl)
+                grad_w[d] += torch.bmm(dl.view(Ga, rows, Ka * C).transpose(1, 2), X)
                 grad_b[d] += dl.sum(1)
-        grad = {d: torch.cat([grad_w[d].view(len(gs), d, len(ks), C).permute(0, 2, 1, 3).reshape(len(gs), len(ks), d * C),
+        grad = {d: torch.cat([grad_w[d].view(len(gs), len(ks), C, d).transpose(2, 3).reshape(len(gs), len(ks), d * C),
                               grad_b[d]], -1) for d, (gs, ks) in sel.items()}
         fs, data_fs, gs_out = {}, {}, {}
         for d, (gs, ks) in sel.items():

@@ -109,7 +109,9 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                            "accuracy", "macro-F1", "runs", "trainable params", "s / epoch", "train s"], table)
         lines += ["", "## Stores, models and evaluation sets", ""]
         lines += [f"- {run}: `{store}`, evaluation set `{ids[run]}`" for run, store in stores.items()]
-        if other:
+        if other and reference is None:
+            lines.append("\n† no run records its evaluation set: whether they were scored on the same rows is unknown.")
+        elif other:
             lines.append(f"\n† scored on other rows than evaluation set `{reference}` (or on unknown rows): "
                          f"{', '.join(sorted(other))}; their scores are not directly comparable.")
         if len(set(stores.values())) > 1:
