@@ -1,7 +1,8 @@
 """Linear probes by a batched full-batch solver: multinomial logistic regression by L-BFGS, in float32, on the device.
 
-Every probe of a sweep (layer x pooling x combination) and every inverse L2 strength ``C`` of the grid is one
-problem; problems of one feature width are stacked and solved together, and every width in the same data pass.
+Every probe of a sweep (layer x pooling x combination x seed x fold: a feature on its own rows) and every inverse
+L2 strength ``C`` of the grid is one problem; problems of one feature width are stacked and solved together, and
+every width in the same data pass.
 The objective of each is scikit-learn's ``LogisticRegression(C=C)`` (multinomial, lbfgs), scaled as scikit-learn
 scales it::
 
@@ -12,10 +13,10 @@ gradient entry is at most ``tol`` (scipy's ``pgtol``, which scikit-learn sets to
 scikit-learn fits one weight vector; the symmetric two-class softmax with a doubled penalty has the same
 solution, so the penalty is doubled there.
 
-The data arrive as row chunks from a :class:`ChunkSource` (in memory, or streamed from the store when the
-features exceed the memory budget); every iteration is one pass over them (a line-search step that is not
-accepted at once costs another). Under torchrun each rank sees only its own chunks and the per-chunk sums are
-all-reduced, so every rank takes the same steps. Problems that converge stop being computed.
+The data arrive as blocks of row chunks from a :class:`ChunkSource` (in memory, or streamed from the store when
+the features exceed the memory budget); every iteration is one pass over them (a line-search step that is not
+accepted at once costs another). Under torchrun each rank sees only its own chunks and the per-block sums are
+all-reduced (in float64), so every rank takes the same steps. Problems that converge stop being computed.
 """
 
 from __future__ import annotations
