@@ -328,24 +328,7 @@ class Store:
 
         ``layers`` takes the same specs as extraction ('all', '9-12', '-1', [3, 6]); None is all.
         """
-        self._split(split)
-        t = self._tower(tower)
-        if pooling not in self.layout.poolings:
-            raise ConfigError(f"Pooling {pooling!r} is not in {self.path}; it stores {', '.join(self.poolings)}.")
-        chosen = self.layers if layers is None else parse_layers(layers, self.layers)
-        path = L.pooled_path(split, t, pooling)
-        pos = [self.layout.layer_position(x) for x in chosen]
-        if pos == list(range(pos[0], pos[-1] + 1)):
-            block = self._b.read(path, slice(pos[0], pos[-1] + 1))  # (k, n, hidden)
-        else:
-            block = np.stack([self._b.read(path, p) for p in pos])
-        rows = self.layout.splits[split].rows
-        for j, layer in enumerate(chosen):
-            def chunk(c: int, j: int = j) -> np.ndarray:
-                return block[j, slice(*rows(c))]  # (chunk rows, hidden), as written
-
-            self._check(split, (t, pooling, layer), lambda c: path, chunk)
-        return np.ascontiguousarray(block.transpose(1, 0, 2))  # (n, k, hidden)
+        return self.pooled_rows(split, pooling, 0, self._split(split).n_rows, layers, tower)
 
     def _layer_digests(self, split: str) -> np.ndarray | None:
         """(n_chunks, entries, 32) recorded per-layer checksums, or None (a store from before they existed)."""
@@ -358,9 +341,10 @@ class Store:
         return self._digests[split]
 
     def _check(self, split: str, entry: tuple[str, str, int], name_of: Callable[[int], str],
-               chunk_data: Callable[[int], np.ndarray]) -> None:
-        """Compare every written row chunk of one (tower, pooling/'tokens', layer) with its recorded sha256;
-        ``chunk_data(c)`` is row chunk ``c``'s array as read, ``name_of(c)`` the array it came from."""
+               chunk_data: Callable[[int], np.ndarray], start: int = 0, stop: int | None = None) -> None:
+        """Compare every written row chunk of one (tower, pooling/'tokens', layer) that lies whole within rows
+        [start, stop) with its recorded sha256; ``chunk_data(c)`` is row chunk ``c``'s array as read,
+        ``name_of(c)`` the array it came from. (A read of part of a chunk cannot be checked.)"""
         if not self.verify_reads:
             return
         recorded = self._layer_digests(split)
@@ -368,12 +352,47 @@ class Store:
             return
         e = self.layout.digest_entries().index(entry)
         done = self.done_chunks(split)
-        for c in range(self.layout.splits[split].n_chunks):
+        sl = self.layout.splits[split]
+        stop = sl.n_rows if stop is None else stop
+        for c in range(sl.n_chunks):
+            lo, hi = sl.rows(c)
+            if lo < start or hi > stop:
+                continue
             if done[c] and entry_digest(name_of(c), entry[2], chunk_data(c)) != bytes(recorded[c, e]):
                 raise StoreCorruptedError(
                     f"{self.path}: split {split}, row chunk {c}, {name_of(c)} layer {entry[2]} does not match the checksum "
                     f"recorded when it was written (the store is corrupted); run 'embstore verify {self.path}' and "
                     "re-extract, or pass --no-verify to read it anyway.")
+
+    def pooled_rows(self, split: str, pooling: str, start: int, stop: int, layers: str | Sequence[int] | None = None,
+                    tower: str | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of :meth:`pooled`, ``(stop - start, len(layers), hidden)`` in the stored dtype.
+
+        For streaming a split chunk by chunk (``layout.splits[split].rows(c)`` gives chunk ``c``'s range), so
+        only those rows are read.
+        """
+        n = self._split(split).n_rows
+        if not 0 <= start <= stop <= n:
+            raise ConfigError(f"Rows [{start}, {stop}) are outside split {split!r} of {self.path} ({n} rows).")
+        t = self._tower(tower)
+        if pooling not in self.layout.poolings:
+            raise ConfigError(f"Pooling {pooling!r} is not in {self.path}; it stores {', '.join(self.poolings)}.")
+        chosen = self.layers if layers is None else parse_layers(layers, self.layers)
+        path = L.pooled_path(split, t, pooling)
+        pos = [self.layout.layer_position(x) for x in chosen]
+        rows = slice(start, stop)
+        if pos == list(range(pos[0], pos[-1] + 1)):
+            block = self._b.read(path, (slice(pos[0], pos[-1] + 1), rows))  # (k, rows, hidden)
+        else:
+            block = np.stack([self._b.read(path, (p, rows)) for p in pos])
+        chunk_rows = self.layout.splits[split].rows
+        for j, layer in enumerate(chosen):
+            def chunk(c: int, j: int = j) -> np.ndarray:
+                lo, hi = chunk_rows(c)
+                return block[j, lo - start:hi - start]  # (chunk rows, hidden), as written
+
+            self._check(split, (t, pooling, layer), lambda c: path, chunk, start, stop)
+        return np.ascontiguousarray(block.transpose(1, 0, 2))  # (rows, k, hidden)
 
     def tokens(self, split: str, layer: int, tower: str | None = None) -> TokenStates:
         """Per-token states of one layer, ragged (see :class:`TokenStates`)."""

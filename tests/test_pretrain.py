@@ -117,7 +117,7 @@ def test_tokenizer_lowercase_and_cjk_characters():
 def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     from embstore import ExtractConfig, extract, open_store
     from embstore.models import load_backbone
-    from heads.sweep import SweepConfig, run_sweep
+    from heads.probe.sweep import SweepConfig, run_sweep
 
     res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(pair_csv), "text_col": "s1", "text_pair_col": "s2",
                                                  "swap_augment": True, "pair_objective": "nsp", "whole_word": True,
@@ -129,8 +129,9 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     out = extract(ExtractConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                 label_col="label", out=str(tmp_path / "s.zarr"))), show_progress=False)
     assert open_store(out.path).layers == [0, 1, 2]
+    # 9 training rows: a 0.3 validation carve holds both classes (0.1 would be one row, refused)
     sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
-                                             "epochs": 2, "out": str(tmp_path / "sweep")}))
+                                             "epochs": 2, "validation_fraction": 0.3, "out": str(tmp_path / "sweep")}))
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
     from heads.finetune import FinetuneConfig, run_finetune
 
