@@ -38,7 +38,7 @@ import soundfile as sf
 import torch
 
 from embstore import ExtractConfig, extract, open_store
-from heads.sweep import SweepConfig, run_sweep
+from heads.probe.sweep import SweepConfig, run_sweep
 
 EMODB = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "emodb"
 

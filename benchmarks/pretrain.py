@@ -32,8 +32,8 @@ import torch
 from embstore import ExtractConfig, extract
 from heads.finetune import FinetuneConfig, run_finetune
 from heads.pretrain import PretrainConfig, run_pretrain
-from heads.results import read_run
-from heads.sweep import SweepConfig, run_sweep
+from heads.report.results import read_run
+from heads.probe.sweep import SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 WIC = ROOT.parent / "shared" / "datasets" / "wic"
@@ -80,7 +80,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("accelerate", "heads.estimator", "heads.probes", "embstore"):
+    for noisy in ("accelerate", "heads.probe", "embstore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.chdir(ROOT)  # the config's relative paths
     work = Path(args.out).resolve()

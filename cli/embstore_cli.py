@@ -66,6 +66,11 @@ def extract_options(f: Any) -> Any:
         click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead)."),
         click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present]."),
         click.option("--wait", is_flag=True, help="If another process is writing this store, wait for it, then resume or report it complete."),
+        click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+                     help="int8: dynamic int8 quantisation of the Linear layers, CPU only (faster; changes the values: "
+                          "the deviation from float32 is measured and recorded in provenance)."),
+        click.option("--allow-pickle", is_flag=True, help="Accept a model directory whose weights are pickle files (.bin/.pt); "
+                     "they are loaded with torch.load(weights_only=True). Without it only safetensors weights load."),
     ]):
         f = option(f)
     return f

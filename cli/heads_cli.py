@@ -32,15 +32,25 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--schedule", type=click.Choice(["constant", "exponential", "cosine"])),
     click.option("--gamma", type=float, help="Exponential schedule: lr factor per epoch."),
     click.option("--class-weight", type=click.Choice(["none", "balanced"])),
-    click.option("--validation-fraction", type=float, help="Share of training rows carved for early stopping."),
+    click.option("--validation-fraction", type=float, help="Share of training rows carved (seeded, stratified, group-aware) "
+                 "as validation: every choice (epoch, C, best configuration) is made there [default: 0.1]."),
+    click.option("--val-split", help="A store split to use as validation instead of a carve of the training rows."),
+    click.option("--solver", type=click.Choice(["lbfgs", "adamw"]), help="Linear heads: batched L-BFGS over a C grid "
+                 "(scikit-learn's objective) or minibatch AdamW [default: lbfgs]."),
+    click.option("--c-grid", help="Linear/lbfgs: inverse L2 strengths C to try, comma list [default: 1e-4,1e-3,...,100]."),
+    click.option("--max-iter", type=int, help="Linear/lbfgs: L-BFGS iterations at most [default: 1000]."),
+    click.option("--tol", type=float, help="Linear/lbfgs: gradient tolerance, as scikit-learn's tol [default: 1e-4]."),
     click.option("--train-split", help="[default: train]"),
     click.option("--eval-split", help="[default: test, else validation]"),
     click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
     click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
     click.option("--folds", type=int, help="K-fold cross-validation on the training split."),
     click.option("--max-memory", help="Feature memory budget, e.g. 8GB."),
+    click.option("--verify/--no-verify", default=None, help="Check every row chunk read against the checksum recorded "
+                 "when it was written; a mismatch stops with one line [default: verify]."),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
     click.option("--device", help="cpu, cuda... [default: cuda when present]."),
+    click.option("--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."),
     click.option("-v", "--verbose", is_flag=True),
 ]
 
@@ -53,7 +63,7 @@ def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
     """Defaults, then the YAML file, then the flags given on the command line."""
-    from heads.sweep import SweepConfig
+    from heads.probe.sweep import SweepConfig
 
     values = dict(defaults or {})
     values.update(load_yaml_config(config_file))
@@ -64,7 +74,7 @@ def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[
 def _announce(config: Any) -> Any:
     if config.store is None:
         from embstore.extraction import cache_dir
-        from heads.sweep import latest_store
+        from heads.probe.sweep import latest_store
 
         path = latest_store(cache_dir())
         click.echo(f"using store {path} (the most recent complete store in {cache_dir()}; pass --store to choose)", err=True)
@@ -81,36 +91,39 @@ def main() -> None:
 
 
 def _finish(result: Any) -> None:
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        return
     b = result.best
-    click.echo(f"{result.rows} runs; best: layers {b['layers']} {b['combine']} {b['pooling']} {b['head']}: "
-               f"macro-F1 {b['f1_macro']:.4f}, accuracy {b['accuracy']:.4f}", err=True)
+    val = f"validation macro-F1 {b['val_f1_macro']:.4f}, " if b.get("val_f1_macro") is not None else ""
+    click.echo(f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} {b['head']}: "
+               f"{val}test macro-F1 {b['f1_macro']:.4f}, test accuracy {b['accuracy']:.4f}", err=True)
     click.echo(f"summary: {result.run_dir / 'summary.md'}", err=True)
     click.echo(str(result.run_dir))
 
 
 @main.command()
 @head_options
-def sweep(config_file: str | None, verbose: bool, **opts: Any) -> None:
+def sweep(config_file: str | None, verbose: bool, progress: bool | None, **opts: Any) -> None:
     """Train every head on every layer combination of a store; write results, plots and the best head."""
     setup_logging(verbose)
-    from heads.sweep import run_sweep
+    from heads.probe.sweep import run_sweep
 
-    _finish(run_sweep(_announce(_sweep_config(config_file, opts))))
+    _finish(run_sweep(_announce(_sweep_config(config_file, opts)), show_progress=progress))
 
 
 @main.command()
 @head_options
-def train(config_file: str | None, verbose: bool, **opts: Any) -> None:
+def train(config_file: str | None, verbose: bool, progress: bool | None, **opts: Any) -> None:
     """Train one configuration (one layer group, combine, pooling and head)."""
     setup_logging(verbose)
     from embstore.errors import ConfigError
-    from heads.sweep import run_sweep
+    from heads.probe.sweep import run_sweep
 
     config = _sweep_config(config_file, opts, defaults={"combine": "single"})
     for name, values in (("head", config.heads), ("combine", config.combine), ("pooling", config.pooling or ())):
         if len(values) > 1:
             raise ConfigError(f"heads train trains one configuration; --{name} has {len(values)} values ({','.join(values)}): give one, or use heads sweep.")
-    _finish(run_sweep(_announce(config)))
+    _finish(run_sweep(_announce(config), show_progress=progress))
 
 
 @main.command()
@@ -127,7 +140,8 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
     """
     from embstore.errors import ConfigError
     from embstore.extraction import pick_device
-    from heads.predict import head_modality, is_finetune_run, load_head, predict_audio, predict_finetuned, predict_texts
+    from heads.finetune_predict import is_finetune_run, predict_finetuned
+    from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
     if not lines:
@@ -155,12 +169,16 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", help="Report directory [default: reports/<time>].")
-def report(runs: tuple[str, ...], out: str | None) -> None:
-    """Merge run directories (sweeps, trains, fine-tunes) into one table and plot."""
-    from heads.results import write_report
+@click.option("--allow-mixed", is_flag=True, help="Merge runs scored on different (or unknown) rows, marking them.")
+def report(runs: tuple[str, ...], out: str | None, allow_mixed: bool) -> None:
+    """Merge run directories (sweeps, trains, fine-tunes) into one table and plot.
+
+    Runs are put side by side only when they were scored on the same rows (their run.json eval_set ids agree).
+    """
+    from heads.report import write_report
 
     target = Path(out) if out else Path("reports") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = write_report([Path(r) for r in runs], target)
+    path = write_report([Path(r) for r in runs], target, allow_mixed=allow_mixed)
     click.echo(str(path))
 
 
@@ -218,7 +236,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
     from heads.finetune import FinetuneConfig, run_finetune
-    from heads.results import write_report
+    from heads.report import write_report
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)

@@ -26,6 +26,7 @@ from embstore.errors import (
     StoreIncompleteError,
     RankFailedError,
     StoreBusyError,
+    StoreCorruptedError,
     StoreDamagedError,
     StoreMismatchError,
     StoreNotFoundError,
@@ -45,5 +46,5 @@ __all__ = [
     "__version__", "DataSpec", "ExtractConfig", "extract", "open_store", "Store", "TokenStates", "parse_layers", "format_layers",
     "EmbstoreError", "ConfigError", "DataError", "ColumnNotFoundError", "DataFileNotFoundError", "DiskFullError",
     "LayerSpecError", "ModelNotFoundError", "OutputNotWritableError", "StoreIncompleteError", "StoreMismatchError",
-    "StoreNotFoundError", "StoreBusyError", "StoreDamagedError", "RankFailedError",
+    "StoreNotFoundError", "StoreBusyError", "StoreDamagedError", "StoreCorruptedError", "RankFailedError",
 ]

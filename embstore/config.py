@@ -12,6 +12,7 @@ from embstore.errors import ConfigError
 __all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
 
 POOLINGS = ("cls", "mean", "max")
+QUANTIZE_MODES = ("none", "int8")
 AUDIO_POOLINGS = ("mean", "max")
 
 
@@ -78,6 +79,11 @@ class ExtractConfig:
     """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
     wait: bool = False
     """When another process is writing the same store, wait for it (then resume or find it complete) instead of failing."""
+    quantize: Literal["none", "int8"] = "none"
+    """'int8': dynamic int8 quantisation of the backbone's Linear layers, CPU only (faster; the
+    measured deviation from float32 is recorded in provenance). Part of the store id."""
+    allow_pickle: bool = False
+    """Accept a model directory whose weights are pickle files (.bin/.pt), loaded with weights_only=True."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in provenance, never in the fingerprint."""
 
@@ -113,6 +119,11 @@ class ExtractConfig:
             raise ConfigError("Towers mode encodes two columns separately: give --text-pair-col too.")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"The 'dtype' option must be float16 or float32; got {self.dtype!r}.")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"The 'quantize' option must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}.")
+        from embstore.quantize import check_quantize_device
+
+        check_quantize_device(self.quantize, self.device)
         if self.format not in ("zarr", "h5"):
             raise ConfigError(f"The 'format' option must be zarr or h5; got {self.format!r}.")
 

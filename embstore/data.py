@@ -79,11 +79,10 @@ class Dataset:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's bytes (cached by path, size and mtime; see :mod:`embstore.identity`)."""
+    from embstore.identity import file_sha256 as cached
+
+    return cached(path)
 
 
 def builtin_path(name: str) -> Path:

@@ -1,5 +1,6 @@
-"""The hot loop: tokenize, sort by length, batch under a token budget, run the frozen model,
-pool every chosen layer, and hand finished row chunks to a background writer."""
+"""The hot loop: tokenize, sort by length, batch under a token budget, run the frozen model (up
+to the last layer asked for, :mod:`embstore.forward`), pool every chosen layer, and hand finished
+row chunks to a background writer."""
 
 from __future__ import annotations
 
@@ -125,10 +126,20 @@ class ChunkBuffers:
 
 
 class ChunkEncoder:
-    """Runs the model over row chunks and yields, per chunk, the arrays the writer stores."""
+    """Runs the model over row chunks and yields, per chunk, the arrays the writer stores.
+
+    The forward stops at the highest layer in ``layers`` and ``token_layers``. Within a chunk the
+    next batches are padded (or decoded, for audio) in a prefetch thread while the current one
+    runs, and batch i is read back only after batch i + 1 was launched, so on CUDA the copy to
+    the host overlaps the next forward (see :mod:`embstore.forward`)."""
+
+    prefetch = 2
+    """Batches prepared ahead of the one running."""
 
     def __init__(self, model: Any, pad_id: int, *, layers: Sequence[int], token_layers: Sequence[int],
                  poolings: Sequence[str], dtype: str, batch_size: int, token_budget: int, device: str) -> None:
+        from embstore.forward import BatchForward
+
         self.model = model
         self.pad_id = pad_id
         self.layers = list(layers)
@@ -138,46 +149,62 @@ class ChunkEncoder:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.device = device
+        self.forward = BatchForward(model, layers=self.layers, token_layers=self.token_layers, poolings=self.poolings,
+                                    dtype=dtype, device=device)
         import inspect
 
         self.uses_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
 
-    def _forward(self, batch: dict[str, np.ndarray], out_lengths: np.ndarray | None = None
-                 ) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
-        """Pooled (pooling -> (k, B, H)) and flat per-token (layer -> (sum_len, H)) arrays of one batch.
+    def _run(self, spans: Sequence[tuple[int, int]], prepare: Callable[[int, int], tuple[dict[str, Any], np.ndarray]],
+             buf: ChunkBuffers, on_rows: Callable[[int], None] | None) -> None:
+        """Encode the batches ``spans`` ([start, stop) rows) into ``buf``.
 
-        Pooling masks with the attention mask, or with ``out_lengths`` (B,) when the model's
-        output positions are not its input positions (audio frames).
-        """
-        import torch
+        ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths); it runs in a
+        prefetch thread, ``prefetch`` batches ahead."""
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
 
-        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()
-                   if k != "token_type_ids" or self.uses_type_ids}
-        on_cuda = self.device.startswith("cuda")
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            hidden = self.model(**tensors, output_hidden_states=True).hidden_states
-            if out_lengths is not None:
-                width = hidden[0].shape[1]
-                mask = torch.arange(width, device=hidden[0].device)[None, :] < torch.from_numpy(out_lengths).to(hidden[0].device)[:, None]
-            else:
-                mask = tensors["attention_mask"].bool()  # (B, T)
-            weights = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1).float()  # (B, 1, T)
-            pooled: dict[str, np.ndarray] = {}
-            for p in self.poolings:
-                per_layer = []
-                for i in self.layers:
-                    h = hidden[i].float()  # (B, T, H)
-                    if p == "cls":
-                        per_layer.append(h[:, 0])
-                    elif p == "mean":
-                        per_layer.append(torch.bmm(weights, h).squeeze(1))
-                    else:
-                        per_layer.append(h.masked_fill(~mask[:, :, None], float("-inf")).amax(1))
-                pooled[p] = torch.stack(per_layer).cpu().numpy().astype(self.np_dtype, copy=False)  # (k, B, H)
-            # rows are consecutive and right-padded, so masked selection is the flat ragged layout
-            tokens = {layer: hidden[layer][mask].float().cpu().numpy().astype(self.np_dtype, copy=False)
-                      for layer in self.token_layers}
-        return pooled, tokens
+        from embstore.forward import Launched
+
+        todo = iter(spans)
+        ahead: deque[tuple[tuple[int, int], Future[tuple[dict[str, Any], np.ndarray]]]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embstore-prefetch") as pool:
+            def refill() -> None:
+                while len(ahead) < self.prefetch:
+                    span = next(todo, None)
+                    if span is None:
+                        return
+                    ahead.append((span, pool.submit(prepare, *span)))
+
+            def land(span: tuple[int, int], launched: Launched) -> None:
+                buf.put(*span, *launched.result(self.poolings, self.token_layers))
+                if on_rows is not None:
+                    on_rows(span[1] - span[0])
+
+            refill()
+            waiting: tuple[tuple[int, int], Launched] | None = None
+            while ahead:
+                span, future = ahead.popleft()
+                refill()
+                inputs, lengths = future.result()
+                launched = self.forward.launch(inputs, lengths)
+                if waiting is not None:
+                    land(*waiting)
+                waiting = (span, launched)
+            if waiting is not None:
+                land(*waiting)
+
+    def _text_batch(self, ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None) -> tuple[dict[str, Any], np.ndarray]:
+        batch = pad_batch(ids, type_ids if self.uses_type_ids else None, self.pad_id)
+        return self.forward.stage(batch), batch["attention_mask"].sum(1)
+
+    def first_batch(self, job: ChunkJob) -> ChunkJob:
+        """``job`` cut to the rows of its first forward batch (of its first tower)."""
+        ids = next(iter(job.towers.values()))[0]
+        stop = make_batches(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)),
+                            self.batch_size, self.token_budget)[0][1]
+        return ChunkJob(split=job.split, chunk=job.chunk,
+                        towers={t: (i[:stop], None if tt is None else tt[:stop]) for t, (i, tt) in job.towers.items()})
 
     def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
                on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
@@ -191,10 +218,11 @@ class ChunkEncoder:
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
-            for start, stop in make_batches(lengths, self.batch_size, self.token_budget):
-                batch = pad_batch(ids[start:stop], None if type_ids is None else type_ids[start:stop], self.pad_id)
-                buf.put(start, stop, *self._forward(batch))
-                if on_rows is not None and tower == next(iter(job.towers)):
-                    on_rows(stop - start)
+
+            def prepare(start: int, stop: int, _ids: Any = ids, _tt: Any = type_ids) -> tuple[dict[str, Any], np.ndarray]:
+                return self._text_batch(_ids[start:stop], None if _tt is None else _tt[start:stop])
+
+            self._run(make_batches(lengths, self.batch_size, self.token_budget), prepare, buf,
+                      on_rows if tower == next(iter(job.towers)) else None)
             out.update(buf.named(functools.partial(paths, tower)))
         return out

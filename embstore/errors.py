@@ -23,6 +23,7 @@ __all__ = [
     "StoreBusyError",
     "StoreDamagedError",
     "RankFailedError",
+    "StoreCorruptedError",
 ]
 
 
@@ -84,3 +85,7 @@ class StoreDamagedError(EmbstoreError, ValueError):
 
 class RankFailedError(EmbstoreError, RuntimeError):
     """One rank of a multi-process run failed; every rank stops with this error."""
+
+
+class StoreCorruptedError(EmbstoreError, ValueError):
+    """Data read from a store does not match the checksum recorded when it was written."""

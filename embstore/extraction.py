@@ -4,39 +4,35 @@ write, mark complete. The model loop itself lives in :mod:`embstore.encode`."""
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embstore import layout as L
-from embstore.config import ExtractConfig, default_pooling
-from embstore.data import Dataset, SplitData, load_dataset
-from embstore.encode import ChunkEncoder, ChunkJob, Encoded, length_order, tokenize
+from embstore.config import ExtractConfig
+from embstore.encode import ChunkEncoder, ChunkJob, Encoded
 from embstore.errors import (
     ConfigError, DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
 )
-from embstore.layers import parse_layers
+from embstore.identity import cuda_present
 from embstore.lock import StoreLock
 from embstore.models import Backbone, load_backbone
+from embstore.planner import Plan, cache_dir, make_plan, quick_id, store_paths
+from embstore.quantize import check_quantize_device, measure_int8, quantize_int8
 from embstore.ranks import Ranks
-from embstore.store import is_h5_path, open_store
+from embstore.store import complete_meta, is_h5_path, open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
 
 __all__ = ["extract", "ExtractResult", "cache_dir", "pick_device"]
 
 log = logging.getLogger(__name__)
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"}
 
 
 @dataclass(frozen=True)
@@ -50,218 +46,14 @@ class ExtractResult:
     seconds: float
 
 
-def cache_dir() -> Path:
-    """Default store location: $EMBSTORE_CACHE, else ./cache."""
-    return Path(os.environ.get("EMBSTORE_CACHE", "cache"))
-
-
 def pick_device(requested: str | None) -> str:
-    import torch
-
+    """The device to run on: ``requested``, or CUDA when present (checked without importing torch on
+    machines without an NVIDIA driver)."""
     if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if cuda_present() else "cpu"
+    if requested.startswith("cuda") and not cuda_present():
         raise ConfigError(f"--device {requested} asked for CUDA but no CUDA GPU is visible; use --device cpu.")
     return requested
-
-
-@dataclass
-class _Plan:
-    """Everything decided before the model runs; identical in every rank."""
-
-    backbone: Backbone
-    dataset: Dataset
-    layout: L.StoreLayout
-    fingerprint: str
-    order: dict[str, np.ndarray]
-    encoded: dict[tuple[str, str], Any]
-    """(split, tower) -> Encoded token ids (text) or AudioRows (audio)."""
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    token_counts: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "store"
-
-
-def _fingerprint(config: ExtractConfig, backbone: Backbone, dataset: Dataset, lay: L.StoreLayout, precision: str) -> str:
-    ident = backbone.identity
-    model_cfg = {k: v for k, v in ident["config"].items() if k not in _VOLATILE_CONFIG_KEYS}
-    content = {
-        "schema_version": L.SCHEMA_VERSION,
-        "model": {"weights": ident["weights_sha256"], "class": ident["class"], "config": model_cfg,
-                  "tokenizer": ident["tokenizer"]["sha256"] or ident["tokenizer"]["class"]},
-        "data": [{k: s.get(k) for k in ("split", "sha256", "columns", "holdout", "audio_sha256") if k in s}
-                 for s in dataset.sources],
-        "columns": [config.source.text_col, config.source.text_pair_col, config.source.label_col], "pair_mode": config.pair_mode,
-        "limit": config.source.limit, "skip_empty": config.source.skip_empty, "max_length": config.max_length,
-        "layers": list(lay.layers), "poolings": list(lay.poolings), "token_layers": list(lay.token_layers),
-        "dtype": lay.dtype, "precision": precision,
-    }
-    if dataset.modality == "audio" or config.source.group_col or not config.bucket:
-        content["audio"] = {"audio_col": config.source.audio_col, "group_col": config.source.group_col, "max_seconds": config.max_seconds,
-                            "skip_bad": config.source.skip_bad, "augment": list(config.augment),
-                            "copies": config.copies if config.augment else None,
-                            "augment_classes": config.augment_classes if config.augment else None,
-                            "snr_db": config.snr_db if "noise" in config.augment else None,
-                            "seed": config.source.seed if config.augment else None,
-                            "feature_extractor": ident["tokenizer"].get("config"), "bucket": config.bucket}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _plan(config: ExtractConfig, device: str) -> _Plan:
-    dataset = load_dataset(data=config.source.data, splits=config.source.splits, holdout=config.source.holdout, seed=config.source.seed,
-                           text_col=config.source.text_col, text_pair_col=config.source.text_pair_col, label_col=config.source.label_col,
-                           limit=config.source.limit, skip_empty=config.source.skip_empty, audio_col=config.source.audio_col,
-                           group_col=config.source.group_col, skip_bad=config.source.skip_bad)
-    backbone = load_backbone(config.model, device)
-    if backbone.modality != dataset.modality:
-        if backbone.modality == "audio":
-            raise ConfigError(f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a table of audio file paths), or a text model.")
-        raise ConfigError(f"{config.model} is a text model, but --audio-col gives audio; pass a speech model (random:hubert-tiny, or a local HuBERT/wav2vec2/WavLM directory).")
-    available = list(range(backbone.n_layers + 1))
-    layers = parse_layers(config.layers, available, "layers")
-    token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
-    poolings = config.pooling or default_pooling(dataset.modality)
-    if dataset.modality == "audio":
-        return _plan_audio(config, device, dataset, backbone, layers, token_layers, poolings)
-    if config.max_length > backbone.max_positions:
-        raise ConfigError(f"--max-length {config.max_length} exceeds what {config.model} can encode ({backbone.max_positions} positions); use --max-length {backbone.max_positions} or less.")
-    towers = L.PAIR_TOWERS if config.pair_mode == "towers" else (L.SINGLE_TOWER,)
-    tok = backbone.tokenizer
-    encoded: dict[tuple[str, str], Encoded] = {}
-    order: dict[str, np.ndarray] = {}
-    splits: dict[str, L.SplitLayout] = {}
-    arrays: dict[str, np.ndarray] = {}
-    token_counts: dict[tuple[str, str], np.ndarray] = {}
-    truncated: dict[str, int] = {}
-    for name, sd in dataset.splits.items():
-        if config.pair_mode == "towers":
-            encoded[(name, "a")] = tokenize(tok, sd.texts, None, config.max_length)
-            encoded[(name, "b")] = tokenize(tok, sd.pairs or [], None, config.max_length)
-        else:
-            encoded[(name, L.SINGLE_TOWER)] = tokenize(tok, sd.texts, sd.pairs, config.max_length)
-        total = np.sum([encoded[(name, t)].lengths.astype(np.int64) for t in towers], axis=0)  # (n,)
-        order[name] = perm = length_order(total) if config.bucket else np.arange(len(total))
-        n = len(perm)
-        _row_arrays(arrays, name, sd, perm, np.arange(len(perm)))
-        for t in towers:
-            e = encoded[(name, t)]
-            arrays[L.n_tokens_path(name, t)] = e.lengths[perm]
-            arrays[L.truncated_path(name, t)] = e.truncated[perm]
-            token_counts[(name, t)] = e.lengths[perm]
-        truncated[name] = int(sum(encoded[(name, t)].truncated.sum() for t in towers))
-        splits[name] = L.SplitLayout.plan(n, config.chunk_rows,
-                                          n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers})
-    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(poolings), hidden=backbone.hidden, dtype=config.dtype,
-                        towers=tuple(towers), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
-    return _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
-
-
-def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: np.ndarray, source: np.ndarray) -> None:
-    """Per-row arrays known before the model runs; ``source[perm]`` maps stored rows to source rows."""
-    src = source[perm]
-    arrays[L.row_ids_path(name)] = sd.row_ids[src]
-    if sd.labels is not None:
-        arrays[L.labels_path(name)] = sd.labels[src]
-    if sd.groups is not None:
-        arrays[L.groups_path(name)] = sd.groups[src]
-
-
-def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, layers: list[int],
-                token_layers: list[int], poolings: tuple[str, ...]) -> _Plan:
-    """Audio rows: lengths from file headers, augmented copies for the training split only."""
-    from embstore.speech import plan_audio_split
-
-    rate = backbone.sampling_rate  # (ExtractConfig already refused cls pooling with --audio-col)
-    spec = config.augment_spec()
-    encoded: dict[tuple[str, str], Any] = {}
-    order: dict[str, np.ndarray] = {}
-    splits: dict[str, L.SplitLayout] = {}
-    arrays: dict[str, np.ndarray] = {}
-    token_counts: dict[tuple[str, str], np.ndarray] = {}
-    truncated: dict[str, int] = {}
-    augmented: dict[str, int] = {}
-    t = L.AUDIO_TOWER
-    for name, sd in dataset.splits.items():
-        rows = plan_audio_split(sd, rate=rate, frames_of=backbone.frames, max_seconds=config.max_seconds,
-                                augment=spec if name == "train" else None, label_names=dataset.label_names)
-        encoded[(name, t)] = rows
-        order[name] = perm = length_order(rows.samples) if config.bucket else np.arange(len(rows.items))
-        _row_arrays(arrays, name, sd, perm, rows.source)
-        arrays[L.n_tokens_path(name, t)] = rows.frames[perm].astype(np.int32)
-        arrays[L.truncated_path(name, t)] = rows.cropped[perm]
-        arrays[L.duration_path(name)] = (rows.samples[perm] / rate).astype(np.float32)
-        token_counts[(name, t)] = rows.frames[perm]
-        truncated[name] = int(rows.cropped.sum())
-        if spec is not None and name == "train":
-            params = [it.augment for it in rows.items]
-            nan = float("nan")
-            arrays[L.augment_path(name, "copy")] = np.array([0 if p is None else p.copy for p in params], dtype=np.int16)[perm]
-            for f, attr in (("speed", "speed"), ("shift", "shift_fraction"), ("snr_db", "snr_db")):
-                arrays[L.augment_path(name, f)] = np.array([nan if p is None else getattr(p, attr) for p in params], dtype=np.float32)[perm]
-            augmented[name] = int(sum(p is not None for p in params))
-        splits[name] = L.SplitLayout.plan(len(perm), config.chunk_rows, n_tokens={t: int(rows.frames.sum())})
-    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(poolings), hidden=backbone.hidden, dtype=config.dtype,
-                        towers=(t,), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
-    plan = _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
-    plan.meta["augmented"] = augmented
-    plan.meta["sampling_rate"] = rate
-    return plan
-
-
-def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, lay: L.StoreLayout,
-                 order: dict[str, np.ndarray], encoded: dict[tuple[str, str], Any], arrays: dict[str, np.ndarray],
-                 token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> _Plan:
-    from embstore._version import __version__
-
-    precision = "bf16-autocast" if device.startswith("cuda") else "float32"
-    fp = _fingerprint(config, backbone, dataset, lay, precision)
-    import torch
-    import transformers
-    import zarr
-
-    meta = {
-        "schema_version": L.SCHEMA_VERSION, "complete": False, "fingerprint": fp, "modality": dataset.modality,
-        "group_names": dataset.group_names,
-        "layout": lay.to_dict(), "label_names": dataset.label_names, "truncated": truncated,
-        "skipped_empty": dataset.skipped_empty, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "finished": None,
-        "provenance": {
-            "model": {k: v for k, v in backbone.identity.items() if k != "tokenizer"},
-            "tokenizer": backbone.identity["tokenizer"], "max_length": config.max_length,
-            "poolings": list(lay.poolings), "dtype": config.dtype, "precision": precision, "device": device,
-            "sources": dataset.sources, "text_col": config.source.text_col or "text", "text_pair_col": config.source.text_pair_col,
-            "pair_mode": config.pair_mode, "label_col": config.source.label_col,
-            "audio_col": config.source.audio_col, "group_col": config.source.group_col, "max_seconds": config.max_seconds,
-            "augment": None if not config.augment else {
-                "transforms": list(config.augment), "copies": config.copies, "classes": config.augment_classes,
-                "snr_db": config.snr_db, "seed": config.source.seed},
-            "rows": {k: v.n_rows for k, v in lay.splits.items()},
-            "tool": {"embstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "zarr": zarr.__version__, "python": sys.version.split()[0]},
-            "config": config.to_dict(),
-        },
-    }
-    return _Plan(backbone=backbone, dataset=dataset, layout=lay, fingerprint=fp, order=order, encoded=encoded,
-                 meta=meta, arrays=arrays, token_counts=token_counts)
-
-
-def _paths(config: ExtractConfig, plan: _Plan) -> tuple[str, str]:
-    """(final store path, zarr path written during extraction)."""
-    out = config.out
-    if out is not None and out.startswith("file://"):
-        out = out[len("file://"):]
-    if out is not None and (out.rstrip("/").endswith((".zarr", ".h5", ".hdf5"))):
-        final = out.rstrip("/")
-    else:
-        data_name = config.source.data.split(":", 1)[-1] if config.source.data else "-".join(n for n, _ in config.source.splits)
-        data_name = Path(data_name).stem if config.source.data and not config.source.data.startswith("builtin:") else data_name
-        suffix = ".h5" if config.format == "h5" else ".zarr"
-        base = Path(out) if out is not None else cache_dir()
-        final = str(base / f"{_slug(config.model)}-{_slug(data_name)}-{plan.fingerprint[:12]}{suffix}")
-    return final, (final + ".partial.zarr" if is_h5_path(final) else final)
 
 
 def _check_writable(path: str, needed: int) -> None:
@@ -289,7 +81,7 @@ def _needed_bytes(lay: L.StoreLayout, h5: bool) -> int:
     return int(total * (2 if h5 else 1) * 1.02)
 
 
-def _jobs(plan: _Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
+def _jobs(plan: Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
     jobs = []
     for split, chunks in pending.items():
         perm = plan.order[split]
@@ -321,12 +113,33 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
     return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
 
 
+def _measure_int8(plan: Plan, config: ExtractConfig, device: str) -> dict[str, Any]:
+    """Quantise the plan's model in place and return the provenance record of its deviation from
+    float32 on the first batch (of the first row chunk of the first split)."""
+    split = next(iter(plan.layout.splits))
+    encoder = make_encoder(plan.backbone, plan.layout, config, device)
+    job = encoder.first_batch(_jobs(plan, {split: [0]})[0])
+
+    def encode() -> dict[tuple[str, str, int | None], np.ndarray]:
+        keys: dict[str, tuple[str, str, int | None]] = {}
+
+        def name(tower: str, what: str, layer: int | None) -> str:
+            keys[f"{tower}/{what}/{layer}"] = (tower, what, layer)
+            return f"{tower}/{what}/{layer}"
+
+        return {keys[n]: a for n, a in encoder.encode(job, name).items()}
+
+    return {**measure_int8(plan.backbone.model, encode, plan.layout.layers), "split": split}
+
+
 def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, write_path: str, jobs: list[ChunkJob],
               device: str, show_progress: bool, desc: str = "extract") -> None:
     """Encode row chunks and write each in a background thread while the model runs the next."""
     from tqdm import tqdm
 
     writer = StoreWriter.open(write_path)
+    if config.quantize == "int8":
+        quantize_int8(backbone.model)
     encoder = make_encoder(backbone, lay, config, device)
     total = sum(j.n_rows for j in jobs)
     bar = tqdm(total=total, unit="ex", desc=desc, disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
@@ -351,12 +164,12 @@ def _worker(rank: int, config_dict: dict[str, Any], device: str, write_path: str
 
     torch.set_num_threads(threads)
     config = ExtractConfig.from_dict(config_dict)
-    backbone = load_backbone(config.model, device)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
     lay = StoreWriter.open(write_path).layout
     _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
 
 
-def _run_processes(config: ExtractConfig, plan: _Plan, write_path: str, pending: dict[str, list[int]], device: str) -> None:
+def _run_processes(config: ExtractConfig, plan: Plan, write_path: str, pending: dict[str, list[int]], device: str) -> None:
     import multiprocessing as mp
 
     jobs = _jobs(plan, pending)
@@ -397,11 +210,20 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     ranks = Ranks.from_env()
     with ranks.phase("planning"):
         device = pick_device(config.device)
+        check_quantize_device(config.quantize, device)
         if ranks.world > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        plan = _plan(config, device)
-        final, write_path = _paths(config, plan)
-        state = _state(final, write_path, plan.fingerprint)
+        quick = quick_id(config, device)
+        done = None if quick is None else complete_meta(quick[1], quick[0])
+        if quick is not None and done is not None:
+            final = quick[1]  # found from file hashes alone: no model load, no tokenizing
+        else:
+            quick = None
+            plan = make_plan(config, device)
+            final, write_path = store_paths(config, plan.fingerprint)
+            state = _state(final, write_path, plan.fingerprint)
+    if done is not None:
+        return _complete_result(final, done, t0)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
     truncated = dict(plan.meta["truncated"])
 
@@ -421,6 +243,8 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                     lock.acquire(wait=config.wait, ranks=ranks.world)
                     state = _state(final, write_path, plan.fingerprint)  # another writer may have finished meanwhile
                 if state == "absent":
+                    if config.quantize == "int8":
+                        plan.meta["provenance"]["quantization"] = _measure_int8(plan, config, device)
                     StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
         state = str(ranks.share(state))
         if state == "complete":
@@ -450,6 +274,13 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
         if lock is not None:
             lock.release()
     return result(status)
+
+
+def _complete_result(path: str, meta: dict[str, Any], t0: float) -> ExtractResult:
+    """The result of a run that found its store complete, from the store's own record."""
+    rows = {s: int(v["n_rows"]) for s, v in meta["layout"]["splits"].items()}
+    return ExtractResult(path=path, status="already complete", rows=rows, truncated=dict(meta.get("truncated") or {}),
+                         skipped_empty=dict(meta.get("skipped_empty") or {}), seconds=time.perf_counter() - t0)
 
 
 def _state(final: str, write_path: str, fingerprint: str) -> str:

@@ -16,6 +16,10 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
     splits/<split>/<tower>/tokens/<layer>/c<chunk>     (tokens of that row chunk, hidden)
     progress/<split>/done                        (n_chunks,) uint8, one storage chunk per element
     progress/<split>/digest                      (n_chunks, 32) uint8 sha256 of each row chunk
+    progress/<split>/layer_digest                (n_chunks, entries, 32) uint8 sha256 of each
+                                                 (tower, pooling or 'tokens', layer) of each row chunk,
+                                                 in ``StoreLayout.digest_entries()`` order: what lets a
+                                                 reader verify just the layers it reads
 
 Text stores have one tower 'text' (or 'a' and 'b'), audio stores one tower 'audio'.
 Augmented audio rows share their source row's ``row_ids`` (and group), so they can be traced
@@ -53,6 +57,7 @@ __all__ = [
     "token_chunk_path",
     "done_path",
     "digest_path",
+    "layer_digest_path",
 ]
 
 SCHEMA_VERSION = 1
@@ -135,6 +140,11 @@ class StoreLayout:
     def chunk_shape_pooled(self, split: str) -> tuple[int, int, int]:
         return (1, self.splits[split].chunk_rows, self.hidden)
 
+    def digest_entries(self) -> list[tuple[str, str, int]]:
+        """(tower, pooling or 'tokens', layer) of every per-layer checksum of a row chunk, in stored order."""
+        out = [(t, p, layer) for t in self.towers for p in self.poolings for layer in self.layers]
+        return out + [(t, "tokens", layer) for t in self.towers for layer in self.token_layers]
+
     def data_paths(self, split: str) -> list[str]:
         """Every array written per row chunk, in the canonical order used for digests."""
         paths = []
@@ -195,4 +205,8 @@ def done_path(split: str) -> str:
 
 def digest_path(split: str) -> str:
     return f"progress/{split}/digest"
+
+
+def layer_digest_path(split: str) -> str:
+    return f"progress/{split}/layer_digest"
 

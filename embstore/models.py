@@ -12,11 +12,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embstore.errors import ModelNotFoundError
+from embstore.errors import ConfigError, ModelNotFoundError
 
 __all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_random_config"]
 
@@ -103,13 +104,9 @@ def minilm_path() -> Path:
 
 
 def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    from embstore.identity import files_sha256
+
+    return files_sha256(files)  # cached by path, size and mtime: a re-run does not re-read the weights
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -123,8 +120,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "
                     "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model", "preprocessor_config.json")
 
 
+def tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer (or feature extractor) files of a model directory."""
+    return [path / n for n in _TOKENIZER_FILES if (path / n).is_file()]
+
+
 def _tokenizer_identity(tokenizer: Any, path: Path | None) -> dict[str, Any]:
-    files = [path / n for n in _TOKENIZER_FILES if (path / n).is_file()] if path is not None else []
+    files = tokenizer_files(path) if path is not None else []
     ident: dict[str, Any] = {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
                              "sha256": _sha256_files(files) if files else None}
     if hasattr(tokenizer, "sampling_rate"):  # a feature extractor: its settings are its identity
@@ -184,8 +186,26 @@ def _hub_snapshot(name: str) -> Path:
         ) from exc
 
 
-def load_backbone(name: str, device: str = "cpu") -> Backbone:
-    """Load a frozen backbone in eval mode on ``device``."""
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """Weights load from *.safetensors when there are any; pickle files only with ``allow_pickle``."""
+    if allow_pickle or any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(f for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES and f.is_file())
+    if pickled:
+        raise ConfigError(
+            f"{pickled[0]} holds the model weights as a pickle file, which can run code when loaded, and {path} has no "
+            f"*.safetensors; pass --allow-pickle to load it anyway (with torch.load(weights_only=True)), or convert it once: "
+            f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"")
+
+
+def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False) -> Backbone:
+    """Load a frozen backbone in eval mode on ``device``.
+
+    A model directory whose weights are only pickle files (.bin/.pt) is refused unless
+    ``allow_pickle``; then they load with ``weights_only=True`` (tensors only, no code)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -226,6 +246,7 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
         else:
             path, kind = _hub_snapshot(name), "hf-cache"
         weights = _weight_files(path)
+        _refuse_pickle(path, allow_pickle)
         if not weights:
             raise ModelNotFoundError(f"{path} holds no weight files (*.safetensors or *.bin); pass a complete model directory.")
         try:
@@ -242,7 +263,12 @@ def load_backbone(name: str, device: str = "cpu") -> Backbone:
 
                 model = load_model(path).base_model
             else:
-                model = AutoModel.from_pretrained(path)
+                # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed
+                model = AutoModel.from_pretrained(path, use_safetensors=None if allow_pickle else True, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(f"The pickle weights in {path} hold more than tensors, so torch.load(weights_only=True) refused "
+                              f"them ({str(exc).splitlines()[0][:120]}); only load them, and re-save them as safetensors, "
+                              "if you trust their origin.") from None
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
         tok_path = path

@@ -106,6 +106,10 @@ def _time_batches(plan: Any, config: ExtractConfig, device: str, batches: list[t
 
     if not batches:
         return 0.0, {"batches_timed": 0, "batches": 0}
+    if config.quantize == "int8":  # time what the extraction will run
+        from embstore.quantize import quantize_int8
+
+        quantize_int8(plan.backbone.model)
     encoder = make_encoder(plan.backbone, plan.layout, config, device)
 
     def run(b: tuple[str, int, str, np.ndarray, int]) -> float:
@@ -175,7 +179,8 @@ def _state_bytes(lay: L.StoreLayout) -> dict[str, Any]:
     for sl in lay.splits.values():
         for p in lay.poolings:
             per_pooling[p] += len(lay.towers) * len(lay.layers) * sl.n_chunks * sl.chunk_rows * lay.hidden * item
-        progress += sl.n_chunks * (1 + 32)  # one done flag and one sha256 digest per row chunk
+        # a done flag, the chunk's sha256 and one sha256 per (tower, pooling or tokens, layer)
+        progress += sl.n_chunks * (1 + 32 + 32 * len(lay.digest_entries()))
     return {"pooled": per_pooling, "progress": progress}
 
 
@@ -204,13 +209,14 @@ def _token_chunk_bytes(plan: Any) -> dict[str, int]:
 
 def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
-    from embstore.extraction import _paths, _plan, _state, pick_device
+    from embstore.extraction import _state, pick_device
+    from embstore.planner import make_plan, store_paths
     from embstore.writer import StoreWriter
 
     t0 = time.perf_counter()
     device = pick_device(config.device)
-    plan = _plan(config, device)
-    final, write_path = _paths(config, plan)
+    plan = make_plan(config, device)
+    final, write_path = store_paths(config, plan.fingerprint)
     state = _state(final, write_path, plan.fingerprint)
     planning_seconds = time.perf_counter() - t0
 
@@ -260,7 +266,8 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
             entry["tokens"] = int(sum(sl.n_tokens.values()))
         splits[name] = entry
     return PlanReport(path=final, state=state, fingerprint=plan.fingerprint, model=config.model, device=device,
-                      modality=plan.dataset.modality, splits=splits, bytes=int(total), bytes_exact=not h5,
+                      # int8 stores also record their measured deviation in the metadata (a few hundred bytes)
+                      modality=plan.dataset.modality, splits=splits, bytes=int(total), bytes_exact=not h5 and config.quantize == "none",
                       bytes_detail=detail, free_bytes=free, peak_bytes=int(zarr_bytes + (total if h5 else 0)),
                       estimated_seconds=round(float(estimate), 2), timing=timing)
 

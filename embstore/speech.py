@@ -93,7 +93,8 @@ def load_item(item: AudioItem, rate: int, max_samples: int | None) -> np.ndarray
 
 
 class AudioChunkEncoder(ChunkEncoder):
-    """Encodes row chunks of audio: load, resample, augment, pad by the feature extractor, pool over frames."""
+    """Encodes row chunks of audio: load, resample, augment, pad by the feature extractor (the next
+    batches in a prefetch thread), pool over frames."""
 
     def __init__(self, model: Any, feature_extractor: Any, frames_of: Callable[[np.ndarray], np.ndarray], *,
                  max_samples: int | None, batch_seconds: float, **kw: Any) -> None:
@@ -105,6 +106,11 @@ class AudioChunkEncoder(ChunkEncoder):
         self.sample_budget = max(1, int(batch_seconds * self.rate))
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
 
+    def first_batch(self, job: ChunkJob) -> ChunkJob:
+        items: list[AudioItem] = job.towers[AUDIO_TOWER]
+        stop = make_batches(np.array([it.samples for it in items], dtype=np.int64), self.batch_size, self.sample_budget)[0][1]
+        return ChunkJob(split=job.split, chunk=job.chunk, towers={AUDIO_TOWER: items[:stop]})
+
     def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
                on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
         items: list[AudioItem] = job.towers[AUDIO_TOWER]
@@ -113,13 +119,15 @@ class AudioChunkEncoder(ChunkEncoder):
         frames = self.frames_of(lengths)
         offsets = np.concatenate([[0], np.cumsum(frames)])
         buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
-        for start, stop in make_batches(lengths, self.batch_size, self.sample_budget):
+
+        def prepare(start: int, stop: int) -> tuple[dict[str, Any], np.ndarray]:
+            """Decode, resample and pad one batch (in the prefetch thread, while the model runs)."""
             waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
             enc = self.fe(waves, sampling_rate=self.rate, padding=True, return_attention_mask=self.use_mask, return_tensors="np")
             batch = {"input_values": enc["input_values"].astype(np.float32, copy=False)}
             if self.use_mask:
                 batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)
-            buf.put(start, stop, *self._forward(batch, frames[start:stop]))
-            if on_rows is not None:
-                on_rows(stop - start)
+            return self.forward.stage(batch), frames[start:stop]
+
+        self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows)
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -13,10 +14,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from embstore import layout as L
-from embstore.errors import ConfigError, StoreDamagedError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
+from embstore.errors import (
+    ConfigError, StoreCorruptedError, StoreDamagedError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError,
+)
 from embstore.layers import parse_layers
 
-__all__ = ["Store", "TokenStates", "open_store", "is_h5_path", "chunk_selections", "digest_arrays"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Store", "TokenStates", "open_store", "complete_meta", "is_h5_path", "chunk_selections", "digest_arrays",
+           "layer_digests", "entry_digest"]
 
 
 def is_h5_path(path: str | os.PathLike[str]) -> bool:
@@ -133,12 +139,43 @@ def digest_arrays(arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
     return h.digest()
 
 
-class Store:
-    """A read-only view of one store. Build with :func:`open_store`."""
+def entry_digest(name: str, layer: int, arr: np.ndarray) -> bytes:
+    """sha256 of one layer of one array of one row chunk (its path, layer, dtype, shape and bytes)."""
+    a = np.ascontiguousarray(arr)
+    h = hashlib.sha256()
+    h.update(f"{name}|{layer}|{a.dtype}|{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.digest()
 
-    def __init__(self, backend: Backend, path: str) -> None:
+
+def layer_digests(lay: L.StoreLayout, split: str, chunk: int, data: dict[str, np.ndarray]) -> np.ndarray:
+    """(entries, 32) uint8: :func:`entry_digest` of every ``lay.digest_entries()`` entry of one row chunk,
+    from the arrays :func:`chunk_selections` names (pooled (k, rows, hidden), tokens (n_tokens, hidden))."""
+    out = np.zeros((len(lay.digest_entries()), 32), dtype=np.uint8)
+    for e, (tower, what, layer) in enumerate(lay.digest_entries()):
+        if what == "tokens":
+            name = L.token_chunk_path(split, tower, layer, chunk)
+            arr = data[name]
+        else:
+            name = L.pooled_path(split, tower, what)
+            arr = data[name][lay.layer_position(layer)]
+        out[e] = np.frombuffer(entry_digest(name, layer, arr), dtype=np.uint8)
+    return out
+
+
+class Store:
+    """A read-only view of one store. Build with :func:`open_store`.
+
+    With ``verify`` (the default) every read of whole row chunks (pooled layers, per-token states)
+    is checked against the per-layer sha256 recorded when the chunk was written, and a mismatch is
+    :class:`StoreCorruptedError` naming the split, chunk, array and layer.
+    """
+
+    def __init__(self, backend: Backend, path: str, verify: bool = True) -> None:
         self._b = backend
         self.path = path
+        self.verify_reads = verify
+        self._digests: dict[str, np.ndarray | None] = {}
         meta = backend.attrs()
         if not meta:
             raise StoreNotFoundError(f"{path} is not an embstore store (no '{L.ATTR_KEY}' attributes); pass a path printed by 'embstore extract' or listed by 'embstore ls'.")
@@ -291,29 +328,83 @@ class Store:
 
         ``layers`` takes the same specs as extraction ('all', '9-12', '-1', [3, 6]); None is all.
         """
-        self._split(split)
+        return self.pooled_rows(split, pooling, 0, self._split(split).n_rows, layers, tower)
+
+    def _layer_digests(self, split: str) -> np.ndarray | None:
+        """(n_chunks, entries, 32) recorded per-layer checksums, or None (a store from before they existed)."""
+        if split not in self._digests:
+            name = L.layer_digest_path(split)
+            self._digests[split] = self._b.read(name) if self._b.has(name) else None
+            if self._digests[split] is None and self.verify_reads:
+                log.warning("%s has no per-layer checksums (written by an older embstore): its reads are not verified; "
+                            "'embstore verify' still checks it", self.path)
+        return self._digests[split]
+
+    def _check(self, split: str, entry: tuple[str, str, int], name_of: Callable[[int], str],
+               chunk_data: Callable[[int], np.ndarray], start: int = 0, stop: int | None = None) -> None:
+        """Compare every written row chunk of one (tower, pooling/'tokens', layer) that lies whole within rows
+        [start, stop) with its recorded sha256; ``chunk_data(c)`` is row chunk ``c``'s array as read,
+        ``name_of(c)`` the array it came from. (A read of part of a chunk cannot be checked.)"""
+        if not self.verify_reads:
+            return
+        recorded = self._layer_digests(split)
+        if recorded is None:
+            return
+        e = self.layout.digest_entries().index(entry)
+        done = self.done_chunks(split)
+        sl = self.layout.splits[split]
+        stop = sl.n_rows if stop is None else stop
+        for c in range(sl.n_chunks):
+            lo, hi = sl.rows(c)
+            if lo < start or hi > stop:
+                continue
+            if done[c] and entry_digest(name_of(c), entry[2], chunk_data(c)) != bytes(recorded[c, e]):
+                raise StoreCorruptedError(
+                    f"{self.path}: split {split}, row chunk {c}, {name_of(c)} layer {entry[2]} does not match the checksum "
+                    f"recorded when it was written (the store is corrupted); run 'embstore verify {self.path}' and "
+                    "re-extract, or pass --no-verify to read it anyway.")
+
+    def pooled_rows(self, split: str, pooling: str, start: int, stop: int, layers: str | Sequence[int] | None = None,
+                    tower: str | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of :meth:`pooled`, ``(stop - start, len(layers), hidden)`` in the stored dtype.
+
+        For streaming a split chunk by chunk (``layout.splits[split].rows(c)`` gives chunk ``c``'s range), so
+        only those rows are read.
+        """
+        n = self._split(split).n_rows
+        if not 0 <= start <= stop <= n:
+            raise ConfigError(f"Rows [{start}, {stop}) are outside split {split!r} of {self.path} ({n} rows).")
         t = self._tower(tower)
         if pooling not in self.layout.poolings:
             raise ConfigError(f"Pooling {pooling!r} is not in {self.path}; it stores {', '.join(self.poolings)}.")
         chosen = self.layers if layers is None else parse_layers(layers, self.layers)
         path = L.pooled_path(split, t, pooling)
         pos = [self.layout.layer_position(x) for x in chosen]
+        rows = slice(start, stop)
         if pos == list(range(pos[0], pos[-1] + 1)):
-            block = self._b.read(path, slice(pos[0], pos[-1] + 1))  # (k, n, hidden)
+            block = self._b.read(path, (slice(pos[0], pos[-1] + 1), rows))  # (k, rows, hidden)
         else:
-            block = np.stack([self._b.read(path, p) for p in pos])
-        return np.ascontiguousarray(block.transpose(1, 0, 2))  # (n, k, hidden)
+            block = np.stack([self._b.read(path, (p, rows)) for p in pos])
+        chunk_rows = self.layout.splits[split].rows
+        for j, layer in enumerate(chosen):
+            def chunk(c: int, j: int = j) -> np.ndarray:
+                lo, hi = chunk_rows(c)
+                return block[j, lo - start:hi - start]  # (chunk rows, hidden), as written
+
+            self._check(split, (t, pooling, layer), lambda c: path, chunk, start, stop)
+        return np.ascontiguousarray(block.transpose(1, 0, 2))  # (rows, k, hidden)
 
     def tokens(self, split: str, layer: int, tower: str | None = None) -> TokenStates:
         """Per-token states of one layer, ragged (see :class:`TokenStates`)."""
         sl = self._split(split)
         t = self._tower(tower)
-        resolved = parse_layers([layer], self.layers)[0]
+        resolved = parse_layers([layer], sorted({*self.layers, *self.token_layers}))[0]  # token layers need not be pooled
         if resolved not in self.layout.token_layers:
             stored = ",".join(map(str, self.token_layers)) or "none"
             raise ConfigError(f"Layer {layer} has no per-token states in {self.path} (stored: {stored}); re-extract with --tokens {resolved}.")
         offsets = self._b.read(L.token_offsets_path(split, t, resolved))
         parts = [self._b.read(L.token_chunk_path(split, t, resolved, c)) for c in range(sl.n_chunks)]
+        self._check(split, (t, "tokens", resolved), lambda c: L.token_chunk_path(split, t, resolved, c), parts.__getitem__)
         return TokenStates(values=np.concatenate(parts) if parts else np.zeros((0, self.hidden)), offsets=offsets)
 
     # -- integrity -----------------------------------------------------------------------------
@@ -343,6 +434,12 @@ class Store:
                     continue
                 if got != bytes(recorded[c]):
                     problems.append(f"split {split}: row chunk {c} does not match its checksum (corrupted)")
+                    continue
+                per_layer = self._layer_digests(split)
+                if per_layer is not None:
+                    arrays = dict(self.iter_chunk_arrays(split, c))
+                    if not np.array_equal(layer_digests(self.layout, split, c, arrays), per_layer[c]):
+                        problems.append(f"split {split}: row chunk {c} does not match its per-layer checksums (corrupted)")
         return problems
 
     def close(self) -> None:
@@ -395,9 +492,33 @@ def check_metadata(path: str) -> None:
             raise StoreDamagedError(f"{path} is not a readable HDF5 file (damaged or not a store); delete it and re-extract, or pass another path.")
 
 
+def complete_meta(path: str, fingerprint: str) -> dict[str, Any] | None:
+    """The metadata of the complete store at ``path`` if its fingerprint is ``fingerprint``, else None.
+
+    Reads only the root metadata (``zarr.json`` as JSON; an HDF5 file's attribute), so a re-run that
+    finds its store finished answers without importing zarr.
+    """
+    if "://" in path or not os.path.exists(path):
+        return None
+    try:
+        if is_h5_path(path):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get(L.ATTR_KEY)
+            meta = None if raw is None else json.loads(raw)
+        else:
+            meta = json.loads((Path(path) / "zarr.json").read_bytes()).get("attributes", {}).get(L.ATTR_KEY)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("schema_version") != L.SCHEMA_VERSION:
+        return None
+    return meta if meta.get("fingerprint") == fingerprint and meta.get("complete") else None
+
+
 def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
-               storage_options: dict[str, Any] | None = None) -> Store:
-    """Open a store for reading.
+               storage_options: dict[str, Any] | None = None, verify: bool = True) -> Store:
+    """Open a store for reading; with ``verify`` (default) reads are checked against their checksums.
 
     Refuses an incomplete store (an extraction still running or killed) unless
     ``allow_incomplete``; the message says how to finish it.
@@ -412,7 +533,7 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
         backend: Backend = H5Backend(p) if is_h5_path(p) else ZarrBackend(p, storage_options)
     except (OSError, ValueError, KeyError) as exc:
         raise StoreNotFoundError(f"{p} cannot be opened as a store ({type(exc).__name__}: {exc}); check the path.") from exc
-    store = Store(backend, p)
+    store = Store(backend, p, verify=verify)
     if not store.complete and not allow_incomplete:
         done = sum(int(store.done_chunks(s).sum()) for s in store.splits)
         total = sum(sl.n_chunks for sl in store.layout.splits.values())

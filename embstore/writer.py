@@ -23,7 +23,7 @@ import numpy as np
 from embstore import layout as L
 from embstore.errors import DiskFullError, OutputNotWritableError, StoreMismatchError
 from embstore.lock import owner_tag, stale_owner
-from embstore.store import chunk_selections, digest_arrays
+from embstore.store import chunk_selections, digest_arrays, layer_digests
 
 __all__ = ["StoreWriter", "export_h5", "io_errors"]
 
@@ -136,6 +136,9 @@ class StoreWriter:
             for split, sl in lay.splits.items():
                 g.create_array(L.done_path(split), shape=(sl.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
                 g.create_array(L.digest_path(split), shape=(sl.n_chunks, 32), chunks=(1, 32), dtype="uint8", fill_value=0, compressors=None)
+                entries = len(lay.digest_entries())
+                g.create_array(L.layer_digest_path(split), shape=(sl.n_chunks, entries, 32), chunks=(1, entries, 32),
+                               dtype="uint8", fill_value=0, compressors=None)
                 for tower in lay.towers:
                     for pooling in lay.poolings:
                         g.create_array(L.pooled_path(split, tower, pooling), shape=(len(lay.layers), sl.n_rows, lay.hidden),
@@ -195,8 +198,10 @@ class StoreWriter:
             # trusts every chunk whose done flag it finds.
             self._sync([(name, sel) for name, sel in sels])
             digest = digest_arrays([(name, data[name]) for name, _ in sels])
+            per_layer = layer_digests(self.layout, split, chunk, data)  # (entries, 32)
+            self.group[L.layer_digest_path(split)][chunk] = per_layer
             self.group[L.digest_path(split)][chunk] = np.frombuffer(digest, dtype=np.uint8)
-            self._sync([(L.digest_path(split), (chunk,))])
+            self._sync([(L.layer_digest_path(split), (chunk,)), (L.digest_path(split), (chunk,))])
             self.group[L.done_path(split)][chunk] = 1
             self._sync([(L.done_path(split), (chunk,))])
 

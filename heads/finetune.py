@@ -145,9 +145,9 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
     from safetensors.torch import load_file, save_file
 
     from embstore.encode import tokenize
-    from heads.config import HeadConfig
-    from heads.estimator import make_split
-    from heads.metrics import classification_metrics
+    from heads import HeadConfig
+    from heads.protocol import make_split
+    from heads.report.metrics import classification_metrics
 
     set_seed(config.source.seed)
     model = SequenceClassifier(encoder, n_classes, pooling=config.pooling, classifier=config.classifier,
@@ -267,8 +267,8 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
 
     from embstore.models import load_backbone
     from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
-    from heads.metrics import majority_accuracy
-    from heads.results import ResultRow, RunWriter
+    from heads.report import ResultRow, RunWriter
+    from heads.report.metrics import majority_accuracy
 
     run_dir = Path(config.out or Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-finetune")
     tr, te, rows_tr, rows_te, label_names, sources = split_rows(config)

@@ -48,7 +48,7 @@ def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray
 
     With ``folds`` a data set of one split is not carved: all its rows are cross-validated.
     """
-    from heads.sweep import _carve
+    from heads.protocol import carve as _carve
 
     ds = config.source.load()
     if ds.label_names is None:

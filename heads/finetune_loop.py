@@ -146,7 +146,7 @@ class EarlyStopping:
     """
 
     def __init__(self, patience: int, min_epochs: int, last_epoch: int) -> None:
-        from heads.estimator import BestTracker
+        from heads.protocol import BestTracker
 
         self.tracker = BestTracker(patience)
         self.min_epochs, self.last_epoch, self.moved = min_epochs, last_epoch, False

@@ -10,7 +10,7 @@ tokens), which saves most of the vocabulary projection. The run directory holds:
     loss_curve.png      those curves
     summary.md          the per-epoch table
     model/              Hugging Face directory: BertModel config + weights + tokenizer (``--model DIR/model``)
-    checkpoint/         accelerate state (the MLM and pair heads included) for --resume
+    checkpoint/         training state for --resume (the MLM and pair heads included), safetensors + JSON (heads.checkpoint)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from heads.checkpoint import load_training_state, save_training_state
 from heads.masking import PretrainCollator, tokenize_corpus
 from heads.pretrain_config import PretrainConfig
 from heads.pretrain_data import PretrainData, build_bert_config, load_corpus
@@ -174,7 +175,7 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
     history: list[dict[str, Any]] = []
     start_epoch, skip, train_seconds, tokens_seen = 1, 0, 0.0, 0
     if resumed is not None:
-        acc.load_state(str(ckpt))
+        load_training_state(acc, ckpt, model, opt, sched)
         history = list(resumed["history"])
         start_epoch, skip = int(resumed["epoch"]), int(resumed["batches_done"])
         train_seconds, tokens_seen = float(resumed["train_seconds"]), int(resumed["tokens"])
@@ -245,7 +246,7 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
         log.info("epoch %d (step %d): MLM loss %.4f, masked acc %.4f, held-out ppl %.2f, %.0f tokens/s", epoch, steps,
                  entry["train_mlm_loss"], entry["train_masked_accuracy"], entry["heldout_perplexity"],
                  entry["tokens_per_second"])
-        acc.save_state(str(ckpt), safe_serialization=False)  # torch.save keeps the tied decoder weights as they are
+        save_training_state(acc, ckpt, model, opt, sched)  # safetensors + JSON, no pickle (tied weights stored once)
         if acc.is_main_process:
             (ckpt / STATE_FILE).write_text(json.dumps({
                 "epoch": epoch, "epoch_done": epoch_done, "batches_done": batches_done, "steps": steps,

@@ -43,7 +43,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _plot(path: Path, history: list[dict[str, Any]]) -> None:
-    from heads.plots import new_figure
+    from heads.report.plots import new_figure
 
     fig, (ax_loss, ax_acc) = new_figure(10, 4, ncols=2)
     trained = [h for h in history if h.get("train_mlm_loss") is not None]

@@ -58,6 +58,20 @@ def pair_csv(tmp_path: Path) -> Path:
     return path
 
 
+def synthetic_csv(tmp_path: Path, n: int, *, seed: int = 0, min_words: int = 3, max_words: int = 40,
+                  name: str = "synthetic.csv") -> Path:
+    """``n`` rows of random words (lengths min_words..max_words-1) with 3 integer labels: for tests that
+    need many rows, long and short, but no real distribution."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = np.array("the a model layer store token chunk resume crash probe head sweep vector news sport".split())
+    texts = [" ".join(rng.choice(words, size=rng.integers(min_words, max_words))) for _ in range(n)]
+    path = tmp_path / name
+    pd.DataFrame({"text": texts, "label": rng.integers(0, 3, size=n)}).to_csv(path, index=False)
+    return path
+
+
 def write_table(df: pd.DataFrame, path: Path) -> Path:
     suffix = path.suffix
     if suffix == ".csv":

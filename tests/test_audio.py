@@ -23,7 +23,8 @@ from embstore.errors import ConfigError, DataError
 from embstore.extraction import extract
 from embstore.models import load_backbone
 from embstore.store import open_store
-from heads.sweep import SweepConfig, run_sweep, split_roles
+from heads.probe.sweep import SweepConfig, run_sweep
+from heads.protocol import split_roles
 from tests.conftest import needs_shared
 
 HUBERT = "random:hubert-tiny"
@@ -54,7 +55,8 @@ def tones(tmp_path: Path) -> Path:
         if i == 5:
             x = np.stack([x, 0.5 * x], axis=1)  # stereo
         sf.write(d / f"r{i:02d}.wav", x, rate)
-        rows.append({"file": f"audio/r{i:02d}.wav", "label": label, "speaker": f"s{i % 6}"})
+        # every speaker says both (2 low, 2 high): a speaker-disjoint validation carve can then hold both classes
+        rows.append({"file": f"audio/r{i:02d}.wav", "label": label, "speaker": f"s{(i // 2) % 6}"})
     path = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -264,7 +266,8 @@ def run(*args: str):
 
 def test_cli_extract_and_info(tones: Path, tmp_path: Path):
     res = run("extract", "--model", HUBERT, "--data", str(tones), "--audio-col", "file", "--label-col", "label",
-              "--group-col", "speaker", "--holdout", "0.34", "--augment", "noise,speed", "--out", str(tmp_path / "s"), "-q")
+              "--group-col", "speaker", "--holdout", "0.34", "--augment", "noise,speed", "--augment-classes", "all",
+              "--out", str(tmp_path / "s"), "-q")
     assert res.exit_code == 0, res.output
     path = res.output.strip().splitlines()[-1]
     info = json.loads(run("info", path, "--json").output)
@@ -394,7 +397,7 @@ def test_two_processes_equal_one(tones: Path, tmp_path: Path):
 
 
 def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_path: Path):
-    from heads.predict import head_modality, load_head
+    from heads.probe.predict import head_modality, load_head
 
     path = extract(cfg(tones, tmp_path, holdout=0.25, max_seconds=0.4), show_progress=False).path
     out = run_sweep(SweepConfig(store=path, layers="1-2", combine=("concat",), out=str(tmp_path / "run")))

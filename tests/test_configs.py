@@ -32,7 +32,7 @@ def test_unknown_config_key_is_named():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("sweep-*.yaml")) + sorted(CONFIGS.glob("train-*.yaml")), ids=lambda p: p.name)
 def test_sweep_configs_parse(path):
-    from heads.sweep import SweepConfig
+    from heads.probe.sweep import SweepConfig
 
     cfg = SweepConfig.from_dict(load_yaml_config(str(path)))
     assert cfg.heads and cfg.layers

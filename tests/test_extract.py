@@ -9,7 +9,7 @@ import pytest
 from conftest import TEXTS, needs_shared
 from embstore import (ConfigError, DiskFullError, ExtractConfig, ModelNotFoundError, StoreIncompleteError,
                       StoreMismatchError, extract, open_store)
-from embstore import extraction
+from embstore import extraction, planner
 
 
 def cfg(data, **kw) -> ExtractConfig:
@@ -82,7 +82,7 @@ def test_interrupted_store_is_refused_then_resumed(tiny_csv, monkeypatch):
         m.setattr(extraction, "_finalize", crash)
         with pytest.raises(KeyboardInterrupt):
             extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
-    path = extraction._paths(cfg(tiny_csv), extraction._plan(cfg(tiny_csv, chunk_rows=4), "cpu"))[0]
+    path = planner.store_paths(cfg(tiny_csv), planner.make_plan(cfg(tiny_csv, chunk_rows=4), "cpu").fingerprint)[0]
     with pytest.raises(StoreIncompleteError, match=r"incomplete \(3 of 3 row chunks written\).*re-run the same 'embstore extract'"):
         open_store(path)
     res = extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
@@ -95,8 +95,8 @@ def test_interrupted_h5_store_is_refused(tiny_csv, monkeypatch):
         m.setattr(extraction, "export_h5", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             extract(cfg(tiny_csv, format="h5"), show_progress=False)
-    plan = extraction._plan(cfg(tiny_csv, format="h5"), "cpu")
-    final = extraction._paths(cfg(tiny_csv, format="h5"), plan)[0]
+    plan = planner.make_plan(cfg(tiny_csv, format="h5"), "cpu")
+    final = planner.store_paths(cfg(tiny_csv, format="h5"), plan.fingerprint)[0]
     with pytest.raises(StoreIncompleteError, match=r"incomplete .*partial\.zarr.*resume"):
         open_store(final)
     assert extract(cfg(tiny_csv, format="h5"), show_progress=False).status == "resumed"

@@ -17,7 +17,7 @@ from embstore.errors import ConfigError, LayerSpecError
 from embstore.models import load_backbone
 from embstore.surgery import count_parameters
 from heads.finetune import FinetuneConfig, SequenceClassifier, run_finetune
-from heads.results import read_run
+from heads.report.results import read_run
 
 VOCAB = {"fruit": "apple banana cherry grape lemon mango peach".split(),
          "vehicle": "car truck bus train bicycle engine wheel".split(),

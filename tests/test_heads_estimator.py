@@ -11,9 +11,9 @@ import torch
 
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.store import TokenStates
-from heads.config import HeadConfig
-from heads.estimator import HeadClassifier, HeadNotFoundError, NotFittedError, Ragged
-from heads.probes import fit_linear_probes
+from heads.probe.config import HeadConfig
+from heads.probe.estimator import HeadClassifier, HeadNotFoundError, NotFittedError, Ragged
+from heads.probe.adamw import fit_linear_probes
 
 N, K, H, C = 240, 3, 24, 3
 SMALL = dict(hidden=(16,), conv_hidden=16, sum_hidden=16, rnn_hidden=16, epochs=8, batch_size=32, lr=1e-2,
@@ -140,7 +140,7 @@ def test_early_stopping_restores_best(data: dict[str, Any]) -> None:
 
 def test_carved_validation_is_stratified(data: dict[str, Any]) -> None:
     X, y, _, _ = data["pooled"]
-    from heads.estimator import make_split
+    from heads.protocol import make_split
     split = make_split(y, None, HeadConfig(validation_fraction=0.25, seed=3))
     assert split.val_idx is not None and len(split.val_idx) == 60
     assert np.bincount(y[split.val_idx]).tolist() == [20, 20, 20]

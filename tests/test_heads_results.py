@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from embstore.errors import DataFileNotFoundError, OutputNotWritableError
-from heads.metrics import classification_metrics, majority_accuracy, mean_std
-from heads.results import ResultRow, RunWriter, read_run, write_report
+from heads.report.metrics import classification_metrics, majority_accuracy, mean_std
+from heads.report import ResultRow, RunWriter, read_run, write_report
 
 LABELS = ["neg", "neu", "pos"]
+EVAL_SET = {"id": "0123456789abcdef", "source_sha256": "f" * 64, "rows": 30}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,7 +50,7 @@ def _rows() -> list[ResultRow]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[ResultRow]]:
     run_dir = tmp_path_factory.mktemp("runs") / "sweep-a"
     meta = {"store_path": "/stores/abc", "store_fingerprint": "store-a", "model": "minilm", "label_names": LABELS,
-            "majority_accuracy": 0.4}
+            "majority_accuracy": 0.4, "eval_set": EVAL_SET}
     writer = RunWriter(run_dir, meta)
     rows = _rows()
     for row in rows:
@@ -71,7 +72,8 @@ def test_results_csv(run: tuple[Path, dict[str, Any], list[ResultRow]]) -> None:
     run_dir, _, rows = run
     with open(run_dir / "results.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    expected = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "train_seconds",
+    expected = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "val_accuracy",
+                "val_f1_macro", "train_seconds",
                 "best_epoch", "trainable_params", "seconds_per_epoch", "store_id", "hp_hidden", "hp_lr"]
     assert list(table[0]) == expected
     assert len(table) == len(rows)
@@ -162,7 +164,7 @@ def test_majority_and_mean_std() -> None:
 
 
 def test_report_merges_runs_sorted(run: tuple[Path, dict[str, Any], list[ResultRow]], tmp_path: Path) -> None:
-    finetune = RunWriter(tmp_path / "finetune-b", {"store_fingerprint": "store-b"})
+    finetune = RunWriter(tmp_path / "finetune-b", {"store_fingerprint": "store-b", "eval_set": EVAL_SET})
     for seed, f1 in ((0, 0.90), (1, 0.92)):
         finetune.add(_row("all", "finetune", "cls", "linear", seed, f1, store_id="store-b", trainable_params=22_000_000))
     finetune.finish(LABELS)

@@ -14,15 +14,11 @@ from click.testing import CliRunner
 from cli.embstore_cli import main
 from embstore import ExtractConfig, extract, open_store
 from embstore.plan import plan_extraction
+from conftest import synthetic_csv
 
 
 def _data(tmp_path: Path, n: int = 90) -> Path:
-    rng = np.random.default_rng(1)
-    words = np.array("the a model layer store token chunk resume crash probe head sweep vector".split())
-    path = tmp_path / "rows.csv"
-    pd.DataFrame({"text": [" ".join(rng.choice(words, size=rng.integers(2, 60))) for _ in range(n)],
-                  "label": rng.integers(0, 3, size=n)}).to_csv(path, index=False)
-    return path
+    return synthetic_csv(tmp_path, n, seed=1, min_words=2, max_words=60)
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(tokens="0,-1", pooling=("cls", "mean", "max"), dtype="float32")],

@@ -117,7 +117,7 @@ def test_tokenizer_lowercase_and_cjk_characters():
 def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     from embstore import ExtractConfig, extract, open_store
     from embstore.models import load_backbone
-    from heads.sweep import SweepConfig, run_sweep
+    from heads.probe.sweep import SweepConfig, run_sweep
 
     res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(pair_csv), "text_col": "s1", "text_pair_col": "s2",
                                                  "swap_augment": True, "pair_objective": "nsp", "whole_word": True,
@@ -129,8 +129,9 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     out = extract(ExtractConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                 label_col="label", out=str(tmp_path / "s.zarr"))), show_progress=False)
     assert open_store(out.path).layers == [0, 1, 2]
+    # 9 training rows: a 0.3 validation carve holds both classes (0.1 would be one row, refused)
     sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
-                                             "epochs": 2, "out": str(tmp_path / "sweep")}))
+                                             "epochs": 2, "validation_fraction": 0.3, "out": str(tmp_path / "sweep")}))
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
     from heads.finetune import FinetuneConfig, run_finetune
 
@@ -150,6 +151,10 @@ def test_resume_continues_and_refuses_another_config(tmp_path):
     assert state["steps"] == 3 and state["epoch_done"] is False and state["batches_done"] == 3
     again = run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 8, "resume": True}), show_progress=False)
     assert again.steps == 8 and [h["steps"] for h in again.history] == [0, 3, 5, 8]
+    # the checkpoint and model/ are safetensors + JSON: nothing anywhere in the run is a pickle file
+    written = [p for p in again.run_dir.rglob("*") if p.is_file()]
+    assert again.run_dir / "checkpoint" / "model.safetensors" in written
+    assert not [p for p in written if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     with pytest.raises(ConfigError, match=r"checkpoint in .*differing: mask_prob"):
         run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 9, "resume": True, "mask_prob": 0.3}))
 

@@ -9,21 +9,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from conftest import synthetic_csv
 from embstore import ExtractConfig, StoreIncompleteError, extract, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data(tmp_path: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
-    words = np.array("the a model layer store token chunk resume crash probe head sweep vector news sport".split())
-    texts = [" ".join(rng.choice(words, size=rng.integers(3, 40))) for _ in range(n)]
-    path = tmp_path / "synthetic.csv"
-    pd.DataFrame({"text": texts, "label": rng.integers(0, 3, size=n)}).to_csv(path, index=False)
-    return path
+    return synthetic_csv(tmp_path, n)
 
 
 def _assert_same_store(a: str, b: str) -> None:

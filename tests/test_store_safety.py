@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, StoreBusyError, StoreDamagedError, StoreMismatchError, extract, open_store
 from embstore.lock import StoreLock, lock_path
+from conftest import synthetic_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +42,7 @@ main(sys.argv[1:])
 
 
 def _data(tmp_path: Path, n: int = 120) -> Path:
-    rng = np.random.default_rng(0)
-    words = np.array("the a model layer store token chunk resume crash probe head sweep".split())
-    path = tmp_path / "rows.csv"
-    pd.DataFrame({"text": [" ".join(rng.choice(words, size=rng.integers(3, 20))) for _ in range(n)],
-                  "label": rng.integers(0, 3, size=n)}).to_csv(path, index=False)
-    return path
+    return synthetic_csv(tmp_path, n, max_words=20)
 
 
 def _wait_for(condition, what: str, proc: subprocess.Popen | None = None, limit: float = 240.0) -> None:

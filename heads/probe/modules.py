@@ -22,11 +22,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from embstore.errors import ConfigError
-from heads.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS, HeadConfig
+from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS, HeadConfig
 
 __all__ = [
     "InputShape", "ScalarMix", "LinearHead", "MLPHead", "ConvHead", "SumHead", "MixHead", "PairHead",
-    "RecurrentHead", "build_module", "Ragged", "Inputs", "as_inputs",
+    "RecurrentHead", "build_module", "Ragged", "Inputs", "as_inputs", "Standardize", "fit_input_stats", "inverse_scale",
 ]
 
 
@@ -122,7 +122,7 @@ def as_inputs(X: Any, head: str) -> Inputs:
         if isinstance(X, np.ndarray) or not (hasattr(X, "values") and hasattr(X, "offsets")):
             raise ConfigError(
                 f"The '{head}' head takes ragged token states (.values (T, hidden), .offsets (n+1,)), such as "
-                f"store.tokens(split, layer) or heads.estimator.Ragged; got {_got(X)}. Use a pooled head such as "
+                f"store.tokens(split, layer) or heads.Ragged; got {_got(X)}. Use a pooled head such as "
                 "linear for (n, dim) features.")
         values, offsets = np.asarray(X.values), np.asarray(X.offsets)
         if values.ndim != 2 or offsets.ndim != 1 or len(offsets) < 1 or np.any(np.diff(offsets) < 0) \
@@ -171,36 +171,73 @@ class ScalarMix(nn.Module):
 
 
 class Standardize(nn.Module):
-    """(x - shift) * scale with per-feature statistics of the training rows, saved with the head.
+    """(x - shift) * scale with per-feature statistics of the training rows (or tokens), saved with the head.
 
-    Hidden states have a few huge dimensions (and CLS vectors of early layers a tiny spread); a probe on raw
-    features needs many more steps to reach what logistic regression reaches. Identity until ``fit_stats``.
+    Hidden states have a few huge dimensions (and CLS vectors of early layers a tiny spread); a head on raw
+    features needs many more steps, or never leaves the majority class. ``shape`` is the per-row feature shape it
+    broadcasts over: ``(dim,)`` (pooled heads, flattened), ``(layers, hidden)`` (layered and pair heads) or
+    ``(hidden,)`` (token heads, one statistic per feature over all training tokens). Identity until ``fit_stats``.
     """
 
     shift: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, *shape: int) -> None:
         super().__init__()
-        self.register_buffer("shift", torch.zeros(dim))
-        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("shift", torch.zeros(shape))
+        self.register_buffer("scale", torch.ones(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.shift) * self.scale
 
     @torch.no_grad()
-    def fit_stats(self, inputs: "Inputs", rows: np.ndarray, chunk: int = 4096) -> None:
-        """Mean and 1/std (floored) over ``rows`` of a dense input, accumulated in float64 chunks."""
-        total = np.zeros(self.shift.shape[0])
-        squares = np.zeros(self.shift.shape[0])
-        for start in range(0, len(rows), chunk):
-            x = inputs.arrays[0][rows[start:start + chunk]].reshape(len(rows[start:start + chunk]), -1).astype(np.float64)
+    def fit_stats(self, inputs: "Inputs", rows: np.ndarray, array: int = 0, chunk: int = 4096) -> None:
+        """Mean and 1/std (:func:`inverse_scale`, as StandardScaler) over ``rows`` of input ``array`` (over their
+        tokens for token inputs), in two float64 passes (the mean, then centred squares), chunk by chunk."""
+        width = int(np.prod(self.shift.shape))
+
+        def parts() -> Any:
+            if inputs.shape.kind == "tokens":
+                values, offsets = inputs.arrays
+                for start in range(0, len(rows), chunk):
+                    r = rows[start:start + chunk]
+                    pieces = [values[offsets[i]:offsets[i + 1]] for i in r]
+                    if pieces:
+                        yield np.concatenate(pieces).astype(np.float64)
+                return
+            src = inputs.arrays[array]
+            for start in range(0, len(rows), chunk):
+                r = rows[start:start + chunk]
+                yield src[r].reshape(len(r), width).astype(np.float64)
+
+        n, total = 0, np.zeros(width)
+        for x in parts():
+            n += len(x)
             total += x.sum(0)
-            squares += (x * x).sum(0)
-        mean = total / max(1, len(rows))
-        std = np.sqrt(np.maximum(squares / max(1, len(rows)) - mean * mean, 0.0))
-        self.shift.copy_(torch.from_numpy(mean))
-        self.scale.copy_(torch.from_numpy(1.0 / np.maximum(std, 1e-6)))
+        mean = total / max(1, n)
+        m2 = np.zeros(width)
+        for x in parts():
+            m2 += ((x - mean) ** 2).sum(0)
+        self.shift.copy_(torch.from_numpy(mean.reshape(self.shift.shape)))
+        self.scale.copy_(torch.from_numpy(inverse_scale(m2 / max(1, n), mean, n).reshape(self.shift.shape)))
+
+
+def inverse_scale(var: np.ndarray, mean: np.ndarray, n: int) -> np.ndarray:
+    """1 / std per feature as scikit-learn's StandardScaler divides: features indistinguishable from a constant
+    (variance within the float64 two-pass error bound, ``n eps var + (n mean eps)^2``) get 1 (they stay centred at
+    0), every other feature 1 / std, however small its std."""
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    std = np.sqrt(np.where(constant, 1.0, var))
+    return 1.0 / std
+
+
+def fit_input_stats(module: nn.Module, inputs: "Inputs", rows: np.ndarray) -> None:
+    """Fit every input :class:`Standardize` of a head on the training ``rows`` (the pair head has one per tower)."""
+    for name, array in (("standardize", 0), ("standardize_a", 0), ("standardize_b", 1)):
+        std = getattr(module, name, None)
+        if isinstance(std, Standardize):
+            std.fit_stats(inputs, rows, array=array)
 
 
 class LinearHead(nn.Module):
@@ -252,21 +289,23 @@ class ConvHead(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(reduced, conv_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(conv_hidden, n_classes)
         )
+        self.standardize = Standardize(layers, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pointwise(self.depthwise(x)).flatten(1))
+        return self.mlp(self.pointwise(self.depthwise(self.standardize(x))).flatten(1))
 
 
 class SumHead(nn.Module):
     """Sum the layers, then Linear -> tanh -> Linear; (batch, layers, hidden) -> (batch, classes)."""
 
-    def __init__(self, hidden: int, sum_hidden: int, n_classes: int) -> None:
+    def __init__(self, layers: int, hidden: int, sum_hidden: int, n_classes: int) -> None:
         super().__init__()
         self.proj = nn.Linear(hidden, sum_hidden)
         self.out = nn.Linear(sum_hidden, n_classes)
+        self.standardize = Standardize(layers, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.proj(x.sum(dim=1))))
+        return self.out(torch.tanh(self.proj(self.standardize(x).sum(dim=1))))
 
 
 class MixHead(nn.Module):
@@ -276,9 +315,10 @@ class MixHead(nn.Module):
         super().__init__()
         self.mix = ScalarMix(layers)
         self.linear = nn.Linear(hidden, n_classes)
+        self.standardize = Standardize(layers, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.mix(x))
+        return self.linear(self.mix(self.standardize(x)))
 
 
 class PairHead(nn.Module):
@@ -294,10 +334,11 @@ class PairHead(nn.Module):
         self.proj_a, self.proj_b = nn.Linear(shape_a[1], sum_hidden), nn.Linear(shape_b[1], sum_hidden)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(4 * sum_hidden, n_classes)
+        self.standardize_a, self.standardize_b = Standardize(*shape_a), Standardize(*shape_b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        u = torch.tanh(self.proj_a(self.mix_a(a)))  # (batch, sum_hidden)
-        v = torch.tanh(self.proj_b(self.mix_b(b)))
+        u = torch.tanh(self.proj_a(self.mix_a(self.standardize_a(a))))  # (batch, sum_hidden)
+        v = torch.tanh(self.proj_b(self.mix_b(self.standardize_b(b))))
         return self.out(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], dim=1)))
 
 
@@ -321,10 +362,11 @@ class RecurrentHead(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(self.directions * cfg.rnn_hidden, n_classes)
+        self.standardize = Standardize(hidden)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Packing keeps padding out of the recurrence, so a row's result does not depend on its batch.
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(self.standardize(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
         out_packed, h_n = self.rnn(packed)
         if self.aggregate == "last":
             h = h_n[0] if isinstance(h_n, tuple) else h_n  # LSTM returns (h_n, c_n)
@@ -357,7 +399,7 @@ def build_module(cfg: HeadConfig, shape: InputShape, n_classes: int) -> nn.Modul
         if head == "conv":
             return ConvHead(layers, hidden, cfg.conv_hidden, cfg.dropout, n_classes)
         if head == "sum":
-            return SumHead(hidden, cfg.sum_hidden, n_classes)
+            return SumHead(layers, hidden, cfg.sum_hidden, n_classes)
         return MixHead(layers, hidden, n_classes)
     if head in PAIR_HEADS:
         return PairHead(s[0], s[1], cfg.sum_hidden, cfg.dropout, n_classes)

@@ -9,23 +9,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import f1_score
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from embstore.errors import ConfigError, EmbstoreError
-from heads.config import TOKEN_HEADS, HeadConfig
-from heads.modules import InputShape, Inputs, Ragged, Standardize, as_inputs, build_module
+from heads.probe.config import TOKEN_HEADS, HeadConfig
+from heads.probe.modules import InputShape, Inputs, Ragged, as_inputs, build_module, fit_input_stats
+from heads.protocol import BestTracker, make_split, scores
 
 __all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged", "check_labels"]
 
@@ -63,44 +60,6 @@ def resolve_device(cfg: HeadConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-@dataclass
-class Split:
-    """Training rows and (optional) validation rows, as indices into their Inputs."""
-
-    train_idx: np.ndarray
-    y: np.ndarray
-    """labels of the training Inputs, all rows (index with train_idx)."""
-    val_idx: np.ndarray | None
-    y_val: np.ndarray | None
-    """labels of the validation Inputs, all rows."""
-    val_is_train: bool
-    """True when validation rows were carved from the training Inputs."""
-
-
-def make_split(y: np.ndarray, y_val: np.ndarray | None, cfg: HeadConfig) -> Split:
-    """Carve cfg.validation_fraction of the rows (seeded, stratified when every class has 2 rows) if needed."""
-    n = len(y)
-    if n == 0:
-        raise ConfigError("fit got 0 training rows; pass at least one row per class.")
-    if y_val is not None:
-        return Split(np.arange(n), y, np.arange(len(y_val)), y_val, False)
-    if cfg.patience == 0:
-        return Split(np.arange(n), y, None, None, False)
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min(initial=n) >= 2 else None
-    try:
-        tr, va = train_test_split(np.arange(n), test_size=cfg.validation_fraction, random_state=cfg.seed,
-                                  stratify=stratify)
-    except ValueError:  # too few validation rows for one per class: carve without stratifying
-        try:
-            tr, va = train_test_split(np.arange(n), test_size=cfg.validation_fraction, random_state=cfg.seed)
-        except ValueError as e:
-            raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or "
-                              "patience=0.") from e
-    # Sorted: batches are drawn by permutation anyway, sorted rows keep the gathers cache friendly.
-    return Split(np.sort(tr), y, np.sort(va), y, True)
-
-
 def class_weights(y_train: np.ndarray, n_classes: int, cfg: HeadConfig) -> torch.Tensor | None:
     """'balanced': n / (C * count_c), 0 for absent classes; None otherwise. (C,) float32."""
     if cfg.class_weight != "balanced":
@@ -124,32 +83,6 @@ def epoch_batches(train_idx: np.ndarray, batch_size: int, gen: torch.Generator) 
     order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
-
-
-def scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
-    """(accuracy, macro-F1)."""
-    return float(np.mean(y_true == y_pred)), float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-
-
-class BestTracker:
-    """Early stopping on validation macro-F1: keeps the best (earliest on ties) epoch and its state."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience, self.best_f1, self.best_epoch, self.bad = patience, -math.inf, -1, 0
-        self.state: Any = None
-        self.stopped = False
-
-    def update(self, epoch: int, f1: float | None, snapshot: Any) -> bool:
-        """Record one epoch; ``snapshot()`` is called only for a new best. Returns True when training should stop."""
-        if self.patience == 0 or f1 is None:  # no early stopping: the last epoch wins
-            self.best_epoch = epoch
-            return False
-        if f1 > self.best_f1:
-            self.best_f1, self.best_epoch, self.bad, self.state = f1, epoch, 0, snapshot()
-        else:
-            self.bad += 1
-        self.stopped = self.bad >= self.patience
-        return self.stopped
 
 
 def _logits(module: nn.Module, inputs: Inputs, idx: np.ndarray, batch_size: int) -> torch.Tensor:
@@ -214,8 +147,8 @@ class HeadClassifier:
 
         torch.manual_seed(cfg.seed)
         module = build_module(cfg, train.shape, n_classes)
-        if cfg.standardize and isinstance(getattr(module, "standardize", None), Standardize):
-            module.standardize.fit_stats(train, split.train_idx)  # type: ignore[union-attr, operator]
+        if cfg.standardize:
+            fit_input_stats(module, train, split.train_idx)
         module = module.to(device)
         opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = make_scheduler(opt, cfg)
@@ -320,7 +253,7 @@ class HeadClassifier:
         shape = InputShape.from_dict(meta["input_shape"])
         with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
             module = build_module(cfg, shape, int(meta["n_classes"]))
-        module.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        _load_weights(module, load_file(str(path / WEIGHTS_FILE)), path)
         est._set_fitted(module.to(resolve_device(cfg)), int(meta["n_classes"]), shape, list(meta["history"]),
                         int(meta["best_epoch"]), float(meta["train_seconds"]))
         est.extra_ = dict(meta.get("extra") or {})
@@ -335,6 +268,16 @@ def resolve_n_classes(y: np.ndarray, y_val: np.ndarray | None, n_classes: int | 
     if n_classes < seen:
         raise ConfigError(f"n_classes is {n_classes} but the labels go up to {seen - 1}; pass n_classes >= {seen}.")
     return int(n_classes)
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load saved weights; heads saved before every head standardised its inputs lack only the statistics,
+    which stay the identity (as those heads were trained)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.split(".")[0].startswith("standardize")]
+    if missing or unexpected:
+        raise HeadNotFoundError(f"{path / WEIGHTS_FILE} does not match its head.json (missing {missing[:3]}, unexpected "
+                                f"{list(unexpected)[:3]}); save the head again with this version.")
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

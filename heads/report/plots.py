@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from heads.results import ConfigStats
+from heads.report.table import ConfigStats
+
 
 def names_for(confusion: list[list[int]], label_names: list[str]) -> list[str]:
     return list(label_names) if len(label_names) == len(confusion) else [str(i) for i in range(len(confusion))]
@@ -43,23 +43,42 @@ def plot_per_layer(path: Path, stats: list[ConfigStats], best: ConfigStats | Non
 
 
 def plot_curves(path: Path, stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str]) -> bool:
+    """Training loss and validation macro-F1 per epoch of the best config; for an L-BFGS probe (history per C
+    of the grid) its validation curve: macro-F1 and training loss against C, the chosen C marked."""
     history = best.first.history if best else []
     if not best or not history:
         return False
     fig, (ax_loss, ax_f1) = new_figure(10, 4, ncols=2)
-    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-    ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in history], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax_f1.plot(epochs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
-    ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", title="Validation macro-F1")
-    if best.first.best_epoch is not None:
-        ax_f1.axvline(best.first.best_epoch, color="gray", linestyle="--", label=f"best epoch {best.first.best_epoch}")
-        ax_f1.legend()
-    from matplotlib.ticker import MaxNLocator
+    if all("C" in h for h in history):
+        import math
 
-    for ax in (ax_loss, ax_f1):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # log10(C) on a linear axis with C as tick labels: matplotlib's log scale costs more than the rest of the plot
+        xs = [math.log10(float(h["C"])) for h in history]
+        ax_loss.plot(xs, [h.get("train_loss", float("nan")) for h in history], marker="o")
+        ax_loss.set(xlabel="C (inverse L2 strength)", ylabel="training loss", title="Training loss per C")
+        ax_f1.plot(xs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
+        ax_f1.set(xlabel="C (inverse L2 strength)", ylabel="validation macro-F1", title="Validation macro-F1 per C")
+        chosen = best.first.hyperparameters.get("C")
+        if chosen is not None:
+            ax_f1.axvline(math.log10(float(chosen)), color="gray", linestyle="--", label=f"chosen C {float(chosen):g}")
+            ax_f1.legend()
+        for ax in (ax_loss, ax_f1):
+            ax.set_xticks(xs, [f"{float(h['C']):g}" for h in history])
+            ax.grid(alpha=0.3)
+    else:
+        epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+        ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in history], marker="o")
+        ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+        ax_f1.plot(epochs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
+        ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", title="Validation macro-F1")
+        if best.first.best_epoch is not None:
+            ax_f1.axvline(best.first.best_epoch, color="gray", linestyle="--", label=f"best epoch {best.first.best_epoch}")
+            ax_f1.legend()
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (ax_loss, ax_f1):
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{' / '.join(best.key)} (seed {best.first.seed})")
     fig.savefig(path, dpi=120)
     return True
@@ -93,6 +112,6 @@ def plot_report(path: Path, entries: list[tuple[str, str, ConfigStats]]) -> None
     colors = ["tab:blue"] * (len(entries) - 1) + ["tab:orange"]  # the best (drawn last = top) stands out
     ax.barh(range(len(entries)), means, xerr=stds, color=colors, capsize=2)
     ax.set_yticks(range(len(entries)), labels, fontsize=8)
-    ax.set(xlabel="macro-F1 (mean ± std)", title="Macro-F1 per config, best on top")
+    ax.set(xlabel="evaluation macro-F1 (mean ± std)", title="Macro-F1 per config, best (as the report ranks) on top")
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=120)

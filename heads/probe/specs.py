@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from embstore.errors import ConfigError
 from embstore.layers import format_layers, parse_layers
-from heads.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS
+from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS
 
 __all__ = ["COMBINES", "Combo", "parse_combine", "expand"]
 

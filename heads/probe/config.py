@@ -9,7 +9,7 @@ from typing import Any, Literal
 from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError
 
-__all__ = ["HeadConfig", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS"]
+__all__ = ["HeadConfig", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS", "parse_grid"]
 
 POOLED_HEADS = ("linear", "mlp")
 """Take one feature vector per row: (n, d); several layers arrive concatenated/summed/averaged."""
@@ -20,6 +20,21 @@ PAIR_HEADS = ("pair",)
 TOKEN_HEADS = ("rnn", "gru", "lstm")
 """Take ragged per-token states of one layer."""
 HEADS = POOLED_HEADS + LAYERED_HEADS + PAIR_HEADS + TOKEN_HEADS
+
+
+def parse_grid(value: Any) -> tuple[float, ...]:
+    """'1e-4,1e-2,1' or a list of numbers -> a tuple of floats (HeadConfig checks that they are positive)."""
+    parts = str(value).split(",") if isinstance(value, (str, int, float)) else list(value)
+    out = []
+    for p in parts:
+        if isinstance(p, str) and not p.strip():
+            continue
+        try:
+            out.append(float(p))
+        except (TypeError, ValueError):
+            raise ConfigError(f"The 'c_grid' option must be a comma list of positive numbers such as 1e-4,1e-2,1; "
+                              f"got {p!r}.") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +62,17 @@ class HeadConfig:
     aggregate: Literal["mean", "max", "last"] = "mean"
     """rnn/gru/lstm: how the per-token outputs become one vector (masked)."""
     standardize: bool = True
-    """linear/mlp: standardize each input feature with the training rows' mean and std (kept with the head)."""
+    """Every head: standardise each input feature with the training rows' mean and std (token heads: over the
+    training tokens), kept with the head and applied by ``heads predict``."""
+    solver: Literal["lbfgs", "adamw"] = "lbfgs"
+    """linear: 'lbfgs' solves scikit-learn's logistic regression objective for every C of ``c_grid`` at once and
+    picks C on validation; 'adamw' trains by minibatch AdamW (lr, weight_decay, epochs, early stopping)."""
+    c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+    """linear/lbfgs: inverse L2 strengths C tried (scikit-learn's C: penalty ||W||^2 / (2C), loss summed over rows)."""
+    max_iter: int = 1000
+    """linear/lbfgs: L-BFGS iterations at most per problem (scikit-learn's max_iter)."""
+    tol: float = 1e-4
+    """linear/lbfgs: stop when the largest gradient entry of the mean objective is at most tol (scikit-learn's tol)."""
     lr: float = 1e-3
     weight_decay: float = 0.01
     """AdamW decoupled weight decay."""
@@ -89,12 +114,25 @@ class HeadConfig:
             raise ConfigError(f"The 'validation_fraction' option must be in (0, 1); got {self.validation_fraction}.")
         if self.lr <= 0:
             raise ConfigError(f"The 'lr' option must be positive; got {self.lr}.")
+        if self.solver not in ("lbfgs", "adamw"):
+            raise ConfigError(f"The 'solver' option must be lbfgs or adamw; got {self.solver!r}.")
+        if not self.c_grid:
+            raise ConfigError("The 'c_grid' option must hold at least one inverse L2 strength C, e.g. 1e-4,1e-2,1,100.")
+        bad = [c for c in self.c_grid if not (isinstance(c, (int, float)) and c > 0 and c != float("inf"))]
+        if bad:
+            raise ConfigError(f"The 'c_grid' option must hold positive inverse L2 strengths C (finite, > 0); got {bad[0]!r}. "
+                              "Pass values such as 1e-4,1e-2,1,100.")
+        if self.max_iter < 1:
+            raise ConfigError(f"The 'max_iter' option must be a positive integer; got {self.max_iter}.")
+        if not self.tol > 0:
+            raise ConfigError(f"The 'tol' option must be positive; got {self.tol}.")
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"The 'hidden' option must be positive layer sizes; got {self.hidden}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["c_grid"] = list(self.c_grid)
         return d
 
     @classmethod
@@ -104,6 +142,8 @@ class HeadConfig:
         if "hidden" in d:
             h = d["hidden"]
             d["hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
+        if "c_grid" in d:
+            d["c_grid"] = parse_grid(d["c_grid"])
         return cls(**d)
 
     def replace(self, **changes: Any) -> "HeadConfig":

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from embstore.errors import ConfigError
-from heads.config import HeadConfig
-from heads.estimator import (
-    BestTracker, HeadClassifier, check_labels, class_weights, epoch_batches, make_scheduler, make_split,
-    resolve_device, resolve_n_classes, scores,
+from heads.probe.config import HeadConfig
+from heads.probe.estimator import (
+    HeadClassifier, check_labels, class_weights, epoch_batches, make_scheduler, resolve_device, resolve_n_classes,
 )
-from heads.modules import Inputs, LinearHead, as_inputs, build_module
+from heads.probe.modules import Inputs, LinearHead, as_inputs, build_module
+from heads.protocol import BestTracker, make_split, scores
 
 __all__ = ["fit_linear_probes"]
 

@@ -1,0 +1,105 @@
+"""L-BFGS on many independent problems at once, each with its own curvature history, step and convergence.
+
+The problems are the rows of parameter tensors ``thetas[d]`` shaped (G, K, D) (for the probes: configuration x C,
+D weights of a width-d probe); one call of the objective evaluates every active problem in one data pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["BatchedLBFGS", "Objective"]
+
+Objective = Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor]],
+                     tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]]
+"""(parameters, active problems) -> (objective, data term, gradient), each per width d."""
+
+
+class BatchedLBFGS:
+    """L-BFGS on many independent problems at once: per-problem two-loop recursion, step and convergence.
+
+    ``thetas[d]`` is (G, K, D) for width d; every problem (g, k) has its own history of the last ``history``
+    (s, y) pairs, its own backtracking Armijo step (a step not accepted at once is halved, one evaluation pass for
+    all problems still searching) and stops when its largest gradient entry is at most ``tol``.
+    """
+
+    def __init__(self, objective: Objective, thetas: dict[int, torch.Tensor], *, history: int) -> None:
+        self.objective, self.thetas, self.m = objective, thetas, history
+
+    def run(self, max_iter: int, tol: float, only: dict[int, torch.Tensor] | None = None
+            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Iterate from ``thetas`` (updated in place) until every problem (or every one in ``only``) has its largest
+        gradient entry at most ``tol``; returns the iterations each took and whether it got there."""
+        th = self.thetas
+        dev = next(iter(th.values())).device
+        everyone = only or {d: torch.ones(t.shape[:2], dtype=torch.bool, device=dev) for d, t in th.items()}
+        f, _, g = self.objective(th, everyone)
+        done = {d: (g[d].abs().amax(-1) <= tol) | ~everyone[d] for d in th}
+        its = {d: torch.zeros(t.shape[:2], dtype=torch.long, device=dev) for d, t in th.items()}
+        hist: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {d: [] for d in th}
+        for _ in range(max_iter):
+            if all(bool(done[d].all()) for d in th):
+                break
+            p, gp = {}, {}
+            for d in th:
+                p[d] = torch.where(done[d][..., None], torch.zeros_like(g[d]), self._direction(g[d], hist[d]))
+                gp[d] = (g[d] * p[d]).sum(-1)
+                uphill = (gp[d] >= 0) & ~done[d]  # not a descent direction (numerical trouble): steepest descent
+                if bool(uphill.any()):
+                    p[d] = torch.where(uphill[..., None], -g[d], p[d])
+                    gp[d] = (g[d] * p[d]).sum(-1)
+                    hist[d] = []
+            pending = {d: ~done[d] for d in th}
+            step = {d: torch.ones(t.shape[:2], device=dev) for d, t in th.items()}
+            new_th = {d: t.clone() for d, t in th.items()}
+            new_f = {d: t.clone() for d, t in f.items()}
+            new_g = {d: t.clone() for d, t in g.items()}
+            for _ls in range(20):
+                trial = {d: th[d] + step[d][..., None] * p[d] for d in th}
+                ft, _, gt = self.objective(trial, pending)
+                for d in th:
+                    # Armijo, with a float32-noise allowance so a converged problem is not stuck halving forever
+                    ok = pending[d] & (ft[d] <= f[d] + 1e-4 * step[d].double() * gp[d].double() + 1e-7 * f[d].abs())
+                    new_th[d][ok], new_f[d][ok], new_g[d][ok] = trial[d][ok], ft[d][ok], gt[d][ok]
+                    pending[d] = pending[d] & ~ok
+                    step[d] = torch.where(pending[d], step[d] * 0.5, step[d])
+                if not any(bool(pending[d].any()) for d in th):
+                    break
+            for d in th:
+                s, y = new_th[d] - th[d], new_g[d] - g[d]
+                sy = (s * y).sum(-1, keepdim=True)
+                good = sy > 1e-10 * (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
+                hist[d].append((torch.where(good, s, 0.0), torch.where(good, y, 0.0),
+                                torch.where(good, 1.0 / sy.clamp_min(1e-30), 0.0)))
+                if len(hist[d]) > self.m:
+                    hist[d].pop(0)
+                its[d] += (~done[d]).long()
+                stuck = pending[d]  # no decrease found along the direction: as far as float32 goes
+                th[d], f[d], g[d] = new_th[d], new_f[d], new_g[d]
+                done[d] = done[d] | stuck | (g[d].abs().amax(-1) <= tol)
+        converged = {d: g[d].abs().amax(-1) <= tol for d in th}
+        return its, converged
+
+    @staticmethod
+    def _direction(g: torch.Tensor, hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """-H g by the two-loop recursion, per problem (inner products over the last dim)."""
+        q = -g
+        alphas = []
+        for s, y, rho in reversed(hist):
+            a = rho * (s * q).sum(-1, keepdim=True)
+            alphas.append(a)
+            q = q - a * y
+        if hist:
+            s, y, rho = hist[-1]
+            yy = (y * y).sum(-1, keepdim=True)
+            gamma = torch.where(yy > 0, (s * y).sum(-1, keepdim=True) / yy.clamp_min(1e-30), 0.0)
+        else:
+            gamma = torch.zeros_like(g[..., :1])
+        # no curvature pair yet: a first step of length 1 / max(1, |g|_1) as torch's L-BFGS takes
+        first = (1.0 / g.abs().sum(-1, keepdim=True).clamp_min(1.0))
+        q = q * torch.where(gamma > 0, gamma, first)
+        for (s, y, rho), a in zip(hist, reversed(alphas)):
+            q = q + s * (a - rho * (y * q).sum(-1, keepdim=True))
+        return q

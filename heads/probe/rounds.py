@@ -1,0 +1,211 @@
+"""How a sweep trains its configurations: one function per kind of head, all returning :class:`Outcome`.
+
+* pooled linear heads, ``solver='lbfgs'``: :func:`heads.probe.solvers.fit_logistic_probes`, every configuration,
+  seed, fold and every C of the grid together, C chosen on validation, streamed by row chunk when the features
+  exceed the memory budget and split across torchrun ranks;
+* pooled linear heads, ``solver='adamw'``: :func:`heads.probe.adamw.fit_linear_probes` (one batched pass);
+* other dense and pair heads: :func:`heads.probe.ensemble.fit_stacked`, every configuration and seed of one
+  architecture and input shape in one stacked model;
+* token heads (rnn, gru, lstm): one ``HeadClassifier.fit`` each (packed sequences do not vmap).
+
+Every outcome carries its validation scores (all choices were made there) and its evaluation scores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from heads.probe.config import HeadConfig
+from heads.probe.ensemble import Member, bundle_key, fit_stacked
+from heads.probe.estimator import HeadClassifier
+from heads.probe.features import FeatureBank, feature_width
+from heads.probe.modules import InputShape, LinearHead, as_inputs
+from heads.probe.solvers import Comm, LogisticFit, chosen_confusions, fit_logistic_probes
+from heads.probe.specs import Combo
+from heads.report.metrics import classification_metrics, metrics_from_confusion
+
+__all__ = ["Plan", "Outcome", "train_lbfgs", "train_adamw", "train_stacked", "train_tokens"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One round of a sweep: a seed (and fold), its fitting, validation and evaluation rows (absolute, sorted)."""
+
+    seed: int
+    fold: int | None
+    train_split: str
+    fit_rows: np.ndarray
+    val_split: str
+    val_rows: np.ndarray
+    eval_split: str
+    eval_rows: np.ndarray
+
+
+@dataclass
+class Outcome:
+    """One trained head of one round, scored on validation and on the evaluation rows."""
+
+    combo: Combo
+    plan: Plan
+    est: HeadClassifier
+    metrics: dict[str, Any]
+    """classification_metrics on the evaluation rows."""
+    val: dict[str, Any]
+    """classification_metrics on the validation rows."""
+    hyper: dict[str, Any] = field(default_factory=dict)
+    """Choices made on validation (C for L-BFGS probes)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Labels:
+    """Labels of the store splits a sweep reads (every rank holds them whole; they are small)."""
+
+    def __init__(self, by_split: dict[str, np.ndarray], names: list[str]) -> None:
+        self.by_split, self.names = by_split, names
+
+    def __getitem__(self, split: str) -> np.ndarray:
+        return self.by_split[split]
+
+
+def _source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows: Sequence[np.ndarray],
+            plan_of: Sequence[int], y: np.ndarray, comm: Comm) -> Callable[[], Any]:
+    """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``plan_rows``, with every
+    combo's features once, and each probe's rows (probe p belongs to plan ``plan_of[p]``)."""
+    union = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in plan_rows]))
+    mine = [(c, r) for c, r in bank.chunks(split, union) if c % comm.world == comm.rank]
+    n = bank.store.n_rows(split)
+    member = np.zeros((len(plan_rows), n), dtype=bool)
+    for i, r in enumerate(plan_rows):
+        member[i, r] = True
+    everyone = bool(member[:, union].all())  # one plan, or plans on the same rows: no masks
+    probe_plan = np.asarray(plan_of, dtype=np.int64)
+
+    def chunks() -> Any:
+        for c, r in mine:
+            for rows, feats in bank.chunk_blocks(combos, split, c, r):
+                yield feats, y[rows], None if everyone else member[probe_plan][:, rows]
+    return chunks
+
+
+def _linear_head(fit: LogisticFit, k: int, cfg: HeadConfig, n_classes: int, device: torch.device,
+                 seconds: float, history: list[dict[str, Any]]) -> HeadClassifier:
+    d = fit.weights.shape[1]
+    module = LinearHead(d, n_classes)
+    with torch.no_grad():
+        module.linear.weight.copy_(torch.from_numpy(fit.weights[k].T))
+        module.linear.bias.copy_(torch.from_numpy(fit.bias[k]))
+        module.standardize.shift.copy_(torch.from_numpy(fit.mean))
+        module.standardize.scale.copy_(torch.from_numpy(fit.scale))
+    est = HeadClassifier(cfg)
+    est._set_fitted(module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
+    return est
+
+
+def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBank, labels: Labels, cfg: HeadConfig,
+                device: torch.device, cache: bool, comm: Comm) -> list[Outcome]:
+    """Every pooled linear probe of every round (combo x seed x fold) at every C of the grid, in one solve (every
+    combo's features read once per pass), C chosen on each round's validation rows."""
+    t0 = time.perf_counter()
+    n_classes, names = len(labels.names), labels.names
+    p0 = plans[0]
+    probes = [(ci, pi) for pi in range(len(plans)) for ci in range(len(combos))]
+    feature_of, plan_of = [ci for ci, _ in probes], [pi for _, pi in probes]
+    widths = [feature_width(c, bank.store.hidden) for c in combos]
+
+    def source(split: str, rows: Sequence[np.ndarray]) -> Callable[[], Any]:
+        return _source(bank, combos, split, rows, plan_of, labels[split], comm)
+
+    fits = fit_logistic_probes(
+        source(p0.train_split, [p.fit_rows for p in plans]), widths, n_classes, cfg.c_grid, feature_of=feature_of,
+        val_source=source(p0.val_split, [p.val_rows for p in plans]), max_iter=cfg.max_iter, tol=cfg.tol,
+        class_weight=cfg.class_weight, device=device, cache=cache, comm=comm, standardize=cfg.standardize)
+    seconds = (time.perf_counter() - t0) / max(1, len(probes))
+    evals = chosen_confusions(fits, source(p0.eval_split, [p.eval_rows for p in plans]), n_classes, feature_of, comm=comm)
+    out = []
+    for (ci, pi), fit, cm in zip(probes, fits, evals):
+        k = fit.chosen
+        history = []
+        for j, c in enumerate(cfg.c_grid):
+            vm = metrics_from_confusion(fit.val_confusion[j], names) if fit.val_confusion is not None else None
+            history.append({"C": float(c), "train_loss": float(fit.train_loss[j]), "iterations": int(fit.iterations[j]),
+                            "converged": bool(fit.converged[j]), "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
+                            "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"]})
+        est = _linear_head(fit, k, cfg.replace(seed=plans[pi].seed), n_classes, device, seconds, history)
+        val = metrics_from_confusion(fit.val_confusion[k], names) if fit.val_confusion is not None else {}
+        out.append(Outcome(combos[ci], plans[pi], est, metrics_from_confusion(cm, names), val, hyper={"C": float(cfg.c_grid[k])},
+                           extra={"iterations": int(fit.iterations[k]), "converged": bool(fit.converged[k])}))
+    return out
+
+
+def _score(est: HeadClassifier, bank: FeatureBank, combo: Combo, split: str, rows: np.ndarray, y: np.ndarray,
+           names: list[str]) -> dict[str, Any]:
+    return classification_metrics(y[rows], est.predict(bank.features(combo, split, rows)), names)
+
+
+def train_adamw(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig) -> list[Outcome]:
+    """Every pooled linear probe of one round by minibatch AdamW in one batched pass, early-stopped on validation."""
+    from heads.probe.adamw import fit_linear_probes
+
+    y_tr, y_va = labels[plan.train_split], labels[plan.val_split]
+    ests = fit_linear_probes([bank.features(c, plan.train_split, plan.fit_rows) for c in probes], y_tr[plan.fit_rows],
+                             [bank.features(c, plan.val_split, plan.val_rows) for c in probes], y_va[plan.val_rows],
+                             cfg.replace(head="linear", seed=plan.seed), n_classes=len(labels.names))
+    return [Outcome(c, plan, e, _score(e, bank, c, plan.eval_split, plan.eval_rows, labels[plan.eval_split], labels.names),
+                    _score(e, bank, c, plan.val_split, plan.val_rows, y_va, labels.names))
+            for c, e in zip(probes, ests)]
+
+
+def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels: Labels, cfg: HeadConfig,
+                  device: torch.device, on_done: Callable[[], None], budget: int | None = None) -> list[Outcome]:
+    """Dense and pair heads (not linear probes, not token heads) of every round: one stack per architecture and
+    input shape, every configuration's features moved to the device once. A stack whose float32 features exceed
+    ``budget`` is cut into stacks of fewer configurations (each configuration's features still move once)."""
+    names = labels.names
+    by_bundle: dict[Any, list[tuple[Combo, Plan]]] = {}
+    shapes: dict[Combo, InputShape] = {}
+    for combo, plan in jobs:
+        if combo not in shapes:
+            shapes[combo] = as_inputs(bank.features(combo, plan.train_split, plan.fit_rows[:1]), combo.head).shape
+        by_bundle.setdefault(bundle_key(cfg.replace(head=combo.head), shapes[combo]), []).append((combo, plan))
+    pieces: list[list[tuple[Combo, Plan]]] = []
+    for bundle in by_bundle.values():
+        combos = list(dict.fromkeys(c for c, _ in bundle))
+        rows = bank.store.n_rows(bundle[0][1].train_split) + (0 if bundle[0][1].val_split == bundle[0][1].train_split
+                                                             else bank.store.n_rows(bundle[0][1].val_split))
+        per_combo = 4 * rows * sum(int(np.prod(s)) for s in shapes[combos[0]].shapes)
+        size = len(combos) if budget is None else max(1, budget // max(1, per_combo))
+        for start in range(0, len(combos), size):
+            part = set(combos[start:start + size])
+            pieces.append([(c, p) for c, p in bundle if c in part])
+    out: list[Outcome] = []
+    for bundle in pieces:
+        combos = list(dict.fromkeys(c for c, _ in bundle))
+        plan0 = bundle[0][1]
+        head_cfg = cfg.replace(head=combos[0].head)
+        train_inputs = [as_inputs(bank.features(c, plan0.train_split), c.head) for c in combos]
+        same = plan0.val_split == plan0.train_split
+        val_inputs = train_inputs if same else [as_inputs(bank.features(c, plan0.val_split), c.head) for c in combos]
+        members = [Member(combos.index(c), p.seed, p.fit_rows, p.val_rows) for c, p in bundle]
+        ests = fit_stacked(head_cfg, train_inputs, val_inputs, members, labels[plan0.train_split], labels[plan0.val_split],
+                           len(names), device, on_done=lambda _i: on_done())
+        for (combo, plan), est in zip(bundle, ests):
+            out.append(Outcome(combo, plan, est,
+                               _score(est, bank, combo, plan.eval_split, plan.eval_rows, labels[plan.eval_split], names),
+                               _score(est, bank, combo, plan.val_split, plan.val_rows, labels[plan.val_split], names)))
+    return out
+
+
+def train_tokens(combo: Combo, plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig) -> Outcome:
+    """One recurrent head over per-token states, early-stopped on validation."""
+    y_tr, y_va = labels[plan.train_split], labels[plan.val_split]
+    est = HeadClassifier(cfg.replace(head=combo.head, seed=plan.seed))
+    est.fit(bank.features(combo, plan.train_split, plan.fit_rows), y_tr[plan.fit_rows],
+            bank.features(combo, plan.val_split, plan.val_rows), y_va[plan.val_rows], n_classes=len(labels.names))
+    return Outcome(combo, plan, est, _score(est, bank, combo, plan.eval_split, plan.eval_rows, labels[plan.eval_split], labels.names),
+                   _score(est, bank, combo, plan.val_split, plan.val_rows, y_va, labels.names))

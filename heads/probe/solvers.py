@@ -1,0 +1,397 @@
+"""Linear probes by a batched full-batch solver: multinomial logistic regression by L-BFGS, in float32, on the device.
+
+Every probe of a sweep (layer x pooling x combination x seed x fold: a feature on its own rows) and every inverse
+L2 strength ``C`` of the grid is one problem; problems of one feature width are stacked and solved together, and
+every width in the same data pass.
+The objective of each is scikit-learn's ``LogisticRegression(C=C)`` (multinomial, lbfgs), scaled as scikit-learn
+scales it::
+
+    f(W, b) = (1/S) sum_i w_i CE(x_i W + b, y_i) + 1/(2 C S) ||W||^2      (S = sum_i w_i, intercept unpenalised)
+
+on inputs standardised with the training rows' mean and std (``StandardScaler``), stopped when the largest
+gradient entry is at most ``tol`` (scipy's ``pgtol``, which scikit-learn sets to its ``tol``). For two classes
+scikit-learn fits one weight vector; the symmetric two-class softmax with a doubled penalty has the same
+solution, so the penalty is doubled there.
+
+The data arrive as blocks of row chunks from a :class:`ChunkSource` (in memory, or streamed from the store when
+the features exceed the memory budget); every iteration is one pass over them (a line-search step that is not
+accepted at once costs another). Under torchrun each rank sees only its own chunks and the per-block sums are
+all-reduced (in float64), so every rank takes the same steps. Problems that converge stop being computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from heads.probe.lbfgs import BatchedLBFGS, Objective
+from heads.probe.modules import inverse_scale
+from heads.report.metrics import macro_f1_present
+
+__all__ = ["ChunkSource", "Comm", "LogisticFit", "fit_logistic_probes", "grid_confusions", "chosen_confusions"]
+
+log = logging.getLogger(__name__)
+
+Chunk = tuple[list[np.ndarray], np.ndarray, "np.ndarray | None"]
+"""One block of rows: one float32 (rows, width) array per feature, the rows' labels (rows,) int64, and which rows
+each probe uses, (probes, rows) bool (None: every probe uses every row)."""
+
+
+class ChunkSource(Protocol):
+    """Blocks of rows (this rank's row chunks), each with every feature's raw (unstandardised) values and each probe's
+    rows. Probes that share a feature but not their rows (seeds, folds) read it once."""
+
+    def __call__(self) -> Iterator[Chunk]: ...
+
+
+class Comm:
+    """Sums across torchrun ranks (a no-op in one process). nccl reduces CUDA tensors only, gloo CPU ones: a
+    tensor is moved to the backend's device for the reduction and back."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        nccl = self.distributed and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return t
+        import torch.distributed as dist
+
+        x = t.to(self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x.to(t.device)
+
+
+@dataclass
+class LogisticFit:
+    """One probe's solutions over the C grid, in the input (unstandardised) feature space's shapes."""
+
+    weights: np.ndarray
+    """(K, d, classes) float32, acting on standardised inputs."""
+    bias: np.ndarray
+    """(K, classes) float32."""
+    mean: np.ndarray
+    """(d,) float32: training rows' mean."""
+    scale: np.ndarray
+    """(d,) float32: 1 / std (floored), as :class:`heads.probe.modules.Standardize` holds it."""
+    iterations: np.ndarray
+    """(K,) iterations until each C converged (or max_iter)."""
+    converged: np.ndarray
+    """(K,) bool."""
+    train_loss: np.ndarray
+    """(K,) mean (weighted) cross-entropy on the training rows, without the penalty."""
+    chosen: int = 0
+    """Index of the C chosen on validation."""
+    val_confusion: np.ndarray | None = None
+    """(K, classes, classes) validation confusion counts per C (rows: true)."""
+    refined: np.ndarray | None = None
+    """(K,) bool: solved to ``tol`` (the chosen C, and any other that was a candidate); the rest of the grid only
+    to the screening tolerance 10 x tol."""
+
+    def at(self, k: int) -> "LogisticFit":
+        """The solution at grid index ``k`` alone (K = 1)."""
+        return LogisticFit(self.weights[k:k + 1], self.bias[k:k + 1], self.mean, self.scale, self.iterations[k:k + 1],
+                           self.converged[k:k + 1], self.train_loss[k:k + 1])
+
+
+def _stats(source: ChunkSource, feature_of: list[int], widths: list[int], n_classes: int, comm: Comm
+           ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per probe: mean and 1/std (scikit-learn's StandardScaler rule, :func:`inverse_scale`) of its training rows,
+    its row count and its class counts. Block means and centred sums of squares are merged exactly (Chan et al.) in
+    float64, then across ranks, so a feature with a large mean and a small spread keeps its digits."""
+    P = len(feature_of)
+    n = np.zeros(P)
+    mean = [np.zeros(widths[f]) for f in feature_of]
+    m2 = [np.zeros(widths[f]) for f in feature_of]
+    counts = np.zeros((P, n_classes))
+    for feats, y, masks in source():
+        for p, f in enumerate(feature_of):
+            x, yy = (feats[f], y) if masks is None else (feats[f][masks[p]], y[masks[p]])
+            if not len(yy):
+                continue
+            x64 = x.astype(np.float64)
+            mu = x64.mean(0)
+            k = len(yy)
+            delta = mu - mean[p]
+            mean[p] = mean[p] + delta * (k / (n[p] + k))
+            m2[p] = m2[p] + ((x64 - mu) ** 2).sum(0) + delta * delta * (n[p] * k / (n[p] + k))
+            n[p] += k
+            counts[p] += np.bincount(yy, minlength=n_classes)
+    # across ranks: the global mean from the summed n * mean, then every rank's M2 about it
+    flat = comm.sum(torch.from_numpy(np.concatenate([n, counts.ravel(), *[n[p] * mean[p] for p in range(P)]]))).numpy()
+    n_all, counts_all = flat[:P], flat[P:P + P * n_classes].reshape(P, n_classes)
+    cuts = np.cumsum([0, *[widths[f] for f in feature_of]]) + P + P * n_classes
+    means = [flat[cuts[p]:cuts[p + 1]] / max(1.0, n_all[p]) for p in range(P)]
+    local = [m2[p] + n[p] * (mean[p] - means[p]) ** 2 for p in range(P)]
+    m2_all = comm.sum(torch.from_numpy(np.concatenate(local))).numpy()
+    cuts = cuts - cuts[0]
+    scales = [inverse_scale(m2_all[cuts[p]:cuts[p + 1]] / max(1.0, n_all[p]), means[p], int(n_all[p])).astype(np.float32)
+              for p in range(P)]
+    return [m.astype(np.float32) for m in means], scales, n_all, counts_all
+
+
+Block = tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, "dict[int, torch.Tensor] | None"]
+"""(standardised features per width (G_d, rows, d), labels (rows,), one-hot (rows, C), row weights per width
+(G_d, rows) or None when every row weighs 1)."""
+
+
+class _Data:
+    """Standardised blocks grouped by feature width, cached on the device or rebuilt per pass."""
+
+    def __init__(self, source: ChunkSource, groups: dict[int, list[int]], feature_of: list[int], means: list[np.ndarray],
+                 scales: list[np.ndarray], n_classes: int, class_weights: np.ndarray | None, device: torch.device,
+                 cache: bool) -> None:
+        self.source, self.groups, self.feature_of, self.n_classes, self.device = source, groups, feature_of, n_classes, device
+        self.shift = {d: torch.from_numpy(np.stack([means[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
+        self.scale = {d: torch.from_numpy(np.stack([scales[j] for j in js])).to(device)[:, None] for d, js in groups.items()}
+        # (G_d, classes) per-probe class weights, or None
+        self.cw = None if class_weights is None else \
+            {d: torch.from_numpy(class_weights[js].astype(np.float32)).to(device) for d, js in groups.items()}
+        self.cached: list[Block] | None = None
+        if cache:
+            self.cached = list(self._build())
+
+    def _build(self) -> Iterator[Block]:
+        for feats, y, masks in self.source():
+            yt = torch.from_numpy(y).to(self.device)
+            onehot = torch.nn.functional.one_hot(yt, self.n_classes).float()
+            xs = {d: (torch.from_numpy(np.stack([feats[self.feature_of[j]] for j in js])).to(self.device) - self.shift[d])
+                  * self.scale[d] for d, js in self.groups.items()}  # (G_d, rows, d) standardised
+            w: dict[int, torch.Tensor] | None = None
+            if masks is not None or self.cw is not None:
+                w = {}
+                for d, js in self.groups.items():
+                    wd = torch.ones(len(js), len(y), device=self.device) if masks is None else \
+                        torch.from_numpy(masks[js].astype(np.float32)).to(self.device)
+                    if self.cw is not None:
+                        wd = wd * self.cw[d][:, yt]
+                    w[d] = wd
+            yield xs, yt, onehot, w
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self.cached) if self.cached is not None else self._build()
+
+
+def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: int, c_grid: Sequence[float], *,
+                        feature_of: Sequence[int] | None = None, val_source: ChunkSource | None = None,
+                        max_iter: int = 1000, tol: float = 1e-4, history: int = 10, class_weight: str = "none",
+                        device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None,
+                        standardize: bool = True) -> list[LogisticFit]:
+    """Solve every probe at every C of ``c_grid`` on its rows of ``source``, and pick each probe's C on its rows of
+    ``val_source`` (highest validation macro-F1; ties: accuracy, then the smaller C). One LogisticFit per probe.
+
+    Probe ``p`` reads feature ``feature_of[p]`` (default: probe p reads feature p; feature f is ``widths[f]`` wide).
+    With several C the grid is first screened (solved to ``10 * tol``), C is chosen, and only each probe's chosen
+    C is then solved on to ``tol`` (from where it stopped) and scored again, until every probe's best validation
+    score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen.
+    ``class_weight='balanced'`` weighs each probe's rows by ``n / (classes * count)`` of its own rows; ``cache``
+    keeps the standardised blocks on the device (else every pass rebuilds them from ``source``);
+    ``standardize=False`` fits the raw features (as ``LogisticRegression`` without ``StandardScaler``).
+    """
+    comm = comm or Comm()
+    device = torch.device(device)
+    widths = [int(d) for d in widths]
+    fof = list(range(len(widths))) if feature_of is None else [int(f) for f in feature_of]
+    P, K = len(fof), len(c_grid)
+    if K > 1 and val_source is None:
+        raise ValueError("choosing C from a grid needs validation rows (val_source)")
+    means, scales, n, counts = _stats(source, fof, widths, n_classes, comm)
+    if not standardize:
+        means = [np.zeros(widths[feat], np.float32) for feat in fof]
+        scales = [np.ones(widths[feat], np.float32) for feat in fof]
+    weights = None
+    if class_weight == "balanced":  # scikit-learn's: n / (classes present * count), per probe
+        present = (counts > 0).sum(1, keepdims=True)
+        weights = np.divide(n[:, None], present * counts, out=np.zeros_like(counts), where=counts > 0)
+    # the sum of the row weights S per probe (balanced weights also sum to n)
+    total = np.maximum(n if weights is None else (weights * counts).sum(1), 1.0)
+    groups: dict[int, list[int]] = {}
+    for p, feat in enumerate(fof):
+        groups.setdefault(widths[feat], []).append(p)
+    data = _Data(source, groups, fof, means, scales, n_classes, weights, device, cache)
+    objective = _objective(data, groups, n_classes, c_grid, total, device, comm)
+    thetas = {d: torch.zeros(len(js), K, d * n_classes + n_classes, device=device) for d, js in groups.items()}
+    solver = BatchedLBFGS(objective, thetas, history=history)
+    its, _ = solver.run(max_iter, tol if K == 1 else 10 * tol)
+    fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, its)
+    refined = np.zeros((P, K), dtype=bool) if K > 1 else np.ones((P, 1), dtype=bool)
+    if K > 1 and val_source is not None:
+        val = grid_confusions(fits, val_source, n_classes, fof, comm=comm)
+        total_its = dict(its)
+        # Choose on validation; solve the choice on to the full tolerance and score it again. A refined solution
+        # may score lower than its screening one (less converged is more regularised), so repeat until every
+        # probe's best score belongs to a refined C (at most K rounds, usually one).
+        for _round in range(K):
+            picks = [_choose(cm) for cm in val]
+            todo = [(p, k) for p, k in enumerate(picks) if not refined[p, k]]
+            if not todo:
+                break
+            only = {d: torch.zeros(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
+            for p, k in todo:
+                d = widths[fof[p]]
+                only[d][groups[d].index(p), k] = True
+            more, _ = solver.run(max_iter, tol, only=only)
+            total_its = {d: total_its[d] + more[d] for d in total_its}
+            now = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
+            again = grid_confusions([now[p].at(k) for p, k in todo], val_source, n_classes, fof, comm=comm,
+                                    probes=[p for p, _ in todo])[:, 0]
+            for (p, k), cm in zip(todo, again):
+                val[p][k] = cm
+                refined[p, k] = True
+        fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
+        for p, f in enumerate(fits):
+            f.val_confusion, f.chosen = val[p], _choose(val[p])
+    elif val_source is not None:  # one C: nothing to choose, the validation scores are still reported
+        for f, cm in zip(fits, grid_confusions(fits, val_source, n_classes, fof, comm=comm)):
+            f.val_confusion = cm
+    everyone = {d: torch.ones(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
+    _, data_loss, grad = objective(solver.thetas, everyone)
+    for d, js in groups.items():
+        for gi, p in enumerate(js):
+            f = fits[p]
+            f.train_loss = data_loss[d][gi].cpu().numpy()
+            f.refined = refined[p].copy()
+            reached = np.where(refined[p], tol, 10 * tol)
+            f.converged = grad[d][gi].abs().amax(-1).cpu().numpy() <= reached * 1.0001
+    bad = sum(int((~f.converged).sum()) for f in fits)
+    if bad:
+        log.warning("%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise --max-iter",
+                    bad, P * K, max_iter, tol)
+    return fits
+
+
+def _choose(cm: np.ndarray) -> int:
+    """Index of the best C from (K, classes, classes) validation confusions: macro-F1, accuracy, smaller C."""
+    best = (-1.0, -1.0)
+    pick = 0
+    for k in range(len(cm)):
+        score = (macro_f1_present(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())))
+        if score > best:  # strictly better: the smaller C (earlier in the grid) wins ties
+            best, pick = score, k
+    return pick
+
+
+def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], n_probes: int, n_classes: int,
+            means: list[np.ndarray], scales: list[np.ndarray], its: dict[int, torch.Tensor]) -> list[LogisticFit]:
+    C = n_classes
+    fits: list[LogisticFit | None] = [None] * n_probes
+    for d, js in groups.items():
+        th = thetas[d].detach().cpu()
+        K = th.shape[1]
+        for gi, j in enumerate(js):
+            fits[j] = LogisticFit(weights=th[gi, :, : d * C].reshape(K, d, C).numpy().copy(), bias=th[gi, :, d * C:].numpy().copy(),
+                                  mean=means[j], scale=scales[j], iterations=its[d][gi].cpu().numpy().copy(),
+                                  converged=np.zeros(K, dtype=bool), train_loss=np.zeros(K))
+    return [f for f in fits if f is not None]
+
+
+def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid: Sequence[float], total: np.ndarray,
+               device: torch.device, comm: Comm) -> Objective:
+    # lam = 1 / (C_k S_p) per probe p (its rows' total weight S_p) and C; two classes: doubled (module docstring)
+    factor = 2.0 if n_classes == 2 else 1.0
+    inv_c = torch.tensor([1.0 / float(c) for c in c_grid], dtype=torch.float64, device=device)
+    S = {d: torch.tensor(total[js], dtype=torch.float64, device=device) for d, js in groups.items()}  # (G_d,)
+    lam = {d: (factor * inv_c[None, :] / S[d][:, None]).float() for d in groups}  # (G_d, K)
+    C = n_classes
+
+    def objective(thetas: dict[int, torch.Tensor], active: dict[int, torch.Tensor]
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Mean loss (with and without penalty) and gradient of every problem; inactive ones are left at 0.
+
+        Only configurations with an active problem, and only the C columns some of them need, are computed.
+        """
+        sel = {d: (active[d].any(1).nonzero().flatten(), active[d].any(0).nonzero().flatten()) for d in thetas}
+        loss = {d: torch.zeros(len(gs), len(ks), dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
+        # accumulated in the layouts the matmuls produce; (Ga, Ka, D) once per call, below
+        grad_w = {d: torch.zeros(len(gs), len(ks) * C, d, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
+        grad_b = {d: torch.zeros(len(gs), len(ks), C, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
+        params = {}
+        for d, (gs, ks) in sel.items():
+            th = thetas[d][gs][:, ks]  # (Ga, Ka, D)
+            W = th[..., : d * C].reshape(len(gs), len(ks), d, C).permute(0, 2, 1, 3).reshape(len(gs), d, len(ks) * C)
+            params[d] = (W, th[..., d * C:].reshape(len(gs), 1, len(ks) * C))
+        for xs, y, onehot, w in data:
+            for d, (gs, ks) in sel.items():
+                if not len(gs):
+                    continue
+                every = len(gs) == xs[d].shape[0]
+                X = xs[d] if every else xs[d][gs]  # (Ga, rows, d)
+                ww = None if w is None else (w[d] if every else w[d][gs])[:, :, None]  # (Ga, rows, 1)
+                W, b = params[d]
+                Ga, rows, Ka = X.shape[0], X.shape[1], len(ks)
+                logits = torch.baddbmm(b, X, W).view(Ga, rows, Ka, C)
+                # (Ga, rows, Ka, C); on CPU faster than log_softmax over a last dim of a few classes
+                logp = logits - torch.logsumexp(logits, -1, keepdim=True)
+                picked = logp.gather(-1, y.view(1, rows, 1, 1).expand(Ga, rows, Ka, 1)).squeeze(-1)  # (Ga, rows, Ka)
+                loss[d] -= (picked if ww is None else picked * ww).sum(1).double()
+                dl = logp.exp_().sub_(onehot[None, :, None, :])  # d loss / d logits
+                if ww is not None:
+                    dl.mul_(ww[..., None])
+                # (Ga, Ka*C, d): dl^T X reads X in its row-major order (twice as fast on CPU as X^T dl)
+                grad_w[d] += torch.bmm(dl.view(Ga, rows, Ka * C).transpose(1, 2), X)
+                grad_b[d] += dl.sum(1)
+        grad = {d: torch.cat([grad_w[d].view(len(gs), len(ks), C, d).transpose(2, 3).reshape(len(gs), len(ks), d * C),
+                              grad_b[d]], -1) for d, (gs, ks) in sel.items()}
+        fs, data_fs, gs_out = {}, {}, {}
+        for d, (gs, ks) in sel.items():
+            reduced = comm.sum(torch.cat([loss[d].flatten(), grad[d].flatten()]))
+            Sg = S[d][gs]
+            lo = reduced[: loss[d].numel()].view_as(loss[d]) / Sg[:, None]
+            gr = (reduced[loss[d].numel():].view_as(grad[d]) / Sg[:, None, None]).float()  # (Ga, Ka, D)
+            Wflat = thetas[d][gs][:, ks][..., : d * C]
+            lk = lam[d][gs][:, ks]  # (Ga, Ka)
+            pen = 0.5 * lk * (Wflat * Wflat).sum(-1)
+            gr[..., : d * C] += lk[..., None] * Wflat
+            full_f = torch.zeros(thetas[d].shape[:2], dtype=torch.float64, device=device)
+            full_d = torch.zeros_like(full_f)
+            full_g = torch.zeros_like(thetas[d])
+            idx = (gs[:, None], ks[None, :])
+            full_f[idx] = lo + pen.double()
+            full_d[idx] = lo
+            full_g[idx] = gr
+            fs[d], data_fs[d], gs_out[d] = full_f, full_d, full_g
+        return fs, data_fs, gs_out
+
+    return objective
+
+
+def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
+                    feature_of: Sequence[int] | None = None, comm: Comm | None = None,
+                    probes: Sequence[int] | None = None) -> np.ndarray:
+    """(len(fits), K, classes, classes) confusion counts (rows: true) of every fit at every C on its probe's rows
+    of ``source``: ``fits[i]`` is probe ``probes[i]`` (default i), reading feature ``feature_of[probe]``."""
+    comm = comm or Comm()
+    K = len(fits[0].bias) if fits else 0
+    which = list(range(len(fits))) if probes is None else list(probes)
+    fof = list(range(max(which, default=-1) + 1)) if feature_of is None else list(feature_of)
+    cm = torch.zeros(len(fits), K, n_classes, n_classes, dtype=torch.float64)
+    tensors = [(torch.from_numpy(f.weights), torch.from_numpy(f.bias), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
+               for f in fits]
+    for feats, y, masks in source():
+        for i, (W, b, mu, sc) in enumerate(tensors):
+            q = which[i]
+            rows = slice(None) if masks is None else torch.from_numpy(masks[q])
+            yt = torch.from_numpy(y)[rows]
+            if not len(yt):
+                continue
+            x = (torch.from_numpy(feats[fof[q]])[rows] - mu) * sc
+            pred = (torch.einsum("nd,kdc->knc", x, W) + b[:, None]).argmax(-1)  # (K, rows)
+            for k in range(K):
+                cm[i, k].view(-1).index_add_(0, yt * n_classes + pred[k], torch.ones(len(yt), dtype=torch.float64))
+    return comm.sum(cm).numpy().round().astype(np.int64)
+
+
+def chosen_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
+                      feature_of: Sequence[int] | None = None, comm: Comm | None = None) -> np.ndarray:
+    """(probes, classes, classes) confusion counts of each probe at its chosen C on its rows of ``source``."""
+    return grid_confusions([f.at(f.chosen) for f in fits], source, n_classes, feature_of, comm=comm)[:, 0]

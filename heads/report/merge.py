@@ -1,0 +1,124 @@
+"""``heads report``: several run directories (sweeps, trains, fine-tunes) in one table and plot.
+
+Runs are put side by side only when they were scored on the same rows: every run records
+``run.json["eval_set"]`` (:mod:`heads.evalset`), and runs with different ids, or without one (runs made before
+the id existed), are refused unless ``allow_mixed``; then the runs scored on other rows are marked.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from embstore.errors import ConfigError, DataError, OutputNotWritableError
+from heads.evalset import EVAL_SET_KEY
+from heads.report.plots import plot_report
+from heads.report.results import read_run
+from heads.report.summary import md_table
+from heads.report.table import ConfigStats, aggregate, pm, rank, selection_rule
+
+__all__ = ["write_report", "eval_set_id", "check_comparable", "REPORT_COLUMNS"]
+
+REPORT_COLUMNS = ["run", "store_id", "eval_set", "layers", "combine", "pooling", "head", "n", "accuracy_mean",
+                  "accuracy_std", "f1_macro_mean", "f1_macro_std", "val_accuracy_mean", "val_f1_macro_mean",
+                  "trainable_params", "seconds_per_epoch", "train_seconds"]
+UNKNOWN = "unknown"
+
+
+def eval_set_id(meta: dict[str, Any]) -> str:
+    """The evaluation-set id a run recorded, or 'unknown' for a run without one."""
+    record = meta.get(EVAL_SET_KEY)
+    return str(record.get("id")) if isinstance(record, dict) and record.get("id") else UNKNOWN
+
+
+def check_comparable(ids: dict[str, str]) -> None:
+    """Refuse runs (name -> eval-set id) scored on different rows, or on unknown rows: one line naming two ids."""
+    names = list(ids)
+    for name in names:
+        if ids[name] == UNKNOWN:
+            raise ConfigError(f"Run {name} records no evaluation set (eval_set unknown: made before runs recorded the "
+                              "rows they scored), so it cannot be checked against the others; re-run it, or pass "
+                              "--allow-mixed to merge it marked.")
+    first = names[0]
+    for name in names[1:]:
+        if ids[name] != ids[first]:
+            raise ConfigError(f"Runs {first} and {name} were scored on different rows (eval_set {ids[first]} vs "
+                              f"{ids[name]}); compare runs evaluated on the same rows, or pass --allow-mixed to merge "
+                              "them with the difference marked.")
+
+
+def _opt(value: float | int | None, fmt: str = "{}") -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -> Path:
+    """Merge run directories into ``out/report.md``, ``report.csv`` and ``report.png``; return the report.md path.
+
+    One line per (run, config), best first: by mean validation macro-F1 when every config has validation scores,
+    else by mean evaluation macro-F1 (ties: accuracy, then fewer seconds). ``allow_mixed=False`` (what ``heads
+    report`` passes unless ``--allow-mixed``) refuses runs scored on different or unknown rows; otherwise they are
+    merged and the runs scored on rows other than the most common evaluation set are marked.
+    """
+    entries: list[tuple[str, str, ConfigStats]] = []
+    stores: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    for run_dir in run_dirs:
+        meta, rows = read_run(Path(run_dir))
+        name = Path(run_dir).resolve().name
+        while name in stores:
+            name += "'"  # two runs with the same folder name stay distinguishable
+        store_ids = sorted({r.store_id for r in rows if r.store_id}) or [str(meta.get("store_fingerprint", "?"))]
+        if meta.get("kind") == "finetune":  # fine-tunes read no store: name the model they started from
+            model = meta.get("model")
+            store_ids = [f"fine-tuned from {model.get('name') if isinstance(model, dict) else model}"]
+        stores[name] = ", ".join(store_ids)
+        ids[name] = eval_set_id(meta)
+        entries += [(name, stores[name], s) for s in aggregate(rows)]
+    if not entries:
+        raise DataError(f"The runs {', '.join(map(str, run_dirs))} hold no result rows; pass runs that finished at least one head.")
+    if not allow_mixed:
+        check_comparable(ids)
+    known = Counter(i for i in ids.values() if i != UNKNOWN)
+    reference = known.most_common(1)[0][0] if known else None
+    other = {name for name, i in ids.items() if i != reference}
+    rule = selection_rule([s for _, _, s in entries])
+    entries.sort(key=lambda e: rank(e[2], rule))
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "report.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(REPORT_COLUMNS)
+            for run, store, s in entries:
+                d = s.to_dict()
+                writer.writerow([run, store, ids[run], *(_opt(d[c]) for c in REPORT_COLUMNS[3:])])
+        with_val = any(s.has_validation for _, _, s in entries)
+        table = []
+        for i, (run, _, s) in enumerate(entries):
+            cells = [run + (" †" if run in other else ""), *s.key]
+            if with_val:
+                cells.append("" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n))
+            cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n), str(s.n),
+                      _opt(s.trainable_params, "{:,}"), _opt(s.seconds_per_epoch, "{:.2f}"), f"{s.train_seconds:.1f}"]
+            table.append([f"**{c}**" for c in cells] if i == 0 else cells)
+        by = "mean validation macro-F1" if rule == "validation" else "mean evaluation macro-F1 (not every run has validation scores)"
+        lines = ["# Heads report", "", f"{len(entries)} configs from {len(stores)} runs, best first by {by}.", ""]
+        lines += md_table(["run", "layers", "combine", "pooling", "head", *(["val macro-F1"] if with_val else []),
+                           "accuracy", "macro-F1", "runs", "trainable params", "s / epoch", "train s"], table)
+        lines += ["", "## Stores, models and evaluation sets", ""]
+        lines += [f"- {run}: `{store}`, evaluation set `{ids[run]}`" for run, store in stores.items()]
+        if other and reference is None:
+            lines.append("\n† no run records its evaluation set: whether they were scored on the same rows is unknown.")
+        elif other:
+            lines.append(f"\n† scored on other rows than evaluation set `{reference}` (or on unknown rows): "
+                         f"{', '.join(sorted(other))}; their scores are not directly comparable.")
+        if len(set(stores.values())) > 1:
+            lines.append("\nThe runs come from different stores: compare them only if the stores share their data split.")
+        lines += ["", "![macro-F1 per config](report.png)", ""]
+        (out / "report.md").write_text("\n".join(lines))
+        plot_report(out / "report.png", entries)
+    except OSError as exc:
+        raise OutputNotWritableError(f"Cannot write the report under {out} ({exc.strerror or exc}); choose a writable --out.") from None
+    return out / "report.md"
