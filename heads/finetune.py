@@ -33,6 +33,7 @@ from embstore.surgery import (
     save_model,
     truncate,
 )
+from heads.checkpoint import load_training_state, save_training_state
 from heads.finetune_config import FinetuneConfig
 from heads.finetune_data import Rows, collate, rounds, split_rows
 from heads.finetune_loop import EarlyStopping, RoundTrainer, importance_pruning, state_copy
@@ -186,7 +187,7 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
         done_steps = int(resumed["steps"])
     trainer = RoundTrainer(config, model, loaders, done_steps, show_progress)
     if resumed is not None:
-        trainer.acc.load_state(str(ckpt))
+        load_training_state(trainer.acc, ckpt, trainer.model, trainer.opt, trainer.sched)
         history, start = list(resumed["history"]), int(resumed["epoch"]) + 1
         stopper.load(resumed, load_file(str(ckpt / BEST_FILE)) if (ckpt / BEST_FILE).is_file() else None)
         log.info("resumed from epoch %d of %s", start - 1, ckpt)
@@ -197,7 +198,7 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
         if stopper.stopped:
             break
         t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
+        trainer.train.set_epoch(epoch)  # the prepared loader: accelerate re-seeds the sampler from its own counter
         loss = trainer.epoch(epoch)
         lr, head_lr = trainer.lr()
         if epoch == 1 and config.prune_fraction is not None:
@@ -215,7 +216,7 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
                         "val_f1_macro": val["f1_macro"], "lr": lr, "head_lr": head_lr, "one_class": one_class})
         log.info("epoch %d: loss %.4f, val macro-F1 %s", epoch, loss, val["f1_macro"])
         stopper.update(epoch, val["f1_macro"], one_class, lambda: state_copy(trainer.acc.unwrap_model(trainer.model)))
-        trainer.acc.save_state(str(ckpt))
+        save_training_state(trainer.acc, ckpt, trainer.model, trainer.opt, trainer.sched)  # safetensors + JSON, no pickle
         main = trainer.acc.is_main_process  # ranks hold identical weights and scores; one writes
         if main and stopper.state is not None and stopper.best_epoch == epoch:
             save_file(stopper.state, str(ckpt / BEST_FILE))

@@ -158,9 +158,12 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
     eval_collator = PretrainCollator(eval_corpus, seed=config.source.seed + 7_919, **ids)
     sampler = EpochSampler(len(items), config.source.seed)
     train_loader: DataLoader[Any] = DataLoader(items, batch_size=config.optim.batch_size, sampler=sampler,  # type: ignore[arg-type]
-                                               collate_fn=collator)
+                                               collate_fn=collator, generator=torch.Generator())
     eval_loader: DataLoader[Any] = DataLoader([(r, 0) for r in range(len(eval_corpus))],  # type: ignore[arg-type]
-                                              batch_size=config.optim.batch_size, collate_fn=eval_collator)
+                                              batch_size=config.optim.batch_size, collate_fn=eval_collator,
+                                              generator=torch.Generator())
+    # Each loader has its own generator: a DataLoader iterator seeds itself from the global RNG otherwise, and the
+    # evaluation at a budget stop or the skipping loader of a resumed epoch would shift every later dropout mask.
 
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(mixed_precision=config.optim.mixed_precision, gradient_accumulation_steps=config.optim.grad_accum, cpu=cpu)
@@ -196,6 +199,7 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
         sampler.set_epoch(epoch)
         collator.set_epoch(epoch, skip)
         epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
+        epoch_loader.set_epoch(epoch)  # accelerate's loaders re-seed the sampler from their own counter, from 0 on resume
         sums = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "pair": 0.0, "batches": 0.0, "tokens": 0.0}
         batches_done, epoch_done, t_epoch = skip, True, time.perf_counter()
         bar = tqdm(epoch_loader, total=len(loader) - skip, desc=f"pretrain epoch {epoch}", leave=False,

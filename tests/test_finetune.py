@@ -118,6 +118,34 @@ def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path):
         run_finetune(cfg(sep_csv, out, epochs=3, resume=True, lr=1e-3))
 
 
+def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(sep_csv, tmp_path, monkeypatch):
+    """A run killed in epoch 2 and resumed trains exactly what the same run in one go trains: the optimizer,
+    schedule and RNG states come back from safetensors + JSON (accelerate's save_state would pickle them)."""
+    from heads.finetune_loop import RoundTrainer
+
+    whole = run_finetune(cfg(sep_csv, tmp_path / "whole", epochs=3, patience=0))
+    real_epoch, calls = RoundTrainer.epoch, []
+
+    def dies_in_epoch_2(self, epoch):
+        calls.append(epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(RoundTrainer, "epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(cfg(sep_csv, tmp_path / "split", epochs=3, patience=0))
+    monkeypatch.setattr(RoundTrainer, "epoch", real_epoch)
+    resumed = run_finetune(cfg(sep_csv, tmp_path / "split", epochs=3, patience=0, resume=True))
+    h_whole, h_resumed = (read_run(r.run_dir)[1][0].history for r in (whole, resumed))
+    assert calls == [1, 2] and [h["epoch"] for h in h_resumed] == [1, 2, 3]
+    assert [h["train_loss"] for h in h_resumed] == pytest.approx([h["train_loss"] for h in h_whole], rel=1e-5)
+    assert resumed.accuracy == whole.accuracy and resumed.f1_macro == pytest.approx(whole.f1_macro)
+    files = {p.name for p in (tmp_path / "split" / "checkpoint").rglob("*") if p.is_file()}
+    assert "model.safetensors" in files and "training_state.json" in files
+    assert not {f for f in files if f.endswith((".bin", ".pkl", ".pt", ".pth"))}, files
+
+
 @pytest.mark.parametrize("kw, error, match", [
     ({"freeze": "0-9"}, LayerSpecError, r"\[0, 2\]"),
     ({"prune_heads": "2:0,1"}, ConfigError, "cannot remove all 2 heads of layer 2"),

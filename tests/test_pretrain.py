@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,6 +158,33 @@ def test_resume_continues_and_refuses_another_config(tmp_path):
     assert not [p for p in written if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     with pytest.raises(ConfigError, match=r"checkpoint in .*differing: mask_prob"):
         run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 9, "resume": True, "mask_prob": 0.3}))
+
+
+def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Stopped by its time budget in the middle of epoch 2 (a fake clock: 1 s per batch) and resumed, a run ends
+    where the same run in one go ends: same batches in the same order (the epoch's shuffle, not epoch 1's), masks,
+    optimizer and schedule."""
+    import itertools
+
+    import heads.pretrain
+
+    data = tmp_path / "corpus.csv"
+    pd.DataFrame({"text": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "cow", "hen") for v in
+                           ("red", "big", "old", "new", "wet")]}).to_csv(data, index=False)
+    base = {**TINY, "data": str(data), "batch_size": 4, "epochs": 3}
+    whole = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "whole")}), show_progress=False)
+    ticks = itertools.count()
+    monkeypatch.setattr(heads.pretrain, "_clock", lambda: float(next(ticks)))  # two calls per batch: 1 s each
+    per_epoch = whole.history[1]["steps"]
+    cut = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"),
+                                                 "max_minutes": (per_epoch + 2) / 60}), show_progress=False)
+    assert cut.history[-1]["epoch"] == 2 and not cut.history[-1]["epoch_complete"]
+    monkeypatch.setattr(heads.pretrain, "_clock", time.perf_counter)
+    again = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"), "resume": True}),
+                         show_progress=False)
+    assert again.steps == whole.steps
+    assert again.heldout_mlm_loss == pytest.approx(whole.heldout_mlm_loss, rel=1e-5)
+    assert again.history[-1]["train_mlm_loss"] == pytest.approx(whole.history[-1]["train_mlm_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("extra, match", [
