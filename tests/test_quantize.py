@@ -81,3 +81,32 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
                                     "--device", "cuda:1", "-q"])
     assert res.exit_code == 2 and "got --device cuda:1: pass --device cpu" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_predict_on_an_int8_store_encodes_with_int8(tmp_path):
+    """heads predict re-encodes new texts as the store was made: with the int8 model, not float32."""
+    import pandas as pd
+    from conftest import synthetic_csv
+
+    from cli.heads_cli import main as heads_main
+    from heads.probe.features import FeatureBank
+    from heads.probe.predict import load_head, predict_texts
+    from heads.probe.specs import Combo
+
+    data = synthetic_csv(tmp_path, 80, max_words=12)
+    store = open_store(extract(cfg(data, quantize="int8", holdout=0.25), show_progress=False).path)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(heads_main, ["sweep", "--store", store.path, "--layers", "1-2", "--combine", "concat",
+                                          "--pooling", "mean", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    est = load_head(str(out))
+    assert est.extra_["precision"] == "int8-dynamic"
+    texts = pd.read_csv(data).text.tolist()
+    rid = store.row_ids("test")
+    combo = Combo((1, 2), "concat", "mean", "linear")
+    stored = est.predict_proba(FeatureBank(store, [combo], ["test"], 1 << 30).features(combo, "test", np.arange(len(rid))))
+    _, proba = predict_texts(est, [texts[i] for i in rid])
+    est.extra_ = {**est.extra_, "precision": "float32"}  # what predict did before: the float32 model
+    _, proba_fp32 = predict_texts(est, [texts[i] for i in rid])
+    err, err_fp32 = np.abs(proba - stored).max(), np.abs(proba_fp32 - stored).max()
+    assert err < 1e-3 and err < err_fp32, (err, err_fp32)

@@ -70,6 +70,11 @@ def _backbone(extra: dict[str, Any], device: str) -> Any:
     backbone = load_backbone(str(model_info["name"]), device)
     if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
         raise ModelNotFoundError(f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; point --model at the original weights.")
+    if extra.get("precision") == "int8-dynamic":  # the store was made with --quantize int8: encode the same way
+        from embstore.quantize import check_quantize_device, quantize_int8
+
+        check_quantize_device("int8", device)
+        quantize_int8(backbone.model)
     return backbone
 
 

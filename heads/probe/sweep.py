@@ -316,6 +316,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
              "label_names": names, "model": store.provenance.get("model", {}), "max_length": store.provenance.get("max_length"),
              "pair_mode": store.provenance.get("pair_mode"), "text_pair_col": store.provenance.get("text_pair_col"),
              "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds"),
+             "precision": store.provenance.get("precision"),
              "seed": shown.seed, "fold": shown.fold, "chosen_on": "validation macro-F1"}
     est.save(run_dir / "best_head", extra=extra)
     log.info("sweep of %d runs in %.1fs; best %s", len(outcomes), time.perf_counter() - t0, key)
