@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from embstore.errors import ConfigError
 from embstore.surgery import head_importance, heads_to_prune, prune_heads
 from heads.finetune_config import FinetuneConfig
-from heads.training import make_scheduler
+from heads.training import adamw, make_scheduler
 
 __all__ = ["EarlyStopping", "RoundTrainer", "importance_pruning", "param_groups", "state_copy"]
 
@@ -61,7 +61,7 @@ class RoundTrainer:
             raise ConfigError("Every parameter is frozen (freeze covers all layers and there is nothing to train); "
                               "freeze fewer layers, e.g. 'all-but-last'.")
         self.head_group = next(i for i, g in enumerate(groups) if g["head"])
-        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "head"} for g in groups], lr=optim.lr)
+        opt = adamw([{k: v for k, v in g.items() if k != "head"} for g in groups], optim.lr)
         sched = make_scheduler(opt, optim.schedule, warmup=warmup, total=total, per_epoch=per_epoch,
                                gamma=config.gamma, done_steps=done_steps)
         self.steps, self.max_grad_norm, self.show_progress = done_steps, config.max_grad_norm, show_progress

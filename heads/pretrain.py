@@ -33,7 +33,7 @@ from heads.masking import PretrainCollator, tokenize_corpus
 from heads.pretrain_config import PretrainConfig
 from heads.pretrain_data import PretrainData, build_bert_config, load_corpus
 from heads.pretrain_report import write_outputs
-from heads.training import EpochSampler, fingerprint, make_scheduler, read_checkpoint
+from heads.training import EpochSampler, adamw, fingerprint, make_scheduler, read_checkpoint
 
 __all__ = ["PretrainConfig", "PretrainResult", "evaluate_mlm", "run_pretrain"]
 
@@ -116,8 +116,7 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     for name, p in model.named_parameters():
         if p.requires_grad:  # no decay on biases and LayerNorm weights, as in BERT
             (no_decay if p.ndim < 2 else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr)
+    return adamw([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr)
 
 
 def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> PretrainResult:

@@ -21,7 +21,7 @@ from torch.utils.data import Sampler
 
 from embstore.errors import ConfigError
 
-__all__ = ["EpochSampler", "fingerprint", "make_scheduler", "read_checkpoint"]
+__all__ = ["EpochSampler", "adamw", "fingerprint", "make_scheduler", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """torch's AdamW over parameter ``groups``, with the fused kernel (one kernel per step, not a loop over
+    tensors) where this torch build has it: what the Trainer's default ``optim="adamw_torch_fused"`` uses.
+    Same updates as the unfused one up to float rounding."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, warmup: int, total: int, per_epoch: int = 1,
