@@ -48,6 +48,12 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--max-memory", help="Feature memory budget, e.g. 8GB."),
     click.option("--verify/--no-verify", default=None, help="Check every row chunk read against the checksum recorded "
                  "when it was written; a mismatch stops with one line [default: verify]."),
+    click.option("--ci/--no-ci", default=None, help="Bootstrap 95% intervals of every score and paired tests of every "
+                 "configuration against the best (exact McNemar, Holm-corrected) [default: on]."),
+    click.option("--control", help="A control store of the same model shape and rows (embstore extract --random-weights "
+                 "SEED): every configuration is trained on it too, and the gain over it is reported."),
+    click.option("--mdl", is_flag=True, default=None, help="Also the online codelength (MDL, bits) of the training labels "
+                 "given each linear probe's features, and its compression over the uniform code."),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
     click.option("--device", help="cpu, cuda... [default: cuda when present]."),
     click.option("--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."),

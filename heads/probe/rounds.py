@@ -14,7 +14,7 @@ Every outcome carries its validation scores (all choices were made there) and it
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,11 @@ from heads.probe.ensemble import Member, bundle_key, fit_stacked
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank, feature_width
 from heads.probe.modules import InputShape, LinearHead, as_inputs
-from heads.probe.solvers import Comm, LogisticFit, chosen_confusions, fit_logistic_probes
+from heads.probe.solvers import Comm, LogisticFit, RowBlock, chunks_of, fit_logistic_probes, probe_probabilities
 from heads.probe.specs import Combo
 from heads.report.metrics import classification_metrics, metrics_from_confusion
 
-__all__ = ["Plan", "Outcome", "train_lbfgs", "train_adamw", "train_stacked", "train_tokens"]
+__all__ = ["Plan", "Outcome", "train_lbfgs", "train_adamw", "train_stacked", "train_tokens", "row_source"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,18 @@ class Outcome:
     est: HeadClassifier
     metrics: dict[str, Any]
     """classification_metrics on the evaluation rows."""
+    proba: np.ndarray
+    """(len(plan.eval_rows), classes) float32 class probabilities of the evaluation rows, in plan order."""
     val: dict[str, Any]
     """classification_metrics on the validation rows."""
     hyper: dict[str, Any] = field(default_factory=dict)
     """Choices made on validation (C for L-BFGS probes)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pred(self) -> np.ndarray:
+        """(len(plan.eval_rows),) int64 predicted labels of the evaluation rows (the most probable class)."""
+        return self.proba.argmax(1).astype(np.int64)
 
 
 class Labels:
@@ -73,10 +80,10 @@ class Labels:
         return self.by_split[split]
 
 
-def _source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows: Sequence[np.ndarray],
-            plan_of: Sequence[int], y: np.ndarray, comm: Comm) -> Callable[[], Any]:
-    """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``plan_rows``, with every
-    combo's features once, and each probe's rows (probe p belongs to plan ``plan_of[p]``)."""
+def row_source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows: Sequence[np.ndarray],
+            plan_of: Sequence[int], y: np.ndarray, comm: Comm) -> Callable[[], Iterator[RowBlock]]:
+    """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``plan_rows``, with their
+    rows, every combo's features once, and each probe's rows (probe p belongs to plan ``plan_of[p]``)."""
     union = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in plan_rows]))
     mine = [(c, r) for c, r in bank.chunks(split, union) if c % comm.world == comm.rank]
     n = bank.store.n_rows(split)
@@ -86,11 +93,11 @@ def _source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows: S
     everyone = bool(member[:, union].all())  # one plan, or plans on the same rows: no masks
     probe_plan = np.asarray(plan_of, dtype=np.int64)
 
-    def chunks() -> Any:
+    def blocks() -> Iterator[RowBlock]:
         for c, r in mine:
             for rows, feats in bank.chunk_blocks(combos, split, c, r):
-                yield feats, y[rows], None if everyone else member[probe_plan][:, rows]
-    return chunks
+                yield rows, feats, y[rows], None if everyone else member[probe_plan][:, rows]
+    return blocks
 
 
 def _linear_head(fit: LogisticFit, k: int, cfg: HeadConfig, n_classes: int, device: torch.device,
@@ -118,27 +125,31 @@ def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBan
     feature_of, plan_of = [ci for ci, _ in probes], [pi for _, pi in probes]
     widths = [feature_width(c, bank.store.hidden) for c in combos]
 
-    def source(split: str, rows: Sequence[np.ndarray]) -> Callable[[], Any]:
-        return _source(bank, combos, split, rows, plan_of, labels[split], comm)
+    def source(split: str, rows: Sequence[np.ndarray]) -> Callable[[], Iterator[RowBlock]]:
+        return row_source(bank, combos, split, rows, plan_of, labels[split], comm)
 
     fits = fit_logistic_probes(
-        source(p0.train_split, [p.fit_rows for p in plans]), widths, n_classes, cfg.c_grid, feature_of=feature_of,
-        val_source=source(p0.val_split, [p.val_rows for p in plans]), max_iter=cfg.max_iter, tol=cfg.tol,
+        chunks_of(source(p0.train_split, [p.fit_rows for p in plans])), widths, n_classes, cfg.c_grid, feature_of=feature_of,
+        val_source=chunks_of(source(p0.val_split, [p.val_rows for p in plans])), max_iter=cfg.max_iter, tol=cfg.tol,
         class_weight=cfg.class_weight, device=device, cache=cache, comm=comm, standardize=cfg.standardize)
     seconds = (time.perf_counter() - t0) / max(1, len(probes))
-    evals = chosen_confusions(fits, source(p0.eval_split, [p.eval_rows for p in plans]), n_classes, feature_of, comm=comm)
+    probas = probe_probabilities([f.at(f.chosen) for f in fits], source(p0.eval_split, [p.eval_rows for p in plans]),
+                                 [plans[pi].eval_rows for _, pi in probes], feature_of, comm=comm)
+    y_eval = labels[p0.eval_split]
     out = []
-    for (ci, pi), fit, cm in zip(probes, fits, evals):
+    for (ci, pi), fit, proba in zip(probes, fits, probas):
         k = fit.chosen
         history = []
         for j, c in enumerate(cfg.c_grid):
             vm = metrics_from_confusion(fit.val_confusion[j], names) if fit.val_confusion is not None else None
             history.append({"C": float(c), "train_loss": float(fit.train_loss[j]), "iterations": int(fit.iterations[j]),
                             "converged": bool(fit.converged[j]), "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
-                            "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"]})
+                            "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"],
+                            "val_log_loss": None if fit.val_loss is None else float(fit.val_loss[j])})
         est = _linear_head(fit, k, cfg.replace(seed=plans[pi].seed), n_classes, device, seconds, history)
         val = metrics_from_confusion(fit.val_confusion[k], names) if fit.val_confusion is not None else {}
-        out.append(Outcome(combos[ci], plans[pi], est, metrics_from_confusion(cm, names), val, hyper={"C": float(cfg.c_grid[k])},
+        metrics = classification_metrics(y_eval[plans[pi].eval_rows], proba.argmax(1), names)
+        out.append(Outcome(combos[ci], plans[pi], est, metrics, proba, val, hyper={"C": float(cfg.c_grid[k])},
                            extra={"iterations": int(fit.iterations[k]), "converged": bool(fit.converged[k])}))
     return out
 
@@ -146,6 +157,13 @@ def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBan
 def _score(est: HeadClassifier, bank: FeatureBank, combo: Combo, split: str, rows: np.ndarray, y: np.ndarray,
            names: list[str]) -> dict[str, Any]:
     return classification_metrics(y[rows], est.predict(bank.features(combo, split, rows)), names)
+
+
+def _evaluate(est: HeadClassifier, bank: FeatureBank, combo: Combo, plan: Plan, labels: Labels
+              ) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics and (rows, classes) probabilities of the evaluation rows (scored once, for the report)."""
+    proba = est.predict_proba(bank.features(combo, plan.eval_split, plan.eval_rows))
+    return classification_metrics(labels[plan.eval_split][plan.eval_rows], proba.argmax(1), labels.names), proba
 
 
 def train_adamw(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig) -> list[Outcome]:
@@ -156,8 +174,7 @@ def train_adamw(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: 
     ests = fit_linear_probes([bank.features(c, plan.train_split, plan.fit_rows) for c in probes], y_tr[plan.fit_rows],
                              [bank.features(c, plan.val_split, plan.val_rows) for c in probes], y_va[plan.val_rows],
                              cfg.replace(head="linear", seed=plan.seed), n_classes=len(labels.names))
-    return [Outcome(c, plan, e, _score(e, bank, c, plan.eval_split, plan.eval_rows, labels[plan.eval_split], labels.names),
-                    _score(e, bank, c, plan.val_split, plan.val_rows, y_va, labels.names))
+    return [Outcome(c, plan, e, *_evaluate(e, bank, c, plan, labels), _score(e, bank, c, plan.val_split, plan.val_rows, y_va, labels.names))
             for c, e in zip(probes, ests)]
 
 
@@ -195,8 +212,7 @@ def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels:
         ests = fit_stacked(head_cfg, train_inputs, val_inputs, members, labels[plan0.train_split], labels[plan0.val_split],
                            len(names), device, on_done=lambda _i: on_done())
         for (combo, plan), est in zip(bundle, ests):
-            out.append(Outcome(combo, plan, est,
-                               _score(est, bank, combo, plan.eval_split, plan.eval_rows, labels[plan.eval_split], names),
+            out.append(Outcome(combo, plan, est, *_evaluate(est, bank, combo, plan, labels),
                                _score(est, bank, combo, plan.val_split, plan.val_rows, labels[plan.val_split], names)))
     return out
 
@@ -207,5 +223,5 @@ def train_tokens(combo: Combo, plan: Plan, bank: FeatureBank, labels: Labels, cf
     est = HeadClassifier(cfg.replace(head=combo.head, seed=plan.seed))
     est.fit(bank.features(combo, plan.train_split, plan.fit_rows), y_tr[plan.fit_rows],
             bank.features(combo, plan.val_split, plan.val_rows), y_va[plan.val_rows], n_classes=len(labels.names))
-    return Outcome(combo, plan, est, _score(est, bank, combo, plan.eval_split, plan.eval_rows, labels[plan.eval_split], labels.names),
+    return Outcome(combo, plan, est, *_evaluate(est, bank, combo, plan, labels),
                    _score(est, bank, combo, plan.val_split, plan.val_rows, y_va, labels.names))

@@ -22,7 +22,7 @@ all-reduced (in float64), so every rank takes the same steps. Problems that conv
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +33,8 @@ from heads.probe.lbfgs import BatchedLBFGS, Objective
 from heads.probe.modules import inverse_scale
 from heads.report.metrics import macro_f1_present
 
-__all__ = ["ChunkSource", "Comm", "LogisticFit", "fit_logistic_probes", "grid_confusions", "chosen_confusions"]
+__all__ = ["ChunkSource", "Comm", "LogisticFit", "fit_logistic_probes", "grid_confusions", "grid_scores", "chosen_confusions",
+           "probe_probabilities", "RowBlock", "chunks_of"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class LogisticFit:
     """Index of the C chosen on validation."""
     val_confusion: np.ndarray | None = None
     """(K, classes, classes) validation confusion counts per C (rows: true)."""
+    val_loss: np.ndarray | None = None
+    """(K,) mean validation log-loss (natural log) per C."""
     refined: np.ndarray | None = None
     """(K,) bool: solved to ``tol`` (the chosen C, and any other that was a candidate); the rest of the grid only
     to the screening tolerance 10 x tol."""
@@ -140,9 +143,11 @@ def _stats(source: ChunkSource, feature_of: list[int], widths: list[int], n_clas
     return [m.astype(np.float32) for m in means], scales, n_all, counts_all
 
 
-Block = tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, "dict[int, torch.Tensor] | None"]
-"""(standardised features per width (G_d, rows, d), labels (rows,), one-hot (rows, C), row weights per width
-(G_d, rows) or None when every row weighs 1)."""
+Block = tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, "dict[int, torch.Tensor] | None",
+              "dict[int, torch.Tensor | None]"]
+"""(standardised features per width (L_d, rows, d), labels (rows,), one-hot (rows, C), row weights per width
+(L_d, rows) or None when every row weighs 1, and per width the group positions of the L_d probes that hold any
+row of the block, or None when all G_d of them do: a probe none of whose rows is in a block costs nothing there)."""
 
 
 class _Data:
@@ -165,18 +170,25 @@ class _Data:
         for feats, y, masks in self.source():
             yt = torch.from_numpy(y).to(self.device)
             onehot = torch.nn.functional.one_hot(yt, self.n_classes).float()
-            xs = {d: (torch.from_numpy(np.stack([feats[self.feature_of[j]] for j in js])).to(self.device) - self.shift[d])
-                  * self.scale[d] for d, js in self.groups.items()}  # (G_d, rows, d) standardised
-            w: dict[int, torch.Tensor] | None = None
-            if masks is not None or self.cw is not None:
-                w = {}
-                for d, js in self.groups.items():
-                    wd = torch.ones(len(js), len(y), device=self.device) if masks is None else \
-                        torch.from_numpy(masks[js].astype(np.float32)).to(self.device)
+            live: dict[int, torch.Tensor | None] = {}
+            xs: dict[int, torch.Tensor] = {}
+            w: dict[int, torch.Tensor] | None = None if masks is None and self.cw is None else {}
+            for d, js in self.groups.items():
+                pos = np.arange(len(js)) if masks is None else np.flatnonzero(masks[js].any(1))
+                every = len(pos) == len(js)
+                live[d] = None if every else torch.from_numpy(pos).to(self.device)
+                sub = [js[i] for i in pos]
+                shift, scale = (self.shift[d], self.scale[d]) if every else (self.shift[d][live[d]], self.scale[d][live[d]])
+                stacked = np.stack([feats[self.feature_of[j]] for j in sub]) if sub else \
+                    np.zeros((0, len(y), d), dtype=np.float32)
+                xs[d] = (torch.from_numpy(stacked).to(self.device) - shift) * scale  # (L_d, rows, d) standardised
+                if w is not None:
+                    wd = torch.ones(len(sub), len(y), device=self.device) if masks is None else \
+                        torch.from_numpy(masks[sub].astype(np.float32)).to(self.device)
                     if self.cw is not None:
-                        wd = wd * self.cw[d][:, yt]
+                        wd = wd * (self.cw[d] if every else self.cw[d][live[d]])[:, yt]
                     w[d] = wd
-            yield xs, yt, onehot, w
+            yield xs, yt, onehot, w, live
 
     def __iter__(self) -> Iterator[Block]:
         return iter(self.cached) if self.cached is not None else self._build()
@@ -186,9 +198,10 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
                         feature_of: Sequence[int] | None = None, val_source: ChunkSource | None = None,
                         max_iter: int = 1000, tol: float = 1e-4, history: int = 10, class_weight: str = "none",
                         device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None,
-                        standardize: bool = True) -> list[LogisticFit]:
+                        standardize: bool = True, c_of: Sequence[float] | None = None) -> list[LogisticFit]:
     """Solve every probe at every C of ``c_grid`` on its rows of ``source``, and pick each probe's C on its rows of
-    ``val_source`` (highest validation macro-F1; ties: accuracy, then the smaller C). One LogisticFit per probe.
+    ``val_source`` (highest validation macro-F1; ties: accuracy, then the lower validation log-loss, then the smaller
+    C). One LogisticFit per probe.
 
     Probe ``p`` reads feature ``feature_of[p]`` (default: probe p reads feature p; feature f is ``widths[f]`` wide).
     With several C the grid is first screened (solved to ``10 * tol``), C is chosen, and only each probe's chosen
@@ -196,13 +209,21 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen.
     ``class_weight='balanced'`` weighs each probe's rows by ``n / (classes * count)`` of its own rows; ``cache``
     keeps the standardised blocks on the device (else every pass rebuilds them from ``source``);
-    ``standardize=False`` fits the raw features (as ``LogisticRegression`` without ``StandardScaler``).
+    ``standardize=False`` fits the raw features (as ``LogisticRegression`` without ``StandardScaler``);
+    ``c_of`` gives every probe a C of its own (one per probe, ``c_grid`` is then not used: nothing is chosen).
     """
     comm = comm or Comm()
     device = torch.device(device)
     widths = [int(d) for d in widths]
     fof = list(range(len(widths))) if feature_of is None else [int(f) for f in feature_of]
+    if c_of is not None:
+        if len(c_of) != len(fof):
+            raise ValueError(f"c_of needs one C per probe ({len(fof)}); got {len(c_of)}")
+        c_grid = [1.0]
     P, K = len(fof), len(c_grid)
+    # (P, K) inverse C of every problem
+    inv_c = np.array([[1.0 / float(c)] for c in c_of]) if c_of is not None else \
+        np.tile([1.0 / float(c) for c in c_grid], (P, 1))
     if K > 1 and val_source is None:
         raise ValueError("choosing C from a grid needs validation rows (val_source)")
     means, scales, n, counts = _stats(source, fof, widths, n_classes, comm)
@@ -219,20 +240,20 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     for p, feat in enumerate(fof):
         groups.setdefault(widths[feat], []).append(p)
     data = _Data(source, groups, fof, means, scales, n_classes, weights, device, cache)
-    objective = _objective(data, groups, n_classes, c_grid, total, device, comm)
+    objective = _objective(data, groups, n_classes, inv_c, total, device, comm)
     thetas = {d: torch.zeros(len(js), K, d * n_classes + n_classes, device=device) for d, js in groups.items()}
     solver = BatchedLBFGS(objective, thetas, history=history)
     its, _ = solver.run(max_iter, tol if K == 1 else 10 * tol)
     fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, its)
     refined = np.zeros((P, K), dtype=bool) if K > 1 else np.ones((P, 1), dtype=bool)
     if K > 1 and val_source is not None:
-        val = grid_confusions(fits, val_source, n_classes, fof, comm=comm)
+        val, val_loss = grid_scores(fits, val_source, n_classes, fof, comm=comm)
         total_its = dict(its)
         # Choose on validation; solve the choice on to the full tolerance and score it again. A refined solution
         # may score lower than its screening one (less converged is more regularised), so repeat until every
         # probe's best score belongs to a refined C (at most K rounds, usually one).
         for _round in range(K):
-            picks = [_choose(cm) for cm in val]
+            picks = [_choose(cm, lo) for cm, lo in zip(val, val_loss)]
             todo = [(p, k) for p, k in enumerate(picks) if not refined[p, k]]
             if not todo:
                 break
@@ -243,17 +264,17 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
             more, _ = solver.run(max_iter, tol, only=only)
             total_its = {d: total_its[d] + more[d] for d in total_its}
             now = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
-            again = grid_confusions([now[p].at(k) for p, k in todo], val_source, n_classes, fof, comm=comm,
-                                    probes=[p for p, _ in todo])[:, 0]
-            for (p, k), cm in zip(todo, again):
-                val[p][k] = cm
+            again, again_loss = grid_scores([now[p].at(k) for p, k in todo], val_source, n_classes, fof, comm=comm,
+                                            probes=[p for p, _ in todo])
+            for (p, k), cm, lo in zip(todo, again[:, 0], again_loss[:, 0]):
+                val[p][k], val_loss[p][k] = cm, lo
                 refined[p, k] = True
         fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
         for p, f in enumerate(fits):
-            f.val_confusion, f.chosen = val[p], _choose(val[p])
+            f.val_confusion, f.val_loss, f.chosen = val[p], val_loss[p], _choose(val[p], val_loss[p])
     elif val_source is not None:  # one C: nothing to choose, the validation scores are still reported
-        for f, cm in zip(fits, grid_confusions(fits, val_source, n_classes, fof, comm=comm)):
-            f.val_confusion = cm
+        for f, cm, lo in zip(fits, *grid_scores(fits, val_source, n_classes, fof, comm=comm)):
+            f.val_confusion, f.val_loss = cm, lo
     everyone = {d: torch.ones(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
     _, data_loss, grad = objective(solver.thetas, everyone)
     for d, js in groups.items():
@@ -270,13 +291,15 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     return fits
 
 
-def _choose(cm: np.ndarray) -> int:
-    """Index of the best C from (K, classes, classes) validation confusions: macro-F1, accuracy, smaller C."""
-    best = (-1.0, -1.0)
+def _choose(cm: np.ndarray, loss: np.ndarray) -> int:
+    """Index of the best C from (K, classes, classes) validation confusions and (K,) validation log-losses: the
+    highest macro-F1, then accuracy, then the lowest log-loss (where the counts cannot tell Cs apart, as on a
+    separable task, the likelihood can), then the smaller C."""
+    best = (-1.0, -1.0, -np.inf)
     pick = 0
     for k in range(len(cm)):
-        score = (macro_f1_present(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())))
-        if score > best:  # strictly better: the smaller C (earlier in the grid) wins ties
+        score = (macro_f1_present(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())), -float(loss[k]))
+        if score > best:  # strictly better: the smaller C (earlier in the grid) wins exact ties
             best, pick = score, k
     return pick
 
@@ -295,13 +318,14 @@ def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], n_pro
     return [f for f in fits if f is not None]
 
 
-def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid: Sequence[float], total: np.ndarray,
+def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, inv_c: np.ndarray, total: np.ndarray,
                device: torch.device, comm: Comm) -> Objective:
-    # lam = 1 / (C_k S_p) per probe p (its rows' total weight S_p) and C; two classes: doubled (module docstring)
+    # lam = 1 / (C_pk S_p) per probe p (its rows' total weight S_p) and C (``inv_c`` (P, K)); two classes: doubled
+    # (module docstring)
     factor = 2.0 if n_classes == 2 else 1.0
-    inv_c = torch.tensor([1.0 / float(c) for c in c_grid], dtype=torch.float64, device=device)
     S = {d: torch.tensor(total[js], dtype=torch.float64, device=device) for d, js in groups.items()}  # (G_d,)
-    lam = {d: (factor * inv_c[None, :] / S[d][:, None]).float() for d in groups}  # (G_d, K)
+    lam = {d: (factor * torch.tensor(inv_c[js], dtype=torch.float64, device=device) / S[d][:, None]).float()
+           for d, js in groups.items()}  # (G_d, K)
     C = n_classes
 
     def objective(thetas: dict[int, torch.Tensor], active: dict[int, torch.Tensor]
@@ -315,31 +339,51 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, c_grid
         # accumulated in the layouts the matmuls produce; (Ga, Ka, D) once per call, below
         grad_w = {d: torch.zeros(len(gs), len(ks) * C, d, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
         grad_b = {d: torch.zeros(len(gs), len(ks), C, dtype=torch.float64, device=device) for d, (gs, ks) in sel.items()}
-        params = {}
+        params, slot = {}, {}
         for d, (gs, ks) in sel.items():
             th = thetas[d][gs][:, ks]  # (Ga, Ka, D)
             W = th[..., : d * C].reshape(len(gs), len(ks), d, C).permute(0, 2, 1, 3).reshape(len(gs), d, len(ks) * C)
             params[d] = (W, th[..., d * C:].reshape(len(gs), 1, len(ks) * C))
-        for xs, y, onehot, w in data:
+            slot[d] = torch.full((thetas[d].shape[0],), -1, dtype=torch.long, device=device)
+            slot[d][gs] = torch.arange(len(gs), device=device)  # group position -> position among the active
+        for xs, y, onehot, w, live in data:
             for d, (gs, ks) in sel.items():
                 if not len(gs):
                     continue
-                every = len(gs) == xs[d].shape[0]
-                X = xs[d] if every else xs[d][gs]  # (Ga, rows, d)
-                ww = None if w is None else (w[d] if every else w[d][gs])[:, :, None]  # (Ga, rows, 1)
                 W, b = params[d]
+                at: torch.Tensor | None = None
+                if live[d] is None:  # every probe of the width has rows here
+                    every = len(gs) == xs[d].shape[0]
+                    X = xs[d] if every else xs[d][gs]  # (Ga, rows, d)
+                    ww = None if w is None else (w[d] if every else w[d][gs])[:, :, None]  # (Ga, rows, 1)
+                else:  # only the active probes that hold rows of this block
+                    where = slot[d][live[d]]
+                    keep = (where >= 0).nonzero().flatten()
+                    if not len(keep):
+                        continue
+                    at = where[keep]
+                    X = xs[d][keep]
+                    ww = None if w is None else w[d][keep][:, :, None]
+                    W, b = W[at], b[at]
                 Ga, rows, Ka = X.shape[0], X.shape[1], len(ks)
                 logits = torch.baddbmm(b, X, W).view(Ga, rows, Ka, C)
                 # (Ga, rows, Ka, C); on CPU faster than log_softmax over a last dim of a few classes
                 logp = logits - torch.logsumexp(logits, -1, keepdim=True)
                 picked = logp.gather(-1, y.view(1, rows, 1, 1).expand(Ga, rows, Ka, 1)).squeeze(-1)  # (Ga, rows, Ka)
-                loss[d] -= (picked if ww is None else picked * ww).sum(1).double()
+                nll = -(picked if ww is None else picked * ww).sum(1).double()
                 dl = logp.exp_().sub_(onehot[None, :, None, :])  # d loss / d logits
                 if ww is not None:
                     dl.mul_(ww[..., None])
                 # (Ga, Ka*C, d): dl^T X reads X in its row-major order (twice as fast on CPU as X^T dl)
-                grad_w[d] += torch.bmm(dl.view(Ga, rows, Ka * C).transpose(1, 2), X)
-                grad_b[d] += dl.sum(1)
+                gw = torch.bmm(dl.view(Ga, rows, Ka * C).transpose(1, 2), X)
+                if at is None:
+                    loss[d] += nll
+                    grad_w[d] += gw
+                    grad_b[d] += dl.sum(1)
+                else:
+                    loss[d].index_add_(0, at, nll)
+                    grad_w[d].index_add_(0, at, gw.double())
+                    grad_b[d].index_add_(0, at, dl.sum(1).double())
         grad = {d: torch.cat([grad_w[d].view(len(gs), len(ks), C, d).transpose(2, 3).reshape(len(gs), len(ks), d * C),
                               grad_b[d]], -1) for d, (gs, ks) in sel.items()}
         fs, data_fs, gs_out = {}, {}, {}
@@ -370,11 +414,20 @@ def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes:
                     probes: Sequence[int] | None = None) -> np.ndarray:
     """(len(fits), K, classes, classes) confusion counts (rows: true) of every fit at every C on its probe's rows
     of ``source``: ``fits[i]`` is probe ``probes[i]`` (default i), reading feature ``feature_of[probe]``."""
+    return grid_scores(fits, source, n_classes, feature_of, comm, probes)[0]
+
+
+def grid_scores(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
+                feature_of: Sequence[int] | None = None, comm: Comm | None = None,
+                probes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`grid_confusions` and (len(fits), K) the mean log-loss (natural log) of every fit at every C on the
+    same rows."""
     comm = comm or Comm()
     K = len(fits[0].bias) if fits else 0
     which = list(range(len(fits))) if probes is None else list(probes)
     fof = list(range(max(which, default=-1) + 1)) if feature_of is None else list(feature_of)
     cm = torch.zeros(len(fits), K, n_classes, n_classes, dtype=torch.float64)
+    nll = torch.zeros(len(fits), K, dtype=torch.float64)
     tensors = [(torch.from_numpy(f.weights), torch.from_numpy(f.bias), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
                for f in fits]
     for feats, y, masks in source():
@@ -385,13 +438,56 @@ def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes:
             if not len(yt):
                 continue
             x = (torch.from_numpy(feats[fof[q]])[rows] - mu) * sc
-            pred = (torch.einsum("nd,kdc->knc", x, W) + b[:, None]).argmax(-1)  # (K, rows)
+            logits = torch.einsum("nd,kdc->knc", x, W) + b[:, None]  # (K, rows, classes)
+            pred = logits.argmax(-1)  # (K, rows)
+            nll[i] -= torch.log_softmax(logits, -1).gather(-1, yt.view(1, -1, 1).expand(K, -1, 1)).sum((1, 2)).double()
             for k in range(K):
                 cm[i, k].view(-1).index_add_(0, yt * n_classes + pred[k], torch.ones(len(yt), dtype=torch.float64))
-    return comm.sum(cm).numpy().round().astype(np.int64)
+    flat = comm.sum(torch.cat([cm.flatten(), nll.flatten()]))
+    counts = flat[:cm.numel()].view_as(cm).numpy().round().astype(np.int64)
+    rows_seen = np.maximum(counts.sum((2, 3)), 1)
+    return counts, flat[cm.numel():].view_as(nll).numpy() / rows_seen
 
 
 def chosen_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
                       feature_of: Sequence[int] | None = None, comm: Comm | None = None) -> np.ndarray:
     """(probes, classes, classes) confusion counts of each probe at its chosen C on its rows of ``source``."""
     return grid_confusions([f.at(f.chosen) for f in fits], source, n_classes, feature_of, comm=comm)[:, 0]
+
+
+RowBlock = tuple[np.ndarray, list[np.ndarray], np.ndarray, "np.ndarray | None"]
+"""A :data:`Chunk` with its rows first: (absolute row positions (rows,), features, labels, probe masks)."""
+
+
+def chunks_of(blocks: Callable[[], Iterator[RowBlock]]) -> ChunkSource:
+    """The solver's chunk source from a source of row blocks (the blocks without their rows)."""
+    def chunks() -> Iterator[Chunk]:
+        for _rows, feats, y, masks in blocks():
+            yield feats, y, masks
+    return chunks
+
+
+def probe_probabilities(fits: Sequence[LogisticFit], blocks: Callable[[], Iterator[RowBlock]], rows_of: Sequence[np.ndarray],
+                        feature_of: Sequence[int], comm: Comm | None = None, log: bool = False) -> list[np.ndarray]:
+    """Class probabilities of every probe on its rows: one (len(rows_of[p]), classes) float32 array per probe, in
+    the order of its sorted ``rows_of[p]`` (``log``: natural log-probabilities, exact where a probability would
+    round to 0). Each fit is used at its first C (pass ``fit.at(k)``); ``blocks`` yields this rank's row blocks with
+    each probe's rows marked, and the ranks' parts are summed (each row is scored by exactly one rank)."""
+    comm = comm or Comm()
+    n_classes = fits[0].bias.shape[1] if fits else 0
+    out = [np.zeros((len(r), n_classes), dtype=np.float32) for r in rows_of]
+    tensors = [(torch.from_numpy(f.weights[0]), torch.from_numpy(f.bias[0]), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
+               for f in fits]
+    for rows, feats, _y, masks in blocks():
+        for p, (W, b, mu, sc) in enumerate(tensors):
+            take = np.arange(len(rows)) if masks is None else np.flatnonzero(masks[p])
+            if not len(take):
+                continue
+            x = (torch.from_numpy(feats[feature_of[p]][take]) - mu) * sc
+            proba = (torch.log_softmax if log else torch.softmax)(x @ W + b, dim=-1).numpy()
+            out[p][np.searchsorted(rows_of[p], rows[take])] = proba
+    if comm.distributed and out:
+        flat = comm.sum(torch.from_numpy(np.concatenate([o.ravel() for o in out])))
+        cuts = np.cumsum([0, *[o.size for o in out]])
+        out = [flat[cuts[i]:cuts[i + 1]].numpy().reshape(o.shape) for i, o in enumerate(out)]
+    return out

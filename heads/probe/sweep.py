@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,16 @@ from embstore.store import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.features import FeatureBank, feature_width, parse_memory
+from heads.probe.control import check_control
 from heads.probe.plan import check_val_split, drop_duplicates, plan_rounds
-from heads.probe.rounds import Labels, Outcome, Plan, train_adamw, train_lbfgs, train_stacked, train_tokens
+from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
+from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
+from heads.probe.solvers import Comm
 from heads.probe.specs import COMBINES, expand, parse_combine
 from heads.protocol import carve_groups, split_roles
+from heads.report.assess import ALPHA, Assessment, RunPredictions, assess
 from heads.report.metrics import majority_accuracy
-from heads.report.results import ResultRow, RunWriter
+from heads.report.results import ResultRow, RunWriter, aggregate, best_config
 
 __all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store"]
 
@@ -73,6 +78,13 @@ class SweepConfig:
     """Run directory; None: runs/<time>-<store>."""
     verify: bool = True
     """Check every row chunk read from the store against the checksum recorded when it was written."""
+    ci: bool = True
+    """How sure: bootstrap intervals of every score and paired tests of every configuration against the best."""
+    control: str | None = None
+    """A control store (e.g. ``embstore extract --random-weights SEED``): every configuration is trained on it too,
+    on the same rows, and the gain over it is reported."""
+    mdl: bool = False
+    """The online codelength (MDL) of the training labels given each linear probe's features."""
 
     def __post_init__(self) -> None:
         parse_combine(self.combine)
@@ -83,6 +95,12 @@ class SweepConfig:
             raise ConfigError(f"The 'folds' option must be at least 2; got {self.folds}.")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"The 'holdout' option must be a fraction in (0, 1); got {self.holdout}.")
+        if self.mdl and self.folds is not None:
+            raise ConfigError(f"--mdl codes the labels of the whole training split and --folds {self.folds} cuts it into "
+                              "folds; run --mdl without --folds (a second sweep), or --folds without --mdl.")
+        if self.mdl and not ("linear" in self.heads and self.head.solver == "lbfgs"):
+            raise ConfigError("--mdl codes the labels with the L-BFGS linear probes; add --head linear (with --solver lbfgs, "
+                              "the default).")
         for h in self.heads:
             HeadConfig(head=h)  # validates the name with the list of heads
 
@@ -119,6 +137,8 @@ class SweepResult:
     """The best configuration (by validation macro-F1): layers, combine, pooling, head, val and test scores."""
     rank: int = 0
     """The torchrun rank that returned it (only rank 0 writes the run directory)."""
+    tied: list[tuple[str, str, str, str]] = field(default_factory=list)
+    """Configurations not significantly worse than the best (empty with --no-ci)."""
 
 
 def latest_store(cache: Path) -> str:
@@ -195,19 +215,25 @@ def _eval_record(store: Store, plan: Plan) -> dict[str, Any]:
                     store.row_ids(plan.eval_split)[plan.eval_rows])
 
 
-def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: bool | None = None) -> SweepResult:
-    """Train every configuration x seed (x fold) and write the run directory (rank 0 under torchrun).
+@dataclass
+class _Setup:
+    """What a sweep decided before training: the same for the store and its control."""
 
-    ``show_progress``: a tqdm bar of configurations done / total / ETA (None: only on a terminal).
-    """
-    from embstore._version import __version__
-    from embstore.extraction import cache_dir
-    from heads.probe.estimator import resolve_device
-    from heads.probe.solvers import Comm
+    path: str
+    store: Store
+    names: list[str]
+    train: tuple[str, np.ndarray | None]
+    evaluate: tuple[str, np.ndarray | None]
+    combos: list[Combo]
+    notes: list[str]
+    plans: list[Plan]
+    splits: list[str]
+    budget: int
+    labels: Labels
 
-    _join_process_group()
-    comm = Comm()
-    path = config.store or latest_store(cache or cache_dir())
+
+def _plan(config: SweepConfig, path: str) -> _Setup:
+    """Open the store, name the split roles, expand the configurations and plan every round (nothing written)."""
     store = open_store(path, verify=config.verify)
     if store.label_names is None:
         raise DataError(f"{path} was extracted without labels; re-extract with --label-col COLUMN.")
@@ -227,25 +253,94 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     combos, notes = drop_duplicates(combos, cfg.standardize)
     plans = plan_rounds(store, seeds=config.seeds, folds=config.folds, validation_fraction=cfg.validation_fraction,
                         val_split=config.val_split, train=(tr_split, tr_rows), evaluate=(ev_split, ev_rows))
-    splits = [tr_split, ev_split] + ([config.val_split] if config.val_split else [])
-    budget = parse_memory(config.max_memory)
-    bank = FeatureBank(store, combos, splits, budget)
-    lbfgs = [c for c in combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
+    splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
+    labels = Labels({s: store.labels(s) for s in splits}, names)
+    return _Setup(path, store, names, (tr_split, tr_rows), (ev_split, ev_rows), combos, notes, plans, splits,
+                  parse_memory(config.max_memory), labels)
+
+
+def _lbfgs_combos(setup: _Setup, cfg: HeadConfig) -> list[Combo]:
+    return [c for c in setup.combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
+
+
+def _bank(setup: _Setup, cfg: HeadConfig, max_memory: str) -> tuple[FeatureBank, bool]:
+    """The feature bank of a store, and whether the solver keeps standardised chunks on the device; refuses a
+    budget below one row chunk of the streamed linear probes."""
+    store, budget = setup.store, setup.budget
+    bank = FeatureBank(store, setup.combos, setup.splits, budget)
+    lbfgs = _lbfgs_combos(setup, cfg)
     widths = sum(feature_width(c, store.hidden) for c in lbfgs)
     if lbfgs and not bank.preloaded:
-        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(names)  # the solver's logits, log-probabilities, gradients
-        need, worst = max((bank.chunk_bytes(s, widths, work), s) for s in splits)
+        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(setup.names)  # the solver's logits, log-probabilities, gradients
+        need, worst = max((bank.chunk_bytes(s, widths, work), s) for s in setup.splits)
         if need > budget:
-            raise ConfigError(f"--max-memory {config.max_memory} is below one row chunk of {path} ({_size(need)}: "
+            raise ConfigError(f"--max-memory {max_memory} is below one row chunk of {setup.path} ({_size(need)}: "
                               f"{store.layout.splits[worst].chunk_rows} rows of split {worst!r} in the layers and poolings the "
                               f"linear probes need, and their features); raise --max-memory to at least {_size(need, up=True)}.")
     # standardised float32 chunks stay on the device when they fit next to the bank
-    cache_chunks = bank.preloaded and bank.needed + 4 * widths * sum(len(p.fit_rows) for p in plans) <= budget
-    device = resolve_device(cfg)
-    labels = Labels({s: store.labels(s) for s in dict.fromkeys(splits)}, names)
+    cache_chunks = bank.preloaded and bank.needed + 4 * widths * sum(len(p.fit_rows) for p in setup.plans) <= budget
+    return bank, cache_chunks
 
+
+def _train(setup: _Setup, bank: FeatureBank, cache_chunks: bool, cfg: HeadConfig, device: Any, comm: Comm,
+           step: Callable[[int], None], done: Callable[[Outcome], None]) -> list[Outcome]:
+    """Every configuration of every round: L-BFGS probes of every round first, on every rank (their passes are
+    collective), then what rank 0 trains alone. ``done`` sees each outcome as it finishes."""
     main = comm.rank == 0
-    run_dir = Path(config.out) if config.out else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-sweep-{Path(path).stem[:40]}"
+    plans, labels = setup.plans, setup.labels
+    lbfgs = _lbfgs_combos(setup, cfg)
+    adamw = [c for c in setup.combos if c.head == "linear" and cfg.solver == "adamw"]
+    tokens = [c for c in setup.combos if c.head in TOKEN_HEADS]
+    stacked = [c for c in setup.combos if c not in lbfgs and c not in adamw and c not in tokens]
+    outcomes: list[Outcome] = []
+
+    def keep(found: Sequence[Outcome]) -> None:
+        for o in found:
+            done(o)
+            outcomes.append(o)
+
+    if lbfgs:
+        keep(train_lbfgs(lbfgs, plans, bank, labels, cfg, device, cache_chunks, comm))
+        step(len(lbfgs) * len(plans))
+    for plan in plans if main else []:
+        found = train_adamw(adamw, plan, bank, labels, cfg) if adamw else []
+        step(len(adamw))
+        for combo in tokens:
+            found.append(train_tokens(combo, plan, bank, labels, cfg))
+            step(1)
+        keep(found)
+    if main and stacked:  # every round at once: one stack per architecture and input shape
+        keep(train_stacked([(c, p) for p in plans for c in stacked], bank, labels, cfg, device, lambda: step(1),
+                           budget=setup.budget))
+    return outcomes
+
+
+def _codelengths(setup: _Setup, bank: FeatureBank, outcomes: Sequence[Outcome], cfg: HeadConfig, device: Any,
+                 comm: Comm, seeds: int) -> dict[tuple[Combo, int], Codelength]:
+    """--mdl: the online codelength of every L-BFGS probe configuration and seed, at its chosen C."""
+    tr_split, tr_rows = setup.train
+    rows = np.arange(setup.store.n_rows(tr_split)) if tr_rows is None else tr_rows
+    rows = rows[~setup.store.augmented(tr_split)[rows]]
+    combos = _lbfgs_combos(setup, cfg)
+    chosen = {(o.combo, o.plan.seed): float(o.hyper["C"]) for o in outcomes if "C" in o.hyper}
+    y = setup.labels[tr_split]
+
+    def source(row_sets: Sequence[np.ndarray], set_of: Sequence[int]) -> Any:
+        return row_source(bank, combos, tr_split, row_sets, set_of, y, comm)
+
+    return online_codelengths(combos, chosen, list(range(seeds)), bank, tr_split, rows, y, len(setup.names), cfg,
+                              device, comm, source)
+
+
+def _meta(config: SweepConfig, setup: _Setup, bank: FeatureBank, comm: Comm, control: Store | None) -> dict[str, Any]:
+    """run.json of a sweep (rank 0)."""
+    from embstore._version import __version__
+
+    store, cfg, names = setup.store, config.head, setup.names
+    (tr_split, tr_rows), (ev_split, ev_rows) = setup.train, setup.evaluate
+    plans = setup.plans
+    y_all = store.labels(tr_split)
+    y_train = y_all if tr_rows is None else y_all[tr_rows]
     augmented = store.augmented(tr_split)
     groups_all = carve_groups(store, tr_split)
     aug_train = augmented if tr_rows is None else augmented[tr_rows]
@@ -257,7 +352,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
                   f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)")
     held = np.unique(np.concatenate([p.eval_rows for p in plans if p.seed == 0]))
     run_eval = eval_set(source_sha256(store.provenance.get("sources", []), first.eval_split), store.row_ids(first.eval_split)[held])
-    meta = {"kind": "sweep", "store": path, "store_fingerprint": store.fingerprint, "model": store.provenance.get("model", {}).get("name"),
+    meta = {"kind": "sweep", "store": setup.path, "store_fingerprint": store.fingerprint,
+            "model": store.provenance.get("model", {}).get("name"),
             "label_names": names, "train_split": tr_split, "eval_split": ev_split, "val_split": config.val_split,
             "validation": validation, "train_rows": int(len(y_train)), "eval_rows": int(len(held) if config.folds else len(y_eval)),
             "carved_eval": ev_rows is not None,
@@ -267,50 +363,84 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
             "kept_apart": None if groups_all is None else (
                 f"groups of {store.provenance.get('group_col') or 'the group column'}" if store.groups(tr_split) is not None
                 else "augmented copies and their source rows"),
-            "configurations": len(combos), "embstore": __version__, "feature_bytes": bank.needed,
+            "configurations": len(setup.combos), "embstore": __version__, "feature_bytes": bank.needed,
             "features_preloaded": bank.preloaded, "solver": cfg.solver, "world_size": comm.world,
-            EVAL_SET_KEY: run_eval, "notes": notes}
-    writer = RunWriter(run_dir, meta) if main else None
+            EVAL_SET_KEY: run_eval, "notes": setup.notes}
+    if control is not None:
+        model = control.provenance.get("model", {})
+        meta["control"] = {"store": str(control.path), "store_fingerprint": control.fingerprint, "model": model.get("name"),
+                           "random_weights": model.get("random_weights")}
+    return meta
+
+
+def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: bool | None = None) -> SweepResult:
+    """Train every configuration x seed (x fold) and write the run directory (rank 0 under torchrun).
+
+    ``show_progress``: a tqdm bar of configurations done / total / ETA (None: only on a terminal).
+    """
+    from embstore.extraction import cache_dir
+    from heads.probe.estimator import resolve_device
+
+    _join_process_group()
+    comm = Comm()
+    setup = _plan(config, config.store or latest_store(cache or cache_dir()))
+    cfg = config.head
+    control = None
+    if config.control is not None:
+        control = open_store(config.control, verify=config.verify)
+        check_control(setup.store, control, setup.splits, setup.combos)
+    bank, cache_chunks = _bank(setup, cfg, config.max_memory)
+    device = resolve_device(cfg)
+    main = comm.rank == 0
+    run_dir = Path(config.out) if config.out else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-sweep-{Path(setup.path).stem[:40]}"
+    writer = RunWriter(run_dir, _meta(config, setup, bank, comm, control)) if main else None
 
     t0 = time.perf_counter()
-    bar = _progress(len(combos) * len(plans), show_progress if main else False)
-    outcomes: list[Outcome] = []
-    adamw = [c for c in combos if c.head == "linear" and cfg.solver == "adamw"]
-    tokens = [c for c in combos if c.head in TOKEN_HEADS]
-    stacked = [c for c in combos if c not in lbfgs and c not in adamw and c not in tokens]
-    eval_ids = {id(p): _eval_record(store, p)["id"] for p in plans}
-    # L-BFGS probes of every round first, on every rank (their passes are collective), then what rank 0 trains alone
-    if lbfgs:
-        for o in train_lbfgs(lbfgs, plans, bank, labels, cfg, device, cache_chunks, comm):
-            if writer is not None:
-                writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
-            outcomes.append(o)
-        bar.update(len(lbfgs) * len(plans))
-    for plan in plans if main else []:
-        done = train_adamw(adamw, plan, bank, labels, cfg) if adamw else []
-        bar.update(len(adamw))
-        for combo in tokens:
-            done.append(train_tokens(combo, plan, bank, labels, cfg))
-            bar.update(1)
-        for o in done:
-            if writer is not None:
-                writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
-        outcomes += done
-    if main and stacked:  # every round at once: one stack per architecture and input shape
-        for o in train_stacked([(c, p) for p in plans for c in stacked], bank, labels, cfg, device, lambda: bar.update(1),
-                               budget=budget):
-            if writer is not None:
-                writer.add(_row(o, store, cfg, eval_ids[id(o.plan)]))
-            outcomes.append(o)
+    bar = _progress(len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False)
+    eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.plans}
+
+    def write(o: Outcome) -> None:
+        if writer is not None:
+            writer.add(_row(o, setup.store, cfg, eval_ids[id(o.plan)]))
+
+    outcomes = _train(setup, bank, cache_chunks, cfg, device, comm, bar.update, write)
+    codes = _codelengths(setup, bank, outcomes, cfg, device, comm, config.seeds) if config.mdl else {}
+    controls: list[Outcome] = []
+    if control is not None:
+        del bank  # one store's features in memory at a time
+        c_setup = dataclasses.replace(setup, store=control, path=str(control.path))
+        c_bank, c_cache = _bank(c_setup, cfg, config.max_memory)
+        controls = _train(c_setup, c_bank, c_cache, cfg, device, comm, bar.update, lambda _o: None)
     bar.close()
     if writer is None:  # another rank: rank 0 writes the run directory
-        return SweepResult(run_dir=run_dir, store=path, rows=len(outcomes), best={}, rank=comm.rank)
-    summary = writer.finish(names)
+        return SweepResult(run_dir=run_dir, store=setup.path, rows=len(outcomes), best={}, rank=comm.rank)
+    return _finish(writer, setup, outcomes, controls, codes, config, t0)
+
+
+def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls: list[Outcome],
+            codes: dict[tuple[Combo, int], Codelength], config: SweepConfig, t0: float) -> SweepResult:
+    """Sureness, control and MDL columns on every row, then the run's files and its best head."""
+    store, names, path = setup.store, setup.names, setup.path
+    best_key = best_config(aggregate(writer.rows)).key
+    fields = sureness(outcomes, controls, codes, best_key, setup.labels, config.ci, config.head.seed)
+    writer.replace_rows([_with(row, f) for row, f in zip(writer.rows, fields.fields)])
+    if config.ci:
+        writer.update_meta(uncertainty=_uncertainty_meta(fields))
+    if codes:
+        writer.update_meta(mdl={"definition": "online code (Voita & Titov 2020), bits; blocks at "
+                                + ", ".join(f"{100 * f:g}%" for f in FRACTIONS) + " of the shuffled training rows",
+                                "rows": next(iter(codes.values())).rows, "heads": "linear (L-BFGS at the chosen C)",
+                                "blocks": {f"{'/'.join(c.key)} seed {s}": code.blocks for (c, s), code in codes.items()}})
+    ev_split = setup.evaluate[0]
+    row_ids = {s: store.row_ids(s) for s in {o.plan.eval_split for o in outcomes}}
+    writer.write_predictions([(row_ids[o.plan.eval_split][o.plan.eval_rows], setup.labels[o.plan.eval_split][o.plan.eval_rows],
+                               o.proba) for o in outcomes], names)
+    summary = writer.finish(names, best_key=best_key)
     best = summary["best"]
     key = (best["layers"], best["combine"], best["pooling"], best["head"])
     shown = next(r for r in writer.rows if r.config_key == key)  # the summary's best row (the first written)
     est = next(o.est for o in outcomes if o.combo.key == key and o.plan.seed == shown.seed and o.plan.fold == shown.fold)
-    combo = next(c for c in combos if c.key == key)
+    combo = next(c for c in setup.combos if c.key == key)
     extra = {"layers": list(combo.layers), "layers_label": combo.layers_label, "combine": combo.combine,
              "pooling": combo.pooling, "head": combo.head, "store": path, "store_id": store.fingerprint,
              "label_names": names, "model": store.provenance.get("model", {}), "max_length": store.provenance.get("max_length"),
@@ -318,8 +448,48 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
              "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds"),
              "precision": store.provenance.get("precision"),
              "seed": shown.seed, "fold": shown.fold, "chosen_on": "validation macro-F1"}
-    est.save(run_dir / "best_head", extra=extra)
-    log.info("sweep of %d runs in %.1fs; best %s", len(outcomes), time.perf_counter() - t0, key)
+    est.save(writer.run_dir / "best_head", extra=extra)
+    log.info("sweep of %d runs in %.1fs; best %s (evaluation split %s)", len(outcomes), time.perf_counter() - t0, key, ev_split)
     result = {"layers": key[0], "combine": key[1], "pooling": key[2], "head": key[3], "f1_macro": best["f1_macro_mean"],
-              "accuracy": best["accuracy_mean"], "val_f1_macro": best["val_f1_macro_mean"], "val_accuracy": best["val_accuracy_mean"]}
-    return SweepResult(run_dir=run_dir, store=path, rows=len(outcomes), best=result)
+              "accuracy": best["accuracy_mean"], "val_f1_macro": best["val_f1_macro_mean"], "val_accuracy": best["val_accuracy_mean"],
+              "f1_macro_lo": best.get("f1_macro_lo"), "f1_macro_hi": best.get("f1_macro_hi")}
+    return SweepResult(run_dir=writer.run_dir, store=path, rows=len(outcomes), best=result, tied=fields.tied)
+
+
+def _with(row: ResultRow, found: dict[str, Any]) -> ResultRow:
+    """``row`` with the sureness, control and MDL fields (``extra`` entries merged)."""
+    found = dict(found)
+    extra = {**row.extra, **found.pop("extra", {})}
+    return dataclasses.replace(row, extra=extra, **found)
+
+
+def _uncertainty_meta(a: Assessment) -> dict[str, Any]:
+    return {"resamples": a.resamples, "level": 0.95, "alpha": ALPHA, "paired_seed": a.paired_seed, "compared": a.compared,
+            "tied": [list(k) for k in a.tied], "pooled_rows": a.pooled_rows,
+            "interval": "percentile bootstrap over the evaluation rows (one seeded set of resamples shared by every "
+                        "configuration, so differences are paired)",
+            "test": "exact McNemar on correctness against the best (two-sided binomial on the discordant rows), "
+                    "Holm-corrected over the configurations compared"}
+
+
+def sureness(outcomes: Sequence[Outcome], controls: Sequence[Outcome], codes: dict[tuple[Combo, int], Codelength],
+             best: tuple[str, str, str, str], labels: Labels, ci: bool, seed: int) -> Assessment:
+    """The sureness fields of every outcome's row: intervals and paired tests (``ci``), control scores and gain,
+    and codelengths."""
+    by_run = {(o.combo.key, o.plan.seed, o.plan.fold): o for o in controls}
+    runs = []
+    for o in outcomes:
+        c = by_run.get((o.combo.key, o.plan.seed, o.plan.fold))
+        y = labels[o.plan.eval_split][o.plan.eval_rows]
+        runs.append(RunPredictions(o.combo.key, o.plan.seed, o.plan.fold, o.plan.eval_rows, y, o.pred,
+                                   None if c is None else c.pred))
+    found = assess(runs, best, len(labels.names), seed=seed) if ci else Assessment(fields=[{} for _ in runs])
+    for o, f, r in zip(outcomes, found.fields, runs):
+        if r.control is not None and "control_f1_macro" not in f:  # --no-ci: the scores without intervals
+            c = by_run[(o.combo.key, o.plan.seed, o.plan.fold)]
+            f.update(control_accuracy=c.metrics["accuracy"], control_f1_macro=c.metrics["f1_macro"],
+                     gain_f1_macro=o.metrics["f1_macro"] - c.metrics["f1_macro"])
+        code = codes.get((o.combo, o.plan.seed))
+        if code is not None:
+            f.update(mdl_bits=code.bits, compression=code.compression)
+    return found

@@ -23,7 +23,12 @@ __all__ = ["write_report", "eval_set_id", "check_comparable", "REPORT_COLUMNS"]
 
 REPORT_COLUMNS = ["run", "store_id", "eval_set", "layers", "combine", "pooling", "head", "n", "accuracy_mean",
                   "accuracy_std", "f1_macro_mean", "f1_macro_std", "val_accuracy_mean", "val_f1_macro_mean",
-                  "trainable_params", "seconds_per_epoch", "train_seconds"]
+                  "trainable_params", "seconds_per_epoch", "train_seconds",
+                  # how sure, as each run recorded it (its best and its paired tests are within the run)
+                  "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
+                  "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "control_accuracy_mean",
+                  "control_f1_macro_mean", "gain_f1_macro_mean", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits",
+                  "compression"]
 UNKNOWN = "unknown"
 
 
@@ -95,18 +100,25 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                 d = s.to_dict()
                 writer.writerow([run, store, ids[run], *(_opt(d[c]) for c in REPORT_COLUMNS[3:])])
         with_val = any(s.has_validation for _, _, s in entries)
+        with_ci = any(s.has_interval for _, _, s in entries)
         table = []
         for i, (run, _, s) in enumerate(entries):
             cells = [run + (" †" if run in other else ""), *s.key]
             if with_val:
                 cells.append("" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n))
-            cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n), str(s.n),
-                      _opt(s.trainable_params, "{:,}"), _opt(s.seconds_per_epoch, "{:.2f}"), f"{s.train_seconds:.1f}"]
+            cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
+            if with_ci:
+                cells.append("" if not s.has_interval else f"{s.f1_lo:.4f}–{s.f1_hi:.4f}")
+            cells += [str(s.n), _opt(s.trainable_params, "{:,}"), _opt(s.seconds_per_epoch, "{:.2f}"), f"{s.train_seconds:.1f}"]
             table.append([f"**{c}**" for c in cells] if i == 0 else cells)
         by = "mean validation macro-F1" if rule == "validation" else "mean evaluation macro-F1 (not every run has validation scores)"
         lines = ["# Heads report", "", f"{len(entries)} configs from {len(stores)} runs, best first by {by}.", ""]
         lines += md_table(["run", "layers", "combine", "pooling", "head", *(["val macro-F1"] if with_val else []),
-                           "accuracy", "macro-F1", "runs", "trainable params", "s / epoch", "train s"], table)
+                           "accuracy", "macro-F1", *(["95% CI macro-F1"] if with_ci else []), "runs", "trainable params",
+                           "s / epoch", "train s"], table)
+        if with_ci:
+            lines.append("\nIntervals are each run's own (95% bootstrap over its evaluation rows); paired tests against "
+                         "each run's best are in the runs' summaries and in report.csv.")
         lines += ["", "## Stores, models and evaluation sets", ""]
         lines += [f"- {run}: `{store}`, evaluation set `{ids[run]}`" for run, store in stores.items()]
         if other and reference is None:

@@ -5,7 +5,9 @@ Layout of one run (``heads sweep``, ``heads train``, ``heads finetune`` all writ
     run.json          meta: store path and fingerprint, model, label_names, command/config, created, version
     results.jsonl     one ResultRow per line, appended and flushed as each config x seed finishes
     results.csv       the same rows, flat (hyperparameters as hp_<name> columns)
-    summary.md        per-config mean ± std table, best config, its per-class table and confusion matrix
+    summary.md        the answer (best configuration and the ones tied with it), per-config table with intervals and
+                      paired tests, the best config's per-class table and confusion matrix
+    predictions.npz   per (run, evaluation row): run (line of results.jsonl), row_id, y_true, y_pred, proba
     *.png             metric_per_layer.png, learning_curves.png, confusion_best.png
 
 ``heads report`` reads several runs back with :func:`read_run` and merges them (:mod:`heads.report.merge`).
@@ -26,13 +28,18 @@ from heads.report.plots import plot_confusion, plot_curves, plot_per_layer
 from heads.report.summary import summary_md
 from heads.report.table import ConfigKey, ConfigStats, ResultRow, aggregate, best_config
 
-__all__ = ["ResultRow", "ConfigStats", "RunWriter", "aggregate", "best_config", "read_run", "RUN_FILE"]
+__all__ = ["ResultRow", "ConfigStats", "RunWriter", "aggregate", "best_config", "read_run", "save_predictions",
+           "RUN_FILE", "PREDICTIONS_FILE"]
 
 RUN_FILE, ROWS_FILE, CSV_FILE, SUMMARY_FILE = "run.json", "results.jsonl", "results.csv", "summary.md"
+PREDICTIONS_FILE = "predictions.npz"
 PLOT_PER_LAYER, PLOT_CURVES, PLOT_CONFUSION = "metric_per_layer.png", "learning_curves.png", "confusion_best.png"
 RUN_FORMAT_VERSION = 1
 CSV_COLUMNS = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "val_accuracy",
-               "val_f1_macro", "train_seconds", "best_epoch", "trainable_params", "seconds_per_epoch", "store_id"]
+               "val_f1_macro", "train_seconds", "best_epoch", "trainable_params", "seconds_per_epoch", "store_id",
+               "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
+               "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "control_accuracy", "control_f1_macro",
+               "gain_f1_macro", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits", "compression"]
 
 
 class RunWriter:
@@ -70,6 +77,31 @@ class RunWriter:
         os.fsync(self._jsonl.fileno())
         self.rows.append(row)
 
+    def replace_rows(self, rows: list[ResultRow]) -> None:
+        """Rewrite results.jsonl with ``rows`` (the same runs, in the same order, with columns known only at the end:
+        intervals, paired tests, control scores, codelengths); atomic, so a crash leaves the old file whole."""
+        if len(rows) != len(self.rows):
+            raise ValueError(f"replace_rows needs the {len(self.rows)} rows written; got {len(rows)}")
+        self._jsonl.close()
+        path = self.run_dir / ROWS_FILE
+        tmp = path.with_name(f".{ROWS_FILE}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row.to_dict(), default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            self._jsonl = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise OutputNotWritableError(f"Cannot write {path} ({exc.strerror or exc}); choose a writable --out.") from None
+        self.rows = list(rows)
+
+    def write_predictions(self, runs: list[tuple[Any, Any, Any]], label_names: list[str]) -> None:
+        """predictions.npz: one entry per (run, evaluation row); ``runs[i]`` = (row ids, true labels, (rows, classes)
+        probabilities) of the run on line i of results.jsonl. See :func:`save_predictions`."""
+        save_predictions(self.run_dir / PREDICTIONS_FILE, runs, label_names)
+
     def finish(self, label_names: list[str], best_key: ConfigKey | None = None) -> dict[str, Any]:
         """Write results.csv, summary.md and the plots; return the summary (configs, best, files, skipped plots).
 
@@ -93,6 +125,44 @@ class RunWriter:
         (self.run_dir / SUMMARY_FILE).write_text(summary_md(self.meta, stats, best, label_names, files, skipped, _SKIP_REASON))
         return {"run_dir": str(self.run_dir), "n_rows": len(self.rows), "configs": [s.to_dict() for s in stats],
                 "best": best.to_dict() if best else None, "plots": files, "skipped_plots": skipped}
+
+
+def save_predictions(path: Path, runs: list[tuple[Any, Any, Any]], label_names: list[str]) -> Path:
+    """Write per-row predictions in long format, readable with numpy alone (no pickle)::
+
+        run      (N,) int64    the run's 0-based line in results.jsonl (0 for heads predict)
+        row_id   (N,) int64    the row's id: its position in its source data file (heads predict: input line)
+        y_true   (N,) int64    the true label index (-1 when unknown, as for heads predict)
+        y_pred   (N,) int64    the predicted label index (the most probable class)
+        proba    (N, K) float32 class probabilities, columns in label_names order
+        label_names (K,) str
+
+    ``runs[i]`` = (row ids, true labels or None, probabilities) of run i. Written to a temporary file and renamed.
+    """
+    import numpy as np
+
+    n_classes = len(label_names)
+    ids, ys, probas, run = [], [], [], []
+    for i, (row_ids, y_true, proba) in enumerate(runs):
+        p = np.asarray(proba, dtype=np.float32).reshape(-1, n_classes)
+        ids.append(np.asarray(row_ids, dtype=np.int64))
+        ys.append(np.full(len(p), -1, dtype=np.int64) if y_true is None else np.asarray(y_true, dtype=np.int64))
+        probas.append(p)
+        run.append(np.full(len(p), i, dtype=np.int64))
+
+    def cat(parts: list[Any], shape: tuple[int, ...], dtype: Any) -> Any:
+        return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
+
+    proba_all = cat(probas, (0, n_classes), np.float32)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    try:
+        np.savez(tmp, run=cat(run, (0,), np.int64), row_id=cat(ids, (0,), np.int64), y_true=cat(ys, (0,), np.int64),
+                 y_pred=proba_all.argmax(1).astype(np.int64) if len(proba_all) else np.zeros(0, np.int64),
+                 proba=proba_all, label_names=np.asarray([str(n) for n in label_names]))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputNotWritableError(f"Cannot write {path} ({exc.strerror or exc}); choose a writable location.") from None
+    return path
 
 
 def _opt(value: float | int | None) -> str:

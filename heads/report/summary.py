@@ -11,6 +11,47 @@ from heads.report.table import ConfigStats, pm, selection_rule
 __all__ = ["summary_md", "md_table"]
 
 
+def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> list[str]:
+    """One line per configuration: choice, scores with intervals, the paired test, control gain and MDL."""
+    with_val = any(s.has_validation for s in stats)
+    with_c = any("C" in s.first.hyperparameters for s in stats)
+    with_ci = any(s.has_interval for s in stats)
+    with_p = any(s.p_vs_best_holm is not None for s in stats)
+    with_control = any(s.control_f1_mean is not None for s in stats)
+    with_mdl = any(s.mdl_bits is not None for s in stats)
+    table = []
+    for s in stats:
+        cells = list(s.key)
+        if with_c:
+            cs = s.first.hyperparameters.get("C")
+            cells.append("" if cs is None else f"{float(cs):g}")
+        if with_val:
+            cells += ["" if s.val_accuracy_mean is None else f"{s.val_accuracy_mean:.4f}",
+                      "" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n)]
+        cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
+        if with_ci:
+            cells.append(_ci(s.f1_lo, s.f1_hi))
+        if with_p:
+            cells.append(_p(s.p_vs_best_holm))
+        if with_control:
+            cells += ["" if s.control_f1_mean is None else f"{s.control_f1_mean:.4f}",
+                      "" if s.gain_f1_mean is None else f"{s.gain_f1_mean:+.4f}" + (
+                          f" ({s.gain_f1_lo:+.4f} to {s.gain_f1_hi:+.4f})" if s.gain_f1_lo is not None and s.gain_f1_hi is not None else "")]
+        if with_mdl:
+            cells += ["" if s.mdl_bits is None else f"{s.mdl_bits:,.0f}", "" if s.compression is None else f"{s.compression:.2f}"]
+        cells += [str(s.n), f"{s.train_seconds:.1f}"]
+        if s is best:
+            cells = [f"**{c}**" if c else c for c in cells] + [f"← best ({rule})"]
+        else:
+            cells.append("tied" if s.tied_with_best else "worse" if s.tied_with_best is False else "")
+        table.append(cells)
+    header = ["layers", "combine", "pooling", "head"] + (["C"] if with_c else [])
+    header += (["val accuracy", "val macro-F1"] if with_val else []) + ["test accuracy", "test macro-F1"]
+    header += (["95% CI macro-F1"] if with_ci else []) + (["p vs best (Holm)"] if with_p else [])
+    header += (["control macro-F1", "gain (95% CI)"] if with_control else []) + (["MDL bits", "compression"] if with_mdl else [])
+    return md_table(header + ["runs", "train s", ""], table)
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -25,11 +66,76 @@ def _how_chosen(meta: dict[str, Any], rule: str) -> str:
             "the choice is optimistic)")
 
 
+def _ci(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None or hi is None else f"{lo:.4f}–{hi:.4f}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def _name(s: ConfigStats) -> str:
+    return " / ".join(s.key)
+
+
+def _answer(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats) -> list[str]:
+    """The opening paragraph: the best configuration, how sure, and which configurations it does not beat."""
+    unc = meta.get("uncertainty") or {}
+    test = "test" if not meta.get("config", {}).get("folds") else "held-out"
+    head = f"**{_name(best)}** is the best configuration"
+    if best.has_validation:
+        head += f", chosen on validation macro-F1 ({best.val_f1_mean:.4f})"
+    head += f": {test} macro-F1 {best.f1_mean:.4f}"
+    if best.has_interval:
+        head += f" (95% CI {_ci(best.f1_lo, best.f1_hi)})"
+    head += f", accuracy {best.accuracy_mean:.4f}"
+    if best.accuracy_lo is not None:
+        head += f" ({_ci(best.accuracy_lo, best.accuracy_hi)})"
+    lines = ["## Answer", "", head + "."]
+    if not unc:
+        lines += ["", "No intervals or paired tests (the run was made with --no-ci, or records no per-row predictions)."]
+        return lines
+    others = [s for s in stats if s is not best and s.p_vs_best_holm is not None]
+    tied = [s for s in others if s.tied_with_best]
+    worse = [s for s in others if not s.tied_with_best]
+    rows = unc.get("pooled_rows")
+    how = (f"exact McNemar test on the {rows} {test} rows, Holm-corrected over the {len(others)} configurations "
+           f"compared, p ≥ {unc.get('alpha', 0.05):g}")
+    if tied:
+        names = ", ".join(f"{_name(s)} ({s.f1_mean:.4f})" for s in tied)
+        lines += ["", f"{len(tied)} configuration{'s are' if len(tied) > 1 else ' is'} statistically indistinguishable from "
+                      f"it ({how}): {names}. Treat them as ties: the data cannot tell them apart."]
+    elif others:
+        lines += ["", f"Every other configuration is significantly worse than it ({how.replace('p ≥', 'p <')})."]
+    if worse and tied:
+        lines += ["", f"{len(worse)} configuration{'s are' if len(worse) > 1 else ' is'} significantly worse."]
+    seeds = int(meta.get("config", {}).get("seeds") or 1)
+    if seeds > 1:
+        lines += ["", f"With {seeds} seeds, intervals are of the mean over seeds; the paired tests use seed "
+                      f"{unc.get('paired_seed', 0)}'s runs."]
+    if meta.get("config", {}).get("folds"):
+        lines += ["", "With folds, intervals and tests use every fold's held-out rows together."]
+    control = meta.get("control")
+    gains = [s for s in stats if s.gain_f1_mean is not None]
+    if control and gains:
+        what = (f"random weights, seed {control['random_weights']}" if control.get("random_weights") is not None
+                else f"`{control.get('model')}`")
+        lines += ["", f"Against the control store ({what}), the best configuration gains {best.gain_f1_mean or 0.0:+.4f} "
+                      f"macro-F1" + (f" (95% CI {_ci(best.gain_f1_lo, best.gain_f1_hi)})" if best.gain_f1_lo is not None else "")
+                  + f"; {sum(1 for s in gains if (s.gain_f1_lo or 0.0) > 0)} of {len(gains)} configurations gain "
+                    "with a 95% interval above 0."]
+    return lines
+
+
 def summary_md(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str],
                files: list[str], skipped: list[str], skip_reason: dict[str, str]) -> str:
     """The markdown summary of a run directory (see :class:`heads.report.results.RunWriter`)."""
-    lines = [f"# Heads run {meta.get('name', '')}".rstrip(), "",
-             f"- store: `{meta.get('store_path', meta.get('store', '?'))}` (fingerprint `{meta.get('store_fingerprint', '?')}`)",
+    lines = [f"# Heads run {meta.get('name', '')}".rstrip(), ""]
+    if best is not None:
+        lines += _answer(meta, stats, best) + ["", "## Run", ""]
+    lines += [f"- store: `{meta.get('store_path', meta.get('store', '?'))}` (fingerprint `{meta.get('store_fingerprint', '?')}`)",
              f"- model: `{meta.get('model', meta.get('model_name', '?'))}`",
              f"- labels: {', '.join(label_names)}", f"- rows: {sum(s.n for s in stats)} runs of {len(stats)} configs"]
     if meta.get("majority_accuracy") is not None:
@@ -45,32 +151,24 @@ def summary_md(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats
         lines.append(f"- every carve keeps {meta['kept_apart']} apart (no group on both sides)")
     for note in meta.get("notes") or []:
         lines.append(f"- {note}")
+    if meta.get("control"):
+        c = meta["control"]
+        lines.append(f"- control store: `{c.get('store')}` (model `{c.get('model')}`"
+                     + (f", random weights seed {c['random_weights']}" if c.get("random_weights") is not None else "")
+                     + "): every configuration trained on it too, same rows, carve and selection rule")
+    if meta.get("uncertainty"):
+        u = meta["uncertainty"]
+        lines.append(f"- intervals: 95% {u.get('interval', 'bootstrap')}, {u.get('resamples')} resamples; paired test: "
+                     f"{u.get('test', 'exact McNemar')}")
+    if meta.get("mdl"):
+        m = meta["mdl"]
+        lines.append(f"- MDL: {m.get('definition')}; {m.get('rows')} rows; heads: {m.get('heads')}")
     if best is None:
         return "\n".join(lines + ["", "No result rows were written.", ""])
     rule = selection_rule(stats)
     lines.append(_how_chosen(meta, rule))
-    with_val = any(s.has_validation for s in stats)
-    with_c = any("C" in s.first.hyperparameters for s in stats)
-    table = []
-    for s in stats:
-        cells = list(s.key)
-        if with_c:
-            cs = s.first.hyperparameters.get("C")
-            cells.append("" if cs is None else f"{float(cs):g}")
-        if with_val:
-            cells += ["" if s.val_accuracy_mean is None else f"{s.val_accuracy_mean:.4f}",
-                      "" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n)]
-        cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n), str(s.n), f"{s.train_seconds:.1f}"]
-        if s is best:
-            cells = [f"**{c}**" if c else c for c in cells] + [f"← best ({rule})"]
-        else:
-            cells.append("")
-        table.append(cells)
-    several = any(s.n > 1 for s in stats)
-    lines += ["", "## Configs" + (" (mean ± std over seeds/folds)" if several else ""), ""]
-    header = ["layers", "combine", "pooling", "head"] + (["C"] if with_c else [])
-    header += (["val accuracy", "val macro-F1"] if with_val else []) + ["test accuracy", "test macro-F1", "runs", "train s", ""]
-    lines += md_table(header, table)
+    lines += ["", "## Configs" + (" (mean ± std over seeds/folds)" if any(s.n > 1 for s in stats) else ""), ""]
+    lines += _config_table(stats, best, rule)
     first = best.first
     lines += ["", f"## Best config: {' / '.join(best.key)} (seed {first.seed}"
               + (f", fold {first.fold})" if first.fold is not None else ")"), ""]

@@ -14,7 +14,7 @@ from typing import Any
 from embstore.errors import DataError
 from heads.report.metrics import mean_std
 
-__all__ = ["ResultRow", "ConfigStats", "ConfigKey", "aggregate", "best_config", "selection_rule", "pm"]
+__all__ = ["ResultRow", "ConfigStats", "ConfigKey", "aggregate", "best_config", "selection_rule", "pm", "CONFIG_INTERVAL_KEY"]
 
 ConfigKey = tuple[str, str, str, str]
 
@@ -52,6 +52,35 @@ class ResultRow:
     val_accuracy: float | None = None
     """On the validation rows every choice was made on (None for runs that record none)."""
     val_f1_macro: float | None = None
+    # -- how sure (heads sweep; None when not computed, e.g. --no-ci) ------------------------------------------
+    accuracy_lo: float | None = None
+    """95% percentile bootstrap interval of ``accuracy`` over this run's evaluation rows."""
+    accuracy_hi: float | None = None
+    f1_macro_lo: float | None = None
+    f1_macro_hi: float | None = None
+    is_best: bool | None = None
+    """A run of the configuration chosen on validation."""
+    p_vs_best: float | None = None
+    """Exact McNemar p of this configuration against the best on the evaluation rows (seed 0; folds pooled); the
+    same on every run of the configuration, None for the best's own runs."""
+    p_vs_best_holm: float | None = None
+    """``p_vs_best`` Holm-corrected over every configuration compared with the best."""
+    f1_macro_diff_lo: float | None = None
+    """Paired-bootstrap 95% interval of (this configuration's macro-F1 - the best's), seed 0, folds pooled."""
+    f1_macro_diff_hi: float | None = None
+    tied_with_best: bool | None = None
+    """Not significantly worse than the best: ``p_vs_best_holm >= 0.05``."""
+    control_accuracy: float | None = None
+    """The same configuration, seed and fold trained on the control store (``--control``), same rows."""
+    control_f1_macro: float | None = None
+    gain_f1_macro: float | None = None
+    """``f1_macro - control_f1_macro``, with its paired-bootstrap 95% interval below."""
+    gain_f1_macro_lo: float | None = None
+    gain_f1_macro_hi: float | None = None
+    mdl_bits: float | None = None
+    """Online codelength of the training labels given the features, bits (``--mdl``; linear probes)."""
+    compression: float | None = None
+    """``n log2 K / mdl_bits``: how many times shorter than the uniform code."""
 
     @property
     def config_key(self) -> ConfigKey:
@@ -94,6 +123,26 @@ class ConfigStats:
     """None unless every run of the config has validation scores."""
     val_f1_mean: float | None = None
     val_f1_std: float | None = None
+    accuracy_lo: float | None = None
+    """95% interval of the configuration's mean accuracy: over all its evaluation rows (folds pooled), the
+    metric averaged over seeds on every resample."""
+    accuracy_hi: float | None = None
+    f1_lo: float | None = None
+    f1_hi: float | None = None
+    is_best: bool = False
+    p_vs_best: float | None = None
+    p_vs_best_holm: float | None = None
+    f1_diff_lo: float | None = None
+    f1_diff_hi: float | None = None
+    tied_with_best: bool | None = None
+    control_accuracy_mean: float | None = None
+    control_f1_mean: float | None = None
+    gain_f1_mean: float | None = None
+    gain_f1_lo: float | None = None
+    gain_f1_hi: float | None = None
+    mdl_bits: float | None = None
+    """Mean over the configuration's runs."""
+    compression: float | None = None
 
     @property
     def is_single(self) -> bool:
@@ -112,7 +161,18 @@ class ConfigStats:
                 "f1_macro_mean": self.f1_mean, "f1_macro_std": self.f1_std,
                 "val_accuracy_mean": self.val_accuracy_mean, "val_f1_macro_mean": self.val_f1_mean,
                 "val_f1_macro_std": self.val_f1_std, "train_seconds": self.train_seconds,
-                "trainable_params": self.trainable_params, "seconds_per_epoch": self.seconds_per_epoch}
+                "trainable_params": self.trainable_params, "seconds_per_epoch": self.seconds_per_epoch,
+                "accuracy_lo": self.accuracy_lo, "accuracy_hi": self.accuracy_hi, "f1_macro_lo": self.f1_lo,
+                "f1_macro_hi": self.f1_hi, "is_best": self.is_best, "p_vs_best": self.p_vs_best,
+                "p_vs_best_holm": self.p_vs_best_holm, "f1_macro_diff_lo": self.f1_diff_lo,
+                "f1_macro_diff_hi": self.f1_diff_hi, "tied_with_best": self.tied_with_best,
+                "control_accuracy_mean": self.control_accuracy_mean, "control_f1_macro_mean": self.control_f1_mean,
+                "gain_f1_macro_mean": self.gain_f1_mean, "gain_f1_macro_lo": self.gain_f1_lo,
+                "gain_f1_macro_hi": self.gain_f1_hi, "mdl_bits": self.mdl_bits, "compression": self.compression}
+
+    @property
+    def has_interval(self) -> bool:
+        return self.f1_lo is not None and self.f1_hi is not None
 
 
 def _layer_index(layers: str) -> int | None:
@@ -138,7 +198,7 @@ def aggregate(rows: Iterable[ResultRow]) -> list[ConfigStats]:
         vacc = mean_std([float(r.val_accuracy or 0.0) for r in group])[0] if val else None
         stats.append(ConfigStats(key, len(group), acc_m, acc_s, f1_m, f1_s, mean_std([r.train_seconds for r in group])[0],
                                  params, mean_std(spe)[0] if spe else None, group[0],
-                                 val_accuracy_mean=vacc, val_f1_mean=vf1[0], val_f1_std=vf1[1]))
+                                 val_accuracy_mean=vacc, val_f1_mean=vf1[0], val_f1_std=vf1[1], **_sureness(group)))
 
     def order(s: ConfigStats) -> tuple[int, str, str, int, str, str]:
         layers, combine, pooling, head = s.key
@@ -147,6 +207,40 @@ def aggregate(rows: Iterable[ResultRow]) -> list[ConfigStats]:
         return (1, layers, combine, 0, pooling, head)
 
     return sorted(stats, key=order)
+
+
+CONFIG_INTERVAL_KEY = "config_interval"
+"""``ResultRow.extra`` key of the configuration-level intervals (the same on every run of a configuration):
+``accuracy_lo/hi``, ``f1_macro_lo/hi``, ``gain_f1_macro_lo/hi`` over all its evaluation rows and seeds."""
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return float(sum(known) / len(known)) if known and len(known) == len(values) else None
+
+
+def _sureness(group: list[ResultRow]) -> dict[str, Any]:
+    """A configuration's intervals, paired test, control and MDL from its rows: the configuration-level intervals
+    recorded with the rows (a run on its own is its configuration), the paired test (the same on every run), and
+    means over runs of the control scores and codelengths."""
+    first = group[0]
+    shared = dict(first.extra.get(CONFIG_INTERVAL_KEY) or {})
+
+    def interval(name: str) -> float | None:
+        if name in shared:
+            return None if shared[name] is None else float(shared[name])
+        value = getattr(first, name)
+        return value if len(group) == 1 else None
+
+    return {"accuracy_lo": interval("accuracy_lo"), "accuracy_hi": interval("accuracy_hi"),
+            "f1_lo": interval("f1_macro_lo"), "f1_hi": interval("f1_macro_hi"), "is_best": bool(first.is_best),
+            "p_vs_best": first.p_vs_best, "p_vs_best_holm": first.p_vs_best_holm, "f1_diff_lo": first.f1_macro_diff_lo,
+            "f1_diff_hi": first.f1_macro_diff_hi, "tied_with_best": first.tied_with_best,
+            "control_accuracy_mean": _mean_of([r.control_accuracy for r in group]),
+            "control_f1_mean": _mean_of([r.control_f1_macro for r in group]),
+            "gain_f1_mean": _mean_of([r.gain_f1_macro for r in group]),
+            "gain_f1_lo": interval("gain_f1_macro_lo"), "gain_f1_hi": interval("gain_f1_macro_hi"),
+            "mdl_bits": _mean_of([r.mdl_bits for r in group]), "compression": _mean_of([r.compression for r in group])}
 
 
 def selection_rule(stats: list[ConfigStats]) -> str:
