@@ -71,6 +71,9 @@ def extract_options(f: Any) -> Any:
                           "the deviation from float32 is measured and recorded in provenance)."),
         click.option("--allow-pickle", is_flag=True, help="Accept a model directory whose weights are pickle files (.bin/.pt); "
                      "they are loaded with torch.load(weights_only=True). Without it only safetensors weights load."),
+        click.option("--random-weights", type=click.IntRange(min=0), metavar="SEED",
+                     help="A control store: --model's architecture and tokenizer with its weights re-initialised from its "
+                          "config (as from_config does) under SEED; pass it to 'heads sweep --control'."),
     ]):
         f = option(f)
     return f

@@ -137,7 +137,11 @@ def train(config_file: str | None, verbose: bool, progress: bool | None, **opts:
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head).")
 @click.option("--head-dir", type=click.Path(exists=True, file_okay=False), help="A saved head directory.")
 @click.option("--device", help="cpu, cuda... [default: cuda when present].")
-def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None) -> None:
+@click.option("--predictions", "predictions_file", type=click.Path(dir_okay=False),
+              help="Also write the predictions as FILE.npz, in the format of a sweep's predictions.npz (run 0, row_id = "
+                   "input line, y_true -1).")
+def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None,
+            predictions_file: str | None) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
     For a head trained on a speech model's store, each line is an audio file path instead.
@@ -168,6 +172,12 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
         else:
             labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
         names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
+    if predictions_file is not None:
+        import numpy as np
+
+        from heads.report.results import save_predictions
+
+        save_predictions(Path(predictions_file), [(np.arange(len(lines)), None, proba)], names)
     for text, label, p in zip(lines, labels, proba):
         click.echo(json.dumps({"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}}, ensure_ascii=False))
 

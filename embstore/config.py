@@ -84,6 +84,9 @@ class ExtractConfig:
     measured deviation from float32 is recorded in provenance). Part of the store id."""
     allow_pickle: bool = False
     """Accept a model directory whose weights are pickle files (.bin/.pt), loaded with weights_only=True."""
+    random_weights: int | None = None
+    """A control store: the model's architecture and tokenizer with its weights re-initialised from its config the
+    way ``from_config`` does, under this seed (what the architecture gives without pretraining). Part of the store id."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in provenance, never in the fingerprint."""
 
@@ -121,6 +124,9 @@ class ExtractConfig:
             raise ConfigError(f"The 'dtype' option must be float16 or float32; got {self.dtype!r}.")
         if self.quantize not in QUANTIZE_MODES:
             raise ConfigError(f"The 'quantize' option must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}.")
+        if self.random_weights is not None and (isinstance(self.random_weights, bool) or not isinstance(self.random_weights, int)
+                                                or self.random_weights < 0):
+            raise ConfigError(f"The 'random_weights' option must be a seed, a whole number >= 0; got {self.random_weights!r}.")
         from embstore.quantize import check_quantize_device
 
         check_quantize_device(self.quantize, self.device)

@@ -164,7 +164,7 @@ def _worker(rank: int, config_dict: dict[str, Any], device: str, write_path: str
 
     torch.set_num_threads(threads)
     config = ExtractConfig.from_dict(config_dict)
-    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights)
     lay = StoreWriter.open(write_path).layout
     _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
 

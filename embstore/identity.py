@@ -248,6 +248,9 @@ def store_fingerprint(config: Any, model: dict[str, Any], data: dict[str, Any], 
     }
     if getattr(config, "quantize", "none") != "none":
         content["quantize"] = config.quantize
+    if getattr(config, "random_weights", None) is not None:
+        # re-initialised from the config: the weight files play no part, the seed does
+        content["model"]["weights"] = f"reinit:{config.random_weights}"
     if model["modality"] == "audio":
         content["audio"] = {"max_seconds": config.max_seconds, "augment": list(config.augment),
                             "copies": config.copies if config.augment else None,

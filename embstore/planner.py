@@ -84,7 +84,7 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
                            text_col=config.source.text_col, text_pair_col=config.source.text_pair_col, label_col=config.source.label_col,
                            limit=config.source.limit, skip_empty=config.source.skip_empty, audio_col=config.source.audio_col,
                            group_col=config.source.group_col, skip_bad=config.source.skip_bad)
-    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle)
+    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights)
     if backbone.modality != dataset.modality:
         if backbone.modality == "audio":
             raise ConfigError(f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a table of audio file paths), or a text model.")
@@ -233,5 +233,6 @@ def store_paths(config: ExtractConfig, fingerprint: str) -> tuple[str, str]:
         data_name = Path(data_name).stem if config.source.data and not config.source.data.startswith("builtin:") else data_name
         suffix = ".h5" if config.format == "h5" else ".zarr"
         base = Path(out) if out is not None else cache_dir()
-        final = str(base / f"{_slug(config.model)}-{_slug(data_name)}-{fingerprint[:12]}{suffix}")
+        model = _slug(config.model) + ("" if config.random_weights is None else f"-random{config.random_weights}")
+        final = str(base / f"{model}-{_slug(data_name)}-{fingerprint[:12]}{suffix}")
     return final, (final + ".partial.zarr" if is_h5_path(final) else final)

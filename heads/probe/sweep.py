@@ -32,7 +32,7 @@ from heads.probe.plan import check_val_split, drop_duplicates, plan_rounds
 from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
 from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
 from heads.probe.solvers import Comm
-from heads.probe.specs import COMBINES, expand, parse_combine
+from heads.probe.specs import COMBINES, Combo, expand, parse_combine
 from heads.protocol import carve_groups, split_roles
 from heads.report.assess import ALPHA, Assessment, RunPredictions, assess
 from heads.report.metrics import majority_accuracy
