@@ -20,7 +20,7 @@ from embstore import ExtractConfig, extract
 from test_heads_sweep import separable
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--layers", "all", "--combine", "single,mean", "--c-grid", "1e-2,1,100", "--no-progress"]
+ARGS = ["--layers", "all", "--combine", "single,mean", "--c-grid", "1e-2,1,100", "--mdl", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,12 @@ def _same(a: Path, b: Path) -> None:
         assert x["confusion"] == y["confusion"]
         assert x["val_accuracy"] == y["val_accuracy"] and x["val_f1_macro"] == y["val_f1_macro"]
         np.testing.assert_allclose([h["train_loss"] for h in x["history"]], [h["train_loss"] for h in y["history"]], rtol=1e-4)
+        # the online code's block probes (in memory: rows in the shuffled order; streamed: by row chunk)
+        assert x["mdl_bits"] == pytest.approx(y["mdl_bits"], rel=1e-3)
+        assert x["p_vs_best"] == y["p_vs_best"] and x["f1_macro_lo"] == y["f1_macro_lo"]
+    pa, pb = np.load(a / "predictions.npz"), np.load(b / "predictions.npz")
+    assert np.array_equal(pa["row_id"], pb["row_id"]) and np.array_equal(pa["y_pred"], pb["y_pred"])
+    np.testing.assert_allclose(pa["proba"], pb["proba"], atol=1e-4)
 
 
 def test_streamed_chunks_give_the_in_memory_results(chunked, tmp_path):

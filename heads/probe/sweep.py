@@ -381,6 +381,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     from embstore.extraction import cache_dir
     from heads.probe.estimator import resolve_device
 
+    t_start = time.perf_counter()
     _join_process_group()
     comm = Comm()
     setup = _plan(config, config.store or latest_store(cache or cache_dir()))
@@ -395,7 +396,6 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     run_dir = Path(config.out) if config.out else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-sweep-{Path(setup.path).stem[:40]}"
     writer = RunWriter(run_dir, _meta(config, setup, bank, comm, control)) if main else None
 
-    t0 = time.perf_counter()
     bar = _progress(len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False)
     eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.plans}
 
@@ -403,26 +403,33 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         if writer is not None:
             writer.add(_row(o, setup.store, cfg, eval_ids[id(o.plan)]))
 
+    timings = {"setup_s": time.perf_counter() - t_start}
     outcomes = _train(setup, bank, cache_chunks, cfg, device, comm, bar.update, write)
+    timings["train_s"] = time.perf_counter() - t_start - sum(timings.values())
     codes = _codelengths(setup, bank, outcomes, cfg, device, comm, config.seeds) if config.mdl else {}
+    timings["mdl_s"] = time.perf_counter() - t_start - sum(timings.values())
     controls: list[Outcome] = []
     if control is not None:
         del bank  # one store's features in memory at a time
         c_setup = dataclasses.replace(setup, store=control, path=str(control.path))
         c_bank, c_cache = _bank(c_setup, cfg, config.max_memory)
         controls = _train(c_setup, c_bank, c_cache, cfg, device, comm, bar.update, lambda _o: None)
+    timings["control_s"] = time.perf_counter() - t_start - sum(timings.values())
     bar.close()
     if writer is None:  # another rank: rank 0 writes the run directory
         return SweepResult(run_dir=run_dir, store=setup.path, rows=len(outcomes), best={}, rank=comm.rank)
-    return _finish(writer, setup, outcomes, controls, codes, config, t0)
+    return _finish(writer, setup, outcomes, controls, codes, config, t_start, timings)
 
 
 def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls: list[Outcome],
-            codes: dict[tuple[Combo, int], Codelength], config: SweepConfig, t0: float) -> SweepResult:
+            codes: dict[tuple[Combo, int], Codelength], config: SweepConfig, t_start: float,
+            timings: dict[str, float]) -> SweepResult:
     """Sureness, control and MDL columns on every row, then the run's files and its best head."""
     store, names, path = setup.store, setup.names, setup.path
     best_key = best_config(aggregate(writer.rows)).key
+    t0 = time.perf_counter()
     fields = sureness(outcomes, controls, codes, best_key, setup.labels, config.ci, config.head.seed)
+    timings["sureness_s"] = time.perf_counter() - t0
     writer.replace_rows([_with(row, f) for row, f in zip(writer.rows, fields.fields)])
     if config.ci:
         writer.update_meta(uncertainty=_uncertainty_meta(fields))
@@ -449,7 +456,9 @@ def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls:
              "precision": store.provenance.get("precision"),
              "seed": shown.seed, "fold": shown.fold, "chosen_on": "validation macro-F1"}
     est.save(writer.run_dir / "best_head", extra=extra)
-    log.info("sweep of %d runs in %.1fs; best %s (evaluation split %s)", len(outcomes), time.perf_counter() - t0, key, ev_split)
+    timings["total_s"] = time.perf_counter() - t_start
+    writer.update_meta(timings={k: round(v, 4) for k, v in timings.items()})
+    log.info("sweep of %d runs in %.1fs; best %s (evaluation split %s)", len(outcomes), timings["total_s"], key, ev_split)
     result = {"layers": key[0], "combine": key[1], "pooling": key[2], "head": key[3], "f1_macro": best["f1_macro_mean"],
               "accuracy": best["accuracy_mean"], "val_f1_macro": best["val_f1_macro_mean"], "val_accuracy": best["val_accuracy_mean"],
               "f1_macro_lo": best.get("f1_macro_lo"), "f1_macro_hi": best.get("f1_macro_hi")}
