@@ -1,7 +1,7 @@
 """What it costs to know how sure a sweep's answer is: intervals + paired tests, and the online codelength (MDL).
 
-One store: MiniLM over the built-in tweets (``embstore extract --limit 10000``: 8,000 training rows, 2,000 test
-rows, 3 classes), every layer with cls and mean pooling, so ``heads sweep --combine single`` trains 14 linear
+One store: MiniLM over the built-in tweets (``embstore extract --limit 8000``: the first 8,000 training rows and 7,632 test
+rows of its 80/20 split, 3 classes), every layer with cls and mean pooling, so ``heads sweep --combine single`` trains 14 linear
 probes. Each variant runs as a fresh process, the variants interleaved ``--repeats`` times (this machine is shared
 and noisy; the median is reported), and each run's own phase timings (``run.json["timings"]``) are read back:
 
@@ -11,7 +11,7 @@ and noisy; the median is reported), and each run's own phase timings (``run.json
 3. (``--control``) ``heads sweep --control`` with a ``--random-weights 0`` store of the same rows: every
    configuration trained twice; the gain of each layer over the random encoder.
 
-Usage: python benchmarks/sureness.py [--repeats 3] [--limit 10000] [--control] [--json out.json]
+Usage: python benchmarks/sureness.py [--repeats 3] [--limit 8000] [--control] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def sweep(store: str, out: Path, extra: list[str]) -> tuple[float, dict[str, Any
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=os.environ.get("EMBSTORE_CACHE", str(ROOT / "cache")), help="store cache directory")
-    ap.add_argument("--limit", type=int, default=10000, help="tweets (80%% train, 20%% test) [default: 10000]")
+    ap.add_argument("--limit", type=int, default=8000, help="rows per split of the tweets (80%% train, 20%% test) [default: 8000]")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--control", action="store_true", help="also a --control sweep against a --random-weights 0 store")
     ap.add_argument("--json", help="write the figures here")

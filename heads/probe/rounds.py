@@ -139,19 +139,24 @@ def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBan
     out = []
     for (ci, pi), fit, proba in zip(probes, fits, probas):
         k = fit.chosen
-        history = []
-        for j, c in enumerate(cfg.c_grid):
-            vm = metrics_from_confusion(fit.val_confusion[j], names) if fit.val_confusion is not None else None
-            history.append({"C": float(c), "train_loss": float(fit.train_loss[j]), "iterations": int(fit.iterations[j]),
-                            "converged": bool(fit.converged[j]), "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
-                            "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"],
-                            "val_log_loss": None if fit.val_loss is None else float(fit.val_loss[j])})
+        history = [_c_step(fit, j, c, names) for j, c in enumerate(cfg.c_grid)]
         est = _linear_head(fit, k, cfg.replace(seed=plans[pi].seed), n_classes, device, seconds, history)
         val = metrics_from_confusion(fit.val_confusion[k], names) if fit.val_confusion is not None else {}
         metrics = classification_metrics(y_eval[plans[pi].eval_rows], proba.argmax(1), names)
         out.append(Outcome(combos[ci], plans[pi], est, metrics, proba, val, hyper={"C": float(cfg.c_grid[k])},
                            extra={"iterations": int(fit.iterations[k]), "converged": bool(fit.converged[k])}))
     return out
+
+
+def _c_step(fit: LogisticFit, j: int, c: float, names: list[str]) -> dict[str, Any]:
+    """One C of a probe's path as its history records it (a C past the end of the path: ``solved`` False)."""
+    solved = fit.solved is None or bool(fit.solved[j])
+    vm = metrics_from_confusion(fit.val_confusion[j], names) if fit.val_confusion is not None and solved else None
+    return {"C": float(c), "solved": solved, "train_loss": float(fit.train_loss[j]) if solved else None,
+            "iterations": int(fit.iterations[j]), "converged": bool(fit.converged[j]),
+            "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
+            "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"],
+            "val_log_loss": None if fit.val_loss is None or not solved else float(fit.val_loss[j])}
 
 
 def _score(est: HeadClassifier, bank: FeatureBank, combo: Combo, split: str, rows: np.ndarray, y: np.ndarray,

@@ -100,6 +100,9 @@ class LogisticFit:
     refined: np.ndarray | None = None
     """(K,) bool: solved to ``tol`` (the chosen C, and any other that was a candidate); the rest of the grid only
     to the screening tolerance 10 x tol."""
+    solved: np.ndarray | None = None
+    """(K,) bool: on the probe's C path (the path stops once validation macro-F1 has fallen at two consecutive Cs;
+    the Cs past it were not solved: their weights are meaningless and their scores absent)."""
 
     def at(self, k: int) -> "LogisticFit":
         """The solution at grid index ``k`` alone (K = 1)."""
@@ -143,11 +146,13 @@ def _stats(source: ChunkSource, feature_of: list[int], widths: list[int], n_clas
     return [m.astype(np.float32) for m in means], scales, n_all, counts_all
 
 
-Block = tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, "dict[int, torch.Tensor] | None",
-              "dict[int, torch.Tensor | None]"]
-"""(standardised features per width (L_d, rows, d), labels (rows,), one-hot (rows, C), row weights per width
-(L_d, rows) or None when every row weighs 1, and per width the group positions of the L_d probes that hold any
+Block = tuple[dict[int, torch.Tensor], torch.Tensor, "dict[int, torch.Tensor] | None", "dict[int, torch.Tensor | None]"]
+"""(standardised features per width (L_d, rows, d), the labels one-hot and transposed (C, rows), row weights per
+width (L_d, rows) or None when every row weighs 1, and per width the group positions of the L_d probes that hold any
 row of the block, or None when all G_d of them do: a probe none of whose rows is in a block costs nothing there)."""
+
+MERGED_ROWS = 8192
+"""Cached blocks whose rows every probe uses are merged up to this many rows: fewer, larger matrix products."""
 
 
 class _Data:
@@ -164,12 +169,12 @@ class _Data:
             {d: torch.from_numpy(class_weights[js].astype(np.float32)).to(device) for d, js in groups.items()}
         self.cached: list[Block] | None = None
         if cache:
-            self.cached = list(self._build())
+            self.cached = _merged(self._build())
 
     def _build(self) -> Iterator[Block]:
         for feats, y, masks in self.source():
             yt = torch.from_numpy(y).to(self.device)
-            onehot = torch.nn.functional.one_hot(yt, self.n_classes).float()
+            onehot = torch.nn.functional.one_hot(yt, self.n_classes).float().T.contiguous()  # (C, rows)
             live: dict[int, torch.Tensor | None] = {}
             xs: dict[int, torch.Tensor] = {}
             w: dict[int, torch.Tensor] | None = None if masks is None and self.cw is None else {}
@@ -188,25 +193,61 @@ class _Data:
                     if self.cw is not None:
                         wd = wd * (self.cw[d] if every else self.cw[d][live[d]])[:, yt]
                     w[d] = wd
-            yield xs, yt, onehot, w, live
+            yield xs, onehot, w, live
 
     def __iter__(self) -> Iterator[Block]:
         return iter(self.cached) if self.cached is not None else self._build()
+
+
+def _merged(blocks: Iterator[Block]) -> list[Block]:
+    """Consecutive blocks that every probe holds rows of, concatenated along the rows up to MERGED_ROWS."""
+    out: list[Block] = []
+    run: list[Block] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            xs = {d: torch.cat([b[0][d] for b in run], 1) for d in run[0][0]}
+            w = None if run[0][2] is None else {d: torch.cat([b[2][d] for b in run], 1) for d in run[0][2]}  # type: ignore[index]
+            out.append((xs, torch.cat([b[1] for b in run], 1), w, run[0][3]))
+        run.clear()
+
+    for block in blocks:
+        whole = all(v is None for v in block[3].values())
+        if not whole:
+            flush()
+            out.append(block)
+            continue
+        if run and ((block[2] is None) != (run[0][2] is None) or
+                    sum(b[1].shape[1] for b in run) + block[1].shape[1] > MERGED_ROWS):
+            flush()
+        run.append(block)
+    flush()
+    return out
+
+
+PATH_PATIENCE = 2
+"""A probe's C path stops once its validation macro-F1 has fallen at this many consecutive Cs."""
 
 
 def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: int, c_grid: Sequence[float], *,
                         feature_of: Sequence[int] | None = None, val_source: ChunkSource | None = None,
                         max_iter: int = 1000, tol: float = 1e-4, history: int = 10, class_weight: str = "none",
                         device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None,
-                        standardize: bool = True, c_of: Sequence[float] | None = None) -> list[LogisticFit]:
-    """Solve every probe at every C of ``c_grid`` on its rows of ``source``, and pick each probe's C on its rows of
-    ``val_source`` (highest validation macro-F1; ties: accuracy, then the lower validation log-loss, then the smaller
-    C). One LogisticFit per probe.
+                        standardize: bool = True, c_of: Sequence[float] | None = None,
+                        patience: int = PATH_PATIENCE) -> list[LogisticFit]:
+    """Solve every probe along the C path of ``c_grid`` on its rows of ``source``, and pick each probe's C on its
+    rows of ``val_source`` (highest validation macro-F1; ties: accuracy, then the lower validation log-loss, then the
+    smaller C). One LogisticFit per probe.
 
     Probe ``p`` reads feature ``feature_of[p]`` (default: probe p reads feature p; feature f is ``widths[f]`` wide).
-    With several C the grid is first screened (solved to ``10 * tol``), C is chosen, and only each probe's chosen
-    C is then solved on to ``tol`` (from where it stopped) and scored again, until every probe's best validation
-    score belongs to a C solved to ``tol``: the larger C of a grid take many more iterations and are rarely chosen.
+    With several C the path is screened from the smallest C up (each C solved to ``10 * tol`` starting from the
+    previous C's solution, as scikit-learn's ``_logistic_regression_path`` warm-starts), every probe's C scored on
+    validation as it is solved, and a probe's path stops once its validation macro-F1 has fallen at ``patience``
+    consecutive Cs (the larger Cs take the most iterations and are rarely chosen past a falling curve). C is then
+    chosen among the Cs solved, and only each probe's chosen C is solved on to ``tol`` and scored again, until every
+    probe's best validation score belongs to a C solved to ``tol``.
     ``class_weight='balanced'`` weighs each probe's rows by ``n / (classes * count)`` of its own rows; ``cache``
     keeps the standardised blocks on the device (else every pass rebuilds them from ``source``);
     ``standardize=False`` fits the raw features (as ``LogisticRegression`` without ``StandardScaler``);
@@ -221,11 +262,11 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
             raise ValueError(f"c_of needs one C per probe ({len(fof)}); got {len(c_of)}")
         c_grid = [1.0]
     P, K = len(fof), len(c_grid)
+    if K > 1 and val_source is None:
+        raise ValueError("choosing C from a grid needs validation rows (val_source)")
     # (P, K) inverse C of every problem
     inv_c = np.array([[1.0 / float(c)] for c in c_of]) if c_of is not None else \
         np.tile([1.0 / float(c) for c in c_grid], (P, 1))
-    if K > 1 and val_source is None:
-        raise ValueError("choosing C from a grid needs validation rows (val_source)")
     means, scales, n, counts = _stats(source, fof, widths, n_classes, comm)
     if not standardize:
         means = [np.zeros(widths[feat], np.float32) for feat in fof]
@@ -240,64 +281,148 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     for p, feat in enumerate(fof):
         groups.setdefault(widths[feat], []).append(p)
     data = _Data(source, groups, fof, means, scales, n_classes, weights, device, cache)
-    objective = _objective(data, groups, n_classes, inv_c, total, device, comm)
+    lam = _penalties(groups, n_classes, inv_c, total, device)
+    objective = _objective(data, groups, n_classes, lam, total, device, comm)
     thetas = {d: torch.zeros(len(js), K, d * n_classes + n_classes, device=device) for d, js in groups.items()}
-    solver = BatchedLBFGS(objective, thetas, history=history)
-    its, _ = solver.run(max_iter, tol if K == 1 else 10 * tol)
-    fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, its)
-    refined = np.zeros((P, K), dtype=bool) if K > 1 else np.ones((P, 1), dtype=bool)
-    if K > 1 and val_source is not None:
-        val, val_loss = grid_scores(fits, val_source, n_classes, fof, comm=comm)
-        total_its = dict(its)
-        # Choose on validation; solve the choice on to the full tolerance and score it again. A refined solution
-        # may score lower than its screening one (less converged is more regularised), so repeat until every
-        # probe's best score belongs to a refined C (at most K rounds, usually one).
-        for _round in range(K):
-            picks = [_choose(cm, lo) for cm, lo in zip(val, val_loss)]
-            todo = [(p, k) for p, k in enumerate(picks) if not refined[p, k]]
+    run = _Run(BatchedLBFGS(objective, thetas, history=history), groups, fof, widths, n_classes, means, scales, K,
+               device, comm, max_iter)
+    if K == 1:
+        run.solve_all(tol)
+        if val_source is not None:  # one C: nothing to choose, the validation scores are still reported
+            run.score_all(val_source)
+    else:
+        assert val_source is not None  # checked above
+        run.path(val_source, 10 * tol, patience)
+        run.refine(val_source, tol)
+    return run.finish(objective, tol)
+
+
+class _Run:
+    """The state of one :func:`fit_logistic_probes` call: the solver, and per probe and C whether it was solved
+    (on the path), solved to the full tolerance (refined), its iterations and its validation scores."""
+
+    def __init__(self, solver: BatchedLBFGS, groups: dict[int, list[int]], fof: list[int], widths: list[int],
+                 n_classes: int, means: list[np.ndarray], scales: list[np.ndarray], K: int, device: torch.device,
+                 comm: Comm, max_iter: int) -> None:
+        self.solver, self.groups, self.fof, self.widths, self.C = solver, groups, fof, widths, n_classes
+        self.means, self.scales, self.K, self.device, self.comm, self.max_iter = means, scales, K, device, comm, max_iter
+        self.P = len(fof)
+        self.its = {d: torch.zeros(len(js), K, dtype=torch.long, device=device) for d, js in groups.items()}
+        self.solved = np.zeros((self.P, K), dtype=bool)
+        self.refined = np.zeros((self.P, K), dtype=bool)
+        self.val: np.ndarray | None = None
+        self.val_loss = np.full((self.P, K), np.inf)
+
+    def _mask(self, pairs: Sequence[tuple[int, int]]) -> dict[int, torch.Tensor]:
+        only = {d: torch.zeros(len(js), self.K, dtype=torch.bool, device=self.device) for d, js in self.groups.items()}
+        for p, k in pairs:
+            d = self.widths[self.fof[p]]
+            only[d][self.groups[d].index(p), k] = True
+        return only
+
+    def _solve(self, pairs: Sequence[tuple[int, int]], tol: float) -> None:
+        more, _ = self.solver.run(self.max_iter, tol, only=self._mask(pairs))
+        self.its = {d: self.its[d] + more[d] for d in self.its}
+
+
+    def fits(self) -> list[LogisticFit]:
+        return _unpack(self.solver.thetas, self.groups, self.P, self.C, self.means, self.scales, self.its)
+
+    def _score(self, val_source: ChunkSource, pairs: Sequence[tuple[int, int]]) -> None:
+        """Validation confusions and log-losses of the given (probe, C) solutions, as they are now."""
+        now = self.fits()
+        cms, losses = grid_scores([now[p].at(k) for p, k in pairs], val_source, self.C, self.fof, comm=self.comm,
+                                  probes=[p for p, _ in pairs])
+        if self.val is None:
+            self.val = np.zeros((self.P, self.K, self.C, self.C), dtype=np.int64)
+        for (p, k), cm, lo in zip(pairs, cms[:, 0], losses[:, 0]):
+            self.val[p, k], self.val_loss[p, k] = cm, lo
+
+    def solve_all(self, tol: float) -> None:
+        pairs = [(p, k) for p in range(self.P) for k in range(self.K)]
+        self._solve(pairs, tol)
+        self.solved[:] = self.refined[:] = True
+
+    def score_all(self, val_source: ChunkSource) -> None:
+        self._score(val_source, [(p, k) for p in range(self.P) for k in range(self.K)])
+
+    def path(self, val_source: ChunkSource, screen_tol: float, patience: int) -> None:
+        """The C path: smallest C first, each C warm-started from the previous one's solution, scored on validation
+        as it is solved; a probe leaves the path once its validation macro-F1 fell at ``patience`` consecutive Cs."""
+        on = np.ones(self.P, dtype=bool)
+        falls = np.zeros(self.P, dtype=np.int64)
+        last = np.full(self.P, -np.inf)
+        for k in range(self.K):
+            live = [int(p) for p in np.flatnonzero(on)]
+            if not live:
+                break
+            if k:
+                # warm start from the previous C (its curvature pairs are not carried over: measured, they made the
+                # larger Cs' solves longer, not shorter)
+                for th in self.solver.thetas.values():
+                    th[:, k] = th[:, k - 1]
+            pairs = [(p, k) for p in live]
+            self._solve(pairs, screen_tol)
+            self.solved[live, k] = True
+            self._score(val_source, pairs)
+            assert self.val is not None  # scored just above
+            for p in live:
+                f1 = macro_f1_present(self.val[p, k])
+                falls[p] = falls[p] + 1 if f1 < last[p] else 0
+                last[p] = f1
+                on[p] = falls[p] < patience
+
+    def refine(self, val_source: ChunkSource, tol: float) -> None:
+        """Choose on validation; solve the choice on to the full tolerance and score it again. A refined solution
+        may score lower than its screening one (less converged is more regularised), so repeat until every probe's
+        best score belongs to a refined C (at most K rounds, usually one)."""
+        assert self.val is not None  # the path scored every C it solved
+        for _round in range(self.K):
+            todo = [(p, k) for p in range(self.P) for k in [self.choice(p)] if not self.refined[p, k]]
             if not todo:
                 break
-            only = {d: torch.zeros(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
+            self._solve(todo, tol)
+            self._score(val_source, todo)
             for p, k in todo:
-                d = widths[fof[p]]
-                only[d][groups[d].index(p), k] = True
-            more, _ = solver.run(max_iter, tol, only=only)
-            total_its = {d: total_its[d] + more[d] for d in total_its}
-            now = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
-            again, again_loss = grid_scores([now[p].at(k) for p, k in todo], val_source, n_classes, fof, comm=comm,
-                                            probes=[p for p, _ in todo])
-            for (p, k), cm, lo in zip(todo, again[:, 0], again_loss[:, 0]):
-                val[p][k], val_loss[p][k] = cm, lo
-                refined[p, k] = True
-        fits = _unpack(solver.thetas, groups, P, n_classes, means, scales, total_its)
-        for p, f in enumerate(fits):
-            f.val_confusion, f.val_loss, f.chosen = val[p], val_loss[p], _choose(val[p], val_loss[p])
-    elif val_source is not None:  # one C: nothing to choose, the validation scores are still reported
-        for f, cm, lo in zip(fits, *grid_scores(fits, val_source, n_classes, fof, comm=comm)):
-            f.val_confusion, f.val_loss = cm, lo
-    everyone = {d: torch.ones(len(js), K, dtype=torch.bool, device=device) for d, js in groups.items()}
-    _, data_loss, grad = objective(solver.thetas, everyone)
-    for d, js in groups.items():
-        for gi, p in enumerate(js):
-            f = fits[p]
-            f.train_loss = data_loss[d][gi].cpu().numpy()
-            f.refined = refined[p].copy()
-            reached = np.where(refined[p], tol, 10 * tol)
-            f.converged = grad[d][gi].abs().amax(-1).cpu().numpy() <= reached * 1.0001
-    bad = sum(int((~f.converged).sum()) for f in fits)
-    if bad:
-        log.warning("%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise --max-iter",
-                    bad, P * K, max_iter, tol)
-    return fits
+                self.refined[p, k] = True
+
+    def choice(self, p: int) -> int:
+        assert self.val is not None
+        return _choose(self.val[p], self.val_loss[p], self.solved[p])
+
+    def finish(self, objective: Objective, tol: float) -> list[LogisticFit]:
+        """The fits, with their training loss, convergence and validation scores; unsolved Cs are marked."""
+        fits = self.fits()
+        solved = {d: torch.from_numpy(self.solved[js]).to(self.device) for d, js in self.groups.items()}
+        _, data_loss, grad = objective(self.solver.thetas, solved)
+        for d, js in self.groups.items():
+            for gi, p in enumerate(js):
+                f = fits[p]
+                f.solved = self.solved[p].copy()
+                f.train_loss = np.where(f.solved, data_loss[d][gi].cpu().numpy(), np.nan)
+                f.refined = self.refined[p].copy()
+                reached = np.where(self.refined[p], tol, 10 * tol)
+                f.converged = (grad[d][gi].abs().amax(-1).cpu().numpy() <= reached * 1.0001) & f.solved
+                if self.val is not None:
+                    f.val_confusion, f.val_loss = self.val[p], self.val_loss[p]
+                    if self.K > 1:
+                        f.chosen = self.choice(p)
+        bad = sum(int((f.solved & ~f.converged).sum()) for f in fits)
+        if bad:
+            log.warning("%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise "
+                        "--max-iter", bad, int(self.solved.sum()), self.max_iter, tol)
+        return fits
 
 
-def _choose(cm: np.ndarray, loss: np.ndarray) -> int:
+def _choose(cm: np.ndarray, loss: np.ndarray, solved: np.ndarray | None = None) -> int:
     """Index of the best C from (K, classes, classes) validation confusions and (K,) validation log-losses: the
     highest macro-F1, then accuracy, then the lowest log-loss (where the counts cannot tell Cs apart, as on a
-    separable task, the likelihood can), then the smaller C."""
+    separable task, the likelihood can), then the smaller C; only Cs that were ``solved`` (default: all) count."""
     best = (-1.0, -1.0, -np.inf)
     pick = 0
     for k in range(len(cm)):
+        if solved is not None and not solved[k]:
+            continue
         score = (macro_f1_present(cm[k]), float(np.trace(cm[k])) / max(1, int(cm[k].sum())), -float(loss[k]))
         if score > best:  # strictly better: the smaller C (earlier in the grid) wins exact ties
             best, pick = score, k
@@ -318,14 +443,18 @@ def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], n_pro
     return [f for f in fits if f is not None]
 
 
-def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, inv_c: np.ndarray, total: np.ndarray,
-               device: torch.device, comm: Comm) -> Objective:
-    # lam = 1 / (C_pk S_p) per probe p (its rows' total weight S_p) and C (``inv_c`` (P, K)); two classes: doubled
-    # (module docstring)
+def _penalties(groups: dict[int, list[int]], n_classes: int, inv_c: np.ndarray, total: np.ndarray,
+               device: torch.device) -> dict[int, torch.Tensor]:
+    """lam = 1 / (C_pk S_p) per probe p (its rows' total weight S_p) and C (``inv_c`` (P, K)), (G_d, K) per width;
+    two classes: doubled (module docstring)."""
     factor = 2.0 if n_classes == 2 else 1.0
+    return {d: (factor * torch.tensor(inv_c[js], dtype=torch.float64, device=device)
+                / torch.tensor(total[js], dtype=torch.float64, device=device)[:, None]).float() for d, js in groups.items()}
+
+
+def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, lam: dict[int, torch.Tensor], total: np.ndarray,
+               device: torch.device, comm: Comm) -> Objective:
     S = {d: torch.tensor(total[js], dtype=torch.float64, device=device) for d, js in groups.items()}  # (G_d,)
-    lam = {d: (factor * torch.tensor(inv_c[js], dtype=torch.float64, device=device) / S[d][:, None]).float()
-           for d, js in groups.items()}  # (G_d, K)
     C = n_classes
 
     def objective(thetas: dict[int, torch.Tensor], active: dict[int, torch.Tensor]
@@ -342,55 +471,43 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, inv_c:
         params, slot = {}, {}
         for d, (gs, ks) in sel.items():
             th = thetas[d][gs][:, ks]  # (Ga, Ka, D)
-            W = th[..., : d * C].reshape(len(gs), len(ks), d, C).permute(0, 2, 1, 3).reshape(len(gs), d, len(ks) * C)
-            params[d] = (W, th[..., d * C:].reshape(len(gs), 1, len(ks) * C))
+            # (Ga, Ka*C, d) and (Ga, Ka*C, 1): logits come out as (Ga, Ka*C, rows), rows innermost, so the softmax
+            # over a few classes runs along contiguous rows instead of along a last dimension of 2-10
+            W = th[..., : d * C].reshape(len(gs), len(ks), d, C).transpose(2, 3).reshape(len(gs), len(ks) * C, d)
+            params[d] = (W, th[..., d * C:].reshape(len(gs), len(ks) * C, 1))
             slot[d] = torch.full((thetas[d].shape[0],), -1, dtype=torch.long, device=device)
             slot[d][gs] = torch.arange(len(gs), device=device)  # group position -> position among the active
-        for xs, y, onehot, w, live in data:
+        runs = {d: _runs(gs) for d, (gs, _ks) in sel.items()}
+        for xs, onehot, w, live in data:
             for d, (gs, ks) in sel.items():
                 if not len(gs):
                     continue
                 W, b = params[d]
-                at: torch.Tensor | None = None
-                if live[d] is None:  # every probe of the width has rows here
-                    every = len(gs) == xs[d].shape[0]
-                    X = xs[d] if every else xs[d][gs]  # (Ga, rows, d)
-                    ww = None if w is None else (w[d] if every else w[d][gs])[:, :, None]  # (Ga, rows, 1)
-                else:  # only the active probes that hold rows of this block
-                    where = slot[d][live[d]]
-                    keep = (where >= 0).nonzero().flatten()
-                    if not len(keep):
-                        continue
-                    at = where[keep]
-                    X = xs[d][keep]
-                    ww = None if w is None else w[d][keep][:, :, None]
-                    W, b = W[at], b[at]
-                Ga, rows, Ka = X.shape[0], X.shape[1], len(ks)
-                logits = torch.baddbmm(b, X, W).view(Ga, rows, Ka, C)
-                # (Ga, rows, Ka, C); on CPU faster than log_softmax over a last dim of a few classes
-                logp = logits - torch.logsumexp(logits, -1, keepdim=True)
-                picked = logp.gather(-1, y.view(1, rows, 1, 1).expand(Ga, rows, Ka, 1)).squeeze(-1)  # (Ga, rows, Ka)
-                nll = -(picked if ww is None else picked * ww).sum(1).double()
-                dl = logp.exp_().sub_(onehot[None, :, None, :])  # d loss / d logits
-                if ww is not None:
-                    dl.mul_(ww[..., None])
-                # (Ga, Ka*C, d): dl^T X reads X in its row-major order (twice as fast on CPU as X^T dl)
-                gw = torch.bmm(dl.view(Ga, rows, Ka * C).transpose(1, 2), X)
-                if at is None:
-                    loss[d] += nll
-                    grad_w[d] += gw
-                    grad_b[d] += dl.sum(1)
-                else:
-                    loss[d].index_add_(0, at, nll)
-                    grad_w[d].index_add_(0, at, gw.double())
-                    grad_b[d].index_add_(0, at, dl.sum(1).double())
+                if live[d] is None:  # every probe of the width has rows here: contiguous runs of the active ones, as views
+                    for lo, hi, at in runs[d]:
+                        ww = None if w is None else w[d][lo:hi]
+                        nll, gw, gb = _terms(xs[d][lo:hi], W[at:at + hi - lo], b[at:at + hi - lo], onehot, ww, C)
+                        loss[d][at:at + hi - lo] += nll
+                        grad_w[d][at:at + hi - lo] += gw
+                        grad_b[d][at:at + hi - lo] += gb
+                    continue
+                # only the active probes that hold rows of this block
+                where = slot[d][live[d]]
+                keep = (where >= 0).nonzero().flatten()
+                if not len(keep):
+                    continue
+                idx = where[keep]
+                nll, gw, gb = _terms(xs[d][keep], W[idx], b[idx], onehot, None if w is None else w[d][keep], C)
+                loss[d].index_add_(0, idx, nll)
+                grad_w[d].index_add_(0, idx, gw.double())
+                grad_b[d].index_add_(0, idx, gb.double())
         grad = {d: torch.cat([grad_w[d].view(len(gs), len(ks), C, d).transpose(2, 3).reshape(len(gs), len(ks), d * C),
                               grad_b[d]], -1) for d, (gs, ks) in sel.items()}
         fs, data_fs, gs_out = {}, {}, {}
         for d, (gs, ks) in sel.items():
             reduced = comm.sum(torch.cat([loss[d].flatten(), grad[d].flatten()]))
             Sg = S[d][gs]
-            lo = reduced[: loss[d].numel()].view_as(loss[d]) / Sg[:, None]
+            mean_loss = reduced[: loss[d].numel()].view_as(loss[d]) / Sg[:, None]
             gr = (reduced[loss[d].numel():].view_as(grad[d]) / Sg[:, None, None]).float()  # (Ga, Ka, D)
             Wflat = thetas[d][gs][:, ks][..., : d * C]
             lk = lam[d][gs][:, ks]  # (Ga, Ka)
@@ -399,14 +516,52 @@ def _objective(data: _Data, groups: dict[int, list[int]], n_classes: int, inv_c:
             full_f = torch.zeros(thetas[d].shape[:2], dtype=torch.float64, device=device)
             full_d = torch.zeros_like(full_f)
             full_g = torch.zeros_like(thetas[d])
-            idx = (gs[:, None], ks[None, :])
-            full_f[idx] = lo + pen.double()
-            full_d[idx] = lo
-            full_g[idx] = gr
+            cells = (gs[:, None], ks[None, :])
+            full_f[cells] = mean_loss + pen.double()
+            full_d[cells] = mean_loss
+            full_g[cells] = gr
             fs[d], data_fs[d], gs_out[d] = full_f, full_d, full_g
         return fs, data_fs, gs_out
 
     return objective
+
+
+def _runs(gs: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(lo, hi, at): the sorted group positions ``gs`` as contiguous runs lo..hi-1, ``at`` the run's first position
+    among ``gs``; a run's features are a view of the block, never a copy."""
+    out: list[tuple[int, int, int]] = []
+    for at, g in enumerate(gs.tolist()):
+        if out and out[-1][1] == g:
+            lo, _hi, first = out[-1]
+            out[-1] = (lo, g + 1, first)
+        else:
+            out.append((g, g + 1, at))
+    return out
+
+
+def _terms(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, onehot: torch.Tensor, ww: torch.Tensor | None, C: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cross-entropy of a block of rows and its gradients, for Ga probes at Ka Cs each.
+
+    X (Ga, rows, d) standardised features, W (Ga, Ka*C, d), b (Ga, Ka*C, 1), onehot (C, rows), ww (Ga, rows) row
+    weights or None. Returns the summed (weighted) negative log-likelihood (Ga, Ka) in float64, d/dW (Ga, Ka*C, d)
+    and d/db (Ga, Ka, C). Logits are (Ga, Ka, C, rows), rows innermost: the softmax over a few classes then runs
+    along contiguous rows instead of along a last dimension of 2-10.
+    """
+    Ga, rows = X.shape[0], X.shape[1]
+    Ka = W.shape[1] // C
+    z = torch.baddbmm(b, W, X.transpose(1, 2)).view(Ga, Ka, C, rows)  # logits
+    z = z.sub_(z.amax(2, keepdim=True))  # shifted by each row's largest logit
+    e = z.exp()
+    total = e.sum(2, keepdim=True)  # (Ga, Ka, 1, rows)
+    picked = (z * onehot).sum(2) - total.log().squeeze(2)  # (Ga, Ka, rows): log p(y | x)
+    weights = None if ww is None else ww[:, None]  # (Ga, 1, rows)
+    nll = -(picked if weights is None else picked * weights).sum(-1).double()
+    dl = e.div_(total).sub_(onehot)  # d loss / d logits
+    if weights is not None:
+        dl.mul_(weights[:, :, None])
+    # (Ga, Ka*C, d): dl X reads X in its row-major order
+    return nll, torch.bmm(dl.view(Ga, Ka * C, rows), X), dl.sum(-1)
 
 
 def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,

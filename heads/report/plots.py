@@ -66,10 +66,14 @@ def plot_curves(path: Path, stats: list[ConfigStats], best: ConfigStats | None, 
         import math
 
         # log10(C) on a linear axis with C as tick labels: matplotlib's log scale costs more than the rest of the plot
+        def value(h: dict[str, Any], key: str) -> float:  # a C past the end of the path has none
+            v = h.get(key)
+            return float("nan") if v is None else float(v)
+
         xs = [math.log10(float(h["C"])) for h in history]
-        ax_loss.plot(xs, [h.get("train_loss", float("nan")) for h in history], marker="o")
+        ax_loss.plot(xs, [value(h, "train_loss") for h in history], marker="o")
         ax_loss.set(xlabel="C (inverse L2 strength)", ylabel="training loss", title="Training loss per C")
-        ax_f1.plot(xs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
+        ax_f1.plot(xs, [value(h, "val_f1_macro") for h in history], marker="o", color="tab:green")
         ax_f1.set(xlabel="C (inverse L2 strength)", ylabel="validation macro-F1", title="Validation macro-F1 per C")
         chosen = best.first.hyperparameters.get("C")
         if chosen is not None:
