@@ -20,10 +20,11 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from embstore.hashing import file_sha256, files_sha256
 
 __all__ = ["file_sha256", "files_sha256", "model_identity", "data_identity", "store_fingerprint", "library_versions",
            "cuda_present", "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
@@ -36,67 +37,6 @@ VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torc
 SPEECH_EXTRACTOR = {"feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0, "do_normalize": True,
                     "return_attention_mask": True}
 """The feature extractor settings of the random speech models (Wav2Vec2FeatureExtractor)."""
-
-_lock = threading.Lock()
-_memo: dict[str, str] | None = None
-
-
-def _cache_file() -> Path:
-    return Path(os.environ.get("EMBSTORE_CACHE", "cache")) / ".hashes.json"
-
-
-def _load() -> dict[str, str]:
-    global _memo
-    if _memo is None:
-        try:
-            _memo = dict(json.loads(_cache_file().read_text()))
-        except (OSError, ValueError):
-            _memo = {}
-    return _memo
-
-
-def _save(memo: dict[str, str]) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache only costs re-hashing next time
-        log.debug("cannot save the hash cache %s: %s", path, exc)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes, remembered for as long as its path, size, mtime and inode stay the same."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    global _memo
-    with _lock:
-        memo = _load()
-        if key in memo:
-            return memo[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    with _lock:
-        memo = _load()
-        memo = {k: v for k, v in memo.items() if not k.startswith(f"{p}|")}  # drop the file's older versions
-        memo[key] = digest
-        _memo = memo
-        _save(memo)
-    return digest
-
-
-def files_sha256(files: list[Path]) -> str:
-    """One sha256 over several files (names and contents, in name order)."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.name):
-        h.update(f.name.encode())
-        h.update(bytes.fromhex(file_sha256(f)))
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -128,11 +68,11 @@ def model_identity(name: str) -> dict[str, Any]:
     the weight files' sha256 for real models, or ``random:<seed>`` (their weights follow from config,
     seed and library versions); ``tokenizer`` the sha256 of the tokenizer files.
     """
-    from embstore.models import (
-        MINILM_ALIASES, RANDOM_SEED, SPEECH_MODEL_TYPES, _hub_snapshot, _weight_files, minilm_path,
-        resolve_random_config, tokenizer_files,
-    )
     from embstore.errors import ModelNotFoundError
+    from embstore.models import (
+        RANDOM_SEED, SPEECH_MODEL_TYPES, _weight_files, minilm_path, resolve_model_path, resolve_random_config,
+        tokenizer_files,
+    )
 
     if name.startswith("random:"):
         cfg, _origin = resolve_random_config(name.split(":", 1)[1])
@@ -142,12 +82,7 @@ def model_identity(name: str) -> dict[str, Any]:
         weights = f"random:{RANDOM_SEED}"
         path: Path | None = None
     else:
-        if name.lower() in MINILM_ALIASES:
-            path = minilm_path()
-        elif Path(name).expanduser().is_dir():
-            path = Path(name).expanduser().resolve()
-        else:
-            path = _hub_snapshot(name)
+        path = resolve_model_path(name)[0]
         try:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
