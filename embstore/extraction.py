@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from embstore import layout as L
+from embstore.backends import complete_meta, is_h5_path
 from embstore.config import ExtractConfig
 from embstore.encode import ChunkEncoder, ChunkJob, Encoded
 from embstore.errors import (
@@ -27,7 +28,7 @@ from embstore.models import Backbone, load_backbone
 from embstore.planner import Plan, cache_dir, make_plan, quick_id, store_paths
 from embstore.quantize import check_quantize_device, measure_int8, quantize_int8
 from embstore.ranks import Ranks
-from embstore.store import complete_meta, is_h5_path, open_store
+from embstore.store import open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
 
 __all__ = ["extract", "ExtractResult", "cache_dir", "pick_device"]

@@ -30,7 +30,7 @@ import numpy as np
 from embstore import layout as L
 from embstore.config import ExtractConfig
 from embstore.encode import ChunkJob, Encoded, make_batches
-from embstore.store import is_h5_path
+from embstore.backends import is_h5_path
 
 __all__ = ["PlanReport", "plan_extraction", "SAMPLE_BATCHES"]
 

@@ -26,7 +26,7 @@ from embstore.errors import ConfigError, EmbstoreError
 from embstore.identity import data_identity, model_identity, store_fingerprint
 from embstore.layers import parse_layers
 from embstore.models import Backbone, load_backbone
-from embstore.store import is_h5_path
+from embstore.backends import is_h5_path
 
 __all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of", "cache_dir"]
 
