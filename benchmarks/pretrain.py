@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from embstore import ExtractConfig, extract
-from heads.finetune import FinetuneConfig, run_finetune
-from heads.pretrain import PretrainConfig, run_pretrain
+from heads.finetune.run import FinetuneConfig, run_finetune
+from heads.pretrain.run import PretrainConfig, run_pretrain
 from heads.report.results import read_run
 from heads.probe.sweep import SweepConfig, run_sweep
 

@@ -140,7 +140,7 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
     """
     from embstore.errors import ConfigError
     from embstore.extraction import pick_device
-    from heads.finetune_predict import is_finetune_run, predict_finetuned
+    from heads.finetune.predict import is_finetune_run, predict_finetuned
     from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
@@ -235,7 +235,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
-    from heads.finetune import FinetuneConfig, run_finetune
+    from heads.finetune.run import FinetuneConfig, run_finetune
     from heads.report import write_report
 
     values = load_yaml_config(config_file)
@@ -322,7 +322,7 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
-    from heads.pretrain import PretrainConfig, run_pretrain
+    from heads.pretrain.run import PretrainConfig, run_pretrain
 
     values = load_yaml_config(config_file)
     if config_file is not None and _BERT_FIELDS & set(values):  # a model config, not an options file

@@ -1,4 +1,4 @@
-"""heads.finetune on random:tiny-bert (2 layers, 2 heads) and a tiny separable 3-class CSV."""
+"""heads.finetune.run on random:tiny-bert (2 layers, 2 heads) and a tiny separable 3-class CSV."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from embstore import ExtractConfig, extract, open_store
 from embstore.errors import ConfigError, LayerSpecError
 from embstore.models import load_backbone
 from embstore.surgery import count_parameters
-from heads.finetune import FinetuneConfig, SequenceClassifier, run_finetune
+from heads.finetune.run import FinetuneConfig, SequenceClassifier, run_finetune
 from heads.report.results import read_run
 
 VOCAB = {"fruit": "apple banana cherry grape lemon mango peach".split(),
@@ -121,7 +121,7 @@ def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path):
 def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(sep_csv, tmp_path, monkeypatch):
     """A run killed in epoch 2 and resumed trains exactly what the same run in one go trains: the optimizer,
     schedule and RNG states come back from safetensors + JSON (accelerate's save_state would pickle them)."""
-    from heads.finetune_loop import RoundTrainer
+    from heads.finetune.loop import RoundTrainer
 
     whole = run_finetune(cfg(sep_csv, tmp_path / "whole", epochs=3, patience=0))
     real_epoch, calls = RoundTrainer.epoch, []
@@ -255,7 +255,7 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
 
 
 def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
-    from heads.finetune_data import rounds, split_rows
+    from heads.finetune.data import rounds, split_rows
 
     config = FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 3})
     tr, te, rows_tr, rows_te, names, _ = split_rows(config)
@@ -351,7 +351,7 @@ def test_the_classifier_gets_its_own_learning_rate_when_the_backbone_is_frozen(s
 
 
 def test_param_groups_split_backbone_and_classifier():
-    from heads.finetune_loop import param_groups
+    from heads.finetune.loop import param_groups
 
     model = SequenceClassifier(load_backbone("random:tiny-bert").model.requires_grad_(True), 3)
     groups = param_groups(model, 1e-5, 1e-3, 0.01)
@@ -362,7 +362,7 @@ def test_param_groups_split_backbone_and_classifier():
 
 
 def test_early_stopping_waits_for_the_classifier_to_move_and_for_min_epochs():
-    from heads.finetune_loop import EarlyStopping
+    from heads.finetune.loop import EarlyStopping
 
     def run(stopper, epochs):  # [(val macro-F1, all one class?)] -> epochs trained
         for epoch, (f1, one_class) in enumerate(epochs, 1):

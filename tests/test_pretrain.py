@@ -16,10 +16,10 @@ from conftest import needs_shared
 
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError, DataError
-from heads.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
-from heads.pretrain import PretrainConfig, run_pretrain
-from heads.pretrain_report import read_log
-from heads.tokenizer import train_wordpiece
+from heads.pretrain.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
+from heads.pretrain.run import PretrainConfig, run_pretrain
+from heads.pretrain.report import read_log
+from heads.pretrain.tokenizer import train_wordpiece
 
 TINY = {"vocab_size": 200, "min_frequency": 1, "layers": 2, "hidden": 32, "heads": 2, "max_length": 32,
         "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0}
@@ -134,7 +134,7 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
                                              "epochs": 2, "validation_fraction": 0.3, "out": str(tmp_path / "sweep")}))
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
-    from heads.finetune import FinetuneConfig, run_finetune
+    from heads.finetune.run import FinetuneConfig, run_finetune
 
     ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                      label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
@@ -166,7 +166,7 @@ def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, 
     optimizer and schedule."""
     import itertools
 
-    import heads.pretrain
+    import heads.pretrain.run
 
     data = tmp_path / "corpus.csv"
     pd.DataFrame({"text": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "cow", "hen") for v in
@@ -174,12 +174,12 @@ def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, 
     base = {**TINY, "data": str(data), "batch_size": 4, "epochs": 3}
     whole = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "whole")}), show_progress=False)
     ticks = itertools.count()
-    monkeypatch.setattr(heads.pretrain, "_clock", lambda: float(next(ticks)))  # two calls per batch: 1 s each
+    monkeypatch.setattr(heads.pretrain.run, "_clock", lambda: float(next(ticks)))  # two calls per batch: 1 s each
     per_epoch = whole.history[1]["steps"]
     cut = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"),
                                                  "max_minutes": (per_epoch + 2) / 60}), show_progress=False)
     assert cut.history[-1]["epoch"] == 2 and not cut.history[-1]["epoch_complete"]
-    monkeypatch.setattr(heads.pretrain, "_clock", time.perf_counter)
+    monkeypatch.setattr(heads.pretrain.run, "_clock", time.perf_counter)
     again = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"), "resume": True}),
                          show_progress=False)
     assert again.steps == whole.steps
@@ -225,7 +225,7 @@ def test_config_round_trip_and_model_config_file(tmp_path):
     assert PretrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['bogus'\]"):
         PretrainConfig.from_dict({"data": "x.csv", "bogus": 1})
-    from heads.pretrain_data import build_bert_config
+    from heads.pretrain.data import build_bert_config
 
     cfg = build_bert_config(PretrainConfig.from_dict(dict(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2)),
                             vocab_size=321, pad_id=0)
@@ -251,14 +251,14 @@ def test_cli_config_may_be_a_bert_config_or_an_options_file(tiny_csv, tmp_path):
 
 _FAKE_CLOCK_RUN = """
 import itertools, os, sys
-import heads.pretrain
+import heads.pretrain.run
 from cli.heads_cli import main
 # Rank 0's training clock advances 1 s per reading (0.5 s per batch); rank 1's never moves. Only rank 0
 # runs out of its --max-minutes budget, so rank 1 stops at the same batch only through the shared decision;
 # without it rank 1 would wait forever in the next gradient all-reduce.
 ticks = itertools.count()
 step = 0.5 if os.environ["RANK"] == "0" else 0.0
-heads.pretrain._clock = lambda: next(ticks) * step
+heads.pretrain.run._clock = lambda: next(ticks) * step
 main(sys.argv[1:])
 """
 

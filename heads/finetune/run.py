@@ -1,7 +1,7 @@
 """``heads finetune``: train the backbone itself (optionally frozen, truncated or pruned) plus a small classifier.
 
 The loop is plain PyTorch plus accelerate (``prepare``, ``accumulate``, ``backward``), as in accelerate's
-``examples/nlp_example.py`` (:mod:`heads.finetune_loop`); the new classifier trains at its own ``head_lr``, far
+``examples/nlp_example.py`` (:mod:`heads.finetune.loop`); the new classifier trains at its own ``head_lr``, far
 above the backbone's ``lr``, so a small data set or a frozen backbone still moves it. Surgery comes from :mod:`embstore.surgery`; results go through :class:`RunWriter`
 so a fine-tuning run reads back like a sweep. ``prune_fraction`` prunes *after the first epoch* (head importance
 needs a classifier that has learnt something; an untrained head's gradients rank heads at random), then training
@@ -33,11 +33,11 @@ from embstore.surgery import (
     save_model,
     truncate,
 )
-from heads.checkpoint import load_training_state, save_training_state
-from heads.finetune_config import FinetuneConfig
-from heads.finetune_data import Rows, collate, rounds, split_rows
-from heads.finetune_loop import EarlyStopping, RoundTrainer, importance_pruning, state_copy
-from heads.training import EpochSampler, fingerprint, read_checkpoint
+from heads.training.checkpoint import load_training_state, save_training_state
+from heads.finetune.config import FinetuneConfig
+from heads.finetune.data import Rows, collate, rounds, split_rows
+from heads.finetune.loop import EarlyStopping, RoundTrainer, importance_pruning, state_copy
+from heads.training.schedule import EpochSampler, fingerprint, read_checkpoint
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "SequenceClassifier", "run_finetune", "config_fingerprint"]
 
@@ -141,7 +141,7 @@ def _fit_round(config: FinetuneConfig, encoder: nn.Module, tokenizer: Any, n_cla
     """Train a classifier on ``encoder`` over ``fit_pool`` rows (a validation share carved for early stopping),
     checkpointing to ``ckpt`` every epoch, and score ``eval_rows`` of ``evaluation`` with the best epoch's weights.
 
-    Early stopping: :class:`heads.finetune_loop.EarlyStopping` (``patience``, ``min_epochs``)."""
+    Early stopping: :class:`heads.finetune.loop.EarlyStopping` (``patience``, ``min_epochs``)."""
     from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from embstore.errors import ConfigError
 from embstore.surgery import head_importance, heads_to_prune, prune_heads
-from heads.finetune_config import FinetuneConfig
-from heads.training import adamw, make_scheduler
+from heads.finetune.config import FinetuneConfig
+from heads.training.schedule import adamw, make_scheduler
 
 __all__ = ["EarlyStopping", "RoundTrainer", "importance_pruning", "param_groups", "state_copy"]
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from embstore.config import reject_unknown_keys
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.optim_config import OPTIM_KEYS, OptimConfig
+from heads.training.optim import OPTIM_KEYS, OptimConfig
 
 __all__ = ["DATA_KEYS", "NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
 

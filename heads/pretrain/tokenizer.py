@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from embstore.errors import ConfigError, ModelNotFoundError
-from heads.pretrain_config import SPECIAL_TOKENS
+from heads.pretrain.config import SPECIAL_TOKENS
 
 __all__ = ["check_special_tokens", "load_tokenizer", "train_wordpiece"]
 

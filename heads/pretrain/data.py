@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ConfigError, DataError
-from heads.pretrain_config import PretrainConfig
-from heads.tokenizer import load_tokenizer, train_wordpiece
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.tokenizer import load_tokenizer, train_wordpiece
 
 __all__ = ["DEFAULT_ARCHITECTURE", "PretrainData", "build_bert_config", "load_corpus"]
 

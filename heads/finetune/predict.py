@@ -26,7 +26,7 @@ def predict_finetuned(run: str | Path, texts: list[str], pairs: list[str] | None
     from safetensors.torch import load_file
 
     from embstore.encode import make_batches, pad_batch
-    from heads.finetune import SequenceClassifier
+    from heads.finetune.run import SequenceClassifier
 
     if not texts:
         raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")

@@ -1,8 +1,8 @@
 """``heads pretrain``: masked-LM pretraining of a BERT from random initialisation.
 
 The loop is plain PyTorch plus accelerate (``prepare``, ``accumulate``, ``backward``), like
-:mod:`heads.finetune`, with which it shares the sampler, schedule and checkpoint identity
-(:mod:`heads.training`). The MLM decoder runs only on the selected positions (about 15% of the
+:mod:`heads.finetune.run`, with which it shares the sampler, schedule and checkpoint identity
+(:mod:`heads.training.schedule`). The MLM decoder runs only on the selected positions (about 15% of the
 tokens), which saves most of the vocabulary projection. The run directory holds::
 
     run.json            config, model config, tokenizer and corpus provenance, final figures
@@ -10,7 +10,7 @@ tokens), which saves most of the vocabulary projection. The run directory holds:
     loss_curve.png      those curves
     summary.md          the per-epoch table
     model/              Hugging Face directory: BertModel config + weights + tokenizer (``--model DIR/model``)
-    checkpoint/         training state for --resume (the MLM and pair heads included), safetensors + JSON (heads.checkpoint)
+    checkpoint/         training state for --resume (the MLM and pair heads included), safetensors + JSON (heads.training.checkpoint)
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from heads.checkpoint import load_training_state, save_training_state
-from heads.masking import PretrainCollator, tokenize_corpus
-from heads.pretrain_config import PretrainConfig
-from heads.pretrain_data import PretrainData, build_bert_config, load_corpus
-from heads.pretrain_report import write_outputs
-from heads.training import EpochSampler, adamw, fingerprint, make_scheduler, read_checkpoint
+from heads.training.checkpoint import load_training_state, save_training_state
+from heads.pretrain.masking import PretrainCollator, tokenize_corpus
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.data import PretrainData, build_bert_config, load_corpus
+from heads.pretrain.report import write_outputs
+from heads.training.schedule import EpochSampler, adamw, fingerprint, make_scheduler, read_checkpoint
 
 __all__ = ["PretrainConfig", "PretrainResult", "evaluate_mlm", "run_pretrain"]
 

@@ -1,4 +1,4 @@
-"""The files of a pretraining run directory besides model/ and checkpoint/ (see :mod:`heads.pretrain`)."""
+"""The files of a pretraining run directory besides model/ and checkpoint/ (see :mod:`heads.pretrain.run`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from embstore._version import __version__
 from embstore.errors import OutputNotWritableError
 from heads.evalset import EVAL_SET_KEY
-from heads.pretrain_config import PretrainConfig
+from heads.pretrain.config import PretrainConfig
 
 __all__ = ["LOG_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "read_log", "write_outputs"]
 

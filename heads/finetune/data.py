@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from embstore.errors import ConfigError
-from heads.finetune_config import FinetuneConfig
+from heads.finetune.config import FinetuneConfig
 
 __all__ = ["Round", "Rows", "collate", "rounds", "split_rows"]
 
