@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from collections.abc import Callable
@@ -49,7 +48,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--verify/--no-verify", default=None, help="Check every row chunk read against the checksum recorded "
                  "when it was written; a mismatch stops with one line [default: verify]."),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
-    click.option("--device", help="cpu, cuda... [default: cuda when present]."),
+    click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
     click.option("--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."),
     click.option("-v", "--verbose", is_flag=True),
 ]
@@ -97,7 +96,9 @@ def _finish(result: Any) -> None:
     val = f"validation macro-F1 {b['val_f1_macro']:.4f}, " if b.get("val_f1_macro") is not None else ""
     click.echo(f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} {b['head']}: "
                f"{val}test macro-F1 {b['f1_macro']:.4f}, test accuracy {b['accuracy']:.4f}", err=True)
-    click.echo(f"summary: {result.run_dir / 'summary.md'}", err=True)
+    from heads.report.rundir import SUMMARY_FILE
+
+    click.echo(f"summary: {result.run_dir / SUMMARY_FILE}", err=True)
     click.echo(str(result.run_dir))
 
 
@@ -130,7 +131,7 @@ def train(config_file: str | None, verbose: bool, progress: bool | None, **opts:
 @click.argument("input_file", default="-", type=click.File("r"))
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head).")
 @click.option("--head-dir", type=click.Path(exists=True, file_okay=False), help="A saved head directory.")
-@click.option("--device", help="cpu, cuda... [default: cuda when present].")
+@click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
 def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
@@ -139,28 +140,29 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
     Prints one JSON object per line: text, label, probabilities.
     """
     from embstore.errors import ConfigError
-    from embstore.extraction import pick_device
+    from embstore.device import resolve_device
     from heads.finetune.predict import is_finetune_run, predict_finetuned
     from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
+    from heads.report.rundir import RUN_FILE
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
     if not lines:
         raise ConfigError("No texts to label: the input is empty; give one text per line.")
     texts = [line.split("\t", 1)[0] for line in lines]
     pairs = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
-    run_meta = Path(run_dir or "", "run.json")
+    run_meta = Path(run_dir or "", RUN_FILE)
     meta = json.loads(run_meta.read_text()) if run_dir is not None and run_meta.is_file() else {}
     if meta.get("kind") == "finetune" and meta.get("folds"):
         raise ConfigError(f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
                           "fine-tune without --folds to get one for heads predict.")
     if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
-        labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=pick_device(device))
+        labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=resolve_device(device))
     else:
         est = load_head(run_dir, head_dir)
         if head_modality(est) == "audio":
-            labels, proba = predict_audio(est, [line.strip() for line in lines], device=pick_device(device))
+            labels, proba = predict_audio(est, [line.strip() for line in lines], device=resolve_device(device))
         else:
-            labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
+            labels, proba = predict_texts(est, texts, pairs, device=resolve_device(device))
         names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
     for text, label, p in zip(lines, labels, proba):
         click.echo(json.dumps({"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}}, ensure_ascii=False))
@@ -176,8 +178,9 @@ def report(runs: tuple[str, ...], out: str | None, allow_mixed: bool) -> None:
     Runs are put side by side only when they were scored on the same rows (their run.json eval_set ids agree).
     """
     from heads.report import write_report
+    from heads.report.rundir import REPORTS_ROOT, run_dir
 
-    target = Path(out) if out else Path("reports") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir(out, "", root=REPORTS_ROOT)
     path = write_report([Path(r) for r in runs], target, allow_mixed=allow_mixed)
     click.echo(str(path))
 
@@ -229,14 +232,17 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
               "per-fold rows and mean +- std; no model/ is kept.")
 @click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint.")
-@click.option("--out", help="Run directory.")
+@click.option("--out", help="Run directory [default: runs/<time>-finetune].")
+@click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
 @click.option("--progress/--no-progress", default=True, help="tqdm bar per epoch with loss and examples/s.")
 @click.option("-v", "--verbose", is_flag=True)
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
-    from heads.finetune.run import FinetuneConfig, run_finetune
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.run import run_finetune
     from heads.report import write_report
+    from heads.report.rundir import run_dir
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)
@@ -256,7 +262,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
                    f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch", err=True)
         click.echo(str(result.run_dir))
         return
-    base = Path(str(values.pop("out", None) or Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-study"))
+    base = run_dir(values.pop("out", None), "study")
     dirs = []
     for variant in runs:
         variant = dict(variant)
@@ -311,18 +317,20 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
 @click.option("--warmup-ratio", type=float)
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]))
+@click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1].")
 @click.option("--grad-accum", type=int)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
 @click.option("--seed", type=int)
 @click.option("--resume/--no-resume", default=None, help="Continue from the run directory's checkpoint.")
 @click.option("--out", help="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].")
-@click.option("--device", help="cpu, cuda... [default: cuda when present].")
+@click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
 @click.option("--progress/--no-progress", default=True, help="tqdm progress bar with tokens/s.")
 @click.option("-v", "--verbose", is_flag=True)
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
-    from heads.pretrain.run import PretrainConfig, run_pretrain
+    from heads.pretrain.config import PretrainConfig
+    from heads.pretrain.run import run_pretrain
 
     values = load_yaml_config(config_file)
     if config_file is not None and _BERT_FIELDS & set(values):  # a model config, not an options file

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from embstore.hashing import file_sha256, files_sha256
 
 __all__ = ["file_sha256", "files_sha256", "model_identity", "data_identity", "store_fingerprint", "library_versions",
-           "cuda_present", "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
+           "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +97,6 @@ def model_identity(name: str) -> dict[str, Any]:
             "weights": weights, "tokenizer": tok, "n_layers": cfg.get("num_hidden_layers"),
             "modality": "audio" if audio else "text", "extractor": extractor,
             "attention_mask": None if extractor is None else bool(extractor.get("return_attention_mask", False))}
-
-
-def cuda_present() -> bool:
-    """Whether a CUDA GPU is usable, without importing torch when the machine has no NVIDIA driver at all."""
-    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def audio_digest(table: Path, audio_col: str) -> str | None:

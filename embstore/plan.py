@@ -209,12 +209,13 @@ def _token_chunk_bytes(plan: Any) -> dict[str, int]:
 
 def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
-    from embstore.extraction import _state, pick_device
+    from embstore.device import resolve_device
+    from embstore.extraction import _state
     from embstore.planner import make_plan, store_paths
     from embstore.writer import StoreWriter
 
     t0 = time.perf_counter()
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     plan = make_plan(config, device)
     final, write_path = store_paths(config, plan.fingerprint)
     state = _state(final, write_path, plan.fingerprint)

@@ -16,7 +16,9 @@ from embstore import ExtractConfig, extract, open_store
 from embstore.errors import ConfigError, LayerSpecError
 from embstore.models import load_backbone
 from embstore.surgery import count_parameters
-from heads.finetune.run import FinetuneConfig, SequenceClassifier, run_finetune
+from heads.finetune.config import FinetuneConfig
+from heads.finetune.model import SequenceClassifier
+from heads.finetune.run import run_finetune
 from heads.report.results import read_run
 
 VOCAB = {"fruit": "apple banana cherry grape lemon mango peach".split(),
@@ -255,12 +257,13 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
 
 
 def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
-    from heads.finetune.data import rounds, split_rows
+    from heads.finetune.data import load_rows, rounds
 
     config = FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 3})
-    tr, te, rows_tr, rows_te, names, _ = split_rows(config)
+    data = load_rows(config)
+    tr, te, rows_tr = data.train, data.evaluation, data.train_rows
     assert tr is te and len(rows_tr) == 60  # one split, no holdout: every row is cross-validated
-    plan = list(rounds(config, tr, rows_tr, te, rows_te))
+    plan = rounds(config.folds, data, config.source.seed)
     held = [set(r.eval_rows.tolist()) for r in plan]
     assert [r.fold for r in plan] == [0, 1, 2, 3]
     assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1:])
@@ -268,13 +271,11 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
     for r in plan:
         assert set(r.fit_rows.tolist()) == set(rows_tr.tolist()) - set(r.eval_rows.tolist())
         assert sorted(pd.Series(tr.labels[r.eval_rows]).value_counts().tolist()) == [5, 5, 5]  # stratified
-    again = [r.eval_rows.tolist() for r in rounds(config, tr, rows_tr, te, rows_te)]
-    other = [r.eval_rows.tolist() for r in rounds(FinetuneConfig.from_dict(
-        {"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 4}), tr, rows_tr, te, rows_te)]
+    again = [r.eval_rows.tolist() for r in rounds(config.folds, data, 3)]
+    other = [r.eval_rows.tolist() for r in rounds(config.folds, data, 4)]
     assert again == [r.eval_rows.tolist() for r in plan] and other != again
     with pytest.raises(ConfigError, match="--folds 30 needs at least 30 training rows of every class"):
-        list(rounds(FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 30}),
-                    tr, rows_tr, te, rows_te))
+        rounds(30, data, 3)
     with pytest.raises(ConfigError, match="'folds' option must be at least 2"):
         FinetuneConfig.from_dict({"data": "x.csv", "folds": 1})
 
@@ -351,10 +352,10 @@ def test_the_classifier_gets_its_own_learning_rate_when_the_backbone_is_frozen(s
 
 
 def test_param_groups_split_backbone_and_classifier():
-    from heads.finetune.loop import param_groups
+    from heads.training.optim import param_groups
 
     model = SequenceClassifier(load_backbone("random:tiny-bert").model.requires_grad_(True), 3)
-    groups = param_groups(model, 1e-5, 1e-3, 0.01)
+    groups = param_groups(model, 1e-5, 0.01, head_prefix="head.", head_lr=1e-3)
     head = [g for g in groups if g["head"]]
     assert {g["lr"] for g in head} == {1e-3} and {g["lr"] for g in groups if not g["head"]} == {1e-5}
     assert sum(p.numel() for g in head for p in g["params"]) == 32 * 3 + 3

@@ -17,7 +17,8 @@ from conftest import needs_shared
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError, DataError
 from heads.pretrain.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
-from heads.pretrain.run import PretrainConfig, run_pretrain
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.run import run_pretrain
 from heads.pretrain.report import read_log
 from heads.pretrain.tokenizer import train_wordpiece
 
@@ -134,7 +135,8 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
                                              "epochs": 2, "validation_fraction": 0.3, "out": str(tmp_path / "sweep")}))
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
-    from heads.finetune.run import FinetuneConfig, run_finetune
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.run import run_finetune
 
     ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                      label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
@@ -187,6 +189,35 @@ def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, 
     assert again.history[-1]["train_mlm_loss"] == pytest.approx(whole.history[-1]["train_mlm_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0])
+def test_every_optimizer_step_clips_the_gradient_norm(tiny_csv, tmp_path, monkeypatch, max_grad_norm):
+    """heads pretrain clips the gradient norm to --max-grad-norm right before every optimizer step, as heads finetune
+    does (0: no clipping). Measured on the gradients themselves: larger than the limit before, within it after."""
+    from accelerate import Accelerator
+
+    real, seen = Accelerator.clip_grad_norm_, []
+
+    def clip(self, parameters, max_norm, norm_type=2):
+        params = [p for p in parameters if p.grad is not None]
+        before = real(self, params, max_norm, norm_type)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        seen.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    res = CliRunner().invoke(heads_main, ["pretrain", "--data", str(tiny_csv), "--vocab-size", "200", "--min-frequency",
+                                          "1", "--layers", "1", "--hidden", "32", "--heads", "2", "--batch-size", "4",
+                                          "--max-steps", "3", "--max-grad-norm", str(max_grad_norm), "--no-progress",
+                                          "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["final"]["steps"] == 3
+    if not max_grad_norm:
+        assert seen == []
+        return
+    assert len(seen) == 3 and all(limit == max_grad_norm for limit, _, _ in seen)
+    assert all(before > 2 * max_grad_norm and after <= max_grad_norm * 1.001 for _, before, after in seen), seen
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--vocab-size", "4"], "room beyond the 5 special tokens"),
     (["--max-positions", "16", "--max-length", "32"], "max_positions 16 is shorter than max_length 32"),
@@ -225,7 +256,7 @@ def test_config_round_trip_and_model_config_file(tmp_path):
     assert PretrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['bogus'\]"):
         PretrainConfig.from_dict({"data": "x.csv", "bogus": 1})
-    from heads.pretrain.data import build_bert_config
+    from heads.pretrain.model import build_bert_config
 
     cfg = build_bert_config(PretrainConfig.from_dict(dict(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2)),
                             vocab_size=321, pad_id=0)

@@ -54,12 +54,10 @@ class FinetuneConfig:
     """'cls' (first token) or attention-masked 'mean' of the last hidden state."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (linear, cosine, exponential), grad_accum,
-    mixed_precision; flat keys in YAML."""
+    mixed_precision, max_grad_norm (clipping, as the Trainer does); flat keys in YAML."""
     head_lr: float = 1e-3
     """Learning rate of the freshly initialised classifier (the backbone gets ``lr``): a random head needs a far
     larger step than pretrained weights, or a small data set ends in a majority-class model."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this before every optimizer step (0: no clipping), as the Trainer does."""
     patience: int = 2
     """Epochs without a better validation macro-F1 before stopping (0: never; the last epoch wins)."""
     min_epochs: int = 3
@@ -80,7 +78,7 @@ class FinetuneConfig:
     out: str | None = None
     """Run directory; None: runs/<time>-finetune."""
     device: str | None = None
-    """'cpu', 'cuda'...; None picks CUDA when present."""
+    """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -105,8 +103,6 @@ class FinetuneConfig:
         if not self.head_lr > 0:
             raise ConfigError(f"The 'head_lr' option (the classifier's learning rate) must be positive; got "
                               f"{self.head_lr}. Use e.g. --head-lr 0.001.")
-        if self.max_grad_norm < 0:
-            raise ConfigError(f"The 'max_grad_norm' option must be 0 (no clipping) or more; got {self.max_grad_norm}.")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}.")
         if not 0.0 < self.gamma <= 1.0:

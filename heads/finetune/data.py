@@ -1,21 +1,31 @@
-"""The rows a fine-tuning run trains and evaluates on: split roles, stratified folds, token batches."""
+"""The rows a fine-tuning run trains, chooses and is scored on, and the token batches it reads them in.
+
+The evaluation protocol is :mod:`heads.protocol`'s, as for a sweep of a store of the same data: the evaluation
+split (or a :func:`~heads.protocol.carve` of a one-split data set), ``--folds`` rounds
+(:func:`~heads.protocol.fold_rounds`) and the early-stopping carve of each round's training rows
+(:func:`~heads.protocol.make_split`), all seeded and group-disjoint when the rows have groups.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from embstore.data import SplitData
 from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
+from heads.protocol import Round, carve, fold_rounds, make_split
 
-__all__ = ["Round", "Rows", "collate", "rounds", "split_rows"]
+__all__ = ["FinetuneData", "Rows", "collate", "early_stopping_carve", "load_rows", "rounds"]
 
 log = logging.getLogger(__name__)
+ONE_SPLIT_EVAL = 0.2
+"""The share of a one-split data set carved for evaluation when there is no ``--holdout`` (as a sweep carves)."""
 
 
 class Rows(torch.utils.data.Dataset[tuple[list[int], list[int] | None, int]]):
@@ -31,7 +41,7 @@ class Rows(torch.utils.data.Dataset[tuple[list[int], list[int] | None, int]]):
         return self.ids[i], None if self.type_ids is None else self.type_ids[i], int(self.labels[i])
 
 
-def collate(pad_id: int) -> Any:
+def collate(pad_id: int) -> Callable[[list[tuple[list[int], list[int] | None, int]]], dict[str, torch.Tensor]]:
     """A DataLoader collate_fn: right-padded input_ids, attention_mask (token_type_ids) and labels."""
     from embstore.encode import pad_batch
 
@@ -43,13 +53,33 @@ def collate(pad_id: int) -> Any:
     return fn
 
 
-def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray, list[str], dict[str, Any]]:
-    """(train split, eval split, train rows, eval rows, label_names, sources) as the sweep picks them.
+@dataclass(frozen=True)
+class FinetuneData:
+    """The loaded rows of one run: the training and evaluation splits (the same split when one was carved), the
+    rows of each that the run uses, the label names and the source files' provenance."""
 
-    With ``folds`` a data set of one split is not carved: all its rows are cross-validated.
+    train: SplitData
+    evaluation: SplitData
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+    label_names: list[str]
+    sources: list[dict[str, Any]]
+
+    def split(self, name: str) -> SplitData:
+        """The split a :class:`~heads.protocol.Round` names."""
+        return self.train if name == self.train.name else self.evaluation
+
+    def labels(self, split: SplitData) -> np.ndarray:
+        """(n,) int64 labels of ``split`` (every fine-tuning split has labels)."""
+        return np.asarray(split.labels)
+
+
+def load_rows(config: FinetuneConfig) -> FinetuneData:
+    """Read the data and pick the training and evaluation rows as a sweep of its store would.
+
+    A data set of one split is carved (group-disjoint when it has groups) for evaluation; with ``folds`` it is
+    not carved: all its rows are cross-validated.
     """
-    from heads.protocol import carve as _carve
-
     ds = config.source.load()
     if ds.label_names is None:
         raise ConfigError("Fine-tuning needs labels: pass --label-col NAME.")
@@ -62,13 +92,13 @@ def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray
             raise ConfigError(f"The evaluation split {ev!r} is not in the data; its splits are {', '.join(names)}; "
                               "pass --eval-split NAME or --holdout 0.2.")
         tr, te = ds.splits[config.train_split], ds.splits[ev]
-        rows_tr, rows_te = np.arange(len(tr.texts)), np.arange(len(te.texts))
+        rows_tr, rows_te = np.arange(len(tr)), np.arange(len(te))
     elif len(names) == 1 and config.eval_split is None:
         tr = te = ds.splits[names[0]]
         if config.folds is not None:
-            rows_tr = rows_te = np.arange(len(tr.texts))
+            rows_tr = rows_te = np.arange(len(tr))
         else:
-            rows_tr, rows_te = _carve(np.asarray(tr.labels), 0.2, config.source.seed)
+            rows_tr, rows_te = carve(np.asarray(tr.labels), ONE_SPLIT_EVAL, config.source.seed, tr.groups)
             log.info("data has one split %r: carved %d rows for evaluation", names[0], len(rows_te))
     else:
         raise ConfigError(f"--train-split {config.train_split!r} is not in the data; its splits are {', '.join(names)}.")
@@ -76,31 +106,26 @@ def split_rows(config: FinetuneConfig) -> tuple[Any, Any, np.ndarray, np.ndarray
     if missing:
         raise ConfigError(f"Classes {[ds.label_names[i] for i in missing]} have no training rows; every class needs "
                           "at least one (check --label-col, --limit or the split files).")
-    return tr, te, rows_tr, rows_te, ds.label_names, {"sources": ds.sources}
+    return FinetuneData(train=tr, evaluation=te, train_rows=rows_tr, eval_rows=rows_te, label_names=ds.label_names,
+                        sources=ds.sources)
 
 
-@dataclass(frozen=True)
-class Round:
-    """One training round: fit on ``fit_rows`` of the train split, score ``eval_rows`` of ``eval_data``."""
+def rounds(folds: int | None, data: FinetuneData, seed: int) -> list[Round]:
+    """One round on the evaluation rows, or ``folds`` seeded, stratified folds of the training rows (each row held
+    out once, group-disjoint when the rows have groups; the evaluation split is then unused)."""
+    y_train = data.labels(data.train)[data.train_rows]
+    groups = None if data.train.groups is None else data.train.groups[data.train_rows]
+    y_eval = data.labels(data.evaluation)[data.eval_rows]
+    no_copies = np.zeros(len(data.train), dtype=bool)  # fine-tuning data has no augmented copies
+    return list(fold_rounds(folds, y_train, data.train_rows, data.train.name, data.evaluation.name, data.eval_rows,
+                            y_eval, seed, groups, no_copies))
 
-    fold: int | None
-    fit_rows: np.ndarray
-    eval_data: Any
-    eval_rows: np.ndarray
 
-
-def rounds(config: FinetuneConfig, train: Any, rows_tr: np.ndarray, evaluation: Any, rows_te: np.ndarray) -> Iterator[Round]:
-    """One round on the evaluation split, or ``folds`` stratified, seeded folds of the training rows
-    (each row is held out exactly once; the evaluation split is then unused)."""
-    if config.folds is None:
-        yield Round(None, rows_tr, evaluation, rows_te)
-        return
-    from sklearn.model_selection import StratifiedKFold
-
-    y = np.asarray(train.labels)[rows_tr]
-    counts = np.bincount(y)
-    if counts[counts > 0].min() < config.folds:
-        raise ConfigError(f"--folds {config.folds} needs at least {config.folds} training rows of every class; the "
-                          f"rarest class has {counts[counts > 0].min()}. Use fewer folds or more data.")
-    for k, (fit, held) in enumerate(StratifiedKFold(config.folds, shuffle=True, random_state=config.source.seed).split(rows_tr, y)):
-        yield Round(k, rows_tr[fit], train, rows_tr[held])
+def early_stopping_carve(data: FinetuneData, fit_pool: np.ndarray, fraction: float, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows) of the training split: a seeded carve of ``fraction`` of ``fit_pool`` (stratified,
+    or group-disjoint when the rows have groups) that early stopping watches."""
+    groups = None if data.train.groups is None else data.train.groups[fit_pool]
+    split = make_split(data.labels(data.train)[fit_pool], None, validation_fraction=fraction, seed=seed, patience=1,
+                       groups=groups)
+    return fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]

@@ -73,7 +73,7 @@ class PretrainConfig:
     """Weight of the pair-objective loss added to the MLM loss."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs (a bound; max_steps and max_minutes may stop earlier), warmup_ratio,
-    schedule (linear, cosine, constant), grad_accum, mixed_precision; flat keys in YAML."""
+    schedule (linear, cosine, constant), grad_accum, mixed_precision, max_grad_norm (clipping); flat keys in YAML."""
     max_steps: int | None = None
     """Optimizer steps in total; when given it sets the schedule length instead of ``epochs``."""
     max_minutes: float | None = None
@@ -83,7 +83,7 @@ class PretrainConfig:
     out: str | None = None
     """Run directory; None: runs/<time>-pretrain. The backbone is written to ``out``/model."""
     device: str | None = None
-    """'cpu', 'cuda'...; None picks CUDA when present."""
+    """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[Any, ...]) -> None:

@@ -202,7 +202,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     """
     from embstore._version import __version__
     from embstore.extraction import cache_dir
-    from heads.probe.estimator import resolve_device
+    from heads.probe.fitting import head_device as resolve_device
     from heads.probe.solvers import Comm
 
     _join_process_group()

@@ -1,7 +1,10 @@
-"""The optimiser settings every backbone-training loop shares (``heads finetune``, ``heads pretrain``).
+"""The optimiser every backbone-training loop shares (``heads finetune``, ``heads pretrain``): its settings and
+its parameter groups.
 
 ``FinetuneConfig`` and ``PretrainConfig`` each nest one :class:`OptimConfig` (as ``optim``) with their own
 defaults; YAML keys, CLI flags and run.json keep these keys flat (``lr``, ``batch_size``, ``epochs``...).
+:func:`param_groups` builds the AdamW groups (no decay on biases and LayerNorm weights; a new classifier at its
+own rate) and :func:`adamw` the optimizer.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+from torch import nn
+
 from embstore.errors import ConfigError
+from heads.training.schedule import SCHEDULES
 
-__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig"]
+__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig", "adamw", "param_groups"]
 
-SCHEDULES = ("linear", "cosine", "exponential", "constant")
-"""lr decay after the warmup; a product may allow fewer (see ``schedules`` of :meth:`OptimConfig.check`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +43,8 @@ class OptimConfig:
     """Gradient accumulation steps per optimizer step."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """accelerate mixed precision (fp16 needs a GPU)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this before every optimizer step (0: no clipping), as the Trainer does."""
 
     def __post_init__(self) -> None:
         self.check(SCHEDULES)
@@ -52,6 +59,8 @@ class OptimConfig:
             raise ConfigError(f"The 'weight_decay' option must be 0 or more; got {self.weight_decay}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"The 'warmup_ratio' option must be in [0, 1); got {self.warmup_ratio}.")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"The 'max_grad_norm' option must be 0 (no clipping) or more; got {self.max_grad_norm}.")
 
     def check(self, schedules: tuple[str, ...]) -> None:
         """Refuse a schedule the owning loop does not implement."""
@@ -65,3 +74,30 @@ class OptimConfig:
 
 OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimConfig))
 """Every flat key an :class:`OptimConfig` owns."""
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, *, head_prefix: str | None = None,
+                 head_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: no weight decay on biases and LayerNorm weights (tensors of one
+    dimension, as BERT and the Trainer do); with ``head_prefix`` the parameters under it (a freshly initialised
+    classifier) form groups of their own at ``head_lr``. Backbone groups come first, decayed before undecayed;
+    each group says whether it is the head's (``"head"``), a key :func:`adamw` drops."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(h, d): [] for h in (False, True) for d in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            head = head_prefix is not None and name.startswith(head_prefix)
+            groups[(head, p.ndim >= 2)].append(p)
+    return [{"params": params, "lr": (head_lr if head_lr is not None else lr) if head else lr,
+             "weight_decay": weight_decay if decay else 0.0, "head": head}
+            for (head, decay), params in groups.items() if params]
+
+
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """torch's AdamW over parameter ``groups`` (as :func:`param_groups` makes them), with the fused kernel (one
+    kernel per step, not a loop over tensors) where this torch build has it: what the Trainer's default
+    ``optim="adamw_torch_fused"`` uses. Same updates as the unfused one up to float rounding."""
+    groups = [{k: v for k, v in g.items() if k != "head"} for g in groups]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr)

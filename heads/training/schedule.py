@@ -1,29 +1,24 @@
-"""What the backbone-training loops share (``heads finetune``, ``heads pretrain``).
+"""The order and the pace of backbone training: a seeded per-epoch sampler and the learning-rate schedule.
 
-A seeded per-epoch sampler (a resumed run sees the order an uninterrupted one would), the
-learning-rate schedule (linear warmup, then linear, cosine or per-epoch exponential decay), and
-checkpoint identity: a fingerprint of the config (minus the options that may change on resume)
-and the refusal, naming the differing options, to resume from a checkpoint made with another one.
+:class:`EpochSampler` shuffles by (seed, epoch), so a resumed run sees the order an uninterrupted one would.
+:func:`make_scheduler` is the one learning-rate schedule of the code base: a linear warmup, then linear, cosine or
+per-epoch exponential decay, or constant; the backbone trainers step it per optimizer step, the probe heads
+(:mod:`heads.probe.fitting`) per epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
+import math
 import warnings
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
 
-from embstore.errors import ConfigError
+__all__ = ["EpochSampler", "SCHEDULES", "make_scheduler", "steps_per_epoch"]
 
-__all__ = ["EpochSampler", "adamw", "fingerprint", "make_scheduler", "read_checkpoint"]
-
-log = logging.getLogger(__name__)
+SCHEDULES = ("linear", "cosine", "exponential", "constant")
+"""lr decay after the warmup; a product may allow fewer (see ``OptimConfig.check``)."""
 
 
 class EpochSampler(Sampler[int]):
@@ -43,63 +38,49 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """torch's AdamW over parameter ``groups``, with the fused kernel (one kernel per step, not a loop over
-    tensors) where this torch build has it: what the Trainer's default ``optim="adamw_torch_fused"`` uses.
-    Same updates as the unfused one up to float rounding."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr)
+def steps_per_epoch(batches: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` batches, one step per ``grad_accum`` of them (the last one may
+    close a shorter group, as accelerate does at the end of the loader)."""
+    return math.ceil(batches / grad_accum)
+
+
+def _factor(schedule: str, warmup: int, total: int, per_epoch: int, gamma: float) -> Callable[[int], float]:
+    """The lr multiplier of optimizer step ``step`` (the Trainer's formulas for linear, cosine and constant)."""
+    def warm(step: int) -> float:
+        return step / max(1, warmup)
+
+    def linear(step: int) -> float:
+        return warm(step) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return warm(step)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def constant(step: int) -> float:
+        return warm(step) if step < warmup else 1.0
+
+    def exponential(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return float(gamma ** ((step - warmup) / max(1, per_epoch)))
+
+    return {"linear": linear, "cosine": cosine, "constant": constant, "exponential": exponential}[schedule]
 
 
 def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, warmup: int, total: int, per_epoch: int = 1,
                    gamma: float = 0.9, done_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup over ``warmup`` optimizer steps, then 'linear' or 'cosine' decay to 0 at ``total``,
-    'exponential' (x ``gamma`` per ``per_epoch`` steps) or 'constant'; fast-forwarded by ``done_steps``."""
-    from transformers import get_scheduler
+    """Linear warmup over ``warmup`` steps, then 'linear' or 'cosine' decay to 0 at step ``total``, 'exponential'
+    (x ``gamma`` per ``per_epoch`` steps) or 'constant'; fast-forwarded by ``done_steps``.
 
-    sched: torch.optim.lr_scheduler.LRScheduler
-    if schedule == "exponential":
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return float(gamma ** ((step - warmup) / max(1, per_epoch)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    else:
-        name = "constant_with_warmup" if schedule == "constant" else schedule
-        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+    A step is whatever the caller steps it by: an optimizer step (backbone trainers) or an epoch (probe heads,
+    ``per_epoch=1``, ``total`` = epochs)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _factor(schedule, warmup, max(total, 1), per_epoch, gamma))
     with warnings.catch_warnings():  # fast-forward on resume or rebuild: no optimizer step is due
         warnings.simplefilter("ignore")
         for _ in range(done_steps):
             sched.step()
     return sched
-
-
-def fingerprint(config: Mapping[str, Any], *extra: str) -> str:
-    """sha256 of a config dict (already stripped of the options that may change on resume) and ``extra`` strings."""
-    return hashlib.sha256(json.dumps([dict(config), *extra], sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_checkpoint(ckpt: Path, state_file: str, expected: str, config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The JSON state in ``ckpt/state_file`` if its fingerprint is ``expected``; None when there is no checkpoint.
-
-    ``config`` is this run's fingerprinted config dict; a mismatch raises ConfigError naming the differing options.
-    """
-    path = ckpt / state_file
-    if not path.is_file():
-        log.info("resume: no checkpoint in %s, starting from scratch", ckpt)
-        return None
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"The checkpoint state {path} is not valid JSON ({exc.msg}); rerun without --resume "
-                          "or with a new --out.") from None
-    if state.get("fingerprint") != expected:
-        old = state.get("config", {})
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k)) or ["model weights"]
-        raise ConfigError(
-            f"The checkpoint in {ckpt} was made with another configuration or model (checkpoint fingerprint "
-            f"{str(state.get('fingerprint'))[:12]}, this run {expected[:12]}; differing: {', '.join(diff)}). "
-            "Rerun with the checkpoint's options, without --resume, or with a new --out.")
-    return state
