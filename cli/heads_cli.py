@@ -185,6 +185,31 @@ def report(runs: tuple[str, ...], out: str | None, allow_mixed: bool) -> None:
     click.echo(str(path))
 
 
+def trainer_options(*, schedules: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of the backbone trainers (``heads finetune``, ``heads pretrain``): the optimiser's
+    (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming and
+    the device."""
+    options = [
+        click.option("--weight-decay", type=float, help="AdamW weight decay, never on biases and LayerNorm weights."),
+        click.option("--batch-size", type=int, help="Rows per batch and process."),
+        click.option("--epochs", type=int, help="Passes over the training rows."),
+        click.option("--warmup-ratio", type=float, help="Share of the optimizer steps with a linear warmup."),
+        click.option("--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup [default: linear]."),
+        click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1]."),
+        click.option("--grad-accum", type=int, help="Batches per optimizer step [default: 1]."),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="accelerate mixed precision [default: no]."),
+        click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling [default: 0]."),
+        click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint."),
+        click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
+    ]
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
+
+
 def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     out = []
     for v in values:
@@ -218,22 +243,12 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--pooling", type=click.Choice(["cls", "mean"]))
 @click.option("--lr", type=float, help="Backbone learning rate [default: 5e-5].")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's [default: 1e-3].")
-@click.option("--weight-decay", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--epochs", type=int)
+@trainer_options(schedules=("linear", "cosine", "exponential"))
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off).")
 @click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs.")
-@click.option("--warmup-ratio", type=float)
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "exponential"]))
-@click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1].")
-@click.option("--grad-accum", type=int)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
-@click.option("--seed", type=int)
 @click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
               "per-fold rows and mean +- std; no model/ is kept.")
-@click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint.")
 @click.option("--out", help="Run directory [default: runs/<time>-finetune].")
-@click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
 @click.option("--progress/--no-progress", default=True, help="tqdm bar per epoch with loss and examples/s.")
 @click.option("-v", "--verbose", is_flag=True)
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
@@ -309,21 +324,11 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--pair-objective", type=click.Choice(["sop", "nsp", "none"]), help="Pairs: sentence-order or "
               "next-sentence prediction, trained jointly [default: none].")
 @click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--epochs", type=int)
+@click.option("--lr", type=float, help="Peak learning rate [default: 5e-4].")
+@trainer_options(schedules=("linear", "cosine", "constant"))
 @click.option("--max-steps", type=int, help="Optimizer steps in total (overrides --epochs).")
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
-@click.option("--warmup-ratio", type=float)
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]))
-@click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1].")
-@click.option("--grad-accum", type=int)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
-@click.option("--seed", type=int)
-@click.option("--resume/--no-resume", default=None, help="Continue from the run directory's checkpoint.")
 @click.option("--out", help="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].")
-@click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
 @click.option("--progress/--no-progress", default=True, help="tqdm progress bar with tokens/s.")
 @click.option("-v", "--verbose", is_flag=True)
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.config import reject_unknown_keys
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.training.optim import OPTIM_KEYS, OptimConfig
+from heads.training.optim import OptimConfig, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
@@ -123,19 +121,14 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "optim")}
-        d = {"model": d.pop("model"), **self.source.to_dict(DATA_KEYS), **self.optim.to_dict(), **d}
+        d = flat_keys(self, DATA_KEYS, first=("model",))
         d["classifier_hidden"] = list(self.classifier_hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"source", "optim"}
-        reject_unknown_keys(d, own | set(DATA_KEYS) | set(OPTIM_KEYS), "finetune")
-        values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
-        values["source"] = DataSpec.from_dict({k: v for k, v in d.items() if k in DATA_KEYS})
-        values["optim"] = dataclasses.replace(_DEFAULT_OPTIM, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+        values = nested_values(cls, d, DATA_KEYS, _DEFAULT_OPTIM, "finetune")
         if "classifier_hidden" in values:
             h = values["classifier_hidden"]
             values["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.config import reject_unknown_keys
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.training.optim import OPTIM_KEYS, OptimConfig
+from heads.training.optim import OptimConfig, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
 
@@ -126,9 +124,8 @@ class PretrainConfig:
                               "or drop --swap-augment.")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "optim")}
-        return {**self.source.to_dict(DATA_KEYS), **self.optim.to_dict(), **d}
+        """JSON-ready flat dict (the data and optimiser keys at the top level)."""
+        return flat_keys(self, DATA_KEYS)
 
     def fingerprinted(self) -> dict[str, Any]:
         """The options a resumed run must share with its checkpoint."""
@@ -137,11 +134,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"source", "optim"}
-        reject_unknown_keys(d, own | set(DATA_KEYS) | set(OPTIM_KEYS), "pretrain")
-        values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
-        values["source"] = DataSpec.from_dict({"data": None, **{k: v for k, v in d.items() if k in DATA_KEYS}})
-        values["optim"] = dataclasses.replace(_DEFAULT_OPTIM, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+        values = nested_values(cls, d, DATA_KEYS, _DEFAULT_OPTIM, "pretrain", data_defaults={"data": None})
         if values.get("pair_objective") in ("none", ""):
             values["pair_objective"] = None
         return cls(**values)

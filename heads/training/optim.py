@@ -10,16 +10,20 @@ own rate) and :func:`adamw` the optimizer.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
 
+from embstore.config import reject_unknown_keys
+from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
 from heads.training.schedule import SCHEDULES
 
-__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig", "adamw", "param_groups"]
+__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig", "TrainerConfig", "adamw", "flat_keys", "nested_values",
+           "param_groups"]
 
 
 
@@ -74,6 +78,40 @@ class OptimConfig:
 
 OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimConfig))
 """Every flat key an :class:`OptimConfig` owns."""
+_NESTED = ("source", "optim")
+
+
+class TrainerConfig(Protocol):
+    """A backbone trainer's config: a frozen dataclass nesting a DataSpec (``source``) and an OptimConfig
+    (``optim``), whose YAML keys, CLI flags and run.json entries are flat."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def source(self) -> DataSpec: ...
+
+    @property
+    def optim(self) -> OptimConfig: ...
+
+
+def flat_keys(config: TrainerConfig, data_keys: tuple[str, ...], first: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``config`` as flat keys: its own fields named in ``first``, the data keys, the optimiser keys, then the rest
+    of its own fields (values as they are; the caller makes tuples JSON-ready)."""
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NESTED}
+    return {**{k: own.pop(k) for k in first}, **config.source.to_dict(data_keys), **config.optim.to_dict(), **own}
+
+
+def nested_values(cls: type[TrainerConfig], d: Mapping[str, Any], data_keys: tuple[str, ...], optim: OptimConfig,
+                  command: str, data_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` from flat keys ``d``: its own fields, ``source`` from the data keys (over
+    ``data_defaults``) and ``optim`` from the optimiser keys (over the trainer's defaults ``optim``). Unknown keys
+    are a ConfigError naming them and ``command``."""
+    own = {f.name for f in dataclasses.fields(cls)} - set(_NESTED)
+    reject_unknown_keys(dict(d), own | set(data_keys) | set(OPTIM_KEYS), command)
+    values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
+    values["source"] = DataSpec.from_dict({**(data_defaults or {}), **{k: v for k, v in d.items() if k in data_keys}})
+    values["optim"] = dataclasses.replace(optim, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+    return values
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, *, head_prefix: str | None = None,
