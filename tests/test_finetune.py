@@ -110,10 +110,26 @@ def test_prune_fraction_prunes_after_the_first_epoch(sep_csv, tmp_path):
     assert load_backbone(str(res.run_dir / "model")).identity["config"]["embstore_pruned_heads"] == pruned
 
 
-def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path):
+def _count_epochs(monkeypatch) -> list[int]:
+    """The epochs RoundTrainer trains from now on, in order."""
+    from heads.finetune.loop import RoundTrainer
+
+    real, trained = RoundTrainer.epoch, []
+
+    def epoch(self, n):
+        trained.append(n)
+        return real(self, n)
+
+    monkeypatch.setattr(RoundTrainer, "epoch", epoch)
+    return trained
+
+
+def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_finetune(cfg(sep_csv, out, epochs=1))
+    trained = _count_epochs(monkeypatch)
     res = run_finetune(cfg(sep_csv, out, epochs=2, resume=True))
+    assert trained == [2]  # only the epoch after the checkpoint
     history = read_run(res.run_dir)[1][0].history
     assert [h["epoch"] for h in history] == [1, 2]
     with pytest.raises(ConfigError, match=r"checkpoint in .*differing: lr"):
@@ -138,9 +154,11 @@ def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(
     with pytest.raises(KeyboardInterrupt):
         run_finetune(cfg(sep_csv, tmp_path / "split", epochs=3, patience=0))
     monkeypatch.setattr(RoundTrainer, "epoch", real_epoch)
+    assert calls == [1, 2]
+    trained = _count_epochs(monkeypatch)
     resumed = run_finetune(cfg(sep_csv, tmp_path / "split", epochs=3, patience=0, resume=True))
     h_whole, h_resumed = (read_run(r.run_dir)[1][0].history for r in (whole, resumed))
-    assert calls == [1, 2] and [h["epoch"] for h in h_resumed] == [1, 2, 3]
+    assert trained == [2, 3] and [h["epoch"] for h in h_resumed] == [1, 2, 3]  # epoch 1 came from the checkpoint
     assert [h["train_loss"] for h in h_resumed] == pytest.approx([h["train_loss"] for h in h_whole], rel=1e-5)
     assert resumed.accuracy == whole.accuracy and resumed.f1_macro == pytest.approx(whole.f1_macro)
     files = {p.name for p in (tmp_path / "split" / "checkpoint").rglob("*") if p.is_file()}
@@ -280,7 +298,7 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
         FinetuneConfig.from_dict({"data": "x.csv", "folds": 1})
 
 
-def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path):
+def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path, monkeypatch):
     res = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
     meta, rows = read_run(res.run_dir)
     assert [r.fold for r in rows] == [0, 1, 2] and sum(r.extra["eval_rows"] for r in rows) == meta["train_rows"] == 45
@@ -291,8 +309,32 @@ def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_
     assert f"{res.accuracy:.4f} ± {res.accuracy_std:.4f}" in summary and "**3**" in summary  # 3 runs (the only config is the best, in bold)
     assert not (res.run_dir / "model").exists() and (res.run_dir / "checkpoint/fold-2/finetune_state.json").is_file()
     assert rows[0].head == "mlp" and rows[0].trainable_params > 64 * 32  # the 32 -> 64 -> 3 MLP is trained
-    again = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
+    # Killed in fold 1 and resumed: fold 0 is read back from its checkpoint, never trained again.
+    import heads.finetune.run as run_module
+    from heads.finetune.loop import RoundTrainer
+
+    folds_trained: list[int] = []
+    real_fit, real_epoch = run_module.fit_round, RoundTrainer.epoch
+
+    def fit_round(spec, encoder, rnd, ckpt, resumed):
+        folds_trained.append(rnd.fold)
+        return real_fit(spec, encoder, rnd, ckpt, resumed)
+
+    def killed_in_fold_1(self, epoch):
+        if folds_trained[-1] == 1:
+            raise KeyboardInterrupt("killed in fold 1")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(run_module, "fit_round", fit_round)
+    with monkeypatch.context() as m:
+        m.setattr(RoundTrainer, "epoch", killed_in_fold_1)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
+    assert folds_trained == [0, 1]
+    folds_trained.clear()
+    again = run_finetune(cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
                              resume=True))
+    assert folds_trained == [1, 2]
     assert [r.accuracy for r in read_run(again.run_dir)[1]] == [r.accuracy for r in rows]
     from click.testing import CliRunner
 
