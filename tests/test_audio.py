@@ -230,15 +230,64 @@ def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
         assert not np.allclose(pooled[first_copy], pooled[src])
 
 
-def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Path):
+def _planned(monkeypatch) -> list:
+    """The Plans (fit, validation and evaluation rows of every round) the sweeps run from now on make."""
+    import heads.probe.sweep as sweep_module
+
+    plans: list = []
+    real = sweep_module.plan_rounds
+
+    def plan_rounds(*args, **kwargs):
+        made = real(*args, **kwargs)
+        plans.extend(made)
+        return made
+
+    monkeypatch.setattr(sweep_module, "plan_rounds", plan_rounds)
+    return plans
+
+
+def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Path, monkeypatch):
     path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34, augment=("noise",), augment_classes="high"),
                    show_progress=False).path
-    out = run_sweep(SweepConfig(store=path, layers="all", combine=("single",), out=str(tmp_path / "run")))
+    plans = _planned(monkeypatch)
+    out = run_sweep(SweepConfig(store=path, layers="all", combine=("single",), seeds=2, out=str(tmp_path / "run")))
+    folds = run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "folds": 2,
+                                             "validation_fraction": 0.5, "out": str(tmp_path / "folds")}))
+    with open_store(path) as s:
+        aug = {split: s.augmented(split) for split in s.splits}
+    assert aug["train"].sum() > 0 and len(plans) == 2 + 2
+    for p in plans:
+        assert not aug[p.val_split][p.val_rows].any()  # every choice is made on original rows
+        assert not aug[p.eval_split][p.eval_rows].any()  # and only original rows are scored
+        assert aug[p.train_split][p.fit_rows].any()  # the copies train
+    assert {p.eval_split for p in plans[:2]} == {"test"} and {p.eval_split for p in plans[2:]} == {"train"}
     rows = [json.loads(line) for line in (out.run_dir / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(set(r["per_class"]) == {"high", "low"} for r in rows)
+    assert len(rows) == 12 and all(set(r["per_class"]) == {"high", "low"} for r in rows)
     run = json.loads((out.run_dir / "run.json").read_text())
     assert run["eval_rows"] == open_store(path).n_rows("test")
     assert "Confusion matrix" in (out.run_dir / "summary.md").read_text()
+    assert folds.rows == 2 * 2  # two poolings, two folds
+
+
+def test_sweep_carves_and_folds_keep_speakers_apart(tones: Path, tmp_path: Path, monkeypatch):
+    """The validation carve of every seed and the --folds rounds are speaker-disjoint: no speaker's rows on both
+    sides, as planned for the sweep (a one-split store's evaluation carve: test_one_split_store_carves_by_group)."""
+    path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34), show_progress=False).path
+    plans = _planned(monkeypatch)
+    run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "seeds": 3,
+                                     "validation_fraction": 0.25, "out": str(tmp_path / "seeds")}))
+    run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "folds": 3,
+                                     "validation_fraction": 0.5, "out": str(tmp_path / "folds")}))
+    with open_store(path) as s:
+        groups = s.groups("train")
+    assert len(plans) == 3 + 3 and len(set(groups.tolist())) == 3  # 3 of the 6 speakers train
+    for p in plans:
+        fit, val = set(groups[p.fit_rows].tolist()), set(groups[p.val_rows].tolist())
+        assert fit and val and not fit & val, (p.seed, p.fold, fit, val)
+    for p in plans[3:]:  # folds: the held-out fold is scored, speakers apart from the fitting rows
+        held = set(groups[p.eval_rows].tolist())
+        assert p.eval_split == "train" and held and not held & set(groups[p.fit_rows].tolist())
+    assert sorted(r for p in plans[3:] for r in p.eval_rows.tolist()) == list(range(len(groups)))  # each row once
 
 
 def test_one_split_store_carves_by_group(tones: Path, tmp_path: Path):

@@ -298,6 +298,33 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
         FinetuneConfig.from_dict({"data": "x.csv", "folds": 1})
 
 
+def test_splits_keep_groups_apart(monkeypatch):
+    """Rows with groups (speakers, say): every carve fine-tuning makes keeps a group on one side, as a sweep's do:
+    the evaluation carve of a one-split data set, the --folds rounds and each round's early-stopping carve."""
+    from embstore.data import Dataset, SplitData
+    from embstore.dataspec import DataSpec
+    from heads.finetune.data import early_stopping_carve, load_rows, rounds
+
+    n = 60
+    labels, groups = np.arange(n) % 3, np.arange(n) // 4  # 15 groups, each holding rows of every class
+    split = SplitData(name="all", row_ids=np.arange(n), texts=[f"row {i}" for i in range(n)], pairs=None,
+                      labels=labels, groups=groups)
+    monkeypatch.setattr(DataSpec, "load", lambda self: Dataset(splits={"all": split}, label_names=["a", "b", "c"],
+                                                               sources=[], skipped_empty={}))
+
+    def apart(a: np.ndarray, b: np.ndarray) -> None:
+        assert len(a) and len(b) and not set(groups[a].tolist()) & set(groups[b].tolist())
+
+    for folds in (None, 3):
+        data = load_rows(FinetuneConfig.from_dict({"data": "x.csv", "label_col": "label", "folds": folds, "seed": 1}))
+        plan = rounds(folds, data, 1)
+        assert len(plan) == (folds or 1)
+        for rnd in plan:
+            apart(rnd.fit_rows, rnd.eval_rows)
+            apart(*early_stopping_carve(data, rnd.fit_rows, 0.2, 1))
+    assert len(data.train_rows) == n  # with --folds every row is cross-validated
+
+
 def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path, monkeypatch):
     res = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
     meta, rows = read_run(res.run_dir)
