@@ -484,8 +484,9 @@ def test_h5_audio_store_matches_zarr(tones: Path, tmp_path: Path):
 
 
 def test_local_speech_model_directory(tones: Path, tmp_path: Path):
-    """A saved HuBERT directory loads through AutoFeatureExtractor + AutoModel; without an attention
-    mask in its feature extractor, pooling still counts only each row's own frames."""
+    """A saved HuBERT directory loads through AutoFeatureExtractor + AutoModel. Its feature extractor takes no
+    attention mask, so the model sees the zero padding of a batch; pooling must still count only each row's own
+    frames: the frames each row has alone, checked against its own stored per-frame states in a padded batch."""
     bb = load_backbone(HUBERT)
     model_dir = tmp_path / "my-hubert"
     bb.model.save_pretrained(model_dir)
@@ -495,12 +496,28 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
     local = load_backbone(str(model_dir))
     assert local.modality == "audio" and type(local.tokenizer).__name__ == "Wav2Vec2FeatureExtractor"
     assert local.identity["tokenizer"]["sha256"] and local.identity["kind"] == "local"
-    res = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=1), show_progress=False)
-    with open_store(res.path) as s, open_store(extract(cfg(tones, tmp_path, batch_size=1), show_progress=False).path) as ref:
-        assert s.provenance["model"]["path"] == str(model_dir.resolve())
+    alone = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=1, tokens="0,-1"), show_progress=False)
+    padded = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=24, tokens="0,-1"), show_progress=False)
+    ref = extract(cfg(tones, tmp_path, batch_size=1, tokens="0,-1"), show_progress=False)
+    with open_store(alone.path) as a, open_store(padded.path) as p, open_store(ref.path) as r:
+        assert a.provenance["model"]["path"] == str(model_dir.resolve())
         # one row per batch: no padding, so masked or not the states equal the random model's
-        np.testing.assert_allclose(s.pooled("all", "mean"), ref.pooled("all", "mean"), atol=1e-4)
-        np.testing.assert_array_equal(s.n_tokens("all"), ref.n_tokens("all"))
+        np.testing.assert_allclose(a.pooled("all", "mean"), r.pooled("all", "mean"), atol=1e-4)
+        np.testing.assert_array_equal(a.n_tokens("all"), r.n_tokens("all"))
+        in_a = np.argsort(a.row_ids("all"))[p.row_ids("all")]  # p's row i is a's row in_a[i] (row ids are 0..23)
+        n = p.n_tokens("all")
+        np.testing.assert_array_equal(n, a.n_tokens("all")[in_a])  # each row's own frames, not the batch's
+        assert len(set(n.tolist())) > 1  # one batch of rows of different lengths: padded
+        for layer in (0, 2):
+            states = p.tokens("all", layer)
+            mean, mx = p.pooled("all", "mean", [layer])[:, 0], p.pooled("all", "max", [layer])[:, 0]
+            for i in range(len(n)):
+                np.testing.assert_allclose(mean[i], states[i].mean(0), atol=1e-5)
+                np.testing.assert_array_equal(mx[i], states[i].max(0))
+        # The padding reached the attention of the shorter rows (no mask), so only the longest rows equal themselves alone.
+        gap = np.abs(p.pooled("all", "mean") - a.pooled("all", "mean")[in_a]).max(axis=(1, 2))
+        longest = n == n.max()
+        assert gap[longest].max() < 1e-5 and gap[~longest].min() > 1e-3
 
 
 @pytest.mark.parametrize("model_type", ["wav2vec2", "wavlm"])
