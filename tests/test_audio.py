@@ -431,10 +431,19 @@ def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tones: Path, tmp_path: Path):
+def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
+    from conftest import recorded_calls, recording_env
+
     kw = dict(augment=("noise",), augment_classes="all", holdout=0.25, chunk_rows=5)
     one = extract(cfg(tones, tmp_path / "one", **kw), show_progress=False).path
+    for key, value in recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk").items():
+        monkeypatch.setenv(key, value)  # the spawned workers log the (split, chunk) they write
     two = extract(cfg(tones, tmp_path / "two", num_processes=2, **kw), show_progress=False).path
+    written = recorded_calls(tmp_path)
+    assert len(written) == 2 and all(calls for calls in written.values())  # both workers wrote row chunks
+    chunks = sorted((split, int(c)) for calls in written.values() for split, c in calls)
+    with open_store(two) as s:
+        assert chunks == sorted((split, c) for split in s.splits for c in range(s.layout.splits[split].n_chunks))
     with open_store(one) as a, open_store(two) as b:
         assert a.fingerprint == b.fingerprint and b.verify() == []
         for split in a.splits:

@@ -231,9 +231,14 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
            "finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col", "label",
            "--epochs", "2", "--lr", "0.005", "--batch-size", "8", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from conftest import recorded_calls, recording_env
+
+    env = recording_env(tmp_path, "heads.training.session:Session.step")
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
+    # 40 rows to fit in batches of 8 are 5 batches an epoch; each rank took 3 of them (accelerate evens the shards)
+    assert {rank: len(steps) for rank, steps in recorded_calls(tmp_path).items()} == {"0": 2 * 3, "1": 2 * 3}
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 1 and df["combine"].iloc[0] == "finetune"
     from embstore.models import load_backbone

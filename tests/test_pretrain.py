@@ -314,10 +314,14 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
            "pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
            "--hidden", "16", "--heads", "2", "--max-length", "16", "--batch-size", "2", "--epochs", "50",
            "--max-minutes", "0.05", "--no-progress", "--out", str(out)]
+    from conftest import recorded_calls, recording_env
+
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+                          env=recording_env(tmp_path, "heads.training.session:Session.step"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
+    assert {rank: len(steps) for rank, steps in recorded_calls(tmp_path).items()} == {"0": 6, "1": 6}  # both trained
+    assert [h["epoch"] for h in read_log(out)] == [0, 1, 2]  # 3 batches an epoch each: the ranks split the rows
     meta = json.loads((out / "run.json").read_text())
     assert meta["final"]["stopped_by"] == "max_minutes"
     assert meta["final"]["steps"] == 6  # the same batch on both ranks, whatever the machine's speed
