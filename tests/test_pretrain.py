@@ -141,7 +141,15 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                      label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
                                      classifier_hidden=(64,), out=str(tmp_path / "ft"))))
-    assert ft.folds == 2 and 0.0 <= ft.accuracy <= 1.0 and ft.accuracy_std >= 0.0
+    # heads finetune trained the pretrained model itself, and its figures are those of its two folds
+    from heads.report.results import read_run
+
+    meta, rows = read_run(ft.run_dir)
+    assert meta["model"]["path"] == str(res.model_dir.resolve())
+    assert meta["model"]["weights_sha256"] == backbone.identity["weights_sha256"]
+    assert ft.folds == 2 and [r.fold for r in rows] == [0, 1] and sum(r.extra["eval_rows"] for r in rows) == 12
+    assert ft.accuracy == pytest.approx(sum(r.accuracy for r in rows) / 2)
+    assert ft.accuracy_std == pytest.approx(abs(rows[0].accuracy - rows[1].accuracy) / 2)
 
 
 def test_resume_continues_and_refuses_another_config(tmp_path):
