@@ -6,11 +6,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from cli.common import Group, load_yaml_config, setup_logging
+
+if TYPE_CHECKING:
+    from heads.probe.sweep import SweepConfig, SweepResult
 
 _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
@@ -60,7 +63,7 @@ def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> SweepConfig:
     """Defaults, then the YAML file, then the flags given on the command line."""
     from heads.probe.sweep import SweepConfig
 
@@ -70,7 +73,7 @@ def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[
     return SweepConfig.from_dict(values)
 
 
-def _announce(config: Any) -> Any:
+def _announce(config: SweepConfig) -> SweepConfig:
     if config.store is None:
         from embstore.extraction import cache_dir
         from heads.probe.sweep import latest_store
@@ -89,7 +92,7 @@ def main() -> None:
     """Train and compare small heads on stored hidden states."""
 
 
-def _finish(result: Any) -> None:
+def _finish(result: SweepResult) -> None:
     if result.rank != 0:  # under torchrun only rank 0 reports
         return
     b = result.best
@@ -132,7 +135,7 @@ def train(config_file: str | None, verbose: bool, progress: bool | None, **opts:
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head).")
 @click.option("--head-dir", type=click.Path(exists=True, file_okay=False), help="A saved head directory.")
 @click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
-def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None) -> None:
+def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, device: str | None) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
     For a head trained on a speech model's store, each line is an audio file path instead.

@@ -21,9 +21,13 @@ import json
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embstore.hashing import file_sha256, files_sha256
+
+if TYPE_CHECKING:
+    from embstore.config import ExtractConfig
+    from embstore.dataspec import DataSpec
 
 __all__ = ["file_sha256", "files_sha256", "model_identity", "data_identity", "store_fingerprint", "library_versions",
            "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
@@ -121,7 +125,7 @@ def audio_digest(table: Path, audio_col: str) -> str | None:
     return h.hexdigest()
 
 
-def data_identity(src: Any) -> dict[str, Any] | None:
+def data_identity(src: DataSpec) -> dict[str, Any] | None:
     """The id-relevant identity of a data source (an object with the data fields of ExtractConfig / DataSpec):
     every file's sha256 (not its path) and suffix, the effective columns, holdout and row filters.
     None when a file is missing (the full planning path then reports it)."""
@@ -156,7 +160,7 @@ def data_identity(src: Any) -> dict[str, Any] | None:
             "limit": src.limit, "skip_empty": src.skip_empty, "skip_bad": getattr(src, "skip_bad", False)}
 
 
-def store_fingerprint(config: Any, model: dict[str, Any], data: dict[str, Any], *, layers: list[int],
+def store_fingerprint(config: ExtractConfig, model: dict[str, Any], data: dict[str, Any], *, layers: list[int],
                       token_layers: list[int], poolings: list[str], precision: str) -> str:
     """The store id: sha256 of everything that can change a stored value (see the module docstring).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ class BestTracker:
         self.state: Any = None
         self.stopped = False
 
-    def update(self, epoch: int, f1: float | None, snapshot: Any) -> bool:
+    def update(self, epoch: int, f1: float | None, snapshot: Callable[..., Any]) -> bool:
         """Record one epoch; ``snapshot()`` is called only for a new best. Returns True when training should stop."""
         if self.patience == 0 or f1 is None:  # no early stopping: the last epoch wins
             self.best_epoch = epoch

@@ -222,7 +222,6 @@ def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
 @pytest.mark.slow
 def test_two_process_cpu_run(sep_csv, tmp_path):
     """The same loop on 2 CPU processes (torchrun; `accelerate launch` sets the same environment): DDP over gloo."""
-    import os
     import subprocess
     import sys
 

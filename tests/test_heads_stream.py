@@ -4,7 +4,6 @@ with the same results as in memory; under torchrun each rank takes its own chunk
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

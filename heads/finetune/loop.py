@@ -158,7 +158,7 @@ class EarlyStopping:
         t = self.tracker
         return {"best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad": t.bad, "stopped": t.stopped, "moved": self.moved}
 
-    def load(self, d: Mapping[str, Any], state: Any) -> None:
+    def load(self, d: Mapping[str, Any], state: dict[str, torch.Tensor] | None) -> None:
         """Restore from a checkpoint's :meth:`to_dict` and the best weights (or None)."""
         t = self.tracker
         t.best_f1, t.best_epoch, t.bad, t.stopped = d["best_f1"], d["best_epoch"], d["bad"], bool(d["stopped"])

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader
 
 from embstore.surgery import head_importance, heads_to_prune, prune_heads, save_model
 from heads.report.rundir import MODEL_DIR
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["CLASSIFIER_DIR", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "SequenceClassifier", "importance_pruning",
            "is_finetune_run", "load_finetuned", "save_finetuned", "state_copy"]
@@ -67,7 +70,7 @@ class SequenceClassifier(nn.Module):
         return self.head(pooled)
 
 
-def save_finetuned(model: SequenceClassifier, tokenizer: Any, run_dir: Path, settings: Mapping[str, Any]) -> Path:
+def save_finetuned(model: SequenceClassifier, tokenizer: PreTrainedTokenizerBase, run_dir: Path, settings: Mapping[str, Any]) -> Path:
     """``run_dir``/model (the encoder as a Hugging Face directory) and model/classifier (the head's weights and
     ``settings``: label_names, pooling, classifier, classifier_hidden, dropout, n_classes, max_length)."""
     from safetensors.torch import save_file
