@@ -188,10 +188,20 @@ def report(runs: tuple[str, ...], out: str | None, allow_mixed: bool) -> None:
     click.echo(str(path))
 
 
-def trainer_options(*, schedules: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _with_flags(values: dict[str, Any], splits: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
+    """A trainer's options: the --config file's ``values``, then the flags given (``--split NAME=FILE`` pairs replace
+    the file's data)."""
+    values = {**values, **{k: v for k, v in opts.items() if v is not None}}
+    if splits:
+        values["splits"] = _split_pairs(splits)
+        values.setdefault("data", None)
+    return values
+
+
+def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options of the backbone trainers (``heads finetune``, ``heads pretrain``): the optimiser's
-    (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming and
-    the device."""
+    (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming, the
+    device, the run directory (help text ``out``), the progress bar (``progress``) and -v."""
     options = [
         click.option("--weight-decay", type=float, help="AdamW weight decay, never on biases and LayerNorm weights."),
         click.option("--batch-size", type=int, help="Rows per batch and process."),
@@ -204,6 +214,9 @@ def trainer_options(*, schedules: tuple[str, ...]) -> Callable[[Callable[..., An
         click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling [default: 0]."),
         click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint."),
         click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
+        click.option("--out", help=out),
+        click.option("--progress/--no-progress", default=True, help=progress),
+        click.option("-v", "--verbose", is_flag=True, help="Log more."),
     ]
 
     def apply(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -246,14 +259,12 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--pooling", type=click.Choice(["cls", "mean"]))
 @click.option("--lr", type=float, help="Backbone learning rate [default: 5e-5].")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's [default: 1e-3].")
-@trainer_options(schedules=("linear", "cosine", "exponential"))
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off).")
 @click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs.")
 @click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
               "per-fold rows and mean +- std; no model/ is kept.")
-@click.option("--out", help="Run directory [default: runs/<time>-finetune].")
-@click.option("--progress/--no-progress", default=True, help="tqdm bar per epoch with loss and examples/s.")
-@click.option("-v", "--verbose", is_flag=True)
+@trainer_options(schedules=("linear", "cosine", "exponential"), out="Run directory [default: runs/<time>-finetune].",
+                 progress="tqdm bar per epoch with loss and examples/s.")
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
@@ -264,10 +275,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)
-    values.update({k: v for k, v in opts.items() if v is not None})
-    if splits:
-        values["splits"] = _split_pairs(splits)
-        values.setdefault("data", None)
+    values = _with_flags(values, splits, opts)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:
         result = run_finetune(FinetuneConfig.from_dict(values), show_progress=progress)
@@ -328,12 +336,11 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
               "next-sentence prediction, trained jointly [default: none].")
 @click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
 @click.option("--lr", type=float, help="Peak learning rate [default: 5e-4].")
-@trainer_options(schedules=("linear", "cosine", "constant"))
 @click.option("--max-steps", type=int, help="Optimizer steps in total (overrides --epochs).")
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
-@click.option("--out", help="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].")
-@click.option("--progress/--no-progress", default=True, help="tqdm progress bar with tokens/s.")
-@click.option("-v", "--verbose", is_flag=True)
+@trainer_options(schedules=("linear", "cosine", "constant"),
+                 out="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].",
+                 progress="tqdm progress bar with tokens/s.")
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
@@ -343,11 +350,7 @@ def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     values = load_yaml_config(config_file)
     if config_file is not None and _BERT_FIELDS & set(values):  # a model config, not an options file
         values = {"model_config": config_file}
-    values.update({k: v for k, v in opts.items() if v is not None})
-    if splits:
-        values["splits"] = _split_pairs(splits)
-        values.setdefault("data", None)
-    result = run_pretrain(PretrainConfig.from_dict(values), show_progress=progress)
+    result = run_pretrain(PretrainConfig.from_dict(_with_flags(values, splits, opts)), show_progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     click.echo(f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; train MLM loss {result.train_mlm_loss:.4f}, "

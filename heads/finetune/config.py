@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.training.optim import OptimConfig, flat_keys, nested_values
+from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
@@ -79,17 +79,11 @@ class FinetuneConfig:
     """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
     def __post_init__(self) -> None:
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"The '{name}' option must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
-
-        choice("classifier", ("linear", "mlp"))
-        choice("pooling", ("cls", "mean"))
+        check_choice(self, "classifier", ("linear", "mlp"))
+        check_choice(self, "pooling", ("cls", "mean"))
         self.source.only(DATA_KEYS, "heads finetune")
         self.optim.check(SCHEDULES)
-        for name in ("max_length", "prune_batches", "min_heads_per_layer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {getattr(self, name)}.")
+        check_positive(self, ("max_length", "prune_batches", "min_heads_per_layer"))
         if self.max_length < 2:
             raise ConfigError(f"The 'max_length' option must be at least 2 tokens; got {self.max_length}.")
         if self.folds is not None and self.folds < 2:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.training.optim import OptimConfig, flat_keys, nested_values
+from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
 
@@ -84,18 +84,10 @@ class PretrainConfig:
     """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
     def __post_init__(self) -> None:
-        def choice(name: str, allowed: tuple[Any, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                shown = ", ".join("none" if a is None else str(a) for a in allowed)
-                raise ConfigError(f"The '{name}' option must be one of {shown}; got {getattr(self, name)!r}.")
-
-        choice("pair_objective", (None, "sop", "nsp"))
+        check_choice(self, "pair_objective", (None, "sop", "nsp"))
         self.source.only(DATA_KEYS, "heads pretrain")
         self.optim.check(SCHEDULES)
-        for name in ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {v}.")
+        check_positive(self, ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions"))
         if self.vocab_size <= len(SPECIAL_TOKENS):
             raise ConfigError(f"The 'vocab_size' option must leave room beyond the {len(SPECIAL_TOKENS)} special tokens "
                               f"({', '.join(SPECIAL_TOKENS)}); got {self.vocab_size}. Use e.g. 8000.")

@@ -22,8 +22,24 @@ from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
 from heads.training.schedule import SCHEDULES
 
-__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig", "TrainerConfig", "adamw", "flat_keys", "nested_values",
-           "param_groups"]
+__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig", "TrainerConfig", "adamw", "check_choice", "check_positive",
+           "flat_keys", "nested_values", "param_groups"]
+
+
+def check_positive(config: object, names: tuple[str, ...]) -> None:
+    """ConfigError naming the first of ``names`` whose value is below 1 (None, an option not given, passes)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"The '{name}' option must be a positive integer; got {value}.")
+
+
+def check_choice(config: object, name: str, allowed: tuple[Any, ...]) -> None:
+    """ConfigError naming the option, its choices (None shown as none) and the value given."""
+    value = getattr(config, name)
+    if value not in allowed:
+        shown = ", ".join("none" if a is None else str(a) for a in allowed)
+        raise ConfigError(f"The '{name}' option must be one of {shown}; got {value!r}.")
 
 
 
@@ -52,11 +68,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.check(SCHEDULES)
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"The 'mixed_precision' option must be one of no, fp16, bf16; got {self.mixed_precision!r}.")
-        for name in ("batch_size", "epochs", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {getattr(self, name)}.")
+        check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
+        check_positive(self, ("batch_size", "epochs", "grad_accum"))
         if self.lr <= 0:
             raise ConfigError(f"The 'lr' option must be positive; got {self.lr}.")
         if self.weight_decay < 0:
@@ -68,8 +81,7 @@ class OptimConfig:
 
     def check(self, schedules: tuple[str, ...]) -> None:
         """Refuse a schedule the owning loop does not implement."""
-        if self.schedule not in schedules:
-            raise ConfigError(f"The 'schedule' option must be one of {', '.join(schedules)}; got {self.schedule!r}.")
+        check_choice(self, "schedule", schedules)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON-ready keys."""
