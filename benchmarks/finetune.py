@@ -103,8 +103,8 @@ def majority(train_csv: Path, test_csv: Path) -> float:
 def run_ours(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, show_progress: bool = False,
              **options: Any) -> dict[str, Any]:
     """``heads finetune --model minilm --split train=... --split test=... --label-col label [--freeze F]``."""
-    from heads.finetune import run_finetune
-    from heads.finetune_config import FinetuneConfig
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.run import run_finetune
 
     values = {"model": "minilm", "data": None, "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
               "label_col": "label", "freeze": freeze, "out": str(out), **options}
@@ -188,8 +188,8 @@ def inference_seconds(model_dir: Path, texts: list[str], repeats: int = 2) -> fl
 
 def surgery(train_csv: Path, test_csv: Path, work: Path, full_run: Path | None) -> dict[str, Any]:
     """The other fine-tuning variants at our defaults, and the inference speed of the smaller models."""
-    from heads.finetune import run_finetune
-    from heads.finetune_config import FinetuneConfig
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.run import run_finetune
 
     base = {"model": "minilm", "data": None, "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
             "label_col": "label"}

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 
 from embstore import ExtractConfig, extract
-from heads.finetune import FinetuneConfig, run_finetune
-from heads.pretrain import PretrainConfig, run_pretrain
-from heads.report.results import read_run
+from heads.finetune.config import FinetuneConfig
+from heads.finetune.run import run_finetune
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.run import run_pretrain
 from heads.probe.sweep import SweepConfig, run_sweep
+from heads.report.results import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WIC = ROOT.parent / "shared" / "datasets" / "wic"

@@ -64,7 +64,7 @@ def extract_options(f: Any) -> Any:
         click.option("--skip-empty", is_flag=True, help="Drop empty or missing text rows instead of failing."),
         click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume)."),
         click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead)."),
-        click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda when present]."),
+        click.option("--device", help="cpu, cuda, cuda:1 ..., auto [default: auto, CUDA when present]."),
         click.option("--wait", is_flag=True, help="If another process is writing this store, wait for it, then resume or report it complete."),
         click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
                      help="int8: dynamic int8 quantisation of the Linear layers, CPU only (faster; changes the values: "

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from cli.common import Group, load_yaml_config, setup_logging
+
+if TYPE_CHECKING:
+    from heads.probe.sweep import SweepConfig, SweepResult
 
 _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
@@ -55,7 +57,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--mdl", is_flag=True, default=None, help="Also the online codelength (MDL, bits) of the training labels "
                  "given each linear probe's features, and its compression over the uniform code."),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
-    click.option("--device", help="cpu, cuda... [default: cuda when present]."),
+    click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
     click.option("--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."),
     click.option("-v", "--verbose", is_flag=True),
 ]
@@ -67,7 +69,7 @@ def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> SweepConfig:
     """Defaults, then the YAML file, then the flags given on the command line."""
     from heads.probe.sweep import SweepConfig
 
@@ -77,7 +79,7 @@ def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[
     return SweepConfig.from_dict(values)
 
 
-def _announce(config: Any) -> Any:
+def _announce(config: SweepConfig) -> SweepConfig:
     if config.store is None:
         from embstore.extraction import cache_dir
         from heads.probe.sweep import latest_store
@@ -96,14 +98,16 @@ def main() -> None:
     """Train and compare small heads on stored hidden states."""
 
 
-def _finish(result: Any) -> None:
+def _finish(result: SweepResult) -> None:
     if result.rank != 0:  # under torchrun only rank 0 reports
         return
     b = result.best
     val = f"validation macro-F1 {b['val_f1_macro']:.4f}, " if b.get("val_f1_macro") is not None else ""
     click.echo(f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} {b['head']}: "
                f"{val}test macro-F1 {b['f1_macro']:.4f}, test accuracy {b['accuracy']:.4f}", err=True)
-    click.echo(f"summary: {result.run_dir / 'summary.md'}", err=True)
+    from heads.report.rundir import SUMMARY_FILE
+
+    click.echo(f"summary: {result.run_dir / SUMMARY_FILE}", err=True)
     click.echo(str(result.run_dir))
 
 
@@ -136,11 +140,11 @@ def train(config_file: str | None, verbose: bool, progress: bool | None, **opts:
 @click.argument("input_file", default="-", type=click.File("r"))
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head).")
 @click.option("--head-dir", type=click.Path(exists=True, file_okay=False), help="A saved head directory.")
-@click.option("--device", help="cpu, cuda... [default: cuda when present].")
+@click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
 @click.option("--predictions", "predictions_file", type=click.Path(dir_okay=False),
               help="Also write the predictions as FILE.npz, in the format of a sweep's predictions.npz (run 0, row_id = "
                    "input line, y_true -1).")
-def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: str | None,
+def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, device: str | None,
             predictions_file: str | None) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
@@ -149,28 +153,29 @@ def predict(input_file: Any, run_dir: str | None, head_dir: str | None, device: 
     Prints one JSON object per line: text, label, probabilities.
     """
     from embstore.errors import ConfigError
-    from embstore.extraction import pick_device
-    from heads.finetune_predict import is_finetune_run, predict_finetuned
+    from embstore.device import resolve_device
+    from heads.finetune.predict import is_finetune_run, predict_finetuned
     from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
+    from heads.report.rundir import RUN_FILE
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
     if not lines:
         raise ConfigError("No texts to label: the input is empty; give one text per line.")
     texts = [line.split("\t", 1)[0] for line in lines]
     pairs = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
-    run_meta = Path(run_dir or "", "run.json")
+    run_meta = Path(run_dir or "", RUN_FILE)
     meta = json.loads(run_meta.read_text()) if run_dir is not None and run_meta.is_file() else {}
     if meta.get("kind") == "finetune" and meta.get("folds"):
         raise ConfigError(f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
                           "fine-tune without --folds to get one for heads predict.")
     if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
-        labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=pick_device(device))
+        labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=resolve_device(device))
     else:
         est = load_head(run_dir, head_dir)
         if head_modality(est) == "audio":
-            labels, proba = predict_audio(est, [line.strip() for line in lines], device=pick_device(device))
+            labels, proba = predict_audio(est, [line.strip() for line in lines], device=resolve_device(device))
         else:
-            labels, proba = predict_texts(est, texts, pairs, device=pick_device(device))
+            labels, proba = predict_texts(est, texts, pairs, device=resolve_device(device))
         names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
     if predictions_file is not None:
         import numpy as np
@@ -192,10 +197,49 @@ def report(runs: tuple[str, ...], out: str | None, allow_mixed: bool) -> None:
     Runs are put side by side only when they were scored on the same rows (their run.json eval_set ids agree).
     """
     from heads.report import write_report
+    from heads.report.rundir import REPORTS_ROOT, run_dir
 
-    target = Path(out) if out else Path("reports") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run_dir(out, "", root=REPORTS_ROOT)
     path = write_report([Path(r) for r in runs], target, allow_mixed=allow_mixed)
     click.echo(str(path))
+
+
+def _with_flags(values: dict[str, Any], splits: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
+    """A trainer's options: the --config file's ``values``, then the flags given (``--split NAME=FILE`` pairs replace
+    the file's data)."""
+    values = {**values, **{k: v for k, v in opts.items() if v is not None}}
+    if splits:
+        values["splits"] = _split_pairs(splits)
+        values.setdefault("data", None)
+    return values
+
+
+def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of the backbone trainers (``heads finetune``, ``heads pretrain``): the optimiser's
+    (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming, the
+    device, the run directory (help text ``out``), the progress bar (``progress``) and -v."""
+    options = [
+        click.option("--weight-decay", type=float, help="AdamW weight decay, never on biases and LayerNorm weights."),
+        click.option("--batch-size", type=int, help="Rows per batch and process."),
+        click.option("--epochs", type=int, help="Passes over the training rows."),
+        click.option("--warmup-ratio", type=float, help="Share of the optimizer steps with a linear warmup."),
+        click.option("--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup [default: linear]."),
+        click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1]."),
+        click.option("--grad-accum", type=int, help="Batches per optimizer step [default: 1]."),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="accelerate mixed precision [default: no]."),
+        click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling [default: 0]."),
+        click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint."),
+        click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
+        click.option("--out", help=out),
+        click.option("--progress/--no-progress", default=True, help=progress),
+        click.option("-v", "--verbose", is_flag=True, help="Log more."),
+    ]
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
 
 
 def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
@@ -231,35 +275,23 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--pooling", type=click.Choice(["cls", "mean"]))
 @click.option("--lr", type=float, help="Backbone learning rate [default: 5e-5].")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's [default: 1e-3].")
-@click.option("--weight-decay", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--epochs", type=int)
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off).")
 @click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs.")
-@click.option("--warmup-ratio", type=float)
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "exponential"]))
-@click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1].")
-@click.option("--grad-accum", type=int)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
-@click.option("--seed", type=int)
 @click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
               "per-fold rows and mean +- std; no model/ is kept.")
-@click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint.")
-@click.option("--out", help="Run directory.")
-@click.option("--progress/--no-progress", default=True, help="tqdm bar per epoch with loss and examples/s.")
-@click.option("-v", "--verbose", is_flag=True)
+@trainer_options(schedules=("linear", "cosine", "exponential"), out="Run directory [default: runs/<time>-finetune].",
+                 progress="tqdm bar per epoch with loss and examples/s.")
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
-    from heads.finetune import FinetuneConfig, run_finetune
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.run import run_finetune
     from heads.report import write_report
+    from heads.report.rundir import run_dir
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)
-    values.update({k: v for k, v in opts.items() if v is not None})
-    if splits:
-        values["splits"] = _split_pairs(splits)
-        values.setdefault("data", None)
+    values = _with_flags(values, splits, opts)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:
         result = run_finetune(FinetuneConfig.from_dict(values), show_progress=progress)
@@ -272,7 +304,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
                    f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch", err=True)
         click.echo(str(result.run_dir))
         return
-    base = Path(str(values.pop("out", None) or Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-study"))
+    base = run_dir(values.pop("out", None), "study")
     dirs = []
     for variant in runs:
         variant = dict(variant)
@@ -319,35 +351,22 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--pair-objective", type=click.Choice(["sop", "nsp", "none"]), help="Pairs: sentence-order or "
               "next-sentence prediction, trained jointly [default: none].")
 @click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--epochs", type=int)
+@click.option("--lr", type=float, help="Peak learning rate [default: 5e-4].")
 @click.option("--max-steps", type=int, help="Optimizer steps in total (overrides --epochs).")
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
-@click.option("--warmup-ratio", type=float)
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]))
-@click.option("--grad-accum", type=int)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
-@click.option("--seed", type=int)
-@click.option("--resume/--no-resume", default=None, help="Continue from the run directory's checkpoint.")
-@click.option("--out", help="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].")
-@click.option("--device", help="cpu, cuda... [default: cuda when present].")
-@click.option("--progress/--no-progress", default=True, help="tqdm progress bar with tokens/s.")
-@click.option("-v", "--verbose", is_flag=True)
+@trainer_options(schedules=("linear", "cosine", "constant"),
+                 out="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].",
+                 progress="tqdm progress bar with tokens/s.")
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
-    from heads.pretrain import PretrainConfig, run_pretrain
+    from heads.pretrain.config import PretrainConfig
+    from heads.pretrain.run import run_pretrain
 
     values = load_yaml_config(config_file)
     if config_file is not None and _BERT_FIELDS & set(values):  # a model config, not an options file
         values = {"model_config": config_file}
-    values.update({k: v for k, v in opts.items() if v is not None})
-    if splits:
-        values["splits"] = _split_pairs(splits)
-        values.setdefault("data", None)
-    result = run_pretrain(PretrainConfig.from_dict(values), show_progress=progress)
+    result = run_pretrain(PretrainConfig.from_dict(_with_flags(values, splits, opts)), show_progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     click.echo(f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; train MLM loss {result.train_mlm_loss:.4f}, "

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ColumnNotFoundError, DataError, DataFileNotFoundError
+from embstore.hashing import file_sha256
 
 __all__ = ["SplitData", "Dataset", "load_dataset", "read_table", "file_sha256", "BUILTIN_SOURCES"]
 
@@ -76,13 +77,6 @@ class Dataset:
     group_names: list[str] | None = None
     modality: str = "text"
     """'text' or 'audio'."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (cached by path, size and mtime; see :mod:`embstore.identity`)."""
-    from embstore.identity import file_sha256 as cached
-
-    return cached(path)
 
 
 def builtin_path(name: str) -> Path:

@@ -7,9 +7,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Encoded", "tokenize", "length_order", "make_batches", "pad_batch", "ChunkJob", "ChunkBuffers", "ChunkEncoder"]
 
@@ -26,7 +30,7 @@ class Encoded:
     """(n,) bool: longer than max_length before truncation."""
 
 
-def tokenize(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
     """Tokenize with truncation; count truncations by re-tokenizing only rows that hit the cap."""
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, add_special_tokens=True,
                     return_attention_mask=False, return_token_type_ids=pairs is not None)
@@ -136,7 +140,7 @@ class ChunkEncoder:
     prefetch = 2
     """Batches prepared ahead of the one running."""
 
-    def __init__(self, model: Any, pad_id: int, *, layers: Sequence[int], token_layers: Sequence[int],
+    def __init__(self, model: nn.Module, pad_id: int, *, layers: Sequence[int], token_layers: Sequence[int],
                  poolings: Sequence[str], dtype: str, batch_size: int, token_budget: int, device: str) -> None:
         from embstore.forward import BatchForward
 
@@ -219,7 +223,7 @@ class ChunkEncoder:
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
 
-            def prepare(start: int, stop: int, _ids: Any = ids, _tt: Any = type_ids) -> tuple[dict[str, Any], np.ndarray]:
+            def prepare(start: int, stop: int, _ids: list[list[int]] = ids, _tt: list[list[int]] | None = type_ids) -> tuple[dict[str, Any], np.ndarray]:
                 return self._text_batch(_ids[start:stop], None if _tt is None else _tt[start:stop])
 
             self._run(make_batches(lengths, self.batch_size, self.token_budget), prepare, buf,

@@ -16,21 +16,22 @@ from typing import Any
 import numpy as np
 
 from embstore import layout as L
+from embstore.backends import complete_meta, is_h5_path
 from embstore.config import ExtractConfig
+from embstore.device import resolve_device
 from embstore.encode import ChunkEncoder, ChunkJob, Encoded
 from embstore.errors import (
-    ConfigError, DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
+    DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
 )
-from embstore.identity import cuda_present
 from embstore.lock import StoreLock
 from embstore.models import Backbone, load_backbone
 from embstore.planner import Plan, cache_dir, make_plan, quick_id, store_paths
 from embstore.quantize import check_quantize_device, measure_int8, quantize_int8
 from embstore.ranks import Ranks
-from embstore.store import complete_meta, is_h5_path, open_store
+from embstore.store import open_store
 from embstore.writer import StoreWriter, export_h5, io_errors
 
-__all__ = ["extract", "ExtractResult", "cache_dir", "pick_device"]
+__all__ = ["extract", "ExtractResult", "cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,6 @@ class ExtractResult:
     truncated: dict[str, int]
     skipped_empty: dict[str, int]
     seconds: float
-
-
-def pick_device(requested: str | None) -> str:
-    """The device to run on: ``requested``, or CUDA when present (checked without importing torch on
-    machines without an NVIDIA driver)."""
-    if requested is None:
-        return "cuda" if cuda_present() else "cpu"
-    if requested.startswith("cuda") and not cuda_present():
-        raise ConfigError(f"--device {requested} asked for CUDA but no CUDA GPU is visible; use --device cpu.")
-    return requested
 
 
 def _check_writable(path: str, needed: int) -> None:
@@ -209,7 +200,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     t0 = time.perf_counter()
     ranks = Ranks.from_env()
     with ranks.phase("planning"):
-        device = pick_device(config.device)
+        device = resolve_device(config.device)
         check_quantize_device(config.quantize, device)
         if ranks.world > 1 and device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

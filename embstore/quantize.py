@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embstore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["check_quantize_device", "quantize_int8", "is_quantized", "relative_deviation", "measure_int8"]
 
@@ -33,11 +36,11 @@ def check_quantize_device(quantize: str, device: str | None) -> None:
                           f"forward already runs under bf16 autocast); got --device {device}: pass --device cpu or drop --quantize.")
 
 
-def is_quantized(model: Any) -> bool:
+def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, _MARK, False))
 
 
-def quantize_int8(model: Any) -> Any:
+def quantize_int8(model: nn.Module) -> nn.Module:
     """Quantise every nn.Linear of ``model`` to dynamic int8, in place (idempotent); returns it."""
     if is_quantized(model):
         return model
@@ -67,7 +70,7 @@ def relative_deviation(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(diff / np.maximum(norm, 1e-12))) if diff.size else 0.0
 
 
-def measure_int8(model: Any, encode: Callable[[], dict[tuple[str, str, int | None], np.ndarray]],
+def measure_int8(model: nn.Module, encode: Callable[[], dict[tuple[str, str, int | None], np.ndarray]],
                  layers: Sequence[int]) -> dict[str, Any]:
     """Encode the first batch in float32, quantise ``model`` in place, encode it again, and return
     the provenance record: the mean relative L2 deviation per row of every stored array.

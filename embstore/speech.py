@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from embstore.augment import AugmentParams, AugmentSpec, apply, augmented_length
 from embstore.data import SplitData
 from embstore.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
 from embstore.errors import DataError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["AudioItem", "AudioRows", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
 
@@ -96,7 +99,7 @@ class AudioChunkEncoder(ChunkEncoder):
     """Encodes row chunks of audio: load, resample, augment, pad by the feature extractor (the next
     batches in a prefetch thread), pool over frames."""
 
-    def __init__(self, model: Any, feature_extractor: Any, frames_of: Callable[[np.ndarray], np.ndarray], *,
+    def __init__(self, model: nn.Module, feature_extractor: Any, frames_of: Callable[[np.ndarray], np.ndarray], *,
                  max_samples: int | None, batch_seconds: float, **kw: Any) -> None:
         super().__init__(model, 0, **kw)
         self.fe = feature_extractor

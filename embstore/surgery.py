@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
 from embstore.layers import parse_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "PRUNED_HEADS_KEY",
@@ -335,7 +338,7 @@ def heads_to_prune(importance: torch.Tensor, fraction: float, min_heads_per_laye
 # --------------------------------------------------------------------------- save / load
 
 
-def save_model(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
     """Write a Hugging Face directory (config.json with num_hidden_layers and the pruning record,
     safetensors weights, tokenizer files) that :func:`load_model` and ``load_backbone`` read."""
     path = Path(directory)

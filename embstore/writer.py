@@ -23,7 +23,7 @@ import numpy as np
 from embstore import layout as L
 from embstore.errors import DiskFullError, OutputNotWritableError, StoreMismatchError
 from embstore.lock import owner_tag, stale_owner
-from embstore.store import chunk_selections, digest_arrays, layer_digests
+from embstore.digests import chunk_selections, digest_arrays, layer_digests
 
 __all__ = ["StoreWriter", "export_h5", "io_errors"]
 

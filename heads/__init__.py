@@ -1,9 +1,9 @@
 """heads: small classifiers trained from an embstore store, swept over layers and heads.
 
 Three products share one results format: ``heads.probe`` (heads on stored features: specs, features, modules,
-estimator, solvers, sweep, predict), ``heads finetune`` and ``heads pretrain`` (backbone training), with
-``heads.protocol`` (split roles, carves, folds, early stopping) and ``heads.report`` (run directories, tables,
-plots, merged reports) used by all of them.
+estimator, solvers, sweep, predict), ``heads.finetune`` and ``heads.pretrain`` (backbone training, over what only
+they share in ``heads.training``), with ``heads.protocol`` (split roles, carves, folds, early stopping),
+``heads.evalset`` and ``heads.report`` (run directories, tables, plots, merged reports) used by all of them.
 
 Public names are re-exported here lazily, so ``import heads`` stays light (no torch until a name is used).
 """
@@ -28,6 +28,11 @@ _EXPORTS = {
     "split_roles": "heads.protocol", "carve": "heads.protocol", "validation_carve": "heads.protocol",
     "carve_groups": "heads.protocol", "fold_rounds": "heads.protocol", "BestTracker": "heads.protocol",
     "make_split": "heads.protocol", "eval_set": "heads.evalset",
+    # backbone training
+    "FinetuneConfig": "heads.finetune.config", "run_finetune": "heads.finetune.run",
+    "FinetuneResult": "heads.finetune.run", "SequenceClassifier": "heads.finetune.model",
+    "predict_finetuned": "heads.finetune.predict", "PretrainConfig": "heads.pretrain.config",
+    "run_pretrain": "heads.pretrain.run", "PretrainResult": "heads.pretrain.run", "OptimConfig": "heads.training.optim",
     # run directories and reports
     "ResultRow": "heads.report.results", "RunWriter": "heads.report.results", "read_run": "heads.report.results",
     "write_report": "heads.report.merge", "classification_metrics": "heads.report.metrics",

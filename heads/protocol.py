@@ -1,7 +1,8 @@
 """The evaluation protocol every product shares: split roles, carves, folds, early stopping.
 
 Which rows train, which rows choose (validation) and which rows are scored for the report (evaluation) is
-decided here once, for ``heads sweep``/``heads train`` (probe) and ``heads finetune``:
+decided here once, for ``heads sweep``/``heads train`` (probe) and ``heads finetune`` (whose data is not a store: it calls
+:func:`carve`, :func:`make_split` and :func:`fold_rounds` on the loaded rows):
 
 * :func:`split_roles` names the training and evaluation splits of a store (a one-split store is carved);
 * :func:`carve` is the seeded, stratified (or group-disjoint) carve of a share of rows;
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from embstore.errors import ConfigError
 if TYPE_CHECKING:
     from embstore.store import Store
 
-__all__ = ["Split", "SplitOptions", "make_split", "BestTracker", "scores", "carve", "validation_carve",
+__all__ = ["Split", "make_split", "BestTracker", "scores", "carve", "validation_carve",
            "carve_groups", "split_roles", "Round", "fold_rounds"]
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class BestTracker:
         self.state: Any = None
         self.stopped = False
 
-    def update(self, epoch: int, f1: float | None, snapshot: Any) -> bool:
+    def update(self, epoch: int, f1: float | None, snapshot: Callable[..., Any]) -> bool:
         """Record one epoch; ``snapshot()`` is called only for a new best. Returns True when training should stop."""
         if self.patience == 0 or f1 is None:  # no early stopping: the last epoch wins
             self.best_epoch = epoch
@@ -65,17 +66,6 @@ class BestTracker:
             self.bad += 1
         self.stopped = self.bad >= self.patience
         return self.stopped
-
-
-class SplitOptions(Protocol):
-    """What :func:`make_split` reads from a config (HeadConfig and FinetuneConfig-built configs have it)."""
-
-    @property
-    def validation_fraction(self) -> float: ...
-    @property
-    def seed(self) -> int: ...
-    @property
-    def patience(self) -> int: ...
 
 
 @dataclass
@@ -92,38 +82,34 @@ class Split:
     """True when validation rows were carved from the training inputs."""
 
 
-def make_split(y: np.ndarray, y_val: np.ndarray | None, cfg: SplitOptions) -> Split:
-    """Carve cfg.validation_fraction of the rows (seeded, stratified when every class has 2 rows) if needed.
+def make_split(y: np.ndarray, y_val: np.ndarray | None, *, validation_fraction: float, seed: int, patience: int,
+               groups: np.ndarray | None = None) -> Split:
+    """Training and validation rows of one estimator: ``y_val``'s rows when validation data was given, none
+    without early stopping (``patience`` 0), else a :func:`carve` of ``validation_fraction`` of the rows (seeded;
+    group-disjoint with ``groups``, else stratified when every class has 2 rows).
 
-    For one estimator fitted without validation data; sweeps carve with :func:`validation_carve` instead.
+    For one estimator (or one fine-tuning round) fitted without validation data; sweeps carve with
+    :func:`validation_carve`, which also refuses a carve that cannot hold every class.
     """
-    from sklearn.model_selection import train_test_split
-
     n = len(y)
     if n == 0:
         raise ConfigError("fit got 0 training rows; pass at least one row per class.")
     if y_val is not None:
         return Split(np.arange(n), y, np.arange(len(y_val)), y_val, False)
-    if cfg.patience == 0:
+    if patience == 0:
         return Split(np.arange(n), y, None, None, False)
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min(initial=n) >= 2 else None
     try:
-        tr, va = train_test_split(np.arange(n), test_size=cfg.validation_fraction, random_state=cfg.seed,
-                                  stratify=stratify)
-    except ValueError:  # too few validation rows for one per class: carve without stratifying
-        try:
-            tr, va = train_test_split(np.arange(n), test_size=cfg.validation_fraction, random_state=cfg.seed)
-        except ValueError as e:
-            raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or "
-                              "patience=0.") from e
-    # Sorted: batches are drawn by permutation anyway, sorted rows keep the gathers cache friendly.
-    return Split(np.sort(tr), y, np.sort(va), y, True)
+        tr, va = carve(y, validation_fraction, seed, groups)
+    except ValueError as e:
+        raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or "
+                          "patience=0.") from e
+    return Split(tr, y, va, y, True)
 
 
 def carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(kept, carved) sorted row positions; group-disjoint when ``groups`` are given, else stratified
-    (unstratified when a class has a single row or the carve is smaller than the number of classes)."""
+    (unstratified when a class has a single row, the carve is smaller than the number of classes or the kept rows
+    are)."""
     from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
     idx = np.arange(len(y))
@@ -134,7 +120,12 @@ def carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None =
         log.warning("only one group: carving rows without keeping groups apart")
     counts = np.bincount(y)
     ok = counts[counts > 0].min() >= 2 and int(np.ceil(fraction * len(y))) >= (counts > 0).sum()
-    tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y if ok else None)
+    try:
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y if ok else None)
+    except ValueError:  # too few rows left on the kept side for one per class: carve without stratifying
+        if not ok:
+            raise
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed)
     return np.sort(tr), np.sort(va)
 
 
@@ -255,7 +246,8 @@ def fold_rounds(folds: int | None, y_train: np.ndarray, tr_rows: np.ndarray | No
     base = np.arange(len(y_train)) if tr_rows is None else tr_rows
     counts = np.bincount(y_train)
     if counts[counts > 0].min() < folds:
-        raise ConfigError(f"--folds {folds} needs at least {folds} training rows of every class; the rarest class has {counts[counts > 0].min()}.")
+        raise ConfigError(f"--folds {folds} needs at least {folds} training rows of every class; the rarest class has "
+                          f"{counts[counts > 0].min()}. Use fewer folds or more data.")
     if groups is not None:
         n_groups = len(np.unique(groups))
         if n_groups < folds:

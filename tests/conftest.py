@@ -72,6 +72,21 @@ def synthetic_csv(tmp_path: Path, n: int, *, seed: int = 0, min_words: int = 3, 
     return path
 
 
+def recording_env(tmp_path: Path, target: str) -> dict[str, str]:
+    """The environment under which every new Python process logs its calls of ``target`` (``module:Class.method``)
+    to ``tmp_path``/calls.<rank or pid>: tests/recording/sitecustomize.py does it. Read them with
+    :func:`recorded_calls`."""
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "RECORD_TARGET": target, "RECORD_LOG": str(tmp_path / "calls"),
+            "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests" / "recording")]), "OMP_NUM_THREADS": "1"}
+
+
+def recorded_calls(tmp_path: Path) -> dict[str, list[list[str]]]:
+    """{rank (or 'pid<n>'): [the logged arguments of each call]} under :func:`recording_env`."""
+    return {f.name.split(".", 1)[1]: [line.split() for line in f.read_text().splitlines()]
+            for f in sorted(tmp_path.glob("calls.*"))}
+
+
 def write_table(df: pd.DataFrame, path: Path) -> Path:
     suffix = path.suffix
     if suffix == ".csv":

@@ -230,15 +230,64 @@ def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
         assert not np.allclose(pooled[first_copy], pooled[src])
 
 
-def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Path):
+def _planned(monkeypatch) -> list:
+    """The Plans (fit, validation and evaluation rows of every round) the sweeps run from now on make."""
+    import heads.probe.sweep as sweep_module
+
+    plans: list = []
+    real = sweep_module.plan_rounds
+
+    def plan_rounds(*args, **kwargs):
+        made = real(*args, **kwargs)
+        plans.extend(made)
+        return made
+
+    monkeypatch.setattr(sweep_module, "plan_rounds", plan_rounds)
+    return plans
+
+
+def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Path, monkeypatch):
     path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34, augment=("noise",), augment_classes="high"),
                    show_progress=False).path
-    out = run_sweep(SweepConfig(store=path, layers="all", combine=("single",), out=str(tmp_path / "run")))
+    plans = _planned(monkeypatch)
+    out = run_sweep(SweepConfig(store=path, layers="all", combine=("single",), seeds=2, out=str(tmp_path / "run")))
+    folds = run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "folds": 2,
+                                             "validation_fraction": 0.5, "out": str(tmp_path / "folds")}))
+    with open_store(path) as s:
+        aug = {split: s.augmented(split) for split in s.splits}
+    assert aug["train"].sum() > 0 and len(plans) == 2 + 2
+    for p in plans:
+        assert not aug[p.val_split][p.val_rows].any()  # every choice is made on original rows
+        assert not aug[p.eval_split][p.eval_rows].any()  # and only original rows are scored
+        assert aug[p.train_split][p.fit_rows].any()  # the copies train
+    assert {p.eval_split for p in plans[:2]} == {"test"} and {p.eval_split for p in plans[2:]} == {"train"}
     rows = [json.loads(line) for line in (out.run_dir / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and all(set(r["per_class"]) == {"high", "low"} for r in rows)
+    assert len(rows) == 12 and all(set(r["per_class"]) == {"high", "low"} for r in rows)
     run = json.loads((out.run_dir / "run.json").read_text())
     assert run["eval_rows"] == open_store(path).n_rows("test")
     assert "Confusion matrix" in (out.run_dir / "summary.md").read_text()
+    assert folds.rows == 2 * 2  # two poolings, two folds
+
+
+def test_sweep_carves_and_folds_keep_speakers_apart(tones: Path, tmp_path: Path, monkeypatch):
+    """The validation carve of every seed and the --folds rounds are speaker-disjoint: no speaker's rows on both
+    sides, as planned for the sweep (a one-split store's evaluation carve: test_one_split_store_carves_by_group)."""
+    path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34), show_progress=False).path
+    plans = _planned(monkeypatch)
+    run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "seeds": 3,
+                                     "validation_fraction": 0.25, "out": str(tmp_path / "seeds")}))
+    run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "folds": 3,
+                                     "validation_fraction": 0.5, "out": str(tmp_path / "folds")}))
+    with open_store(path) as s:
+        groups = s.groups("train")
+    assert len(plans) == 3 + 3 and len(set(groups.tolist())) == 3  # 3 of the 6 speakers train
+    for p in plans:
+        fit, val = set(groups[p.fit_rows].tolist()), set(groups[p.val_rows].tolist())
+        assert fit and val and not fit & val, (p.seed, p.fold, fit, val)
+    for p in plans[3:]:  # folds: the held-out fold is scored, speakers apart from the fitting rows
+        held = set(groups[p.eval_rows].tolist())
+        assert p.eval_split == "train" and held and not held & set(groups[p.fit_rows].tolist())
+    assert sorted(r for p in plans[3:] for r in p.eval_rows.tolist()) == list(range(len(groups)))  # each row once
 
 
 def test_one_split_store_carves_by_group(tones: Path, tmp_path: Path):
@@ -382,10 +431,19 @@ def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tones: Path, tmp_path: Path):
+def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
+    from conftest import recorded_calls, recording_env
+
     kw = dict(augment=("noise",), augment_classes="all", holdout=0.25, chunk_rows=5)
     one = extract(cfg(tones, tmp_path / "one", **kw), show_progress=False).path
+    for key, value in recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk").items():
+        monkeypatch.setenv(key, value)  # the spawned workers log the (split, chunk) they write
     two = extract(cfg(tones, tmp_path / "two", num_processes=2, **kw), show_progress=False).path
+    written = recorded_calls(tmp_path)
+    assert len(written) == 2 and all(calls for calls in written.values())  # both workers wrote row chunks
+    chunks = sorted((split, int(c)) for calls in written.values() for split, c in calls)
+    with open_store(two) as s:
+        assert chunks == sorted((split, c) for split in s.splits for c in range(s.layout.splits[split].n_chunks))
     with open_store(one) as a, open_store(two) as b:
         assert a.fingerprint == b.fingerprint and b.verify() == []
         for split in a.splits:
@@ -435,8 +493,9 @@ def test_h5_audio_store_matches_zarr(tones: Path, tmp_path: Path):
 
 
 def test_local_speech_model_directory(tones: Path, tmp_path: Path):
-    """A saved HuBERT directory loads through AutoFeatureExtractor + AutoModel; without an attention
-    mask in its feature extractor, pooling still counts only each row's own frames."""
+    """A saved HuBERT directory loads through AutoFeatureExtractor + AutoModel. Its feature extractor takes no
+    attention mask, so the model sees the zero padding of a batch; pooling must still count only each row's own
+    frames: the frames each row has alone, checked against its own stored per-frame states in a padded batch."""
     bb = load_backbone(HUBERT)
     model_dir = tmp_path / "my-hubert"
     bb.model.save_pretrained(model_dir)
@@ -446,12 +505,28 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
     local = load_backbone(str(model_dir))
     assert local.modality == "audio" and type(local.tokenizer).__name__ == "Wav2Vec2FeatureExtractor"
     assert local.identity["tokenizer"]["sha256"] and local.identity["kind"] == "local"
-    res = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=1), show_progress=False)
-    with open_store(res.path) as s, open_store(extract(cfg(tones, tmp_path, batch_size=1), show_progress=False).path) as ref:
-        assert s.provenance["model"]["path"] == str(model_dir.resolve())
+    alone = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=1, tokens="0,-1"), show_progress=False)
+    padded = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=24, tokens="0,-1"), show_progress=False)
+    ref = extract(cfg(tones, tmp_path, batch_size=1, tokens="0,-1"), show_progress=False)
+    with open_store(alone.path) as a, open_store(padded.path) as p, open_store(ref.path) as r:
+        assert a.provenance["model"]["path"] == str(model_dir.resolve())
         # one row per batch: no padding, so masked or not the states equal the random model's
-        np.testing.assert_allclose(s.pooled("all", "mean"), ref.pooled("all", "mean"), atol=1e-4)
-        np.testing.assert_array_equal(s.n_tokens("all"), ref.n_tokens("all"))
+        np.testing.assert_allclose(a.pooled("all", "mean"), r.pooled("all", "mean"), atol=1e-4)
+        np.testing.assert_array_equal(a.n_tokens("all"), r.n_tokens("all"))
+        in_a = np.argsort(a.row_ids("all"))[p.row_ids("all")]  # p's row i is a's row in_a[i] (row ids are 0..23)
+        n = p.n_tokens("all")
+        np.testing.assert_array_equal(n, a.n_tokens("all")[in_a])  # each row's own frames, not the batch's
+        assert len(set(n.tolist())) > 1  # one batch of rows of different lengths: padded
+        for layer in (0, 2):
+            states = p.tokens("all", layer)
+            mean, mx = p.pooled("all", "mean", [layer])[:, 0], p.pooled("all", "max", [layer])[:, 0]
+            for i in range(len(n)):
+                np.testing.assert_allclose(mean[i], states[i].mean(0), atol=1e-5)
+                np.testing.assert_array_equal(mx[i], states[i].max(0))
+        # The padding reached the attention of the shorter rows (no mask), so only the longest rows equal themselves alone.
+        gap = np.abs(p.pooled("all", "mean") - a.pooled("all", "mean")[in_a]).max(axis=(1, 2))
+        longest = n == n.max()
+        assert gap[longest].max() < 1e-5 and gap[~longest].min() > 1e-3
 
 
 @pytest.mark.parametrize("model_type", ["wav2vec2", "wavlm"])

@@ -39,7 +39,7 @@ def test_sweep_configs_parse(path):
 
 
 def test_finetune_study_config_parses():
-    from heads.finetune_config import FinetuneConfig
+    from heads.finetune.config import FinetuneConfig
 
     values = load_yaml_config(str(CONFIGS / "study-finetune.yaml"))
     runs = values.pop("runs")
@@ -50,7 +50,7 @@ def test_finetune_study_config_parses():
 
 
 def test_pretrain_config_parses():
-    from heads.pretrain_config import PretrainConfig
+    from heads.pretrain.config import PretrainConfig
 
     cfg = PretrainConfig.from_dict(load_yaml_config(str(CONFIGS / "pretrain-wic.yaml")))
     assert cfg.swap_augment and cfg.source.text_pair_col

@@ -12,9 +12,9 @@ import pytest
 from embstore import DataSpec, ExtractConfig, extract, open_store
 from embstore.data import load_dataset
 from embstore.errors import ConfigError
-from heads.finetune_config import FinetuneConfig
-from heads.optim_config import OptimConfig
-from heads.pretrain_config import PretrainConfig
+from heads.finetune.config import FinetuneConfig
+from heads.training.optim import OptimConfig
+from heads.pretrain.config import PretrainConfig
 
 # The data keys ExtractConfig.to_dict() wrote at the top level before DataSpec existed: stores keep them there.
 DATA_KEYS = {"data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "audio_col", "group_col",

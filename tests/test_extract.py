@@ -10,6 +10,7 @@ from conftest import TEXTS, needs_shared
 from embstore import (ConfigError, DiskFullError, ExtractConfig, ModelNotFoundError, StoreIncompleteError,
                       StoreMismatchError, extract, open_store)
 from embstore import extraction, planner
+from embstore.writer import StoreWriter
 
 
 def cfg(data, **kw) -> ExtractConfig:
@@ -74,33 +75,53 @@ def test_towers_store_each_text_separately(pair_csv):
         np.testing.assert_array_equal(b[pos[r]], a[pos[11 - r]])
 
 
-def test_interrupted_store_is_refused_then_resumed(tiny_csv, monkeypatch):
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+def _crash_after_first_chunk(monkeypatch) -> None:
+    """The chunk writer dies (as under Ctrl-C) right after the first row chunk is on disk, flag and checksum too."""
+    real = StoreWriter.write_chunk
 
+    def write_chunk(self, split, chunk, data):
+        real(self, split, chunk, data)
+        raise KeyboardInterrupt(f"killed after row chunk {chunk}")
+
+    monkeypatch.setattr(StoreWriter, "write_chunk", write_chunk)
+
+
+def _record_writes(monkeypatch) -> list[tuple[str, int]]:
+    """(split, row chunk) of every chunk written from now on."""
+    written: list[tuple[str, int]] = []
+    real = StoreWriter.write_chunk
+
+    def write_chunk(self, split, chunk, data):
+        written.append((split, chunk))
+        real(self, split, chunk, data)
+
+    monkeypatch.setattr(StoreWriter, "write_chunk", write_chunk)
+    return written
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_interrupted_store_is_refused_then_resumed(tiny_csv, tmp_path, monkeypatch, fmt):
+    """Killed after the first of three row chunks: the store is refused as incomplete, and the re-run writes the other
+    two only, giving the store an uninterrupted run gives (HDF5: staged in X.h5.partial.zarr, exported at the end)."""
+    config = cfg(tiny_csv, chunk_rows=4, format=fmt)  # 12 rows: 3 row chunks
     with monkeypatch.context() as m:
-        m.setattr(extraction, "_finalize", crash)
-        with pytest.raises(KeyboardInterrupt):
-            extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
-    path = planner.store_paths(cfg(tiny_csv), planner.make_plan(cfg(tiny_csv, chunk_rows=4), "cpu").fingerprint)[0]
-    with pytest.raises(StoreIncompleteError, match=r"incomplete \(3 of 3 row chunks written\).*re-run the same 'embstore extract'"):
-        open_store(path)
-    res = extract(cfg(tiny_csv, chunk_rows=4), show_progress=False)
-    assert res.status == "resumed" and res.path == path
-    assert open_store(path).complete
-
-
-def test_interrupted_h5_store_is_refused(tiny_csv, monkeypatch):
-    with monkeypatch.context() as m:
-        m.setattr(extraction, "export_h5", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            extract(cfg(tiny_csv, format="h5"), show_progress=False)
-    plan = planner.make_plan(cfg(tiny_csv, format="h5"), "cpu")
-    final = planner.store_paths(cfg(tiny_csv, format="h5"), plan.fingerprint)[0]
-    with pytest.raises(StoreIncompleteError, match=r"incomplete .*partial\.zarr.*resume"):
+        _crash_after_first_chunk(m)
+        with pytest.raises(KeyboardInterrupt, match="killed after row chunk 0"):
+            extract(config, show_progress=False)
+    final, staged = planner.store_paths(config, planner.make_plan(config, "cpu").fingerprint)
+    refused = r"incomplete \(1 of 3 row chunks written\)" if fmt == "zarr" else r"incomplete \(its extraction is staged in .*partial\.zarr\)"
+    with pytest.raises(StoreIncompleteError, match=refused + ".*re-run the same 'embstore extract'"):
         open_store(final)
-    assert extract(cfg(tiny_csv, format="h5"), show_progress=False).status == "resumed"
-    assert open_store(final).verify() == []
+    assert open_store(staged, allow_incomplete=True).done_chunks("all").tolist() == [True, False, False]
+    written = _record_writes(monkeypatch)
+    res = extract(config, show_progress=False)
+    assert res.status == "resumed" and res.path == final
+    assert written == [("all", 1), ("all", 2)]  # the first chunk is not written again
+    clean = extract(cfg(tiny_csv, chunk_rows=4, format=fmt, out=str(tmp_path / f"clean.{fmt}")), show_progress=False)
+    with open_store(final) as a, open_store(clean.path) as b:
+        assert a.verify() == [] and a.fingerprint == b.fingerprint
+        for pooling in a.poolings:
+            np.testing.assert_array_equal(a.pooled("all", pooling), b.pooled("all", pooling))
 
 
 def test_disk_full_is_detected_before_any_work(tiny_csv, monkeypatch, tmp_path):
@@ -114,14 +135,31 @@ def test_disk_full_is_detected_before_any_work(tiny_csv, monkeypatch, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_disk_full_during_a_write_is_one_clear_error(tmp_path):
+def test_disk_full_during_a_write_is_one_clear_error(tiny_csv, monkeypatch):
+    """The disk fills while the second row chunk is written: its data files cannot be fsynced (ENOSPC, as a full disk
+    reports). One clear error, the store is left incomplete with the first chunk only, and the re-run resumes."""
     import errno
 
-    from embstore.writer import io_errors
+    from embstore import writer
 
-    with pytest.raises(DiskFullError, match=r"No space left .* re-run to resume"):
-        with io_errors(str(tmp_path)):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    config = cfg(tiny_csv, chunk_rows=4)  # 12 rows: 3 row chunks
+    real = writer._fsync_file
+
+    def fsync(path):
+        if "c" in path.parts and path.parts[path.parts.index("c") + 2:][:1] == ("1",):  # a data file of row chunk 1
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_fsync_file", fsync)
+        with pytest.raises(DiskFullError, match=r"No space left on the device while writing .* re-run to resume"):
+            extract(config, show_progress=False)
+    path = planner.store_paths(config, planner.make_plan(config, "cpu").fingerprint)[0]
+    with pytest.raises(StoreIncompleteError, match=r"incomplete \(1 of 3 row chunks written\)"):
+        open_store(path)
+    written = _record_writes(monkeypatch)
+    assert extract(config, show_progress=False).status == "resumed"
+    assert written == [("all", 1), ("all", 2)] and open_store(path).verify() == []
 
 
 def test_unknown_model_names_the_choices(tiny_csv):

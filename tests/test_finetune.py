@@ -1,4 +1,4 @@
-"""heads.finetune on random:tiny-bert (2 layers, 2 heads) and a tiny separable 3-class CSV."""
+"""heads.finetune.run on random:tiny-bert (2 layers, 2 heads) and a tiny separable 3-class CSV."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from embstore import ExtractConfig, extract, open_store
 from embstore.errors import ConfigError, LayerSpecError
 from embstore.models import load_backbone
 from embstore.surgery import count_parameters
-from heads.finetune import FinetuneConfig, SequenceClassifier, run_finetune
+from heads.finetune.config import FinetuneConfig
+from heads.finetune.model import SequenceClassifier
+from heads.finetune.run import run_finetune
 from heads.report.results import read_run
 
 VOCAB = {"fruit": "apple banana cherry grape lemon mango peach".split(),
@@ -108,10 +110,26 @@ def test_prune_fraction_prunes_after_the_first_epoch(sep_csv, tmp_path):
     assert load_backbone(str(res.run_dir / "model")).identity["config"]["embstore_pruned_heads"] == pruned
 
 
-def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path):
+def _count_epochs(monkeypatch) -> list[int]:
+    """The epochs RoundTrainer trains from now on, in order."""
+    from heads.finetune.loop import RoundTrainer
+
+    real, trained = RoundTrainer.epoch, []
+
+    def epoch(self, n):
+        trained.append(n)
+        return real(self, n)
+
+    monkeypatch.setattr(RoundTrainer, "epoch", epoch)
+    return trained
+
+
+def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_finetune(cfg(sep_csv, out, epochs=1))
+    trained = _count_epochs(monkeypatch)
     res = run_finetune(cfg(sep_csv, out, epochs=2, resume=True))
+    assert trained == [2]  # only the epoch after the checkpoint
     history = read_run(res.run_dir)[1][0].history
     assert [h["epoch"] for h in history] == [1, 2]
     with pytest.raises(ConfigError, match=r"checkpoint in .*differing: lr"):
@@ -121,7 +139,7 @@ def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path):
 def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(sep_csv, tmp_path, monkeypatch):
     """A run killed in epoch 2 and resumed trains exactly what the same run in one go trains: the optimizer,
     schedule and RNG states come back from safetensors + JSON (accelerate's save_state would pickle them)."""
-    from heads.finetune_loop import RoundTrainer
+    from heads.finetune.loop import RoundTrainer
 
     whole = run_finetune(cfg(sep_csv, tmp_path / "whole", epochs=3, patience=0))
     real_epoch, calls = RoundTrainer.epoch, []
@@ -136,9 +154,11 @@ def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(
     with pytest.raises(KeyboardInterrupt):
         run_finetune(cfg(sep_csv, tmp_path / "split", epochs=3, patience=0))
     monkeypatch.setattr(RoundTrainer, "epoch", real_epoch)
+    assert calls == [1, 2]
+    trained = _count_epochs(monkeypatch)
     resumed = run_finetune(cfg(sep_csv, tmp_path / "split", epochs=3, patience=0, resume=True))
     h_whole, h_resumed = (read_run(r.run_dir)[1][0].history for r in (whole, resumed))
-    assert calls == [1, 2] and [h["epoch"] for h in h_resumed] == [1, 2, 3]
+    assert trained == [2, 3] and [h["epoch"] for h in h_resumed] == [1, 2, 3]  # epoch 1 came from the checkpoint
     assert [h["train_loss"] for h in h_resumed] == pytest.approx([h["train_loss"] for h in h_whole], rel=1e-5)
     assert resumed.accuracy == whole.accuracy and resumed.f1_macro == pytest.approx(whole.f1_macro)
     files = {p.name for p in (tmp_path / "split" / "checkpoint").rglob("*") if p.is_file()}
@@ -202,7 +222,6 @@ def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
 @pytest.mark.slow
 def test_two_process_cpu_run(sep_csv, tmp_path):
     """The same loop on 2 CPU processes (torchrun; `accelerate launch` sets the same environment): DDP over gloo."""
-    import os
     import subprocess
     import sys
 
@@ -211,9 +230,14 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
            "finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col", "label",
            "--epochs", "2", "--lr", "0.005", "--batch-size", "8", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from conftest import recorded_calls, recording_env
+
+    env = recording_env(tmp_path, "heads.training.session:Session.step")
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
+    # 40 rows to fit in batches of 8 are 5 batches an epoch; each rank took 3 of them (accelerate evens the shards)
+    assert {rank: len(steps) for rank, steps in recorded_calls(tmp_path).items()} == {"0": 2 * 3, "1": 2 * 3}
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 1 and df["combine"].iloc[0] == "finetune"
     from embstore.models import load_backbone
@@ -222,19 +246,31 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
 
 
 def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
-    """heads predict --run on a fine-tune run uses its model/ (backbone + classifier) and agrees with the eval metrics."""
+    """heads predict --run on a fine-tune run uses its model/ (backbone + classifier): on the run's own test rows it
+    scores exactly what the run recorded."""
     from click.testing import CliRunner
 
     from cli.heads_cli import main as heads_main
+    from heads.report.metrics import classification_metrics
 
-    res = run_finetune(cfg(sep_csv, tmp_path / "ft", epochs=4))
+    # Every 6th row carries the next class's label: a model of the vocabularies errs on those, so its test score is
+    # a number of its own, told apart from a score of other rows or of another model.
     df = pd.read_csv(sep_csv)
-    lines = "\n".join(df.text.tolist()) + "\n"
-    out = CliRunner().invoke(heads_main, ["predict", "--run", str(res.run_dir)], input=lines)
+    names = sorted(VOCAB)
+    df.loc[::6, "label"] = [names[(names.index(v) + 1) % 3] for v in df.label[::6]]
+    noisy = tmp_path / "noisy.csv"
+    df.to_csv(noisy, index=False)
+    config = cfg(noisy, tmp_path / "ft", epochs=4)
+    res = run_finetune(config)
+    ds = config.source.load()
+    test = ds.splits["test"]
+    assert len(test) == json.loads((res.run_dir / "run.json").read_text())["eval_rows"] == 15
+    out = CliRunner().invoke(heads_main, ["predict", "--run", str(res.run_dir)], input="\n".join(test.texts) + "\n")
     assert out.exit_code == 0, out.output
-    preds = [json.loads(x)["label"] for x in out.stdout.strip().splitlines()]
-    accuracy = sum(p == t for p, t in zip(preds, df.label)) / len(df)
-    assert accuracy > 0.6, accuracy
+    preds = [ds.label_names.index(json.loads(x)["label"]) for x in out.stdout.strip().splitlines()]
+    scored = classification_metrics(np.asarray(test.labels), np.asarray(preds), ds.label_names)
+    assert scored["accuracy"] == res.accuracy and scored["f1_macro"] == pytest.approx(res.f1_macro)
+    assert 0.6 < res.accuracy < 1.0, res.accuracy
 
 
 @pytest.mark.slow
@@ -255,12 +291,13 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
 
 
 def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
-    from heads.finetune_data import rounds, split_rows
+    from heads.finetune.data import load_rows, rounds
 
     config = FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 3})
-    tr, te, rows_tr, rows_te, names, _ = split_rows(config)
+    data = load_rows(config)
+    tr, te, rows_tr = data.train, data.evaluation, data.train_rows
     assert tr is te and len(rows_tr) == 60  # one split, no holdout: every row is cross-validated
-    plan = list(rounds(config, tr, rows_tr, te, rows_te))
+    plan = rounds(config.folds, data, config.source.seed)
     held = [set(r.eval_rows.tolist()) for r in plan]
     assert [r.fold for r in plan] == [0, 1, 2, 3]
     assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1:])
@@ -268,18 +305,43 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
     for r in plan:
         assert set(r.fit_rows.tolist()) == set(rows_tr.tolist()) - set(r.eval_rows.tolist())
         assert sorted(pd.Series(tr.labels[r.eval_rows]).value_counts().tolist()) == [5, 5, 5]  # stratified
-    again = [r.eval_rows.tolist() for r in rounds(config, tr, rows_tr, te, rows_te)]
-    other = [r.eval_rows.tolist() for r in rounds(FinetuneConfig.from_dict(
-        {"data": str(sep_csv), "label_col": "label", "folds": 4, "seed": 4}), tr, rows_tr, te, rows_te)]
+    again = [r.eval_rows.tolist() for r in rounds(config.folds, data, 3)]
+    other = [r.eval_rows.tolist() for r in rounds(config.folds, data, 4)]
     assert again == [r.eval_rows.tolist() for r in plan] and other != again
     with pytest.raises(ConfigError, match="--folds 30 needs at least 30 training rows of every class"):
-        list(rounds(FinetuneConfig.from_dict({"data": str(sep_csv), "label_col": "label", "folds": 30}),
-                    tr, rows_tr, te, rows_te))
+        rounds(30, data, 3)
     with pytest.raises(ConfigError, match="'folds' option must be at least 2"):
         FinetuneConfig.from_dict({"data": "x.csv", "folds": 1})
 
 
-def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path):
+def test_splits_keep_groups_apart(monkeypatch):
+    """Rows with groups (speakers, say): every carve fine-tuning makes keeps a group on one side, as a sweep's do:
+    the evaluation carve of a one-split data set, the --folds rounds and each round's early-stopping carve."""
+    from embstore.data import Dataset, SplitData
+    from embstore.dataspec import DataSpec
+    from heads.finetune.data import early_stopping_carve, load_rows, rounds
+
+    n = 60
+    labels, groups = np.arange(n) % 3, np.arange(n) // 4  # 15 groups, each holding rows of every class
+    split = SplitData(name="all", row_ids=np.arange(n), texts=[f"row {i}" for i in range(n)], pairs=None,
+                      labels=labels, groups=groups)
+    monkeypatch.setattr(DataSpec, "load", lambda self: Dataset(splits={"all": split}, label_names=["a", "b", "c"],
+                                                               sources=[], skipped_empty={}))
+
+    def apart(a: np.ndarray, b: np.ndarray) -> None:
+        assert len(a) and len(b) and not set(groups[a].tolist()) & set(groups[b].tolist())
+
+    for folds in (None, 3):
+        data = load_rows(FinetuneConfig.from_dict({"data": "x.csv", "label_col": "label", "folds": folds, "seed": 1}))
+        plan = rounds(folds, data, 1)
+        assert len(plan) == (folds or 1)
+        for rnd in plan:
+            apart(rnd.fit_rows, rnd.eval_rows)
+            apart(*early_stopping_carve(data, rnd.fit_rows, 0.2, 1))
+    assert len(data.train_rows) == n  # with --folds every row is cross-validated
+
+
+def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path, monkeypatch):
     res = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
     meta, rows = read_run(res.run_dir)
     assert [r.fold for r in rows] == [0, 1, 2] and sum(r.extra["eval_rows"] for r in rows) == meta["train_rows"] == 45
@@ -290,8 +352,32 @@ def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_
     assert f"{res.accuracy:.4f} ± {res.accuracy_std:.4f}" in summary and "**3**" in summary  # 3 runs (the only config is the best, in bold)
     assert not (res.run_dir / "model").exists() and (res.run_dir / "checkpoint/fold-2/finetune_state.json").is_file()
     assert rows[0].head == "mlp" and rows[0].trainable_params > 64 * 32  # the 32 -> 64 -> 3 MLP is trained
-    again = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
+    # Killed in fold 1 and resumed: fold 0 is read back from its checkpoint, never trained again.
+    import heads.finetune.run as run_module
+    from heads.finetune.loop import RoundTrainer
+
+    folds_trained: list[int] = []
+    real_fit, real_epoch = run_module.fit_round, RoundTrainer.epoch
+
+    def fit_round(spec, encoder, rnd, ckpt, resumed):
+        folds_trained.append(rnd.fold)
+        return real_fit(spec, encoder, rnd, ckpt, resumed)
+
+    def killed_in_fold_1(self, epoch):
+        if folds_trained[-1] == 1:
+            raise KeyboardInterrupt("killed in fold 1")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(run_module, "fit_round", fit_round)
+    with monkeypatch.context() as m:
+        m.setattr(RoundTrainer, "epoch", killed_in_fold_1)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
+    assert folds_trained == [0, 1]
+    folds_trained.clear()
+    again = run_finetune(cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
                              resume=True))
+    assert folds_trained == [1, 2]
     assert [r.accuracy for r in read_run(again.run_dir)[1]] == [r.accuracy for r in rows]
     from click.testing import CliRunner
 
@@ -351,10 +437,10 @@ def test_the_classifier_gets_its_own_learning_rate_when_the_backbone_is_frozen(s
 
 
 def test_param_groups_split_backbone_and_classifier():
-    from heads.finetune_loop import param_groups
+    from heads.training.optim import param_groups
 
     model = SequenceClassifier(load_backbone("random:tiny-bert").model.requires_grad_(True), 3)
-    groups = param_groups(model, 1e-5, 1e-3, 0.01)
+    groups = param_groups(model, 1e-5, 0.01, head_prefix="head.", head_lr=1e-3)
     head = [g for g in groups if g["head"]]
     assert {g["lr"] for g in head} == {1e-3} and {g["lr"] for g in groups if not g["head"]} == {1e-5}
     assert sum(p.numel() for g in head for p in g["params"]) == 32 * 3 + 3
@@ -362,7 +448,7 @@ def test_param_groups_split_backbone_and_classifier():
 
 
 def test_early_stopping_waits_for_the_classifier_to_move_and_for_min_epochs():
-    from heads.finetune_loop import EarlyStopping
+    from heads.finetune.loop import EarlyStopping
 
     def run(stopper, epochs):  # [(val macro-F1, all one class?)] -> epochs trained
         for epoch, (f1, one_class) in enumerate(epochs, 1):

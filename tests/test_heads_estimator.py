@@ -141,7 +141,7 @@ def test_early_stopping_restores_best(data: dict[str, Any]) -> None:
 def test_carved_validation_is_stratified(data: dict[str, Any]) -> None:
     X, y, _, _ = data["pooled"]
     from heads.protocol import make_split
-    split = make_split(y, None, HeadConfig(validation_fraction=0.25, seed=3))
+    split = make_split(y, None, validation_fraction=0.25, seed=3, patience=HeadConfig().patience)
     assert split.val_idx is not None and len(split.val_idx) == 60
     assert np.bincount(y[split.val_idx]).tolist() == [20, 20, 20]
     assert not set(split.val_idx) & set(split.train_idx)

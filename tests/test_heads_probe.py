@@ -256,7 +256,12 @@ def test_summary_best_is_chosen_on_validation_not_on_test(tmp_path):
 def test_val_split_is_used_for_every_choice(tmp_path):
     data = separable(tmp_path / "all.csv", n_per_class=30)
     df = pd.read_csv(data)
-    parts = {"train": df.iloc[:50], "dev": df.iloc[50:65], "test": df.iloc[65:]}
+    parts = {"train": df.iloc[:50], "dev": df.iloc[50:65].copy(), "test": df.iloc[65:]}
+    # Five dev rows carry another class's label: a head scores visibly lower on dev than on test, so scores made
+    # on dev can be told from scores made anywhere else.
+    labels = sorted(df.label.unique())
+    parts["dev"].iloc[:5, parts["dev"].columns.get_loc("label")] = [
+        labels[(labels.index(v) + 1) % len(labels)] for v in parts["dev"].label.iloc[:5]]
     for name, part in parts.items():
         part.to_csv(tmp_path / f"{name}.csv", index=False)
     path = extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=None, label_col="label", pooling=("mean",),
@@ -268,6 +273,24 @@ def test_val_split_is_used_for_every_choice(tmp_path):
     assert meta["val_split"] == "dev" and meta["validation"].startswith("split `dev` (15 rows)")
     row = json.loads((tmp_path / "r" / "results.jsonl").read_text().splitlines()[0])
     assert sum(sum(r) for r in row["confusion"]) == 25 and row["val_accuracy"] is not None  # test scored, dev chose
+    # Re-score the saved head on dev: the validation scores every choice was made on are dev's.
+    from embstore import open_store
+    from heads.probe.predict import load_head
+    from heads.report.metrics import classification_metrics
+
+    est, store = load_head(str(tmp_path / "r")), open_store(path)
+    names = store.label_names
+
+    def rescored(split: str) -> dict:
+        return classification_metrics(store.labels(split), est.predict(store.pooled(split, "mean", [-1])[:, 0]), names)
+
+    dev, test = rescored("dev"), rescored("test")
+    assert dev["accuracy"] < test["accuracy"]
+    assert row["val_accuracy"] == pytest.approx(dev["accuracy"]) and row["val_f1_macro"] == pytest.approx(dev["f1_macro"])
+    assert row["accuracy"] == pytest.approx(test["accuracy"]) and row["f1_macro"] == pytest.approx(test["f1_macro"])
+    # C was chosen on those dev scores: the grid's best validation macro-F1 (ties: the smaller C).
+    by_c = [(h["val_f1_macro"], -h["C"]) for h in row["history"]]
+    assert row["hyperparameters"]["C"] == -max(by_c)[1]
 
 
 # -- evaluation sets and reports -------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ with the same results as in memory; under torchrun each rank takes its own chunk
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -81,11 +80,16 @@ def test_max_memory_below_one_chunk(chunked, tmp_path):
 def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
            "sweep", "--store", chunked, *ARGS, "--max-memory", "20000", "--out", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from conftest import recorded_calls, recording_env
+
+    env = recording_env(tmp_path, "heads.probe.features:FeatureBank.chunk_blocks")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(tmp_path / "two")]  # only rank 0 reports
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    # each rank streamed its own row chunks of the training split (chunk c on rank c % 2), together all 6
+    read = {rank: {int(c) for split, c in calls if split == "train"} for rank, calls in recorded_calls(tmp_path).items()}
+    assert read == {"0": {0, 2, 4}, "1": {1, 3, 5}}
     one = run("sweep", "--store", chunked, *ARGS, "--max-memory", "20000", "--out", str(tmp_path / "one"))
     assert one.exit_code == 0, one.output
     _same(tmp_path / "one", tmp_path / "two")

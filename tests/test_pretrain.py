@@ -16,10 +16,11 @@ from conftest import needs_shared
 
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError, DataError
-from heads.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
-from heads.pretrain import PretrainConfig, run_pretrain
-from heads.pretrain_report import read_log
-from heads.tokenizer import train_wordpiece
+from heads.pretrain.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.run import run_pretrain
+from heads.pretrain.report import read_log
+from heads.pretrain.tokenizer import train_wordpiece
 
 TINY = {"vocab_size": 200, "min_frequency": 1, "layers": 2, "hidden": 32, "heads": 2, "max_length": 32,
         "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0}
@@ -134,12 +135,21 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
                                              "epochs": 2, "validation_fraction": 0.3, "out": str(tmp_path / "sweep")}))
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
-    from heads.finetune import FinetuneConfig, run_finetune
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.run import run_finetune
 
     ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
                                      label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
                                      classifier_hidden=(64,), out=str(tmp_path / "ft"))))
-    assert ft.folds == 2 and 0.0 <= ft.accuracy <= 1.0 and ft.accuracy_std >= 0.0
+    # heads finetune trained the pretrained model itself, and its figures are those of its two folds
+    from heads.report.results import read_run
+
+    meta, rows = read_run(ft.run_dir)
+    assert meta["model"]["path"] == str(res.model_dir.resolve())
+    assert meta["model"]["weights_sha256"] == backbone.identity["weights_sha256"]
+    assert ft.folds == 2 and [r.fold for r in rows] == [0, 1] and sum(r.extra["eval_rows"] for r in rows) == 12
+    assert ft.accuracy == pytest.approx(sum(r.accuracy for r in rows) / 2)
+    assert ft.accuracy_std == pytest.approx(abs(rows[0].accuracy - rows[1].accuracy) / 2)
 
 
 def test_resume_continues_and_refuses_another_config(tmp_path):
@@ -166,7 +176,7 @@ def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, 
     optimizer and schedule."""
     import itertools
 
-    import heads.pretrain
+    import heads.pretrain.run
 
     data = tmp_path / "corpus.csv"
     pd.DataFrame({"text": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "cow", "hen") for v in
@@ -174,17 +184,46 @@ def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, 
     base = {**TINY, "data": str(data), "batch_size": 4, "epochs": 3}
     whole = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "whole")}), show_progress=False)
     ticks = itertools.count()
-    monkeypatch.setattr(heads.pretrain, "_clock", lambda: float(next(ticks)))  # two calls per batch: 1 s each
+    monkeypatch.setattr(heads.pretrain.run, "_clock", lambda: float(next(ticks)))  # two calls per batch: 1 s each
     per_epoch = whole.history[1]["steps"]
     cut = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"),
                                                  "max_minutes": (per_epoch + 2) / 60}), show_progress=False)
     assert cut.history[-1]["epoch"] == 2 and not cut.history[-1]["epoch_complete"]
-    monkeypatch.setattr(heads.pretrain, "_clock", time.perf_counter)
+    monkeypatch.setattr(heads.pretrain.run, "_clock", time.perf_counter)
     again = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"), "resume": True}),
                          show_progress=False)
     assert again.steps == whole.steps
     assert again.heldout_mlm_loss == pytest.approx(whole.heldout_mlm_loss, rel=1e-5)
     assert again.history[-1]["train_mlm_loss"] == pytest.approx(whole.history[-1]["train_mlm_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0])
+def test_every_optimizer_step_clips_the_gradient_norm(tiny_csv, tmp_path, monkeypatch, max_grad_norm):
+    """heads pretrain clips the gradient norm to --max-grad-norm right before every optimizer step, as heads finetune
+    does (0: no clipping). Measured on the gradients themselves: larger than the limit before, within it after."""
+    from accelerate import Accelerator
+
+    real, seen = Accelerator.clip_grad_norm_, []
+
+    def clip(self, parameters, max_norm, norm_type=2):
+        params = [p for p in parameters if p.grad is not None]
+        before = real(self, params, max_norm, norm_type)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        seen.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    res = CliRunner().invoke(heads_main, ["pretrain", "--data", str(tiny_csv), "--vocab-size", "200", "--min-frequency",
+                                          "1", "--layers", "1", "--hidden", "32", "--heads", "2", "--batch-size", "4",
+                                          "--max-steps", "3", "--max-grad-norm", str(max_grad_norm), "--no-progress",
+                                          "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["final"]["steps"] == 3
+    if not max_grad_norm:
+        assert seen == []
+        return
+    assert len(seen) == 3 and all(limit == max_grad_norm for limit, _, _ in seen)
+    assert all(before > 2 * max_grad_norm and after <= max_grad_norm * 1.001 for _, before, after in seen), seen
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -225,7 +264,7 @@ def test_config_round_trip_and_model_config_file(tmp_path):
     assert PretrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['bogus'\]"):
         PretrainConfig.from_dict({"data": "x.csv", "bogus": 1})
-    from heads.pretrain_data import build_bert_config
+    from heads.pretrain.model import build_bert_config
 
     cfg = build_bert_config(PretrainConfig.from_dict(dict(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2)),
                             vocab_size=321, pad_id=0)
@@ -251,14 +290,14 @@ def test_cli_config_may_be_a_bert_config_or_an_options_file(tiny_csv, tmp_path):
 
 _FAKE_CLOCK_RUN = """
 import itertools, os, sys
-import heads.pretrain
+import heads.pretrain.run
 from cli.heads_cli import main
 # Rank 0's training clock advances 1 s per reading (0.5 s per batch); rank 1's never moves. Only rank 0
 # runs out of its --max-minutes budget, so rank 1 stops at the same batch only through the shared decision;
 # without it rank 1 would wait forever in the next gradient all-reduce.
 ticks = itertools.count()
 step = 0.5 if os.environ["RANK"] == "0" else 0.0
-heads.pretrain._clock = lambda: next(ticks) * step
+heads.pretrain.run._clock = lambda: next(ticks) * step
 main(sys.argv[1:])
 """
 
@@ -283,10 +322,14 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
            "pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
            "--hidden", "16", "--heads", "2", "--max-length", "16", "--batch-size", "2", "--epochs", "50",
            "--max-minutes", "0.05", "--no-progress", "--out", str(out)]
+    from conftest import recorded_calls, recording_env
+
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+                          env=recording_env(tmp_path, "heads.training.session:Session.step"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
+    assert {rank: len(steps) for rank, steps in recorded_calls(tmp_path).items()} == {"0": 6, "1": 6}  # both trained
+    assert [h["epoch"] for h in read_log(out)] == [0, 1, 2]  # 3 batches an epoch each: the ranks split the rows
     meta = json.loads((out / "run.json").read_text())
     assert meta["final"]["stopped_by"] == "max_minutes"
     assert meta["final"]["steps"] == 6  # the same batch on both ranks, whatever the machine's speed

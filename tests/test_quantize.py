@@ -73,7 +73,7 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
     with pytest.raises(ConfigError, match=r"'quantize' option must be one of none, int8; got 'int4'"):
         cfg(tiny_csv, quantize="int4")
     # CUDA picked automatically (no --device) is refused before anything is loaded
-    monkeypatch.setattr(extraction, "pick_device", lambda requested: "cuda")
+    monkeypatch.setattr(extraction, "resolve_device", lambda requested: "cuda")
     monkeypatch.setattr(extraction, "make_plan", lambda *a: pytest.fail("planned an int8 run on CUDA"))
     with pytest.raises(ConfigError, match=r"--quantize int8 is for CPU extraction"):
         extract(cfg(tiny_csv, quantize="int8"), show_progress=False)

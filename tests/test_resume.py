@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import synthetic_csv
+from conftest import recorded_calls, recording_env, synthetic_csv
 from embstore import ExtractConfig, StoreIncompleteError, extract, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,11 +81,29 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     _assert_same_store(resumed.path, clean.path)
 
 
+def _chunks_by_worker(tmp_path: Path) -> dict[str, list[int]]:
+    """{worker: row chunks it wrote} from recorded StoreWriter.write_chunk calls (split, chunk)."""
+    return {who: [int(call[1]) for call in calls] for who, calls in recorded_calls(tmp_path).items()}
+
+
+def _split_between_two(by_worker: dict[str, list[int]], n_chunks: int) -> None:
+    """Two workers wrote, worker k the chunks c % 2 == k, together every chunk once."""
+    assert len(by_worker) == 2, by_worker
+    parts = sorted(by_worker.values())
+    assert [{c % 2 for c in part} for part in parts] == [{0}, {1}]
+    assert sorted(parts[0] + parts[1]) == list(range(n_chunks))
+
+
 @pytest.mark.slow
-def test_two_processes_write_the_same_store_as_one(tmp_path):
+def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
     data = _data(tmp_path, 300)
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
+    for key, value in recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk").items():
+        monkeypatch.setenv(key, value)  # the spawned workers log their chunk writes; this process is not patched
     two = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg)), show_progress=False)
+    by_worker = _chunks_by_worker(tmp_path)
+    assert f"pid{os.getpid()}" not in by_worker and all(w.startswith("pid") for w in by_worker)
+    _split_between_two(by_worker, 19)  # 300 rows in chunks of 16
     one = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "one.zarr"), **cfg)), show_progress=False)
     _assert_same_store(two.path, one.path)
 
@@ -98,9 +116,12 @@ def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cli.embstore_cli", "extract", "-q", "--model", "random:tiny-bert", "--data", str(data),
            "--label-col", "label", "--chunk-rows", "16", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    by_rank = _chunks_by_worker(tmp_path)
+    assert sorted(by_rank) == ["0", "1"] and all(c % 2 == int(r) for r, cs in by_rank.items() for c in cs)
+    _split_between_two(by_rank, 13)  # 200 rows in chunks of 16
     one = extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", chunk_rows=16,
                                 out=str(tmp_path / "one.zarr"))), show_progress=False)
     _assert_same_store(str(out), one.path)

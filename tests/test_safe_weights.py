@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cli.embstore_cli import main
 from embstore import ConfigError, ExtractConfig, extract, open_store
 from embstore.models import load_backbone
-from heads.checkpoint import load_training_state, save_training_state
+from heads.training.checkpoint import load_training_state, save_training_state
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -83,10 +87,24 @@ class StoreContract:
                 np.testing.assert_allclose(tok[i].astype(np.float32).mean(0), mean[i], atol=2e-2)
                 np.testing.assert_array_equal(tok[i].max(0), mx[i])
 
-    def test_one_layer_reads_only_its_chunks(self, store):
-        # 36 rows with at most 8 per chunk: 5 chunks evened out to 8 rows (no mostly-empty last chunk)
-        assert store.layout.chunk_shape_pooled("all") == (1, 8, 32)
-        assert store.layout.splits["all"].rows(4) == (32, 36)
+    def chunks_read(self, store_path: str, monkeypatch) -> Callable[[str], set[tuple[int, ...]]]:
+        """Start recording what the backend reads from disk; returns ``chunks(array path)``, the storage chunks of
+        that array read so far (chunk grid coordinates). Each backend says how it sees a read."""
+        raise NotImplementedError
+
+    def test_one_layer_reads_only_its_chunks(self, store_path, monkeypatch):
+        chunks = self.chunks_read(store_path, monkeypatch)
+        with open_store(store_path) as store:
+            # 36 rows with at most 8 per chunk: 5 chunks evened out to 8 rows (no mostly-empty last chunk)
+            assert store.layout.chunk_shape_pooled("all") == (1, 8, 32)
+            assert store.layout.splits["all"].rows(4) == (32, 36)
+            last = store.pooled("all", "cls", "-1")
+            assert last.shape == (self.n, 1, 32)
+            path = L.pooled_path("all", "text", "cls")
+            assert chunks(path) == {(2, c, 0) for c in range(5)}  # layer 2's five row chunks, nothing of layers 0-1
+            assert chunks(L.pooled_path("all", "text", "mean")) == set()
+            first_rows = store.pooled_rows("all", "cls", 0, 8, [0])
+            assert first_rows.shape == (8, 1, 32) and chunks(path) == {(2, c, 0) for c in range(5)} | {(0, 0, 0)}
 
     def test_verify_passes(self, store):
         assert store.verify() == []
@@ -107,9 +125,60 @@ class StoreContract:
 class TestZarrStore(StoreContract):
     fmt = "zarr"
 
+    def chunks_read(self, store_path, monkeypatch):
+        """zarr keeps each storage chunk in a file of its own, ``<array>/c/<i>/<j>/<k>``: record every file read."""
+        import zarr.storage._local as local
+
+        files: list[Path] = []
+        real = local._get
+
+        def get(path, *args, **kwargs):
+            files.append(Path(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(local, "_get", get)
+
+        def chunks(array: str) -> set[tuple[int, ...]]:
+            base = Path(store_path) / array / "c"
+            return {tuple(int(p) for p in f.relative_to(base).parts) for f in files if f.is_relative_to(base)}
+        return chunks
+
 
 class TestH5Store(StoreContract):
     fmt = "h5"
+
+    def chunks_read(self, store_path, monkeypatch):
+        """HDF5 keeps chunks at byte ranges of one file: the store is opened through a file object that records the
+        byte ranges read, and a chunk counts as read when a read starts at its first byte and covers it (h5py's chunk
+        index). A read that merely overlaps it is HDF5 reading metadata nearby (its blocks of a few KB can span the
+        tiny chunks of this store, at offsets that move with the timestamps in the attributes)."""
+        import h5py
+
+        reads: list[tuple[int, int]] = []
+
+        class Recording(io.FileIO):
+            def readinto(self, buffer):  # type: ignore[override]
+                start = self.tell()
+                n = super().readinto(buffer)
+                reads.append((start, start + (n or 0)))
+                return n
+
+        real = h5py.File
+
+        def open_file(name, mode="r", *args, **kwargs):
+            if str(name) == store_path and mode == "r":
+                return real(Recording(store_path, "r"), mode, *args, **kwargs)
+            return real(name, mode, *args, **kwargs)
+
+        monkeypatch.setattr(h5py, "File", open_file)
+
+        def chunks(array: str) -> set[tuple[int, ...]]:
+            with real(store_path, "r") as f:
+                ds = f[array]
+                infos = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
+                return {tuple(o // c for o, c in zip(info.chunk_offset, ds.chunks)) for info in infos
+                        if any(a == info.byte_offset and b >= info.byte_offset + info.size for a, b in reads)}
+        return chunks
 
 
 def test_backends_hold_identical_content(tmp_path_factory):

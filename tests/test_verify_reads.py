@@ -56,3 +56,21 @@ def test_a_sweep_on_a_corrupted_store_stops_with_one_line(tmp_path):
     res = CliRunner().invoke(heads_main, ["sweep", "--store", str(path), "--no-verify", "--out", str(tmp_path / "run2")])
     assert res.exit_code == 0, res.output  # read anyway, as asked
     assert (tmp_path / "run2" / "summary.md").exists()
+
+
+def test_an_hdf5_store_with_a_changed_value_stops_the_read(tiny_csv):
+    """The same check on an HDF5 store: one stored value changed in place (h5py, not the file's bytes blindly)."""
+    import h5py
+
+    path = _store(tiny_csv, format="h5")
+    clean = open_store(path).pooled("all", "mean")
+    with h5py.File(path, "r+") as f:
+        ds = f["splits/all/text/pooled/mean"]  # (layers, rows, hidden); row chunk 1 is rows 4-7
+        ds[1, 5, 3] = ds[1, 5, 3] + 1.0
+    store = open_store(path)
+    store.pooled("all", "mean", layers=[0, 2])  # the other layers read as before
+    with pytest.raises(StoreCorruptedError, match=r"split all, row chunk 1, splits/all/text/pooled/mean layer 1 does not match"):
+        store.pooled("all", "mean")
+    assert open_store(path).verify() != []
+    unchecked = open_store(path, verify=False).pooled("all", "mean")
+    assert not np.array_equal(unchecked, clean) and np.array_equal(unchecked[:, [0, 2]], clean[:, [0, 2]])

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from heads.probe.config import HeadConfig
-from heads.probe.estimator import HeadClassifier, class_weights, make_scheduler
+from heads.probe.estimator import HeadClassifier
+from heads.probe.fitting import class_weights, epoch_schedule, mark_fitted
 from heads.probe.modules import InputShape, Inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, scores
 
@@ -47,20 +48,117 @@ class Member:
 
 
 def schedule_lrs(cfg: HeadConfig) -> list[float]:
-    """The learning rate of every epoch, as ``make_scheduler`` steps it."""
+    """The learning rate of every epoch, as ``epoch_schedule`` steps it for a single head."""
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = make_scheduler(opt, cfg)
+    sched = epoch_schedule(opt, cfg.schedule, cfg.epochs, cfg.gamma)
     lrs = []
     for _ in range(cfg.epochs):
         lrs.append(float(opt.param_groups[0]["lr"]))
-        if sched is not None:
-            opt.step()
-            sched.step()
+        opt.step()
+        sched.step()
     return lrs
 
 
 def _device_arrays(inputs: Inputs, device: torch.device) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch.float32) for a in inputs.arrays]
+
+
+@dataclass
+class _StackState:
+    """The stacked members still training: their parameters and buffers (M_alive, ...), AdamW, and which members
+    (indices into ``members``) they are, in stack order."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt: torch.optim.Optimizer
+    alive: list[int]
+
+
+def _initial_modules(cfg: HeadConfig, shape: InputShape, train_inputs: Sequence[Inputs], members: Sequence[Member],
+                     n_classes: int, device: torch.device) -> list[nn.Module]:
+    """Every member's module with the init a single HeadClassifier of its seed draws (input statistics of its own
+    fitting rows), on the device."""
+    modules: list[nn.Module] = []
+    for m in members:
+        torch.manual_seed(m.seed)  # the init a single HeadClassifier draws
+        module = build_module(cfg.replace(seed=m.seed), shape, n_classes)
+        if cfg.standardize:
+            fit_input_stats(module, train_inputs[m.feature], m.fit_rows)
+        modules.append(module.to(device))
+    return modules
+
+
+def _member_weights(cfg: HeadConfig, members: Sequence[Member], y_train: np.ndarray, n_classes: int,
+                    device: torch.device) -> torch.Tensor:
+    """(M, C) class weights of each member's fitting rows (ones without ``class_weight``)."""
+    weights = []
+    for m in members:
+        w = class_weights(y_train[m.fit_rows], n_classes, cfg.class_weight)
+        weights.append(torch.ones(n_classes) if w is None else w)
+    return torch.stack(weights).to(device)
+
+
+def _train_epoch(st: _StackState, batched: Callable[..., torch.Tensor], base: nn.Module, train_x: list[torch.Tensor],
+                 y_tr: torch.Tensor, cw: torch.Tensor, members: Sequence[Member], feats: torch.Tensor,
+                 gens: list[torch.Generator], batch_size: int, device: torch.device) -> torch.Tensor:
+    """One epoch of every live member over its own rows in its own seeded order; (A,) summed loss x rows."""
+    base.train()
+    # every member's permutation of its own rows, cut into batches; members with fewer rows are padded
+    orders = [members[i].fit_rows[torch.randperm(len(members[i].fit_rows), generator=gens[i]).numpy()] for i in st.alive]
+    order_idx, order_mask = _padded(orders)  # (A, longest): rows, 1 where real (members may differ in rows)
+    totals = torch.zeros(len(st.alive), device=device)
+    for b in range(-(-order_idx.shape[1] // batch_size)):
+        cut = slice(b * batch_size, (b + 1) * batch_size)
+        idx_t = torch.from_numpy(order_idx[:, cut]).to(device)
+        mask_t = torch.from_numpy(order_mask[:, cut]).to(device)
+        xs = [x[feats, idx_t] for x in train_x]  # (A, b, *row_shape) gathered on the device
+        logits = batched(st.params, st.buffers, *xs)  # (A, b, C)
+        yb = y_tr[idx_t]
+        ce = F.cross_entropy(logits.permute(0, 2, 1), yb, reduction="none")  # (A, b)
+        wrow = torch.gather(cw[st.alive], 1, yb) * mask_t
+        per_member = (ce * wrow).sum(1) / wrow.sum(1).clamp_min(1e-12)  # nn.CrossEntropyLoss(weight)'s mean
+        st.opt.zero_grad(set_to_none=True)
+        per_member.sum().backward()  # a sum: every member's gradient is its own
+        st.opt.step()
+        totals += per_member.detach() * mask_t.sum(1)
+    return totals
+
+
+def _validate_epoch(st: _StackState, batched: Callable[..., torch.Tensor], base: nn.Module, val_x: list[torch.Tensor],
+                    y_val: np.ndarray, members: Sequence[Member], feats: torch.Tensor, device: torch.device,
+                    epoch: int, lr: float, totals: torch.Tensor, trackers: list[BestTracker],
+                    histories: list[list[dict[str, Any]]]) -> list[int]:
+    """Score every live member on its own validation rows, record its epoch and early stopping; the stack positions
+    of the members that stopped."""
+    base.eval()
+    stopped = []
+    with torch.inference_mode():
+        preds = _predict_all(batched, st.params, st.buffers, val_x, feats, [members[i].val_rows for i in st.alive], device)
+        for a, i in enumerate(st.alive):
+            m = members[i]
+            acc = f1 = None
+            if len(m.val_rows):
+                acc, f1 = scores(y_val[m.val_rows], preds[a])
+            histories[i].append({"epoch": epoch, "train_loss": float(totals[a]) / max(1, len(m.fit_rows)),
+                                 "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
+            if trackers[i].update(epoch, f1, lambda a=a: {k: v[a].detach().clone() for k, v in st.params.items()}):
+                stopped.append(a)
+    return stopped
+
+
+def _retire(st: _StackState, finished: list[int], trackers: list[BestTracker],
+            best_state: list[dict[str, torch.Tensor] | None], cfg: HeadConfig,
+            on_done: Callable[[int], None] | None) -> None:
+    """Keep the best weights of the members at stack positions ``finished`` and take them out of the stack."""
+    for a in finished:
+        i = st.alive[a]
+        best_state[i] = trackers[i].state or {k: v[a].detach().clone() for k, v in st.params.items()}
+        if on_done is not None:
+            on_done(i)
+    keep = [a for a in range(len(st.alive)) if a not in set(finished)]
+    if keep and len(keep) < len(st.alive):
+        st.params, st.buffers, st.opt = _compact(st.params, st.buffers, st.opt, keep, cfg)
+    st.alive = [st.alive[a] for a in keep]
 
 
 def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Sequence[Inputs], members: Sequence[Member],
@@ -73,95 +171,41 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
     """
     t0 = time.perf_counter()
     shape = train_inputs[0].shape
-    M = len(members)
     # Inputs on the device once: per array (pair heads have two), stacked over features: (F, n, *row_shape)
     train_x = [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in train_inputs))]
     val_x = train_x if val_inputs is train_inputs else \
         [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in val_inputs))]
-    y_tr = torch.from_numpy(y_train).to(device)
-    y_va = y_val
-
-    modules: list[nn.Module] = []
-    for m in members:
-        torch.manual_seed(m.seed)  # the init a single HeadClassifier draws
-        module = build_module(cfg.replace(seed=m.seed), shape, n_classes)
-        if cfg.standardize:
-            fit_input_stats(module, train_inputs[m.feature], m.fit_rows)
-        modules.append(module.to(device))
+    modules = _initial_modules(cfg, shape, train_inputs, members, n_classes, device)
     base = copy.deepcopy(modules[0]).to("meta")
     params, buffers = torch.func.stack_module_state(modules)  # (M, ...) each; params are new leaves
 
     def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(base, (p, b), x)
 
-    n_in = len(train_x)
-    batched = torch.vmap(call, in_dims=(0, 0, *([0] * n_in)), randomness="different")
-    weights = []
-    for m in members:
-        w = class_weights(y_train[m.fit_rows], n_classes, cfg)
-        weights.append(torch.ones(n_classes) if w is None else w)
-    cw = torch.stack(weights).to(device)  # (M, C)
+    batched = torch.vmap(call, in_dims=(0, 0, *([0] * len(train_x))), randomness="different")
+    cw = _member_weights(cfg, members, y_train, n_classes, device)
+    y_tr = torch.from_numpy(y_train).to(device)
     gens = [torch.Generator().manual_seed(m.seed) for m in members]
     lrs = schedule_lrs(cfg)
     trackers = [BestTracker(cfg.patience) for _ in members]
     histories: list[list[dict[str, Any]]] = [[] for _ in members]
-    alive = list(range(M))  # members still training, in stack order
-    opt: torch.optim.Optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    st = _StackState(params, buffers, torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay),
+                     list(range(len(members))))
     feature_of = torch.tensor([m.feature for m in members], device=device)
-    best_state: list[dict[str, torch.Tensor] | None] = [None] * M
-
+    best_state: list[dict[str, torch.Tensor] | None] = [None] * len(members)
     for epoch in range(cfg.epochs):
-        if not alive:
+        if not st.alive:
             break
-        for group in opt.param_groups:
+        for group in st.opt.param_groups:
             group["lr"] = lrs[epoch]
-        base.train()
-        # every member's permutation of its own rows, cut into batches; members with fewer rows are padded
-        orders = [members[i].fit_rows[torch.randperm(len(members[i].fit_rows), generator=gens[i]).numpy()] for i in alive]
-        order_idx, order_mask = _padded(orders)  # (A, longest): rows, 1 where real (members may differ in rows)
-        n_batches = -(-order_idx.shape[1] // cfg.batch_size)
-        totals = torch.zeros(len(alive), device=device)
-        feats = feature_of[alive][:, None]
-        for b in range(n_batches):
-            cut = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-            idx_t = torch.from_numpy(order_idx[:, cut]).to(device)
-            mask_t = torch.from_numpy(order_mask[:, cut]).to(device)
-            xs = [x[feats, idx_t] for x in train_x]  # (A, b, *row_shape) gathered on the device
-            logits = batched(params, buffers, *xs)  # (A, b, C)
-            yb = y_tr[idx_t]
-            ce = F.cross_entropy(logits.permute(0, 2, 1), yb, reduction="none")  # (A, b)
-            wrow = torch.gather(cw[alive], 1, yb) * mask_t
-            per_member = (ce * wrow).sum(1) / wrow.sum(1).clamp_min(1e-12)  # nn.CrossEntropyLoss(weight)'s mean
-            opt.zero_grad(set_to_none=True)
-            per_member.sum().backward()  # a sum: every member's gradient is its own
-            opt.step()
-            totals += per_member.detach() * mask_t.sum(1)
-        base.eval()
-        stopped = []
-        with torch.inference_mode():
-            preds = _predict_all(batched, params, buffers, val_x, feats, [members[i].val_rows for i in alive], device)
-            for a, i in enumerate(alive):
-                m = members[i]
-                acc = f1 = None
-                if len(m.val_rows):
-                    acc, f1 = scores(y_va[m.val_rows], preds[a])
-                histories[i].append({"epoch": epoch, "train_loss": float(totals[a]) / max(1, len(m.fit_rows)),
-                                     "val_accuracy": acc, "val_f1_macro": f1, "lr": lrs[epoch]})
-                if trackers[i].update(epoch, f1, lambda a=a: {k: v[a].detach().clone() for k, v in params.items()}):
-                    stopped.append(a)
+        feats = feature_of[st.alive][:, None]
+        totals = _train_epoch(st, batched, base, train_x, y_tr, cw, members, feats, gens, cfg.batch_size, device)
+        stopped = _validate_epoch(st, batched, base, val_x, y_val, members, feats, device, epoch, lrs[epoch], totals,
+                                  trackers, histories)
         if stopped or epoch == cfg.epochs - 1:
-            finished = stopped if epoch < cfg.epochs - 1 else list(range(len(alive)))
-            for a in finished:
-                i = alive[a]
-                best_state[i] = trackers[i].state or {k: v[a].detach().clone() for k, v in params.items()}
-                if on_done is not None:
-                    on_done(i)
-            keep = [a for a in range(len(alive)) if a not in set(finished)]
-            if keep and len(keep) < len(alive):
-                params, buffers, opt = _compact(params, buffers, opt, keep, cfg)
-            alive = [alive[a] for a in keep]
-
-    seconds = (time.perf_counter() - t0) / max(1, M)
+            _retire(st, stopped if epoch < cfg.epochs - 1 else list(range(len(st.alive))), trackers, best_state, cfg,
+                    on_done)
+    seconds = (time.perf_counter() - t0) / max(1, len(members))
     fitted = []
     for i, module in enumerate(modules):
         state = best_state[i]
@@ -169,9 +213,8 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
             with torch.no_grad():
                 for name, p in module.named_parameters():
                     p.copy_(state[name])
-        est = HeadClassifier(cfg.replace(seed=members[i].seed))
-        est._set_fitted(module.eval(), n_classes, shape, histories[i], trackers[i].best_epoch, seconds)
-        fitted.append(est)
+        fitted.append(mark_fitted(HeadClassifier(cfg.replace(seed=members[i].seed)), module, n_classes, shape,
+                                  histories[i], trackers[i].best_epoch, seconds))
     return fitted
 
 

@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,13 @@ from torch import nn
 
 from embstore.errors import ConfigError, EmbstoreError
 from heads.probe.config import TOKEN_HEADS, HeadConfig
+from heads.probe.fitting import (
+    check_labels, class_weights, epoch_batches, epoch_schedule, head_device, mark_fitted, resolve_n_classes,
+)
 from heads.probe.modules import InputShape, Inputs, Ragged, as_inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, make_split, scores
 
-__all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged", "check_labels"]
+__all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged"]
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE, META_FILE = "head.safetensors", "head.json"
@@ -36,53 +38,6 @@ class NotFittedError(EmbstoreError, ValueError):
 
 class HeadNotFoundError(EmbstoreError, FileNotFoundError):
     """HeadClassifier.load was given a directory without head.json / head.safetensors."""
-
-
-def check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
-    """``y`` as (n,) int64 class indices; ConfigError if the length or dtype is wrong."""
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n:
-        raise ConfigError(f"{name} must be 1-D with one label per feature row ({n}); got shape {y.shape}.")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"{name} must hold integer class indices 0..C-1; got dtype {y.dtype}. Encode labels as "
-                          "indices first (e.g. sklearn LabelEncoder).")
-    if n and y.min() < 0:
-        raise ConfigError(f"{name} must hold class indices 0..C-1; got {y.min()}.")
-    return y.astype(np.int64, copy=False)
-
-
-def resolve_device(cfg: HeadConfig) -> torch.device:
-    """cfg.device, or CUDA when present, else CPU."""
-    if cfg.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"The 'device' option is {cfg.device!r} but CUDA is not available; use device='cpu'.")
-    return torch.device(cfg.device)
-
-
-def class_weights(y_train: np.ndarray, n_classes: int, cfg: HeadConfig) -> torch.Tensor | None:
-    """'balanced': n / (C * count_c), 0 for absent classes; None otherwise. (C,) float32."""
-    if cfg.class_weight != "balanced":
-        return None
-    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
-    w = np.divide(len(y_train), n_classes * counts, out=np.zeros_like(counts), where=counts > 0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: HeadConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The per-epoch lr schedule; None for constant."""
-    if cfg.schedule == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    return None
-
-
-def epoch_batches(train_idx: np.ndarray, batch_size: int, gen: torch.Generator) -> Iterator[np.ndarray]:
-    """One seeded permutation of the training rows, cut into minibatches of row indices."""
-    order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
 
 
 def _logits(module: nn.Module, inputs: Inputs, idx: np.ndarray, batch_size: int) -> torch.Tensor:
@@ -141,9 +96,9 @@ class HeadClassifier:
         elif y_val is not None:
             raise ConfigError("y_val was given without X_val; pass both or neither.")
         n_classes = resolve_n_classes(y, y_val, n_classes)
-        split = make_split(y, y_val, cfg)
+        split = make_split(y, y_val, validation_fraction=cfg.validation_fraction, seed=cfg.seed, patience=cfg.patience)
         val = train if split.val_is_train else val
-        device = resolve_device(cfg)
+        device = head_device(cfg)
 
         torch.manual_seed(cfg.seed)
         module = build_module(cfg, train.shape, n_classes)
@@ -151,8 +106,8 @@ class HeadClassifier:
             fit_input_stats(module, train, split.train_idx)
         module = module.to(device)
         opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = make_scheduler(opt, cfg)
-        weight = class_weights(y[split.train_idx], n_classes, cfg)
+        sched = epoch_schedule(opt, cfg.schedule, cfg.epochs, cfg.gamma)
+        weight = class_weights(y[split.train_idx], n_classes, cfg.class_weight)
         loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
         gen = torch.Generator().manual_seed(cfg.seed)
         tracker, history = BestTracker(cfg.patience), []
@@ -166,8 +121,7 @@ class HeadClassifier:
                 loss.backward()
                 opt.step()
                 total += loss.detach() * len(idx)
-            if sched is not None:
-                sched.step()
+            sched.step()
             acc = f1 = None
             if val is not None and split.val_idx is not None and split.y_val is not None:
                 pred = _logits(module, val, split.val_idx, self._eval_batch()).argmax(1).numpy()
@@ -179,18 +133,7 @@ class HeadClassifier:
                 break
         if tracker.state is not None:
             module.load_state_dict(tracker.state)
-        self._set_fitted(module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
-        return self
-
-    def _set_fitted(self, module: nn.Module, n_classes: int, shape: InputShape, history: list[dict[str, Any]],
-                    best_epoch: int, train_seconds: float) -> None:
-        self.module_ = module.eval()
-        self.n_classes_, self.input_shape_, self.history_ = n_classes, shape, history
-        self.best_epoch_, self.train_seconds_ = best_epoch, train_seconds
-        mix = getattr(module, "mix", None)
-        if self.config.head == "mix" and mix is not None:
-            self.mix_weights_ = mix.mix_weights()
-            self.mix_scale_ = float(mix.gamma.detach().cpu())
+        return mark_fitted(self, module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
 
     # -- inference -----------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -254,20 +197,10 @@ class HeadClassifier:
         with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
             module = build_module(cfg, shape, int(meta["n_classes"]))
         _load_weights(module, load_file(str(path / WEIGHTS_FILE)), path)
-        est._set_fitted(module.to(resolve_device(cfg)), int(meta["n_classes"]), shape, list(meta["history"]),
-                        int(meta["best_epoch"]), float(meta["train_seconds"]))
+        mark_fitted(est, module.to(head_device(cfg)), int(meta["n_classes"]), shape, list(meta["history"]),
+                    int(meta["best_epoch"]), float(meta["train_seconds"]))
         est.extra_ = dict(meta.get("extra") or {})
         return est
-
-
-def resolve_n_classes(y: np.ndarray, y_val: np.ndarray | None, n_classes: int | None) -> int:
-    """n_classes, or 1 + the largest label seen; ConfigError if a label is out of range."""
-    seen = max([int(a.max()) for a in (y, y_val) if a is not None and len(a)] or [0]) + 1
-    if n_classes is None:
-        return seen
-    if n_classes < seen:
-        raise ConfigError(f"n_classes is {n_classes} but the labels go up to {seen - 1}; pass n_classes >= {seen}.")
-    return int(n_classes)
 
 
 def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

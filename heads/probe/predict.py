@@ -15,6 +15,7 @@ from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank
 from heads.probe.modules import Ragged
 from heads.probe.specs import Combo
+from heads.report.rundir import BEST_HEAD_DIR
 
 __all__ = ["load_head", "predict_texts", "predict_audio", "head_modality"]
 
@@ -23,7 +24,7 @@ def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassi
     """The best head of a run directory, or a head directory."""
     if (run is None) == (head_dir is None):
         raise ConfigError("Pass exactly one of --run RUNDIR (its best head) or --head-dir DIR.")
-    directory = Path(head_dir) if head_dir is not None else Path(str(run)) / "best_head"
+    directory = Path(head_dir) if head_dir is not None else Path(str(run)) / BEST_HEAD_DIR
     if not (directory / "head.json").is_file():
         raise ConfigError(f"{directory} holds no saved head (head.json); pass a run directory written by 'heads sweep'/'heads train' or a head directory.")
     return HeadClassifier.load(directory)

@@ -25,6 +25,7 @@ from heads.probe.config import HeadConfig
 from heads.probe.ensemble import Member, bundle_key, fit_stacked
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank, feature_width
+from heads.probe.fitting import mark_fitted
 from heads.probe.modules import InputShape, LinearHead, as_inputs
 from heads.probe.solvers import Comm, LogisticFit, RowBlock, chunks_of, fit_logistic_probes, probe_probabilities
 from heads.probe.specs import Combo
@@ -110,7 +111,7 @@ def _linear_head(fit: LogisticFit, k: int, cfg: HeadConfig, n_classes: int, devi
         module.standardize.shift.copy_(torch.from_numpy(fit.mean))
         module.standardize.scale.copy_(torch.from_numpy(fit.scale))
     est = HeadClassifier(cfg)
-    est._set_fitted(module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
+    mark_fitted(est, module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
     return est
 
 

@@ -9,7 +9,6 @@ split is scored once per configuration, for the report only.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import logging
 import os
 import sys
@@ -34,6 +33,7 @@ from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, t
 from heads.probe.solvers import Comm
 from heads.probe.specs import COMBINES, Combo, expand, parse_combine
 from heads.protocol import carve_groups, split_roles
+from heads.report import rundir
 from heads.report.assess import ALPHA, Assessment, RunPredictions, assess
 from heads.report.metrics import majority_accuracy
 from heads.report.results import ResultRow, RunWriter, aggregate, best_config
@@ -379,7 +379,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     ``show_progress``: a tqdm bar of configurations done / total / ETA (None: only on a terminal).
     """
     from embstore.extraction import cache_dir
-    from heads.probe.estimator import resolve_device
+    from heads.probe.fitting import head_device
 
     t_start = time.perf_counter()
     _join_process_group()
@@ -391,9 +391,9 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         control = open_store(config.control, verify=config.verify)
         check_control(setup.store, control, setup.splits, setup.combos)
     bank, cache_chunks = _bank(setup, cfg, config.max_memory)
-    device = resolve_device(cfg)
+    device = head_device(cfg)
     main = comm.rank == 0
-    run_dir = Path(config.out) if config.out else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-sweep-{Path(setup.path).stem[:40]}"
+    run_dir = rundir.run_dir(config.out, f"sweep-{Path(setup.path).stem[:40]}")
     writer = RunWriter(run_dir, _meta(config, setup, bank, comm, control)) if main else None
 
     bar = _progress(len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False)
@@ -455,7 +455,7 @@ def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls:
              "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds"),
              "precision": store.provenance.get("precision"),
              "seed": shown.seed, "fold": shown.fold, "chosen_on": "validation macro-F1"}
-    est.save(writer.run_dir / "best_head", extra=extra)
+    est.save(writer.run_dir / rundir.BEST_HEAD_DIR, extra=extra)
     timings["total_s"] = time.perf_counter() - t_start
     writer.update_meta(timings={k: round(v, 4) for k, v in timings.items()})
     log.info("sweep of %d runs in %.1fs; best %s (evaluation split %s)", len(outcomes), timings["total_s"], key, ev_split)

@@ -1,4 +1,4 @@
-"""The heads run directory: the only module that knows its files.
+"""The heads run directory: the only module that writes and reads its result files (their names: :mod:`heads.report.rundir`).
 
 Layout of one run (``heads sweep``, ``heads train``, ``heads finetune`` all write it)::
 
@@ -25,14 +25,13 @@ from typing import Any
 from embstore._version import __version__
 from embstore.errors import DataError, DataFileNotFoundError, OutputNotWritableError
 from heads.report.plots import plot_confusion, plot_curves, plot_per_layer
+from heads.report.rundir import CSV_FILE, PREDICTIONS_FILE, ROWS_FILE, RUN_FILE, SUMMARY_FILE
 from heads.report.summary import summary_md
 from heads.report.table import ConfigKey, ConfigStats, ResultRow, aggregate, best_config
 
 __all__ = ["ResultRow", "ConfigStats", "RunWriter", "aggregate", "best_config", "read_run", "save_predictions",
            "RUN_FILE", "PREDICTIONS_FILE"]
 
-RUN_FILE, ROWS_FILE, CSV_FILE, SUMMARY_FILE = "run.json", "results.jsonl", "results.csv", "summary.md"
-PREDICTIONS_FILE = "predictions.npz"
 PLOT_PER_LAYER, PLOT_CURVES, PLOT_CONFUSION = "metric_per_layer.png", "learning_curves.png", "confusion_best.png"
 RUN_FORMAT_VERSION = 1
 CSV_COLUMNS = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "val_accuracy",

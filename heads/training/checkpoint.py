@@ -1,4 +1,4 @@
-"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+"""Training checkpoints without pickle (tensors in safetensors, everything else in JSON), and their identity.
 
 ``accelerate.save_state`` writes the optimizer, scheduler and RNG states with ``torch.save``
 (pickle), and the pretraining loop used to save the model that way too because of its tied
@@ -9,23 +9,33 @@ decoder weights. Here the same state is written as ``*.safetensors`` + ``*.json`
     training_state.json    the rest of those states (param groups, schedule counters), accelerate's step
     rng_<rank>.safetensors / rng_<rank>.json   each process's torch (CUDA), numpy and python RNG states
 
-and loaded back into freshly built objects of the same shapes.
+and loaded back into freshly built objects of the same shapes. Beside them each trainer keeps its own JSON state
+(epoch, steps, history...) with :func:`write_state`; its ``fingerprint`` (:func:`fingerprint` of the config minus
+the options that may change on resume) lets :func:`read_checkpoint` refuse, naming the differing options, to resume
+from a checkpoint made with another configuration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from embstore.errors import ConfigError
 
-__all__ = ["save_training_state", "load_training_state", "MODEL_FILE", "STATE_FILE"]
+__all__ = ["save_training_state", "load_training_state", "fingerprint", "read_checkpoint", "write_state", "MODEL_FILE",
+           "STATE_FILE"]
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 MODEL_FILE, TENSORS_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "training_state.json"
@@ -86,7 +96,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def save_training_state(acc: Any, directory: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+def save_training_state(acc: Accelerator, directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     """Write the model, optimizer, scheduler, gradient scaler, accelerate's step and every process's
     RNG states to ``directory`` (call it on every process; the main one writes the shared files)."""
     from safetensors.torch import save_model
@@ -103,7 +114,8 @@ def save_training_state(acc: Any, directory: str | Path, model: torch.nn.Module,
     _save(_rng_state(), path, f"rng_{rank}.safetensors", f"rng_{rank}.json")
 
 
-def load_training_state(acc: Any, directory: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+def load_training_state(acc: Accelerator, directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     """Restore what :func:`save_training_state` wrote into objects built the same way."""
     from safetensors.torch import load_model
 
@@ -129,3 +141,40 @@ def load_training_state(acc: Any, directory: str | Path, model: torch.nn.Module,
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def fingerprint(config: Mapping[str, Any], *extra: str) -> str:
+    """sha256 of a config dict (already stripped of the options that may change on resume) and ``extra`` strings."""
+    return hashlib.sha256(json.dumps([dict(config), *extra], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_checkpoint(ckpt: Path, state_file: str, expected: str, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON state in ``ckpt/state_file`` if its fingerprint is ``expected``; None when there is no checkpoint.
+
+    ``config`` is this run's fingerprinted config dict; a mismatch raises ConfigError naming the differing options.
+    """
+    path = ckpt / state_file
+    if not path.is_file():
+        log.info("resume: no checkpoint in %s, starting from scratch", ckpt)
+        return None
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"The checkpoint state {path} is not valid JSON ({exc.msg}); rerun without --resume "
+                          "or with a new --out.") from None
+    if state.get("fingerprint") != expected:
+        old = state.get("config", {})
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k)) or ["model weights"]
+        raise ConfigError(
+            f"The checkpoint in {ckpt} was made with another configuration or model (checkpoint fingerprint "
+            f"{str(state.get('fingerprint'))[:12]}, this run {expected[:12]}; differing: {', '.join(diff)}). "
+            "Rerun with the checkpoint's options, without --resume, or with a new --out.")
+    return state
+
+
+def write_state(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a trainer's JSON checkpoint state (its epoch, steps, history, ``fingerprint`` and ``config``) in one
+    replace, so a run killed while writing leaves the previous state whole."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(state), indent=2, default=str))
+    os.replace(tmp, path)

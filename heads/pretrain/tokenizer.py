@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embstore.errors import ConfigError, ModelNotFoundError
-from heads.pretrain_config import SPECIAL_TOKENS
+from heads.pretrain.config import SPECIAL_TOKENS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["check_special_tokens", "load_tokenizer", "train_wordpiece"]
 
@@ -83,7 +86,7 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-def check_special_tokens(tok: Any, origin: str) -> None:
+def check_special_tokens(tok: PreTrainedTokenizerBase, origin: str) -> None:
     """Masked-LM pretraining needs [MASK], [CLS]-like, [SEP]-like and padding tokens; say which one is missing."""
     missing = [name for name in ("mask_token", "cls_token", "sep_token", "pad_token")
                if getattr(tok, f"{name}_id", None) is None]

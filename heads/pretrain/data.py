@@ -1,9 +1,8 @@
-"""What a pretraining run starts from: the corpus (training and held-out rows), the tokenizer and the BERT config."""
+"""What a pretraining run starts from: the corpus (training and held-out rows) and the tokenizer."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,15 +11,12 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ConfigError, DataError
-from heads.pretrain_config import PretrainConfig
-from heads.tokenizer import load_tokenizer, train_wordpiece
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.tokenizer import load_tokenizer, train_wordpiece
 
-__all__ = ["DEFAULT_ARCHITECTURE", "PretrainData", "build_bert_config", "load_corpus"]
+__all__ = ["PretrainData", "load_corpus"]
 
 log = logging.getLogger(__name__)
-DEFAULT_ARCHITECTURE = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
-                        "max_position_embeddings": 512}
-"""Without --config/--model-config: a small BERT, 4 layers of 256 with 4 heads (intermediate 4 x hidden)."""
 _EVAL_SPLITS = ("validation", "dev", "test")
 
 
@@ -102,47 +98,3 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
              eval_from, len(tok), how)
     return PretrainData(tokenizer=tok, train_texts=texts, train_pairs=pairs, eval_texts=ev_texts, eval_pairs=ev_pairs,
                         provenance=provenance)
-
-
-def _read_model_config(spec: str) -> dict[str, Any]:
-    candidates = [Path(spec), Path("configs/models") / f"{spec}.yaml", Path("configs/models") / f"{spec}.json"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise ConfigError(f"The model config {spec!r} is neither a file nor configs/models/{spec}.yaml; pass a BERT "
-                          "config YAML/JSON (num_hidden_layers, hidden_size, ...) or use --layers/--hidden/--heads.")
-    import yaml
-
-    text = path.read_text()
-    values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of BERT config fields; got {type(values).__name__}.")
-    if values.get("model_type", "bert") != "bert":
-        raise ConfigError(f"{path} has model_type {values['model_type']!r}; heads pretrain builds BERT models "
-                          "(model_type: bert).")
-    return {k: v for k, v in values.items() if k != "model_type"}
-
-
-def build_bert_config(config: PretrainConfig, *, vocab_size: int, pad_id: int) -> Any:
-    """BertConfig: defaults < ``model_config`` file < the layers/hidden/heads/intermediate/max_positions options.
-
-    ``vocab_size`` is the tokenizer's; a file's vocab_size is replaced by it.
-    """
-    from transformers import BertConfig
-
-    fields: dict[str, Any] = dict(DEFAULT_ARCHITECTURE)
-    if config.model_config is not None:
-        fields.update(_read_model_config(config.model_config))
-    flags = {"num_hidden_layers": config.layers, "hidden_size": config.hidden, "num_attention_heads": config.heads,
-             "intermediate_size": config.intermediate, "max_position_embeddings": config.max_positions}
-    fields.update({k: v for k, v in flags.items() if v is not None})
-    if config.intermediate is None and (config.hidden is not None or "intermediate_size" not in fields):
-        fields["intermediate_size"] = 4 * int(fields["hidden_size"])
-    if int(fields["hidden_size"]) % int(fields["num_attention_heads"]):
-        raise ConfigError(f"hidden size {fields['hidden_size']} is not a multiple of {fields['num_attention_heads']} "
-                          "attention heads; pick e.g. --hidden 256 --heads 4.")
-    if int(fields["max_position_embeddings"]) < config.max_length:
-        raise ConfigError(f"max_position_embeddings {fields['max_position_embeddings']} is shorter than max_length "
-                          f"{config.max_length}: the model could not embed the last positions. Raise --max-positions "
-                          f"to at least {config.max_length} or lower --max-length.")
-    fields.update(vocab_size=vocab_size, pad_token_id=pad_id, type_vocab_size=2)
-    return BertConfig(**fields)

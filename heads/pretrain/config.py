@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.config import reject_unknown_keys
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.optim_config import OPTIM_KEYS, OptimConfig
+from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
 
@@ -73,7 +71,7 @@ class PretrainConfig:
     """Weight of the pair-objective loss added to the MLM loss."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs (a bound; max_steps and max_minutes may stop earlier), warmup_ratio,
-    schedule (linear, cosine, constant), grad_accum, mixed_precision; flat keys in YAML."""
+    schedule (linear, cosine, constant), grad_accum, mixed_precision, max_grad_norm (clipping); flat keys in YAML."""
     max_steps: int | None = None
     """Optimizer steps in total; when given it sets the schedule length instead of ``epochs``."""
     max_minutes: float | None = None
@@ -83,21 +81,13 @@ class PretrainConfig:
     out: str | None = None
     """Run directory; None: runs/<time>-pretrain. The backbone is written to ``out``/model."""
     device: str | None = None
-    """'cpu', 'cuda'...; None picks CUDA when present."""
+    """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
     def __post_init__(self) -> None:
-        def choice(name: str, allowed: tuple[Any, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                shown = ", ".join("none" if a is None else str(a) for a in allowed)
-                raise ConfigError(f"The '{name}' option must be one of {shown}; got {getattr(self, name)!r}.")
-
-        choice("pair_objective", (None, "sop", "nsp"))
+        check_choice(self, "pair_objective", (None, "sop", "nsp"))
         self.source.only(DATA_KEYS, "heads pretrain")
         self.optim.check(SCHEDULES)
-        for name in ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {v}.")
+        check_positive(self, ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions"))
         if self.vocab_size <= len(SPECIAL_TOKENS):
             raise ConfigError(f"The 'vocab_size' option must leave room beyond the {len(SPECIAL_TOKENS)} special tokens "
                               f"({', '.join(SPECIAL_TOKENS)}); got {self.vocab_size}. Use e.g. 8000.")
@@ -126,9 +116,8 @@ class PretrainConfig:
                               "or drop --swap-augment.")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "optim")}
-        return {**self.source.to_dict(DATA_KEYS), **self.optim.to_dict(), **d}
+        """JSON-ready flat dict (the data and optimiser keys at the top level)."""
+        return flat_keys(self, DATA_KEYS)
 
     def fingerprinted(self) -> dict[str, Any]:
         """The options a resumed run must share with its checkpoint."""
@@ -137,11 +126,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"source", "optim"}
-        reject_unknown_keys(d, own | set(DATA_KEYS) | set(OPTIM_KEYS), "pretrain")
-        values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
-        values["source"] = DataSpec.from_dict({"data": None, **{k: v for k, v in d.items() if k in DATA_KEYS}})
-        values["optim"] = dataclasses.replace(_DEFAULT_OPTIM, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+        values = nested_values(cls, d, DATA_KEYS, _DEFAULT_OPTIM, "pretrain", data_defaults={"data": None})
         if values.get("pair_objective") in ("none", ""):
             values["pair_objective"] = None
         return cls(**values)

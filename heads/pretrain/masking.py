@@ -9,9 +9,12 @@ the second sentence before [CLS] A [SEP] B [SEP] is built and truncated. Randomn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["IGNORE", "Corpus", "PretrainCollator", "mask_tokens", "tokenize_corpus"]
 
@@ -33,7 +36,7 @@ class Corpus:
         return len(self.a)
 
 
-def tokenize_corpus(tokenizer: Any, texts: list[str], pairs: list[str] | None, *, whole_word: bool = False) -> Corpus:
+def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, *, whole_word: bool = False) -> Corpus:
     """Tokenise each sentence once (no special tokens); with ``whole_word`` keep each token's word index."""
     def encode(batch: list[str]) -> tuple[list[list[int]], list[list[int]] | None]:
         # No truncation here (a batch truncates after joining the pair), so no length warning either.

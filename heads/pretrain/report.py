@@ -1,4 +1,4 @@
-"""The files of a pretraining run directory besides model/ and checkpoint/ (see :mod:`heads.pretrain`)."""
+"""The files of a pretraining run directory besides model/ and checkpoint/ (see :mod:`heads.pretrain.run`)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,25 @@ import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embstore._version import __version__
 from embstore.errors import OutputNotWritableError
 from heads.evalset import EVAL_SET_KEY
-from heads.pretrain_config import PretrainConfig
+from heads.pretrain.config import PretrainConfig
+from heads.pretrain.data import PretrainData
+from heads.report.rundir import RUN_FILE, SUMMARY_FILE
 
-__all__ = ["LOG_FILE", "PLOT_FILE", "RUN_FILE", "SUMMARY_FILE", "read_log", "write_outputs"]
+if TYPE_CHECKING:
+    from transformers import BertConfig
 
-RUN_FILE, LOG_FILE, PLOT_FILE, SUMMARY_FILE = "run.json", "pretrain_log.jsonl", "loss_curve.png", "summary.md"
+__all__ = ["LOG_FILE", "PLOT_FILE", "read_log", "write_outputs"]
+
+LOG_FILE, PLOT_FILE = "pretrain_log.jsonl", "loss_curve.png"
 
 
-def write_outputs(run_dir: Path, config: PretrainConfig, data: Any, bert_config: Any, history: list[dict[str, Any]],
-                  final: dict[str, Any] | None) -> None:
+def write_outputs(run_dir: Path, config: PretrainConfig, data: PretrainData, bert_config: BertConfig,
+                  history: list[dict[str, Any]], final: dict[str, Any] | None) -> None:
     """(Re)write run.json, pretrain_log.jsonl (one line per epoch; epoch 0 is the untrained model),
     loss_curve.png and summary.md from the whole history, so a resumed run's files are complete."""
     try:
@@ -66,7 +71,7 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def _summary(name: str, config: PretrainConfig, corpus: dict[str, Any], bert_config: Any,
+def _summary(name: str, config: PretrainConfig, corpus: dict[str, Any], bert_config: BertConfig,
              history: list[dict[str, Any]], final: dict[str, Any] | None) -> str:
     c = bert_config
     lines = [f"# Pretraining run {name}", "",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.config import reject_unknown_keys
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
-from heads.optim_config import OPTIM_KEYS, OptimConfig
+from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
@@ -54,12 +52,10 @@ class FinetuneConfig:
     """'cls' (first token) or attention-masked 'mean' of the last hidden state."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (linear, cosine, exponential), grad_accum,
-    mixed_precision; flat keys in YAML."""
+    mixed_precision, max_grad_norm (clipping, as the Trainer does); flat keys in YAML."""
     head_lr: float = 1e-3
     """Learning rate of the freshly initialised classifier (the backbone gets ``lr``): a random head needs a far
     larger step than pretrained weights, or a small data set ends in a majority-class model."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this before every optimizer step (0: no clipping), as the Trainer does."""
     patience: int = 2
     """Epochs without a better validation macro-F1 before stopping (0: never; the last epoch wins)."""
     min_epochs: int = 3
@@ -80,20 +76,14 @@ class FinetuneConfig:
     out: str | None = None
     """Run directory; None: runs/<time>-finetune."""
     device: str | None = None
-    """'cpu', 'cuda'...; None picks CUDA when present."""
+    """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
     def __post_init__(self) -> None:
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"The '{name}' option must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
-
-        choice("classifier", ("linear", "mlp"))
-        choice("pooling", ("cls", "mean"))
+        check_choice(self, "classifier", ("linear", "mlp"))
+        check_choice(self, "pooling", ("cls", "mean"))
         self.source.only(DATA_KEYS, "heads finetune")
         self.optim.check(SCHEDULES)
-        for name in ("max_length", "prune_batches", "min_heads_per_layer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {getattr(self, name)}.")
+        check_positive(self, ("max_length", "prune_batches", "min_heads_per_layer"))
         if self.max_length < 2:
             raise ConfigError(f"The 'max_length' option must be at least 2 tokens; got {self.max_length}.")
         if self.folds is not None and self.folds < 2:
@@ -105,8 +95,6 @@ class FinetuneConfig:
         if not self.head_lr > 0:
             raise ConfigError(f"The 'head_lr' option (the classifier's learning rate) must be positive; got "
                               f"{self.head_lr}. Use e.g. --head-lr 0.001.")
-        if self.max_grad_norm < 0:
-            raise ConfigError(f"The 'max_grad_norm' option must be 0 (no clipping) or more; got {self.max_grad_norm}.")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}.")
         if not 0.0 < self.gamma <= 1.0:
@@ -127,19 +115,14 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("source", "optim")}
-        d = {"model": d.pop("model"), **self.source.to_dict(DATA_KEYS), **self.optim.to_dict(), **d}
+        d = flat_keys(self, DATA_KEYS, first=("model",))
         d["classifier_hidden"] = list(self.classifier_hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
-        own = {f.name for f in dataclasses.fields(cls)} - {"source", "optim"}
-        reject_unknown_keys(d, own | set(DATA_KEYS) | set(OPTIM_KEYS), "finetune")
-        values: dict[str, Any] = {k: v for k, v in d.items() if k in own}
-        values["source"] = DataSpec.from_dict({k: v for k, v in d.items() if k in DATA_KEYS})
-        values["optim"] = dataclasses.replace(_DEFAULT_OPTIM, **{k: v for k, v in d.items() if k in OPTIM_KEYS})
+        values = nested_values(cls, d, DATA_KEYS, _DEFAULT_OPTIM, "finetune")
         if "classifier_hidden" in values:
             h = values["classifier_hidden"]
             values["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))

@@ -1,0 +1,207 @@
+"""``heads finetune``: train the backbone itself (optionally frozen, truncated or pruned) plus a small classifier.
+
+The loop is plain PyTorch plus accelerate (:mod:`heads.finetune.loop` over :mod:`heads.training`); the new
+classifier trains at its own ``head_lr``, far above the backbone's ``lr``, so a small data set or a frozen backbone
+still moves it. Surgery comes from :mod:`embstore.surgery`; results go through :class:`RunWriter` so a fine-tuning
+run reads back like a sweep. ``prune_fraction`` prunes *after the first epoch* (head importance needs a classifier
+that has learnt something; an untrained head's gradients rank heads at random), then training continues for the
+remaining epochs; early stopping only compares epochs after the pruning.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from torch import nn
+
+from embstore.surgery import count_parameters, freeze, parse_freeze, parse_prune_spec, prune_heads, pruned_heads, truncate
+from heads.finetune.config import FinetuneConfig
+from heads.finetune.data import FinetuneData, load_rows, rounds
+from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
+from heads.finetune.model import save_finetuned
+from heads.protocol import Round
+from heads.report.rundir import CHECKPOINT_DIR, run_dir as default_run_dir
+from heads.report.table import ResultRow
+from heads.training.checkpoint import fingerprint, read_checkpoint, write_state
+
+if TYPE_CHECKING:
+    from embstore.models import Backbone
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune", "config_fingerprint"]
+
+log = logging.getLogger(__name__)
+_NOT_FINGERPRINTED = ("out", "resume", "epochs", "device")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_dir: Path
+    accuracy: float
+    f1_macro: float
+    trainable_params: int
+    total_params: int
+    seconds_per_epoch: float
+    accuracy_std: float = 0.0
+    """Standard deviation over folds (0 without --folds)."""
+    f1_macro_std: float = 0.0
+    folds: int | None = None
+
+
+def config_fingerprint(config: FinetuneConfig, weights_sha256: str, sources: list[dict[str, Any]] | None = None) -> str:
+    """sha256 of the config (minus out/resume/epochs/device), the backbone's weights hash and, given the loaded
+    data's provenance ``sources``, the data files' content (so a resumed run refuses an edited file)."""
+    return fingerprint(_fingerprinted(config, sources), weights_sha256)
+
+
+def _fingerprinted(config: FinetuneConfig, sources: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    d = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    if sources is not None:
+        d["data_content"] = config.source.fingerprinted(sources)["data"]
+    return d
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """The backbone after surgery, and what the result rows report about it."""
+
+    model: nn.Module
+    n_layers: int
+    spec_pruned: dict[int, list[int]]
+
+
+def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
+    """Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape)."""
+    encoder.requires_grad_(True)
+    if config.truncate is not None:
+        truncate(encoder, config.truncate)
+    n_layers = int(getattr(encoder, "config").num_hidden_layers)
+    if config.prune_heads:
+        prune_heads(encoder, parse_prune_spec(config.prune_heads, n_layers,
+                                              int(getattr(encoder, "config").num_attention_heads)))
+    if config.freeze:
+        freeze(encoder, parse_freeze(config.freeze, n_layers))
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is not None:  # unused by cls/mean pooling of the last hidden state
+        pooler.requires_grad_(False)
+    return _Encoder(encoder, n_layers, pruned_heads(encoder))
+
+
+def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encoder: _Encoder) -> ResultRow:
+    metrics = outcome.metrics
+    trainable, total = count_parameters(outcome.model)
+    eval_rows = 0 if rnd.eval_rows is None else len(rnd.eval_rows)
+    return ResultRow(
+        layers=str(encoder.n_layers), combine="finetune", pooling=config.pooling, head=config.classifier,
+        seed=config.source.seed, fold=rnd.fold, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
+        train_seconds=outcome.train_seconds, hyperparameters=config.to_dict(), per_class=metrics["per_class"],
+        confusion=metrics["confusion"], store_id="", best_epoch=outcome.best_epoch, trainable_params=trainable,
+        seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
+        history=outcome.history,
+        extra={"total_params": total, "freeze": config.freeze, "truncate": config.truncate, "eval_rows": int(eval_rows),
+               "pruned_heads": {"spec": {str(k): v for k, v in encoder.spec_pruned.items()},
+                                "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
+                                "importance_after_epoch": 1 if config.prune_fraction is not None else None,
+                                "all": {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()}}})
+
+
+def _run_rounds(spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path
+                ) -> tuple[list[ResultRow], RoundOutcome | None]:
+    """Every round's result row (a fold that finished before a resume is read back, not trained again) and the last
+    trained round's outcome."""
+    config = spec.config
+    rows: list[ResultRow] = []
+    outcome: RoundOutcome | None = None
+    for rnd in plan:
+        ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
+        resumed = read_checkpoint(ckpt, STATE_FILE, spec.fingerprint, spec.fingerprinted) if config.resume else None
+        if resumed is not None and resumed.get("row") is not None:  # a fold that finished before the interruption
+            rows.append(ResultRow.from_dict(resumed["row"]))
+            log.info("fold %s finished before; its result is reused", rnd.fold)
+            continue
+        start = encoder.model if len(plan) == 1 else copy.deepcopy(encoder.model)  # every fold starts from the backbone
+        outcome = fit_round(spec, start, rnd, ckpt, resumed)
+        row = _result_row(config, rnd, outcome, encoder)
+        rows.append(row)
+        if rnd.fold is not None and outcome.is_main:  # mark the fold done, so --resume skips it
+            write_state(ckpt / STATE_FILE, {**json.loads((ckpt / STATE_FILE).read_text()), "row": row.to_dict()})
+            log.info("fold %d: accuracy %.4f, macro-F1 %.4f", rnd.fold, row.accuracy, row.f1_macro)
+    return rows, outcome
+
+
+def _summary(rows: list[ResultRow], run_dir: Path, folds: int | None) -> FinetuneResult:
+    """Mean (and standard deviation over folds) of the rows' scores, parameters and seconds per epoch."""
+    acc, f1 = [r.accuracy for r in rows], [r.f1_macro for r in rows]
+    return FinetuneResult(run_dir=run_dir, accuracy=float(np.mean(acc)), f1_macro=float(np.mean(f1)),
+                          trainable_params=int(rows[-1].trainable_params or 0),
+                          total_params=int(rows[-1].extra["total_params"]),
+                          seconds_per_epoch=float(np.mean([r.seconds_per_epoch or 0.0 for r in rows])),
+                          accuracy_std=float(np.std(acc)), f1_macro_std=float(np.std(f1)), folds=folds)
+
+
+def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp: str, result: FinetuneResult
+              ) -> dict[str, Any]:
+    """run.json: the model, labels, rows, majority baseline, config, fingerprint, sources and the evaluation set id
+    (:mod:`heads.evalset`): the evaluation rows, or with ``folds`` every training row (the held-out folds' union)."""
+    from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
+    from heads.report.metrics import majority_accuracy
+
+    tr, te = data.train, data.evaluation
+    y_train = data.labels(tr)[data.train_rows]
+    meta = {"kind": "finetune", "model": backbone.identity, "label_names": data.label_names,
+            "train_rows": int(len(data.train_rows)), "eval_rows": int(len(data.eval_rows)),
+            "majority_accuracy": majority_accuracy(y_train, data.labels(te)[data.eval_rows]), "config": config.to_dict(),
+            "fingerprint": fp, "sources": data.sources}
+    scored_split, scored = (te, te.row_ids[data.eval_rows]) if config.folds is None else (tr, tr.row_ids[data.train_rows])
+    meta[EVAL_SET_KEY] = eval_set(source_sha256(data.sources, scored_split.name), scored)
+    if config.folds is not None:
+        meta["folds"] = {"k": config.folds, "seed": config.source.seed, "stratified": True,
+                         "accuracy_mean": result.accuracy, "accuracy_std": result.accuracy_std,
+                         "f1_macro_mean": result.f1_macro, "f1_macro_std": result.f1_macro_std,
+                         "eval": "each fold's held-out training rows"}
+        meta["majority_accuracy"] = majority_accuracy(y_train, y_train)
+    return meta
+
+
+def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> FinetuneResult:
+    """Fine-tune ``config.model`` on the data and write a run directory (results, summary, model/).
+
+    With ``folds`` K, K models are trained from the same starting backbone on stratified folds of the
+    training rows, each scored on its held-out fold: one result row per fold (reported as mean +- std),
+    checkpoints under checkpoint/fold-K, and no model/ (train without --folds for a model to keep).
+    Returns the (mean) evaluation accuracy and macro-F1, trainable/total parameters and seconds per epoch.
+    ``show_progress``: a tqdm bar per epoch with the running loss and examples/s.
+    """
+    from embstore.device import resolve_device
+    from embstore.models import load_backbone
+    from heads.report import RunWriter
+
+    resolve_device(config.device)  # an unusable --device fails before the data and model are loaded
+    run_dir = default_run_dir(config.out, "finetune")
+    data = load_rows(config)
+    backbone = load_backbone(config.model, "cpu")
+    weights_sha = backbone.identity.get("weights_sha256")
+    spec = RoundSpec(config=config, tokenizer=backbone.tokenizer, data=data,
+                     fingerprint=config_fingerprint(config, str(weights_sha or ""), data.sources),
+                     fingerprinted=_fingerprinted(config, data.sources), weights_sha256=weights_sha,
+                     show_progress=show_progress)
+    encoder = prepare_encoder(config, backbone.model)
+    rows, outcome = _run_rounds(spec, encoder, rounds(config.folds, data, config.source.seed), run_dir)
+    result = _summary(rows, run_dir, config.folds)
+    if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
+        return result
+    if config.folds is None and outcome is not None:
+        save_finetuned(outcome.model, backbone.tokenizer, run_dir, {
+            "label_names": data.label_names, "pooling": config.pooling, "classifier": config.classifier,
+            "classifier_hidden": list(config.classifier_hidden), "dropout": config.dropout,
+            "n_classes": len(data.label_names), "max_length": config.max_length})
+    writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result))
+    for row in rows:
+        writer.add(row)
+    writer.finish(data.label_names)
+    return result
