@@ -77,6 +77,9 @@ class ChunkVerifier:
     def __init__(self, backend: Backend, layout: L.StoreLayout, path: str, enabled: bool = True) -> None:
         self._b, self.layout, self.path, self.enabled = backend, layout, path, enabled
         self._recorded: dict[str, np.ndarray | None] = {}
+        self._verified: set[tuple[str, tuple[str, str, int], int]] = set()
+        """(split, entry, row chunk) already checked by this reader: a chunk verified once is not hashed again (a
+        sweep that reads a layer for several configuration groups, or streams it every pass, pays for it once)."""
 
     def done(self, split: str) -> np.ndarray:
         """(n_chunks,) bool: which row chunks have been written."""
@@ -108,13 +111,18 @@ class ChunkVerifier:
         stop = sl.n_rows if stop is None else stop
         for c in range(sl.n_chunks):
             lo, hi = sl.rows(c)
-            if lo < start or hi > stop:
+            if lo < start or hi > stop or (split, entry, c) in self._verified:
                 continue
-            if done[c] and entry_digest(name_of(c), entry[2], chunk_data(c)) != bytes(recorded[c, e]):
-                raise StoreCorruptedError(
-                    f"{self.path}: split {split}, row chunk {c}, {name_of(c)} layer {entry[2]} does not match the checksum "
-                    f"recorded when it was written (the store is corrupted); run 'embstore verify {self.path}' and "
-                    "re-extract, or pass --no-verify to read it anyway.")
+            if done[c]:
+                self._verify(split, entry, c, name_of(c), chunk_data(c), bytes(recorded[c, e]))
+
+    def _verify(self, split: str, entry: tuple[str, str, int], c: int, name: str, data: np.ndarray, recorded: bytes) -> None:
+        if entry_digest(name, entry[2], data) != recorded:
+            raise StoreCorruptedError(
+                f"{self.path}: split {split}, row chunk {c}, {name} layer {entry[2]} does not match the checksum "
+                f"recorded when it was written (the store is corrupted); run 'embstore verify {self.path}' and "
+                "re-extract, or pass --no-verify to read it anyway.")
+        self._verified.add((split, entry, c))
 
     def chunk_arrays(self, split: str, chunk: int) -> Iterator[tuple[str, np.ndarray]]:
         """(array path, values) of every hidden-state region of one row chunk, as read."""

@@ -74,3 +74,32 @@ def test_an_hdf5_store_with_a_changed_value_stops_the_read(tiny_csv):
     assert open_store(path).verify() != []
     unchecked = open_store(path, verify=False).pooled("all", "mean")
     assert not np.array_equal(unchecked, clean) and np.array_equal(unchecked[:, [0, 2]], clean[:, [0, 2]])
+
+
+def test_a_chunk_verified_once_is_not_hashed_again(tiny_csv, monkeypatch):
+    """A reader hashes each row chunk of a layer once: a sweep reading a layer for several configuration groups, or
+    streaming it on every pass, pays for the check once. A corrupted chunk is still caught on its first read."""
+    import embstore.digests as digests
+
+    path = _store(tiny_csv)
+    hashed: list[tuple[str, int]] = []
+    real = digests.entry_digest
+
+    def counting(name, layer, data):
+        hashed.append((name, layer))
+        return real(name, layer, data)
+
+    monkeypatch.setattr(digests, "entry_digest", counting)
+    store = open_store(path)
+    first = store.pooled("all", "mean", layers=[1])
+    n_chunks = store.layout.splits["all"].n_chunks
+    assert len(hashed) == n_chunks  # layer 1's chunks, once each
+    for start, stop in (store.layout.splits["all"].rows(c) for c in range(n_chunks)):
+        store.pooled_rows("all", "mean", start, stop, [1])  # streamed chunk by chunk: already verified
+    assert np.array_equal(store.pooled("all", "mean", layers=[1]), first)
+    assert len(hashed) == n_chunks
+    store.pooled("all", "mean", layers=[2])
+    assert len(hashed) == 2 * n_chunks  # another layer is checked on its first read
+    _flip(path / "splits/all/text/pooled/mean/c/0/1/0")
+    with pytest.raises(StoreCorruptedError, match="layer 0"):
+        open_store(path).pooled("all", "mean", layers=[0])
