@@ -1,5 +1,6 @@
-"""The stream path: over --max-memory the L-BFGS probes read row chunks from the store (one pass per iteration),
-with the same results as in memory; under torchrun each rank takes its own chunks and the sums are all-reduced."""
+"""Over --max-memory: configurations in groups that fit, each read once and trained in memory; a configuration that
+alone does not fit is streamed (the L-BFGS probes read row chunks from the store, one pass per iteration); the
+results are those of a sweep in memory. Under torchrun each rank takes its own chunks and the sums are all-reduced."""
 
 from __future__ import annotations
 
@@ -56,16 +57,19 @@ def _same(a: Path, b: Path) -> None:
     np.testing.assert_allclose(pa["proba"], pb["proba"], atol=1e-4)
 
 
-def test_streamed_chunks_give_the_in_memory_results(chunked, tmp_path):
+def test_groups_and_streamed_configurations_give_the_in_memory_results(chunked, tmp_path):
     mem = run("sweep", "--store", chunked, *ARGS, "--out", str(tmp_path / "mem"))
     assert mem.exit_code == 0, mem.output
-    # the features need 120 rows x 3 layers x 32 x 2 bytes = 23,040 B; one chunk with its features and work 18,176 B
-    streamed = run("sweep", "--store", chunked, *ARGS, "--max-memory", "20000", "--out", str(tmp_path / "stream"))
-    assert streamed.exit_code == 0, streamed.output
-    meta = json.loads((tmp_path / "stream" / "run.json").read_text())
-    assert meta["features_preloaded"] is False and json.loads((tmp_path / "mem" / "run.json").read_text())["features_preloaded"]
-    _same(tmp_path / "mem", tmp_path / "stream")
-    assert (tmp_path / "stream" / "best_head" / "head.json").is_file()
+    assert json.loads((tmp_path / "mem" / "run.json").read_text())["feature_groups"] == 1
+    # the features need 120 rows x 3 layers x 32 x 2 bytes = 23,040 B: 20,000 B holds groups of configurations; 7,000 B
+    # not even one configuration with its solver copy, nor the 3-layer mean alone (7,680 B a layer): every one streams
+    for budget, groups, streamed in (("20000", 4, 1), ("7000", 4, 4)):
+        res = run("sweep", "--store", chunked, *ARGS, "--max-memory", budget, "--out", str(tmp_path / budget))
+        assert res.exit_code == 0, res.output
+        meta = json.loads((tmp_path / budget / "run.json").read_text())
+        assert meta["features_preloaded"] is False and (meta["feature_groups"], meta["streamed_configurations"]) == (groups, streamed)
+        _same(tmp_path / "mem", tmp_path / budget)
+        assert (tmp_path / budget / "best_head" / "head.json").is_file()
 
 
 def test_max_memory_below_one_chunk(chunked, tmp_path):
@@ -74,12 +78,15 @@ def test_max_memory_below_one_chunk(chunked, tmp_path):
     err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and re.search(r"--max-memory 2000 is below one row chunk of .* \(\S+KB: 1[56] rows of split", err), err
     assert "raise --max-memory to at least" in err and not (tmp_path / "r").exists()
+    at_least = re.search(r"at least (\S+)\.$", err).group(1)  # and that is enough
+    res = run("sweep", "--store", chunked, *ARGS, "--max-memory", at_least, "--out", str(tmp_path / "ok"))
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.slow
 def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
-           "sweep", "--store", chunked, *ARGS, "--max-memory", "20000", "--out", str(tmp_path / "two")]
+           "sweep", "--store", chunked, *ARGS, "--max-memory", "7000", "--out", str(tmp_path / "two")]
     from conftest import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.probe.features:FeatureBank.chunk_blocks")
@@ -90,7 +97,7 @@ def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path
     # each rank streamed its own row chunks of the training split (chunk c on rank c % 2), together all 6
     read = {rank: {int(c) for split, c in calls if split == "train"} for rank, calls in recorded_calls(tmp_path).items()}
     assert read == {"0": {0, 2, 4}, "1": {1, 3, 5}}
-    one = run("sweep", "--store", chunked, *ARGS, "--max-memory", "20000", "--out", str(tmp_path / "one"))
+    one = run("sweep", "--store", chunked, *ARGS, "--max-memory", "7000", "--out", str(tmp_path / "one"))
     assert one.exit_code == 0, one.output
     _same(tmp_path / "one", tmp_path / "two")
     df_one, df_two = pd.read_csv(tmp_path / "one" / "results.csv"), pd.read_csv(tmp_path / "two" / "results.csv")

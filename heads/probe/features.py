@@ -60,15 +60,20 @@ def feature_width(combo: Combo, hidden: int) -> int:
     return hidden * len(combo.layers) if combo.combine == "concat" else hidden
 
 
+def _needs(store: Store, combos: Sequence[Combo]) -> tuple[list[int], list[str], list[str]]:
+    """The stored layers, poolings and towers the pooled ``combos`` read."""
+    pooled = [c for c in combos if c.pooling != "tokens"]
+    return (sorted({x for c in pooled for x in c.layers}), sorted({c.pooling for c in pooled}),
+            sorted({t for c in pooled for t in _towers_for(c, store.towers)}))
+
+
 class FeatureBank:
     """Features of the store splits a sweep uses, preloaded when they fit ``max_memory``."""
 
     def __init__(self, store: Store, combos: Sequence[Combo], splits: Sequence[str], max_memory: int) -> None:
         self.store = store
         self.splits = list(dict.fromkeys(splits))
-        self.layers = sorted({x for c in combos if c.pooling != "tokens" for x in c.layers})
-        self.poolings = sorted({c.pooling for c in combos if c.pooling != "tokens"})
-        self.towers = sorted({t for c in combos if c.pooling != "tokens" for t in _towers_for(c, store.towers)})
+        self.layers, self.poolings, self.towers = _needs(store, combos)
         self.itemsize = np.dtype(store.layout.dtype).itemsize
         self.row_bytes = len(self.layers) * len(self.poolings) * len(self.towers) * store.hidden * self.itemsize
         """Bytes of one row of every needed layer, pooling and tower, in the stored dtype."""
@@ -85,6 +90,13 @@ class FeatureBank:
         elif self.layers:
             log.info("features need %.2f GB > max_memory %.2f GB: streaming row chunks from the store",
                      self.needed / 1e9, max_memory / 1e9)
+
+    @staticmethod
+    def bytes_needed(store: Store, combos: Sequence[Combo], splits: Sequence[str]) -> int:
+        """What a bank of ``combos`` would hold in memory (:attr:`needed`), without reading anything."""
+        layers, poolings, towers = _needs(store, combos)
+        return sum(store.n_rows(s) for s in dict.fromkeys(splits)) * len(layers) * len(poolings) * len(towers) * \
+            store.hidden * np.dtype(store.layout.dtype).itemsize
 
     # -- whole configurations ------------------------------------------------------------------------------
     def _block(self, split: str, pooling: str, tower: str, layers: Sequence[int]) -> np.ndarray:

@@ -30,7 +30,7 @@ from heads.probe.control import check_control
 from heads.probe.plan import check_val_split, drop_duplicates, plan_rounds
 from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
 from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
-from heads.probe.solvers import Comm
+from heads.probe.solvers import PATH_PATIENCE, Comm
 from heads.probe.specs import COMBINES, Combo, expand, parse_combine
 from heads.protocol import carve_groups, split_roles
 from heads.report import rundir
@@ -263,23 +263,65 @@ def _lbfgs_combos(setup: _Setup, cfg: HeadConfig) -> list[Combo]:
     return [c for c in setup.combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
 
 
-def _bank(setup: _Setup, cfg: HeadConfig, max_memory: str) -> tuple[FeatureBank, bool]:
-    """The feature bank of a store, and whether the solver keeps standardised chunks on the device; refuses a
-    budget below one row chunk of the streamed linear probes."""
-    store, budget = setup.store, setup.budget
-    bank = FeatureBank(store, setup.combos, setup.splits, budget)
-    lbfgs = _lbfgs_combos(setup, cfg)
-    widths = sum(feature_width(c, store.hidden) for c in lbfgs)
-    if lbfgs and not bank.preloaded:
-        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(setup.names)  # the solver's logits, log-probabilities, gradients
-        need, worst = max((bank.chunk_bytes(s, widths, work), s) for s in setup.splits)
-        if need > budget:
-            raise ConfigError(f"--max-memory {max_memory} is below one row chunk of {setup.path} ({_size(need)}: "
-                              f"{store.layout.splits[worst].chunk_rows} rows of split {worst!r} in the layers and poolings the "
-                              f"linear probes need, and their features); raise --max-memory to at least {_size(need, up=True)}.")
-    # standardised float32 chunks stay on the device when they fit next to the bank
-    cache_chunks = bank.preloaded and bank.needed + 4 * widths * sum(len(p.fit_rows) for p in setup.plans) <= budget
+def _bank(setup: _Setup, cfg: HeadConfig) -> tuple[FeatureBank, bool]:
+    """The feature bank of a group of configurations, and whether the solver keeps standardised chunks on the device
+    (they fit next to the bank)."""
+    bank = FeatureBank(setup.store, setup.combos, setup.splits, setup.budget)
+    cache_chunks = bank.preloaded and bank.needed + _cache_bytes(setup, _lbfgs_combos(setup, cfg)) <= setup.budget
     return bank, cache_chunks
+
+
+def _check_budget(setup: _Setup, groups: list[list[Combo]], cfg: HeadConfig, max_memory: str) -> None:
+    """Refuse a budget below one row chunk of a configuration that is streamed (before anything is written)."""
+    worst: tuple[int, str] | None = None
+    for group in groups:
+        part = dataclasses.replace(setup, combos=group)
+        lbfgs = _lbfgs_combos(part, cfg)
+        if not lbfgs or _fits(setup, group):
+            continue
+        bank = FeatureBank(setup.store, group, setup.splits, 0)  # nothing is read with a budget of 0
+        widths = sum(feature_width(c, setup.store.hidden) for c in lbfgs)
+        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(setup.names)  # the solver's logits, log-probabilities, gradients
+        found = max((bank.chunk_bytes(s, widths, work), s) for s in setup.splits)
+        worst = found if worst is None or found > worst else worst
+    if worst is not None and worst[0] > setup.budget:
+        need, split = worst
+        raise ConfigError(f"--max-memory {max_memory} is below one row chunk of {setup.path} ({_size(need)}: "
+                          f"{setup.store.layout.splits[split].chunk_rows} rows of split {split!r} in the layers and poolings "
+                          f"a streamed linear probe needs, and its features); raise --max-memory to at least {_size(need, up=True)}.")
+
+
+def _fits(setup: _Setup, combos: list[Combo]) -> bool:
+    """Whether the features of ``combos`` are held in memory (else streamed from the store)."""
+    return FeatureBank.bytes_needed(setup.store, combos, setup.splits) <= setup.budget
+
+
+def _cache_bytes(setup: _Setup, lbfgs: Sequence[Combo]) -> int:
+    """The solver's standardised float32 copy of the linear probes' training features (one per round)."""
+    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.plans)
+
+
+def _groups(setup: _Setup, cfg: HeadConfig) -> list[list[Combo]]:
+    """The configurations in groups whose features (and the solver's float32 copy of them) fit --max-memory: each
+    group is read from the store once and trained in memory. A configuration that alone does not fit is a group of
+    its own, streamed from the store row chunk by row chunk. Configurations are packed in order of pooling and
+    layers, so a group shares what it reads."""
+    order = sorted(setup.combos, key=lambda c: (c.pooling, c.layers, c.combine, c.head))
+    groups: list[list[Combo]] = []
+    current: list[Combo] = []
+
+    def cost(combos: list[Combo]) -> int:
+        part = dataclasses.replace(setup, combos=combos)
+        return FeatureBank.bytes_needed(setup.store, combos, setup.splits) + _cache_bytes(part, _lbfgs_combos(part, cfg))
+
+    for combo in order:
+        if current and cost(current + [combo]) > setup.budget:
+            groups.append(current)
+            current = []
+        current.append(combo)
+    if current:
+        groups.append(current)
+    return [[c for c in setup.combos if c in set(g)] for g in groups]  # each group in report order
 
 
 def _train(setup: _Setup, bank: FeatureBank, cache_chunks: bool, cfg: HeadConfig, device: Any, comm: Comm,
@@ -332,7 +374,7 @@ def _codelengths(setup: _Setup, bank: FeatureBank, outcomes: Sequence[Outcome], 
                               device, comm, source)
 
 
-def _meta(config: SweepConfig, setup: _Setup, bank: FeatureBank, comm: Comm, control: Store | None) -> dict[str, Any]:
+def _meta(config: SweepConfig, setup: _Setup, groups: list[list[Combo]], comm: Comm, control: Store | None) -> dict[str, Any]:
     """run.json of a sweep (rank 0)."""
     from embstore._version import __version__
 
@@ -363,14 +405,33 @@ def _meta(config: SweepConfig, setup: _Setup, bank: FeatureBank, comm: Comm, con
             "kept_apart": None if groups_all is None else (
                 f"groups of {store.provenance.get('group_col') or 'the group column'}" if store.groups(tr_split) is not None
                 else "augmented copies and their source rows"),
-            "configurations": len(setup.combos), "embstore": __version__, "feature_bytes": bank.needed,
-            "features_preloaded": bank.preloaded, "solver": cfg.solver, "world_size": comm.world,
-            EVAL_SET_KEY: run_eval, "notes": setup.notes}
+            "configurations": len(setup.combos), "embstore": __version__,
+            "feature_bytes": FeatureBank.bytes_needed(store, setup.combos, setup.splits),
+            "features_preloaded": len(groups) == 1 and _fits(setup, groups[0]), "feature_groups": len(groups),
+            "streamed_configurations": sum(len(g) for g in groups if not _fits(setup, g)),
+            "solver": cfg.solver, "world_size": comm.world,
+            EVAL_SET_KEY: run_eval, "notes": setup.notes + _notes(setup, groups, cfg, config.max_memory)}
     if control is not None:
         model = control.provenance.get("model", {})
         meta["control"] = {"store": str(control.path), "store_fingerprint": control.fingerprint, "model": model.get("name"),
                            "random_weights": model.get("random_weights")}
     return meta
+
+
+def _notes(setup: _Setup, groups: list[list[Combo]], cfg: HeadConfig, max_memory: str) -> list[str]:
+    """What summary.md says about how the linear probes chose C and how the features were read."""
+    notes = []
+    if _lbfgs_combos(setup, cfg) and len(cfg.c_grid) > 1:
+        notes.append(f"linear probes: the C grid ({', '.join(f'{c:g}' for c in cfg.c_grid)}) is solved from the smallest C "
+                     f"up, each C starting from the previous one's solution; a configuration's path stops once its "
+                     f"validation macro-F1 has fallen at {PATH_PATIENCE} consecutive Cs; only the chosen C is solved to "
+                     f"--tol {cfg.tol:g}")
+    if len(groups) > 1:
+        streamed = sum(len(g) for g in groups if not _fits(setup, g))
+        notes.append(f"features over --max-memory {max_memory}: {len(setup.combos)} configurations in {len(groups)} groups, "
+                     "each read from the store once and trained in memory"
+                     + (f"; {streamed} that alone did not fit were streamed row chunk by row chunk" if streamed else ""))
+    return notes
 
 
 def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: bool | None = None) -> SweepResult:
@@ -390,11 +451,12 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     if config.control is not None:
         control = open_store(config.control, verify=config.verify)
         check_control(setup.store, control, setup.splits, setup.combos)
-    bank, cache_chunks = _bank(setup, cfg, config.max_memory)
+    groups = _groups(setup, cfg)
+    _check_budget(setup, groups, cfg, config.max_memory)
     device = head_device(cfg)
     main = comm.rank == 0
     run_dir = rundir.run_dir(config.out, f"sweep-{Path(setup.path).stem[:40]}")
-    writer = RunWriter(run_dir, _meta(config, setup, bank, comm, control)) if main else None
+    writer = RunWriter(run_dir, _meta(config, setup, groups, comm, control)) if main else None
 
     bar = _progress(len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False)
     eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.plans}
@@ -403,18 +465,30 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         if writer is not None:
             writer.add(_row(o, setup.store, cfg, eval_ids[id(o.plan)]))
 
-    timings = {"setup_s": time.perf_counter() - t_start}
-    outcomes = _train(setup, bank, cache_chunks, cfg, device, comm, bar.update, write)
-    timings["train_s"] = time.perf_counter() - t_start - sum(timings.values())
-    codes = _codelengths(setup, bank, outcomes, cfg, device, comm, config.seeds) if config.mdl else {}
-    timings["mdl_s"] = time.perf_counter() - t_start - sum(timings.values())
+    timings = {"setup_s": time.perf_counter() - t_start, "train_s": 0.0, "mdl_s": 0.0, "control_s": 0.0}
+    outcomes: list[Outcome] = []
+    codes: dict[tuple[Combo, int], Codelength] = {}
+    for group in groups:  # each group's features read once, trained, then let go
+        part = dataclasses.replace(setup, combos=group)
+        t0 = time.perf_counter()
+        bank, cache_chunks = _bank(part, cfg)
+        found = _train(part, bank, cache_chunks, cfg, device, comm, bar.update, write)
+        timings["train_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if config.mdl and _lbfgs_combos(part, cfg):
+            codes.update(_codelengths(part, bank, found, cfg, device, comm, config.seeds))
+        timings["mdl_s"] += time.perf_counter() - t0
+        outcomes += found
+        del bank
     controls: list[Outcome] = []
     if control is not None:
-        del bank  # one store's features in memory at a time
-        c_setup = dataclasses.replace(setup, store=control, path=str(control.path))
-        c_bank, c_cache = _bank(c_setup, cfg, config.max_memory)
-        controls = _train(c_setup, c_bank, c_cache, cfg, device, comm, bar.update, lambda _o: None)
-    timings["control_s"] = time.perf_counter() - t_start - sum(timings.values())
+        t0 = time.perf_counter()
+        for group in groups:
+            part = dataclasses.replace(setup, store=control, path=str(control.path), combos=group)
+            c_bank, c_cache = _bank(part, cfg)
+            controls += _train(part, c_bank, c_cache, cfg, device, comm, bar.update, lambda _o: None)
+            del c_bank
+        timings["control_s"] = time.perf_counter() - t0
     bar.close()
     if writer is None:  # another rank: rank 0 writes the run directory
         return SweepResult(run_dir=run_dir, store=setup.path, rows=len(outcomes), best={}, rank=comm.rank)
@@ -424,13 +498,18 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
 def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls: list[Outcome],
             codes: dict[tuple[Combo, int], Codelength], config: SweepConfig, t_start: float,
             timings: dict[str, float]) -> SweepResult:
-    """Sureness, control and MDL columns on every row, then the run's files and its best head."""
+    """Sureness, control and MDL columns on every row, the rows in report order (configurations as planned, then
+    seed and fold, however they were grouped to train), then the run's files and its best head."""
     store, names, path = setup.store, setup.names, setup.path
-    best_key = best_config(aggregate(writer.rows)).key
+    combo_at = {c: i for i, c in enumerate(setup.combos)}
+    plan_at = {id(p): i for i, p in enumerate(setup.plans)}
+    order = sorted(range(len(outcomes)), key=lambda i: (combo_at[outcomes[i].combo], plan_at[id(outcomes[i].plan)]))
+    outcomes, rows = [outcomes[i] for i in order], [writer.rows[i] for i in order]
+    best_key = best_config(aggregate(rows)).key
     t0 = time.perf_counter()
     fields = sureness(outcomes, controls, codes, best_key, setup.labels, config.ci, config.head.seed)
     timings["sureness_s"] = time.perf_counter() - t0
-    writer.replace_rows([_with(row, f) for row, f in zip(writer.rows, fields.fields)])
+    writer.replace_rows([_with(row, f) for row, f in zip(rows, fields.fields)])
     if config.ci:
         writer.update_meta(uncertainty=_uncertainty_meta(fields))
     if codes:

@@ -77,8 +77,8 @@ class RunWriter:
         self.rows.append(row)
 
     def replace_rows(self, rows: list[ResultRow]) -> None:
-        """Rewrite results.jsonl with ``rows`` (the same runs, in the same order, with columns known only at the end:
-        intervals, paired tests, control scores, codelengths); atomic, so a crash leaves the old file whole."""
+        """Rewrite results.jsonl with ``rows`` (the same runs, in their final order, with columns known only at the
+        end: intervals, paired tests, control scores, codelengths); atomic, so a crash leaves the old file whole."""
         if len(rows) != len(self.rows):
             raise ValueError(f"replace_rows needs the {len(self.rows)} rows written; got {len(rows)}")
         self._jsonl.close()
