@@ -157,7 +157,8 @@ def test_probes_on_other_rows_share_one_pass_and_equal_their_own_solves():
 
 
 def test_lbfgs_picks_C_on_validation_and_every_grid_member_on_its_own_row():
-    from heads.probe.solvers import fit_logistic_probes, grid_confusions
+    from heads.probe.scoring import grid_confusions
+    from heads.probe.solvers import fit_logistic_probes
     from heads.report.metrics import metrics_from_confusion
 
     feats, y = _problem(3, seed=1, n=400)

@@ -29,6 +29,7 @@ from heads.probe.fitting import (
 )
 from heads.probe.modules import Inputs, LinearHead, as_inputs, build_module
 from heads.protocol import BestTracker, Split, make_split, scores
+from heads.training.optim import adamw
 
 __all__ = ["fit_linear_probes"]
 
@@ -195,7 +196,7 @@ def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.
     device = head_device(cfg)
     inits = _initial_probes(train, cfg, n_classes, split.train_idx)
     stack = _Stack.of(inits, device)
-    opt = torch.optim.AdamW(stack.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw([{"params": list(stack.parameters()), "weight_decay": cfg.weight_decay}], cfg.lr)
     sched = epoch_schedule(opt, cfg.schedule, cfg.epochs, cfg.gamma)
     weight = class_weights(y_arr[split.train_idx], n_classes, cfg.class_weight)
     weight = None if weight is None else weight.to(device)

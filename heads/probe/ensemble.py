@@ -30,8 +30,9 @@ from heads.probe.estimator import HeadClassifier
 from heads.probe.fitting import class_weights, epoch_schedule, mark_fitted
 from heads.probe.modules import InputShape, Inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, scores
+from heads.training.optim import adamw
 
-__all__ = ["Member", "fit_stacked", "schedule_lrs"]
+__all__ = ["Member", "fit_stacked", "schedule_lrs", "members_per_stack", "STACK_BYTES_CPU"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _validate_epoch(st: _StackState, batched: Callable[..., torch.Tensor], base:
                 acc, f1 = scores(y_val[m.val_rows], preds[a])
             histories[i].append({"epoch": epoch, "train_loss": float(totals[a]) / max(1, len(m.fit_rows)),
                                  "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
-            if trackers[i].update(epoch, f1, lambda a=a: {k: v[a].detach().clone() for k, v in st.params.items()}):
+            if trackers[i].update(epoch, f1, lambda a=a: _member_state(st.params, a)):
                 stopped.append(a)
     return stopped
 
@@ -152,7 +153,7 @@ def _retire(st: _StackState, finished: list[int], trackers: list[BestTracker],
     """Keep the best weights of the members at stack positions ``finished`` and take them out of the stack."""
     for a in finished:
         i = st.alive[a]
-        best_state[i] = trackers[i].state or {k: v[a].detach().clone() for k, v in st.params.items()}
+        best_state[i] = trackers[i].state or _member_state(st.params, a)
         if on_done is not None:
             on_done(i)
     keep = [a for a in range(len(st.alive)) if a not in set(finished)]
@@ -161,26 +162,69 @@ def _retire(st: _StackState, finished: list[int], trackers: list[BestTracker],
     st.alive = [st.alive[a] for a in keep]
 
 
+STACK_BYTES_CPU = 64 << 20
+"""On CPU, a stack's parameters, gradients and AdamW moments (16 bytes a parameter) are kept under this many bytes:
+a larger stack streams its weights from memory on every step and loses to training its members one at a time, whose
+weights stay in cache (measured by ``benchmarks/stack.py``; see BENCHMARKS.md). On CUDA every member is stacked."""
+
+
+def members_per_stack(cfg: HeadConfig, shape: InputShape, n_classes: int, device: torch.device) -> int | None:
+    """How many members one stack holds: None (all) on CUDA, else as many as STACK_BYTES_CPU allows (at least 1)."""
+    if device.type == "cuda":
+        return None
+    with torch.random.fork_rng(devices=[]):
+        n_params = sum(p.numel() for p in build_module(cfg, shape, n_classes).parameters())
+    return max(1, STACK_BYTES_CPU // max(1, 16 * n_params))
+
+
 def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Sequence[Inputs], members: Sequence[Member],
                 y_train: np.ndarray, y_val: np.ndarray, n_classes: int, device: torch.device,
-                on_done: Callable[[int], None] | None = None) -> list[HeadClassifier]:
+                on_done: Callable[[int], None] | None = None, stack_size: int | None = None) -> list[HeadClassifier]:
     """Train every member (a dense or pair head ``cfg.head``; all inputs of one shape); one HeadClassifier each.
 
     ``train_inputs[f]`` / ``val_inputs[f]`` hold feature ``f`` for all rows of the training / validation split,
-    ``y_train`` / ``y_val`` their labels. ``on_done(m)`` is called as member ``m`` finishes.
+    ``y_train`` / ``y_val`` their labels. ``on_done(m)`` is called as member ``m`` finishes. ``stack_size`` members
+    train together at most (None: all; see :func:`members_per_stack`); the features move to the device once.
     """
     t0 = time.perf_counter()
-    shape = train_inputs[0].shape
     # Inputs on the device once: per array (pair heads have two), stacked over features: (F, n, *row_shape)
     train_x = [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in train_inputs))]
     val_x = train_x if val_inputs is train_inputs else \
         [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in val_inputs))]
+    size = len(members) if stack_size is None else max(1, stack_size)
+    fitted: list[HeadClassifier] = []
+    for start in range(0, len(members), size):
+        part = list(range(start, min(len(members), start + size)))
+
+        def done(i: int, part: list[int] = part) -> None:
+            if on_done is not None:
+                on_done(part[i])
+
+        fitted += _fit_stack(cfg, train_inputs, train_x, val_x, [members[i] for i in part], y_train, y_val, n_classes,
+                             device, done)
+    seconds = (time.perf_counter() - t0) / max(1, len(members))
+    for est in fitted:
+        est.train_seconds_ = seconds
+    return fitted
+
+
+def _fit_stack(cfg: HeadConfig, train_inputs: Sequence[Inputs], train_x: list[torch.Tensor], val_x: list[torch.Tensor],
+               members: Sequence[Member], y_train: np.ndarray, y_val: np.ndarray, n_classes: int, device: torch.device,
+               on_done: Callable[[int], None] | None) -> list[HeadClassifier]:
+    """One stack of members, trained together to the end."""
+    shape = train_inputs[0].shape
     modules = _initial_modules(cfg, shape, train_inputs, members, n_classes, device)
     base = copy.deepcopy(modules[0]).to("meta")
-    params, buffers = torch.func.stack_module_state(modules)  # (M, ...) each; params are new leaves
+    stacked, buffers = torch.func.stack_module_state(modules)  # (M, ...) each
+    # Linear weights held as (M, in, out): the layout their vmapped gradients come in, so autograd and the fused
+    # AdamW use them as they are instead of copying every weight gradient on every step (27% of a hidden-2048 stack)
+    held = _transposed(stacked)
+    params = {k: (v.detach().transpose(1, 2).contiguous() if k in held else v.detach().clone()).requires_grad_(True)
+              for k, v in stacked.items()}
 
     def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(base, (p, b), x)
+        # one member's parameters (inside vmap) as its module holds them: linear weights back to (out, in) views
+        return torch.func.functional_call(base, ({k: v.T if k in held else v for k, v in p.items()}, b), x)
 
     batched = torch.vmap(call, in_dims=(0, 0, *([0] * len(train_x))), randomness="different")
     cw = _member_weights(cfg, members, y_train, n_classes, device)
@@ -189,7 +233,7 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
     lrs = schedule_lrs(cfg)
     trackers = [BestTracker(cfg.patience) for _ in members]
     histories: list[list[dict[str, Any]]] = [[] for _ in members]
-    st = _StackState(params, buffers, torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay),
+    st = _StackState(params, buffers, adamw([{"params": list(params.values()), "weight_decay": cfg.weight_decay}], cfg.lr),
                      list(range(len(members))))
     feature_of = torch.tensor([m.feature for m in members], device=device)
     best_state: list[dict[str, torch.Tensor] | None] = [None] * len(members)
@@ -205,7 +249,6 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
         if stopped or epoch == cfg.epochs - 1:
             _retire(st, stopped if epoch < cfg.epochs - 1 else list(range(len(st.alive))), trackers, best_state, cfg,
                     on_done)
-    seconds = (time.perf_counter() - t0) / max(1, len(members))
     fitted = []
     for i, module in enumerate(modules):
         state = best_state[i]
@@ -214,8 +257,19 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
                 for name, p in module.named_parameters():
                     p.copy_(state[name])
         fitted.append(mark_fitted(HeadClassifier(cfg.replace(seed=members[i].seed)), module, n_classes, shape,
-                                  histories[i], trackers[i].best_epoch, seconds))
+                                  histories[i], trackers[i].best_epoch, 0.0))
     return fitted
+
+
+def _transposed(params: dict[str, torch.Tensor]) -> set[str]:
+    """The stacked linear weights (M, out, in): held transposed, as (M, in, out)."""
+    return {k for k, v in params.items() if v.dim() == 3 and k.endswith("weight")}
+
+
+def _member_state(params: dict[str, torch.Tensor], a: int) -> dict[str, torch.Tensor]:
+    """Stack member ``a``'s parameters, copied, in its module's layout."""
+    held = _transposed(params) if params else set()
+    return {k: (v[a].detach().T if k in held else v[a].detach()).clone() for k, v in params.items()}
 
 
 def _padded(orders: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +304,7 @@ def _compact(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], 
     idx = torch.tensor(keep, device=next(iter(params.values())).device)
     new_params = {k: v.detach()[idx].clone().requires_grad_(True) for k, v in params.items()}
     new_buffers = {k: v[idx].clone() for k, v in buffers.items()}
-    new_opt = torch.optim.AdamW(list(new_params.values()), lr=opt.param_groups[0]["lr"], weight_decay=cfg.weight_decay)
+    new_opt = adamw([{"params": list(new_params.values()), "weight_decay": cfg.weight_decay}], opt.param_groups[0]["lr"])
     for old, new in zip(params.values(), new_params.values()):
         state = opt.state.get(old)
         if state:

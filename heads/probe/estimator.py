@@ -25,6 +25,7 @@ from heads.probe.fitting import (
 )
 from heads.probe.modules import InputShape, Inputs, Ragged, as_inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, make_split, scores
+from heads.training.optim import adamw
 
 __all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged"]
 
@@ -105,7 +106,7 @@ class HeadClassifier:
         if cfg.standardize:
             fit_input_stats(module, train, split.train_idx)
         module = module.to(device)
-        opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = adamw([{"params": list(module.parameters()), "weight_decay": cfg.weight_decay}], cfg.lr)
         sched = epoch_schedule(opt, cfg.schedule, cfg.epochs, cfg.gamma)
         weight = class_weights(y[split.train_idx], n_classes, cfg.class_weight)
         loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))

@@ -31,7 +31,9 @@ import torch
 
 from heads.probe.config import HeadConfig
 from heads.probe.features import BLOCK_ROWS, FeatureBank, feature_width
-from heads.probe.solvers import Comm, RowBlock, chunks_of, fit_logistic_probes, probe_probabilities
+from heads.probe.chunks import Comm, RowBlock, chunks_of
+from heads.probe.scoring import probe_probabilities
+from heads.probe.solvers import fit_logistic_probes
 from heads.probe.specs import Combo
 
 __all__ = ["FRACTIONS", "block_ends", "online_order", "Codelength", "online_codelengths"]

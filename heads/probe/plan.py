@@ -1,25 +1,35 @@
-"""What a sweep will train on which rows, decided (and checked) before anything is trained or written.
+"""What a sweep will train on which rows, and in which groups, decided (and checked) before anything is trained or
+written.
 
 :func:`plan_rounds` turns the evaluation protocol (:mod:`heads.protocol`) into one :class:`Plan` per seed
 (x fold): the rows to fit on, the validation rows every choice is made on (the seeded, stratified, group-aware
 carve of the training rows, or ``--val-split``) and the evaluation rows scored once for the report.
-:func:`drop_duplicates` removes configurations that are the same model as another.
+:func:`drop_duplicates` removes configurations that are the same model as another. :class:`SweepSetup` is all of it
+for one store; :func:`feature_groups` cuts its configurations into groups whose features fit ``--max-memory`` (each
+read once and trained in memory; a configuration that alone does not fit streams), :func:`check_budget` refuses a
+budget below one row chunk of a streamed one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from embstore.errors import ConfigError
 from embstore.store import Store
-from heads.probe.config import POOLED_HEADS
-from heads.probe.rounds import Plan
+from heads.probe.config import POOLED_HEADS, HeadConfig
+from heads.probe.features import FeatureBank, feature_width
+from heads.probe.rounds import Labels, Plan
+from heads.probe.solvers import PATH_PATIENCE
 from heads.probe.specs import Combo
 from heads.protocol import carve_groups, fold_rounds, validation_carve
 
-__all__ = ["plan_rounds", "drop_duplicates", "check_val_split"]
+__all__ = ["plan_rounds", "drop_duplicates", "check_val_split", "SweepSetup", "linear_combos", "feature_bank",
+           "check_budget", "in_memory", "feature_groups", "sweep_notes", "memory_size"]
 
 
 def check_val_split(store: Store, val_split: str, train_split: str, eval_split: str) -> None:
@@ -87,3 +97,110 @@ def drop_duplicates(combos: Sequence[Combo], standardize: bool) -> tuple[list[Co
         notes.append(f"combine sum was not trained where mean is ({which}): after standardisation the sum of the "
                      "layers and their mean are the same inputs, so the mean row stands for both")
     return kept, notes
+
+
+def memory_size(n: int, up: bool = False) -> str:
+    """Bytes as a --max-memory value: 512KB, 3.2MB, 1.5GB (rounded up with ``up``, so it is enough)."""
+    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= factor:
+            value = n / factor
+            return f"{math.ceil(value * 10) / 10:g}{unit}" if up else f"{value:.1f}{unit}"
+    return f"{n}B"
+
+
+@dataclass
+class SweepSetup:
+    """What a sweep decided before training: the same for the store and its control."""
+
+    path: str
+    store: Store
+    names: list[str]
+    train: tuple[str, np.ndarray | None]
+    evaluate: tuple[str, np.ndarray | None]
+    combos: list[Combo]
+    notes: list[str]
+    plans: list[Plan]
+    splits: list[str]
+    budget: int
+    labels: Labels
+
+
+def linear_combos(setup: SweepSetup, cfg: HeadConfig) -> list[Combo]:
+    return [c for c in setup.combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
+
+
+def feature_bank(setup: SweepSetup, cfg: HeadConfig) -> tuple[FeatureBank, bool]:
+    """The feature bank of a group of configurations, and whether the solver keeps standardised chunks on the device
+    (they fit next to the bank)."""
+    bank = FeatureBank(setup.store, setup.combos, setup.splits, setup.budget)
+    cache_chunks = bank.preloaded and bank.needed + _cache_bytes(setup, linear_combos(setup, cfg)) <= setup.budget
+    return bank, cache_chunks
+
+
+def check_budget(setup: SweepSetup, groups: list[list[Combo]], cfg: HeadConfig, max_memory: str) -> None:
+    """Refuse a budget below one row chunk of a configuration that is streamed (before anything is written)."""
+    worst: tuple[int, str] | None = None
+    for group in groups:
+        part = dataclasses.replace(setup, combos=group)
+        lbfgs = linear_combos(part, cfg)
+        if not lbfgs or in_memory(setup, group):
+            continue
+        bank = FeatureBank(setup.store, group, setup.splits, 0)  # nothing is read with a budget of 0
+        widths = sum(feature_width(c, setup.store.hidden) for c in lbfgs)
+        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(setup.names)  # the solver's logits, log-probabilities, gradients
+        found = max((bank.chunk_bytes(s, widths, work), s) for s in setup.splits)
+        worst = found if worst is None or found > worst else worst
+    if worst is not None and worst[0] > setup.budget:
+        need, split = worst
+        raise ConfigError(f"--max-memory {max_memory} is below one row chunk of {setup.path} ({memory_size(need)}: "
+                          f"{setup.store.layout.splits[split].chunk_rows} rows of split {split!r} in the layers and poolings "
+                          f"a streamed linear probe needs, and its features); raise --max-memory to at least {memory_size(need, up=True)}.")
+
+
+def in_memory(setup: SweepSetup, combos: list[Combo]) -> bool:
+    """Whether the features of ``combos`` are held in memory (else streamed from the store)."""
+    return FeatureBank.bytes_needed(setup.store, combos, setup.splits) <= setup.budget
+
+
+def _cache_bytes(setup: SweepSetup, lbfgs: Sequence[Combo]) -> int:
+    """The solver's standardised float32 copy of the linear probes' training features (one per round)."""
+    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.plans)
+
+
+def feature_groups(setup: SweepSetup, cfg: HeadConfig) -> list[list[Combo]]:
+    """The configurations in groups whose features (and the solver's float32 copy of them) fit --max-memory: each
+    group is read from the store once and trained in memory. A configuration that alone does not fit is a group of
+    its own, streamed from the store row chunk by row chunk. Configurations are packed in order of pooling and
+    layers, so a group shares what it reads."""
+    order = sorted(setup.combos, key=lambda c: (c.pooling, c.layers, c.combine, c.head))
+    groups: list[list[Combo]] = []
+    current: list[Combo] = []
+
+    def cost(combos: list[Combo]) -> int:
+        part = dataclasses.replace(setup, combos=combos)
+        return FeatureBank.bytes_needed(setup.store, combos, setup.splits) + _cache_bytes(part, linear_combos(part, cfg))
+
+    for combo in order:
+        if current and cost(current + [combo]) > setup.budget:
+            groups.append(current)
+            current = []
+        current.append(combo)
+    if current:
+        groups.append(current)
+    return [[c for c in setup.combos if c in set(g)] for g in groups]  # each group in report order
+
+
+def sweep_notes(setup: SweepSetup, groups: list[list[Combo]], cfg: HeadConfig, max_memory: str) -> list[str]:
+    """What summary.md says about how the linear probes chose C and how the features were read."""
+    notes = []
+    if linear_combos(setup, cfg) and len(cfg.c_grid) > 1:
+        notes.append(f"linear probes: the C grid ({', '.join(f'{c:g}' for c in cfg.c_grid)}) is solved from the smallest C "
+                     f"up, each C starting from the previous one's solution; a configuration's path stops once its "
+                     f"validation macro-F1 has fallen at {PATH_PATIENCE} consecutive Cs; only the chosen C is solved to "
+                     f"--tol {cfg.tol:g}")
+    if len(groups) > 1:
+        streamed = sum(len(g) for g in groups if not in_memory(setup, g))
+        notes.append(f"features over --max-memory {max_memory}: {len(setup.combos)} configurations in {len(groups)} groups, "
+                     "each read from the store once and trained in memory"
+                     + (f"; {streamed} that alone did not fit were streamed row chunk by row chunk" if streamed else ""))
+    return notes

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from heads.probe.config import HeadConfig
-from heads.probe.ensemble import Member, bundle_key, fit_stacked
+from heads.probe.ensemble import Member, bundle_key, fit_stacked, members_per_stack
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank, feature_width
 from heads.probe.fitting import mark_fitted
 from heads.probe.modules import InputShape, LinearHead, as_inputs
-from heads.probe.solvers import Comm, LogisticFit, RowBlock, chunks_of, fit_logistic_probes, probe_probabilities
+from heads.probe.chunks import Comm, RowBlock, chunks_of
+from heads.probe.scoring import LogisticFit, probe_probabilities
+from heads.probe.solvers import fit_logistic_probes
 from heads.probe.specs import Combo
 from heads.report.metrics import classification_metrics, metrics_from_confusion
 
@@ -216,7 +218,8 @@ def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels:
         val_inputs = train_inputs if same else [as_inputs(bank.features(c, plan0.val_split), c.head) for c in combos]
         members = [Member(combos.index(c), p.seed, p.fit_rows, p.val_rows) for c, p in bundle]
         ests = fit_stacked(head_cfg, train_inputs, val_inputs, members, labels[plan0.train_split], labels[plan0.val_split],
-                           len(names), device, on_done=lambda _i: on_done())
+                           len(names), device, on_done=lambda _i: on_done(),
+                           stack_size=members_per_stack(head_cfg, train_inputs[0].shape, len(names), device))
         for (combo, plan), est in zip(bundle, ests):
             out.append(Outcome(combo, plan, est, *_evaluate(est, bank, combo, plan, labels),
                                _score(est, bank, combo, plan.val_split, plan.val_rows, labels[plan.val_split], names)))

@@ -24,19 +24,22 @@ from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, DataError, StoreNotFoundError
 from embstore.store import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
+from heads.probe.chunks import Comm
 from heads.probe.config import TOKEN_HEADS, HeadConfig
-from heads.probe.features import FeatureBank, feature_width, parse_memory
 from heads.probe.control import check_control
-from heads.probe.plan import check_val_split, drop_duplicates, plan_rounds
+from heads.probe.features import FeatureBank, parse_memory
 from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
+from heads.probe.plan import (
+    SweepSetup, check_budget, check_val_split, drop_duplicates, feature_bank, feature_groups, in_memory, linear_combos,
+    plan_rounds, sweep_notes,
+)
+from heads.probe.record import result_row, sureness, uncertainty_meta, with_fields
 from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
-from heads.probe.solvers import PATH_PATIENCE, Comm
 from heads.probe.specs import COMBINES, Combo, expand, parse_combine
 from heads.protocol import carve_groups, split_roles
 from heads.report import rundir
-from heads.report.assess import ALPHA, Assessment, RunPredictions, assess
 from heads.report.metrics import majority_accuracy
-from heads.report.results import ResultRow, RunWriter, aggregate, best_config
+from heads.report.results import RunWriter, aggregate, best_config
 
 __all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store"]
 
@@ -159,17 +162,6 @@ def latest_store(cache: Path) -> str:
     return max(found)[1]
 
 
-def _size(n: int, up: bool = False) -> str:
-    """Bytes as a --max-memory value: 512KB, 3.2MB, 1.5GB (rounded up with ``up``, so it is enough)."""
-    import math
-
-    for unit, factor in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if n >= factor:
-            value = n / factor
-            return f"{math.ceil(value * 10) / 10:g}{unit}" if up else f"{value:.1f}{unit}"
-    return f"{n}B"
-
-
 def _join_process_group() -> Any:
     """Under torchrun / accelerate launch: join the process group (gloo on CPU, nccl on GPUs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -184,25 +176,6 @@ def _join_process_group() -> Any:
     return dist
 
 
-def _row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> ResultRow:
-    est, combo, plan = o.est, o.combo, o.plan
-    history = list(getattr(est, "history_", []))
-    seconds = float(getattr(est, "train_seconds_", 0.0))
-    hp = {k: v for k, v in cfg.replace(head=combo.head).to_dict().items() if k not in ("seed", "device")}
-    hp.update(o.hyper)
-    lbfgs = "C" in o.hyper
-    mix = getattr(est, "mix_weights_", None)
-    return ResultRow(layers=combo.layers_label, combine=combo.combine, pooling=combo.pooling, head=combo.head, seed=plan.seed,
-                     accuracy=o.metrics["accuracy"], f1_macro=o.metrics["f1_macro"], train_seconds=seconds, hyperparameters=hp,
-                     per_class=o.metrics["per_class"], confusion=o.metrics["confusion"], store_id=store.fingerprint,
-                     fold=plan.fold, best_epoch=None if lbfgs else getattr(est, "best_epoch_", None),
-                     trainable_params=sum(int(p.numel()) for p in est.module_.parameters()),
-                     seconds_per_epoch=None if lbfgs else seconds / max(1, len(history)), history=history,
-                     mix_weights=None if mix is None else [float(w) for w in mix],
-                     val_accuracy=o.val.get("accuracy"), val_f1_macro=o.val.get("f1_macro"),
-                     extra={**o.extra, "eval_set": eval_id})
-
-
 def _progress(total: int, show: bool | None) -> Any:
     from tqdm.auto import tqdm
 
@@ -215,24 +188,7 @@ def _eval_record(store: Store, plan: Plan) -> dict[str, Any]:
                     store.row_ids(plan.eval_split)[plan.eval_rows])
 
 
-@dataclass
-class _Setup:
-    """What a sweep decided before training: the same for the store and its control."""
-
-    path: str
-    store: Store
-    names: list[str]
-    train: tuple[str, np.ndarray | None]
-    evaluate: tuple[str, np.ndarray | None]
-    combos: list[Combo]
-    notes: list[str]
-    plans: list[Plan]
-    splits: list[str]
-    budget: int
-    labels: Labels
-
-
-def _plan(config: SweepConfig, path: str) -> _Setup:
+def _plan(config: SweepConfig, path: str) -> SweepSetup:
     """Open the store, name the split roles, expand the configurations and plan every round (nothing written)."""
     store = open_store(path, verify=config.verify)
     if store.label_names is None:
@@ -255,82 +211,17 @@ def _plan(config: SweepConfig, path: str) -> _Setup:
                         val_split=config.val_split, train=(tr_split, tr_rows), evaluate=(ev_split, ev_rows))
     splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
     labels = Labels({s: store.labels(s) for s in splits}, names)
-    return _Setup(path, store, names, (tr_split, tr_rows), (ev_split, ev_rows), combos, notes, plans, splits,
+    return SweepSetup(path, store, names, (tr_split, tr_rows), (ev_split, ev_rows), combos, notes, plans, splits,
                   parse_memory(config.max_memory), labels)
 
 
-def _lbfgs_combos(setup: _Setup, cfg: HeadConfig) -> list[Combo]:
-    return [c for c in setup.combos if c.head == "linear" and c.pooling != "tokens" and cfg.solver == "lbfgs"]
-
-
-def _bank(setup: _Setup, cfg: HeadConfig) -> tuple[FeatureBank, bool]:
-    """The feature bank of a group of configurations, and whether the solver keeps standardised chunks on the device
-    (they fit next to the bank)."""
-    bank = FeatureBank(setup.store, setup.combos, setup.splits, setup.budget)
-    cache_chunks = bank.preloaded and bank.needed + _cache_bytes(setup, _lbfgs_combos(setup, cfg)) <= setup.budget
-    return bank, cache_chunks
-
-
-def _check_budget(setup: _Setup, groups: list[list[Combo]], cfg: HeadConfig, max_memory: str) -> None:
-    """Refuse a budget below one row chunk of a configuration that is streamed (before anything is written)."""
-    worst: tuple[int, str] | None = None
-    for group in groups:
-        part = dataclasses.replace(setup, combos=group)
-        lbfgs = _lbfgs_combos(part, cfg)
-        if not lbfgs or _fits(setup, group):
-            continue
-        bank = FeatureBank(setup.store, group, setup.splits, 0)  # nothing is read with a budget of 0
-        widths = sum(feature_width(c, setup.store.hidden) for c in lbfgs)
-        work = 12 * len(lbfgs) * len(cfg.c_grid) * len(setup.names)  # the solver's logits, log-probabilities, gradients
-        found = max((bank.chunk_bytes(s, widths, work), s) for s in setup.splits)
-        worst = found if worst is None or found > worst else worst
-    if worst is not None and worst[0] > setup.budget:
-        need, split = worst
-        raise ConfigError(f"--max-memory {max_memory} is below one row chunk of {setup.path} ({_size(need)}: "
-                          f"{setup.store.layout.splits[split].chunk_rows} rows of split {split!r} in the layers and poolings "
-                          f"a streamed linear probe needs, and its features); raise --max-memory to at least {_size(need, up=True)}.")
-
-
-def _fits(setup: _Setup, combos: list[Combo]) -> bool:
-    """Whether the features of ``combos`` are held in memory (else streamed from the store)."""
-    return FeatureBank.bytes_needed(setup.store, combos, setup.splits) <= setup.budget
-
-
-def _cache_bytes(setup: _Setup, lbfgs: Sequence[Combo]) -> int:
-    """The solver's standardised float32 copy of the linear probes' training features (one per round)."""
-    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.plans)
-
-
-def _groups(setup: _Setup, cfg: HeadConfig) -> list[list[Combo]]:
-    """The configurations in groups whose features (and the solver's float32 copy of them) fit --max-memory: each
-    group is read from the store once and trained in memory. A configuration that alone does not fit is a group of
-    its own, streamed from the store row chunk by row chunk. Configurations are packed in order of pooling and
-    layers, so a group shares what it reads."""
-    order = sorted(setup.combos, key=lambda c: (c.pooling, c.layers, c.combine, c.head))
-    groups: list[list[Combo]] = []
-    current: list[Combo] = []
-
-    def cost(combos: list[Combo]) -> int:
-        part = dataclasses.replace(setup, combos=combos)
-        return FeatureBank.bytes_needed(setup.store, combos, setup.splits) + _cache_bytes(part, _lbfgs_combos(part, cfg))
-
-    for combo in order:
-        if current and cost(current + [combo]) > setup.budget:
-            groups.append(current)
-            current = []
-        current.append(combo)
-    if current:
-        groups.append(current)
-    return [[c for c in setup.combos if c in set(g)] for g in groups]  # each group in report order
-
-
-def _train(setup: _Setup, bank: FeatureBank, cache_chunks: bool, cfg: HeadConfig, device: Any, comm: Comm,
+def _train(setup: SweepSetup, bank: FeatureBank, cache_chunks: bool, cfg: HeadConfig, device: Any, comm: Comm,
            step: Callable[[int], None], done: Callable[[Outcome], None]) -> list[Outcome]:
     """Every configuration of every round: L-BFGS probes of every round first, on every rank (their passes are
     collective), then what rank 0 trains alone. ``done`` sees each outcome as it finishes."""
     main = comm.rank == 0
     plans, labels = setup.plans, setup.labels
-    lbfgs = _lbfgs_combos(setup, cfg)
+    lbfgs = linear_combos(setup, cfg)
     adamw = [c for c in setup.combos if c.head == "linear" and cfg.solver == "adamw"]
     tokens = [c for c in setup.combos if c.head in TOKEN_HEADS]
     stacked = [c for c in setup.combos if c not in lbfgs and c not in adamw and c not in tokens]
@@ -357,13 +248,13 @@ def _train(setup: _Setup, bank: FeatureBank, cache_chunks: bool, cfg: HeadConfig
     return outcomes
 
 
-def _codelengths(setup: _Setup, bank: FeatureBank, outcomes: Sequence[Outcome], cfg: HeadConfig, device: Any,
+def _codelengths(setup: SweepSetup, bank: FeatureBank, outcomes: Sequence[Outcome], cfg: HeadConfig, device: Any,
                  comm: Comm, seeds: int) -> dict[tuple[Combo, int], Codelength]:
     """--mdl: the online codelength of every L-BFGS probe configuration and seed, at its chosen C."""
     tr_split, tr_rows = setup.train
     rows = np.arange(setup.store.n_rows(tr_split)) if tr_rows is None else tr_rows
     rows = rows[~setup.store.augmented(tr_split)[rows]]
-    combos = _lbfgs_combos(setup, cfg)
+    combos = linear_combos(setup, cfg)
     chosen = {(o.combo, o.plan.seed): float(o.hyper["C"]) for o in outcomes if "C" in o.hyper}
     y = setup.labels[tr_split]
 
@@ -374,7 +265,7 @@ def _codelengths(setup: _Setup, bank: FeatureBank, outcomes: Sequence[Outcome], 
                               device, comm, source)
 
 
-def _meta(config: SweepConfig, setup: _Setup, groups: list[list[Combo]], comm: Comm, control: Store | None) -> dict[str, Any]:
+def _meta(config: SweepConfig, setup: SweepSetup, groups: list[list[Combo]], comm: Comm, control: Store | None) -> dict[str, Any]:
     """run.json of a sweep (rank 0)."""
     from embstore._version import __version__
 
@@ -407,31 +298,15 @@ def _meta(config: SweepConfig, setup: _Setup, groups: list[list[Combo]], comm: C
                 else "augmented copies and their source rows"),
             "configurations": len(setup.combos), "embstore": __version__,
             "feature_bytes": FeatureBank.bytes_needed(store, setup.combos, setup.splits),
-            "features_preloaded": len(groups) == 1 and _fits(setup, groups[0]), "feature_groups": len(groups),
-            "streamed_configurations": sum(len(g) for g in groups if not _fits(setup, g)),
+            "features_preloaded": len(groups) == 1 and in_memory(setup, groups[0]), "feature_groups": len(groups),
+            "streamed_configurations": sum(len(g) for g in groups if not in_memory(setup, g)),
             "solver": cfg.solver, "world_size": comm.world,
-            EVAL_SET_KEY: run_eval, "notes": setup.notes + _notes(setup, groups, cfg, config.max_memory)}
+            EVAL_SET_KEY: run_eval, "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory)}
     if control is not None:
         model = control.provenance.get("model", {})
         meta["control"] = {"store": str(control.path), "store_fingerprint": control.fingerprint, "model": model.get("name"),
                            "random_weights": model.get("random_weights")}
     return meta
-
-
-def _notes(setup: _Setup, groups: list[list[Combo]], cfg: HeadConfig, max_memory: str) -> list[str]:
-    """What summary.md says about how the linear probes chose C and how the features were read."""
-    notes = []
-    if _lbfgs_combos(setup, cfg) and len(cfg.c_grid) > 1:
-        notes.append(f"linear probes: the C grid ({', '.join(f'{c:g}' for c in cfg.c_grid)}) is solved from the smallest C "
-                     f"up, each C starting from the previous one's solution; a configuration's path stops once its "
-                     f"validation macro-F1 has fallen at {PATH_PATIENCE} consecutive Cs; only the chosen C is solved to "
-                     f"--tol {cfg.tol:g}")
-    if len(groups) > 1:
-        streamed = sum(len(g) for g in groups if not _fits(setup, g))
-        notes.append(f"features over --max-memory {max_memory}: {len(setup.combos)} configurations in {len(groups)} groups, "
-                     "each read from the store once and trained in memory"
-                     + (f"; {streamed} that alone did not fit were streamed row chunk by row chunk" if streamed else ""))
-    return notes
 
 
 def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: bool | None = None) -> SweepResult:
@@ -451,8 +326,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     if config.control is not None:
         control = open_store(config.control, verify=config.verify)
         check_control(setup.store, control, setup.splits, setup.combos)
-    groups = _groups(setup, cfg)
-    _check_budget(setup, groups, cfg, config.max_memory)
+    groups = feature_groups(setup, cfg)
+    check_budget(setup, groups, cfg, config.max_memory)
     device = head_device(cfg)
     main = comm.rank == 0
     run_dir = rundir.run_dir(config.out, f"sweep-{Path(setup.path).stem[:40]}")
@@ -463,7 +338,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
 
     def write(o: Outcome) -> None:
         if writer is not None:
-            writer.add(_row(o, setup.store, cfg, eval_ids[id(o.plan)]))
+            writer.add(result_row(o, setup.store, cfg, eval_ids[id(o.plan)]))
 
     timings = {"setup_s": time.perf_counter() - t_start, "train_s": 0.0, "mdl_s": 0.0, "control_s": 0.0}
     outcomes: list[Outcome] = []
@@ -471,11 +346,11 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     for group in groups:  # each group's features read once, trained, then let go
         part = dataclasses.replace(setup, combos=group)
         t0 = time.perf_counter()
-        bank, cache_chunks = _bank(part, cfg)
+        bank, cache_chunks = feature_bank(part, cfg)
         found = _train(part, bank, cache_chunks, cfg, device, comm, bar.update, write)
         timings["train_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if config.mdl and _lbfgs_combos(part, cfg):
+        if config.mdl and linear_combos(part, cfg):
             codes.update(_codelengths(part, bank, found, cfg, device, comm, config.seeds))
         timings["mdl_s"] += time.perf_counter() - t0
         outcomes += found
@@ -485,7 +360,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         t0 = time.perf_counter()
         for group in groups:
             part = dataclasses.replace(setup, store=control, path=str(control.path), combos=group)
-            c_bank, c_cache = _bank(part, cfg)
+            c_bank, c_cache = feature_bank(part, cfg)
             controls += _train(part, c_bank, c_cache, cfg, device, comm, bar.update, lambda _o: None)
             del c_bank
         timings["control_s"] = time.perf_counter() - t0
@@ -495,7 +370,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     return _finish(writer, setup, outcomes, controls, codes, config, t_start, timings)
 
 
-def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls: list[Outcome],
+def _finish(writer: RunWriter, setup: SweepSetup, outcomes: list[Outcome], controls: list[Outcome],
             codes: dict[tuple[Combo, int], Codelength], config: SweepConfig, t_start: float,
             timings: dict[str, float]) -> SweepResult:
     """Sureness, control and MDL columns on every row, the rows in report order (configurations as planned, then
@@ -509,9 +384,9 @@ def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls:
     t0 = time.perf_counter()
     fields = sureness(outcomes, controls, codes, best_key, setup.labels, config.ci, config.head.seed)
     timings["sureness_s"] = time.perf_counter() - t0
-    writer.replace_rows([_with(row, f) for row, f in zip(rows, fields.fields)])
+    writer.replace_rows([with_fields(row, f) for row, f in zip(rows, fields.fields)])
     if config.ci:
-        writer.update_meta(uncertainty=_uncertainty_meta(fields))
+        writer.update_meta(uncertainty=uncertainty_meta(fields))
     if codes:
         writer.update_meta(mdl={"definition": "online code (Voita & Titov 2020), bits; blocks at "
                                 + ", ".join(f"{100 * f:g}%" for f in FRACTIONS) + " of the shuffled training rows",
@@ -542,42 +417,3 @@ def _finish(writer: RunWriter, setup: _Setup, outcomes: list[Outcome], controls:
               "accuracy": best["accuracy_mean"], "val_f1_macro": best["val_f1_macro_mean"], "val_accuracy": best["val_accuracy_mean"],
               "f1_macro_lo": best.get("f1_macro_lo"), "f1_macro_hi": best.get("f1_macro_hi")}
     return SweepResult(run_dir=writer.run_dir, store=path, rows=len(outcomes), best=result, tied=fields.tied)
-
-
-def _with(row: ResultRow, found: dict[str, Any]) -> ResultRow:
-    """``row`` with the sureness, control and MDL fields (``extra`` entries merged)."""
-    found = dict(found)
-    extra = {**row.extra, **found.pop("extra", {})}
-    return dataclasses.replace(row, extra=extra, **found)
-
-
-def _uncertainty_meta(a: Assessment) -> dict[str, Any]:
-    return {"resamples": a.resamples, "level": 0.95, "alpha": ALPHA, "paired_seed": a.paired_seed, "compared": a.compared,
-            "tied": [list(k) for k in a.tied], "pooled_rows": a.pooled_rows,
-            "interval": "percentile bootstrap over the evaluation rows (one seeded set of resamples shared by every "
-                        "configuration, so differences are paired)",
-            "test": "exact McNemar on correctness against the best (two-sided binomial on the discordant rows), "
-                    "Holm-corrected over the configurations compared"}
-
-
-def sureness(outcomes: Sequence[Outcome], controls: Sequence[Outcome], codes: dict[tuple[Combo, int], Codelength],
-             best: tuple[str, str, str, str], labels: Labels, ci: bool, seed: int) -> Assessment:
-    """The sureness fields of every outcome's row: intervals and paired tests (``ci``), control scores and gain,
-    and codelengths."""
-    by_run = {(o.combo.key, o.plan.seed, o.plan.fold): o for o in controls}
-    runs = []
-    for o in outcomes:
-        c = by_run.get((o.combo.key, o.plan.seed, o.plan.fold))
-        y = labels[o.plan.eval_split][o.plan.eval_rows]
-        runs.append(RunPredictions(o.combo.key, o.plan.seed, o.plan.fold, o.plan.eval_rows, y, o.pred,
-                                   None if c is None else c.pred))
-    found = assess(runs, best, len(labels.names), seed=seed) if ci else Assessment(fields=[{} for _ in runs])
-    for o, f, r in zip(outcomes, found.fields, runs):
-        if r.control is not None and "control_f1_macro" not in f:  # --no-ci: the scores without intervals
-            c = by_run[(o.combo.key, o.plan.seed, o.plan.fold)]
-            f.update(control_accuracy=c.metrics["accuracy"], control_f1_macro=c.metrics["f1_macro"],
-                     gain_f1_macro=o.metrics["f1_macro"] - c.metrics["f1_macro"])
-        code = codes.get((o.combo, o.plan.seed))
-        if code is not None:
-            f.update(mdl_bits=code.bits, compression=code.compression)
-    return found
