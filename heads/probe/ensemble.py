@@ -162,10 +162,12 @@ def _retire(st: _StackState, finished: list[int], trackers: list[BestTracker],
     st.alive = [st.alive[a] for a in keep]
 
 
-STACK_BYTES_CPU = 64 << 20
+STACK_BYTES_CPU = 32 << 20
 """On CPU, a stack's parameters, gradients and AdamW moments (16 bytes a parameter) are kept under this many bytes:
-a larger stack streams its weights from memory on every step and loses to training its members one at a time, whose
-weights stay in cache (measured by ``benchmarks/stack.py``; see BENCHMARKS.md). On CUDA every member is stacked."""
+a larger stack streams its weights from memory on every step and loses to smaller stacks, whose weights stay in
+cache. Measured by ``benchmarks/stack.py --sizes`` (BENCHMARKS.md): 21 MLPs of hidden 256 (32 MiB) or conv heads
+(22 MiB) are fastest in one stack; MLPs of hidden 2048 (12 MiB each) are fastest one or two at a time (3 at 36 MiB
+already slower, 21 at 255 MiB 2.8x slower). On CUDA every member is stacked."""
 
 
 def members_per_stack(cfg: HeadConfig, shape: InputShape, n_classes: int, device: torch.device) -> int | None:
