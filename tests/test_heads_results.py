@@ -76,7 +76,7 @@ def test_results_csv(run: tuple[Path, dict[str, Any], list[ResultRow]]) -> None:
                 "val_f1_macro", "train_seconds",
                 "best_epoch", "trainable_params", "seconds_per_epoch", "store_id",
                 "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
-                "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "control_accuracy", "control_f1_macro",
+                "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "vs_best", "control_accuracy", "control_f1_macro",
                 "gain_f1_macro", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits", "compression", "hp_hidden", "hp_lr"]
     assert list(table[0]) == expected
     assert len(table) == len(rows)

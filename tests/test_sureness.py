@@ -142,7 +142,7 @@ def test_p_vs_best_is_the_exact_mcnemar_of_the_predictions_and_holm_corrected(no
         order = np.argsort(p["row_id"][mine])
         correct[rows[i]["layers"] + rows[i]["combine"] + rows[i]["pooling"]] = (p["y_pred"][mine] == p["y_true"][mine])[order]
     (b_key,) = best
-    raw, keys = [], []
+    raw, keys, direction = [], [], {}
     for key, ok in correct.items():
         if key == b_key:
             continue
@@ -150,15 +150,17 @@ def test_p_vs_best_is_the_exact_mcnemar_of_the_predictions_and_holm_corrected(no
         c = int((~correct[b_key] & ok).sum())
         raw.append(1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue)
         keys.append(key)
+        direction[key] = "better" if c > b else "worse"
     adjusted = dict(zip(keys, holm(raw)))
     for i, r in enumerate(rows):
         key = r["layers"] + r["combine"] + r["pooling"]
         if key == b_key:
-            assert r["p_vs_best"] is None and r["tied_with_best"] is None
+            assert r["p_vs_best"] is None and r["tied_with_best"] is None and r["vs_best"] == "best"
             continue
         assert r["p_vs_best"] == pytest.approx(raw[keys.index(key)], rel=1e-9)
         assert r["p_vs_best_holm"] == pytest.approx(adjusted[key], rel=1e-9)
         assert r["tied_with_best"] == (adjusted[key] >= 0.05)
+        assert r["vs_best"] == ("tied" if adjusted[key] >= 0.05 else direction[key])  # worse, or better on test
         assert r["f1_macro_diff_lo"] <= r["f1_macro_diff_hi"]
     summary = (noisy_sweep / "summary.md").read_text()
     assert summary.startswith("# Heads run") and "## Answer" in summary.split("## Run")[0]

@@ -26,7 +26,7 @@ REPORT_COLUMNS = ["run", "store_id", "eval_set", "layers", "combine", "pooling",
                   "trainable_params", "seconds_per_epoch", "train_seconds",
                   # how sure, as each run recorded it (its best and its paired tests are within the run)
                   "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
-                  "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "control_accuracy_mean",
+                  "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "vs_best", "control_accuracy_mean",
                   "control_f1_macro_mean", "gain_f1_macro_mean", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits",
                   "compression"]
 UNKNOWN = "unknown"

@@ -37,7 +37,7 @@ RUN_FORMAT_VERSION = 1
 CSV_COLUMNS = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "val_accuracy",
                "val_f1_macro", "train_seconds", "best_epoch", "trainable_params", "seconds_per_epoch", "store_id",
                "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
-               "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "control_accuracy", "control_f1_macro",
+               "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "vs_best", "control_accuracy", "control_f1_macro",
                "gain_f1_macro", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits", "compression"]
 
 

@@ -43,7 +43,7 @@ def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> lis
         if s is best:
             cells = [f"**{c}**" if c else c for c in cells] + [f"← best ({rule})"]
         else:
-            cells.append("tied" if s.tied_with_best else "worse" if s.tied_with_best is False else "")
+            cells.append(s.vs_best if s.vs_best in ("tied", "worse", "better") else "")
         table.append(cells)
     header = ["layers", "combine", "pooling", "head"] + (["C"] if with_c else [])
     header += (["val accuracy", "val macro-F1"] if with_val else []) + ["test accuracy", "test macro-F1"]
@@ -99,7 +99,8 @@ def _answer(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats) -
         return lines
     others = [s for s in stats if s is not best and s.p_vs_best_holm is not None]
     tied = [s for s in others if s.tied_with_best]
-    worse = [s for s in others if not s.tied_with_best]
+    worse = [s for s in others if s.vs_best == "worse"]
+    better = [s for s in others if s.vs_best == "better"]
     rows = unc.get("pooled_rows")
     how = (f"exact McNemar test on the {rows} {test} rows, Holm-corrected over the {len(others)} configurations "
            f"compared, p ≥ {unc.get('alpha', 0.05):g}")
@@ -107,10 +108,16 @@ def _answer(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats) -
         names = ", ".join(f"{_name(s)} ({s.f1_mean:.4f})" for s in tied)
         lines += ["", f"{len(tied)} configuration{'s are' if len(tied) > 1 else ' is'} statistically indistinguishable from "
                       f"it ({how}): {names}. Treat them as ties: the data cannot tell them apart."]
-    elif others:
+    elif others and not better:
         lines += ["", f"Every other configuration is significantly worse than it ({how.replace('p ≥', 'p <')})."]
-    if worse and tied:
+    if worse and (tied or better):
         lines += ["", f"{len(worse)} configuration{'s are' if len(worse) > 1 else ' is'} significantly worse."]
+    if better:
+        names = ", ".join(f"{_name(s)} ({s.f1_mean:.4f})" for s in better)
+        lines += ["", f"{len(better)} configuration{'s score' if len(better) > 1 else ' scores'} significantly higher on "
+                      f"the {test} rows ({how.replace('p ≥', 'p <')}): {names}. The choice made on validation did not carry "
+                      "over to them; with more validation rows (--validation-fraction) or seeds (--seeds) it would be "
+                      "surer."]
     seeds = int(meta.get("config", {}).get("seeds") or 1)
     if seeds > 1:
         lines += ["", f"With {seeds} seeds, intervals are of the mean over seeds; the paired tests use seed "

@@ -69,7 +69,10 @@ class ResultRow:
     """Paired-bootstrap 95% interval of (this configuration's macro-F1 - the best's), seed 0, folds pooled."""
     f1_macro_diff_hi: float | None = None
     tied_with_best: bool | None = None
-    """Not significantly worse than the best: ``p_vs_best_holm >= 0.05``."""
+    """Not significantly different from the best: ``p_vs_best_holm >= 0.05``."""
+    vs_best: str | None = None
+    """'best', 'tied', 'worse', or 'better' (significantly more rows right than the best on the evaluation rows:
+    the choice made on validation did not carry over to them)."""
     control_accuracy: float | None = None
     """The same configuration, seed and fold trained on the control store (``--control``), same rows."""
     control_f1_macro: float | None = None
@@ -135,6 +138,7 @@ class ConfigStats:
     f1_diff_lo: float | None = None
     f1_diff_hi: float | None = None
     tied_with_best: bool | None = None
+    vs_best: str | None = None
     control_accuracy_mean: float | None = None
     control_f1_mean: float | None = None
     gain_f1_mean: float | None = None
@@ -165,7 +169,7 @@ class ConfigStats:
                 "accuracy_lo": self.accuracy_lo, "accuracy_hi": self.accuracy_hi, "f1_macro_lo": self.f1_lo,
                 "f1_macro_hi": self.f1_hi, "is_best": self.is_best, "p_vs_best": self.p_vs_best,
                 "p_vs_best_holm": self.p_vs_best_holm, "f1_macro_diff_lo": self.f1_diff_lo,
-                "f1_macro_diff_hi": self.f1_diff_hi, "tied_with_best": self.tied_with_best,
+                "f1_macro_diff_hi": self.f1_diff_hi, "tied_with_best": self.tied_with_best, "vs_best": self.vs_best,
                 "control_accuracy_mean": self.control_accuracy_mean, "control_f1_macro_mean": self.control_f1_mean,
                 "gain_f1_macro_mean": self.gain_f1_mean, "gain_f1_macro_lo": self.gain_f1_lo,
                 "gain_f1_macro_hi": self.gain_f1_hi, "mdl_bits": self.mdl_bits, "compression": self.compression}
@@ -235,7 +239,7 @@ def _sureness(group: list[ResultRow]) -> dict[str, Any]:
     return {"accuracy_lo": interval("accuracy_lo"), "accuracy_hi": interval("accuracy_hi"),
             "f1_lo": interval("f1_macro_lo"), "f1_hi": interval("f1_macro_hi"), "is_best": bool(first.is_best),
             "p_vs_best": first.p_vs_best, "p_vs_best_holm": first.p_vs_best_holm, "f1_diff_lo": first.f1_macro_diff_lo,
-            "f1_diff_hi": first.f1_macro_diff_hi, "tied_with_best": first.tied_with_best,
+            "f1_diff_hi": first.f1_macro_diff_hi, "tied_with_best": first.tied_with_best, "vs_best": first.vs_best,
             "control_accuracy_mean": _mean_of([r.control_accuracy for r in group]),
             "control_f1_mean": _mean_of([r.control_f1_macro for r in group]),
             "gain_f1_mean": _mean_of([r.gain_f1_macro for r in group]),
