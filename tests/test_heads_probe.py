@@ -179,6 +179,49 @@ def test_lbfgs_picks_C_on_validation_and_every_grid_member_on_its_own_row():
             np.testing.assert_allclose(fit.weights[fit.chosen], single.weights[0], atol=5e-3)
 
 
+def test_the_C_path_warm_starts_and_stops_after_two_falls(monkeypatch):
+    """Each probe's path: C solved from the smallest up, each from the previous C's solution, and it stops once its
+    validation macro-F1 has fallen at two consecutive Cs (the validation scores are set here, per probe and C)."""
+    import heads.probe.solvers as solvers
+
+    feats, y = _problem(3, seed=3, n=240)
+    fit_rows, val_rows = np.arange(180), np.arange(180, 240)
+    grid = [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0]
+    # probe 0 falls at C index 2 and 3: its path stops there; probe 1 never falls twice in a row: every C is solved
+    f1 = {0: [0.5, 0.6, 0.55, 0.5, 0.9, 0.9, 0.9], 1: [0.5, 0.4, 0.6, 0.5, 0.6, 0.5, 0.7]}
+    scored: list[tuple[int, int]] = []
+    real_score = solvers._Run._score
+
+    def score(self, val_source, pairs):
+        real_score(self, val_source, pairs)
+        for p, k in pairs:
+            scored.append((p, k))
+            self.val[p, k] = 0
+            self.val[p, k, 0, 0] = 1000 * p + k  # a marker the patched macro-F1 reads back
+
+    monkeypatch.setattr(solvers._Run, "_score", score)
+    monkeypatch.setattr(solvers, "macro_f1_present", lambda cm: f1[int(cm[0, 0]) // 1000][int(cm[0, 0]) % 1000])
+    starts: list[tuple[int, float]] = []
+    real_solve = solvers._Run._solve
+
+    def solve(self, pairs, tol):
+        for p, k in pairs:  # the starting point of each C on the path: the previous C's solution (zeros for the first)
+            if not self.solved[p, k]:
+                th = self.solver.thetas[self.widths[self.fof[p]]][self.groups[self.widths[self.fof[p]]].index(p)]
+                starts.append((k, float((th[k] - (th[k - 1] if k else 0 * th[k])).abs().max())))
+        real_solve(self, pairs, tol)
+
+    monkeypatch.setattr(solvers._Run, "_solve", solve)
+    fits = solvers.fit_logistic_probes(_chunks(feats, y, fit_rows), [f.shape[1] for f in feats], 3, grid,
+                                       val_source=_chunks(feats, y, val_rows))
+    assert fits[0].solved.tolist() == [True] * 4 + [False] * 3
+    assert fits[1].solved.tolist() == [True] * 7
+    assert not fits[0].converged[4:].any() and np.isnan(fits[0].train_loss[4:]).all()
+    assert sorted(k for p, k in scored if p == 0) == [0, 1, 1, 2, 3]  # the chosen C (1) scored again once refined
+    assert fits[0].chosen == 1 and fits[1].chosen == 6  # the best validation score among the Cs solved
+    assert len(starts) == 4 + 7 and all(gap == 0.0 for _k, gap in starts)  # each C started where the previous one ended
+
+
 def test_stacked_heads_equal_their_single_fits():
     """Every member of a stack trains as HeadClassifier.fit would train it alone (dropout 0)."""
     from heads.probe.config import HeadConfig

@@ -165,6 +165,7 @@ def test_p_vs_best_is_the_exact_mcnemar_of_the_predictions_and_holm_corrected(no
     summary = (noisy_sweep / "summary.md").read_text()
     assert summary.startswith("# Heads run") and "## Answer" in summary.split("## Run")[0]
     assert "seed 0's runs" in summary
+    assert "path stops once its validation macro-F1 has fallen at 2 consecutive Cs" in summary  # the C path's rule
     tied = sum(1 for k in keys if adjusted[k] >= 0.05)
     if tied:
         assert f"{tied} configuration" in summary and "statistically indistinguishable" in summary
