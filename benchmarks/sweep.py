@@ -23,7 +23,7 @@ Configurations: every layer for cls and for mean (14), ``heads sweep --combine s
 
 Stacked non-linear heads against one at a time: ``benchmarks/stack.py``.
 
-Usage: python benchmarks/sweep.py [--cache DIR] [--datasets tweets2k,tweets8k] [--full] [--json out.json]
+Usage: python benchmarks/sweep.py [--cache DIR] [--datasets tweets2k,tweets8k] [--full] [--baseline DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -80,10 +80,12 @@ def ensure_store(name: str, cache: Path) -> str:
     return path
 
 
-def timed_process(args: list[str]) -> tuple[float, int]:
+def timed_process(args: list[str], cwd: Path = ROOT) -> tuple[float, int]:
     """(wall seconds, peak RSS in bytes) of ``args`` run as a fresh process, measured by a wrapper process whose
-    only child it is (getrusage of children reports the largest child's peak, in KiB on Linux)."""
-    proc = subprocess.run([sys.executable, "-c", _WRAP, *args], cwd=ROOT, capture_output=True, text=True)
+    only child it is (getrusage of children reports the largest child's peak, in KiB on Linux). ``cwd`` other than
+    this checkout runs that checkout's code (an older embstore, for a before/after figure)."""
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    proc = subprocess.run([sys.executable, "-c", _WRAP, *args], cwd=cwd, capture_output=True, text=True, env=env)
     code, wall, peak_kib, err = json.loads(proc.stdout.strip().splitlines()[-1])
     if code != 0:
         raise SystemExit(f"{' '.join(args[:4])}... failed:\n{err}")
@@ -152,7 +154,7 @@ def floor(store_path: str, work: Path) -> dict[str, float]:
             "bmm_gflops": bmm / 1e9, "peak_gflops": peak / 1e9, "bmm_shape": [g, rows, d, kc]}
 
 
-def linear_part(name: str, store_path: str, work: Path, report: dict[str, Any]) -> None:
+def linear_part(name: str, store_path: str, work: Path, report: dict[str, Any], baseline: Path | None = None) -> None:
     from embstore import open_store
     from heads.probe.config import HeadConfig
     from heads.protocol import validation_carve
@@ -187,6 +189,13 @@ def linear_part(name: str, store_path: str, work: Path, report: dict[str, Any]) 
     report[name] = {"train_rows": int(len(fit)), "ours_s": w_ours, "sklearn_c1_s": w_c1, "sklearn_grid_s": w_grid,
                     "grid_estimated": est, "ratio_c1": w_c1 / w_ours, "ratio_grid": w_grid / w_ours,
                     "mean_acc": mean_ours, "sklearn_c1_mean_acc": mean_sk, "same_c_diff_points": [min(same), max(same)]}
+    if baseline is not None:  # the same sweep by an older checkout: before / after, in the same run
+        w_base, _ = timed_process(sweep_cmd(store_path, work / f"{name}-base"), cwd=baseline)
+        base = pd.read_csv(work / f"{name}-base" / "results.csv")
+        base = base[base.combine == "single"]
+        print(f"   before ({baseline}): {w_base:.1f}s -> this checkout {w_base / w_ours:.2f}x faster; mean test accuracy "
+              f"{float(base.accuracy.mean()):.4f} then, {mean_ours:.4f} now", flush=True)
+        report[name].update(baseline_s=w_base, baseline_mean_acc=float(base.accuracy.mean()))
 
 
 def memory_part(store_path: str, work: Path, report: dict[str, Any]) -> None:
@@ -267,6 +276,8 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the out-of-core part")
     ap.add_argument("--uncached-rows", type=int, default=0, help="also time one head against recomputing the backbone "
                     "every epoch on this many rows (0: skip)")
+    ap.add_argument("--baseline", help="a checkout of an older embstore (git worktree add DIR REV): its heads sweep on "
+                    "the same stores, for a before/after figure")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     import torch
@@ -284,7 +295,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         work = Path(tmp)
         for name, path in stores.items():
-            linear_part(name, path, work, report)
+            linear_part(name, path, work, report, Path(args.baseline) if args.baseline else None)
         main_store = stores.get("tweets8k") or next(iter(stores.values()))
         f = floor(main_store, work)
         print(f"\n3. the floor ({'tweets8k' if 'tweets8k' in stores else next(iter(stores))}): the solver did "
