@@ -167,7 +167,7 @@ def linear_part(name: str, store_path: str, work: Path, report: dict[str, Any], 
     print(f"\n== {name}: 14 linear configurations, {len(fit)} training rows, {store.n_rows('test')} test rows", flush=True)
     w_ours, _ = timed_process(sweep_cmd(store_path, work / f"{name}-ours"))
     w_c1, _ = timed_process([sys.executable, "-c", SK_SCRIPT, store_path, json.dumps([1.0])])
-    w_grid = None if full else timed_process([sys.executable, "-c", SK_SCRIPT, store_path, json.dumps(grid))])[0]
+    w_grid = None if full else timed_process([sys.executable, "-c", SK_SCRIPT, store_path, json.dumps(grid)])[0]
     est = w_grid is None
     if est:  # the full store: the grid estimated from C = 1 (the larger Cs take longer, so this is low)
         w_grid = len(grid) * w_c1
