@@ -72,18 +72,19 @@ class Codelength:
 
 def _ordered_blocks(bank: FeatureBank, combos: Sequence[Combo], split: str, order: np.ndarray, y: np.ndarray,
                     ends_of: np.ndarray, comm: Comm) -> Callable[[], Iterator[RowBlock]]:
-    """Blocks of ``BLOCK_ROWS`` rows in the shuffled ``order`` (block b on rank b % world): probe p holds the first
-    ``ends_of[p]`` rows of the order, so late blocks belong to few probes."""
-    last = int(ends_of.max()) if len(ends_of) else 0
+    """Blocks of the shuffled ``order`` (block b on rank b % world), cut at every probe's end and at most
+    ``BLOCK_ROWS`` long: probe p holds the first ``ends_of[p]`` rows of the order, so every block is whole to the
+    probes that hold it, and a probe computes only its own rows (late blocks belong to few probes)."""
+    cuts = sorted({0, *(int(e) for e in ends_of)})
+    spans = [(a, min(hi, a + BLOCK_ROWS)) for lo, hi in zip(cuts[:-1], cuts[1:]) for a in range(lo, hi, BLOCK_ROWS)]
 
     def blocks() -> Iterator[RowBlock]:
-        for b, start in enumerate(range(0, last, BLOCK_ROWS)):
+        for b, (start, stop) in enumerate(spans):
             if b % comm.world != comm.rank:
                 continue
-            rows = order[start:min(last, start + BLOCK_ROWS)]
-            at = np.arange(start, start + len(rows))
+            rows = order[start:stop]
             feats = [np.ascontiguousarray(bank.features(c, split, rows), dtype=np.float32) for c in combos]
-            yield rows, feats, y[rows], at[None, :] < ends_of[:, None]
+            yield rows, feats, y[rows], np.broadcast_to((start < ends_of)[:, None], (len(ends_of), len(rows)))
     return blocks
 
 

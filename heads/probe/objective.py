@@ -191,10 +191,12 @@ def logistic_objective(data: StandardisedBlocks, groups: dict[int, list[int]], n
                 if not len(keep):
                     continue
                 idx = where[keep]
-                nll, gw, gb = _terms(xs[d][keep], W[idx], b[idx], onehot, None if w is None else w[d][keep], C)
-                loss[d].index_add_(0, idx, nll)
-                grad_w[d].index_add_(0, idx, gw.double())
-                grad_b[d].index_add_(0, idx, gb.double())
+                for lo, hi, at in _runs(keep):  # contiguous runs of the block's probes, as views
+                    part = idx[at:at + hi - lo]
+                    nll, gw, gb = _terms(xs[d][lo:hi], W[part], b[part], onehot, None if w is None else w[d][lo:hi], C)
+                    loss[d].index_add_(0, part, nll)
+                    grad_w[d].index_add_(0, part, gw.double())
+                    grad_b[d].index_add_(0, part, gb.double())
         grad = {d: torch.cat([grad_w[d].view(len(gs), len(ks), C, d).transpose(2, 3).reshape(len(gs), len(ks), d * C),
                               grad_b[d]], -1) for d, (gs, ks) in sel.items()}
         fs, data_fs, gs_out = {}, {}, {}
