@@ -55,23 +55,18 @@ def sweep(store: str, out: Path, extra: list[str]) -> tuple[float, dict[str, Any
     return wall, json.loads((out / "run.json").read_text()).get("timings", {})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default=os.environ.get("EMBSTORE_CACHE", str(ROOT / "cache")), help="store cache directory")
-    ap.add_argument("--limit", type=int, default=8000, help="rows per split of the tweets (80%% train, 20%% test) [default: 8000]")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--control", action="store_true", help="also a --control sweep against a --random-weights 0 store")
-    ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args()
+def measure(cache: Path, limit: int, repeats: int, control: bool) -> dict[str, Any]:
+    """Run the variants interleaved ``repeats`` times on the ``limit``-row store (and the control with ``control``);
+    print the figures and return them (``benchmarks/sweep.py --sureness`` calls this too)."""
     import torch
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); load average before: {os.getloadavg()[0]:.2f}", flush=True)
-    store = ensure_store(Path(args.cache), args.limit)
+    store = ensure_store(cache, limit)
     walls: dict[str, list[float]] = {k: [] for k in VARIANTS}
     phases: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-sureness-") as tmp:
-        for rep in range(args.repeats):
+        for rep in range(repeats):
             for name, extra in VARIANTS.items():
                 wall, timings = sweep(store, Path(tmp) / f"{name}-{rep}", extra)
                 walls[name].append(wall)
@@ -93,8 +88,8 @@ def main() -> None:
         report: dict[str, Any] = {"machine": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
                                   "store": store, "walls": walls, "phases": phases, "ci_ratio": ci_ratio,
                                   "mdl_ratio": mdl_ratio, "sureness_share": sure / total}
-        if args.control:
-            ctl = ensure_store(Path(args.cache), args.limit, random_weights=0)
+        if control:
+            ctl = ensure_store(cache, limit, random_weights=0)
             wall, timings = sweep(store, Path(tmp) / "control", ["--control", ctl])
             rows = [json.loads(line) for line in (Path(tmp) / "control" / "results.jsonl").read_text().splitlines()]
             print(f"3. --control (random weights, seed 0): {wall:.2f}s ({wall / med['default']:.2f}x the sweep); gain in "
@@ -105,6 +100,18 @@ def main() -> None:
             report["control"] = {"wall": wall, "rows": [{k: r[k] for k in ("layers", "pooling", "f1_macro", "control_f1_macro",
                                                                          "gain_f1_macro", "gain_f1_macro_lo", "gain_f1_macro_hi")}
                                                         for r in rows]}
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=os.environ.get("EMBSTORE_CACHE", str(ROOT / "cache")), help="store cache directory")
+    ap.add_argument("--limit", type=int, default=8000, help="rows per split of the tweets (80%% train, 20%% test) [default: 8000]")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--control", action="store_true", help="also a --control sweep against a --random-weights 0 store")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    report = measure(Path(args.cache), args.limit, args.repeats, args.control)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))

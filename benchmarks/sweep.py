@@ -21,9 +21,13 @@ Configurations: every layer for cls and for mean (14), ``heads sweep --combine s
 5. (``--uncached-rows N``) one head trained from the store against the usual loop that runs the frozen backbone on
    every batch of every epoch.
 
+6. (``--sureness N``) what the intervals and paired tests cost (target <= 10% of the sweep) and what ``--mdl`` costs
+   (target <= 1.5x), on the 8k store, each variant N times interleaved (``benchmarks/sureness.py`` on its own adds the
+   random-encoder control).
+
 Stacked non-linear heads against one at a time: ``benchmarks/stack.py``.
 
-Usage: python benchmarks/sweep.py [--cache DIR] [--datasets tweets2k,tweets8k] [--full] [--baseline DIR] [--json out.json]
+Usage: python benchmarks/sweep.py [--cache DIR] [--datasets tweets2k,tweets8k] [--full] [--baseline DIR] [--sureness N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -278,6 +282,9 @@ def main() -> None:
                     "every epoch on this many rows (0: skip)")
     ap.add_argument("--baseline", help="a checkout of an older embstore (git worktree add DIR REV): its heads sweep on "
                     "the same stores, for a before/after figure")
+    ap.add_argument("--sureness", type=int, default=0, metavar="REPEATS",
+                    help="also what intervals + paired tests and --mdl cost on the 8k store (benchmarks/sureness.py), "
+                    "each variant this many times, interleaved (0: skip)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     import torch
@@ -306,6 +313,12 @@ def main() -> None:
         report["floor"] = f
         if not args.no_memory:
             memory_part(main_store, work, report)
+    if args.sureness:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from sureness import measure
+
+        print("\n6. what knowing how sure costs (intervals + paired tests; --mdl), 8k store:", flush=True)
+        report["sureness"] = measure(cache, LIMITS["tweets8k"] or 8000, args.sureness, control=False)
     if args.uncached_rows:
         uncached_part(stores.get("tweets8k") or next(iter(stores.values())), args.uncached_rows, 10)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
