@@ -196,7 +196,7 @@ def linear_part(name: str, store_path: str, work: Path, report: dict[str, Any], 
     if baseline is not None:  # the same sweep by an older checkout: before / after, in the same run
         w_base, _ = timed_process(sweep_cmd(store_path, work / f"{name}-base"), cwd=baseline)
         base = pd.read_csv(work / f"{name}-base" / "results.csv")
-        base = base[base.combine == "single"]
+        base = base[base["combine"] == "single"]
         print(f"   before ({baseline}): {w_base:.1f}s -> this checkout {w_base / w_ours:.2f}x faster; mean test accuracy "
               f"{float(base.accuracy.mean()):.4f} then, {mean_ours:.4f} now", flush=True)
         report[name].update(baseline_s=w_base, baseline_mean_acc=float(base.accuracy.mean()))
