@@ -138,7 +138,7 @@ def run_trainer(train_csv: Path, test_csv: Path, out: Path, model: str, fit_rows
 def compare(work: Path, datasets: list[str], model: str, per_speaker: int, epochs: int, snr_db: float) -> list[dict[str, Any]]:
     rows = []
     for name in datasets:
-        train_csv, test_csv = prepare_emodb(work, per_speaker) if name == "emodb" else prepare_tones(work, per_speaker // 4)
+        train_csv, test_csv = prepare_emodb(work, per_speaker) if name == "emodb" else prepare_tones(work, max(2, per_speaker // 4))
         recipe = dict(lr=1e-5, batch_size=2, epochs=epochs)
         ours = run_ours(train_csv, test_csv, work / name / "ours", model, classifier="mlp", classifier_hidden=[256],
                         augment="noise", snr_db=snr_db, patience=0, **recipe)
