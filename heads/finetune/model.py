@@ -1,6 +1,7 @@
 """The model ``heads finetune`` trains: an encoder, a pooling of its last hidden state and a new classifier.
 
-:class:`SequenceClassifier` (text) and :class:`SpeechClassifier` (speech) are the models; :func:`save_finetuned` writes it as ``model/`` (the encoder as a Hugging
+:class:`SequenceClassifier` (text) and :class:`SpeechClassifier` (speech) are the models; :func:`save_finetuned`
+writes one as ``model/`` (the encoder as a Hugging
 Face directory, so ``embstore extract --model`` reads it) plus ``model/classifier/`` (the head's weights and
 settings), and :func:`load_finetuned` reads both back for ``heads predict``. :func:`importance_pruning` removes
 the least important attention heads (Michel et al. 2019) after the first epoch.
@@ -24,7 +25,8 @@ from heads.report.rundir import MODEL_DIR
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CLASSIFIER_DIR", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "Classifier", "SequenceClassifier", "SpeechClassifier", "importance_pruning",
+__all__ = ["CLASSIFIER_DIR", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "Classifier", "SequenceClassifier",
+           "SpeechClassifier", "importance_pruning",
            "is_finetune_run", "load_finetuned", "save_finetuned", "state_copy"]
 
 log = logging.getLogger(__name__)
