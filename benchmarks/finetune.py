@@ -23,6 +23,7 @@ Data (seeded, from ../shared/datasets):
 - tweets (on request): builtin:tweets, N training and M test rows, stratified.
 
 Usage:
+    python benchmarks/finetune.py --audio --memory      # speech: ours vs the Trainer on HuBERT; peak RSS, 30 s clips
     python benchmarks/finetune.py                       # 800 / 800 rows, ag_news youtube sentipers, + surgery
     python benchmarks/finetune.py --quick               # 96 / 96 rows of ag_news, no surgery (a smoke test)
     python benchmarks/finetune.py --datasets ag_news,tweets --train-rows 800 --test-rows 400 --json out.json
@@ -230,6 +231,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="also the all-but-last / truncate / prune variants on ag_news, with inference speed")
     ap.add_argument("--quick", action="store_true", help="96 / 96 rows of ag_news, no surgery: a smoke test")
     ap.add_argument("--json", help="also write every figure to this JSON file")
+    ap.add_argument("--audio", action="store_true", help="speech instead: ours against the Trainer on "
+                    "HubertForSequenceClassification (benchmarks/finetune_audio.py)")
+    ap.add_argument("--audio-datasets", default="emodb,tones", help="--audio: comma list of emodb, tones")
+    ap.add_argument("--audio-model", default="random:hubert-base", help="--audio/--memory: the speech model")
+    ap.add_argument("--per-speaker", type=int, default=8, help="--audio: clips per Emo-DB speaker (tones: per speaker, "
+                    "a quarter per class)")
+    ap.add_argument("--audio-epochs", type=int, default=1, help="--audio: epochs of both contenders")
+    ap.add_argument("--snr-db", type=float, default=23.0, help="--audio: noise on the training clips, both contenders")
+    ap.add_argument("--memory", action="store_true", help="peak RSS of an epoch on 30-second clips per --budgets")
+    ap.add_argument("--memory-clips", type=int, default=4, help="--memory: 30-second clips (3/4 of them train)")
+    ap.add_argument("--budgets", default="30,60", help="--memory: --batch-seconds values to measure")
     args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.train_rows, args.test_rows, args.surgery = "ag_news", 96, 96, False
@@ -239,6 +251,19 @@ def main(argv: list[str] | None = None) -> None:
     machine = (f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
                f"({torch.get_num_threads()} threads), {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     print(f"machine: {machine}", flush=True)
+    if args.audio or args.memory:
+        import finetune_audio as fa
+
+        report_audio: dict[str, Any] = {"machine": machine, "model": args.audio_model}
+        if args.audio:
+            report_audio["audio"] = fa.compare(work, [d.strip() for d in args.audio_datasets.split(",") if d.strip()],
+                                               args.audio_model, args.per_speaker, args.audio_epochs, args.snr_db)
+        if args.memory:
+            report_audio["memory"] = fa.memory(work, args.audio_model, args.memory_clips,
+                                               [float(b) for b in args.budgets.split(",")])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report_audio, indent=2, default=str) + "\n")
+        return
     report: dict[str, Any] = {"machine": machine, "train_rows": args.train_rows, "test_rows": args.test_rows, "rows": []}
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         train_csv, test_csv = prepare(name, work, args.train_rows, args.test_rows, args.seed)

@@ -148,13 +148,14 @@ def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, devic
             predictions_file: str | None) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
-    For a head trained on a speech model's store, each line is an audio file path instead.
+    For a head trained on a speech model's store, or a speech fine-tune (heads finetune --audio-col), each line is an
+    audio file path instead.
 
     Prints one JSON object per line: text, label, probabilities.
     """
     from embstore.errors import ConfigError
     from embstore.device import resolve_device
-    from heads.finetune.predict import is_finetune_run, predict_finetuned
+    from heads.finetune.predict import is_finetune_run, predict_finetuned, predict_finetuned_audio
     from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
     from heads.report.rundir import RUN_FILE
 
@@ -169,7 +170,11 @@ def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, devic
         raise ConfigError(f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
                           "fine-tune without --folds to get one for heads predict.")
     if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
-        labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=resolve_device(device))
+        if meta.get("modality") == "audio":  # each line is an audio file
+            labels, proba, names = predict_finetuned_audio(run_dir, [line.strip() for line in lines],
+                                                           device=resolve_device(device))
+        else:
+            labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=resolve_device(device))
     else:
         est = load_head(run_dir, head_dir)
         if head_modality(est) == "audio":
@@ -262,9 +267,25 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--text-col")
 @click.option("--text-pair-col")
 @click.option("--label-col")
+@click.option("--group-col", help="Column of groups (e.g. speaker): the holdout, the evaluation carve, --folds and the "
+              "early-stopping carve keep every group on one side.", show_default="none")
+@click.option("--audio-col", help="Column of audio file paths (relative to the table): fine-tune a speech model "
+              "(HuBERT, wav2vec2, WavLM) on the clips.", show_default="none: text")
+@click.option("--skip-bad/--no-skip-bad", default=None, help="Speech: drop (and count) rows whose audio file is missing, "
+              "unreadable, empty or shorter than the model's receptive field, instead of stopping.", show_default="no")
+@click.option("--max-seconds", type=float, help="Speech: cut each training clip to a random window this long, drawn "
+              "anew each epoch; evaluation reads whole clips.", show_default="20")
+@click.option("--batch-seconds", type=float, help="Speech: at most this many seconds of padded audio (rows x longest "
+              "clip) per batch, and at most --batch-size rows.", show_default="60")
+@click.option("--augment", help="Speech: augment the training clips on the fly, new draws each epoch: a comma list of "
+              "noise, shift, speed (the augmenters of embstore extract).", show_default="none")
+@click.option("--snr-db", type=float, help="--augment noise: signal-to-noise ratio of the added Gaussian noise in dB.",
+              show_default="20")
 @click.option("--limit", type=int, help="First N rows of each split.")
 @click.option("--max-length", type=int)
-@click.option("--freeze", help="Layers to freeze: 0-8, embeddings, all, all-but-last, lists, negative indices.")
+@click.option("--freeze", help="Layers to freeze: 0-8, embeddings, all, all-but-last, none, lists, negative indices; "
+              "speech also feature-encoder (the conv front end, alone or in a list).",
+              show_default="none for text, feature-encoder for speech")
 @click.option("--truncate", type=int, help="Classify from layer K and drop the layers above it.")
 @click.option("--prune-heads", help="Remove attention heads: '11:0,3;10:5' (layer:heads; layers 1..L, heads from 0).")
 @click.option("--prune-fraction", type=float, help="Remove this fraction of the least important heads (Michel et al. 2019).")
@@ -272,7 +293,8 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--classifier", type=click.Choice(["linear", "mlp"]), help="Head on the pooled vector [default: linear].")
 @click.option("--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) or 512,128.")
 @click.option("--dropout", type=float, help="mlp dropout [default: 0.1].")
-@click.option("--pooling", type=click.Choice(["cls", "mean"]))
+@click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooling of the last hidden state before the "
+              "classifier (mean: masked by each row's tokens or frames).", show_default="cls for text, mean for speech")
 @click.option("--lr", type=float, help="Backbone learning rate [default: 5e-5].")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's [default: 1e-3].")
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off).")

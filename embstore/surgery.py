@@ -1,7 +1,8 @@
-"""Model surgery for BERT-family encoders: freeze, truncate, prune attention heads, save/reload.
+"""Model surgery for BERT-family and speech encoders: freeze, truncate, prune attention heads, save/reload.
 
 Groundwork for ``heads finetune``. Layer numbers follow embstore everywhere: 0 is the
-embedding output, 1..L the encoder layers. Heads are numbered from 0 and always by their
+embedding output (for speech: the conv feature encoder, its projection and the position embedding,
+:mod:`embstore.anatomy`), 1..L the encoder layers. Heads are numbered from 0 and always by their
 *original* index: pruning is recorded in ``config.embstore_pruned_heads`` ({"layer": [heads]},
 string keys so it round-trips through config.json) and a later call maps original indices
 onto the surviving rows, as the old transformers ``pruned_heads`` did (transformers 5 dropped
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from embstore.anatomy import attention, base_of, blocks, embedding_modules, feature_encoder, set_blocks, top_modules
 from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
 from embstore.layers import parse_layers
 
@@ -27,8 +29,11 @@ if TYPE_CHECKING:
 __all__ = [
     "PRUNED_HEADS_KEY",
     "encoder_layers",
+    "FEATURE_ENCODER",
     "parse_freeze",
+    "split_feature_encoder",
     "freeze",
+    "freeze_feature_encoder",
     "count_parameters",
     "truncate",
     "parse_prune_spec",
@@ -48,39 +53,13 @@ PRUNED_HEADS_KEY = "embstore_pruned_heads"
 
 
 def _base(model: nn.Module) -> Any:
-    """The BERT-like base model (the one with ``.embeddings`` and ``.encoder.layer``).
-
-    Typed Any: its submodules are reached by attribute, which nn.Module cannot type."""
-    candidates = [model, getattr(model, "bert", None), getattr(model, "base_model", None)]
-    for cand in candidates:
-        encoder = getattr(cand, "encoder", None)
-        if isinstance(cand, nn.Module) and isinstance(getattr(encoder, "layer", None), nn.ModuleList) \
-                and hasattr(cand, "embeddings"):
-            return cand
-    raise ConfigError(
-        f"Model surgery supports BERT-family encoders (BERT, RoBERTa, ELECTRA: a model with "
-        f".embeddings and .encoder.layer, or one wrapping it as .bert/.base_model); got "
-        f"{type(model).__name__}. Use such a model."
-    )
+    """The base encoder, BERT family or speech (:func:`embstore.anatomy.base_of`)."""
+    return base_of(model)
 
 
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
     """The encoder layers 1..L as a list (index i holds layer i + 1)."""
-    return list(_base(model).encoder.layer)
-
-
-def _attention(layer: nn.Module) -> tuple[Any, nn.Linear]:
-    """(self-attention module with query/key/value, attention output dense) of one layer."""
-    attention = getattr(layer, "attention", None)
-    self_attn = getattr(attention, "self", None)
-    dense = getattr(getattr(attention, "output", None), "dense", None)
-    if self_attn is None or not isinstance(dense, nn.Linear) or not all(
-            isinstance(getattr(self_attn, n, None), nn.Linear) for n in ("query", "key", "value")):
-        raise ConfigError(
-            f"{type(layer).__name__} has no BERT-style attention (attention.self.query/key/value and "
-            f"attention.output.dense); head pruning supports BERT, RoBERTa and ELECTRA layers."
-        )
-    return self_attn, dense
+    return list(blocks(_base(model)))
 
 
 def _n_heads(model: nn.Module) -> int:
@@ -91,7 +70,10 @@ def _n_heads(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- freezing
 
 
-_FREEZE_WORDS = "'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3' or negative indices"
+_FREEZE_WORDS = ("'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3', negative indices, and "
+                 "for speech models 'feature-encoder'")
+FEATURE_ENCODER = "feature-encoder"
+"""The freeze word for a speech model's convolutional feature encoder (alone, as ``freeze_feature_encoder()``)."""
 
 
 def parse_freeze(spec: str, n_layers: int) -> set[int]:
@@ -99,6 +81,7 @@ def parse_freeze(spec: str, n_layers: int) -> set[int]:
 
     Accepts 'none', 'embeddings' (= {0}), 'all' (0..L), 'all-but-last' (0..L-1) and any
     embstore layer spec over 0..L ('0-8', '0,3', '-3--1'); 'embeddings' may appear in a list.
+    'feature-encoder' is not a layer: see :func:`split_feature_encoder`.
     """
     text = spec.strip().lower()
     if text == "none":
@@ -113,24 +96,50 @@ def parse_freeze(spec: str, n_layers: int) -> set[int]:
     return set(parse_layers(",".join(parts), range(n_layers + 1), option="freeze"))
 
 
+def split_feature_encoder(spec: str) -> tuple[bool, str]:
+    """(whether ``spec`` names 'feature-encoder', the rest of the spec for :func:`parse_freeze`, 'none' if empty):
+    'feature-encoder,10-12' freezes the conv front end and layers 10-12."""
+    parts = [p.strip() for p in spec.strip().lower().split(",")]
+    rest = [p for p in parts if p != FEATURE_ENCODER]
+    return len(rest) < len(parts), ",".join(rest) or "none"
+
+
+def freeze_feature_encoder(model: nn.Module) -> None:
+    """Freeze a speech model's convolutional feature encoder as ``freeze_feature_encoder()`` of transformers does:
+    its parameters and its ``_requires_grad`` flag, so no activation of it is kept for the backward pass."""
+    encoder: Any = feature_encoder(_base(model))
+    if hasattr(encoder, "_freeze_parameters"):
+        encoder._freeze_parameters()
+    else:  # pragma: no cover - every transformers speech encoder has it
+        encoder.requires_grad_(False)
+
+
 def freeze(model: nn.Module, layers: Iterable[int]) -> None:
-    """Set requires_grad=False on the embeddings (layer 0) and the chosen encoder layers 1..L.
+    """Set requires_grad=False on layer 0 (the embeddings; for speech the feature encoder, its projection and the
+    position embedding) and the chosen encoder layers 1..L.
 
     Only freezes: other parameters keep their flag (the pooler and any task head stay as
     they are), so call ``model.requires_grad_(True)`` first to start from a trainable model.
     """
     base = _base(model)
-    blocks = encoder_layers(base)
+    layers_ = encoder_layers(base)
     chosen = set(layers)
-    bad = sorted(i for i in chosen if not 0 <= i <= len(blocks))
+    bad = sorted(i for i in chosen if not 0 <= i <= len(layers_))
     if bad:
         raise LayerSpecError(
-            f"Cannot freeze layers {bad}: the model has layers [0, {len(blocks)}] (0 = embeddings); "
+            f"Cannot freeze layers {bad}: the model has layers [0, {len(layers_)}] (0 = embeddings); "
             f"pass indices in that range (see parse_freeze)."
         )
     for i in chosen:
-        module = base.embeddings if i == 0 else blocks[i - 1]
-        module.requires_grad_(False)
+        for module in (embedding_modules(base) if i == 0 else [layers_[i - 1]]):
+            module.requires_grad_(False)
+        if i == 0 and getattr(base, "masked_spec_embed", None) is not None:  # SpecAugment's mask, a layer-0 input
+            base.masked_spec_embed.requires_grad_(False)
+        if i == 0 and hasattr(base, "feature_extractor"):
+            freeze_feature_encoder(base)
+        if i == len(layers_):
+            for module in top_modules(base):
+                module.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -150,14 +159,14 @@ def truncate(model: nn.Module, k: int) -> None:
     extraction; keep at least one layer.
     """
     base = _base(model)
-    blocks = base.encoder.layer
-    n = len(blocks)
+    layers_ = blocks(base)
+    n = len(layers_)
     if not 1 <= k <= n:
         extra = " (0, embeddings only, is not supported: transformers 5 then returns no hidden states)" if k == 0 else ""
         raise LayerSpecError(
             f"Cannot truncate to {k} layers: keep between 1 and {n} encoder layers{extra}; pass k in [1, {n}]."
         )
-    base.encoder.layer = nn.ModuleList(list(blocks)[:k])
+    set_blocks(base, nn.ModuleList(list(layers_)[:k]))
     base.config.num_hidden_layers = k
     record = pruned_heads(base)
     if record:  # removed layers no longer have heads to re-prune on reload
@@ -222,15 +231,15 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
     from transformers.pytorch_utils import prune_linear_layer
 
     base = _base(model)
-    blocks = encoder_layers(base)
+    layers_ = encoder_layers(base)
     n_heads = _n_heads(base)
     record = pruned_heads(base)
     plan: dict[int, tuple[list[int], list[int]]] = {}
     # Validate everything before touching any weight, so an error leaves the model intact.
     for layer, given in heads.items():
         chosen = set(given)
-        if not 1 <= layer <= len(blocks):
-            raise LayerSpecError(f"Cannot prune heads of layer {layer}: attention layers are [1, {len(blocks)}].")
+        if not 1 <= layer <= len(layers_):
+            raise LayerSpecError(f"Cannot prune heads of layer {layer}: attention layers are [1, {len(layers_)}].")
         bad = sorted(h for h in chosen if not 0 <= h < n_heads)
         if bad:
             raise ConfigError(f"Cannot prune head {bad[0]} of layer {layer}: heads are [0, {n_heads - 1}].")
@@ -239,22 +248,19 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
         if not kept or set(kept) <= chosen:
             raise ConfigError(f"cannot remove all {n_heads} heads of layer {layer}; keep at least one")
         plan[layer] = (kept, sorted(chosen - done))
+    parts = {layer: attention(layers_[layer - 1]) for layer, (_, remove) in plan.items() if remove}
     for layer, (kept, remove) in plan.items():
         if not remove:
             continue
-        self_attn, dense = _attention(blocks[layer - 1])
-        head_dim = int(self_attn.attention_head_size)
+        att = parts[layer]
         positions = [kept.index(h) for h in remove]  # current rows of the heads to drop
-        mask = torch.ones(len(kept), head_dim, dtype=torch.bool)
+        mask = torch.ones(len(kept), att.head_dim, dtype=torch.bool)
         mask[positions] = False
-        index = cast(torch.LongTensor, torch.arange(len(kept) * head_dim)[mask.view(-1)])
-        for name in ("query", "key", "value"):
-            setattr(self_attn, name, prune_linear_layer(getattr(self_attn, name), index))
-        block: Any = blocks[layer - 1]
-        block.attention.output.dense = prune_linear_layer(dense, index, dim=1)
-        # forward reshapes with attention_head_size and -1, but keep every count consistent.
-        self_attn.num_attention_heads = len(kept) - len(remove)
-        self_attn.all_head_size = self_attn.num_attention_heads * head_dim
+        index = cast(torch.LongTensor, torch.arange(len(kept) * att.head_dim)[mask.view(-1)])
+        for name in att.qkv:
+            setattr(att.holder, name, prune_linear_layer(getattr(att.holder, name), index))
+        setattr(att.out_holder, att.out_name, prune_linear_layer(att.out, index, dim=1))
+        att.set_heads(len(kept) - len(remove))
         record[layer] = sorted(set(record.get(layer, [])) | set(remove))
     _set_record(base, record)
 
@@ -271,10 +277,10 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
     already pruned away are NaN. The model runs in eval mode; its .grad fields are untouched.
     """
     base = _base(model)
-    blocks = encoder_layers(base)
+    layers_ = encoder_layers(base)
     n_heads = _n_heads(base)
     record = pruned_heads(base)
-    kept = [[h for h in range(n_heads) if h not in record.get(i + 1, [])] for i in range(len(blocks))]
+    kept = [[h for h in range(n_heads) if h not in record.get(i + 1, [])] for i in range(len(layers_))]
     device = next(model.parameters()).device
     gates = [torch.ones(len(k), device=device, requires_grad=True) for k in kept]
     totals = [torch.zeros(len(k), device=device) for k in kept]
@@ -286,7 +292,8 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
             return ((split * gate[:, None]).view_as(context), *args[1:])
         return hook
 
-    handles = [_attention(block)[1].register_forward_pre_hook(make_hook(g)) for block, g in zip(blocks, gates)]
+    outs = [attention(block).out for block in layers_]  # a WavLM layer is refused here, before any hook is set
+    handles = [out.register_forward_pre_hook(make_hook(g)) for out, g in zip(outs, gates)]
     was_training = model.training
     model.eval()
     try:
@@ -300,7 +307,7 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    out = torch.full((len(blocks), n_heads), math.nan, device=device)
+    out = torch.full((len(layers_), n_heads), math.nan, device=device)
     for i, (k, total) in enumerate(zip(kept, totals)):
         # Per-layer L2 normalisation as in the paper's code (1e-20 keeps all-zero layers at 0).
         out[i, k] = total / (total.norm(p=2) + 1e-20)

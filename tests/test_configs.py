@@ -54,3 +54,11 @@ def test_pretrain_config_parses():
 
     cfg = PretrainConfig.from_dict(load_yaml_config(str(CONFIGS / "pretrain-wic.yaml")))
     assert cfg.swap_augment and cfg.source.text_pair_col
+
+
+def test_speech_study_config_parses():
+    from heads.finetune.config import FinetuneConfig
+
+    cfg = FinetuneConfig.from_dict(load_yaml_config(str(CONFIGS / "study-speech-finetune.yaml")))
+    assert cfg.audio and cfg.freeze_ == "feature-encoder" and cfg.pooling_ == "mean" and cfg.classifier == "mlp"
+    assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.epochs, cfg.augment) == (2, 1e-5, 4, "noise")

@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from embstore.augment import AugmentSpec
 from embstore.dataspec import DataSpec
 from embstore.errors import ConfigError
 from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
-DATA_KEYS = ("data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "limit", "skip_empty")
-"""The flat data-source keys ``heads finetune`` takes (it reads text: no audio options)."""
+DATA_KEYS = ("data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "group_col", "audio_col",
+             "limit", "skip_empty", "skip_bad")
+"""The flat data-source keys ``heads finetune`` takes: text or audio tables, with groups (e.g. speakers)."""
 SCHEDULES = ("linear", "cosine", "exponential")
 # Measured on 400-800 rows of four data sets (README, "Fine-tuning defaults"): the Trainer's lr and batch, no
 # warmup or decay, and 5 epochs rather than 3 (small sets need the steps; early stopping keeps the best epoch).
@@ -31,7 +33,10 @@ class FinetuneConfig:
     max_length: int = 128
     """Inputs are truncated to this many tokens."""
     freeze: str | None = None
-    """Layers to freeze: '0-8', 'embeddings', 'all', 'all-but-last', '0,3', negative indices (0 = embeddings)."""
+    """Layers to freeze: '0-8', 'embeddings', 'all', 'all-but-last', '0,3', negative indices (0 = embeddings; for speech
+    the conv feature encoder, its projection and the position embedding), 'none', and for speech 'feature-encoder'
+    (the conv front end alone, as the Trainer's ``freeze_feature_encoder()``), also in a list ('feature-encoder,1-4').
+    None: nothing for text, 'feature-encoder' for speech (the recipe of speech fine-tuning since wav2vec 2.0)."""
     truncate: int | None = None
     """Keep encoder layers 1..K and classify from layer K."""
     prune_heads: str | None = None
@@ -48,8 +53,22 @@ class FinetuneConfig:
     """mlp: hidden layer sizes."""
     dropout: float = 0.1
     """mlp: dropout before each linear layer after the first."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """'cls' (first token) or attention-masked 'mean' of the last hidden state."""
+    pooling: Literal["cls", "mean"] | None = None
+    """'cls' (first token) or attention-masked 'mean' of the last hidden state; None: 'cls' for text, 'mean' (of the
+    frames, masked by each clip's frame count) for speech, which has no CLS."""
+    max_seconds: float | None = 20.0
+    """Speech: a training clip longer than this is cut to a random window of this length, drawn anew each epoch
+    (seeded); evaluation always reads whole clips. None: never cut. 20 s is the Hugging Face audio-classification
+    example's ``max_length_seconds``."""
+    batch_seconds: float = 60.0
+    """Speech: a batch holds at most this many seconds of padded audio (rows x longest clip) and at most
+    ``batch_size`` rows; a clip longer than this is a batch of its own. Batches are formed from rows of similar
+    length (a seeded order each epoch), so little of the budget is padding."""
+    augment: str | None = None
+    """Speech: on-the-fly augmentation of the training clips, a comma list of noise, shift, speed (the extraction
+    side's augmenters, :mod:`embstore.augment`), drawn anew each epoch from a generator seeded by (seed, epoch, row)."""
+    snr_db: float = 20.0
+    """augment noise: signal-to-noise ratio of the added Gaussian noise, in dB."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (linear, cosine, exponential), grad_accum,
     mixed_precision, max_grad_norm (clipping, as the Trainer does); flat keys in YAML."""
@@ -80,7 +99,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_choice(self, "classifier", ("linear", "mlp"))
-        check_choice(self, "pooling", ("cls", "mean"))
+        check_choice(self, "pooling", ("cls", "mean", None))
         self.source.only(DATA_KEYS, "heads finetune")
         self.optim.check(SCHEDULES)
         check_positive(self, ("max_length", "prune_batches", "min_heads_per_layer"))
@@ -103,6 +122,18 @@ class FinetuneConfig:
             raise ConfigError(f"The 'dropout' option must be in [0, 1); got {self.dropout}.")
         if any(h < 1 for h in self.classifier_hidden):
             raise ConfigError(f"The 'classifier_hidden' option must be positive layer sizes; got {self.classifier_hidden}.")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"The 'max_seconds' option must be a positive number of seconds (or none); got {self.max_seconds}.")
+        if not self.batch_seconds > 0:
+            raise ConfigError(f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}.")
+        if self.audio:
+            if self.pooling == "cls":
+                raise ConfigError("Speech models have no CLS frame: pass --pooling mean (the default for speech).")
+        elif self.augment is not None:
+            raise ConfigError(f"The 'augment' option ({self.augment!r}) transforms audio clips; pass --audio-col COLUMN "
+                              "with a table of audio files, or drop --augment.")
+        if self.augment is not None:
+            self.augment_spec(0)  # names a bad transform now, not in the first epoch
         if self.truncate is not None and self.truncate < 1:
             raise ConfigError(f"The 'truncate' option must keep at least 1 encoder layer; got {self.truncate}.")
         if self.prune_fraction is not None:
@@ -112,6 +143,29 @@ class FinetuneConfig:
             if self.optim.epochs < 2:
                 raise ConfigError(f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
                                   f"at least 2; got {self.optim.epochs}.")
+
+    @property
+    def audio(self) -> bool:
+        """Whether the rows are audio clips (``audio_col``)."""
+        return self.source.modality == "audio"
+
+    @property
+    def pooling_(self) -> str:
+        """The pooling in effect: ``pooling``, or the modality's default."""
+        return self.pooling or ("mean" if self.audio else "cls")
+
+    @property
+    def freeze_(self) -> str:
+        """The freeze spec in effect: ``freeze``, or the modality's default."""
+        return self.freeze or ("feature-encoder" if self.audio else "none")
+
+    def augment_spec(self, epoch: int) -> AugmentSpec | None:
+        """The augmenters of one epoch (None without ``augment``): one copy per row, seeded by (seed, epoch), so a
+        resumed run draws what an uninterrupted one does."""
+        if self.augment is None:
+            return None
+        return AugmentSpec(transforms=tuple(t.strip() for t in self.augment.split(",") if t.strip()), copies=1,
+                           classes="all", snr_db=self.snr_db, seed=self.source.seed * 100_003 + epoch)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""

@@ -21,7 +21,7 @@ from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.protocol import Round, carve, fold_rounds, make_split
 
-__all__ = ["FinetuneData", "Rows", "collate", "early_stopping_carve", "load_rows", "rounds"]
+__all__ = ["FinetuneData", "RoundRows", "Rows", "collate", "early_stopping_carve", "load_rows", "round_rows", "rounds"]
 
 log = logging.getLogger(__name__)
 ONE_SPLIT_EVAL = 0.2
@@ -64,6 +64,9 @@ class FinetuneData:
     eval_rows: np.ndarray
     label_names: list[str]
     sources: list[dict[str, Any]]
+    skipped: dict[str, int]
+    """Rows dropped while loading, by reason: 'unusable' (empty text with --skip-empty, or a missing, unreadable or
+    empty audio file with --skip-bad) and, for speech, 'too_short' (clips shorter than the receptive field)."""
 
     def split(self, name: str) -> SplitData:
         """The split a :class:`~heads.protocol.Round` names."""
@@ -107,7 +110,7 @@ def load_rows(config: FinetuneConfig) -> FinetuneData:
         raise ConfigError(f"Classes {[ds.label_names[i] for i in missing]} have no training rows; every class needs "
                           "at least one (check --label-col, --limit or the split files).")
     return FinetuneData(train=tr, evaluation=te, train_rows=rows_tr, eval_rows=rows_te, label_names=ds.label_names,
-                        sources=ds.sources)
+                        sources=ds.sources, skipped={"unusable": int(sum(ds.skipped_empty.values()))})
 
 
 def rounds(folds: int | None, data: FinetuneData, seed: int) -> list[Round]:
@@ -129,3 +132,32 @@ def early_stopping_carve(data: FinetuneData, fit_pool: np.ndarray, fraction: flo
     split = make_split(data.labels(data.train)[fit_pool], None, validation_fraction=fraction, seed=seed, patience=1,
                        groups=groups)
     return fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]
+
+
+@dataclass(frozen=True)
+class RoundRows:
+    """The rows one round fits on, validates on (early stopping) and scores: positions in their splits."""
+
+    fit: np.ndarray
+    """Rows of the training split the model is fitted on."""
+    validation: np.ndarray
+    """Rows of the training split early stopping watches (the carve of the round's training rows)."""
+    eval_split: str
+    evaluation: np.ndarray
+    """Rows of ``eval_split`` the round is scored on."""
+
+    def ids(self, data: FinetuneData) -> dict[str, list[int]]:
+        """{fit, validation, evaluation}: each row's 0-based position in the data file it was read from (what
+        run.json records, so disjointness can be checked from outside)."""
+        train_ids, eval_ids = np.asarray(data.train.row_ids), np.asarray(data.split(self.eval_split).row_ids)
+        return {"fit": train_ids[self.fit].tolist(), "validation": train_ids[self.validation].tolist(),
+                "evaluation": eval_ids[self.evaluation].tolist()}
+
+
+def round_rows(data: FinetuneData, rnd: Round, fraction: float, seed: int) -> RoundRows:
+    """The fitting, validation and evaluation rows of one round: its training rows (all of ``data.train_rows``
+    without folds) carved by :func:`early_stopping_carve`, and its evaluation rows."""
+    fit_pool = data.train_rows if rnd.fit_rows is None else rnd.fit_rows
+    fit, val = early_stopping_carve(data, fit_pool, fraction, seed)
+    evaluation = data.eval_rows if rnd.eval_rows is None else rnd.eval_rows
+    return RoundRows(fit=fit, validation=val, eval_split=rnd.eval_split, evaluation=np.asarray(evaluation))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,16 +25,14 @@ from embstore.data import SplitData
 from embstore.errors import ConfigError
 from embstore.surgery import prune_heads
 from heads.finetune.config import FinetuneConfig
-from heads.finetune.data import FinetuneData, Rows, collate, early_stopping_carve
-from heads.finetune.model import SequenceClassifier, importance_pruning, state_copy
+from heads.finetune.audio import ClipBatches, Clips, collate_clips
+from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
+from heads.finetune.model import Classifier, SequenceClassifier, SpeechClassifier, importance_pruning, state_copy
 from heads.protocol import BestTracker, Round
 from heads.training.checkpoint import load_training_state, save_training_state, write_state
 from heads.training.optim import param_groups
 from heads.training.schedule import EpochSampler
 from heads.training.session import Session, start_session
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["BEST_FILE", "STATE_FILE", "EarlyStopping", "RoundOutcome", "RoundSpec", "RoundTrainer", "fit_round"]
 
@@ -173,7 +171,8 @@ class RoundSpec:
     """What every round of one run shares."""
 
     config: FinetuneConfig
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: Any
+    """The backbone's tokenizer (text) or feature extractor (speech)."""
     data: FinetuneData
     fingerprint: str
     """The checkpoint fingerprint of this run (:func:`heads.finetune.run.config_fingerprint`)."""
@@ -181,13 +180,15 @@ class RoundSpec:
     """The config it hashes, stored with the checkpoint so a refusal can name the differing options."""
     weights_sha256: str | None
     show_progress: bool = False
+    min_train_samples: int = 0
+    """Speech: training batches are padded to at least this many samples (what SpecAugment's time masks need)."""
 
 
 @dataclass
 class RoundOutcome:
     """What one training round (the whole run, or one fold) produced."""
 
-    model: SequenceClassifier
+    model: Classifier
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     best_epoch: int | None
@@ -210,15 +211,15 @@ class _Progress:
 
 
 def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], int]:
-    """Token loaders of the round's fitting, validation (the early-stopping carve) and evaluation rows; and the
-    number of validation rows."""
+    """Loaders of the round's fitting, validation (the early-stopping carve) and evaluation rows (token batches, or
+    clip batches by duration for speech); and the number of validation rows."""
     from embstore.encode import tokenize
 
     config, data = spec.config, spec.data
-    fit_pool = data.train_rows if rnd.fit_rows is None else rnd.fit_rows
-    fit_rows, val_rows = early_stopping_carve(data, fit_pool, config.validation_fraction, config.source.seed)
-    evaluation = data.split(rnd.eval_split)
-    eval_rows = np.arange(len(evaluation)) if rnd.eval_rows is None else rnd.eval_rows
+    rr = round_rows(data, rnd, config.validation_fraction, config.source.seed)
+    evaluation = data.split(rr.eval_split)
+    if config.audio:
+        return _clip_loaders(spec, rr), len(rr.validation)
 
     def rows(split: SplitData, idx: np.ndarray) -> Rows:
         texts = [split.texts[i] for i in idx]
@@ -227,15 +228,33 @@ def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], i
         return Rows(enc.ids, enc.type_ids, data.labels(split)[idx])
 
     fn = collate(int(spec.tokenizer.pad_token_id or 0))
-    train_rows = rows(data.train, fit_rows)
+    train_rows = rows(data.train, rr.fit)
     batch = config.optim.batch_size
     return {"train": DataLoader(train_rows, batch_size=batch, sampler=EpochSampler(len(train_rows), config.source.seed),
                                 collate_fn=fn),
-            "val": DataLoader(rows(data.train, val_rows), batch_size=batch, collate_fn=fn),
-            "eval": DataLoader(rows(evaluation, eval_rows), batch_size=batch, collate_fn=fn)}, len(val_rows)
+            "val": DataLoader(rows(data.train, rr.validation), batch_size=batch, collate_fn=fn),
+            "eval": DataLoader(rows(evaluation, rr.evaluation), batch_size=batch, collate_fn=fn)}, len(rr.validation)
 
 
-def _start(spec: RoundSpec, model: SequenceClassifier, loaders: dict[str, DataLoader[Any]], ckpt: Path,
+def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
+    """Speech loaders: training clips augmented and cut per epoch, validation and evaluation clips whole; batches of
+    at most ``batch_size`` clips and ``batch_seconds`` of padded audio (:mod:`heads.finetune.audio`)."""
+    config, data, fe = spec.config, spec.data, spec.tokenizer
+    rate, seed = int(fe.sampling_rate), config.source.seed
+    budget = max(1, int(config.batch_seconds * rate))
+    max_samples = None if config.max_seconds is None else int(round(config.max_seconds * rate))
+
+    def loader(split: SplitData, rows: np.ndarray, train: bool) -> DataLoader[Any]:
+        clips = Clips(split, rows, data.labels(split)[rows], rate, seed=seed, max_samples=max_samples if train else None,
+                      augment=config.augment_spec if train else None)
+        batches = ClipBatches(clips.seen_lengths(), config.optim.batch_size, budget, seed=seed, shuffle=train)
+        return DataLoader(clips, batch_sampler=batches, collate_fn=collate_clips(fe, spec.min_train_samples if train else 0))
+
+    return {"train": loader(data.train, rr.fit, True), "val": loader(data.train, rr.validation, False),
+            "eval": loader(data.split(rr.eval_split), rr.evaluation, False)}
+
+
+def _start(spec: RoundSpec, model: Classifier, loaders: dict[str, DataLoader[Any]], ckpt: Path,
            resumed: dict[str, Any] | None) -> _Progress:
     """A new round, or one continued from ``resumed`` (the JSON state in ``ckpt``): the heads pruned by importance
     before the checkpoint are pruned again before the optimizer is built, then every state is restored."""
@@ -287,8 +306,8 @@ def _prune_after_first_epoch(spec: RoundSpec, p: _Progress, loaders: dict[str, D
     new early stopping (the unpruned epoch's weights no longer fit)."""
     config = spec.config
     model = p.trainer.session.unwrapped()
-    if not isinstance(model, SequenceClassifier):
-        raise TypeError(f"expected a SequenceClassifier, got {type(model).__name__}")
+    if not isinstance(model, Classifier):
+        raise TypeError(f"expected a Classifier, got {type(model).__name__}")
     p.importance_pruned = importance_pruning(model, loaders["train"], config.prune_batches, config.prune_fraction or 0.0,
                                              config.min_heads_per_layer)
     p.trainer = RoundTrainer(config, model, loaders, p.trainer.steps, spec.show_progress)
@@ -306,8 +325,9 @@ def fit_round(spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resum
 
     config, names = spec.config, spec.data.label_names
     set_seed(config.source.seed)
-    model = SequenceClassifier(encoder, len(names), pooling=config.pooling, classifier=config.classifier,
-                               hidden=config.classifier_hidden, dropout=config.dropout)
+    cls = SpeechClassifier if config.audio else SequenceClassifier
+    model = cls(encoder, len(names), pooling=config.pooling_, classifier=config.classifier,
+                hidden=config.classifier_hidden, dropout=config.dropout)
     loaders, n_val = _loaders(spec, rnd)
     p = _start(spec, model, loaders, ckpt, resumed)
     epoch_seconds: list[float] = []
@@ -331,8 +351,8 @@ def fit_round(spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resum
     if p.stopper.state is not None:
         final.load_state_dict(p.stopper.state)
     y_eval, p_eval = p.trainer.predict(p.trainer.eval)
-    if not isinstance(final, SequenceClassifier):
-        raise TypeError(f"expected a SequenceClassifier, got {type(final).__name__}")
+    if not isinstance(final, Classifier):
+        raise TypeError(f"expected a Classifier, got {type(final).__name__}")
     return RoundOutcome(model=final, metrics=classification_metrics(y_eval, p_eval, names), history=p.history,
                         best_epoch=p.stopper.best_epoch if p.stopper.best_epoch > 0 else None,
                         epoch_seconds=epoch_seconds, train_seconds=float(sum(epoch_seconds)),

@@ -1,6 +1,7 @@
 """The model ``heads finetune`` trains: an encoder, a pooling of its last hidden state and a new classifier.
 
-:class:`SequenceClassifier` is the model; :func:`save_finetuned` writes it as ``model/`` (the encoder as a Hugging
+:class:`SequenceClassifier` (text) and :class:`SpeechClassifier` (speech) are the models; :func:`save_finetuned`
+writes one as ``model/`` (the encoder as a Hugging
 Face directory, so ``embstore extract --model`` reads it) plus ``model/classifier/`` (the head's weights and
 settings), and :func:`load_finetuned` reads both back for ``heads predict``. :func:`importance_pruning` removes
 the least important attention heads (Michel et al. 2019) after the first epoch.
@@ -24,7 +25,8 @@ from heads.report.rundir import MODEL_DIR
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CLASSIFIER_DIR", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "SequenceClassifier", "importance_pruning",
+__all__ = ["CLASSIFIER_DIR", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "Classifier", "SequenceClassifier",
+           "SpeechClassifier", "importance_pruning",
            "is_finetune_run", "load_finetuned", "save_finetuned", "state_copy"]
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,8 @@ log = logging.getLogger(__name__)
 CLASSIFIER_DIR, CLASSIFIER_WEIGHTS, CLASSIFIER_META = "classifier", "classifier.safetensors", "classifier.json"
 
 
-class SequenceClassifier(nn.Module):
-    """Encoder + pooling of the last hidden state + linear or MLP classifier."""
+class Classifier(nn.Module):
+    """An encoder and a new linear or MLP classifier on a pooling of its last hidden state; subclasses pool."""
 
     def __init__(self, encoder: nn.Module, n_classes: int, *, pooling: str = "cls", classifier: str = "linear",
                  hidden: tuple[int, ...] = (2048,), dropout: float = 0.1) -> None:
@@ -54,8 +56,12 @@ class SequenceClassifier(nn.Module):
 
     @property
     def base_model(self) -> nn.Module:
-        """The encoder, where embstore.surgery looks for a BERT-like base."""
+        """The encoder, where embstore.surgery looks for its base."""
         return self.encoder
+
+
+class SequenceClassifier(Classifier):
+    """Text: encoder + pooling ('cls' or masked 'mean') of the last hidden state + classifier."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,9 +76,26 @@ class SequenceClassifier(nn.Module):
         return self.head(pooled)
 
 
-def save_finetuned(model: SequenceClassifier, tokenizer: PreTrainedTokenizerBase, run_dir: Path, settings: Mapping[str, Any]) -> Path:
-    """``run_dir``/model (the encoder as a Hugging Face directory) and model/classifier (the head's weights and
-    ``settings``: label_names, pooling, classifier, classifier_hidden, dropout, n_classes, max_length)."""
+class SpeechClassifier(Classifier):
+    """Speech: encoder + mean of the last layer's frames (masked by each clip's frame count, from its length in
+    samples by the conv front end's arithmetic, so padding never enters the mean) + classifier."""
+
+    def forward(self, input_values: torch.Tensor, lengths: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) waveforms, (B,) lengths in samples and, for models that take one, the (B, S) mask -> (B, C)."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        states = self.encoder(input_values=input_values, **kwargs).last_hidden_state  # (B, F, H)
+        frames = getattr(self.encoder, "_get_feat_extract_output_lengths")(lengths)  # (B,)
+        mask = (torch.arange(states.shape[1], device=states.device)[None] < frames[:, None]).unsqueeze(-1)  # (B, F, 1)
+        mask = mask.to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+        return self.head(pooled)
+
+
+def save_finetuned(model: Classifier, tokenizer: PreTrainedTokenizerBase, run_dir: Path, settings: Mapping[str, Any]) -> Path:
+    """``run_dir``/model (the encoder as a Hugging Face directory, with its tokenizer or feature extractor) and
+    model/classifier (the head's weights and ``settings``: label_names, pooling, classifier, classifier_hidden,
+    dropout, n_classes, max_length, modality)."""
     from safetensors.torch import save_file
 
     model_dir = save_model(model.encoder, tokenizer, run_dir / MODEL_DIR)
@@ -89,8 +112,9 @@ def is_finetune_run(run: str | Path) -> bool:
     return (Path(run) / MODEL_DIR / CLASSIFIER_DIR / CLASSIFIER_META).is_file()
 
 
-def load_finetuned(run: str | Path, device: str) -> tuple[SequenceClassifier, Any, dict[str, Any]]:
-    """(classifier in eval mode on ``device``, tokenizer, settings) of a run written by :func:`save_finetuned`."""
+def load_finetuned(run: str | Path, device: str) -> tuple[Classifier, Any, dict[str, Any]]:
+    """(classifier in eval mode on ``device``, tokenizer or feature extractor, settings) of a run written by
+    :func:`save_finetuned`."""
     from safetensors.torch import load_file
 
     from embstore.models import load_backbone
@@ -98,13 +122,14 @@ def load_finetuned(run: str | Path, device: str) -> tuple[SequenceClassifier, An
     model_dir = Path(run) / MODEL_DIR
     meta: dict[str, Any] = json.loads((model_dir / CLASSIFIER_DIR / CLASSIFIER_META).read_text())
     backbone = load_backbone(str(model_dir), device)
-    clf = SequenceClassifier(backbone.model, int(meta["n_classes"]), pooling=meta["pooling"], classifier=meta["classifier"],
-                             hidden=tuple(meta["classifier_hidden"]), dropout=float(meta["dropout"]))
+    cls = SpeechClassifier if meta.get("modality", "text") == "audio" else SequenceClassifier
+    clf = cls(backbone.model, int(meta["n_classes"]), pooling=meta["pooling"], classifier=meta["classifier"],
+              hidden=tuple(meta["classifier_hidden"]), dropout=float(meta["dropout"]))
     clf.head.load_state_dict(load_file(str(model_dir / CLASSIFIER_DIR / CLASSIFIER_WEIGHTS)))
     return clf.eval().to(device), backbone.tokenizer, meta
 
 
-def importance_pruning(model: SequenceClassifier, loader: DataLoader[Any], batches: int, fraction: float,
+def importance_pruning(model: Classifier, loader: DataLoader[Any], batches: int, fraction: float,
                        min_heads_per_layer: int) -> dict[int, list[int]]:
     """Prune ``fraction`` of the least important heads (importance on ``batches`` training batches, at least
     ``min_heads_per_layer`` kept per layer); returns what was removed, {layer 1..L: [heads]}."""

@@ -1,4 +1,4 @@
-"""``heads predict`` on a ``heads finetune`` run: its fine-tuned backbone and classifier on new texts."""
+"""``heads predict`` on a ``heads finetune`` run: its fine-tuned backbone and classifier on new texts or audio files."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from embstore.encode import length_order, make_batches, pad_batch, tokenize
-from embstore.errors import ConfigError
+from embstore.errors import ConfigError, DataError
 from heads.finetune.model import is_finetune_run, load_finetuned
 
-__all__ = ["is_finetune_run", "predict_finetuned"]
+__all__ = ["is_finetune_run", "predict_finetuned", "predict_finetuned_audio"]
 
 
 def predict_finetuned(run: str | Path, texts: list[str], pairs: list[str] | None = None, device: str = "cpu",
@@ -31,5 +31,41 @@ def predict_finetuned(run: str | Path, texts: list[str], pairs: list[str] | None
                               tokenizer.pad_token_id or 0)
             logits = clf(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
             proba[rows] = torch.softmax(logits.float(), -1).cpu().numpy()
+    names = list(meta["label_names"])
+    return [names[i] for i in proba.argmax(1)], proba, names
+
+
+def predict_finetuned_audio(run: str | Path, paths: list[str], device: str = "cpu", batch_size: int = 8,
+                            batch_seconds: float = 60.0) -> tuple[list[str], np.ndarray, list[str]]:
+    """Labels, (n, classes) probabilities and label names of audio files (each read whole, resampled to the model's
+    rate), in batches of similar duration as in training; a missing or unreadable file is named before any work."""
+    import torch
+
+    from embstore.audio import probe_files
+    from embstore.data import SplitData
+    from heads.finetune.audio import ClipBatches, Clips, collate_clips
+
+    if not paths:
+        raise ConfigError("No audio files to label: give one file path per line.")
+    info = probe_files(paths)
+    if info.bad:
+        shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
+        raise DataError(f"{len(info.bad)} of {len(paths)} audio files cannot be used: {shown}; fix the paths.")
+    clf, fe, meta = load_finetuned(run, device)
+    if meta.get("modality") != "audio":
+        raise ConfigError(f"{run} fine-tuned a text model; give it texts, one per line, not audio files.")
+    rate = int(fe.sampling_rate)
+    n = len(paths)
+    split = SplitData(name="predict", row_ids=np.arange(n), texts=[], pairs=None, labels=None, audio=list(paths),
+                      audio_frames=info.frames, audio_rates=info.rates)
+    clips = Clips(split, np.arange(n), np.zeros(n, dtype=np.int64), rate, seed=0)
+    collate = collate_clips(fe)
+    proba = np.zeros((n, int(meta["n_classes"])), dtype=np.float32)
+    with torch.inference_mode():
+        for keys in ClipBatches(clips.lengths, batch_size, max(1, int(batch_seconds * rate)), seed=0, shuffle=False):
+            batch = collate([clips[k] for k in keys])
+            batch.pop("labels")
+            logits = clf(**{k: v.to(device) for k, v in batch.items()})
+            proba[[i for i, _ in keys]] = torch.softmax(logits.float(), -1).cpu().numpy()
     names = list(meta["label_names"])
     return [names[i] for i in proba.argmax(1)], proba, names

@@ -11,6 +11,7 @@ remaining epochs; early stopping only compares epochs after the pruning.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from embstore.surgery import count_parameters, freeze, parse_freeze, parse_prune_spec, prune_heads, pruned_heads, truncate
+from embstore.errors import ConfigError
+from embstore.surgery import (count_parameters, freeze, freeze_feature_encoder, parse_freeze, parse_prune_spec, prune_heads,
+                              pruned_heads, split_feature_encoder, truncate)
 from heads.finetune.config import FinetuneConfig
-from heads.finetune.data import FinetuneData, load_rows, rounds
+from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
 from heads.finetune.model import save_finetuned
 from heads.protocol import Round
@@ -84,8 +87,10 @@ def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
     if config.prune_heads:
         prune_heads(encoder, parse_prune_spec(config.prune_heads, n_layers,
                                               int(getattr(encoder, "config").num_attention_heads)))
-    if config.freeze:
-        freeze(encoder, parse_freeze(config.freeze, n_layers))
+    conv, rest = split_feature_encoder(config.freeze_)
+    if conv:  # a text model is refused here, naming the word
+        freeze_feature_encoder(encoder)
+    freeze(encoder, parse_freeze(rest, n_layers))
     pooler = getattr(encoder, "pooler", None)
     if pooler is not None:  # unused by cls/mean pooling of the last hidden state
         pooler.requires_grad_(False)
@@ -97,13 +102,13 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
     trainable, total = count_parameters(outcome.model)
     eval_rows = 0 if rnd.eval_rows is None else len(rnd.eval_rows)
     return ResultRow(
-        layers=str(encoder.n_layers), combine="finetune", pooling=config.pooling, head=config.classifier,
+        layers=str(encoder.n_layers), combine="finetune", pooling=config.pooling_, head=config.classifier,
         seed=config.source.seed, fold=rnd.fold, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
         train_seconds=outcome.train_seconds, hyperparameters=config.to_dict(), per_class=metrics["per_class"],
         confusion=metrics["confusion"], store_id="", best_epoch=outcome.best_epoch, trainable_params=trainable,
         seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
         history=outcome.history,
-        extra={"total_params": total, "freeze": config.freeze, "truncate": config.truncate, "eval_rows": int(eval_rows),
+        extra={"total_params": total, "freeze": config.freeze_, "truncate": config.truncate, "eval_rows": int(eval_rows),
                "pruned_heads": {"spec": {str(k): v for k, v in encoder.spec_pruned.items()},
                                 "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
                                 "importance_after_epoch": 1 if config.prune_fraction is not None else None,
@@ -144,10 +149,13 @@ def _summary(rows: list[ResultRow], run_dir: Path, folds: int | None) -> Finetun
                           accuracy_std=float(np.std(acc)), f1_macro_std=float(np.std(f1)), folds=folds)
 
 
-def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp: str, result: FinetuneResult
-              ) -> dict[str, Any]:
+def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp: str, result: FinetuneResult,
+              plan: list[Round]) -> dict[str, Any]:
     """run.json: the model, labels, rows, majority baseline, config, fingerprint, sources and the evaluation set id
-    (:mod:`heads.evalset`): the evaluation rows, or with ``folds`` every training row (the held-out folds' union)."""
+    (:mod:`heads.evalset`): the evaluation rows, or with ``folds`` every training row (the held-out folds' union).
+
+    ``rows`` holds each round's fit, validation (early stopping) and evaluation rows as positions in their data
+    files, one object (a list of one per fold with ``folds``), so disjointness can be checked from outside."""
     from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
     from heads.report.metrics import majority_accuracy
 
@@ -156,7 +164,10 @@ def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp
     meta = {"kind": "finetune", "model": backbone.identity, "label_names": data.label_names,
             "train_rows": int(len(data.train_rows)), "eval_rows": int(len(data.eval_rows)),
             "majority_accuracy": majority_accuracy(y_train, data.labels(te)[data.eval_rows]), "config": config.to_dict(),
-            "fingerprint": fp, "sources": data.sources}
+            "fingerprint": fp, "sources": data.sources, "modality": backbone.modality,
+            "skipped_rows": dict(data.skipped)}
+    ids = [round_rows(data, rnd, config.validation_fraction, config.source.seed).ids(data) for rnd in plan]
+    meta["rows"] = ids if config.folds is not None else ids[0]
     scored_split, scored = (te, te.row_ids[data.eval_rows]) if config.folds is None else (tr, tr.row_ids[data.train_rows])
     meta[EVAL_SET_KEY] = eval_set(source_sha256(data.sources, scored_split.name), scored)
     if config.folds is not None:
@@ -166,6 +177,43 @@ def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp
                          "eval": "each fold's held-out training rows"}
         meta["majority_accuracy"] = majority_accuracy(y_train, y_train)
     return meta
+
+
+def _check_modality(config: FinetuneConfig, backbone: Backbone) -> None:
+    """A text table for a speech model, or audio for a text model, is refused naming the model type."""
+    kind = str(backbone.identity.get("config", {}).get("model_type", type(backbone.model).__name__))
+    if backbone.modality == "audio" and not config.audio:
+        raise ConfigError(f"{config.model} is a speech model ({kind}): it reads audio, not text; pass --audio-col COLUMN "
+                          "with a table of audio file paths instead of --text-col.")
+    if backbone.modality == "text" and config.audio:
+        raise ConfigError(f"{config.model} is a text model ({kind}): --audio-col needs a speech model (HuBERT, wav2vec2, "
+                          "WavLM: e.g. random:hubert-tiny or a local model directory); pass --text-col for a text model.")
+
+
+def usable_clips(data: FinetuneData, backbone: Backbone, skip_bad: bool) -> FinetuneData:
+    """``data`` without clips shorter than the model's receptive field (refused naming them, or dropped and counted
+    with ``skip_bad``)."""
+    from heads.finetune.audio import min_samples, usable_rows
+
+    rate, minimum = backbone.sampling_rate, min_samples(backbone.frames)
+    train_rows = usable_rows(data.train, data.train_rows, rate, minimum, skip_bad)
+    eval_rows = usable_rows(data.evaluation, data.eval_rows, rate, minimum, skip_bad)
+    dropped = {(data.train.name, int(i)) for i in np.setdiff1d(data.train_rows, train_rows)}
+    dropped |= {(data.evaluation.name, int(i)) for i in np.setdiff1d(data.eval_rows, eval_rows)}
+    skipped = {**data.skipped, "too_short": len(dropped)}
+    return dataclasses.replace(data, train_rows=train_rows, eval_rows=eval_rows, skipped=skipped)
+
+
+def _spec_augment_samples(backbone: Backbone) -> int:
+    """The narrowest training batch, in samples, whose frames hold one SpecAugment time mask (0 for text models and
+    speech models without it): transformers refuses a batch with fewer frames than ``mask_time_length``."""
+    cfg = backbone.model.config
+    if backbone.modality != "audio" or not getattr(cfg, "apply_spec_augment", False) \
+            or not getattr(cfg, "mask_time_prob", 0.0) > 0:
+        return 0
+    from heads.finetune.audio import min_samples
+
+    return min_samples(backbone.frames, int(getattr(cfg, "mask_time_length", 1)))
 
 
 def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> FinetuneResult:
@@ -183,24 +231,28 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
 
     resolve_device(config.device)  # an unusable --device fails before the data and model are loaded
     run_dir = default_run_dir(config.out, "finetune")
-    data = load_rows(config)
     backbone = load_backbone(config.model, "cpu")
+    _check_modality(config, backbone)
+    data = load_rows(config)
+    if backbone.modality == "audio":
+        data = usable_clips(data, backbone, config.source.skip_bad)
     weights_sha = backbone.identity.get("weights_sha256")
     spec = RoundSpec(config=config, tokenizer=backbone.tokenizer, data=data,
                      fingerprint=config_fingerprint(config, str(weights_sha or ""), data.sources),
                      fingerprinted=_fingerprinted(config, data.sources), weights_sha256=weights_sha,
-                     show_progress=show_progress)
+                     show_progress=show_progress, min_train_samples=_spec_augment_samples(backbone))
     encoder = prepare_encoder(config, backbone.model)
-    rows, outcome = _run_rounds(spec, encoder, rounds(config.folds, data, config.source.seed), run_dir)
+    plan = rounds(config.folds, data, config.source.seed)
+    rows, outcome = _run_rounds(spec, encoder, plan, run_dir)
     result = _summary(rows, run_dir, config.folds)
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
     if config.folds is None and outcome is not None:
         save_finetuned(outcome.model, backbone.tokenizer, run_dir, {
-            "label_names": data.label_names, "pooling": config.pooling, "classifier": config.classifier,
+            "label_names": data.label_names, "pooling": config.pooling_, "classifier": config.classifier,
             "classifier_hidden": list(config.classifier_hidden), "dropout": config.dropout,
-            "n_classes": len(data.label_names), "max_length": config.max_length})
-    writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result))
+            "n_classes": len(data.label_names), "max_length": config.max_length, "modality": backbone.modality})
+    writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result, plan))
     for row in rows:
         writer.add(row)
     writer.finish(data.label_names)

@@ -1,0 +1,166 @@
+"""Speech rows for ``heads finetune``: clips read, augmented and cropped on the fly, in batches bounded by duration.
+
+The readers and augmenters are the extraction side's (:func:`embstore.audio.load_waveform`, resampling to the
+model's rate; :mod:`embstore.augment`). What fine-tuning adds:
+
+- **Training clips** are read whole, augmented (``--augment``: parameters drawn from a generator seeded by
+  (seed, epoch, row), so each epoch sees new noise and a resumed run draws what an uninterrupted one does), then cut
+  to a random window of ``--max-seconds`` (offset seeded the same way). **Evaluation** reads every clip whole.
+- **Batches by duration** (:class:`ClipBatches`): rows of similar length are batched together, at most
+  ``batch_size`` rows and ``--batch-seconds`` of padded audio (rows x longest clip) each, so a 30-second clip never
+  shares a batch with seven others. The training order is drawn anew each epoch; the number of batches is the same
+  every epoch (the learning-rate schedule counts on it).
+- **Too short or unusable clips** (:func:`usable_rows`): a clip shorter than the conv front end's receptive field
+  gives no frame; it is named with the minimum, or dropped and counted with ``--skip-bad``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from embstore.audio import load_waveform, rational, resampled_length
+from embstore.augment import AugmentSpec, apply, draw_params
+from embstore.data import SplitData
+from embstore.encode import make_batches
+from embstore.errors import DataError
+from heads.training.schedule import EpochSampler
+
+__all__ = ["ClipBatches", "Clips", "collate_clips", "min_samples", "model_lengths", "usable_rows"]
+
+log = logging.getLogger(__name__)
+Key = tuple[int, int]
+"""(row position in the split, epoch): what :class:`ClipBatches` yields and :class:`Clips` reads."""
+
+
+def model_lengths(split: SplitData, rate: int) -> np.ndarray:
+    """(n,) int64 samples of each clip at the model's ``rate`` (from the file headers, before any crop)."""
+    if split.audio_frames is None or split.audio_rates is None:
+        raise DataError(f"Split {split.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a "
+                        "table of audio file paths.")
+    return np.array([resampled_length(int(n), *rational(Fraction(rate, int(r))))
+                     for n, r in zip(split.audio_frames, split.audio_rates)], dtype=np.int64)
+
+
+def min_samples(frames_of: Callable[[np.ndarray], np.ndarray], frames: int = 1, limit: int = 1 << 22) -> int:
+    """The fewest samples that give ``frames`` output frames (1: the conv front end's receptive field), by bisection."""
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(frames_of(np.array([mid]))[0]) >= frames:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def usable_rows(split: SplitData, rows: np.ndarray, rate: int, minimum: int, skip_bad: bool) -> np.ndarray:
+    """``rows`` without the clips shorter than ``minimum`` samples: with ``skip_bad`` they are dropped (and counted
+    in the log), else a DataError names the first few clips and the minimum."""
+    n = model_lengths(split, rate)[rows]
+    short = rows[n < minimum]
+    if not len(short):
+        return rows
+    if split.audio is None:  # pragma: no cover - model_lengths refused text already
+        raise DataError(f"Split {split.name!r} holds no audio.")
+    shown = "; ".join(f"{split.audio[i]} ({model_lengths(split, rate)[i]} samples)" for i in short[:3])
+    more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+    if not skip_bad:
+        raise DataError(f"{len(short)} clips of split {split.name!r} are shorter than the model's receptive field of "
+                        f"{minimum} samples ({minimum / rate:.3f} s at {rate} Hz), so they give no frame: {shown}{more}. "
+                        "Remove them from the table, or pass --skip-bad to drop them.")
+    log.warning("skipped %d clips of split %r shorter than %d samples (--skip-bad)", len(short), split.name, minimum)
+    return rows[n >= minimum]
+
+
+class Clips(Dataset[tuple[np.ndarray, int]]):
+    """Waveforms at the model's rate and their labels; training clips augmented and cut per (row, epoch).
+
+    ``rows`` are positions in ``split``; an item is read by (index into ``rows``, epoch)."""
+
+    def __init__(self, split: SplitData, rows: np.ndarray, labels: np.ndarray, rate: int, *, seed: int,
+                 max_samples: int | None = None, augment: Callable[[int], AugmentSpec | None] | None = None) -> None:
+        if split.audio is None:
+            raise DataError(f"Split {split.name!r} holds text, but the model takes audio; pass --audio-col COLUMN.")
+        self.paths = [split.audio[i] for i in rows]
+        self.row_ids = np.asarray(split.row_ids)[rows]
+        self.labels, self.rate, self.seed = labels, rate, seed
+        self.max_samples, self.augment = max_samples, augment
+        self.lengths = model_lengths(split, rate)[rows]
+        """(n,) int64 samples of each whole clip."""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def seen_lengths(self) -> np.ndarray:
+        """(n,) int64 samples the model sees per row (cut to ``max_samples`` in training)."""
+        return self.lengths if self.max_samples is None else np.minimum(self.lengths, self.max_samples)
+
+    def __getitem__(self, key: Key) -> tuple[np.ndarray, int]:
+        i, epoch = key
+        x = load_waveform(self.paths[i], self.rate)  # (samples,) float32
+        spec = None if self.augment is None else self.augment(epoch)
+        if spec is not None:
+            params = draw_params(spec, np.array([i]), self.row_ids)[0]  # seeded by (seed, epoch) and the row id
+            x = apply(x, params, None)
+        if self.max_samples is not None and len(x) > self.max_samples:
+            rng = np.random.default_rng([self.seed, epoch, int(self.row_ids[i]), 1])
+            start = int(rng.integers(0, len(x) - self.max_samples + 1))
+            x = x[start:start + self.max_samples]
+        return x, int(self.labels[i])
+
+
+class ClipBatches(Sampler[list[Key]]):
+    """Batches of (row, epoch) keys of similar length: at most ``batch_size`` rows and ``budget`` padded samples.
+
+    With ``shuffle`` the rows are ordered longest first with ties broken by a permutation seeded by (seed, epoch),
+    and the batches come in a seeded order; the batch count does not depend on the epoch. Without it (evaluation),
+    longest first, epoch 0. accelerate sets the epoch through ``.sampler`` (an :class:`EpochSampler`)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, budget: int, *, seed: int, shuffle: bool) -> None:
+        self.lengths, self.batch_size, self.budget, self.shuffle = np.asarray(lengths), batch_size, budget, shuffle
+        self.sampler = EpochSampler(len(lengths), seed)
+        self._count = len(make_batches(np.sort(self.lengths)[::-1], batch_size, budget))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch = self.sampler.epoch if self.shuffle else 0
+        rng = np.random.default_rng([self.sampler.seed, epoch])
+        ties = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = np.lexsort((ties, -self.lengths))  # longest first
+        batches = [order[a:b] for a, b in make_batches(self.lengths[order], self.batch_size, self.budget)]
+        for k in (rng.permutation(len(batches)) if self.shuffle else range(len(batches))):
+            yield [(int(i), epoch) for i in batches[k]]
+
+
+def collate_clips(feature_extractor: Any, min_width: int = 0
+                  ) -> Callable[[list[tuple[np.ndarray, int]]], dict[str, torch.Tensor]]:
+    """A DataLoader collate_fn: the feature extractor's padded (and normalised) input_values, its attention_mask
+    when the model takes one, each clip's length in samples and the labels. Batches narrower than ``min_width``
+    samples are padded to it (SpecAugment's time masks need a batch of at least ``mask_time_length`` frames)."""
+    rate = int(feature_extractor.sampling_rate)
+    use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+
+    def fn(rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        waves = [r[0] for r in rows]
+        width = max(min_width, max(len(w) for w in waves))
+        enc = feature_extractor(waves, sampling_rate=rate, padding="max_length", max_length=width,
+                                return_attention_mask=use_mask, return_tensors="np")
+        batch = {"input_values": torch.from_numpy(np.asarray(enc["input_values"], dtype=np.float32)),
+                 "lengths": torch.tensor([len(w) for w in waves], dtype=torch.long),
+                 "labels": torch.tensor([r[1] for r in rows], dtype=torch.long)}
+        if use_mask:
+            batch["attention_mask"] = torch.from_numpy(np.asarray(enc["attention_mask"], dtype=np.int64))
+        return batch
+    return fn
