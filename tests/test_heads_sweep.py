@@ -257,7 +257,7 @@ def test_real_minilm_store_beats_the_majority_class_and_equals_scikit_learn(tmp_
     fixed = run_sweep(SweepConfig(store=store, layers="all", combine=("single", "concat"), head=HeadConfig(c_grid=(0.01,)),
                                   out=str(tmp_path / "fixed")))
     y, y_test = s.labels("train"), s.labels("test")
-    fit, _ = validation_carve(y, 0.1, 0)  # the rows the sweep fitted on (seed 0)
+    fit, _ = validation_carve(y, 0.1, 0, row_ids=s.row_ids("train"))  # the rows the sweep fitted on (seed 0)
     for _, row in pd.read_csv(fixed.run_dir / "results.csv").iterrows():
         layers = [int(x) for x in str(row.layers).replace("-", ",").split(",")]
         X, X_test = (s.pooled(split, row.pooling, layers).astype(np.float32) for split in ("train", "test"))
