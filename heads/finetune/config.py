@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.dataspec import DataSpec
+from embstore.dataspec import DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import ConfigError
 from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
-DATA_KEYS = ("data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "limit", "skip_empty")
+DATA_KEYS = ("data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "group_col", "limit",
+             "skip_empty")
 """The flat data-source keys ``heads finetune`` takes (it reads text: no audio options)."""
 SCHEDULES = ("linear", "cosine", "exponential")
 # Measured on 400-800 rows of four data sets (README, "Fine-tuning defaults"): the Trainer's lr and batch, no
@@ -28,8 +29,9 @@ class FinetuneConfig:
     source: DataSpec = DataSpec()
     """Where the rows come from (data or splits, holdout, seed, columns, limit, skip_empty); flat keys in YAML.
     Its seed also seeds the validation carve, initialisation and shuffling. Fine-tuning needs labels."""
-    max_length: int = 128
-    """Inputs are truncated to this many tokens."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Inputs are truncated to this many tokens; the default is extraction's, so a sweep and a fine-tune of one
+    file see the same text (:data:`embstore.dataspec.DEFAULT_MAX_LENGTH` says why 128)."""
     freeze: str | None = None
     """Layers to freeze: '0-8', 'embeddings', 'all', 'all-but-last', '0,3', negative indices (0 = embeddings)."""
     truncate: int | None = None

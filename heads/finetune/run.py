@@ -156,7 +156,7 @@ def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp
     meta = {"kind": "finetune", "model": backbone.identity, "label_names": data.label_names,
             "train_rows": int(len(data.train_rows)), "eval_rows": int(len(data.eval_rows)),
             "majority_accuracy": majority_accuracy(y_train, data.labels(te)[data.eval_rows]), "config": config.to_dict(),
-            "fingerprint": fp, "sources": data.sources}
+            "fingerprint": fp, "sources": data.sources, "max_length": config.max_length}
     scored_split, scored = (te, te.row_ids[data.eval_rows]) if config.folds is None else (tr, tr.row_ids[data.train_rows])
     meta[EVAL_SET_KEY] = eval_set(source_sha256(data.sources, scored_split.name), scored)
     if config.folds is not None:
