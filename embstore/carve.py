@@ -5,8 +5,10 @@ A row's source id is its 0-based position in its data file (``SplitData.row_ids`
 table keeps the file's order, a ``--holdout`` split lists its rows as the holdout drew them. A seeded carve of
 positions would then pick different rows in each, so every carve here first puts the rows in source-row order
 and maps the carved positions back. ``embstore extract --holdout``, the evaluation carve of a one-split store
-(``heads sweep``), of a one-split table (``heads finetune``) and the pretraining probe's all call :func:`carve`,
-so the same data, seed and fraction give the same rows, and the same evaluation-set id (:mod:`heads.evalset`).
+(``heads sweep``, and so the probe of a pretrained model, which is a sweep of its store) and of a one-split
+table (``heads finetune``) all call :func:`carve`, so the same data, seed and fraction give the same rows, and
+the same evaluation-set id (:mod:`heads.evalset`). The validation carve and the folds of
+:mod:`heads.protocol` are drawn in the same source-row order.
 
 Plain numpy and scikit-learn; nothing here imports torch.
 """
