@@ -51,14 +51,16 @@ def stratifiable(y: np.ndarray | None, fraction: float) -> bool:
 
 
 def carve(y: np.ndarray | None, fraction: float, seed: int, groups: np.ndarray | None = None,
-          row_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+          row_ids: np.ndarray | None = None, *, drawn_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(kept, carved) sorted positions: a seeded carve of ``ceil(fraction * n)`` rows.
 
     Group-disjoint when ``groups`` (n,) are given (and hold 2 or more groups), else stratified by ``y`` (n,) int
     labels (unstratified without labels, when a class has a single row, or when either side is smaller than the
     number of classes). ``row_ids`` (n,): the rows' source ids; the carve is drawn on the rows in that order, so
-    it does not depend on the order the rows are given in.
+    it does not depend on the order the rows are given in. ``drawn_order``: each side in the order the carve drew
+    it (a seeded shuffle, for ``--holdout``: ``--limit N`` then keeps a random N) instead of sorted; the same rows.
     """
+    arrange = (lambda rows: rows) if drawn_order else np.sort
     from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
     n = len(y) if y is not None else len(groups) if groups is not None else len(row_ids) if row_ids is not None else 0
@@ -68,7 +70,7 @@ def carve(y: np.ndarray | None, fraction: float, seed: int, groups: np.ndarray |
         g = np.asarray(groups)[order]
         if len(np.unique(g)) >= 2:
             tr, va = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, groups=g))
-            return np.sort(order[tr]), np.sort(order[va])
+            return arrange(order[tr]), arrange(order[va])
         log.warning("only one group: carving rows without keeping groups apart")
     strat = None
     if y is not None:
@@ -84,4 +86,4 @@ def carve(y: np.ndarray | None, fraction: float, seed: int, groups: np.ndarray |
         if strat is None:
             raise
         tr, va = train_test_split(idx, test_size=fraction, random_state=seed)
-    return np.sort(order[tr]), np.sort(order[va])
+    return arrange(order[tr]), arrange(order[va])

@@ -253,7 +253,7 @@ def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
 
 
 def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(train, test) sorted positions by :func:`embstore.carve.carve` (on source-row ids, the carve every product
+    """(train, test) positions by :func:`embstore.carve.carve` (on source-row ids, the carve every product
     uses): group-disjoint when groups are given, else stratified by label when possible."""
     from embstore.carve import CARVE_VERSION, carve, stratifiable
 
@@ -269,7 +269,8 @@ def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.nda
     if raw.labels is not None:
         lookup = {name: i for i, name in enumerate(_label_names(raw.labels))}
         y = np.array([lookup[_label_key(v)] for v in raw.labels], dtype=np.int64)
-    tr, te = carve(y, holdout, seed, groups, raw.row_ids)
+    # each split in the order the carve drew it, as before carves were shared: --limit N keeps a random N
+    tr, te = carve(y, holdout, seed, groups, raw.row_ids, drawn_order=True)
     how: dict[str, Any] = {"fraction": holdout, "seed": seed, "stratified": groups is None and stratifiable(y, holdout),
                            "carve": CARVE_VERSION}
     if groups is not None:

@@ -232,7 +232,7 @@ def test_bad_input_is_one_line_exit_2(kind, tiny_store, tower_store, tmp_path):
 @pytest.mark.slow
 def test_real_minilm_store_beats_the_majority_class_and_equals_scikit_learn(tmp_path):
     """A real distribution: MiniLM on AG News (train_pool -> test), linear probes on the last layers, CLS (with its
-    few huge dimensions) and mean. At a fixed C every probe is within 0.3 accuracy points of scikit-learn's
+    few huge dimensions) and mean. At a fixed C every probe is within one test row (0.33 points) of scikit-learn's
     make_pipeline(StandardScaler(), LogisticRegression(C=0.01)) on the same rows."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -264,7 +264,10 @@ def test_real_minilm_store_beats_the_majority_class_and_equals_scikit_learn(tmp_
         X, X_test = X.reshape(len(X), -1), X_test.reshape(len(X_test), -1)
         sk = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=1000)).fit(X[fit], y[fit])
         theirs = float(np.mean(sk.predict(X_test) == y_test))
-        assert abs(row.accuracy - theirs) <= 0.003, (row.layers, row["combine"], row.pooling, row.accuracy, theirs)
+        # one test row at most (1/300): with the fit rows of the sweep's validation carve (drawn in source-row
+        # order) one borderline test row of one configuration flips between the two converged solvers
+        assert abs(row.accuracy - theirs) <= 1 / len(y_test) + 1e-9, (row.layers, row["combine"], row.pooling,
+                                                                       row.accuracy, theirs)
 
 
 def test_memory_budget_reads_per_configuration(tiny_store, tmp_path):
