@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from cli.common import Group, UserError, explicit, load_yaml_config, setup_logging
+from embstore.dataspec import DEFAULT_MAX_LENGTH
 
 
 def _split_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -32,14 +33,17 @@ def extract_options(f: Any) -> Any:
     """The options of ``embstore extract``, shared by ``embstore plan`` (which takes exactly the same)."""
     for option in reversed([
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
-        click.option("--data", help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets (the default when no --split is given)."),
+        click.option("--data", help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets [default: builtin:tweets when no "
+                     "--split is given]."),
         click.option("--split", "splits", multiple=True, callback=_split_option, help="NAME=FILE, one per split (repeatable)."),
         click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split (seeded, stratified)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout."),
-        click.option("--text-col", help="Text column [default: text]."),
+        click.option("--text-col", help="Text column [default: text or sentence, whichever the table has]."),
         click.option("--text-pair-col", help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers."),
         click.option("--towers", is_flag=True, help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b')."),
-        click.option("--label-col", help="Label column (strings or integers)."),
+        click.option("--label-col", help="Label column (strings or integers) [default: label or labels, whichever the "
+                     "table has; none if it has neither]."),
+        click.option("--no-labels", is_flag=True, help="Extract without labels, even from a table with a label column."),
         click.option("--audio-col", help="Audio: column of audio file paths (relative to the table); needs a speech --model."),
         click.option("--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split."),
         click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds."),
@@ -54,7 +58,7 @@ def extract_options(f: Any) -> Any:
         click.option("--layers", default="all", show_default=True, help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings)."),
         click.option("--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio]."),
         click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
-        click.option("--max-length", type=int, default=256, show_default=True, help="Truncate inputs to this many tokens."),
+        click.option("--max-length", type=int, default=DEFAULT_MAX_LENGTH, show_default=True, help="Truncate inputs to this many tokens (the default of heads finetune too, so both see the same text)."),
         click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch."),
         click.option("--token-budget", type=int, default=16384, show_default=True, help="Most padded tokens per forward batch."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype."),
@@ -80,9 +84,14 @@ def extract_options(f: Any) -> Any:
 
 
 def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str, Any]) -> Any:
-    """The ExtractConfig of the command line: the --config file, then the flags given (which override it)."""
+    """The ExtractConfig of the command line: the --config file, then the flags given (which override it); the
+    text and label columns the options leave out are found in the table's header (one line each says which)."""
+    import dataclasses
+
+    from embstore.columns import find_columns
     from embstore.config import ExtractConfig
 
+    no_labels = bool(opts.pop("no_labels", False))
     values = load_yaml_config(config_file)
     renames = {"fmt": "format", "towers": "pair_mode"}
     for key, value in opts.items():
@@ -99,9 +108,13 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
     if out and str(out).endswith((".h5", ".hdf5")):
         values["format"] = "h5"
     try:
-        return ExtractConfig.from_dict(values)
+        config = ExtractConfig.from_dict(values)
     except TypeError as exc:
         raise UserError(f"Bad option in {config_file}: {exc}") from None
+    source, notes = find_columns(config.source, labels=not no_labels)
+    for note in notes:
+        click.echo(note, err=True)
+    return dataclasses.replace(config, source=source)
 
 
 @main.command()

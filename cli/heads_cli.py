@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from cli.common import Group, load_yaml_config, setup_logging
+from embstore.dataspec import DEFAULT_MAX_LENGTH
 
 if TYPE_CHECKING:
     from heads.probe.sweep import SweepConfig, SweepResult
@@ -19,47 +20,55 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
     click.option("--store", help="Store path [default: the most recent complete store in the cache]."),
     click.option("--layers", help="Layer spec: all, 9-12, -4--1, 3,6, last4 [default: all]."),
-    click.option("--combine", help="Comma list of single, concat, sum, mean, mix [sweep default: all five]."),
+    click.option("--combine", help="Comma list of single, concat, sum, mean, mix [default: all five; heads train: single]."),
     click.option("--pooling", help="Comma list of stored poolings [default: every stored pooling]."),
     click.option("--head", help="Head kind(s), comma list: linear, mlp, conv, sum, mix, pair, rnn, gru, lstm [default: linear]."),
-    click.option("--hidden", help="mlp hidden sizes, e.g. 2048 or 512,128."),
-    click.option("--dropout", type=float), click.option("--activation", type=click.Choice(["relu", "gelu", "tanh"])),
-    click.option("--conv-hidden", type=int), click.option("--sum-hidden", type=int),
-    click.option("--rnn-hidden", type=int), click.option("--rnn-layers", type=int),
-    click.option("--bidirectional/--unidirectional", default=None),
-    click.option("--aggregate", type=click.Choice(["mean", "max", "last"])),
-    click.option("--lr", type=float), click.option("--weight-decay", type=float),
-    click.option("--batch-size", type=int), click.option("--epochs", type=int),
-    click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off)."),
-    click.option("--schedule", type=click.Choice(["constant", "exponential", "cosine"])),
-    click.option("--gamma", type=float, help="Exponential schedule: lr factor per epoch."),
-    click.option("--class-weight", type=click.Choice(["none", "balanced"])),
+    click.option("--hidden", help="mlp hidden sizes, e.g. 2048 or 512,128. [default: 2048]"),
+    click.option("--dropout", type=float, help="mlp, conv, rnn heads: dropout. [default: 0.1]"),
+    click.option("--activation", type=click.Choice(["relu", "gelu", "tanh"]), help="mlp and conv heads: activation. [default: relu]"),
+    click.option("--conv-hidden", type=int, help="conv head: channels. [default: 512]"),
+    click.option("--sum-hidden", type=int, help="sum head (pairs): hidden size. [default: 256]"),
+    click.option("--rnn-hidden", type=int, help="rnn, gru, lstm heads: hidden size. [default: 256]"),
+    click.option("--rnn-layers", type=int, help="rnn, gru, lstm heads: stacked layers. [default: 1]"),
+    click.option("--bidirectional/--unidirectional", default=None, help="rnn, gru, lstm heads: read the tokens both "
+                 "ways [default: unidirectional]."),
+    click.option("--aggregate", type=click.Choice(["mean", "max", "last"]), help="rnn, gru, lstm heads: how the token states become one vector. [default: mean]"),
+    click.option("--lr", type=float, help="Heads trained by AdamW: learning rate. [default: 0.001]"),
+    click.option("--weight-decay", type=float, help="Heads trained by AdamW: weight decay. [default: 0.01]"),
+    click.option("--batch-size", type=int, help="Heads trained by AdamW: rows per batch. [default: 64]"),
+    click.option("--epochs", type=int, help="Heads trained by AdamW: most passes over the training rows. [default: 30]"),
+    click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 5]"),
+    click.option("--schedule", type=click.Choice(["constant", "exponential", "cosine"]), help="Heads trained by AdamW: lr schedule. [default: constant]"),
+    click.option("--gamma", type=float, help="Exponential schedule: lr factor per epoch. [default: 0.9]"),
+    click.option("--class-weight", type=click.Choice(["none", "balanced"]), help="Weigh the loss by inverse class frequency (balanced) or not. [default: none]"),
     click.option("--validation-fraction", type=float, help="Share of training rows carved (seeded, stratified, group-aware) "
                  "as validation: every choice (epoch, C, best configuration) is made there [default: 0.1]."),
-    click.option("--val-split", help="A store split to use as validation instead of a carve of the training rows."),
+    click.option("--val-split", help="A store split to use as validation instead of a carve of the training rows "
+                 "[default: none: carve]."),
     click.option("--solver", type=click.Choice(["lbfgs", "adamw"]), help="Linear heads: batched L-BFGS over a C grid "
                  "(scikit-learn's objective) or minibatch AdamW [default: lbfgs]."),
     click.option("--c-grid", help="Linear/lbfgs: inverse L2 strengths C to try, comma list [default: 1e-4,1e-3,...,100]."),
     click.option("--max-iter", type=int, help="Linear/lbfgs: L-BFGS iterations at most [default: 1000]."),
     click.option("--tol", type=float, help="Linear/lbfgs: gradient tolerance, as scikit-learn's tol [default: 1e-4]."),
-    click.option("--train-split", help="[default: train]"),
-    click.option("--eval-split", help="[default: test, else validation]"),
+    click.option("--train-split", help="Split to train on (a one-split store is carved instead). [default: train]"),
+    click.option("--eval-split", help="Split scored for the report [default: test, else validation]."),
     click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
     click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
-    click.option("--folds", type=int, help="K-fold cross-validation on the training split."),
-    click.option("--max-memory", help="Feature memory budget, e.g. 8GB."),
+    click.option("--folds", type=int, help="K-fold cross-validation of the training rows (all rows of a one-split "
+                 "store), seeded and stratified, as heads finetune --folds [default: none: score the evaluation rows]."),
+    click.option("--max-memory", help="Feature memory budget, e.g. 8GB. [default: 8GB]"),
     click.option("--verify/--no-verify", default=None, help="Check every row chunk read against the checksum recorded "
                  "when it was written; a mismatch stops with one line [default: verify]."),
     click.option("--ci/--no-ci", default=None, help="Bootstrap 95% intervals of every score and paired tests of every "
                  "configuration against the best (exact McNemar, Holm-corrected) [default: on]."),
     click.option("--control", help="A control store of the same model shape and rows (embstore extract --random-weights "
-                 "SEED): every configuration is trained on it too, and the gain over it is reported."),
+                 "SEED): every configuration is trained on it too, and the gain over it is reported [default: none]."),
     click.option("--mdl", is_flag=True, default=None, help="Also the online codelength (MDL, bits) of the training labels "
                  "given each linear probe's features, and its compression over the uniform code."),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
     click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
     click.option("--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."),
-    click.option("-v", "--verbose", is_flag=True),
+    click.option("-v", "--verbose", is_flag=True, help="Log more."),
 ]
 
 
@@ -219,24 +228,28 @@ def _with_flags(values: dict[str, Any], splits: tuple[str, ...], opts: dict[str,
     return values
 
 
-def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str, defaults: dict[str, str]
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options of the backbone trainers (``heads finetune``, ``heads pretrain``): the optimiser's
     (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming, the
-    device, the run directory (help text ``out``), the progress bar (``progress``) and -v."""
+    device, the run directory (help text ``out``), the progress bar (``progress``) and -v. ``defaults``: the
+    trainer's config defaults (lr, weight_decay, batch_size, epochs, warmup_ratio) as --help shows them; the flags
+    default to None so that a --config file's values hold unless a flag is given."""
     options = [
-        click.option("--weight-decay", type=float, help="AdamW weight decay, never on biases and LayerNorm weights."),
-        click.option("--batch-size", type=int, help="Rows per batch and process."),
-        click.option("--epochs", type=int, help="Passes over the training rows."),
-        click.option("--warmup-ratio", type=float, help="Share of the optimizer steps with a linear warmup."),
-        click.option("--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup [default: linear]."),
-        click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off) [default: 1]."),
-        click.option("--grad-accum", type=int, help="Batches per optimizer step [default: 1]."),
-        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="accelerate mixed precision [default: no]."),
-        click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling [default: 0]."),
-        click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint."),
+        click.option("--weight-decay", type=float, help=f"AdamW weight decay, never on biases and LayerNorm weights. [default: {defaults['weight_decay']}]"),
+        click.option("--batch-size", type=int, help=f"Rows per batch and process. [default: {defaults['batch_size']}]"),
+        click.option("--epochs", type=int, help=f"Passes over the training rows. [default: {defaults['epochs']}]"),
+        click.option("--warmup-ratio", type=float, help=f"Share of the optimizer steps with a linear warmup. [default: {defaults['warmup_ratio']}]"),
+        click.option("--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup. [default: linear]"),
+        click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off). [default: 1]"),
+        click.option("--grad-accum", type=int, help="Batches per optimizer step. [default: 1]"),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="accelerate mixed precision. [default: no]"),
+        click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling. [default: 0]"),
+        click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint. "
+                     "[default: no-resume]"),
         click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
         click.option("--out", help=out),
-        click.option("--progress/--no-progress", default=True, help=progress),
+        click.option("--progress/--no-progress", default=True, show_default=True, help=progress),
         click.option("-v", "--verbose", is_flag=True, help="Log more."),
     ]
 
@@ -245,6 +258,19 @@ def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str) -> C
             f = opt(f)
         return f
     return apply
+
+
+def _found_columns(config: Any, *, labels: bool) -> Any:
+    """``config`` (a FinetuneConfig or PretrainConfig) with the text (and, with ``labels``, label) column found in
+    the table's header when no option names it; one line on stderr says which."""
+    import dataclasses
+
+    from embstore.columns import find_columns
+
+    source, notes = find_columns(config.source, labels=labels, need_labels=labels)
+    for note in notes:
+        click.echo(note, err=True)
+    return dataclasses.replace(config, source=source)
 
 
 def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
@@ -260,19 +286,20 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @main.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML of options; with a 'runs:' list (name + overrides each) it runs a study and writes a report.")
-@click.option("--model", help="Backbone: minilm, random:NAME, a local HF directory [default: minilm].")
-@click.option("--data", help="One CSV/TSV/JSONL/Parquet file (with --holdout) or builtin:tweets.")
-@click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split.")
-@click.option("--holdout", type=float)
-@click.option("--text-col")
-@click.option("--text-pair-col")
-@click.option("--label-col")
-@click.option("--group-col", help="Column of groups (e.g. speaker): the holdout, the evaluation carve, --folds and the "
-              "early-stopping carve keep every group on one side.", show_default="none")
+@click.option("--model", help="Backbone: minilm, random:NAME, a local HF directory. [default: minilm]")
+@click.option("--data", help="One CSV/TSV/JSONL/Parquet file or builtin:tweets; without "
+              "--holdout a one-file table is carved 0.2 for evaluation, as heads sweep carves its store. [default: builtin:tweets]")
+@click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split (instead of --data).")
+@click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split, as embstore extract "
+              "--holdout does (the same rows for the same --seed).")
+@click.option("--text-col", help="Text column [default: text or sentence, whichever the table has].")
+@click.option("--text-pair-col", help="Second text column: sentence pairs, encoded as [CLS] a [SEP] b.")
+@click.option("--label-col", help="Label column [default: label or labels, whichever the table has].")
+@click.option("--group-col", help="Column of groups (e.g. speaker or author): every carve keeps each group on one side.")
 @click.option("--audio-col", help="Column of audio file paths (relative to the table): fine-tune a speech model "
               "(HuBERT, wav2vec2, WavLM) on the clips.", show_default="none: text")
 @click.option("--skip-bad/--no-skip-bad", default=None, help="Speech: drop (and count) rows whose audio file is missing, "
-              "unreadable, empty or shorter than the model's receptive field, instead of stopping.", show_default="no")
+              "unreadable, empty or shorter than the model's receptive field, instead of stopping.", show_default="no-skip-bad")
 @click.option("--max-seconds", type=float, help="Speech: cut each training clip to a random window this long, drawn "
               "anew each epoch; evaluation reads whole clips.", show_default="20")
 @click.option("--batch-seconds", type=float, help="Speech: at most this many seconds of padded audio (rows x longest "
@@ -282,27 +309,34 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option("--snr-db", type=float, help="--augment noise: signal-to-noise ratio of the added Gaussian noise in dB.",
               show_default="20")
 @click.option("--limit", type=int, help="First N rows of each split.")
-@click.option("--max-length", type=int)
+@click.option("--max-length", type=int, help="Truncate inputs to this many tokens (embstore extract's default too, so "
+              f"both see the same text). [default: {DEFAULT_MAX_LENGTH}]")
 @click.option("--freeze", help="Layers to freeze: 0-8, embeddings, all, all-but-last, none, lists, negative indices; "
-              "speech also feature-encoder (the conv front end, alone or in a list).",
-              show_default="none for text, feature-encoder for speech")
+              "speech also feature-encoder (the conv front end, alone or in a list). "
+              "[default: none for text, feature-encoder for speech]")
 @click.option("--truncate", type=int, help="Classify from layer K and drop the layers above it.")
 @click.option("--prune-heads", help="Remove attention heads: '11:0,3;10:5' (layer:heads; layers 1..L, heads from 0).")
 @click.option("--prune-fraction", type=float, help="Remove this fraction of the least important heads (Michel et al. 2019).")
-@click.option("--min-heads-per-layer", type=int)
-@click.option("--classifier", type=click.Choice(["linear", "mlp"]), help="Head on the pooled vector [default: linear].")
-@click.option("--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) or 512,128.")
-@click.option("--dropout", type=float, help="mlp dropout [default: 0.1].")
-@click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooling of the last hidden state before the "
-              "classifier (mean: masked by each row's tokens or frames).", show_default="cls for text, mean for speech")
-@click.option("--lr", type=float, help="Backbone learning rate [default: 5e-5].")
-@click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's [default: 1e-3].")
-@click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off).")
-@click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs.")
+@click.option("--min-heads-per-layer", type=int, help="--prune-fraction keeps at least this many heads "
+              "in every layer. [default: 1]")
+@click.option("--classifier", type=click.Choice(["linear", "mlp"]), help="Head on the pooled vector. [default: linear]")
+@click.option("--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) "
+              "or 512,128. [default: 2048]")
+@click.option("--dropout", type=float, help="mlp dropout. [default: 0.1]")
+@click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or frames). [default: cls for text, mean for speech]")
+@click.option("--lr", type=float, help="Backbone learning rate. [default: 5e-05]")
+@click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's. [default: 0.001]")
+@click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 2]")
+@click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs. [default: 3]")
+@click.option("--validation-fraction", type=float, help="Share of the training rows carved "
+              "(seeded, stratified, group-aware) as validation rows for early stopping. [default: 0.1]")
+@click.option("--train-split", help="Split to train on (a one-split table is carved instead). [default: train]")
+@click.option("--eval-split", help="Split scored for the report [default: test, else validation].")
 @click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
               "per-fold rows and mean +- std; no model/ is kept.")
 @trainer_options(schedules=("linear", "cosine", "exponential"), out="Run directory [default: runs/<time>-finetune].",
-                 progress="tqdm bar per epoch with loss and examples/s.")
+                 progress="tqdm bar per epoch with loss and examples/s.",
+                 defaults={"weight_decay": "0", "batch_size": "8", "epochs": "5", "warmup_ratio": "0"})
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
@@ -316,7 +350,7 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     values = _with_flags(values, splits, opts)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:
-        result = run_finetune(FinetuneConfig.from_dict(values), show_progress=progress)
+        result = run_finetune(_found_columns(FinetuneConfig.from_dict(values), labels=True), show_progress=progress)
         if quiet_rank:
             return
         if result.folds:
@@ -331,8 +365,8 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     for variant in runs:
         variant = dict(variant)
         name = str(variant.pop("name"))
-        result = run_finetune(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}),
-                              show_progress=progress)
+        result = run_finetune(_found_columns(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}),
+                                             labels=True), show_progress=progress)
         click.echo(f"{name}: accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}", err=True)
         dirs.append(result.run_dir)
     click.echo(str(write_report(dirs, base / "report")))
@@ -347,10 +381,10 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
                    "configs/models/mini-bert.yaml (then it sets the architecture).")
 @click.option("--data", help="One CSV/TSV/JSONL/Parquet file; a share is held out for perplexity.")
 @click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split (train=..., validation=...).")
-@click.option("--text-col", help="Text column [default: text].")
+@click.option("--text-col", help="Text column [default: text or sentence, whichever the table has].")
 @click.option("--text-pair-col", help="Second sentence column: train on pairs [CLS] A [SEP] B [SEP].")
 @click.option("--limit", type=int, help="First N rows of each split.")
-@click.option("--skip-empty/--no-skip-empty", default=None, help="Drop empty rows instead of failing.")
+@click.option("--skip-empty/--no-skip-empty", default=None, help="Drop empty rows instead of failing. [default: no-skip-empty]")
 @click.option("--train-split", help="[default: train]")
 @click.option("--eval-split", help="Held-out split [default: validation, dev or test, else carve rows].")
 @click.option("--heldout-fraction", type=float, help="Share of rows carved for held-out perplexity [default: 0.05].")
@@ -368,8 +402,8 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--max-positions", type=int, help="Position embeddings [default: 512].")
 @click.option("--max-length", type=int, help="Tokens per sequence, specials included [default: 128].")
 @click.option("--mask-prob", type=float, help="Bernoulli masking probability (80/10/10) [default: 0.15].")
-@click.option("--whole-word/--no-whole-word", default=None, help="Mask whole words.")
-@click.option("--swap-augment/--no-swap-augment", default=None, help="Pairs: train on both sentence orders.")
+@click.option("--whole-word/--no-whole-word", default=None, help="Mask whole words. [default: no-whole-word]")
+@click.option("--swap-augment/--no-swap-augment", default=None, help="Pairs: train on both sentence orders. [default: no-swap-augment]")
 @click.option("--pair-objective", type=click.Choice(["sop", "nsp", "none"]), help="Pairs: sentence-order or "
               "next-sentence prediction, trained jointly [default: none].")
 @click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
@@ -378,7 +412,8 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
 @trainer_options(schedules=("linear", "cosine", "constant"),
                  out="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].",
-                 progress="tqdm progress bar with tokens/s.")
+                 progress="tqdm progress bar with tokens/s.",
+                 defaults={"weight_decay": "0.01", "batch_size": "32", "epochs": "1", "warmup_ratio": "0.06"})
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
@@ -388,7 +423,8 @@ def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     values = load_yaml_config(config_file)
     if config_file is not None and _BERT_FIELDS & set(values):  # a model config, not an options file
         values = {"model_config": config_file}
-    result = run_pretrain(PretrainConfig.from_dict(_with_flags(values, splits, opts)), show_progress=progress)
+    config = _found_columns(PretrainConfig.from_dict(_with_flags(values, splits, opts)), labels=False)
+    result = run_pretrain(config, show_progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     click.echo(f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; train MLM loss {result.train_mlm_loss:.4f}, "

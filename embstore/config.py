@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from embstore.dataspec import DATA_KEYS, DEFAULT_DATA, DataSpec
+from embstore.dataspec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import ConfigError
 
 __all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
@@ -59,8 +59,9 @@ class ExtractConfig:
     """Poolings to store, any of cls, mean, max (masked); None: cls,mean for text, mean,max for audio."""
     tokens: str | None = None
     """Layers whose per-token states are also stored (ragged); None stores none."""
-    max_length: int = 256
-    """Inputs longer than this many tokens are truncated (and counted)."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Inputs longer than this many tokens are truncated (and counted); the default is fine-tuning's
+    (:data:`embstore.dataspec.DEFAULT_MAX_LENGTH` says why)."""
     batch_size: int = 64
     """Most rows in one forward batch."""
     token_budget: int = 16384

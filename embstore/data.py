@@ -253,29 +253,29 @@ def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
 
 
 def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(train, test) positions: group-disjoint when groups are given, else stratified by label when possible."""
-    from sklearn.model_selection import GroupShuffleSplit, train_test_split
+    """(train, test) positions by :func:`embstore.carve.carve` (on source-row ids, the carve every product
+    uses): group-disjoint when groups are given, else stratified by label when possible."""
+    from embstore.carve import CARVE_VERSION, carve, stratifiable
 
-    idx = np.arange(len(raw.row_ids))
-    if len(idx) < 2:
-        raise DataError(f"--holdout needs at least 2 rows; {source} has {len(idx)}.")
+    n = len(raw.row_ids)
+    if n < 2:
+        raise DataError(f"--holdout needs at least 2 rows; {source} has {n}.")
+    groups = None
     if raw.groups is not None:
-        n_groups = len(set(raw.groups))
-        if n_groups < 2:
-            raise DataError(f"--holdout with --group-col needs at least 2 groups; {source} has {n_groups}.")
-        tr, te = next(GroupShuffleSplit(n_splits=1, test_size=holdout, random_state=seed).split(idx, groups=raw.groups))
-        return np.sort(tr), np.sort(te), {"fraction": holdout, "seed": seed, "stratified": False, "grouped": True}
-    strat = None
+        keys, groups = np.unique(np.asarray(raw.groups, dtype=str), return_inverse=True)
+        if len(keys) < 2:
+            raise DataError(f"--holdout with --group-col needs at least 2 groups; {source} has {len(keys)}.")
+    y = None
     if raw.labels is not None:
-        keys = [_label_key(v) for v in raw.labels]
-        counts = {k: keys.count(k) for k in set(keys)}
-        n_test = int(np.ceil(holdout * len(idx)))
-        if min(counts.values()) >= 2 and n_test >= len(counts) and len(idx) - n_test >= len(counts):
-            strat = keys
-        else:
-            log.warning("holdout is not stratified: a class has fewer than 2 rows or the split is too small")
-    tr, te = train_test_split(idx, test_size=holdout, random_state=seed, stratify=strat)
-    return np.asarray(tr), np.asarray(te), {"fraction": holdout, "seed": seed, "stratified": strat is not None}
+        lookup = {name: i for i, name in enumerate(_label_names(raw.labels))}
+        y = np.array([lookup[_label_key(v)] for v in raw.labels], dtype=np.int64)
+    # each split in the order the carve drew it, as before carves were shared: --limit N keeps a random N
+    tr, te = carve(y, holdout, seed, groups, raw.row_ids, drawn_order=True)
+    how: dict[str, Any] = {"fraction": holdout, "seed": seed, "stratified": groups is None and stratifiable(y, holdout),
+                           "carve": CARVE_VERSION}
+    if groups is not None:
+        how["grouped"] = True
+    return tr, te, how
 
 
 def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), holdout: float | None = None,

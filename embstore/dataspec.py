@@ -19,9 +19,15 @@ from typing import Any
 
 from embstore.errors import ConfigError
 
-__all__ = ["DATA_KEYS", "DEFAULT_DATA", "DataSpec", "split_flat"]
+__all__ = ["DATA_KEYS", "DEFAULT_DATA", "DEFAULT_MAX_LENGTH", "DataSpec", "split_flat"]
 
 DEFAULT_DATA = "builtin:tweets"
+DEFAULT_MAX_LENGTH = 128
+"""Tokens a text row is cut to, by default, in ``embstore extract`` and ``heads finetune`` alike: a sweep and a
+fine-tune of the same file then see the same text. 128, not 256: the fine-tuning defaults (lr, batch, epochs,
+early stopping) were measured at 128 tokens (BENCHMARKS.md), where 95% of the benchmark rows fit, and doubling
+the length roughly doubles a fine-tuning epoch; extraction sorts rows by length, so the cut costs it nothing
+on short rows and every cut row is counted and reported."""
 
 
 @dataclass(frozen=True, kw_only=True)

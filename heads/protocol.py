@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embstore.carve import carve, source_order
 from embstore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -83,10 +84,11 @@ class Split:
 
 
 def make_split(y: np.ndarray, y_val: np.ndarray | None, *, validation_fraction: float, seed: int, patience: int,
-               groups: np.ndarray | None = None) -> Split:
+               groups: np.ndarray | None = None, row_ids: np.ndarray | None = None) -> Split:
     """Training and validation rows of one estimator: ``y_val``'s rows when validation data was given, none
     without early stopping (``patience`` 0), else a :func:`carve` of ``validation_fraction`` of the rows (seeded;
-    group-disjoint with ``groups``, else stratified when every class has 2 rows).
+    group-disjoint with ``groups``, else stratified when every class has 2 rows; drawn in the order of the rows'
+    source ids ``row_ids`` when given).
 
     For one estimator (or one fine-tuning round) fitted without validation data; sweeps carve with
     :func:`validation_carve`, which also refuses a carve that cannot hold every class.
@@ -99,45 +101,28 @@ def make_split(y: np.ndarray, y_val: np.ndarray | None, *, validation_fraction: 
     if patience == 0:
         return Split(np.arange(n), y, None, None, False)
     try:
-        tr, va = carve(y, validation_fraction, seed, groups)
+        tr, va = carve(y, validation_fraction, seed, groups, row_ids)
     except ValueError as e:
         raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or "
                           "patience=0.") from e
     return Split(tr, y, va, y, True)
 
 
-def carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, carved) sorted row positions; group-disjoint when ``groups`` are given, else stratified
-    (unstratified when a class has a single row, the carve is smaller than the number of classes or the kept rows
-    are)."""
-    from sklearn.model_selection import GroupShuffleSplit, train_test_split
-
-    idx = np.arange(len(y))
-    if groups is not None:
-        if len(np.unique(groups)) >= 2:
-            tr, va = next(GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, groups=groups))
-            return np.sort(tr), np.sort(va)
-        log.warning("only one group: carving rows without keeping groups apart")
-    counts = np.bincount(y)
-    ok = counts[counts > 0].min() >= 2 and int(np.ceil(fraction * len(y))) >= (counts > 0).sum()
-    try:
-        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y if ok else None)
-    except ValueError:  # too few rows left on the kept side for one per class: carve without stratifying
-        if not ok:
-            raise
-        tr, va = train_test_split(idx, test_size=fraction, random_state=seed)
-    return np.sort(tr), np.sort(va)
-
-
 def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None,
-                     what: str = "the training rows") -> tuple[np.ndarray, np.ndarray]:
+                     what: str = "the training rows", row_ids: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) sorted positions: a seeded, stratified carve of ``ceil(fraction * n)`` rows (each class in
     proportion, at least one row of each), group-aware (no group on both sides, classes balanced as far as the
     groups allow) when ``groups`` are given.
 
     Every choice of a sweep is made on the carved rows, so they must hold every class that ``y`` holds (and
-    the fitting side too); otherwise a ConfigError names the sizes and the fix.
+    the fitting side too); otherwise a ConfigError names the sizes and the fix. ``row_ids`` (n,): the rows'
+    source ids; the carve is drawn on the rows in that order (:mod:`embstore.carve`).
     """
+    if row_ids is not None:
+        order = source_order(row_ids, len(y))
+        fit, val = validation_carve(y[order], fraction, seed, None if groups is None else groups[order], what)
+        return np.sort(order[fit]), np.sort(order[val])
     present = np.flatnonzero(np.bincount(y))
     n, need = len(y), len(present)
     want = int(np.ceil(fraction * n))
@@ -200,11 +185,15 @@ def carve_groups(store: Store, split: str) -> np.ndarray | None:
     return store.row_ids(split) if store.augmented(split).any() else None
 
 
-def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, seed: int
+def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, seed: int, folds: int | None = None
                 ) -> tuple[tuple[str, np.ndarray | None], tuple[str, np.ndarray | None]]:
-    """((train split, rows or None), (eval split, rows or None)); a one-split store is carved."""
+    """((train split, rows or None), (eval split, rows or None)); a one-split store is carved (by
+    :func:`embstore.carve.carve`, on source-row ids, as ``heads finetune`` carves a one-split table), unless
+    ``folds`` cross-validates all its rows."""
     if train in store.splits:
         name = evaluate or next((s for s in ("test", "validation") if s in store.splits), None)
+        if name is None and folds:
+            name = train  # cross-validation scores held-out folds of the training rows; no evaluation split needed
         if name is None:
             raise ConfigError(f"{store.path} has splits {', '.join(store.splits)} and none is named test or validation; pass --eval-split NAME.")
         if name not in store.splits:
@@ -212,7 +201,9 @@ def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, 
         return (train, None), (name, None)
     if len(store.splits) == 1 and evaluate is None:
         only = store.splits[0]
-        tr, te = carve(store.labels(only), holdout, seed, carve_groups(store, only))
+        if folds:
+            return (only, None), (only, None)
+        tr, te = carve(store.labels(only), holdout, seed, carve_groups(store, only), store.row_ids(only))
         te = te[~store.augmented(only)[te]]  # augmented copies train, never evaluate
         log.info("store has one split %r: carved %d rows for evaluation", only, len(te))
         return (only, tr), (only, te)
@@ -234,16 +225,20 @@ class Round:
 
 def fold_rounds(folds: int | None, y_train: np.ndarray, tr_rows: np.ndarray | None, tr_split: str, ev_split: str,
                 ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int, groups: np.ndarray | None,
-                augmented: np.ndarray) -> Iterator[Round]:
+                augmented: np.ndarray, row_ids: np.ndarray | None = None) -> Iterator[Round]:
     """One round on the evaluation split, or ``folds`` seeded, stratified folds of the training rows (each row
     held out once; group-disjoint when ``groups``, aligned with the training rows, are given). Augmented rows
-    only ever join the fitting side."""
+    only ever join the fitting side. ``row_ids``, aligned with the training rows: their source ids; the folds
+    are drawn on the rows in that order (:mod:`embstore.carve`), so a store and its table fold alike."""
     if not folds:
         yield Round(None, tr_rows, ev_split, ev_rows, y_eval)
         return
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     base = np.arange(len(y_train)) if tr_rows is None else tr_rows
+    order = source_order(row_ids, len(y_train))
+    base, y_train = base[order], y_train[order]
+    groups = None if groups is None else groups[order]
     counts = np.bincount(y_train)
     if counts[counts > 0].min() < folds:
         raise ConfigError(f"--folds {folds} needs at least {folds} training rows of every class; the rarest class has "
@@ -257,4 +252,5 @@ def fold_rounds(folds: int | None, y_train: np.ndarray, tr_rows: np.ndarray | No
         splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(base, y_train)
     for k, (fit, held) in enumerate(splits):
         held = held[~augmented[base[held]]]
-        yield Round(k, base[fit], tr_split, base[held], y_train[held])
+        held = held[np.argsort(base[held], kind="stable")]  # rows in split order, labels aligned
+        yield Round(k, np.sort(base[fit]), tr_split, base[held], y_train[held])

@@ -32,7 +32,8 @@ def test_extract_info_ls_verify(tiny_csv, tmp_path):
     assert info["complete"] and info["layers"] == [0, 1, 2] and info["hidden"] == 32
     assert {k: v["rows"] for k, v in info["splits"].items()} == {"train": 6, "test": 6}
     assert info["poolings"] == ["cls", "mean"] and info["dtype"] == "float16" and info["modality"] == "text"
-    assert info["provenance"]["sources"][0]["holdout"] == {"fraction": 0.5, "seed": 0, "stratified": True}
+    assert info["provenance"]["sources"][0]["holdout"] == {"fraction": 0.5, "seed": 0, "stratified": True,
+                                                              "carve": "row-ids-1"}
     text = run("info", path).stdout
     assert "complete" in text and "train: 6 rows" in text
     listing = run("ls").stdout

@@ -196,7 +196,7 @@ def test_minilm_matches_transformers_output_hidden_states():
     texts = pd.read_csv(data).text.iloc[store.row_ids("all")].tolist()
     tok = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModel.from_pretrained(minilm_path()).eval()
-    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    enc = tok(texts, padding=True, truncation=True, max_length=ExtractConfig().max_length, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**enc, output_hidden_states=True).hidden_states
     mask = enc["attention_mask"][:, :, None].float()

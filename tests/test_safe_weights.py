@@ -36,7 +36,7 @@ def pickle_dir(tmp_path: Path) -> Path:
 def test_pickle_weights_are_refused_unless_allowed(pickle_dir, tiny_csv):
     with pytest.raises(ConfigError, match=r"pytorch_model\.bin holds the model weights as a pickle file.*pass --allow-pickle.*save_pretrained"):
         load_backbone(str(pickle_dir))
-    res = CliRunner().invoke(main, ["extract", "--model", str(pickle_dir), "--data", str(tiny_csv), "-q"])
+    res = CliRunner().invoke(main, ["extract", "--model", str(pickle_dir), "--data", str(tiny_csv), "--no-labels", "-q"])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "--allow-pickle" in res.output
     allowed = open_store(extract(ExtractConfig.from_dict(dict(model=str(pickle_dir), data=str(tiny_csv), allow_pickle=True)), show_progress=False).path)
     same = open_store(extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(tiny_csv))), show_progress=False).path)

@@ -55,7 +55,7 @@ class StoreContract:
         assert d["splits"]["all"] == {"rows": self.n, "chunks": 5, "chunks_done": 5, "tokens": {"text": int(store.n_tokens("all").sum())}, "truncated": 0, "augmented": 0}
         prov = d["provenance"]
         assert prov["model"]["name"] == "random:tiny-bert" and prov["model"]["weights_sha256"]
-        assert prov["tokenizer"]["sha256"] and prov["max_length"] == 256 and prov["dtype"] == "float16"
+        assert prov["tokenizer"]["sha256"] and prov["max_length"] == 128 and prov["dtype"] == "float16"
         assert prov["sources"][0]["sha256"] and prov["rows"] == {"all": self.n}
         assert prov["tool"]["embstore"] and d["created"] and d["finished"]
 

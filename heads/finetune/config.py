@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from embstore.augment import AugmentSpec
-from embstore.dataspec import DataSpec
+from embstore.dataspec import DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import ConfigError
 from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
@@ -30,8 +30,9 @@ class FinetuneConfig:
     source: DataSpec = DataSpec()
     """Where the rows come from (data or splits, holdout, seed, columns, limit, skip_empty); flat keys in YAML.
     Its seed also seeds the validation carve, initialisation and shuffling. Fine-tuning needs labels."""
-    max_length: int = 128
-    """Inputs are truncated to this many tokens."""
+    max_length: int = DEFAULT_MAX_LENGTH
+    """Inputs are truncated to this many tokens; the default is extraction's, so a sweep and a fine-tune of one
+    file see the same text (:data:`embstore.dataspec.DEFAULT_MAX_LENGTH` says why 128)."""
     freeze: str | None = None
     """Layers to freeze: '0-8', 'embeddings', 'all', 'all-but-last', '0,3', negative indices (0 = embeddings; for speech
     the conv feature encoder, its projection and the position embedding), 'none', and for speech 'feature-encoder'

@@ -101,7 +101,7 @@ def load_rows(config: FinetuneConfig) -> FinetuneData:
         if config.folds is not None:
             rows_tr = rows_te = np.arange(len(tr))
         else:
-            rows_tr, rows_te = carve(np.asarray(tr.labels), ONE_SPLIT_EVAL, config.source.seed, tr.groups)
+            rows_tr, rows_te = carve(np.asarray(tr.labels), ONE_SPLIT_EVAL, config.source.seed, tr.groups, tr.row_ids)
             log.info("data has one split %r: carved %d rows for evaluation", names[0], len(rows_te))
     else:
         raise ConfigError(f"--train-split {config.train_split!r} is not in the data; its splits are {', '.join(names)}.")
@@ -121,7 +121,7 @@ def rounds(folds: int | None, data: FinetuneData, seed: int) -> list[Round]:
     y_eval = data.labels(data.evaluation)[data.eval_rows]
     no_copies = np.zeros(len(data.train), dtype=bool)  # fine-tuning data has no augmented copies
     return list(fold_rounds(folds, y_train, data.train_rows, data.train.name, data.evaluation.name, data.eval_rows,
-                            y_eval, seed, groups, no_copies))
+                            y_eval, seed, groups, no_copies, data.train.row_ids[data.train_rows]))
 
 
 def early_stopping_carve(data: FinetuneData, fit_pool: np.ndarray, fraction: float, seed: int
@@ -130,7 +130,7 @@ def early_stopping_carve(data: FinetuneData, fit_pool: np.ndarray, fraction: flo
     or group-disjoint when the rows have groups) that early stopping watches."""
     groups = None if data.train.groups is None else data.train.groups[fit_pool]
     split = make_split(data.labels(data.train)[fit_pool], None, validation_fraction=fraction, seed=seed, patience=1,
-                       groups=groups)
+                       groups=groups, row_ids=data.train.row_ids[fit_pool])
     return fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]
 
 

@@ -165,7 +165,7 @@ def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp
             "train_rows": int(len(data.train_rows)), "eval_rows": int(len(data.eval_rows)),
             "majority_accuracy": majority_accuracy(y_train, data.labels(te)[data.eval_rows]), "config": config.to_dict(),
             "fingerprint": fp, "sources": data.sources, "modality": backbone.modality,
-            "skipped_rows": dict(data.skipped)}
+            "skipped_rows": dict(data.skipped), "max_length": config.max_length}
     ids = [round_rows(data, rnd, config.validation_fraction, config.source.seed).ids(data) for rnd in plan]
     meta["rows"] = ids if config.folds is not None else ids[0]
     scored_split, scored = (te, te.row_ids[data.eval_rows]) if config.folds is None else (tr, tr.row_ids[data.train_rows])

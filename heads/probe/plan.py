@@ -53,7 +53,9 @@ def plan_rounds(store: Store, *, seeds: int, folds: int | None, validation_fract
     y_all = store.labels(tr_split)
     augmented = store.augmented(tr_split)
     groups_all = carve_groups(store, tr_split)
+    ids_all = store.row_ids(tr_split)  # every carve is drawn in source-row order (embstore.carve)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
+    ids_train = ids_all if tr_rows is None else ids_all[tr_rows]
     g_train = None if groups_all is None else groups_all if tr_rows is None else groups_all[tr_rows]
     y_eval_all = store.labels(ev_split)
     y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
@@ -62,14 +64,16 @@ def plan_rounds(store: Store, *, seeds: int, folds: int | None, validation_fract
         val_rows_split = np.flatnonzero(~store.augmented(val_split))
     plans = []
     for seed in range(seeds):
-        for rnd in fold_rounds(folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented):
+        for rnd in fold_rounds(folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented,
+                               ids_train):
             base = np.arange(len(y_all)) if rnd.fit_rows is None else rnd.fit_rows
             if val_rows_split is not None and val_split is not None:
                 fit, val, vsplit = base, val_rows_split, val_split
             else:
                 where = f"the training split {tr_split!r}" + ("" if rnd.fold is None else f" (fold {rnd.fold})")
                 g = None if groups_all is None else groups_all[base]
-                fit_pos, val_pos = validation_carve(y_all[base], validation_fraction, seed, g, what=where)
+                fit_pos, val_pos = validation_carve(y_all[base], validation_fraction, seed, g, what=where,
+                                                    row_ids=ids_all[base])
                 fit, val, vsplit = base[fit_pos], base[val_pos], tr_split
                 val = val[~augmented[val]]  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)

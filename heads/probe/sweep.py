@@ -195,7 +195,8 @@ def _plan(config: SweepConfig, path: str) -> SweepSetup:
         raise DataError(f"{path} was extracted without labels; re-extract with --label-col COLUMN.")
     names = store.label_names
     cfg = config.head
-    (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(store, config.train_split, config.eval_split, config.holdout, cfg.seed)
+    (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(store, config.train_split, config.eval_split, config.holdout, cfg.seed,
+                                                             config.folds)
     if config.val_split is not None:
         check_val_split(store, config.val_split, tr_split, ev_split)
     y_all = store.labels(tr_split)
@@ -301,7 +302,10 @@ def _meta(config: SweepConfig, setup: SweepSetup, groups: list[list[Combo]], com
             "features_preloaded": len(groups) == 1 and in_memory(setup, groups[0]), "feature_groups": len(groups),
             "streamed_configurations": sum(len(g) for g in groups if not in_memory(setup, g)),
             "solver": cfg.solver, "world_size": comm.world,
-            EVAL_SET_KEY: run_eval, "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory)}
+            EVAL_SET_KEY: run_eval, "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
+            # what the store's rows were cut to (heads report marks runs whose truncation differs)
+            **({"max_seconds": store.provenance.get("max_seconds")} if store.provenance.get("audio_col")
+               else {"max_length": store.provenance.get("max_length")})}
     if control is not None:
         model = control.provenance.get("model", {})
         meta["control"] = {"store": str(control.path), "store_fingerprint": control.fingerprint, "model": model.get("name"),

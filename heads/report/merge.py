@@ -2,7 +2,9 @@
 
 Runs are put side by side only when they were scored on the same rows: every run records
 ``run.json["eval_set"]`` (:mod:`heads.evalset`), and runs with different ids, or without one (runs made before
-the id existed), are refused unless ``allow_mixed``; then the runs scored on other rows are marked.
+the id existed), are refused unless ``allow_mixed``; then the runs scored on other rows are marked. Runs whose
+inputs were truncated differently (``max_length`` tokens, or ``max_seconds`` of audio, as each run recorded it)
+are merged and marked: their scores are on the same rows but not on the same text.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from heads.report.results import read_run
 from heads.report.summary import md_table
 from heads.report.table import ConfigStats, aggregate, pm, rank, selection_rule
 
-__all__ = ["write_report", "eval_set_id", "check_comparable", "REPORT_COLUMNS"]
+__all__ = ["write_report", "eval_set_id", "check_comparable", "truncation", "REPORT_COLUMNS"]
 
-REPORT_COLUMNS = ["run", "store_id", "eval_set", "layers", "combine", "pooling", "head", "n", "accuracy_mean",
+REPORT_COLUMNS = ["run", "store_id", "eval_set", "truncation", "layers", "combine", "pooling", "head", "n", "accuracy_mean",
                   "accuracy_std", "f1_macro_mean", "f1_macro_std", "val_accuracy_mean", "val_f1_macro_mean",
                   "trainable_params", "seconds_per_epoch", "train_seconds",
                   # how sure, as each run recorded it (its best and its paired tests are within the run)
@@ -36,6 +38,18 @@ def eval_set_id(meta: dict[str, Any]) -> str:
     """The evaluation-set id a run recorded, or 'unknown' for a run without one."""
     record = meta.get(EVAL_SET_KEY)
     return str(record.get("id")) if isinstance(record, dict) and record.get("id") else UNKNOWN
+
+
+def truncation(meta: dict[str, Any]) -> str:
+    """What a run's inputs were cut to: '128 tokens', '10 s of audio', or 'unknown' (runs made before runs recorded
+    it)."""
+    if meta.get("max_length") is not None:
+        return f"{meta['max_length']} tokens"
+    if meta.get("max_seconds") is not None:
+        return f"{meta['max_seconds']:g} s of audio"
+    if "max_seconds" in meta:
+        return "whole recordings"
+    return UNKNOWN
 
 
 def check_comparable(ids: dict[str, str]) -> None:
@@ -69,6 +83,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
     entries: list[tuple[str, str, ConfigStats]] = []
     stores: dict[str, str] = {}
     ids: dict[str, str] = {}
+    cuts: dict[str, str] = {}
     for run_dir in run_dirs:
         meta, rows = read_run(Path(run_dir))
         name = Path(run_dir).resolve().name
@@ -80,6 +95,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
             store_ids = [f"fine-tuned from {model.get('name') if isinstance(model, dict) else model}"]
         stores[name] = ", ".join(store_ids)
         ids[name] = eval_set_id(meta)
+        cuts[name] = truncation(meta)
         entries += [(name, stores[name], s) for s in aggregate(rows)]
     if not entries:
         raise DataError(f"The runs {', '.join(map(str, run_dirs))} hold no result rows; pass runs that finished at least one head.")
@@ -88,6 +104,8 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
     known = Counter(i for i in ids.values() if i != UNKNOWN)
     reference = known.most_common(1)[0][0] if known else None
     other = {name for name, i in ids.items() if i != reference}
+    common_cut = Counter(c for c in cuts.values() if c != UNKNOWN).most_common(1)
+    cut_other = {name for name, c in cuts.items() if c != UNKNOWN and c != common_cut[0][0]} if common_cut else set()
     rule = selection_rule([s for _, _, s in entries])
     entries.sort(key=lambda e: rank(e[2], rule))
     out = Path(out)
@@ -98,12 +116,12 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
             writer.writerow(REPORT_COLUMNS)
             for run, store, s in entries:
                 d = s.to_dict()
-                writer.writerow([run, store, ids[run], *(_opt(d[c]) for c in REPORT_COLUMNS[3:])])
+                writer.writerow([run, store, ids[run], cuts[run], *(_opt(d[c]) for c in REPORT_COLUMNS[4:])])
         with_val = any(s.has_validation for _, _, s in entries)
         with_ci = any(s.has_interval for _, _, s in entries)
         table = []
         for i, (run, _, s) in enumerate(entries):
-            cells = [run + (" †" if run in other else ""), *s.key]
+            cells = [run + (" †" if run in other else "") + (" ‡" if run in cut_other else ""), *s.key]
             if with_val:
                 cells.append("" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n))
             cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
@@ -120,12 +138,16 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
             lines.append("\nIntervals are each run's own (95% bootstrap over its evaluation rows); paired tests against "
                          "each run's best are in the runs' summaries and in report.csv.")
         lines += ["", "## Stores, models and evaluation sets", ""]
-        lines += [f"- {run}: `{store}`, evaluation set `{ids[run]}`" for run, store in stores.items()]
+        lines += [f"- {run}: `{store}`, evaluation set `{ids[run]}`, inputs cut to {cuts[run]}" for run, store in stores.items()]
         if other and reference is None:
             lines.append("\n† no run records its evaluation set: whether they were scored on the same rows is unknown.")
         elif other:
             lines.append(f"\n† scored on other rows than evaluation set `{reference}` (or on unknown rows): "
                          f"{', '.join(sorted(other))}; their scores are not directly comparable.")
+        if cut_other:
+            lines.append(f"\n‡ inputs truncated otherwise than {common_cut[0][0]}: "
+                         + ", ".join(f"{run} ({cuts[run]})" for run in sorted(cut_other))
+                         + "; they were scored on the same rows but did not see the same text.")
         if len(set(stores.values())) > 1:
             lines.append("\nThe runs come from different stores: compare them only if the stores share their data split.")
         lines += ["", "![macro-F1 per config](report.png)", ""]
