@@ -41,8 +41,8 @@ def test_the_three_configs_nest_the_same_spec_from_flat_keys():
 
 
 def test_each_command_takes_only_its_data_and_optimiser_keys():
-    with pytest.raises(ConfigError, match=r"Unknown finetune config keys \['audio_col'\]"):
-        FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file"})
+    with pytest.raises(ConfigError, match=r"Unknown finetune config keys \['quantize'\]"):
+        FinetuneConfig.from_dict({"data": "x.csv", "quantize": "int8"})
     with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['holdout', 'label_col'\]"):
         PretrainConfig.from_dict({"data": "x.csv", "holdout": 0.2, "label_col": "y"})
     with pytest.raises(ConfigError, match="heads pretrain does not take the 'label_col' option"):
