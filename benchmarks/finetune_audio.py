@@ -42,8 +42,7 @@ def prepare_emodb(work: Path, per_speaker: int, seed: int = 0) -> tuple[Path, Pa
     and 08 (one male, one female) are the test speakers, the other 8 train."""
     df = pd.read_csv(SHARED / "emodb" / "labels.csv")
     df["file"] = [str(SHARED / "emodb" / f) for f in df["file"]]
-    picked = df.groupby("speaker", group_keys=False).apply(
-        lambda g: g.sample(min(per_speaker, len(g)), random_state=seed))
+    picked = pd.concat([g.sample(min(per_speaker, len(g)), random_state=seed) for _, g in df.groupby("speaker")])
     test = picked["speaker"].isin(["spk03", "spk08"])
     (work / "emodb").mkdir(parents=True, exist_ok=True)
     train_csv, test_csv = work / "emodb" / "train.csv", work / "emodb" / "test.csv"
