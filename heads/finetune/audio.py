@@ -63,13 +63,14 @@ def min_samples(frames_of: Callable[[np.ndarray], np.ndarray], frames: int = 1, 
 def usable_rows(split: SplitData, rows: np.ndarray, rate: int, minimum: int, skip_bad: bool) -> np.ndarray:
     """``rows`` without the clips shorter than ``minimum`` samples: with ``skip_bad`` they are dropped (and counted
     in the log), else a DataError names the first few clips and the minimum."""
-    n = model_lengths(split, rate)[rows]
+    lengths = model_lengths(split, rate)  # (split rows,) samples, read once
+    n = lengths[rows]
     short = rows[n < minimum]
     if not len(short):
         return rows
     if split.audio is None:  # pragma: no cover - model_lengths refused text already
         raise DataError(f"Split {split.name!r} holds no audio.")
-    shown = "; ".join(f"{split.audio[i]} ({model_lengths(split, rate)[i]} samples)" for i in short[:3])
+    shown = "; ".join(f"{split.audio[i]} ({lengths[i]} samples)" for i in short[:3])
     more = f" and {len(short) - 3} more" if len(short) > 3 else ""
     if not skip_bad:
         raise DataError(f"{len(short)} clips of split {split.name!r} are shorter than the model's receptive field of "
