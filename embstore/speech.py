@@ -25,7 +25,7 @@ from embstore.errors import DataError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["AudioItem", "AudioRows", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
+__all__ = ["AudioItem", "AudioRows", "clip_lengths", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
 
 AUDIO_TOWER = "audio"
 
@@ -55,22 +55,29 @@ class AudioRows:
     """(n,) bool: longer than --max-seconds before cropping."""
 
 
+def clip_lengths(sd: SplitData, rate: int) -> np.ndarray:
+    """(n,) int64 samples of each whole clip of ``sd`` at the model's ``rate``, from the file headers alone (before
+    any crop or augmentation); extraction and fine-tuning both size their clips with it."""
+    if sd.audio is None or sd.audio_frames is None or sd.audio_rates is None:
+        raise DataError(f"Split {sd.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of audio file paths.")
+    return np.array([resampled_length(int(n), *rational(Fraction(rate, int(r))))
+                     for n, r in zip(sd.audio_frames, sd.audio_rates)], dtype=np.int64)
+
+
 def plan_audio_split(sd: SplitData, *, rate: int, frames_of: Callable[[np.ndarray], np.ndarray],
                      max_seconds: float | None, augment: AugmentSpec | None, label_names: list[str] | None) -> AudioRows:
     """Every row's length in samples and frames from file headers alone; augmented copies appended."""
-    if sd.audio is None or sd.audio_frames is None or sd.audio_rates is None:
-        raise DataError(f"Split {sd.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of audio file paths.")
+    full = clip_lengths(sd, rate)
+    paths = list(sd.audio or ())  # clip_lengths refused a split without audio
     max_samples = int(round(max_seconds * rate)) if max_seconds is not None else None
-    full = np.array([resampled_length(int(n), *rational(Fraction(rate, int(r))))
-                     for n, r in zip(sd.audio_frames, sd.audio_rates)], dtype=np.int64)
-    items = [AudioItem(path=p, samples=int(min(n, max_samples) if max_samples is not None else n)) for p, n in zip(sd.audio, full)]
+    items = [AudioItem(path=p, samples=int(min(n, max_samples) if max_samples is not None else n)) for p, n in zip(paths, full)]
     source = list(range(len(items)))
     cropped = [max_samples is not None and int(n) > max_samples for n in full]
     if augment is not None:
         chosen = choose_sources(sd.labels, label_names, augment.classes)
         for params in draw_params(augment, chosen, sd.row_ids):
             n_full = augmented_length(int(full[params.source]), params, None)
-            items.append(AudioItem(path=sd.audio[params.source], samples=augmented_length(int(full[params.source]), params, max_samples),
+            items.append(AudioItem(path=paths[params.source], samples=augmented_length(int(full[params.source]), params, max_samples),
                                    augment=params))
             source.append(params.source)
             cropped.append(max_samples is not None and n_full > max_samples)

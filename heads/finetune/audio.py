@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from embstore.audio import load_waveform, rational, resampled_length
+from embstore.audio import load_waveform
 from embstore.augment import AugmentSpec, apply, draw_params
 from embstore.data import SplitData
 from embstore.encode import make_batches
 from embstore.errors import DataError
+from embstore.speech import clip_lengths
 from heads.training.schedule import EpochSampler
 
 __all__ = ["ClipBatches", "Clips", "collate_clips", "min_samples", "model_lengths", "usable_rows"]
@@ -41,11 +41,7 @@ Key = tuple[int, int]
 
 def model_lengths(split: SplitData, rate: int) -> np.ndarray:
     """(n,) int64 samples of each clip at the model's ``rate`` (from the file headers, before any crop)."""
-    if split.audio_frames is None or split.audio_rates is None:
-        raise DataError(f"Split {split.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a "
-                        "table of audio file paths.")
-    return np.array([resampled_length(int(n), *rational(Fraction(rate, int(r))))
-                     for n, r in zip(split.audio_frames, split.audio_rates)], dtype=np.int64)
+    return clip_lengths(split, rate)
 
 
 def min_samples(frames_of: Callable[[np.ndarray], np.ndarray], frames: int = 1, limit: int = 1 << 22) -> int:
