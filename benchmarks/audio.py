@@ -66,9 +66,9 @@ def variable_clips(root: Path, out: Path, n: int, seed: int = 0) -> tuple[Path, 
 
 def bare_and_naive(model: str, files: list[Path], batch_seconds: float, out: Path) -> tuple[float, float]:
     """(bare forward loop seconds, naive per-file loop seconds) for the same files."""
-    from embstore.audio import load_waveform
-    from embstore.encode import length_order, make_batches
-    from embstore.models import load_backbone
+    from embstore.data.audio import load_waveform
+    from embstore.extraction.encode import length_order, make_batches
+    from embstore.backbones.registry import load_backbone
 
     bb = load_backbone(model)
     rate = bb.sampling_rate

@@ -42,8 +42,8 @@ import pandas as pd
 import torch
 
 from embstore import ExtractConfig, extract, open_store
-from embstore.encode import ChunkBuffers, ChunkEncoder, ChunkJob, length_order, make_batches, pad_batch, tokenize
-from embstore.models import load_backbone
+from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, length_order, make_batches, pad_batch, tokenize
+from embstore.backbones.registry import load_backbone
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news" / "test.csv"
 POOLINGS = ["cls", "mean"]

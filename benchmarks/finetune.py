@@ -76,7 +76,7 @@ def prepare(name: str, work: Path, train_rows: int, test_rows: int, seed: int = 
         train = sample(pd.read_csv(SHARED / "sentipers" / "train.csv"), train_rows)
         test = sample(pd.read_csv(SHARED / "sentipers" / "test.csv"), test_rows)
     elif name == "tweets":
-        from embstore.data import builtin_path
+        from embstore.data.tables import builtin_path
 
         df = pd.read_csv(builtin_path("tweets"), encoding_errors="replace").rename(columns={"sentiment": "label"}).dropna(subset=["text", "label"])
         df = df[df["text"].astype(str).str.strip() != ""]
@@ -132,7 +132,7 @@ def run_trainer(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, 
     from sklearn.metrics import f1_score
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    from embstore.models import minilm_path
+    from embstore.backbones.registry import minilm_path
 
     path = str(minilm_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -169,8 +169,8 @@ def run_trainer(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, 
 
 def inference_seconds(model_dir: Path, texts: list[str], repeats: int = 2) -> float:
     """Best-of-N seconds for one pass of the encoder over ``texts`` (sorted batches, inference mode)."""
-    from embstore.encode import length_order, make_batches, pad_batch, tokenize
-    from embstore.models import load_backbone
+    from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
+    from embstore.backbones.registry import load_backbone
 
     bb = load_backbone(str(model_dir))
     enc = tokenize(bb.tokenizer, texts, None, 128)

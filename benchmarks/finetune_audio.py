@@ -87,7 +87,7 @@ class _Clips:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from embstore.audio import load_waveform
+        from embstore.data.audio import load_waveform
 
         x = load_waveform(self.files[i], self.rate)
         if self.snr_db is not None:
@@ -103,7 +103,7 @@ def run_trainer(train_csv: Path, test_csv: Path, out: Path, model: str, fit_rows
     from sklearn.metrics import f1_score
     from transformers import HubertConfig, HubertForSequenceClassification, Trainer, TrainingArguments
 
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     backbone = load_backbone(model)  # the weights our run started from
     train, test = pd.read_csv(train_csv), pd.read_csv(test_csv)
@@ -178,7 +178,7 @@ def memory(work: Path, model: str, clips: int, budgets: list[float]) -> list[dic
     from tones import write_tones
 
     table = write_tones(work / "long", per_class=max(1, clips // 4), speakers=1, seconds=30.0)
-    base = subprocess.run([sys.executable, "-c", "import resource; from embstore.models import load_backbone; "
+    base = subprocess.run([sys.executable, "-c", "import resource; from embstore.backbones.registry import load_backbone; "
                            f"load_backbone({model!r}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
                           capture_output=True, text=True, check=True, cwd=ROOT)
     rows = [{"setting": "model loaded, no training", "peak_rss_mib": float(base.stdout.split()[-1])}]

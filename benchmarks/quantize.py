@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 
 from embstore import ExtractConfig, extract, open_store
-from embstore.encode import ChunkEncoder, ChunkJob, length_order, tokenize
-from embstore.models import load_backbone
-from embstore.quantize import quantize_int8, relative_deviation
+from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+from embstore.backbones.registry import load_backbone
+from embstore.backbones.quantize import quantize_int8, relative_deviation
 
 AG = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news"
 

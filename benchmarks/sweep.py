@@ -231,9 +231,9 @@ def uncached_part(store_path: str, rows: int, epochs: int) -> None:
     import torch
 
     from embstore import open_store
-    from embstore.data import builtin_path, read_table
-    from embstore.encode import pad_batch, tokenize
-    from embstore.models import load_backbone
+    from embstore.data.tables import builtin_path, read_table
+    from embstore.extraction.encode import pad_batch, tokenize
+    from embstore.backbones.registry import load_backbone
     from heads.probe.config import HeadConfig
     from heads.probe.estimator import HeadClassifier
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cli.common import Group, UserError, explicit, load_yaml_config, setup_logging
-from embstore.dataspec import DEFAULT_MAX_LENGTH
+from embstore.data.spec import DEFAULT_MAX_LENGTH
 
 
 def _split_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -88,7 +88,7 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
     text and label columns the options leave out are found in the table's header (one line each says which)."""
     import dataclasses
 
-    from embstore.columns import find_columns
+    from embstore.data.columns import find_columns
     from embstore.config import ExtractConfig
 
     no_labels = bool(opts.pop("no_labels", False))
@@ -126,7 +126,7 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
     """Run the backbone once over every split and store every chosen layer."""
     setup_logging(verbose)
     config = _extract_config(ctx, config_file, opts)
-    from embstore.extraction import extract as run_extract
+    from embstore.extraction.run import extract as run_extract
 
     result = run_extract(config, show_progress=not quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch / torchrun only rank 0 reports
@@ -157,7 +157,7 @@ def plan(ctx: click.Context, config_file: str | None, as_json: bool, quiet: bool
     """
     setup_logging(verbose)
     config = _extract_config(ctx, config_file, opts)
-    from embstore.plan import plan_extraction
+    from embstore.extraction.estimate import plan_extraction
 
     report = plan_extraction(config)
     if as_json:
@@ -211,7 +211,7 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(store_path: str, as_json: bool) -> None:
     """Describe a store: splits, layers, shapes, bytes, provenance."""
-    from embstore.store import open_store
+    from embstore.store.reader import open_store
 
     with open_store(store_path, allow_incomplete=True) as store:
         d = store.describe()
@@ -244,14 +244,14 @@ def info(store_path: str, as_json: bool) -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help="Directory to list [default: $EMBSTORE_CACHE or ./cache].")
 def ls_(directory: str | None) -> None:
     """List the stores in the cache with their state."""
-    from embstore.extraction import cache_dir
-    from embstore.store import open_store
+    from embstore.store.catalog import cache_dir, store_entries
+    from embstore.store.reader import open_store
 
     base = Path(directory) if directory else cache_dir()
     if not base.is_dir():
         click.echo(f"no stores: {base} does not exist", err=True)
         return
-    entries = sorted(p for p in base.iterdir() if p.name.endswith((".zarr", ".h5", ".hdf5")))
+    entries = store_entries(base)
     for p in entries:
         try:
             with open_store(p, allow_incomplete=True) as store:
@@ -272,7 +272,7 @@ def ls_(directory: str | None) -> None:
 @click.argument("store_path")
 def verify(store_path: str) -> None:
     """Check completeness and every row chunk's checksum. Exit 1 if anything is wrong."""
-    from embstore.store import open_store
+    from embstore.store.reader import open_store
 
     with open_store(store_path, allow_incomplete=True) as store:
         problems = store.verify()

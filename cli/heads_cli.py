@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from cli.common import Group, load_yaml_config, setup_logging
-from embstore.dataspec import DEFAULT_MAX_LENGTH
+from embstore.data.spec import DEFAULT_MAX_LENGTH
 
 if TYPE_CHECKING:
     from heads.probe.sweep import SweepConfig, SweepResult
@@ -90,8 +90,7 @@ def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[
 
 def _announce(config: SweepConfig) -> SweepConfig:
     if config.store is None:
-        from embstore.extraction import cache_dir
-        from heads.probe.sweep import latest_store
+        from embstore.store.catalog import cache_dir, latest_store
 
         path = latest_store(cache_dir())
         click.echo(f"using store {path} (the most recent complete store in {cache_dir()}; pass --store to choose)", err=True)
@@ -265,7 +264,7 @@ def _found_columns(config: Any, *, labels: bool) -> Any:
     the table's header when no option names it; one line on stderr says which."""
     import dataclasses
 
-    from embstore.columns import find_columns
+    from embstore.data.columns import find_columns
 
     source, notes = find_columns(config.source, labels=labels, need_labels=labels)
     for note in notes:

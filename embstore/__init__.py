@@ -10,9 +10,8 @@ Public API::
     X = store.pooled("all", "cls", layers="-4--1")   # (n, 4, hidden)
 """
 
-from embstore._version import __version__
 from embstore.config import ExtractConfig
-from embstore.dataspec import DataSpec
+from embstore.data.spec import DataSpec
 from embstore.errors import (
     ColumnNotFoundError,
     ConfigError,
@@ -32,12 +31,13 @@ from embstore.errors import (
     StoreNotFoundError,
 )
 from embstore.layers import format_layers, parse_layers
-from embstore.store import Store, TokenStates, open_store
+from embstore.store.layout import EMBSTORE_VERSION as __version__
+from embstore.store.reader import Store, TokenStates, open_store
 
 
 def extract(config: ExtractConfig, *, show_progress: bool = True):  # type: ignore[no-untyped-def]
-    """Run an extraction (see :func:`embstore.extraction.extract`); imports torch lazily."""
-    from embstore.extraction import extract as _extract
+    """Run an extraction (see :func:`embstore.extraction.run.extract`); imports torch lazily."""
+    from embstore.extraction.run import extract as _extract
 
     return _extract(config, show_progress=show_progress)
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from embstore.dataspec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
+from embstore.data.spec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import ConfigError
 
 __all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
@@ -61,7 +61,7 @@ class ExtractConfig:
     """Layers whose per-token states are also stored (ragged); None stores none."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Inputs longer than this many tokens are truncated (and counted); the default is fine-tuning's
-    (:data:`embstore.dataspec.DEFAULT_MAX_LENGTH` says why)."""
+    (:data:`embstore.data.spec.DEFAULT_MAX_LENGTH` says why)."""
     batch_size: int = 64
     """Most rows in one forward batch."""
     token_budget: int = 16384
@@ -128,7 +128,7 @@ class ExtractConfig:
         if self.random_weights is not None and (isinstance(self.random_weights, bool) or not isinstance(self.random_weights, int)
                                                 or self.random_weights < 0):
             raise ConfigError(f"The 'random_weights' option must be a seed, a whole number >= 0; got {self.random_weights!r}.")
-        from embstore.quantize import check_quantize_device
+        from embstore.backbones.quantize import check_quantize_device
 
         check_quantize_device(self.quantize, self.device)
         if self.format not in ("zarr", "h5"):
@@ -158,10 +158,10 @@ class ExtractConfig:
         return cls(**d)
 
     def augment_spec(self) -> Any:
-        """The :class:`embstore.augment.AugmentSpec` of this extraction, or None without --augment."""
+        """The :class:`embstore.data.augment.AugmentSpec` of this extraction, or None without --augment."""
         if not self.augment:
             return None
-        from embstore.augment import AugmentSpec
+        from embstore.data.augment import AugmentSpec
 
         return AugmentSpec(transforms=self.augment, copies=self.copies, classes=self.augment_classes,
                            snr_db=self.snr_db, seed=self.source.seed)

@@ -22,7 +22,7 @@ _EXPORTS = {
     "FeatureBank": "heads.probe.features", "parse_memory": "heads.probe.features",
     "fit_linear_probes": "heads.probe.adamw", "fit_logistic_probes": "heads.probe.solvers",
     "SweepConfig": "heads.probe.sweep", "SweepResult": "heads.probe.sweep", "run_sweep": "heads.probe.sweep",
-    "latest_store": "heads.probe.sweep", "load_head": "heads.probe.predict", "predict_texts": "heads.probe.predict",
+    "latest_store": "embstore.store.catalog", "load_head": "heads.probe.predict", "predict_texts": "heads.probe.predict",
     "predict_audio": "heads.probe.predict",
     # the shared evaluation protocol
     "split_roles": "heads.protocol", "carve": "heads.protocol", "validation_carve": "heads.protocol",

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embstore.carve import carve, source_order
+from embstore.data.carve import carve, source_order
 from embstore.errors import ConfigError
 
 if TYPE_CHECKING:
-    from embstore.store import Store
+    from embstore.store.reader import Store
 
 __all__ = ["Split", "make_split", "BestTracker", "scores", "carve", "validation_carve",
            "carve_groups", "split_roles", "Round", "fold_rounds"]
@@ -117,7 +117,7 @@ def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarr
 
     Every choice of a sweep is made on the carved rows, so they must hold every class that ``y`` holds (and
     the fitting side too); otherwise a ConfigError names the sizes and the fix. ``row_ids`` (n,): the rows'
-    source ids; the carve is drawn on the rows in that order (:mod:`embstore.carve`).
+    source ids; the carve is drawn on the rows in that order (:mod:`embstore.data.carve`).
     """
     if row_ids is not None:
         order = source_order(row_ids, len(y))
@@ -188,7 +188,7 @@ def carve_groups(store: Store, split: str) -> np.ndarray | None:
 def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, seed: int, folds: int | None = None
                 ) -> tuple[tuple[str, np.ndarray | None], tuple[str, np.ndarray | None]]:
     """((train split, rows or None), (eval split, rows or None)); a one-split store is carved (by
-    :func:`embstore.carve.carve`, on source-row ids, as ``heads finetune`` carves a one-split table), unless
+    :func:`embstore.data.carve.carve`, on source-row ids, as ``heads finetune`` carves a one-split table), unless
     ``folds`` cross-validates all its rows."""
     if train in store.splits:
         name = evaluate or next((s for s in ("test", "validation") if s in store.splits), None)
@@ -229,7 +229,7 @@ def fold_rounds(folds: int | None, y_train: np.ndarray, tr_rows: np.ndarray | No
     """One round on the evaluation split, or ``folds`` seeded, stratified folds of the training rows (each row
     held out once; group-disjoint when ``groups``, aligned with the training rows, are given). Augmented rows
     only ever join the fitting side. ``row_ids``, aligned with the training rows: their source ids; the folds
-    are drawn on the rows in that order (:mod:`embstore.carve`), so a store and its table fold alike."""
+    are drawn on the rows in that order (:mod:`embstore.data.carve`), so a store and its table fold alike."""
     if not folds:
         yield Round(None, tr_rows, ev_split, ev_rows, y_eval)
         return

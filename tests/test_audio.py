@@ -16,13 +16,13 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
-from embstore.audio import load_waveform, probe_files, rational, read_audio, resample, resampled_length
-from embstore.augment import AugmentParams, AugmentSpec, apply, choose_sources, draw_params
+from embstore.data.audio import load_waveform, probe_files, rational, read_audio, resample, resampled_length
+from embstore.data.augment import AugmentParams, AugmentSpec, apply, choose_sources, draw_params
 from embstore.config import ExtractConfig
 from embstore.errors import ConfigError, DataError
-from embstore.extraction import extract
-from embstore.models import load_backbone
-from embstore.store import open_store
+from embstore.extraction.run import extract
+from embstore.backbones.registry import load_backbone
+from embstore.store.reader import open_store
 from heads.probe.sweep import SweepConfig, run_sweep
 from heads.protocol import split_roles
 from tests.conftest import needs_shared
@@ -404,7 +404,7 @@ def test_emodb_files(tmp_path: Path):
 # -- resume and scale-out -------------------------------------------------------------------------
 
 def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp_path: Path, monkeypatch):
-    from embstore.writer import StoreWriter
+    from embstore.store.writer import StoreWriter
     from tests.test_resume import _assert_same_store
 
     kw = dict(group_col="speaker", holdout=0.34, augment=("noise", "shift", "speed"), augment_classes="all", chunk_rows=4)
@@ -436,7 +436,7 @@ def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
 
     kw = dict(augment=("noise",), augment_classes="all", holdout=0.25, chunk_rows=5)
     one = extract(cfg(tones, tmp_path / "one", **kw), show_progress=False).path
-    for key, value in recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk").items():
+    for key, value in recording_env(tmp_path, "embstore.store.writer:StoreWriter.write_chunk").items():
         monkeypatch.setenv(key, value)  # the spawned workers log the (split, chunk) they write
     two = extract(cfg(tones, tmp_path / "two", num_processes=2, **kw), show_progress=False).path
     written = recorded_calls(tmp_path)
@@ -534,7 +534,7 @@ def test_other_speech_architectures_from_local_directories(model_type: str, tone
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from embstore.models import RANDOM_CONFIGS, _speech_feature_extractor
+    from embstore.backbones.registry import RANDOM_CONFIGS, _speech_feature_extractor
 
     kw = {k: v for k, v in RANDOM_CONFIGS["hubert-tiny"].items() if k != "model_type"}
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
 from conftest import LABELS, TEXTS, write_table
-from embstore.columns import find_columns, table_columns
-from embstore.dataspec import DataSpec
+from embstore.data.columns import find_columns, table_columns
+from embstore.data.spec import DataSpec
 from embstore.errors import ColumnNotFoundError, ConfigError
 
 TINY = ["--model", "random:tiny-bert", "-q"]

@@ -6,7 +6,7 @@ import pytest
 
 from cli.common import load_yaml_config
 from embstore import ExtractConfig
-from embstore.models import resolve_random_config
+from embstore.backbones.registry import resolve_random_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

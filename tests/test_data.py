@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import LABELS, TEXTS, write_table
-from embstore.data import BUILTIN_SOURCES, load_dataset
+from embstore.data.tables import BUILTIN_SOURCES, load_dataset
 from embstore.errors import ColumnNotFoundError, DataError, DataFileNotFoundError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embstore import DataSpec, ExtractConfig, extract, open_store
-from embstore.data import load_dataset
+from embstore.data.tables import load_dataset
 from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.training.optim import OptimConfig

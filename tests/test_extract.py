@@ -9,8 +9,8 @@ import pytest
 from conftest import TEXTS, needs_shared
 from embstore import (ConfigError, DiskFullError, ExtractConfig, ModelNotFoundError, StoreIncompleteError,
                       StoreMismatchError, extract, open_store)
-from embstore import extraction, planner
-from embstore.writer import StoreWriter
+from embstore.extraction import plan as planner
+from embstore.store.writer import StoreWriter
 
 
 def cfg(data, **kw) -> ExtractConfig:
@@ -39,7 +39,7 @@ def test_explicit_out_refuses_a_store_from_other_inputs(tiny_csv, tmp_path):
 
 
 def test_truncation_is_counted(tiny_csv):
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     tok = load_backbone("random:tiny-bert").tokenizer
     expected = sum(len(tok(t)["input_ids"]) > 8 for t in TEXTS)
@@ -140,7 +140,7 @@ def test_disk_full_during_a_write_is_one_clear_error(tiny_csv, monkeypatch):
     reports). One clear error, the store is left incomplete with the first chunk only, and the re-run resumes."""
     import errno
 
-    from embstore import writer
+    from embstore.store import writer
 
     config = cfg(tiny_csv, chunk_rows=4)  # 12 rows: 3 row chunks
     real = writer._fsync_file
@@ -187,7 +187,7 @@ def test_minilm_matches_transformers_output_hidden_states():
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from embstore.models import minilm_path
+    from embstore.backbones.registry import minilm_path
 
     data = needs_shared("ag_news") / "test.csv"
     res = extract(ExtractConfig.from_dict(dict(model="minilm", data=str(data), label_col="label", limit=48, layers="0,3,6",
@@ -220,7 +220,7 @@ def test_fsspec_url_store(tiny_csv):
 
 def test_hub_id_resolves_from_the_local_hf_cache(tiny_csv, tmp_path, monkeypatch):
     """A Hub id is looked up in the local cache only (offline); here a cache laid out as the Hub client does."""
-    from embstore.models import load_backbone, minilm_path
+    from embstore.backbones.registry import load_backbone, minilm_path
 
     snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True)

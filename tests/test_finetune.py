@@ -14,8 +14,8 @@ import torch
 
 from embstore import ExtractConfig, extract, open_store
 from embstore.errors import ConfigError, LayerSpecError
-from embstore.models import load_backbone
-from embstore.surgery import count_parameters
+from embstore.backbones.registry import load_backbone
+from heads.finetune.surgery import count_parameters
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.model import SequenceClassifier
 from heads.finetune.run import run_finetune
@@ -240,7 +240,7 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
     assert {rank: len(steps) for rank, steps in recorded_calls(tmp_path).items()} == {"0": 2 * 3, "1": 2 * 3}
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 1 and df["combine"].iloc[0] == "finetune"
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     assert load_backbone(str(out / "model")).n_layers == 2
 
@@ -317,8 +317,8 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
 def test_splits_keep_groups_apart(monkeypatch):
     """Rows with groups (speakers, say): every carve fine-tuning makes keeps a group on one side, as a sweep's do:
     the evaluation carve of a one-split data set, the --folds rounds and each round's early-stopping carve."""
-    from embstore.data import Dataset, SplitData
-    from embstore.dataspec import DataSpec
+    from embstore.data.tables import Dataset, SplitData
+    from embstore.data.spec import DataSpec
     from heads.finetune.data import early_stopping_carve, load_rows, rounds
 
     n = 60

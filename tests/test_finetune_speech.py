@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError
-from embstore.models import load_backbone
+from embstore.backbones.registry import load_backbone
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.run import run_finetune
 from heads.report.results import read_run
@@ -107,7 +107,7 @@ def test_surgery_on_speech_saves_a_model_that_reloads(few_tones, tmp_path, kw, c
 def test_wavlm_head_pruning_is_refused_with_the_reason():
     from transformers import WavLMConfig, WavLMModel
 
-    from embstore.surgery import prune_heads
+    from embstore.backbones.pruned import prune_heads
 
     model = WavLMModel(WavLMConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                    conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-import embstore.identity as identity
+import embstore.extraction.store_id as identity
 from embstore import ExtractConfig, extract
-from embstore.planner import make_plan as _plan, quick_id as _quick_id
+from embstore.extraction.plan import make_plan as _plan, quick_id as _quick_id
 from conftest import LABELS, TEXTS
 
 
@@ -96,7 +96,7 @@ def _tones(tmp_path: Path) -> Path:
 
 
 def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     table = _tones(tmp_path)
     bb = load_backbone("random:hubert-tiny")
@@ -117,8 +117,8 @@ def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
 
 
 def test_a_finished_store_answers_without_loading_the_model(table, monkeypatch):
-    import embstore.extraction as extraction
-    import embstore.planner as planner
+    import embstore.extraction.run as extraction
+    import embstore.extraction.plan as planner
 
     c = cfg(model="random:tiny-bert", data=str(table), label_col="label")
     first = extract(c, show_progress=False)

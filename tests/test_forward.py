@@ -9,8 +9,9 @@ import torch
 
 from conftest import TEXTS
 from embstore import ExtractConfig, extract, open_store
-from embstore.forward import hidden_states, layer_modules, pool_layers
-from embstore.models import RANDOM_CONFIGS, load_backbone
+from embstore.backbones.anatomy import find_blocks as layer_modules
+from embstore.extraction.forward import hidden_states, pool_layers
+from embstore.backbones.registry import RANDOM_CONFIGS, load_backbone
 
 
 def _count_calls(model) -> list[int]:
@@ -116,8 +117,8 @@ def test_a_store_of_low_layers_equals_the_full_store(tiny_csv, layers, tokens):
 def test_batches_read_back_through_a_reused_ring_of_host_buffers_are_intact(tiny_csv):
     """The CUDA protocol on the CPU: each batch lands in one of two reused host buffers and is read
     only after the next one was launched; nothing is overwritten before it is read."""
-    from embstore.encode import ChunkEncoder, ChunkJob, tokenize
-    from embstore.forward import _HostRing
+    from embstore.extraction.encode import ChunkEncoder, ChunkJob, tokenize
+    from embstore.extraction.forward import _HostRing
 
     bb = load_backbone("random:tiny-bert")
     enc = tokenize(bb.tokenizer, [t * (1 + i % 3) for i, t in enumerate(TEXTS)], None, 64)

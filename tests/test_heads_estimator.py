@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from embstore.errors import ConfigError, EmbstoreError
-from embstore.store import TokenStates
+from embstore.store.reader import TokenStates
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier, HeadNotFoundError, NotFittedError, Ragged
 from heads.probe.adamw import fit_linear_probes

@@ -30,7 +30,7 @@ def run(*args: str, input: str | None = None):
 def outlier_model(tmp_path_factory) -> Path:
     """random:tiny-bert with 3 hidden dims of every layer's output scaled (and shifted) by 300, as MiniLM's CLS
     vectors have a few dims hundreds of times larger than the rest; saved as a local model directory."""
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     base = tmp_path_factory.mktemp("outlier")
     bb = load_backbone("random:tiny-bert")

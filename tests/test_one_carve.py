@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
-from embstore.carve import carve
+from embstore.data.carve import carve
 from heads.protocol import fold_rounds, validation_carve
 
 WORDS = {
@@ -125,8 +125,8 @@ def test_sweep_and_finetune_of_one_file_merge_without_allow_mixed(case, tmp_path
 
 def test_extract_holdout_and_the_one_split_carve_hold_out_the_same_rows(tmp_path):
     """A store made with --holdout 0.2 and a fine-tune of the whole file (carved 0.2 for evaluation) are scored on
-    the same rows: both carves are embstore.carve.carve on source-row ids."""
-    from embstore.data import load_dataset
+    the same rows: both carves are embstore.data.carve.carve on source-row ids."""
+    from embstore.data.tables import load_dataset
     from heads.finetune.config import FinetuneConfig
     from heads.finetune.data import load_rows
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, extract, open_store
-from embstore.plan import plan_extraction
+from embstore.extraction.estimate import plan_extraction
 from conftest import synthetic_csv
 
 
@@ -45,7 +45,7 @@ def test_planned_bytes_are_the_stores_bytes(tmp_path, extra):
 
 
 def test_plan_of_a_partial_store_counts_what_is_left(tmp_path, monkeypatch):
-    import embstore.writer as w
+    import embstore.store.writer as w
 
     cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path)), chunk_rows=16, out=str(tmp_path / "s.zarr")))
     original = w.StoreWriter.write_chunk

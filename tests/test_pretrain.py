@@ -118,7 +118,7 @@ def test_tokenizer_lowercase_and_cjk_characters():
 
 def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     from embstore import ExtractConfig, extract, open_store
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
     from heads.probe.sweep import SweepConfig, run_sweep
 
     res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(pair_csv), "text_col": "s1", "text_pair_col": "s2",
@@ -333,14 +333,14 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
     meta = json.loads((out / "run.json").read_text())
     assert meta["final"]["stopped_by"] == "max_minutes"
     assert meta["final"]["steps"] == 6  # the same batch on both ranks, whatever the machine's speed
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     assert load_backbone(str(out / "model")).n_layers == 1
 
 
 def test_run_records_which_rows_were_held_out(tiny_csv, tmp_path):
     """run.json's eval_set names the held-out file and rows, like a sweep's or a fine-tune's (heads.evalset)."""
-    from embstore.data import file_sha256
+    from embstore.data.tables import file_sha256
     from heads.evalset import eval_set
 
     held = tmp_path / "held.csv"

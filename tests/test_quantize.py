@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main
 from embstore import ConfigError, ExtractConfig, extract, open_store
-from embstore import extraction
-from embstore.quantize import relative_deviation
+from embstore.extraction import run as extraction
+from embstore.backbones.quantize import relative_deviation
 
 
 def cfg(data, **kw) -> ExtractConfig:
@@ -42,7 +42,7 @@ def test_int8_is_a_new_store_whose_recorded_deviation_is_the_measured_one(tiny_c
 
 def test_a_resumed_int8_store_equals_an_uninterrupted_one(tiny_csv, tmp_path, monkeypatch):
     """A resumed run quantises its freshly loaded model too (without measuring again)."""
-    from embstore.writer import StoreWriter
+    from embstore.store.writer import StoreWriter
 
     whole = open_store(extract(cfg(tiny_csv, quantize="int8", chunk_rows=4), show_progress=False).path)
     write_chunk = StoreWriter.write_chunk

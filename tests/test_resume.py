@@ -45,7 +45,7 @@ def _done(path: Path) -> tuple[int, int]:
 # kill -9 at a known point, instead of racing a poll against however fast the machine extracts.
 _KILLED_RUN = """
 import os, signal, sys
-import embstore.writer as w
+import embstore.store.writer as w
 original = w.StoreWriter.write_chunk
 written = []
 def write_chunk(self, *args, **kwargs):
@@ -98,7 +98,7 @@ def _split_between_two(by_worker: dict[str, list[int]], n_chunks: int) -> None:
 def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
     data = _data(tmp_path, 300)
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
-    for key, value in recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk").items():
+    for key, value in recording_env(tmp_path, "embstore.store.writer:StoreWriter.write_chunk").items():
         monkeypatch.setenv(key, value)  # the spawned workers log their chunk writes; this process is not patched
     two = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg)), show_progress=False)
     by_worker = _chunks_by_worker(tmp_path)
@@ -116,7 +116,7 @@ def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cli.embstore_cli", "extract", "-q", "--model", "random:tiny-bert", "--data", str(data),
            "--label-col", "label", "--chunk-rows", "16", "--out", str(out)]
-    env = recording_env(tmp_path, "embstore.writer:StoreWriter.write_chunk")
+    env = recording_env(tmp_path, "embstore.store.writer:StoreWriter.write_chunk")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     by_rank = _chunks_by_worker(tmp_path)

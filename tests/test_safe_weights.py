@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main
 from embstore import ConfigError, ExtractConfig, extract, open_store
-from embstore.models import load_backbone
+from embstore.backbones.registry import load_backbone
 from heads.training.checkpoint import load_training_state, save_training_state
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}

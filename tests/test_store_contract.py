@@ -12,7 +12,7 @@ import pytest
 
 from conftest import LABELS, TEXTS
 from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
-from embstore import layout as L
+from embstore.store import layout as L
 
 
 def _build(tmp_path_factory, fmt: str) -> str:

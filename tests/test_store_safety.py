@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, StoreBusyError, StoreDamagedError, StoreMismatchError, extract, open_store
-from embstore.lock import StoreLock, lock_path
+from embstore.store.lock import StoreLock, lock_path
 from conftest import synthetic_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _PAUSED_RUN = """
 import os, sys, time
 from pathlib import Path
-import embstore.writer as w
+import embstore.store.writer as w
 original = w.StoreWriter.write_chunk
 go = Path(os.environ["GO_FILE"])
 def write_chunk(self, *args, **kwargs):
@@ -132,7 +132,7 @@ def test_concurrent_extractions_one_writes_one_refuses_one_waits(tmp_path):
 
 
 def test_chunk_data_is_fsynced_before_its_done_flag(tmp_path, monkeypatch):
-    import embstore.writer as w
+    import embstore.store.writer as w
 
     synced: list[tuple[str, bool]] = []
     original = w._fsync_file
@@ -186,7 +186,7 @@ def test_only_dead_owners_staging_is_cleaned(tmp_path):
 
 
 def test_a_store_appearing_during_creation_is_a_clear_error(tmp_path):
-    from embstore.writer import StoreWriter
+    from embstore.store.writer import StoreWriter
 
     target = tmp_path / "s.zarr"
     target.mkdir()
@@ -218,7 +218,7 @@ def test_info_on_a_directory_of_stores_names_them(tmp_path):
 # Rank $FAIL_RANK raises while encoding its first chunk ($FAIL_KIND 'bug': a RuntimeError; 'user': a DataError).
 _FAILING_RANK = """
 import os, sys
-import embstore.encode as enc
+import embstore.extraction.encode as enc
 from embstore.errors import DataError
 original = enc.ChunkEncoder.encode
 def encode(self, *args, **kwargs):

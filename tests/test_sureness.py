@@ -256,7 +256,7 @@ def test_predict_writes_the_same_arrays(noisy_sweep, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """random:tiny-bert saved as a local model directory (its 'pretrained' weights are seed 0's)."""
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     out = tmp_path_factory.mktemp("tinymodel") / "model"
     bb = load_backbone("random:tiny-bert")

@@ -14,9 +14,11 @@ from transformers import BertConfig, BertModel
 from conftest import TEXTS
 from embstore import ExtractConfig, extract, open_store
 from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
-from embstore.models import load_backbone, minilm_path
-from embstore.surgery import (count_parameters, encoder_layers, freeze, head_importance, heads_to_prune, load_model,
-                           parse_freeze, parse_prune_spec, prune_heads, pruned_heads, save_model, truncate)
+from embstore.backbones.registry import load_backbone, minilm_path
+from embstore.backbones.anatomy import encoder_layers
+from embstore.backbones.pruned import load_model, prune_heads, pruned_heads, save_model
+from heads.finetune.surgery import (count_parameters, freeze, head_importance, heads_to_prune, parse_freeze,
+                                    parse_prune_spec, truncate)
 
 L, H, HIDDEN = 3, 4, 48
 HEAD_DIM = HIDDEN // H

@@ -79,7 +79,7 @@ def test_an_hdf5_store_with_a_changed_value_stops_the_read(tiny_csv):
 def test_a_chunk_verified_once_is_not_hashed_again(tiny_csv, monkeypatch):
     """A reader hashes each row chunk of a layer once: a sweep reading a layer for several configuration groups, or
     streaming it on every pass, pays for the check once. A corrupted chunk is still caught on its first read."""
-    import embstore.digests as digests
+    import embstore.store.digests as digests
 
     path = _store(tiny_csv)
     hashed: list[tuple[str, int]] = []

@@ -1,7 +1,7 @@
 """Speech rows for ``heads finetune``: clips read, augmented and cropped on the fly, in batches bounded by duration.
 
-The readers and augmenters are the extraction side's (:func:`embstore.audio.load_waveform`, resampling to the
-model's rate; :mod:`embstore.augment`). What fine-tuning adds:
+The readers and augmenters are the extraction side's (:func:`embstore.data.audio.load_waveform`, resampling to the
+model's rate; :mod:`embstore.data.augment`). What fine-tuning adds:
 
 - **Training clips** are read whole, augmented (``--augment``: parameters drawn from a generator seeded by
   (seed, epoch, row), so each epoch sees new noise and a resumed run draws what an uninterrupted one does), then cut
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from embstore.audio import load_waveform
-from embstore.augment import AugmentSpec, apply, draw_params
-from embstore.data import SplitData
-from embstore.encode import make_batches
+from embstore.data.audio import load_waveform
+from embstore.data.augment import AugmentSpec, apply, draw_params
+from embstore.data.tables import SplitData
+from embstore.extraction.encode import make_batches
 from embstore.errors import DataError
-from embstore.speech import clip_lengths
+from embstore.extraction.speech import clip_lengths
 from heads.training.schedule import EpochSampler
 
 __all__ = ["ClipBatches", "Clips", "collate_clips", "min_samples", "model_lengths", "usable_rows"]

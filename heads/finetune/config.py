@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.augment import AugmentSpec
-from embstore.dataspec import DEFAULT_MAX_LENGTH, DataSpec
+from embstore.data.augment import AugmentSpec
+from embstore.data.spec import DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import ConfigError
 from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 
@@ -32,7 +32,7 @@ class FinetuneConfig:
     Its seed also seeds the validation carve, initialisation and shuffling. Fine-tuning needs labels."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Inputs are truncated to this many tokens; the default is extraction's, so a sweep and a fine-tune of one
-    file see the same text (:data:`embstore.dataspec.DEFAULT_MAX_LENGTH` says why 128)."""
+    file see the same text (:data:`embstore.data.spec.DEFAULT_MAX_LENGTH` says why 128)."""
     freeze: str | None = None
     """Layers to freeze: '0-8', 'embeddings', 'all', 'all-but-last', '0,3', negative indices (0 = embeddings; for speech
     the conv feature encoder, its projection and the position embedding), 'none', and for speech 'feature-encoder'
@@ -67,7 +67,7 @@ class FinetuneConfig:
     length (a seeded order each epoch), so little of the budget is padding."""
     augment: str | None = None
     """Speech: on-the-fly augmentation of the training clips, a comma list of noise, shift, speed (the extraction
-    side's augmenters, :mod:`embstore.augment`), drawn anew each epoch from a generator seeded by (seed, epoch, row)."""
+    side's augmenters, :mod:`embstore.data.augment`), drawn anew each epoch from a generator seeded by (seed, epoch, row)."""
     snr_db: float = 20.0
     """augment noise: signal-to-noise ratio of the added Gaussian noise, in dB."""
     optim: OptimConfig = _DEFAULT_OPTIM

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embstore.data import SplitData
+from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.protocol import Round, carve, fold_rounds, make_split
@@ -43,7 +43,7 @@ class Rows(torch.utils.data.Dataset[tuple[list[int], list[int] | None, int]]):
 
 def collate(pad_id: int) -> Callable[[list[tuple[list[int], list[int] | None, int]]], dict[str, torch.Tensor]]:
     """A DataLoader collate_fn: right-padded input_ids, attention_mask (token_type_ids) and labels."""
-    from embstore.encode import pad_batch
+    from embstore.extraction.encode import pad_batch
 
     def fn(rows: list[tuple[list[int], list[int] | None, int]]) -> dict[str, torch.Tensor]:
         types = None if rows[0][1] is None else [r[1] or [] for r in rows]

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from embstore.data import SplitData
+from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
-from embstore.surgery import prune_heads
+from embstore.backbones.pruned import prune_heads
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.audio import ClipBatches, Clips, collate_clips
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
@@ -213,7 +213,7 @@ class _Progress:
 def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], int]:
     """Loaders of the round's fitting, validation (the early-stopping carve) and evaluation rows (token batches, or
     clip batches by duration for speech); and the number of validation rows."""
-    from embstore.encode import tokenize
+    from embstore.extraction.encode import tokenize
 
     config, data = spec.config, spec.data
     rr = round_rows(data, rnd, config.validation_fraction, config.source.seed)

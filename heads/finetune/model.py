@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from embstore.surgery import head_importance, heads_to_prune, prune_heads, save_model
+from embstore.backbones.pruned import prune_heads, save_model
+from heads.finetune.surgery import head_importance, heads_to_prune
 from heads.report.rundir import MODEL_DIR
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class Classifier(nn.Module):
 
     @property
     def base_model(self) -> nn.Module:
-        """The encoder, where embstore.surgery looks for its base."""
+        """The encoder, where heads.finetune.surgery looks for its base."""
         return self.encoder
 
 
@@ -117,7 +118,7 @@ def load_finetuned(run: str | Path, device: str) -> tuple[Classifier, Any, dict[
     :func:`save_finetuned`."""
     from safetensors.torch import load_file
 
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
 
     model_dir = Path(run) / MODEL_DIR
     meta: dict[str, Any] = json.loads((model_dir / CLASSIFIER_DIR / CLASSIFIER_META).read_text())

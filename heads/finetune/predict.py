@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embstore.encode import length_order, make_batches, pad_batch, tokenize
+from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
 from embstore.errors import ConfigError, DataError
 from heads.finetune.model import is_finetune_run, load_finetuned
 
@@ -41,8 +41,8 @@ def predict_finetuned_audio(run: str | Path, paths: list[str], device: str = "cp
     rate), in batches of similar duration as in training; a missing or unreadable file is named before any work."""
     import torch
 
-    from embstore.audio import probe_files
-    from embstore.data import SplitData
+    from embstore.data.audio import probe_files
+    from embstore.data.tables import SplitData
     from heads.finetune.audio import ClipBatches, Clips, collate_clips
 
     if not paths:

@@ -2,7 +2,7 @@
 
 The loop is plain PyTorch plus accelerate (:mod:`heads.finetune.loop` over :mod:`heads.training`); the new
 classifier trains at its own ``head_lr``, far above the backbone's ``lr``, so a small data set or a frozen backbone
-still moves it. Surgery comes from :mod:`embstore.surgery`; results go through :class:`RunWriter` so a fine-tuning
+still moves it. Surgery comes from :mod:`heads.finetune.surgery` (and :mod:`embstore.backbones.pruned`); results go through :class:`RunWriter` so a fine-tuning
 run reads back like a sweep. ``prune_fraction`` prunes *after the first epoch* (head importance needs a classifier
 that has learnt something; an untrained head's gradients rank heads at random), then training continues for the
 remaining epochs; early stopping only compares epochs after the pruning.
@@ -22,8 +22,9 @@ import numpy as np
 from torch import nn
 
 from embstore.errors import ConfigError
-from embstore.surgery import (count_parameters, freeze, freeze_feature_encoder, parse_freeze, parse_prune_spec, prune_heads,
-                              pruned_heads, split_feature_encoder, truncate)
+from embstore.backbones.pruned import prune_heads, pruned_heads
+from heads.finetune.surgery import (count_parameters, freeze, freeze_feature_encoder, parse_freeze, parse_prune_spec,
+                                    split_feature_encoder, truncate)
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
@@ -34,7 +35,7 @@ from heads.report.table import ResultRow
 from heads.training.checkpoint import fingerprint, read_checkpoint, write_state
 
 if TYPE_CHECKING:
-    from embstore.models import Backbone
+    from embstore.backbones.registry import Backbone
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune", "config_fingerprint"]
 
@@ -226,7 +227,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     ``show_progress``: a tqdm bar per epoch with the running loss and examples/s.
     """
     from embstore.device import resolve_device
-    from embstore.models import load_backbone
+    from embstore.backbones.registry import load_backbone
     from heads.report import RunWriter
 
     resolve_device(config.device)  # an unusable --device fails before the data and model are loaded

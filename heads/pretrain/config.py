@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from embstore.dataspec import DataSpec
+from embstore.data.spec import DataSpec
 from embstore.errors import ConfigError
 from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embstore._version import __version__
+from embstore import __version__
 from embstore.errors import OutputNotWritableError
 from heads.evalset import EVAL_SET_KEY
 from heads.pretrain.config import PretrainConfig

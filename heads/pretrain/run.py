@@ -245,7 +245,7 @@ def _finish(run: _Run, s: Session) -> PretrainResult:
     if s.acc.is_main_process:
         from transformers.utils import logging as hf_logging
 
-        from embstore.surgery import save_model
+        from embstore.backbones.pruned import save_model
 
         model = s.unwrapped()
         if not isinstance(model, PretrainingModel):

@@ -15,7 +15,7 @@ import numpy as np
 
 from embstore.errors import ConfigError
 from embstore.layers import format_layers
-from embstore.store import Store
+from embstore.store.reader import Store
 from heads.evalset import source_sha256
 from heads.probe.specs import Combo
 

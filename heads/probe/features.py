@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ConfigError
-from embstore.store import Store, TokenStates
+from embstore.store.reader import Store, TokenStates
 from heads.probe.config import POOLED_HEADS
 from heads.probe.modules import Ragged
 from heads.probe.specs import Combo

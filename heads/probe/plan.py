@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from embstore.errors import ConfigError
-from embstore.store import Store
+from embstore.store.reader import Store
 from heads.probe.config import POOLED_HEADS, HeadConfig
 from heads.probe.features import FeatureBank, feature_width
 from heads.probe.rounds import Labels, Plan
@@ -53,7 +53,7 @@ def plan_rounds(store: Store, *, seeds: int, folds: int | None, validation_fract
     y_all = store.labels(tr_split)
     augmented = store.augmented(tr_split)
     groups_all = carve_groups(store, tr_split)
-    ids_all = store.row_ids(tr_split)  # every carve is drawn in source-row order (embstore.carve)
+    ids_all = store.row_ids(tr_split)  # every carve is drawn in source-row order (embstore.data.carve)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     ids_train = ids_all if tr_rows is None else ids_all[tr_rows]
     g_train = None if groups_all is None else groups_all if tr_rows is None else groups_all[tr_rows]

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore import layout as L
-from embstore.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+from embstore.store import layout as L
+from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
 from embstore.errors import ConfigError, ModelNotFoundError
-from embstore.models import load_backbone
+from embstore.backbones.registry import load_backbone
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank
 from heads.probe.modules import Ragged
@@ -72,7 +72,7 @@ def _backbone(extra: dict[str, Any], device: str) -> Any:
     if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
         raise ModelNotFoundError(f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; point --model at the original weights.")
     if extra.get("precision") == "int8-dynamic":  # the store was made with --quantize int8: encode the same way
-        from embstore.quantize import check_quantize_device, quantize_int8
+        from embstore.backbones.quantize import check_quantize_device, quantize_int8
 
         check_quantize_device("int8", device)
         quantize_int8(backbone.model)
@@ -108,9 +108,9 @@ def predict_audio(est: HeadClassifier, paths: list[str], device: str = "cpu", ba
     """Labels and (n, classes) probabilities for audio files, loaded and encoded as the store's were."""
     from fractions import Fraction
 
-    from embstore.audio import probe_files, rational, resampled_length
+    from embstore.data.audio import probe_files, rational, resampled_length
     from embstore.errors import DataError
-    from embstore.speech import AUDIO_TOWER, AudioChunkEncoder, AudioItem
+    from embstore.extraction.speech import AUDIO_TOWER, AudioChunkEncoder, AudioItem
 
     extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
     if "model" not in extra:

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from embstore.store import Store
+from embstore.store.reader import Store
 from heads.probe.config import HeadConfig
 from heads.probe.mdl import Codelength
 from heads.probe.rounds import Labels, Outcome

@@ -22,7 +22,7 @@ import numpy as np
 
 from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, DataError, StoreNotFoundError
-from embstore.store import Store, open_store
+from embstore.store.reader import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
 from heads.probe.chunks import Comm
 from heads.probe.config import TOKEN_HEADS, HeadConfig
@@ -41,7 +41,7 @@ from heads.report import rundir
 from heads.report.metrics import majority_accuracy
 from heads.report.results import RunWriter, aggregate, best_config
 
-__all__ = ["SweepConfig", "SweepResult", "run_sweep", "latest_store"]
+__all__ = ["SweepConfig", "SweepResult", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,6 @@ class SweepResult:
     """The torchrun rank that returned it (only rank 0 writes the run directory)."""
     tied: list[tuple[str, str, str, str]] = field(default_factory=list)
     """Configurations not significantly worse than the best (empty with --no-ci)."""
-
-
-def latest_store(cache: Path) -> str:
-    """The most recently finished complete store in ``cache``."""
-    found: list[tuple[str, str]] = []
-    if cache.is_dir():
-        for p in cache.iterdir():
-            if not p.name.endswith((".zarr", ".h5", ".hdf5")):
-                continue
-            try:
-                with open_store(p, allow_incomplete=True) as s:
-                    if s.complete:
-                        found.append((str(s.meta.get("finished") or ""), str(p)))
-            except Exception:  # an unreadable entry is not a candidate
-                continue
-    if not found:
-        raise StoreNotFoundError(f"No complete store in {cache}; run 'embstore extract' first or pass --store PATH.")
-    return max(found)[1]
 
 
 def _join_process_group() -> Any:
@@ -268,7 +250,7 @@ def _codelengths(setup: SweepSetup, bank: FeatureBank, outcomes: Sequence[Outcom
 
 def _meta(config: SweepConfig, setup: SweepSetup, groups: list[list[Combo]], comm: Comm, control: Store | None) -> dict[str, Any]:
     """run.json of a sweep (rank 0)."""
-    from embstore._version import __version__
+    from embstore import __version__
 
     store, cfg, names = setup.store, config.head, setup.names
     (tr_split, tr_rows), (ev_split, ev_rows) = setup.train, setup.evaluate
@@ -318,7 +300,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
 
     ``show_progress``: a tqdm bar of configurations done / total / ETA (None: only on a terminal).
     """
-    from embstore.extraction import cache_dir
+    from embstore.store.catalog import cache_dir, latest_store
     from heads.probe.fitting import head_device
 
     t_start = time.perf_counter()

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from embstore._version import __version__
+from embstore import __version__
 from embstore.errors import DataError, DataFileNotFoundError, OutputNotWritableError
 from heads.report.plots import plot_confusion, plot_curves, plot_per_layer
 from heads.report.rundir import CSV_FILE, PREDICTIONS_FILE, ROWS_FILE, RUN_FILE, SUMMARY_FILE

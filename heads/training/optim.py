@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from embstore.config import reject_unknown_keys
-from embstore.dataspec import DataSpec
+from embstore.data.spec import DataSpec
 from embstore.errors import ConfigError
 from heads.training.schedule import SCHEDULES
 

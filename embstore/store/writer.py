@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore import layout as L
+from embstore.store import layout as L
 from embstore.errors import DiskFullError, OutputNotWritableError, StoreMismatchError
-from embstore.lock import owner_tag, stale_owner
-from embstore.digests import chunk_selections, digest_arrays, layer_digests
+from embstore.store.lock import owner_tag, stale_owner
+from embstore.store.digests import chunk_selections, digest_arrays, layer_digests
 
 __all__ = ["StoreWriter", "export_h5", "io_errors"]
 

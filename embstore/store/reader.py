@@ -1,6 +1,6 @@
-"""Reading stores: one :class:`Store` interface over the zarr and HDF5 backends (:mod:`embstore.backends`).
+"""Reading stores: one :class:`Store` interface over the zarr and HDF5 backends (:mod:`embstore.store.backends`).
 
-Reads of whole row chunks are checked against their recorded checksums (:mod:`embstore.digests`).
+Reads of whole row chunks are checked against their recorded checksums (:mod:`embstore.store.digests`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from embstore import layout as L
-from embstore.backends import Backend, check_metadata, is_h5_path, open_backend
-from embstore.digests import ChunkVerifier
+from embstore.store import layout as L
+from embstore.store.backends import Backend, check_metadata, is_h5_path, open_backend
+from embstore.store.digests import ChunkVerifier
 from embstore.errors import ConfigError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
 from embstore.layers import parse_layers
 

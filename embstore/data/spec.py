@@ -95,8 +95,8 @@ class DataSpec:
         return "audio" if self.audio_col else "text"
 
     def load(self) -> Any:
-        """Read, validate and split the rows: an :class:`embstore.data.Dataset` (errors name the file and the fix)."""
-        from embstore.data import load_dataset
+        """Read, validate and split the rows: an :class:`embstore.data.tables.Dataset` (errors name the file and the fix)."""
+        from embstore.data.tables import load_dataset
 
         return load_dataset(data=self.data, splits=self.splits, holdout=self.holdout, seed=self.seed,
                             text_col=self.text_col, text_pair_col=self.text_pair_col, label_col=self.label_col,

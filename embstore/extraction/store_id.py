@@ -23,11 +23,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embstore.hashing import file_sha256, files_sha256
+from embstore.store.fingerprint import file_sha256, files_sha256
 
 if TYPE_CHECKING:
     from embstore.config import ExtractConfig
-    from embstore.dataspec import DataSpec
+    from embstore.data.spec import DataSpec
 
 __all__ = ["file_sha256", "files_sha256", "model_identity", "data_identity", "store_fingerprint", "library_versions",
            "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
@@ -72,7 +72,7 @@ def model_identity(name: str) -> dict[str, Any]:
     seed and library versions); ``tokenizer`` the sha256 of the tokenizer files.
     """
     from embstore.errors import ModelNotFoundError
-    from embstore.models import (
+    from embstore.backbones.registry import (
         RANDOM_SEED, SPEECH_MODEL_TYPES, _weight_files, minilm_path, resolve_model_path, resolve_random_config,
         tokenizer_files,
     )
@@ -107,7 +107,7 @@ def audio_digest(table: Path, audio_col: str) -> str | None:
     """One sha256 over every audio file a table lists (relative path and content, in table order; a missing
     or empty entry counts as such), or None when the table or column cannot be read (the full planning
     path then reports the problem)."""
-    from embstore.data import read_table
+    from embstore.data.tables import read_table
 
     try:
         values = read_table(table)[audio_col].tolist()
@@ -129,7 +129,7 @@ def data_identity(src: DataSpec) -> dict[str, Any] | None:
     """The id-relevant identity of a data source (an object with the data fields of ExtractConfig / DataSpec):
     every file's sha256 (not its path) and suffix, the effective columns, holdout and row filters.
     None when a file is missing (the full planning path then reports it)."""
-    from embstore.data import BUILTIN_SOURCES, builtin_path
+    from embstore.data.tables import BUILTIN_SOURCES, builtin_path
 
     text_col, label_col, holdout = src.text_col, src.label_col, src.holdout
     if src.data is not None and src.data.startswith("builtin:"):
@@ -166,7 +166,7 @@ def store_fingerprint(config: ExtractConfig, model: dict[str, Any], data: dict[s
 
     ``model`` is :func:`model_identity`, ``data`` is :func:`data_identity`, ``config`` an ExtractConfig.
     """
-    from embstore.layout import SCHEMA_VERSION
+    from embstore.store.layout import SCHEMA_VERSION
 
     content: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

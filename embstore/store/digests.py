@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from embstore import layout as L
-from embstore.backends import Backend
+from embstore.store import layout as L
+from embstore.store.backends import Backend
 from embstore.errors import StoreCorruptedError
 
 __all__ = ["chunk_selections", "digest_arrays", "entry_digest", "layer_digests", "ChunkVerifier"]

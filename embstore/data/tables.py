@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ColumnNotFoundError, DataError, DataFileNotFoundError
-from embstore.hashing import file_sha256
+from embstore.store.fingerprint import file_sha256
 
 __all__ = ["SplitData", "Dataset", "load_dataset", "read_table", "file_sha256", "BUILTIN_SOURCES"]
 
@@ -167,7 +167,7 @@ def _filled(df: Any, col: str, path: Path, option: str, what: str, empty: np.nda
 
 def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[list[str], np.ndarray, Any]:
     """Resolved file paths, a mask of unusable rows, and the header facts (missing/unreadable/empty files fail unless skipped)."""
-    from embstore.audio import probe_files
+    from embstore.data.audio import probe_files
 
     raw, _ = _texts(_column(df, audio_col, path, "--audio-col"))
     files = [str((path.parent / r).resolve()) if r.strip() else "" for r in raw]
@@ -253,9 +253,9 @@ def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
 
 
 def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(train, test) positions by :func:`embstore.carve.carve` (on source-row ids, the carve every product
+    """(train, test) positions by :func:`embstore.data.carve.carve` (on source-row ids, the carve every product
     uses): group-disjoint when groups are given, else stratified by label when possible."""
-    from embstore.carve import CARVE_VERSION, carve, stratifiable
+    from embstore.data.carve import CARVE_VERSION, carve, stratifiable
 
     n = len(raw.row_ids)
     if n < 2:

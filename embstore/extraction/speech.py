@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embstore.audio import load_waveform, rational, resampled_length
-from embstore.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
-from embstore.data import SplitData
-from embstore.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
+from embstore.data.audio import load_waveform, rational, resampled_length
+from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
+from embstore.data.tables import SplitData
+from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
 from embstore.errors import DataError
 
 if TYPE_CHECKING:

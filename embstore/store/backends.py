@@ -1,7 +1,7 @@
 """Storage formats a store is read from: the zarr and HDF5 backends, and the checks made before opening one.
 
-:class:`Backend` is the whole interface the reader (:class:`embstore.store.Store`) needs from a format; the
-writer always writes zarr (:mod:`embstore.writer`). :func:`check_metadata` and :func:`complete_meta` look at a
+:class:`Backend` is the whole interface the reader (:class:`embstore.store.reader.Store`) needs from a format; the
+writer always writes zarr (:mod:`embstore.store.writer`). :func:`check_metadata` and :func:`complete_meta` look at a
 path's root metadata only, so a finished store is recognised without opening (or importing) its format.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from embstore import layout as L
+from embstore.store import layout as L
 from embstore.errors import StoreDamagedError, StoreNotFoundError
 
 __all__ = ["Backend", "ZarrBackend", "H5Backend", "STORE_SUFFIXES", "is_h5_path", "check_metadata", "complete_meta",

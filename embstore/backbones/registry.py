@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from embstore.errors import ConfigError, ModelNotFoundError
-from embstore.hashing import files_sha256
+from embstore.store.fingerprint import files_sha256
 
 __all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_model_path", "resolve_random_config"]
 
@@ -315,7 +315,7 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
                 tokenizer = AutoTokenizer.from_pretrained(path)
             if "embstore_pruned_heads" in json.loads((path / "config.json").read_text()):
                 # Pruned heads change layer shapes, so from_pretrained cannot build it.
-                from embstore.surgery import load_model
+                from embstore.backbones.pruned import load_model
 
                 model = load_model(path).base_model
             else:

@@ -20,23 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["layer_modules", "hidden_states", "pool_layers", "BatchForward", "Launched"]
+from embstore.backbones.anatomy import find_blocks
+
+__all__ = ["hidden_states", "pool_layers", "BatchForward", "Launched"]
 
 
 class _Stop(Exception):
     """Raised by a forward hook once the last needed layer has run."""
-
-
-def layer_modules(model: nn.Module) -> nn.ModuleList | None:
-    """The transformer layers of a Hugging Face encoder, in order (``encoder.layer`` for BERT-like
-    models, ``encoder.layers`` for wav2vec2/HuBERT/WavLM), or None for an unknown architecture."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    encoder = getattr(model, "encoder", None)
-    for name in ("layer", "layers"):
-        layers = getattr(encoder, name, None)
-        if isinstance(layers, nn.ModuleList) and len(layers) == n:
-            return layers
-    return None
 
 
 def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor], last: int) -> list[torch.Tensor]:
@@ -46,7 +36,7 @@ def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor], last: int) 
     at the top, or for an encoder whose layer list is unknown, the whole model runs with
     ``output_hidden_states`` as before.
     """
-    layers = layer_modules(model)
+    layers = find_blocks(model)
     if layers is None or last >= len(layers):
         return list(model(**inputs, output_hidden_states=True).hidden_states[: last + 1])
     states: list[torch.Tensor] = []
@@ -124,7 +114,7 @@ class Launched:
 class _HostRing:
     """A ring of host buffers that batches are copied into, reused two batches later: the caller
     must have read batch i (``Launched.result``) before it launches batch i + 2, which
-    :class:`embstore.encode.ChunkEncoder` does by reading each batch right after launching the next."""
+    :class:`embstore.extraction.encode.ChunkEncoder` does by reading each batch right after launching the next."""
 
     def __init__(self, slots: int = 2, pin: bool = False) -> None:
         self.buffers: list[torch.Tensor | None] = [None] * slots

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "EMBSTORE_VERSION",
     "SCHEMA_VERSION",
     "ATTR_KEY",
     "SINGLE_TOWER",
@@ -61,6 +62,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+EMBSTORE_VERSION = "0.1.0"
+"""The version of embstore that writes stores (``embstore.__version__``), recorded in each store's provenance."""
 ATTR_KEY = "embstore"
 SINGLE_TOWER = "text"
 PAIR_TOWERS = ("a", "b")

@@ -1,73 +1,31 @@
-"""Model surgery for BERT-family and speech encoders: freeze, truncate, prune attention heads, save/reload.
+"""The edits only fine-tuning makes to a backbone: freezing, truncation, head importance and prune specs.
 
-Groundwork for ``heads finetune``. Layer numbers follow embstore everywhere: 0 is the
-embedding output (for speech: the conv feature encoder, its projection and the position embedding,
-:mod:`embstore.anatomy`), 1..L the encoder layers. Heads are numbered from 0 and always by their
-*original* index: pruning is recorded in ``config.embstore_pruned_heads`` ({"layer": [heads]},
-string keys so it round-trips through config.json) and a later call maps original indices
-onto the surviving rows, as the old transformers ``pruned_heads`` did (transformers 5 dropped
-``prune_heads``, so it is re-implemented here with ``prune_linear_layer``).
+Layer numbers follow embstore everywhere: 0 is the embedding output (for speech: the conv feature encoder, its
+projection and the position embedding, :mod:`embstore.backbones.anatomy`), 1..L the encoder layers. The physical
+head removal and the saved format that extraction reloads live in :mod:`embstore.backbones.pruned`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from embstore.anatomy import attention, base_of, blocks, embedding_modules, feature_encoder, set_blocks, top_modules
-from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
+from embstore.backbones.anatomy import attention, base_of, blocks, embedding_modules, feature_encoder, set_blocks, top_modules
+from embstore.backbones.pruned import heads_per_layer, pruned_heads, set_pruned_record
+from embstore.errors import ConfigError, LayerSpecError
 from embstore.layers import parse_layers
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-__all__ = [
-    "PRUNED_HEADS_KEY",
-    "encoder_layers",
-    "FEATURE_ENCODER",
-    "parse_freeze",
-    "split_feature_encoder",
-    "freeze",
-    "freeze_feature_encoder",
-    "count_parameters",
-    "truncate",
-    "parse_prune_spec",
-    "pruned_heads",
-    "prune_heads",
-    "head_importance",
-    "heads_to_prune",
-    "save_model",
-    "load_model",
-]
-
-PRUNED_HEADS_KEY = "embstore_pruned_heads"
-"""config attribute holding the removed heads, {"layer (1..L)": [original head indices]}."""
-
-
-# --------------------------------------------------------------------------- architecture
+__all__ = ["FEATURE_ENCODER", "parse_freeze", "split_feature_encoder", "freeze", "freeze_feature_encoder",
+           "count_parameters", "truncate", "parse_prune_spec", "head_importance", "heads_to_prune"]
 
 
 def _base(model: nn.Module) -> Any:
-    """The base encoder, BERT family or speech (:func:`embstore.anatomy.base_of`)."""
+    """The base encoder, BERT family or speech (:func:`embstore.backbones.anatomy.base_of`)."""
     return base_of(model)
-
-
-def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The encoder layers 1..L as a list (index i holds layer i + 1)."""
-    return list(blocks(_base(model)))
-
-
-def _n_heads(model: nn.Module) -> int:
-    """Heads per layer before any pruning (the config value; pruning never changes it)."""
-    return int(_base(model).config.num_attention_heads)
-
-
-# --------------------------------------------------------------------------- freezing
 
 
 _FREEZE_WORDS = ("'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3', negative indices, and "
@@ -122,7 +80,7 @@ def freeze(model: nn.Module, layers: Iterable[int]) -> None:
     they are), so call ``model.requires_grad_(True)`` first to start from a trainable model.
     """
     base = _base(model)
-    layers_ = encoder_layers(base)
+    layers_ = list(blocks(base))
     chosen = set(layers)
     bad = sorted(i for i in chosen if not 0 <= i <= len(layers_))
     if bad:
@@ -148,6 +106,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+
 # --------------------------------------------------------------------------- truncation
 
 
@@ -170,10 +129,11 @@ def truncate(model: nn.Module, k: int) -> None:
     base.config.num_hidden_layers = k
     record = pruned_heads(base)
     if record:  # removed layers no longer have heads to re-prune on reload
-        _set_record(base, {layer: heads for layer, heads in record.items() if layer <= k})
+        set_pruned_record(base, {layer: heads for layer, heads in record.items() if layer <= k})
 
 
-# --------------------------------------------------------------------------- head pruning
+
+# --------------------------------------------------------------------------- prune specs and head importance
 
 
 def parse_prune_spec(spec: str, n_layers: int, n_heads: int) -> dict[int, list[int]]:
@@ -210,64 +170,6 @@ def parse_prune_spec(spec: str, n_layers: int, n_heads: int) -> dict[int, list[i
     return {layer: sorted(heads) for layer, heads in sorted(out.items())}
 
 
-def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
-    """Heads removed so far, {layer 1..L: sorted original head indices}."""
-    raw = getattr(_base(model).config, PRUNED_HEADS_KEY, None) or {}
-    return {int(layer): sorted(int(h) for h in heads) for layer, heads in raw.items()}
-
-
-def _set_record(base: Any, record: Mapping[int, Iterable[int]]) -> None:
-    base.config.embstore_pruned_heads = {
-        str(layer): sorted(heads) for layer, heads in sorted(record.items()) if heads}
-
-
-def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
-    """Physically remove attention heads, {layer 1..L: [original head indices]}.
-
-    Shrinks query/key/value (output rows) and the attention output dense (input columns),
-    updates the attention module's head count, and accumulates the removed original indices
-    in ``config.embstore_pruned_heads``. Heads already removed are skipped.
-    """
-    from transformers.pytorch_utils import prune_linear_layer
-
-    base = _base(model)
-    layers_ = encoder_layers(base)
-    n_heads = _n_heads(base)
-    record = pruned_heads(base)
-    plan: dict[int, tuple[list[int], list[int]]] = {}
-    # Validate everything before touching any weight, so an error leaves the model intact.
-    for layer, given in heads.items():
-        chosen = set(given)
-        if not 1 <= layer <= len(layers_):
-            raise LayerSpecError(f"Cannot prune heads of layer {layer}: attention layers are [1, {len(layers_)}].")
-        bad = sorted(h for h in chosen if not 0 <= h < n_heads)
-        if bad:
-            raise ConfigError(f"Cannot prune head {bad[0]} of layer {layer}: heads are [0, {n_heads - 1}].")
-        done = set(record.get(layer, []))
-        kept = [h for h in range(n_heads) if h not in done]  # original index of each current head
-        if not kept or set(kept) <= chosen:
-            raise ConfigError(f"cannot remove all {n_heads} heads of layer {layer}; keep at least one")
-        plan[layer] = (kept, sorted(chosen - done))
-    parts = {layer: attention(layers_[layer - 1]) for layer, (_, remove) in plan.items() if remove}
-    for layer, (kept, remove) in plan.items():
-        if not remove:
-            continue
-        att = parts[layer]
-        positions = [kept.index(h) for h in remove]  # current rows of the heads to drop
-        mask = torch.ones(len(kept), att.head_dim, dtype=torch.bool)
-        mask[positions] = False
-        index = cast(torch.LongTensor, torch.arange(len(kept) * att.head_dim)[mask.view(-1)])
-        for name in att.qkv:
-            setattr(att.holder, name, prune_linear_layer(getattr(att.holder, name), index))
-        setattr(att.out_holder, att.out_name, prune_linear_layer(att.out, index, dim=1))
-        att.set_heads(len(kept) - len(remove))
-        record[layer] = sorted(set(record.get(layer, [])) | set(remove))
-    _set_record(base, record)
-
-
-# --------------------------------------------------------------------------- head importance
-
-
 def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
                     loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]) -> torch.Tensor:
     """Head importance of Michel et al. (2019): sum over batches of |d loss / d gate|.
@@ -277,8 +179,8 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
     already pruned away are NaN. The model runs in eval mode; its .grad fields are untouched.
     """
     base = _base(model)
-    layers_ = encoder_layers(base)
-    n_heads = _n_heads(base)
+    layers_ = list(blocks(base))
+    n_heads = heads_per_layer(base)
     record = pruned_heads(base)
     kept = [[h for h in range(n_heads) if h not in record.get(i + 1, [])] for i in range(len(layers_))]
     device = next(model.parameters()).device
@@ -342,46 +244,3 @@ def heads_to_prune(importance: torch.Tensor, fraction: float, min_heads_per_laye
     return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
 
 
-# --------------------------------------------------------------------------- save / load
-
-
-def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
-    """Write a Hugging Face directory (config.json with num_hidden_layers and the pruning record,
-    safetensors weights, tokenizer files) that :func:`load_model` and ``load_backbone`` read."""
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    cast(Any, model).save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
-
-
-def load_model(directory: str | Path) -> nn.Module:
-    """Rebuild a (pruned, truncated) model saved by :func:`save_model`.
-
-    The model is built from config.json, the recorded pruning is re-applied so the shapes
-    match, then the safetensors weights are loaded strictly. Returned in eval mode.
-    """
-    import transformers
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
-
-    path = Path(directory)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not (path / "config.json").is_file() or not files:
-        raise ModelNotFoundError(
-            f"{path} is not a saved model directory (config.json + *.safetensors); save one with save_model."
-        )
-    config = AutoConfig.from_pretrained(path)
-    record = {int(k): list(v) for k, v in (getattr(config, PRUNED_HEADS_KEY, None) or {}).items()}
-    setattr(config, PRUNED_HEADS_KEY, {})  # prune_heads rebuilds the record as it applies it
-    # The saved class (e.g. a classifier wrapper) so its keys match; AutoModel otherwise.
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    model: nn.Module = cls(config) if cls is not None else AutoModel.from_config(config)
-    prune_heads(model, record)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    model.load_state_dict(state, strict=True)
-    return model.eval()

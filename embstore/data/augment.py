@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embstore.audio import rational, resample, resampled_length
+from embstore.data.audio import rational, resample, resampled_length
 from embstore.errors import ConfigError
 
 __all__ = ["TRANSFORMS", "AugmentSpec", "AugmentParams", "choose_sources", "draw_params", "augmented_length", "apply"]

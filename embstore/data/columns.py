@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from embstore.data import SUFFIXES, read_table
-from embstore.dataspec import DataSpec
+from embstore.data.tables import SUFFIXES, read_table
+from embstore.data.spec import DataSpec
 from embstore.errors import ColumnNotFoundError, ConfigError
 
 __all__ = ["TEXT_COLUMNS", "LABEL_COLUMNS", "find_columns", "table_columns"]

@@ -1,5 +1,5 @@
 """The hot loop: tokenize, sort by length, batch under a token budget, run the frozen model (up
-to the last layer asked for, :mod:`embstore.forward`), pool every chosen layer, and hand finished
+to the last layer asked for, :mod:`embstore.extraction.forward`), pool every chosen layer, and hand finished
 row chunks to a background writer."""
 
 from __future__ import annotations
@@ -135,14 +135,14 @@ class ChunkEncoder:
     The forward stops at the highest layer in ``layers`` and ``token_layers``. Within a chunk the
     next batches are padded (or decoded, for audio) in a prefetch thread while the current one
     runs, and batch i is read back only after batch i + 1 was launched, so on CUDA the copy to
-    the host overlaps the next forward (see :mod:`embstore.forward`)."""
+    the host overlaps the next forward (see :mod:`embstore.extraction.forward`)."""
 
     prefetch = 2
     """Batches prepared ahead of the one running."""
 
     def __init__(self, model: nn.Module, pad_id: int, *, layers: Sequence[int], token_layers: Sequence[int],
                  poolings: Sequence[str], dtype: str, batch_size: int, token_budget: int, device: str) -> None:
-        from embstore.forward import BatchForward
+        from embstore.extraction.forward import BatchForward
 
         self.model = model
         self.pad_id = pad_id
@@ -168,7 +168,7 @@ class ChunkEncoder:
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
-        from embstore.forward import Launched
+        from embstore.extraction.forward import Launched
 
         todo = iter(spans)
         ahead: deque[tuple[tuple[int, int], Future[tuple[dict[str, Any], np.ndarray]]]] = deque()

@@ -1,4 +1,4 @@
-"""Where the parts of an encoder sit, for :mod:`embstore.surgery`: BERT-family text encoders and speech encoders.
+"""Where the parts of an encoder sit, for the forward stop, :mod:`embstore.backbones.pruned` and :mod:`heads.finetune.surgery`: BERT-family text encoders and speech encoders.
 
 Two families, one numbering (0 = what the first transformer layer receives, 1..L the transformer layers):
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from embstore.errors import ConfigError
 
-__all__ = ["Attention", "attention", "base_of", "blocks", "embedding_modules", "feature_encoder", "is_speech",
+__all__ = ["Attention", "attention", "base_of", "blocks", "embedding_modules", "encoder_layers", "find_blocks", "feature_encoder", "is_speech",
            "set_blocks", "top_modules"]
 
 
@@ -59,6 +59,23 @@ def blocks(base: Any) -> nn.ModuleList:
     return base.encoder.layers if _is_speech(base) else base.encoder.layer
 
 
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder layers 1..L of ``model`` (or of the base it wraps) as a list (index i holds layer i + 1)."""
+    return list(blocks(base_of(model)))
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The transformer layers of ``model`` in order, or None for an architecture the map does not know (which then
+    runs whole: see :func:`embstore.extraction.forward.hidden_states`). The same lookup as surgery's, so extraction,
+    freezing, truncation and pruning agree on where a model's layers are."""
+    try:
+        layers = blocks(base_of(model))
+    except ConfigError:
+        return None
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return layers if n is None or len(layers) == n else None
+
+
 def set_blocks(base: Any, layers: nn.ModuleList) -> None:
     """Replace the transformer layers (truncation)."""
     if _is_speech(base):
@@ -74,7 +91,7 @@ def _stable(base: Any) -> bool:
 
 def embedding_modules(base: Any) -> list[nn.Module]:
     """The modules of layer 0 (see the module docstring); the SpecAugment mask embedding, a bare parameter of the
-    base, is frozen by :func:`embstore.surgery.freeze` alongside them."""
+    base, is frozen by :func:`heads.finetune.surgery.freeze` alongside them."""
     if not _is_speech(base):
         return [base.embeddings]
     encoder = base.encoder

@@ -1,5 +1,5 @@
 """Orchestrates one extraction: plan, content address, resume, split work between ranks,
-write, mark complete. The model loop itself lives in :mod:`embstore.encode`."""
+write, mark complete. The model loop itself lives in :mod:`embstore.extraction.encode`."""
 
 from __future__ import annotations
 
@@ -15,23 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from embstore import layout as L
-from embstore.backends import complete_meta, is_h5_path
+from embstore.store import layout as L
+from embstore.store.backends import complete_meta, is_h5_path
 from embstore.config import ExtractConfig
 from embstore.device import resolve_device
-from embstore.encode import ChunkEncoder, ChunkJob, Encoded
+from embstore.extraction.encode import ChunkEncoder, ChunkJob, Encoded
 from embstore.errors import (
     DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
 )
-from embstore.lock import StoreLock
-from embstore.models import Backbone, load_backbone
-from embstore.planner import Plan, cache_dir, make_plan, quick_id, store_paths
-from embstore.quantize import check_quantize_device, measure_int8, quantize_int8
-from embstore.ranks import Ranks
-from embstore.store import open_store
-from embstore.writer import StoreWriter, export_h5, io_errors
+from embstore.store.lock import StoreLock
+from embstore.backbones.registry import Backbone, load_backbone
+from embstore.extraction.plan import Plan, make_plan, quick_id, store_paths
+from embstore.backbones.quantize import check_quantize_device, measure_int8, quantize_int8
+from embstore.extraction.ranks import Ranks
+from embstore.store.reader import open_store
+from embstore.store.writer import StoreWriter, export_h5, io_errors
 
-__all__ = ["extract", "ExtractResult", "cache_dir"]
+__all__ = ["extract", "ExtractResult"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
     common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
                                   batch_size=config.batch_size, token_budget=config.token_budget, device=device)
     if backbone.modality == "audio":
-        from embstore.speech import AudioChunkEncoder
+        from embstore.extraction.speech import AudioChunkEncoder
 
         rate = backbone.sampling_rate
         return AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
@@ -195,7 +195,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     store is resumed from its last finished row chunk. One process writes a store at a time (a
     lock beside it; ``config.wait`` queues behind the holder). Under torchrun / accelerate launch
     every rank plans, rank 0 takes the lock and creates the store, ranks write disjoint chunks,
-    and a failure on any rank stops them all with the same error (:mod:`embstore.ranks`).
+    and a failure on any rank stops them all with the same error (:mod:`embstore.extraction.ranks`).
     """
     t0 = time.perf_counter()
     ranks = Ranks.from_env()

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embstore import layout as L
-from embstore.backends import is_h5_path
+from embstore.store import layout as L
+from embstore.store.backends import is_h5_path
 from embstore.config import ExtractConfig
-from embstore.encode import ChunkJob, Encoded, make_batches
+from embstore.extraction.encode import ChunkJob, Encoded, make_batches
 
 if TYPE_CHECKING:
-    from embstore.planner import Plan
+    from embstore.extraction.plan import Plan
 
 __all__ = ["PlanReport", "plan_extraction", "SAMPLE_BATCHES"]
 
@@ -105,12 +105,12 @@ def _time_batches(plan: Plan, config: ExtractConfig, device: str, batches: list[
     Times SAMPLE_BATCHES batches evenly spread over the length-sorted order, then gives every
     batch the seconds per padded unit (token or sample) of the timed batch nearest in width.
     """
-    from embstore.extraction import make_encoder
+    from embstore.extraction.run import make_encoder
 
     if not batches:
         return 0.0, {"batches_timed": 0, "batches": 0}
     if config.quantize == "int8":  # time what the extraction will run
-        from embstore.quantize import quantize_int8
+        from embstore.backbones.quantize import quantize_int8
 
         quantize_int8(plan.backbone.model)
     encoder = make_encoder(plan.backbone, plan.layout, config, device)
@@ -151,7 +151,7 @@ def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
 
     import fsspec
 
-    from embstore.writer import StoreWriter
+    from embstore.store.writer import StoreWriter
 
     root = f"/embstore-plan-{uuid.uuid4().hex}"
     fs = fsspec.filesystem("memory")
@@ -213,9 +213,9 @@ def _token_chunk_bytes(plan: Plan) -> dict[str, int]:
 def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
     from embstore.device import resolve_device
-    from embstore.extraction import _state
-    from embstore.planner import make_plan, store_paths
-    from embstore.writer import StoreWriter
+    from embstore.extraction.run import _state
+    from embstore.extraction.plan import make_plan, store_paths
+    from embstore.store.writer import StoreWriter
 
     t0 = time.perf_counter()
     device = resolve_device(config.device)

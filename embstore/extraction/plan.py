@@ -1,7 +1,7 @@
 """Planning one extraction, before the model runs over the data: read and tokenize the data (or the
 audio headers), load the model, order the rows, lay out the store, and name it by its id.
 
-:func:`quick_id` computes the same id from cheap inputs only (see :mod:`embstore.identity`), so a
+:func:`quick_id` computes the same id from cheap inputs only (see :mod:`embstore.extraction.store_id`), so a
 finished store is found without loading the model; :func:`make_plan` does the full planning that
 ``embstore extract`` and ``embstore plan`` share.
 """
@@ -18,22 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from embstore import layout as L
-from embstore.backends import is_h5_path
+from embstore.store import layout as L
+from embstore.store.backends import is_h5_path
+from embstore.store.catalog import cache_dir, slug
 from embstore.config import ExtractConfig, default_pooling
-from embstore.data import Dataset, SplitData, load_dataset
-from embstore.encode import Encoded, length_order, tokenize
+from embstore.data.tables import Dataset, SplitData, load_dataset
+from embstore.extraction.encode import Encoded, length_order, tokenize
 from embstore.errors import ConfigError, EmbstoreError
-from embstore.identity import data_identity, model_identity, store_fingerprint
+from embstore.extraction.store_id import data_identity, model_identity, store_fingerprint
 from embstore.layers import parse_layers
-from embstore.models import Backbone, load_backbone
+from embstore.backbones.registry import Backbone, load_backbone
 
-__all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of", "cache_dir"]
-
-
-def cache_dir() -> Path:
-    """Default store location: $EMBSTORE_CACHE, else ./cache."""
-    return Path(os.environ.get("EMBSTORE_CACHE", "cache"))
+__all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of"]
 
 
 @dataclass
@@ -50,10 +46,6 @@ class Plan:
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     token_counts: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "store"
 
 
 def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
@@ -141,7 +133,7 @@ def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: n
 def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, layers: list[int],
                 token_layers: list[int], poolings: tuple[str, ...]) -> Plan:
     """Audio rows: lengths from file headers, augmented copies for the training split only."""
-    from embstore.speech import plan_audio_split
+    from embstore.extraction.speech import plan_audio_split
 
     rate = backbone.sampling_rate  # (ExtractConfig already refused cls pooling with --audio-col)
     spec = config.augment_spec()
@@ -183,7 +175,6 @@ def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: 
 def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, lay: L.StoreLayout,
                  order: dict[str, np.ndarray], encoded: dict[tuple[str, str], Any], arrays: dict[str, np.ndarray],
                  token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> Plan:
-    from embstore._version import __version__
 
     precision = precision_of(device, config.quantize)
     data = data_identity(config.source)
@@ -212,7 +203,7 @@ def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone:
                 "transforms": list(config.augment), "copies": config.copies, "classes": config.augment_classes,
                 "snr_db": config.snr_db, "seed": config.source.seed},
             "rows": {k: v.n_rows for k, v in lay.splits.items()},
-            "tool": {"embstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tool": {"embstore": L.EMBSTORE_VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
                      "zarr": zarr.__version__, "python": sys.version.split()[0]},
             "config": config.to_dict(),
         },
@@ -233,6 +224,6 @@ def store_paths(config: ExtractConfig, fingerprint: str) -> tuple[str, str]:
         data_name = Path(data_name).stem if config.source.data and not config.source.data.startswith("builtin:") else data_name
         suffix = ".h5" if config.format == "h5" else ".zarr"
         base = Path(out) if out is not None else cache_dir()
-        model = _slug(config.model) + ("" if config.random_weights is None else f"-random{config.random_weights}")
-        final = str(base / f"{model}-{_slug(data_name)}-{fingerprint[:12]}{suffix}")
+        model = slug(config.model) + ("" if config.random_weights is None else f"-random{config.random_weights}")
+        final = str(base / f"{model}-{slug(data_name)}-{fingerprint[:12]}{suffix}")
     return final, (final + ".partial.zarr" if is_h5_path(final) else final)
