@@ -66,9 +66,9 @@ def variable_clips(root: Path, out: Path, n: int, seed: int = 0) -> tuple[Path, 
 
 def bare_and_naive(model: str, files: list[Path], batch_seconds: float, out: Path) -> tuple[float, float]:
     """(bare forward loop seconds, naive per-file loop seconds) for the same files."""
+    from embstore.backbones.registry import load_backbone
     from embstore.data.audio import load_waveform
     from embstore.extraction.encode import length_order, make_batches
-    from embstore.backbones.registry import load_backbone
 
     bb = load_backbone(model)
     rate = bb.sampling_rate
@@ -79,7 +79,9 @@ def bare_and_naive(model: str, files: list[Path], batch_seconds: float, out: Pat
     t0 = time.perf_counter()
     with torch.inference_mode():
         for a, b in make_batches(lengths[order], 64, int(batch_seconds * rate)):
-            enc = bb.tokenizer(sorted_waves[a:b], sampling_rate=rate, padding=True, return_attention_mask=True, return_tensors="pt")
+            enc = bb.tokenizer(
+                sorted_waves[a:b], sampling_rate=rate, padding=True, return_attention_mask=True, return_tensors="pt"
+            )
             bb.model(**enc, output_hidden_states=True)
     bare = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -116,8 +118,10 @@ def main() -> None:
     root = Path(args.data)
     if not (root / "labels.csv").is_file():
         raise SystemExit(f"{root}/labels.csv not found: the benchmark reads ../shared/datasets/emodb")
-    out: dict[str, object] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                                         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}"}
+    out: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}"
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         table = pd.read_csv(root / "labels.csv").head(args.rows)
@@ -126,13 +130,29 @@ def main() -> None:
         seconds = float(sum(sf.info(f).duration for f in few))
         (tmpd / "naive").mkdir()
         bare_s, naive_s = bare_and_naive(args.model, few, args.batch_seconds, tmpd / "naive")
-        ext_s, _ = timed_extract(ExtractConfig.from_dict(dict(model=args.model, data=str(tmpd / "few.csv"), audio_col="file",
-                                               label_col="label", layers="all", batch_seconds=args.batch_seconds,
-                                               out=str(tmpd / "stores-loops"))))
-        out["loops"] = {"model": args.model, "files": len(few), "audio_seconds": round(seconds, 1),
-                        "bare_s": round(bare_s, 2), "extract_s": round(ext_s, 2), "naive_s": round(naive_s, 2),
-                        "extract_over_bare_throughput": round(bare_s / ext_s, 3),
-                        "extract_over_naive_throughput": round(naive_s / ext_s, 3)}
+        ext_s, _ = timed_extract(
+            ExtractConfig.from_dict(
+                dict(
+                    model=args.model,
+                    data=str(tmpd / "few.csv"),
+                    audio_col="file",
+                    label_col="label",
+                    layers="all",
+                    batch_seconds=args.batch_seconds,
+                    out=str(tmpd / "stores-loops"),
+                )
+            )
+        )
+        out["loops"] = {
+            "model": args.model,
+            "files": len(few),
+            "audio_seconds": round(seconds, 1),
+            "bare_s": round(bare_s, 2),
+            "extract_s": round(ext_s, 2),
+            "naive_s": round(naive_s, 2),
+            "extract_over_bare_throughput": round(bare_s / ext_s, 3),
+            "extract_over_naive_throughput": round(naive_s / ext_s, 3),
+        }
         print(json.dumps(out["loops"]), flush=True)
         if args.only_loops:
             print(json.dumps(out, indent=1))
@@ -140,25 +160,47 @@ def main() -> None:
                 Path(args.json).write_text(json.dumps(out, indent=1))
             return
         clips, total = variable_clips(root, tmpd / "clips", args.clips)
-        common = dict(model=args.model, data=str(clips), audio_col="file", label_col="label", layers="all",
-                      batch_seconds=args.batch_seconds, out=str(tmpd / "stores"))
+        common = dict(
+            model=args.model,
+            data=str(clips),
+            audio_col="file",
+            label_col="label",
+            layers="all",
+            batch_seconds=args.batch_seconds,
+            out=str(tmpd / "stores"),
+        )
         # warm-up: model load and first-call overheads, on a few rows
         extract(ExtractConfig.from_dict(dict(**common, limit=8)), show_progress=False)
         t_bucket, _ = timed_extract(ExtractConfig.from_dict(dict(**common)))
         t_plain, _ = timed_extract(ExtractConfig.from_dict(dict(**common, bucket=False)))
-        out["bucketing"] = {"model": args.model, "clips": args.clips, "audio_seconds": round(total, 1),
-                            "bucketed_s": round(t_bucket, 2), "source_order_s": round(t_plain, 2),
-                            "bucketed_audio_s_per_s": round(total / t_bucket, 1),
-                            "source_order_audio_s_per_s": round(total / t_plain, 1),
-                            "speedup": round(t_plain / t_bucket, 2)}
+        out["bucketing"] = {
+            "model": args.model,
+            "clips": args.clips,
+            "audio_seconds": round(total, 1),
+            "bucketed_s": round(t_bucket, 2),
+            "source_order_s": round(t_plain, 2),
+            "bucketed_audio_s_per_s": round(total / t_bucket, 1),
+            "source_order_audio_s_per_s": round(total / t_plain, 1),
+            "speedup": round(t_plain / t_bucket, 2),
+        }
         print(json.dumps(out["bucketing"]), flush=True)
 
         sweeps = []
         n_files = len(pd.read_csv(root / "labels.csv"))
         for model in [m for m in args.sweep_models.split(",") if m]:
-            cfg = ExtractConfig.from_dict(dict(model=model, data=str(root / "labels.csv"), audio_col="file", label_col="label",
-                                group_col="speaker", holdout=0.2, layers="all", batch_seconds=args.batch_seconds,
-                                out=str(tmpd / "stores")))
+            cfg = ExtractConfig.from_dict(
+                dict(
+                    model=model,
+                    data=str(root / "labels.csv"),
+                    audio_col="file",
+                    label_col="label",
+                    group_col="speaker",
+                    holdout=0.2,
+                    layers="all",
+                    batch_seconds=args.batch_seconds,
+                    out=str(tmpd / "stores"),
+                )
+            )
             t_ext, path = timed_extract(cfg)
             t0 = time.perf_counter()
             res = run_sweep(SweepConfig(store=path, layers="all", out=str(tmpd / f"run-{model.split(':')[-1]}")))
@@ -167,24 +209,51 @@ def main() -> None:
             meta = json.loads((res.run_dir / "run.json").read_text())
             with open_store(path) as s:
                 test_speakers = sorted({s.group_names[g] for g in s.groups("test")})
-            per_layer = {f"{r['layers']}/{r['pooling']}": round(r["accuracy"], 3) for r in rows if r["combine"] == "single"}
-            sweeps.append({"model": model, "files": n_files, "audio_seconds": round(2.0 * n_files, 1),
-                           "extract_s": round(t_ext, 2), "audio_s_per_s": round(2.0 * n_files / t_ext, 1),
-                           "sweep_s": round(t_sweep, 2), "configs": len(rows), "test_speakers": test_speakers,
-                           "train_rows": meta["train_rows"], "eval_rows": meta["eval_rows"],
-                           "majority_accuracy": round(meta["majority_accuracy"], 3),
-                           "best": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.best.items()},
-                           "per_layer_accuracy": per_layer})
+            per_layer = {
+                f"{r['layers']}/{r['pooling']}": round(r["accuracy"], 3) for r in rows if r["combine"] == "single"
+            }
+            sweeps.append(
+                {
+                    "model": model,
+                    "files": n_files,
+                    "audio_seconds": round(2.0 * n_files, 1),
+                    "extract_s": round(t_ext, 2),
+                    "audio_s_per_s": round(2.0 * n_files / t_ext, 1),
+                    "sweep_s": round(t_sweep, 2),
+                    "configs": len(rows),
+                    "test_speakers": test_speakers,
+                    "train_rows": meta["train_rows"],
+                    "eval_rows": meta["eval_rows"],
+                    "majority_accuracy": round(meta["majority_accuracy"], 3),
+                    "best": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.best.items()},
+                    "per_layer_accuracy": per_layer,
+                }
+            )
             print(json.dumps(sweeps[-1]), flush=True)
 
         # augmentation paid once: one noise+shift+speed copy of every minority-class training row
-        aug = ExtractConfig.from_dict(dict(model="random:hubert-tiny", data=str(root / "labels.csv"), audio_col="file", label_col="label",
-                            group_col="speaker", holdout=0.2, augment=("noise", "shift", "speed"), copies=1,
-                            batch_seconds=args.batch_seconds, out=str(tmpd / "stores")))
+        aug = ExtractConfig.from_dict(
+            dict(
+                model="random:hubert-tiny",
+                data=str(root / "labels.csv"),
+                audio_col="file",
+                label_col="label",
+                group_col="speaker",
+                holdout=0.2,
+                augment=("noise", "shift", "speed"),
+                copies=1,
+                batch_seconds=args.batch_seconds,
+                out=str(tmpd / "stores"),
+            )
+        )
         t_aug, path = timed_extract(aug)
         with open_store(path) as s:
-            out["augmentation"] = {"model": "random:hubert-tiny", "extract_s": round(t_aug, 2),
-                                   "rows": {sp: s.n_rows(sp) for sp in s.splits}, "augmented": s.meta["augmented"]}
+            out["augmentation"] = {
+                "model": "random:hubert-tiny",
+                "extract_s": round(t_aug, 2),
+                "rows": {sp: s.n_rows(sp) for sp in s.splits},
+                "augmented": s.meta["augmented"],
+            }
         print(json.dumps(out["augmentation"]), flush=True)
     out["sweeps"] = sweeps
     print(json.dumps(out, indent=1))

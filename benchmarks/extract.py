@@ -42,8 +42,16 @@ import pandas as pd
 import torch
 
 from embstore import ExtractConfig, extract, open_store
-from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, length_order, make_batches, pad_batch, tokenize
 from embstore.backbones.registry import load_backbone
+from embstore.extraction.encode import (
+    ChunkBuffers,
+    ChunkEncoder,
+    ChunkJob,
+    length_order,
+    make_batches,
+    pad_batch,
+    tokenize,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ag_news" / "test.csv"
 POOLINGS = ["cls", "mean"]
@@ -54,8 +62,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bare(bb: Any, ids: list[list[int]], batch_size: int, budget: int, device: str, texts: list[str] | None = None,
-         max_length: int = 256) -> float:
+def bare(
+    bb: Any,
+    ids: list[list[int]],
+    batch_size: int,
+    budget: int,
+    device: str,
+    texts: list[str] | None = None,
+    max_length: int = 256,
+) -> float:
     """(a) forward only over sorted rows; given ``texts``, their tokenization and sorting are timed too."""
     on_cuda = device.startswith("cuda")
     _sync(device)
@@ -72,7 +87,9 @@ def bare(bb: Any, ids: list[list[int]], batch_size: int, budget: int, device: st
     return time.perf_counter() - t0
 
 
-def legacy_encode(bb: Any, ids: list[list[int]], layers: list[int], batch_size: int, budget: int, device: str) -> dict[str, np.ndarray]:
+def legacy_encode(
+    bb: Any, ids: list[list[int]], layers: list[int], batch_size: int, budget: int, device: str
+) -> dict[str, np.ndarray]:
     """(d) the hot loop before issue 13, reproduced: per layer and pooling, a blocking .cpu() per batch."""
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     buf = ChunkBuffers(len(layers), len(ids), np.concatenate([[0], np.cumsum(lengths)]), np.dtype("float16"))
@@ -86,8 +103,10 @@ def legacy_encode(bb: Any, ids: list[list[int]], layers: list[int], batch_size: 
             weights = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1).float()
             pooled = {}
             for p in POOLINGS:
-                per_layer = [hidden[i].float()[:, 0] if p == "cls" else torch.bmm(weights, hidden[i].float()).squeeze(1)
-                             for i in layers]
+                per_layer = [
+                    hidden[i].float()[:, 0] if p == "cls" else torch.bmm(weights, hidden[i].float()).squeeze(1)
+                    for i in layers
+                ]
                 pooled[p] = torch.stack(per_layer).cpu().numpy().astype(np.float16, copy=False)
         buf.put(s, e, pooled, {})
     return dict(buf.pooled)
@@ -103,7 +122,9 @@ def naive(texts: list[str], bb: Any, max_length: int, batch_size: int, out: Path
     cls_rows, mean_rows = [], []
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
-            enc = bb.tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            enc = bb.tokenizer(
+                texts[s : s + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
             hs = bb.model(**enc, output_hidden_states=True).hidden_states
             m = enc["attention_mask"][:, :, None].float()
             for i in range(len(hs[0])):
@@ -114,12 +135,22 @@ def naive(texts: list[str], bb: Any, max_length: int, batch_size: int, out: Path
     return time.perf_counter() - t0
 
 
-def hot_loops(bb: Any, ids: list[list[int]], args: argparse.Namespace, texts: list[str] | None = None
-              ) -> tuple[list[float], list[float], list[float]]:
+def hot_loops(
+    bb: Any, ids: list[list[int]], args: argparse.Namespace, texts: list[str] | None = None
+) -> tuple[list[float], list[float], list[float]]:
     """(a), (d), (e) interleaved, after one warm-up pass of each."""
     layers = list(range(bb.n_layers + 1))
-    encoder = ChunkEncoder(bb.model, bb.tokenizer.pad_token_id or 0, layers=layers, token_layers=[], poolings=POOLINGS,
-                           dtype="float16", batch_size=args.batch_size, token_budget=args.token_budget, device=args.device)
+    encoder = ChunkEncoder(
+        bb.model,
+        bb.tokenizer.pad_token_id or 0,
+        layers=layers,
+        token_layers=[],
+        poolings=POOLINGS,
+        dtype="float16",
+        batch_size=args.batch_size,
+        token_budget=args.token_budget,
+        device=args.device,
+    )
     warm = ids[: args.batch_size]
     bare(bb, warm, args.batch_size, args.token_budget, args.device)
     legacy_encode(bb, warm, layers, args.batch_size, args.token_budget, args.device)
@@ -159,26 +190,41 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}; run this on a GPU machine "
-                 "(with a CUDA build of torch) or pass --device cpu.")
+        sys.exit(
+            f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}; run this on a GPU machine "
+            "(with a CUDA build of torch) or pass --device cpu."
+        )
     gpu = f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {args.device}{gpu}{' (bf16 autocast)' if gpu else ''}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, "
+        f"device {args.device}{gpu}{' (bf16 autocast)' if gpu else ''}"
+    )
     bb = load_backbone(args.model, args.device)
     if args.seq_len is not None:
         n = args.rows or 2048
         rng = np.random.default_rng(0)
         low = 1000 if len(bb.tokenizer) > 2000 else 5  # plain word pieces, past the special tokens
-        ids = [[int(bb.tokenizer.cls_token_id)] + rng.integers(low, len(bb.tokenizer), args.seq_len - 2).tolist()
-               + [int(bb.tokenizer.sep_token_id)] for _ in range(n)]
-        print(f"data: {n} synthetic sequences of {args.seq_len} tokens, model {args.model}, {bb.n_layers + 1} hidden states "
-              f"stored, poolings cls+mean, batches of {args.batch_size} rows / {args.token_budget} tokens, best of {args.repeats}")
+        ids = [
+            [int(bb.tokenizer.cls_token_id)]
+            + rng.integers(low, len(bb.tokenizer), args.seq_len - 2).tolist()
+            + [int(bb.tokenizer.sep_token_id)]
+            for _ in range(n)
+        ]
+        print(
+            f"data: {n} synthetic sequences of {args.seq_len} tokens, model {args.model}, {bb.n_layers + 1} hidden "
+            f"states "
+            f"stored, poolings cls+mean, batches of {args.batch_size} rows / {args.token_budget} tokens, best of "
+            f"{args.repeats}"
+        )
         ta, td, te = hot_loops(bb, ids, args)
         print(_line("(a) bare forward loop, nothing stored ", n, ta, "seq/s"))
         print(_line("(d) hot loop before issue 13         ", n, td, "seq/s"))
         print(_line("(e) hot loop now (what extract runs) ", n, te, "seq/s"))
         print(f"e/a = {min(ta) / min(te):.3f}   (pooling + storage overhead; 1.0 = free)")
-        print(f"e/d = {min(td) / min(te):.3f}   (speed-up over the previous hot loop; CPU target: >= 1.0, no regression)")
+        print(
+            f"e/d = {min(td) / min(te):.3f}   (speed-up over the previous hot loop; CPU target: >= 1.0, no regression)"
+        )
         return
     args.rows = args.rows or None
     texts = pd.read_csv(args.data).text.astype(str).tolist()[: args.rows]
@@ -190,9 +236,20 @@ def main() -> None:
         ta, td, te = hot_loops(bb, ids, args, texts)
         tb = []
         for r in range(args.repeats):
-            cfg = ExtractConfig.from_dict(dict(model=args.model, data=args.data, limit=args.rows, layers="all", pooling=tuple(POOLINGS),
-                                max_length=args.max_length, batch_size=args.batch_size, token_budget=args.token_budget,
-                                out=str(work / f"run{r}"), device=args.device))
+            cfg = ExtractConfig.from_dict(
+                dict(
+                    model=args.model,
+                    data=args.data,
+                    limit=args.rows,
+                    layers="all",
+                    pooling=tuple(POOLINGS),
+                    max_length=args.max_length,
+                    batch_size=args.batch_size,
+                    token_budget=args.token_budget,
+                    out=str(work / f"run{r}"),
+                    device=args.device,
+                )
+            )
             t0 = time.perf_counter()
             res = extract(cfg, show_progress=False)
             tb.append(time.perf_counter() - t0)
@@ -201,7 +258,10 @@ def main() -> None:
         minimum = len(store.layers) * store.hidden * len(store.poolings) * 2
         per_example = store.nbytes() / n
         a, b = min(ta), min(tb)
-        print(f"data: {args.data} ({n} rows), model {args.model}, layers {len(store.layers)}, poolings cls+mean, best of {args.repeats}")
+        print(
+            f"data: {args.data} ({n} rows), model {args.model}, layers {len(store.layers)}, poolings cls+mean, best of "
+            f"{args.repeats}"
+        )
         print(_line("(a) bare forward loop, sorted batches ", n, ta, "ex/s"))
         print(_line("(b) embstore extract (end to end)     ", n, tb, "ex/s"))
         print(f"(c) naive loop, unsorted, lists, npy   : {n / tc:9.1f} ex/s  ({tc:.1f} s)")
@@ -210,7 +270,10 @@ def main() -> None:
         print(f"b/a = {a / b:.3f}   (target >= 0.95: storage nearly free)")
         print(f"b/c = {tc / b:.3f}   (target >= 1.5)")
         print(f"e/d = {min(td) / min(te):.3f}   (hot loop now vs before issue 13; target >= 1.0 on CPU)")
-        print(f"bytes/example: {per_example:.0f} stored vs {minimum} minimum (layers x hidden x poolings x 2) = {per_example / minimum:.3f}x")
+        print(
+            f"bytes/example: {per_example:.0f} stored vs {minimum} minimum (layers x hidden x poolings x 2) = "
+            f"{per_example / minimum:.3f}x"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -62,8 +62,12 @@ def prepare(name: str, work: Path, train_rows: int, test_rows: int, seed: int = 
 
     def stratified(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         train, rest = train_test_split(df, train_size=train_rows, stratify=df["label"], random_state=seed)
-        test, _ = train_test_split(rest, train_size=min(test_rows, len(rest) - df["label"].nunique()),
-                                   stratify=rest["label"], random_state=seed)
+        test, _ = train_test_split(
+            rest,
+            train_size=min(test_rows, len(rest) - df["label"].nunique()),
+            stratify=rest["label"],
+            random_state=seed,
+        )
         return train, test
 
     if name == "ag_news":
@@ -78,7 +82,11 @@ def prepare(name: str, work: Path, train_rows: int, test_rows: int, seed: int = 
     elif name == "tweets":
         from embstore.data.tables import builtin_path
 
-        df = pd.read_csv(builtin_path("tweets"), encoding_errors="replace").rename(columns={"sentiment": "label"}).dropna(subset=["text", "label"])
+        df = (
+            pd.read_csv(builtin_path("tweets"), encoding_errors="replace")
+            .rename(columns={"sentiment": "label"})
+            .dropna(subset=["text", "label"])
+        )
         df = df[df["text"].astype(str).str.strip() != ""]
         train, test = stratified(df)
     else:
@@ -101,17 +109,30 @@ def majority(train_csv: Path, test_csv: Path) -> float:
 # --------------------------------------------------------------------------- contenders
 
 
-def run_ours(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, show_progress: bool = False,
-             **options: Any) -> dict[str, Any]:
+def run_ours(
+    train_csv: Path, test_csv: Path, freeze: str | None, out: Path, show_progress: bool = False, **options: Any
+) -> dict[str, Any]:
     """``heads finetune --model minilm --split train=... --split test=... --label-col label [--freeze F]``."""
     from heads.finetune.config import FinetuneConfig
     from heads.finetune.run import run_finetune
 
-    values = {"model": "minilm", "data": None, "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
-              "label_col": "label", "freeze": freeze, "out": str(out), **options}
+    values = {
+        "model": "minilm",
+        "data": None,
+        "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
+        "label_col": "label",
+        "freeze": freeze,
+        "out": str(out),
+        **options,
+    }
     res = run_finetune(FinetuneConfig.from_dict(values), show_progress=show_progress)
-    return {"accuracy": res.accuracy, "f1_macro": res.f1_macro, "seconds_per_epoch": res.seconds_per_epoch,
-            "trainable_params": res.trainable_params, "run_dir": str(res.run_dir)}
+    return {
+        "accuracy": res.accuracy,
+        "f1_macro": res.f1_macro,
+        "seconds_per_epoch": res.seconds_per_epoch,
+        "trainable_params": res.trainable_params,
+        "run_dir": str(res.run_dir),
+    }
 
 
 class _Encoded(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -127,7 +148,9 @@ class _Encoded(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
 
 
-def run_trainer(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, max_length: int = 128) -> dict[str, Any]:
+def run_trainer(
+    train_csv: Path, test_csv: Path, freeze: str | None, out: Path, max_length: int = 128
+) -> dict[str, Any]:
     """transformers.Trainer at its default TrainingArguments; freeze '0-4' freezes embeddings + layers 1-4."""
     from sklearn.metrics import f1_score
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
@@ -157,11 +180,15 @@ def run_trainer(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, 
     pred = trainer.predict(encoded(test))
     y_pred = np.asarray(pred.predictions).argmax(-1)
     y_true = np.asarray(pred.label_ids)
-    return {"accuracy": float((y_pred == y_true).mean()),
-            "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "seconds_per_epoch": float(metrics["train_runtime"]) / float(args.num_train_epochs),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "lr": args.learning_rate, "batch_size": args.per_device_train_batch_size, "epochs": args.num_train_epochs}
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "seconds_per_epoch": float(metrics["train_runtime"]) / float(args.num_train_epochs),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lr": args.learning_rate,
+        "batch_size": args.per_device_train_batch_size,
+        "epochs": args.num_train_epochs,
+    }
 
 
 # --------------------------------------------------------------------------- surgery variants
@@ -169,8 +196,8 @@ def run_trainer(train_csv: Path, test_csv: Path, freeze: str | None, out: Path, 
 
 def inference_seconds(model_dir: Path, texts: list[str], repeats: int = 2) -> float:
     """Best-of-N seconds for one pass of the encoder over ``texts`` (sorted batches, inference mode)."""
-    from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
     from embstore.backbones.registry import load_backbone
+    from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
 
     bb = load_backbone(str(model_dir))
     enc = tokenize(bb.tokenizer, texts, None, 128)
@@ -192,29 +219,48 @@ def surgery(train_csv: Path, test_csv: Path, work: Path, full_run: Path | None) 
     from heads.finetune.config import FinetuneConfig
     from heads.finetune.run import run_finetune
 
-    base = {"model": "minilm", "data": None, "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
-            "label_col": "label"}
-    variants = {"freeze 0-5 (all but last)": {"freeze": "all-but-last"}, "truncate 4": {"truncate": 4},
-                "prune 30% of heads": {"prune_fraction": 0.3}}
+    base = {
+        "model": "minilm",
+        "data": None,
+        "splits": [["train", str(train_csv)], ["test", str(test_csv)]],
+        "label_col": "label",
+    }
+    variants = {
+        "freeze 0-5 (all but last)": {"freeze": "all-but-last"},
+        "truncate 4": {"truncate": 4},
+        "prune 30% of heads": {"prune_fraction": 0.3},
+    }
     results: dict[str, Any] = {}
     n_train = len(pd.read_csv(train_csv))
     for name, kw in variants.items():
-        res = run_finetune(FinetuneConfig.from_dict({**base, **kw, "out": str(work / name.split()[0])}),
-                           show_progress=False)
-        results[name] = {"accuracy": res.accuracy, "f1_macro": res.f1_macro, "trainable_params": res.trainable_params,
-                         "total_params": res.total_params, "seconds_per_epoch": res.seconds_per_epoch,
-                         "run_dir": str(res.run_dir)}
-        print(f"{name:28s} acc {res.accuracy:.4f}  macro-F1 {res.f1_macro:.4f}  trainable {res.trainable_params:>10,} "
-              f"of {res.total_params:>10,}  {res.seconds_per_epoch:6.1f} s/epoch  "
-              f"{n_train / res.seconds_per_epoch:6.1f} train ex/s", flush=True)
+        res = run_finetune(
+            FinetuneConfig.from_dict({**base, **kw, "out": str(work / name.split()[0])}), show_progress=False
+        )
+        results[name] = {
+            "accuracy": res.accuracy,
+            "f1_macro": res.f1_macro,
+            "trainable_params": res.trainable_params,
+            "total_params": res.total_params,
+            "seconds_per_epoch": res.seconds_per_epoch,
+            "run_dir": str(res.run_dir),
+        }
+        print(
+            f"{name:28s} acc {res.accuracy:.4f}  macro-F1 {res.f1_macro:.4f}  trainable {res.trainable_params:>10,} "
+            f"of {res.total_params:>10,}  {res.seconds_per_epoch:6.1f} s/epoch  "
+            f"{n_train / res.seconds_per_epoch:6.1f} train ex/s",
+            flush=True,
+        )
     if full_run is not None:
         texts = pd.read_csv(test_csv)["text"].astype(str).tolist()
         t_full = inference_seconds(full_run / "model", texts)
         for name in ("truncate 4", "prune 30% of heads"):
             t = inference_seconds(Path(results[name]["run_dir"]) / "model", texts)
             results[name]["inference_speedup"] = t_full / t
-            print(f"inference {name}: {len(texts) / t:7.1f} ex/s vs full {len(texts) / t_full:7.1f} ex/s "
-                  f"-> {t_full / t:.2f}x", flush=True)
+            print(
+                f"inference {name}: {len(texts) / t:7.1f} ex/s vs full {len(texts) / t_full:7.1f} ex/s "
+                f"-> {t_full / t:.2f}x",
+                flush=True,
+            )
     return results
 
 
@@ -223,20 +269,34 @@ def surgery(train_csv: Path, test_csv: Path, work: Path, full_run: Path | None) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="ag_news,youtube,sentipers", help="comma list of ag_news, youtube, sentipers, tweets")
+    ap.add_argument(
+        "--datasets", default="ag_news,youtube,sentipers", help="comma list of ag_news, youtube, sentipers, tweets"
+    )
     ap.add_argument("--train-rows", type=int, default=800)
     ap.add_argument("--test-rows", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0, help="seed of the row sampling")
-    ap.add_argument("--surgery", action=argparse.BooleanOptionalAction, default=True,
-                    help="also the all-but-last / truncate / prune variants on ag_news, with inference speed")
+    ap.add_argument(
+        "--surgery",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the all-but-last / truncate / prune variants on ag_news, with inference speed",
+    )
     ap.add_argument("--quick", action="store_true", help="96 / 96 rows of ag_news, no surgery: a smoke test")
     ap.add_argument("--json", help="also write every figure to this JSON file")
-    ap.add_argument("--audio", action="store_true", help="speech instead: ours against the Trainer on "
-                    "HubertForSequenceClassification (benchmarks/finetune_audio.py)")
+    ap.add_argument(
+        "--audio",
+        action="store_true",
+        help="speech instead: ours against the Trainer on "
+        "HubertForSequenceClassification (benchmarks/finetune_audio.py)",
+    )
     ap.add_argument("--audio-datasets", default="emodb,tones", help="--audio: comma list of emodb, tones")
     ap.add_argument("--audio-model", default="random:hubert-base", help="--audio/--memory: the speech model")
-    ap.add_argument("--per-speaker", type=int, default=8, help="--audio: clips per Emo-DB speaker (tones: per speaker, "
-                    "a quarter per class)")
+    ap.add_argument(
+        "--per-speaker",
+        type=int,
+        default=8,
+        help="--audio: clips per Emo-DB speaker (tones: per speaker, a quarter per class)",
+    )
     ap.add_argument("--audio-epochs", type=int, default=1, help="--audio: epochs of both contenders")
     ap.add_argument("--snr-db", type=float, default=23.0, help="--audio: noise on the training clips, both contenders")
     ap.add_argument("--memory", action="store_true", help="peak RSS of an epoch on 30-second clips per --budgets")
@@ -248,54 +308,93 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="embstore-ft-"))
-    machine = (f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
-               f"({torch.get_num_threads()} threads), {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
     print(f"machine: {machine}", flush=True)
     if args.audio or args.memory:
         import finetune_audio as fa
 
         report_audio: dict[str, Any] = {"machine": machine, "model": args.audio_model}
         if args.audio:
-            report_audio["audio"] = fa.compare(work, [d.strip() for d in args.audio_datasets.split(",") if d.strip()],
-                                               args.audio_model, args.per_speaker, args.audio_epochs, args.snr_db)
+            report_audio["audio"] = fa.compare(
+                work,
+                [d.strip() for d in args.audio_datasets.split(",") if d.strip()],
+                args.audio_model,
+                args.per_speaker,
+                args.audio_epochs,
+                args.snr_db,
+            )
         if args.memory:
-            report_audio["memory"] = fa.memory(work, args.audio_model, args.memory_clips,
-                                               [float(b) for b in args.budgets.split(",")])
+            report_audio["memory"] = fa.memory(
+                work, args.audio_model, args.memory_clips, [float(b) for b in args.budgets.split(",")]
+            )
         if args.json:
             Path(args.json).write_text(json.dumps(report_audio, indent=2, default=str) + "\n")
         return
-    report: dict[str, Any] = {"machine": machine, "train_rows": args.train_rows, "test_rows": args.test_rows, "rows": []}
+    report: dict[str, Any] = {
+        "machine": machine,
+        "train_rows": args.train_rows,
+        "test_rows": args.test_rows,
+        "rows": [],
+    }
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         train_csv, test_csv = prepare(name, work, args.train_rows, args.test_rows, args.seed)
         maj = majority(train_csv, test_csv)
-        print(f"\n{name}: {len(pd.read_csv(train_csv))} train / {len(pd.read_csv(test_csv))} test rows, "
-              f"majority class {maj:.4f} of test", flush=True)
+        print(
+            f"\n{name}: {len(pd.read_csv(train_csv))} train / {len(pd.read_csv(test_csv))} test rows, "
+            f"majority class {maj:.4f} of test",
+            flush=True,
+        )
         for variant, freeze in FREEZINGS.items():
             ours = run_ours(train_csv, test_csv, freeze, work / name / f"ours-{variant.replace(' ', '')}")
             hf = run_trainer(train_csv, test_csv, freeze, work / name / f"hf-{variant.replace(' ', '')}")
-            row = {"dataset": name, "variant": variant, "majority_accuracy": maj, "ours": ours, "trainer": hf,
-                   "f1_met": ours["f1_macro"] >= hf["f1_macro"],
-                   "time_ratio": ours["seconds_per_epoch"] / hf["seconds_per_epoch"]}
+            row = {
+                "dataset": name,
+                "variant": variant,
+                "majority_accuracy": maj,
+                "ours": ours,
+                "trainer": hf,
+                "f1_met": ours["f1_macro"] >= hf["f1_macro"],
+                "time_ratio": ours["seconds_per_epoch"] / hf["seconds_per_epoch"],
+            }
             row["time_met"] = row["time_ratio"] <= 1.1
             report["rows"].append(row)
-            print(f"  {variant:11s} ours macro-F1 {ours['f1_macro']:.4f} (acc {ours['accuracy']:.4f}, "
-                  f"{ours['seconds_per_epoch']:.1f} s/epoch) | Trainer macro-F1 {hf['f1_macro']:.4f} "
-                  f"(acc {hf['accuracy']:.4f}, {hf['seconds_per_epoch']:.1f} s/epoch) | time ratio "
-                  f"{row['time_ratio']:.2f}x", flush=True)
-    print("\n| data set | variant | majority | ours macro-F1 | Trainer macro-F1 | ours s/epoch | Trainer s/epoch | ratio | F1 target | time target |")
+            print(
+                f"  {variant:11s} ours macro-F1 {ours['f1_macro']:.4f} (acc {ours['accuracy']:.4f}, "
+                f"{ours['seconds_per_epoch']:.1f} s/epoch) | Trainer macro-F1 {hf['f1_macro']:.4f} "
+                f"(acc {hf['accuracy']:.4f}, {hf['seconds_per_epoch']:.1f} s/epoch) | time ratio "
+                f"{row['time_ratio']:.2f}x",
+                flush=True,
+            )
+    print(
+        "\n| data set | variant | majority | ours macro-F1 | Trainer macro-F1 | ours s/epoch | Trainer s/epoch | ratio "
+        "| F1 target | time target |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         o, h = r["ours"], r["trainer"]
-        print(f"| {r['dataset']} | {r['variant']} | {r['majority_accuracy']:.3f} | {o['f1_macro']:.4f} | {h['f1_macro']:.4f} | "
-              f"{o['seconds_per_epoch']:.1f} | {h['seconds_per_epoch']:.1f} | {r['time_ratio']:.2f}x | "
-              f"{'met' if r['f1_met'] else 'MISSED'} | {'met' if r['time_met'] else 'MISSED'} |")
+        print(
+            f"| {r['dataset']} | {r['variant']} | {r['majority_accuracy']:.3f} | {o['f1_macro']:.4f} | "
+            f"{h['f1_macro']:.4f} | "
+            f"{o['seconds_per_epoch']:.1f} | {h['seconds_per_epoch']:.1f} | {r['time_ratio']:.2f}x | "
+            f"{'met' if r['f1_met'] else 'MISSED'} | {'met' if r['time_met'] else 'MISSED'} |"
+        )
     if args.surgery:
         print("\nsurgery variants on ag_news at our defaults:", flush=True)
         train_csv, test_csv = work / "ag_news" / "train.csv", work / "ag_news" / "test.csv"
         if not train_csv.is_file():
             train_csv, test_csv = prepare("ag_news", work, args.train_rows, args.test_rows, args.seed)
-        full = next((Path(r["ours"]["run_dir"]) for r in report["rows"]
-                     if r["dataset"] == "ag_news" and r["variant"] == "full"), None)
+        full = next(
+            (
+                Path(r["ours"]["run_dir"])
+                for r in report["rows"]
+                if r["dataset"] == "ag_news" and r["variant"] == "full"
+            ),
+            None,
+        )
         report["surgery"] = surgery(train_csv, test_csv, work / "ag_news" / "surgery", full)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -25,8 +25,13 @@ from pathlib import Path
 
 def _run(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cli.embstore_cli", *args], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.embstore_cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed: {proc.stderr[-2000:]}")
@@ -40,7 +45,10 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="more extract options (after --)")
     a = ap.parse_args()
     opts = ["--limit", str(a.limit), *a.extra]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python "
+        f"{platform.python_version()}"
+    )
     print(f"job: embstore extract {' '.join(opts)}")
     print("repeat | plan s | estimate s | extract s | estimate/real | planned bytes == stored | re-run s")
     for r in range(a.repeats):
@@ -53,8 +61,11 @@ def main() -> None:
             path = out.strip().splitlines()[-1]
             stored = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
             again_s, _ = _run(["extract", "-q", *opts], env)
-            print(f"{r} | {plan_s:.1f} | {report['estimated_seconds']:.1f} | {real_s:.1f} | "
-                  f"{report['estimated_seconds'] / real_s:.2f} | {report['bytes'] == stored} ({report['bytes']} vs {stored}) | {again_s:.2f}")
+            print(
+                f"{r} | {plan_s:.1f} | {report['estimated_seconds']:.1f} | {real_s:.1f} | "
+                f"{report['estimated_seconds'] / real_s:.2f} | {report['bytes'] == stored} ({report['bytes']} vs "
+                f"{stored}) | {again_s:.2f}"
+            )
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 

@@ -58,15 +58,30 @@ def random_init_dir(pretrain_dir: Path, out: Path, seed: int) -> Path:
 def probe(model_dir: Path, work: Path, name: str) -> dict[str, Any]:
     """Extract WiC train/test with ``model_dir`` and sweep linear probes over all layers."""
     t0 = time.perf_counter()
-    store = extract(ExtractConfig.from_dict(dict(model=str(model_dir), data=None, splits=(("train", str(WIC / "train.csv")),
-                                                                             ("test", str(WIC / "test.csv"))),
-                                  text_col="sentence1", text_pair_col="sentence2", label_col="label", max_length=64,
-                                  out=str(work / f"{name}.zarr"))), show_progress=False)
+    store = extract(
+        ExtractConfig.from_dict(
+            dict(
+                model=str(model_dir),
+                data=None,
+                splits=(("train", str(WIC / "train.csv")), ("test", str(WIC / "test.csv"))),
+                text_col="sentence1",
+                text_pair_col="sentence2",
+                label_col="label",
+                max_length=64,
+                out=str(work / f"{name}.zarr"),
+            )
+        ),
+        show_progress=False,
+    )
     t_extract = time.perf_counter() - t0
-    sweep = run_sweep(SweepConfig.from_dict({"store": str(store.path), "layers": "all", "out": str(work / f"sweep-{name}")}))
+    sweep = run_sweep(
+        SweepConfig.from_dict({"store": str(store.path), "layers": "all", "out": str(work / f"sweep-{name}")})
+    )
     _, rows = read_run(sweep.run_dir)
-    table = [{"layers": r.layers, "combine": r.combine, "pooling": r.pooling, "accuracy": r.accuracy,
-              "f1_macro": r.f1_macro} for r in rows]
+    table = [
+        {"layers": r.layers, "combine": r.combine, "pooling": r.pooling, "accuracy": r.accuracy, "f1_macro": r.f1_macro}
+        for r in rows
+    ]
     return {"extract_seconds": t_extract, "sweep_dir": str(sweep.run_dir), "best": sweep.best, "rows": table}
 
 
@@ -90,38 +105,63 @@ def main() -> None:
     from cli.common import load_yaml_config
 
     base = load_yaml_config("configs/pretrain-wic.yaml")
-    machine = (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads "
-               f"{torch.get_num_threads()}, cuda {torch.cuda.is_available()}")
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, cuda {torch.cuda.is_available()}"
+    )
     log.info("machine: %s", machine)
 
-    pilot = run_pretrain(PretrainConfig.from_dict({**base, "max_minutes": args.pilot_minutes, "epochs": 1,
-                                                   "out": str(work / "pilot")}), show_progress=False)
+    pilot = run_pretrain(
+        PretrainConfig.from_dict({**base, "max_minutes": args.pilot_minutes, "epochs": 1, "out": str(work / "pilot")}),
+        show_progress=False,
+    )
     pilot_meta = json.loads((pilot.run_dir / "run.json").read_text())["final"]
     steps_per_second = pilot_meta["steps"] / pilot_meta["train_seconds"]
     max_steps = max(10, int(steps_per_second * args.minutes * 60))
     log.info("pilot: %.2f steps/s -> %d steps for %.1f minutes", steps_per_second, max_steps, args.minutes)
 
     t0 = time.perf_counter()
-    res = run_pretrain(PretrainConfig.from_dict({**base, "max_steps": max_steps, "max_minutes": args.minutes,
-                                                 "out": str(work / "pretrain")}), show_progress=False)
+    res = run_pretrain(
+        PretrainConfig.from_dict(
+            {**base, "max_steps": max_steps, "max_minutes": args.minutes, "out": str(work / "pretrain")}
+        ),
+        show_progress=False,
+    )
     wall = time.perf_counter() - t0
     meta = json.loads((res.run_dir / "run.json").read_text())
     init = res.history[0]
-    log.info("pretrained %d steps in %.0f s (%.0f tokens/s): held-out masked acc %.4f vs %.4f at init",
-             res.steps, meta["final"]["train_seconds"], res.tokens_per_second, res.heldout_masked_accuracy,
-             init["heldout_masked_accuracy"])
+    log.info(
+        "pretrained %d steps in %.0f s (%.0f tokens/s): held-out masked acc %.4f vs %.4f at init",
+        res.steps,
+        meta["final"]["train_seconds"],
+        res.tokens_per_second,
+        res.heldout_masked_accuracy,
+        init["heldout_masked_accuracy"],
+    )
     random_dir = random_init_dir(res.model_dir, work / "random-init", int(base.get("seed", 0)))
 
     report: dict[str, Any] = {
-        "machine": machine, "budget_minutes": args.minutes, "planned_steps": max_steps, "steps": res.steps,
-        "stopped_by": meta["final"]["stopped_by"], "train_seconds": meta["final"]["train_seconds"],
-        "wall_seconds": wall, "tokens_per_second": res.tokens_per_second, "parameters": meta["final"]["parameters"],
-        "vocab_size": meta["corpus"]["vocab_size"], "train_rows": meta["corpus"]["train_rows"],
-        "final": {"train_mlm_loss": res.train_mlm_loss, "train_masked_accuracy": res.train_masked_accuracy,
-                  "heldout_mlm_loss": res.heldout_mlm_loss, "heldout_masked_accuracy": res.heldout_masked_accuracy,
-                  "heldout_perplexity": res.heldout_perplexity},
+        "machine": machine,
+        "budget_minutes": args.minutes,
+        "planned_steps": max_steps,
+        "steps": res.steps,
+        "stopped_by": meta["final"]["stopped_by"],
+        "train_seconds": meta["final"]["train_seconds"],
+        "wall_seconds": wall,
+        "tokens_per_second": res.tokens_per_second,
+        "parameters": meta["final"]["parameters"],
+        "vocab_size": meta["corpus"]["vocab_size"],
+        "train_rows": meta["corpus"]["train_rows"],
+        "final": {
+            "train_mlm_loss": res.train_mlm_loss,
+            "train_masked_accuracy": res.train_masked_accuracy,
+            "heldout_mlm_loss": res.heldout_mlm_loss,
+            "heldout_masked_accuracy": res.heldout_masked_accuracy,
+            "heldout_perplexity": res.heldout_perplexity,
+        },
         "init": {k: init[k] for k in ("heldout_mlm_loss", "heldout_masked_accuracy", "heldout_perplexity")},
-        "history": res.history}
+        "history": res.history,
+    }
     for name, model_dir in (("pretrained", res.model_dir), ("random", random_dir)):
         report[f"probe_{name}"] = probe(model_dir, work, name)
         log.info("%s: best %s", name, report[f"probe_{name}"]["best"])
@@ -131,13 +171,33 @@ def main() -> None:
         pd.read_csv(WIC / "train.csv").head(args.finetune_rows).to_csv(work / "ft-train.csv", index=False)
         for name, model_dir in (("pretrained", res.model_dir), ("random", random_dir)):
             t1 = time.perf_counter()
-            ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(model_dir), data=str(work / "ft-train.csv"), text_col="sentence1",
-                                             text_pair_col="sentence2", label_col="label", folds=args.folds, epochs=3,
-                                             patience=0, lr=3e-4, batch_size=32, max_length=64, classifier="mlp",
-                                             classifier_hidden=(2048,), out=str(work / f"ft-{name}"))))
-            report[f"finetune_{name}"] = {"accuracy": ft.accuracy, "accuracy_std": ft.accuracy_std,
-                                          "f1_macro": ft.f1_macro, "f1_macro_std": ft.f1_macro_std,
-                                          "seconds": time.perf_counter() - t1}
+            ft = run_finetune(
+                FinetuneConfig.from_dict(
+                    dict(
+                        model=str(model_dir),
+                        data=str(work / "ft-train.csv"),
+                        text_col="sentence1",
+                        text_pair_col="sentence2",
+                        label_col="label",
+                        folds=args.folds,
+                        epochs=3,
+                        patience=0,
+                        lr=3e-4,
+                        batch_size=32,
+                        max_length=64,
+                        classifier="mlp",
+                        classifier_hidden=(2048,),
+                        out=str(work / f"ft-{name}"),
+                    )
+                )
+            )
+            report[f"finetune_{name}"] = {
+                "accuracy": ft.accuracy,
+                "accuracy_std": ft.accuracy_std,
+                "f1_macro": ft.f1_macro,
+                "f1_macro_std": ft.f1_macro_std,
+                "seconds": time.perf_counter() - t1,
+            }
             log.info("finetune %s: %s", name, report[f"finetune_{name}"])
     (work / "report.json").write_text(json.dumps(report, indent=2, default=str))
     log.info("report: %s", work / "report.json")

@@ -28,16 +28,33 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
-HEADS = {"mlp256": dict(head="mlp", hidden=(256,)), "mlp2048": dict(head="mlp", hidden=(2048,)),
-         "conv": dict(head="conv", conv_hidden=512), "sum": dict(head="sum"), "mix": dict(head="mix")}
+HEADS = {
+    "mlp256": dict(head="mlp", hidden=(256,)),
+    "mlp2048": dict(head="mlp", hidden=(2048,)),
+    "conv": dict(head="conv", conv_hidden=512),
+    "sum": dict(head="sum"),
+    "mix": dict(head="mix"),
+}
 
 
 def ensure_store(cache: Path) -> str:
     from embstore import ExtractConfig, extract
 
-    cfg = ExtractConfig.from_dict(dict(model="minilm", layers="all", pooling=("cls", "mean"), limit=2000, out=str(cache), data=None,
-                                       splits=(("train", str(SHARED / "ag_news" / "train_pool.csv")),
-                                               ("test", str(SHARED / "ag_news" / "test.csv"))), label_col="label"))
+    cfg = ExtractConfig.from_dict(
+        dict(
+            model="minilm",
+            layers="all",
+            pooling=("cls", "mean"),
+            limit=2000,
+            out=str(cache),
+            data=None,
+            splits=(
+                ("train", str(SHARED / "ag_news" / "train_pool.csv")),
+                ("test", str(SHARED / "ag_news" / "test.csv")),
+            ),
+            label_col="label",
+        )
+    )
     return extract(cfg, show_progress=True).path
 
 
@@ -59,7 +76,9 @@ def one_at_a_time(store: Any, head: dict[str, Any], epochs: int) -> tuple[float,
             Xt = store.pooled("test", "cls", [layer]) if layered else store.pooled("test", "cls", [layer])[:, 0]
             X, Xt = X.astype(np.float32), Xt.astype(np.float32)
             t0 = time.perf_counter()
-            est = HeadClassifier(cfg.replace(seed=seed)).fit(X[fit], y[fit], X[val], y[val], n_classes=len(store.label_names))
+            est = HeadClassifier(cfg.replace(seed=seed)).fit(
+                X[fit], y[fit], X[val], y[val], n_classes=len(store.label_names)
+            )
             seconds += time.perf_counter() - t0
             accs.append(float(np.mean(est.predict(Xt) == y_test)))
     return seconds, float(np.mean(accs))
@@ -73,8 +92,20 @@ def stacked_sweep(store_path: str, head: dict[str, Any], epochs: int, out: Path)
     from heads.probe.sweep import SweepConfig, run_sweep
 
     cfg = HeadConfig(epochs=epochs, **head)
-    res = run_sweep(SweepConfig(store=store_path, layers="all", combine=("single",), pooling=("cls",), heads=(cfg.head,),
-                                seeds=3, head=cfg, ci=False, out=str(out)), show_progress=False)
+    res = run_sweep(
+        SweepConfig(
+            store=store_path,
+            layers="all",
+            combine=("single",),
+            pooling=("cls",),
+            heads=(cfg.head,),
+            seeds=3,
+            head=cfg,
+            ci=False,
+            out=str(out),
+        ),
+        show_progress=False,
+    )
     df = pd.read_csv(res.run_dir / "results.csv")
     timings = json.loads((res.run_dir / "run.json").read_text())["timings"]
     return float(timings["train_s"]), float(df.accuracy.mean())
@@ -92,9 +123,18 @@ def forced_sizes(store: Any, head: dict[str, Any], epochs: int, sizes: list[int]
     cfg = HeadConfig(epochs=epochs, **head)
     y = store.labels("train")
     layered = cfg.head != "mlp"
-    inputs = [as_inputs((store.pooled("train", "cls", [x]) if layered else store.pooled("train", "cls", [x])[:, 0])
-                        .astype(np.float32), cfg.head) for x in store.layers]
-    members = [Member(f, s, *validation_carve(y, cfg.validation_fraction, s)) for s in range(3) for f in range(len(inputs))]
+    inputs = [
+        as_inputs(
+            (store.pooled("train", "cls", [x]) if layered else store.pooled("train", "cls", [x])[:, 0]).astype(
+                np.float32
+            ),
+            cfg.head,
+        )
+        for x in store.layers
+    ]
+    members = [
+        Member(f, s, *validation_carve(y, cfg.validation_fraction, s)) for s in range(3) for f in range(len(inputs))
+    ]
     n_params = sum(p.numel() for p in build_module(cfg, inputs[0].shape, len(store.label_names)).parameters())
     out = []
     for size in sizes:
@@ -106,7 +146,9 @@ def forced_sizes(store: Any, head: dict[str, Any], epochs: int, sizes: list[int]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default=os.environ.get("EMBSTORE_CACHE", str(ROOT / "cache")), help="store cache directory")
+    ap.add_argument(
+        "--cache", default=os.environ.get("EMBSTORE_CACHE", str(ROOT / "cache")), help="store cache directory"
+    )
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--sizes", action="store_true", help="also fit_stacked at forced stack sizes 1, 3, 7, 21")
@@ -119,8 +161,11 @@ def main() -> None:
     from embstore import open_store
     from heads.probe.ensemble import STACK_BYTES_CPU
 
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads); load average {os.getloadavg()[0]:.2f}; STACK_BYTES_CPU {STACK_BYTES_CPU >> 20} MiB", flush=True)
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads); load average {os.getloadavg()[0]:.2f}; STACK_BYTES_CPU {STACK_BYTES_CPU >> 20} MiB",
+        flush=True,
+    )
     path = ensure_store(Path(args.cache))
     store = open_store(path)
     report: dict[str, Any] = {"machine": platform.platform(), "epochs": args.epochs, "stack_bytes_cpu": STACK_BYTES_CPU}
@@ -129,15 +174,26 @@ def main() -> None:
             head = HEADS[name]
             t_sweep, acc_sweep = stacked_sweep(path, head, args.epochs, Path(tmp) / name)
             t_one, acc_one = one_at_a_time(store, head, args.epochs)
-            print(f"1. {name:8s}: heads sweep {t_sweep:6.1f}s vs one at a time {t_one:6.1f}s -> {t_one / t_sweep:.2f}x "
-                  f"({'met' if t_sweep <= t_one else 'MISSED'}: target >= 1.0x); mean test accuracy {acc_sweep:.4f} vs "
-                  f"{acc_one:.4f}", flush=True)
-            entry: dict[str, Any] = {"sweep_s": t_sweep, "one_s": t_one, "ratio": t_one / t_sweep, "acc_sweep": acc_sweep,
-                                     "acc_one": acc_one}
+            print(
+                f"1. {name:8s}: heads sweep {t_sweep:6.1f}s vs one at a time {t_one:6.1f}s -> {t_one / t_sweep:.2f}x "
+                f"({'met' if t_sweep <= t_one else 'MISSED'}: target >= 1.0x); mean test accuracy {acc_sweep:.4f} vs "
+                f"{acc_one:.4f}",
+                flush=True,
+            )
+            entry: dict[str, Any] = {
+                "sweep_s": t_sweep,
+                "one_s": t_one,
+                "ratio": t_one / t_sweep,
+                "acc_sweep": acc_sweep,
+                "acc_one": acc_one,
+            }
             if args.sizes:
                 rows = forced_sizes(store, head, args.epochs, [1, 3, 7, 21])
                 for size, nbytes, sec in rows:
-                    print(f"   stack of {size:2d}: {nbytes / 2**20:8.1f} MiB of parameters+grads+moments, {sec:6.1f}s", flush=True)
+                    print(
+                        f"   stack of {size:2d}: {nbytes / 2**20:8.1f} MiB of parameters+grads+moments, {sec:6.1f}s",
+                        flush=True,
+                    )
                 entry["sizes"] = rows
             report[name] = entry
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -43,7 +43,9 @@ def load_yaml_config(path: str | None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not a text (UTF-8) file (byte {exc.start} cannot be decoded); pass a YAML file of options.") from None
+        raise UserError(
+            f"{path} is not a text (UTF-8) file (byte {exc.start} cannot be decoded); pass a YAML file of options."
+        ) from None
     except yaml.YAMLError as exc:
         raise UserError(f"Cannot parse {path} as YAML: {str(exc).splitlines()[0]}; fix the file.") from None
     if data is None:

@@ -31,54 +31,190 @@ def main() -> None:
 
 def extract_options(f: Any) -> Any:
     """The options of ``embstore extract``, shared by ``embstore plan`` (which takes exactly the same)."""
-    for option in reversed([
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
-        click.option("--data", help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets [default: builtin:tweets when no "
-                     "--split is given]."),
-        click.option("--split", "splits", multiple=True, callback=_split_option, help="NAME=FILE, one per split (repeatable)."),
-        click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split (seeded, stratified)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout."),
-        click.option("--text-col", help="Text column [default: text or sentence, whichever the table has]."),
-        click.option("--text-pair-col", help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers."),
-        click.option("--towers", is_flag=True, help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b')."),
-        click.option("--label-col", help="Label column (strings or integers) [default: label or labels, whichever the "
-                     "table has; none if it has neither]."),
-        click.option("--no-labels", is_flag=True, help="Extract without labels, even from a table with a label column."),
-        click.option("--audio-col", help="Audio: column of audio file paths (relative to the table); needs a speech --model."),
-        click.option("--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split."),
-        click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds."),
-        click.option("--skip-bad", is_flag=True, help="Audio: drop rows whose file is missing, unreadable or empty instead of failing."),
-        click.option("--augment", help="Audio: augmented training copies with these transforms: comma list of noise, shift, speed."),
-        click.option("--copies", type=int, default=1, show_default=True, help="Augmented copies per chosen training row."),
-        click.option("--augment-classes", default="minority", show_default=True, help="Rows to augment: minority (classes below the mean size), all, or a comma list of labels."),
-        click.option("--snr-db", type=float, default=20.0, show_default=True, help="Noise augmentation: signal-to-noise ratio in dB."),
-        click.option("--batch-seconds", type=float, default=60.0, show_default=True, help="Audio: most padded seconds of audio per forward batch."),
-        click.option("--bucket/--no-bucket", default=True, show_default=True, help="Sort rows by length (tokens or duration) so batches hold similar lengths."),
-        click.option("--model", default="minilm", show_default=True, help="minilm, random:NAME (tiny-bert, bert-base, hubert-tiny, hubert-base...), a local HF directory, or a Hub id in the local HF cache."),
-        click.option("--layers", default="all", show_default=True, help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings)."),
-        click.option("--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio]."),
-        click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
-        click.option("--max-length", type=int, default=DEFAULT_MAX_LENGTH, show_default=True, help="Truncate inputs to this many tokens (the default of heads finetune too, so both see the same text)."),
-        click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch."),
-        click.option("--token-budget", type=int, default=16384, show_default=True, help="Most padded tokens per forward batch."),
-        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype."),
-        click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default="zarr", show_default=True, help="Store format."),
-        click.option("--out", help="Store path (*.zarr / *.h5) or a directory for the store [default: $EMBSTORE_CACHE or ./cache]."),
-        click.option("--limit", type=int, help="Keep the first N rows of each split."),
-        click.option("--skip-empty", is_flag=True, help="Drop empty or missing text rows instead of failing."),
-        click.option("--chunk-rows", type=int, default=2048, show_default=True, help="Rows per work unit / storage chunk (the unit of resume)."),
-        click.option("--num-processes", type=int, default=1, show_default=True, help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead)."),
-        click.option("--device", help="cpu, cuda, cuda:1 ..., auto [default: auto, CUDA when present]."),
-        click.option("--wait", is_flag=True, help="If another process is writing this store, wait for it, then resume or report it complete."),
-        click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-                     help="int8: dynamic int8 quantisation of the Linear layers, CPU only (faster; changes the values: "
-                          "the deviation from float32 is measured and recorded in provenance)."),
-        click.option("--allow-pickle", is_flag=True, help="Accept a model directory whose weights are pickle files (.bin/.pt); "
-                     "they are loaded with torch.load(weights_only=True). Without it only safetensors weights load."),
-        click.option("--random-weights", type=click.IntRange(min=0), metavar="SEED",
-                     help="A control store: --model's architecture and tokenizer with its weights re-initialised from its "
-                          "config (as from_config does) under SEED; pass it to 'heads sweep --control'."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--config",
+                "config_file",
+                type=click.Path(exists=True, dir_okay=False),
+                help="YAML file of options; flags given here override it.",
+            ),
+            click.option(
+                "--data",
+                help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets [default: builtin:tweets when no "
+                "--split is given].",
+            ),
+            click.option(
+                "--split",
+                "splits",
+                multiple=True,
+                callback=_split_option,
+                help="NAME=FILE, one per split (repeatable).",
+            ),
+            click.option(
+                "--holdout", type=float, help="Hold out this fraction of --data as a 'test' split (seeded, stratified)."
+            ),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout."),
+            click.option("--text-col", help="Text column [default: text or sentence, whichever the table has]."),
+            click.option(
+                "--text-pair-col",
+                help="Second text column: encoded jointly ([CLS] a [SEP] b), or separately with --towers.",
+            ),
+            click.option(
+                "--towers",
+                is_flag=True,
+                help="Encode --text-col and --text-pair-col separately and store both (towers 'a' and 'b').",
+            ),
+            click.option(
+                "--label-col",
+                help="Label column (strings or integers) [default: label or labels, whichever the "
+                "table has; none if it has neither].",
+            ),
+            click.option(
+                "--no-labels", is_flag=True, help="Extract without labels, even from a table with a label column."
+            ),
+            click.option(
+                "--audio-col", help="Audio: column of audio file paths (relative to the table); needs a speech --model."
+            ),
+            click.option(
+                "--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split."
+            ),
+            click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds."),
+            click.option(
+                "--skip-bad",
+                is_flag=True,
+                help="Audio: drop rows whose file is missing, unreadable or empty instead of failing.",
+            ),
+            click.option(
+                "--augment",
+                help="Audio: augmented training copies with these transforms: comma list of noise, shift, speed.",
+            ),
+            click.option(
+                "--copies", type=int, default=1, show_default=True, help="Augmented copies per chosen training row."
+            ),
+            click.option(
+                "--augment-classes",
+                default="minority",
+                show_default=True,
+                help="Rows to augment: minority (classes below the mean size), all, or a comma list of labels.",
+            ),
+            click.option(
+                "--snr-db",
+                type=float,
+                default=20.0,
+                show_default=True,
+                help="Noise augmentation: signal-to-noise ratio in dB.",
+            ),
+            click.option(
+                "--batch-seconds",
+                type=float,
+                default=60.0,
+                show_default=True,
+                help="Audio: most padded seconds of audio per forward batch.",
+            ),
+            click.option(
+                "--bucket/--no-bucket",
+                default=True,
+                show_default=True,
+                help="Sort rows by length (tokens or duration) so batches hold similar lengths.",
+            ),
+            click.option(
+                "--model",
+                default="minilm",
+                show_default=True,
+                help="minilm, random:NAME (tiny-bert, bert-base, hubert-tiny, hubert-base...), a local HF directory, "
+                "or a Hub id in the local HF cache.",
+            ),
+            click.option(
+                "--layers",
+                default="all",
+                show_default=True,
+                help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings).",
+            ),
+            click.option(
+                "--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio]."
+            ),
+            click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
+            click.option(
+                "--max-length",
+                type=int,
+                default=DEFAULT_MAX_LENGTH,
+                show_default=True,
+                help="Truncate inputs to this many tokens (the default of heads finetune too, so both see the same "
+                "text).",
+            ),
+            click.option("--batch-size", type=int, default=64, show_default=True, help="Most rows per forward batch."),
+            click.option(
+                "--token-budget",
+                type=int,
+                default=16384,
+                show_default=True,
+                help="Most padded tokens per forward batch.",
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(["float16", "float32"]),
+                default="float16",
+                show_default=True,
+                help="Storage dtype.",
+            ),
+            click.option(
+                "--format",
+                "fmt",
+                type=click.Choice(["zarr", "h5"]),
+                default="zarr",
+                show_default=True,
+                help="Store format.",
+            ),
+            click.option(
+                "--out",
+                help="Store path (*.zarr / *.h5) or a directory for the store [default: $EMBSTORE_CACHE or ./cache].",
+            ),
+            click.option("--limit", type=int, help="Keep the first N rows of each split."),
+            click.option("--skip-empty", is_flag=True, help="Drop empty or missing text rows instead of failing."),
+            click.option(
+                "--chunk-rows",
+                type=int,
+                default=2048,
+                show_default=True,
+                help="Rows per work unit / storage chunk (the unit of resume).",
+            ),
+            click.option(
+                "--num-processes",
+                type=int,
+                default=1,
+                show_default=True,
+                help="Worker processes sharing the work (under 'accelerate launch' ranks are used instead).",
+            ),
+            click.option("--device", help="cpu, cuda, cuda:1 ..., auto [default: auto, CUDA when present]."),
+            click.option(
+                "--wait",
+                is_flag=True,
+                help="If another process is writing this store, wait for it, then resume or report it complete.",
+            ),
+            click.option(
+                "--quantize",
+                type=click.Choice(["none", "int8"]),
+                default="none",
+                show_default=True,
+                help="int8: dynamic int8 quantisation of the Linear layers, CPU only (faster; changes the values: "
+                "the deviation from float32 is measured and recorded in provenance).",
+            ),
+            click.option(
+                "--allow-pickle",
+                is_flag=True,
+                help="Accept a model directory whose weights are pickle files (.bin/.pt); "
+                "they are loaded with torch.load(weights_only=True). Without it only safetensors weights load.",
+            ),
+            click.option(
+                "--random-weights",
+                type=click.IntRange(min=0),
+                metavar="SEED",
+                help="A control store: --model's architecture and tokenizer with its weights re-initialised from its "
+                "config (as from_config does) under SEED; pass it to 'heads sweep --control'.",
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -88,8 +224,8 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
     text and label columns the options leave out are found in the table's header (one line each says which)."""
     import dataclasses
 
-    from embstore.data.columns import find_columns
     from embstore.config import ExtractConfig
+    from embstore.data.columns import find_columns
 
     no_labels = bool(opts.pop("no_labels", False))
     values = load_yaml_config(config_file)
@@ -167,26 +303,43 @@ def plan(ctx: click.Context, config_file: str | None, as_json: bool, quiet: bool
 
 
 def _plan_text(r: Any) -> str:
-    state = {"absent": "new", "partial": "partial: a run resumes it", "complete": "complete: a run does nothing"}[r.state]
+    state = {"absent": "new", "partial": "partial: a run resumes it", "complete": "complete: a run does nothing"}[
+        r.state
+    ]
     lines = [f"store      {r.path} ({state})", f"model      {r.model} on {r.device} ({r.modality})"]
     for name, s in r.splits.items():
-        size = (f"{s['seconds']:.1f} s of audio, {s['frames']} frames, {s['truncated']} cropped"
-                + (f", {s['augmented']} augmented" if s.get("augmented") else "")) if r.modality == "audio" \
+        size = (
+            (
+                f"{s['seconds']:.1f} s of audio, {s['frames']} frames, {s['truncated']} cropped"
+                + (f", {s['augmented']} augmented" if s.get("augmented") else "")
+            )
+            if r.modality == "audio"
             else f"{s['tokens']} tokens, {s['truncated']} truncated"
+        )
         lines.append(f"split      {name}: {s['rows']} rows, {size}, {s['chunks_left']}/{s['chunks']} chunks to write")
     d = r.bytes_detail
-    parts = [f"{p} {_human(n)}" for p, n in d["pooled"].items()] + [f"tokens of layer {k} {_human(n)}" for k, n in d["tokens"].items()]
+    parts = [f"{p} {_human(n)}" for p, n in d["pooled"].items()] + [
+        f"tokens of layer {k} {_human(n)}" for k, n in d["tokens"].items()
+    ]
     parts.append(f"metadata and row arrays {_human(d['metadata_and_row_arrays'] + d['progress'])}")
-    lines.append(f"bytes      {_human(r.bytes)} ({r.bytes} bytes{'' if r.bytes_exact else ', estimated'}): " + ", ".join(parts))
+    lines.append(
+        f"bytes      {_human(r.bytes)} ({r.bytes} bytes{'' if r.bytes_exact else ', estimated'}): " + ", ".join(parts)
+    )
     if r.peak_bytes > r.bytes:
         lines.append(f"peak       {_human(r.peak_bytes)} while extracting (HDF5 is staged as zarr, then exported)")
     if r.free_bytes is not None:
         verdict = "enough" if r.free_bytes >= r.peak_bytes else "NOT ENOUGH: free space or choose another --out"
         lines.append(f"disk       {_human(r.free_bytes)} free where the store goes ({verdict})")
     t = r.timing
-    timed = (f"{t['batches_timed']} of {t['batches']} batches timed ({t['rows_timed']} rows in {t['seconds_timed']:.2f} s)"
-             if t.get("batches_timed") else "nothing to encode")
-    lines.append(f"time       about {_duration(r.estimated_seconds)} on {r.device}: {timed}, planning {t['planning_seconds']:.1f} s")
+    timed = (
+        f"{t['batches_timed']} of {t['batches']} batches timed ({t['rows_timed']} rows in {t['seconds_timed']:.2f} s)"
+        if t.get("batches_timed")
+        else "nothing to encode"
+    )
+    lines.append(
+        f"time       about {_duration(r.estimated_seconds)} on {r.device}: {timed}, planning "
+        f"{t['planning_seconds']:.1f} s"
+    )
     return "\n".join(lines)
 
 
@@ -221,7 +374,8 @@ def info(store_path: str, as_json: bool) -> None:
     prov = d["provenance"]
     lines = [
         f"store      {d['path']} ({d['format']}, {d['modality']}, {'complete' if d['complete'] else 'INCOMPLETE'})",
-        f"model      {prov.get('model', {}).get('name')}  hidden {d['hidden']}  layers {','.join(map(str, d['layers']))}",
+        f"model      {prov.get('model', {}).get('name')}  hidden {d['hidden']}  layers "
+        f"{','.join(map(str, d['layers']))}",
         f"poolings   {','.join(d['poolings'])}  dtype {d['dtype']}  towers {','.join(d['towers'])}"
         + (f"  tokens for layers {','.join(map(str, d['token_layers']))}" if d["token_layers"] else ""),
         f"labels     {', '.join(d['label_names']) if d['label_names'] else '(none)'}",
@@ -230,18 +384,30 @@ def info(store_path: str, as_json: bool) -> None:
         lines.append(f"groups     {', '.join(d['group_names'])}")
     unit, cut = ("frames", "cropped") if d["modality"] == "audio" else ("tokens", "truncated")
     for name, s in d["splits"].items():
-        lines.append(f"split      {name}: {s['rows']} rows, {s['chunks_done']}/{s['chunks']} chunks, "
-                     f"{sum(s['tokens'].values())} {unit}, {s['truncated'] or 0} {cut}"
-                     + (f", {s['augmented']} augmented" if s.get("augmented") else ""))
+        lines.append(
+            f"split      {name}: {s['rows']} rows, {s['chunks_done']}/{s['chunks']} chunks, "
+            f"{sum(s['tokens'].values())} {unit}, {s['truncated'] or 0} {cut}"
+            + (f", {s['augmented']} augmented" if s.get("augmented") else "")
+        )
     for src in prov.get("sources", []):
-        lines.append(f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns {','.join(src['columns'])}")
+        lines.append(
+            f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns "
+            f"{','.join(src['columns'])}"
+        )
     lines.append(f"bytes      {_human(d['bytes'])}")
-    lines.append(f"created    {d['created']}  finished {d['finished']}  embstore {prov.get('tool', {}).get('embstore')}")
+    lines.append(
+        f"created    {d['created']}  finished {d['finished']}  embstore {prov.get('tool', {}).get('embstore')}"
+    )
     click.echo("\n".join(lines))
 
 
 @main.command("ls")
-@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Directory to list [default: $EMBSTORE_CACHE or ./cache].")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    help="Directory to list [default: $EMBSTORE_CACHE or ./cache].",
+)
 def ls_(directory: str | None) -> None:
     """List the stores in the cache with their state."""
     from embstore.store.catalog import cache_dir, store_entries

@@ -17,57 +17,121 @@ if TYPE_CHECKING:
     from heads.probe.sweep import SweepConfig, SweepResult
 
 _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given here override it."),
+    click.option(
+        "--config",
+        "config_file",
+        type=click.Path(exists=True, dir_okay=False),
+        help="YAML file of options; flags given here override it.",
+    ),
     click.option("--store", help="Store path [default: the most recent complete store in the cache]."),
     click.option("--layers", help="Layer spec: all, 9-12, -4--1, 3,6, last4 [default: all]."),
-    click.option("--combine", help="Comma list of single, concat, sum, mean, mix [default: all five; heads train: single]."),
+    click.option(
+        "--combine", help="Comma list of single, concat, sum, mean, mix [default: all five; heads train: single]."
+    ),
     click.option("--pooling", help="Comma list of stored poolings [default: every stored pooling]."),
-    click.option("--head", help="Head kind(s), comma list: linear, mlp, conv, sum, mix, pair, rnn, gru, lstm [default: linear]."),
+    click.option(
+        "--head", help="Head kind(s), comma list: linear, mlp, conv, sum, mix, pair, rnn, gru, lstm [default: linear]."
+    ),
     click.option("--hidden", help="mlp hidden sizes, e.g. 2048 or 512,128. [default: 2048]"),
     click.option("--dropout", type=float, help="mlp, conv, rnn heads: dropout. [default: 0.1]"),
-    click.option("--activation", type=click.Choice(["relu", "gelu", "tanh"]), help="mlp and conv heads: activation. [default: relu]"),
+    click.option(
+        "--activation",
+        type=click.Choice(["relu", "gelu", "tanh"]),
+        help="mlp and conv heads: activation. [default: relu]",
+    ),
     click.option("--conv-hidden", type=int, help="conv head: channels. [default: 512]"),
     click.option("--sum-hidden", type=int, help="sum head (pairs): hidden size. [default: 256]"),
     click.option("--rnn-hidden", type=int, help="rnn, gru, lstm heads: hidden size. [default: 256]"),
     click.option("--rnn-layers", type=int, help="rnn, gru, lstm heads: stacked layers. [default: 1]"),
-    click.option("--bidirectional/--unidirectional", default=None, help="rnn, gru, lstm heads: read the tokens both "
-                 "ways [default: unidirectional]."),
-    click.option("--aggregate", type=click.Choice(["mean", "max", "last"]), help="rnn, gru, lstm heads: how the token states become one vector. [default: mean]"),
+    click.option(
+        "--bidirectional/--unidirectional",
+        default=None,
+        help="rnn, gru, lstm heads: read the tokens both ways [default: unidirectional].",
+    ),
+    click.option(
+        "--aggregate",
+        type=click.Choice(["mean", "max", "last"]),
+        help="rnn, gru, lstm heads: how the token states become one vector. [default: mean]",
+    ),
     click.option("--lr", type=float, help="Heads trained by AdamW: learning rate. [default: 0.001]"),
     click.option("--weight-decay", type=float, help="Heads trained by AdamW: weight decay. [default: 0.01]"),
     click.option("--batch-size", type=int, help="Heads trained by AdamW: rows per batch. [default: 64]"),
-    click.option("--epochs", type=int, help="Heads trained by AdamW: most passes over the training rows. [default: 30]"),
+    click.option(
+        "--epochs", type=int, help="Heads trained by AdamW: most passes over the training rows. [default: 30]"
+    ),
     click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 5]"),
-    click.option("--schedule", type=click.Choice(["constant", "exponential", "cosine"]), help="Heads trained by AdamW: lr schedule. [default: constant]"),
+    click.option(
+        "--schedule",
+        type=click.Choice(["constant", "exponential", "cosine"]),
+        help="Heads trained by AdamW: lr schedule. [default: constant]",
+    ),
     click.option("--gamma", type=float, help="Exponential schedule: lr factor per epoch. [default: 0.9]"),
-    click.option("--class-weight", type=click.Choice(["none", "balanced"]), help="Weigh the loss by inverse class frequency (balanced) or not. [default: none]"),
-    click.option("--validation-fraction", type=float, help="Share of training rows carved (seeded, stratified, group-aware) "
-                 "as validation: every choice (epoch, C, best configuration) is made there [default: 0.1]."),
-    click.option("--val-split", help="A store split to use as validation instead of a carve of the training rows "
-                 "[default: none: carve]."),
-    click.option("--solver", type=click.Choice(["lbfgs", "adamw"]), help="Linear heads: batched L-BFGS over a C grid "
-                 "(scikit-learn's objective) or minibatch AdamW [default: lbfgs]."),
-    click.option("--c-grid", help="Linear/lbfgs: inverse L2 strengths C to try, comma list [default: 1e-4,1e-3,...,100]."),
+    click.option(
+        "--class-weight",
+        type=click.Choice(["none", "balanced"]),
+        help="Weigh the loss by inverse class frequency (balanced) or not. [default: none]",
+    ),
+    click.option(
+        "--validation-fraction",
+        type=float,
+        help="Share of training rows carved (seeded, stratified, group-aware) "
+        "as validation: every choice (epoch, C, best configuration) is made there [default: 0.1].",
+    ),
+    click.option(
+        "--val-split",
+        help="A store split to use as validation instead of a carve of the training rows [default: none: carve].",
+    ),
+    click.option(
+        "--solver",
+        type=click.Choice(["lbfgs", "adamw"]),
+        help="Linear heads: batched L-BFGS over a C grid "
+        "(scikit-learn's objective) or minibatch AdamW [default: lbfgs].",
+    ),
+    click.option(
+        "--c-grid", help="Linear/lbfgs: inverse L2 strengths C to try, comma list [default: 1e-4,1e-3,...,100]."
+    ),
     click.option("--max-iter", type=int, help="Linear/lbfgs: L-BFGS iterations at most [default: 1000]."),
     click.option("--tol", type=float, help="Linear/lbfgs: gradient tolerance, as scikit-learn's tol [default: 1e-4]."),
     click.option("--train-split", help="Split to train on (a one-split store is carved instead). [default: train]"),
     click.option("--eval-split", help="Split scored for the report [default: test, else validation]."),
     click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
     click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
-    click.option("--folds", type=int, help="K-fold cross-validation of the training rows (all rows of a one-split "
-                 "store), seeded and stratified, as heads finetune --folds [default: none: score the evaluation rows]."),
+    click.option(
+        "--folds",
+        type=int,
+        help="K-fold cross-validation of the training rows (all rows of a one-split "
+        "store), seeded and stratified, as heads finetune --folds [default: none: score the evaluation rows].",
+    ),
     click.option("--max-memory", help="Feature memory budget, e.g. 8GB. [default: 8GB]"),
-    click.option("--verify/--no-verify", default=None, help="Check every row chunk read against the checksum recorded "
-                 "when it was written; a mismatch stops with one line [default: verify]."),
-    click.option("--ci/--no-ci", default=None, help="Bootstrap 95% intervals of every score and paired tests of every "
-                 "configuration against the best (exact McNemar, Holm-corrected) [default: on]."),
-    click.option("--control", help="A control store of the same model shape and rows (embstore extract --random-weights "
-                 "SEED): every configuration is trained on it too, and the gain over it is reported [default: none]."),
-    click.option("--mdl", is_flag=True, default=None, help="Also the online codelength (MDL, bits) of the training labels "
-                 "given each linear probe's features, and its compression over the uniform code."),
+    click.option(
+        "--verify/--no-verify",
+        default=None,
+        help="Check every row chunk read against the checksum recorded "
+        "when it was written; a mismatch stops with one line [default: verify].",
+    ),
+    click.option(
+        "--ci/--no-ci",
+        default=None,
+        help="Bootstrap 95% intervals of every score and paired tests of every "
+        "configuration against the best (exact McNemar, Holm-corrected) [default: on].",
+    ),
+    click.option(
+        "--control",
+        help="A control store of the same model shape and rows (embstore extract --random-weights "
+        "SEED): every configuration is trained on it too, and the gain over it is reported [default: none].",
+    ),
+    click.option(
+        "--mdl",
+        is_flag=True,
+        default=None,
+        help="Also the online codelength (MDL, bits) of the training labels "
+        "given each linear probe's features, and its compression over the uniform code.",
+    ),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
     click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
-    click.option("--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."),
+    click.option(
+        "--progress/--no-progress", default=None, help="tqdm bar of configurations done [default: on a terminal]."
+    ),
     click.option("-v", "--verbose", is_flag=True, help="Log more."),
 ]
 
@@ -93,7 +157,9 @@ def _announce(config: SweepConfig) -> SweepConfig:
         from embstore.store.catalog import cache_dir, latest_store
 
         path = latest_store(cache_dir())
-        click.echo(f"using store {path} (the most recent complete store in {cache_dir()}; pass --store to choose)", err=True)
+        click.echo(
+            f"using store {path} (the most recent complete store in {cache_dir()}; pass --store to choose)", err=True
+        )
         import dataclasses
 
         config = dataclasses.replace(config, store=path)
@@ -111,8 +177,12 @@ def _finish(result: SweepResult) -> None:
         return
     b = result.best
     val = f"validation macro-F1 {b['val_f1_macro']:.4f}, " if b.get("val_f1_macro") is not None else ""
-    click.echo(f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} {b['head']}: "
-               f"{val}test macro-F1 {b['f1_macro']:.4f}, test accuracy {b['accuracy']:.4f}", err=True)
+    click.echo(
+        f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} "
+        f"{b['head']}: "
+        f"{val}test macro-F1 {b['f1_macro']:.4f}, test accuracy {b['accuracy']:.4f}",
+        err=True,
+    )
     from heads.report.rundir import SUMMARY_FILE
 
     click.echo(f"summary: {result.run_dir / SUMMARY_FILE}", err=True)
@@ -140,20 +210,30 @@ def train(config_file: str | None, verbose: bool, progress: bool | None, **opts:
     config = _sweep_config(config_file, opts, defaults={"combine": "single"})
     for name, values in (("head", config.heads), ("combine", config.combine), ("pooling", config.pooling or ())):
         if len(values) > 1:
-            raise ConfigError(f"heads train trains one configuration; --{name} has {len(values)} values ({','.join(values)}): give one, or use heads sweep.")
+            raise ConfigError(
+                f"heads train trains one configuration; --{name} has {len(values)} values ({','.join(values)}): give "
+                f"one, or use heads sweep."
+            )
     _finish(run_sweep(_announce(config), show_progress=progress))
 
 
 @main.command()
 @click.argument("input_file", default="-", type=click.File("r"))
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head).")
+@click.option(
+    "--run", "run_dir", type=click.Path(exists=True, file_okay=False), help="Run directory (uses its best head)."
+)
 @click.option("--head-dir", type=click.Path(exists=True, file_okay=False), help="A saved head directory.")
 @click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present].")
-@click.option("--predictions", "predictions_file", type=click.Path(dir_okay=False),
-              help="Also write the predictions as FILE.npz, in the format of a sweep's predictions.npz (run 0, row_id = "
-                   "input line, y_true -1).")
-def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, device: str | None,
-            predictions_file: str | None) -> None:
+@click.option(
+    "--predictions",
+    "predictions_file",
+    type=click.Path(dir_okay=False),
+    help="Also write the predictions as FILE.npz, in the format of a sweep's predictions.npz (run 0, row_id = "
+    "input line, y_true -1).",
+)
+def predict(
+    input_file: TextIO, run_dir: str | None, head_dir: str | None, device: str | None, predictions_file: str | None
+) -> None:
     """Label texts (one per line, TEXT<TAB>PAIR for pairs; '-' reads stdin) with a saved head.
 
     For a head trained on a speech model's store, or a speech fine-tune (heads finetune --audio-col), each line is an
@@ -161,8 +241,8 @@ def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, devic
 
     Prints one JSON object per line: text, label, probabilities.
     """
-    from embstore.errors import ConfigError
     from embstore.device import resolve_device
+    from embstore.errors import ConfigError
     from heads.finetune.predict import is_finetune_run, predict_finetuned, predict_finetuned_audio
     from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
     from heads.report.rundir import RUN_FILE
@@ -171,16 +251,21 @@ def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, devic
     if not lines:
         raise ConfigError("No texts to label: the input is empty; give one text per line.")
     texts = [line.split("\t", 1)[0] for line in lines]
-    pairs = [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
+    pairs = (
+        [line.split("\t", 1)[1] if "\t" in line else "" for line in lines] if any("\t" in x for x in lines) else None
+    )
     run_meta = Path(run_dir or "", RUN_FILE)
     meta = json.loads(run_meta.read_text()) if run_dir is not None and run_meta.is_file() else {}
     if meta.get("kind") == "finetune" and meta.get("folds"):
-        raise ConfigError(f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
-                          "fine-tune without --folds to get one for heads predict.")
+        raise ConfigError(
+            f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
+            "fine-tune without --folds to get one for heads predict."
+        )
     if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
         if meta.get("modality") == "audio":  # each line is an audio file
-            labels, proba, names = predict_finetuned_audio(run_dir, [line.strip() for line in lines],
-                                                           device=resolve_device(device))
+            labels, proba, names = predict_finetuned_audio(
+                run_dir, [line.strip() for line in lines], device=resolve_device(device)
+            )
         else:
             labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=resolve_device(device))
     else:
@@ -197,7 +282,12 @@ def predict(input_file: TextIO, run_dir: str | None, head_dir: str | None, devic
 
         save_predictions(Path(predictions_file), [(np.arange(len(lines)), None, proba)], names)
     for text, label, p in zip(lines, labels, proba):
-        click.echo(json.dumps({"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}}, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {"text": text, "label": label, "probabilities": {str(n): round(float(v), 6) for n, v in zip(names, p)}},
+                ensure_ascii=False,
+            )
+        )
 
 
 @main.command()
@@ -227,25 +317,43 @@ def _with_flags(values: dict[str, Any], splits: tuple[str, ...], opts: dict[str,
     return values
 
 
-def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str, defaults: dict[str, str]
-                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def trainer_options(
+    *, schedules: tuple[str, ...], out: str, progress: str, defaults: dict[str, str]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options of the backbone trainers (``heads finetune``, ``heads pretrain``): the optimiser's
     (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming, the
     device, the run directory (help text ``out``), the progress bar (``progress``) and -v. ``defaults``: the
     trainer's config defaults (lr, weight_decay, batch_size, epochs, warmup_ratio) as --help shows them; the flags
     default to None so that a --config file's values hold unless a flag is given."""
     options = [
-        click.option("--weight-decay", type=float, help=f"AdamW weight decay, never on biases and LayerNorm weights. [default: {defaults['weight_decay']}]"),
+        click.option(
+            "--weight-decay",
+            type=float,
+            help=f"AdamW weight decay, never on biases and LayerNorm weights. [default: {defaults['weight_decay']}]",
+        ),
         click.option("--batch-size", type=int, help=f"Rows per batch and process. [default: {defaults['batch_size']}]"),
         click.option("--epochs", type=int, help=f"Passes over the training rows. [default: {defaults['epochs']}]"),
-        click.option("--warmup-ratio", type=float, help=f"Share of the optimizer steps with a linear warmup. [default: {defaults['warmup_ratio']}]"),
-        click.option("--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup. [default: linear]"),
+        click.option(
+            "--warmup-ratio",
+            type=float,
+            help=f"Share of the optimizer steps with a linear warmup. [default: {defaults['warmup_ratio']}]",
+        ),
+        click.option(
+            "--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup. [default: linear]"
+        ),
         click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off). [default: 1]"),
         click.option("--grad-accum", type=int, help="Batches per optimizer step. [default: 1]"),
-        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="accelerate mixed precision. [default: no]"),
+        click.option(
+            "--mixed-precision",
+            type=click.Choice(["no", "fp16", "bf16"]),
+            help="accelerate mixed precision. [default: no]",
+        ),
         click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling. [default: 0]"),
-        click.option("--resume/--no-resume", default=None, help="Continue from the run directory's last checkpoint. "
-                     "[default: no-resume]"),
+        click.option(
+            "--resume/--no-resume",
+            default=None,
+            help="Continue from the run directory's last checkpoint. [default: no-resume]",
+        ),
         click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
         click.option("--out", help=out),
         click.option("--progress/--no-progress", default=True, show_default=True, help=progress),
@@ -256,6 +364,7 @@ def trainer_options(*, schedules: tuple[str, ...], out: str, progress: str, defa
         for opt in reversed(options):
             f = opt(f)
         return f
+
     return apply
 
 
@@ -283,59 +392,129 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="YAML of options; with a 'runs:' list (name + overrides each) it runs a study and writes a report.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML of options; with a 'runs:' list (name + overrides each) it runs a study and writes a report.",
+)
 @click.option("--model", help="Backbone: minilm, random:NAME, a local HF directory. [default: minilm]")
-@click.option("--data", help="One CSV/TSV/JSONL/Parquet file or builtin:tweets; without "
-              "--holdout a one-file table is carved 0.2 for evaluation, as heads sweep carves its store. [default: builtin:tweets]")
+@click.option(
+    "--data",
+    help="One CSV/TSV/JSONL/Parquet file or builtin:tweets; without "
+    "--holdout a one-file table is carved 0.2 for evaluation, as heads sweep carves its store. [default: "
+    "builtin:tweets]",
+)
 @click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split (instead of --data).")
-@click.option("--holdout", type=float, help="Hold out this fraction of --data as a 'test' split, as embstore extract "
-              "--holdout does (the same rows for the same --seed).")
+@click.option(
+    "--holdout",
+    type=float,
+    help="Hold out this fraction of --data as a 'test' split, as embstore extract "
+    "--holdout does (the same rows for the same --seed).",
+)
 @click.option("--text-col", help="Text column [default: text or sentence, whichever the table has].")
 @click.option("--text-pair-col", help="Second text column: sentence pairs, encoded as [CLS] a [SEP] b.")
 @click.option("--label-col", help="Label column [default: label or labels, whichever the table has].")
-@click.option("--group-col", help="Column of groups (e.g. speaker or author): every carve keeps each group on one side.")
-@click.option("--audio-col", help="Column of audio file paths (relative to the table): fine-tune a speech model "
-              "(HuBERT, wav2vec2, WavLM) on the clips.", show_default="none: text")
-@click.option("--skip-bad/--no-skip-bad", default=None, help="Speech: drop (and count) rows whose audio file is missing, "
-              "unreadable, empty or shorter than the model's receptive field, instead of stopping.", show_default="no-skip-bad")
-@click.option("--max-seconds", type=float, help="Speech: cut each training clip to a random window this long, drawn "
-              "anew each epoch; evaluation reads whole clips.", show_default="20")
-@click.option("--batch-seconds", type=float, help="Speech: at most this many seconds of padded audio (rows x longest "
-              "clip) per batch, and at most --batch-size rows.", show_default="60")
-@click.option("--augment", help="Speech: augment the training clips on the fly, new draws each epoch: a comma list of "
-              "noise, shift, speed (the augmenters of embstore extract).", show_default="none")
-@click.option("--snr-db", type=float, help="--augment noise: signal-to-noise ratio of the added Gaussian noise in dB.",
-              show_default="20")
+@click.option(
+    "--group-col", help="Column of groups (e.g. speaker or author): every carve keeps each group on one side."
+)
+@click.option(
+    "--audio-col",
+    help="Column of audio file paths (relative to the table): fine-tune a speech model "
+    "(HuBERT, wav2vec2, WavLM) on the clips.",
+    show_default="none: text",
+)
+@click.option(
+    "--skip-bad/--no-skip-bad",
+    default=None,
+    help="Speech: drop (and count) rows whose audio file is missing, "
+    "unreadable, empty or shorter than the model's receptive field, instead of stopping.",
+    show_default="no-skip-bad",
+)
+@click.option(
+    "--max-seconds",
+    type=float,
+    help="Speech: cut each training clip to a random window this long, drawn "
+    "anew each epoch; evaluation reads whole clips.",
+    show_default="20",
+)
+@click.option(
+    "--batch-seconds",
+    type=float,
+    help="Speech: at most this many seconds of padded audio (rows x longest "
+    "clip) per batch, and at most --batch-size rows.",
+    show_default="60",
+)
+@click.option(
+    "--augment",
+    help="Speech: augment the training clips on the fly, new draws each epoch: a comma list of "
+    "noise, shift, speed (the augmenters of embstore extract).",
+    show_default="none",
+)
+@click.option(
+    "--snr-db",
+    type=float,
+    help="--augment noise: signal-to-noise ratio of the added Gaussian noise in dB.",
+    show_default="20",
+)
 @click.option("--limit", type=int, help="First N rows of each split.")
-@click.option("--max-length", type=int, help="Truncate inputs to this many tokens (embstore extract's default too, so "
-              f"both see the same text). [default: {DEFAULT_MAX_LENGTH}]")
-@click.option("--freeze", help="Layers to freeze: 0-8, embeddings, all, all-but-last, none, lists, negative indices; "
-              "speech also feature-encoder (the conv front end, alone or in a list). "
-              "[default: none for text, feature-encoder for speech]")
+@click.option(
+    "--max-length",
+    type=int,
+    help="Truncate inputs to this many tokens (embstore extract's default too, so "
+    f"both see the same text). [default: {DEFAULT_MAX_LENGTH}]",
+)
+@click.option(
+    "--freeze",
+    help="Layers to freeze: 0-8, embeddings, all, all-but-last, none, lists, negative indices; "
+    "speech also feature-encoder (the conv front end, alone or in a list). "
+    "[default: none for text, feature-encoder for speech]",
+)
 @click.option("--truncate", type=int, help="Classify from layer K and drop the layers above it.")
 @click.option("--prune-heads", help="Remove attention heads: '11:0,3;10:5' (layer:heads; layers 1..L, heads from 0).")
-@click.option("--prune-fraction", type=float, help="Remove this fraction of the least important heads (Michel et al. 2019).")
-@click.option("--min-heads-per-layer", type=int, help="--prune-fraction keeps at least this many heads "
-              "in every layer. [default: 1]")
+@click.option(
+    "--prune-fraction", type=float, help="Remove this fraction of the least important heads (Michel et al. 2019)."
+)
+@click.option(
+    "--min-heads-per-layer",
+    type=int,
+    help="--prune-fraction keeps at least this many heads in every layer. [default: 1]",
+)
 @click.option("--classifier", type=click.Choice(["linear", "mlp"]), help="Head on the pooled vector. [default: linear]")
-@click.option("--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) "
-              "or 512,128. [default: 2048]")
+@click.option(
+    "--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) or 512,128. [default: 2048]"
+)
 @click.option("--dropout", type=float, help="mlp dropout. [default: 0.1]")
-@click.option("--pooling", type=click.Choice(["cls", "mean"]), help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or frames). [default: cls for text, mean for speech]")
+@click.option(
+    "--pooling",
+    type=click.Choice(["cls", "mean"]),
+    help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or "
+    "frames). [default: cls for text, mean for speech]",
+)
 @click.option("--lr", type=float, help="Backbone learning rate. [default: 5e-05]")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's. [default: 0.001]")
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 2]")
 @click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs. [default: 3]")
-@click.option("--validation-fraction", type=float, help="Share of the training rows carved "
-              "(seeded, stratified, group-aware) as validation rows for early stopping. [default: 0.1]")
+@click.option(
+    "--validation-fraction",
+    type=float,
+    help="Share of the training rows carved "
+    "(seeded, stratified, group-aware) as validation rows for early stopping. [default: 0.1]",
+)
 @click.option("--train-split", help="Split to train on (a one-split table is carved instead). [default: train]")
 @click.option("--eval-split", help="Split scored for the report [default: test, else validation].")
-@click.option("--folds", type=int, help="Stratified K-fold cross-validation of the training rows (seeded): "
-              "per-fold rows and mean +- std; no model/ is kept.")
-@trainer_options(schedules=("linear", "cosine", "exponential"), out="Run directory [default: runs/<time>-finetune].",
-                 progress="tqdm bar per epoch with loss and examples/s.",
-                 defaults={"weight_decay": "0", "batch_size": "8", "epochs": "5", "warmup_ratio": "0"})
+@click.option(
+    "--folds",
+    type=int,
+    help="Stratified K-fold cross-validation of the training rows (seeded): "
+    "per-fold rows and mean +- std; no model/ is kept.",
+)
+@trainer_options(
+    schedules=("linear", "cosine", "exponential"),
+    out="Run directory [default: runs/<time>-finetune].",
+    progress="tqdm bar per epoch with loss and examples/s.",
+    defaults={"weight_decay": "0", "batch_size": "8", "epochs": "5", "warmup_ratio": "0"},
+)
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
@@ -353,10 +532,16 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
         if quiet_rank:
             return
         if result.folds:
-            click.echo(f"{result.folds} folds: accuracy {result.accuracy:.4f} ± {result.accuracy_std:.4f}, macro-F1 "
-                       f"{result.f1_macro:.4f} ± {result.f1_macro_std:.4f}", err=True)
-        click.echo(f"accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}, trainable {result.trainable_params:,} "
-                   f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch", err=True)
+            click.echo(
+                f"{result.folds} folds: accuracy {result.accuracy:.4f} ± {result.accuracy_std:.4f}, macro-F1 "
+                f"{result.f1_macro:.4f} ± {result.f1_macro_std:.4f}",
+                err=True,
+            )
+        click.echo(
+            f"accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}, trainable {result.trainable_params:,} "
+            f"of {result.total_params:,} parameters, {result.seconds_per_epoch:.1f}s/epoch",
+            err=True,
+        )
         click.echo(str(result.run_dir))
         return
     base = run_dir(values.pop("out", None), "study")
@@ -364,8 +549,10 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     for variant in runs:
         variant = dict(variant)
         name = str(variant.pop("name"))
-        result = run_finetune(_found_columns(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}),
-                                             labels=True), show_progress=progress)
+        result = run_finetune(
+            _found_columns(FinetuneConfig.from_dict({**values, **variant, "out": str(base / name)}), labels=True),
+            show_progress=progress,
+        )
         click.echo(f"{name}: accuracy {result.accuracy:.4f}, macro-F1 {result.f1_macro:.4f}", err=True)
         dirs.append(result.run_dir)
     click.echo(str(write_report(dirs, base / "report")))
@@ -375,20 +562,29 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="YAML of pretrain options (flags override it), or a BERT config YAML such as "
-                   "configs/models/mini-bert.yaml (then it sets the architecture).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML of pretrain options (flags override it), or a BERT config YAML such as "
+    "configs/models/mini-bert.yaml (then it sets the architecture).",
+)
 @click.option("--data", help="One CSV/TSV/JSONL/Parquet file; a share is held out for perplexity.")
 @click.option("--split", "splits", multiple=True, help="NAME=FILE, one per split (train=..., validation=...).")
 @click.option("--text-col", help="Text column [default: text or sentence, whichever the table has].")
 @click.option("--text-pair-col", help="Second sentence column: train on pairs [CLS] A [SEP] B [SEP].")
 @click.option("--limit", type=int, help="First N rows of each split.")
-@click.option("--skip-empty/--no-skip-empty", default=None, help="Drop empty rows instead of failing. [default: no-skip-empty]")
+@click.option(
+    "--skip-empty/--no-skip-empty", default=None, help="Drop empty rows instead of failing. [default: no-skip-empty]"
+)
 @click.option("--train-split", help="[default: train]")
 @click.option("--eval-split", help="Held-out split [default: validation, dev or test, else carve rows].")
 @click.option("--heldout-fraction", type=float, help="Share of rows carved for held-out perplexity [default: 0.05].")
-@click.option("--tokenizer", type=click.Path(exists=True), help="Reuse this tokenizer (directory or tokenizer.json) "
-              "instead of training a WordPiece one.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True),
+    help="Reuse this tokenizer (directory or tokenizer.json) instead of training a WordPiece one.",
+)
 @click.option("--vocab-size", type=int, help="WordPiece vocabulary size [default: 8000].")
 @click.option("--min-frequency", type=int, help="WordPiece minimum merge frequency [default: 2].")
 @click.option("--lowercase/--cased", default=None, help="Lower-case before WordPiece [default: lowercase].")
@@ -402,17 +598,26 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--max-length", type=int, help="Tokens per sequence, specials included [default: 128].")
 @click.option("--mask-prob", type=float, help="Bernoulli masking probability (80/10/10) [default: 0.15].")
 @click.option("--whole-word/--no-whole-word", default=None, help="Mask whole words. [default: no-whole-word]")
-@click.option("--swap-augment/--no-swap-augment", default=None, help="Pairs: train on both sentence orders. [default: no-swap-augment]")
-@click.option("--pair-objective", type=click.Choice(["sop", "nsp", "none"]), help="Pairs: sentence-order or "
-              "next-sentence prediction, trained jointly [default: none].")
+@click.option(
+    "--swap-augment/--no-swap-augment",
+    default=None,
+    help="Pairs: train on both sentence orders. [default: no-swap-augment]",
+)
+@click.option(
+    "--pair-objective",
+    type=click.Choice(["sop", "nsp", "none"]),
+    help="Pairs: sentence-order or next-sentence prediction, trained jointly [default: none].",
+)
 @click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
 @click.option("--lr", type=float, help="Peak learning rate [default: 5e-4].")
 @click.option("--max-steps", type=int, help="Optimizer steps in total (overrides --epochs).")
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
-@trainer_options(schedules=("linear", "cosine", "constant"),
-                 out="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].",
-                 progress="tqdm progress bar with tokens/s.",
-                 defaults={"weight_decay": "0.01", "batch_size": "32", "epochs": "1", "warmup_ratio": "0.06"})
+@trainer_options(
+    schedules=("linear", "cosine", "constant"),
+    out="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].",
+    progress="tqdm progress bar with tokens/s.",
+    defaults={"weight_decay": "0.01", "batch_size": "32", "epochs": "1", "warmup_ratio": "0.06"},
+)
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
@@ -426,9 +631,12 @@ def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, v
     result = run_pretrain(config, show_progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    click.echo(f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; train MLM loss {result.train_mlm_loss:.4f}, "
-               f"masked accuracy {result.train_masked_accuracy:.4f}; held-out perplexity {result.heldout_perplexity:.2f}, "
-               f"masked accuracy {result.heldout_masked_accuracy:.4f}", err=True)
+    click.echo(
+        f"{result.steps} steps, {result.tokens_per_second:,.0f} tokens/s; train MLM loss {result.train_mlm_loss:.4f}, "
+        f"masked accuracy {result.train_masked_accuracy:.4f}; held-out perplexity {result.heldout_perplexity:.2f}, "
+        f"masked accuracy {result.heldout_masked_accuracy:.4f}",
+        err=True,
+    )
     click.echo(f"model: {result.model_dir}", err=True)
     click.echo(str(result.run_dir))
 

@@ -79,7 +79,8 @@ class ExtractConfig:
     device: str | None = None
     """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
     wait: bool = False
-    """When another process is writing the same store, wait for it (then resume or find it complete) instead of failing."""
+    """When another process is writing the same store, wait for it (then resume or find it complete) instead of
+    failing."""
     quantize: Literal["none", "int8"] = "none"
     """'int8': dynamic int8 quantisation of the backbone's Linear layers, CPU only (faster; the
     measured deviation from float32 is recorded in provenance). Part of the store id."""
@@ -87,7 +88,8 @@ class ExtractConfig:
     """Accept a model directory whose weights are pickle files (.bin/.pt), loaded with weights_only=True."""
     random_weights: int | None = None
     """A control store: the model's architecture and tokenizer with its weights re-initialised from its config the
-    way ``from_config`` does, under this seed (what the architecture gives without pretraining). Part of the store id."""
+    way ``from_config`` does, under this seed (what the architecture gives without pretraining). Part of the store
+    id."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in provenance, never in the fingerprint."""
 
@@ -97,22 +99,32 @@ class ExtractConfig:
             bad = [p for p in self.pooling if p not in POOLINGS]
             if bad or not self.pooling:
                 raise ConfigError(
-                    f"The 'pooling' option must be a comma list of {', '.join(POOLINGS)}; got {','.join(self.pooling) or 'nothing'}."
+                    f"The 'pooling' option must be a comma list of {', '.join(POOLINGS)}; got "
+                    f"{','.join(self.pooling) or 'nothing'}."
                 )
             if src.audio_col and "cls" in self.pooling:
                 raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max with --audio-col.")
         if self.augment and not src.audio_col:
             raise ConfigError("--augment makes audio copies: it needs --audio-col (and a speech model).")
         if self.augment and src.holdout is None and "train" not in dict(src.splits):
-            raise ConfigError("Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or --split train=FILE.")
+            raise ConfigError(
+                "Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or "
+                "--split train=FILE."
+            )
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"The 'max_seconds' option must be a positive number of seconds; got {self.max_seconds}.")
         if self.batch_seconds <= 0:
-            raise ConfigError(f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}.")
+            raise ConfigError(
+                f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}."
+            )
         self.augment_spec()  # validates the transforms and copies
-        for name, value in (("max_length", self.max_length), ("batch_size", self.batch_size),
-                            ("token_budget", self.token_budget), ("chunk_rows", self.chunk_rows),
-                            ("num_processes", self.num_processes)):
+        for name, value in (
+            ("max_length", self.max_length),
+            ("batch_size", self.batch_size),
+            ("token_budget", self.token_budget),
+            ("chunk_rows", self.chunk_rows),
+            ("num_processes", self.num_processes),
+        ):
             if value < 1:
                 raise ConfigError(f"The '{name}' option must be a positive integer; got {value}.")
         if self.max_length < 2:
@@ -124,10 +136,15 @@ class ExtractConfig:
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"The 'dtype' option must be float16 or float32; got {self.dtype!r}.")
         if self.quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"The 'quantize' option must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}.")
-        if self.random_weights is not None and (isinstance(self.random_weights, bool) or not isinstance(self.random_weights, int)
-                                                or self.random_weights < 0):
-            raise ConfigError(f"The 'random_weights' option must be a seed, a whole number >= 0; got {self.random_weights!r}.")
+            raise ConfigError(
+                f"The 'quantize' option must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}."
+            )
+        if self.random_weights is not None and (
+            isinstance(self.random_weights, bool) or not isinstance(self.random_weights, int) or self.random_weights < 0
+        ):
+            raise ConfigError(
+                f"The 'random_weights' option must be a seed, a whole number >= 0; got {self.random_weights!r}."
+            )
         from embstore.backbones.quantize import check_quantize_device
 
         check_quantize_device(self.quantize, self.device)
@@ -136,8 +153,11 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data source's keys at the top level)."""
-        d = {"model": self.model, **self.source.to_dict(),
-             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "source")}}
+        d = {
+            "model": self.model,
+            **self.source.to_dict(),
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "source")},
+        }
         d["extra"] = dict(self.extra)
         d["pooling"] = None if self.pooling is None else list(self.pooling)
         d["augment"] = list(self.augment)
@@ -163,5 +183,10 @@ class ExtractConfig:
             return None
         from embstore.data.augment import AugmentSpec
 
-        return AugmentSpec(transforms=self.augment, copies=self.copies, classes=self.augment_classes,
-                           snr_db=self.snr_db, seed=self.source.seed)
+        return AugmentSpec(
+            transforms=self.augment,
+            copies=self.copies,
+            classes=self.augment_classes,
+            snr_db=self.snr_db,
+            seed=self.source.seed,
+        )

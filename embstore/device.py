@@ -24,7 +24,8 @@ def cuda_present() -> bool:
     """Whether a CUDA GPU is usable. torch is asked only when it is already imported or an NVIDIA driver is
     installed, so a machine without one never pays for importing torch here."""
     if "torch" not in sys.modules and not any(
-            os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/nvidiactl")):
+        os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/nvidiactl")
+    ):
         return False
     import torch
 
@@ -39,6 +40,8 @@ def resolve_device(requested: str | None) -> str:
     if requested is None or requested == AUTO:
         return "cuda" if cuda_present() else "cpu"
     if requested.startswith("cuda") and not cuda_present():
-        raise ConfigError(f"--device {requested} asks for CUDA, but no CUDA GPU is visible; pass --device cpu, or "
-                          "--device auto to use CUDA only when present.")
+        raise ConfigError(
+            f"--device {requested} asks for CUDA, but no CUDA GPU is visible; pass --device cpu, or "
+            "--device auto to use CUDA only when present."
+        )
     return requested

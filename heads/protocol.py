@@ -1,7 +1,8 @@
 """The evaluation protocol every product shares: split roles, carves, folds, early stopping.
 
 Which rows train, which rows choose (validation) and which rows are scored for the report (evaluation) is
-decided here once, for ``heads sweep``/``heads train`` (probe) and ``heads finetune`` (whose data is not a store: it calls
+decided here once, for ``heads sweep``/``heads train`` (probe) and ``heads finetune`` (whose data is not a store: it
+calls
 :func:`carve`, :func:`make_split` and :func:`fold_rounds` on the loaded rows):
 
 * :func:`split_roles` names the training and evaluation splits of a store (a one-split store is carved);
@@ -31,8 +32,18 @@ from embstore.errors import ConfigError
 if TYPE_CHECKING:
     from embstore.store.reader import Store
 
-__all__ = ["Split", "make_split", "BestTracker", "scores", "carve", "validation_carve",
-           "carve_groups", "split_roles", "Round", "fold_rounds"]
+__all__ = [
+    "Split",
+    "make_split",
+    "BestTracker",
+    "scores",
+    "carve",
+    "validation_carve",
+    "carve_groups",
+    "split_roles",
+    "Round",
+    "fold_rounds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +94,16 @@ class Split:
     """True when validation rows were carved from the training inputs."""
 
 
-def make_split(y: np.ndarray, y_val: np.ndarray | None, *, validation_fraction: float, seed: int, patience: int,
-               groups: np.ndarray | None = None, row_ids: np.ndarray | None = None) -> Split:
+def make_split(
+    y: np.ndarray,
+    y_val: np.ndarray | None,
+    *,
+    validation_fraction: float,
+    seed: int,
+    patience: int,
+    groups: np.ndarray | None = None,
+    row_ids: np.ndarray | None = None,
+) -> Split:
     """Training and validation rows of one estimator: ``y_val``'s rows when validation data was given, none
     without early stopping (``patience`` 0), else a :func:`carve` of ``validation_fraction`` of the rows (seeded;
     group-disjoint with ``groups``, else stratified when every class has 2 rows; drawn in the order of the rows'
@@ -103,14 +122,18 @@ def make_split(y: np.ndarray, y_val: np.ndarray | None, *, validation_fraction: 
     try:
         tr, va = carve(y, validation_fraction, seed, groups, row_ids)
     except ValueError as e:
-        raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or "
-                          "patience=0.") from e
+        raise ConfigError(f"Cannot carve a validation set from {n} rows ({e}); pass X_val/y_val or patience=0.") from e
     return Split(tr, y, va, y, True)
 
 
-def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None,
-                     what: str = "the training rows", row_ids: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def validation_carve(
+    y: np.ndarray,
+    fraction: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+    what: str = "the training rows",
+    row_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) sorted positions: a seeded, stratified carve of ``ceil(fraction * n)`` rows (each class in
     proportion, at least one row of each), group-aware (no group on both sides, classes balanced as far as the
     groups allow) when ``groups`` are given.
@@ -130,8 +153,10 @@ def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarr
     counts = np.bincount(y)[present]
     if want < need or counts.min() < 2:
         rare = "" if counts.min() >= 2 else f" (a class has only {counts.min()} row, so it cannot be on both sides)"
-        raise ConfigError(f"The validation carve of {what} ({fraction:g} of {n} rows = {want}) cannot hold every one "
-                          f"of the {need} classes{rare}; {fix}.")
+        raise ConfigError(
+            f"The validation carve of {what} ({fraction:g} of {n} rows = {want}) cannot hold every one "
+            f"of the {need} classes{rare}; {fix}."
+        )
     idx = np.arange(n)
     n_groups = 0 if groups is None else len(np.unique(groups))
 
@@ -148,11 +173,18 @@ def validation_carve(y: np.ndarray, fraction: float, seed: int, groups: np.ndarr
             for fit, val in StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, y, groups):
                 if covers(fit, val):
                     if k < round(1.0 / fraction):
-                        log.info("validation carve of %s: %d of %d rows (1 of %d group folds) to hold every class",
-                                 what, len(val), n, k)
+                        log.info(
+                            "validation carve of %s: %d of %d rows (1 of %d group folds) to hold every class",
+                            what,
+                            len(val),
+                            n,
+                            k,
+                        )
                     return np.sort(fit), np.sort(val)
-        raise ConfigError(f"The validation carve of {what} keeps its {n_groups} groups apart, and no carve of them holds "
-                          f"every one of the {need} classes on both sides; {fix}.")
+        raise ConfigError(
+            f"The validation carve of {what} keeps its {n_groups} groups apart, and no carve of them holds "
+            f"every one of the {need} classes on both sides; {fix}."
+        )
     if groups is not None:
         log.warning("only one group: carving validation rows without keeping groups apart")
     val = _stratified_pick(y, present, want, seed)
@@ -185,8 +217,9 @@ def carve_groups(store: Store, split: str) -> np.ndarray | None:
     return store.row_ids(split) if store.augmented(split).any() else None
 
 
-def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, seed: int, folds: int | None = None
-                ) -> tuple[tuple[str, np.ndarray | None], tuple[str, np.ndarray | None]]:
+def split_roles(
+    store: Store, train: str, evaluate: str | None, holdout: float, seed: int, folds: int | None = None
+) -> tuple[tuple[str, np.ndarray | None], tuple[str, np.ndarray | None]]:
     """((train split, rows or None), (eval split, rows or None)); a one-split store is carved (by
     :func:`embstore.data.carve.carve`, on source-row ids, as ``heads finetune`` carves a one-split table), unless
     ``folds`` cross-validates all its rows."""
@@ -195,9 +228,14 @@ def split_roles(store: Store, train: str, evaluate: str | None, holdout: float, 
         if name is None and folds:
             name = train  # cross-validation scores held-out folds of the training rows; no evaluation split needed
         if name is None:
-            raise ConfigError(f"{store.path} has splits {', '.join(store.splits)} and none is named test or validation; pass --eval-split NAME.")
+            raise ConfigError(
+                f"{store.path} has splits {', '.join(store.splits)} and none is named test or validation; pass "
+                f"--eval-split NAME."
+            )
         if name not in store.splits:
-            raise ConfigError(f"--eval-split {name!r} is not in {store.path}; its splits are {', '.join(store.splits)}.")
+            raise ConfigError(
+                f"--eval-split {name!r} is not in {store.path}; its splits are {', '.join(store.splits)}."
+            )
         return (train, None), (name, None)
     if len(store.splits) == 1 and evaluate is None:
         only = store.splits[0]
@@ -223,9 +261,19 @@ class Round:
     y_eval: np.ndarray
 
 
-def fold_rounds(folds: int | None, y_train: np.ndarray, tr_rows: np.ndarray | None, tr_split: str, ev_split: str,
-                ev_rows: np.ndarray | None, y_eval: np.ndarray, seed: int, groups: np.ndarray | None,
-                augmented: np.ndarray, row_ids: np.ndarray | None = None) -> Iterator[Round]:
+def fold_rounds(
+    folds: int | None,
+    y_train: np.ndarray,
+    tr_rows: np.ndarray | None,
+    tr_split: str,
+    ev_split: str,
+    ev_rows: np.ndarray | None,
+    y_eval: np.ndarray,
+    seed: int,
+    groups: np.ndarray | None,
+    augmented: np.ndarray,
+    row_ids: np.ndarray | None = None,
+) -> Iterator[Round]:
     """One round on the evaluation split, or ``folds`` seeded, stratified folds of the training rows (each row
     held out once; group-disjoint when ``groups``, aligned with the training rows, are given). Augmented rows
     only ever join the fitting side. ``row_ids``, aligned with the training rows: their source ids; the folds
@@ -241,12 +289,17 @@ def fold_rounds(folds: int | None, y_train: np.ndarray, tr_rows: np.ndarray | No
     groups = None if groups is None else groups[order]
     counts = np.bincount(y_train)
     if counts[counts > 0].min() < folds:
-        raise ConfigError(f"--folds {folds} needs at least {folds} training rows of every class; the rarest class has "
-                          f"{counts[counts > 0].min()}. Use fewer folds or more data.")
+        raise ConfigError(
+            f"--folds {folds} needs at least {folds} training rows of every class; the rarest class has "
+            f"{counts[counts > 0].min()}. Use fewer folds or more data."
+        )
     if groups is not None:
         n_groups = len(np.unique(groups))
         if n_groups < folds:
-            raise ConfigError(f"--folds {folds} keeps groups apart but the training rows hold only {n_groups} groups; use --folds {n_groups} or fewer.")
+            raise ConfigError(
+                f"--folds {folds} keeps groups apart but the training rows hold only {n_groups} groups; use --folds "
+                f"{n_groups} or fewer."
+            )
         splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(base, y_train, groups)
     else:
         splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(base, y_train)

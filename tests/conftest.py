@@ -54,12 +54,15 @@ def tiny_csv(tmp_path: Path) -> Path:
 def pair_csv(tmp_path: Path) -> Path:
     """Sentence pairs with integer labels."""
     path = tmp_path / "pairs.csv"
-    pd.DataFrame({"s1": TEXTS, "s2": TEXTS[::-1], "label": [i % 2 for i in range(len(TEXTS))]}).to_csv(path, index=False)
+    pd.DataFrame({"s1": TEXTS, "s2": TEXTS[::-1], "label": [i % 2 for i in range(len(TEXTS))]}).to_csv(
+        path, index=False
+    )
     return path
 
 
-def synthetic_csv(tmp_path: Path, n: int, *, seed: int = 0, min_words: int = 3, max_words: int = 40,
-                  name: str = "synthetic.csv") -> Path:
+def synthetic_csv(
+    tmp_path: Path, n: int, *, seed: int = 0, min_words: int = 3, max_words: int = 40, name: str = "synthetic.csv"
+) -> Path:
     """``n`` rows of random words (lengths min_words..max_words-1) with 3 integer labels: for tests that
     need many rows, long and short, but no real distribution."""
     import numpy as np
@@ -77,14 +80,21 @@ def recording_env(tmp_path: Path, target: str) -> dict[str, str]:
     to ``tmp_path``/calls.<rank or pid>: tests/recording/sitecustomize.py does it. Read them with
     :func:`recorded_calls`."""
     root = Path(__file__).resolve().parents[1]
-    return {**os.environ, "RECORD_TARGET": target, "RECORD_LOG": str(tmp_path / "calls"),
-            "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests" / "recording")]), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "RECORD_TARGET": target,
+        "RECORD_LOG": str(tmp_path / "calls"),
+        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests" / "recording")]),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def recorded_calls(tmp_path: Path) -> dict[str, list[list[str]]]:
     """{rank (or 'pid<n>'): [the logged arguments of each call]} under :func:`recording_env`."""
-    return {f.name.split(".", 1)[1]: [line.split() for line in f.read_text().splitlines()]
-            for f in sorted(tmp_path.glob("calls.*"))}
+    return {
+        f.name.split(".", 1)[1]: [line.split() for line in f.read_text().splitlines()]
+        for f in sorted(tmp_path.glob("calls.*"))
+    }
 
 
 def write_table(df: pd.DataFrame, path: Path) -> Path:

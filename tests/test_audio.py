@@ -16,12 +16,12 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
+from embstore.backbones.registry import load_backbone
+from embstore.config import ExtractConfig
 from embstore.data.audio import load_waveform, probe_files, rational, read_audio, resample, resampled_length
 from embstore.data.augment import AugmentParams, AugmentSpec, apply, choose_sources, draw_params
-from embstore.config import ExtractConfig
 from embstore.errors import ConfigError, DataError
 from embstore.extraction.run import extract
-from embstore.backbones.registry import load_backbone
 from embstore.store.reader import open_store
 from heads.probe.sweep import SweepConfig, run_sweep
 from heads.protocol import split_roles
@@ -63,13 +63,15 @@ def tones(tmp_path: Path) -> Path:
 
 
 def cfg(data: Path, tmp_path: Path, **kw) -> ExtractConfig:
-    base = dict(model=HUBERT, data=str(data), audio_col="file", label_col="label", dtype="float32",
-                out=str(tmp_path / "stores"))
+    base = dict(
+        model=HUBERT, data=str(data), audio_col="file", label_col="label", dtype="float32", out=str(tmp_path / "stores")
+    )
     base.update(kw)
     return ExtractConfig.from_dict(dict(**base))
 
 
 # -- reading and resampling --------------------------------------------------------------------
+
 
 def test_resampling_keeps_frequency_and_length(tmp_path: Path):
     x = tone(440.0, 1.0, 22050)
@@ -80,7 +82,7 @@ def test_resampling_keeps_frequency_and_length(tmp_path: Path):
     assert abs(peak_hz(y, 16000) - 440.0) < 2.0
     # a tone above the new Nyquist is filtered out, not aliased down into the band
     high = resample(tone(10000.0, 1.0, 22050), up, down)
-    assert np.sqrt(np.mean(high ** 2)) < 0.01 * np.sqrt(np.mean(x ** 2))
+    assert np.sqrt(np.mean(high**2)) < 0.01 * np.sqrt(np.mean(x**2))
     sf.write(tmp_path / "t.wav", x, 22050)
     w = load_waveform(tmp_path / "t.wav", 16000, max_samples=8000)
     assert w.dtype == np.float32 and len(w) == 8000
@@ -106,6 +108,7 @@ def test_probe_reports_missing_unreadable_and_empty(tmp_path: Path):
 
 
 # -- augmentation ------------------------------------------------------------------------------
+
 
 def test_augment_transforms():
     x = tone(500.0, 1.0, 16000)
@@ -141,6 +144,7 @@ def test_choose_sources_and_params():
 
 
 # -- extraction ---------------------------------------------------------------------------------
+
 
 def test_audio_store_shapes_and_values(tones: Path, tmp_path: Path):
     res = extract(cfg(tones, tmp_path, tokens="2", batch_size=4), show_progress=False)
@@ -207,8 +211,18 @@ def test_group_holdout_is_speaker_disjoint(tones: Path, tmp_path: Path):
 
 
 def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
-    res = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34, augment=("noise", "shift", "speed"),
-                      copies=2, augment_classes="all"), show_progress=False)
+    res = extract(
+        cfg(
+            tones,
+            tmp_path,
+            group_col="speaker",
+            holdout=0.34,
+            augment=("noise", "shift", "speed"),
+            copies=2,
+            augment_classes="all",
+        ),
+        show_progress=False,
+    )
     with open_store(res.path) as s:
         assert s.augmentation("test") is None and not s.augmented("test").any()
         aug = s.augmentation("train")
@@ -247,12 +261,24 @@ def _planned(monkeypatch) -> list:
 
 
 def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Path, monkeypatch):
-    path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34, augment=("noise",), augment_classes="high"),
-                   show_progress=False).path
+    path = extract(
+        cfg(tones, tmp_path, group_col="speaker", holdout=0.34, augment=("noise",), augment_classes="high"),
+        show_progress=False,
+    ).path
     plans = _planned(monkeypatch)
     out = run_sweep(SweepConfig(store=path, layers="all", combine=("single",), seeds=2, out=str(tmp_path / "run")))
-    folds = run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "folds": 2,
-                                             "validation_fraction": 0.5, "out": str(tmp_path / "folds")}))
+    folds = run_sweep(
+        SweepConfig.from_dict(
+            {
+                "store": path,
+                "layers": "-1",
+                "combine": "single",
+                "folds": 2,
+                "validation_fraction": 0.5,
+                "out": str(tmp_path / "folds"),
+            }
+        )
+    )
     with open_store(path) as s:
         aug = {split: s.augmented(split) for split in s.splits}
     assert aug["train"].sum() > 0 and len(plans) == 2 + 2
@@ -274,10 +300,30 @@ def test_sweep_carves_and_folds_keep_speakers_apart(tones: Path, tmp_path: Path,
     sides, as planned for the sweep (a one-split store's evaluation carve: test_one_split_store_carves_by_group)."""
     path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34), show_progress=False).path
     plans = _planned(monkeypatch)
-    run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "seeds": 3,
-                                     "validation_fraction": 0.25, "out": str(tmp_path / "seeds")}))
-    run_sweep(SweepConfig.from_dict({"store": path, "layers": "-1", "combine": "single", "folds": 3,
-                                     "validation_fraction": 0.5, "out": str(tmp_path / "folds")}))
+    run_sweep(
+        SweepConfig.from_dict(
+            {
+                "store": path,
+                "layers": "-1",
+                "combine": "single",
+                "seeds": 3,
+                "validation_fraction": 0.25,
+                "out": str(tmp_path / "seeds"),
+            }
+        )
+    )
+    run_sweep(
+        SweepConfig.from_dict(
+            {
+                "store": path,
+                "layers": "-1",
+                "combine": "single",
+                "folds": 3,
+                "validation_fraction": 0.5,
+                "out": str(tmp_path / "folds"),
+            }
+        )
+    )
     with open_store(path) as s:
         groups = s.groups("train")
     assert len(plans) == 3 + 3 and len(set(groups.tolist())) == 3  # 3 of the 6 speakers train
@@ -300,8 +346,10 @@ def test_one_split_store_carves_by_group(tones: Path, tmp_path: Path):
 
 def test_recurrent_head_over_frames(tones: Path, tmp_path: Path):
     path = extract(cfg(tones, tmp_path, tokens="-1", holdout=0.25), show_progress=False).path
-    res = CliRunner().invoke(heads_main, ["train", "--store", path, "--head", "gru", "--layers", "-1", "--epochs", "2",
-                                          "--out", str(tmp_path / "gru")])
+    res = CliRunner().invoke(
+        heads_main,
+        ["train", "--store", path, "--head", "gru", "--layers", "-1", "--epochs", "2", "--out", str(tmp_path / "gru")],
+    )
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / "gru" / "results.jsonl").read_text().splitlines()[0])
     assert row["head"] == "gru" and row["combine"] == "tokens"
@@ -309,14 +357,34 @@ def test_recurrent_head_over_frames(tones: Path, tmp_path: Path):
 
 # -- CLI and bad input ------------------------------------------------------------------------
 
+
 def run(*args: str):
     return CliRunner().invoke(embstore_main, list(args))
 
 
 def test_cli_extract_and_info(tones: Path, tmp_path: Path):
-    res = run("extract", "--model", HUBERT, "--data", str(tones), "--audio-col", "file", "--label-col", "label",
-              "--group-col", "speaker", "--holdout", "0.34", "--augment", "noise,speed", "--augment-classes", "all",
-              "--out", str(tmp_path / "s"), "-q")
+    res = run(
+        "extract",
+        "--model",
+        HUBERT,
+        "--data",
+        str(tones),
+        "--audio-col",
+        "file",
+        "--label-col",
+        "label",
+        "--group-col",
+        "speaker",
+        "--holdout",
+        "0.34",
+        "--augment",
+        "noise,speed",
+        "--augment-classes",
+        "all",
+        "--out",
+        str(tmp_path / "s"),
+        "-q",
+    )
     assert res.exit_code == 0, res.output
     path = res.output.strip().splitlines()[-1]
     info = json.loads(run("info", path, "--json").output)
@@ -326,16 +394,28 @@ def test_cli_extract_and_info(tones: Path, tmp_path: Path):
     assert "audio" in text and "frames" in text and "augmented" in text
 
 
-@pytest.mark.parametrize("edit, args, message", [
-    ("missing", [], r"2 of 24 audio files listed in .* cannot be used: .*r90.wav: no such file; .*r91.wav: no such file\. .*--skip-bad"),
-    ("junk", [], r"1 of 24 audio files .* unreadable"),
-    ("empty", [], r"1 of 24 audio files .* zero-length audio"),
-    (None, ["--pooling", "cls"], r"Audio has no \[CLS\] frame"),
-    (None, ["--augment", "noise"], r"Augmented rows may only enter a training split"),
-    (None, ["--augment", "echo", "--holdout", "0.5"], r"comma list of noise, shift, speed; got echo"),
-    (None, ["--model", "random:tiny-bert"], r"random:tiny-bert is a text model, but --audio-col gives audio"),
-    (None, ["--audio-col", "nope"], r"Column 'nope' \(from --audio-col\) is not in .*; its columns are: file, label, speaker"),
-])
+@pytest.mark.parametrize(
+    "edit, args, message",
+    [
+        (
+            "missing",
+            [],
+            r"2 of 24 audio files listed in .* cannot be used: .*r90.wav: no such file; .*r91.wav: no such file\. "
+            r".*--skip-bad",
+        ),
+        ("junk", [], r"1 of 24 audio files .* unreadable"),
+        ("empty", [], r"1 of 24 audio files .* zero-length audio"),
+        (None, ["--pooling", "cls"], r"Audio has no \[CLS\] frame"),
+        (None, ["--augment", "noise"], r"Augmented rows may only enter a training split"),
+        (None, ["--augment", "echo", "--holdout", "0.5"], r"comma list of noise, shift, speed; got echo"),
+        (None, ["--model", "random:tiny-bert"], r"random:tiny-bert is a text model, but --audio-col gives audio"),
+        (
+            None,
+            ["--audio-col", "nope"],
+            r"Column 'nope' \(from --audio-col\) is not in .*; its columns are: file, label, speaker",
+        ),
+    ],
+)
 def test_bad_audio_input(tones: Path, tmp_path: Path, edit, args, message):
     table = pd.read_csv(tones)
     if edit == "missing":
@@ -370,7 +450,10 @@ def test_skip_bad_drops_rows(tones: Path, tmp_path: Path):
 
 def test_speech_model_with_text_data(tiny_csv: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="random:hubert-tiny is a speech model and takes audio, but the data is text"):
-        extract(ExtractConfig.from_dict(dict(model=HUBERT, data=str(tiny_csv), label_col="label", out=str(tmp_path))), show_progress=False)
+        extract(
+            ExtractConfig.from_dict(dict(model=HUBERT, data=str(tiny_csv), label_col="label", out=str(tmp_path))),
+            show_progress=False,
+        )
 
 
 def test_too_short_audio(tmp_path: Path):
@@ -383,14 +466,19 @@ def test_too_short_audio(tmp_path: Path):
 
 # -- real recordings ----------------------------------------------------------------------------
 
+
 def test_emodb_files(tmp_path: Path):
     root = needs_shared("emodb")
     table = pd.read_csv(root / "labels.csv")
     few = table.groupby("speaker").head(2).head(12).copy()
     few["file"] = [str(root / f) for f in few["file"]]  # absolute paths stay as they are
     few.to_csv(tmp_path / "few.csv", index=False)
-    res = extract(cfg(tmp_path / "few.csv", tmp_path, group_col="speaker", holdout=0.34, augment=("speed",),
-                      augment_classes="all"), show_progress=False)
+    res = extract(
+        cfg(
+            tmp_path / "few.csv", tmp_path, group_col="speaker", holdout=0.34, augment=("speed",), augment_classes="all"
+        ),
+        show_progress=False,
+    )
     with open_store(res.path) as s:
         assert s.label_names == sorted(few.label.unique())
         test_dur = s.durations("test")
@@ -403,11 +491,14 @@ def test_emodb_files(tmp_path: Path):
 
 # -- resume and scale-out -------------------------------------------------------------------------
 
+
 def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp_path: Path, monkeypatch):
     from embstore.store.writer import StoreWriter
     from tests.test_resume import _assert_same_store
 
-    kw = dict(group_col="speaker", holdout=0.34, augment=("noise", "shift", "speed"), augment_classes="all", chunk_rows=4)
+    kw = dict(
+        group_col="speaker", holdout=0.34, augment=("noise", "shift", "speed"), augment_classes="all", chunk_rows=4
+    )
     whole = extract(cfg(tones, tmp_path / "a", **kw), show_progress=False).path
     real = StoreWriter.write_chunk
     calls = []
@@ -472,7 +563,9 @@ def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_pat
     got = [json.loads(line)["label"] for line in res.output.strip().splitlines()]
     assert got == [est.extra_["label_names"][i] for i in stored]
     names = est.extra_["label_names"]
-    got_proba = np.array([[json.loads(line)["probabilities"][n] for n in names] for line in res.output.strip().splitlines()])
+    got_proba = np.array(
+        [[json.loads(line)["probabilities"][n] for n in names] for line in res.output.strip().splitlines()]
+    )
     np.testing.assert_allclose(got_proba, proba, atol=2e-3)
     bad = CliRunner().invoke(heads_main, ["predict", "--run", str(out.run_dir), "-"], input="nope.wav\n")
     assert bad.exit_code == 2 and "1 of 1 audio files cannot be used: nope.wav: no such file" in bad.output
@@ -523,7 +616,8 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
             for i in range(len(n)):
                 np.testing.assert_allclose(mean[i], states[i].mean(0), atol=1e-5)
                 np.testing.assert_array_equal(mx[i], states[i].max(0))
-        # The padding reached the attention of the shorter rows (no mask), so only the longest rows equal themselves alone.
+        # The padding reached the attention of the shorter rows (no mask), so only the longest rows equal themselves
+        # alone.
         gap = np.abs(p.pooled("all", "mean") - a.pooled("all", "mean")[in_a]).max(axis=(1, 2))
         longest = n == n.max()
         assert gap[longest].max() < 1e-5 and gap[~longest].min() > 1e-3
@@ -552,8 +646,21 @@ def test_one_table_per_split_and_augmentation_only_in_train(tones: Path, tmp_pat
     table.iloc[:16].to_csv(tones.parent / "train.tsv", sep="\t", index=False)
     table.iloc[16:].to_json(tones.parent / "test.jsonl", orient="records", lines=True)
     splits = (("train", str(tones.parent / "train.tsv")), ("test", str(tones.parent / "test.jsonl")))
-    res = extract(ExtractConfig.from_dict(dict(model=HUBERT, data=None, splits=splits, audio_col="file", label_col="label",
-                                augment=("noise",), augment_classes="all", out=str(tmp_path / "s"))), show_progress=False)
+    res = extract(
+        ExtractConfig.from_dict(
+            dict(
+                model=HUBERT,
+                data=None,
+                splits=splits,
+                audio_col="file",
+                label_col="label",
+                augment=("noise",),
+                augment_classes="all",
+                out=str(tmp_path / "s"),
+            )
+        ),
+        show_progress=False,
+    )
     with open_store(res.path) as s:
         assert s.n_rows("train") == 32 and s.n_rows("test") == 8
         assert s.augmented("train").sum() == 16 and s.augmentation("test") is None

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import LABELS, TEXTS
 
 from cli.embstore_cli import main
-from conftest import LABELS, TEXTS
 
 TINY = ["--model", "random:tiny-bert", "-q"]
 
@@ -32,8 +32,12 @@ def test_extract_info_ls_verify(tiny_csv, tmp_path):
     assert info["complete"] and info["layers"] == [0, 1, 2] and info["hidden"] == 32
     assert {k: v["rows"] for k, v in info["splits"].items()} == {"train": 6, "test": 6}
     assert info["poolings"] == ["cls", "mean"] and info["dtype"] == "float16" and info["modality"] == "text"
-    assert info["provenance"]["sources"][0]["holdout"] == {"fraction": 0.5, "seed": 0, "stratified": True,
-                                                              "carve": "row-ids-1"}
+    assert info["provenance"]["sources"][0]["holdout"] == {
+        "fraction": 0.5,
+        "seed": 0,
+        "stratified": True,
+        "carve": "row-ids-1",
+    }
     text = run("info", path).stdout
     assert "complete" in text and "train: 6 rows" in text
     listing = run("ls").stdout
@@ -91,7 +95,10 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
         "missing_labels": (base, r"1 of 12 rows .* no label in column 'label' \(rows 5\)"),
         "unknown_model": (base + ["--model", "bert-nonexistent-xyz"], r"'bert-nonexistent-xyz' is not a built-in name"),
         "layers_out_of_range": (base + ["--layers", "9-12"], r"must name layers in \[0, 2\] .* got '9-12'"),
-        "bad_pooling": (base + ["--pooling", "cls,sum"], r"'pooling' option must be a comma list of cls, mean, max; got cls,sum"),
+        "bad_pooling": (
+            base + ["--pooling", "cls,sum"],
+            r"'pooling' option must be a comma list of cls, mean, max; got cls,sum",
+        ),
         "unwritable_out": (base + ["--out", str(blocker / "sub")], r"Cannot write the store under .*a-file/sub"),
         "bad_split": (["--split", "train"], r"expected NAME=FILE"),
         "data_and_split": (base + ["--split", f"test={csv}"], r"cannot pass both --data and --split"),
@@ -100,9 +107,23 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
     return cases[kind]
 
 
-@pytest.mark.parametrize("kind", ["missing_file", "missing_column", "empty_dataset", "empty_rows", "missing_labels",
-                                  "unknown_model", "layers_out_of_range", "bad_pooling", "unwritable_out", "bad_split",
-                                  "data_and_split", "bad_holdout"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing_file",
+        "missing_column",
+        "empty_dataset",
+        "empty_rows",
+        "missing_labels",
+        "unknown_model",
+        "layers_out_of_range",
+        "bad_pooling",
+        "unwritable_out",
+        "bad_split",
+        "data_and_split",
+        "bad_holdout",
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, kind):
     import re
 

@@ -30,7 +30,9 @@ def test_unknown_config_key_is_named():
         ExtractConfig.from_dict({"layer": "all"})
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("sweep-*.yaml")) + sorted(CONFIGS.glob("train-*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("sweep-*.yaml")) + sorted(CONFIGS.glob("train-*.yaml")), ids=lambda p: p.name
+)
 def test_sweep_configs_parse(path):
     from heads.probe.sweep import SweepConfig
 

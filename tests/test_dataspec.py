@@ -13,23 +13,49 @@ from embstore import DataSpec, ExtractConfig, extract, open_store
 from embstore.data.tables import load_dataset
 from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
-from heads.training.optim import OptimConfig
 from heads.pretrain.config import PretrainConfig
+from heads.training.optim import OptimConfig
 
 # The data keys ExtractConfig.to_dict() wrote at the top level before DataSpec existed: stores keep them there.
-DATA_KEYS = {"data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "audio_col", "group_col",
-             "limit", "skip_empty", "skip_bad"}
+DATA_KEYS = {
+    "data",
+    "splits",
+    "holdout",
+    "seed",
+    "text_col",
+    "text_pair_col",
+    "label_col",
+    "audio_col",
+    "group_col",
+    "limit",
+    "skip_empty",
+    "skip_bad",
+}
 FLAT_EXTRACT_KEYS = ({f.name for f in dataclasses.fields(ExtractConfig)} - {"source"}) | DATA_KEYS
 
 
 def test_the_three_configs_nest_the_same_spec_from_flat_keys():
-    flat = {"data": None, "splits": [["train", "a.csv"], ["test", "b.csv"]], "seed": 3, "text_col": "s1",
-            "text_pair_col": "s2", "limit": 50, "skip_empty": True}
+    flat = {
+        "data": None,
+        "splits": [["train", "a.csv"], ["test", "b.csv"]],
+        "seed": 3,
+        "text_col": "s1",
+        "text_pair_col": "s2",
+        "limit": 50,
+        "skip_empty": True,
+    }
     ex = ExtractConfig.from_dict(flat)
     ft = FinetuneConfig.from_dict({**flat, "label_col": "y"})
     pt = PretrainConfig.from_dict(flat)
-    expected = DataSpec(data=None, splits=(("train", "a.csv"), ("test", "b.csv")), seed=3, text_col="s1",
-                        text_pair_col="s2", limit=50, skip_empty=True)
+    expected = DataSpec(
+        data=None,
+        splits=(("train", "a.csv"), ("test", "b.csv")),
+        seed=3,
+        text_col="s1",
+        text_pair_col="s2",
+        limit=50,
+        skip_empty=True,
+    )
     assert ex.source == pt.source == expected
     assert ft.source == DataSpec(**{**expected.__dict__, "label_col": "y"})
     for config, keys in ((ex, flat), (pt, flat)):
@@ -47,7 +73,9 @@ def test_each_command_takes_only_its_data_and_optimiser_keys():
         PretrainConfig.from_dict({"data": "x.csv", "holdout": 0.2, "label_col": "y"})
     with pytest.raises(ConfigError, match="heads pretrain does not take the 'label_col' option"):
         PretrainConfig(source=DataSpec(data="x.csv", label_col="y"))
-    with pytest.raises(ConfigError, match="'schedule' option must be one of linear, cosine, constant; got 'exponential'"):
+    with pytest.raises(
+        ConfigError, match="'schedule' option must be one of linear, cosine, constant; got 'exponential'"
+    ):
         PretrainConfig.from_dict({"data": "x.csv", "schedule": "exponential"})
     with pytest.raises(ConfigError, match="cannot pass both --data and --split"):
         FinetuneConfig.from_dict({"data": "x.csv", "splits": [["train", "a.csv"]]})
@@ -79,8 +107,15 @@ def test_load_reads_what_load_dataset_reads(tiny_csv):
 
 
 def test_a_store_keeps_its_config_flat(tiny_csv, tmp_path):
-    config = ExtractConfig.from_dict({"model": "random:tiny-bert", "data": str(tiny_csv), "label_col": "label",
-                                      "holdout": 0.25, "out": str(tmp_path / "s.zarr")})
+    config = ExtractConfig.from_dict(
+        {
+            "model": "random:tiny-bert",
+            "data": str(tiny_csv),
+            "label_col": "label",
+            "holdout": 0.25,
+            "out": str(tmp_path / "s.zarr"),
+        }
+    )
     store = open_store(extract(config, show_progress=False).path)
     stored = store.provenance["config"]
     assert set(stored) == FLAT_EXTRACT_KEYS and stored["label_col"] == "label" and stored["holdout"] == 0.25

@@ -9,15 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import synthetic_csv
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
-from conftest import synthetic_csv
 from embstore import ConfigError, ExtractConfig, extract
 from embstore.device import resolve_device
 
-MESSAGE = ("error: --device cuda asks for CUDA, but no CUDA GPU is visible; pass --device cpu, or --device auto to "
-           "use CUDA only when present.")
+MESSAGE = (
+    "error: --device cuda asks for CUDA, but no CUDA GPU is visible; pass --device cpu, or --device auto to "
+    "use CUDA only when present."
+)
 
 
 @pytest.mark.parametrize("present, expected", [(True, "cuda"), (False, "cpu")])
@@ -36,17 +38,72 @@ def _args(command: str, tmp_path: Path) -> tuple[object, list[str]]:
     data = synthetic_csv(tmp_path, 60)
     common = ["--data", str(data), "--label-col", "label"]
     if command == "extract":
-        return embstore_main, ["extract", "--model", "random:tiny-bert", *common, "-q", "--out", str(tmp_path / "s.zarr")]
+        return embstore_main, [
+            "extract",
+            "--model",
+            "random:tiny-bert",
+            *common,
+            "-q",
+            "--out",
+            str(tmp_path / "s.zarr"),
+        ]
     if command == "sweep":
-        store = extract(ExtractConfig.from_dict({"model": "random:tiny-bert", "data": str(data), "label_col": "label",
-                                                 "holdout": 0.25, "layers": "-1", "out": str(tmp_path / "s.zarr")}),
-                        show_progress=False).path
-        return heads_main, ["sweep", "--store", store, "--layers", "-1", "--combine", "single", "--out", str(tmp_path / "r")]
+        store = extract(
+            ExtractConfig.from_dict(
+                {
+                    "model": "random:tiny-bert",
+                    "data": str(data),
+                    "label_col": "label",
+                    "holdout": 0.25,
+                    "layers": "-1",
+                    "out": str(tmp_path / "s.zarr"),
+                }
+            ),
+            show_progress=False,
+        ).path
+        return heads_main, [
+            "sweep",
+            "--store",
+            store,
+            "--layers",
+            "-1",
+            "--combine",
+            "single",
+            "--out",
+            str(tmp_path / "r"),
+        ]
     if command == "finetune":
-        return heads_main, ["finetune", "--model", "random:tiny-bert", *common, "--holdout", "0.25", "--epochs", "1",
-                            "--no-progress", "--out", str(tmp_path / "r")]
-    return heads_main, ["pretrain", "--data", str(data), "--vocab-size", "100", "--layers", "1", "--hidden", "16",
-                        "--heads", "2", "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "r")]
+        return heads_main, [
+            "finetune",
+            "--model",
+            "random:tiny-bert",
+            *common,
+            "--holdout",
+            "0.25",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    return heads_main, [
+        "pretrain",
+        "--data",
+        str(data),
+        "--vocab-size",
+        "100",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
 
 
 @pytest.mark.parametrize("command", ["extract", "sweep", "finetune", "pretrain"])

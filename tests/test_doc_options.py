@@ -31,12 +31,36 @@ from cli.heads_cli import main as heads_main
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS: dict[str, click.Group] = {"embstore": embstore_main, "heads": heads_main}
 MODULES = {"cli.embstore_cli": "embstore", "cli.heads_cli": "heads"}
-FOREIGN = {"--nproc_per_node", "--nproc-per-node", "--multi_gpu", "--num_processes", "--cpu", "--index-url",
-           "--extra-index-url", "--upgrade", "--help", "--version", "--durations", "--ignore-missing-imports"}
+FOREIGN = {
+    "--nproc_per_node",
+    "--nproc-per-node",
+    "--multi_gpu",
+    "--num_processes",
+    "--cpu",
+    "--index-url",
+    "--extra-index-url",
+    "--upgrade",
+    "--help",
+    "--version",
+    "--durations",
+    "--ignore-missing-imports",
+}
 """Options of other tools (torchrun, accelerate, pip, pytest, mypy) that the docs may write, and click's own."""
 
-OTHER_TOOLS = {"pip", "pip3", "huggingface-cli", "git", "curl", "wget", "python", "python3", "pytest", "mypy",
-               "conda", "uv"}
+OTHER_TOOLS = {
+    "pip",
+    "pip3",
+    "huggingface-cli",
+    "git",
+    "curl",
+    "wget",
+    "python",
+    "python3",
+    "pytest",
+    "mypy",
+    "conda",
+    "uv",
+}
 """Programs whose command lines the docs may show: their options are theirs."""
 
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
@@ -72,7 +96,7 @@ def _commands_in(text: str) -> list[tuple[str, str]]:
             continue
         group = MODULES.get(m.group(1).split()[-1], m.group(1))
         if m.group(2) in GROUPS[group].commands:
-            out.append((f"{group} {m.group(2)}", segment[m.end():]))
+            out.append((f"{group} {m.group(2)}", segment[m.end() :]))
     return out
 
 
@@ -185,17 +209,20 @@ def test_the_sample_passes():
     assert not any(o == "--not-an-option" for o, _ in found)
 
 
-@pytest.mark.parametrize("before, after, problem", [
-    ("--label-col label", "--label-column label", "sample.md:6: --label-column is not an option of heads finetune"),
-    ("--epochs 1", "--epoch 1", "sample.md:6: --epoch is not an option of heads finetune"),
-    ("extract --data", "extract --dat", "sample.md:8: --dat is not an option of embstore extract"),
-    ('--store "$STORE"', '--stores "$STORE"', "sample.md:8: --stores is not an option of heads sweep"),
-    ("finetune --epochs 2", "finetune --epocs 2", "sample.md:9: --epocs is not an option of heads finetune"),
-    ("`--head-lr`", "`--solver`", "sample.md:14: --solver is not an option of heads finetune"),  # a sweep option
-    ("`--holdout`", "`--hold-out`", "sample.md:16: --hold-out is not an option of any embstore or heads command"),
-    ("report --allow-mixed", "report --allow-mix", "sample.md:16: --allow-mix is not an option of heads report"),
-    ("`--c-grid`", "`--c-grids`", "sample.md:19: --c-grids is not an option of heads sweep"),
-])
+@pytest.mark.parametrize(
+    "before, after, problem",
+    [
+        ("--label-col label", "--label-column label", "sample.md:6: --label-column is not an option of heads finetune"),
+        ("--epochs 1", "--epoch 1", "sample.md:6: --epoch is not an option of heads finetune"),
+        ("extract --data", "extract --dat", "sample.md:8: --dat is not an option of embstore extract"),
+        ('--store "$STORE"', '--stores "$STORE"', "sample.md:8: --stores is not an option of heads sweep"),
+        ("finetune --epochs 2", "finetune --epocs 2", "sample.md:9: --epocs is not an option of heads finetune"),
+        ("`--head-lr`", "`--solver`", "sample.md:14: --solver is not an option of heads finetune"),  # a sweep option
+        ("`--holdout`", "`--hold-out`", "sample.md:16: --hold-out is not an option of any embstore or heads command"),
+        ("report --allow-mixed", "report --allow-mix", "sample.md:16: --allow-mix is not an option of heads report"),
+        ("`--c-grid`", "`--c-grids`", "sample.md:19: --c-grids is not an option of heads sweep"),
+    ],
+)
 def test_a_misspelt_or_misplaced_option_is_found(before, after, problem):
     assert before in SAMPLE
     assert problems(SAMPLE.replace(before, after), "sample.md") == [problem]
@@ -204,7 +231,12 @@ def test_a_misspelt_or_misplaced_option_is_found(before, after, problem):
 def test_a_mutated_readme_fails():
     """Mutation of the real README: one option misspelt in a command line, one in an inline command span."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    for needle, bad in [("--text-col sentence --label-col label --holdout 0.2)", "--text-column sentence --label-col label --holdout 0.2)"),
-                        ("`heads sweep --head linear,mlp`", "`heads sweep --heads linear,mlp`")]:
+    for needle, bad in [
+        (
+            "--text-col sentence --label-col label --holdout 0.2)",
+            "--text-column sentence --label-col label --holdout 0.2)",
+        ),
+        ("`heads sweep --head linear,mlp`", "`heads sweep --heads linear,mlp`"),
+    ]:
         assert needle in text, needle
         assert len(problems(text.replace(needle, bad, 1), "README.md")) == 1, needle

@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TEXTS, needs_shared
-from embstore import (ConfigError, DiskFullError, ExtractConfig, ModelNotFoundError, StoreIncompleteError,
-                      StoreMismatchError, extract, open_store)
+
+from embstore import (
+    ConfigError,
+    DiskFullError,
+    ExtractConfig,
+    ModelNotFoundError,
+    StoreIncompleteError,
+    StoreMismatchError,
+    extract,
+    open_store,
+)
 from embstore.extraction import plan as planner
 from embstore.store.writer import StoreWriter
 
@@ -34,7 +42,9 @@ def test_rerun_is_a_no_op_and_any_changed_input_is_a_new_store(tiny_csv):
 def test_explicit_out_refuses_a_store_from_other_inputs(tiny_csv, tmp_path):
     out = str(tmp_path / "mine.zarr")
     extract(cfg(tiny_csv, out=out), show_progress=False)
-    with pytest.raises(StoreMismatchError, match=r"mine\.zarr holds a store made from other inputs.*choose another --out"):
+    with pytest.raises(
+        StoreMismatchError, match=r"mine\.zarr holds a store made from other inputs.*choose another --out"
+    ):
         extract(cfg(tiny_csv, out=out, layers="-1"), show_progress=False)
 
 
@@ -51,8 +61,10 @@ def test_truncation_is_counted(tiny_csv):
 
 
 def test_layer_subset_pairs_and_float32(pair_csv):
-    res = extract(cfg(pair_csv, text_col="s1", text_pair_col="s2", label_col="label", layers="-1",
-                      dtype="float32"), show_progress=False)
+    res = extract(
+        cfg(pair_csv, text_col="s1", text_pair_col="s2", label_col="label", layers="-1", dtype="float32"),
+        show_progress=False,
+    )
     store = open_store(res.path)
     assert store.layers == [2]
     x = store.pooled("all", "mean")
@@ -109,7 +121,11 @@ def test_interrupted_store_is_refused_then_resumed(tiny_csv, tmp_path, monkeypat
         with pytest.raises(KeyboardInterrupt, match="killed after row chunk 0"):
             extract(config, show_progress=False)
     final, staged = planner.store_paths(config, planner.make_plan(config, "cpu").fingerprint)
-    refused = r"incomplete \(1 of 3 row chunks written\)" if fmt == "zarr" else r"incomplete \(its extraction is staged in .*partial\.zarr\)"
+    refused = (
+        r"incomplete \(1 of 3 row chunks written\)"
+        if fmt == "zarr"
+        else r"incomplete \(its extraction is staged in .*partial\.zarr\)"
+    )
     with pytest.raises(StoreIncompleteError, match=refused + ".*re-run the same 'embstore extract'"):
         open_store(final)
     assert open_store(staged, allow_incomplete=True).done_chunks("all").tolist() == [True, False, False]
@@ -146,7 +162,7 @@ def test_disk_full_during_a_write_is_one_clear_error(tiny_csv, monkeypatch):
     real = writer._fsync_file
 
     def fsync(path):
-        if "c" in path.parts and path.parts[path.parts.index("c") + 2:][:1] == ("1",):  # a data file of row chunk 1
+        if "c" in path.parts and path.parts[path.parts.index("c") + 2 :][:1] == ("1",):  # a data file of row chunk 1
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path)
 
@@ -163,7 +179,10 @@ def test_disk_full_during_a_write_is_one_clear_error(tiny_csv, monkeypatch):
 
 
 def test_unknown_model_names_the_choices(tiny_csv):
-    with pytest.raises(ModelNotFoundError, match=r"'no-such/model' is not a built-in name .*local Hugging Face cache.*nothing is downloaded"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"'no-such/model' is not a built-in name .*local Hugging Face cache.*nothing is downloaded",
+    ):
         extract(cfg(tiny_csv, model="no-such/model"), show_progress=False)
     with pytest.raises(ModelNotFoundError, match=r"Unknown random model 'random:huge'"):
         extract(cfg(tiny_csv, model="random:huge"), show_progress=False)
@@ -171,13 +190,17 @@ def test_unknown_model_names_the_choices(tiny_csv):
 
 def test_random_model_from_a_config_file(tiny_csv, tmp_path):
     path = tmp_path / "one.yaml"
-    path.write_text("model_type: bert\nnum_hidden_layers: 1\nhidden_size: 16\nnum_attention_heads: 2\nintermediate_size: 32\n")
+    path.write_text(
+        "model_type: bert\nnum_hidden_layers: 1\nhidden_size: 16\nnum_attention_heads: 2\nintermediate_size: 32\n"
+    )
     store = open_store(extract(cfg(tiny_csv, model=f"random:{path}"), show_progress=False).path)
     assert store.layers == [0, 1] and store.hidden == 16
 
 
 def test_max_length_beyond_the_model(tiny_csv):
-    with pytest.raises(ConfigError, match=r"--max-length 4096 exceeds what random:tiny-bert can encode \(512 positions\)"):
+    with pytest.raises(
+        ConfigError, match=r"--max-length 4096 exceeds what random:tiny-bert can encode \(512 positions\)"
+    ):
         extract(cfg(tiny_csv, max_length=4096), show_progress=False)
 
 
@@ -190,8 +213,14 @@ def test_minilm_matches_transformers_output_hidden_states():
     from embstore.backbones.registry import minilm_path
 
     data = needs_shared("ag_news") / "test.csv"
-    res = extract(ExtractConfig.from_dict(dict(model="minilm", data=str(data), label_col="label", limit=48, layers="0,3,6",
-                                chunk_rows=16, batch_size=7)), show_progress=False)
+    res = extract(
+        ExtractConfig.from_dict(
+            dict(
+                model="minilm", data=str(data), label_col="label", limit=48, layers="0,3,6", chunk_rows=16, batch_size=7
+            )
+        ),
+        show_progress=False,
+    )
     store = open_store(res.path)
     texts = pd.read_csv(data).text.iloc[store.row_ids("all")].tolist()
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -215,7 +244,10 @@ def test_fsspec_url_store(tiny_csv):
     assert res.path == out
     store = open_store(out)
     assert store.complete and store.pooled("all", "mean").shape == (12, 3, 32) and store.verify() == []
-    assert extract(cfg(tiny_csv, label_col="label", out=out, chunk_rows=5), show_progress=False).status == "already complete"
+    assert (
+        extract(cfg(tiny_csv, label_col="label", out=out, chunk_rows=5), show_progress=False).status
+        == "already complete"
+    )
 
 
 def test_hub_id_resolves_from_the_local_hf_cache(tiny_csv, tmp_path, monkeypatch):
@@ -226,7 +258,14 @@ def test_hub_id_resolves_from_the_local_hf_cache(tiny_csv, tmp_path, monkeypatch
     snap.mkdir(parents=True)
     (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ):
         (snap / name).symlink_to(minilm_path() / name)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     import huggingface_hub.constants as hc

@@ -13,17 +13,19 @@ import pytest
 import torch
 
 from embstore import ExtractConfig, extract, open_store
-from embstore.errors import ConfigError, LayerSpecError
 from embstore.backbones.registry import load_backbone
-from heads.finetune.surgery import count_parameters
+from embstore.errors import ConfigError, LayerSpecError
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.model import SequenceClassifier
 from heads.finetune.run import run_finetune
+from heads.finetune.surgery import count_parameters
 from heads.report.results import read_run
 
-VOCAB = {"fruit": "apple banana cherry grape lemon mango peach".split(),
-         "vehicle": "car truck bus train bicycle engine wheel".split(),
-         "color": "red blue green yellow purple orange pink".split()}
+VOCAB = {
+    "fruit": "apple banana cherry grape lemon mango peach".split(),
+    "vehicle": "car truck bus train bicycle engine wheel".split(),
+    "color": "red blue green yellow purple orange pink".split(),
+}
 
 
 @pytest.fixture
@@ -38,16 +40,32 @@ def sep_csv(tmp_path: Path) -> Path:
 
 
 def cfg(data: Path, out: Path, **kw: object) -> FinetuneConfig:
-    base = dict(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.25, lr=5e-3, epochs=3,
-                patience=3, batch_size=8, out=str(out))
+    base = dict(
+        model="random:tiny-bert",
+        data=str(data),
+        label_col="label",
+        holdout=0.25,
+        lr=5e-3,
+        epochs=3,
+        patience=3,
+        batch_size=8,
+        out=str(out),
+    )
     base.update(kw)
     return FinetuneConfig.from_dict(base)
 
 
 def test_run_writes_outputs_and_beats_majority(sep_csv, tmp_path):
     res = run_finetune(cfg(sep_csv, tmp_path / "run", epochs=4, pooling="mean"))
-    for name in ("results.csv", "summary.md", "run.json", "model/config.json", "model/classifier/classifier.safetensors",
-                 "model/classifier/classifier.json", "checkpoint/finetune_state.json"):
+    for name in (
+        "results.csv",
+        "summary.md",
+        "run.json",
+        "model/config.json",
+        "model/classifier/classifier.safetensors",
+        "model/classifier/classifier.json",
+        "checkpoint/finetune_state.json",
+    ):
         assert (res.run_dir / name).is_file(), name
     meta, rows = read_run(res.run_dir)
     assert meta["kind"] == "finetune" and meta["label_names"] == sorted(VOCAB)
@@ -87,8 +105,12 @@ def test_truncate_gives_a_model_extract_can_use(sep_csv, tmp_path):
     model_dir = res.run_dir / "model"
     assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 1
     assert read_run(res.run_dir)[1][0].layers == "1"
-    out = extract(ExtractConfig.from_dict(dict(model=str(model_dir), data=str(sep_csv), label_col="label",
-                                out=str(tmp_path / "s.zarr"))), show_progress=False)
+    out = extract(
+        ExtractConfig.from_dict(
+            dict(model=str(model_dir), data=str(sep_csv), label_col="label", out=str(tmp_path / "s.zarr"))
+        ),
+        show_progress=False,
+    )
     store = open_store(out.path)
     assert store.layers == [0, 1]
 
@@ -166,33 +188,41 @@ def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(
     assert not {f for f in files if f.endswith((".bin", ".pkl", ".pt", ".pth"))}, files
 
 
-@pytest.mark.parametrize("kw, error, match", [
-    ({"freeze": "0-9"}, LayerSpecError, r"\[0, 2\]"),
-    ({"prune_heads": "2:0,1"}, ConfigError, "cannot remove all 2 heads of layer 2"),
-    ({"truncate": 5}, LayerSpecError, r"between 1 and 2"),
-    ({"prune_heads": "3:0"}, LayerSpecError, r"attention layers are \[1, 2\]"),
-])
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        ({"freeze": "0-9"}, LayerSpecError, r"\[0, 2\]"),
+        ({"prune_heads": "2:0,1"}, ConfigError, "cannot remove all 2 heads of layer 2"),
+        ({"truncate": 5}, LayerSpecError, r"between 1 and 2"),
+        ({"prune_heads": "3:0"}, LayerSpecError, r"attention layers are \[1, 2\]"),
+    ],
+)
 def test_bad_surgery_is_refused(sep_csv, tmp_path, kw, error, match):
     with pytest.raises(error, match=match):
         run_finetune(cfg(sep_csv, tmp_path / "run", **kw))
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"pooling": "max"}, "'pooling' option must be one of cls, mean"),
-    ({"prune_fraction": 0.3, "epochs": 1}, "at least 2"),
-    ({"lr": 0}, "'lr' option must be positive"),
-    ({"head_lr": -1e-3}, r"'head_lr' option \(the classifier's learning rate\) must be positive; got -0.001"),
-    ({"min_epochs": 0}, "'min_epochs' option must be a positive number of epochs"),
-    ({"max_grad_norm": -1}, "'max_grad_norm' option must be 0"),
-    ({"bogus": 1}, r"Unknown finetune config keys \['bogus'\]"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"pooling": "max"}, "'pooling' option must be one of cls, mean"),
+        ({"prune_fraction": 0.3, "epochs": 1}, "at least 2"),
+        ({"lr": 0}, "'lr' option must be positive"),
+        ({"head_lr": -1e-3}, r"'head_lr' option \(the classifier's learning rate\) must be positive; got -0.001"),
+        ({"min_epochs": 0}, "'min_epochs' option must be a positive number of epochs"),
+        ({"max_grad_norm": -1}, "'max_grad_norm' option must be 0"),
+        ({"bogus": 1}, r"Unknown finetune config keys \['bogus'\]"),
+    ],
+)
 def test_config_validation(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneConfig.from_dict({"data": "x.csv", **kw})
 
 
 def test_config_round_trip():
-    c = FinetuneConfig.from_dict(dict(data=None, splits=(("train", "a.csv"), ("test", "b.csv")), classifier_hidden=(8, 4)))
+    c = FinetuneConfig.from_dict(
+        dict(data=None, splits=(("train", "a.csv"), ("test", "b.csv")), classifier_hidden=(8, 4))
+    )
     assert FinetuneConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
@@ -202,14 +232,26 @@ def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
 
     from cli.heads_cli import main as heads_main
 
-    base = ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col", "label"]
+    base = [
+        "finetune",
+        "--model",
+        "random:tiny-bert",
+        "--data",
+        str(sep_csv),
+        "--holdout",
+        "0.25",
+        "--label-col",
+        "label",
+    ]
     res = CliRunner().invoke(heads_main, [*base, "--epochs", "2", "--lr", "0.005", "--out", str(tmp_path / "one")])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[-1] == str(tmp_path / "one")
     assert "trainable" in res.stderr
     study = tmp_path / "study.yaml"
-    study.write_text(f"model: random:tiny-bert\ndata: {sep_csv}\nholdout: 0.25\nlabel_col: label\nepochs: 2\nlr: 0.005\n"
-                     "runs:\n  - name: full\n  - name: frozen\n    freeze: 0-1\n  - name: truncated\n    truncate: 1\n")
+    study.write_text(
+        f"model: random:tiny-bert\ndata: {sep_csv}\nholdout: 0.25\nlabel_col: label\nepochs: 2\nlr: 0.005\n"
+        "runs:\n  - name: full\n  - name: frozen\n    freeze: 0-1\n  - name: truncated\n    truncate: 1\n"
+    )
     res = CliRunner().invoke(heads_main, ["finetune", "--config", str(study), "--out", str(tmp_path / "study")])
     assert res.exit_code == 0, res.output
     report = (tmp_path / "study" / "report" / "report.md").read_text()
@@ -227,9 +269,33 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
-           "finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col", "label",
-           "--epochs", "2", "--lr", "0.005", "--batch-size", "8", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cli.heads_cli",
+        "finetune",
+        "--model",
+        "random:tiny-bert",
+        "--data",
+        str(sep_csv),
+        "--holdout",
+        "0.25",
+        "--label-col",
+        "label",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.005",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+    ]
     from conftest import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.training.session:Session.step")
@@ -280,11 +346,27 @@ def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     from conftest import needs_shared
 
     ag = needs_shared("ag_news")
-    pd.read_csv(ag / "train_pool.csv").sample(160, random_state=0)[["text", "label"]].to_csv(tmp_path / "train.csv", index=False)
-    pd.read_csv(ag / "test.csv").sample(160, random_state=0)[["text", "label"]].to_csv(tmp_path / "test.csv", index=False)
-    res = run_finetune(FinetuneConfig.from_dict(dict(
-        model="minilm", data=None, splits=[["train", str(tmp_path / "train.csv")], ["test", str(tmp_path / "test.csv")]],
-        label_col="label", max_length=64, epochs=2, freeze="0-4", out=str(tmp_path / "run"))), show_progress=False)
+    pd.read_csv(ag / "train_pool.csv").sample(160, random_state=0)[["text", "label"]].to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    pd.read_csv(ag / "test.csv").sample(160, random_state=0)[["text", "label"]].to_csv(
+        tmp_path / "test.csv", index=False
+    )
+    res = run_finetune(
+        FinetuneConfig.from_dict(
+            dict(
+                model="minilm",
+                data=None,
+                splits=[["train", str(tmp_path / "train.csv")], ["test", str(tmp_path / "test.csv")]],
+                label_col="label",
+                max_length=64,
+                epochs=2,
+                freeze="0-4",
+                out=str(tmp_path / "run"),
+            )
+        ),
+        show_progress=False,
+    )
     majority = json.loads((res.run_dir / "run.json").read_text())["majority_accuracy"]
     assert res.accuracy > majority + 0.25, (res.accuracy, majority)
     assert res.trainable_params < res.total_params / 4
@@ -300,7 +382,7 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
     plan = rounds(config.folds, data, config.source.seed)
     held = [set(r.eval_rows.tolist()) for r in plan]
     assert [r.fold for r in plan] == [0, 1, 2, 3]
-    assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1 :])
     assert set().union(*held) == set(rows_tr.tolist())
     for r in plan:
         assert set(r.fit_rows.tolist()) == set(rows_tr.tolist()) - set(r.eval_rows.tolist())
@@ -317,16 +399,20 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
 def test_splits_keep_groups_apart(monkeypatch):
     """Rows with groups (speakers, say): every carve fine-tuning makes keeps a group on one side, as a sweep's do:
     the evaluation carve of a one-split data set, the --folds rounds and each round's early-stopping carve."""
-    from embstore.data.tables import Dataset, SplitData
     from embstore.data.spec import DataSpec
+    from embstore.data.tables import Dataset, SplitData
     from heads.finetune.data import early_stopping_carve, load_rows, rounds
 
     n = 60
     labels, groups = np.arange(n) % 3, np.arange(n) // 4  # 15 groups, each holding rows of every class
-    split = SplitData(name="all", row_ids=np.arange(n), texts=[f"row {i}" for i in range(n)], pairs=None,
-                      labels=labels, groups=groups)
-    monkeypatch.setattr(DataSpec, "load", lambda self: Dataset(splits={"all": split}, label_names=["a", "b", "c"],
-                                                               sources=[], skipped_empty={}))
+    split = SplitData(
+        name="all", row_ids=np.arange(n), texts=[f"row {i}" for i in range(n)], pairs=None, labels=labels, groups=groups
+    )
+    monkeypatch.setattr(
+        DataSpec,
+        "load",
+        lambda self: Dataset(splits={"all": split}, label_names=["a", "b", "c"], sources=[], skipped_empty={}),
+    )
 
     def apart(a: np.ndarray, b: np.ndarray) -> None:
         assert len(a) and len(b) and not set(groups[a].tolist()) & set(groups[b].tolist())
@@ -349,7 +435,9 @@ def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_
     assert res.accuracy_std == pytest.approx(float(pd.Series([r.accuracy for r in rows]).std(ddof=0)))
     assert meta["folds"]["k"] == 3 and meta["folds"]["f1_macro_std"] == pytest.approx(res.f1_macro_std)
     summary = (res.run_dir / "summary.md").read_text()
-    assert f"{res.accuracy:.4f} ± {res.accuracy_std:.4f}" in summary and "**3**" in summary  # 3 runs (the only config is the best, in bold)
+    assert (
+        f"{res.accuracy:.4f} ± {res.accuracy_std:.4f}" in summary and "**3**" in summary
+    )  # 3 runs (the only config is the best, in bold)
     assert not (res.run_dir / "model").exists() and (res.run_dir / "checkpoint/fold-2/finetune_state.json").is_file()
     assert rows[0].head == "mlp" and rows[0].trainable_params > 64 * 32  # the 32 -> 64 -> 3 MLP is trained
     # Killed in fold 1 and resumed: fold 0 is read back from its checkpoint, never trained again.
@@ -375,8 +463,9 @@ def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_
             run_finetune(cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
     assert folds_trained == [0, 1]
     folds_trained.clear()
-    again = run_finetune(cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64],
-                             resume=True))
+    again = run_finetune(
+        cfg(sep_csv, tmp_path / "cv2", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64], resume=True)
+    )
     assert folds_trained == [1, 2]
     assert [r.accuracy for r in read_run(again.run_dir)[1]] == [r.accuracy for r in rows]
     from click.testing import CliRunner
@@ -392,9 +481,30 @@ def test_cli_finetune_folds_with_an_mlp(sep_csv, tmp_path):
 
     from cli.heads_cli import main as heads_main
 
-    res = CliRunner().invoke(heads_main, ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv),
-                                          "--label-col", "label", "--folds", "2", "--epochs", "1", "--lr", "0.005",
-                                          "--classifier", "mlp", "--classifier-hidden", "48", "--out", str(tmp_path / "f")])
+    res = CliRunner().invoke(
+        heads_main,
+        [
+            "finetune",
+            "--model",
+            "random:tiny-bert",
+            "--data",
+            str(sep_csv),
+            "--label-col",
+            "label",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--lr",
+            "0.005",
+            "--classifier",
+            "mlp",
+            "--classifier-hidden",
+            "48",
+            "--out",
+            str(tmp_path / "f"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "2 folds: accuracy" in res.stderr and " ± " in res.stderr
     hp = read_run(tmp_path / "f")[1][0].hyperparameters
@@ -406,11 +516,29 @@ def test_cli_head_lr_must_be_positive(sep_csv, tmp_path):
 
     from cli.heads_cli import main as heads_main
 
-    res = CliRunner().invoke(heads_main, ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout",
-                                          "0.25", "--label-col", "label", "--head-lr", "0", "--out", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        heads_main,
+        [
+            "finetune",
+            "--model",
+            "random:tiny-bert",
+            "--data",
+            str(sep_csv),
+            "--holdout",
+            "0.25",
+            "--label-col",
+            "label",
+            "--head-lr",
+            "0",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert res.stderr.strip().splitlines() == ["error: The 'head_lr' option (the classifier's learning rate) must be "
-                                               "positive; got 0.0. Use e.g. --head-lr 0.001."]
+    assert res.stderr.strip().splitlines() == [
+        "error: The 'head_lr' option (the classifier's learning rate) must be "
+        "positive; got 0.0. Use e.g. --head-lr 0.001."
+    ]
     assert not (tmp_path / "r").exists()
 
 
@@ -419,9 +547,19 @@ def test_the_classifier_gets_its_own_learning_rate_when_the_backbone_is_frozen(s
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
 
-    res = run_finetune(FinetuneConfig.from_dict({"model": "random:tiny-bert", "data": str(sep_csv), "label_col": "label",
-                                                 "holdout": 0.25, "freeze": "all", "out": str(tmp_path / "r")}),
-                       show_progress=False)
+    res = run_finetune(
+        FinetuneConfig.from_dict(
+            {
+                "model": "random:tiny-bert",
+                "data": str(sep_csv),
+                "label_col": "label",
+                "holdout": 0.25,
+                "freeze": "all",
+                "out": str(tmp_path / "r"),
+            }
+        ),
+        show_progress=False,
+    )
     row = read_run(res.run_dir)[1][0]
     assert res.trainable_params == 32 * 3 + 3
     assert row.history[0]["lr"] is None and row.history[0]["head_lr"] > 0  # no backbone parameter trains
@@ -482,8 +620,19 @@ def test_cli_shows_a_progress_bar_per_epoch(sep_csv, tmp_path):
 
     from cli.heads_cli import main as heads_main
 
-    base = ["finetune", "--model", "random:tiny-bert", "--data", str(sep_csv), "--holdout", "0.25", "--label-col",
-            "label", "--epochs", "2"]
+    base = [
+        "finetune",
+        "--model",
+        "random:tiny-bert",
+        "--data",
+        str(sep_csv),
+        "--holdout",
+        "0.25",
+        "--label-col",
+        "label",
+        "--epochs",
+        "2",
+    ]
     res = CliRunner().invoke(heads_main, [*base, "--out", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert "finetune epoch 1" in res.stderr and "finetune epoch 2" in res.stderr
@@ -504,8 +653,14 @@ def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
     data = tmp_path / "data.csv"
     pd.DataFrame(rows, columns=["text", "label"]).to_csv(data, index=False)
     common = {"label_col": "label", "holdout": 0.3, "seed": 5, "skip_empty": True}
-    store = open_store(extract(ExtractConfig.from_dict({"model": "random:tiny-bert", "data": str(data), **common,
-                                                         "out": str(tmp_path / "s.zarr")}), show_progress=False).path)
+    store = open_store(
+        extract(
+            ExtractConfig.from_dict(
+                {"model": "random:tiny-bert", "data": str(data), **common, "out": str(tmp_path / "s.zarr")}
+            ),
+            show_progress=False,
+        ).path
+    )
     expected = eval_set(source_sha256(store.provenance["sources"], "test"), store.row_ids("test"))
     res = run_finetune(cfg(data, tmp_path / "ft", epochs=1, **common), show_progress=False)
     recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from tones import write_tones
 
 from cli.heads_cli import main as heads_main
-from embstore.errors import ConfigError
 from embstore.backbones.registry import load_backbone
+from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.run import run_finetune
 from heads.report.results import read_run
-from tones import write_tones
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,19 @@ def few_tones(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cfg(data: Path, out: Path, **kw: object) -> FinetuneConfig:
-    base = dict(model="random:hubert-tiny", data=str(data), audio_col="file", label_col="label", group_col="speaker",
-                holdout=0.25, epochs=1, batch_size=4, lr=3e-3, head_lr=3e-3, out=str(out))
+    base = dict(
+        model="random:hubert-tiny",
+        data=str(data),
+        audio_col="file",
+        label_col="label",
+        group_col="speaker",
+        holdout=0.25,
+        epochs=1,
+        batch_size=4,
+        lr=3e-3,
+        head_lr=3e-3,
+        out=str(out),
+    )
     base.update(kw)
     return FinetuneConfig.from_dict(base)
 
@@ -79,12 +90,15 @@ def test_default_freezes_the_feature_encoder_only(few_tones, tmp_path):
     assert read_run(res.run_dir)[1][0].extra["freeze"] == "feature-encoder"
 
 
-@pytest.mark.parametrize("kw, check", [
-    ({"freeze": "0-1"}, "frozen"),
-    ({"truncate": 1}, "truncated"),
-    ({"prune_heads": "2:1"}, "pruned"),
-    ({"prune_fraction": 0.5, "epochs": 2}, "importance"),
-])
+@pytest.mark.parametrize(
+    "kw, check",
+    [
+        ({"freeze": "0-1"}, "frozen"),
+        ({"truncate": 1}, "truncated"),
+        ({"prune_heads": "2:1"}, "pruned"),
+        ({"prune_fraction": 0.5, "epochs": 2}, "importance"),
+    ],
+)
 def test_surgery_on_speech_saves_a_model_that_reloads(few_tones, tmp_path, kw, check):
     res = run_finetune(cfg(few_tones, tmp_path / "run", **kw), show_progress=False)
     row = read_run(res.run_dir)[1][0]
@@ -109,8 +123,17 @@ def test_wavlm_head_pruning_is_refused_with_the_reason():
 
     from embstore.backbones.pruned import prune_heads
 
-    model = WavLMModel(WavLMConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                                   conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))
+    model = WavLMModel(
+        WavLMConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=[32] * 7,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+        )
+    )
     with pytest.raises(ConfigError, match="WavLM layer: its gated relative position bias"):
         prune_heads(model, {1: [0]})
     assert model.encoder.layers[0].attention.q_proj.out_features == 32  # untouched
@@ -173,16 +196,28 @@ def test_predict_on_new_audio_files_and_re_extract_the_finetuned_model(few_tones
     meta = json.loads((res.run_dir / "run.json").read_text())
     table = pd.read_csv(few_tones)
     test_files = [str(few_tones.parent / table["file"].iloc[i]) for i in meta["rows"]["evaluation"]]
-    out = CliRunner().invoke(heads_main, ["predict", "--run", str(res.run_dir), "--device", "cpu"],
-                             input="\n".join(test_files) + "\n")
+    out = CliRunner().invoke(
+        heads_main, ["predict", "--run", str(res.run_dir), "--device", "cpu"], input="\n".join(test_files) + "\n"
+    )
     assert out.exit_code == 0, out.output
     lines = [json.loads(x) for x in out.stdout.strip().splitlines()]
     truth = table["label"].iloc[meta["rows"]["evaluation"]].tolist()
     assert [x["text"] for x in lines] == test_files
     assert np.mean([x["label"] == t for x, t in zip(lines, truth)]) == pytest.approx(res.accuracy)
-    store = open_store(extract(ExtractConfig.from_dict(dict(
-        model=str(res.run_dir / "model"), data=str(few_tones), audio_col="file", label_col="label",
-        out=str(tmp_path / "s.zarr"))), show_progress=False).path)
+    store = open_store(
+        extract(
+            ExtractConfig.from_dict(
+                dict(
+                    model=str(res.run_dir / "model"),
+                    data=str(few_tones),
+                    audio_col="file",
+                    label_col="label",
+                    out=str(tmp_path / "s.zarr"),
+                )
+            ),
+            show_progress=False,
+        ).path
+    )
     assert store.layers == [0, 1, 2] and store.n_rows("all") == len(table)
 
 
@@ -192,8 +227,7 @@ def test_text_finetune_with_group_col_keeps_groups_apart(tmp_path):
     rows = [(" ".join(rng.choice(words[k], 4)), k, f"author{i // 6}") for i, k in enumerate(["a", "b", "c"] * 20)]
     table = tmp_path / "t.csv"
     pd.DataFrame(rows, columns=["text", "label", "speaker"]).to_csv(table, index=False)
-    base = dict(model="random:tiny-bert", data=str(table), label_col="label", group_col="speaker", epochs=1,
-                lr=5e-3)
+    base = dict(model="random:tiny-bert", data=str(table), label_col="label", group_col="speaker", epochs=1, lr=5e-3)
     one = run_finetune(FinetuneConfig.from_dict({**base, "out": str(tmp_path / "one")}), show_progress=False)
     assert_groups_apart(table, json.loads((one.run_dir / "run.json").read_text())["rows"])
     cv = run_finetune(FinetuneConfig.from_dict({**base, "folds": 3, "out": str(tmp_path / "cv")}), show_progress=False)
@@ -215,9 +249,23 @@ def test_emodb_folds_keep_speakers_apart_in_every_fold_and_carve(tmp_path):
     df = pd.read_csv(emodb / "labels.csv").groupby(["speaker", "label"]).head(2).reset_index(drop=True)
     df["file"] = [str(emodb / f) for f in df["file"]]
     df.to_csv(table, index=False)
-    res = run_finetune(FinetuneConfig.from_dict(dict(
-        model="random:hubert-tiny", data=str(table), audio_col="file", label_col="label", group_col="speaker",
-        folds=5, epochs=1, max_seconds=0.5, batch_seconds=8.0, out=str(tmp_path / "cv"))), show_progress=False)
+    res = run_finetune(
+        FinetuneConfig.from_dict(
+            dict(
+                model="random:hubert-tiny",
+                data=str(table),
+                audio_col="file",
+                label_col="label",
+                group_col="speaker",
+                folds=5,
+                epochs=1,
+                max_seconds=0.5,
+                batch_seconds=8.0,
+                out=str(tmp_path / "cv"),
+            )
+        ),
+        show_progress=False,
+    )
     meta = json.loads((res.run_dir / "run.json").read_text())
     assert len(meta["rows"]) == 5 and df["speaker"].nunique() == 10
     for fold in meta["rows"]:
@@ -233,8 +281,18 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
     table = pd.read_csv(few_tones)
-    base = ["--model", "random:hubert-tiny", "--audio-col", "file", "--label-col", "label", "--holdout", "0.25",
-            "--epochs", "1"]
+    base = [
+        "--model",
+        "random:hubert-tiny",
+        "--audio-col",
+        "file",
+        "--label-col",
+        "label",
+        "--holdout",
+        "0.25",
+        "--epochs",
+        "1",
+    ]
     broken = table.copy()
     broken.loc[3, "file"] = "wav/missing.wav"
     (few_tones.parent / "broken.csv").write_text(broken.to_csv(index=False))
@@ -258,8 +316,9 @@ def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
         assert not out.exists()
     text = tmp_path / "text.csv"
     pd.DataFrame({"text": ["a b", "c d"] * 4, "label": ["x", "y"] * 4}).to_csv(text, index=False)
-    code, err = _cli(["--model", "random:hubert-tiny", "--data", str(text), "--label-col", "label", "--out",
-                      str(tmp_path / "t")])
+    code, err = _cli(
+        ["--model", "random:hubert-tiny", "--data", str(text), "--label-col", "label", "--out", str(tmp_path / "t")]
+    )
     assert code == 2 and "random:hubert-tiny is a speech model (hubert)" in err and "--audio-col" in err
     for name, reason, row in (("broken.csv", "unusable", 3), ("short.csv", "too_short", 5)):
         code, err = _cli([*base, "--data", str(few_tones.parent / name), "--skip-bad", "--out", str(tmp_path / name)])

@@ -13,17 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from conftest import LABELS, TEXTS
 
 import embstore.extraction.store_id as identity
 from embstore import ExtractConfig, extract
-from embstore.extraction.plan import make_plan as _plan, quick_id as _quick_id
-from conftest import LABELS, TEXTS
+from embstore.extraction.plan import make_plan as _plan
+from embstore.extraction.plan import quick_id as _quick_id
 
 
 @pytest.fixture
 def table(tmp_path: Path) -> Path:
     path = tmp_path / "rows.csv"
-    pd.DataFrame({"text": TEXTS, "other": TEXTS[::-1], "label": LABELS, "group": [i % 3 for i in range(12)]}).to_csv(path, index=False)
+    pd.DataFrame({"text": TEXTS, "other": TEXTS[::-1], "label": LABELS, "group": [i % 3 for i in range(12)]}).to_csv(
+        path, index=False
+    )
     return path
 
 
@@ -39,17 +42,29 @@ def _id(cfg: ExtractConfig, device: str = "cpu") -> str:
 
 
 def test_the_cheap_id_is_the_full_plans_id(table):
-    for c in (cfg(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5, tokens="-1"),
-              cfg(model="minilm", data=str(table), text_col="text", text_pair_col="other", layers="2-4")):
+    for c in (
+        cfg(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5, tokens="-1"),
+        cfg(model="minilm", data=str(table), text_col="text", text_pair_col="other", layers="2-4"),
+    ):
         assert _id(c) == _plan(c, "cpu").fingerprint
 
 
 CHANGES = {
-    "layers": dict(layers="0-1"), "pooling": dict(pooling=("cls", "max")), "tokens": dict(tokens="1"),
-    "max_length": dict(max_length=16), "dtype": dict(dtype="float32"), "text_col": dict(text_col="other"),
-    "pair": dict(text_pair_col="other"), "label_col": dict(label_col=None), "group_col": dict(group_col="group"),
-    "limit": dict(limit=5), "skip_empty": dict(skip_empty=True), "holdout": dict(holdout=0.5),
-    "bucket": dict(bucket=False), "model": dict(model="random:mini-bert"), "quantize": dict(quantize="int8"),
+    "layers": dict(layers="0-1"),
+    "pooling": dict(pooling=("cls", "max")),
+    "tokens": dict(tokens="1"),
+    "max_length": dict(max_length=16),
+    "dtype": dict(dtype="float32"),
+    "text_col": dict(text_col="other"),
+    "pair": dict(text_pair_col="other"),
+    "label_col": dict(label_col=None),
+    "group_col": dict(group_col="group"),
+    "limit": dict(limit=5),
+    "skip_empty": dict(skip_empty=True),
+    "holdout": dict(holdout=0.5),
+    "bucket": dict(bucket=False),
+    "model": dict(model="random:mini-bert"),
+    "quantize": dict(quantize="int8"),
 }
 
 
@@ -74,8 +89,16 @@ def test_holdout_seed_file_bytes_device_and_libraries_change_the_id(table, tmp_p
 def test_options_that_cannot_change_values_keep_the_id(table, tmp_path):
     base = dict(model="random:tiny-bert", data=str(table), label_col="label")
     ref = _id(cfg(**base))
-    same = [dict(num_processes=2), dict(batch_size=3), dict(token_budget=64), dict(chunk_rows=4), dict(wait=True),
-            dict(device="cpu"), dict(out=str(tmp_path / "elsewhere")), dict(extra={"note": "x"})]
+    same = [
+        dict(num_processes=2),
+        dict(batch_size=3),
+        dict(token_budget=64),
+        dict(chunk_rows=4),
+        dict(wait=True),
+        dict(device="cpu"),
+        dict(out=str(tmp_path / "elsewhere")),
+        dict(extra={"note": "x"}),
+    ]
     for change in same:
         assert _id(cfg(**{**base, **change})) == ref, change
     moved = tmp_path / "moved" / "copy.csv"
@@ -117,8 +140,8 @@ def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
 
 
 def test_a_finished_store_answers_without_loading_the_model(table, monkeypatch):
-    import embstore.extraction.run as extraction
     import embstore.extraction.plan as planner
+    import embstore.extraction.run as extraction
 
     c = cfg(model="random:tiny-bert", data=str(table), label_col="label")
     first = extract(c, show_progress=False)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEXTS
+
 from embstore import ExtractConfig, extract, open_store
 from embstore.backbones.anatomy import find_blocks as layer_modules
-from embstore.extraction.forward import hidden_states, pool_layers
 from embstore.backbones.registry import RANDOM_CONFIGS, load_backbone
+from embstore.extraction.forward import hidden_states, pool_layers
 
 
 def _count_calls(model) -> list[int]:
@@ -31,7 +31,9 @@ def _speech(model_type: str, **over):
 
 
 def _text_inputs(tokenizer) -> dict[str, torch.Tensor]:
-    return dict(tokenizer(["a short one", "a rather longer sentence about the markets"], padding=True, return_tensors="pt"))
+    return dict(
+        tokenizer(["a short one", "a rather longer sentence about the markets"], padding=True, return_tensors="pt")
+    )
 
 
 def _audio_inputs() -> dict[str, torch.Tensor]:
@@ -46,7 +48,10 @@ def _audio_inputs() -> dict[str, torch.Tensor]:
 MODELS = {
     "tiny-bert": lambda: (lambda bb: (bb.model, _text_inputs(bb.tokenizer)))(load_backbone("random:tiny-bert")),
     "hubert-stable": lambda: (load_backbone("random:hubert-tiny").model, _audio_inputs()),
-    "hubert-group-norm": lambda: (_speech("hubert", feat_extract_norm="group", do_stable_layer_norm=False), _audio_inputs()),
+    "hubert-group-norm": lambda: (
+        _speech("hubert", feat_extract_norm="group", do_stable_layer_norm=False),
+        _audio_inputs(),
+    ),
     "wav2vec2": lambda: (_speech("wav2vec2"), _audio_inputs()),
     "wavlm": lambda: (_speech("wavlm"), _audio_inputs()),
 }
@@ -104,7 +109,9 @@ def test_a_store_of_low_layers_equals_the_full_store(tiny_csv, layers, tokens):
     """Stopping early changes nothing stored: same bytes as the matching layers of a full run."""
     kw = dict(model="random:tiny-bert", data=str(tiny_csv), pooling=("cls", "mean", "max"), batch_size=5, chunk_rows=8)
     full = open_store(extract(ExtractConfig.from_dict(dict(**kw, tokens="all")), show_progress=False).path)
-    part = open_store(extract(ExtractConfig.from_dict(dict(**kw, layers=layers, tokens=tokens)), show_progress=False).path)
+    part = open_store(
+        extract(ExtractConfig.from_dict(dict(**kw, layers=layers, tokens=tokens)), show_progress=False).path
+    )
     assert part.path != full.path
     np.testing.assert_array_equal(part.row_ids("all"), full.row_ids("all"))
     for p in ("cls", "mean", "max"):
@@ -123,13 +130,22 @@ def test_batches_read_back_through_a_reused_ring_of_host_buffers_are_intact(tiny
     bb = load_backbone("random:tiny-bert")
     enc = tokenize(bb.tokenizer, [t * (1 + i % 3) for i, t in enumerate(TEXTS)], None, 64)
     job = ChunkJob(split="x", chunk=0, towers={"t": (enc.ids, None)})
-    kw = dict(layers=[0, 2], token_layers=[1], poolings=["cls", "mean", "max"], dtype="float16", batch_size=2,
-              token_budget=10_000, device="cpu")
+    kw = dict(
+        layers=[0, 2],
+        token_layers=[1],
+        poolings=["cls", "mean", "max"],
+        dtype="float16",
+        batch_size=2,
+        token_budget=10_000,
+        device="cpu",
+    )
     plain = ChunkEncoder(bb.model, 0, **kw).encode(job, lambda t, w, layer: f"{w}{layer}")
     ringed = ChunkEncoder(bb.model, 0, **kw)
     ringed.forward.ring = _HostRing()
     out = ringed.encode(job, lambda t, w, layer: f"{w}{layer}")
-    assert ringed.forward.ring.next == 0 and all(b is not None for b in ringed.forward.ring.buffers)  # 6 batches, 2 slots
+    assert ringed.forward.ring.next == 0 and all(
+        b is not None for b in ringed.forward.ring.buffers
+    )  # 6 batches, 2 slots
     assert out.keys() == plain.keys()
     for name in plain:
         np.testing.assert_array_equal(out[name], plain[name])

@@ -11,13 +11,22 @@ import torch
 
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.store.reader import TokenStates
+from heads.probe.adamw import fit_linear_probes
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier, HeadNotFoundError, NotFittedError, Ragged
-from heads.probe.adamw import fit_linear_probes
 
 N, K, H, C = 240, 3, 24, 3
-SMALL = dict(hidden=(16,), conv_hidden=16, sum_hidden=16, rnn_hidden=16, epochs=8, batch_size=32, lr=1e-2,
-             patience=0, dropout=0.0)
+SMALL = dict(
+    hidden=(16,),
+    conv_hidden=16,
+    sum_hidden=16,
+    rnn_hidden=16,
+    epochs=8,
+    batch_size=32,
+    lr=1e-2,
+    patience=0,
+    dropout=0.0,
+)
 
 
 def _layered(seed: int, n: int = N, k: int = K, h: int = H) -> tuple[np.ndarray, np.ndarray]:
@@ -56,8 +65,17 @@ def data() -> dict[str, Any]:
     }
 
 
-INPUT_OF = {"linear": "pooled", "mlp": "pooled", "conv": "layered", "sum": "layered", "mix": "layered",
-            "pair": "pair", "rnn": "tokens", "gru": "tokens", "lstm": "tokens"}
+INPUT_OF = {
+    "linear": "pooled",
+    "mlp": "pooled",
+    "conv": "layered",
+    "sum": "layered",
+    "mix": "layered",
+    "pair": "pair",
+    "rnn": "tokens",
+    "gru": "tokens",
+    "lstm": "tokens",
+}
 
 
 @pytest.mark.parametrize("head", list(INPUT_OF))
@@ -80,8 +98,13 @@ def test_linear_flattens_layers(data: dict[str, Any]) -> None:
     assert np.mean(clf.predict(X_te) == y_te) > 0.9
 
 
-@pytest.mark.parametrize("head,options", [("gru", {"aggregate": "last", "bidirectional": True}),
-                                          ("lstm", {"aggregate": "max", "rnn_layers": 2, "dropout": 0.1})])
+@pytest.mark.parametrize(
+    "head,options",
+    [
+        ("gru", {"aggregate": "last", "bidirectional": True}),
+        ("lstm", {"aggregate": "max", "rnn_layers": 2, "dropout": 0.1}),
+    ],
+)
 def test_recurrent_variants(head: str, options: dict[str, Any], data: dict[str, Any]) -> None:
     tok, y, tok_te, y_te = data["tokens"]
     clf = HeadClassifier(head=head, **{**SMALL, **options}).fit(tok, y)
@@ -92,7 +115,9 @@ def test_recurrent_variants(head: str, options: dict[str, Any], data: dict[str, 
     # Rows do not depend on their batch (packing keeps padding out), so a taken subset predicts the same.
     idx = np.array([5, 0, 77, 3])
     sub = tok_te.take(idx)
-    assert len(sub) == 4 and np.array_equal(sub.values[: sub.offsets[1]], tok_te.values[tok_te.offsets[5]:tok_te.offsets[6]])
+    assert len(sub) == 4 and np.array_equal(
+        sub.values[: sub.offsets[1]], tok_te.values[tok_te.offsets[5] : tok_te.offsets[6]]
+    )
     np.testing.assert_allclose(clf.predict_proba(sub), clf.predict_proba(tok_te)[idx], atol=1e-6)
 
 
@@ -114,8 +139,9 @@ def test_deterministic(head: str, data: dict[str, Any]) -> None:
     for (name, pa), pb in zip(a.module_.state_dict().items(), b.module_.state_dict().values()):
         assert torch.equal(pa, pb), name
     c = HeadClassifier(cfg.replace(seed=1)).fit(X, y)
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.module_.state_dict().values(),
-                                                         c.module_.state_dict().values()))
+    assert any(
+        not torch.equal(pa, pc) for pa, pc in zip(a.module_.state_dict().values(), c.module_.state_dict().values())
+    )
 
 
 def test_early_stopping_restores_best(data: dict[str, Any]) -> None:
@@ -141,6 +167,7 @@ def test_early_stopping_restores_best(data: dict[str, Any]) -> None:
 def test_carved_validation_is_stratified(data: dict[str, Any]) -> None:
     X, y, _, _ = data["pooled"]
     from heads.protocol import make_split
+
     split = make_split(y, None, validation_fraction=0.25, seed=3, patience=HeadConfig().patience)
     assert split.val_idx is not None and len(split.val_idx) == 60
     assert np.bincount(y[split.val_idx]).tolist() == [20, 20, 20]
@@ -170,11 +197,14 @@ def test_class_weight_balanced(data: dict[str, Any]) -> None:
     assert recall(balanced) > 0.5
 
 
-@pytest.mark.parametrize("schedule,expected", [
-    ("constant", lambda e: 0.01),
-    ("exponential", lambda e: 0.01 * 0.5 ** e),
-    ("cosine", lambda e: 0.01 * (1 + np.cos(np.pi * e / 4)) / 2),
-])
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("constant", lambda e: 0.01),
+        ("exponential", lambda e: 0.01 * 0.5**e),
+        ("cosine", lambda e: 0.01 * (1 + np.cos(np.pi * e / 4)) / 2),
+    ],
+)
 def test_schedules(schedule: str, expected: Any, data: dict[str, Any]) -> None:
     X, y, _, _ = data["pooled"]
     clf = HeadClassifier(head="linear", **{**SMALL, "epochs": 4, "schedule": schedule, "gamma": 0.5}).fit(X, y)
@@ -184,22 +214,32 @@ def test_schedules(schedule: str, expected: Any, data: dict[str, Any]) -> None:
 
 def test_not_fitted(tmp_path: Path) -> None:
     clf = HeadClassifier(head="mlp")
-    for call in (lambda: clf.predict(np.zeros((2, 4))), lambda: clf.predict_proba(np.zeros((2, 4))),
-                 lambda: clf.save(tmp_path)):
+    for call in (
+        lambda: clf.predict(np.zeros((2, 4))),
+        lambda: clf.predict_proba(np.zeros((2, 4))),
+        lambda: clf.save(tmp_path),
+    ):
         with pytest.raises(NotFittedError, match=r"HeadClassifier\(head='mlp'\) is not fitted yet; call fit"):
             call()
     assert issubclass(NotFittedError, EmbstoreError) and issubclass(NotFittedError, ValueError)
 
 
-@pytest.mark.parametrize("head,X,match", [
-    ("mix", np.zeros((10, 32), np.float16), r"'mix' head takes \(n, layers, hidden\) features; got shape \(10, 32\)"),
-    ("conv", np.zeros((10, 32), np.float16), r"'conv' head takes \(n, layers, hidden\)"),
-    ("linear", np.zeros((10, 2, 3, 4)), r"'linear' head takes \(n, dim\) or \(n, layers, hidden\)"),
-    ("gru", np.zeros((10, 3, 24)), r"'gru' head takes ragged token states .*got shape \(10, 3, 24\)"),
-    ("pair", np.zeros((10, 3, 24)), r"'pair' head takes two towers .*got shape \(10, 3, 24\)"),
-    ("pair", (np.zeros((10, 3, 24)), np.zeros((9, 3, 24))), r"same n; got shapes \(10, 3, 24\) and \(9, 3, 24\)"),
-    ("mlp", (np.zeros((10, 4)),), r"'mlp' head takes one feature array; got a tuple of 1 items"),
-])
+@pytest.mark.parametrize(
+    "head,X,match",
+    [
+        (
+            "mix",
+            np.zeros((10, 32), np.float16),
+            r"'mix' head takes \(n, layers, hidden\) features; got shape \(10, 32\)",
+        ),
+        ("conv", np.zeros((10, 32), np.float16), r"'conv' head takes \(n, layers, hidden\)"),
+        ("linear", np.zeros((10, 2, 3, 4)), r"'linear' head takes \(n, dim\) or \(n, layers, hidden\)"),
+        ("gru", np.zeros((10, 3, 24)), r"'gru' head takes ragged token states .*got shape \(10, 3, 24\)"),
+        ("pair", np.zeros((10, 3, 24)), r"'pair' head takes two towers .*got shape \(10, 3, 24\)"),
+        ("pair", (np.zeros((10, 3, 24)), np.zeros((9, 3, 24))), r"same n; got shapes \(10, 3, 24\) and \(9, 3, 24\)"),
+        ("mlp", (np.zeros((10, 4)),), r"'mlp' head takes one feature array; got a tuple of 1 items"),
+    ],
+)
 def test_input_validation(head: str, X: Any, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         HeadClassifier(head=head).fit(X, np.zeros(10, np.int64))
@@ -244,8 +284,16 @@ def test_batched_probes_equal_single(patience: int) -> None:
     feats = [Xl[:, 0], Xl[:, 3], Xl[:, 1:3].reshape(len(y), -1), Xl[:, 2]]  # widths 12, 12, 24, 12
     Xv, yv = _layered(6, n=60, k=4, h=12)
     val = [Xv[:, 0], Xv[:, 3], Xv[:, 1:3].reshape(len(yv), -1), Xv[:, 2]]
-    cfg = HeadConfig(head="linear", epochs=12, batch_size=32, lr=3e-2, patience=patience, class_weight="balanced",
-                     schedule="exponential", gamma=0.8)
+    cfg = HeadConfig(
+        head="linear",
+        epochs=12,
+        batch_size=32,
+        lr=3e-2,
+        patience=patience,
+        class_weight="balanced",
+        schedule="exponential",
+        gamma=0.8,
+    )
     probes = fit_linear_probes(feats, y, None, None, cfg)
     assert len(probes) == len(feats)
     for f, fv, probe in zip(feats, val, probes):

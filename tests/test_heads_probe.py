@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from test_heads_sweep import separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ExtractConfig, extract
-from test_heads_sweep import separable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,20 @@ def outlier_model(tmp_path_factory) -> Path:
 def outlier_store(outlier_model, tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("outlierstore")
     data = separable(base / "sep.csv", n_per_class=60)
-    return extract(ExtractConfig.from_dict(dict(model=str(outlier_model), data=str(data), label_col="label", holdout=0.25,
-                                 pooling=("cls",), tokens="-1", out=str(base))), show_progress=False).path
+    return extract(
+        ExtractConfig.from_dict(
+            dict(
+                model=str(outlier_model),
+                data=str(data),
+                label_col="label",
+                holdout=0.25,
+                pooling=("cls",),
+                tokens="-1",
+                out=str(base),
+            )
+        ),
+        show_progress=False,
+    ).path
 
 
 def test_the_outlier_store_has_a_few_huge_dims(outlier_store):
@@ -63,9 +75,28 @@ def test_the_outlier_store_has_a_few_huge_dims(outlier_store):
 def test_every_head_beats_the_majority_class_when_a_few_dims_are_huge(outlier_store, tmp_path, head):
     tokens = head == "gru"
     out = tmp_path / head
-    res = run("train" if tokens else "sweep", "--store", outlier_store, "--head", head, "--layers", "-1" if tokens else "1-2",
-              "--epochs", "15", "--lr", "0.01", "--batch-size", "16", "--hidden", "32", "--rnn-hidden", "16",
-              *([] if tokens else ["--combine", "single,concat"]), "--out", str(out))
+    res = run(
+        "train" if tokens else "sweep",
+        "--store",
+        outlier_store,
+        "--head",
+        head,
+        "--layers",
+        "-1" if tokens else "1-2",
+        "--epochs",
+        "15",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "32",
+        "--rnn-hidden",
+        "16",
+        *([] if tokens else ["--combine", "single,concat"]),
+        "--out",
+        str(out),
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "results.csv")
     majority = json.loads((out / "run.json").read_text())["majority_accuracy"]
@@ -77,8 +108,27 @@ def test_without_standardisation_the_outlier_store_defeats_the_conv_head(outlier
     """The store really has the property: unstandardised, the conv head predicts the majority class."""
     conf = tmp_path / "raw.yaml"
     conf.write_text("standardize: false\n")
-    res = run("sweep", "--config", str(conf), "--store", outlier_store, "--head", "conv", "--layers", "1-2",
-              "--combine", "single", "--epochs", "15", "--lr", "0.01", "--batch-size", "16", "--out", str(tmp_path / "c"))
+    res = run(
+        "sweep",
+        "--config",
+        str(conf),
+        "--store",
+        outlier_store,
+        "--head",
+        "conv",
+        "--layers",
+        "1-2",
+        "--combine",
+        "single",
+        "--epochs",
+        "15",
+        "--lr",
+        "0.01",
+        "--batch-size",
+        "16",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(tmp_path / "c" / "results.csv")
     majority = json.loads((tmp_path / "c" / "run.json").read_text())["majority_accuracy"]
@@ -87,11 +137,13 @@ def test_without_standardisation_the_outlier_store_defeats_the_conv_head(outlier
 
 # -- the batched L-BFGS against scikit-learn -------------------------------------------------------------------
 
+
 def _chunks(features: list[np.ndarray], y: np.ndarray, rows: np.ndarray, size: int = 50):
     def gen():
         for start in range(0, len(rows), size):
-            r = rows[start:start + size]
+            r = rows[start : start + size]
             yield [f[r] for f in features], y[r], None
+
     return gen
 
 
@@ -105,8 +157,9 @@ def _problem(n_classes: int, seed: int = 0, n: int = 300, d: int = 12) -> tuple[
     return [X[:, :d].astype(np.float32), X.astype(np.float32)], y
 
 
-@pytest.mark.parametrize(("n_classes", "class_weight", "C"), [(3, "none", 1.0), (3, "none", 0.01), (2, "none", 0.3),
-                                                               (4, "balanced", 1.0)])
+@pytest.mark.parametrize(
+    ("n_classes", "class_weight", "C"), [(3, "none", 1.0), (3, "none", 0.01), (2, "none", 0.3), (4, "balanced", 1.0)]
+)
 def test_lbfgs_equals_scikit_learn_at_a_fixed_C(n_classes, class_weight, C):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -116,11 +169,16 @@ def test_lbfgs_equals_scikit_learn_at_a_fixed_C(n_classes, class_weight, C):
 
     feats, y = _problem(n_classes)
     rows = np.arange(len(y))
-    fits = fit_logistic_probes(_chunks(feats, y, rows), [f.shape[1] for f in feats], n_classes, [C],
-                               class_weight=class_weight, tol=1e-5)
+    fits = fit_logistic_probes(
+        _chunks(feats, y, rows), [f.shape[1] for f in feats], n_classes, [C], class_weight=class_weight, tol=1e-5
+    )
     for f, fit in zip(feats, fits):
-        sk = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, tol=1e-6,
-                                                                class_weight=None if class_weight == "none" else class_weight))
+        sk = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(
+                C=C, max_iter=1000, tol=1e-6, class_weight=None if class_weight == "none" else class_weight
+            ),
+        )
         sk.fit(f, y)
         assert fit.converged[0]
         ours = ((f - fit.mean) * fit.scale) @ fit.weights[0] + fit.bias[0]
@@ -145,7 +203,7 @@ def test_probes_on_other_rows_share_one_pass_and_equal_their_own_solves():
 
     def blocks():  # one feature, read once; each probe's rows marked
         for start in range(0, 300, 64):
-            r = every[start:start + 64]
+            r = every[start : start + 64]
             yield [feats[0][r]], y[r], np.stack([np.isin(r, rows[0]), np.isin(r, rows[1])])
 
     both = fit_logistic_probes(blocks, [12], 3, [0.1], feature_of=[0, 0], class_weight="balanced")
@@ -164,8 +222,9 @@ def test_lbfgs_picks_C_on_validation_and_every_grid_member_on_its_own_row():
     feats, y = _problem(3, seed=1, n=400)
     fit_rows, val_rows = np.arange(300), np.arange(300, 400)
     grid = [1e-3, 1e-1, 10.0]
-    fits = fit_logistic_probes(_chunks(feats, y, fit_rows), [f.shape[1] for f in feats], 3, grid,
-                               val_source=_chunks(feats, y, val_rows))
+    fits = fit_logistic_probes(
+        _chunks(feats, y, fit_rows), [f.shape[1] for f in feats], 3, grid, val_source=_chunks(feats, y, val_rows)
+    )
     again = grid_confusions(fits, _chunks(feats, y, val_rows), 3)
     for fit, cms in zip(fits, again):
         assert fit.val_confusion is not None and fit.refined is not None and fit.refined[fit.chosen]
@@ -173,8 +232,11 @@ def test_lbfgs_picks_C_on_validation_and_every_grid_member_on_its_own_row():
         assert f1[fit.chosen] == max(f1)
         np.testing.assert_array_equal(cms[fit.chosen], fit.val_confusion[fit.chosen])  # scored with its final weights
         # the chosen C equals a single-C fit to the same tolerance
-        single = fit_logistic_probes(_chunks(feats, y, fit_rows), [fit.weights.shape[1]], 3, [grid[fit.chosen]])[0] \
-            if fit.weights.shape[1] == feats[0].shape[1] else None
+        single = (
+            fit_logistic_probes(_chunks(feats, y, fit_rows), [fit.weights.shape[1]], 3, [grid[fit.chosen]])[0]
+            if fit.weights.shape[1] == feats[0].shape[1]
+            else None
+        )
         if single is not None:
             np.testing.assert_allclose(fit.weights[fit.chosen], single.weights[0], atol=5e-3)
 
@@ -212,8 +274,9 @@ def test_the_C_path_warm_starts_and_stops_after_two_falls(monkeypatch):
         real_solve(self, pairs, tol)
 
     monkeypatch.setattr(solvers._Run, "_solve", solve)
-    fits = solvers.fit_logistic_probes(_chunks(feats, y, fit_rows), [f.shape[1] for f in feats], 3, grid,
-                                       val_source=_chunks(feats, y, val_rows))
+    fits = solvers.fit_logistic_probes(
+        _chunks(feats, y, fit_rows), [f.shape[1] for f in feats], 3, grid, val_source=_chunks(feats, y, val_rows)
+    )
     assert fits[0].solved.tolist() == [True] * 4 + [False] * 3
     assert fits[1].solved.tolist() == [True] * 7
     assert not fits[0].converged[4:].any() and np.isnan(fits[0].train_loss[4:]).all()
@@ -224,24 +287,44 @@ def test_the_C_path_warm_starts_and_stops_after_two_falls(monkeypatch):
 
 def test_stacked_heads_equal_their_single_fits():
     """Every member of a stack trains as HeadClassifier.fit would train it alone (dropout 0)."""
+    from test_heads_estimator import _layered
+
     from heads.probe.config import HeadConfig
     from heads.probe.ensemble import Member, fit_stacked
     from heads.probe.estimator import HeadClassifier
     from heads.probe.modules import as_inputs
-    from test_heads_estimator import _layered
 
     X, y = _layered(0, n=150)
     Xv, yv = _layered(1, n=60)
     rng = np.random.default_rng(0)
-    for head, feats, vfeats in (("mlp", [X[:, 0], X[:, 2]], [Xv[:, 0], Xv[:, 2]]), ("conv", [X, X[:, ::-1].copy()], [Xv, Xv[:, ::-1].copy()])):
-        cfg = HeadConfig(head=head, hidden=(16,), conv_hidden=16, epochs=6, batch_size=32, lr=1e-2, patience=2, dropout=0.0)
-        members = [Member(f, seed, np.sort(rng.choice(150, 130 - seed, replace=False)), np.sort(rng.choice(60, 40, replace=False)))
-                   for f in range(2) for seed in (0, 1)]
-        ests = fit_stacked(cfg, [as_inputs(f, head) for f in feats], [as_inputs(f, head) for f in vfeats], members, y, yv, 3,
-                           torch.device("cpu"))
+    for head, feats, vfeats in (
+        ("mlp", [X[:, 0], X[:, 2]], [Xv[:, 0], Xv[:, 2]]),
+        ("conv", [X, X[:, ::-1].copy()], [Xv, Xv[:, ::-1].copy()]),
+    ):
+        cfg = HeadConfig(
+            head=head, hidden=(16,), conv_hidden=16, epochs=6, batch_size=32, lr=1e-2, patience=2, dropout=0.0
+        )
+        members = [
+            Member(
+                f, seed, np.sort(rng.choice(150, 130 - seed, replace=False)), np.sort(rng.choice(60, 40, replace=False))
+            )
+            for f in range(2)
+            for seed in (0, 1)
+        ]
+        ests = fit_stacked(
+            cfg,
+            [as_inputs(f, head) for f in feats],
+            [as_inputs(f, head) for f in vfeats],
+            members,
+            y,
+            yv,
+            3,
+            torch.device("cpu"),
+        )
         for m, est in zip(members, ests):
-            single = HeadClassifier(cfg.replace(seed=m.seed)).fit(feats[m.feature][m.fit_rows], y[m.fit_rows],
-                                                                  vfeats[m.feature][m.val_rows], yv[m.val_rows])
+            single = HeadClassifier(cfg.replace(seed=m.seed)).fit(
+                feats[m.feature][m.fit_rows], y[m.fit_rows], vfeats[m.feature][m.val_rows], yv[m.val_rows]
+            )
             assert est.best_epoch_ == single.best_epoch_ and len(est.history_) == len(single.history_)
             for a, b in zip(est.module_.state_dict().values(), single.module_.state_dict().values()):
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
@@ -249,16 +332,41 @@ def test_stacked_heads_equal_their_single_fits():
 
 # -- sweeps: choices, duplicates, progress --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("probestore")
-    return extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(separable(base / "sep.csv")), label_col="label",
-                                 holdout=0.25, pooling=("mean",), out=str(base))), show_progress=False).path
+    return extract(
+        ExtractConfig.from_dict(
+            dict(
+                model="random:tiny-bert",
+                data=str(separable(base / "sep.csv")),
+                label_col="label",
+                holdout=0.25,
+                pooling=("mean",),
+                out=str(base),
+            )
+        ),
+        show_progress=False,
+    ).path
 
 
 def test_single_seed_rows_and_summary(store, tmp_path):
     out = tmp_path / "r"
-    res = run("sweep", "--store", store, "--head", "linear,mix", "--layers", "1-2", "--epochs", "3", "--progress", "--out", str(out))
+    res = run(
+        "sweep",
+        "--store",
+        store,
+        "--head",
+        "linear,mix",
+        "--layers",
+        "1-2",
+        "--epochs",
+        "3",
+        "--progress",
+        "--out",
+        str(out),
+    )
     assert res.exit_code == 0, res.output
     assert re.search(r"heads sweep: .*\d+/\d+", res.stderr)  # the tqdm bar: configurations done / total
     df = pd.read_csv(out / "results.csv")
@@ -270,11 +378,29 @@ def test_single_seed_rows_and_summary(store, tmp_path):
 
 
 def test_adamw_solver_stays_available(store, tmp_path):
-    res = run("sweep", "--store", store, "--layers", "1-2", "--combine", "single", "--solver", "adamw", "--epochs", "4",
-              "--out", str(tmp_path / "a"))
+    res = run(
+        "sweep",
+        "--store",
+        store,
+        "--layers",
+        "1-2",
+        "--combine",
+        "single",
+        "--solver",
+        "adamw",
+        "--epochs",
+        "4",
+        "--out",
+        str(tmp_path / "a"),
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(tmp_path / "a" / "results.csv")
-    assert set(df.hp_solver) == {"adamw"} and "hp_C" not in df and df.best_epoch.notna().all() and df.val_f1_macro.notna().all()
+    assert (
+        set(df.hp_solver) == {"adamw"}
+        and "hp_C" not in df
+        and df.best_epoch.notna().all()
+        and df.val_f1_macro.notna().all()
+    )
 
 
 def test_summary_best_is_chosen_on_validation_not_on_test(tmp_path):
@@ -282,9 +408,22 @@ def test_summary_best_is_chosen_on_validation_not_on_test(tmp_path):
     from heads.report import ResultRow, RunWriter
 
     def row(layers: str, val: float, test: float) -> ResultRow:
-        return ResultRow(layers=layers, combine="single", pooling="cls", head="linear", seed=0, accuracy=test, f1_macro=test,
-                         train_seconds=1.0, hyperparameters={}, per_class={}, confusion=[], store_id="s",
-                         val_accuracy=val, val_f1_macro=val)
+        return ResultRow(
+            layers=layers,
+            combine="single",
+            pooling="cls",
+            head="linear",
+            seed=0,
+            accuracy=test,
+            f1_macro=test,
+            train_seconds=1.0,
+            hyperparameters={},
+            per_class={},
+            confusion=[],
+            store_id="s",
+            val_accuracy=val,
+            val_f1_macro=val,
+        )
 
     writer = RunWriter(tmp_path / "r", {"validation": "a 0.1 carve"})
     writer.add(row("1", 0.70, 0.95))
@@ -305,13 +444,36 @@ def test_val_split_is_used_for_every_choice(tmp_path):
     # on dev can be told from scores made anywhere else.
     labels = sorted(df.label.unique())
     parts["dev"].iloc[:5, parts["dev"].columns.get_loc("label")] = [
-        labels[(labels.index(v) + 1) % len(labels)] for v in parts["dev"].label.iloc[:5]]
+        labels[(labels.index(v) + 1) % len(labels)] for v in parts["dev"].label.iloc[:5]
+    ]
     for name, part in parts.items():
         part.to_csv(tmp_path / f"{name}.csv", index=False)
-    path = extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=None, label_col="label", pooling=("mean",),
-                                 splits=tuple((n, str(tmp_path / f"{n}.csv")) for n in parts), out=str(tmp_path))),
-                   show_progress=False).path
-    res = run("sweep", "--store", path, "--layers", "-1", "--combine", "single", "--val-split", "dev", "--out", str(tmp_path / "r"))
+    path = extract(
+        ExtractConfig.from_dict(
+            dict(
+                model="random:tiny-bert",
+                data=None,
+                label_col="label",
+                pooling=("mean",),
+                splits=tuple((n, str(tmp_path / f"{n}.csv")) for n in parts),
+                out=str(tmp_path),
+            )
+        ),
+        show_progress=False,
+    ).path
+    res = run(
+        "sweep",
+        "--store",
+        path,
+        "--layers",
+        "-1",
+        "--combine",
+        "single",
+        "--val-split",
+        "dev",
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
     assert meta["val_split"] == "dev" and meta["validation"].startswith("split `dev` (15 rows)")
@@ -330,7 +492,9 @@ def test_val_split_is_used_for_every_choice(tmp_path):
 
     dev, test = rescored("dev"), rescored("test")
     assert dev["accuracy"] < test["accuracy"]
-    assert row["val_accuracy"] == pytest.approx(dev["accuracy"]) and row["val_f1_macro"] == pytest.approx(dev["f1_macro"])
+    assert row["val_accuracy"] == pytest.approx(dev["accuracy"]) and row["val_f1_macro"] == pytest.approx(
+        dev["f1_macro"]
+    )
     assert row["accuracy"] == pytest.approx(test["accuracy"]) and row["f1_macro"] == pytest.approx(test["f1_macro"])
     # C was chosen on those dev scores: the grid's best validation macro-F1 (ties: the smaller C).
     by_c = [(h["val_f1_macro"], -h["C"]) for h in row["history"]]
@@ -339,21 +503,29 @@ def test_val_split_is_used_for_every_choice(tmp_path):
 
 # -- evaluation sets and reports -------------------------------------------------------------------------------
 
+
 def test_report_refuses_runs_scored_on_other_rows(store, tmp_path):
     args = ["--store", store, "--layers", "-1", "--combine", "single"]
     assert run("sweep", *args, "--out", str(tmp_path / "a")).exit_code == 0
-    assert run("sweep", *args, "--head", "mlp", "--hidden", "16", "--epochs", "2", "--out", str(tmp_path / "b")).exit_code == 0
+    assert (
+        run("sweep", *args, "--head", "mlp", "--hidden", "16", "--epochs", "2", "--out", str(tmp_path / "b")).exit_code
+        == 0
+    )
     assert run("sweep", *args, "--folds", "2", "--out", str(tmp_path / "folds")).exit_code == 0
     ids = {n: json.loads((tmp_path / n / "run.json").read_text())["eval_set"]["id"] for n in ("a", "b", "folds")}
     assert ids["a"] == ids["b"] != ids["folds"]
-    assert json.loads((tmp_path / "folds" / "run.json").read_text())["eval_set"]["rows"] == 90  # the union of held-out folds
+    assert (
+        json.loads((tmp_path / "folds" / "run.json").read_text())["eval_set"]["rows"] == 90
+    )  # the union of held-out folds
     ok = run("report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep"))
     assert ok.exit_code == 0, ok.output
     bad = run("report", str(tmp_path / "a"), str(tmp_path / "folds"), "--out", str(tmp_path / "rep2"))
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert f"eval_set {ids['a']} vs {ids['folds']}" in bad.stderr and "--allow-mixed" in bad.stderr
     assert not (tmp_path / "rep2").exists()
-    mixed = run("report", str(tmp_path / "a"), str(tmp_path / "folds"), "--allow-mixed", "--out", str(tmp_path / "rep3"))
+    mixed = run(
+        "report", str(tmp_path / "a"), str(tmp_path / "folds"), "--allow-mixed", "--out", str(tmp_path / "rep3")
+    )
     assert mixed.exit_code == 0, mixed.output
     text = (tmp_path / "rep3" / "report.md").read_text()
     assert "† scored on other rows" in text and "| folds † |" in text
@@ -369,15 +541,23 @@ def test_report_refuses_runs_scored_on_other_rows(store, tmp_path):
 
 # -- bad input: one line, exit 2, nothing written that looks complete ------------------------------------------
 
-@pytest.mark.parametrize(("args", "pattern"), [
-    (["--val-split", "dev"], r"--val-split 'dev' is not in .*; its splits are train, test"),
-    (["--val-split", "test"], r"--val-split 'test' is also the evaluation split"),
-    (["--validation-fraction", "0.02"], r"validation carve of the training split 'train' \(0.02 of 90 rows = 2\) cannot hold every one of the 3 classes"),
-    (["--c-grid", "1e-3,0,1"], r"'c_grid' option must hold positive inverse L2 strengths C .*got 0.0"),
-    (["--c-grid", "1e-3,-1"], r"'c_grid' option must hold positive .*got -1.0"),
-    (["--c-grid", "big"], r"'c_grid' option must be a comma list of positive numbers .*got 'big'"),
-    (["--max-memory", "0"], r"'max_memory' option must be a positive size"),
-])
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--val-split", "dev"], r"--val-split 'dev' is not in .*; its splits are train, test"),
+        (["--val-split", "test"], r"--val-split 'test' is also the evaluation split"),
+        (
+            ["--validation-fraction", "0.02"],
+            r"validation carve of the training split 'train' \(0.02 of 90 rows = 2\) cannot hold every one of the 3 "
+            r"classes",
+        ),
+        (["--c-grid", "1e-3,0,1"], r"'c_grid' option must hold positive inverse L2 strengths C .*got 0.0"),
+        (["--c-grid", "1e-3,-1"], r"'c_grid' option must hold positive .*got -1.0"),
+        (["--c-grid", "big"], r"'c_grid' option must be a comma list of positive numbers .*got 'big'"),
+        (["--max-memory", "0"], r"'max_memory' option must be a positive size"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, args, pattern):
     out = tmp_path / "r"
     res = run("sweep", "--store", store, "--layers", "-1", "--combine", "single", *args, "--out", str(out))
@@ -388,6 +568,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(store, tmp_path, args,
 
 
 def test_import_heads_stays_light():
-    code = "import sys, heads; heads.HeadConfig; assert 'torch' not in sys.modules; print(len(heads.__all__) > 10 and 'ok')"
+    code = (
+        "import sys, heads; heads.HeadConfig; assert 'torch' not in sys.modules; "
+        "print(len(heads.__all__) > 10 and 'ok')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from embstore.errors import DataFileNotFoundError, OutputNotWritableError
-from heads.report.metrics import classification_metrics, majority_accuracy, mean_std
 from heads.report import ResultRow, RunWriter, read_run, write_report
+from heads.report.metrics import classification_metrics, majority_accuracy, mean_std
 
 LABELS = ["neg", "neu", "pos"]
 EVAL_SET = {"id": "0123456789abcdef", "source_sha256": "f" * 64, "rows": 30}
@@ -21,9 +21,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _row(layers: str, combine: str, pooling: str, head: str, seed: int, f1: float, **kw: Any) -> ResultRow:
     fields: dict[str, Any] = dict(
-        accuracy=round(f1 + 0.05, 4), train_seconds=1.0 + seed, hyperparameters={"lr": 0.001, "hidden": [64]},
+        accuracy=round(f1 + 0.05, 4),
+        train_seconds=1.0 + seed,
+        hyperparameters={"lr": 0.001, "hidden": [64]},
         per_class={n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 10} for n in LABELS},
-        confusion=[[5, 3, 2], [1, 8, 1], [0, 2, 8]], store_id="store-a", trainable_params=1000,
+        confusion=[[5, 3, 2], [1, 8, 1], [0, 2, 8]],
+        store_id="store-a",
+        trainable_params=1000,
         seconds_per_epoch=0.1,
     )
     fields.update(kw)
@@ -35,10 +39,15 @@ def _rows() -> list[ResultRow]:
     for pooling, bonus in (("cls", 0.0), ("mean", 0.05)):
         for layer in (2, 0, 1):  # written out of order: the summary must sort them
             for seed in (0, 1):
-                rows.append(_row(str(layer), "single", pooling, "linear", seed,
-                                 round(0.5 + 0.1 * layer + bonus + 0.02 * seed, 4)))
-    history = [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.6 + 0.05 * e, "val_f1_macro": 0.5 + 0.1 * e,
-                "lr": 0.001} for e in (1, 2, 3)]
+                rows.append(
+                    _row(
+                        str(layer), "single", pooling, "linear", seed, round(0.5 + 0.1 * layer + bonus + 0.02 * seed, 4)
+                    )
+                )
+    history = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.6 + 0.05 * e, "val_f1_macro": 0.5 + 0.1 * e, "lr": 0.001}
+        for e in (1, 2, 3)
+    ]
     # The unambiguous best: mean macro-F1 0.82 ± 0.02 (single layers reach at most 0.76).
     rows.append(_row("0-2", "concat", "cls", "mlp", 0, 0.80, history=history, best_epoch=3, fold=None))
     rows.append(_row("0-2", "concat", "cls", "mlp", 1, 0.84, history=history, best_epoch=2))
@@ -49,8 +58,14 @@ def _rows() -> list[ResultRow]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[ResultRow]]:
     run_dir = tmp_path_factory.mktemp("runs") / "sweep-a"
-    meta = {"store_path": "/stores/abc", "store_fingerprint": "store-a", "model": "minilm", "label_names": LABELS,
-            "majority_accuracy": 0.4, "eval_set": EVAL_SET}
+    meta = {
+        "store_path": "/stores/abc",
+        "store_fingerprint": "store-a",
+        "model": "minilm",
+        "label_names": LABELS,
+        "majority_accuracy": 0.4,
+        "eval_set": EVAL_SET,
+    }
     writer = RunWriter(run_dir, meta)
     rows = _rows()
     for row in rows:
@@ -72,12 +87,43 @@ def test_results_csv(run: tuple[Path, dict[str, Any], list[ResultRow]]) -> None:
     run_dir, _, rows = run
     with open(run_dir / "results.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    expected = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "val_accuracy",
-                "val_f1_macro", "train_seconds",
-                "best_epoch", "trainable_params", "seconds_per_epoch", "store_id",
-                "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
-                "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "vs_best", "control_accuracy", "control_f1_macro",
-                "gain_f1_macro", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits", "compression", "hp_hidden", "hp_lr"]
+    expected = [
+        "layers",
+        "combine",
+        "pooling",
+        "head",
+        "seed",
+        "fold",
+        "accuracy",
+        "f1_macro",
+        "val_accuracy",
+        "val_f1_macro",
+        "train_seconds",
+        "best_epoch",
+        "trainable_params",
+        "seconds_per_epoch",
+        "store_id",
+        "accuracy_lo",
+        "accuracy_hi",
+        "f1_macro_lo",
+        "f1_macro_hi",
+        "is_best",
+        "p_vs_best",
+        "p_vs_best_holm",
+        "f1_macro_diff_lo",
+        "f1_macro_diff_hi",
+        "tied_with_best",
+        "vs_best",
+        "control_accuracy",
+        "control_f1_macro",
+        "gain_f1_macro",
+        "gain_f1_macro_lo",
+        "gain_f1_macro_hi",
+        "mdl_bits",
+        "compression",
+        "hp_hidden",
+        "hp_lr",
+    ]
     assert list(table[0]) == expected
     assert len(table) == len(rows)
     best = table[13]
@@ -97,8 +143,11 @@ def test_summary_marks_best_and_computes_mean_std(run: tuple[Path, dict[str, Any
     assert summary["best"]["layers"] == "0-2" and summary["best"]["f1_macro_mean"] == pytest.approx(0.82)
     assert "minilm" in text and "/stores/abc" in text and "majority-class baseline accuracy: 0.4000" in text
     # Order: single layers per pooling in layer order, then the combinations.
-    table = [line.split(" | ")[0].strip("| *") for line in text.splitlines()
-             if line.startswith("| ") and ("single" in line or "concat" in line or "| mix |" in line)]
+    table = [
+        line.split(" | ")[0].strip("| *")
+        for line in text.splitlines()
+        if line.startswith("| ") and ("single" in line or "concat" in line or "| mix |" in line)
+    ]
     assert table == ["0", "1", "2", "0", "1", "2", "0-2", "1,2"]
     # Per-class table and confusion matrix of the best config with label names.
     assert "| neg | 0.5000 | 0.5000 | 0.5000 | 10 |" in text
@@ -169,7 +218,9 @@ def test_majority_and_mean_std() -> None:
 def test_report_merges_runs_sorted(run: tuple[Path, dict[str, Any], list[ResultRow]], tmp_path: Path) -> None:
     finetune = RunWriter(tmp_path / "finetune-b", {"store_fingerprint": "store-b", "eval_set": EVAL_SET})
     for seed, f1 in ((0, 0.90), (1, 0.92)):
-        finetune.add(_row("all", "finetune", "cls", "linear", seed, f1, store_id="store-b", trainable_params=22_000_000))
+        finetune.add(
+            _row("all", "finetune", "cls", "linear", seed, f1, store_id="store-b", trainable_params=22_000_000)
+        )
     finetune.finish(LABELS)
     path = write_report([run[0], tmp_path / "finetune-b"], tmp_path / "report")
     with open(tmp_path / "report" / "report.csv", newline="") as fh:
@@ -196,5 +247,7 @@ def test_read_non_run_directory_raises(tmp_path: Path) -> None:
 def test_unwritable_run_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(OutputNotWritableError, match=r"Cannot write the run directory .*file/run \(.*\); choose a writable"):
+    with pytest.raises(
+        OutputNotWritableError, match=r"Cannot write the run directory .*file/run \(.*\); choose a writable"
+    ):
         RunWriter(blocker / "run", {})

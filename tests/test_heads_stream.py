@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from test_heads_sweep import separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ExtractConfig, extract
-from test_heads_sweep import separable
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--layers", "all", "--combine", "single,mean", "--c-grid", "1e-2,1,100", "--mdl", "--no-progress"]
@@ -27,9 +27,20 @@ ARGS = ["--layers", "all", "--combine", "single,mean", "--c-grid", "1e-2,1,100",
 def chunked(tmp_path_factory) -> str:
     """120 rows of 3 classes, row chunks of 16 (train: 6 chunks), all 3 layers, mean pooling."""
     base = tmp_path_factory.mktemp("chunked")
-    return extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(separable(base / "sep.csv", n_per_class=40)),
-                                 label_col="label", holdout=0.2, pooling=("mean",), chunk_rows=16, out=str(base))),
-                   show_progress=False).path
+    return extract(
+        ExtractConfig.from_dict(
+            dict(
+                model="random:tiny-bert",
+                data=str(separable(base / "sep.csv", n_per_class=40)),
+                label_col="label",
+                holdout=0.2,
+                pooling=("mean",),
+                chunk_rows=16,
+                out=str(base),
+            )
+        ),
+        show_progress=False,
+    ).path
 
 
 def run(*args: str):
@@ -47,8 +58,12 @@ def _same(a: Path, b: Path) -> None:
         assert x["hyperparameters"]["C"] == y["hyperparameters"]["C"]
         assert x["confusion"] == y["confusion"]
         assert x["val_accuracy"] == y["val_accuracy"] and x["val_f1_macro"] == y["val_f1_macro"]
-        np.testing.assert_allclose([np.nan if h["train_loss"] is None else h["train_loss"] for h in x["history"]],
-                                   [np.nan if h["train_loss"] is None else h["train_loss"] for h in y["history"]], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            [np.nan if h["train_loss"] is None else h["train_loss"] for h in x["history"]],
+            [np.nan if h["train_loss"] is None else h["train_loss"] for h in y["history"]],
+            rtol=1e-4,
+            atol=1e-6,
+        )
         # the online code's block probes (in memory: rows in the shuffled order; streamed: by row chunk)
         assert x["mdl_bits"] == pytest.approx(y["mdl_bits"], rel=1e-3)
         assert x["p_vs_best"] == y["p_vs_best"] and x["f1_macro_lo"] == y["f1_macro_lo"]
@@ -67,7 +82,10 @@ def test_groups_and_streamed_configurations_give_the_in_memory_results(chunked, 
         res = run("sweep", "--store", chunked, *ARGS, "--max-memory", budget, "--out", str(tmp_path / budget))
         assert res.exit_code == 0, res.output
         meta = json.loads((tmp_path / budget / "run.json").read_text())
-        assert meta["features_preloaded"] is False and (meta["feature_groups"], meta["streamed_configurations"]) == (groups, streamed)
+        assert meta["features_preloaded"] is False and (meta["feature_groups"], meta["streamed_configurations"]) == (
+            groups,
+            streamed,
+        )
         _same(tmp_path / "mem", tmp_path / budget)
         assert (tmp_path / budget / "best_head" / "head.json").is_file()
 
@@ -76,7 +94,9 @@ def test_max_memory_below_one_chunk(chunked, tmp_path):
     res = run("sweep", "--store", chunked, *ARGS, "--max-memory", "2000", "--out", str(tmp_path / "r"))
     assert res.exit_code == 2
     err = res.stderr.strip()
-    assert len(err.splitlines()) == 1 and re.search(r"--max-memory 2000 is below one row chunk of .* \(\S+KB: 1[56] rows of split", err), err
+    assert len(err.splitlines()) == 1 and re.search(
+        r"--max-memory 2000 is below one row chunk of .* \(\S+KB: 1[56] rows of split", err
+    ), err
     assert "raise --max-memory to at least" in err and not (tmp_path / "r").exists()
     at_least = re.search(r"at least (\S+)\.$", err).group(1)  # and that is enough
     res = run("sweep", "--store", chunked, *ARGS, "--max-memory", at_least, "--out", str(tmp_path / "ok"))
@@ -85,8 +105,24 @@ def test_max_memory_below_one_chunk(chunked, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.heads_cli",
-           "sweep", "--store", chunked, *ARGS, "--max-memory", "7000", "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cli.heads_cli",
+        "sweep",
+        "--store",
+        chunked,
+        *ARGS,
+        "--max-memory",
+        "7000",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     from conftest import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.probe.features:FeatureBank.chunk_blocks")
@@ -95,7 +131,9 @@ def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path
     assert proc.stdout.strip().splitlines() == [str(tmp_path / "two")]  # only rank 0 reports
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     # each rank streamed its own row chunks of the training split (chunk c on rank c % 2), together all 6
-    read = {rank: {int(c) for split, c in calls if split == "train"} for rank, calls in recorded_calls(tmp_path).items()}
+    read = {
+        rank: {int(c) for split, c in calls if split == "train"} for rank, calls in recorded_calls(tmp_path).items()
+    }
     assert read == {"0": {0, 2, 4}, "1": {1, 3, 5}}
     one = run("sweep", "--store", chunked, *ARGS, "--max-memory", "7000", "--out", str(tmp_path / "one"))
     assert one.exit_code == 0, one.output

@@ -19,12 +19,14 @@ ROOTS = {"embstore": embstore_main, "heads": heads_main}
 
 def commands() -> Iterator[tuple[str, click.Command]]:
     """('embstore extract', command), ... for every command of both CLIs, walking groups recursively."""
+
     def walk(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
         if isinstance(cmd, click.Group):
             for name, sub in cmd.commands.items():
                 yield from walk(sub, f"{path} {name}")
         else:
             yield path, cmd
+
     for name, root in ROOTS.items():
         yield from walk(root, name)
 
@@ -100,8 +102,19 @@ ALL = [(command, cmd) for command, cmd in commands()]
 
 def test_the_walk_finds_every_command():
     found = {c for c, _ in ALL}
-    assert {"embstore extract", "embstore plan", "embstore info", "embstore ls", "embstore verify", "heads sweep",
-            "heads train", "heads predict", "heads report", "heads finetune", "heads pretrain"} <= found
+    assert {
+        "embstore extract",
+        "embstore plan",
+        "embstore info",
+        "embstore ls",
+        "embstore verify",
+        "heads sweep",
+        "heads train",
+        "heads predict",
+        "heads report",
+        "heads finetune",
+        "heads pretrain",
+    } <= found
 
 
 @pytest.mark.parametrize("command, cmd", ALL, ids=[c for c, _ in ALL])
@@ -114,27 +127,45 @@ def test_every_option_has_help_and_shows_its_default(command, cmd):
             problems.append(f"{name}: no help text")
         has_value = not _unset(opt.default) and not (opt.is_flag and not opt.secondary_opts and opt.default is False)
         config_value = defaults.get(opt.name or "")
-        needs = has_value or not _unset(config_value) and not (opt.is_flag and not opt.secondary_opts
-                                                               and config_value is False)
+        needs = (
+            has_value
+            or not _unset(config_value)
+            and not (opt.is_flag and not opt.secondary_opts and config_value is False)
+        )
         stated = stated_default(opt)
         if needs and stated is None:
-            problems.append(f"{name}: default {config_value if _unset(opt.default) else opt.default!r} not shown "
-                            "(show_default=True, show_default='VALUE' or '[default: ...]' in the help)")
-        if stated is not None and opt.name in defaults and not _unset(config_value) \
-                and not agrees(stated, config_value, opt):
+            problems.append(
+                f"{name}: default {config_value if _unset(opt.default) else opt.default!r} not shown "
+                "(show_default=True, show_default='VALUE' or '[default: ...]' in the help)"
+            )
+        if (
+            stated is not None
+            and opt.name in defaults
+            and not _unset(config_value)
+            and not agrees(stated, config_value, opt)
+        ):
             problems.append(f"{name}: --help says default {stated!r} but {command} uses {config_value!r}")
-        if has_value and opt.name in defaults and not _unset(config_value) and opt.default != config_value \
-                and not agrees(str(opt.default), config_value, opt):
+        if (
+            has_value
+            and opt.name in defaults
+            and not _unset(config_value)
+            and opt.default != config_value
+            and not agrees(str(opt.default), config_value, opt)
+        ):
             problems.append(f"{name}: the flag defaults to {opt.default!r}, its config to {config_value!r}")
     assert not problems, f"{command}:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("command, options_", [
-    ("heads finetune", ["--epochs", "--batch-size", "--patience", "--max-length", "--seed"]),
-    ("embstore extract", ["--max-length", "--model"]),
-])
+@pytest.mark.parametrize(
+    "command, options_",
+    [
+        ("heads finetune", ["--epochs", "--batch-size", "--patience", "--max-length", "--seed"]),
+        ("embstore extract", ["--max-length", "--model"]),
+    ],
+)
 def test_help_output_shows_the_defaults_the_issue_missed(command, options_):
-    """The rendered --help (not just the option objects) shows each default, e.g. '--epochs INTEGER ... [default: 5]'."""
+    """The rendered --help (not just the option objects) shows each default, e.g. '--epochs INTEGER ... [default:
+    5]'."""
     group, name = command.split()
     text = CliRunner().invoke(ROOTS[group], [name, "--help"], terminal_width=400).output
     for opt in options_:

@@ -23,8 +23,9 @@ def _modules() -> dict[str, Path]:
 
 def _type_checking_only(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, modules: dict[str, Path], me: str) -> set[str]:
@@ -94,7 +95,9 @@ def test_the_walk_sees_lazy_imports():
     graph = import_graph()
     assert "heads.probe.sweep" in graph and "embstore.store.reader" in graph["heads.probe.sweep"]
     # imported inside a function body only
-    assert "heads.finetune.run" in graph["cli.heads_cli"] and "embstore.backbones.registry" in graph["heads.finetune.run"]
+    assert (
+        "heads.finetune.run" in graph["cli.heads_cli"] and "embstore.backbones.registry" in graph["heads.finetune.run"]
+    )
 
 
 def test_a_cycle_is_found_when_there_is_one():

@@ -58,8 +58,9 @@ def test_carve_picks_the_same_source_rows_in_any_order(grouped):
     assert set(ids[perm][held_p]) == set(ids[held]) and set(ids[perm][kept_p]) == set(ids[kept])
     assert len(held) == 40 if not grouped else not set(groups[held]) & set(groups[kept])
     # without the row ids the carve is of positions: another order, other rows (the bug this module fixes)
-    assert set(ids[perm][carve(y[perm], 0.2, 7, None if groups is None else groups[perm])[1]]) != set(ids[held]) \
-        or grouped
+    assert (
+        set(ids[perm][carve(y[perm], 0.2, 7, None if groups is None else groups[perm])[1]]) != set(ids[held]) or grouped
+    )
 
 
 def test_validation_carve_and_folds_follow_source_rows():
@@ -96,26 +97,103 @@ def test_sweep_and_finetune_of_one_file_merge_without_allow_mixed(case, tmp_path
     data = my_csv(tmp_path / "my.csv", speakers=case == "groups")
     extra = ["--group-col", "speaker"] if case == "groups" else []
     folds = ["--folds", "3"] if case == "folds" else []
-    store = _ok(CliRunner().invoke(embstore_main, ["extract", "--data", str(data), "--model", "random:tiny-bert",
-                                                   "--text-col", "sentence", "--label-col", "label", "-q", *extra]),
-                "extract")
-    sw = _ok(CliRunner().invoke(heads_main, ["sweep", "--store", store, "--layers", "-1", "--combine", "single",
-                                             "--pooling", "mean", "--no-ci", "--no-progress",
-                                             "--out", str(tmp_path / "sw"), *folds]), "sweep")
-    ft = _ok(CliRunner().invoke(heads_main, ["finetune", "--data", str(data), "--model", "random:tiny-bert",
-                                             "--text-col", "sentence", "--label-col", "label", "--epochs", "1",
-                                             "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "ft"),
-                                             *extra, *folds]), "finetune")
+    store = _ok(
+        CliRunner().invoke(
+            embstore_main,
+            [
+                "extract",
+                "--data",
+                str(data),
+                "--model",
+                "random:tiny-bert",
+                "--text-col",
+                "sentence",
+                "--label-col",
+                "label",
+                "-q",
+                *extra,
+            ],
+        ),
+        "extract",
+    )
+    sw = _ok(
+        CliRunner().invoke(
+            heads_main,
+            [
+                "sweep",
+                "--store",
+                store,
+                "--layers",
+                "-1",
+                "--combine",
+                "single",
+                "--pooling",
+                "mean",
+                "--no-ci",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "sw"),
+                *folds,
+            ],
+        ),
+        "sweep",
+    )
+    ft = _ok(
+        CliRunner().invoke(
+            heads_main,
+            [
+                "finetune",
+                "--data",
+                str(data),
+                "--model",
+                "random:tiny-bert",
+                "--text-col",
+                "sentence",
+                "--label-col",
+                "label",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "ft"),
+                *extra,
+                *folds,
+            ],
+        ),
+        "finetune",
+    )
     a, b = _eval_set(sw), _eval_set(ft)
     assert a == b and a["rows"] == (400 if folds else 80)
     report = _ok(CliRunner().invoke(heads_main, ["report", sw, ft, "--out", str(tmp_path / "report")]), "report")
     text = Path(report).read_text()
     assert "inputs cut to 128 tokens" in text and "‡" not in text
     if case == "one-file":  # a fine-tune that read shorter text is merged, and marked
-        ft64 = _ok(CliRunner().invoke(heads_main, ["finetune", "--data", str(data), "--model", "random:tiny-bert",
-                                                   "--text-col", "sentence", "--label-col", "label", "--epochs", "1",
-                                                   "--max-length", "8", "--no-progress", "--out", str(tmp_path / "ft8")]),
-                   "finetune --max-length 8")
+        ft64 = _ok(
+            CliRunner().invoke(
+                heads_main,
+                [
+                    "finetune",
+                    "--data",
+                    str(data),
+                    "--model",
+                    "random:tiny-bert",
+                    "--text-col",
+                    "sentence",
+                    "--label-col",
+                    "label",
+                    "--epochs",
+                    "1",
+                    "--max-length",
+                    "8",
+                    "--no-progress",
+                    "--out",
+                    str(tmp_path / "ft8"),
+                ],
+            ),
+            "finetune --max-length 8",
+        )
         report = _ok(CliRunner().invoke(heads_main, ["report", sw, ft, ft64, "--out", str(tmp_path / "r8")]), "report")
         text = Path(report).read_text()
         assert "‡ inputs truncated otherwise than 128 tokens: ft8 (8 tokens)" in text
@@ -132,6 +210,9 @@ def test_extract_holdout_and_the_one_split_carve_hold_out_the_same_rows(tmp_path
 
     data = my_csv(tmp_path / "my.csv", n=150)
     held = load_dataset(data=str(data), holdout=0.2, seed=3, text_col="sentence", label_col="label").splits["test"]
-    rows = load_rows(FinetuneConfig.from_dict({"data": str(data), "seed": 3, "text_col": "sentence",
-                                               "label_col": "label", "model": "random:tiny-bert"}))
+    rows = load_rows(
+        FinetuneConfig.from_dict(
+            {"data": str(data), "seed": 3, "text_col": "sentence", "label_col": "label", "model": "random:tiny-bert"}
+        )
+    )
     assert sorted(held.row_ids.tolist()) == sorted(rows.evaluation.row_ids[rows.eval_rows].tolist())

@@ -10,22 +10,33 @@ import pandas as pd
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from conftest import synthetic_csv
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, extract, open_store
 from embstore.extraction.estimate import plan_extraction
-from conftest import synthetic_csv
 
 
 def _data(tmp_path: Path, n: int = 90) -> Path:
     return synthetic_csv(tmp_path, n, seed=1, min_words=2, max_words=60)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(tokens="0,-1", pooling=("cls", "mean", "max"), dtype="float32")],
-                         ids=["pooled", "tokens"])
+@pytest.mark.parametrize(
+    "extra", [dict(), dict(tokens="0,-1", pooling=("cls", "mean", "max"), dtype="float32")], ids=["pooled", "tokens"]
+)
 def test_planned_bytes_are_the_stores_bytes(tmp_path, extra):
-    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path)), label_col="label", holdout=0.3,
-                        chunk_rows=16, max_length=40, out=str(tmp_path / "out"), **extra))
+    cfg = ExtractConfig.from_dict(
+        dict(
+            model="random:tiny-bert",
+            data=str(_data(tmp_path)),
+            label_col="label",
+            holdout=0.3,
+            chunk_rows=16,
+            max_length=40,
+            out=str(tmp_path / "out"),
+            **extra,
+        )
+    )
     report = plan_extraction(cfg)
     assert report.state == "absent" and report.bytes_exact
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # planning writes nothing
@@ -47,7 +58,9 @@ def test_planned_bytes_are_the_stores_bytes(tmp_path, extra):
 def test_plan_of_a_partial_store_counts_what_is_left(tmp_path, monkeypatch):
     import embstore.store.writer as w
 
-    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path)), chunk_rows=16, out=str(tmp_path / "s.zarr")))
+    cfg = ExtractConfig.from_dict(
+        dict(model="random:tiny-bert", data=str(_data(tmp_path)), chunk_rows=16, out=str(tmp_path / "s.zarr"))
+    )
     original = w.StoreWriter.write_chunk
     written: list[int] = []
 
@@ -67,8 +80,19 @@ def test_plan_of_a_partial_store_counts_what_is_left(tmp_path, monkeypatch):
 
 
 def test_cli_plan_text_and_json(tmp_path):
-    args = ["plan", "--model", "random:tiny-bert", "--data", str(_data(tmp_path, 30)), "--label-col", "label",
-            "--tokens", "-1", "--out", str(tmp_path / "o")]
+    args = [
+        "plan",
+        "--model",
+        "random:tiny-bert",
+        "--data",
+        str(_data(tmp_path, 30)),
+        "--label-col",
+        "label",
+        "--tokens",
+        "-1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     for head in ("store", "split      all: 30 rows", "bytes", "tokens of layer 2", "disk", "time       about"):
@@ -90,8 +114,15 @@ def test_plan_of_audio_counts_seconds(tmp_path):
         rows.append({"file": f"audio/r{i}.wav", "label": i % 2})
     table = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
-    cfg = ExtractConfig.from_dict(dict(model="random:hubert-tiny", data=str(table), audio_col="file", label_col="label",
-                        out=str(tmp_path / "a.zarr")))
+    cfg = ExtractConfig.from_dict(
+        dict(
+            model="random:hubert-tiny",
+            data=str(table),
+            audio_col="file",
+            label_col="label",
+            out=str(tmp_path / "a.zarr"),
+        )
+    )
     report = plan_extraction(cfg)
     assert report.modality == "audio"
     assert report.splits["all"]["seconds"] == pytest.approx(sum(0.5 + 0.05 * i for i in range(6)), abs=1e-3)
@@ -100,7 +131,9 @@ def test_plan_of_audio_counts_seconds(tmp_path):
 
 
 def test_plan_of_an_h5_store_says_it_estimates(tmp_path):
-    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(_data(tmp_path, 40)), out=str(tmp_path / "s.h5"), format="h5"))
+    cfg = ExtractConfig.from_dict(
+        dict(model="random:tiny-bert", data=str(_data(tmp_path, 40)), out=str(tmp_path / "s.h5"), format="h5")
+    )
     report = plan_extraction(cfg)
     assert not report.bytes_exact and report.peak_bytes > report.bytes
     actual = open_store(extract(cfg, show_progress=False).path).nbytes()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +16,23 @@ from conftest import needs_shared
 
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError, DataError
-from heads.pretrain.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
 from heads.pretrain.config import PretrainConfig
-from heads.pretrain.run import run_pretrain
+from heads.pretrain.masking import IGNORE, Corpus, PretrainCollator, mask_tokens
 from heads.pretrain.report import read_log
+from heads.pretrain.run import run_pretrain
 from heads.pretrain.tokenizer import train_wordpiece
 
-TINY = {"vocab_size": 200, "min_frequency": 1, "layers": 2, "hidden": 32, "heads": 2, "max_length": 32,
-        "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0}
+TINY = {
+    "vocab_size": 200,
+    "min_frequency": 1,
+    "layers": 2,
+    "hidden": 32,
+    "heads": 2,
+    "max_length": 32,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_ratio": 0.0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +54,12 @@ def _wic_sentences(tmp_path: Path, rows: int) -> Path:
 
 def test_mlm_loss_falls_on_real_text(tmp_path):
     data = _wic_sentences(tmp_path, 400)
-    res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(data), "text_col": "sentence1",
-                                                 "max_steps": 60, "out": str(tmp_path / "run")}), show_progress=False)
+    res = run_pretrain(
+        PretrainConfig.from_dict(
+            {**TINY, "data": str(data), "text_col": "sentence1", "max_steps": 60, "out": str(tmp_path / "run")}
+        ),
+        show_progress=False,
+    )
     log = read_log(res.run_dir)
     assert [h["epoch"] for h in log] == [0, 1, 2] and log[0]["steps"] == 0 and res.steps == 60
     assert log[0]["heldout_perplexity"] == pytest.approx(math.exp(log[0]["heldout_mlm_loss"]), rel=1e-6)
@@ -55,8 +68,16 @@ def test_mlm_loss_falls_on_real_text(tmp_path):
     assert log[-1]["train_mlm_loss"] < log[1]["train_mlm_loss"]
     assert res.heldout_masked_accuracy > log[0]["heldout_masked_accuracy"] + 0.05
     assert res.tokens_per_second > 0 and all(h["tokens_per_second"] > 0 for h in log[1:])
-    for name in ("run.json", "pretrain_log.jsonl", "loss_curve.png", "summary.md", "model/config.json",
-                 "model/model.safetensors", "model/tokenizer.json", "checkpoint/pretrain_state.json"):
+    for name in (
+        "run.json",
+        "pretrain_log.jsonl",
+        "loss_curve.png",
+        "summary.md",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "checkpoint/pretrain_state.json",
+    ):
         assert (res.run_dir / name).is_file(), name
     meta = json.loads((res.run_dir / "run.json").read_text())
     assert meta["kind"] == "pretrain" and meta["final"]["stopped_by"] == "max_steps"
@@ -71,8 +92,9 @@ def test_masking_statistics_match_mask_prob(prob, whole_word):
     candidates = torch.ones_like(ids, dtype=torch.bool)
     candidates[:, 0] = candidates[:, -1] = False  # [CLS] ... [SEP]
     words = (torch.arange(64) // 2).expand(400, 64).clone() if whole_word else None  # 2 pieces per word
-    inputs, labels = mask_tokens(ids, candidates, mask_prob=prob, mask_id=4, vocab_size=5000, generator=gen,
-                                 word_ids=words)
+    inputs, labels = mask_tokens(
+        ids, candidates, mask_prob=prob, mask_id=4, vocab_size=5000, generator=gen, word_ids=words
+    )
     selected = labels != IGNORE
     assert not selected[~candidates].any()
     assert selected[candidates].float().mean().item() == pytest.approx(prob, abs=0.01)
@@ -121,26 +143,74 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
     from embstore.backbones.registry import load_backbone
     from heads.probe.sweep import SweepConfig, run_sweep
 
-    res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(pair_csv), "text_col": "s1", "text_pair_col": "s2",
-                                                 "swap_augment": True, "pair_objective": "nsp", "whole_word": True,
-                                                 "epochs": 2, "out": str(tmp_path / "pt")}), show_progress=False)
+    res = run_pretrain(
+        PretrainConfig.from_dict(
+            {
+                **TINY,
+                "data": str(pair_csv),
+                "text_col": "s1",
+                "text_pair_col": "s2",
+                "swap_augment": True,
+                "pair_objective": "nsp",
+                "whole_word": True,
+                "epochs": 2,
+                "out": str(tmp_path / "pt"),
+            }
+        ),
+        show_progress=False,
+    )
     backbone = load_backbone(str(res.model_dir))
     assert backbone.n_layers == 2 and backbone.hidden == 32 and type(backbone.model).__name__ == "BertModel"
     assert backbone.tokenizer.mask_token == "[MASK]" and len(backbone.tokenizer) == backbone.model.config.vocab_size
     assert read_log(res.run_dir)[-1]["heldout_pair_accuracy"] is not None
-    out = extract(ExtractConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
-                                label_col="label", out=str(tmp_path / "s.zarr"))), show_progress=False)
+    out = extract(
+        ExtractConfig.from_dict(
+            dict(
+                model=str(res.model_dir),
+                data=str(pair_csv),
+                text_col="s1",
+                text_pair_col="s2",
+                label_col="label",
+                out=str(tmp_path / "s.zarr"),
+            )
+        ),
+        show_progress=False,
+    )
     assert open_store(out.path).layers == [0, 1, 2]
     # 9 training rows: a 0.3 validation carve holds both classes (0.1 would be one row, refused)
-    sweep = run_sweep(SweepConfig.from_dict({"store": str(out.path), "layers": "all", "combine": "single",
-                                             "epochs": 2, "validation_fraction": 0.3, "out": str(tmp_path / "sweep")}))
+    sweep = run_sweep(
+        SweepConfig.from_dict(
+            {
+                "store": str(out.path),
+                "layers": "all",
+                "combine": "single",
+                "epochs": 2,
+                "validation_fraction": 0.3,
+                "out": str(tmp_path / "sweep"),
+            }
+        )
+    )
     assert sweep.rows == 3 * len(open_store(out.path).poolings)  # layers 0-2, each stored pooling
     from heads.finetune.config import FinetuneConfig
     from heads.finetune.run import run_finetune
 
-    ft = run_finetune(FinetuneConfig.from_dict(dict(model=str(res.model_dir), data=str(pair_csv), text_col="s1", text_pair_col="s2",
-                                     label_col="label", folds=2, epochs=1, batch_size=4, classifier="mlp",
-                                     classifier_hidden=(64,), out=str(tmp_path / "ft"))))
+    ft = run_finetune(
+        FinetuneConfig.from_dict(
+            dict(
+                model=str(res.model_dir),
+                data=str(pair_csv),
+                text_col="s1",
+                text_pair_col="s2",
+                label_col="label",
+                folds=2,
+                epochs=1,
+                batch_size=4,
+                classifier="mlp",
+                classifier_hidden=(64,),
+                out=str(tmp_path / "ft"),
+            )
+        )
+    )
     # heads finetune trained the pretrained model itself, and its figures are those of its two folds
     from heads.report.results import read_run
 
@@ -154,8 +224,15 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
 
 def test_resume_continues_and_refuses_another_config(tmp_path):
     data = tmp_path / "corpus.csv"
-    pd.DataFrame({"text": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "cow", "hen") for v in
-                           ("red", "big", "old", "new", "wet")]}).to_csv(data, index=False)
+    pd.DataFrame(
+        {
+            "text": [
+                f"the {w} sat on the {v} mat"
+                for w in ("cat", "dog", "cow", "hen")
+                for v in ("red", "big", "old", "new", "wet")
+            ]
+        }
+    ).to_csv(data, index=False)
     base = {**TINY, "data": str(data), "batch_size": 4, "out": str(tmp_path / "run")}
     first = run_pretrain(PretrainConfig.from_dict({**base, "max_steps": 3}), show_progress=False)
     state = json.loads((first.run_dir / "checkpoint/pretrain_state.json").read_text())
@@ -179,19 +256,29 @@ def test_a_run_stopped_in_epoch_2_resumes_to_the_uninterrupted_result(tmp_path, 
     import heads.pretrain.run
 
     data = tmp_path / "corpus.csv"
-    pd.DataFrame({"text": [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "cow", "hen") for v in
-                           ("red", "big", "old", "new", "wet")]}).to_csv(data, index=False)
+    pd.DataFrame(
+        {
+            "text": [
+                f"the {w} sat on the {v} mat"
+                for w in ("cat", "dog", "cow", "hen")
+                for v in ("red", "big", "old", "new", "wet")
+            ]
+        }
+    ).to_csv(data, index=False)
     base = {**TINY, "data": str(data), "batch_size": 4, "epochs": 3}
     whole = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "whole")}), show_progress=False)
     ticks = itertools.count()
     monkeypatch.setattr(heads.pretrain.run, "_clock", lambda: float(next(ticks)))  # two calls per batch: 1 s each
     per_epoch = whole.history[1]["steps"]
-    cut = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"),
-                                                 "max_minutes": (per_epoch + 2) / 60}), show_progress=False)
+    cut = run_pretrain(
+        PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"), "max_minutes": (per_epoch + 2) / 60}),
+        show_progress=False,
+    )
     assert cut.history[-1]["epoch"] == 2 and not cut.history[-1]["epoch_complete"]
     monkeypatch.setattr(heads.pretrain.run, "_clock", time.perf_counter)
-    again = run_pretrain(PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"), "resume": True}),
-                         show_progress=False)
+    again = run_pretrain(
+        PretrainConfig.from_dict({**base, "out": str(tmp_path / "cut"), "resume": True}), show_progress=False
+    )
     assert again.steps == whole.steps
     assert again.heldout_mlm_loss == pytest.approx(whole.heldout_mlm_loss, rel=1e-5)
     assert again.history[-1]["train_mlm_loss"] == pytest.approx(whole.history[-1]["train_mlm_loss"], rel=1e-5)
@@ -213,10 +300,33 @@ def test_every_optimizer_step_clips_the_gradient_norm(tiny_csv, tmp_path, monkey
         return before
 
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
-    res = CliRunner().invoke(heads_main, ["pretrain", "--data", str(tiny_csv), "--vocab-size", "200", "--min-frequency",
-                                          "1", "--layers", "1", "--hidden", "32", "--heads", "2", "--batch-size", "4",
-                                          "--max-steps", "3", "--max-grad-norm", str(max_grad_norm), "--no-progress",
-                                          "--out", str(tmp_path / "r")])
+    res = CliRunner().invoke(
+        heads_main,
+        [
+            "pretrain",
+            "--data",
+            str(tiny_csv),
+            "--vocab-size",
+            "200",
+            "--min-frequency",
+            "1",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--max-grad-norm",
+            str(max_grad_norm),
+            "--no-progress",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r" / "run.json").read_text())["final"]["steps"] == 3
     if not max_grad_norm:
@@ -226,13 +336,16 @@ def test_every_optimizer_step_clips_the_gradient_norm(tiny_csv, tmp_path, monkey
     assert all(before > 2 * max_grad_norm and after <= max_grad_norm * 1.001 for _, before, after in seen), seen
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--vocab-size", "4"], "room beyond the 5 special tokens"),
-    (["--max-positions", "16", "--max-length", "32"], "max_positions 16 is shorter than max_length 32"),
-    (["--swap-augment"], "need sentence pairs; pass --text-pair-col"),
-    (["--text-pair-col", "text", "--swap-augment", "--pair-objective", "sop"], "use --pair-objective nsp"),
-    (["--hidden", "30", "--heads", "4"], "not a multiple of heads"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--vocab-size", "4"], "room beyond the 5 special tokens"),
+        (["--max-positions", "16", "--max-length", "32"], "max_positions 16 is shorter than max_length 32"),
+        (["--swap-augment"], "need sentence pairs; pass --text-pair-col"),
+        (["--text-pair-col", "text", "--swap-augment", "--pair-objective", "sop"], "use --pair-objective nsp"),
+        (["--hidden", "30", "--heads", "4"], "not a multiple of heads"),
+    ],
+)
 def test_cli_bad_options_are_one_line(tiny_csv, tmp_path, extra, match):
     res = CliRunner().invoke(heads_main, ["pretrain", "--data", str(tiny_csv), "--out", str(tmp_path / "r"), *extra])
     assert res.exit_code == 2, res.output
@@ -248,9 +361,30 @@ def test_cli_empty_corpus_and_resume_mismatch(tiny_csv, tmp_path):
     pd.DataFrame({"text": [" ", "  "], "other": [1, 2]}).to_csv(blank, index=False)
     with pytest.raises(DataError, match="empty text"):
         run_pretrain(PretrainConfig.from_dict(dict(data=str(blank), skip_empty=True, out=str(tmp_path / "b"))))
-    args = ["pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
-            "--hidden", "16", "--heads", "2", "--max-length", "16", "--max-steps", "2", "--batch-size", "4",
-            "--no-progress", "--out", str(tmp_path / "r")]
+    args = [
+        "pretrain",
+        "--data",
+        str(tiny_csv),
+        "--vocab-size",
+        "100",
+        "--min-frequency",
+        "1",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--max-length",
+        "16",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     ok = CliRunner().invoke(heads_main, args)
     assert ok.exit_code == 0, ok.output
     assert ok.stdout.strip().splitlines()[-1] == str(tmp_path / "r") and "tokens/s" in ok.stderr
@@ -259,31 +393,75 @@ def test_cli_empty_corpus_and_resume_mismatch(tiny_csv, tmp_path):
 
 
 def test_config_round_trip_and_model_config_file(tmp_path):
-    c = PretrainConfig.from_dict(dict(data=None, splits=(("train", "a.csv"), ("validation", "b.csv")), text_pair_col="b",
-                       pair_objective="nsp", swap_augment=True))
+    c = PretrainConfig.from_dict(
+        dict(
+            data=None,
+            splits=(("train", "a.csv"), ("validation", "b.csv")),
+            text_pair_col="b",
+            pair_objective="nsp",
+            swap_augment=True,
+        )
+    )
     assert PretrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(ConfigError, match=r"Unknown pretrain config keys \['bogus'\]"):
         PretrainConfig.from_dict({"data": "x.csv", "bogus": 1})
     from heads.pretrain.model import build_bert_config
 
-    cfg = build_bert_config(PretrainConfig.from_dict(dict(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2)),
-                            vocab_size=321, pad_id=0)
+    cfg = build_bert_config(
+        PretrainConfig.from_dict(dict(data="x.csv", model_config="configs/models/mini-bert.yaml", layers=2)),
+        vocab_size=321,
+        pad_id=0,
+    )
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (2, 256, 1024, 321)
 
 
 def test_cli_config_may_be_a_bert_config_or_an_options_file(tiny_csv, tmp_path):
     """--config takes a BERT config (configs/models/*.yaml) or a YAML of pretrain options; flags override both."""
-    common = ["--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--max-length", "16",
-              "--max-steps", "1", "--batch-size", "4", "--no-progress"]
-    res = CliRunner().invoke(heads_main, ["pretrain", "--config", "configs/models/mini-bert.yaml", "--layers", "1",
-                                          "--hidden", "16", "--heads", "2", *common, "--out", str(tmp_path / "a")])
+    common = [
+        "--data",
+        str(tiny_csv),
+        "--vocab-size",
+        "100",
+        "--min-frequency",
+        "1",
+        "--max-length",
+        "16",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
+    res = CliRunner().invoke(
+        heads_main,
+        [
+            "pretrain",
+            "--config",
+            "configs/models/mini-bert.yaml",
+            "--layers",
+            "1",
+            "--hidden",
+            "16",
+            "--heads",
+            "2",
+            *common,
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]) == (1, 16, 64, 100)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]) == (
+        1,
+        16,
+        64,
+        100,
+    )
     options = tmp_path / "opts.yaml"
     options.write_text("layers: 1\nhidden: 16\nheads: 2\nmask_prob: 0.3\n")
-    res = CliRunner().invoke(heads_main, ["pretrain", "--config", str(options), *common, "--mask-prob", "0.2",
-                                          "--out", str(tmp_path / "b")])
+    res = CliRunner().invoke(
+        heads_main, ["pretrain", "--config", str(options), *common, "--mask-prob", "0.2", "--out", str(tmp_path / "b")]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["mask_prob"] == 0.2
 
@@ -308,7 +486,6 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
     time budget every rank stops at together, only rank 0 writes and reports, model/ loads.
 
     The budget runs on a fake clock (see _FAKE_CLOCK_RUN), so the outcome does not depend on machine speed."""
-    import os
     import subprocess
     import sys
 
@@ -318,14 +495,49 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
     script.write_text(_FAKE_CLOCK_RUN)
     # 12 rows, 2 ranks, batch 2: 3 batches per epoch per rank. Budget 0.05 min = 3 s of rank 0's fake clock,
     # i.e. 6 batches: the run stops in epoch 2, well before its 50 epochs.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "pretrain", "--data", str(tiny_csv), "--vocab-size", "100", "--min-frequency", "1", "--layers", "1",
-           "--hidden", "16", "--heads", "2", "--max-length", "16", "--batch-size", "2", "--epochs", "50",
-           "--max-minutes", "0.05", "--no-progress", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        "pretrain",
+        "--data",
+        str(tiny_csv),
+        "--vocab-size",
+        "100",
+        "--min-frequency",
+        "1",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--max-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "50",
+        "--max-minutes",
+        "0.05",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     from conftest import recorded_calls, recording_env
 
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
-                          env=recording_env(tmp_path, "heads.training.session:Session.step"))
+    proc = subprocess.run(
+        cmd,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=recording_env(tmp_path, "heads.training.session:Session.step"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines() == [str(out)]  # only rank 0 reports
     assert {rank: len(steps) for rank, steps in recorded_calls(tmp_path).items()} == {"0": 6, "1": 6}  # both trained
@@ -345,13 +557,26 @@ def test_run_records_which_rows_were_held_out(tiny_csv, tmp_path):
 
     held = tmp_path / "held.csv"
     pd.read_csv(tiny_csv).head(5).to_csv(held, index=False)
-    res = run_pretrain(PretrainConfig.from_dict({**TINY, "data": None, "splits": [["train", str(tiny_csv)],
-                                                                                   ["validation", str(held)]],
-                                                 "max_steps": 1, "out": str(tmp_path / "r")}), show_progress=False)
+    res = run_pretrain(
+        PretrainConfig.from_dict(
+            {
+                **TINY,
+                "data": None,
+                "splits": [["train", str(tiny_csv)], ["validation", str(held)]],
+                "max_steps": 1,
+                "out": str(tmp_path / "r"),
+            }
+        ),
+        show_progress=False,
+    )
     recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
     assert recorded == eval_set(file_sha256(held), range(5)) and recorded["rows"] == 5
-    carved = run_pretrain(PretrainConfig.from_dict({**TINY, "data": str(tiny_csv), "heldout_fraction": 0.25,
-                                                    "max_steps": 1, "out": str(tmp_path / "c")}), show_progress=False)
+    carved = run_pretrain(
+        PretrainConfig.from_dict(
+            {**TINY, "data": str(tiny_csv), "heldout_fraction": 0.25, "max_steps": 1, "out": str(tmp_path / "c")}
+        ),
+        show_progress=False,
+    )
     meta = json.loads((carved.run_dir / "run.json").read_text())
     assert meta["eval_set"]["rows"] == meta["corpus"]["eval_rows"] == 3
     assert meta["eval_set"]["source_sha256"] == file_sha256(tiny_csv) and meta["eval_set"] != recorded

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from cli.embstore_cli import main
 from embstore import ConfigError, ExtractConfig, extract, open_store
-from embstore.extraction import run as extraction
 from embstore.backbones.quantize import relative_deviation
+from embstore.extraction import run as extraction
 
 
 def cfg(data, **kw) -> ExtractConfig:
@@ -32,7 +32,8 @@ def test_int8_is_a_new_store_whose_recorded_deviation_is_the_measured_one(tiny_c
         for k, layer in enumerate(int8.layers):
             assert deviation[p][str(layer)] == pytest.approx(relative_deviation(a[:, k], b[:, k]), rel=1e-6, abs=1e-9)
     assert deviation["tokens"]["2"] == pytest.approx(
-        relative_deviation(fp32.tokens("all", 2).values, int8.tokens("all", 2).values), rel=1e-6)
+        relative_deviation(fp32.tokens("all", 2).values, int8.tokens("all", 2).values), rel=1e-6
+    )
     # the embeddings have no Linear layer; the encoder layers do, and their states move
     assert deviation["cls"]["0"] == 0.0 and deviation["mean"]["0"] == 0.0
     assert 0.0 < deviation["mean"]["2"] < 0.5
@@ -68,7 +69,10 @@ def test_a_resumed_int8_store_equals_an_uninterrupted_one(tiny_csv, tmp_path, mo
 
 
 def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch):
-    with pytest.raises(ConfigError, match=r"--quantize int8 is for CPU extraction .* got --device cuda: pass --device cpu or drop --quantize"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--quantize int8 is for CPU extraction .* got --device cuda: pass --device cpu or drop --quantize",
+    ):
         cfg(tiny_csv, quantize="int8", device="cuda")
     with pytest.raises(ConfigError, match=r"'quantize' option must be one of none, int8; got 'int4'"):
         cfg(tiny_csv, quantize="int4")
@@ -77,8 +81,21 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
     monkeypatch.setattr(extraction, "make_plan", lambda *a: pytest.fail("planned an int8 run on CUDA"))
     with pytest.raises(ConfigError, match=r"--quantize int8 is for CPU extraction"):
         extract(cfg(tiny_csv, quantize="int8"), show_progress=False)
-    res = CliRunner().invoke(main, ["extract", "--model", "random:tiny-bert", "--data", str(tiny_csv), "--quantize", "int8",
-                                    "--device", "cuda:1", "-q"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            "random:tiny-bert",
+            "--data",
+            str(tiny_csv),
+            "--quantize",
+            "int8",
+            "--device",
+            "cuda:1",
+            "-q",
+        ],
+    )
     assert res.exit_code == 2 and "got --device cuda:1: pass --device cpu" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
@@ -96,15 +113,31 @@ def test_predict_on_an_int8_store_encodes_with_int8(tmp_path):
     data = synthetic_csv(tmp_path, 80, max_words=12)
     store = open_store(extract(cfg(data, quantize="int8", holdout=0.25), show_progress=False).path)
     out = tmp_path / "run"
-    res = CliRunner().invoke(heads_main, ["sweep", "--store", store.path, "--layers", "1-2", "--combine", "concat",
-                                          "--pooling", "mean", "--out", str(out)])
+    res = CliRunner().invoke(
+        heads_main,
+        [
+            "sweep",
+            "--store",
+            store.path,
+            "--layers",
+            "1-2",
+            "--combine",
+            "concat",
+            "--pooling",
+            "mean",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     est = load_head(str(out))
     assert est.extra_["precision"] == "int8-dynamic"
     texts = pd.read_csv(data).text.tolist()
     rid = store.row_ids("test")
     combo = Combo((1, 2), "concat", "mean", "linear")
-    stored = est.predict_proba(FeatureBank(store, [combo], ["test"], 1 << 30).features(combo, "test", np.arange(len(rid))))
+    stored = est.predict_proba(
+        FeatureBank(store, [combo], ["test"], 1 << 30).features(combo, "test", np.arange(len(rid)))
+    )
     _, proba = predict_texts(est, [texts[i] for i in rid])
     est.extra_ = {**est.extra_, "precision": "float32"}  # what predict did before: the float32 model
     _, proba_fp32 = predict_texts(est, [texts[i] for i in rid])

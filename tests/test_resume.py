@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import recorded_calls, recording_env, synthetic_csv
+
 from embstore import ExtractConfig, StoreIncompleteError, extract, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,24 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     out = tmp_path / "killed.zarr"
     script = tmp_path / "killed_run.py"
     script.write_text(_KILLED_RUN)
-    args = [sys.executable, str(script), "extract", "--model", "random:tiny-bert", "--data", str(data),
-            "--label-col", "label", "--tokens", "-1", "--chunk-rows", "32", "--out", str(out), "-q"]
+    args = [
+        sys.executable,
+        str(script),
+        "extract",
+        "--model",
+        "random:tiny-bert",
+        "--data",
+        str(data),
+        "--label-col",
+        "label",
+        "--tokens",
+        "-1",
+        "--chunk-rows",
+        "32",
+        "--out",
+        str(out),
+        "-q",
+    ]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-1000:]
     done, total = _done(out)
@@ -100,7 +116,9 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
     for key, value in recording_env(tmp_path, "embstore.store.writer:StoreWriter.write_chunk").items():
         monkeypatch.setenv(key, value)  # the spawned workers log their chunk writes; this process is not patched
-    two = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg)), show_progress=False)
+    two = extract(
+        ExtractConfig.from_dict(dict(out=str(tmp_path / "two.zarr"), num_processes=2, **cfg)), show_progress=False
+    )
     by_worker = _chunks_by_worker(tmp_path)
     assert f"pid{os.getpid()}" not in by_worker and all(w.startswith("pid") for w in by_worker)
     _split_between_two(by_worker, 19)  # 300 rows in chunks of 16
@@ -113,15 +131,44 @@ def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
     """The `accelerate launch` / torchrun path: ranks from the environment, gloo barriers on CPU."""
     data = _data(tmp_path, 200)
     out = tmp_path / "ranks.zarr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cli.embstore_cli", "extract", "-q", "--model", "random:tiny-bert", "--data", str(data),
-           "--label-col", "label", "--chunk-rows", "16", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cli.embstore_cli",
+        "extract",
+        "-q",
+        "--model",
+        "random:tiny-bert",
+        "--data",
+        str(data),
+        "--label-col",
+        "label",
+        "--chunk-rows",
+        "16",
+        "--out",
+        str(out),
+    ]
     env = recording_env(tmp_path, "embstore.store.writer:StoreWriter.write_chunk")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     by_rank = _chunks_by_worker(tmp_path)
     assert sorted(by_rank) == ["0", "1"] and all(c % 2 == int(r) for r, cs in by_rank.items() for c in cs)
     _split_between_two(by_rank, 13)  # 200 rows in chunks of 16
-    one = extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", chunk_rows=16,
-                                out=str(tmp_path / "one.zarr"))), show_progress=False)
+    one = extract(
+        ExtractConfig.from_dict(
+            dict(
+                model="random:tiny-bert",
+                data=str(data),
+                label_col="label",
+                chunk_rows=16,
+                out=str(tmp_path / "one.zarr"),
+            )
+        ),
+        show_progress=False,
+    )
     _assert_same_store(str(out), one.path)

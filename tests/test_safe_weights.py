@@ -34,12 +34,24 @@ def pickle_dir(tmp_path: Path) -> Path:
 
 
 def test_pickle_weights_are_refused_unless_allowed(pickle_dir, tiny_csv):
-    with pytest.raises(ConfigError, match=r"pytorch_model\.bin holds the model weights as a pickle file.*pass --allow-pickle.*save_pretrained"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pytorch_model\.bin holds the model weights as a pickle file.*pass --allow-pickle.*save_pretrained",
+    ):
         load_backbone(str(pickle_dir))
-    res = CliRunner().invoke(main, ["extract", "--model", str(pickle_dir), "--data", str(tiny_csv), "--no-labels", "-q"])
+    res = CliRunner().invoke(
+        main, ["extract", "--model", str(pickle_dir), "--data", str(tiny_csv), "--no-labels", "-q"]
+    )
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "--allow-pickle" in res.output
-    allowed = open_store(extract(ExtractConfig.from_dict(dict(model=str(pickle_dir), data=str(tiny_csv), allow_pickle=True)), show_progress=False).path)
-    same = open_store(extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(tiny_csv))), show_progress=False).path)
+    allowed = open_store(
+        extract(
+            ExtractConfig.from_dict(dict(model=str(pickle_dir), data=str(tiny_csv), allow_pickle=True)),
+            show_progress=False,
+        ).path
+    )
+    same = open_store(
+        extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(tiny_csv))), show_progress=False).path
+    )
     assert allowed.provenance["model"]["weight_files"] == ["pytorch_model.bin"]
     np.testing.assert_array_equal(allowed.pooled("all", "mean"), same.pooled("all", "mean"))
 
@@ -50,7 +62,10 @@ def test_allowed_pickle_still_loads_tensors_only(pickle_dir):
             return (os.system, (f"touch {pickle_dir / 'ran'}",))
 
     torch.save({"embeddings.word_embeddings.weight": Payload()}, pickle_dir / "pytorch_model.bin")
-    with pytest.raises(ConfigError, match=r"pickle weights in .*old-bert hold more than tensors, so torch.load\(weights_only=True\) refused"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pickle weights in .*old-bert hold more than tensors, so torch.load\(weights_only=True\) refused",
+    ):
         load_backbone(str(pickle_dir), allow_pickle=True)
     assert not (pickle_dir / "ran").exists()
 
@@ -84,5 +99,7 @@ def test_a_checkpoint_round_trip_restores_tied_weights_optimizer_schedule_and_rn
     assert all(torch.equal(s1["state"][k][n], s2["state"][k][n]) for k in s1["state"] for n in s1["state"][k])
     assert sched2.state_dict() == sched.state_dict()
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
-    with pytest.raises(ConfigError, match=r"holds no checkpoint in embstore's safetensors format.*rerun without --resume"):
+    with pytest.raises(
+        ConfigError, match=r"holds no checkpoint in embstore's safetensors format.*rerun without --resume"
+    ):
         load_training_state(acc2, tmp_path, net2, opt2, sched2)

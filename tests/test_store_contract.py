@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import LABELS, TEXTS
+
 from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
 from embstore.store import layout as L
 
@@ -19,8 +19,19 @@ def _build(tmp_path_factory, fmt: str) -> str:
     base = tmp_path_factory.mktemp(f"store-{fmt}")
     data = base / "d.csv"
     pd.DataFrame({"text": TEXTS * 3, "label": LABELS * 3}).to_csv(data, index=False)
-    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(data), label_col="label", pooling=("cls", "mean", "max"),
-                        tokens="0,-1", chunk_rows=8, format=fmt, out=str(base), batch_size=5))
+    cfg = ExtractConfig.from_dict(
+        dict(
+            model="random:tiny-bert",
+            data=str(data),
+            label_col="label",
+            pooling=("cls", "mean", "max"),
+            tokens="0,-1",
+            chunk_rows=8,
+            format=fmt,
+            out=str(base),
+            batch_size=5,
+        )
+    )
     return extract(cfg, show_progress=False).path
 
 
@@ -52,7 +63,14 @@ class StoreContract:
         assert store.token_layers == [0, 2]
         assert store.label_names == ["business", "science", "sport", "world"]
         d = store.describe()
-        assert d["splits"]["all"] == {"rows": self.n, "chunks": 5, "chunks_done": 5, "tokens": {"text": int(store.n_tokens("all").sum())}, "truncated": 0, "augmented": 0}
+        assert d["splits"]["all"] == {
+            "rows": self.n,
+            "chunks": 5,
+            "chunks_done": 5,
+            "tokens": {"text": int(store.n_tokens("all").sum())},
+            "truncated": 0,
+            "augmented": 0,
+        }
         prov = d["provenance"]
         assert prov["model"]["name"] == "random:tiny-bert" and prov["model"]["weights_sha256"]
         assert prov["tokenizer"]["sha256"] and prov["max_length"] == 128 and prov["dtype"] == "float16"
@@ -141,6 +159,7 @@ class TestZarrStore(StoreContract):
         def chunks(array: str) -> set[tuple[int, ...]]:
             base = Path(store_path) / array / "c"
             return {tuple(int(p) for p in f.relative_to(base).parts) for f in files if f.is_relative_to(base)}
+
         return chunks
 
 
@@ -176,8 +195,12 @@ class TestH5Store(StoreContract):
             with real(store_path, "r") as f:
                 ds = f[array]
                 infos = [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]
-                return {tuple(o // c for o, c in zip(info.chunk_offset, ds.chunks)) for info in infos
-                        if any(a == info.byte_offset and b >= info.byte_offset + info.size for a, b in reads)}
+                return {
+                    tuple(o // c for o, c in zip(info.chunk_offset, ds.chunks))
+                    for info in infos
+                    if any(a == info.byte_offset and b >= info.byte_offset + info.size for a, b in reads)
+                }
+
         return chunks
 
 

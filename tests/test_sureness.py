@@ -11,15 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import needs_shared
 from scipy.stats import binomtest
+from test_heads_sweep import VOCAB, separable
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
-from conftest import needs_shared
 from embstore import ExtractConfig, extract, open_store
 from heads.report.metrics import classification_metrics
 from heads.report.uncertainty import bootstrap_scores, holm, mcnemar_p, percentile_interval, resample_counts
-from test_heads_sweep import VOCAB, separable
 
 
 def heads(*args: str):
@@ -38,7 +38,9 @@ def noisy(path: Path, n_per_class: int = 70, flip: float = 0.25, seed: int = 1) 
 
 
 def _extract(base: Path, data: Path, **kw) -> str:
-    cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", holdout=0.3, pooling=("cls", "mean"), out=str(base))
+    cfg = dict(
+        model="random:tiny-bert", data=str(data), label_col="label", holdout=0.3, pooling=("cls", "mean"), out=str(base)
+    )
     cfg.update(kw)
     return extract(ExtractConfig.from_dict(cfg), show_progress=False).path
 
@@ -52,8 +54,20 @@ def noisy_store(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def noisy_sweep(noisy_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("noisysweep") / "run"
-    res = heads("sweep", "--store", noisy_store, "--combine", "single,concat", "--seeds", "2", "--mdl", "--tol", "1e-6",
-                "--out", str(out))
+    res = heads(
+        "sweep",
+        "--store",
+        noisy_store,
+        "--combine",
+        "single,concat",
+        "--seeds",
+        "2",
+        "--mdl",
+        "--tol",
+        "1e-6",
+        "--out",
+        str(out),
+    )
     assert res.exit_code == 0, res.output
     return out
 
@@ -63,6 +77,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 # -- the statistics on their own -----------------------------------------------------------------------------
+
 
 def test_bootstrap_interval_of_accuracy_agrees_with_clopper_pearson():
     rng = np.random.default_rng(0)
@@ -111,6 +126,7 @@ def test_holm_by_hand():
 
 # -- a sweep's files ------------------------------------------------------------------------------------------
 
+
 def test_predictions_npz_holds_every_run_and_row(noisy_sweep, noisy_store):
     rows = _rows(noisy_sweep)
     p = np.load(noisy_sweep / "predictions.npz")
@@ -140,7 +156,9 @@ def test_p_vs_best_is_the_exact_mcnemar_of_the_predictions_and_holm_corrected(no
     for i in seed0:
         mine = p["run"] == i
         order = np.argsort(p["row_id"][mine])
-        correct[rows[i]["layers"] + rows[i]["combine"] + rows[i]["pooling"]] = (p["y_pred"][mine] == p["y_true"][mine])[order]
+        correct[rows[i]["layers"] + rows[i]["combine"] + rows[i]["pooling"]] = (p["y_pred"][mine] == p["y_true"][mine])[
+            order
+        ]
     (b_key,) = best
     raw, keys, direction = [], [], {}
     for key, ok in correct.items():
@@ -189,14 +207,18 @@ def test_mdl_equals_a_scikit_learn_online_code(noisy_sweep, noisy_store):
         order = np.argsort(store.row_ids("train"), kind="stable")
         order = order[np.random.default_rng(0).permutation(len(order))]
         n = len(order)
-        ends = sorted({max(1, round(f * n)) for f in (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)})
+        ends = sorted(
+            {max(1, round(f * n)) for f in (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)}
+        )
         bits = ends[0] * math.log2(K)
         for a, b in zip(ends[:-1], ends[1:]):
             prefix, block = order[:a], order[a:b]
             if len(np.unique(y[prefix])) < K:
                 bits += (b - a) * math.log2(K)
                 continue
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=r["hyperparameters"]["C"], tol=1e-8, max_iter=100000))
+            clf = make_pipeline(
+                StandardScaler(), LogisticRegression(C=r["hyperparameters"]["C"], tol=1e-8, max_iter=100000)
+            )
             lp = clf.fit(X[prefix], y[prefix]).predict_log_proba(X[block])
             bits -= lp[np.arange(len(block)), y[block]].sum() / math.log(2)
         assert r["mdl_bits"] == pytest.approx(bits, rel=0.005), r
@@ -242,8 +264,11 @@ def test_report_keeps_the_new_columns(noisy_sweep, tmp_path):
 
 def test_predict_writes_the_same_arrays(noisy_sweep, tmp_path):
     out = tmp_path / "p.npz"
-    res = CliRunner().invoke(heads_main, ["predict", "--run", str(noisy_sweep), "--predictions", str(out)],
-                             input="goal match striker\nstock bank market\nplanet orbit rocket\n")
+    res = CliRunner().invoke(
+        heads_main,
+        ["predict", "--run", str(noisy_sweep), "--predictions", str(out)],
+        input="goal match striker\nstock bank market\nplanet orbit rocket\n",
+    )
     assert res.exit_code == 0, res.output
     p = np.load(out)
     assert p["row_id"].tolist() == [0, 1, 2] and p["y_true"].tolist() == [-1, -1, -1] and p["run"].tolist() == [0, 0, 0]
@@ -252,6 +277,7 @@ def test_predict_writes_the_same_arrays(noisy_sweep, tmp_path):
 
 
 # -- the random-weights control -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -307,8 +333,22 @@ def test_random_weights_of_a_model_without_config_is_one_line(tmp_path):
     bare.mkdir()
     (bare / "model.safetensors").write_bytes(b"")
     csv = separable(tmp_path / "s.csv", n_per_class=5)
-    res = CliRunner().invoke(embstore_main, ["extract", "--model", str(bare), "--data", str(csv), "--label-col", "label",
-                                             "--random-weights", "0", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        embstore_main,
+        [
+            "extract",
+            "--model",
+            str(bare),
+            "--data",
+            str(csv),
+            "--label-col",
+            "label",
+            "--random-weights",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2 and "config.json" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
 
@@ -337,8 +377,16 @@ def test_bad_control_and_mdl_options_are_one_line(kind, noisy_store, tmp_path):
 @pytest.mark.slow
 def test_pretrained_layers_gain_over_the_random_encoder_on_ag_news(tmp_path):
     folder = needs_shared("ag_news")
-    kw = dict(model="minilm", text_col="text", label_col="label", holdout=0.3, limit=500, max_length=64,
-              pooling=("mean",), layers="3,6")
+    kw = dict(
+        model="minilm",
+        text_col="text",
+        label_col="label",
+        holdout=0.3,
+        limit=500,
+        max_length=64,
+        pooling=("mean",),
+        layers="3,6",
+    )
     real = _extract(tmp_path / "r", folder / "test.csv", **kw)
     ctl = _extract(tmp_path / "c", folder / "test.csv", random_weights=0, **kw)
     res = heads("sweep", "--store", real, "--control", ctl, "--combine", "single", "--out", str(tmp_path / "run"))

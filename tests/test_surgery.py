@@ -8,17 +8,24 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import TEXTS
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from conftest import TEXTS
 from embstore import ExtractConfig, extract, open_store
-from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
-from embstore.backbones.registry import load_backbone, minilm_path
 from embstore.backbones.anatomy import encoder_layers
 from embstore.backbones.pruned import load_model, prune_heads, pruned_heads, save_model
-from heads.finetune.surgery import (count_parameters, freeze, head_importance, heads_to_prune, parse_freeze,
-                                    parse_prune_spec, truncate)
+from embstore.backbones.registry import load_backbone, minilm_path
+from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
+from heads.finetune.surgery import (
+    count_parameters,
+    freeze,
+    head_importance,
+    heads_to_prune,
+    parse_freeze,
+    parse_prune_spec,
+    truncate,
+)
 
 L, H, HIDDEN = 3, 4, 48
 HEAD_DIM = HIDDEN // H
@@ -26,8 +33,9 @@ HEAD_DIM = HIDDEN // H
 
 def tiny_bert(vocab_size: int = 100) -> BertModel:
     """3 layers x 4 heads x 48 wide, deterministic, eval mode (no dropout)."""
-    config = BertConfig(num_hidden_layers=L, hidden_size=HIDDEN, num_attention_heads=H, intermediate_size=64,
-                        vocab_size=vocab_size)
+    config = BertConfig(
+        num_hidden_layers=L, hidden_size=HIDDEN, num_attention_heads=H, intermediate_size=64, vocab_size=vocab_size
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return BertModel(config).eval()
@@ -52,7 +60,7 @@ def zero_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
         for layer, hs in heads.items():
             dense = encoder_layers(model)[layer - 1].attention.output.dense
             for h in hs:
-                dense.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] = 0
+                dense.weight[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] = 0
 
 
 def out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,20 +84,32 @@ def test_encoder_layers_accepts_wrappers_and_refuses_other_models(model):
         encoder_layers(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("none", set()), ("embeddings", {0}), ("all", {0, 1, 2, 3}), ("all-but-last", {0, 1, 2}),
-    ("0-2", {0, 1, 2}), ("embeddings,3", {0, 3}), ("-1", {3}), ("1, 3", {1, 3}),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("none", set()),
+        ("embeddings", {0}),
+        ("all", {0, 1, 2, 3}),
+        ("all-but-last", {0, 1, 2}),
+        ("0-2", {0, 1, 2}),
+        ("embeddings,3", {0, 3}),
+        ("-1", {3}),
+        ("1, 3", {1, 3}),
+    ],
+)
 def test_parse_freeze(spec, expected):
     assert parse_freeze(spec, L) == expected
 
 
-@pytest.mark.parametrize("spec, error, match", [
-    ("0-8", LayerSpecError, r"'freeze' option must name layers in \[0, 3\].*got '0-8'"),
-    ("-5", LayerSpecError, r"'freeze' option must name layers in \[0, 3\]"),
-    ("top", LayerSpecError, r"Cannot read the 'freeze' value 'top'"),
-    ("  ", ConfigError, r"'freeze' option is empty"),
-])
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("0-8", LayerSpecError, r"'freeze' option must name layers in \[0, 3\].*got '0-8'"),
+        ("-5", LayerSpecError, r"'freeze' option must name layers in \[0, 3\]"),
+        ("top", LayerSpecError, r"Cannot read the 'freeze' value 'top'"),
+        ("  ", ConfigError, r"'freeze' option is empty"),
+    ],
+)
 def test_parse_freeze_errors(spec, error, match):
     with pytest.raises(error, match=match):
         parse_freeze(spec, L)
@@ -123,11 +143,14 @@ def test_truncate_equals_intermediate_hidden_state(model, inputs, k):
     torch.testing.assert_close(out(model, inputs), full[k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("k, match", [
-    (4, r"Cannot truncate to 4 layers.*pass k in \[1, 3\]"),
-    (-1, r"Cannot truncate to -1 layers.*pass k in \[1, 3\]"),
-    (0, r"0, embeddings only, is not supported.*pass k in \[1, 3\]"),
-])
+@pytest.mark.parametrize(
+    "k, match",
+    [
+        (4, r"Cannot truncate to 4 layers.*pass k in \[1, 3\]"),
+        (-1, r"Cannot truncate to -1 layers.*pass k in \[1, 3\]"),
+        (0, r"0, embeddings only, is not supported.*pass k in \[1, 3\]"),
+    ],
+)
 def test_truncate_out_of_range(model, k, match):
     with pytest.raises(LayerSpecError, match=match):
         truncate(model, k)
@@ -142,15 +165,18 @@ def test_parse_prune_spec():
     assert parse_prune_spec("", L, H) == {}
 
 
-@pytest.mark.parametrize("spec, error, match", [
-    ("4:0", LayerSpecError, r"names layer 4, but attention layers are \[1, 3\]"),
-    ("0:0", LayerSpecError, r"names layer 0.*0 is the embeddings"),
-    ("2:4", ConfigError, r"names head 4 of layer 2, but heads are \[0, 3\]"),
-    ("2:0,1,2,3", ConfigError, r"^cannot remove all 4 heads of layer 2; keep at least one$"),
-    ("2:0,1;2:2,3", ConfigError, r"cannot remove all 4 heads of layer 2"),
-    ("2-0", ConfigError, r"Cannot read the prune spec '2-0'.*'11:0,3;10:5'"),
-    ("x:1", ConfigError, r"Cannot read the prune spec 'x:1'"),
-])
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("4:0", LayerSpecError, r"names layer 4, but attention layers are \[1, 3\]"),
+        ("0:0", LayerSpecError, r"names layer 0.*0 is the embeddings"),
+        ("2:4", ConfigError, r"names head 4 of layer 2, but heads are \[0, 3\]"),
+        ("2:0,1,2,3", ConfigError, r"^cannot remove all 4 heads of layer 2; keep at least one$"),
+        ("2:0,1;2:2,3", ConfigError, r"cannot remove all 4 heads of layer 2"),
+        ("2-0", ConfigError, r"Cannot read the prune spec '2-0'.*'11:0,3;10:5'"),
+        ("x:1", ConfigError, r"Cannot read the prune spec 'x:1'"),
+    ],
+)
 def test_parse_prune_spec_errors(spec, error, match):
     with pytest.raises(error, match=match):
         parse_prune_spec(spec, L, H)
@@ -239,9 +265,7 @@ def test_head_importance_after_pruning_uses_original_indices(model, inputs):
 
 
 def test_heads_to_prune_fraction_and_minimum():
-    importance = torch.tensor([[0.1, 0.2, 0.9, 0.8],
-                               [0.05, 0.06, 0.07, 0.5],
-                               [0.7, 0.6, 0.3, 0.4]])
+    importance = torch.tensor([[0.1, 0.2, 0.9, 0.8], [0.05, 0.06, 0.07, 0.5], [0.7, 0.6, 0.3, 0.4]])
     assert heads_to_prune(importance, 0.25) == {2: [0, 1, 2]}  # 3 of 12, globally lowest
     assert heads_to_prune(importance, 0.4) == {1: [0], 2: [0, 1, 2]}  # int(4.8) = 4
     # 6: layer 2 has reached one head, so its 0.5 head survives while layer 3's 0.3 goes
@@ -303,7 +327,11 @@ def test_load_backbone_and_extract_from_a_pruned_directory(tmp_path):
 
     data = tmp_path / "tiny.csv"
     pd.DataFrame({"text": TEXTS[:6], "label": ["a", "b"] * 3}).to_csv(data, index=False)
-    res = extract(ExtractConfig.from_dict(dict(model=str(directory), data=str(data), label_col="label",
-                                out=str(tmp_path / "s.zarr"))), show_progress=False)
+    res = extract(
+        ExtractConfig.from_dict(
+            dict(model=str(directory), data=str(data), label_col="label", out=str(tmp_path / "s.zarr"))
+        ),
+        show_progress=False,
+    )
     store = open_store(res.path)
     assert store.layers == [0, 1, 2] and store.pooled("all", "mean").shape == (6, 3, HIDDEN)

@@ -13,7 +13,9 @@ from embstore import ExtractConfig, StoreCorruptedError, extract, open_store
 
 
 def _store(tiny_csv: Path, **kw) -> Path:
-    cfg = ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(tiny_csv), label_col="label", chunk_rows=4, **kw))
+    cfg = ExtractConfig.from_dict(
+        dict(model="random:tiny-bert", data=str(tiny_csv), label_col="label", chunk_rows=4, **kw)
+    )
     return Path(extract(cfg, show_progress=False).path)
 
 
@@ -30,7 +32,11 @@ def test_a_flipped_byte_stops_the_read_naming_split_chunk_array_and_layer(tiny_c
     store = open_store(path)
     store.pooled("all", "cls")  # other arrays still read
     store.pooled("all", "mean", layers=[0, 2])  # and so do the other layers of the same array
-    with pytest.raises(StoreCorruptedError, match=r"split all, row chunk 2, splits/all/text/pooled/mean layer 1 does not match .*embstore verify .*--no-verify"):
+    with pytest.raises(
+        StoreCorruptedError,
+        match=r"split all, row chunk 2, splits/all/text/pooled/mean layer 1 does not match .*embstore verify "
+        r".*--no-verify",
+    ):
         store.pooled("all", "mean")
     unchecked = open_store(path, verify=False).pooled("all", "mean")
     assert not np.array_equal(unchecked, clean) and np.array_equal(unchecked[:, [0, 2]], clean[:, [0, 2]])
@@ -51,9 +57,13 @@ def test_a_sweep_on_a_corrupted_store_stops_with_one_line(tmp_path):
     _flip(path / "splits/train/text/pooled/cls/c/0/0/0")
     res = CliRunner().invoke(heads_main, ["sweep", "--store", str(path), "--out", str(tmp_path / "run")])
     assert res.exit_code == 2
-    assert res.stderr.count("\n") == 1 and "does not match the checksum" in res.stderr and "embstore verify" in res.stderr
+    assert (
+        res.stderr.count("\n") == 1 and "does not match the checksum" in res.stderr and "embstore verify" in res.stderr
+    )
     assert not (tmp_path / "run" / "summary.md").exists()
-    res = CliRunner().invoke(heads_main, ["sweep", "--store", str(path), "--no-verify", "--out", str(tmp_path / "run2")])
+    res = CliRunner().invoke(
+        heads_main, ["sweep", "--store", str(path), "--no-verify", "--out", str(tmp_path / "run2")]
+    )
     assert res.exit_code == 0, res.output  # read anyway, as asked
     assert (tmp_path / "run2" / "summary.md").exists()
 
@@ -69,7 +79,9 @@ def test_an_hdf5_store_with_a_changed_value_stops_the_read(tiny_csv):
         ds[1, 5, 3] = ds[1, 5, 3] + 1.0
     store = open_store(path)
     store.pooled("all", "mean", layers=[0, 2])  # the other layers read as before
-    with pytest.raises(StoreCorruptedError, match=r"split all, row chunk 1, splits/all/text/pooled/mean layer 1 does not match"):
+    with pytest.raises(
+        StoreCorruptedError, match=r"split all, row chunk 1, splits/all/text/pooled/mean layer 1 does not match"
+    ):
         store.pooled("all", "mean")
     assert open_store(path).verify() != []
     unchecked = open_store(path, verify=False).pooled("all", "mean")

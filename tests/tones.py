@@ -27,12 +27,13 @@ def tone(pitch: float, rng: np.random.Generator, seconds: float = 1.0, rate: int
     fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.02 * rate))  # 20 ms in and out
     x = rng.uniform(0.1, 0.5) * fade * x
     snr_db = rng.uniform(10.0, 20.0)
-    noise = rng.standard_normal(n) * np.sqrt(np.mean(x ** 2) / 10 ** (snr_db / 10))
+    noise = rng.standard_normal(n) * np.sqrt(np.mean(x**2) / 10 ** (snr_db / 10))
     return (x + noise).astype(np.float32)
 
 
-def write_tones(directory: Path, per_class: int = 6, speakers: int = 4, seed: int = 0, seconds: float = 1.0,
-                rate: int = RATE) -> Path:
+def write_tones(
+    directory: Path, per_class: int = 6, speakers: int = 4, seed: int = 0, seconds: float = 1.0, rate: int = RATE
+) -> Path:
     """Write ``speakers`` x 4 classes x ``per_class`` WAV clips under ``directory``/wav and a table
     ``directory``/tones.csv (file, label, speaker); returns the table's path."""
     import soundfile as sf
@@ -45,8 +46,12 @@ def write_tones(directory: Path, per_class: int = 6, speakers: int = 4, seed: in
         for label, pitch in PITCHES.items():
             for k in range(per_class):
                 name = f"wav/spk{s}-{label}-{k}.wav"
-                sf.write(directory / name, tone(pitch * offset, rng, seconds * rng.uniform(0.8, 1.2), rate), rate,
-                         subtype="PCM_16")
+                sf.write(
+                    directory / name,
+                    tone(pitch * offset, rng, seconds * rng.uniform(0.8, 1.2), rate),
+                    rate,
+                    subtype="PCM_16",
+                )
                 rows.append((name, label, f"spk{s}"))
     path = directory / "tones.csv"
     pd.DataFrame(rows, columns=["file", "label", "speaker"]).to_csv(path, index=False)

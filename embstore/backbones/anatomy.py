@@ -1,4 +1,5 @@
-"""Where the parts of an encoder sit, for the forward stop, :mod:`embstore.backbones.pruned` and :mod:`heads.finetune.surgery`: BERT-family text encoders and speech encoders.
+"""Where the parts of an encoder sit, for the forward stop, :mod:`embstore.backbones.pruned` and
+:mod:`heads.finetune.surgery`: BERT-family text encoders and speech encoders.
 
 Two families, one numbering (0 = what the first transformer layer receives, 1..L the transformer layers):
 
@@ -21,17 +22,31 @@ from torch import nn
 
 from embstore.errors import ConfigError
 
-__all__ = ["Attention", "attention", "base_of", "blocks", "embedding_modules", "encoder_layers", "find_blocks", "feature_encoder", "is_speech",
-           "set_blocks", "top_modules"]
+__all__ = [
+    "Attention",
+    "attention",
+    "base_of",
+    "blocks",
+    "embedding_modules",
+    "encoder_layers",
+    "find_blocks",
+    "feature_encoder",
+    "is_speech",
+    "set_blocks",
+    "top_modules",
+]
 
 
 def _is_bert(cand: Any) -> bool:
-    return isinstance(getattr(getattr(cand, "encoder", None), "layer", None), nn.ModuleList) and hasattr(cand, "embeddings")
+    return isinstance(getattr(getattr(cand, "encoder", None), "layer", None), nn.ModuleList) and hasattr(
+        cand, "embeddings"
+    )
 
 
 def _is_speech(cand: Any) -> bool:
-    return isinstance(getattr(getattr(cand, "encoder", None), "layers", None), nn.ModuleList) \
-        and hasattr(cand, "feature_extractor")
+    return isinstance(getattr(getattr(cand, "encoder", None), "layers", None), nn.ModuleList) and hasattr(
+        cand, "feature_extractor"
+    )
 
 
 def base_of(model: nn.Module) -> Any:
@@ -111,8 +126,10 @@ def top_modules(base: Any) -> list[nn.Module]:
 def feature_encoder(base: Any) -> nn.Module:
     """A speech encoder's convolutional feature encoder (what ``freeze_feature_encoder()`` freezes)."""
     if not _is_speech(base):
-        raise ConfigError(f"'feature-encoder' names the convolutional front end of a speech model (HuBERT, wav2vec2, "
-                          f"WavLM); {type(base).__name__} is a text model. Use 'embeddings' or layer numbers.")
+        raise ConfigError(
+            f"'feature-encoder' names the convolutional front end of a speech model (HuBERT, wav2vec2, "
+            f"WavLM); {type(base).__name__} is a text model. Use 'embeddings' or layer numbers."
+        )
     return base.feature_extractor
 
 
@@ -145,15 +162,21 @@ def attention(layer: nn.Module) -> Attention:
     att: Any = getattr(layer, "attention", None)
     self_attn = getattr(att, "self", None)
     dense = getattr(getattr(att, "output", None), "dense", None)
-    if self_attn is not None and isinstance(dense, nn.Linear) and all(
-            isinstance(getattr(self_attn, n, None), nn.Linear) for n in ("query", "key", "value")):
+    if (
+        self_attn is not None
+        and isinstance(dense, nn.Linear)
+        and all(isinstance(getattr(self_attn, n, None), nn.Linear) for n in ("query", "key", "value"))
+    ):
         return Attention(self_attn, ("query", "key", "value"), att.output, "dense", int(self_attn.attention_head_size))
     if att is not None and hasattr(att, "gru_rel_pos_const"):
         raise ConfigError(
             f"{type(layer).__name__} is a WavLM layer: its gated relative position bias splits the layer input by head "
             "and one bias is shared by every layer, so heads cannot be removed from it physically; use --freeze or "
-            "--truncate with WavLM, or head pruning with HuBERT or wav2vec2.")
-    if att is not None and all(isinstance(getattr(att, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            "--truncate with WavLM, or head pruning with HuBERT or wav2vec2."
+        )
+    if att is not None and all(
+        isinstance(getattr(att, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj")
+    ):
         return Attention(att, ("q_proj", "k_proj", "v_proj"), att, "out_proj", int(att.head_dim))
     raise ConfigError(
         f"{type(layer).__name__} has neither BERT-style attention (attention.self.query/key/value and "

@@ -24,8 +24,15 @@ from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PRUNED_HEADS_KEY", "heads_per_layer", "pruned_heads", "set_pruned_record", "prune_heads", "save_model",
-           "load_model"]
+__all__ = [
+    "PRUNED_HEADS_KEY",
+    "heads_per_layer",
+    "pruned_heads",
+    "set_pruned_record",
+    "prune_heads",
+    "save_model",
+    "load_model",
+]
 
 PRUNED_HEADS_KEY = "embstore_pruned_heads"
 """config attribute holding the removed heads, {"layer (1..L)": [original head indices]}."""
@@ -44,8 +51,7 @@ def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
 
 def set_pruned_record(base: Any, record: Mapping[int, Iterable[int]]) -> None:
     """Write the removed-heads record (layers without removed heads are left out)."""
-    base.config.embstore_pruned_heads = {
-        str(layer): sorted(heads) for layer, heads in sorted(record.items()) if heads}
+    base.config.embstore_pruned_heads = {str(layer): sorted(heads) for layer, heads in sorted(record.items()) if heads}
 
 
 def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
@@ -132,4 +138,3 @@ def load_model(directory: str | Path) -> nn.Module:
         state.update(load_file(str(f)))
     model.load_state_dict(state, strict=True)
     return model.eval()
-

@@ -32,8 +32,10 @@ _MARK = "_embstore_quantized"
 def check_quantize_device(quantize: str, device: str | None) -> None:
     """Refuse ``--quantize int8`` on CUDA: the dynamic int8 kernels are CPU kernels."""
     if quantize != "none" and device is not None and device.startswith("cuda"):
-        raise ConfigError(f"--quantize {quantize} is for CPU extraction (dynamic int8 kernels run on the CPU; on CUDA the "
-                          f"forward already runs under bf16 autocast); got --device {device}: pass --device cpu or drop --quantize.")
+        raise ConfigError(
+            f"--quantize {quantize} is for CPU extraction (dynamic int8 kernels run on the CPU; on CUDA the "
+            f"forward already runs under bf16 autocast); got --device {device}: pass --device cpu or drop --quantize."
+        )
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -49,8 +51,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     try:
         from torch.ao.quantization import quantize_dynamic
     except ImportError:
-        raise ConfigError(f"--quantize int8 uses torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
-                          "no longer has; use torch<=2.13 for it or drop --quantize.") from None
+        raise ConfigError(
+            f"--quantize int8 uses torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+            "no longer has; use torch<=2.13 for it or drop --quantize."
+        ) from None
     if "fbgemm" in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = "fbgemm"  # the x86 kernels; qnnpack elsewhere
     with warnings.catch_warnings():
@@ -70,8 +74,9 @@ def relative_deviation(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.mean(diff / np.maximum(norm, 1e-12))) if diff.size else 0.0
 
 
-def measure_int8(model: nn.Module, encode: Callable[[], dict[tuple[str, str, int | None], np.ndarray]],
-                 layers: Sequence[int]) -> dict[str, Any]:
+def measure_int8(
+    model: nn.Module, encode: Callable[[], dict[tuple[str, str, int | None], np.ndarray]], layers: Sequence[int]
+) -> dict[str, Any]:
     """Encode the first batch in float32, quantise ``model`` in place, encode it again, and return
     the provenance record: the mean relative L2 deviation per row of every stored array.
 

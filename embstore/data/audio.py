@@ -15,8 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AudioInfo", "probe_files", "read_audio", "resample", "resampled_length", "rational",
-           "load_waveform", "AUDIO_SUFFIXES"]
+__all__ = [
+    "AudioInfo",
+    "probe_files",
+    "read_audio",
+    "resample",
+    "resampled_length",
+    "rational",
+    "load_waveform",
+    "AUDIO_SUFFIXES",
+]
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".mp3")
 

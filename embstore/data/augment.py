@@ -38,7 +38,10 @@ class AugmentSpec:
     def __post_init__(self) -> None:
         bad = [t for t in self.transforms if t not in TRANSFORMS]
         if bad or not self.transforms:
-            raise ConfigError(f"The 'augment' option must be a comma list of {', '.join(TRANSFORMS)}; got {','.join(self.transforms) or 'nothing'}.")
+            raise ConfigError(
+                f"The 'augment' option must be a comma list of {', '.join(TRANSFORMS)}; got "
+                f"{','.join(self.transforms) or 'nothing'}."
+            )
         if self.copies < 1:
             raise ConfigError(f"The 'copies' option must be at least 1; got {self.copies}.")
         lo, hi = self.speed_range
@@ -67,7 +70,9 @@ def choose_sources(labels: np.ndarray | None, label_names: list[str] | None, cla
     if classes == "all":
         return np.arange(n, dtype=np.int64)
     if labels is None or label_names is None:
-        raise ConfigError("--augment-classes minority or LABELS needs labels: pass --label-col, or use --augment-classes all.")
+        raise ConfigError(
+            "--augment-classes minority or LABELS needs labels: pass --label-col, or use --augment-classes all."
+        )
     if classes == "minority":
         counts = np.bincount(labels, minlength=len(label_names))
         present = counts[counts > 0]
@@ -76,7 +81,10 @@ def choose_sources(labels: np.ndarray | None, label_names: list[str] | None, cla
         wanted = [c.strip() for c in classes.split(",") if c.strip()]
         unknown = [w for w in wanted if w not in label_names]
         if unknown:
-            raise ConfigError(f"--augment-classes names {', '.join(map(repr, unknown))}, not among the labels {', '.join(label_names)}; use minority, all, or a comma list of those labels.")
+            raise ConfigError(
+                f"--augment-classes names {', '.join(map(repr, unknown))}, not among the labels "
+                f"{', '.join(label_names)}; use minority, all, or a comma list of those labels."
+            )
         chosen = {label_names.index(w) for w in wanted}
     return np.flatnonzero(np.isin(labels, sorted(chosen))).astype(np.int64)
 
@@ -90,8 +98,16 @@ def draw_params(spec: AugmentSpec, sources: np.ndarray, source_ids: np.ndarray) 
             speed = round(float(rng.uniform(*spec.speed_range)), 2) if "speed" in spec.transforms else float("nan")
             shift = float(rng.uniform(0.0, 1.0)) if "shift" in spec.transforms else float("nan")
             snr = spec.snr_db if "noise" in spec.transforms else float("nan")
-            out.append(AugmentParams(source=pos, copy=copy, speed=speed, shift_fraction=shift, snr_db=snr,
-                                     noise_seed=int(rng.integers(0, 2**63 - 1))))
+            out.append(
+                AugmentParams(
+                    source=pos,
+                    copy=copy,
+                    speed=speed,
+                    shift_fraction=shift,
+                    snr_db=snr,
+                    noise_seed=int(rng.integers(0, 2**63 - 1)),
+                )
+            )
     return out
 
 

@@ -50,8 +50,15 @@ def stratifiable(y: np.ndarray | None, fraction: float) -> bool:
     return bool(counts[counts > 0].min() >= 2 and want >= present and len(y) - want >= present)
 
 
-def carve(y: np.ndarray | None, fraction: float, seed: int, groups: np.ndarray | None = None,
-          row_ids: np.ndarray | None = None, *, drawn_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def carve(
+    y: np.ndarray | None,
+    fraction: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+    row_ids: np.ndarray | None = None,
+    *,
+    drawn_order: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """(kept, carved) sorted positions: a seeded carve of ``ceil(fraction * n)`` rows.
 
     Group-disjoint when ``groups`` (n,) are given (and hold 2 or more groups), else stratified by ``y`` (n,) int
@@ -78,8 +85,10 @@ def carve(y: np.ndarray | None, fraction: float, seed: int, groups: np.ndarray |
         if stratifiable(ys, fraction):
             strat = ys
         else:
-            log.warning("the carve is not stratified: a class has fewer than 2 rows or a side is smaller than the "
-                        "number of classes")
+            log.warning(
+                "the carve is not stratified: a class has fewer than 2 rows or a side is smaller than the "
+                "number of classes"
+            )
     try:
         tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=strat)
     except ValueError:  # too few rows on a side for one per class: carve without stratifying

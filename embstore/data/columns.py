@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from embstore.data.tables import SUFFIXES, read_table
 from embstore.data.spec import DataSpec
+from embstore.data.tables import SUFFIXES, read_table
 from embstore.errors import ColumnNotFoundError, ConfigError
 
 __all__ = ["TEXT_COLUMNS", "LABEL_COLUMNS", "find_columns", "table_columns"]
@@ -37,8 +37,10 @@ def table_columns(path: str | Path) -> list[str]:
         import pandas as pd
 
         try:
-            return [str(c) for c in pd.read_csv(p, nrows=0, sep="\t" if kind == "tsv" else ",",
-                                                encoding_errors="replace").columns]
+            return [
+                str(c)
+                for c in pd.read_csv(p, nrows=0, sep="\t" if kind == "tsv" else ",", encoding_errors="replace").columns
+            ]
         except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
             return [str(c) for c in read_table(p).columns]
     if kind == "parquet":
@@ -62,8 +64,10 @@ def _pick(columns: list[str], names: tuple[str, ...], option: str, what: str, pa
     """The one column of ``columns`` named like one of ``names`` (case-insensitively), None if there is none."""
     found = [c for c in columns if c.lower() in names]
     if len(found) > 1:
-        raise ConfigError(f"{path} has {len(found)} columns that could be the {what} ({', '.join(map(repr, found))}); "
-                          f"pass {option} with the one that holds the {what}.")
+        raise ConfigError(
+            f"{path} has {len(found)} columns that could be the {what} ({', '.join(map(repr, found))}); "
+            f"pass {option} with the one that holds the {what}."
+        )
     return found[0] if found else None
 
 
@@ -88,8 +92,10 @@ def find_columns(spec: DataSpec, *, labels: bool = True, need_labels: bool = Fal
     if spec.text_col is None and spec.audio_col is None:
         text = _pick(columns, TEXT_COLUMNS, "--text-col", "text", path)
         if text is None:
-            raise ColumnNotFoundError(f"No --text-col given and {path} has no column named text or sentence; its columns "
-                                      f"are: {shown}. Pass --text-col NAME.")
+            raise ColumnNotFoundError(
+                f"No --text-col given and {path} has no column named text or sentence; its columns "
+                f"are: {shown}. Pass --text-col NAME."
+            )
         changes["text_col"] = text
         if text != "text":  # 'text' was always the default: only another choice is news
             notes.append(f"text: column {text!r} of {path} (pass --text-col to choose another)")
@@ -97,12 +103,18 @@ def find_columns(spec: DataSpec, *, labels: bool = True, need_labels: bool = Fal
         label = _pick(columns, LABEL_COLUMNS, "--label-col", "labels", path)
         if label is not None:
             changes["label_col"] = label
-            notes.append(f"labels: column {label!r} of {path} (pass --label-col to choose another, or --no-labels "
-                         "to extract without)")
+            notes.append(
+                f"labels: column {label!r} of {path} (pass --label-col to choose another, or --no-labels "
+                "to extract without)"
+            )
         elif need_labels:
-            raise ColumnNotFoundError(f"No --label-col given and {path} has no column named label or labels; its "
-                                      f"columns are: {shown}. Pass --label-col NAME.")
+            raise ColumnNotFoundError(
+                f"No --label-col given and {path} has no column named label or labels; its "
+                f"columns are: {shown}. Pass --label-col NAME."
+            )
         else:
-            notes.append(f"no labels: {path} has no column named label or labels (its columns: {shown}); pass "
-                         "--label-col NAME to store labels")
+            notes.append(
+                f"no labels: {path} has no column named label or labels (its columns: {shown}); pass "
+                "--label-col NAME to store labels"
+            )
     return dataclasses.replace(spec, **changes), notes

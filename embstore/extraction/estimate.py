@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embstore.store import layout as L
-from embstore.store.backends import is_h5_path
 from embstore.config import ExtractConfig
 from embstore.extraction.encode import ChunkJob, Encoded, make_batches
+from embstore.store import layout as L
+from embstore.store.backends import is_h5_path
 
 if TYPE_CHECKING:
     from embstore.extraction.plan import Plan
@@ -68,7 +68,9 @@ class PlanReport:
         return asdict(self)
 
 
-def _batches(plan: Plan, pending: dict[str, list[int]], config: ExtractConfig) -> list[tuple[str, int, str, np.ndarray, int]]:
+def _batches(
+    plan: Plan, pending: dict[str, list[int]], config: ExtractConfig
+) -> list[tuple[str, int, str, np.ndarray, int]]:
     """Every forward batch the extraction will run: (split, chunk, tower, stored row positions, padded units)."""
     out = []
     audio = plan.dataset.modality == "audio"
@@ -92,14 +94,17 @@ def _job(plan: Plan, split: str, chunk: int, tower: str, rows: np.ndarray) -> Ch
     src = plan.order[split][rows]
     e = plan.encoded[(split, tower)]
     if isinstance(e, Encoded):
-        towers: dict[str, Any] = {tower: ([e.ids[i] for i in src], None if e.type_ids is None else [e.type_ids[i] for i in src])}
+        towers: dict[str, Any] = {
+            tower: ([e.ids[i] for i in src], None if e.type_ids is None else [e.type_ids[i] for i in src])
+        }
     else:
         towers = {tower: [e.items[i] for i in src]}
     return ChunkJob(split=split, chunk=chunk, towers=towers)
 
 
-def _time_batches(plan: Plan, config: ExtractConfig, device: str, batches: list[tuple[str, int, str, np.ndarray, int]]
-                  ) -> tuple[float, dict[str, Any]]:
+def _time_batches(
+    plan: Plan, config: ExtractConfig, device: str, batches: list[tuple[str, int, str, np.ndarray, int]]
+) -> tuple[float, dict[str, Any]]:
     """Estimated seconds to encode ``batches`` and what was timed.
 
     Times SAMPLE_BATCHES batches evenly spread over the length-sorted order, then gives every
@@ -140,8 +145,12 @@ def _time_batches(plan: Plan, config: ExtractConfig, device: str, batches: list[
     total = 0.0
     for b in batches:
         total += float(np.interp(b[4] / len(b[3]), w, r)) * b[4]
-    return total, {"batches": len(batches), "batches_timed": len(picks), "rows_timed": timed_rows,
-                   "seconds_timed": round(timed_seconds, 3)}
+    return total, {
+        "batches": len(batches),
+        "batches_timed": len(picks),
+        "rows_timed": timed_rows,
+        "seconds_timed": round(timed_seconds, 3),
+    }
 
 
 def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
@@ -161,7 +170,11 @@ def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
         meta_before = int(fs.du(f"{root}/zarr.json", total=True))
         writer.finalize({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
         grown = int(fs.du(f"{root}/zarr.json", total=True)) - meta_before
-        arrays = sum(1 for f in fs.find(root) if f.endswith("/zarr.json") and b'"node_type":"array"' in fs.cat(f).replace(b" ", b""))
+        arrays = sum(
+            1
+            for f in fs.find(root)
+            if f.endswith("/zarr.json") and b'"node_type":"array"' in fs.cat(f).replace(b" ", b"")
+        )
     finally:
         if fs.exists(root):
             fs.rm(root, recursive=True)
@@ -213,8 +226,8 @@ def _token_chunk_bytes(plan: Plan) -> dict[str, int]:
 def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
     from embstore.device import resolve_device
-    from embstore.extraction.run import _state
     from embstore.extraction.plan import make_plan, store_paths
+    from embstore.extraction.run import _state
     from embstore.store.writer import StoreWriter
 
     t0 = time.perf_counter()
@@ -240,9 +253,18 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     h5 = is_h5_path(final)
     n_chunks = sum(sl.n_chunks for sl in lay.splits.values())
     chunks = n_chunks * (len(lay.towers) * (len(lay.layers) * len(lay.poolings) + len(lay.token_layers)) + 2)
-    total = _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta, default=str))) if h5 else zarr_bytes
-    detail = {"pooled": states["pooled"], "tokens": states["tokens"], "metadata_and_row_arrays": skeleton + grown,
-              "progress": states["progress"], "format": "h5" if h5 else "zarr"}
+    total = (
+        _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta, default=str)))
+        if h5
+        else zarr_bytes
+    )
+    detail = {
+        "pooled": states["pooled"],
+        "tokens": states["tokens"],
+        "metadata_and_row_arrays": skeleton + grown,
+        "progress": states["progress"],
+        "format": "h5" if h5 else "zarr",
+    }
 
     free = None
     if "://" not in final:
@@ -253,15 +275,25 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
 
     batches = _batches(plan, pending, config)
     compute, timing = _time_batches(plan, config, device, batches)
-    timing.update({"planning_seconds": round(planning_seconds, 3), "compute_seconds": round(compute, 3),
-                   "num_processes": config.num_processes, "cpu_threads": _threads()})
+    timing.update(
+        {
+            "planning_seconds": round(planning_seconds, 3),
+            "compute_seconds": round(compute, 3),
+            "num_processes": config.num_processes,
+            "cpu_threads": _threads(),
+        }
+    )
     estimate = planning_seconds + compute if state != "complete" else planning_seconds
 
     splits: dict[str, dict[str, Any]] = {}
     audio = plan.dataset.modality == "audio"
     for name, sl in lay.splits.items():
-        entry: dict[str, Any] = {"rows": sl.n_rows, "chunks": sl.n_chunks, "chunks_left": len(pending.get(name, [])),
-                                 "truncated": int(plan.meta["truncated"].get(name, 0))}
+        entry: dict[str, Any] = {
+            "rows": sl.n_rows,
+            "chunks": sl.n_chunks,
+            "chunks_left": len(pending.get(name, [])),
+            "truncated": int(plan.meta["truncated"].get(name, 0)),
+        }
         if audio:
             entry["seconds"] = float(plan.arrays[L.duration_path(name)].astype(np.float64).sum())
             entry["frames"] = int(sum(sl.n_tokens.values()))
@@ -269,11 +301,23 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
         else:
             entry["tokens"] = int(sum(sl.n_tokens.values()))
         splits[name] = entry
-    return PlanReport(path=final, state=state, fingerprint=plan.fingerprint, model=config.model, device=device,
-                      # int8 stores also record their measured deviation in the metadata (a few hundred bytes)
-                      modality=plan.dataset.modality, splits=splits, bytes=int(total), bytes_exact=not h5 and config.quantize == "none",
-                      bytes_detail=detail, free_bytes=free, peak_bytes=int(zarr_bytes + (total if h5 else 0)),
-                      estimated_seconds=round(float(estimate), 2), timing=timing)
+    return PlanReport(
+        path=final,
+        state=state,
+        fingerprint=plan.fingerprint,
+        model=config.model,
+        device=device,
+        # int8 stores also record their measured deviation in the metadata (a few hundred bytes)
+        modality=plan.dataset.modality,
+        splits=splits,
+        bytes=int(total),
+        bytes_exact=not h5 and config.quantize == "none",
+        bytes_detail=detail,
+        free_bytes=free,
+        peak_bytes=int(zarr_bytes + (total if h5 else 0)),
+        estimated_seconds=round(float(estimate), 2),
+        timing=timing,
+    )
 
 
 def _threads() -> int:

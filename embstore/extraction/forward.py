@@ -61,13 +61,16 @@ def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor], last: int) 
         for h in handles:
             h.remove()
     if len(states) != last + 1:
-        raise RuntimeError(f"{type(model).__name__} ran {len(states) - 1} of its layers instead of {last}; "
-                           "its layers are not called once each in order, so it cannot stop early")
+        raise RuntimeError(
+            f"{type(model).__name__} ran {len(states) - 1} of its layers instead of {last}; "
+            "its layers are not called once each in order, so it cannot stop early"
+        )
     return states
 
 
-def pool_layers(hidden: Sequence[torch.Tensor], layers: Sequence[int], poolings: Sequence[str],
-                mask: torch.Tensor) -> torch.Tensor:
+def pool_layers(
+    hidden: Sequence[torch.Tensor], layers: Sequence[int], poolings: Sequence[str], mask: torch.Tensor
+) -> torch.Tensor:
     """(P, k, B, H) float32: every pooling of every chosen layer, in one masked reduction each.
 
     ``mask`` (B, T) bool marks each row's real positions (tokens or frames)."""
@@ -99,7 +102,9 @@ class Launched:
     pooled_shape: tuple[int, int, int, int]
     n_tokens: int
 
-    def result(self, poolings: Sequence[str], token_layers: Sequence[int]) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
+    def result(
+        self, poolings: Sequence[str], token_layers: Sequence[int]
+    ) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
         """Pooled (pooling -> (k, B, H)) and flat per-token (layer -> (tokens, H)) host arrays, views of ``host``."""
         if self.event is not None:
             self.event.synchronize()
@@ -108,7 +113,10 @@ class Launched:
         pooled = flat[:n_pooled].reshape(self.pooled_shape)
         hidden = self.pooled_shape[-1]
         tokens = flat[n_pooled:].reshape(len(token_layers), self.n_tokens, hidden)
-        return ({p: pooled[j] for j, p in enumerate(poolings)}, {layer: tokens[j] for j, layer in enumerate(token_layers)})
+        return (
+            {p: pooled[j] for j, p in enumerate(poolings)},
+            {layer: tokens[j] for j, layer in enumerate(token_layers)},
+        )
 
 
 class _HostRing:
@@ -157,8 +165,16 @@ class _PinnedRing(_HostRing):
 class BatchForward:
     """Runs padded batches through the model up to the last layer needed and pools them on the device."""
 
-    def __init__(self, model: nn.Module, *, layers: Sequence[int], token_layers: Sequence[int], poolings: Sequence[str],
-                 dtype: str, device: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Sequence[int],
+        token_layers: Sequence[int],
+        poolings: Sequence[str],
+        dtype: str,
+        device: str,
+    ) -> None:
         self.model = model
         self.layers, self.token_layers, self.poolings = list(layers), list(token_layers), list(poolings)
         self.last = max([*self.layers, *self.token_layers])
@@ -181,21 +197,24 @@ class BatchForward:
         real positions of each row in the model's output (tokens, or frames for audio)."""
         with torch.inference_mode():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.on_cuda):
-                hidden = hidden_states(self.model, {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
-                                       self.last)
+                hidden = hidden_states(
+                    self.model, {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}, self.last
+                )
             # pooling runs in float32 (outside autocast, which would do the mean in bf16)
             batch, width, size = hidden[0].shape
             lens = lengths.astype(np.int64)
             mask = torch.arange(width, device=self.device)[None, :] < self._up(lens)[:, None]  # (B, T)
             pooled = pool_layers(hidden, self.layers, self.poolings, mask)  # (P, k, B, H)
             n_tokens = int(lens.sum()) if self.token_layers else 0
-            flat = torch.empty(pooled.numel() + len(self.token_layers) * n_tokens * size, dtype=self.dtype, device=self.device)
+            flat = torch.empty(
+                pooled.numel() + len(self.token_layers) * n_tokens * size, dtype=self.dtype, device=self.device
+            )
             flat[: pooled.numel()].view(pooled.shape).copy_(pooled)  # the cast to the storage dtype, on the device
             if self.token_layers:
                 # rows are right-padded, so the real positions in row order are the flat ragged layout
                 where = np.flatnonzero((np.arange(width)[None, :] < lens[:, None]).reshape(-1))
                 index = self._up(where)
-                tokens = flat[pooled.numel():].view(len(self.token_layers), n_tokens, size)
+                tokens = flat[pooled.numel() :].view(len(self.token_layers), n_tokens, size)
                 for j, layer in enumerate(self.token_layers):
                     tokens[j].copy_(hidden[layer].reshape(batch * width, size).index_select(0, index).float())
             shape = (len(self.poolings), len(self.layers), batch, size)

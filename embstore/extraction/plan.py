@@ -9,8 +9,6 @@ finished store is found without loading the model; :func:`make_plan` does the fu
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from embstore.backbones.registry import Backbone, load_backbone
+from embstore.config import ExtractConfig, default_pooling
+from embstore.data.tables import Dataset, SplitData, load_dataset
+from embstore.errors import ConfigError, EmbstoreError
+from embstore.extraction.encode import Encoded, length_order, tokenize
+from embstore.extraction.store_id import data_identity, model_identity, store_fingerprint
+from embstore.layers import parse_layers
 from embstore.store import layout as L
 from embstore.store.backends import is_h5_path
 from embstore.store.catalog import cache_dir, slug
-from embstore.config import ExtractConfig, default_pooling
-from embstore.data.tables import Dataset, SplitData, load_dataset
-from embstore.extraction.encode import Encoded, length_order, tokenize
-from embstore.errors import ConfigError, EmbstoreError
-from embstore.extraction.store_id import data_identity, model_identity, store_fingerprint
-from embstore.layers import parse_layers
-from embstore.backbones.registry import Backbone, load_backbone
 
 __all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of"]
 
@@ -54,15 +52,26 @@ def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
     try:
         model = model_identity(config.model)
         data = data_identity(config.source)
-        if data is None or model["n_layers"] is None or model["modality"] != ("audio" if config.source.audio_col else "text"):
+        if (
+            data is None
+            or model["n_layers"] is None
+            or model["modality"] != ("audio" if config.source.audio_col else "text")
+        ):
             return None
         available = list(range(int(model["n_layers"]) + 1))
         layers = parse_layers(config.layers, available, "layers")
         token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
     except EmbstoreError:
         return None
-    fp = store_fingerprint(config, model, data, layers=layers, token_layers=token_layers,
-                           poolings=list(config.pooling or default_pooling(model["modality"])), precision=precision_of(device, config.quantize))
+    fp = store_fingerprint(
+        config,
+        model,
+        data,
+        layers=layers,
+        token_layers=token_layers,
+        poolings=list(config.pooling or default_pooling(model["modality"])),
+        precision=precision_of(device, config.quantize),
+    )
     return (fp, *store_paths(config, fp))
 
 
@@ -72,15 +81,33 @@ def precision_of(device: str, quantize: str) -> str:
 
 
 def make_plan(config: ExtractConfig, device: str) -> Plan:
-    dataset = load_dataset(data=config.source.data, splits=config.source.splits, holdout=config.source.holdout, seed=config.source.seed,
-                           text_col=config.source.text_col, text_pair_col=config.source.text_pair_col, label_col=config.source.label_col,
-                           limit=config.source.limit, skip_empty=config.source.skip_empty, audio_col=config.source.audio_col,
-                           group_col=config.source.group_col, skip_bad=config.source.skip_bad)
-    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights)
+    dataset = load_dataset(
+        data=config.source.data,
+        splits=config.source.splits,
+        holdout=config.source.holdout,
+        seed=config.source.seed,
+        text_col=config.source.text_col,
+        text_pair_col=config.source.text_pair_col,
+        label_col=config.source.label_col,
+        limit=config.source.limit,
+        skip_empty=config.source.skip_empty,
+        audio_col=config.source.audio_col,
+        group_col=config.source.group_col,
+        skip_bad=config.source.skip_bad,
+    )
+    backbone = load_backbone(
+        config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights
+    )
     if backbone.modality != dataset.modality:
         if backbone.modality == "audio":
-            raise ConfigError(f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a table of audio file paths), or a text model.")
-        raise ConfigError(f"{config.model} is a text model, but --audio-col gives audio; pass a speech model (random:hubert-tiny, or a local HuBERT/wav2vec2/WavLM directory).")
+            raise ConfigError(
+                f"{config.model} is a speech model and takes audio, but the data is text; pass --audio-col COLUMN (a "
+                f"table of audio file paths), or a text model."
+            )
+        raise ConfigError(
+            f"{config.model} is a text model, but --audio-col gives audio; pass a speech model (random:hubert-tiny, or "
+            f"a local HuBERT/wav2vec2/WavLM directory)."
+        )
     available = list(range(backbone.n_layers + 1))
     layers = parse_layers(config.layers, available, "layers")
     token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
@@ -88,7 +115,10 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
     if dataset.modality == "audio":
         return _plan_audio(config, device, dataset, backbone, layers, token_layers, poolings)
     if config.max_length > backbone.max_positions:
-        raise ConfigError(f"--max-length {config.max_length} exceeds what {config.model} can encode ({backbone.max_positions} positions); use --max-length {backbone.max_positions} or less.")
+        raise ConfigError(
+            f"--max-length {config.max_length} exceeds what {config.model} can encode ({backbone.max_positions} "
+            f"positions); use --max-length {backbone.max_positions} or less."
+        )
     towers = L.PAIR_TOWERS if config.pair_mode == "towers" else (L.SINGLE_TOWER,)
     tok = backbone.tokenizer
     encoded: dict[tuple[str, str], Encoded] = {}
@@ -113,10 +143,19 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
             arrays[L.truncated_path(name, t)] = e.truncated[perm]
             token_counts[(name, t)] = e.lengths[perm]
         truncated[name] = int(sum(encoded[(name, t)].truncated.sum() for t in towers))
-        splits[name] = L.SplitLayout.plan(n, config.chunk_rows,
-                                          n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers})
-    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(poolings), hidden=backbone.hidden, dtype=config.dtype,
-                        towers=tuple(towers), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
+        splits[name] = L.SplitLayout.plan(
+            n, config.chunk_rows, n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers}
+        )
+    lay = L.StoreLayout(
+        layers=tuple(layers),
+        poolings=tuple(poolings),
+        hidden=backbone.hidden,
+        dtype=config.dtype,
+        towers=tuple(towers),
+        token_layers=tuple(token_layers),
+        chunk_rows=config.chunk_rows,
+        splits=splits,
+    )
     return _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
 
 
@@ -130,8 +169,15 @@ def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: n
         arrays[L.groups_path(name)] = sd.groups[src]
 
 
-def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, layers: list[int],
-                token_layers: list[int], poolings: tuple[str, ...]) -> Plan:
+def _plan_audio(
+    config: ExtractConfig,
+    device: str,
+    dataset: Dataset,
+    backbone: Backbone,
+    layers: list[int],
+    token_layers: list[int],
+    poolings: tuple[str, ...],
+) -> Plan:
     """Audio rows: lengths from file headers, augmented copies for the training split only."""
     from embstore.extraction.speech import plan_audio_split
 
@@ -146,8 +192,14 @@ def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: 
     augmented: dict[str, int] = {}
     t = L.AUDIO_TOWER
     for name, sd in dataset.splits.items():
-        rows = plan_audio_split(sd, rate=rate, frames_of=backbone.frames, max_seconds=config.max_seconds,
-                                augment=spec if name == "train" else None, label_names=dataset.label_names)
+        rows = plan_audio_split(
+            sd,
+            rate=rate,
+            frames_of=backbone.frames,
+            max_seconds=config.max_seconds,
+            augment=spec if name == "train" else None,
+            label_names=dataset.label_names,
+        )
         encoded[(name, t)] = rows
         order[name] = perm = length_order(rows.samples) if config.bucket else np.arange(len(rows.items))
         _row_arrays(arrays, name, sd, perm, rows.source)
@@ -159,69 +211,136 @@ def _plan_audio(config: ExtractConfig, device: str, dataset: Dataset, backbone: 
         if spec is not None and name == "train":
             params = [it.augment for it in rows.items]
             nan = float("nan")
-            arrays[L.augment_path(name, "copy")] = np.array([0 if p is None else p.copy for p in params], dtype=np.int16)[perm]
+            arrays[L.augment_path(name, "copy")] = np.array(
+                [0 if p is None else p.copy for p in params], dtype=np.int16
+            )[perm]
             for f, attr in (("speed", "speed"), ("shift", "shift_fraction"), ("snr_db", "snr_db")):
-                arrays[L.augment_path(name, f)] = np.array([nan if p is None else getattr(p, attr) for p in params], dtype=np.float32)[perm]
+                arrays[L.augment_path(name, f)] = np.array(
+                    [nan if p is None else getattr(p, attr) for p in params], dtype=np.float32
+                )[perm]
             augmented[name] = int(sum(p is not None for p in params))
         splits[name] = L.SplitLayout.plan(len(perm), config.chunk_rows, n_tokens={t: int(rows.frames.sum())})
-    lay = L.StoreLayout(layers=tuple(layers), poolings=tuple(poolings), hidden=backbone.hidden, dtype=config.dtype,
-                        towers=(t,), token_layers=tuple(token_layers), chunk_rows=config.chunk_rows, splits=splits)
+    lay = L.StoreLayout(
+        layers=tuple(layers),
+        poolings=tuple(poolings),
+        hidden=backbone.hidden,
+        dtype=config.dtype,
+        towers=(t,),
+        token_layers=tuple(token_layers),
+        chunk_rows=config.chunk_rows,
+        splits=splits,
+    )
     plan = _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
     plan.meta["augmented"] = augmented
     plan.meta["sampling_rate"] = rate
     return plan
 
 
-def _finish_plan(config: ExtractConfig, device: str, dataset: Dataset, backbone: Backbone, lay: L.StoreLayout,
-                 order: dict[str, np.ndarray], encoded: dict[tuple[str, str], Any], arrays: dict[str, np.ndarray],
-                 token_counts: dict[tuple[str, str], np.ndarray], truncated: dict[str, int]) -> Plan:
+def _finish_plan(
+    config: ExtractConfig,
+    device: str,
+    dataset: Dataset,
+    backbone: Backbone,
+    lay: L.StoreLayout,
+    order: dict[str, np.ndarray],
+    encoded: dict[tuple[str, str], Any],
+    arrays: dict[str, np.ndarray],
+    token_counts: dict[tuple[str, str], np.ndarray],
+    truncated: dict[str, int],
+) -> Plan:
 
     precision = precision_of(device, config.quantize)
     data = data_identity(config.source)
     if data is None:  # load_dataset has read every file: they exist
         raise RuntimeError("the data files changed while planning; re-run")
-    fp = store_fingerprint(config, model_identity(config.model), data, layers=list(lay.layers),
-                           token_layers=list(lay.token_layers), poolings=list(lay.poolings), precision=precision)
+    fp = store_fingerprint(
+        config,
+        model_identity(config.model),
+        data,
+        layers=list(lay.layers),
+        token_layers=list(lay.token_layers),
+        poolings=list(lay.poolings),
+        precision=precision,
+    )
     import torch
     import transformers
     import zarr
 
     meta = {
-        "schema_version": L.SCHEMA_VERSION, "complete": False, "fingerprint": fp, "modality": dataset.modality,
+        "schema_version": L.SCHEMA_VERSION,
+        "complete": False,
+        "fingerprint": fp,
+        "modality": dataset.modality,
         "group_names": dataset.group_names,
-        "layout": lay.to_dict(), "label_names": dataset.label_names, "truncated": truncated,
-        "skipped_empty": dataset.skipped_empty, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "layout": lay.to_dict(),
+        "label_names": dataset.label_names,
+        "truncated": truncated,
+        "skipped_empty": dataset.skipped_empty,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "finished": None,
         "provenance": {
             "model": {k: v for k, v in backbone.identity.items() if k != "tokenizer"},
-            "tokenizer": backbone.identity["tokenizer"], "max_length": config.max_length,
-            "poolings": list(lay.poolings), "dtype": config.dtype, "precision": precision, "device": device,
-            "sources": dataset.sources, "text_col": config.source.text_col or "text", "text_pair_col": config.source.text_pair_col,
-            "pair_mode": config.pair_mode, "label_col": config.source.label_col,
-            "audio_col": config.source.audio_col, "group_col": config.source.group_col, "max_seconds": config.max_seconds,
-            "augment": None if not config.augment else {
-                "transforms": list(config.augment), "copies": config.copies, "classes": config.augment_classes,
-                "snr_db": config.snr_db, "seed": config.source.seed},
+            "tokenizer": backbone.identity["tokenizer"],
+            "max_length": config.max_length,
+            "poolings": list(lay.poolings),
+            "dtype": config.dtype,
+            "precision": precision,
+            "device": device,
+            "sources": dataset.sources,
+            "text_col": config.source.text_col or "text",
+            "text_pair_col": config.source.text_pair_col,
+            "pair_mode": config.pair_mode,
+            "label_col": config.source.label_col,
+            "audio_col": config.source.audio_col,
+            "group_col": config.source.group_col,
+            "max_seconds": config.max_seconds,
+            "augment": None
+            if not config.augment
+            else {
+                "transforms": list(config.augment),
+                "copies": config.copies,
+                "classes": config.augment_classes,
+                "snr_db": config.snr_db,
+                "seed": config.source.seed,
+            },
             "rows": {k: v.n_rows for k, v in lay.splits.items()},
-            "tool": {"embstore": L.EMBSTORE_VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "zarr": zarr.__version__, "python": sys.version.split()[0]},
+            "tool": {
+                "embstore": L.EMBSTORE_VERSION,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "zarr": zarr.__version__,
+                "python": sys.version.split()[0],
+            },
             "config": config.to_dict(),
         },
     }
-    return Plan(backbone=backbone, dataset=dataset, layout=lay, fingerprint=fp, order=order, encoded=encoded,
-                 meta=meta, arrays=arrays, token_counts=token_counts)
+    return Plan(
+        backbone=backbone,
+        dataset=dataset,
+        layout=lay,
+        fingerprint=fp,
+        order=order,
+        encoded=encoded,
+        meta=meta,
+        arrays=arrays,
+        token_counts=token_counts,
+    )
 
 
 def store_paths(config: ExtractConfig, fingerprint: str) -> tuple[str, str]:
     """(final store path, zarr path written during extraction)."""
     out = config.out
     if out is not None and out.startswith("file://"):
-        out = out[len("file://"):]
+        out = out[len("file://") :]
     if out is not None and (out.rstrip("/").endswith((".zarr", ".h5", ".hdf5"))):
         final = out.rstrip("/")
     else:
-        data_name = config.source.data.split(":", 1)[-1] if config.source.data else "-".join(n for n, _ in config.source.splits)
-        data_name = Path(data_name).stem if config.source.data and not config.source.data.startswith("builtin:") else data_name
+        data_name = (
+            config.source.data.split(":", 1)[-1] if config.source.data else "-".join(n for n, _ in config.source.splits)
+        )
+        data_name = (
+            Path(data_name).stem if config.source.data and not config.source.data.startswith("builtin:") else data_name
+        )
         suffix = ".h5" if config.format == "h5" else ".zarr"
         base = Path(out) if out is not None else cache_dir()
         model = slug(config.model) + ("" if config.random_weights is None else f"-random{config.random_weights}")

@@ -15,19 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from embstore.store import layout as L
-from embstore.store.backends import complete_meta, is_h5_path
+from embstore.backbones.quantize import check_quantize_device, measure_int8, quantize_int8
+from embstore.backbones.registry import Backbone, load_backbone
 from embstore.config import ExtractConfig
 from embstore.device import resolve_device
-from embstore.extraction.encode import ChunkEncoder, ChunkJob, Encoded
 from embstore.errors import (
-    DiskFullError, OutputNotWritableError, RankFailedError, StoreMismatchError, StoreNotFoundError,
+    DiskFullError,
+    OutputNotWritableError,
+    RankFailedError,
+    StoreMismatchError,
+    StoreNotFoundError,
 )
-from embstore.store.lock import StoreLock
-from embstore.backbones.registry import Backbone, load_backbone
+from embstore.extraction.encode import ChunkEncoder, ChunkJob, Encoded
 from embstore.extraction.plan import Plan, make_plan, quick_id, store_paths
-from embstore.backbones.quantize import check_quantize_device, measure_int8, quantize_int8
 from embstore.extraction.ranks import Ranks
+from embstore.store import layout as L
+from embstore.store.backends import complete_meta, is_h5_path
+from embstore.store.lock import StoreLock
 from embstore.store.reader import open_store
 from embstore.store.writer import StoreWriter, export_h5, io_errors
 
@@ -57,10 +61,15 @@ def _check_writable(path: str, needed: int) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputNotWritableError(f"Cannot write the store under {parent} ({exc.strerror}); choose a writable --out or set EMBSTORE_CACHE.") from None
+        raise OutputNotWritableError(
+            f"Cannot write the store under {parent} ({exc.strerror}); choose a writable --out or set EMBSTORE_CACHE."
+        ) from None
     free = shutil.disk_usage(parent).free
     if needed > free:
-        raise DiskFullError(f"The store needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free under {parent}; free space, store fewer layers/poolings, or choose another --out.")
+        raise DiskFullError(
+            f"The store needs about {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free under {parent}; free "
+            f"space, store fewer layers/poolings, or choose another --out."
+        )
 
 
 def _needed_bytes(lay: L.StoreLayout, h5: bool) -> int:
@@ -83,7 +92,10 @@ def _jobs(plan: Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
             for t in plan.layout.towers:
                 e = plan.encoded[(split, t)]
                 if isinstance(e, Encoded):
-                    towers[t] = ([e.ids[i] for i in rows], None if e.type_ids is None else [e.type_ids[i] for i in rows])
+                    towers[t] = (
+                        [e.ids[i] for i in rows],
+                        None if e.type_ids is None else [e.type_ids[i] for i in rows],
+                    )
                 else:  # AudioRows
                     towers[t] = [e.items[i] for i in rows]
             jobs.append(ChunkJob(split=split, chunk=c, towers=towers))
@@ -92,15 +104,27 @@ def _jobs(plan: Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
 
 def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, device: str) -> ChunkEncoder:
     """The chunk encoder an extraction with ``config`` runs (``embstore plan`` times the same one)."""
-    common: dict[str, Any] = dict(layers=lay.layers, token_layers=lay.token_layers, poolings=lay.poolings, dtype=lay.dtype,
-                                  batch_size=config.batch_size, token_budget=config.token_budget, device=device)
+    common: dict[str, Any] = dict(
+        layers=lay.layers,
+        token_layers=lay.token_layers,
+        poolings=lay.poolings,
+        dtype=lay.dtype,
+        batch_size=config.batch_size,
+        token_budget=config.token_budget,
+        device=device,
+    )
     if backbone.modality == "audio":
         from embstore.extraction.speech import AudioChunkEncoder
 
         rate = backbone.sampling_rate
-        return AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, batch_seconds=config.batch_seconds,
-                                 max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
-                                 **common)
+        return AudioChunkEncoder(
+            backbone.model,
+            backbone.tokenizer,
+            backbone.frames,
+            batch_seconds=config.batch_seconds,
+            max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
+            **common,
+        )
     return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
 
 
@@ -123,8 +147,16 @@ def _measure_int8(plan: Plan, config: ExtractConfig, device: str) -> dict[str, A
     return {**measure_int8(plan.backbone.model, encode, plan.layout.layers), "split": split}
 
 
-def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, write_path: str, jobs: list[ChunkJob],
-              device: str, show_progress: bool, desc: str = "extract") -> None:
+def _run_jobs(
+    backbone: Backbone,
+    lay: L.StoreLayout,
+    config: ExtractConfig,
+    write_path: str,
+    jobs: list[ChunkJob],
+    device: str,
+    show_progress: bool,
+    desc: str = "extract",
+) -> None:
     """Encode row chunks and write each in a background thread while the model runs the next."""
     from tqdm import tqdm
 
@@ -137,8 +169,14 @@ def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, wri
     pending: Future[None] | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         for job in jobs:
+
             def name(tower: str, what: str, layer: int | None, _s: str = job.split, _c: int = job.chunk) -> str:
-                return L.token_chunk_path(_s, tower, layer, _c) if what == "tokens" and layer is not None else L.pooled_path(_s, tower, what)
+                return (
+                    L.token_chunk_path(_s, tower, layer, _c)
+                    if what == "tokens" and layer is not None
+                    else L.pooled_path(_s, tower, what)
+                )
+
             data = encoder.encode(job, name, bar.update)
             if pending is not None:
                 pending.result()  # at most one chunk waits for the disk: memory stays bounded
@@ -148,19 +186,24 @@ def _run_jobs(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, wri
     bar.close()
 
 
-def _worker(rank: int, config_dict: dict[str, Any], device: str, write_path: str, jobs: list[ChunkJob],
-            threads: int) -> None:
+def _worker(
+    rank: int, config_dict: dict[str, Any], device: str, write_path: str, jobs: list[ChunkJob], threads: int
+) -> None:
     """Entry point of one ``--num-processes`` worker (spawned)."""
     import torch
 
     torch.set_num_threads(threads)
     config = ExtractConfig.from_dict(config_dict)
-    backbone = load_backbone(config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights)
+    backbone = load_backbone(
+        config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights
+    )
     lay = StoreWriter.open(write_path).layout
     _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
 
 
-def _run_processes(config: ExtractConfig, plan: Plan, write_path: str, pending: dict[str, list[int]], device: str) -> None:
+def _run_processes(
+    config: ExtractConfig, plan: Plan, write_path: str, pending: dict[str, list[int]], device: str
+) -> None:
     import multiprocessing as mp
 
     jobs = _jobs(plan, pending)
@@ -179,7 +222,10 @@ def _run_processes(config: ExtractConfig, plan: Plan, write_path: str, pending: 
         if p.exitcode != 0:
             failed.append((rank, p.exitcode))
     if failed:
-        raise RankFailedError(f"extraction worker process(es) failed (rank, exit code): {failed}; their errors are above; re-run the same command to resume from the written chunks")
+        raise RankFailedError(
+            f"extraction worker process(es) failed (rank, exit code): {failed}; their errors are above; re-run the "
+            f"same command to resume from the written chunks"
+        )
 
 
 def _cuda_count() -> int:
@@ -219,8 +265,14 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     truncated = dict(plan.meta["truncated"])
 
     def result(status: str) -> ExtractResult:
-        return ExtractResult(path=final, status=status, rows=rows, truncated=truncated,
-                             skipped_empty=dict(plan.dataset.skipped_empty), seconds=time.perf_counter() - t0)
+        return ExtractResult(
+            path=final,
+            status=status,
+            rows=rows,
+            truncated=truncated,
+            skipped_empty=dict(plan.dataset.skipped_empty),
+            seconds=time.perf_counter() - t0,
+        )
 
     if state == "complete":
         return result("already complete")
@@ -251,8 +303,18 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                 log.info("resuming %s: %d row chunks left", write_path, sum(map(len, pending.values())))
             if ranks.world > 1:
                 # chunk c belongs to rank c % world, whatever the other ranks have written already
-                mine = {split: [c for c in chunks if c % ranks.world == ranks.rank] for split, chunks in pending.items()}
-                _run_jobs(plan.backbone, plan.layout, config, write_path, _jobs(plan, mine), device, show_progress and ranks.main)
+                mine = {
+                    split: [c for c in chunks if c % ranks.world == ranks.rank] for split, chunks in pending.items()
+                }
+                _run_jobs(
+                    plan.backbone,
+                    plan.layout,
+                    config,
+                    write_path,
+                    _jobs(plan, mine),
+                    device,
+                    show_progress and ranks.main,
+                )
             elif config.num_processes > 1:
                 del plan.backbone.model
                 _run_processes(config, plan, write_path, pending, device)
@@ -270,8 +332,14 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
 def _complete_result(path: str, meta: dict[str, Any], t0: float) -> ExtractResult:
     """The result of a run that found its store complete, from the store's own record."""
     rows = {s: int(v["n_rows"]) for s, v in meta["layout"]["splits"].items()}
-    return ExtractResult(path=path, status="already complete", rows=rows, truncated=dict(meta.get("truncated") or {}),
-                         skipped_empty=dict(meta.get("skipped_empty") or {}), seconds=time.perf_counter() - t0)
+    return ExtractResult(
+        path=path,
+        status="already complete",
+        rows=rows,
+        truncated=dict(meta.get("truncated") or {}),
+        skipped_empty=dict(meta.get("skipped_empty") or {}),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _state(final: str, write_path: str, fingerprint: str) -> str:
@@ -288,11 +356,16 @@ def _state(final: str, write_path: str, fingerprint: str) -> str:
         except StoreNotFoundError:
             if "://" in path:
                 continue  # nothing at that URL yet
-            raise StoreMismatchError(f"{path} exists and is not an embstore store; choose another --out or remove it.") from None
+            raise StoreMismatchError(
+                f"{path} exists and is not an embstore store; choose another --out or remove it."
+            ) from None
         with store:
             if store.fingerprint != fingerprint:
                 what = "a store" if store.complete else "a partial store"
-                raise StoreMismatchError(f"{path} holds {what} made from other inputs (fingerprint {store.fingerprint[:12]}, this run {fingerprint[:12]}); choose another --out or delete it.")
+                raise StoreMismatchError(
+                    f"{path} holds {what} made from other inputs (fingerprint {store.fingerprint[:12]}, this run "
+                    f"{fingerprint[:12]}); choose another --out or delete it."
+                )
             if path == final and store.complete:
                 return "complete"
             if path == write_path:

@@ -19,8 +19,8 @@ import numpy as np
 from embstore.data.audio import load_waveform, rational, resampled_length
 from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
 from embstore.data.tables import SplitData
-from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
 from embstore.errors import DataError
+from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,26 +59,46 @@ def clip_lengths(sd: SplitData, rate: int) -> np.ndarray:
     """(n,) int64 samples of each whole clip of ``sd`` at the model's ``rate``, from the file headers alone (before
     any crop or augmentation); extraction and fine-tuning both size their clips with it."""
     if sd.audio is None or sd.audio_frames is None or sd.audio_rates is None:
-        raise DataError(f"Split {sd.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of audio file paths.")
-    return np.array([resampled_length(int(n), *rational(Fraction(rate, int(r))))
-                     for n, r in zip(sd.audio_frames, sd.audio_rates)], dtype=np.int64)
+        raise DataError(
+            f"Split {sd.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of audio "
+            f"file paths."
+        )
+    return np.array(
+        [resampled_length(int(n), *rational(Fraction(rate, int(r)))) for n, r in zip(sd.audio_frames, sd.audio_rates)],
+        dtype=np.int64,
+    )
 
 
-def plan_audio_split(sd: SplitData, *, rate: int, frames_of: Callable[[np.ndarray], np.ndarray],
-                     max_seconds: float | None, augment: AugmentSpec | None, label_names: list[str] | None) -> AudioRows:
+def plan_audio_split(
+    sd: SplitData,
+    *,
+    rate: int,
+    frames_of: Callable[[np.ndarray], np.ndarray],
+    max_seconds: float | None,
+    augment: AugmentSpec | None,
+    label_names: list[str] | None,
+) -> AudioRows:
     """Every row's length in samples and frames from file headers alone; augmented copies appended."""
     full = clip_lengths(sd, rate)
     paths = list(sd.audio or ())  # clip_lengths refused a split without audio
     max_samples = int(round(max_seconds * rate)) if max_seconds is not None else None
-    items = [AudioItem(path=p, samples=int(min(n, max_samples) if max_samples is not None else n)) for p, n in zip(paths, full)]
+    items = [
+        AudioItem(path=p, samples=int(min(n, max_samples) if max_samples is not None else n))
+        for p, n in zip(paths, full)
+    ]
     source = list(range(len(items)))
     cropped = [max_samples is not None and int(n) > max_samples for n in full]
     if augment is not None:
         chosen = choose_sources(sd.labels, label_names, augment.classes)
         for params in draw_params(augment, chosen, sd.row_ids):
             n_full = augmented_length(int(full[params.source]), params, None)
-            items.append(AudioItem(path=paths[params.source], samples=augmented_length(int(full[params.source]), params, max_samples),
-                                   augment=params))
+            items.append(
+                AudioItem(
+                    path=paths[params.source],
+                    samples=augmented_length(int(full[params.source]), params, max_samples),
+                    augment=params,
+                )
+            )
             source.append(params.source)
             cropped.append(max_samples is not None and n_full > max_samples)
     samples = np.array([it.samples for it in items], dtype=np.int64)
@@ -86,9 +106,17 @@ def plan_audio_split(sd: SplitData, *, rate: int, frames_of: Callable[[np.ndarra
     short = np.flatnonzero(frames < 1)
     if len(short):
         shown = ", ".join(items[i].path for i in short[:3]) + (", ..." if len(short) > 3 else "")
-        raise DataError(f"{len(short)} audio rows of split {sd.name!r} are too short for the model to produce one frame ({shown}); drop them from the table or pass --skip-bad after removing them.")
-    return AudioRows(items=items, source=np.array(source, dtype=np.int64), samples=samples, frames=frames,
-                     cropped=np.array(cropped, dtype=bool))
+        raise DataError(
+            f"{len(short)} audio rows of split {sd.name!r} are too short for the model to produce one frame ({shown}); "
+            f"drop them from the table or pass --skip-bad after removing them."
+        )
+    return AudioRows(
+        items=items,
+        source=np.array(source, dtype=np.int64),
+        samples=samples,
+        frames=frames,
+        cropped=np.array(cropped, dtype=bool),
+    )
 
 
 def load_item(item: AudioItem, rate: int, max_samples: int | None) -> np.ndarray:
@@ -98,7 +126,10 @@ def load_item(item: AudioItem, rate: int, max_samples: int | None) -> np.ndarray
     else:
         x = apply(load_waveform(item.path, rate, None), item.augment, max_samples)
     if len(x) != item.samples:
-        raise DataError(f"{item.path} now has {len(x)} samples at {rate} Hz where its header promised {item.samples}; the file changed during extraction: re-run to make a new store.")
+        raise DataError(
+            f"{item.path} now has {len(x)} samples at {rate} Hz where its header promised {item.samples}; the file "
+            f"changed during extraction: re-run to make a new store."
+        )
     return x
 
 
@@ -106,8 +137,16 @@ class AudioChunkEncoder(ChunkEncoder):
     """Encodes row chunks of audio: load, resample, augment, pad by the feature extractor (the next
     batches in a prefetch thread), pool over frames."""
 
-    def __init__(self, model: nn.Module, feature_extractor: Any, frames_of: Callable[[np.ndarray], np.ndarray], *,
-                 max_samples: int | None, batch_seconds: float, **kw: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_extractor: Any,
+        frames_of: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_samples: int | None,
+        batch_seconds: float,
+        **kw: Any,
+    ) -> None:
         super().__init__(model, 0, **kw)
         self.fe = feature_extractor
         self.rate = int(feature_extractor.sampling_rate)
@@ -118,11 +157,14 @@ class AudioChunkEncoder(ChunkEncoder):
 
     def first_batch(self, job: ChunkJob) -> ChunkJob:
         items: list[AudioItem] = job.towers[AUDIO_TOWER]
-        stop = make_batches(np.array([it.samples for it in items], dtype=np.int64), self.batch_size, self.sample_budget)[0][1]
+        stop = make_batches(
+            np.array([it.samples for it in items], dtype=np.int64), self.batch_size, self.sample_budget
+        )[0][1]
         return ChunkJob(split=job.split, chunk=job.chunk, towers={AUDIO_TOWER: items[:stop]})
 
-    def encode(self, job: ChunkJob, paths: Callable[[str, str, int | None], str],
-               on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    def encode(
+        self, job: ChunkJob, paths: Callable[[str, str, int | None], str], on_rows: Callable[[int], None] | None = None
+    ) -> dict[str, np.ndarray]:
         items: list[AudioItem] = job.towers[AUDIO_TOWER]
         n = len(items)
         lengths = np.array([it.samples for it in items], dtype=np.int64)
@@ -133,7 +175,9 @@ class AudioChunkEncoder(ChunkEncoder):
         def prepare(start: int, stop: int) -> tuple[dict[str, Any], np.ndarray]:
             """Decode, resample and pad one batch (in the prefetch thread, while the model runs)."""
             waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
-            enc = self.fe(waves, sampling_rate=self.rate, padding=True, return_attention_mask=self.use_mask, return_tensors="np")
+            enc = self.fe(
+                waves, sampling_rate=self.rate, padding=True, return_attention_mask=self.use_mask, return_tensors="np"
+            )
             batch = {"input_values": enc["input_values"].astype(np.float32, copy=False)}
             if self.use_mask:
                 batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)

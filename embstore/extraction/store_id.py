@@ -29,16 +29,29 @@ if TYPE_CHECKING:
     from embstore.config import ExtractConfig
     from embstore.data.spec import DataSpec
 
-__all__ = ["file_sha256", "files_sha256", "model_identity", "data_identity", "store_fingerprint", "library_versions",
-           "VOLATILE_CONFIG_KEYS", "speech_extractor_settings"]
+__all__ = [
+    "file_sha256",
+    "files_sha256",
+    "model_identity",
+    "data_identity",
+    "store_fingerprint",
+    "library_versions",
+    "VOLATILE_CONFIG_KEYS",
+    "speech_extractor_settings",
+]
 
 log = logging.getLogger(__name__)
 
 VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"})
 """config.json keys that do not change what the model computes."""
 
-SPEECH_EXTRACTOR = {"feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0, "do_normalize": True,
-                    "return_attention_mask": True}
+SPEECH_EXTRACTOR = {
+    "feature_size": 1,
+    "sampling_rate": 16000,
+    "padding_value": 0.0,
+    "do_normalize": True,
+    "return_attention_mask": True,
+}
 """The feature extractor settings of the random speech models (Wav2Vec2FeatureExtractor)."""
 
 
@@ -71,11 +84,16 @@ def model_identity(name: str) -> dict[str, Any]:
     the weight files' sha256 for real models, or ``random:<seed>`` (their weights follow from config,
     seed and library versions); ``tokenizer`` the sha256 of the tokenizer files.
     """
-    from embstore.errors import ModelNotFoundError
     from embstore.backbones.registry import (
-        RANDOM_SEED, SPEECH_MODEL_TYPES, _weight_files, minilm_path, resolve_model_path, resolve_random_config,
+        RANDOM_SEED,
+        SPEECH_MODEL_TYPES,
+        _weight_files,
+        minilm_path,
+        resolve_model_path,
+        resolve_random_config,
         tokenizer_files,
     )
+    from embstore.errors import ModelNotFoundError
 
     if name.startswith("random:"):
         cfg, _origin = resolve_random_config(name.split(":", 1)[1])
@@ -89,7 +107,10 @@ def model_identity(name: str) -> dict[str, Any]:
         try:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"{path} holds no readable config.json ({exc}); pass a Hugging Face model directory (config.json + weights + tokenizer).") from None
+            raise ModelNotFoundError(
+                f"{path} holds no readable config.json ({exc}); pass a Hugging Face model directory (config.json + "
+                f"weights + tokenizer)."
+            ) from None
         model_type = str(cfg.get("model_type", ""))
         audio = model_type in SPEECH_MODEL_TYPES
         files = _weight_files(path)
@@ -97,10 +118,16 @@ def model_identity(name: str) -> dict[str, Any]:
         tfiles = tokenizer_files(path)
         tok = files_sha256(tfiles) if tfiles else None
     extractor = speech_extractor_settings(path) if audio else None
-    return {"model_type": model_type, "config": {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS},
-            "weights": weights, "tokenizer": tok, "n_layers": cfg.get("num_hidden_layers"),
-            "modality": "audio" if audio else "text", "extractor": extractor,
-            "attention_mask": None if extractor is None else bool(extractor.get("return_attention_mask", False))}
+    return {
+        "model_type": model_type,
+        "config": {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS},
+        "weights": weights,
+        "tokenizer": tok,
+        "n_layers": cfg.get("num_hidden_layers"),
+        "modality": "audio" if audio else "text",
+        "extractor": extractor,
+        "attention_mask": None if extractor is None else bool(extractor.get("return_attention_mask", False)),
+    }
 
 
 def audio_digest(table: Path, audio_col: str) -> str | None:
@@ -154,14 +181,31 @@ def data_identity(src: DataSpec) -> dict[str, Any] | None:
             if entry["audio"] is None:
                 return None
         entries.append(entry)
-    return {"files": entries, "text_col": None if src.audio_col else (text_col or "text"),
-            "text_pair_col": src.text_pair_col, "label_col": label_col, "group_col": src.group_col,
-            "audio_col": src.audio_col, "holdout": holdout, "seed": src.seed if holdout is not None else None,
-            "limit": src.limit, "skip_empty": src.skip_empty, "skip_bad": getattr(src, "skip_bad", False)}
+    return {
+        "files": entries,
+        "text_col": None if src.audio_col else (text_col or "text"),
+        "text_pair_col": src.text_pair_col,
+        "label_col": label_col,
+        "group_col": src.group_col,
+        "audio_col": src.audio_col,
+        "holdout": holdout,
+        "seed": src.seed if holdout is not None else None,
+        "limit": src.limit,
+        "skip_empty": src.skip_empty,
+        "skip_bad": getattr(src, "skip_bad", False),
+    }
 
 
-def store_fingerprint(config: ExtractConfig, model: dict[str, Any], data: dict[str, Any], *, layers: list[int],
-                      token_layers: list[int], poolings: list[str], precision: str) -> str:
+def store_fingerprint(
+    config: ExtractConfig,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    *,
+    layers: list[int],
+    token_layers: list[int],
+    poolings: list[str],
+    precision: str,
+) -> str:
     """The store id: sha256 of everything that can change a stored value (see the module docstring).
 
     ``model`` is :func:`model_identity`, ``data`` is :func:`data_identity`, ``config`` an ExtractConfig.
@@ -171,9 +215,16 @@ def store_fingerprint(config: ExtractConfig, model: dict[str, Any], data: dict[s
     content: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "model": {k: model[k] for k in ("model_type", "config", "weights", "tokenizer", "extractor")},
-        "data": data, "pair_mode": config.pair_mode, "max_length": config.max_length, "bucket": config.bucket,
-        "layers": list(layers), "poolings": list(poolings), "token_layers": list(token_layers),
-        "dtype": config.dtype, "precision": precision, "libraries": library_versions(),
+        "data": data,
+        "pair_mode": config.pair_mode,
+        "max_length": config.max_length,
+        "bucket": config.bucket,
+        "layers": list(layers),
+        "poolings": list(poolings),
+        "token_layers": list(token_layers),
+        "dtype": config.dtype,
+        "precision": precision,
+        "libraries": library_versions(),
     }
     if getattr(config, "quantize", "none") != "none":
         content["quantize"] = config.quantize
@@ -181,14 +232,20 @@ def store_fingerprint(config: ExtractConfig, model: dict[str, Any], data: dict[s
         # re-initialised from the config: the weight files play no part, the seed does
         content["model"]["weights"] = f"reinit:{config.random_weights}"
     if model["modality"] == "audio":
-        content["audio"] = {"max_seconds": config.max_seconds, "augment": list(config.augment),
-                            "copies": config.copies if config.augment else None,
-                            "augment_classes": config.augment_classes if config.augment else None,
-                            "snr_db": config.snr_db if "noise" in config.augment else None,
-                            "seed": config.source.seed if config.augment else None}
+        content["audio"] = {
+            "max_seconds": config.max_seconds,
+            "augment": list(config.augment),
+            "copies": config.copies if config.augment else None,
+            "augment_classes": config.augment_classes if config.augment else None,
+            "snr_db": config.snr_db if "noise" in config.augment else None,
+            "seed": config.source.seed if config.augment else None,
+        }
         if not model["attention_mask"]:
             # Without an attention mask the zero padding of a batch reaches the real frames' attention,
             # so which rows share a batch changes the stored values.
-            content["audio"]["batching"] = {"batch_seconds": config.batch_seconds, "batch_size": config.batch_size,
-                                            "chunk_rows": config.chunk_rows}
+            content["audio"]["batching"] = {
+                "batch_seconds": config.batch_seconds,
+                "batch_size": config.batch_size,
+                "chunk_rows": config.chunk_rows,
+            }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()

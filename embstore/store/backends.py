@@ -14,11 +14,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from embstore.store import layout as L
 from embstore.errors import StoreDamagedError, StoreNotFoundError
+from embstore.store import layout as L
 
-__all__ = ["Backend", "ZarrBackend", "H5Backend", "STORE_SUFFIXES", "is_h5_path", "check_metadata", "complete_meta",
-           "open_backend"]
+__all__ = [
+    "Backend",
+    "ZarrBackend",
+    "H5Backend",
+    "STORE_SUFFIXES",
+    "is_h5_path",
+    "check_metadata",
+    "complete_meta",
+    "open_backend",
+]
 
 STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
 
@@ -120,17 +128,29 @@ def check_metadata(path: str) -> None:
             inside = sorted(c.name for c in root.iterdir() if c.name.endswith(STORE_SUFFIXES))
             if inside:
                 shown = ", ".join(inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
-                raise StoreNotFoundError(f"{path} is a directory of stores, not a store: it holds {shown}; pass one of them (e.g. {root / inside[0]}), or run 'embstore ls --dir {path}'.")
-            raise StoreNotFoundError(f"{path} is not an embstore store (no zarr.json); pass a path printed by 'embstore extract' or listed by 'embstore ls'.")
+                raise StoreNotFoundError(
+                    f"{path} is a directory of stores, not a store: it holds {shown}; pass one of them (e.g. "
+                    f"{root / inside[0]}), or run 'embstore ls --dir {path}'."
+                )
+            raise StoreNotFoundError(
+                f"{path} is not an embstore store (no zarr.json); pass a path printed by 'embstore extract' or listed "
+                f"by 'embstore ls'."
+            )
         try:
             json.loads(meta.read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise StoreDamagedError(f"{meta} cannot be parsed ({type(exc).__name__}: {str(exc).splitlines()[0]}); the store is damaged: run 'embstore verify {path}', or delete it and re-extract.") from None
+            raise StoreDamagedError(
+                f"{meta} cannot be parsed ({type(exc).__name__}: {str(exc).splitlines()[0]}); the store is damaged: "
+                f"run 'embstore verify {path}', or delete it and re-extract."
+            ) from None
     elif root.is_file() and is_h5_path(path):
         import h5py
 
         if not h5py.is_hdf5(str(root)):
-            raise StoreDamagedError(f"{path} is not a readable HDF5 file (damaged or not a store); delete it and re-extract, or pass another path.")
+            raise StoreDamagedError(
+                f"{path} is not a readable HDF5 file (damaged or not a store); delete it and re-extract, or pass "
+                f"another path."
+            )
 
 
 def complete_meta(path: str, fingerprint: str) -> dict[str, Any] | None:
@@ -162,4 +182,6 @@ def open_backend(path: str, storage_options: dict[str, Any] | None = None) -> Ba
     try:
         return H5Backend(path) if is_h5_path(path) else ZarrBackend(path, storage_options)
     except (OSError, ValueError, KeyError) as exc:
-        raise StoreNotFoundError(f"{path} cannot be opened as a store ({type(exc).__name__}: {exc}); check the path.") from exc
+        raise StoreNotFoundError(
+            f"{path} cannot be opened as a store ({type(exc).__name__}: {exc}); check the path."
+        ) from exc

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from embstore.errors import StoreCorruptedError
 from embstore.store import layout as L
 from embstore.store.backends import Backend
-from embstore.errors import StoreCorruptedError
 
 __all__ = ["chunk_selections", "digest_arrays", "entry_digest", "layer_digests", "ChunkVerifier"]
 
@@ -91,12 +91,22 @@ class ChunkVerifier:
             name = L.layer_digest_path(split)
             self._recorded[split] = self._b.read(name) if self._b.has(name) else None
             if self._recorded[split] is None and self.enabled:
-                log.warning("%s has no per-layer checksums (written by an older embstore): its reads are not verified; "
-                            "'embstore verify' still checks it", self.path)
+                log.warning(
+                    "%s has no per-layer checksums (written by an older embstore): its reads are not verified; "
+                    "'embstore verify' still checks it",
+                    self.path,
+                )
         return self._recorded[split]
 
-    def check(self, split: str, entry: tuple[str, str, int], name_of: Callable[[int], str],
-              chunk_data: Callable[[int], np.ndarray], start: int = 0, stop: int | None = None) -> None:
+    def check(
+        self,
+        split: str,
+        entry: tuple[str, str, int],
+        name_of: Callable[[int], str],
+        chunk_data: Callable[[int], np.ndarray],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
         """Compare every written row chunk of one (tower, pooling/'tokens', layer) that lies whole within rows
         [start, stop) with its recorded sha256; ``chunk_data(c)`` is row chunk ``c``'s array as read,
         ``name_of(c)`` the array it came from. (A read of part of a chunk cannot be checked.)"""
@@ -116,12 +126,15 @@ class ChunkVerifier:
             if done[c]:
                 self._verify(split, entry, c, name_of(c), chunk_data(c), bytes(recorded[c, e]))
 
-    def _verify(self, split: str, entry: tuple[str, str, int], c: int, name: str, data: np.ndarray, recorded: bytes) -> None:
+    def _verify(
+        self, split: str, entry: tuple[str, str, int], c: int, name: str, data: np.ndarray, recorded: bytes
+    ) -> None:
         if entry_digest(name, entry[2], data) != recorded:
             raise StoreCorruptedError(
                 f"{self.path}: split {split}, row chunk {c}, {name} layer {entry[2]} does not match the checksum "
                 f"recorded when it was written (the store is corrupted); run 'embstore verify {self.path}' and "
-                "re-extract, or pass --no-verify to read it anyway.")
+                "re-extract, or pass --no-verify to read it anyway."
+            )
         self._verified.add((split, entry, c))
 
     def chunk_arrays(self, split: str, chunk: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -148,6 +161,8 @@ class ChunkVerifier:
                     problems.append(f"split {split}: row chunk {c} does not match its checksum (corrupted)")
                     continue
                 per_layer = self.recorded(split)
-                if per_layer is not None and not np.array_equal(layer_digests(self.layout, split, c, dict(arrays)), per_layer[c]):
+                if per_layer is not None and not np.array_equal(
+                    layer_digests(self.layout, split, c, dict(arrays)), per_layer[c]
+                ):
                     problems.append(f"split {split}: row chunk {c} does not match its per-layer checksums (corrupted)")
         return problems

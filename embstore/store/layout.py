@@ -120,21 +120,38 @@ class StoreLayout:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "layers": list(self.layers), "poolings": list(self.poolings), "hidden": self.hidden,
-            "dtype": self.dtype, "towers": list(self.towers), "token_layers": list(self.token_layers),
+            "layers": list(self.layers),
+            "poolings": list(self.poolings),
+            "hidden": self.hidden,
+            "dtype": self.dtype,
+            "towers": list(self.towers),
+            "token_layers": list(self.token_layers),
             "chunk_rows": self.chunk_rows,
-            "splits": {k: {"n_rows": v.n_rows, "chunk_rows": v.chunk_rows, "n_chunks": v.n_chunks, "n_tokens": dict(v.n_tokens)}
-                       for k, v in self.splits.items()},
+            "splits": {
+                k: {
+                    "n_rows": v.n_rows,
+                    "chunk_rows": v.chunk_rows,
+                    "n_chunks": v.n_chunks,
+                    "n_tokens": dict(v.n_tokens),
+                }
+                for k, v in self.splits.items()
+            },
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoreLayout":
         return cls(
-            layers=tuple(d["layers"]), poolings=tuple(d["poolings"]), hidden=int(d["hidden"]),
-            dtype=d["dtype"], towers=tuple(d["towers"]), token_layers=tuple(d["token_layers"]),
+            layers=tuple(d["layers"]),
+            poolings=tuple(d["poolings"]),
+            hidden=int(d["hidden"]),
+            dtype=d["dtype"],
+            towers=tuple(d["towers"]),
+            token_layers=tuple(d["token_layers"]),
             chunk_rows=int(d["chunk_rows"]),
-            splits={k: SplitLayout(n_rows=v["n_rows"], chunk_rows=v["chunk_rows"], n_tokens=dict(v["n_tokens"]))
-                    for k, v in d["splits"].items()},
+            splits={
+                k: SplitLayout(n_rows=v["n_rows"], chunk_rows=v["chunk_rows"], n_tokens=dict(v["n_tokens"]))
+                for k, v in d["splits"].items()
+            },
         )
 
     def layer_position(self, layer: int) -> int:
@@ -213,4 +230,3 @@ def digest_path(split: str) -> str:
 
 def layer_digest_path(split: str) -> str:
     return f"progress/{split}/layer_digest"
-

@@ -98,7 +98,10 @@ class StoreLock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise OutputNotWritableError(f"Cannot create the lock file {self.path} ({exc.strerror}); choose a writable --out or set EMBSTORE_CACHE.") from None
+                raise OutputNotWritableError(
+                    f"Cannot create the lock file {self.path} ({exc.strerror}); choose a writable --out or set "
+                    f"EMBSTORE_CACHE."
+                ) from None
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -107,7 +110,11 @@ class StoreLock:
                         raise
                     if not wait:
                         raise StoreBusyError(self._busy_message()) from None
-                    log.warning("%s is being written by %s; waiting for it to finish", self.store_path, self._describe(self.owner()))
+                    log.warning(
+                        "%s is being written by %s; waiting for it to finish",
+                        self.store_path,
+                        self._describe(self.owner()),
+                    )
                     fcntl.flock(fd, fcntl.LOCK_EX)
             except BaseException:
                 os.close(fd)
@@ -121,9 +128,13 @@ class StoreLock:
             if same:
                 break
             os.close(fd)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "ranks": ranks,
-                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "ranks": ranks,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)
@@ -153,5 +164,7 @@ class StoreLock:
         return f"pid {owner.get('pid')} on {owner.get('host')} (since {owner.get('started')}: {owner.get('command')})"
 
     def _busy_message(self) -> str:
-        return (f"{self.store_path} is being written by another embstore process, {self._describe(self.owner())}; "
-                f"wait for it to finish, or pass --wait to resume (or find it complete) once it has.")
+        return (
+            f"{self.store_path} is being written by another embstore process, {self._describe(self.owner())}; "
+            f"wait for it to finish, or pass --wait to resume (or find it complete) once it has."
+        )

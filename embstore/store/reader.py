@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from embstore.errors import ConfigError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
+from embstore.layers import parse_layers
 from embstore.store import layout as L
 from embstore.store.backends import Backend, check_metadata, is_h5_path, open_backend
 from embstore.store.digests import ChunkVerifier
-from embstore.errors import ConfigError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
-from embstore.layers import parse_layers
 
 __all__ = ["Store", "TokenStates", "open_store"]
 
@@ -34,7 +34,7 @@ class TokenStates:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -54,7 +54,10 @@ class Store:
         self.path = path
         meta = backend.attrs()
         if not meta:
-            raise StoreNotFoundError(f"{path} is not an embstore store (no '{L.ATTR_KEY}' attributes); pass a path printed by 'embstore extract' or listed by 'embstore ls'.")
+            raise StoreNotFoundError(
+                f"{path} is not an embstore store (no '{L.ATTR_KEY}' attributes); pass a path printed by 'embstore "
+                f"extract' or listed by 'embstore ls'."
+            )
         if meta.get("schema_version") != L.SCHEMA_VERSION:
             raise StoreMismatchError(
                 f"{path} has store schema version {meta.get('schema_version')}, this embstore reads version "
@@ -130,17 +133,34 @@ class Store:
         splits = {}
         for name, sl in self.layout.splits.items():
             done = int(self.done_chunks(name).sum())
-            splits[name] = {"rows": sl.n_rows, "chunks": sl.n_chunks, "chunks_done": done,
-                            "tokens": sl.n_tokens, "truncated": self.meta.get("truncated", {}).get(name),
-                            "augmented": self.meta.get("augmented", {}).get(name, 0)}
+            splits[name] = {
+                "rows": sl.n_rows,
+                "chunks": sl.n_chunks,
+                "chunks_done": done,
+                "tokens": sl.n_tokens,
+                "truncated": self.meta.get("truncated", {}).get(name),
+                "augmented": self.meta.get("augmented", {}).get(name, 0),
+            }
         return {
-            "path": self.path, "format": self._b.format,
-            "complete": self.complete, "fingerprint": self.fingerprint, "schema_version": L.SCHEMA_VERSION,
-            "modality": self.modality, "splits": splits, "layers": self.layers, "hidden": self.hidden,
-            "poolings": self.poolings, "towers": self.towers, "token_layers": self.token_layers,
-            "dtype": self.layout.dtype, "label_names": self.label_names, "group_names": self.group_names,
-            "sampling_rate": self.meta.get("sampling_rate"), "bytes": self.nbytes(),
-            "created": self.meta.get("created"), "finished": self.meta.get("finished"),
+            "path": self.path,
+            "format": self._b.format,
+            "complete": self.complete,
+            "fingerprint": self.fingerprint,
+            "schema_version": L.SCHEMA_VERSION,
+            "modality": self.modality,
+            "splits": splits,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "poolings": self.poolings,
+            "towers": self.towers,
+            "token_layers": self.token_layers,
+            "dtype": self.layout.dtype,
+            "label_names": self.label_names,
+            "group_names": self.group_names,
+            "sampling_rate": self.meta.get("sampling_rate"),
+            "bytes": self.nbytes(),
+            "created": self.meta.get("created"),
+            "finished": self.meta.get("finished"),
             "provenance": self.provenance,
         }
 
@@ -153,7 +173,9 @@ class Store:
     def _tower(self, tower: str | None) -> str:
         if tower is None:
             if len(self.layout.towers) > 1:
-                raise ConfigError(f"{self.path} holds two towers ({', '.join(self.towers)}); pass tower='a' or tower='b'.")
+                raise ConfigError(
+                    f"{self.path} holds two towers ({', '.join(self.towers)}); pass tower='a' or tower='b'."
+                )
             return self.layout.towers[0]
         if tower not in self.layout.towers:
             raise ConfigError(f"Tower {tower!r} is not in {self.path}; its towers are {', '.join(self.towers)}.")
@@ -204,16 +226,24 @@ class Store:
         self._split(split)
         return self._b.read(L.n_tokens_path(split, self._tower(tower)))
 
-    def pooled(self, split: str, pooling: str, layers: str | Sequence[int] | None = None,
-               tower: str | None = None) -> np.ndarray:
+    def pooled(
+        self, split: str, pooling: str, layers: str | Sequence[int] | None = None, tower: str | None = None
+    ) -> np.ndarray:
         """Pooled states as ``(n, len(layers), hidden)`` in the stored dtype.
 
         ``layers`` takes the same specs as extraction ('all', '9-12', '-1', [3, 6]); None is all.
         """
         return self.pooled_rows(split, pooling, 0, self._split(split).n_rows, layers, tower)
 
-    def pooled_rows(self, split: str, pooling: str, start: int, stop: int, layers: str | Sequence[int] | None = None,
-                    tower: str | None = None) -> np.ndarray:
+    def pooled_rows(
+        self,
+        split: str,
+        pooling: str,
+        start: int,
+        stop: int,
+        layers: str | Sequence[int] | None = None,
+        tower: str | None = None,
+    ) -> np.ndarray:
         """Rows ``[start, stop)`` of :meth:`pooled`, ``(stop - start, len(layers), hidden)`` in the stored dtype.
 
         For streaming a split chunk by chunk (``layout.splits[split].rows(c)`` gives chunk ``c``'s range), so
@@ -235,9 +265,10 @@ class Store:
             block = np.stack([self._b.read(path, (p, rows)) for p in pos])
         chunk_rows = self.layout.splits[split].rows
         for j, layer in enumerate(chosen):
+
             def chunk(c: int, j: int = j) -> np.ndarray:
                 lo, hi = chunk_rows(c)
-                return block[j, lo - start:hi - start]  # (chunk rows, hidden), as written
+                return block[j, lo - start : hi - start]  # (chunk rows, hidden), as written
 
             self._verifier.check(split, (t, pooling, layer), lambda c: path, chunk, start, stop)
         return np.ascontiguousarray(block.transpose(1, 0, 2))  # (rows, k, hidden)
@@ -246,13 +277,20 @@ class Store:
         """Per-token states of one layer, ragged (see :class:`TokenStates`)."""
         sl = self._split(split)
         t = self._tower(tower)
-        resolved = parse_layers([layer], sorted({*self.layers, *self.token_layers}))[0]  # token layers need not be pooled
+        resolved = parse_layers([layer], sorted({*self.layers, *self.token_layers}))[
+            0
+        ]  # token layers need not be pooled
         if resolved not in self.layout.token_layers:
             stored = ",".join(map(str, self.token_layers)) or "none"
-            raise ConfigError(f"Layer {layer} has no per-token states in {self.path} (stored: {stored}); re-extract with --tokens {resolved}.")
+            raise ConfigError(
+                f"Layer {layer} has no per-token states in {self.path} (stored: {stored}); re-extract with --tokens "
+                f"{resolved}."
+            )
         offsets = self._b.read(L.token_offsets_path(split, t, resolved))
         parts = [self._b.read(L.token_chunk_path(split, t, resolved, c)) for c in range(sl.n_chunks)]
-        self._verifier.check(split, (t, "tokens", resolved), lambda c: L.token_chunk_path(split, t, resolved, c), parts.__getitem__)
+        self._verifier.check(
+            split, (t, "tokens", resolved), lambda c: L.token_chunk_path(split, t, resolved, c), parts.__getitem__
+        )
         return TokenStates(values=np.concatenate(parts) if parts else np.zeros((0, self.hidden)), offsets=offsets)
 
     # -- integrity -----------------------------------------------------------------------------
@@ -281,8 +319,13 @@ def _exists(path: str) -> bool:
     return "://" in path or os.path.exists(path)
 
 
-def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
-               storage_options: dict[str, Any] | None = None, verify: bool = True) -> Store:
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    allow_incomplete: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Store:
     """Open a store for reading; with ``verify`` (default) reads are checked against their checksums.
 
     Refuses an incomplete store (an extraction still running or killed) unless
@@ -291,7 +334,10 @@ def open_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False,
     p = str(path)
     if not _exists(p):
         if is_h5_path(p) and os.path.exists(p + ".partial.zarr"):
-            raise StoreIncompleteError(f"{p} is incomplete (its extraction is staged in {p}.partial.zarr); re-run the same 'embstore extract' command to resume it.")
+            raise StoreIncompleteError(
+                f"{p} is incomplete (its extraction is staged in {p}.partial.zarr); re-run the same 'embstore extract' "
+                f"command to resume it."
+            )
         raise StoreNotFoundError(f"No store at {p}; run 'embstore ls' to list the stores in the cache.")
     check_metadata(p)
     store = Store(open_backend(p, storage_options), p, verify=verify)

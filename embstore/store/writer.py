@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore.store import layout as L
 from embstore.errors import DiskFullError, OutputNotWritableError, StoreMismatchError
-from embstore.store.lock import owner_tag, stale_owner
+from embstore.store import layout as L
 from embstore.store.digests import chunk_selections, digest_arrays, layer_digests
+from embstore.store.lock import owner_tag, stale_owner
 
 __all__ = ["StoreWriter", "export_h5", "io_errors"]
 
@@ -35,9 +35,14 @@ def io_errors(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"No space left on the device while writing {path}; free some space or choose another --out, then re-run to resume.") from exc
+            raise DiskFullError(
+                f"No space left on the device while writing {path}; free some space or choose another --out, then "
+                f"re-run to resume."
+            ) from exc
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputNotWritableError(f"Cannot write {path} ({exc.strerror}); choose a writable --out or EMBSTORE_CACHE.") from exc
+            raise OutputNotWritableError(
+                f"Cannot write {path} ({exc.strerror}); choose a writable --out or EMBSTORE_CACHE."
+            ) from exc
         raise
 
 
@@ -114,8 +119,13 @@ class StoreWriter:
         self.layout = L.StoreLayout.from_dict(self.meta["layout"])
 
     @classmethod
-    def create(cls, path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
-               token_counts: dict[tuple[str, str], np.ndarray]) -> "StoreWriter":
+    def create(
+        cls,
+        path: str,
+        meta: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        token_counts: dict[tuple[str, str], np.ndarray],
+    ) -> "StoreWriter":
         """Create every array and the metadata, empty of hidden states.
 
         ``arrays`` are the per-row arrays known before the model runs (row ids, labels, token
@@ -134,27 +144,58 @@ class StoreWriter:
             for name, arr in arrays.items():
                 g.create_array(name, data=arr, chunks=(max(1, min(len(arr), 1 << 20)),), compressors=None)
             for split, sl in lay.splits.items():
-                g.create_array(L.done_path(split), shape=(sl.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
-                g.create_array(L.digest_path(split), shape=(sl.n_chunks, 32), chunks=(1, 32), dtype="uint8", fill_value=0, compressors=None)
+                g.create_array(
+                    L.done_path(split), shape=(sl.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, compressors=None
+                )
+                g.create_array(
+                    L.digest_path(split),
+                    shape=(sl.n_chunks, 32),
+                    chunks=(1, 32),
+                    dtype="uint8",
+                    fill_value=0,
+                    compressors=None,
+                )
                 entries = len(lay.digest_entries())
-                g.create_array(L.layer_digest_path(split), shape=(sl.n_chunks, entries, 32), chunks=(1, entries, 32),
-                               dtype="uint8", fill_value=0, compressors=None)
+                g.create_array(
+                    L.layer_digest_path(split),
+                    shape=(sl.n_chunks, entries, 32),
+                    chunks=(1, entries, 32),
+                    dtype="uint8",
+                    fill_value=0,
+                    compressors=None,
+                )
                 for tower in lay.towers:
                     for pooling in lay.poolings:
-                        g.create_array(L.pooled_path(split, tower, pooling), shape=(len(lay.layers), sl.n_rows, lay.hidden),
-                                       chunks=lay.chunk_shape_pooled(split), dtype=lay.dtype, fill_value=0, compressors=None)
+                        g.create_array(
+                            L.pooled_path(split, tower, pooling),
+                            shape=(len(lay.layers), sl.n_rows, lay.hidden),
+                            chunks=lay.chunk_shape_pooled(split),
+                            dtype=lay.dtype,
+                            fill_value=0,
+                            compressors=None,
+                        )
                     if not lay.token_layers:
                         continue
                     counts = token_counts[(split, tower)].astype(np.int64)
                     offsets = np.concatenate([[0], np.cumsum(counts)])
                     for layer in lay.token_layers:
-                        g.create_array(L.token_offsets_path(split, tower, layer), data=offsets, chunks=(len(offsets),), compressors=None)
+                        g.create_array(
+                            L.token_offsets_path(split, tower, layer),
+                            data=offsets,
+                            chunks=(len(offsets),),
+                            compressors=None,
+                        )
                         for c in range(sl.n_chunks):
                             start, stop = sl.rows(c)
                             n_tok = int(offsets[stop] - offsets[start])
-                            g.create_array(L.token_chunk_path(split, tower, layer, c), shape=(n_tok, lay.hidden),
-                                           chunks=(max(1, min(n_tok, L.TOKEN_CHUNK_ROWS)), lay.hidden),
-                                           dtype=lay.dtype, fill_value=0, compressors=None)
+                            g.create_array(
+                                L.token_chunk_path(split, tower, layer, c),
+                                shape=(n_tok, lay.hidden),
+                                chunks=(max(1, min(n_tok, L.TOKEN_CHUNK_ROWS)), lay.hidden),
+                                dtype=lay.dtype,
+                                fill_value=0,
+                                compressors=None,
+                            )
             g.attrs[L.ATTR_KEY] = meta
             if _local(path):
                 _fsync_tree(Path(target))
@@ -163,7 +204,10 @@ class StoreWriter:
                 except OSError as exc:
                     shutil.rmtree(target, ignore_errors=True)
                     if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
-                        raise StoreMismatchError(f"{path} appeared while this run was creating it (something else wrote there without the store lock); remove it or choose another --out.") from None
+                        raise StoreMismatchError(
+                            f"{path} appeared while this run was creating it (something else wrote there without the "
+                            f"store lock); remove it or choose another --out."
+                        ) from None
                     raise
                 fsync_dir(Path(path).parent)
         return cls.open(path)
@@ -253,10 +297,10 @@ def export_h5(zarr_path: str, h5_path: str, rows_per_copy: int = 65536) -> None:
                     if arr.ndim == 3:  # (layers, n, hidden): copy one layer slab at a time
                         for i in range(arr.shape[0]):
                             for s in range(0, arr.shape[1], rows_per_copy):
-                                ds[i, s:s + rows_per_copy] = arr[i, s:s + rows_per_copy]
+                                ds[i, s : s + rows_per_copy] = arr[i, s : s + rows_per_copy]
                     else:
                         for s in range(0, arr.shape[0], rows_per_copy):
-                            ds[s:s + rows_per_copy] = arr[s:s + rows_per_copy]
+                            ds[s : s + rows_per_copy] = arr[s : s + rows_per_copy]
                 f.attrs[L.ATTR_KEY] = json.dumps(src.attrs[L.ATTR_KEY])
             os.replace(tmp, h5_path)
             fsync_dir(Path(h5_path).parent)

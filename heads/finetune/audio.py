@@ -27,8 +27,8 @@ from torch.utils.data import Dataset, Sampler
 from embstore.data.audio import load_waveform
 from embstore.data.augment import AugmentSpec, apply, draw_params
 from embstore.data.tables import SplitData
-from embstore.extraction.encode import make_batches
 from embstore.errors import DataError
+from embstore.extraction.encode import make_batches
 from embstore.extraction.speech import clip_lengths
 from heads.training.schedule import EpochSampler
 
@@ -69,9 +69,11 @@ def usable_rows(split: SplitData, rows: np.ndarray, rate: int, minimum: int, ski
     shown = "; ".join(f"{split.audio[i]} ({lengths[i]} samples)" for i in short[:3])
     more = f" and {len(short) - 3} more" if len(short) > 3 else ""
     if not skip_bad:
-        raise DataError(f"{len(short)} clips of split {split.name!r} are shorter than the model's receptive field of "
-                        f"{minimum} samples ({minimum / rate:.3f} s at {rate} Hz), so they give no frame: {shown}{more}. "
-                        "Remove them from the table, or pass --skip-bad to drop them.")
+        raise DataError(
+            f"{len(short)} clips of split {split.name!r} are shorter than the model's receptive field of "
+            f"{minimum} samples ({minimum / rate:.3f} s at {rate} Hz), so they give no frame: {shown}{more}. "
+            "Remove them from the table, or pass --skip-bad to drop them."
+        )
     log.warning("skipped %d clips of split %r shorter than %d samples (--skip-bad)", len(short), split.name, minimum)
     return rows[n >= minimum]
 
@@ -81,8 +83,17 @@ class Clips(Dataset[tuple[np.ndarray, int]]):
 
     ``rows`` are positions in ``split``; an item is read by (index into ``rows``, epoch)."""
 
-    def __init__(self, split: SplitData, rows: np.ndarray, labels: np.ndarray, rate: int, *, seed: int,
-                 max_samples: int | None = None, augment: Callable[[int], AugmentSpec | None] | None = None) -> None:
+    def __init__(
+        self,
+        split: SplitData,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        rate: int,
+        *,
+        seed: int,
+        max_samples: int | None = None,
+        augment: Callable[[int], AugmentSpec | None] | None = None,
+    ) -> None:
         if split.audio is None:
             raise DataError(f"Split {split.name!r} holds text, but the model takes audio; pass --audio-col COLUMN.")
         self.paths = [split.audio[i] for i in rows]
@@ -109,7 +120,7 @@ class Clips(Dataset[tuple[np.ndarray, int]]):
         if self.max_samples is not None and len(x) > self.max_samples:
             rng = np.random.default_rng([self.seed, epoch, int(self.row_ids[i]), 1])
             start = int(rng.integers(0, len(x) - self.max_samples + 1))
-            x = x[start:start + self.max_samples]
+            x = x[start : start + self.max_samples]
         return x, int(self.labels[i])
 
 
@@ -137,12 +148,13 @@ class ClipBatches(Sampler[list[Key]]):
         ties = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
         order = np.lexsort((ties, -self.lengths))  # longest first
         batches = [order[a:b] for a, b in make_batches(self.lengths[order], self.batch_size, self.budget)]
-        for k in (rng.permutation(len(batches)) if self.shuffle else range(len(batches))):
+        for k in rng.permutation(len(batches)) if self.shuffle else range(len(batches)):
             yield [(int(i), epoch) for i in batches[k]]
 
 
-def collate_clips(feature_extractor: Any, min_width: int = 0
-                  ) -> Callable[[list[tuple[np.ndarray, int]]], dict[str, torch.Tensor]]:
+def collate_clips(
+    feature_extractor: Any, min_width: int = 0
+) -> Callable[[list[tuple[np.ndarray, int]]], dict[str, torch.Tensor]]:
     """A DataLoader collate_fn: the feature extractor's padded (and normalised) input_values, its attention_mask
     when the model takes one, each clip's length in samples and the labels. Batches narrower than ``min_width``
     samples are padded to it (SpecAugment's time masks need a batch of at least ``mask_time_length`` frames)."""
@@ -152,12 +164,21 @@ def collate_clips(feature_extractor: Any, min_width: int = 0
     def fn(rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
         waves = [r[0] for r in rows]
         width = max(min_width, max(len(w) for w in waves))
-        enc = feature_extractor(waves, sampling_rate=rate, padding="max_length", max_length=width,
-                                return_attention_mask=use_mask, return_tensors="np")
-        batch = {"input_values": torch.from_numpy(np.asarray(enc["input_values"], dtype=np.float32)),
-                 "lengths": torch.tensor([len(w) for w in waves], dtype=torch.long),
-                 "labels": torch.tensor([r[1] for r in rows], dtype=torch.long)}
+        enc = feature_extractor(
+            waves,
+            sampling_rate=rate,
+            padding="max_length",
+            max_length=width,
+            return_attention_mask=use_mask,
+            return_tensors="np",
+        )
+        batch = {
+            "input_values": torch.from_numpy(np.asarray(enc["input_values"], dtype=np.float32)),
+            "lengths": torch.tensor([len(w) for w in waves], dtype=torch.long),
+            "labels": torch.tensor([r[1] for r in rows], dtype=torch.long),
+        }
         if use_mask:
             batch["attention_mask"] = torch.from_numpy(np.asarray(enc["attention_mask"], dtype=np.int64))
         return batch
+
     return fn

@@ -12,8 +12,20 @@ from heads.training.optim import OptimConfig, check_choice, check_positive, flat
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
-DATA_KEYS = ("data", "splits", "holdout", "seed", "text_col", "text_pair_col", "label_col", "group_col", "audio_col",
-             "limit", "skip_empty", "skip_bad")
+DATA_KEYS = (
+    "data",
+    "splits",
+    "holdout",
+    "seed",
+    "text_col",
+    "text_pair_col",
+    "label_col",
+    "group_col",
+    "audio_col",
+    "limit",
+    "skip_empty",
+    "skip_bad",
+)
 """The flat data-source keys ``heads finetune`` takes: text or audio tables, with groups (e.g. speakers)."""
 SCHEDULES = ("linear", "cosine", "exponential")
 # Measured on 400-800 rows of four data sets (README, "Fine-tuning defaults"): the Trainer's lr and batch, no
@@ -67,7 +79,8 @@ class FinetuneConfig:
     length (a seeded order each epoch), so little of the budget is padding."""
     augment: str | None = None
     """Speech: on-the-fly augmentation of the training clips, a comma list of noise, shift, speed (the extraction
-    side's augmenters, :mod:`embstore.data.augment`), drawn anew each epoch from a generator seeded by (seed, epoch, row)."""
+    side's augmenters, :mod:`embstore.data.augment`), drawn anew each epoch from a generator seeded by (seed, epoch,
+    row)."""
     snr_db: float = 20.0
     """augment noise: signal-to-noise ratio of the added Gaussian noise, in dB."""
     optim: OptimConfig = _DEFAULT_OPTIM
@@ -113,37 +126,53 @@ class FinetuneConfig:
         if self.min_epochs < 1:
             raise ConfigError(f"The 'min_epochs' option must be a positive number of epochs; got {self.min_epochs}.")
         if not self.head_lr > 0:
-            raise ConfigError(f"The 'head_lr' option (the classifier's learning rate) must be positive; got "
-                              f"{self.head_lr}. Use e.g. --head-lr 0.001.")
+            raise ConfigError(
+                f"The 'head_lr' option (the classifier's learning rate) must be positive; got "
+                f"{self.head_lr}. Use e.g. --head-lr 0.001."
+            )
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ConfigError(f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}.")
+            raise ConfigError(
+                f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}."
+            )
         if not 0.0 < self.gamma <= 1.0:
             raise ConfigError(f"The 'gamma' option must be in (0, 1]; got {self.gamma}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"The 'dropout' option must be in [0, 1); got {self.dropout}.")
         if any(h < 1 for h in self.classifier_hidden):
-            raise ConfigError(f"The 'classifier_hidden' option must be positive layer sizes; got {self.classifier_hidden}.")
+            raise ConfigError(
+                f"The 'classifier_hidden' option must be positive layer sizes; got {self.classifier_hidden}."
+            )
         if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ConfigError(f"The 'max_seconds' option must be a positive number of seconds (or none); got {self.max_seconds}.")
+            raise ConfigError(
+                f"The 'max_seconds' option must be a positive number of seconds (or none); got {self.max_seconds}."
+            )
         if not self.batch_seconds > 0:
-            raise ConfigError(f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}.")
+            raise ConfigError(
+                f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}."
+            )
         if self.audio:
             if self.pooling == "cls":
                 raise ConfigError("Speech models have no CLS frame: pass --pooling mean (the default for speech).")
         elif self.augment is not None:
-            raise ConfigError(f"The 'augment' option ({self.augment!r}) transforms audio clips; pass --audio-col COLUMN "
-                              "with a table of audio files, or drop --augment.")
+            raise ConfigError(
+                f"The 'augment' option ({self.augment!r}) transforms audio clips; pass --audio-col COLUMN "
+                "with a table of audio files, or drop --augment."
+            )
         if self.augment is not None:
             self.augment_spec(0)  # names a bad transform now, not in the first epoch
         if self.truncate is not None and self.truncate < 1:
             raise ConfigError(f"The 'truncate' option must keep at least 1 encoder layer; got {self.truncate}.")
         if self.prune_fraction is not None:
             if not 0.0 < self.prune_fraction < 1.0:
-                raise ConfigError(f"The 'prune_fraction' option must be in (0, 1); got {self.prune_fraction}. "
-                                  "Use e.g. 0.2 to remove 20% of the heads.")
+                raise ConfigError(
+                    f"The 'prune_fraction' option must be in (0, 1); got {self.prune_fraction}. "
+                    "Use e.g. 0.2 to remove 20% of the heads."
+                )
             if self.optim.epochs < 2:
-                raise ConfigError(f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
-                                  f"at least 2; got {self.optim.epochs}.")
+                raise ConfigError(
+                    f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
+                    f"at least 2; got {self.optim.epochs}."
+                )
 
     @property
     def audio(self) -> bool:
@@ -165,8 +194,13 @@ class FinetuneConfig:
         resumed run draws what an uninterrupted one does."""
         if self.augment is None:
             return None
-        return AugmentSpec(transforms=tuple(t.strip() for t in self.augment.split(",") if t.strip()), copies=1,
-                           classes="all", snr_db=self.snr_db, seed=self.source.seed * 100_003 + epoch)
+        return AugmentSpec(
+            transforms=tuple(t.strip() for t in self.augment.split(",") if t.strip()),
+            copies=1,
+            classes="all",
+            snr_db=self.snr_db,
+            seed=self.source.seed * 100_003 + epoch,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
@@ -182,4 +216,3 @@ class FinetuneConfig:
             h = values["classifier_hidden"]
             values["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
         return cls(**values)
-

@@ -50,6 +50,7 @@ def collate(pad_id: int) -> Callable[[list[tuple[list[int], list[int] | None, in
         batch = {k: torch.from_numpy(v) for k, v in pad_batch([r[0] for r in rows], types, pad_id).items()}
         batch["labels"] = torch.tensor([r[2] for r in rows], dtype=torch.long)
         return batch
+
     return fn
 
 
@@ -92,8 +93,10 @@ def load_rows(config: FinetuneConfig) -> FinetuneData:
         if config.folds is not None and (ev is None or ev not in ds.splits):
             ev = config.train_split  # cross-validation evaluates on held-out folds; no evaluation split needed
         if ev is None or ev not in ds.splits:
-            raise ConfigError(f"The evaluation split {ev!r} is not in the data; its splits are {', '.join(names)}; "
-                              "pass --eval-split NAME or --holdout 0.2.")
+            raise ConfigError(
+                f"The evaluation split {ev!r} is not in the data; its splits are {', '.join(names)}; "
+                "pass --eval-split NAME or --holdout 0.2."
+            )
         tr, te = ds.splits[config.train_split], ds.splits[ev]
         rows_tr, rows_te = np.arange(len(tr)), np.arange(len(te))
     elif len(names) == 1 and config.eval_split is None:
@@ -104,13 +107,24 @@ def load_rows(config: FinetuneConfig) -> FinetuneData:
             rows_tr, rows_te = carve(np.asarray(tr.labels), ONE_SPLIT_EVAL, config.source.seed, tr.groups, tr.row_ids)
             log.info("data has one split %r: carved %d rows for evaluation", names[0], len(rows_te))
     else:
-        raise ConfigError(f"--train-split {config.train_split!r} is not in the data; its splits are {', '.join(names)}.")
+        raise ConfigError(
+            f"--train-split {config.train_split!r} is not in the data; its splits are {', '.join(names)}."
+        )
     missing = sorted(set(range(len(ds.label_names))) - set(np.asarray(tr.labels)[rows_tr].tolist()))
     if missing:
-        raise ConfigError(f"Classes {[ds.label_names[i] for i in missing]} have no training rows; every class needs "
-                          "at least one (check --label-col, --limit or the split files).")
-    return FinetuneData(train=tr, evaluation=te, train_rows=rows_tr, eval_rows=rows_te, label_names=ds.label_names,
-                        sources=ds.sources, skipped={"unusable": int(sum(ds.skipped_empty.values()))})
+        raise ConfigError(
+            f"Classes {[ds.label_names[i] for i in missing]} have no training rows; every class needs "
+            "at least one (check --label-col, --limit or the split files)."
+        )
+    return FinetuneData(
+        train=tr,
+        evaluation=te,
+        train_rows=rows_tr,
+        eval_rows=rows_te,
+        label_names=ds.label_names,
+        sources=ds.sources,
+        skipped={"unusable": int(sum(ds.skipped_empty.values()))},
+    )
 
 
 def rounds(folds: int | None, data: FinetuneData, seed: int) -> list[Round]:
@@ -120,17 +134,38 @@ def rounds(folds: int | None, data: FinetuneData, seed: int) -> list[Round]:
     groups = None if data.train.groups is None else data.train.groups[data.train_rows]
     y_eval = data.labels(data.evaluation)[data.eval_rows]
     no_copies = np.zeros(len(data.train), dtype=bool)  # fine-tuning data has no augmented copies
-    return list(fold_rounds(folds, y_train, data.train_rows, data.train.name, data.evaluation.name, data.eval_rows,
-                            y_eval, seed, groups, no_copies, data.train.row_ids[data.train_rows]))
+    return list(
+        fold_rounds(
+            folds,
+            y_train,
+            data.train_rows,
+            data.train.name,
+            data.evaluation.name,
+            data.eval_rows,
+            y_eval,
+            seed,
+            groups,
+            no_copies,
+            data.train.row_ids[data.train_rows],
+        )
+    )
 
 
-def early_stopping_carve(data: FinetuneData, fit_pool: np.ndarray, fraction: float, seed: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def early_stopping_carve(
+    data: FinetuneData, fit_pool: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, validation rows) of the training split: a seeded carve of ``fraction`` of ``fit_pool`` (stratified,
     or group-disjoint when the rows have groups) that early stopping watches."""
     groups = None if data.train.groups is None else data.train.groups[fit_pool]
-    split = make_split(data.labels(data.train)[fit_pool], None, validation_fraction=fraction, seed=seed, patience=1,
-                       groups=groups, row_ids=data.train.row_ids[fit_pool])
+    split = make_split(
+        data.labels(data.train)[fit_pool],
+        None,
+        validation_fraction=fraction,
+        seed=seed,
+        patience=1,
+        groups=groups,
+        row_ids=data.train.row_ids[fit_pool],
+    )
     return fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]
 
 
@@ -150,8 +185,11 @@ class RoundRows:
         """{fit, validation, evaluation}: each row's 0-based position in the data file it was read from (what
         run.json records, so disjointness can be checked from outside)."""
         train_ids, eval_ids = np.asarray(data.train.row_ids), np.asarray(data.split(self.eval_split).row_ids)
-        return {"fit": train_ids[self.fit].tolist(), "validation": train_ids[self.validation].tolist(),
-                "evaluation": eval_ids[self.evaluation].tolist()}
+        return {
+            "fit": train_ids[self.fit].tolist(),
+            "validation": train_ids[self.validation].tolist(),
+            "evaluation": eval_ids[self.evaluation].tolist(),
+        }
 
 
 def round_rows(data: FinetuneData, rnd: Round, fraction: float, seed: int) -> RoundRows:

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from embstore.backbones.pruned import prune_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
-from embstore.backbones.pruned import prune_heads
-from heads.finetune.config import FinetuneConfig
 from heads.finetune.audio import ClipBatches, Clips, collate_clips
+from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
 from heads.finetune.model import Classifier, SequenceClassifier, SpeechClassifier, importance_pruning, state_copy
 from heads.protocol import BestTracker, Round
@@ -45,17 +45,32 @@ STATE_FILE, BEST_FILE = "finetune_state.json", "best.safetensors"
 class RoundTrainer:
     """The accelerate objects for one model shape; rebuilt after pruning changes parameter shapes."""
 
-    def __init__(self, config: FinetuneConfig, model: nn.Module, loaders: dict[str, DataLoader[Any]],
-                 done_steps: int = 0, show_progress: bool = False) -> None:
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        model: nn.Module,
+        loaders: dict[str, DataLoader[Any]],
+        done_steps: int = 0,
+        show_progress: bool = False,
+    ) -> None:
         optim = config.optim
         groups = param_groups(model, optim.lr, optim.weight_decay, head_prefix="head.", head_lr=config.head_lr)
         if not groups:
-            raise ConfigError("Every parameter is frozen (freeze covers all layers and there is nothing to train); "
-                              "freeze fewer layers, e.g. 'all-but-last'.")
+            raise ConfigError(
+                "Every parameter is frozen (freeze covers all layers and there is nothing to train); "
+                "freeze fewer layers, e.g. 'all-but-last'."
+            )
         self.head_group = next(i for i, g in enumerate(groups) if g["head"])
-        self.session: Session = start_session(model, groups, optim, device=config.device, train=loaders["train"],
-                                              loaders=[loaders["val"], loaders["eval"]], gamma=config.gamma,
-                                              done_steps=done_steps)
+        self.session: Session = start_session(
+            model,
+            groups,
+            optim,
+            device=config.device,
+            train=loaders["train"],
+            loaders=[loaders["val"], loaders["eval"]],
+            gamma=config.gamma,
+            done_steps=done_steps,
+        )
         self.val, self.eval = self.session.loaders
         self.show_progress = show_progress
 
@@ -72,20 +87,27 @@ class RoundTrainer:
         s.train.set_epoch(epoch)  # type: ignore[attr-defined]  # accelerate's loader re-seeds the sampler from its own counter
         losses: list[float] = []
         rows, loss_sum, t0 = 0, 0.0, time.perf_counter()
-        bar = tqdm(s.train, desc=f"finetune epoch {epoch}", leave=False,
-                   disable=not (self.show_progress and s.acc.is_local_main_process))
+        bar = tqdm(
+            s.train,
+            desc=f"finetune epoch {epoch}",
+            leave=False,
+            disable=not (self.show_progress and s.acc.is_local_main_process),
+        )
         for batch in bar:
             labels = batch.pop("labels")
 
-            def loss_of(model: nn.Module, batch: dict[str, torch.Tensor] = batch,
-                        labels: torch.Tensor = labels) -> tuple[torch.Tensor, float]:
+            def loss_of(
+                model: nn.Module, batch: dict[str, torch.Tensor] = batch, labels: torch.Tensor = labels
+            ) -> tuple[torch.Tensor, float]:
                 loss = nn.functional.cross_entropy(model(**batch), labels)
                 return loss, float(loss.detach())
 
             losses.append(s.step(loss_of))
             loss_sum += losses[-1]  # a running sum: the bar's mean costs O(1) per step, not O(steps)
             rows += int(labels.shape[0]) * s.acc.num_processes
-            bar.set_postfix(loss=f"{loss_sum / len(losses):.4f}", ex_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.1f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / len(losses):.4f}", ex_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.1f}"
+            )
         bar.close()
         return float(np.mean(losses)) if losses else float("nan")
 
@@ -154,7 +176,13 @@ class EarlyStopping:
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the same decisions."""
         t = self.tracker
-        return {"best_f1": t.best_f1, "best_epoch": t.best_epoch, "bad": t.bad, "stopped": t.stopped, "moved": self.moved}
+        return {
+            "best_f1": t.best_f1,
+            "best_epoch": t.best_epoch,
+            "bad": t.bad,
+            "stopped": t.stopped,
+            "moved": self.moved,
+        }
 
     def load(self, d: Mapping[str, Any], state: dict[str, torch.Tensor] | None) -> None:
         """Restore from a checkpoint's :meth:`to_dict` and the best weights (or None)."""
@@ -230,10 +258,13 @@ def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], i
     fn = collate(int(spec.tokenizer.pad_token_id or 0))
     train_rows = rows(data.train, rr.fit)
     batch = config.optim.batch_size
-    return {"train": DataLoader(train_rows, batch_size=batch, sampler=EpochSampler(len(train_rows), config.source.seed),
-                                collate_fn=fn),
-            "val": DataLoader(rows(data.train, rr.validation), batch_size=batch, collate_fn=fn),
-            "eval": DataLoader(rows(evaluation, rr.evaluation), batch_size=batch, collate_fn=fn)}, len(rr.validation)
+    return {
+        "train": DataLoader(
+            train_rows, batch_size=batch, sampler=EpochSampler(len(train_rows), config.source.seed), collate_fn=fn
+        ),
+        "val": DataLoader(rows(data.train, rr.validation), batch_size=batch, collate_fn=fn),
+        "eval": DataLoader(rows(evaluation, rr.evaluation), batch_size=batch, collate_fn=fn),
+    }, len(rr.validation)
 
 
 def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
@@ -245,17 +276,30 @@ def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
     max_samples = None if config.max_seconds is None else int(round(config.max_seconds * rate))
 
     def loader(split: SplitData, rows: np.ndarray, train: bool) -> DataLoader[Any]:
-        clips = Clips(split, rows, data.labels(split)[rows], rate, seed=seed, max_samples=max_samples if train else None,
-                      augment=config.augment_spec if train else None)
+        clips = Clips(
+            split,
+            rows,
+            data.labels(split)[rows],
+            rate,
+            seed=seed,
+            max_samples=max_samples if train else None,
+            augment=config.augment_spec if train else None,
+        )
         batches = ClipBatches(clips.seen_lengths(), config.optim.batch_size, budget, seed=seed, shuffle=train)
-        return DataLoader(clips, batch_sampler=batches, collate_fn=collate_clips(fe, spec.min_train_samples if train else 0))
+        return DataLoader(
+            clips, batch_sampler=batches, collate_fn=collate_clips(fe, spec.min_train_samples if train else 0)
+        )
 
-    return {"train": loader(data.train, rr.fit, True), "val": loader(data.train, rr.validation, False),
-            "eval": loader(data.split(rr.eval_split), rr.evaluation, False)}
+    return {
+        "train": loader(data.train, rr.fit, True),
+        "val": loader(data.train, rr.validation, False),
+        "eval": loader(data.split(rr.eval_split), rr.evaluation, False),
+    }
 
 
-def _start(spec: RoundSpec, model: Classifier, loaders: dict[str, DataLoader[Any]], ckpt: Path,
-           resumed: dict[str, Any] | None) -> _Progress:
+def _start(
+    spec: RoundSpec, model: Classifier, loaders: dict[str, DataLoader[Any]], ckpt: Path, resumed: dict[str, Any] | None
+) -> _Progress:
     """A new round, or one continued from ``resumed`` (the JSON state in ``ckpt``): the heads pruned by importance
     before the checkpoint are pruned again before the optimizer is built, then every state is restored."""
     from safetensors.torch import load_file
@@ -294,10 +338,19 @@ def _checkpoint(spec: RoundSpec, p: _Progress, epoch: int, ckpt: Path) -> None:
     if s.acc.is_main_process:  # ranks hold identical weights and scores; one writes
         if p.stopper.state is not None and p.stopper.best_epoch == epoch:
             save_file(p.stopper.state, str(ckpt / BEST_FILE))
-        write_state(ckpt / STATE_FILE, {
-            "epoch": epoch, "steps": s.steps, **p.stopper.to_dict(), "history": p.history,
-            "fingerprint": spec.fingerprint, "weights_sha256": spec.weights_sha256, "config": spec.fingerprinted,
-            "importance_pruned": {str(k): v for k, v in p.importance_pruned.items()}})
+        write_state(
+            ckpt / STATE_FILE,
+            {
+                "epoch": epoch,
+                "steps": s.steps,
+                **p.stopper.to_dict(),
+                "history": p.history,
+                "fingerprint": spec.fingerprint,
+                "weights_sha256": spec.weights_sha256,
+                "config": spec.fingerprinted,
+                "importance_pruned": {str(k): v for k, v in p.importance_pruned.items()},
+            },
+        )
     s.acc.wait_for_everyone()
 
 
@@ -308,14 +361,16 @@ def _prune_after_first_epoch(spec: RoundSpec, p: _Progress, loaders: dict[str, D
     model = p.trainer.session.unwrapped()
     if not isinstance(model, Classifier):
         raise TypeError(f"expected a Classifier, got {type(model).__name__}")
-    p.importance_pruned = importance_pruning(model, loaders["train"], config.prune_batches, config.prune_fraction or 0.0,
-                                             config.min_heads_per_layer)
+    p.importance_pruned = importance_pruning(
+        model, loaders["train"], config.prune_batches, config.prune_fraction or 0.0, config.min_heads_per_layer
+    )
     p.trainer = RoundTrainer(config, model, loaders, p.trainer.steps, spec.show_progress)
     p.stopper = EarlyStopping(config.patience, config.min_epochs, config.optim.epochs)
 
 
-def fit_round(spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resumed: dict[str, Any] | None
-              ) -> RoundOutcome:
+def fit_round(
+    spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resumed: dict[str, Any] | None
+) -> RoundOutcome:
     """Train a classifier on ``encoder`` over the round's fitting rows (a validation share carved for early
     stopping: :class:`EarlyStopping`), checkpointing to ``ckpt`` every epoch, and score the round's evaluation
     rows with the best epoch's weights. ``resumed``: the checkpoint's JSON state, to continue after its epoch."""
@@ -326,8 +381,14 @@ def fit_round(spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resum
     config, names = spec.config, spec.data.label_names
     set_seed(config.source.seed)
     cls = SpeechClassifier if config.audio else SequenceClassifier
-    model = cls(encoder, len(names), pooling=config.pooling_, classifier=config.classifier,
-                hidden=config.classifier_hidden, dropout=config.dropout)
+    model = cls(
+        encoder,
+        len(names),
+        pooling=config.pooling_,
+        classifier=config.classifier,
+        hidden=config.classifier_hidden,
+        dropout=config.dropout,
+    )
     loaders, n_val = _loaders(spec, rnd)
     p = _start(spec, model, loaders, ckpt, resumed)
     epoch_seconds: list[float] = []
@@ -341,8 +402,17 @@ def fit_round(spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resum
             _prune_after_first_epoch(spec, p, loaders)
         val, one_class = _validate(p.trainer, n_val, names)
         epoch_seconds.append(time.perf_counter() - t0)
-        p.history.append({"epoch": epoch, "train_loss": loss, "val_accuracy": val["accuracy"],
-                          "val_f1_macro": val["f1_macro"], "lr": lr, "head_lr": head_lr, "one_class": one_class})
+        p.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss,
+                "val_accuracy": val["accuracy"],
+                "val_f1_macro": val["f1_macro"],
+                "lr": lr,
+                "head_lr": head_lr,
+                "one_class": one_class,
+            }
+        )
         log.info("epoch %d: loss %.4f, val macro-F1 %s", epoch, loss, val["f1_macro"])
         p.stopper.update(epoch, val["f1_macro"], one_class, lambda: state_copy(p.trainer.session.unwrapped()))
         _checkpoint(spec, p, epoch, ckpt)
@@ -353,7 +423,13 @@ def fit_round(spec: RoundSpec, encoder: nn.Module, rnd: Round, ckpt: Path, resum
     y_eval, p_eval = p.trainer.predict(p.trainer.eval)
     if not isinstance(final, Classifier):
         raise TypeError(f"expected a Classifier, got {type(final).__name__}")
-    return RoundOutcome(model=final, metrics=classification_metrics(y_eval, p_eval, names), history=p.history,
-                        best_epoch=p.stopper.best_epoch if p.stopper.best_epoch > 0 else None,
-                        epoch_seconds=epoch_seconds, train_seconds=float(sum(epoch_seconds)),
-                        importance_pruned=p.importance_pruned, is_main=p.trainer.session.acc.is_main_process)
+    return RoundOutcome(
+        model=final,
+        metrics=classification_metrics(y_eval, p_eval, names),
+        history=p.history,
+        best_epoch=p.stopper.best_epoch if p.stopper.best_epoch > 0 else None,
+        epoch_seconds=epoch_seconds,
+        train_seconds=float(sum(epoch_seconds)),
+        importance_pruned=p.importance_pruned,
+        is_main=p.trainer.session.acc.is_main_process,
+    )

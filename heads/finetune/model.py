@@ -26,9 +26,19 @@ from heads.report.rundir import MODEL_DIR
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CLASSIFIER_DIR", "CLASSIFIER_META", "CLASSIFIER_WEIGHTS", "Classifier", "SequenceClassifier",
-           "SpeechClassifier", "importance_pruning",
-           "is_finetune_run", "load_finetuned", "save_finetuned", "state_copy"]
+__all__ = [
+    "CLASSIFIER_DIR",
+    "CLASSIFIER_META",
+    "CLASSIFIER_WEIGHTS",
+    "Classifier",
+    "SequenceClassifier",
+    "SpeechClassifier",
+    "importance_pruning",
+    "is_finetune_run",
+    "load_finetuned",
+    "save_finetuned",
+    "state_copy",
+]
 
 log = logging.getLogger(__name__)
 # In a subfolder of model/: load_model and load_backbone read every model/*.safetensors as encoder weights.
@@ -38,8 +48,16 @@ CLASSIFIER_DIR, CLASSIFIER_WEIGHTS, CLASSIFIER_META = "classifier", "classifier.
 class Classifier(nn.Module):
     """An encoder and a new linear or MLP classifier on a pooling of its last hidden state; subclasses pool."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int, *, pooling: str = "cls", classifier: str = "linear",
-                 hidden: tuple[int, ...] = (2048,), dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        n_classes: int,
+        *,
+        pooling: str = "cls",
+        classifier: str = "linear",
+        hidden: tuple[int, ...] = (2048,),
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
@@ -64,11 +82,14 @@ class Classifier(nn.Module):
 class SequenceClassifier(Classifier):
     """Text: encoder + pooling ('cls' or masked 'mean') of the last hidden state + classifier."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T) ids and mask -> (B, C) logits."""
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, H)
+        states = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state  # (B, T, H)
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -81,8 +102,9 @@ class SpeechClassifier(Classifier):
     """Speech: encoder + mean of the last layer's frames (masked by each clip's frame count, from its length in
     samples by the conv front end's arithmetic, so padding never enters the mean) + classifier."""
 
-    def forward(self, input_values: torch.Tensor, lengths: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_values: torch.Tensor, lengths: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, S) waveforms, (B,) lengths in samples and, for models that take one, the (B, S) mask -> (B, C)."""
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
         states = self.encoder(input_values=input_values, **kwargs).last_hidden_state  # (B, F, H)
@@ -93,7 +115,9 @@ class SpeechClassifier(Classifier):
         return self.head(pooled)
 
 
-def save_finetuned(model: Classifier, tokenizer: PreTrainedTokenizerBase, run_dir: Path, settings: Mapping[str, Any]) -> Path:
+def save_finetuned(
+    model: Classifier, tokenizer: PreTrainedTokenizerBase, run_dir: Path, settings: Mapping[str, Any]
+) -> Path:
     """``run_dir``/model (the encoder as a Hugging Face directory, with its tokenizer or feature extractor) and
     model/classifier (the head's weights and ``settings``: label_names, pooling, classifier, classifier_hidden,
     dropout, n_classes, max_length, modality)."""
@@ -102,8 +126,10 @@ def save_finetuned(model: Classifier, tokenizer: PreTrainedTokenizerBase, run_di
     model_dir = save_model(model.encoder, tokenizer, run_dir / MODEL_DIR)
     out_dir = model_dir / CLASSIFIER_DIR
     out_dir.mkdir(exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
-              str(out_dir / CLASSIFIER_WEIGHTS))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+        str(out_dir / CLASSIFIER_WEIGHTS),
+    )
     (out_dir / CLASSIFIER_META).write_text(json.dumps(dict(settings), indent=2))
     return model_dir
 
@@ -124,16 +150,24 @@ def load_finetuned(run: str | Path, device: str) -> tuple[Classifier, Any, dict[
     meta: dict[str, Any] = json.loads((model_dir / CLASSIFIER_DIR / CLASSIFIER_META).read_text())
     backbone = load_backbone(str(model_dir), device)
     cls = SpeechClassifier if meta.get("modality", "text") == "audio" else SequenceClassifier
-    clf = cls(backbone.model, int(meta["n_classes"]), pooling=meta["pooling"], classifier=meta["classifier"],
-              hidden=tuple(meta["classifier_hidden"]), dropout=float(meta["dropout"]))
+    clf = cls(
+        backbone.model,
+        int(meta["n_classes"]),
+        pooling=meta["pooling"],
+        classifier=meta["classifier"],
+        hidden=tuple(meta["classifier_hidden"]),
+        dropout=float(meta["dropout"]),
+    )
     clf.head.load_state_dict(load_file(str(model_dir / CLASSIFIER_DIR / CLASSIFIER_WEIGHTS)))
     return clf.eval().to(device), backbone.tokenizer, meta
 
 
-def importance_pruning(model: Classifier, loader: DataLoader[Any], batches: int, fraction: float,
-                       min_heads_per_layer: int) -> dict[int, list[int]]:
+def importance_pruning(
+    model: Classifier, loader: DataLoader[Any], batches: int, fraction: float, min_heads_per_layer: int
+) -> dict[int, list[int]]:
     """Prune ``fraction`` of the least important heads (importance on ``batches`` training batches, at least
     ``min_heads_per_layer`` kept per layer); returns what was removed, {layer 1..L: [heads]}."""
+
     def loss_fn(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         device = next(m.parameters()).device
         inputs = {k: v.to(device) for k, v in batch.items()}

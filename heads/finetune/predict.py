@@ -6,15 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
 from embstore.errors import ConfigError, DataError
+from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
 from heads.finetune.model import is_finetune_run, load_finetuned
 
 __all__ = ["is_finetune_run", "predict_finetuned", "predict_finetuned_audio"]
 
 
-def predict_finetuned(run: str | Path, texts: list[str], pairs: list[str] | None = None, device: str = "cpu",
-                      batch_size: int = 64) -> tuple[list[str], np.ndarray, list[str]]:
+def predict_finetuned(
+    run: str | Path, texts: list[str], pairs: list[str] | None = None, device: str = "cpu", batch_size: int = 64
+) -> tuple[list[str], np.ndarray, list[str]]:
     """Labels, (n, classes) probabilities and label names from a ``heads finetune`` run's model/."""
     import torch
 
@@ -27,16 +28,20 @@ def predict_finetuned(run: str | Path, texts: list[str], pairs: list[str] | None
     with torch.inference_mode():
         for start, stop in make_batches(enc.lengths[order], batch_size, 16384):
             rows = order[start:stop]
-            batch = pad_batch([enc.ids[i] for i in rows], None if enc.type_ids is None else [enc.type_ids[i] for i in rows],
-                              tokenizer.pad_token_id or 0)
+            batch = pad_batch(
+                [enc.ids[i] for i in rows],
+                None if enc.type_ids is None else [enc.type_ids[i] for i in rows],
+                tokenizer.pad_token_id or 0,
+            )
             logits = clf(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
             proba[rows] = torch.softmax(logits.float(), -1).cpu().numpy()
     names = list(meta["label_names"])
     return [names[i] for i in proba.argmax(1)], proba, names
 
 
-def predict_finetuned_audio(run: str | Path, paths: list[str], device: str = "cpu", batch_size: int = 8,
-                            batch_seconds: float = 60.0) -> tuple[list[str], np.ndarray, list[str]]:
+def predict_finetuned_audio(
+    run: str | Path, paths: list[str], device: str = "cpu", batch_size: int = 8, batch_seconds: float = 60.0
+) -> tuple[list[str], np.ndarray, list[str]]:
     """Labels, (n, classes) probabilities and label names of audio files (each read whole, resampled to the model's
     rate), in batches of similar duration as in training; a missing or unreadable file is named before any work."""
     import torch
@@ -56,8 +61,16 @@ def predict_finetuned_audio(run: str | Path, paths: list[str], device: str = "cp
         raise ConfigError(f"{run} fine-tuned a text model; give it texts, one per line, not audio files.")
     rate = int(fe.sampling_rate)
     n = len(paths)
-    split = SplitData(name="predict", row_ids=np.arange(n), texts=[], pairs=None, labels=None, audio=list(paths),
-                      audio_frames=info.frames, audio_rates=info.rates)
+    split = SplitData(
+        name="predict",
+        row_ids=np.arange(n),
+        texts=[],
+        pairs=None,
+        labels=None,
+        audio=list(paths),
+        audio_frames=info.frames,
+        audio_rates=info.rates,
+    )
     clips = Clips(split, np.arange(n), np.zeros(n, dtype=np.int64), rate, seed=0)
     collate = collate_clips(fe)
     proba = np.zeros((n, int(meta["n_classes"])), dtype=np.float32)

@@ -2,7 +2,8 @@
 
 The loop is plain PyTorch plus accelerate (:mod:`heads.finetune.loop` over :mod:`heads.training`); the new
 classifier trains at its own ``head_lr``, far above the backbone's ``lr``, so a small data set or a frozen backbone
-still moves it. Surgery comes from :mod:`heads.finetune.surgery` (and :mod:`embstore.backbones.pruned`); results go through :class:`RunWriter` so a fine-tuning
+still moves it. Surgery comes from :mod:`heads.finetune.surgery` (and :mod:`embstore.backbones.pruned`); results go
+through :class:`RunWriter` so a fine-tuning
 run reads back like a sweep. ``prune_fraction`` prunes *after the first epoch* (head importance needs a classifier
 that has learnt something; an untrained head's gradients rank heads at random), then training continues for the
 remaining epochs; early stopping only compares epochs after the pruning.
@@ -21,16 +22,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from embstore.errors import ConfigError
 from embstore.backbones.pruned import prune_heads, pruned_heads
-from heads.finetune.surgery import (count_parameters, freeze, freeze_feature_encoder, parse_freeze, parse_prune_spec,
-                                    split_feature_encoder, truncate)
+from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
 from heads.finetune.model import save_finetuned
+from heads.finetune.surgery import (
+    count_parameters,
+    freeze,
+    freeze_feature_encoder,
+    parse_freeze,
+    parse_prune_spec,
+    split_feature_encoder,
+    truncate,
+)
 from heads.protocol import Round
-from heads.report.rundir import CHECKPOINT_DIR, run_dir as default_run_dir
+from heads.report.rundir import CHECKPOINT_DIR
+from heads.report.rundir import run_dir as default_run_dir
 from heads.report.table import ResultRow
 from heads.training.checkpoint import fingerprint, read_checkpoint, write_state
 
@@ -86,8 +95,9 @@ def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
         truncate(encoder, config.truncate)
     n_layers = int(getattr(encoder, "config").num_hidden_layers)
     if config.prune_heads:
-        prune_heads(encoder, parse_prune_spec(config.prune_heads, n_layers,
-                                              int(getattr(encoder, "config").num_attention_heads)))
+        prune_heads(
+            encoder, parse_prune_spec(config.prune_heads, n_layers, int(getattr(encoder, "config").num_attention_heads))
+        )
     conv, rest = split_feature_encoder(config.freeze_)
     if conv:  # a text model is refused here, naming the word
         freeze_feature_encoder(encoder)
@@ -103,21 +113,41 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
     trainable, total = count_parameters(outcome.model)
     eval_rows = 0 if rnd.eval_rows is None else len(rnd.eval_rows)
     return ResultRow(
-        layers=str(encoder.n_layers), combine="finetune", pooling=config.pooling_, head=config.classifier,
-        seed=config.source.seed, fold=rnd.fold, accuracy=metrics["accuracy"], f1_macro=metrics["f1_macro"],
-        train_seconds=outcome.train_seconds, hyperparameters=config.to_dict(), per_class=metrics["per_class"],
-        confusion=metrics["confusion"], store_id="", best_epoch=outcome.best_epoch, trainable_params=trainable,
+        layers=str(encoder.n_layers),
+        combine="finetune",
+        pooling=config.pooling_,
+        head=config.classifier,
+        seed=config.source.seed,
+        fold=rnd.fold,
+        accuracy=metrics["accuracy"],
+        f1_macro=metrics["f1_macro"],
+        train_seconds=outcome.train_seconds,
+        hyperparameters=config.to_dict(),
+        per_class=metrics["per_class"],
+        confusion=metrics["confusion"],
+        store_id="",
+        best_epoch=outcome.best_epoch,
+        trainable_params=trainable,
         seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
         history=outcome.history,
-        extra={"total_params": total, "freeze": config.freeze_, "truncate": config.truncate, "eval_rows": int(eval_rows),
-               "pruned_heads": {"spec": {str(k): v for k, v in encoder.spec_pruned.items()},
-                                "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
-                                "importance_after_epoch": 1 if config.prune_fraction is not None else None,
-                                "all": {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()}}})
+        extra={
+            "total_params": total,
+            "freeze": config.freeze_,
+            "truncate": config.truncate,
+            "eval_rows": int(eval_rows),
+            "pruned_heads": {
+                "spec": {str(k): v for k, v in encoder.spec_pruned.items()},
+                "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
+                "importance_after_epoch": 1 if config.prune_fraction is not None else None,
+                "all": {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()},
+            },
+        },
+    )
 
 
-def _run_rounds(spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path
-                ) -> tuple[list[ResultRow], RoundOutcome | None]:
+def _run_rounds(
+    spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path
+) -> tuple[list[ResultRow], RoundOutcome | None]:
     """Every round's result row (a fold that finished before a resume is read back, not trained again) and the last
     trained round's outcome."""
     config = spec.config
@@ -143,15 +173,22 @@ def _run_rounds(spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: 
 def _summary(rows: list[ResultRow], run_dir: Path, folds: int | None) -> FinetuneResult:
     """Mean (and standard deviation over folds) of the rows' scores, parameters and seconds per epoch."""
     acc, f1 = [r.accuracy for r in rows], [r.f1_macro for r in rows]
-    return FinetuneResult(run_dir=run_dir, accuracy=float(np.mean(acc)), f1_macro=float(np.mean(f1)),
-                          trainable_params=int(rows[-1].trainable_params or 0),
-                          total_params=int(rows[-1].extra["total_params"]),
-                          seconds_per_epoch=float(np.mean([r.seconds_per_epoch or 0.0 for r in rows])),
-                          accuracy_std=float(np.std(acc)), f1_macro_std=float(np.std(f1)), folds=folds)
+    return FinetuneResult(
+        run_dir=run_dir,
+        accuracy=float(np.mean(acc)),
+        f1_macro=float(np.mean(f1)),
+        trainable_params=int(rows[-1].trainable_params or 0),
+        total_params=int(rows[-1].extra["total_params"]),
+        seconds_per_epoch=float(np.mean([r.seconds_per_epoch or 0.0 for r in rows])),
+        accuracy_std=float(np.std(acc)),
+        f1_macro_std=float(np.std(f1)),
+        folds=folds,
+    )
 
 
-def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp: str, result: FinetuneResult,
-              plan: list[Round]) -> dict[str, Any]:
+def _run_meta(
+    config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp: str, result: FinetuneResult, plan: list[Round]
+) -> dict[str, Any]:
     """run.json: the model, labels, rows, majority baseline, config, fingerprint, sources and the evaluation set id
     (:mod:`heads.evalset`): the evaluation rows, or with ``folds`` every training row (the held-out folds' union).
 
@@ -162,20 +199,37 @@ def _run_meta(config: FinetuneConfig, data: FinetuneData, backbone: Backbone, fp
 
     tr, te = data.train, data.evaluation
     y_train = data.labels(tr)[data.train_rows]
-    meta = {"kind": "finetune", "model": backbone.identity, "label_names": data.label_names,
-            "train_rows": int(len(data.train_rows)), "eval_rows": int(len(data.eval_rows)),
-            "majority_accuracy": majority_accuracy(y_train, data.labels(te)[data.eval_rows]), "config": config.to_dict(),
-            "fingerprint": fp, "sources": data.sources, "modality": backbone.modality,
-            "skipped_rows": dict(data.skipped), "max_length": config.max_length}
+    meta = {
+        "kind": "finetune",
+        "model": backbone.identity,
+        "label_names": data.label_names,
+        "train_rows": int(len(data.train_rows)),
+        "eval_rows": int(len(data.eval_rows)),
+        "majority_accuracy": majority_accuracy(y_train, data.labels(te)[data.eval_rows]),
+        "config": config.to_dict(),
+        "fingerprint": fp,
+        "sources": data.sources,
+        "modality": backbone.modality,
+        "skipped_rows": dict(data.skipped),
+        "max_length": config.max_length,
+    }
     ids = [round_rows(data, rnd, config.validation_fraction, config.source.seed).ids(data) for rnd in plan]
     meta["rows"] = ids if config.folds is not None else ids[0]
-    scored_split, scored = (te, te.row_ids[data.eval_rows]) if config.folds is None else (tr, tr.row_ids[data.train_rows])
+    scored_split, scored = (
+        (te, te.row_ids[data.eval_rows]) if config.folds is None else (tr, tr.row_ids[data.train_rows])
+    )
     meta[EVAL_SET_KEY] = eval_set(source_sha256(data.sources, scored_split.name), scored)
     if config.folds is not None:
-        meta["folds"] = {"k": config.folds, "seed": config.source.seed, "stratified": True,
-                         "accuracy_mean": result.accuracy, "accuracy_std": result.accuracy_std,
-                         "f1_macro_mean": result.f1_macro, "f1_macro_std": result.f1_macro_std,
-                         "eval": "each fold's held-out training rows"}
+        meta["folds"] = {
+            "k": config.folds,
+            "seed": config.source.seed,
+            "stratified": True,
+            "accuracy_mean": result.accuracy,
+            "accuracy_std": result.accuracy_std,
+            "f1_macro_mean": result.f1_macro,
+            "f1_macro_std": result.f1_macro_std,
+            "eval": "each fold's held-out training rows",
+        }
         meta["majority_accuracy"] = majority_accuracy(y_train, y_train)
     return meta
 
@@ -184,11 +238,15 @@ def _check_modality(config: FinetuneConfig, backbone: Backbone) -> None:
     """A text table for a speech model, or audio for a text model, is refused naming the model type."""
     kind = str(backbone.identity.get("config", {}).get("model_type", type(backbone.model).__name__))
     if backbone.modality == "audio" and not config.audio:
-        raise ConfigError(f"{config.model} is a speech model ({kind}): it reads audio, not text; pass --audio-col COLUMN "
-                          "with a table of audio file paths instead of --text-col.")
+        raise ConfigError(
+            f"{config.model} is a speech model ({kind}): it reads audio, not text; pass --audio-col COLUMN "
+            "with a table of audio file paths instead of --text-col."
+        )
     if backbone.modality == "text" and config.audio:
-        raise ConfigError(f"{config.model} is a text model ({kind}): --audio-col needs a speech model (HuBERT, wav2vec2, "
-                          "WavLM: e.g. random:hubert-tiny or a local model directory); pass --text-col for a text model.")
+        raise ConfigError(
+            f"{config.model} is a text model ({kind}): --audio-col needs a speech model (HuBERT, wav2vec2, "
+            "WavLM: e.g. random:hubert-tiny or a local model directory); pass --text-col for a text model."
+        )
 
 
 def usable_clips(data: FinetuneData, backbone: Backbone, skip_bad: bool) -> FinetuneData:
@@ -209,8 +267,11 @@ def _spec_augment_samples(backbone: Backbone) -> int:
     """The narrowest training batch, in samples, whose frames hold one SpecAugment time mask (0 for text models and
     speech models without it): transformers refuses a batch with fewer frames than ``mask_time_length``."""
     cfg = backbone.model.config
-    if backbone.modality != "audio" or not getattr(cfg, "apply_spec_augment", False) \
-            or not getattr(cfg, "mask_time_prob", 0.0) > 0:
+    if (
+        backbone.modality != "audio"
+        or not getattr(cfg, "apply_spec_augment", False)
+        or not getattr(cfg, "mask_time_prob", 0.0) > 0
+    ):
         return 0
     from heads.finetune.audio import min_samples
 
@@ -226,8 +287,8 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     Returns the (mean) evaluation accuracy and macro-F1, trainable/total parameters and seconds per epoch.
     ``show_progress``: a tqdm bar per epoch with the running loss and examples/s.
     """
-    from embstore.device import resolve_device
     from embstore.backbones.registry import load_backbone
+    from embstore.device import resolve_device
     from heads.report import RunWriter
 
     resolve_device(config.device)  # an unusable --device fails before the data and model are loaded
@@ -238,10 +299,16 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     if backbone.modality == "audio":
         data = usable_clips(data, backbone, config.source.skip_bad)
     weights_sha = backbone.identity.get("weights_sha256")
-    spec = RoundSpec(config=config, tokenizer=backbone.tokenizer, data=data,
-                     fingerprint=config_fingerprint(config, str(weights_sha or ""), data.sources),
-                     fingerprinted=_fingerprinted(config, data.sources), weights_sha256=weights_sha,
-                     show_progress=show_progress, min_train_samples=_spec_augment_samples(backbone))
+    spec = RoundSpec(
+        config=config,
+        tokenizer=backbone.tokenizer,
+        data=data,
+        fingerprint=config_fingerprint(config, str(weights_sha or ""), data.sources),
+        fingerprinted=_fingerprinted(config, data.sources),
+        weights_sha256=weights_sha,
+        show_progress=show_progress,
+        min_train_samples=_spec_augment_samples(backbone),
+    )
     encoder = prepare_encoder(config, backbone.model)
     plan = rounds(config.folds, data, config.source.seed)
     rows, outcome = _run_rounds(spec, encoder, plan, run_dir)
@@ -249,10 +316,21 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
     if config.folds is None and outcome is not None:
-        save_finetuned(outcome.model, backbone.tokenizer, run_dir, {
-            "label_names": data.label_names, "pooling": config.pooling_, "classifier": config.classifier,
-            "classifier_hidden": list(config.classifier_hidden), "dropout": config.dropout,
-            "n_classes": len(data.label_names), "max_length": config.max_length, "modality": backbone.modality})
+        save_finetuned(
+            outcome.model,
+            backbone.tokenizer,
+            run_dir,
+            {
+                "label_names": data.label_names,
+                "pooling": config.pooling_,
+                "classifier": config.classifier,
+                "classifier_hidden": list(config.classifier_hidden),
+                "dropout": config.dropout,
+                "n_classes": len(data.label_names),
+                "max_length": config.max_length,
+                "modality": backbone.modality,
+            },
+        )
     writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result, plan))
     for row in rows:
         writer.add(row)

@@ -14,13 +14,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from embstore.backbones.anatomy import attention, base_of, blocks, embedding_modules, feature_encoder, set_blocks, top_modules
+from embstore.backbones.anatomy import (
+    attention,
+    base_of,
+    blocks,
+    embedding_modules,
+    feature_encoder,
+    set_blocks,
+    top_modules,
+)
 from embstore.backbones.pruned import heads_per_layer, pruned_heads, set_pruned_record
 from embstore.errors import ConfigError, LayerSpecError
 from embstore.layers import parse_layers
 
-__all__ = ["FEATURE_ENCODER", "parse_freeze", "split_feature_encoder", "freeze", "freeze_feature_encoder",
-           "count_parameters", "truncate", "parse_prune_spec", "head_importance", "heads_to_prune"]
+__all__ = [
+    "FEATURE_ENCODER",
+    "parse_freeze",
+    "split_feature_encoder",
+    "freeze",
+    "freeze_feature_encoder",
+    "count_parameters",
+    "truncate",
+    "parse_prune_spec",
+    "head_importance",
+    "heads_to_prune",
+]
 
 
 def _base(model: nn.Module) -> Any:
@@ -28,8 +46,10 @@ def _base(model: nn.Module) -> Any:
     return base_of(model)
 
 
-_FREEZE_WORDS = ("'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3', negative indices, and "
-                 "for speech models 'feature-encoder'")
+_FREEZE_WORDS = (
+    "'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3', negative indices, and "
+    "for speech models 'feature-encoder'"
+)
 FEATURE_ENCODER = "feature-encoder"
 """The freeze word for a speech model's convolutional feature encoder (alone, as ``freeze_feature_encoder()``)."""
 
@@ -89,7 +109,7 @@ def freeze(model: nn.Module, layers: Iterable[int]) -> None:
             f"pass indices in that range (see parse_freeze)."
         )
     for i in chosen:
-        for module in (embedding_modules(base) if i == 0 else [layers_[i - 1]]):
+        for module in embedding_modules(base) if i == 0 else [layers_[i - 1]]:
             module.requires_grad_(False)
         if i == 0 and getattr(base, "masked_spec_embed", None) is not None:  # SpecAugment's mask, a layer-0 input
             base.masked_spec_embed.requires_grad_(False)
@@ -106,7 +126,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-
 # --------------------------------------------------------------------------- truncation
 
 
@@ -121,7 +140,9 @@ def truncate(model: nn.Module, k: int) -> None:
     layers_ = blocks(base)
     n = len(layers_)
     if not 1 <= k <= n:
-        extra = " (0, embeddings only, is not supported: transformers 5 then returns no hidden states)" if k == 0 else ""
+        extra = (
+            " (0, embeddings only, is not supported: transformers 5 then returns no hidden states)" if k == 0 else ""
+        )
         raise LayerSpecError(
             f"Cannot truncate to {k} layers: keep between 1 and {n} encoder layers{extra}; pass k in [1, {n}]."
         )
@@ -130,7 +151,6 @@ def truncate(model: nn.Module, k: int) -> None:
     record = pruned_heads(base)
     if record:  # removed layers no longer have heads to re-prune on reload
         set_pruned_record(base, {layer: heads for layer, heads in record.items() if layer <= k})
-
 
 
 # --------------------------------------------------------------------------- prune specs and head importance
@@ -150,7 +170,8 @@ def parse_prune_spec(spec: str, n_layers: int, n_heads: int) -> dict[int, list[i
             heads = []
         if not sep or not heads:
             raise ConfigError(
-                f"Cannot read the prune spec {spec!r} at {part!r}: write 'LAYER:HEAD,HEAD;LAYER:HEAD', e.g. '11:0,3;10:5'."
+                f"Cannot read the prune spec {spec!r} at {part!r}: write 'LAYER:HEAD,HEAD;LAYER:HEAD', e.g. "
+                f"'11:0,3;10:5'."
             )
         if not 1 <= layer <= n_layers:
             raise LayerSpecError(
@@ -170,8 +191,11 @@ def parse_prune_spec(spec: str, n_layers: int, n_heads: int) -> dict[int, list[i
     return {layer: sorted(heads) for layer, heads in sorted(out.items())}
 
 
-def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
-                    loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]) -> torch.Tensor:
+def head_importance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor],
+) -> torch.Tensor:
     """Head importance of Michel et al. (2019): sum over batches of |d loss / d gate|.
 
     A gate of ones per head multiplies each head's context before the attention output
@@ -192,6 +216,7 @@ def head_importance(model: nn.Module, batches: Iterable[Mapping[str, Any]],
             context = args[0]  # (B, T, heads * d)
             split = context.view(*context.shape[:-1], gate.numel(), -1)  # (B, T, heads, d)
             return ((split * gate[:, None]).view_as(context), *args[1:])
+
         return hook
 
     outs = [attention(block).out for block in layers_]  # a WavLM layer is refused here, before any hook is set
@@ -223,7 +248,9 @@ def heads_to_prune(importance: torch.Tensor, fraction: float, min_heads_per_laye
     at least ``min_heads_per_layer`` heads in every layer. Returns {layer 1..L: [heads]}.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"The pruning fraction must be in [0, 1); got {fraction}. Use e.g. 0.2 to remove 20% of heads.")
+        raise ConfigError(
+            f"The pruning fraction must be in [0, 1); got {fraction}. Use e.g. 0.2 to remove 20% of heads."
+        )
     if min_heads_per_layer < 1:
         raise ConfigError(f"min_heads_per_layer must be at least 1; got {min_heads_per_layer}.")
     present = ~torch.isnan(importance)  # (L, H)
@@ -242,5 +269,3 @@ def heads_to_prune(importance: torch.Tensor, fraction: float, min_heads_per_laye
         budget -= 1
         chosen.setdefault(layer + 1, []).append(head)
     return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
-
-

@@ -32,7 +32,8 @@ class PretrainConfig:
     train_split: str = "train"
     """Split used for training (a single --data file is always the corpus)."""
     eval_split: str | None = None
-    """Held-out split for perplexity; None: 'validation', 'dev' or 'test' if present, else carve ``heldout_fraction``."""
+    """Held-out split for perplexity; None: 'validation', 'dev' or 'test' if present, else carve
+    ``heldout_fraction``."""
     heldout_fraction: float = 0.05
     """Share of the corpus rows carved (seeded) for held-out perplexity when no evaluation split is given."""
     tokenizer: str | None = None
@@ -87,23 +88,35 @@ class PretrainConfig:
         check_choice(self, "pair_objective", (None, "sop", "nsp"))
         self.source.only(DATA_KEYS, "heads pretrain")
         self.optim.check(SCHEDULES)
-        check_positive(self, ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions"))
+        check_positive(
+            self, ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions")
+        )
         if self.vocab_size <= len(SPECIAL_TOKENS):
-            raise ConfigError(f"The 'vocab_size' option must leave room beyond the {len(SPECIAL_TOKENS)} special tokens "
-                              f"({', '.join(SPECIAL_TOKENS)}); got {self.vocab_size}. Use e.g. 8000.")
+            raise ConfigError(
+                f"The 'vocab_size' option must leave room beyond the {len(SPECIAL_TOKENS)} special tokens "
+                f"({', '.join(SPECIAL_TOKENS)}); got {self.vocab_size}. Use e.g. 8000."
+            )
         if self.max_length < 4:
-            raise ConfigError(f"The 'max_length' option must be at least 4 tokens ([CLS] A [SEP] B [SEP]); got {self.max_length}.")
+            raise ConfigError(
+                f"The 'max_length' option must be at least 4 tokens ([CLS] A [SEP] B [SEP]); got {self.max_length}."
+            )
         if self.max_positions is not None and self.max_positions < self.max_length:
-            raise ConfigError(f"max_positions {self.max_positions} is shorter than max_length {self.max_length}: the model "
-                              f"could not embed the last positions. Raise --max-positions to at least {self.max_length} "
-                              "or lower --max-length.")
+            raise ConfigError(
+                f"max_positions {self.max_positions} is shorter than max_length {self.max_length}: the model "
+                f"could not embed the last positions. Raise --max-positions to at least {self.max_length} "
+                "or lower --max-length."
+            )
         if self.hidden is not None and self.heads is not None and self.hidden % self.heads:
-            raise ConfigError(f"hidden {self.hidden} is not a multiple of heads {self.heads}; each head gets hidden/heads "
-                              "dimensions, so pick e.g. --hidden 256 --heads 4.")
+            raise ConfigError(
+                f"hidden {self.hidden} is not a multiple of heads {self.heads}; each head gets hidden/heads "
+                "dimensions, so pick e.g. --hidden 256 --heads 4."
+            )
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"The 'mask_prob' option must be in (0, 1); got {self.mask_prob}. BERT uses 0.15.")
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"The 'heldout_fraction' option must be a fraction in (0, 1); got {self.heldout_fraction}.")
+            raise ConfigError(
+                f"The 'heldout_fraction' option must be a fraction in (0, 1); got {self.heldout_fraction}."
+            )
         if self.pair_weight < 0:
             raise ConfigError(f"The 'pair_weight' option must be 0 or more; got {self.pair_weight}.")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -111,9 +124,11 @@ class PretrainConfig:
         if (self.swap_augment or self.pair_objective) and not self.source.text_pair_col:
             raise ConfigError("--swap-augment and --pair-objective need sentence pairs; pass --text-pair-col COLUMN.")
         if self.swap_augment and self.pair_objective == "sop":
-            raise ConfigError("--pair-objective sop predicts which order is the original one, but --swap-augment "
-                              "presents both orders as original, so it cannot be learnt; use --pair-objective nsp "
-                              "or drop --swap-augment.")
+            raise ConfigError(
+                "--pair-objective sop predicts which order is the original one, but --swap-augment "
+                "presents both orders as original, so it cannot be learnt; use --pair-objective nsp "
+                "or drop --swap-augment."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (the data and optimiser keys at the top level)."""
@@ -130,4 +145,3 @@ class PretrainConfig:
         if values.get("pair_objective") in ("none", ""):
             values["pair_objective"] = None
         return cls(**values)
-

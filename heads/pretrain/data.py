@@ -37,18 +37,30 @@ def _split_roles(config: PretrainConfig, splits: dict[str, Any]) -> tuple[Any, A
     """(training split, held-out split or None to carve, description of the held-out rows)."""
     names = list(splits)
     if config.source.data is not None:
-        return splits[names[0]], None, f"{config.heldout_fraction:.0%} of the rows, carved with seed {config.source.seed}"
+        return (
+            splits[names[0]],
+            None,
+            f"{config.heldout_fraction:.0%} of the rows, carved with seed {config.source.seed}",
+        )
     if config.train_split not in splits:
-        raise ConfigError(f"The training split {config.train_split!r} is not in the data; its splits are "
-                          f"{', '.join(names)}. Pass --train-split NAME or name a split train=FILE.")
+        raise ConfigError(
+            f"The training split {config.train_split!r} is not in the data; its splits are "
+            f"{', '.join(names)}. Pass --train-split NAME or name a split train=FILE."
+        )
     if config.eval_split is not None:
         if config.eval_split not in splits:
-            raise ConfigError(f"The held-out split {config.eval_split!r} is not in the data; its splits are "
-                              f"{', '.join(names)}. Pass --eval-split with one of them or omit it to carve rows.")
+            raise ConfigError(
+                f"The held-out split {config.eval_split!r} is not in the data; its splits are "
+                f"{', '.join(names)}. Pass --eval-split with one of them or omit it to carve rows."
+            )
         return splits[config.train_split], splits[config.eval_split], f"split {config.eval_split!r}"
     ev = next((s for s in _EVAL_SPLITS if s in splits and s != config.train_split), None)
     if ev is None:
-        return splits[config.train_split], None, f"{config.heldout_fraction:.0%} of the training rows (seed {config.source.seed})"
+        return (
+            splits[config.train_split],
+            None,
+            f"{config.heldout_fraction:.0%} of the training rows (seed {config.source.seed})",
+        )
     return splits[config.train_split], splits[ev], f"split {ev!r}"
 
 
@@ -68,8 +80,10 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
         scored = eval_set(source_sha256(ds.sources, held.name), held.row_ids)
     else:
         if len(texts) < 2:
-            raise DataError(f"The corpus has {len(texts)} row; holding rows out for perplexity needs at least 2. "
-                            "Give more text or a held-out file with --split validation=FILE.")
+            raise DataError(
+                f"The corpus has {len(texts)} row; holding rows out for perplexity needs at least 2. "
+                "Give more text or a held-out file with --split validation=FILE."
+            )
         order = np.random.default_rng(config.source.seed).permutation(len(texts))
         n_eval = min(len(texts) - 1, max(1, round(config.heldout_fraction * len(texts))))
         ev_idx, tr_idx = sorted(order[:n_eval].tolist()), sorted(order[n_eval:].tolist())
@@ -85,16 +99,42 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
     elif saved_tokenizer is not None and saved_tokenizer.is_dir():
         tok, how = load_tokenizer(str(saved_tokenizer)), f"trained WordPiece (reloaded from {saved_tokenizer})"
     else:
-        tok = train_wordpiece(texts + (pairs or []), vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                              lowercase=config.lowercase, cjk_chars=config.cjk_chars, max_length=config.max_length)
+        tok = train_wordpiece(
+            texts + (pairs or []),
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            lowercase=config.lowercase,
+            cjk_chars=config.cjk_chars,
+            max_length=config.max_length,
+        )
         how = "trained WordPiece"
     tok.model_max_length = config.max_length
     tok_json = tok.backend_tokenizer.to_str()
-    provenance = {"sources": ds.sources, "sources_sha256": [s["sha256"] for s in ds.sources],
-                  "tokenizer": how, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
-                  "vocab_size": len(tok), "train_rows": len(texts), "eval_rows": len(ev_texts), "eval_from": eval_from,
-                  "pairs": pairs is not None, "eval_set": scored}
-    log.info("corpus: %d training rows, %d held-out rows (%s); vocabulary %d (%s)", len(texts), len(ev_texts),
-             eval_from, len(tok), how)
-    return PretrainData(tokenizer=tok, train_texts=texts, train_pairs=pairs, eval_texts=ev_texts, eval_pairs=ev_pairs,
-                        provenance=provenance)
+    provenance = {
+        "sources": ds.sources,
+        "sources_sha256": [s["sha256"] for s in ds.sources],
+        "tokenizer": how,
+        "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
+        "vocab_size": len(tok),
+        "train_rows": len(texts),
+        "eval_rows": len(ev_texts),
+        "eval_from": eval_from,
+        "pairs": pairs is not None,
+        "eval_set": scored,
+    }
+    log.info(
+        "corpus: %d training rows, %d held-out rows (%s); vocabulary %d (%s)",
+        len(texts),
+        len(ev_texts),
+        eval_from,
+        len(tok),
+        how,
+    )
+    return PretrainData(
+        tokenizer=tok,
+        train_texts=texts,
+        train_pairs=pairs,
+        eval_texts=ev_texts,
+        eval_pairs=ev_pairs,
+        provenance=provenance,
+    )

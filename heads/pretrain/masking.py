@@ -36,12 +36,16 @@ class Corpus:
         return len(self.a)
 
 
-def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, *, whole_word: bool = False) -> Corpus:
+def tokenize_corpus(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, *, whole_word: bool = False
+) -> Corpus:
     """Tokenise each sentence once (no special tokens); with ``whole_word`` keep each token's word index."""
+
     def encode(batch: list[str]) -> tuple[list[list[int]], list[list[int]] | None]:
         # No truncation here (a batch truncates after joining the pair), so no length warning either.
-        enc = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                        verbose=False)
+        enc = tokenizer(
+            batch, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+        )
         ids = [list(x) for x in enc["input_ids"]]
         if not whole_word:
             return ids, None
@@ -52,8 +56,16 @@ def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs:
     return Corpus(a=a, b=b, words_a=wa, words_b=wb)
 
 
-def mask_tokens(input_ids: torch.Tensor, candidates: torch.Tensor, *, mask_prob: float, mask_id: int, vocab_size: int,
-                generator: torch.Generator, word_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    mask_prob: float,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    word_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of (B, T) ``input_ids``: returns (inputs, labels), both (B, T) int64.
 
     Each candidate position (``candidates``: (B, T) bool, False for special tokens and padding) is
@@ -83,9 +95,21 @@ class PretrainCollator:
     Pair labels: sop 1 = the two sentences were swapped; nsp 1 = the second one comes from a random row.
     """
 
-    def __init__(self, corpus: Corpus, *, cls_id: int, sep_id: int, pad_id: int, mask_id: int, vocab_size: int,
-                 max_length: int, mask_prob: float, whole_word: bool = False, pair_objective: str | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        corpus: Corpus,
+        *,
+        cls_id: int,
+        sep_id: int,
+        pad_id: int,
+        mask_id: int,
+        vocab_size: int,
+        max_length: int,
+        mask_prob: float,
+        whole_word: bool = False,
+        pair_objective: str | None = None,
+        seed: int = 0,
+    ) -> None:
         self.corpus = corpus
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = cls_id, sep_id, pad_id, mask_id
         self.vocab_size, self.max_length, self.mask_prob = vocab_size, max_length, mask_prob
@@ -101,7 +125,9 @@ class PretrainCollator:
         self.batch += 1
         return gen
 
-    def _sentences(self, row: int, order: int) -> tuple[list[int], list[int] | None, list[int] | None, list[int] | None]:
+    def _sentences(
+        self, row: int, order: int
+    ) -> tuple[list[int], list[int] | None, list[int] | None, list[int] | None]:
         c = self.corpus
         a, wa = c.a[row], None if c.words_a is None else c.words_a[row]
         if c.b is None:
@@ -136,18 +162,29 @@ class PretrainCollator:
         for i, (r, t, w) in enumerate(zip(rows, types, words)):
             n = len(r)
             input_ids[i, :n], token_types[i, :n], word_ids[i, :n], mask[i, :n] = (
-                torch.tensor(r), torch.tensor(t), torch.tensor(w), 1)
+                torch.tensor(r),
+                torch.tensor(t),
+                torch.tensor(w),
+                1,
+            )
             candidates[i, :n] = torch.tensor([x not in (self.cls_id, self.sep_id, self.pad_id) for x in r])
-        inputs, labels = mask_tokens(input_ids, candidates, mask_prob=self.mask_prob, mask_id=self.mask_id,
-                                     vocab_size=self.vocab_size, generator=gen,
-                                     word_ids=word_ids if self.whole_word else None)
+        inputs, labels = mask_tokens(
+            input_ids,
+            candidates,
+            mask_prob=self.mask_prob,
+            mask_id=self.mask_id,
+            vocab_size=self.vocab_size,
+            generator=gen,
+            word_ids=word_ids if self.whole_word else None,
+        )
         batch = {"input_ids": inputs, "attention_mask": mask, "token_type_ids": token_types, "labels": labels}
         if self.pair_objective is not None:
             batch["pair_labels"] = torch.tensor(pair_labels, dtype=torch.long)
         return batch
 
-    def _join(self, a: list[int], b: list[int] | None, wa: list[int] | None, wb: list[int] | None
-              ) -> tuple[list[int], list[int], list[int]]:
+    def _join(
+        self, a: list[int], b: list[int] | None, wa: list[int] | None, wb: list[int] | None
+    ) -> tuple[list[int], list[int], list[int]]:
         """[CLS] a [SEP] (b [SEP]) truncated longest-first to max_length; (ids, token types, word ids)."""
         room = self.max_length - (3 if b is not None else 2)
         la, lb = len(a), 0 if b is None else len(b)

@@ -32,8 +32,15 @@ from heads.pretrain.data import PretrainData, load_corpus
 from heads.pretrain.masking import PretrainCollator, tokenize_corpus
 from heads.pretrain.model import PretrainingModel, build_bert_config, evaluate_mlm, new_pretraining_model
 from heads.pretrain.report import write_outputs
-from heads.report.rundir import CHECKPOINT_DIR, MODEL_DIR, run_dir as default_run_dir
-from heads.training.checkpoint import fingerprint, load_training_state, read_checkpoint, save_training_state, write_state
+from heads.report.rundir import CHECKPOINT_DIR, MODEL_DIR
+from heads.report.rundir import run_dir as default_run_dir
+from heads.training.checkpoint import (
+    fingerprint,
+    load_training_state,
+    read_checkpoint,
+    save_training_state,
+    write_state,
+)
 from heads.training.optim import param_groups
 from heads.training.schedule import EpochSampler, steps_per_epoch
 from heads.training.session import Session, start_session
@@ -102,7 +109,9 @@ def _prepare(config: PretrainConfig) -> _Run:
     data = load_corpus(config, saved_tokenizer=ckpt / TOKENIZER_DIR if config.resume else None)
     tok = data.tokenizer
     bert_config = build_bert_config(config, vocab_size=len(tok), pad_id=int(tok.pad_token_id))
-    fp = fingerprint(config.fingerprinted(), json.dumps(data.provenance["sources_sha256"]), data.provenance["tokenizer_sha256"])
+    fp = fingerprint(
+        config.fingerprinted(), json.dumps(data.provenance["sources_sha256"]), data.provenance["tokenizer_sha256"]
+    )
     resumed = read_checkpoint(ckpt, STATE_FILE, fp, config.fingerprinted()) if config.resume else None
     return _Run(config=config, run_dir=run_dir, data=data, bert_config=bert_config, fingerprint=fp, resumed=resumed)
 
@@ -114,9 +123,16 @@ def _loaders(config: PretrainConfig, data: PretrainData) -> _Loaders:
     later dropout mask."""
     tok = data.tokenizer
     ids: dict[str, Any] = {
-        "cls_id": int(tok.cls_token_id), "sep_id": int(tok.sep_token_id), "pad_id": int(tok.pad_token_id),
-        "mask_id": int(tok.mask_token_id), "vocab_size": len(tok), "max_length": config.max_length,
-        "mask_prob": config.mask_prob, "whole_word": config.whole_word, "pair_objective": config.pair_objective}
+        "cls_id": int(tok.cls_token_id),
+        "sep_id": int(tok.sep_token_id),
+        "pad_id": int(tok.pad_token_id),
+        "mask_id": int(tok.mask_token_id),
+        "vocab_size": len(tok),
+        "max_length": config.max_length,
+        "mask_prob": config.mask_prob,
+        "whole_word": config.whole_word,
+        "pair_objective": config.pair_objective,
+    }
     train_corpus = tokenize_corpus(tok, data.train_texts, data.train_pairs, whole_word=config.whole_word)
     eval_corpus = tokenize_corpus(tok, data.eval_texts, data.eval_pairs, whole_word=config.whole_word)
     orders = (0, 1) if config.swap_augment else (0,)
@@ -124,11 +140,19 @@ def _loaders(config: PretrainConfig, data: PretrainData) -> _Loaders:
     collator = PretrainCollator(train_corpus, seed=config.source.seed, **ids)
     eval_collator = PretrainCollator(eval_corpus, seed=config.source.seed + 7_919, **ids)
     sampler = EpochSampler(len(items), config.source.seed)
-    train: DataLoader[Any] = DataLoader(items, batch_size=config.optim.batch_size, sampler=sampler,  # type: ignore[arg-type]
-                                        collate_fn=collator, generator=torch.Generator())
-    evaluation: DataLoader[Any] = DataLoader([(r, 0) for r in range(len(eval_corpus))],  # type: ignore[arg-type]
-                                             batch_size=config.optim.batch_size, collate_fn=eval_collator,
-                                             generator=torch.Generator())
+    train: DataLoader[Any] = DataLoader(
+        items,  # type: ignore[arg-type]
+        batch_size=config.optim.batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator(),
+    )
+    evaluation: DataLoader[Any] = DataLoader(
+        [(r, 0) for r in range(len(eval_corpus))],  # type: ignore[arg-type]
+        batch_size=config.optim.batch_size,
+        collate_fn=eval_collator,
+        generator=torch.Generator(),
+    )
     return _Loaders(train, evaluation, sampler, collator, eval_collator)
 
 
@@ -141,8 +165,9 @@ def _out_of_time(acc: Accelerator, mine: bool) -> bool:
     return bool(acc.reduce(flag, "sum").item() > 0)
 
 
-def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pair_weight: float
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], pair_weight: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss one training step minimises: MLM loss per masked token, plus the weighted pair loss; and the
     model's outputs (sums over the batch, for the epoch's figures)."""
     out = model(**batch)
@@ -152,8 +177,9 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pair_weight: f
     return loss, out
 
 
-def _train_epoch(run: _Run, s: Session, loaders: _Loaders, epoch: int, skip: int, total: int,
-                 show_progress: bool) -> dict[str, Any]:
+def _train_epoch(
+    run: _Run, s: Session, loaders: _Loaders, epoch: int, skip: int, total: int, show_progress: bool
+) -> dict[str, Any]:
     """Train one epoch (from batch ``skip`` of it, on resume) until its end, ``total`` optimizer steps or the time
     budget; the epoch's log entry (held-out figures included)."""
     from tqdm.auto import tqdm
@@ -166,21 +192,34 @@ def _train_epoch(run: _Run, s: Session, loaders: _Loaders, epoch: int, skip: int
     epoch_loader.set_epoch(epoch)  # accelerate's loaders re-seed the sampler from their own counter, from 0 on resume
     sums = {"loss": 0.0, "masked": 0.0, "correct": 0.0, "pair": 0.0, "batches": 0.0, "tokens": 0.0}
     batches_done, epoch_done, t_epoch = skip, True, time.perf_counter()
-    bar = tqdm(epoch_loader, total=len(s.train) - skip, desc=f"pretrain epoch {epoch}", leave=False,
-               disable=not (show_progress and s.acc.is_local_main_process))
+    bar = tqdm(
+        epoch_loader,
+        total=len(s.train) - skip,
+        desc=f"pretrain epoch {epoch}",
+        leave=False,
+        disable=not (show_progress and s.acc.is_local_main_process),
+    )
 
     for batch in bar:
         t0 = _clock()
         out = s.step(functools.partial(_loss, batch=batch, pair_weight=config.pair_weight))
         n_tokens = int(batch["attention_mask"].sum())
-        for key, value in (("loss", out["mlm_loss"].detach()), ("masked", out["masked"]), ("correct", out["correct"]),
-                           ("pair", out.get("pair_correct", 0)), ("batches", 1), ("tokens", n_tokens)):
+        for key, value in (
+            ("loss", out["mlm_loss"].detach()),
+            ("masked", out["masked"]),
+            ("correct", out["correct"]),
+            ("pair", out.get("pair_correct", 0)),
+            ("batches", 1),
+            ("tokens", n_tokens),
+        ):
             sums[key] += float(value)
         batches_done += 1
         run.train_seconds += _clock() - t0
         run.tokens_seen += n_tokens
-        bar.set_postfix(loss=f"{sums['loss'] / max(sums['masked'], 1):.3f}",
-                        tok_s=f"{run.tokens_seen / max(run.train_seconds, 1e-9):.0f}")
+        bar.set_postfix(
+            loss=f"{sums['loss'] / max(sums['masked'], 1):.3f}",
+            tok_s=f"{run.tokens_seen / max(run.train_seconds, 1e-9):.0f}",
+        )
         if s.steps >= total and s.acc.sync_gradients:
             run.reason, epoch_done = "max_steps", batches_done >= len(s.train)
             break
@@ -189,13 +228,19 @@ def _train_epoch(run: _Run, s: Session, loaders: _Loaders, epoch: int, skip: int
             break
     bar.close()
     rows = sums["batches"] * config.optim.batch_size
-    return {"epoch": epoch, "steps": s.steps, "epoch_complete": epoch_done, "batches_done": batches_done,
-            "train_mlm_loss": sums["loss"] / max(sums["masked"], 1),
-            "train_masked_accuracy": sums["correct"] / max(sums["masked"], 1),
-            "train_pair_accuracy": sums["pair"] / rows if config.pair_objective and rows else None,
-            "tokens_per_second": sums["tokens"] / max(time.perf_counter() - t_epoch, 1e-9),
-            "lr": float(s.sched.get_last_lr()[0]), "train_seconds": run.train_seconds,
-            **evaluate_mlm(s.acc, s.model, s.loaders[0], loaders.eval_collator)}
+    return {
+        "epoch": epoch,
+        "steps": s.steps,
+        "epoch_complete": epoch_done,
+        "batches_done": batches_done,
+        "train_mlm_loss": sums["loss"] / max(sums["masked"], 1),
+        "train_masked_accuracy": sums["correct"] / max(sums["masked"], 1),
+        "train_pair_accuracy": sums["pair"] / rows if config.pair_objective and rows else None,
+        "tokens_per_second": sums["tokens"] / max(time.perf_counter() - t_epoch, 1e-9),
+        "lr": float(s.sched.get_last_lr()[0]),
+        "train_seconds": run.train_seconds,
+        **evaluate_mlm(s.acc, s.model, s.loaders[0], loaders.eval_collator),
+    }
 
 
 def _checkpoint(run: _Run, s: Session, entry: dict[str, Any]) -> None:
@@ -203,10 +248,20 @@ def _checkpoint(run: _Run, s: Session, entry: dict[str, Any]) -> None:
     once); the main process also writes the JSON state, the tokenizer and the run directory's files."""
     save_training_state(s.acc, run.ckpt, s.model, s.opt, s.sched)
     if s.acc.is_main_process:
-        write_state(run.ckpt / STATE_FILE, {
-            "epoch": entry["epoch"], "epoch_done": entry["epoch_complete"], "batches_done": entry["batches_done"],
-            "steps": s.steps, "train_seconds": run.train_seconds, "tokens": run.tokens_seen, "history": run.history,
-            "fingerprint": run.fingerprint, "config": run.config.fingerprinted()})
+        write_state(
+            run.ckpt / STATE_FILE,
+            {
+                "epoch": entry["epoch"],
+                "epoch_done": entry["epoch_complete"],
+                "batches_done": entry["batches_done"],
+                "steps": s.steps,
+                "train_seconds": run.train_seconds,
+                "tokens": run.tokens_seen,
+                "history": run.history,
+                "fingerprint": run.fingerprint,
+                "config": run.config.fingerprinted(),
+            },
+        )
         if not (run.ckpt / TOKENIZER_DIR).is_dir():
             run.data.tokenizer.save_pretrained(run.ckpt / TOKENIZER_DIR)
         write_outputs(run.run_dir, run.config, run.data, run.bert_config, run.history, final=None)
@@ -218,9 +273,14 @@ def _resume(run: _Run, s: Session, loaders: _Loaders) -> tuple[int, int]:
     model (history's epoch 0)."""
     resumed = run.resumed
     if resumed is None:
-        run.history.append({"epoch": 0, "steps": 0, **evaluate_mlm(s.acc, s.model, s.loaders[0], loaders.eval_collator)})
-        log.info("at initialisation: held-out MLM loss %.4f, masked accuracy %.4f",
-                 run.history[0]["heldout_mlm_loss"], run.history[0]["heldout_masked_accuracy"])
+        run.history.append(
+            {"epoch": 0, "steps": 0, **evaluate_mlm(s.acc, s.model, s.loaders[0], loaders.eval_collator)}
+        )
+        log.info(
+            "at initialisation: held-out MLM loss %.4f, masked accuracy %.4f",
+            run.history[0]["heldout_mlm_loss"],
+            run.history[0]["heldout_masked_accuracy"],
+        )
         return 1, 0
     load_training_state(s.acc, run.ckpt, s.model, s.opt, s.sched)
     run.history = list(resumed["history"])
@@ -237,11 +297,17 @@ def _finish(run: _Run, s: Session) -> PretrainResult:
     last = run.history[-1]
     tps = run.tokens_seen / run.train_seconds if run.train_seconds else 0.0
     result = PretrainResult(
-        run_dir=run.run_dir, model_dir=run.run_dir / MODEL_DIR, steps=s.steps,
+        run_dir=run.run_dir,
+        model_dir=run.run_dir / MODEL_DIR,
+        steps=s.steps,
         train_mlm_loss=float(last.get("train_mlm_loss") or math.nan),
         train_masked_accuracy=float(last.get("train_masked_accuracy") or math.nan),
-        heldout_mlm_loss=float(last["heldout_mlm_loss"]), heldout_masked_accuracy=float(last["heldout_masked_accuracy"]),
-        heldout_perplexity=float(last["heldout_perplexity"]), tokens_per_second=tps, history=run.history)
+        heldout_mlm_loss=float(last["heldout_mlm_loss"]),
+        heldout_masked_accuracy=float(last["heldout_masked_accuracy"]),
+        heldout_perplexity=float(last["heldout_perplexity"]),
+        tokens_per_second=tps,
+        history=run.history,
+    )
     if s.acc.is_main_process:
         from transformers.utils import logging as hf_logging
 
@@ -253,10 +319,23 @@ def _finish(run: _Run, s: Session) -> PretrainResult:
         bert = model.net.bert
         hf_logging.disable_progress_bar()
         save_model(bert, run.data.tokenizer, run.run_dir / MODEL_DIR)  # the bare BertModel: AutoModel loads it as is
-        write_outputs(run.run_dir, run.config, run.data, run.bert_config, run.history, final={
-            "steps": s.steps, "stopped_by": run.reason, "train_seconds": run.train_seconds, "tokens": run.tokens_seen,
-            "tokens_per_second": tps, "model_dir": str(run.run_dir / MODEL_DIR), "fingerprint": run.fingerprint,
-            "parameters": sum(p.numel() for p in bert.parameters())})
+        write_outputs(
+            run.run_dir,
+            run.config,
+            run.data,
+            run.bert_config,
+            run.history,
+            final={
+                "steps": s.steps,
+                "stopped_by": run.reason,
+                "train_seconds": run.train_seconds,
+                "tokens": run.tokens_seen,
+                "tokens_per_second": tps,
+                "model_dir": str(run.run_dir / MODEL_DIR),
+                "fingerprint": run.fingerprint,
+                "parameters": sum(p.numel() for p in bert.parameters()),
+            },
+        )
     s.acc.wait_for_everyone()
     return result
 
@@ -278,9 +357,16 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
     per_epoch = steps_per_epoch(len(loaders.train), config.optim.grad_accum)
     total = config.max_steps or per_epoch * config.optim.epochs
     epochs = math.ceil(total / per_epoch) if config.max_steps else config.optim.epochs
-    s = start_session(model, param_groups(model, config.optim.lr, config.optim.weight_decay), config.optim,
-                      device=config.device, train=loaders.train, loaders=[loaders.evaluation], total_steps=total,
-                      done_steps=int(run.resumed["steps"]) if run.resumed else 0)
+    s = start_session(
+        model,
+        param_groups(model, config.optim.lr, config.optim.weight_decay),
+        config.optim,
+        device=config.device,
+        train=loaders.train,
+        loaders=[loaders.evaluation],
+        total_steps=total,
+        done_steps=int(run.resumed["steps"]) if run.resumed else 0,
+    )
     start, skip = _resume(run, s, loaders)
     budget = None if config.max_minutes is None else config.max_minutes * 60.0
     for epoch in range(start, epochs + 1):
@@ -289,9 +375,15 @@ def run_pretrain(config: PretrainConfig, *, show_progress: bool = True) -> Pretr
         entry = _train_epoch(run, s, loaders, epoch, skip, total, show_progress)
         skip = 0
         run.history.append({k: v for k, v in entry.items() if k != "batches_done"})
-        log.info("epoch %d (step %d): MLM loss %.4f, masked acc %.4f, held-out ppl %.2f, %.0f tokens/s", epoch, s.steps,
-                 entry["train_mlm_loss"], entry["train_masked_accuracy"], entry["heldout_perplexity"],
-                 entry["tokens_per_second"])
+        log.info(
+            "epoch %d (step %d): MLM loss %.4f, masked acc %.4f, held-out ppl %.2f, %.0f tokens/s",
+            epoch,
+            s.steps,
+            entry["train_mlm_loss"],
+            entry["train_masked_accuracy"],
+            entry["heldout_perplexity"],
+            entry["tokens_per_second"],
+        )
         _checkpoint(run, s, entry)
         if run.reason != "epochs":
             break

@@ -25,7 +25,13 @@ from embstore.errors import ConfigError
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier
 from heads.probe.fitting import (
-    check_labels, class_weights, epoch_batches, epoch_schedule, head_device, mark_fitted, resolve_n_classes,
+    check_labels,
+    class_weights,
+    epoch_batches,
+    epoch_schedule,
+    head_device,
+    mark_fitted,
+    resolve_n_classes,
 )
 from heads.probe.modules import Inputs, LinearHead, as_inputs, build_module
 from heads.protocol import BestTracker, Split, make_split, scores
@@ -36,8 +42,9 @@ __all__ = ["fit_linear_probes"]
 log = logging.getLogger(__name__)
 
 
-def _validate(features: list[Any], y: Any, val_features: list[Any] | None, y_val: Any
-              ) -> tuple[list[Inputs], np.ndarray, list[Inputs] | None, np.ndarray | None]:
+def _validate(
+    features: list[Any], y: Any, val_features: list[Any] | None, y_val: Any
+) -> tuple[list[Inputs], np.ndarray, list[Inputs] | None, np.ndarray | None]:
     if not features:
         raise ConfigError("fit_linear_probes needs at least one feature array; got an empty list.")
     train = [as_inputs(f, "linear") for f in features]
@@ -54,8 +61,10 @@ def _validate(features: list[Any], y: Any, val_features: list[Any] | None, y_val
     val = [as_inputs(f, "linear") for f in val_features]
     for g, (t, v) in enumerate(zip(train, val)):
         if t.shape != v.shape or len(v) != len(val[0]):
-            raise ConfigError(f"val_features[{g}] must be {t.shape.describe()} with the same rows as the other "
-                              f"validation arrays; got {v.shape.describe()} with {len(v)} rows.")
+            raise ConfigError(
+                f"val_features[{g}] must be {t.shape.describe()} with the same rows as the other "
+                f"validation arrays; got {v.shape.describe()} with {len(v)} rows."
+            )
     return train, labels, val, check_labels(y_val, len(val[0]), "y_val")
 
 
@@ -95,14 +104,20 @@ class _Stack:
         for g, m in enumerate(inits):
             groups.setdefault(m.linear.in_features, []).append(g)
         # AdamW does not care about the (G_d, d, C) layout: updates are elementwise.
-        return cls(groups=groups,
-                   W={d: nn.Parameter(torch.stack([inits[g].linear.weight.detach().T for g in gs]).to(device))
-                      for d, gs in groups.items()},
-                   B={d: nn.Parameter(torch.stack([inits[g].linear.bias.detach() for g in gs]).to(device))
-                      for d, gs in groups.items()},
-                   shift={d: torch.stack([inits[g].standardize.shift for g in gs]).to(device) for d, gs in groups.items()},
-                   scale={d: torch.stack([inits[g].standardize.scale for g in gs]).to(device) for d, gs in groups.items()},
-                   device=device)
+        return cls(
+            groups=groups,
+            W={
+                d: nn.Parameter(torch.stack([inits[g].linear.weight.detach().T for g in gs]).to(device))
+                for d, gs in groups.items()
+            },
+            B={
+                d: nn.Parameter(torch.stack([inits[g].linear.bias.detach() for g in gs]).to(device))
+                for d, gs in groups.items()
+            },
+            shift={d: torch.stack([inits[g].standardize.shift for g in gs]).to(device) for d, gs in groups.items()},
+            scale={d: torch.stack([inits[g].standardize.scale for g in gs]).to(device) for d, gs in groups.items()},
+            device=device,
+        )
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for d in self.groups for p in (self.W[d], self.B[d])]
@@ -123,9 +138,17 @@ class _Stack:
         return torch.einsum("bgd,gdc->bgc", x, self.W[d][self.sel[d]]) + self.B[d][self.sel[d]]
 
 
-def _train_epoch(stack: _Stack, live: dict[int, list[int]], train: list[Inputs], y: np.ndarray, split: Split,
-                 cfg: HeadConfig, opt: torch.optim.Optimizer, weight: torch.Tensor | None, gen: torch.Generator
-                 ) -> dict[int, torch.Tensor]:
+def _train_epoch(
+    stack: _Stack,
+    live: dict[int, list[int]],
+    train: list[Inputs],
+    y: np.ndarray,
+    split: Split,
+    cfg: HeadConfig,
+    opt: torch.optim.Optimizer,
+    weight: torch.Tensor | None,
+    gen: torch.Generator,
+) -> dict[int, torch.Tensor]:
     """One epoch of minibatches over every live probe; {width: (G_live,) summed training loss x rows}."""
     device = stack.device
     totals = {d: torch.zeros(len(gs), device=device) for d, gs in live.items()}
@@ -136,8 +159,9 @@ def _train_epoch(stack: _Stack, live: dict[int, list[int]], train: list[Inputs],
         loss = torch.zeros((), device=device)
         for d, gs in live.items():
             logits = stack.logits(train, d, gs, idx)  # (b, G_live, C)
-            per_row = F.cross_entropy(logits.permute(0, 2, 1), yb[:, None].expand(-1, len(gs)), weight=weight,
-                                      reduction="none")  # (b, G_d)
+            per_row = F.cross_entropy(
+                logits.permute(0, 2, 1), yb[:, None].expand(-1, len(gs)), weight=weight, reduction="none"
+            )  # (b, G_d)
             per_probe = per_row.sum(0) / denom  # (G_d,)
             loss = loss + per_probe.sum()  # a sum keeps every probe's gradient its own
             totals[d] += per_probe.detach() * len(idx)
@@ -147,9 +171,19 @@ def _train_epoch(stack: _Stack, live: dict[int, list[int]], train: list[Inputs],
     return totals
 
 
-def _record_epoch(stack: _Stack, live: dict[int, list[int]], pos: dict[int, list[int]], epoch: int, lr: float,
-                  totals: dict[int, torch.Tensor], preds: dict[int, np.ndarray] | None, split: Split, n_train: int,
-                  trackers: list[BestTracker], histories: list[list[dict[str, Any]]]) -> None:
+def _record_epoch(
+    stack: _Stack,
+    live: dict[int, list[int]],
+    pos: dict[int, list[int]],
+    epoch: int,
+    lr: float,
+    totals: dict[int, torch.Tensor],
+    preds: dict[int, np.ndarray] | None,
+    split: Split,
+    n_train: int,
+    trackers: list[BestTracker],
+    histories: list[list[dict[str, Any]]],
+) -> None:
     """Every live probe's history entry and early-stopping update (a new best snapshots its weights)."""
     for d, gs in live.items():
         for jj, g in enumerate(gs):
@@ -159,13 +193,30 @@ def _record_epoch(stack: _Stack, live: dict[int, list[int]], pos: dict[int, list
             acc = f1 = None
             if preds is not None and split.y_val is not None and split.val_idx is not None:
                 acc, f1 = scores(split.y_val[split.val_idx], preds[d][:, jj])
-            histories[g].append({"epoch": epoch, "train_loss": float(totals[d][jj]) / n_train,
-                                 "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
-            trackers[g].update(epoch, f1, lambda d=d, j=j: (stack.W[d][j].detach().clone(), stack.B[d][j].detach().clone()))
+            histories[g].append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(totals[d][jj]) / n_train,
+                    "val_accuracy": acc,
+                    "val_f1_macro": f1,
+                    "lr": lr,
+                }
+            )
+            trackers[g].update(
+                epoch, f1, lambda d=d, j=j: (stack.W[d][j].detach().clone(), stack.B[d][j].detach().clone())
+            )
 
 
-def _fitted(stack: _Stack, inits: list[LinearHead], train: list[Inputs], cfg: HeadConfig, n_classes: int,
-            trackers: list[BestTracker], histories: list[list[dict[str, Any]]], seconds: float) -> list[HeadClassifier]:
+def _fitted(
+    stack: _Stack,
+    inits: list[LinearHead],
+    train: list[Inputs],
+    cfg: HeadConfig,
+    n_classes: int,
+    trackers: list[BestTracker],
+    histories: list[list[dict[str, Any]]],
+    seconds: float,
+) -> list[HeadClassifier]:
     """One fitted HeadClassifier per probe, in input order, with its best epoch's weights."""
     fitted: list[HeadClassifier | None] = [None] * len(inits)
     for d, gs in stack.groups.items():
@@ -175,13 +226,26 @@ def _fitted(stack: _Stack, inits: list[LinearHead], train: list[Inputs], cfg: He
             with torch.no_grad():
                 module.linear.weight.copy_(w.T)
                 module.linear.bias.copy_(b)
-            fitted[g] = mark_fitted(HeadClassifier(cfg), module.to(stack.device), n_classes, train[g].shape,
-                                    histories[g], trackers[g].best_epoch, seconds)
+            fitted[g] = mark_fitted(
+                HeadClassifier(cfg),
+                module.to(stack.device),
+                n_classes,
+                train[g].shape,
+                histories[g],
+                trackers[g].best_epoch,
+                seconds,
+            )
     return [est for est in fitted if est is not None]
 
 
-def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.ndarray] | None, y_val: Any,
-                      config: HeadConfig, n_classes: int | None = None) -> list[HeadClassifier]:
+def fit_linear_probes(
+    features: list[np.ndarray],
+    y: Any,
+    val_features: list[np.ndarray] | None,
+    y_val: Any,
+    config: HeadConfig,
+    n_classes: int | None = None,
+) -> list[HeadClassifier]:
     """Fit one linear head per feature array in a single pass; returns one fitted HeadClassifier per probe.
 
     ``features[g]`` is (n, d_g) (or (n, layers, hidden), flattened), all on the same n rows; ``y`` (n,) int class
@@ -216,16 +280,20 @@ def fit_linear_probes(features: list[np.ndarray], y: Any, val_features: list[np.
     return _fitted(stack, inits, train, cfg, n_classes, trackers, histories, (time.perf_counter() - t0) / len(train))
 
 
-def _val_predictions(val: list[Inputs] | None, val_idx: np.ndarray | None, live: dict[int, list[int]],
-                     logits_of: Callable[[list[Inputs], int, list[int], np.ndarray], torch.Tensor], batch_size: int
-                     ) -> dict[int, np.ndarray] | None:
+def _val_predictions(
+    val: list[Inputs] | None,
+    val_idx: np.ndarray | None,
+    live: dict[int, list[int]],
+    logits_of: Callable[[list[Inputs], int, list[int], np.ndarray], torch.Tensor],
+    batch_size: int,
+) -> dict[int, np.ndarray] | None:
     """Predicted classes of the validation rows per width group, {d: (n_val, G_d)}; None without validation."""
     if val is None or val_idx is None:
         return None
     out: dict[int, list[torch.Tensor]] = {d: [] for d in live}
     with torch.inference_mode():
         for start in range(0, len(val_idx), batch_size):
-            idx = val_idx[start:start + batch_size]
+            idx = val_idx[start : start + batch_size]
             for d, gs in live.items():
                 out[d].append(logits_of(val, d, gs, idx).argmax(2).cpu())
     return {d: torch.cat(parts).numpy() for d, parts in out.items()}

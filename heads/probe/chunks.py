@@ -57,7 +57,9 @@ RowBlock = tuple[np.ndarray, list[np.ndarray], np.ndarray, "np.ndarray | None"]
 
 def chunks_of(blocks: Callable[[], Iterator[RowBlock]]) -> ChunkSource:
     """The solver's chunk source from a source of row blocks (the blocks without their rows)."""
+
     def chunks() -> Iterator[Chunk]:
         for _rows, feats, y, masks in blocks():
             yield feats, y, masks
+
     return chunks

@@ -32,8 +32,9 @@ def parse_grid(value: Any) -> tuple[float, ...]:
         try:
             out.append(float(p))
         except (TypeError, ValueError):
-            raise ConfigError(f"The 'c_grid' option must be a comma list of positive numbers such as 1e-4,1e-2,1; "
-                              f"got {p!r}.") from None
+            raise ConfigError(
+                f"The 'c_grid' option must be a comma list of positive numbers such as 1e-4,1e-2,1; got {p!r}."
+            ) from None
     return tuple(out)
 
 
@@ -120,8 +121,10 @@ class HeadConfig:
             raise ConfigError("The 'c_grid' option must hold at least one inverse L2 strength C, e.g. 1e-4,1e-2,1,100.")
         bad = [c for c in self.c_grid if not (isinstance(c, (int, float)) and c > 0 and c != float("inf"))]
         if bad:
-            raise ConfigError(f"The 'c_grid' option must hold positive inverse L2 strengths C (finite, > 0); got {bad[0]!r}. "
-                              "Pass values such as 1e-4,1e-2,1,100.")
+            raise ConfigError(
+                f"The 'c_grid' option must hold positive inverse L2 strengths C (finite, > 0); got {bad[0]!r}. "
+                "Pass values such as 1e-4,1e-2,1,100."
+            )
         if self.max_iter < 1:
             raise ConfigError(f"The 'max_iter' option must be a positive integer; got {self.max_iter}.")
         if not self.tol > 0:

@@ -33,11 +33,17 @@ def check_control(store: Store, control: Store, splits: Sequence[str], combos: S
     if control.fingerprint == store.fingerprint:
         _refuse(control, f"it is the store itself (fingerprint {store.fingerprint[:12]})")
     if control.hidden != store.hidden:
-        _refuse(control, f"its model has {control.hidden}-wide layers, the store's {store.hidden}-wide (another model shape)")
+        _refuse(
+            control,
+            f"its model has {control.hidden}-wide layers, the store's {store.hidden}-wide (another model shape)",
+        )
     layers = sorted({x for c in combos for x in c.layers})
     missing = [x for x in layers if x not in control.layers and x not in control.token_layers]
     if missing:
-        _refuse(control, f"it lacks layer(s) {format_layers(missing)} of the sweep (it stores {format_layers(control.layers)})")
+        _refuse(
+            control,
+            f"it lacks layer(s) {format_layers(missing)} of the sweep (it stores {format_layers(control.layers)})",
+        )
     poolings = sorted({c.pooling for c in combos if c.pooling != "tokens"})
     absent = [p for p in poolings if p not in control.poolings]
     if absent:
@@ -52,14 +58,21 @@ def check_control(store: Store, control: Store, splits: Sequence[str], combos: S
         if control.n_rows(split) != store.n_rows(split):
             _refuse(control, f"its split {split!r} has {control.n_rows(split)} rows, the store's {store.n_rows(split)}")
         if not np.array_equal(control.row_ids(split), store.row_ids(split)):
-            _refuse(control, f"its split {split!r} holds other rows, or the same rows in another order (row ids differ)")
+            _refuse(
+                control, f"its split {split!r} holds other rows, or the same rows in another order (row ids differ)"
+            )
         if not np.array_equal(control.labels(split), store.labels(split)):
             _refuse(control, f"its split {split!r} has other labels")
         mine, theirs = store.groups(split), control.groups(split)
-        if (mine is None) != (theirs is None) or (mine is not None and theirs is not None and not np.array_equal(mine, theirs)):
+        if (mine is None) != (theirs is None) or (
+            mine is not None and theirs is not None and not np.array_equal(mine, theirs)
+        ):
             _refuse(control, f"its split {split!r} has other groups")
         a = source_sha256(store.provenance.get("sources", []), split)
         b = source_sha256(control.provenance.get("sources", []), split)
         if a != b:
-            _refuse(control, f"its split {split!r} comes from another data file (sha256 {str(b)[:12]} vs {str(a)[:12]}), "
-                             "so its evaluation set differs")
+            _refuse(
+                control,
+                f"its split {split!r} comes from another data file (sha256 {str(b)[:12]} vs {str(a)[:12]}), "
+                "so its evaluation set differs",
+            )

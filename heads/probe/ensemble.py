@@ -28,7 +28,7 @@ from torch import nn
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier
 from heads.probe.fitting import class_weights, epoch_schedule, mark_fitted
-from heads.probe.modules import InputShape, Inputs, build_module, fit_input_stats
+from heads.probe.modules import Inputs, InputShape, build_module, fit_input_stats
 from heads.protocol import BestTracker, scores
 from heads.training.optim import adamw
 
@@ -75,8 +75,14 @@ class _StackState:
     alive: list[int]
 
 
-def _initial_modules(cfg: HeadConfig, shape: InputShape, train_inputs: Sequence[Inputs], members: Sequence[Member],
-                     n_classes: int, device: torch.device) -> list[nn.Module]:
+def _initial_modules(
+    cfg: HeadConfig,
+    shape: InputShape,
+    train_inputs: Sequence[Inputs],
+    members: Sequence[Member],
+    n_classes: int,
+    device: torch.device,
+) -> list[nn.Module]:
     """Every member's module with the init a single HeadClassifier of its seed draws (input statistics of its own
     fitting rows), on the device."""
     modules: list[nn.Module] = []
@@ -89,8 +95,9 @@ def _initial_modules(cfg: HeadConfig, shape: InputShape, train_inputs: Sequence[
     return modules
 
 
-def _member_weights(cfg: HeadConfig, members: Sequence[Member], y_train: np.ndarray, n_classes: int,
-                    device: torch.device) -> torch.Tensor:
+def _member_weights(
+    cfg: HeadConfig, members: Sequence[Member], y_train: np.ndarray, n_classes: int, device: torch.device
+) -> torch.Tensor:
     """(M, C) class weights of each member's fitting rows (ones without ``class_weight``)."""
     weights = []
     for m in members:
@@ -99,13 +106,25 @@ def _member_weights(cfg: HeadConfig, members: Sequence[Member], y_train: np.ndar
     return torch.stack(weights).to(device)
 
 
-def _train_epoch(st: _StackState, batched: Callable[..., torch.Tensor], base: nn.Module, train_x: list[torch.Tensor],
-                 y_tr: torch.Tensor, cw: torch.Tensor, members: Sequence[Member], feats: torch.Tensor,
-                 gens: list[torch.Generator], batch_size: int, device: torch.device) -> torch.Tensor:
+def _train_epoch(
+    st: _StackState,
+    batched: Callable[..., torch.Tensor],
+    base: nn.Module,
+    train_x: list[torch.Tensor],
+    y_tr: torch.Tensor,
+    cw: torch.Tensor,
+    members: Sequence[Member],
+    feats: torch.Tensor,
+    gens: list[torch.Generator],
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
     """One epoch of every live member over its own rows in its own seeded order; (A,) summed loss x rows."""
     base.train()
     # every member's permutation of its own rows, cut into batches; members with fewer rows are padded
-    orders = [members[i].fit_rows[torch.randperm(len(members[i].fit_rows), generator=gens[i]).numpy()] for i in st.alive]
+    orders = [
+        members[i].fit_rows[torch.randperm(len(members[i].fit_rows), generator=gens[i]).numpy()] for i in st.alive
+    ]
     order_idx, order_mask = _padded(orders)  # (A, longest): rows, 1 where real (members may differ in rows)
     totals = torch.zeros(len(st.alive), device=device)
     for b in range(-(-order_idx.shape[1] // batch_size)):
@@ -125,31 +144,56 @@ def _train_epoch(st: _StackState, batched: Callable[..., torch.Tensor], base: nn
     return totals
 
 
-def _validate_epoch(st: _StackState, batched: Callable[..., torch.Tensor], base: nn.Module, val_x: list[torch.Tensor],
-                    y_val: np.ndarray, members: Sequence[Member], feats: torch.Tensor, device: torch.device,
-                    epoch: int, lr: float, totals: torch.Tensor, trackers: list[BestTracker],
-                    histories: list[list[dict[str, Any]]]) -> list[int]:
+def _validate_epoch(
+    st: _StackState,
+    batched: Callable[..., torch.Tensor],
+    base: nn.Module,
+    val_x: list[torch.Tensor],
+    y_val: np.ndarray,
+    members: Sequence[Member],
+    feats: torch.Tensor,
+    device: torch.device,
+    epoch: int,
+    lr: float,
+    totals: torch.Tensor,
+    trackers: list[BestTracker],
+    histories: list[list[dict[str, Any]]],
+) -> list[int]:
     """Score every live member on its own validation rows, record its epoch and early stopping; the stack positions
     of the members that stopped."""
     base.eval()
     stopped = []
     with torch.inference_mode():
-        preds = _predict_all(batched, st.params, st.buffers, val_x, feats, [members[i].val_rows for i in st.alive], device)
+        preds = _predict_all(
+            batched, st.params, st.buffers, val_x, feats, [members[i].val_rows for i in st.alive], device
+        )
         for a, i in enumerate(st.alive):
             m = members[i]
             acc = f1 = None
             if len(m.val_rows):
                 acc, f1 = scores(y_val[m.val_rows], preds[a])
-            histories[i].append({"epoch": epoch, "train_loss": float(totals[a]) / max(1, len(m.fit_rows)),
-                                 "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
+            histories[i].append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(totals[a]) / max(1, len(m.fit_rows)),
+                    "val_accuracy": acc,
+                    "val_f1_macro": f1,
+                    "lr": lr,
+                }
+            )
             if trackers[i].update(epoch, f1, lambda a=a: _member_state(st.params, a)):
                 stopped.append(a)
     return stopped
 
 
-def _retire(st: _StackState, finished: list[int], trackers: list[BestTracker],
-            best_state: list[dict[str, torch.Tensor] | None], cfg: HeadConfig,
-            on_done: Callable[[int], None] | None) -> None:
+def _retire(
+    st: _StackState,
+    finished: list[int],
+    trackers: list[BestTracker],
+    best_state: list[dict[str, torch.Tensor] | None],
+    cfg: HeadConfig,
+    on_done: Callable[[int], None] | None,
+) -> None:
     """Keep the best weights of the members at stack positions ``finished`` and take them out of the stack."""
     for a in finished:
         i = st.alive[a]
@@ -179,9 +223,18 @@ def members_per_stack(cfg: HeadConfig, shape: InputShape, n_classes: int, device
     return max(1, STACK_BYTES_CPU // max(1, 16 * n_params))
 
 
-def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Sequence[Inputs], members: Sequence[Member],
-                y_train: np.ndarray, y_val: np.ndarray, n_classes: int, device: torch.device,
-                on_done: Callable[[int], None] | None = None, stack_size: int | None = None) -> list[HeadClassifier]:
+def fit_stacked(
+    cfg: HeadConfig,
+    train_inputs: Sequence[Inputs],
+    val_inputs: Sequence[Inputs],
+    members: Sequence[Member],
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    device: torch.device,
+    on_done: Callable[[int], None] | None = None,
+    stack_size: int | None = None,
+) -> list[HeadClassifier]:
     """Train every member (a dense or pair head ``cfg.head``; all inputs of one shape); one HeadClassifier each.
 
     ``train_inputs[f]`` / ``val_inputs[f]`` hold feature ``f`` for all rows of the training / validation split,
@@ -191,8 +244,11 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
     t0 = time.perf_counter()
     # Inputs on the device once: per array (pair heads have two), stacked over features: (F, n, *row_shape)
     train_x = [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in train_inputs))]
-    val_x = train_x if val_inputs is train_inputs else \
-        [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in val_inputs))]
+    val_x = (
+        train_x
+        if val_inputs is train_inputs
+        else [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in val_inputs))]
+    )
     size = len(members) if stack_size is None else max(1, stack_size)
     fitted: list[HeadClassifier] = []
     for start in range(0, len(members), size):
@@ -202,17 +258,27 @@ def fit_stacked(cfg: HeadConfig, train_inputs: Sequence[Inputs], val_inputs: Seq
             if on_done is not None:
                 on_done(part[i])
 
-        fitted += _fit_stack(cfg, train_inputs, train_x, val_x, [members[i] for i in part], y_train, y_val, n_classes,
-                             device, done)
+        fitted += _fit_stack(
+            cfg, train_inputs, train_x, val_x, [members[i] for i in part], y_train, y_val, n_classes, device, done
+        )
     seconds = (time.perf_counter() - t0) / max(1, len(members))
     for est in fitted:
         est.train_seconds_ = seconds
     return fitted
 
 
-def _fit_stack(cfg: HeadConfig, train_inputs: Sequence[Inputs], train_x: list[torch.Tensor], val_x: list[torch.Tensor],
-               members: Sequence[Member], y_train: np.ndarray, y_val: np.ndarray, n_classes: int, device: torch.device,
-               on_done: Callable[[int], None] | None) -> list[HeadClassifier]:
+def _fit_stack(
+    cfg: HeadConfig,
+    train_inputs: Sequence[Inputs],
+    train_x: list[torch.Tensor],
+    val_x: list[torch.Tensor],
+    members: Sequence[Member],
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    device: torch.device,
+    on_done: Callable[[int], None] | None,
+) -> list[HeadClassifier]:
     """One stack of members, trained together to the end."""
     shape = train_inputs[0].shape
     modules = _initial_modules(cfg, shape, train_inputs, members, n_classes, device)
@@ -221,8 +287,10 @@ def _fit_stack(cfg: HeadConfig, train_inputs: Sequence[Inputs], train_x: list[to
     # Linear weights held as (M, in, out): the layout their vmapped gradients come in, so autograd and the fused
     # AdamW use them as they are instead of copying every weight gradient on every step (27% of a hidden-2048 stack)
     held = _transposed(stacked)
-    params = {k: (v.detach().transpose(1, 2).contiguous() if k in held else v.detach().clone()).requires_grad_(True)
-              for k, v in stacked.items()}
+    params = {
+        k: (v.detach().transpose(1, 2).contiguous() if k in held else v.detach().clone()).requires_grad_(True)
+        for k, v in stacked.items()
+    }
 
     def call(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
         # one member's parameters (inside vmap) as its module holds them: linear weights back to (out, in) views
@@ -235,8 +303,12 @@ def _fit_stack(cfg: HeadConfig, train_inputs: Sequence[Inputs], train_x: list[to
     lrs = schedule_lrs(cfg)
     trackers = [BestTracker(cfg.patience) for _ in members]
     histories: list[list[dict[str, Any]]] = [[] for _ in members]
-    st = _StackState(params, buffers, adamw([{"params": list(params.values()), "weight_decay": cfg.weight_decay}], cfg.lr),
-                     list(range(len(members))))
+    st = _StackState(
+        params,
+        buffers,
+        adamw([{"params": list(params.values()), "weight_decay": cfg.weight_decay}], cfg.lr),
+        list(range(len(members))),
+    )
     feature_of = torch.tensor([m.feature for m in members], device=device)
     best_state: list[dict[str, torch.Tensor] | None] = [None] * len(members)
     for epoch in range(cfg.epochs):
@@ -246,11 +318,18 @@ def _fit_stack(cfg: HeadConfig, train_inputs: Sequence[Inputs], train_x: list[to
             group["lr"] = lrs[epoch]
         feats = feature_of[st.alive][:, None]
         totals = _train_epoch(st, batched, base, train_x, y_tr, cw, members, feats, gens, cfg.batch_size, device)
-        stopped = _validate_epoch(st, batched, base, val_x, y_val, members, feats, device, epoch, lrs[epoch], totals,
-                                  trackers, histories)
+        stopped = _validate_epoch(
+            st, batched, base, val_x, y_val, members, feats, device, epoch, lrs[epoch], totals, trackers, histories
+        )
         if stopped or epoch == cfg.epochs - 1:
-            _retire(st, stopped if epoch < cfg.epochs - 1 else list(range(len(st.alive))), trackers, best_state, cfg,
-                    on_done)
+            _retire(
+                st,
+                stopped if epoch < cfg.epochs - 1 else list(range(len(st.alive))),
+                trackers,
+                best_state,
+                cfg,
+                on_done,
+            )
     fitted = []
     for i, module in enumerate(modules):
         state = best_state[i]
@@ -258,8 +337,17 @@ def _fit_stack(cfg: HeadConfig, train_inputs: Sequence[Inputs], train_x: list[to
             with torch.no_grad():
                 for name, p in module.named_parameters():
                     p.copy_(state[name])
-        fitted.append(mark_fitted(HeadClassifier(cfg.replace(seed=members[i].seed)), module, n_classes, shape,
-                                  histories[i], trackers[i].best_epoch, 0.0))
+        fitted.append(
+            mark_fitted(
+                HeadClassifier(cfg.replace(seed=members[i].seed)),
+                module,
+                n_classes,
+                shape,
+                histories[i],
+                trackers[i].best_epoch,
+                0.0,
+            )
+        )
     return fitted
 
 
@@ -281,36 +369,52 @@ def _padded(orders: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     idx = np.zeros((len(orders), longest), dtype=np.int64)
     mask = np.zeros((len(orders), longest), dtype=np.float32)
     for a, o in enumerate(orders):
-        idx[a, :len(o)], mask[a, :len(o)] = o, 1.0
+        idx[a, : len(o)], mask[a, : len(o)] = o, 1.0
     return idx, mask
 
 
-def _predict_all(batched: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                 val_x: list[torch.Tensor], feats: torch.Tensor, rows: Sequence[np.ndarray], device: torch.device,
-                 batch: int = 2048) -> list[np.ndarray]:
+def _predict_all(
+    batched: Callable[..., torch.Tensor],
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    val_x: list[torch.Tensor],
+    feats: torch.Tensor,
+    rows: Sequence[np.ndarray],
+    device: torch.device,
+    batch: int = 2048,
+) -> list[np.ndarray]:
     """Every stack member's predicted classes of its own validation rows (eval mode), in one batched pass."""
     if not any(len(r) for r in rows):
         return [np.zeros(0, dtype=np.int64) for _ in rows]
     idx, _ = _padded([r if len(r) else np.zeros(1, dtype=np.int64) for r in rows])
     out = []
     for start in range(0, idx.shape[1], batch):
-        idx_t = torch.from_numpy(idx[:, start:start + batch]).to(device)
+        idx_t = torch.from_numpy(idx[:, start : start + batch]).to(device)
         out.append(batched(params, buffers, *[x[feats, idx_t] for x in val_x]).argmax(-1).cpu())
     pred = torch.cat(out, dim=1).numpy()  # (A, longest)
-    return [pred[a, :len(r)] for a, r in enumerate(rows)]
+    return [pred[a, : len(r)] for a, r in enumerate(rows)]
 
 
-def _compact(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-             keep: list[int], cfg: HeadConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.optim.Optimizer]:
+def _compact(
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    keep: list[int],
+    cfg: HeadConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.optim.Optimizer]:
     """The stack without the members that stopped, AdamW's moments carried over."""
     idx = torch.tensor(keep, device=next(iter(params.values())).device)
     new_params = {k: v.detach()[idx].clone().requires_grad_(True) for k, v in params.items()}
     new_buffers = {k: v[idx].clone() for k, v in buffers.items()}
-    new_opt = adamw([{"params": list(new_params.values()), "weight_decay": cfg.weight_decay}], opt.param_groups[0]["lr"])
+    new_opt = adamw(
+        [{"params": list(new_params.values()), "weight_decay": cfg.weight_decay}], opt.param_groups[0]["lr"]
+    )
     for old, new in zip(params.values(), new_params.values()):
         state = opt.state.get(old)
         if state:
-            new_opt.state[new] = {k: (v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
+            new_opt.state[new] = {
+                k: (v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()
+            }
     return new_params, new_buffers, new_opt
 
 

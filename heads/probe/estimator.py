@@ -21,9 +21,15 @@ from torch import nn
 from embstore.errors import ConfigError, EmbstoreError
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.fitting import (
-    check_labels, class_weights, epoch_batches, epoch_schedule, head_device, mark_fitted, resolve_n_classes,
+    check_labels,
+    class_weights,
+    epoch_batches,
+    epoch_schedule,
+    head_device,
+    mark_fitted,
+    resolve_n_classes,
 )
-from heads.probe.modules import InputShape, Inputs, Ragged, as_inputs, build_module, fit_input_stats
+from heads.probe.modules import Inputs, InputShape, Ragged, as_inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, make_split, scores
 from heads.training.optim import adamw
 
@@ -48,7 +54,7 @@ def _logits(module: nn.Module, inputs: Inputs, idx: np.ndarray, batch_size: int)
     out = []
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
-            out.append(module(*inputs.batch(idx[start:start + batch_size], device)).float().cpu())
+            out.append(module(*inputs.batch(idx[start : start + batch_size], device)).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))
 
 
@@ -80,8 +86,9 @@ class HeadClassifier:
         return f"HeadClassifier(head={self.config.head!r})"
 
     # -- training ------------------------------------------------------------------------------------------
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, n_classes: int | None = None
-            ) -> "HeadClassifier":
+    def fit(
+        self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, n_classes: int | None = None
+    ) -> "HeadClassifier":
         """Train on X (see the class docstring) and y (n,) int class indices; returns self.
 
         Validation for early stopping is X_val/y_val, or a seeded stratified carve of X when patience > 0.
@@ -127,8 +134,15 @@ class HeadClassifier:
             if val is not None and split.val_idx is not None and split.y_val is not None:
                 pred = _logits(module, val, split.val_idx, self._eval_batch()).argmax(1).numpy()
                 acc, f1 = scores(split.y_val[split.val_idx], pred)
-            history.append({"epoch": epoch, "train_loss": float(total) / len(split.train_idx),
-                            "val_accuracy": acc, "val_f1_macro": f1, "lr": lr})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": float(total) / len(split.train_idx),
+                    "val_accuracy": acc,
+                    "val_f1_macro": f1,
+                    "lr": lr,
+                }
+            )
             log.debug("%r epoch %d: %s", self, epoch, history[-1])
             if tracker.update(epoch, f1, lambda: copy.deepcopy(module.state_dict())):
                 break
@@ -143,8 +157,10 @@ class HeadClassifier:
 
     def _check_shape(self, inputs: Inputs, expected: InputShape, name: str = "X") -> None:
         if inputs.shape != expected:
-            raise ConfigError(f"{name} must match the features the {self!r} was fitted on: {expected.describe()}; "
-                              f"got {inputs.shape.describe()}. Use features of the same layers and pooling.")
+            raise ConfigError(
+                f"{name} must match the features the {self!r} was fitted on: {expected.describe()}; "
+                f"got {inputs.shape.describe()}. Use features of the same layers and pooling."
+            )
 
     def _eval_batch(self) -> int:
         # Tokens pad per batch, so keep their batches at the training size; dense rows are cheap.
@@ -170,13 +186,20 @@ class HeadClassifier:
         self._check_fitted()
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()},
-                  str(path / WEIGHTS_FILE))
-        meta = {"config": self.config.to_dict(), "n_classes": self.n_classes_,
-                "input_shape": self.input_shape_.to_dict(), "best_epoch": self.best_epoch_,
-                "train_seconds": self.train_seconds_, "history": self.history_,
-                "mix_weights": self.mix_weights_.tolist() if hasattr(self, "mix_weights_") else None,
-                "mix_scale": getattr(self, "mix_scale_", None), "extra": extra or {}}
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}, str(path / WEIGHTS_FILE)
+        )
+        meta = {
+            "config": self.config.to_dict(),
+            "n_classes": self.n_classes_,
+            "input_shape": self.input_shape_.to_dict(),
+            "best_epoch": self.best_epoch_,
+            "train_seconds": self.train_seconds_,
+            "history": self.history_,
+            "mix_weights": self.mix_weights_.tolist() if hasattr(self, "mix_weights_") else None,
+            "mix_scale": getattr(self, "mix_scale_", None),
+            "extra": extra or {},
+        }
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
         return path
 
@@ -198,8 +221,15 @@ class HeadClassifier:
         with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
             module = build_module(cfg, shape, int(meta["n_classes"]))
         _load_weights(module, load_file(str(path / WEIGHTS_FILE)), path)
-        mark_fitted(est, module.to(head_device(cfg)), int(meta["n_classes"]), shape, list(meta["history"]),
-                    int(meta["best_epoch"]), float(meta["train_seconds"]))
+        mark_fitted(
+            est,
+            module.to(head_device(cfg)),
+            int(meta["n_classes"]),
+            shape,
+            list(meta["history"]),
+            int(meta["best_epoch"]),
+            float(meta["train_seconds"]),
+        )
         est.extra_ = dict(meta.get("extra") or {})
         return est
 
@@ -210,13 +240,17 @@ def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: Path)
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.split(".")[0].startswith("standardize")]
     if missing or unexpected:
-        raise HeadNotFoundError(f"{path / WEIGHTS_FILE} does not match its head.json (missing {missing[:3]}, unexpected "
-                                f"{list(unexpected)[:3]}); save the head again with this version.")
+        raise HeadNotFoundError(
+            f"{path / WEIGHTS_FILE} does not match its head.json (missing {missing[:3]}, unexpected "
+            f"{list(unexpected)[:3]}); save the head again with this version."
+        )
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
     if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise HeadNotFoundError(f"{path} holds no saved head ({META_FILE} + {WEIGHTS_FILE}); pass a directory "
-                                "written by HeadClassifier.save.")
+        raise HeadNotFoundError(
+            f"{path} holds no saved head ({META_FILE} + {WEIGHTS_FILE}); pass a directory "
+            "written by HeadClassifier.save."
+        )
     meta: dict[str, Any] = json.loads((path / META_FILE).read_text())
     return meta

@@ -32,7 +32,18 @@ BLOCK_ROWS = 1024
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+}
 
 
 def parse_memory(text: str | int) -> int:
@@ -45,7 +56,9 @@ def parse_memory(text: str | int) -> int:
     try:
         value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     except ValueError:
-        raise ConfigError(f"The 'max_memory' option must be a size like 8GB, 512MB or a byte count; got {text!r}.") from None
+        raise ConfigError(
+            f"The 'max_memory' option must be a size like 8GB, 512MB or a byte count; got {text!r}."
+        ) from None
     if value <= 0:
         raise ConfigError(f"The 'max_memory' option must be a positive size like 8GB; got {text!r}.")
     return value
@@ -63,8 +76,11 @@ def feature_width(combo: Combo, hidden: int) -> int:
 def _needs(store: Store, combos: Sequence[Combo]) -> tuple[list[int], list[str], list[str]]:
     """The stored layers, poolings and towers the pooled ``combos`` read."""
     pooled = [c for c in combos if c.pooling != "tokens"]
-    return (sorted({x for c in pooled for x in c.layers}), sorted({c.pooling for c in pooled}),
-            sorted({t for c in pooled for t in _towers_for(c, store.towers)}))
+    return (
+        sorted({x for c in pooled for x in c.layers}),
+        sorted({c.pooling for c in pooled}),
+        sorted({t for c in pooled for t in _towers_for(c, store.towers)}),
+    )
 
 
 class FeatureBank:
@@ -88,15 +104,24 @@ class FeatureBank:
                         # (n, k, hidden) in the stored dtype, read once for the whole sweep
                         self._cache[(split, pooling, tower)] = store.pooled(split, pooling, self.layers, tower=tower)
         elif self.layers:
-            log.info("features need %.2f GB > max_memory %.2f GB: streaming row chunks from the store",
-                     self.needed / 1e9, max_memory / 1e9)
+            log.info(
+                "features need %.2f GB > max_memory %.2f GB: streaming row chunks from the store",
+                self.needed / 1e9,
+                max_memory / 1e9,
+            )
 
     @staticmethod
     def bytes_needed(store: Store, combos: Sequence[Combo], splits: Sequence[str]) -> int:
         """What a bank of ``combos`` would hold in memory (:attr:`needed`), without reading anything."""
         layers, poolings, towers = _needs(store, combos)
-        return sum(store.n_rows(s) for s in dict.fromkeys(splits)) * len(layers) * len(poolings) * len(towers) * \
-            store.hidden * np.dtype(store.layout.dtype).itemsize
+        return (
+            sum(store.n_rows(s) for s in dict.fromkeys(splits))
+            * len(layers)
+            * len(poolings)
+            * len(towers)
+            * store.hidden
+            * np.dtype(store.layout.dtype).itemsize
+        )
 
     # -- whole configurations ------------------------------------------------------------------------------
     def _block(self, split: str, pooling: str, tower: str, layers: Sequence[int]) -> np.ndarray:
@@ -105,11 +130,14 @@ class FeatureBank:
             full = self._cache[(split, pooling, tower)]
             pos = [self.layers.index(x) for x in layers]
             if pos == list(range(pos[0], pos[-1] + 1)):
-                return full[:, pos[0]:pos[-1] + 1]  # a view, no copy
+                return full[:, pos[0] : pos[-1] + 1]  # a view, no copy
             return full[:, pos]
         need = self.store.n_rows(split) * len(layers) * self.store.hidden * self.itemsize
         if need > self.max_memory:
-            raise ConfigError(f"One configuration ({len(layers)} layers of {split}) needs {need / 1e9:.2f} GB, over --max-memory {self.max_memory / 1e9:.2f} GB; raise --max-memory or sweep fewer layers at once.")
+            raise ConfigError(
+                f"One configuration ({len(layers)} layers of {split}) needs {need / 1e9:.2f} GB, over --max-memory "
+                f"{self.max_memory / 1e9:.2f} GB; raise --max-memory or sweep fewer layers at once."
+            )
         return self.store.pooled(split, pooling, list(layers), tower=tower)
 
     def features(self, combo: Combo, split: str, rows: np.ndarray | None = None) -> Any:
@@ -123,7 +151,9 @@ class FeatureBank:
             ragged = Ragged(tok.values, tok.offsets)
             return ragged if rows is None else ragged.take(rows)
         if combo.head == "pair":
-            return tuple(self._shape(combo, self._block(split, combo.pooling, t, combo.layers), rows) for t in self.store.towers)
+            return tuple(
+                self._shape(combo, self._block(split, combo.pooling, t, combo.layers), rows) for t in self.store.towers
+            )
         return self._shape(combo, self._block(split, combo.pooling, self.store.towers[0], combo.layers), rows)
 
     @staticmethod
@@ -156,8 +186,9 @@ class FeatureBank:
         rows = self.store.layout.splits[split].chunk_rows
         return rows * self.row_bytes + min(rows, BLOCK_ROWS) * (4 * n_features + per_row_work)
 
-    def chunk_blocks(self, combos: Sequence[Combo], split: str, chunk: int, rows: np.ndarray
-                     ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    def chunk_blocks(
+        self, combos: Sequence[Combo], split: str, chunk: int, rows: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
         """(rows, one float32 (len(rows), width) array per pooled combo) for blocks of at most ``BLOCK_ROWS`` of
         ``rows`` (absolute, all inside row chunk ``chunk``): the chunk is read once (from memory, or from the
         store), the float32 features built one block at a time, so a streamed chunk costs its stored bytes plus
@@ -172,7 +203,12 @@ class FeatureBank:
             offset = start
         pos = {c: [self.layers.index(x) for x in c.layers] for c in combos}
         for b in range(0, len(rows), BLOCK_ROWS):
-            sub = rows[b:b + BLOCK_ROWS]
+            sub = rows[b : b + BLOCK_ROWS]
             blocks = {p: raw[p][sub - offset] for p in self.poolings}
-            yield sub, [np.ascontiguousarray(self._shape(c, blocks[c.pooling][:, pos[c]], None), dtype=np.float32)
-                        for c in combos]
+            yield (
+                sub,
+                [
+                    np.ascontiguousarray(self._shape(c, blocks[c.pooling][:, pos[c]], None), dtype=np.float32)
+                    for c in combos
+                ],
+            )

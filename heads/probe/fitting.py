@@ -25,8 +25,15 @@ from heads.training.schedule import make_scheduler
 if TYPE_CHECKING:
     from heads.probe.estimator import HeadClassifier
 
-__all__ = ["check_labels", "resolve_n_classes", "head_device", "class_weights", "epoch_schedule", "epoch_batches",
-           "mark_fitted"]
+__all__ = [
+    "check_labels",
+    "resolve_n_classes",
+    "head_device",
+    "class_weights",
+    "epoch_schedule",
+    "epoch_batches",
+    "mark_fitted",
+]
 
 
 def check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
@@ -35,8 +42,10 @@ def check_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
     if y.ndim != 1 or len(y) != n:
         raise ConfigError(f"{name} must be 1-D with one label per feature row ({n}); got shape {y.shape}.")
     if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"{name} must hold integer class indices 0..C-1; got dtype {y.dtype}. Encode labels as "
-                          "indices first (e.g. sklearn LabelEncoder).")
+        raise ConfigError(
+            f"{name} must hold integer class indices 0..C-1; got dtype {y.dtype}. Encode labels as "
+            "indices first (e.g. sklearn LabelEncoder)."
+        )
     if n and y.min() < 0:
         raise ConfigError(f"{name} must hold class indices 0..C-1; got {y.min()}.")
     return y.astype(np.int64, copy=False)
@@ -66,8 +75,9 @@ def class_weights(y_train: np.ndarray, n_classes: int, class_weight: str) -> tor
     return torch.tensor(w, dtype=torch.float32)
 
 
-def epoch_schedule(opt: torch.optim.Optimizer, schedule: str, epochs: int, gamma: float
-                   ) -> torch.optim.lr_scheduler.LRScheduler:
+def epoch_schedule(
+    opt: torch.optim.Optimizer, schedule: str, epochs: int, gamma: float
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-epoch lr schedule of a head (step it once per epoch): constant, x ``gamma`` per epoch
     ('exponential') or a cosine to 0 over ``epochs`` ('cosine'), without warmup."""
     return make_scheduler(opt, schedule, warmup=0, total=epochs, per_epoch=1, gamma=gamma)
@@ -77,11 +87,18 @@ def epoch_batches(train_idx: np.ndarray, batch_size: int, gen: torch.Generator) 
     """One seeded permutation of the training rows, cut into minibatches of row indices."""
     order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]
 
 
-def mark_fitted(est: HeadClassifier, module: nn.Module, n_classes: int, shape: InputShape,
-                history: list[dict[str, Any]], best_epoch: int, train_seconds: float) -> HeadClassifier:
+def mark_fitted(
+    est: HeadClassifier,
+    module: nn.Module,
+    n_classes: int,
+    shape: InputShape,
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    train_seconds: float,
+) -> HeadClassifier:
     """Make ``est`` a fitted head: its module (in eval mode), classes, input shape, history, best epoch and training
     seconds, and for a 'mix' head the learnt layer weights; returns ``est``. Every trainer ends with this."""
     est.module_ = module.eval()

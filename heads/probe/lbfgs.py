@@ -14,8 +14,10 @@ import torch
 
 __all__ = ["BatchedLBFGS", "Objective"]
 
-Objective = Callable[[dict[int, torch.Tensor], dict[int, torch.Tensor]],
-                     tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]]
+Objective = Callable[
+    [dict[int, torch.Tensor], dict[int, torch.Tensor]],
+    tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]],
+]
 """(parameters, active problems) -> (objective, data term, gradient), each per width d."""
 
 
@@ -30,8 +32,9 @@ class BatchedLBFGS:
     def __init__(self, objective: Objective, thetas: dict[int, torch.Tensor], *, history: int) -> None:
         self.objective, self.thetas, self.m = objective, thetas, history
 
-    def _evaluate(self, where: dict[int, torch.Tensor], x: dict[int, torch.Tensor], which: dict[int, torch.Tensor]
-                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def _evaluate(
+        self, where: dict[int, torch.Tensor], x: dict[int, torch.Tensor], which: dict[int, torch.Tensor]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Objective and gradient at the compact points ``x`` (A_d, D) of the problems ``where`` (G, K) marks; only
         the ones ``which`` (A_d,) marks are computed (the others come back as 0)."""
         mask = {d: torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device) for d, t in self.thetas.items()}
@@ -41,8 +44,9 @@ class BatchedLBFGS:
         f, _, g = self.objective(self.thetas, mask)
         return {d: f[d][w] for d, w in where.items()}, {d: g[d][w] for d, w in where.items()}
 
-    def run(self, max_iter: int, tol: float, only: dict[int, torch.Tensor] | None = None
-            ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def run(
+        self, max_iter: int, tol: float, only: dict[int, torch.Tensor] | None = None
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Iterate from ``thetas`` (updated in place) until every problem (or every one in ``only``) has its largest
         gradient entry at most ``tol``; returns the iterations each took and whether it got there, (G, K) each."""
         th = self.thetas
@@ -123,7 +127,7 @@ class BatchedLBFGS:
         else:
             gamma = torch.zeros_like(g[..., :1])
         # no curvature pair yet: a first step of length 1 / max(1, |g|_1) as torch's L-BFGS takes
-        first = (1.0 / g.abs().sum(-1, keepdim=True).clamp_min(1.0))
+        first = 1.0 / g.abs().sum(-1, keepdim=True).clamp_min(1.0)
         q = q * torch.where(gamma > 0, gamma, first)
         for (s, y, rho), a in zip(hist, reversed(alphas)):
             q = q + s * (a - rho * (y * q).sum(-1, keepdim=True))

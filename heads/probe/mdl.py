@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from heads.probe.chunks import Comm, RowBlock, chunks_of
 from heads.probe.config import HeadConfig
 from heads.probe.features import BLOCK_ROWS, FeatureBank, feature_width
-from heads.probe.chunks import Comm, RowBlock, chunks_of
 from heads.probe.scoring import probe_probabilities
 from heads.probe.solvers import fit_logistic_probes
 from heads.probe.specs import Combo
@@ -70,8 +70,15 @@ class Codelength:
         return self.uniform_bits / self.bits if self.bits > 0 else math.inf
 
 
-def _ordered_blocks(bank: FeatureBank, combos: Sequence[Combo], split: str, order: np.ndarray, y: np.ndarray,
-                    ends_of: np.ndarray, comm: Comm) -> Callable[[], Iterator[RowBlock]]:
+def _ordered_blocks(
+    bank: FeatureBank,
+    combos: Sequence[Combo],
+    split: str,
+    order: np.ndarray,
+    y: np.ndarray,
+    ends_of: np.ndarray,
+    comm: Comm,
+) -> Callable[[], Iterator[RowBlock]]:
     """Blocks of the shuffled ``order`` (block b on rank b % world), cut at every probe's end and at most
     ``BLOCK_ROWS`` long: probe p holds the first ``ends_of[p]`` rows of the order, so every block is whole to the
     probes that hold it, and a probe computes only its own rows (late blocks belong to few probes)."""
@@ -85,14 +92,24 @@ def _ordered_blocks(bank: FeatureBank, combos: Sequence[Combo], split: str, orde
             rows = order[start:stop]
             feats = [np.ascontiguousarray(bank.features(c, split, rows), dtype=np.float32) for c in combos]
             yield rows, feats, y[rows], np.broadcast_to((start < ends_of)[:, None], (len(ends_of), len(rows)))
+
     return blocks
 
 
-def online_codelengths(combos: Sequence[Combo], chosen_c: dict[tuple[Combo, int], float], seeds: Sequence[int],
-                       bank: FeatureBank, split: str, rows: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
-                       device: torch.device, comm: Comm,
-                       source: Callable[[Sequence[np.ndarray], Sequence[int]], Callable[[], Iterator[RowBlock]]]
-                       ) -> dict[tuple[Combo, int], Codelength]:
+def online_codelengths(
+    combos: Sequence[Combo],
+    chosen_c: dict[tuple[Combo, int], float],
+    seeds: Sequence[int],
+    bank: FeatureBank,
+    split: str,
+    rows: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    cfg: HeadConfig,
+    device: torch.device,
+    comm: Comm,
+    source: Callable[[Sequence[np.ndarray], Sequence[int]], Callable[[], Iterator[RowBlock]]],
+) -> dict[tuple[Combo, int], Codelength]:
     """The online codelength of every (pooled linear combo, seed): ``rows`` are the training split's original
     rows, ``y`` the split's labels, ``chosen_c[(combo, seed)]`` the probe's C. ``source(row_sets, set_of_probe)``
     gives row blocks in store order with each probe's rows marked (used to score the blocks, and to train when
@@ -120,14 +137,30 @@ def online_codelengths(combos: Sequence[Combo], chosen_c: dict[tuple[Combo, int]
             prefixes = [np.sort(order[:e]) for e in prefix_end]
             feature_of = [ci for ci, _ in jobs]
             c_of = [chosen_c[(combos[ci], seed)] for ci, _ in jobs]
-            train: Callable[[], Iterator[RowBlock]] = \
-                _ordered_blocks(bank, combos, split, order, y, prefix_end, comm) if bank.preloaded else \
-                source(prefixes, list(range(len(jobs))))
-            fits = fit_logistic_probes(chunks_of(train), widths, n_classes, [1.0], feature_of=feature_of,
-                                       max_iter=cfg.max_iter, tol=cfg.tol, class_weight=cfg.class_weight, device=device,
-                                       cache=True, comm=comm, standardize=cfg.standardize, c_of=c_of)
-            nexts = [np.sort(order[ends[t - 1]:ends[t]]) for _, t in jobs]
-            logp = probe_probabilities(fits, source(nexts, list(range(len(jobs)))), nexts, feature_of, comm=comm, log=True)
+            train: Callable[[], Iterator[RowBlock]] = (
+                _ordered_blocks(bank, combos, split, order, y, prefix_end, comm)
+                if bank.preloaded
+                else source(prefixes, list(range(len(jobs))))
+            )
+            fits = fit_logistic_probes(
+                chunks_of(train),
+                widths,
+                n_classes,
+                [1.0],
+                feature_of=feature_of,
+                max_iter=cfg.max_iter,
+                tol=cfg.tol,
+                class_weight=cfg.class_weight,
+                device=device,
+                cache=True,
+                comm=comm,
+                standardize=cfg.standardize,
+                c_of=c_of,
+            )
+            nexts = [np.sort(order[ends[t - 1] : ends[t]]) for _, t in jobs]
+            logp = probe_probabilities(
+                fits, source(nexts, list(range(len(jobs)))), nexts, feature_of, comm=comm, log=True
+            )
             for (ci, t), lp, rows_t in zip(jobs, logp, nexts):
                 codes[ci][t] = float(-lp[np.arange(len(rows_t)), y[rows_t]].astype(np.float64).sum() / math.log(2))
         for ci, combo in enumerate(combos):
@@ -137,6 +170,7 @@ def online_codelengths(combos: Sequence[Combo], chosen_c: dict[tuple[Combo, int]
                 bits = (end - start) * log2k if uniform else codes[ci][t]
                 blocks.append({"start": start, "end": end, "bits": bits, "uniform": uniform})
                 start = end
-            out[(combo, seed)] = Codelength(bits=float(sum(b["bits"] for b in blocks)), uniform_bits=n * log2k,
-                                            rows=n, blocks=blocks)
+            out[(combo, seed)] = Codelength(
+                bits=float(sum(b["bits"] for b in blocks)), uniform_bits=n * log2k, rows=n, blocks=blocks
+            )
     return out

@@ -25,8 +25,22 @@ from embstore.errors import ConfigError
 from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS, HeadConfig
 
 __all__ = [
-    "InputShape", "ScalarMix", "LinearHead", "MLPHead", "ConvHead", "SumHead", "MixHead", "PairHead",
-    "RecurrentHead", "build_module", "Ragged", "Inputs", "as_inputs", "Standardize", "fit_input_stats", "inverse_scale",
+    "InputShape",
+    "ScalarMix",
+    "LinearHead",
+    "MLPHead",
+    "ConvHead",
+    "SumHead",
+    "MixHead",
+    "PairHead",
+    "RecurrentHead",
+    "build_module",
+    "Ragged",
+    "Inputs",
+    "as_inputs",
+    "Standardize",
+    "fit_input_stats",
+    "inverse_scale",
 ]
 
 
@@ -123,29 +137,43 @@ def as_inputs(X: Any, head: str) -> Inputs:
             raise ConfigError(
                 f"The '{head}' head takes ragged token states (.values (T, hidden), .offsets (n+1,)), such as "
                 f"store.tokens(split, layer) or heads.Ragged; got {_got(X)}. Use a pooled head such as "
-                "linear for (n, dim) features.")
+                "linear for (n, dim) features."
+            )
         values, offsets = np.asarray(X.values), np.asarray(X.offsets)
-        if values.ndim != 2 or offsets.ndim != 1 or len(offsets) < 1 or np.any(np.diff(offsets) < 0) \
-                or offsets[-1] > len(values):
-            raise ConfigError(f"The '{head}' head needs values (T, hidden) and non-decreasing offsets (n+1,) within "
-                              f"T; got values {values.shape}, offsets {offsets.shape}.")
+        if (
+            values.ndim != 2
+            or offsets.ndim != 1
+            or len(offsets) < 1
+            or np.any(np.diff(offsets) < 0)
+            or offsets[-1] > len(values)
+        ):
+            raise ConfigError(
+                f"The '{head}' head needs values (T, hidden) and non-decreasing offsets (n+1,) within "
+                f"T; got values {values.shape}, offsets {offsets.shape}."
+            )
         return Inputs(InputShape("tokens", ((values.shape[1],),)), (values, offsets.astype(np.int64, copy=False)))
     if head in PAIR_HEADS:
         if not isinstance(X, (tuple, list)) or len(X) != 2:
-            raise ConfigError(f"The 'pair' head takes two towers (Xa, Xb), each (n, layers, hidden); got {_got(X)}. "
-                              "Pass a tuple of both towers' features.")
+            raise ConfigError(
+                f"The 'pair' head takes two towers (Xa, Xb), each (n, layers, hidden); got {_got(X)}. "
+                "Pass a tuple of both towers' features."
+            )
         a, b = np.asarray(X[0]), np.asarray(X[1])
         if a.ndim != 3 or b.ndim != 3 or len(a) != len(b):
-            raise ConfigError(f"The 'pair' head takes two (n, layers, hidden) arrays with the same n; got shapes "
-                              f"{a.shape} and {b.shape}.")
+            raise ConfigError(
+                f"The 'pair' head takes two (n, layers, hidden) arrays with the same n; got shapes "
+                f"{a.shape} and {b.shape}."
+            )
         return Inputs(InputShape("pair", (a.shape[1:], b.shape[1:])), (a, b))
     if isinstance(X, (tuple, list)) or not hasattr(X, "shape"):
         raise ConfigError(f"The '{head}' head takes one feature array; got {_got(X)}. Use head=pair for two towers.")
     X = np.asarray(X)
     if head in LAYERED_HEADS:
         if X.ndim != 3:
-            raise ConfigError(f"The '{head}' head takes (n, layers, hidden) features; got shape {X.shape}. Use "
-                              f"combine=mix or a pooled head such as linear.")
+            raise ConfigError(
+                f"The '{head}' head takes (n, layers, hidden) features; got shape {X.shape}. Use "
+                f"combine=mix or a pooled head such as linear."
+            )
         if head == "conv" and X.shape[2] < 3:
             raise ConfigError(f"The 'conv' head needs hidden >= 3 (kernel 3, stride 3); got shape {X.shape}.")
     elif X.ndim not in (2, 3):
@@ -200,14 +228,14 @@ class Standardize(nn.Module):
             if inputs.shape.kind == "tokens":
                 values, offsets = inputs.arrays
                 for start in range(0, len(rows), chunk):
-                    r = rows[start:start + chunk]
-                    pieces = [values[offsets[i]:offsets[i + 1]] for i in r]
+                    r = rows[start : start + chunk]
+                    pieces = [values[offsets[i] : offsets[i + 1]] for i in r]
                     if pieces:
                         yield np.concatenate(pieces).astype(np.float64)
                 return
             src = inputs.arrays[array]
             for start in range(0, len(rows), chunk):
-                r = rows[start:start + chunk]
+                r = rows[start : start + chunk]
                 yield src[r].reshape(len(r), width).astype(np.float64)
 
         n, total = 0, np.zeros(width)
@@ -327,8 +355,9 @@ class PairHead(nn.Module):
     ``a`` (batch, layers_a, hidden_a), ``b`` (batch, layers_b, hidden_b) -> (batch, classes).
     """
 
-    def __init__(self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], sum_hidden: int, dropout: float,
-                 n_classes: int) -> None:
+    def __init__(
+        self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], sum_hidden: int, dropout: float, n_classes: int
+    ) -> None:
         super().__init__()
         self.mix_a, self.mix_b = ScalarMix(shape_a[0]), ScalarMix(shape_b[0])
         self.proj_a, self.proj_b = nn.Linear(shape_a[1], sum_hidden), nn.Linear(shape_b[1], sum_hidden)
@@ -356,7 +385,11 @@ class RecurrentHead(nn.Module):
         self.aggregate = cfg.aggregate
         self.directions = 2 if cfg.bidirectional else 1
         self.rnn = _RNNS[kind](
-            hidden, cfg.rnn_hidden, num_layers=cfg.rnn_layers, batch_first=True, bidirectional=cfg.bidirectional,
+            hidden,
+            cfg.rnn_hidden,
+            num_layers=cfg.rnn_layers,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
             # torch warns (and does nothing) when dropout is set on a single-layer RNN.
             dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0,
         )
@@ -371,7 +404,7 @@ class RecurrentHead(nn.Module):
         if self.aggregate == "last":
             h = h_n[0] if isinstance(h_n, tuple) else h_n  # LSTM returns (h_n, c_n)
             # h: (layers * directions, batch, rnn_hidden); the last layer's final states of each direction.
-            pooled = h[-self.directions:].transpose(0, 1).flatten(1)
+            pooled = h[-self.directions :].transpose(0, 1).flatten(1)
         else:
             out, _ = pad_packed_sequence(out_packed, batch_first=True, total_length=x.shape[1])  # (b, L, D*h)
             mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None])[..., None]

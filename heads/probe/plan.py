@@ -28,25 +28,50 @@ from heads.probe.solvers import PATH_PATIENCE
 from heads.probe.specs import Combo
 from heads.protocol import carve_groups, fold_rounds, validation_carve
 
-__all__ = ["plan_rounds", "drop_duplicates", "check_val_split", "SweepSetup", "linear_combos", "feature_bank",
-           "check_budget", "in_memory", "feature_groups", "sweep_notes", "memory_size"]
+__all__ = [
+    "plan_rounds",
+    "drop_duplicates",
+    "check_val_split",
+    "SweepSetup",
+    "linear_combos",
+    "feature_bank",
+    "check_budget",
+    "in_memory",
+    "feature_groups",
+    "sweep_notes",
+    "memory_size",
+]
 
 
 def check_val_split(store: Store, val_split: str, train_split: str, eval_split: str) -> None:
     """``--val-split`` must name a store split that is neither the training nor the evaluation split."""
     if val_split not in store.splits:
-        raise ConfigError(f"--val-split {val_split!r} is not in {store.path}; its splits are {', '.join(store.splits)}. "
-                          "Pass one of them, or leave --val-split out to carve validation rows from the training split.")
+        raise ConfigError(
+            f"--val-split {val_split!r} is not in {store.path}; its splits are {', '.join(store.splits)}. "
+            "Pass one of them, or leave --val-split out to carve validation rows from the training split."
+        )
     if val_split == eval_split:
-        raise ConfigError(f"--val-split {val_split!r} is also the evaluation split: every choice would be made on the "
-                          "rows the report scores. Pass another --val-split or --eval-split.")
+        raise ConfigError(
+            f"--val-split {val_split!r} is also the evaluation split: every choice would be made on the "
+            "rows the report scores. Pass another --val-split or --eval-split."
+        )
     if val_split == train_split:
-        raise ConfigError(f"--val-split {val_split!r} is the training split; pass another split, or leave --val-split "
-                          "out to carve validation rows from it.")
+        raise ConfigError(
+            f"--val-split {val_split!r} is the training split; pass another split, or leave --val-split "
+            "out to carve validation rows from it."
+        )
 
 
-def plan_rounds(store: Store, *, seeds: int, folds: int | None, validation_fraction: float, val_split: str | None,
-                train: tuple[str, np.ndarray | None], evaluate: tuple[str, np.ndarray | None]) -> list[Plan]:
+def plan_rounds(
+    store: Store,
+    *,
+    seeds: int,
+    folds: int | None,
+    validation_fraction: float,
+    val_split: str | None,
+    train: tuple[str, np.ndarray | None],
+    evaluate: tuple[str, np.ndarray | None],
+) -> list[Plan]:
     """One Plan per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work."""
     tr_split, tr_rows = train
     ev_split, ev_rows = evaluate
@@ -64,21 +89,33 @@ def plan_rounds(store: Store, *, seeds: int, folds: int | None, validation_fract
         val_rows_split = np.flatnonzero(~store.augmented(val_split))
     plans = []
     for seed in range(seeds):
-        for rnd in fold_rounds(folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented,
-                               ids_train):
+        for rnd in fold_rounds(
+            folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented, ids_train
+        ):
             base = np.arange(len(y_all)) if rnd.fit_rows is None else rnd.fit_rows
             if val_rows_split is not None and val_split is not None:
                 fit, val, vsplit = base, val_rows_split, val_split
             else:
                 where = f"the training split {tr_split!r}" + ("" if rnd.fold is None else f" (fold {rnd.fold})")
                 g = None if groups_all is None else groups_all[base]
-                fit_pos, val_pos = validation_carve(y_all[base], validation_fraction, seed, g, what=where,
-                                                    row_ids=ids_all[base])
+                fit_pos, val_pos = validation_carve(
+                    y_all[base], validation_fraction, seed, g, what=where, row_ids=ids_all[base]
+                )
                 fit, val, vsplit = base[fit_pos], base[val_pos], tr_split
                 val = val[~augmented[val]]  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)
-            plans.append(Plan(seed=seed, fold=rnd.fold, train_split=tr_split, fit_rows=np.sort(fit), val_split=vsplit,
-                              val_rows=np.sort(val), eval_split=rnd.eval_split, eval_rows=eval_rows))
+            plans.append(
+                Plan(
+                    seed=seed,
+                    fold=rnd.fold,
+                    train_split=tr_split,
+                    fit_rows=np.sort(fit),
+                    val_split=vsplit,
+                    val_rows=np.sort(val),
+                    eval_split=rnd.eval_split,
+                    eval_rows=eval_rows,
+                )
+            )
     return plans
 
 
@@ -91,15 +128,22 @@ def drop_duplicates(combos: Sequence[Combo], standardize: bool) -> tuple[list[Co
     seen = {c.key for c in combos}
     kept, dropped = [], []
     for c in dict.fromkeys(combos):  # also drops exact repeats (e.g. --head linear,mix both asking for mix)
-        if standardize and c.head in POOLED_HEADS and c.combine == "sum" and (c.layers_label, "mean", c.pooling, c.head) in seen:
+        if (
+            standardize
+            and c.head in POOLED_HEADS
+            and c.combine == "sum"
+            and (c.layers_label, "mean", c.pooling, c.head) in seen
+        ):
             dropped.append(c)
             continue
         kept.append(c)
     notes = []
     if dropped:
         which = ", ".join(sorted({f"{c.layers_label} {c.pooling} {c.head}" for c in dropped}))
-        notes.append(f"combine sum was not trained where mean is ({which}): after standardisation the sum of the "
-                     "layers and their mean are the same inputs, so the mean row stands for both")
+        notes.append(
+            f"combine sum was not trained where mean is ({which}): after standardisation the sum of the "
+            "layers and their mean are the same inputs, so the mean row stands for both"
+        )
     return kept, notes
 
 
@@ -156,9 +200,12 @@ def check_budget(setup: SweepSetup, groups: list[list[Combo]], cfg: HeadConfig, 
         worst = found if worst is None or found > worst else worst
     if worst is not None and worst[0] > setup.budget:
         need, split = worst
-        raise ConfigError(f"--max-memory {max_memory} is below one row chunk of {setup.path} ({memory_size(need)}: "
-                          f"{setup.store.layout.splits[split].chunk_rows} rows of split {split!r} in the layers and poolings "
-                          f"a streamed linear probe needs, and its features); raise --max-memory to at least {memory_size(need, up=True)}.")
+        raise ConfigError(
+            f"--max-memory {max_memory} is below one row chunk of {setup.path} ({memory_size(need)}: "
+            f"{setup.store.layout.splits[split].chunk_rows} rows of split {split!r} in the layers and poolings "
+            f"a streamed linear probe needs, and its features); raise --max-memory to at least "
+            f"{memory_size(need, up=True)}."
+        )
 
 
 def in_memory(setup: SweepSetup, combos: list[Combo]) -> bool:
@@ -182,7 +229,9 @@ def feature_groups(setup: SweepSetup, cfg: HeadConfig) -> list[list[Combo]]:
 
     def cost(combos: list[Combo]) -> int:
         part = dataclasses.replace(setup, combos=combos)
-        return FeatureBank.bytes_needed(setup.store, combos, setup.splits) + _cache_bytes(part, linear_combos(part, cfg))
+        return FeatureBank.bytes_needed(setup.store, combos, setup.splits) + _cache_bytes(
+            part, linear_combos(part, cfg)
+        )
 
     for combo in order:
         if current and cost(current + [combo]) > setup.budget:
@@ -198,13 +247,17 @@ def sweep_notes(setup: SweepSetup, groups: list[list[Combo]], cfg: HeadConfig, m
     """What summary.md says about how the linear probes chose C and how the features were read."""
     notes = []
     if linear_combos(setup, cfg) and len(cfg.c_grid) > 1:
-        notes.append(f"linear probes: the C grid ({', '.join(f'{c:g}' for c in cfg.c_grid)}) is solved from the smallest C "
-                     f"up, each C starting from the previous one's solution; a configuration's path stops once its "
-                     f"validation macro-F1 has fallen at {PATH_PATIENCE} consecutive Cs; only the chosen C is solved to "
-                     f"--tol {cfg.tol:g}")
+        notes.append(
+            f"linear probes: the C grid ({', '.join(f'{c:g}' for c in cfg.c_grid)}) is solved from the smallest C "
+            f"up, each C starting from the previous one's solution; a configuration's path stops once its "
+            f"validation macro-F1 has fallen at {PATH_PATIENCE} consecutive Cs; only the chosen C is solved to "
+            f"--tol {cfg.tol:g}"
+        )
     if len(groups) > 1:
         streamed = sum(len(g) for g in groups if not in_memory(setup, g))
-        notes.append(f"features over --max-memory {max_memory}: {len(setup.combos)} configurations in {len(groups)} groups, "
-                     "each read from the store once and trained in memory"
-                     + (f"; {streamed} that alone did not fit were streamed row chunk by row chunk" if streamed else ""))
+        notes.append(
+            f"features over --max-memory {max_memory}: {len(setup.combos)} configurations in {len(groups)} groups, "
+            "each read from the store once and trained in memory"
+            + (f"; {streamed} that alone did not fit were streamed row chunk by row chunk" if streamed else "")
+        )
     return notes

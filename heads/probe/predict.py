@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore.store import layout as L
-from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
-from embstore.errors import ConfigError, ModelNotFoundError
 from embstore.backbones.registry import load_backbone
+from embstore.errors import ConfigError, ModelNotFoundError
+from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+from embstore.store import layout as L
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank
 from heads.probe.modules import Ragged
@@ -26,16 +26,27 @@ def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassi
         raise ConfigError("Pass exactly one of --run RUNDIR (its best head) or --head-dir DIR.")
     directory = Path(head_dir) if head_dir is not None else Path(str(run)) / BEST_HEAD_DIR
     if not (directory / "head.json").is_file():
-        raise ConfigError(f"{directory} holds no saved head (head.json); pass a run directory written by 'heads sweep'/'heads train' or a head directory.")
+        raise ConfigError(
+            f"{directory} holds no saved head (head.json); pass a run directory written by 'heads sweep'/'heads train' "
+            f"or a head directory."
+        )
     return HeadClassifier.load(directory)
 
 
-def predict_texts(est: HeadClassifier, texts: list[str], pairs: list[str] | None = None,
-                  device: str = "cpu", batch_size: int = 64, token_budget: int = 16384) -> tuple[list[str], np.ndarray]:
+def predict_texts(
+    est: HeadClassifier,
+    texts: list[str],
+    pairs: list[str] | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    token_budget: int = 16384,
+) -> tuple[list[str], np.ndarray]:
     """Labels and (n, classes) probabilities for new texts, encoded exactly as the store was."""
     extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
     if "model" not in extra:
-        raise ConfigError("This head was saved without its store's description; save it with 'heads sweep' or 'heads train'.")
+        raise ConfigError(
+            "This head was saved without its store's description; save it with 'heads sweep' or 'heads train'."
+        )
     if not texts:
         raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")
     combo = Combo(tuple(extra["layers"]), extra["combine"], extra["pooling"], extra["head"])
@@ -50,16 +61,33 @@ def predict_texts(est: HeadClassifier, texts: list[str], pairs: list[str] | None
         raise ConfigError(f"This head was trained on audio ({backbone.name}); give audio file paths, one per line.")
     max_length = int(extra.get("max_length") or 256)
     tok = backbone.tokenizer
-    inputs = {t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length) for t in towers}
+    inputs = {
+        t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length)
+        for t in towers
+    }
     lengths = np.sum([e.lengths for e in inputs.values()], axis=0)
     order = length_order(lengths)
-    job = ChunkJob(split="predict", chunk=0, towers={
-        t: ([e.ids[i] for i in order], None if e.type_ids is None else [e.type_ids[i] for i in order]) for t, e in inputs.items()})
+    job = ChunkJob(
+        split="predict",
+        chunk=0,
+        towers={
+            t: ([e.ids[i] for i in order], None if e.type_ids is None else [e.type_ids[i] for i in order])
+            for t, e in inputs.items()
+        },
+    )
     token_layers = list(combo.layers) if combo.pooling == "tokens" else []
     poolings = [] if combo.pooling == "tokens" else [combo.pooling]
-    encoder = ChunkEncoder(backbone.model, tok.pad_token_id or 0, layers=combo.layers, token_layers=token_layers,
-                           poolings=poolings or ["cls"], dtype=str(extra.get("dtype", "float16")), batch_size=batch_size,
-                           token_budget=token_budget, device=device)
+    encoder = ChunkEncoder(
+        backbone.model,
+        tok.pad_token_id or 0,
+        layers=combo.layers,
+        token_layers=token_layers,
+        poolings=poolings or ["cls"],
+        dtype=str(extra.get("dtype", "float16")),
+        batch_size=batch_size,
+        token_budget=token_budget,
+        device=device,
+    )
     arrays = encoder.encode(job, lambda tower, what, layer: f"{tower}/{what}/{layer}")
     lens = np.array([len(x) for x in job.towers[towers[0]][0]], dtype=np.int64)
     return _classify(est, combo, arrays, towers, order, lens)
@@ -70,7 +98,10 @@ def _backbone(extra: dict[str, Any], device: str) -> Any:
     model_info = extra["model"]
     backbone = load_backbone(str(model_info["name"]), device)
     if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
-        raise ModelNotFoundError(f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; point --model at the original weights.")
+        raise ModelNotFoundError(
+            f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; "
+            f"point --model at the original weights."
+        )
     if extra.get("precision") == "int8-dynamic":  # the store was made with --quantize int8: encode the same way
         from embstore.backbones.quantize import check_quantize_device, quantize_int8
 
@@ -79,8 +110,14 @@ def _backbone(extra: dict[str, Any], device: str) -> Any:
     return backbone
 
 
-def _classify(est: HeadClassifier, combo: Combo, arrays: dict[str, np.ndarray], towers: list[str], order: np.ndarray,
-              token_lengths: np.ndarray) -> tuple[list[str], np.ndarray]:
+def _classify(
+    est: HeadClassifier,
+    combo: Combo,
+    arrays: dict[str, np.ndarray],
+    towers: list[str],
+    order: np.ndarray,
+    token_lengths: np.ndarray,
+) -> tuple[list[str], np.ndarray]:
     """Labels and probabilities from encoded arrays (rows in ``order``), back in input order."""
     extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
     inverse = np.argsort(order)
@@ -103,8 +140,9 @@ def head_modality(est: HeadClassifier) -> str:
     return str((extra.get("model") or {}).get("modality") or "text")
 
 
-def predict_audio(est: HeadClassifier, paths: list[str], device: str = "cpu", batch_size: int = 64,
-                  batch_seconds: float = 60.0) -> tuple[list[str], np.ndarray]:
+def predict_audio(
+    est: HeadClassifier, paths: list[str], device: str = "cpu", batch_size: int = 64, batch_seconds: float = 60.0
+) -> tuple[list[str], np.ndarray]:
     """Labels and (n, classes) probabilities for audio files, loaded and encoded as the store's were."""
     from fractions import Fraction
 
@@ -114,7 +152,9 @@ def predict_audio(est: HeadClassifier, paths: list[str], device: str = "cpu", ba
 
     extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
     if "model" not in extra:
-        raise ConfigError("This head was saved without its store's description; save it with 'heads sweep' or 'heads train'.")
+        raise ConfigError(
+            "This head was saved without its store's description; save it with 'heads sweep' or 'heads train'."
+        )
     if not paths:
         raise ConfigError("No audio files to label: give one file path per line.")
     combo = Combo(tuple(extra["layers"]), extra["combine"], extra["pooling"], extra["head"])
@@ -134,9 +174,19 @@ def predict_audio(est: HeadClassifier, paths: list[str], device: str = "cpu", ba
     job = ChunkJob(split="predict", chunk=0, towers={AUDIO_TOWER: [items[i] for i in order]})
     token_layers = list(combo.layers) if combo.pooling == "tokens" else []
     poolings = [] if combo.pooling == "tokens" else [combo.pooling]
-    encoder = AudioChunkEncoder(backbone.model, backbone.tokenizer, backbone.frames, max_samples=max_samples,
-                                batch_seconds=batch_seconds, layers=combo.layers, token_layers=token_layers,
-                                poolings=poolings or ["mean"], dtype=str(extra.get("dtype", "float16")),
-                                batch_size=batch_size, token_budget=0, device=device)
+    encoder = AudioChunkEncoder(
+        backbone.model,
+        backbone.tokenizer,
+        backbone.frames,
+        max_samples=max_samples,
+        batch_seconds=batch_seconds,
+        layers=combo.layers,
+        token_layers=token_layers,
+        poolings=poolings or ["mean"],
+        dtype=str(extra.get("dtype", "float16")),
+        batch_size=batch_size,
+        token_budget=0,
+        device=device,
+    )
     arrays = encoder.encode(job, lambda tower, what, layer: f"{tower}/{what}/{layer}")
     return _classify(est, combo, arrays, [AUDIO_TOWER], order, backbone.frames(np.array(samples)[order]))

@@ -30,15 +30,29 @@ def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> Resul
     hp.update(o.hyper)
     lbfgs = "C" in o.hyper
     mix = getattr(est, "mix_weights_", None)
-    return ResultRow(layers=combo.layers_label, combine=combo.combine, pooling=combo.pooling, head=combo.head, seed=plan.seed,
-                     accuracy=o.metrics["accuracy"], f1_macro=o.metrics["f1_macro"], train_seconds=seconds, hyperparameters=hp,
-                     per_class=o.metrics["per_class"], confusion=o.metrics["confusion"], store_id=store.fingerprint,
-                     fold=plan.fold, best_epoch=None if lbfgs else getattr(est, "best_epoch_", None),
-                     trainable_params=sum(int(p.numel()) for p in est.module_.parameters()),
-                     seconds_per_epoch=None if lbfgs else seconds / max(1, len(history)), history=history,
-                     mix_weights=None if mix is None else [float(w) for w in mix],
-                     val_accuracy=o.val.get("accuracy"), val_f1_macro=o.val.get("f1_macro"),
-                     extra={**o.extra, "eval_set": eval_id})
+    return ResultRow(
+        layers=combo.layers_label,
+        combine=combo.combine,
+        pooling=combo.pooling,
+        head=combo.head,
+        seed=plan.seed,
+        accuracy=o.metrics["accuracy"],
+        f1_macro=o.metrics["f1_macro"],
+        train_seconds=seconds,
+        hyperparameters=hp,
+        per_class=o.metrics["per_class"],
+        confusion=o.metrics["confusion"],
+        store_id=store.fingerprint,
+        fold=plan.fold,
+        best_epoch=None if lbfgs else getattr(est, "best_epoch_", None),
+        trainable_params=sum(int(p.numel()) for p in est.module_.parameters()),
+        seconds_per_epoch=None if lbfgs else seconds / max(1, len(history)),
+        history=history,
+        mix_weights=None if mix is None else [float(w) for w in mix],
+        val_accuracy=o.val.get("accuracy"),
+        val_f1_macro=o.val.get("f1_macro"),
+        extra={**o.extra, "eval_set": eval_id},
+    )
 
 
 def with_fields(row: ResultRow, found: dict[str, Any]) -> ResultRow:
@@ -49,16 +63,30 @@ def with_fields(row: ResultRow, found: dict[str, Any]) -> ResultRow:
 
 
 def uncertainty_meta(a: Assessment) -> dict[str, Any]:
-    return {"resamples": a.resamples, "level": 0.95, "alpha": ALPHA, "paired_seed": a.paired_seed, "compared": a.compared,
-            "tied": [list(k) for k in a.tied], "pooled_rows": a.pooled_rows,
-            "interval": "percentile bootstrap over the evaluation rows (one seeded set of resamples shared by every "
-                        "configuration, so differences are paired)",
-            "test": "exact McNemar on correctness against the best (two-sided binomial on the discordant rows), "
-                    "Holm-corrected over the configurations compared"}
+    return {
+        "resamples": a.resamples,
+        "level": 0.95,
+        "alpha": ALPHA,
+        "paired_seed": a.paired_seed,
+        "compared": a.compared,
+        "tied": [list(k) for k in a.tied],
+        "pooled_rows": a.pooled_rows,
+        "interval": "percentile bootstrap over the evaluation rows (one seeded set of resamples shared by every "
+        "configuration, so differences are paired)",
+        "test": "exact McNemar on correctness against the best (two-sided binomial on the discordant rows), "
+        "Holm-corrected over the configurations compared",
+    }
 
 
-def sureness(outcomes: Sequence[Outcome], controls: Sequence[Outcome], codes: dict[tuple[Combo, int], Codelength],
-             best: tuple[str, str, str, str], labels: Labels, ci: bool, seed: int) -> Assessment:
+def sureness(
+    outcomes: Sequence[Outcome],
+    controls: Sequence[Outcome],
+    codes: dict[tuple[Combo, int], Codelength],
+    best: tuple[str, str, str, str],
+    labels: Labels,
+    ci: bool,
+    seed: int,
+) -> Assessment:
     """The sureness fields of every outcome's row: intervals and paired tests (``ci``), control scores and gain,
     and codelengths."""
     by_run = {(o.combo.key, o.plan.seed, o.plan.fold): o for o in controls}
@@ -66,14 +94,20 @@ def sureness(outcomes: Sequence[Outcome], controls: Sequence[Outcome], codes: di
     for o in outcomes:
         c = by_run.get((o.combo.key, o.plan.seed, o.plan.fold))
         y = labels[o.plan.eval_split][o.plan.eval_rows]
-        runs.append(RunPredictions(o.combo.key, o.plan.seed, o.plan.fold, o.plan.eval_rows, y, o.pred,
-                                   None if c is None else c.pred))
+        runs.append(
+            RunPredictions(
+                o.combo.key, o.plan.seed, o.plan.fold, o.plan.eval_rows, y, o.pred, None if c is None else c.pred
+            )
+        )
     found = assess(runs, best, len(labels.names), seed=seed) if ci else Assessment(fields=[{} for _ in runs])
     for o, f, r in zip(outcomes, found.fields, runs):
         if r.control is not None and "control_f1_macro" not in f:  # --no-ci: the scores without intervals
             c = by_run[(o.combo.key, o.plan.seed, o.plan.fold)]
-            f.update(control_accuracy=c.metrics["accuracy"], control_f1_macro=c.metrics["f1_macro"],
-                     gain_f1_macro=o.metrics["f1_macro"] - c.metrics["f1_macro"])
+            f.update(
+                control_accuracy=c.metrics["accuracy"],
+                control_f1_macro=c.metrics["f1_macro"],
+                gain_f1_macro=o.metrics["f1_macro"] - c.metrics["f1_macro"],
+            )
         code = codes.get((o.combo, o.plan.seed))
         if code is not None:
             f.update(mdl_bits=code.bits, compression=code.compression)

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from heads.probe.chunks import Comm, RowBlock, chunks_of
 from heads.probe.config import HeadConfig
 from heads.probe.ensemble import Member, bundle_key, fit_stacked, members_per_stack
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank, feature_width
 from heads.probe.fitting import mark_fitted
 from heads.probe.modules import InputShape, LinearHead, as_inputs
-from heads.probe.chunks import Comm, RowBlock, chunks_of
 from heads.probe.scoring import LogisticFit, probe_probabilities
 from heads.probe.solvers import fit_logistic_probes
 from heads.probe.specs import Combo
@@ -83,8 +83,15 @@ class Labels:
         return self.by_split[split]
 
 
-def row_source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows: Sequence[np.ndarray],
-            plan_of: Sequence[int], y: np.ndarray, comm: Comm) -> Callable[[], Iterator[RowBlock]]:
+def row_source(
+    bank: FeatureBank,
+    combos: Sequence[Combo],
+    split: str,
+    plan_rows: Sequence[np.ndarray],
+    plan_of: Sequence[int],
+    y: np.ndarray,
+    comm: Comm,
+) -> Callable[[], Iterator[RowBlock]]:
     """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``plan_rows``, with their
     rows, every combo's features once, and each probe's rows (probe p belongs to plan ``plan_of[p]``)."""
     union = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in plan_rows]))
@@ -100,11 +107,19 @@ def row_source(bank: FeatureBank, combos: Sequence[Combo], split: str, plan_rows
         for c, r in mine:
             for rows, feats in bank.chunk_blocks(combos, split, c, r):
                 yield rows, feats, y[rows], None if everyone else member[probe_plan][:, rows]
+
     return blocks
 
 
-def _linear_head(fit: LogisticFit, k: int, cfg: HeadConfig, n_classes: int, device: torch.device,
-                 seconds: float, history: list[dict[str, Any]]) -> HeadClassifier:
+def _linear_head(
+    fit: LogisticFit,
+    k: int,
+    cfg: HeadConfig,
+    n_classes: int,
+    device: torch.device,
+    seconds: float,
+    history: list[dict[str, Any]],
+) -> HeadClassifier:
     d = fit.weights.shape[1]
     module = LinearHead(d, n_classes)
     with torch.no_grad():
@@ -117,8 +132,16 @@ def _linear_head(fit: LogisticFit, k: int, cfg: HeadConfig, n_classes: int, devi
     return est
 
 
-def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBank, labels: Labels, cfg: HeadConfig,
-                device: torch.device, cache: bool, comm: Comm) -> list[Outcome]:
+def train_lbfgs(
+    combos: Sequence[Combo],
+    plans: Sequence[Plan],
+    bank: FeatureBank,
+    labels: Labels,
+    cfg: HeadConfig,
+    device: torch.device,
+    cache: bool,
+    comm: Comm,
+) -> list[Outcome]:
     """Every pooled linear probe of every round (combo x seed x fold) at every C of the grid, in one solve (every
     combo's features read once per pass), C chosen on each round's validation rows."""
     t0 = time.perf_counter()
@@ -132,12 +155,28 @@ def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBan
         return row_source(bank, combos, split, rows, plan_of, labels[split], comm)
 
     fits = fit_logistic_probes(
-        chunks_of(source(p0.train_split, [p.fit_rows for p in plans])), widths, n_classes, cfg.c_grid, feature_of=feature_of,
-        val_source=chunks_of(source(p0.val_split, [p.val_rows for p in plans])), max_iter=cfg.max_iter, tol=cfg.tol,
-        class_weight=cfg.class_weight, device=device, cache=cache, comm=comm, standardize=cfg.standardize)
+        chunks_of(source(p0.train_split, [p.fit_rows for p in plans])),
+        widths,
+        n_classes,
+        cfg.c_grid,
+        feature_of=feature_of,
+        val_source=chunks_of(source(p0.val_split, [p.val_rows for p in plans])),
+        max_iter=cfg.max_iter,
+        tol=cfg.tol,
+        class_weight=cfg.class_weight,
+        device=device,
+        cache=cache,
+        comm=comm,
+        standardize=cfg.standardize,
+    )
     seconds = (time.perf_counter() - t0) / max(1, len(probes))
-    probas = probe_probabilities([f.at(f.chosen) for f in fits], source(p0.eval_split, [p.eval_rows for p in plans]),
-                                 [plans[pi].eval_rows for _, pi in probes], feature_of, comm=comm)
+    probas = probe_probabilities(
+        [f.at(f.chosen) for f in fits],
+        source(p0.eval_split, [p.eval_rows for p in plans]),
+        [plans[pi].eval_rows for _, pi in probes],
+        feature_of,
+        comm=comm,
+    )
     y_eval = labels[p0.eval_split]
     out = []
     for (ci, pi), fit, proba in zip(probes, fits, probas):
@@ -146,8 +185,18 @@ def train_lbfgs(combos: Sequence[Combo], plans: Sequence[Plan], bank: FeatureBan
         est = _linear_head(fit, k, cfg.replace(seed=plans[pi].seed), n_classes, device, seconds, history)
         val = metrics_from_confusion(fit.val_confusion[k], names) if fit.val_confusion is not None else {}
         metrics = classification_metrics(y_eval[plans[pi].eval_rows], proba.argmax(1), names)
-        out.append(Outcome(combos[ci], plans[pi], est, metrics, proba, val, hyper={"C": float(cfg.c_grid[k])},
-                           extra={"iterations": int(fit.iterations[k]), "converged": bool(fit.converged[k])}))
+        out.append(
+            Outcome(
+                combos[ci],
+                plans[pi],
+                est,
+                metrics,
+                proba,
+                val,
+                hyper={"C": float(cfg.c_grid[k])},
+                extra={"iterations": int(fit.iterations[k]), "converged": bool(fit.converged[k])},
+            )
+        )
     return out
 
 
@@ -155,39 +204,69 @@ def _c_step(fit: LogisticFit, j: int, c: float, names: list[str]) -> dict[str, A
     """One C of a probe's path as its history records it (a C past the end of the path: ``solved`` False)."""
     solved = fit.solved is None or bool(fit.solved[j])
     vm = metrics_from_confusion(fit.val_confusion[j], names) if fit.val_confusion is not None and solved else None
-    return {"C": float(c), "solved": solved, "train_loss": float(fit.train_loss[j]) if solved else None,
-            "iterations": int(fit.iterations[j]), "converged": bool(fit.converged[j]),
-            "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
-            "val_accuracy": None if vm is None else vm["accuracy"], "val_f1_macro": None if vm is None else vm["f1_macro"],
-            "val_log_loss": None if fit.val_loss is None or not solved else float(fit.val_loss[j])}
+    return {
+        "C": float(c),
+        "solved": solved,
+        "train_loss": float(fit.train_loss[j]) if solved else None,
+        "iterations": int(fit.iterations[j]),
+        "converged": bool(fit.converged[j]),
+        "solved_to_tol": bool(fit.refined[j]) if fit.refined is not None else True,
+        "val_accuracy": None if vm is None else vm["accuracy"],
+        "val_f1_macro": None if vm is None else vm["f1_macro"],
+        "val_log_loss": None if fit.val_loss is None or not solved else float(fit.val_loss[j]),
+    }
 
 
-def _score(est: HeadClassifier, bank: FeatureBank, combo: Combo, split: str, rows: np.ndarray, y: np.ndarray,
-           names: list[str]) -> dict[str, Any]:
+def _score(
+    est: HeadClassifier, bank: FeatureBank, combo: Combo, split: str, rows: np.ndarray, y: np.ndarray, names: list[str]
+) -> dict[str, Any]:
     return classification_metrics(y[rows], est.predict(bank.features(combo, split, rows)), names)
 
 
-def _evaluate(est: HeadClassifier, bank: FeatureBank, combo: Combo, plan: Plan, labels: Labels
-              ) -> tuple[dict[str, Any], np.ndarray]:
+def _evaluate(
+    est: HeadClassifier, bank: FeatureBank, combo: Combo, plan: Plan, labels: Labels
+) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics and (rows, classes) probabilities of the evaluation rows (scored once, for the report)."""
     proba = est.predict_proba(bank.features(combo, plan.eval_split, plan.eval_rows))
     return classification_metrics(labels[plan.eval_split][plan.eval_rows], proba.argmax(1), labels.names), proba
 
 
-def train_adamw(probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig) -> list[Outcome]:
+def train_adamw(
+    probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig
+) -> list[Outcome]:
     """Every pooled linear probe of one round by minibatch AdamW in one batched pass, early-stopped on validation."""
     from heads.probe.adamw import fit_linear_probes
 
     y_tr, y_va = labels[plan.train_split], labels[plan.val_split]
-    ests = fit_linear_probes([bank.features(c, plan.train_split, plan.fit_rows) for c in probes], y_tr[plan.fit_rows],
-                             [bank.features(c, plan.val_split, plan.val_rows) for c in probes], y_va[plan.val_rows],
-                             cfg.replace(head="linear", seed=plan.seed), n_classes=len(labels.names))
-    return [Outcome(c, plan, e, *_evaluate(e, bank, c, plan, labels), _score(e, bank, c, plan.val_split, plan.val_rows, y_va, labels.names))
-            for c, e in zip(probes, ests)]
+    ests = fit_linear_probes(
+        [bank.features(c, plan.train_split, plan.fit_rows) for c in probes],
+        y_tr[plan.fit_rows],
+        [bank.features(c, plan.val_split, plan.val_rows) for c in probes],
+        y_va[plan.val_rows],
+        cfg.replace(head="linear", seed=plan.seed),
+        n_classes=len(labels.names),
+    )
+    return [
+        Outcome(
+            c,
+            plan,
+            e,
+            *_evaluate(e, bank, c, plan, labels),
+            _score(e, bank, c, plan.val_split, plan.val_rows, y_va, labels.names),
+        )
+        for c, e in zip(probes, ests)
+    ]
 
 
-def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels: Labels, cfg: HeadConfig,
-                  device: torch.device, on_done: Callable[[], None], budget: int | None = None) -> list[Outcome]:
+def train_stacked(
+    jobs: Sequence[tuple[Combo, Plan]],
+    bank: FeatureBank,
+    labels: Labels,
+    cfg: HeadConfig,
+    device: torch.device,
+    on_done: Callable[[], None],
+    budget: int | None = None,
+) -> list[Outcome]:
     """Dense and pair heads (not linear probes, not token heads) of every round: one stack per architecture and
     input shape, every configuration's features moved to the device once. A stack whose float32 features exceed
     ``budget`` is cut into stacks of fewer configurations (each configuration's features still move once)."""
@@ -201,12 +280,13 @@ def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels:
     pieces: list[list[tuple[Combo, Plan]]] = []
     for bundle in by_bundle.values():
         combos = list(dict.fromkeys(c for c, _ in bundle))
-        rows = bank.store.n_rows(bundle[0][1].train_split) + (0 if bundle[0][1].val_split == bundle[0][1].train_split
-                                                             else bank.store.n_rows(bundle[0][1].val_split))
+        rows = bank.store.n_rows(bundle[0][1].train_split) + (
+            0 if bundle[0][1].val_split == bundle[0][1].train_split else bank.store.n_rows(bundle[0][1].val_split)
+        )
         per_combo = 4 * rows * sum(int(np.prod(s)) for s in shapes[combos[0]].shapes)
         size = len(combos) if budget is None else max(1, budget // max(1, per_combo))
         for start in range(0, len(combos), size):
-            part = set(combos[start:start + size])
+            part = set(combos[start : start + size])
             pieces.append([(c, p) for c, p in bundle if c in part])
     out: list[Outcome] = []
     for bundle in pieces:
@@ -217,12 +297,28 @@ def train_stacked(jobs: Sequence[tuple[Combo, Plan]], bank: FeatureBank, labels:
         same = plan0.val_split == plan0.train_split
         val_inputs = train_inputs if same else [as_inputs(bank.features(c, plan0.val_split), c.head) for c in combos]
         members = [Member(combos.index(c), p.seed, p.fit_rows, p.val_rows) for c, p in bundle]
-        ests = fit_stacked(head_cfg, train_inputs, val_inputs, members, labels[plan0.train_split], labels[plan0.val_split],
-                           len(names), device, on_done=lambda _i: on_done(),
-                           stack_size=members_per_stack(head_cfg, train_inputs[0].shape, len(names), device))
+        ests = fit_stacked(
+            head_cfg,
+            train_inputs,
+            val_inputs,
+            members,
+            labels[plan0.train_split],
+            labels[plan0.val_split],
+            len(names),
+            device,
+            on_done=lambda _i: on_done(),
+            stack_size=members_per_stack(head_cfg, train_inputs[0].shape, len(names), device),
+        )
         for (combo, plan), est in zip(bundle, ests):
-            out.append(Outcome(combo, plan, est, *_evaluate(est, bank, combo, plan, labels),
-                               _score(est, bank, combo, plan.val_split, plan.val_rows, labels[plan.val_split], names)))
+            out.append(
+                Outcome(
+                    combo,
+                    plan,
+                    est,
+                    *_evaluate(est, bank, combo, plan, labels),
+                    _score(est, bank, combo, plan.val_split, plan.val_rows, labels[plan.val_split], names),
+                )
+            )
     return out
 
 
@@ -230,7 +326,17 @@ def train_tokens(combo: Combo, plan: Plan, bank: FeatureBank, labels: Labels, cf
     """One recurrent head over per-token states, early-stopped on validation."""
     y_tr, y_va = labels[plan.train_split], labels[plan.val_split]
     est = HeadClassifier(cfg.replace(head=combo.head, seed=plan.seed))
-    est.fit(bank.features(combo, plan.train_split, plan.fit_rows), y_tr[plan.fit_rows],
-            bank.features(combo, plan.val_split, plan.val_rows), y_va[plan.val_rows], n_classes=len(labels.names))
-    return Outcome(combo, plan, est, *_evaluate(est, bank, combo, plan, labels),
-                   _score(est, bank, combo, plan.val_split, plan.val_rows, y_va, labels.names))
+    est.fit(
+        bank.features(combo, plan.train_split, plan.fit_rows),
+        y_tr[plan.fit_rows],
+        bank.features(combo, plan.val_split, plan.val_rows),
+        y_va[plan.val_rows],
+        n_classes=len(labels.names),
+    )
+    return Outcome(
+        combo,
+        plan,
+        est,
+        *_evaluate(est, bank, combo, plan, labels),
+        _score(est, bank, combo, plan.val_split, plan.val_rows, y_va, labels.names),
+    )

@@ -50,21 +50,38 @@ class LogisticFit:
 
     def at(self, k: int) -> "LogisticFit":
         """The solution at grid index ``k`` alone (K = 1)."""
-        return LogisticFit(self.weights[k:k + 1], self.bias[k:k + 1], self.mean, self.scale, self.iterations[k:k + 1],
-                           self.converged[k:k + 1], self.train_loss[k:k + 1])
+        return LogisticFit(
+            self.weights[k : k + 1],
+            self.bias[k : k + 1],
+            self.mean,
+            self.scale,
+            self.iterations[k : k + 1],
+            self.converged[k : k + 1],
+            self.train_loss[k : k + 1],
+        )
 
 
-def grid_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
-                    feature_of: Sequence[int] | None = None, comm: Comm | None = None,
-                    probes: Sequence[int] | None = None) -> np.ndarray:
+def grid_confusions(
+    fits: Sequence[LogisticFit],
+    source: ChunkSource,
+    n_classes: int,
+    feature_of: Sequence[int] | None = None,
+    comm: Comm | None = None,
+    probes: Sequence[int] | None = None,
+) -> np.ndarray:
     """(len(fits), K, classes, classes) confusion counts (rows: true) of every fit at every C on its probe's rows
     of ``source``: ``fits[i]`` is probe ``probes[i]`` (default i), reading feature ``feature_of[probe]``."""
     return grid_scores(fits, source, n_classes, feature_of, comm, probes)[0]
 
 
-def grid_scores(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
-                feature_of: Sequence[int] | None = None, comm: Comm | None = None,
-                probes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def grid_scores(
+    fits: Sequence[LogisticFit],
+    source: ChunkSource,
+    n_classes: int,
+    feature_of: Sequence[int] | None = None,
+    comm: Comm | None = None,
+    probes: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`grid_confusions` and (len(fits), K) the mean log-loss (natural log) of every fit at every C on the
     same rows."""
     comm = comm or Comm()
@@ -73,8 +90,10 @@ def grid_scores(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int
     fof = list(range(max(which, default=-1) + 1)) if feature_of is None else list(feature_of)
     cm = torch.zeros(len(fits), K, n_classes, n_classes, dtype=torch.float64)
     nll = torch.zeros(len(fits), K, dtype=torch.float64)
-    tensors = [(torch.from_numpy(f.weights), torch.from_numpy(f.bias), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
-               for f in fits]
+    tensors = [
+        (torch.from_numpy(f.weights), torch.from_numpy(f.bias), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
+        for f in fits
+    ]
     for feats, y, masks in source():
         for i, (W, b, mu, sc) in enumerate(tensors):
             q = which[i]
@@ -89,19 +108,30 @@ def grid_scores(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int
             for k in range(K):
                 cm[i, k].view(-1).index_add_(0, yt * n_classes + pred[k], torch.ones(len(yt), dtype=torch.float64))
     flat = comm.sum(torch.cat([cm.flatten(), nll.flatten()]))
-    counts = flat[:cm.numel()].view_as(cm).numpy().round().astype(np.int64)
+    counts = flat[: cm.numel()].view_as(cm).numpy().round().astype(np.int64)
     rows_seen = np.maximum(counts.sum((2, 3)), 1)
-    return counts, flat[cm.numel():].view_as(nll).numpy() / rows_seen
+    return counts, flat[cm.numel() :].view_as(nll).numpy() / rows_seen
 
 
-def chosen_confusions(fits: Sequence[LogisticFit], source: ChunkSource, n_classes: int,
-                      feature_of: Sequence[int] | None = None, comm: Comm | None = None) -> np.ndarray:
+def chosen_confusions(
+    fits: Sequence[LogisticFit],
+    source: ChunkSource,
+    n_classes: int,
+    feature_of: Sequence[int] | None = None,
+    comm: Comm | None = None,
+) -> np.ndarray:
     """(probes, classes, classes) confusion counts of each probe at its chosen C on its rows of ``source``."""
     return grid_confusions([f.at(f.chosen) for f in fits], source, n_classes, feature_of, comm=comm)[:, 0]
 
 
-def probe_probabilities(fits: Sequence[LogisticFit], blocks: Callable[[], Iterator[RowBlock]], rows_of: Sequence[np.ndarray],
-                        feature_of: Sequence[int], comm: Comm | None = None, log: bool = False) -> list[np.ndarray]:
+def probe_probabilities(
+    fits: Sequence[LogisticFit],
+    blocks: Callable[[], Iterator[RowBlock]],
+    rows_of: Sequence[np.ndarray],
+    feature_of: Sequence[int],
+    comm: Comm | None = None,
+    log: bool = False,
+) -> list[np.ndarray]:
     """Class probabilities of every probe on its rows: one (len(rows_of[p]), classes) float32 array per probe, in
     the order of its sorted ``rows_of[p]`` (``log``: natural log-probabilities, exact where a probability would
     round to 0). Each fit is used at its first C (pass ``fit.at(k)``); ``blocks`` yields this rank's row blocks with
@@ -109,8 +139,15 @@ def probe_probabilities(fits: Sequence[LogisticFit], blocks: Callable[[], Iterat
     comm = comm or Comm()
     n_classes = fits[0].bias.shape[1] if fits else 0
     out = [np.zeros((len(r), n_classes), dtype=np.float32) for r in rows_of]
-    tensors = [(torch.from_numpy(f.weights[0]), torch.from_numpy(f.bias[0]), torch.from_numpy(f.mean), torch.from_numpy(f.scale))
-               for f in fits]
+    tensors = [
+        (
+            torch.from_numpy(f.weights[0]),
+            torch.from_numpy(f.bias[0]),
+            torch.from_numpy(f.mean),
+            torch.from_numpy(f.scale),
+        )
+        for f in fits
+    ]
     for rows, feats, _y, masks in blocks():
         for p, (W, b, mu, sc) in enumerate(tensors):
             take = np.arange(len(rows)) if masks is None else np.flatnonzero(masks[p])
@@ -122,5 +159,5 @@ def probe_probabilities(fits: Sequence[LogisticFit], blocks: Callable[[], Iterat
     if comm.distributed and out:
         flat = comm.sum(torch.from_numpy(np.concatenate([o.ravel() for o in out])))
         cuts = np.cumsum([0, *[o.size for o in out]])
-        out = [flat[cuts[i]:cuts[i + 1]].numpy().reshape(o.shape) for i, o in enumerate(out)]
+        out = [flat[cuts[i] : cuts[i + 1]].numpy().reshape(o.shape) for i, o in enumerate(out)]
     return out

@@ -42,12 +42,25 @@ PATH_PATIENCE = 2
 """A probe's C path stops once its validation macro-F1 has fallen at this many consecutive Cs."""
 
 
-def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: int, c_grid: Sequence[float], *,
-                        feature_of: Sequence[int] | None = None, val_source: ChunkSource | None = None,
-                        max_iter: int = 1000, tol: float = 1e-4, history: int = 10, class_weight: str = "none",
-                        device: torch.device | str = "cpu", cache: bool = True, comm: Comm | None = None,
-                        standardize: bool = True, c_of: Sequence[float] | None = None,
-                        patience: int = PATH_PATIENCE) -> list[LogisticFit]:
+def fit_logistic_probes(
+    source: ChunkSource,
+    widths: Sequence[int],
+    n_classes: int,
+    c_grid: Sequence[float],
+    *,
+    feature_of: Sequence[int] | None = None,
+    val_source: ChunkSource | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    history: int = 10,
+    class_weight: str = "none",
+    device: torch.device | str = "cpu",
+    cache: bool = True,
+    comm: Comm | None = None,
+    standardize: bool = True,
+    c_of: Sequence[float] | None = None,
+    patience: int = PATH_PATIENCE,
+) -> list[LogisticFit]:
     """Solve every probe along the C path of ``c_grid`` on its rows of ``source``, and pick each probe's C on its
     rows of ``val_source`` (highest validation macro-F1; ties: accuracy, then the lower validation log-loss, then the
     smaller C). One LogisticFit per probe.
@@ -76,8 +89,11 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     if K > 1 and val_source is None:
         raise ValueError("choosing C from a grid needs validation rows (val_source)")
     # (P, K) inverse C of every problem
-    inv_c = np.array([[1.0 / float(c)] for c in c_of]) if c_of is not None else \
-        np.tile([1.0 / float(c) for c in c_grid], (P, 1))
+    inv_c = (
+        np.array([[1.0 / float(c)] for c in c_of])
+        if c_of is not None
+        else np.tile([1.0 / float(c) for c in c_grid], (P, 1))
+    )
     means, scales, n, counts = input_stats(source, fof, widths, n_classes, comm)
     if not standardize:
         means = [np.zeros(widths[feat], np.float32) for feat in fof]
@@ -95,8 +111,19 @@ def fit_logistic_probes(source: ChunkSource, widths: Sequence[int], n_classes: i
     lam = penalties(groups, n_classes, inv_c, total, device)
     objective = logistic_objective(data, groups, n_classes, lam, total, device, comm)
     thetas = {d: torch.zeros(len(js), K, d * n_classes + n_classes, device=device) for d, js in groups.items()}
-    run = _Run(BatchedLBFGS(objective, thetas, history=history), groups, fof, widths, n_classes, means, scales, K,
-               device, comm, max_iter)
+    run = _Run(
+        BatchedLBFGS(objective, thetas, history=history),
+        groups,
+        fof,
+        widths,
+        n_classes,
+        means,
+        scales,
+        K,
+        device,
+        comm,
+        max_iter,
+    )
     if K == 1:
         run.solve_all(tol)
         if val_source is not None:  # one C: nothing to choose, the validation scores are still reported
@@ -112,11 +139,29 @@ class _Run:
     """The state of one :func:`fit_logistic_probes` call: the solver, and per probe and C whether it was solved
     (on the path), solved to the full tolerance (refined), its iterations and its validation scores."""
 
-    def __init__(self, solver: BatchedLBFGS, groups: dict[int, list[int]], fof: list[int], widths: list[int],
-                 n_classes: int, means: list[np.ndarray], scales: list[np.ndarray], K: int, device: torch.device,
-                 comm: Comm, max_iter: int) -> None:
+    def __init__(
+        self,
+        solver: BatchedLBFGS,
+        groups: dict[int, list[int]],
+        fof: list[int],
+        widths: list[int],
+        n_classes: int,
+        means: list[np.ndarray],
+        scales: list[np.ndarray],
+        K: int,
+        device: torch.device,
+        comm: Comm,
+        max_iter: int,
+    ) -> None:
         self.solver, self.groups, self.fof, self.widths, self.C = solver, groups, fof, widths, n_classes
-        self.means, self.scales, self.K, self.device, self.comm, self.max_iter = means, scales, K, device, comm, max_iter
+        self.means, self.scales, self.K, self.device, self.comm, self.max_iter = (
+            means,
+            scales,
+            K,
+            device,
+            comm,
+            max_iter,
+        )
         self.P = len(fof)
         self.its = {d: torch.zeros(len(js), K, dtype=torch.long, device=device) for d, js in groups.items()}
         self.solved = np.zeros((self.P, K), dtype=bool)
@@ -135,15 +180,15 @@ class _Run:
         more, _ = self.solver.run(self.max_iter, tol, only=self._mask(pairs))
         self.its = {d: self.its[d] + more[d] for d in self.its}
 
-
     def fits(self) -> list[LogisticFit]:
         return _unpack(self.solver.thetas, self.groups, self.P, self.C, self.means, self.scales, self.its)
 
     def _score(self, val_source: ChunkSource, pairs: Sequence[tuple[int, int]]) -> None:
         """Validation confusions and log-losses of the given (probe, C) solutions, as they are now."""
         now = self.fits()
-        cms, losses = grid_scores([now[p].at(k) for p, k in pairs], val_source, self.C, self.fof, comm=self.comm,
-                                  probes=[p for p, _ in pairs])
+        cms, losses = grid_scores(
+            [now[p].at(k) for p, k in pairs], val_source, self.C, self.fof, comm=self.comm, probes=[p for p, _ in pairs]
+        )
         if self.val is None:
             self.val = np.zeros((self.P, self.K, self.C, self.C), dtype=np.int64)
         for (p, k), cm, lo in zip(pairs, cms[:, 0], losses[:, 0]):
@@ -220,8 +265,14 @@ class _Run:
                         f.chosen = self.choice(p)
         bad = sum(int((f.solved & ~f.converged).sum()) for f in fits)
         if bad:
-            log.warning("%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise "
-                        "--max-iter", bad, int(self.solved.sum()), self.max_iter, tol)
+            log.warning(
+                "%d of %d L-BFGS problems (probe x C) stopped at --max-iter %d before reaching tol %g; raise "
+                "--max-iter",
+                bad,
+                int(self.solved.sum()),
+                self.max_iter,
+                tol,
+            )
         return fits
 
 
@@ -240,15 +291,28 @@ def _choose(cm: np.ndarray, loss: np.ndarray, solved: np.ndarray | None = None) 
     return pick
 
 
-def _unpack(thetas: dict[int, torch.Tensor], groups: dict[int, list[int]], n_probes: int, n_classes: int,
-            means: list[np.ndarray], scales: list[np.ndarray], its: dict[int, torch.Tensor]) -> list[LogisticFit]:
+def _unpack(
+    thetas: dict[int, torch.Tensor],
+    groups: dict[int, list[int]],
+    n_probes: int,
+    n_classes: int,
+    means: list[np.ndarray],
+    scales: list[np.ndarray],
+    its: dict[int, torch.Tensor],
+) -> list[LogisticFit]:
     C = n_classes
     fits: list[LogisticFit | None] = [None] * n_probes
     for d, js in groups.items():
         th = thetas[d].detach().cpu()
         K = th.shape[1]
         for gi, j in enumerate(js):
-            fits[j] = LogisticFit(weights=th[gi, :, : d * C].reshape(K, d, C).numpy().copy(), bias=th[gi, :, d * C:].numpy().copy(),
-                                  mean=means[j], scale=scales[j], iterations=its[d][gi].cpu().numpy().copy(),
-                                  converged=np.zeros(K, dtype=bool), train_loss=np.zeros(K))
+            fits[j] = LogisticFit(
+                weights=th[gi, :, : d * C].reshape(K, d, C).numpy().copy(),
+                bias=th[gi, :, d * C :].numpy().copy(),
+                mean=means[j],
+                scale=scales[j],
+                iterations=its[d][gi].cpu().numpy().copy(),
+                converged=np.zeros(K, dtype=bool),
+                train_loss=np.zeros(K),
+            )
     return [f for f in fits if f is not None]

@@ -45,13 +45,24 @@ def parse_combine(spec: str | Sequence[str]) -> tuple[str, ...]:
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
     bad = [p for p in parts if p not in COMBINES]
     if bad or not parts:
-        raise ConfigError(f"The 'combine' option must be a comma list of {', '.join(COMBINES)}; got {','.join(parts) or 'nothing'}.")
+        raise ConfigError(
+            f"The 'combine' option must be a comma list of {', '.join(COMBINES)}; got {','.join(parts) or 'nothing'}."
+        )
     return tuple(dict.fromkeys(parts))
 
 
-def expand(*, layers: str, combine: Sequence[str], poolings: Sequence[str], heads: Sequence[str],
-           store_layers: Sequence[int], store_poolings: Sequence[str], token_layers: Sequence[int],
-           towers: Sequence[str], store_path: str) -> list[Combo]:
+def expand(
+    *,
+    layers: str,
+    combine: Sequence[str],
+    poolings: Sequence[str],
+    heads: Sequence[str],
+    store_layers: Sequence[int],
+    store_poolings: Sequence[str],
+    token_layers: Sequence[int],
+    towers: Sequence[str],
+    store_path: str,
+) -> list[Combo]:
     """Every configuration of a sweep, in report order (singles by layer, then combinations)."""
     chosen = parse_layers(layers, store_layers, "layers")
     missing = [p for p in poolings if p not in store_poolings]
@@ -65,15 +76,22 @@ def expand(*, layers: str, combine: Sequence[str], poolings: Sequence[str], head
             usable = [x for x in chosen if x in token_layers]
             if not usable:
                 stored = ",".join(map(str, token_layers)) or "none"
-                raise ConfigError(f"The '{head}' head reads per-token states, but {store_path} has them for layers {stored} "
-                                  f"and --layers asks for {format_layers(chosen)}; re-extract with --tokens {chosen[-1]} or pick a stored layer.")
+                raise ConfigError(
+                    f"The '{head}' head reads per-token states, but {store_path} has them for layers {stored} "
+                    f"and --layers asks for {format_layers(chosen)}; re-extract with --tokens {chosen[-1]} or pick a "
+                    f"stored layer."
+                )
             combos += [Combo((x,), "tokens", "tokens", head) for x in usable]
             continue
         if head in PAIR_HEADS and len(towers) != 2:
-            raise ConfigError(f"The 'pair' head needs a store extracted in towers mode (two texts encoded separately); "
-                              f"{store_path} has one tower. Re-extract with --text-pair-col COL --towers.")
+            raise ConfigError(
+                f"The 'pair' head needs a store extracted in towers mode (two texts encoded separately); "
+                f"{store_path} has one tower. Re-extract with --text-pair-col COL --towers."
+            )
         if head not in PAIR_HEADS and len(towers) != 1:
-            raise ConfigError(f"{store_path} holds two towers (towers mode); use --head pair, or re-extract the pair jointly.")
+            raise ConfigError(
+                f"{store_path} holds two towers (towers mode); use --head pair, or re-extract the pair jointly."
+            )
         for pooling in poolings:
             if "single" in combine:
                 combos += [Combo((x,), "single", pooling, head) for x in chosen]
@@ -83,11 +101,16 @@ def expand(*, layers: str, combine: Sequence[str], poolings: Sequence[str], head
                 for c in combine:
                     if c in ("concat", "sum", "mean"):
                         combos.append(Combo(group, c, pooling, head))
-                if "mix" in combine and not any(cb.key == (format_layers(group), "mix", pooling, "mix") for cb in combos):
+                if "mix" in combine and not any(
+                    cb.key == (format_layers(group), "mix", pooling, "mix") for cb in combos
+                ):
                     combos.append(Combo(group, "mix", pooling, "mix"))
             elif head in LAYERED_HEADS or head in PAIR_HEADS:
                 if any(c != "single" for c in combine):
                     combos.append(Combo(group, head, pooling, head))
     if not combos:
-        raise ConfigError(f"Nothing to train: --layers {layers} with --combine {','.join(combine)} gives no configuration; add 'single' or choose several layers.")
+        raise ConfigError(
+            f"Nothing to train: --layers {layers} with --combine {','.join(combine)} gives no configuration; add "
+            f"'single' or choose several layers."
+        )
     return combos

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from embstore.config import reject_unknown_keys
-from embstore.errors import ConfigError, DataError, StoreNotFoundError
+from embstore.errors import ConfigError, DataError
 from embstore.store.reader import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
 from heads.probe.chunks import Comm
@@ -30,8 +30,16 @@ from heads.probe.control import check_control
 from heads.probe.features import FeatureBank, parse_memory
 from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
 from heads.probe.plan import (
-    SweepSetup, check_budget, check_val_split, drop_duplicates, feature_bank, feature_groups, in_memory, linear_combos,
-    plan_rounds, sweep_notes,
+    SweepSetup,
+    check_budget,
+    check_val_split,
+    drop_duplicates,
+    feature_bank,
+    feature_groups,
+    in_memory,
+    linear_combos,
+    plan_rounds,
+    sweep_notes,
 )
 from heads.probe.record import result_row, sureness, uncertainty_meta, with_fields
 from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
@@ -99,11 +107,15 @@ class SweepConfig:
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"The 'holdout' option must be a fraction in (0, 1); got {self.holdout}.")
         if self.mdl and self.folds is not None:
-            raise ConfigError(f"--mdl codes the labels of the whole training split and --folds {self.folds} cuts it into "
-                              "folds; run --mdl without --folds (a second sweep), or --folds without --mdl.")
+            raise ConfigError(
+                f"--mdl codes the labels of the whole training split and --folds {self.folds} cuts it into "
+                "folds; run --mdl without --folds (a second sweep), or --folds without --mdl."
+            )
         if self.mdl and not ("linear" in self.heads and self.head.solver == "lbfgs"):
-            raise ConfigError("--mdl codes the labels with the L-BFGS linear probes; add --head linear (with --solver lbfgs, "
-                              "the default).")
+            raise ConfigError(
+                "--mdl codes the labels with the L-BFGS linear probes; add --head linear (with --solver lbfgs, "
+                "the default)."
+            )
         for h in self.heads:
             HeadConfig(head=h)  # validates the name with the list of heads
 
@@ -161,13 +173,21 @@ def _join_process_group() -> Any:
 def _progress(total: int, show: bool | None) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="heads sweep", unit="config", disable=(not show) if show is not None else None,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc="heads sweep",
+        unit="config",
+        disable=(not show) if show is not None else None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _eval_record(store: Store, plan: Plan) -> dict[str, Any]:
-    return eval_set(source_sha256(store.provenance.get("sources", []), plan.eval_split),
-                    store.row_ids(plan.eval_split)[plan.eval_rows])
+    return eval_set(
+        source_sha256(store.provenance.get("sources", []), plan.eval_split),
+        store.row_ids(plan.eval_split)[plan.eval_rows],
+    )
 
 
 def _plan(config: SweepConfig, path: str) -> SweepSetup:
@@ -177,29 +197,67 @@ def _plan(config: SweepConfig, path: str) -> SweepSetup:
         raise DataError(f"{path} was extracted without labels; re-extract with --label-col COLUMN.")
     names = store.label_names
     cfg = config.head
-    (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(store, config.train_split, config.eval_split, config.holdout, cfg.seed,
-                                                             config.folds)
+    (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(
+        store, config.train_split, config.eval_split, config.holdout, cfg.seed, config.folds
+    )
     if config.val_split is not None:
         check_val_split(store, config.val_split, tr_split, ev_split)
     y_all = store.labels(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     absent = [names[c] for c in range(len(names)) if not (y_train == c).any()]
     if absent:
-        raise DataError(f"Class {', '.join(map(repr, absent))} has no rows in the training split {tr_split!r}; a head cannot learn it: re-split the data so every class is in training.")
-    combos = expand(layers=config.layers, combine=parse_combine(config.combine), poolings=config.pooling or tuple(store.poolings),
-                    heads=config.heads, store_layers=store.layers, store_poolings=store.poolings, token_layers=store.token_layers,
-                    towers=store.towers, store_path=path)
+        raise DataError(
+            f"Class {', '.join(map(repr, absent))} has no rows in the training split {tr_split!r}; a head cannot learn "
+            f"it: re-split the data so every class is in training."
+        )
+    combos = expand(
+        layers=config.layers,
+        combine=parse_combine(config.combine),
+        poolings=config.pooling or tuple(store.poolings),
+        heads=config.heads,
+        store_layers=store.layers,
+        store_poolings=store.poolings,
+        token_layers=store.token_layers,
+        towers=store.towers,
+        store_path=path,
+    )
     combos, notes = drop_duplicates(combos, cfg.standardize)
-    plans = plan_rounds(store, seeds=config.seeds, folds=config.folds, validation_fraction=cfg.validation_fraction,
-                        val_split=config.val_split, train=(tr_split, tr_rows), evaluate=(ev_split, ev_rows))
+    plans = plan_rounds(
+        store,
+        seeds=config.seeds,
+        folds=config.folds,
+        validation_fraction=cfg.validation_fraction,
+        val_split=config.val_split,
+        train=(tr_split, tr_rows),
+        evaluate=(ev_split, ev_rows),
+    )
     splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
     labels = Labels({s: store.labels(s) for s in splits}, names)
-    return SweepSetup(path, store, names, (tr_split, tr_rows), (ev_split, ev_rows), combos, notes, plans, splits,
-                  parse_memory(config.max_memory), labels)
+    return SweepSetup(
+        path,
+        store,
+        names,
+        (tr_split, tr_rows),
+        (ev_split, ev_rows),
+        combos,
+        notes,
+        plans,
+        splits,
+        parse_memory(config.max_memory),
+        labels,
+    )
 
 
-def _train(setup: SweepSetup, bank: FeatureBank, cache_chunks: bool, cfg: HeadConfig, device: Any, comm: Comm,
-           step: Callable[[int], None], done: Callable[[Outcome], None]) -> list[Outcome]:
+def _train(
+    setup: SweepSetup,
+    bank: FeatureBank,
+    cache_chunks: bool,
+    cfg: HeadConfig,
+    device: Any,
+    comm: Comm,
+    step: Callable[[int], None],
+    done: Callable[[Outcome], None],
+) -> list[Outcome]:
     """Every configuration of every round: L-BFGS probes of every round first, on every rank (their passes are
     collective), then what rank 0 trains alone. ``done`` sees each outcome as it finishes."""
     main = comm.rank == 0
@@ -226,13 +284,29 @@ def _train(setup: SweepSetup, bank: FeatureBank, cache_chunks: bool, cfg: HeadCo
             step(1)
         keep(found)
     if main and stacked:  # every round at once: one stack per architecture and input shape
-        keep(train_stacked([(c, p) for p in plans for c in stacked], bank, labels, cfg, device, lambda: step(1),
-                           budget=setup.budget))
+        keep(
+            train_stacked(
+                [(c, p) for p in plans for c in stacked],
+                bank,
+                labels,
+                cfg,
+                device,
+                lambda: step(1),
+                budget=setup.budget,
+            )
+        )
     return outcomes
 
 
-def _codelengths(setup: SweepSetup, bank: FeatureBank, outcomes: Sequence[Outcome], cfg: HeadConfig, device: Any,
-                 comm: Comm, seeds: int) -> dict[tuple[Combo, int], Codelength]:
+def _codelengths(
+    setup: SweepSetup,
+    bank: FeatureBank,
+    outcomes: Sequence[Outcome],
+    cfg: HeadConfig,
+    device: Any,
+    comm: Comm,
+    seeds: int,
+) -> dict[tuple[Combo, int], Codelength]:
     """--mdl: the online codelength of every L-BFGS probe configuration and seed, at its chosen C."""
     tr_split, tr_rows = setup.train
     rows = np.arange(setup.store.n_rows(tr_split)) if tr_rows is None else tr_rows
@@ -244,11 +318,14 @@ def _codelengths(setup: SweepSetup, bank: FeatureBank, outcomes: Sequence[Outcom
     def source(row_sets: Sequence[np.ndarray], set_of: Sequence[int]) -> Any:
         return row_source(bank, combos, tr_split, row_sets, set_of, y, comm)
 
-    return online_codelengths(combos, chosen, list(range(seeds)), bank, tr_split, rows, y, len(setup.names), cfg,
-                              device, comm, source)
+    return online_codelengths(
+        combos, chosen, list(range(seeds)), bank, tr_split, rows, y, len(setup.names), cfg, device, comm, source
+    )
 
 
-def _meta(config: SweepConfig, setup: SweepSetup, groups: list[list[Combo]], comm: Comm, control: Store | None) -> dict[str, Any]:
+def _meta(
+    config: SweepConfig, setup: SweepSetup, groups: list[list[Combo]], comm: Comm, control: Store | None
+) -> dict[str, Any]:
     """run.json of a sweep (rank 0)."""
     from embstore import __version__
 
@@ -263,35 +340,66 @@ def _meta(config: SweepConfig, setup: SweepSetup, groups: list[list[Combo]], com
     y_eval_all = store.labels(ev_split)
     y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
     first = plans[0]
-    validation = (f"split `{config.val_split}` ({len(first.val_rows)} rows)" if config.val_split else
-                  f"a seeded, stratified{', group-aware' if groups_all is not None else ''} {cfg.validation_fraction:g} carve of "
-                  f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)")
+    validation = (
+        f"split `{config.val_split}` ({len(first.val_rows)} rows)"
+        if config.val_split
+        else f"a seeded, stratified{', group-aware' if groups_all is not None else ''} {cfg.validation_fraction:g} "
+        f"carve of "
+        f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)"
+    )
     held = np.unique(np.concatenate([p.eval_rows for p in plans if p.seed == 0]))
-    run_eval = eval_set(source_sha256(store.provenance.get("sources", []), first.eval_split), store.row_ids(first.eval_split)[held])
-    meta = {"kind": "sweep", "store": setup.path, "store_fingerprint": store.fingerprint,
-            "model": store.provenance.get("model", {}).get("name"),
-            "label_names": names, "train_split": tr_split, "eval_split": ev_split, "val_split": config.val_split,
-            "validation": validation, "train_rows": int(len(y_train)), "eval_rows": int(len(held) if config.folds else len(y_eval)),
-            "carved_eval": ev_rows is not None,
-            # the baseline predicts the commonest class of the original rows (augmented copies skew the counts)
-            "majority_accuracy": majority_accuracy(y_train[~aug_train], y_train[~aug_train] if config.folds else y_eval),
-            "config": config.to_dict(), "augmented_rows": int(aug_train.sum()),
-            "kept_apart": None if groups_all is None else (
-                f"groups of {store.provenance.get('group_col') or 'the group column'}" if store.groups(tr_split) is not None
-                else "augmented copies and their source rows"),
-            "configurations": len(setup.combos), "embstore": __version__,
-            "feature_bytes": FeatureBank.bytes_needed(store, setup.combos, setup.splits),
-            "features_preloaded": len(groups) == 1 and in_memory(setup, groups[0]), "feature_groups": len(groups),
-            "streamed_configurations": sum(len(g) for g in groups if not in_memory(setup, g)),
-            "solver": cfg.solver, "world_size": comm.world,
-            EVAL_SET_KEY: run_eval, "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
-            # what the store's rows were cut to (heads report marks runs whose truncation differs)
-            **({"max_seconds": store.provenance.get("max_seconds")} if store.provenance.get("audio_col")
-               else {"max_length": store.provenance.get("max_length")})}
+    run_eval = eval_set(
+        source_sha256(store.provenance.get("sources", []), first.eval_split), store.row_ids(first.eval_split)[held]
+    )
+    meta = {
+        "kind": "sweep",
+        "store": setup.path,
+        "store_fingerprint": store.fingerprint,
+        "model": store.provenance.get("model", {}).get("name"),
+        "label_names": names,
+        "train_split": tr_split,
+        "eval_split": ev_split,
+        "val_split": config.val_split,
+        "validation": validation,
+        "train_rows": int(len(y_train)),
+        "eval_rows": int(len(held) if config.folds else len(y_eval)),
+        "carved_eval": ev_rows is not None,
+        # the baseline predicts the commonest class of the original rows (augmented copies skew the counts)
+        "majority_accuracy": majority_accuracy(y_train[~aug_train], y_train[~aug_train] if config.folds else y_eval),
+        "config": config.to_dict(),
+        "augmented_rows": int(aug_train.sum()),
+        "kept_apart": None
+        if groups_all is None
+        else (
+            f"groups of {store.provenance.get('group_col') or 'the group column'}"
+            if store.groups(tr_split) is not None
+            else "augmented copies and their source rows"
+        ),
+        "configurations": len(setup.combos),
+        "embstore": __version__,
+        "feature_bytes": FeatureBank.bytes_needed(store, setup.combos, setup.splits),
+        "features_preloaded": len(groups) == 1 and in_memory(setup, groups[0]),
+        "feature_groups": len(groups),
+        "streamed_configurations": sum(len(g) for g in groups if not in_memory(setup, g)),
+        "solver": cfg.solver,
+        "world_size": comm.world,
+        EVAL_SET_KEY: run_eval,
+        "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
+        # what the store's rows were cut to (heads report marks runs whose truncation differs)
+        **(
+            {"max_seconds": store.provenance.get("max_seconds")}
+            if store.provenance.get("audio_col")
+            else {"max_length": store.provenance.get("max_length")}
+        ),
+    }
     if control is not None:
         model = control.provenance.get("model", {})
-        meta["control"] = {"store": str(control.path), "store_fingerprint": control.fingerprint, "model": model.get("name"),
-                           "random_weights": model.get("random_weights")}
+        meta["control"] = {
+            "store": str(control.path),
+            "store_fingerprint": control.fingerprint,
+            "model": model.get("name"),
+            "random_weights": model.get("random_weights"),
+        }
     return meta
 
 
@@ -319,7 +427,9 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     run_dir = rundir.run_dir(config.out, f"sweep-{Path(setup.path).stem[:40]}")
     writer = RunWriter(run_dir, _meta(config, setup, groups, comm, control)) if main else None
 
-    bar = _progress(len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False)
+    bar = _progress(
+        len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False
+    )
     eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.plans}
 
     def write(o: Outcome) -> None:
@@ -356,9 +466,16 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     return _finish(writer, setup, outcomes, controls, codes, config, t_start, timings)
 
 
-def _finish(writer: RunWriter, setup: SweepSetup, outcomes: list[Outcome], controls: list[Outcome],
-            codes: dict[tuple[Combo, int], Codelength], config: SweepConfig, t_start: float,
-            timings: dict[str, float]) -> SweepResult:
+def _finish(
+    writer: RunWriter,
+    setup: SweepSetup,
+    outcomes: list[Outcome],
+    controls: list[Outcome],
+    codes: dict[tuple[Combo, int], Codelength],
+    config: SweepConfig,
+    t_start: float,
+    timings: dict[str, float],
+) -> SweepResult:
     """Sureness, control and MDL columns on every row, the rows in report order (configurations as planned, then
     seed and fold, however they were grouped to train), then the run's files and its best head."""
     store, names, path = setup.store, setup.names, setup.path
@@ -374,32 +491,70 @@ def _finish(writer: RunWriter, setup: SweepSetup, outcomes: list[Outcome], contr
     if config.ci:
         writer.update_meta(uncertainty=uncertainty_meta(fields))
     if codes:
-        writer.update_meta(mdl={"definition": "online code (Voita & Titov 2020), bits; blocks at "
-                                + ", ".join(f"{100 * f:g}%" for f in FRACTIONS) + " of the shuffled training rows",
-                                "rows": next(iter(codes.values())).rows, "heads": "linear (L-BFGS at the chosen C)",
-                                "blocks": {f"{'/'.join(c.key)} seed {s}": code.blocks for (c, s), code in codes.items()}})
+        writer.update_meta(
+            mdl={
+                "definition": "online code (Voita & Titov 2020), bits; blocks at "
+                + ", ".join(f"{100 * f:g}%" for f in FRACTIONS)
+                + " of the shuffled training rows",
+                "rows": next(iter(codes.values())).rows,
+                "heads": "linear (L-BFGS at the chosen C)",
+                "blocks": {f"{'/'.join(c.key)} seed {s}": code.blocks for (c, s), code in codes.items()},
+            }
+        )
     ev_split = setup.evaluate[0]
     row_ids = {s: store.row_ids(s) for s in {o.plan.eval_split for o in outcomes}}
-    writer.write_predictions([(row_ids[o.plan.eval_split][o.plan.eval_rows], setup.labels[o.plan.eval_split][o.plan.eval_rows],
-                               o.proba) for o in outcomes], names)
+    writer.write_predictions(
+        [
+            (row_ids[o.plan.eval_split][o.plan.eval_rows], setup.labels[o.plan.eval_split][o.plan.eval_rows], o.proba)
+            for o in outcomes
+        ],
+        names,
+    )
     summary = writer.finish(names, best_key=best_key)
     best = summary["best"]
     key = (best["layers"], best["combine"], best["pooling"], best["head"])
     shown = next(r for r in writer.rows if r.config_key == key)  # the summary's best row (the first written)
-    est = next(o.est for o in outcomes if o.combo.key == key and o.plan.seed == shown.seed and o.plan.fold == shown.fold)
+    est = next(
+        o.est for o in outcomes if o.combo.key == key and o.plan.seed == shown.seed and o.plan.fold == shown.fold
+    )
     combo = next(c for c in setup.combos if c.key == key)
-    extra = {"layers": list(combo.layers), "layers_label": combo.layers_label, "combine": combo.combine,
-             "pooling": combo.pooling, "head": combo.head, "store": path, "store_id": store.fingerprint,
-             "label_names": names, "model": store.provenance.get("model", {}), "max_length": store.provenance.get("max_length"),
-             "pair_mode": store.provenance.get("pair_mode"), "text_pair_col": store.provenance.get("text_pair_col"),
-             "towers": store.towers, "dtype": store.layout.dtype, "max_seconds": store.provenance.get("max_seconds"),
-             "precision": store.provenance.get("precision"),
-             "seed": shown.seed, "fold": shown.fold, "chosen_on": "validation macro-F1"}
+    extra = {
+        "layers": list(combo.layers),
+        "layers_label": combo.layers_label,
+        "combine": combo.combine,
+        "pooling": combo.pooling,
+        "head": combo.head,
+        "store": path,
+        "store_id": store.fingerprint,
+        "label_names": names,
+        "model": store.provenance.get("model", {}),
+        "max_length": store.provenance.get("max_length"),
+        "pair_mode": store.provenance.get("pair_mode"),
+        "text_pair_col": store.provenance.get("text_pair_col"),
+        "towers": store.towers,
+        "dtype": store.layout.dtype,
+        "max_seconds": store.provenance.get("max_seconds"),
+        "precision": store.provenance.get("precision"),
+        "seed": shown.seed,
+        "fold": shown.fold,
+        "chosen_on": "validation macro-F1",
+    }
     est.save(writer.run_dir / rundir.BEST_HEAD_DIR, extra=extra)
     timings["total_s"] = time.perf_counter() - t_start
     writer.update_meta(timings={k: round(v, 4) for k, v in timings.items()})
-    log.info("sweep of %d runs in %.1fs; best %s (evaluation split %s)", len(outcomes), timings["total_s"], key, ev_split)
-    result = {"layers": key[0], "combine": key[1], "pooling": key[2], "head": key[3], "f1_macro": best["f1_macro_mean"],
-              "accuracy": best["accuracy_mean"], "val_f1_macro": best["val_f1_macro_mean"], "val_accuracy": best["val_accuracy_mean"],
-              "f1_macro_lo": best.get("f1_macro_lo"), "f1_macro_hi": best.get("f1_macro_hi")}
+    log.info(
+        "sweep of %d runs in %.1fs; best %s (evaluation split %s)", len(outcomes), timings["total_s"], key, ev_split
+    )
+    result = {
+        "layers": key[0],
+        "combine": key[1],
+        "pooling": key[2],
+        "head": key[3],
+        "f1_macro": best["f1_macro_mean"],
+        "accuracy": best["accuracy_mean"],
+        "val_f1_macro": best["val_f1_macro_mean"],
+        "val_accuracy": best["val_accuracy_mean"],
+        "f1_macro_lo": best.get("f1_macro_lo"),
+        "f1_macro_hi": best.get("f1_macro_hi"),
+    }
     return SweepResult(run_dir=writer.run_dir, store=path, rows=len(outcomes), best=result, tied=fields.tied)

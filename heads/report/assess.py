@@ -83,8 +83,9 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def assess(runs: Sequence[RunPredictions], best: ConfigKey, n_classes: int, *, seed: int = 0,
-           n_resamples: int = N_RESAMPLES) -> Assessment:
+def assess(
+    runs: Sequence[RunPredictions], best: ConfigKey, n_classes: int, *, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> Assessment:
     """The sureness fields of every run; ``best`` is the configuration chosen on validation."""
     fields: list[dict[str, Any]] = [{} for _ in runs]
     _per_run(runs, fields, n_classes, seed, n_resamples)
@@ -93,8 +94,9 @@ def assess(runs: Sequence[RunPredictions], best: ConfigKey, n_classes: int, *, s
     return out
 
 
-def _per_run(runs: Sequence[RunPredictions], fields: list[dict[str, Any]], n_classes: int, seed: int,
-             n_resamples: int) -> None:
+def _per_run(
+    runs: Sequence[RunPredictions], fields: list[dict[str, Any]], n_classes: int, seed: int, n_resamples: int
+) -> None:
     """Intervals over each run's own rows; runs on the same rows share one set of resamples."""
     groups: dict[bytes, list[int]] = {}
     for i, r in enumerate(runs):
@@ -104,8 +106,9 @@ def _per_run(runs: Sequence[RunPredictions], fields: list[dict[str, Any]], n_cla
         preds = [runs[i].pred for i in members]
         controls = [i for i in members if runs[i].control is not None]
         preds += [runs[i].control for i in controls]  # type: ignore[misc]
-        acc, f1 = bootstrap_scores(first.y, np.stack(preds), n_classes, n_resamples=n_resamples,
-                                   seed=_rows_seed(seed, first.rows))
+        acc, f1 = bootstrap_scores(
+            first.y, np.stack(preds), n_classes, n_resamples=n_resamples, seed=_rows_seed(seed, first.rows)
+        )
         for j, i in enumerate(members):
             fields[i]["accuracy_lo"], fields[i]["accuracy_hi"] = _interval(acc[j])
             fields[i]["f1_macro_lo"], fields[i]["f1_macro_hi"] = _interval(f1[j])
@@ -115,11 +118,20 @@ def _per_run(runs: Sequence[RunPredictions], fields: list[dict[str, Any]], n_cla
             c_acc, c_f1 = _metrics(r.y, r.control, n_classes)
             f1_run = _metrics(r.y, r.pred, n_classes)[1]
             lo, hi = _interval(f1[members.index(i)] - f1[len(members) + j])
-            fields[i].update(control_accuracy=c_acc, control_f1_macro=c_f1, gain_f1_macro=f1_run - c_f1,
-                             gain_f1_macro_lo=lo, gain_f1_macro_hi=hi)
+            fields[i].update(
+                control_accuracy=c_acc,
+                control_f1_macro=c_f1,
+                gain_f1_macro=f1_run - c_f1,
+                gain_f1_macro_lo=lo,
+                gain_f1_macro_hi=hi,
+            )
 
 
-def _pooled(runs: Sequence[RunPredictions]) -> tuple[dict[tuple[ConfigKey, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]], np.ndarray, np.ndarray] | None:
+def _pooled(
+    runs: Sequence[RunPredictions],
+) -> (
+    tuple[dict[tuple[ConfigKey, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]], np.ndarray, np.ndarray] | None
+):
     """Per (configuration, seed): predictions of all its evaluation rows (folds pooled), on one common row order;
     None when the configurations were not all scored on the same rows."""
     parts: dict[tuple[ConfigKey, int], list[RunPredictions]] = {}
@@ -143,8 +155,15 @@ def _pooled(runs: Sequence[RunPredictions]) -> tuple[dict[tuple[ConfigKey, int],
     return pooled, common, y_common
 
 
-def _per_config(runs: Sequence[RunPredictions], fields: list[dict[str, Any]], best: ConfigKey, n_classes: int,
-                seed: int, n_resamples: int, out: Assessment) -> None:
+def _per_config(
+    runs: Sequence[RunPredictions],
+    fields: list[dict[str, Any]],
+    best: ConfigKey,
+    n_classes: int,
+    seed: int,
+    n_resamples: int,
+    out: Assessment,
+) -> None:
     """Configuration-level intervals (folds pooled, seeds averaged) and the paired tests against the best."""
     got = _pooled(runs)
     if got is None:

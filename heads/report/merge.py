@@ -23,14 +23,45 @@ from heads.report.table import ConfigStats, aggregate, pm, rank, selection_rule
 
 __all__ = ["write_report", "eval_set_id", "check_comparable", "truncation", "REPORT_COLUMNS"]
 
-REPORT_COLUMNS = ["run", "store_id", "eval_set", "truncation", "layers", "combine", "pooling", "head", "n", "accuracy_mean",
-                  "accuracy_std", "f1_macro_mean", "f1_macro_std", "val_accuracy_mean", "val_f1_macro_mean",
-                  "trainable_params", "seconds_per_epoch", "train_seconds",
-                  # how sure, as each run recorded it (its best and its paired tests are within the run)
-                  "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
-                  "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "vs_best", "control_accuracy_mean",
-                  "control_f1_macro_mean", "gain_f1_macro_mean", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits",
-                  "compression"]
+REPORT_COLUMNS = [
+    "run",
+    "store_id",
+    "eval_set",
+    "truncation",
+    "layers",
+    "combine",
+    "pooling",
+    "head",
+    "n",
+    "accuracy_mean",
+    "accuracy_std",
+    "f1_macro_mean",
+    "f1_macro_std",
+    "val_accuracy_mean",
+    "val_f1_macro_mean",
+    "trainable_params",
+    "seconds_per_epoch",
+    "train_seconds",
+    # how sure, as each run recorded it (its best and its paired tests are within the run)
+    "accuracy_lo",
+    "accuracy_hi",
+    "f1_macro_lo",
+    "f1_macro_hi",
+    "is_best",
+    "p_vs_best",
+    "p_vs_best_holm",
+    "f1_macro_diff_lo",
+    "f1_macro_diff_hi",
+    "tied_with_best",
+    "vs_best",
+    "control_accuracy_mean",
+    "control_f1_macro_mean",
+    "gain_f1_macro_mean",
+    "gain_f1_macro_lo",
+    "gain_f1_macro_hi",
+    "mdl_bits",
+    "compression",
+]
 UNKNOWN = "unknown"
 
 
@@ -57,15 +88,19 @@ def check_comparable(ids: dict[str, str]) -> None:
     names = list(ids)
     for name in names:
         if ids[name] == UNKNOWN:
-            raise ConfigError(f"Run {name} records no evaluation set (eval_set unknown: made before runs recorded the "
-                              "rows they scored), so it cannot be checked against the others; re-run it, or pass "
-                              "--allow-mixed to merge it marked.")
+            raise ConfigError(
+                f"Run {name} records no evaluation set (eval_set unknown: made before runs recorded the "
+                "rows they scored), so it cannot be checked against the others; re-run it, or pass "
+                "--allow-mixed to merge it marked."
+            )
     first = names[0]
     for name in names[1:]:
         if ids[name] != ids[first]:
-            raise ConfigError(f"Runs {first} and {name} were scored on different rows (eval_set {ids[first]} vs "
-                              f"{ids[name]}); compare runs evaluated on the same rows, or pass --allow-mixed to merge "
-                              "them with the difference marked.")
+            raise ConfigError(
+                f"Runs {first} and {name} were scored on different rows (eval_set {ids[first]} vs "
+                f"{ids[name]}); compare runs evaluated on the same rows, or pass --allow-mixed to merge "
+                "them with the difference marked."
+            )
 
 
 def _opt(value: float | int | None, fmt: str = "{}") -> str:
@@ -98,7 +133,9 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
         cuts[name] = truncation(meta)
         entries += [(name, stores[name], s) for s in aggregate(rows)]
     if not entries:
-        raise DataError(f"The runs {', '.join(map(str, run_dirs))} hold no result rows; pass runs that finished at least one head.")
+        raise DataError(
+            f"The runs {', '.join(map(str, run_dirs))} hold no result rows; pass runs that finished at least one head."
+        )
     if not allow_mixed:
         check_comparable(ids)
     known = Counter(i for i in ids.values() if i != UNKNOWN)
@@ -127,32 +164,69 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
             cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
             if with_ci:
                 cells.append("" if not s.has_interval else f"{s.f1_lo:.4f}–{s.f1_hi:.4f}")
-            cells += [str(s.n), _opt(s.trainable_params, "{:,}"), _opt(s.seconds_per_epoch, "{:.2f}"), f"{s.train_seconds:.1f}"]
+            cells += [
+                str(s.n),
+                _opt(s.trainable_params, "{:,}"),
+                _opt(s.seconds_per_epoch, "{:.2f}"),
+                f"{s.train_seconds:.1f}",
+            ]
             table.append([f"**{c}**" for c in cells] if i == 0 else cells)
-        by = "mean validation macro-F1" if rule == "validation" else "mean evaluation macro-F1 (not every run has validation scores)"
+        by = (
+            "mean validation macro-F1"
+            if rule == "validation"
+            else "mean evaluation macro-F1 (not every run has validation scores)"
+        )
         lines = ["# Heads report", "", f"{len(entries)} configs from {len(stores)} runs, best first by {by}.", ""]
-        lines += md_table(["run", "layers", "combine", "pooling", "head", *(["val macro-F1"] if with_val else []),
-                           "accuracy", "macro-F1", *(["95% CI macro-F1"] if with_ci else []), "runs", "trainable params",
-                           "s / epoch", "train s"], table)
+        lines += md_table(
+            [
+                "run",
+                "layers",
+                "combine",
+                "pooling",
+                "head",
+                *(["val macro-F1"] if with_val else []),
+                "accuracy",
+                "macro-F1",
+                *(["95% CI macro-F1"] if with_ci else []),
+                "runs",
+                "trainable params",
+                "s / epoch",
+                "train s",
+            ],
+            table,
+        )
         if with_ci:
-            lines.append("\nIntervals are each run's own (95% bootstrap over its evaluation rows); paired tests against "
-                         "each run's best are in the runs' summaries and in report.csv.")
+            lines.append(
+                "\nIntervals are each run's own (95% bootstrap over its evaluation rows); paired tests against "
+                "each run's best are in the runs' summaries and in report.csv."
+            )
         lines += ["", "## Stores, models and evaluation sets", ""]
-        lines += [f"- {run}: `{store}`, evaluation set `{ids[run]}`, inputs cut to {cuts[run]}" for run, store in stores.items()]
+        lines += [
+            f"- {run}: `{store}`, evaluation set `{ids[run]}`, inputs cut to {cuts[run]}"
+            for run, store in stores.items()
+        ]
         if other and reference is None:
             lines.append("\n† no run records its evaluation set: whether they were scored on the same rows is unknown.")
         elif other:
-            lines.append(f"\n† scored on other rows than evaluation set `{reference}` (or on unknown rows): "
-                         f"{', '.join(sorted(other))}; their scores are not directly comparable.")
+            lines.append(
+                f"\n† scored on other rows than evaluation set `{reference}` (or on unknown rows): "
+                f"{', '.join(sorted(other))}; their scores are not directly comparable."
+            )
         if cut_other:
-            lines.append(f"\n‡ inputs truncated otherwise than {common_cut[0][0]}: "
-                         + ", ".join(f"{run} ({cuts[run]})" for run in sorted(cut_other))
-                         + "; they were scored on the same rows but did not see the same text.")
+            lines.append(
+                f"\n‡ inputs truncated otherwise than {common_cut[0][0]}: "
+                + ", ".join(f"{run} ({cuts[run]})" for run in sorted(cut_other))
+                + "; they were scored on the same rows but did not see the same text."
+            )
         if len(set(stores.values())) > 1:
-            lines.append("\nThe runs come from different stores: compare them only if the stores share their data split.")
+            lines.append(
+                "\nThe runs come from different stores: compare them only if the stores share their data split."
+            )
         lines += ["", "![macro-F1 per config](report.png)", ""]
         (out / "report.md").write_text("\n".join(lines))
         plot_report(out / "report.png", entries)
     except OSError as exc:
-        raise OutputNotWritableError(f"Cannot write the report under {out} ({exc.strerror or exc}); choose a writable --out.") from None
+        raise OutputNotWritableError(
+            f"Cannot write the report under {out} ({exc.strerror or exc}); choose a writable --out."
+        ) from None
     return out / "report.md"

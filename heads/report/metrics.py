@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "confusion", "metrics_from_confusion", "macro_f1_present", "majority_accuracy", "mean_std"]
+__all__ = [
+    "classification_metrics",
+    "confusion",
+    "metrics_from_confusion",
+    "macro_f1_present",
+    "majority_accuracy",
+    "mean_std",
+]
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -15,7 +22,9 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
     y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
     ok = (y_true >= 0) & (y_true < n_classes) & (y_pred >= 0) & (y_pred < n_classes)
-    return np.bincount(y_true[ok] * n_classes + y_pred[ok], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    return np.bincount(y_true[ok] * n_classes + y_pred[ok], minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -55,10 +64,21 @@ def metrics_from_confusion(confusion: np.ndarray, label_names: list[str]) -> dic
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     total = int(cm.sum())
-    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                        "support": int(support[i])} for i, name in enumerate(label_names)}
-    return {"accuracy": float(tp.sum() / total) if total else 0.0, "f1_macro": float(f1.mean()) if len(f1) else 0.0,
-            "per_class": per_class, "confusion": cm.astype(int).tolist()}
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(label_names)
+    }
+    return {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "f1_macro": float(f1.mean()) if len(f1) else 0.0,
+        "per_class": per_class,
+        "confusion": cm.astype(int).tolist(),
+    }
 
 
 def majority_accuracy(y_train: np.ndarray, y_eval: np.ndarray) -> float:

@@ -36,19 +36,38 @@ def plot_per_layer(path: Path, stats: list[ConfigStats], best: ConfigStats | Non
     for (pooling, head), group in lines.items():
         xs = [int(s.key[0]) for s in group]
         name = f"{pooling} / {head}" if several_heads else pooling
-        drawn = ax.errorbar(xs, [s.f1_mean for s in group], yerr=[s.f1_std for s in group], marker="o", capsize=3, label=name)
+        drawn = ax.errorbar(
+            xs, [s.f1_mean for s in group], yerr=[s.f1_std for s in group], marker="o", capsize=3, label=name
+        )
         color = drawn.lines[0].get_color()
         if banded:  # the 95% bootstrap interval of each layer's score
             inside = [s for s in group if s.has_interval]
-            ax.fill_between([int(s.key[0]) for s in inside], [float(s.f1_lo or 0.0) for s in inside],
-                            [float(s.f1_hi or 0.0) for s in inside], color=color, alpha=0.15, linewidth=0)
+            ax.fill_between(
+                [int(s.key[0]) for s in inside],
+                [float(s.f1_lo or 0.0) for s in inside],
+                [float(s.f1_hi or 0.0) for s in inside],
+                color=color,
+                alpha=0.15,
+                linewidth=0,
+            )
         if controlled:  # the same configuration on the control store, under the real curve
             ctrl = [s for s in group if s.control_f1_mean is not None]
-            ax.plot([int(s.key[0]) for s in ctrl], [float(s.control_f1_mean or 0.0) for s in ctrl], linestyle="--",
-                    marker="x", color=color, alpha=0.7, label=f"{name}: control")
+            ax.plot(
+                [int(s.key[0]) for s in ctrl],
+                [float(s.control_f1_mean or 0.0) for s in ctrl],
+                linestyle="--",
+                marker="x",
+                color=color,
+                alpha=0.7,
+                label=f"{name}: control",
+            )
     ax.set_xticks(sorted({int(s.key[0]) for s in singles}))
     ylabel = "macro-F1 (mean ± std" + (", band: 95% CI" if banded else "") + ")"
-    ax.set(xlabel="layer", ylabel=ylabel, title="Macro-F1 per single layer" + (" (dashed: control store)" if controlled else ""))
+    ax.set(
+        xlabel="layer",
+        ylabel=ylabel,
+        title="Macro-F1 per single layer" + (" (dashed: control store)" if controlled else ""),
+    )
     ax.grid(alpha=0.3)
     ax.legend(title="pooling / head" if several_heads else "pooling")
     fig.savefig(path, dpi=120)
@@ -89,7 +108,9 @@ def plot_curves(path: Path, stats: list[ConfigStats], best: ConfigStats | None, 
         ax_f1.plot(epochs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
         ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", title="Validation macro-F1")
         if best.first.best_epoch is not None:
-            ax_f1.axvline(best.first.best_epoch, color="gray", linestyle="--", label=f"best epoch {best.first.best_epoch}")
+            ax_f1.axvline(
+                best.first.best_epoch, color="gray", linestyle="--", label=f"best epoch {best.first.best_epoch}"
+            )
             ax_f1.legend()
         from matplotlib.ticker import MaxNLocator
 

@@ -1,4 +1,5 @@
-"""The heads run directory: the only module that writes and reads its result files (their names: :mod:`heads.report.rundir`).
+"""The heads run directory: the only module that writes and reads its result files (their names:
+:mod:`heads.report.rundir`).
 
 Layout of one run (``heads sweep``, ``heads train``, ``heads finetune`` all write it)::
 
@@ -29,26 +30,71 @@ from heads.report.rundir import CSV_FILE, PREDICTIONS_FILE, ROWS_FILE, RUN_FILE,
 from heads.report.summary import summary_md
 from heads.report.table import ConfigKey, ConfigStats, ResultRow, aggregate, best_config
 
-__all__ = ["ResultRow", "ConfigStats", "RunWriter", "aggregate", "best_config", "read_run", "save_predictions",
-           "RUN_FILE", "PREDICTIONS_FILE"]
+__all__ = [
+    "ResultRow",
+    "ConfigStats",
+    "RunWriter",
+    "aggregate",
+    "best_config",
+    "read_run",
+    "save_predictions",
+    "RUN_FILE",
+    "PREDICTIONS_FILE",
+]
 
 PLOT_PER_LAYER, PLOT_CURVES, PLOT_CONFUSION = "metric_per_layer.png", "learning_curves.png", "confusion_best.png"
 RUN_FORMAT_VERSION = 1
-CSV_COLUMNS = ["layers", "combine", "pooling", "head", "seed", "fold", "accuracy", "f1_macro", "val_accuracy",
-               "val_f1_macro", "train_seconds", "best_epoch", "trainable_params", "seconds_per_epoch", "store_id",
-               "accuracy_lo", "accuracy_hi", "f1_macro_lo", "f1_macro_hi", "is_best", "p_vs_best", "p_vs_best_holm",
-               "f1_macro_diff_lo", "f1_macro_diff_hi", "tied_with_best", "vs_best", "control_accuracy", "control_f1_macro",
-               "gain_f1_macro", "gain_f1_macro_lo", "gain_f1_macro_hi", "mdl_bits", "compression"]
+CSV_COLUMNS = [
+    "layers",
+    "combine",
+    "pooling",
+    "head",
+    "seed",
+    "fold",
+    "accuracy",
+    "f1_macro",
+    "val_accuracy",
+    "val_f1_macro",
+    "train_seconds",
+    "best_epoch",
+    "trainable_params",
+    "seconds_per_epoch",
+    "store_id",
+    "accuracy_lo",
+    "accuracy_hi",
+    "f1_macro_lo",
+    "f1_macro_hi",
+    "is_best",
+    "p_vs_best",
+    "p_vs_best_holm",
+    "f1_macro_diff_lo",
+    "f1_macro_diff_hi",
+    "tied_with_best",
+    "vs_best",
+    "control_accuracy",
+    "control_f1_macro",
+    "gain_f1_macro",
+    "gain_f1_macro_lo",
+    "gain_f1_macro_hi",
+    "mdl_bits",
+    "compression",
+]
 
 
 class RunWriter:
     """Writes one run directory: ``run.json`` now, ``results.jsonl`` row by row, the rest in :meth:`finish`."""
 
     def __init__(self, run_dir: Path, meta: dict[str, Any], *, resume: bool = False) -> None:
-        """``meta``: store path/fingerprint, model, label_names, command/config. ``resume`` keeps rows already written."""
+        """``meta``: store path/fingerprint, model, label_names, command/config. ``resume`` keeps rows already
+        written."""
         self.run_dir = Path(run_dir)
-        self.meta = {"name": self.run_dir.name, "format_version": RUN_FORMAT_VERSION, "tool_version": __version__,
-                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta}
+        self.meta = {
+            "name": self.run_dir.name,
+            "format_version": RUN_FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **meta,
+        }
         self.rows: list[ResultRow] = []
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +113,9 @@ class RunWriter:
         try:
             (self.run_dir / RUN_FILE).write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
         except OSError as exc:
-            raise OutputNotWritableError(f"Cannot write {self.run_dir / RUN_FILE} ({exc.strerror or exc}); choose a writable --out.") from None
+            raise OutputNotWritableError(
+                f"Cannot write {self.run_dir / RUN_FILE} ({exc.strerror or exc}); choose a writable --out."
+            ) from None
 
     def add(self, row: ResultRow) -> None:
         """Append one row to results.jsonl and flush, so a crashed sweep keeps every finished row."""
@@ -93,7 +141,9 @@ class RunWriter:
             os.replace(tmp, path)
             self._jsonl = open(path, "a", encoding="utf-8")
         except OSError as exc:
-            raise OutputNotWritableError(f"Cannot write {path} ({exc.strerror or exc}); choose a writable --out.") from None
+            raise OutputNotWritableError(
+                f"Cannot write {path} ({exc.strerror or exc}); choose a writable --out."
+            ) from None
         self.rows = list(rows)
 
     def write_predictions(self, runs: list[tuple[Any, Any, Any]], label_names: list[str]) -> None:
@@ -113,17 +163,30 @@ class RunWriter:
         if stats:
             best = next((s for s in stats if s.key == tuple(best_key)), None) if best_key else best_config(stats)
             if best is None:
-                raise DataError(f"best_key {best_key} matches no config of this run; pass one of {[s.key for s in stats]}.")
+                raise DataError(
+                    f"best_key {best_key} matches no config of this run; pass one of {[s.key for s in stats]}."
+                )
         files, skipped = [], []
-        for name, draw in ((PLOT_PER_LAYER, plot_per_layer), (PLOT_CURVES, plot_curves),
-                           (PLOT_CONFUSION, plot_confusion)):
+        for name, draw in (
+            (PLOT_PER_LAYER, plot_per_layer),
+            (PLOT_CURVES, plot_curves),
+            (PLOT_CONFUSION, plot_confusion),
+        ):
             if draw(self.run_dir / name, stats, best, label_names):
                 files.append(name)
             else:
                 skipped.append(name)
-        (self.run_dir / SUMMARY_FILE).write_text(summary_md(self.meta, stats, best, label_names, files, skipped, _SKIP_REASON))
-        return {"run_dir": str(self.run_dir), "n_rows": len(self.rows), "configs": [s.to_dict() for s in stats],
-                "best": best.to_dict() if best else None, "plots": files, "skipped_plots": skipped}
+        (self.run_dir / SUMMARY_FILE).write_text(
+            summary_md(self.meta, stats, best, label_names, files, skipped, _SKIP_REASON)
+        )
+        return {
+            "run_dir": str(self.run_dir),
+            "n_rows": len(self.rows),
+            "configs": [s.to_dict() for s in stats],
+            "best": best.to_dict() if best else None,
+            "plots": files,
+            "skipped_plots": skipped,
+        }
 
 
 def save_predictions(path: Path, runs: list[tuple[Any, Any, Any]], label_names: list[str]) -> Path:
@@ -155,12 +218,20 @@ def save_predictions(path: Path, runs: list[tuple[Any, Any, Any]], label_names: 
     proba_all = cat(probas, (0, n_classes), np.float32)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     try:
-        np.savez(tmp, run=cat(run, (0,), np.int64), row_id=cat(ids, (0,), np.int64), y_true=cat(ys, (0,), np.int64),
-                 y_pred=proba_all.argmax(1).astype(np.int64) if len(proba_all) else np.zeros(0, np.int64),
-                 proba=proba_all, label_names=np.asarray([str(n) for n in label_names]))
+        np.savez(
+            tmp,
+            run=cat(run, (0,), np.int64),
+            row_id=cat(ids, (0,), np.int64),
+            y_true=cat(ys, (0,), np.int64),
+            y_pred=proba_all.argmax(1).astype(np.int64) if len(proba_all) else np.zeros(0, np.int64),
+            proba=proba_all,
+            label_names=np.asarray([str(n) for n in label_names]),
+        )
         os.replace(tmp, path)
     except OSError as exc:
-        raise OutputNotWritableError(f"Cannot write {path} ({exc.strerror or exc}); choose a writable location.") from None
+        raise OutputNotWritableError(
+            f"Cannot write {path} ({exc.strerror or exc}); choose a writable location."
+        ) from None
     return path
 
 
@@ -187,8 +258,11 @@ def _csv_value(value: Any) -> str:
     return str(value)
 
 
-_SKIP_REASON = {PLOT_PER_LAYER: "no single-layer configs", PLOT_CURVES: "the best config has no per-epoch history",
-                PLOT_CONFUSION: "no best config or no confusion matrix"}
+_SKIP_REASON = {
+    PLOT_PER_LAYER: "no single-layer configs",
+    PLOT_CURVES: "the best config has no per-epoch history",
+    PLOT_CONFUSION: "no best config or no confusion matrix",
+}
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[ResultRow]]:
@@ -206,7 +280,9 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[ResultRow]]:
     try:
         meta = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{run_dir / RUN_FILE} is not valid JSON ({exc.msg}); rerun the command that wrote {run_dir}.") from None
+        raise DataError(
+            f"{run_dir / RUN_FILE} is not valid JSON ({exc.msg}); rerun the command that wrote {run_dir}."
+        ) from None
     lines = (run_dir / ROWS_FILE).read_text(encoding="utf-8").splitlines()
     rows = []
     for i, line in enumerate(lines):
@@ -217,6 +293,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[ResultRow]]:
         except (json.JSONDecodeError, TypeError) as exc:
             if i == len(lines) - 1:
                 continue  # the last row was being written when the process stopped
-            raise DataError(f"{run_dir / ROWS_FILE} line {i + 1} is not a result row ({exc}); "
-                            f"delete that line or rerun the command that wrote {run_dir}.") from None
+            raise DataError(
+                f"{run_dir / ROWS_FILE} line {i + 1} is not a result row ({exc}); "
+                f"delete that line or rerun the command that wrote {run_dir}."
+            ) from None
     return meta, rows

@@ -19,8 +19,20 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-__all__ = ["RUN_FILE", "ROWS_FILE", "CSV_FILE", "SUMMARY_FILE", "PREDICTIONS_FILE", "BEST_HEAD_DIR", "MODEL_DIR", "CHECKPOINT_DIR", "RUNS_ROOT",
-           "REPORTS_ROOT", "timestamp", "run_dir"]
+__all__ = [
+    "RUN_FILE",
+    "ROWS_FILE",
+    "CSV_FILE",
+    "SUMMARY_FILE",
+    "PREDICTIONS_FILE",
+    "BEST_HEAD_DIR",
+    "MODEL_DIR",
+    "CHECKPOINT_DIR",
+    "RUNS_ROOT",
+    "REPORTS_ROOT",
+    "timestamp",
+    "run_dir",
+]
 
 RUN_FILE, ROWS_FILE, CSV_FILE, SUMMARY_FILE = "run.json", "results.jsonl", "results.csv", "summary.md"
 PREDICTIONS_FILE, BEST_HEAD_DIR = "predictions.npz", "best_head"

@@ -26,19 +26,32 @@ def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> lis
             cs = s.first.hyperparameters.get("C")
             cells.append("" if cs is None else f"{float(cs):g}")
         if with_val:
-            cells += ["" if s.val_accuracy_mean is None else f"{s.val_accuracy_mean:.4f}",
-                      "" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n)]
+            cells += [
+                "" if s.val_accuracy_mean is None else f"{s.val_accuracy_mean:.4f}",
+                "" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n),
+            ]
         cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
         if with_ci:
             cells.append(_ci(s.f1_lo, s.f1_hi))
         if with_p:
             cells.append(_p(s.p_vs_best_holm))
         if with_control:
-            cells += ["" if s.control_f1_mean is None else f"{s.control_f1_mean:.4f}",
-                      "" if s.gain_f1_mean is None else f"{s.gain_f1_mean:+.4f}" + (
-                          f" ({s.gain_f1_lo:+.4f} to {s.gain_f1_hi:+.4f})" if s.gain_f1_lo is not None and s.gain_f1_hi is not None else "")]
+            cells += [
+                "" if s.control_f1_mean is None else f"{s.control_f1_mean:.4f}",
+                ""
+                if s.gain_f1_mean is None
+                else f"{s.gain_f1_mean:+.4f}"
+                + (
+                    f" ({s.gain_f1_lo:+.4f} to {s.gain_f1_hi:+.4f})"
+                    if s.gain_f1_lo is not None and s.gain_f1_hi is not None
+                    else ""
+                ),
+            ]
         if with_mdl:
-            cells += ["" if s.mdl_bits is None else f"{s.mdl_bits:,.0f}", "" if s.compression is None else f"{s.compression:.2f}"]
+            cells += [
+                "" if s.mdl_bits is None else f"{s.mdl_bits:,.0f}",
+                "" if s.compression is None else f"{s.compression:.2f}",
+            ]
         cells += [str(s.n), f"{s.train_seconds:.1f}"]
         if s is best:
             cells = [f"**{c}**" if c else c for c in cells] + [f"← best ({rule})"]
@@ -48,7 +61,9 @@ def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> lis
     header = ["layers", "combine", "pooling", "head"] + (["C"] if with_c else [])
     header += (["val accuracy", "val macro-F1"] if with_val else []) + ["test accuracy", "test macro-F1"]
     header += (["95% CI macro-F1"] if with_ci else []) + (["p vs best (Holm)"] if with_p else [])
-    header += (["control macro-F1", "gain (95% CI)"] if with_control else []) + (["MDL bits", "compression"] if with_mdl else [])
+    header += (["control macro-F1", "gain (95% CI)"] if with_control else []) + (
+        ["MDL bits", "compression"] if with_mdl else []
+    )
     return md_table(header + ["runs", "train s", ""], table)
 
 
@@ -59,11 +74,15 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _how_chosen(meta: dict[str, Any], rule: str) -> str:
     if rule == "validation":
         where = meta.get("validation") or "the validation rows"
-        return (f"- best configuration: the highest mean validation macro-F1 (validation: {where}); every choice "
-                "(epoch, C, configuration, saved head) was made there, and the evaluation split was scored once per "
-                "configuration, for reporting only")
-    return ("- best configuration: the highest mean evaluation macro-F1 (these runs record no validation scores, so "
-            "the choice is optimistic)")
+        return (
+            f"- best configuration: the highest mean validation macro-F1 (validation: {where}); every choice "
+            "(epoch, C, configuration, saved head) was made there, and the evaluation split was scored once per "
+            "configuration, for reporting only"
+        )
+    return (
+        "- best configuration: the highest mean evaluation macro-F1 (these runs record no validation scores, so "
+        "the choice is optimistic)"
+    )
 
 
 def _ci(lo: float | None, hi: float | None) -> str:
@@ -95,63 +114,97 @@ def _answer(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats) -
         head += f" ({_ci(best.accuracy_lo, best.accuracy_hi)})"
     lines = ["## Answer", "", head + "."]
     if not unc:
-        lines += ["", "No intervals or paired tests (the run was made with --no-ci, or records no per-row predictions)."]
+        lines += [
+            "",
+            "No intervals or paired tests (the run was made with --no-ci, or records no per-row predictions).",
+        ]
         return lines
     others = [s for s in stats if s is not best and s.p_vs_best_holm is not None]
     tied = [s for s in others if s.tied_with_best]
     worse = [s for s in others if s.vs_best == "worse"]
     better = [s for s in others if s.vs_best == "better"]
     rows = unc.get("pooled_rows")
-    how = (f"exact McNemar test on the {rows} {test} rows, Holm-corrected over the {len(others)} configurations "
-           f"compared, p ≥ {unc.get('alpha', 0.05):g}")
+    how = (
+        f"exact McNemar test on the {rows} {test} rows, Holm-corrected over the {len(others)} configurations "
+        f"compared, p ≥ {unc.get('alpha', 0.05):g}"
+    )
     if tied:
         names = ", ".join(f"{_name(s)} ({s.f1_mean:.4f})" for s in tied)
-        lines += ["", f"{len(tied)} configuration{'s are' if len(tied) > 1 else ' is'} statistically indistinguishable from "
-                      f"it ({how}): {names}. Treat them as ties: the data cannot tell them apart."]
+        lines += [
+            "",
+            f"{len(tied)} configuration{'s are' if len(tied) > 1 else ' is'} statistically indistinguishable from "
+            f"it ({how}): {names}. Treat them as ties: the data cannot tell them apart.",
+        ]
     elif others and not better:
         lines += ["", f"Every other configuration is significantly worse than it ({how.replace('p ≥', 'p <')})."]
     if worse and (tied or better):
         lines += ["", f"{len(worse)} configuration{'s are' if len(worse) > 1 else ' is'} significantly worse."]
     if better:
         names = ", ".join(f"{_name(s)} ({s.f1_mean:.4f})" for s in better)
-        lines += ["", f"{len(better)} configuration{'s score' if len(better) > 1 else ' scores'} significantly higher on "
-                      f"the {test} rows ({how.replace('p ≥', 'p <')}): {names}. The choice made on validation did not carry "
-                      "over to them; with more validation rows (--validation-fraction) or seeds (--seeds) it would be "
-                      "surer."]
+        lines += [
+            "",
+            f"{len(better)} configuration{'s score' if len(better) > 1 else ' scores'} significantly higher on "
+            f"the {test} rows ({how.replace('p ≥', 'p <')}): {names}. The choice made on validation did not carry "
+            "over to them; with more validation rows (--validation-fraction) or seeds (--seeds) it would be "
+            "surer.",
+        ]
     seeds = int(meta.get("config", {}).get("seeds") or 1)
     if seeds > 1:
-        lines += ["", f"With {seeds} seeds, intervals are of the mean over seeds; the paired tests use seed "
-                      f"{unc.get('paired_seed', 0)}'s runs."]
+        lines += [
+            "",
+            f"With {seeds} seeds, intervals are of the mean over seeds; the paired tests use seed "
+            f"{unc.get('paired_seed', 0)}'s runs.",
+        ]
     if meta.get("config", {}).get("folds"):
         lines += ["", "With folds, intervals and tests use every fold's held-out rows together."]
     control = meta.get("control")
     gains = [s for s in stats if s.gain_f1_mean is not None]
     if control and gains:
-        what = (f"random weights, seed {control['random_weights']}" if control.get("random_weights") is not None
-                else f"`{control.get('model')}`")
-        lines += ["", f"Against the control store ({what}), the best configuration gains {best.gain_f1_mean or 0.0:+.4f} "
-                      f"macro-F1" + (f" (95% CI {_ci(best.gain_f1_lo, best.gain_f1_hi)})" if best.gain_f1_lo is not None else "")
-                  + f"; {sum(1 for s in gains if (s.gain_f1_lo or 0.0) > 0)} of {len(gains)} configurations gain "
-                    "with a 95% interval above 0."]
+        what = (
+            f"random weights, seed {control['random_weights']}"
+            if control.get("random_weights") is not None
+            else f"`{control.get('model')}`"
+        )
+        lines += [
+            "",
+            f"Against the control store ({what}), the best configuration gains {best.gain_f1_mean or 0.0:+.4f} "
+            f"macro-F1"
+            + (f" (95% CI {_ci(best.gain_f1_lo, best.gain_f1_hi)})" if best.gain_f1_lo is not None else "")
+            + f"; {sum(1 for s in gains if (s.gain_f1_lo or 0.0) > 0)} of {len(gains)} configurations gain "
+            "with a 95% interval above 0.",
+        ]
     return lines
 
 
-def summary_md(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str],
-               files: list[str], skipped: list[str], skip_reason: dict[str, str]) -> str:
+def summary_md(
+    meta: dict[str, Any],
+    stats: list[ConfigStats],
+    best: ConfigStats | None,
+    label_names: list[str],
+    files: list[str],
+    skipped: list[str],
+    skip_reason: dict[str, str],
+) -> str:
     """The markdown summary of a run directory (see :class:`heads.report.results.RunWriter`)."""
     lines = [f"# Heads run {meta.get('name', '')}".rstrip(), ""]
     if best is not None:
         lines += _answer(meta, stats, best) + ["", "## Run", ""]
-    lines += [f"- store: `{meta.get('store_path', meta.get('store', '?'))}` (fingerprint `{meta.get('store_fingerprint', '?')}`)",
-             f"- model: `{meta.get('model', meta.get('model_name', '?'))}`",
-             f"- labels: {', '.join(label_names)}", f"- rows: {sum(s.n for s in stats)} runs of {len(stats)} configs"]
+    lines += [
+        f"- store: `{meta.get('store_path', meta.get('store', '?'))}` (fingerprint "
+        f"`{meta.get('store_fingerprint', '?')}`)",
+        f"- model: `{meta.get('model', meta.get('model_name', '?'))}`",
+        f"- labels: {', '.join(label_names)}",
+        f"- rows: {sum(s.n for s in stats)} runs of {len(stats)} configs",
+    ]
     if meta.get("majority_accuracy") is not None:
         lines.append(f"- majority-class baseline accuracy: {float(meta['majority_accuracy']):.4f}")
     if meta.get("eval_split") is not None and meta.get("train_rows") is not None:
         carved = " (carved from it)" if meta.get("carved_eval") else ""
-        lines.append(f"- training split `{meta.get('train_split')}` ({meta['train_rows']} rows"
-                     + (f", {meta['augmented_rows']} augmented" if meta.get("augmented_rows") else "")
-                     + f"), evaluation split `{meta['eval_split']}`{carved} ({meta.get('eval_rows')} rows)")
+        lines.append(
+            f"- training split `{meta.get('train_split')}` ({meta['train_rows']} rows"
+            + (f", {meta['augmented_rows']} augmented" if meta.get("augmented_rows") else "")
+            + f"), evaluation split `{meta['eval_split']}`{carved} ({meta.get('eval_rows')} rows)"
+        )
     if meta.get("eval_set"):
         lines.append(f"- evaluation set `{meta['eval_set'].get('id')}` ({meta['eval_set'].get('rows')} rows)")
     if meta.get("kept_apart"):
@@ -160,13 +213,17 @@ def summary_md(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats
         lines.append(f"- {note}")
     if meta.get("control"):
         c = meta["control"]
-        lines.append(f"- control store: `{c.get('store')}` (model `{c.get('model')}`"
-                     + (f", random weights seed {c['random_weights']}" if c.get("random_weights") is not None else "")
-                     + "): every configuration trained on it too, same rows, carve and selection rule")
+        lines.append(
+            f"- control store: `{c.get('store')}` (model `{c.get('model')}`"
+            + (f", random weights seed {c['random_weights']}" if c.get("random_weights") is not None else "")
+            + "): every configuration trained on it too, same rows, carve and selection rule"
+        )
     if meta.get("uncertainty"):
         u = meta["uncertainty"]
-        lines.append(f"- intervals: 95% {u.get('interval', 'bootstrap')}, {u.get('resamples')} resamples; paired test: "
-                     f"{u.get('test', 'exact McNemar')}")
+        lines.append(
+            f"- intervals: 95% {u.get('interval', 'bootstrap')}, {u.get('resamples')} resamples; paired test: "
+            f"{u.get('test', 'exact McNemar')}"
+        )
     if meta.get("mdl"):
         m = meta["mdl"]
         lines.append(f"- MDL: {m.get('definition')}; {m.get('rows')} rows; heads: {m.get('heads')}")
@@ -177,20 +234,37 @@ def summary_md(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats
     lines += ["", "## Configs" + (" (mean ± std over seeds/folds)" if any(s.n > 1 for s in stats) else ""), ""]
     lines += _config_table(stats, best, rule)
     first = best.first
-    lines += ["", f"## Best config: {' / '.join(best.key)} (seed {first.seed}"
-              + (f", fold {first.fold})" if first.fold is not None else ")"), ""]
+    lines += [
+        "",
+        f"## Best config: {' / '.join(best.key)} (seed {first.seed}"
+        + (f", fold {first.fold})" if first.fold is not None else ")"),
+        "",
+    ]
     if best.has_validation:
-        lines += [f"Validation macro-F1 {pm(best.val_f1_mean or 0.0, best.val_f1_std or 0.0, best.n)}, test macro-F1 "
-                  f"{pm(best.f1_mean, best.f1_std, best.n)} (accuracy: validation {best.val_accuracy_mean:.4f}, "
-                  f"test {best.accuracy_mean:.4f}). Per class on the evaluation split:", ""]
+        lines += [
+            f"Validation macro-F1 {pm(best.val_f1_mean or 0.0, best.val_f1_std or 0.0, best.n)}, test macro-F1 "
+            f"{pm(best.f1_mean, best.f1_std, best.n)} (accuracy: validation {best.val_accuracy_mean:.4f}, "
+            f"test {best.accuracy_mean:.4f}). Per class on the evaluation split:",
+            "",
+        ]
     names = [n for n in label_names if n in first.per_class] or list(first.per_class)
-    lines += md_table(["label", "precision", "recall", "F1", "support"],
-                      [[n, *(f"{first.per_class[n][k]:.4f}" for k in ("precision", "recall", "f1")),
-                        str(first.per_class[n]["support"])] for n in names])
+    lines += md_table(
+        ["label", "precision", "recall", "F1", "support"],
+        [
+            [
+                n,
+                *(f"{first.per_class[n][k]:.4f}" for k in ("precision", "recall", "f1")),
+                str(first.per_class[n]["support"]),
+            ]
+            for n in names
+        ],
+    )
     if first.confusion:
         cm_names = names_for(first.confusion, label_names)
         lines += ["", "Confusion matrix (rows: true, columns: predicted):", ""]
-        lines += md_table(["true \\ predicted", *cm_names], [[n, *map(str, r)] for n, r in zip(cm_names, first.confusion)])
+        lines += md_table(
+            ["true \\ predicted", *cm_names], [[n, *map(str, r)] for n, r in zip(cm_names, first.confusion)]
+        )
     lines += ["", "## Plots", ""] + [f"- [{f}]({f})" for f in files]
     lines += [f"- {f}: skipped ({skip_reason[f]})" for f in skipped]
     return "\n".join(lines) + "\n"

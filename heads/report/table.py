@@ -14,7 +14,16 @@ from typing import Any
 from embstore.errors import DataError
 from heads.report.metrics import mean_std
 
-__all__ = ["ResultRow", "ConfigStats", "ConfigKey", "aggregate", "best_config", "selection_rule", "pm", "CONFIG_INTERVAL_KEY"]
+__all__ = [
+    "ResultRow",
+    "ConfigStats",
+    "ConfigKey",
+    "aggregate",
+    "best_config",
+    "selection_rule",
+    "pm",
+    "CONFIG_INTERVAL_KEY",
+]
 
 ConfigKey = tuple[str, str, str, str]
 
@@ -160,19 +169,41 @@ class ConfigStats:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the first row)."""
         layers, combine, pooling, head = self.key
-        return {"layers": layers, "combine": combine, "pooling": pooling, "head": head, "n": self.n,
-                "accuracy_mean": self.accuracy_mean, "accuracy_std": self.accuracy_std,
-                "f1_macro_mean": self.f1_mean, "f1_macro_std": self.f1_std,
-                "val_accuracy_mean": self.val_accuracy_mean, "val_f1_macro_mean": self.val_f1_mean,
-                "val_f1_macro_std": self.val_f1_std, "train_seconds": self.train_seconds,
-                "trainable_params": self.trainable_params, "seconds_per_epoch": self.seconds_per_epoch,
-                "accuracy_lo": self.accuracy_lo, "accuracy_hi": self.accuracy_hi, "f1_macro_lo": self.f1_lo,
-                "f1_macro_hi": self.f1_hi, "is_best": self.is_best, "p_vs_best": self.p_vs_best,
-                "p_vs_best_holm": self.p_vs_best_holm, "f1_macro_diff_lo": self.f1_diff_lo,
-                "f1_macro_diff_hi": self.f1_diff_hi, "tied_with_best": self.tied_with_best, "vs_best": self.vs_best,
-                "control_accuracy_mean": self.control_accuracy_mean, "control_f1_macro_mean": self.control_f1_mean,
-                "gain_f1_macro_mean": self.gain_f1_mean, "gain_f1_macro_lo": self.gain_f1_lo,
-                "gain_f1_macro_hi": self.gain_f1_hi, "mdl_bits": self.mdl_bits, "compression": self.compression}
+        return {
+            "layers": layers,
+            "combine": combine,
+            "pooling": pooling,
+            "head": head,
+            "n": self.n,
+            "accuracy_mean": self.accuracy_mean,
+            "accuracy_std": self.accuracy_std,
+            "f1_macro_mean": self.f1_mean,
+            "f1_macro_std": self.f1_std,
+            "val_accuracy_mean": self.val_accuracy_mean,
+            "val_f1_macro_mean": self.val_f1_mean,
+            "val_f1_macro_std": self.val_f1_std,
+            "train_seconds": self.train_seconds,
+            "trainable_params": self.trainable_params,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "accuracy_lo": self.accuracy_lo,
+            "accuracy_hi": self.accuracy_hi,
+            "f1_macro_lo": self.f1_lo,
+            "f1_macro_hi": self.f1_hi,
+            "is_best": self.is_best,
+            "p_vs_best": self.p_vs_best,
+            "p_vs_best_holm": self.p_vs_best_holm,
+            "f1_macro_diff_lo": self.f1_diff_lo,
+            "f1_macro_diff_hi": self.f1_diff_hi,
+            "tied_with_best": self.tied_with_best,
+            "vs_best": self.vs_best,
+            "control_accuracy_mean": self.control_accuracy_mean,
+            "control_f1_macro_mean": self.control_f1_mean,
+            "gain_f1_macro_mean": self.gain_f1_mean,
+            "gain_f1_macro_lo": self.gain_f1_lo,
+            "gain_f1_macro_hi": self.gain_f1_hi,
+            "mdl_bits": self.mdl_bits,
+            "compression": self.compression,
+        }
 
     @property
     def has_interval(self) -> bool:
@@ -200,9 +231,24 @@ def aggregate(rows: Iterable[ResultRow]) -> list[ConfigStats]:
         val = all(r.val_f1_macro is not None and r.val_accuracy is not None for r in group)
         vf1 = mean_std([float(r.val_f1_macro or 0.0) for r in group]) if val else (None, None)
         vacc = mean_std([float(r.val_accuracy or 0.0) for r in group])[0] if val else None
-        stats.append(ConfigStats(key, len(group), acc_m, acc_s, f1_m, f1_s, mean_std([r.train_seconds for r in group])[0],
-                                 params, mean_std(spe)[0] if spe else None, group[0],
-                                 val_accuracy_mean=vacc, val_f1_mean=vf1[0], val_f1_std=vf1[1], **_sureness(group)))
+        stats.append(
+            ConfigStats(
+                key,
+                len(group),
+                acc_m,
+                acc_s,
+                f1_m,
+                f1_s,
+                mean_std([r.train_seconds for r in group])[0],
+                params,
+                mean_std(spe)[0] if spe else None,
+                group[0],
+                val_accuracy_mean=vacc,
+                val_f1_mean=vf1[0],
+                val_f1_std=vf1[1],
+                **_sureness(group),
+            )
+        )
 
     def order(s: ConfigStats) -> tuple[int, str, str, int, str, str]:
         layers, combine, pooling, head = s.key
@@ -236,15 +282,26 @@ def _sureness(group: list[ResultRow]) -> dict[str, Any]:
         value = getattr(first, name)
         return value if len(group) == 1 else None
 
-    return {"accuracy_lo": interval("accuracy_lo"), "accuracy_hi": interval("accuracy_hi"),
-            "f1_lo": interval("f1_macro_lo"), "f1_hi": interval("f1_macro_hi"), "is_best": bool(first.is_best),
-            "p_vs_best": first.p_vs_best, "p_vs_best_holm": first.p_vs_best_holm, "f1_diff_lo": first.f1_macro_diff_lo,
-            "f1_diff_hi": first.f1_macro_diff_hi, "tied_with_best": first.tied_with_best, "vs_best": first.vs_best,
-            "control_accuracy_mean": _mean_of([r.control_accuracy for r in group]),
-            "control_f1_mean": _mean_of([r.control_f1_macro for r in group]),
-            "gain_f1_mean": _mean_of([r.gain_f1_macro for r in group]),
-            "gain_f1_lo": interval("gain_f1_macro_lo"), "gain_f1_hi": interval("gain_f1_macro_hi"),
-            "mdl_bits": _mean_of([r.mdl_bits for r in group]), "compression": _mean_of([r.compression for r in group])}
+    return {
+        "accuracy_lo": interval("accuracy_lo"),
+        "accuracy_hi": interval("accuracy_hi"),
+        "f1_lo": interval("f1_macro_lo"),
+        "f1_hi": interval("f1_macro_hi"),
+        "is_best": bool(first.is_best),
+        "p_vs_best": first.p_vs_best,
+        "p_vs_best_holm": first.p_vs_best_holm,
+        "f1_diff_lo": first.f1_macro_diff_lo,
+        "f1_diff_hi": first.f1_macro_diff_hi,
+        "tied_with_best": first.tied_with_best,
+        "vs_best": first.vs_best,
+        "control_accuracy_mean": _mean_of([r.control_accuracy for r in group]),
+        "control_f1_mean": _mean_of([r.control_f1_macro for r in group]),
+        "gain_f1_mean": _mean_of([r.gain_f1_macro for r in group]),
+        "gain_f1_lo": interval("gain_f1_macro_lo"),
+        "gain_f1_hi": interval("gain_f1_macro_hi"),
+        "mdl_bits": _mean_of([r.mdl_bits for r in group]),
+        "compression": _mean_of([r.compression for r in group]),
+    }
 
 
 def selection_rule(stats: list[ConfigStats]) -> str:

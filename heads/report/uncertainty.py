@@ -50,8 +50,9 @@ def resample_counts(n: int, n_resamples: int = N_RESAMPLES, seed: int | Sequence
         yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float32)
 
 
-def bootstrap_scores(y: np.ndarray, preds: np.ndarray, n_classes: int, *, n_resamples: int = N_RESAMPLES,
-                     seed: int | Sequence[int] = 0) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_scores(
+    y: np.ndarray, preds: np.ndarray, n_classes: int, *, n_resamples: int = N_RESAMPLES, seed: int | Sequence[int] = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and macro-F1 of every model on every resample: two (models, n_resamples) float64 arrays.
 
     ``y`` (n,) true labels; ``preds`` (models, n) predicted labels of the same rows, in the same order.
@@ -75,17 +76,17 @@ def bootstrap_scores(y: np.ndarray, preds: np.ndarray, n_classes: int, *, n_resa
         b = len(counts)
         sup = counts @ support  # (b, K)
         for g in range(0, m, group):
-            p = preds[g:g + group]
+            p = preds[g : g + group]
             onehot = eye[p]  # (models, n, K)
             hit = (p == y[None, :]).astype(np.float32)[..., None]  # (models, n, 1)
             cols = np.concatenate([hit, onehot * support[None], onehot], axis=2)  # (models, n, width)
             s = counts @ cols.transpose(1, 0, 2).reshape(n, -1)  # (b, models * width)
             s = s.reshape(b, len(p), width).astype(np.float64)
-            acc[g:g + group, done:done + b] = (s[..., 0] / n).T
-            tp, predicted = s[..., 1:K + 1], s[..., K + 1:]
+            acc[g : g + group, done : done + b] = (s[..., 0] / n).T
+            tp, predicted = s[..., 1 : K + 1], s[..., K + 1 :]
             denom = predicted + sup[:, None, :]
             per_class = np.divide(2.0 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-            f1[g:g + group, done:done + b] = per_class.mean(-1).T
+            f1[g : g + group, done : done + b] = per_class.mean(-1).T
         done += b
     return acc, f1
 

@@ -31,8 +31,15 @@ import torch
 
 from embstore.errors import ConfigError
 
-__all__ = ["save_training_state", "load_training_state", "fingerprint", "read_checkpoint", "write_state", "MODEL_FILE",
-           "STATE_FILE"]
+__all__ = [
+    "save_training_state",
+    "load_training_state",
+    "fingerprint",
+    "read_checkpoint",
+    "write_state",
+    "MODEL_FILE",
+    "STATE_FILE",
+]
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -48,10 +55,18 @@ def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[key] = obj.detach().cpu().contiguous().clone()
         return {_TENSOR: key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{key}.k{i}", tensors), _flatten(v, f"{key}.{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, f"{key}.k{i}", tensors), _flatten(v, f"{key}.{i}", tensors)]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, (list, tuple)):
-        return {"__tuple__" if isinstance(obj, tuple) else "__list__": [_flatten(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+        return {
+            "__tuple__" if isinstance(obj, tuple) else "__list__": [
+                _flatten(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)
+            ]
+        }
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -90,14 +105,23 @@ def _load(directory: Path, tensors_file: str, state_file: str) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def save_training_state(acc: Accelerator, directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+def save_training_state(
+    acc: Accelerator,
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
     """Write the model, optimizer, scheduler, gradient scaler, accelerate's step and every process's
     RNG states to ``directory`` (call it on every process; the main one writes the shared files)."""
     from safetensors.torch import save_model
@@ -107,22 +131,33 @@ def save_training_state(acc: Accelerator, directory: str | Path, model: torch.nn
     if acc.is_main_process:
         save_model(acc.unwrap_model(model), str(path / MODEL_FILE))
         scaler = getattr(acc, "scaler", None)
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": None if scaler is None else scaler.state_dict(), "step": int(acc.step)}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "step": int(acc.step),
+        }
         _save(state, path, TENSORS_FILE, STATE_FILE)
     rank = acc.process_index
     _save(_rng_state(), path, f"rng_{rank}.safetensors", f"rng_{rank}.json")
 
 
-def load_training_state(acc: Accelerator, directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+def load_training_state(
+    acc: Accelerator,
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
     """Restore what :func:`save_training_state` wrote into objects built the same way."""
     from safetensors.torch import load_model
 
     path = Path(directory)
     if not (path / STATE_FILE).is_file() or not (path / MODEL_FILE).is_file():
-        raise ConfigError(f"{path} holds no checkpoint in embstore's safetensors format ({MODEL_FILE} + {STATE_FILE}; "
-                          "older versions wrote pickle files, which are not loaded); rerun without --resume or with a new --out.")
+        raise ConfigError(
+            f"{path} holds no checkpoint in embstore's safetensors format ({MODEL_FILE} + {STATE_FILE}; "
+            "older versions wrote pickle files, which are not loaded); rerun without --resume or with a new --out."
+        )
     load_model(acc.unwrap_model(model), str(path / MODEL_FILE), strict=True)
     state = _load(path, TENSORS_FILE, STATE_FILE)
     optimizer.load_state_dict(state["optimizer"])
@@ -160,15 +195,17 @@ def read_checkpoint(ckpt: Path, state_file: str, expected: str, config: Mapping[
     try:
         state: dict[str, Any] = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"The checkpoint state {path} is not valid JSON ({exc.msg}); rerun without --resume "
-                          "or with a new --out.") from None
+        raise ConfigError(
+            f"The checkpoint state {path} is not valid JSON ({exc.msg}); rerun without --resume or with a new --out."
+        ) from None
     if state.get("fingerprint") != expected:
         old = state.get("config", {})
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k)) or ["model weights"]
         raise ConfigError(
             f"The checkpoint in {ckpt} was made with another configuration or model (checkpoint fingerprint "
             f"{str(state.get('fingerprint'))[:12]}, this run {expected[:12]}; differing: {', '.join(diff)}). "
-            "Rerun with the checkpoint's options, without --resume, or with a new --out.")
+            "Rerun with the checkpoint's options, without --resume, or with a new --out."
+        )
     return state
 
 

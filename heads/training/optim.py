@@ -22,8 +22,18 @@ from embstore.data.spec import DataSpec
 from embstore.errors import ConfigError
 from heads.training.schedule import SCHEDULES
 
-__all__ = ["OPTIM_KEYS", "SCHEDULES", "OptimConfig", "TrainerConfig", "adamw", "check_choice", "check_positive",
-           "flat_keys", "nested_values", "param_groups"]
+__all__ = [
+    "OPTIM_KEYS",
+    "SCHEDULES",
+    "OptimConfig",
+    "TrainerConfig",
+    "adamw",
+    "check_choice",
+    "check_positive",
+    "flat_keys",
+    "nested_values",
+    "param_groups",
+]
 
 
 def check_positive(config: object, names: tuple[str, ...]) -> None:
@@ -40,7 +50,6 @@ def check_choice(config: object, name: str, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         shown = ", ".join("none" if a is None else str(a) for a in allowed)
         raise ConfigError(f"The '{name}' option must be one of {shown}; got {value!r}.")
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,8 +122,14 @@ def flat_keys(config: TrainerConfig, data_keys: tuple[str, ...], first: tuple[st
     return {**{k: own.pop(k) for k in first}, **config.source.to_dict(data_keys), **config.optim.to_dict(), **own}
 
 
-def nested_values(cls: type[TrainerConfig], d: Mapping[str, Any], data_keys: tuple[str, ...], optim: OptimConfig,
-                  command: str, data_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def nested_values(
+    cls: type[TrainerConfig],
+    d: Mapping[str, Any],
+    data_keys: tuple[str, ...],
+    optim: OptimConfig,
+    command: str,
+    data_defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The keyword arguments of ``cls`` from flat keys ``d``: its own fields, ``source`` from the data keys (over
     ``data_defaults``) and ``optim`` from the optimiser keys (over the trainer's defaults ``optim``). Unknown keys
     are a ConfigError naming them and ``command``."""
@@ -126,8 +141,9 @@ def nested_values(cls: type[TrainerConfig], d: Mapping[str, Any], data_keys: tup
     return values
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, *, head_prefix: str | None = None,
-                 head_lr: float | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, *, head_prefix: str | None = None, head_lr: float | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters: no weight decay on biases and LayerNorm weights (tensors of one
     dimension, as BERT and the Trainer do); with ``head_prefix`` the parameters under it (a freshly initialised
     classifier) form groups of their own at ``head_lr``. Backbone groups come first, decayed before undecayed;
@@ -137,9 +153,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, *, head_prefi
         if p.requires_grad:
             head = head_prefix is not None and name.startswith(head_prefix)
             groups[(head, p.ndim >= 2)].append(p)
-    return [{"params": params, "lr": (head_lr if head_lr is not None else lr) if head else lr,
-             "weight_decay": weight_decay if decay else 0.0, "head": head}
-            for (head, decay), params in groups.items() if params]
+    return [
+        {
+            "params": params,
+            "lr": (head_lr if head_lr is not None else lr) if head else lr,
+            "weight_decay": weight_decay if decay else 0.0,
+            "head": head,
+        }
+        for (head, decay), params in groups.items()
+        if params
+    ]
 
 
 def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:

@@ -46,6 +46,7 @@ def steps_per_epoch(batches: int, grad_accum: int) -> int:
 
 def _factor(schedule: str, warmup: int, total: int, per_epoch: int, gamma: float) -> Callable[[int], float]:
     """The lr multiplier of optimizer step ``step`` (the Trainer's formulas for linear, cosine and constant)."""
+
     def warm(step: int) -> float:
         return step / max(1, warmup)
 
@@ -69,8 +70,16 @@ def _factor(schedule: str, warmup: int, total: int, per_epoch: int, gamma: float
     return {"linear": linear, "cosine": cosine, "constant": constant, "exponential": exponential}[schedule]
 
 
-def make_scheduler(opt: torch.optim.Optimizer, schedule: str, *, warmup: int, total: int, per_epoch: int = 1,
-                   gamma: float = 0.9, done_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    opt: torch.optim.Optimizer,
+    schedule: str,
+    *,
+    warmup: int,
+    total: int,
+    per_epoch: int = 1,
+    gamma: float = 0.9,
+    done_steps: int = 0,
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup over ``warmup`` steps, then 'linear' or 'cosine' decay to 0 at step ``total``, 'exponential'
     (x ``gamma`` per ``per_epoch`` steps) or 'constant'; fast-forwarded by ``done_steps``.
 

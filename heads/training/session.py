@@ -68,9 +68,18 @@ class Session:
         return self.acc.unwrap_model(self.model)
 
 
-def start_session(model: nn.Module, groups: list[dict[str, Any]], optim: OptimConfig, *, device: str | None,
-                  train: DataLoader[Any], loaders: Sequence[DataLoader[Any]] = (), total_steps: int | None = None,
-                  gamma: float = 0.9, done_steps: int = 0) -> Session:
+def start_session(
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    optim: OptimConfig,
+    *,
+    device: str | None,
+    train: DataLoader[Any],
+    loaders: Sequence[DataLoader[Any]] = (),
+    total_steps: int | None = None,
+    gamma: float = 0.9,
+    done_steps: int = 0,
+) -> Session:
     """Accelerator, AdamW over ``groups`` (see :func:`heads.training.optim.param_groups`) and the schedule of
     ``optim``, prepared with the ``train`` and other ``loaders``.
 
@@ -78,13 +87,31 @@ def start_session(model: nn.Module, groups: list[dict[str, Any]], optim: OptimCo
     ``optim.warmup_ratio`` of them warming up; ``done_steps`` fast-forwards it (a rebuilt session)."""
     from accelerate import Accelerator
 
-    acc = Accelerator(mixed_precision=optim.mixed_precision, gradient_accumulation_steps=optim.grad_accum,
-                      cpu=resolve_device(device) == "cpu")
+    acc = Accelerator(
+        mixed_precision=optim.mixed_precision,
+        gradient_accumulation_steps=optim.grad_accum,
+        cpu=resolve_device(device) == "cpu",
+    )
     per_epoch = steps_per_epoch(len(train), optim.grad_accum)
     total = total_steps or per_epoch * optim.epochs
     opt = adamw(groups, optim.lr)
-    sched = make_scheduler(opt, optim.schedule, warmup=int(optim.warmup_ratio * total), total=total,
-                           per_epoch=per_epoch, gamma=gamma, done_steps=done_steps)
+    sched = make_scheduler(
+        opt,
+        optim.schedule,
+        warmup=int(optim.warmup_ratio * total),
+        total=total,
+        per_epoch=per_epoch,
+        gamma=gamma,
+        done_steps=done_steps,
+    )
     prepared_model, opt, prepared_train, sched, *prepared = acc.prepare(model, opt, train, sched, *loaders)
-    return Session(acc=acc, model=prepared_model, opt=opt, sched=sched, train=prepared_train, loaders=list(prepared),
-                   max_grad_norm=optim.max_grad_norm, steps=done_steps)
+    return Session(
+        acc=acc,
+        model=prepared_model,
+        opt=opt,
+        sched=sched,
+        train=prepared_train,
+        loaders=list(prepared),
+        max_grad_norm=optim.max_grad_norm,
+        steps=done_steps,
+    )
