@@ -30,7 +30,7 @@ from embstore.data.tables import SplitData
 from embstore.errors import DataError
 from embstore.extraction.encode import make_batches
 from embstore.extraction.speech import clip_lengths
-from heads.training.schedule import EpochSampler
+from heads.protocol.schedule import EpochSampler
 
 __all__ = ["ClipBatches", "Clips", "collate_clips", "min_samples", "model_lengths", "usable_rows"]
 

@@ -29,9 +29,9 @@ from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
 from heads.finetune.model import Classifier, SequenceClassifier, SpeechClassifier, importance_pruning, state_copy
 from heads.protocol import BestTracker, Round
+from heads.protocol.schedule import EpochSampler
 from heads.training.checkpoint import load_training_state, save_training_state, write_state
 from heads.training.optim import param_groups
-from heads.training.schedule import EpochSampler
 from heads.training.session import Session, start_session
 
 __all__ = ["BEST_FILE", "STATE_FILE", "EarlyStopping", "RoundOutcome", "RoundSpec", "RoundTrainer", "fit_round"]

@@ -32,6 +32,7 @@ from heads.pretrain.data import PretrainData, load_corpus
 from heads.pretrain.masking import PretrainCollator, tokenize_corpus
 from heads.pretrain.model import PretrainingModel, build_bert_config, evaluate_mlm, new_pretraining_model
 from heads.pretrain.report import write_outputs
+from heads.protocol.schedule import EpochSampler, steps_per_epoch
 from heads.report.rundir import CHECKPOINT_DIR, MODEL_DIR
 from heads.report.rundir import run_dir as default_run_dir
 from heads.training.checkpoint import (
@@ -42,7 +43,6 @@ from heads.training.checkpoint import (
     write_state,
 )
 from heads.training.optim import param_groups
-from heads.training.schedule import EpochSampler, steps_per_epoch
 from heads.training.session import Session, start_session
 
 if TYPE_CHECKING:

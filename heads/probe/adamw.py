@@ -35,7 +35,7 @@ from heads.probe.fitting import (
 )
 from heads.probe.modules import Inputs, LinearHead, as_inputs, build_module
 from heads.protocol import BestTracker, Split, make_split, scores
-from heads.training.optim import adamw
+from heads.protocol.optim import adamw
 
 __all__ = ["fit_linear_probes"]
 

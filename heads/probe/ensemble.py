@@ -30,7 +30,7 @@ from heads.probe.estimator import HeadClassifier
 from heads.probe.fitting import class_weights, epoch_schedule, mark_fitted
 from heads.probe.modules import Inputs, InputShape, build_module, fit_input_stats
 from heads.protocol import BestTracker, scores
-from heads.training.optim import adamw
+from heads.protocol.optim import adamw
 
 __all__ = ["Member", "fit_stacked", "schedule_lrs", "members_per_stack", "STACK_BYTES_CPU"]
 

@@ -31,7 +31,7 @@ from heads.probe.fitting import (
 )
 from heads.probe.modules import Inputs, InputShape, Ragged, as_inputs, build_module, fit_input_stats
 from heads.protocol import BestTracker, make_split, scores
-from heads.training.optim import adamw
+from heads.protocol.optim import adamw
 
 __all__ = ["HeadClassifier", "NotFittedError", "HeadNotFoundError", "Ragged"]
 

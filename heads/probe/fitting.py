@@ -20,7 +20,7 @@ from embstore.device import resolve_device
 from embstore.errors import ConfigError
 from heads.probe.config import HeadConfig
 from heads.probe.modules import InputShape
-from heads.training.schedule import make_scheduler
+from heads.protocol.schedule import make_scheduler
 
 if TYPE_CHECKING:
     from heads.probe.estimator import HeadClassifier

@@ -4,7 +4,7 @@ its parameter groups.
 ``FinetuneConfig`` and ``PretrainConfig`` each nest one :class:`OptimConfig` (as ``optim``) with their own
 defaults; YAML keys, CLI flags and run.json keep these keys flat (``lr``, ``batch_size``, ``epochs``...).
 :func:`param_groups` builds the AdamW groups (no decay on biases and LayerNorm weights; a new classifier at its
-own rate) and :func:`adamw` the optimizer.
+own rate); the optimizer is :func:`heads.protocol.optim.adamw`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
-import torch
 from torch import nn
 
 from embstore.config import reject_unknown_keys
 from embstore.data.spec import DataSpec
 from embstore.errors import ConfigError
-from heads.training.schedule import SCHEDULES
+from heads.protocol.schedule import SCHEDULES
 
 __all__ = [
     "OPTIM_KEYS",
     "SCHEDULES",
     "OptimConfig",
     "TrainerConfig",
-    "adamw",
     "check_choice",
     "check_positive",
     "flat_keys",
@@ -147,7 +145,7 @@ def param_groups(
     """AdamW groups of the trainable parameters: no weight decay on biases and LayerNorm weights (tensors of one
     dimension, as BERT and the Trainer do); with ``head_prefix`` the parameters under it (a freshly initialised
     classifier) form groups of their own at ``head_lr``. Backbone groups come first, decayed before undecayed;
-    each group says whether it is the head's (``"head"``), a key :func:`adamw` drops."""
+    each group says whether it is the head's (``"head"``), a key :func:`heads.protocol.optim.adamw` drops."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -163,14 +161,3 @@ def param_groups(
         for (head, decay), params in groups.items()
         if params
     ]
-
-
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """torch's AdamW over parameter ``groups`` (as :func:`param_groups` makes them), with the fused kernel (one
-    kernel per step, not a loop over tensors) where this torch build has it: what the Trainer's default
-    ``optim="adamw_torch_fused"`` uses. Same updates as the unfused one up to float rounding."""
-    groups = [{k: v for k, v in g.items() if k != "head"} for g in groups]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr)

@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from embstore.device import resolve_device
-from heads.training.optim import OptimConfig, adamw
-from heads.training.schedule import make_scheduler, steps_per_epoch
+from heads.protocol.optim import adamw
+from heads.protocol.schedule import make_scheduler, steps_per_epoch
+from heads.training.optim import OptimConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
