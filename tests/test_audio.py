@@ -460,8 +460,18 @@ def test_too_short_audio(tmp_path: Path):
     sf.write(tmp_path / "a.wav", tone(300, 0.5, 16000), 16000)
     sf.write(tmp_path / "b.wav", tone(300, 0.01, 16000), 16000)  # 160 samples: no 25 ms window
     pd.DataFrame({"file": ["a.wav", "b.wav"], "label": ["x", "y"]}).to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(DataError, match="1 audio rows of split 'all' are too short for the model to produce one frame"):
+    with pytest.raises(
+        DataError,
+        match=r"1 clips of split 'all' are shorter than the model's receptive field of 400 samples \(0.025 s at "
+        r"16000 Hz\), so they give no frame: .*b.wav \(160 samples\)\. Remove them from the table, or pass "
+        r"--skip-bad to drop them\.",
+    ):
         extract(cfg(tmp_path / "t.csv", tmp_path), show_progress=False)
+    # --skip-bad drops it, as heads finetune does, and the store counts it with the other unusable rows
+    res = extract(cfg(tmp_path / "t.csv", tmp_path, skip_bad=True), show_progress=False)
+    with open_store(res.path) as store:
+        assert store.n_rows("all") == 1 and list(store.row_ids("all")) == [0]
+        assert store.meta["skipped_empty"] == {"all": 1}
 
 
 # -- real recordings ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Audio input: probing and reading files, mono mixdown, polyphase resampling, cropping.
+"""Audio input: probing and reading files, mono mixdown, polyphase resampling, cropping, and the clip rules every
+product shares (clip lengths from headers, the crop, the bad-file message, the minimum length and usable rows).
 
 Files are read with ``soundfile`` (WAV, FLAC, OGG and whatever libsndfile reads). Only file
 headers are read while planning (:func:`probe_files`); samples are decoded when their row
@@ -7,13 +8,17 @@ chunk is encoded (:func:`load_waveform`), so memory does not grow with the datas
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from embstore.errors import DataError
 
 __all__ = [
     "AudioInfo",
@@ -24,7 +29,14 @@ __all__ = [
     "rational",
     "load_waveform",
     "AUDIO_SUFFIXES",
+    "clip_lengths",
+    "cropped_lengths",
+    "bad_files_error",
+    "min_samples",
+    "usable_rows",
 ]
+
+log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au", ".mp3")
 
@@ -103,3 +115,66 @@ def load_waveform(path: str | Path, target_rate: int, max_samples: int | None = 
     x, rate = read_audio(path)
     x = resample(x, *rational(Fraction(target_rate, rate)))
     return x[:max_samples] if max_samples is not None else x
+
+
+# --------------------------------------------------------------------------- the clip rules every product shares
+
+
+def clip_lengths(frames: np.ndarray, rates: np.ndarray, rate: int) -> np.ndarray:
+    """(n,) int64 samples of each whole clip at the model's ``rate``, from the file headers alone (``frames`` and
+    ``rates`` as :func:`probe_files` reads them): what :func:`load_waveform` will return, before any crop or
+    augmentation. Extraction, fine-tuning and prediction all size their clips with it."""
+    return np.array(
+        [resampled_length(int(n), *rational(Fraction(rate, int(r)))) for n, r in zip(frames, rates)], dtype=np.int64
+    )
+
+
+def cropped_lengths(lengths: np.ndarray, max_samples: int | None) -> np.ndarray:
+    """(n,) int64 samples the model sees of clips of ``lengths`` under ``--max-seconds`` (``max_samples``; None:
+    whole clips)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return lengths if max_samples is None else np.minimum(lengths, max_samples)
+
+
+def bad_files_error(info: AudioInfo, n: int, where: str, fix: str) -> DataError:
+    """The one message for missing, unreadable or empty audio files: how many of ``n``, ``where`` they are listed
+    (e.g. "listed in data.csv (column 'path')"; "" when they were given one by one), the first three reasons, and
+    the ``fix``."""
+    shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
+    where = f" {where}" if where else ""
+    return DataError(f"{len(info.bad)} of {n} audio files{where} cannot be used: {shown}. {fix}")
+
+
+def min_samples(frames_of: Callable[[np.ndarray], np.ndarray], frames: int = 1, limit: int = 1 << 22) -> int:
+    """The fewest samples that give ``frames`` output frames (1: the conv front end's receptive field), by
+    bisection over the model's own frame arithmetic ``frames_of`` ((n,) samples -> (n,) frames)."""
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(frames_of(np.array([mid]))[0]) >= frames:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def usable_rows(
+    paths: Sequence[str], lengths: np.ndarray, rows: np.ndarray, *, minimum: int, rate: int, split: str, skip_bad: bool
+) -> np.ndarray:
+    """``rows`` (positions into ``paths``/``lengths``, sorted) without the clips shorter than ``minimum`` samples,
+    which give the model no frame: the one rule for too-short clips. With ``skip_bad`` they are dropped and counted
+    in the log; otherwise a DataError names the first three, the minimum and both fixes."""
+    rows = np.asarray(rows, dtype=np.int64)
+    short = rows[np.asarray(lengths)[rows] < minimum]
+    if not len(short):
+        return rows
+    if not skip_bad:
+        shown = "; ".join(f"{paths[i]} ({int(lengths[i])} samples)" for i in short[:3])
+        more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+        raise DataError(
+            f"{len(short)} clips of split {split!r} are shorter than the model's receptive field of {minimum} samples "
+            f"({minimum / rate:.3f} s at {rate} Hz), so they give no frame: {shown}{more}. Remove them from the "
+            "table, or pass --skip-bad to drop them."
+        )
+    log.warning("skipped %d clips of split %r shorter than %d samples (--skip-bad)", len(short), split, minimum)
+    return np.setdiff1d(rows, short)

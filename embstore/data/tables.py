@@ -78,6 +78,39 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.row_ids)
 
+    def clip_lengths(self, rate: int) -> np.ndarray:
+        """(n,) int64 samples of each whole clip at the model's ``rate``, from the file headers
+        (:func:`embstore.data.audio.clip_lengths`); a DataError for a split of texts."""
+        if self.audio is None or self.audio_frames is None or self.audio_rates is None:
+            raise DataError(
+                f"Split {self.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of "
+                "audio file paths."
+            )
+        from embstore.data.audio import clip_lengths
+
+        return clip_lengths(self.audio_frames, self.audio_rates, rate)
+
+    def subset(self, rows: np.ndarray) -> SplitData:
+        """The split restricted to ``rows`` (positions, in the order given)."""
+
+        def pick(values: list[str] | None) -> list[str] | None:
+            return None if values is None else [values[i] for i in rows]
+
+        def take(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[rows]
+
+        return SplitData(
+            name=self.name,
+            row_ids=self.row_ids[rows],
+            texts=[self.texts[i] for i in rows] if self.texts else [],
+            pairs=pick(self.pairs),
+            labels=take(self.labels),
+            groups=take(self.groups),
+            audio=pick(self.audio),
+            audio_frames=take(self.audio_frames),
+            audio_rates=take(self.audio_rates),
+        )
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -192,7 +225,7 @@ def _filled(df: Any, col: str, path: Path, option: str, what: str, empty: np.nda
 def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[list[str], np.ndarray, Any]:
     """Resolved file paths, a mask of unusable rows, and the header facts (missing/unreadable/empty files fail
     unless skipped)."""
-    from embstore.data.audio import probe_files
+    from embstore.data.audio import bad_files_error, probe_files
 
     raw, _ = _texts(_column(df, audio_col, path, "--audio-col"))
     files = [str((path.parent / r).resolve()) if r.strip() else "" for r in raw]
@@ -201,10 +234,11 @@ def _audio_rows(df: Any, path: Path, audio_col: str, skip_bad: bool) -> tuple[li
     if info.bad:
         bad[[i for i, _ in info.bad]] = True
         if not skip_bad:
-            shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
-            raise DataError(
-                f"{len(info.bad)} of {len(files)} audio files listed in {path} (column {audio_col!r}, paths relative "
-                f"to the table) cannot be used: {shown}. Fix them, or pass --skip-bad to drop those rows."
+            raise bad_files_error(
+                info,
+                len(files),
+                f"listed in {path} (column {audio_col!r}, paths relative to the table)",
+                "Fix them, or pass --skip-bad to drop those rows.",
             )
     return files, bad, info
 

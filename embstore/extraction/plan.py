@@ -8,6 +8,7 @@ finished store is found without loading the model; :func:`make_plan` does the fu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 
 from embstore.backbones.registry import Backbone, load_backbone
 from embstore.config import ExtractConfig, default_pooling
+from embstore.data.audio import usable_rows
 from embstore.data.tables import Dataset, SplitData, load_dataset
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.extraction.encode import Encoded, length_order, tokenize
@@ -169,6 +171,26 @@ def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: n
         arrays[L.groups_path(name)] = sd.groups[src]
 
 
+def _usable_clips(dataset: Dataset, rate: int, minimum: int, skip_bad: bool) -> Dataset:
+    """``dataset`` without the clips too short for one frame (:func:`embstore.data.audio.usable_rows`: refused, or
+    dropped with ``--skip-bad`` and counted with the other unusable rows in ``skipped_empty``)."""
+    splits, skipped = dict(dataset.splits), dict(dataset.skipped_empty)
+    for name, sd in dataset.splits.items():
+        keep = usable_rows(
+            sd.audio or [],
+            sd.clip_lengths(rate),
+            np.arange(len(sd)),
+            minimum=minimum,
+            rate=rate,
+            split=name,
+            skip_bad=skip_bad,
+        )
+        if len(keep) < len(sd):
+            splits[name] = sd.subset(keep)
+            skipped[name] = skipped.get(name, 0) + len(sd) - len(keep)
+    return dataclasses.replace(dataset, splits=splits, skipped_empty=skipped)
+
+
 def _plan_audio(
     config: ExtractConfig,
     device: str,
@@ -179,6 +201,7 @@ def _plan_audio(
     poolings: tuple[str, ...],
 ) -> Plan:
     """Audio rows: lengths from file headers, augmented copies for the training split only."""
+    from embstore.data.audio import min_samples
     from embstore.extraction.speech import plan_audio_split
 
     rate = backbone.sampling_rate  # (ExtractConfig already refused cls pooling with --audio-col)
@@ -191,6 +214,7 @@ def _plan_audio(
     truncated: dict[str, int] = {}
     augmented: dict[str, int] = {}
     t = L.AUDIO_TOWER
+    dataset = _usable_clips(dataset, rate, min_samples(backbone.frames), config.source.skip_bad)
     for name, sd in dataset.splits.items():
         rows = plan_audio_split(
             sd,

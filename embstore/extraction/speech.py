@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embstore.data.audio import load_waveform, rational, resampled_length
+from embstore.data.audio import load_waveform
 from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
 from embstore.data.tables import SplitData
 from embstore.errors import DataError
@@ -25,7 +24,7 @@ from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, mak
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["AudioItem", "AudioRows", "clip_lengths", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
+__all__ = ["AudioItem", "AudioRows", "plan_audio_split", "AudioChunkEncoder", "AUDIO_TOWER"]
 
 AUDIO_TOWER = "audio"
 
@@ -55,20 +54,6 @@ class AudioRows:
     """(n,) bool: longer than --max-seconds before cropping."""
 
 
-def clip_lengths(sd: SplitData, rate: int) -> np.ndarray:
-    """(n,) int64 samples of each whole clip of ``sd`` at the model's ``rate``, from the file headers alone (before
-    any crop or augmentation); extraction and fine-tuning both size their clips with it."""
-    if sd.audio is None or sd.audio_frames is None or sd.audio_rates is None:
-        raise DataError(
-            f"Split {sd.name!r} holds text, but the model takes audio; pass --audio-col COLUMN with a table of audio "
-            f"file paths."
-        )
-    return np.array(
-        [resampled_length(int(n), *rational(Fraction(rate, int(r)))) for n, r in zip(sd.audio_frames, sd.audio_rates)],
-        dtype=np.int64,
-    )
-
-
 def plan_audio_split(
     sd: SplitData,
     *,
@@ -79,7 +64,7 @@ def plan_audio_split(
     label_names: list[str] | None,
 ) -> AudioRows:
     """Every row's length in samples and frames from file headers alone; augmented copies appended."""
-    full = clip_lengths(sd, rate)
+    full = sd.clip_lengths(rate)
     paths = list(sd.audio or ())  # clip_lengths refused a split without audio
     max_samples = int(round(max_seconds * rate)) if max_seconds is not None else None
     items = [
@@ -103,12 +88,16 @@ def plan_audio_split(
             cropped.append(max_samples is not None and n_full > max_samples)
     samples = np.array([it.samples for it in items], dtype=np.int64)
     frames = frames_of(samples)
-    short = np.flatnonzero(frames < 1)
+    short = np.flatnonzero(frames < 1)  # whole clips were checked (usable_rows); this is the crop or an augmenter
     if len(short):
         shown = ", ".join(items[i].path for i in short[:3]) + (", ..." if len(short) > 3 else "")
+        how = " or ".join(
+            ([f"cropped to --max-seconds {max_seconds:g}"] if max_seconds is not None else [])
+            + (["augmented"] if augment is not None else [])
+        )
         raise DataError(
-            f"{len(short)} audio rows of split {sd.name!r} are too short for the model to produce one frame ({shown}); "
-            f"drop them from the table or pass --skip-bad after removing them."
+            f"{len(short)} audio rows of split {sd.name!r} give the model no frame once {how} ({shown}); "
+            "raise --max-seconds or use a milder --augment."
         )
     return AudioRows(
         items=items,

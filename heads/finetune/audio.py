@@ -10,8 +10,9 @@ model's rate; :mod:`embstore.data.augment`). What fine-tuning adds:
   ``batch_size`` rows and ``--batch-seconds`` of padded audio (rows x longest clip) each, so a 30-second clip never
   shares a batch with seven others. The training order is drawn anew each epoch; the number of batches is the same
   every epoch (the learning-rate schedule counts on it).
-- **Too short or unusable clips** (:func:`usable_rows`): a clip shorter than the conv front end's receptive field
-  gives no frame; it is named with the minimum, or dropped and counted with ``--skip-bad``.
+- **Too short or unusable clips** (:func:`embstore.data.audio.usable_rows`, the rule extraction applies too): a
+  clip shorter than the conv front end's receptive field gives no frame; it is named with the minimum, or dropped
+  and counted with ``--skip-bad``.
 """
 
 from __future__ import annotations
@@ -29,53 +30,13 @@ from embstore.data.augment import AugmentSpec, apply, draw_params
 from embstore.data.tables import SplitData
 from embstore.errors import DataError
 from embstore.extraction.encode import make_batches
-from embstore.extraction.speech import clip_lengths
 from heads.protocol.schedule import EpochSampler
 
-__all__ = ["ClipBatches", "Clips", "collate_clips", "min_samples", "model_lengths", "usable_rows"]
+__all__ = ["ClipBatches", "Clips", "collate_clips"]
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]
 """(row position in the split, epoch): what :class:`ClipBatches` yields and :class:`Clips` reads."""
-
-
-def model_lengths(split: SplitData, rate: int) -> np.ndarray:
-    """(n,) int64 samples of each clip at the model's ``rate`` (from the file headers, before any crop)."""
-    return clip_lengths(split, rate)
-
-
-def min_samples(frames_of: Callable[[np.ndarray], np.ndarray], frames: int = 1, limit: int = 1 << 22) -> int:
-    """The fewest samples that give ``frames`` output frames (1: the conv front end's receptive field), by bisection."""
-    lo, hi = 1, limit
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if int(frames_of(np.array([mid]))[0]) >= frames:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def usable_rows(split: SplitData, rows: np.ndarray, rate: int, minimum: int, skip_bad: bool) -> np.ndarray:
-    """``rows`` without the clips shorter than ``minimum`` samples: with ``skip_bad`` they are dropped (and counted
-    in the log), else a DataError names the first few clips and the minimum."""
-    lengths = model_lengths(split, rate)  # (split rows,) samples, read once
-    n = lengths[rows]
-    short = rows[n < minimum]
-    if not len(short):
-        return rows
-    if split.audio is None:  # pragma: no cover - model_lengths refused text already
-        raise DataError(f"Split {split.name!r} holds no audio.")
-    shown = "; ".join(f"{split.audio[i]} ({lengths[i]} samples)" for i in short[:3])
-    more = f" and {len(short) - 3} more" if len(short) > 3 else ""
-    if not skip_bad:
-        raise DataError(
-            f"{len(short)} clips of split {split.name!r} are shorter than the model's receptive field of "
-            f"{minimum} samples ({minimum / rate:.3f} s at {rate} Hz), so they give no frame: {shown}{more}. "
-            "Remove them from the table, or pass --skip-bad to drop them."
-        )
-    log.warning("skipped %d clips of split %r shorter than %d samples (--skip-bad)", len(short), split.name, minimum)
-    return rows[n >= minimum]
 
 
 class Clips(Dataset[tuple[np.ndarray, int]]):
@@ -100,7 +61,7 @@ class Clips(Dataset[tuple[np.ndarray, int]]):
         self.row_ids = np.asarray(split.row_ids)[rows]
         self.labels, self.rate, self.seed = labels, rate, seed
         self.max_samples, self.augment = max_samples, augment
-        self.lengths = model_lengths(split, rate)[rows]
+        self.lengths = split.clip_lengths(rate)[rows]
         """(n,) int64 samples of each whole clip."""
 
     def __len__(self) -> int:

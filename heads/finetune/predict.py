@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embstore.errors import ConfigError, DataError
+from embstore.errors import ConfigError
 from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
 from heads.finetune.model import is_finetune_run, load_finetuned
 
@@ -46,7 +46,7 @@ def predict_finetuned_audio(
     rate), in batches of similar duration as in training; a missing or unreadable file is named before any work."""
     import torch
 
-    from embstore.data.audio import probe_files
+    from embstore.data.audio import bad_files_error, probe_files
     from embstore.data.tables import SplitData
     from heads.finetune.audio import ClipBatches, Clips, collate_clips
 
@@ -54,8 +54,7 @@ def predict_finetuned_audio(
         raise ConfigError("No audio files to label: give one file path per line.")
     info = probe_files(paths)
     if info.bad:
-        shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
-        raise DataError(f"{len(info.bad)} of {len(paths)} audio files cannot be used: {shown}; fix the paths.")
+        raise bad_files_error(info, len(paths), "", "Fix the paths.")
     clf, fe, meta = load_finetuned(run, device)
     if meta.get("modality") != "audio":
         raise ConfigError(f"{run} fine-tuned a text model; give it texts, one per line, not audio files.")

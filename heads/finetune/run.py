@@ -23,6 +23,7 @@ import numpy as np
 from torch import nn
 
 from embstore.backbones.pruned import prune_heads, pruned_heads
+from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
@@ -252,11 +253,17 @@ def _check_modality(config: FinetuneConfig, backbone: Backbone) -> None:
 def usable_clips(data: FinetuneData, backbone: Backbone, skip_bad: bool) -> FinetuneData:
     """``data`` without clips shorter than the model's receptive field (refused naming them, or dropped and counted
     with ``skip_bad``)."""
-    from heads.finetune.audio import min_samples, usable_rows
+    from embstore.data.audio import min_samples, usable_rows
 
     rate, minimum = backbone.sampling_rate, min_samples(backbone.frames)
-    train_rows = usable_rows(data.train, data.train_rows, rate, minimum, skip_bad)
-    eval_rows = usable_rows(data.evaluation, data.eval_rows, rate, minimum, skip_bad)
+
+    def usable(split: SplitData, rows: np.ndarray) -> np.ndarray:
+        lengths = split.clip_lengths(rate)  # (split rows,) samples, read once
+        return usable_rows(
+            split.audio or [], lengths, rows, minimum=minimum, rate=rate, split=split.name, skip_bad=skip_bad
+        )
+
+    train_rows, eval_rows = usable(data.train, data.train_rows), usable(data.evaluation, data.eval_rows)
     dropped = {(data.train.name, int(i)) for i in np.setdiff1d(data.train_rows, train_rows)}
     dropped |= {(data.evaluation.name, int(i)) for i in np.setdiff1d(data.eval_rows, eval_rows)}
     skipped = {**data.skipped, "too_short": len(dropped)}
@@ -273,7 +280,7 @@ def _spec_augment_samples(backbone: Backbone) -> int:
         or not getattr(cfg, "mask_time_prob", 0.0) > 0
     ):
         return 0
-    from heads.finetune.audio import min_samples
+    from embstore.data.audio import min_samples
 
     return min_samples(backbone.frames, int(getattr(cfg, "mask_time_length", 1)))
 

@@ -144,10 +144,14 @@ def predict_audio(
     est: HeadClassifier, paths: list[str], device: str = "cpu", batch_size: int = 64, batch_seconds: float = 60.0
 ) -> tuple[list[str], np.ndarray]:
     """Labels and (n, classes) probabilities for audio files, loaded and encoded as the store's were."""
-    from fractions import Fraction
-
-    from embstore.data.audio import probe_files, rational, resampled_length
-    from embstore.errors import DataError
+    from embstore.data.audio import (
+        bad_files_error,
+        clip_lengths,
+        cropped_lengths,
+        min_samples,
+        probe_files,
+        usable_rows,
+    )
     from embstore.extraction.speech import AUDIO_TOWER, AudioChunkEncoder, AudioItem
 
     extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
@@ -161,14 +165,21 @@ def predict_audio(
     backbone = _backbone(extra, device)
     info = probe_files(paths)
     if info.bad:
-        shown = "; ".join(reason for _, reason in info.bad[:3]) + ("; ..." if len(info.bad) > 3 else "")
-        raise DataError(f"{len(info.bad)} of {len(paths)} audio files cannot be used: {shown}.")
+        raise bad_files_error(info, len(paths), "", "Fix the paths.")
     rate = backbone.sampling_rate
     max_seconds = extra.get("max_seconds")
     max_samples = None if max_seconds is None else int(round(float(max_seconds) * rate))
-    samples = [resampled_length(int(n), *rational(Fraction(rate, int(r)))) for n, r in zip(info.frames, info.rates)]
-    if max_samples is not None:
-        samples = [min(n, max_samples) for n in samples]
+    whole = clip_lengths(info.frames, info.rates, rate)
+    usable_rows(
+        paths,
+        whole,
+        np.arange(len(paths)),
+        minimum=min_samples(backbone.frames),
+        rate=rate,
+        split="predict",
+        skip_bad=False,
+    )
+    samples = [int(n) for n in cropped_lengths(whole, max_samples)]
     items = [AudioItem(path=p, samples=n) for p, n in zip(paths, samples)]
     order = length_order(np.array(samples))
     job = ChunkJob(split="predict", chunk=0, towers={AUDIO_TOWER: [items[i] for i in order]})
