@@ -83,8 +83,8 @@ def extract_options(f: Any) -> Any:
             click.option(
                 "--skip-bad",
                 is_flag=True,
-                help="Audio: drop rows whose file is missing, unreadable or empty, or whose clip is shorter than the model's "
-                "receptive field, instead of failing (the store counts them).",
+                help="Audio: drop rows whose file is missing, unreadable or empty, or whose clip is shorter than the "
+                "model's receptive field, instead of failing (the store counts them).",
             ),
             click.option(
                 "--augment",
