@@ -80,7 +80,11 @@ def test_encoder_layers_accepts_wrappers_and_refuses_other_models(model):
             self.bert = model
 
     assert encoder_layers(Wrapper())[0] is model.encoder.layer[0]
-    with pytest.raises(ConfigError, match=r"BERT-family encoders.*got Linear"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Model surgery does not know the 'Linear' family \(Linear\): the anatomy map "
+        r"covers bert, .*speech.*\. Use a model of one of these families",
+    ):
         encoder_layers(nn.Linear(2, 2))
 
 

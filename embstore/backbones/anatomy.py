@@ -1,21 +1,30 @@
-"""Where the parts of an encoder sit, for the forward stop, :mod:`embstore.backbones.pruned` and
-:mod:`heads.finetune.surgery`: BERT-family text encoders and speech encoders.
+"""The anatomy map: where each model family keeps its parts. The forward stop, freezing, truncation, head pruning
+and the families' defaults (causal or not) all read it, so there is one way to find a model's layers.
 
-Two families, one numbering (0 = what the first transformer layer receives, 1..L the transformer layers):
+One numbering everywhere: 0 is what the first block receives (the embedding output for text; for speech the
+projected conv features plus the convolutional position embedding), 1..L are the blocks.
 
-- **BERT family** (BERT, RoBERTa, ELECTRA...): ``.embeddings`` is layer 0, ``.encoder.layer`` holds 1..L, and each
-  layer's attention is ``attention.self.query/key/value`` with the output projection ``attention.output.dense``.
-- **Speech** (HuBERT, wav2vec2, WavLM, data2vec-audio...): layer 0 is the convolutional feature encoder
-  (``.feature_extractor``), its projection (``.feature_projection``), the convolutional position embedding
-  (``.encoder.pos_conv_embed``), the learnt mask embedding of SpecAugment and, in post-norm models, the encoder's
-  layer norm (applied before layer 1); ``.encoder.layers`` holds 1..L, and each layer's attention is
-  ``attention.q_proj/k_proj/v_proj`` with the output projection ``attention.out_proj``. In pre-norm
-  ("stable layer norm") models the encoder's layer norm follows layer L and belongs to it.
+Each :class:`Family` names, relative to the *base* model (the bare encoder or decoder that a task wrapper holds,
+found by :func:`base_of`):
+
+- ``blocks``: the block list (index i holds layer i + 1);
+- ``embeddings``: the modules and parameters of layer 0 (missing ones are skipped: a model may lack an optional
+  projection);
+- ``final_norm``: a norm applied after the last block, which belongs to layer L (transformers' ``hidden_states``
+  include it in the top entry for the language models, see ``final_norm_in_states``);
+- ``shared``: modules outside the blocks that every block uses (relative-position tables and their norms); freezing
+  freezes them only when every block is frozen;
+- ``attention``: where a block's q/k/v and output projections are, for head pruning; ``no_prune`` says why heads
+  cannot be removed from a family (fused or grouped projections).
+
+A model whose family is not in the map still extracts (it runs whole: no forward stop, one line in the log says
+so); surgery on it is refused in one line naming the family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -24,79 +33,367 @@ from embstore.errors import ConfigError
 
 __all__ = [
     "Attention",
+    "AttentionLayout",
+    "Family",
+    "FAMILIES",
     "attention",
     "base_of",
     "blocks",
     "embedding_modules",
     "encoder_layers",
-    "find_blocks",
+    "family_of",
     "feature_encoder",
+    "find_blocks",
+    "is_causal",
     "is_speech",
     "set_blocks",
+    "shared_modules",
     "top_modules",
 ]
 
-
-def _is_bert(cand: Any) -> bool:
-    return isinstance(getattr(getattr(cand, "encoder", None), "layer", None), nn.ModuleList) and hasattr(
-        cand, "embeddings"
-    )
+log = logging.getLogger(__name__)
 
 
-def _is_speech(cand: Any) -> bool:
-    return isinstance(getattr(getattr(cand, "encoder", None), "layers", None), nn.ModuleList) and hasattr(
-        cand, "feature_extractor"
-    )
+@dataclass(frozen=True, kw_only=True)
+class AttentionLayout:
+    """Where one block keeps its self-attention, as dotted paths relative to the block."""
+
+    holder: str
+    """The module holding the q/k/v projections (``attention.self`` in BERT)."""
+    qkv: tuple[str, str, str]
+    """Attribute names of the q, k and v projections on ``holder``."""
+    out_holder: str
+    """The module holding the output projection."""
+    out: str
+    """Attribute name of the output projection on ``out_holder``."""
+    head_dim: str
+    """Attribute of ``holder`` giving the width of one head."""
+    head_counts: tuple[str, ...]
+    """Attributes of ``holder`` that store the head count, set to the new count after pruning."""
+    width: str | None = None
+    """Attribute of ``holder`` storing heads x head width, updated with them (BERT's ``all_head_size``)."""
+
+
+BERT_ATTENTION = AttentionLayout(
+    holder="attention.self",
+    qkv=("query", "key", "value"),
+    out_holder="attention.output",
+    out="dense",
+    head_dim="attention_head_size",
+    head_counts=("num_attention_heads",),
+    width="all_head_size",
+)
+SPEECH_ATTENTION = AttentionLayout(
+    holder="attention",
+    qkv=("q_proj", "k_proj", "v_proj"),
+    out_holder="attention",
+    out="out_proj",
+    head_dim="head_dim",
+    head_counts=("num_heads",),
+)
+
+_GQA = (
+    "its attention is grouped-query (several query heads share one key/value head), so removing a query head "
+    "cannot be done by slicing q, k and v alike; use --freeze or --truncate instead"
+)
+_FUSED = "{name} fuses q, k and v into one projection, which head pruning does not slice; use --freeze or --truncate"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One model family: which ``config.model_type`` values it covers and where its parts are (module docstring)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    modality: str = "text"
+    """'text' or 'audio'."""
+    causal: bool = False
+    """A decoder: each position sees only the ones before it (pooling defaults differ, ``cls`` is refused)."""
+    blocks: str
+    embeddings: tuple[str, ...] = ()
+    final_norm: str | None = None
+    final_norm_in_states: bool = False
+    """transformers' top ``hidden_states`` entry is after ``final_norm`` (the language models tie it to
+    ``last_hidden_state``); below the top, every stored layer is a block's raw output."""
+    shared: tuple[str, ...] = ()
+    attention: AttentionLayout | None = None
+    no_prune: str | None = None
+    """Why heads cannot be removed from this family (None with an ``attention`` layout)."""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+    """Base-model attribute names a wrapper may hold the base under, besides ``base_model``."""
+
+
+_DECODER_EMBED = ("embed_tokens",)
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="bert",
+        model_types=("bert", "roberta", "xlm-roberta", "camembert", "ernie", "data2vec-text", "xlm-roberta-xl"),
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        attention=BERT_ATTENTION,
+    ),
+    Family(
+        name="electra",
+        model_types=("electra",),
+        blocks="encoder.layer",
+        embeddings=("embeddings", "embeddings_project"),
+        attention=BERT_ATTENTION,
+    ),
+    Family(
+        name="mpnet",
+        model_types=("mpnet",),
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        shared=("encoder.relative_attention_bias",),
+        no_prune="MPNet's attention is not mapped for head pruning yet; use --freeze or --truncate",
+    ),
+    Family(
+        name="deberta",
+        model_types=("deberta", "deberta-v2"),
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        shared=("encoder.rel_embeddings", "encoder.LayerNorm", "encoder.conv"),
+        no_prune="DeBERTa's disentangled attention is not mapped for head pruning yet; use --freeze or --truncate",
+    ),
+    Family(
+        name="distilbert",
+        model_types=("distilbert",),
+        blocks="transformer.layer",
+        embeddings=("embeddings",),
+        no_prune="DistilBERT's attention is not mapped for head pruning yet; use --freeze or --truncate",
+    ),
+    Family(
+        name="modernbert",
+        model_types=("modernbert",),
+        blocks="layers",
+        embeddings=("embeddings",),
+        final_norm="final_norm",
+        final_norm_in_states=True,
+        no_prune=_FUSED.format(name="ModernBERT (Wqkv)"),
+    ),
+    Family(
+        name="t5-encoder",
+        model_types=("t5", "mt5", "umt5"),
+        blocks="encoder.block",
+        embeddings=("shared",),
+        final_norm="encoder.final_layer_norm",
+        final_norm_in_states=True,
+        no_prune="T5's attention is not mapped for head pruning yet; use --freeze or --truncate",
+    ),
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        causal=True,
+        blocks="h",
+        embeddings=("wte", "wpe"),
+        final_norm="ln_f",
+        final_norm_in_states=True,
+        no_prune=_FUSED.format(name="GPT-2 (c_attn)"),
+    ),
+    Family(
+        name="gpt-neox",
+        model_types=("gpt_neox",),
+        causal=True,
+        blocks="layers",
+        embeddings=("embed_in",),
+        final_norm="final_layer_norm",
+        final_norm_in_states=True,
+        no_prune=_FUSED.format(name="GPT-NeoX (query_key_value)"),
+    ),
+    Family(
+        name="llama",
+        model_types=(
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "stablelm",
+        ),
+        causal=True,
+        blocks="layers",
+        embeddings=_DECODER_EMBED,
+        final_norm="norm",
+        final_norm_in_states=True,
+        no_prune=_GQA,
+    ),
+    Family(
+        name="phi",
+        model_types=("phi",),
+        causal=True,
+        blocks="layers",
+        embeddings=_DECODER_EMBED,
+        final_norm="final_layernorm",
+        final_norm_in_states=True,
+        no_prune=_GQA,
+    ),
+    Family(
+        name="opt",
+        model_types=("opt",),
+        causal=True,
+        blocks="decoder.layers",
+        embeddings=("decoder.embed_tokens", "decoder.embed_positions", "decoder.project_in"),
+        final_norm="decoder.final_layer_norm",
+        final_norm_in_states=True,
+        no_prune="OPT's attention is not mapped for head pruning yet; use --freeze or --truncate",
+    ),
+    Family(
+        name="speech",
+        model_types=(
+            "hubert",
+            "wav2vec2",
+            "wavlm",
+            "data2vec-audio",
+            "unispeech",
+            "unispeech-sat",
+            "sew",
+            "sew-d",
+            "wav2vec2-conformer",
+        ),
+        modality="audio",
+        blocks="encoder.layers",
+        # the encoder's layer norm joins layer 0 in post-norm models, layer L in pre-norm ones (see _speech_norm)
+        embeddings=("feature_extractor", "feature_projection", "encoder.pos_conv_embed", "masked_spec_embed"),
+        attention=SPEECH_ATTENTION,
+    ),
+)
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def _get(root: Any, path: str) -> Any:
+    """``root.a.b`` for ``path`` 'a.b', or None where a part is missing."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _set(root: Any, path: str, value: Any) -> None:
+    head, _, last = path.rpartition(".")
+    setattr(_get(root, head) if head else root, last, value)
+
+
+def _structural(cand: Any) -> Family | None:
+    """A family by structure, for model types the map does not list: BERT-like or speech-like layouts."""
+    if isinstance(_get(cand, "encoder.layer"), nn.ModuleList) and hasattr(cand, "embeddings"):
+        return FAMILIES[0]
+    if isinstance(_get(cand, "encoder.layers"), nn.ModuleList) and hasattr(cand, "feature_extractor"):
+        return _BY_TYPE["hubert"]
+    return None
+
+
+def _model_type(model: Any) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", "") or "")
+
+
+def _candidates(model: Any) -> list[Any]:
+    """``model`` and the bases it may wrap (``base_model``, then the usual attribute names)."""
+    out = [model]
+    for name in ("base_model", "bert", "model", "transformer", "encoder"):
+        cand = getattr(model, name, None)
+        if isinstance(cand, nn.Module) and all(cand is not c for c in out):
+            out.append(cand)
+    return out
+
+
+def _resolve(model: Any) -> tuple[Any, Family] | None:
+    """(base, family): the first candidate whose family's block list is where the map says."""
+    for cand in _candidates(model):
+        fam = _BY_TYPE.get(_model_type(cand)) or _structural(cand)
+        if fam is not None and isinstance(_get(cand, fam.blocks), nn.ModuleList):
+            return cand, fam
+    return None
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The map's entry for ``model`` (or the base it wraps), None for a family the map does not know."""
+    found = _resolve(model)
+    return None if found is None else found[1]
 
 
 def base_of(model: nn.Module) -> Any:
-    """The base encoder: a BERT-like one (``.embeddings`` and ``.encoder.layer``) or a speech one
-    (``.feature_extractor`` and ``.encoder.layers``), or the one a wrapper holds as .bert/.base_model.
+    """The base model (the bare encoder or decoder) of ``model``, which may be a task wrapper of it; a ConfigError
+    naming the family when the map does not know it.
 
     Typed Any: its submodules are reached by attribute, which nn.Module cannot type."""
-    for cand in (model, getattr(model, "bert", None), getattr(model, "base_model", None)):
-        if isinstance(cand, nn.Module) and (_is_bert(cand) or _is_speech(cand)):
-            return cand
-    raise ConfigError(
-        f"Model surgery supports BERT-family encoders (BERT, RoBERTa, ELECTRA: a model with .embeddings and "
-        f".encoder.layer) and speech encoders (HuBERT, wav2vec2, WavLM: .feature_extractor and .encoder.layers), or "
-        f"a model wrapping one as .bert/.base_model; got {type(model).__name__}. Use such a model."
-    )
+    found = _resolve(model)
+    if found is None:
+        kind = _model_type(model) or type(model).__name__
+        known = ", ".join(sorted({f.name for f in FAMILIES}))
+        raise ConfigError(
+            f"Model surgery does not know the {kind!r} family ({type(model).__name__}): the anatomy map covers "
+            f"{known}. Use a model of one of these families, or extract without surgery."
+        )
+    return found[0]
+
+
+def _family(base: Any) -> Family:
+    found = _resolve(base)
+    if found is None:  # pragma: no cover - callers pass what base_of returned
+        raise ConfigError(f"{type(base).__name__} is not a base model of the anatomy map")
+    return found[1]
 
 
 def is_speech(base: Any) -> bool:
     """Whether ``base`` (from :func:`base_of`) is a speech encoder."""
-    return _is_speech(base)
+    return _family(base).modality == "audio"
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder (its family is causal, or its config says ``is_decoder`` or a ``*ForCausalLM``
+    architecture), for families the map does not know too."""
+    fam = family_of(model)
+    if fam is not None:
+        return fam.causal
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or []
+    return bool(getattr(config, "is_decoder", False)) or any(str(a).endswith("ForCausalLM") for a in archs)
 
 
 def blocks(base: Any) -> nn.ModuleList:
-    """The transformer layers 1..L (index i holds layer i + 1)."""
-    return base.encoder.layers if _is_speech(base) else base.encoder.layer
-
-
-def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The encoder layers 1..L of ``model`` (or of the base it wraps) as a list (index i holds layer i + 1)."""
-    return list(blocks(base_of(model)))
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The transformer layers of ``model`` in order, or None for an architecture the map does not know (which then
-    runs whole: see :func:`embstore.extraction.forward.hidden_states`). The same lookup as surgery's, so extraction,
-    freezing, truncation and pruning agree on where a model's layers are."""
-    try:
-        layers = blocks(base_of(model))
-    except ConfigError:
-        return None
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    return layers if n is None or len(layers) == n else None
+    """The blocks 1..L (index i holds layer i + 1)."""
+    return _get(base, _family(base).blocks)
 
 
 def set_blocks(base: Any, layers: nn.ModuleList) -> None:
-    """Replace the transformer layers (truncation)."""
-    if _is_speech(base):
-        base.encoder.layers = layers
-    else:
-        base.encoder.layer = layers
+    """Replace the blocks (truncation)."""
+    _set(base, _family(base).blocks, layers)
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks 1..L of ``model`` (or of the base it wraps) as a list (index i holds layer i + 1)."""
+    return list(blocks(base_of(model)))
+
+
+_unknown_logged: set[str] = set()
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The blocks of ``model`` in order, or None for a family the map does not know (which then runs whole: see
+    :func:`embstore.extraction.forward.hidden_states`; one line in the log says it cannot stop early)."""
+    found = _resolve(model)
+    layers = None if found is None else _get(found[0], found[1].blocks)
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layers is not None and (n is None or len(layers) == n):
+        return layers
+    kind = _model_type(model) or type(model).__name__
+    if kind not in _unknown_logged:
+        _unknown_logged.add(kind)
+        log.info("%s: the anatomy map does not know this family, so the forward runs every block", kind)
+    return None
+
+
+def _speech_norm(base: Any) -> nn.Module | None:
+    norm = _get(base, "encoder.layer_norm")
+    return norm if isinstance(norm, nn.Module) else None
 
 
 def _stable(base: Any) -> bool:
@@ -104,28 +401,33 @@ def _stable(base: Any) -> bool:
     return bool(getattr(base.config, "do_stable_layer_norm", False))
 
 
-def embedding_modules(base: Any) -> list[nn.Module]:
-    """The modules of layer 0 (see the module docstring); the SpecAugment mask embedding, a bare parameter of the
-    base, is frozen by :func:`heads.finetune.surgery.freeze` alongside them."""
-    if not _is_speech(base):
-        return [base.embeddings]
-    encoder = base.encoder
-    mods = [base.feature_extractor, base.feature_projection, encoder.pos_conv_embed]
-    if not _stable(base) and isinstance(getattr(encoder, "layer_norm", None), nn.Module):
-        mods.append(encoder.layer_norm)
-    return mods
+def embedding_modules(base: Any) -> list[nn.Module | nn.Parameter]:
+    """The modules and parameters of layer 0 (see the module docstring), those the model has."""
+    fam = _family(base)
+    parts = [p for p in (_get(base, path) for path in fam.embeddings) if isinstance(p, (nn.Module, nn.Parameter))]
+    if fam.modality == "audio" and not _stable(base) and (norm := _speech_norm(base)) is not None:
+        parts.append(norm)
+    return parts
 
 
 def top_modules(base: Any) -> list[nn.Module]:
-    """Modules that belong to layer L (a pre-norm speech encoder's final layer norm)."""
-    if _is_speech(base) and _stable(base) and isinstance(getattr(base.encoder, "layer_norm", None), nn.Module):
-        return [base.encoder.layer_norm]
-    return []
+    """Modules that belong to layer L: the final norm (a pre-norm speech encoder's layer norm)."""
+    fam = _family(base)
+    if fam.modality == "audio":
+        norm = _speech_norm(base)
+        return [norm] if _stable(base) and norm is not None else []
+    norm = _get(base, fam.final_norm) if fam.final_norm else None
+    return [norm] if isinstance(norm, nn.Module) else []
+
+
+def shared_modules(base: Any) -> list[nn.Module | nn.Parameter]:
+    """Modules outside the blocks that every block uses (frozen only when every block is)."""
+    return [p for p in (_get(base, path) for path in _family(base).shared) if isinstance(p, (nn.Module, nn.Parameter))]
 
 
 def feature_encoder(base: Any) -> nn.Module:
     """A speech encoder's convolutional feature encoder (what ``freeze_feature_encoder()`` freezes)."""
-    if not _is_speech(base):
+    if not is_speech(base):
         raise ConfigError(
             f"'feature-encoder' names the convolutional front end of a speech model (HuBERT, wav2vec2, "
             f"WavLM); {type(base).__name__} is a text model. Use 'embeddings' or layer numbers."
@@ -136,13 +438,14 @@ def feature_encoder(base: Any) -> nn.Module:
 @dataclass(frozen=True)
 class Attention:
     """One layer's self-attention: the module holding the q/k/v projections, their attribute names, the module
-    holding the output projection and its attribute name, and the width of one head."""
+    holding the output projection and its attribute name, the width of one head, and where the head count is."""
 
     holder: Any
     qkv: tuple[str, str, str]
     out_holder: Any
     out_name: str
     head_dim: int
+    layout: AttentionLayout
 
     @property
     def out(self) -> nn.Linear:
@@ -150,34 +453,34 @@ class Attention:
 
     def set_heads(self, n: int) -> None:
         """Record the new head count where the layer's forward reads it."""
-        if self.qkv[0] == "query":  # BERT: reshapes with attention_head_size and -1, keep every count consistent
-            self.holder.num_attention_heads = n
-            self.holder.all_head_size = n * self.head_dim
-        else:  # HuBERT/wav2vec2: reshapes with head_dim and -1
-            self.holder.num_heads = n
+        for name in self.layout.head_counts:
+            setattr(self.holder, name, n)
+        if self.layout.width is not None:
+            setattr(self.holder, self.layout.width, n * self.head_dim)
 
 
-def attention(layer: nn.Module) -> Attention:
-    """The self-attention parts of one transformer layer; a ConfigError for layouts head surgery cannot change."""
+def attention(layer: nn.Module, base: Any = None) -> Attention:
+    """The self-attention parts of one block of ``base`` (found from the block itself when None); a ConfigError
+    naming the reason for families head surgery cannot change."""
     att: Any = getattr(layer, "attention", None)
-    self_attn = getattr(att, "self", None)
-    dense = getattr(getattr(att, "output", None), "dense", None)
-    if (
-        self_attn is not None
-        and isinstance(dense, nn.Linear)
-        and all(isinstance(getattr(self_attn, n, None), nn.Linear) for n in ("query", "key", "value"))
-    ):
-        return Attention(self_attn, ("query", "key", "value"), att.output, "dense", int(self_attn.attention_head_size))
     if att is not None and hasattr(att, "gru_rel_pos_const"):
         raise ConfigError(
             f"{type(layer).__name__} is a WavLM layer: its gated relative position bias splits the layer input by head "
             "and one bias is shared by every layer, so heads cannot be removed from it physically; use --freeze or "
             "--truncate with WavLM, or head pruning with HuBERT or wav2vec2."
         )
-    if att is not None and all(
-        isinstance(getattr(att, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj")
-    ):
-        return Attention(att, ("q_proj", "k_proj", "v_proj"), att, "out_proj", int(att.head_dim))
+    fam = _family(base) if base is not None else None
+    if fam is not None and fam.attention is None:
+        raise ConfigError(f"Cannot remove attention heads from a {fam.name} model: {fam.no_prune}.")
+    layouts = [fam.attention] if fam is not None and fam.attention is not None else [BERT_ATTENTION, SPEECH_ATTENTION]
+    for lay in layouts:
+        holder, out_holder = _get(layer, lay.holder), _get(layer, lay.out_holder)
+        if (
+            holder is not None
+            and all(isinstance(getattr(holder, n, None), nn.Linear) for n in lay.qkv)
+            and isinstance(getattr(out_holder, lay.out, None), nn.Linear)
+        ):
+            return Attention(holder, lay.qkv, out_holder, lay.out, int(getattr(holder, lay.head_dim)), lay)
     raise ConfigError(
         f"{type(layer).__name__} has neither BERT-style attention (attention.self.query/key/value and "
         f"attention.output.dense) nor HuBERT-style attention (attention.q_proj/k_proj/v_proj/out_proj); head pruning "

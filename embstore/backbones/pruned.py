@@ -81,7 +81,7 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
         if not kept or set(kept) <= chosen:
             raise ConfigError(f"cannot remove all {n_heads} heads of layer {layer}; keep at least one")
         plan[layer] = (kept, sorted(chosen - done))
-    parts = {layer: attention(layers_[layer - 1]) for layer, (_, remove) in plan.items() if remove}
+    parts = {layer: attention(layers_[layer - 1], base) for layer, (_, remove) in plan.items() if remove}
     for layer, (kept, remove) in plan.items():
         if not remove:
             continue

@@ -20,7 +20,9 @@ from embstore.backbones.anatomy import (
     blocks,
     embedding_modules,
     feature_encoder,
+    is_speech,
     set_blocks,
+    shared_modules,
     top_modules,
 )
 from embstore.backbones.pruned import heads_per_layer, pruned_heads, set_pruned_record
@@ -94,7 +96,8 @@ def freeze_feature_encoder(model: nn.Module) -> None:
 
 def freeze(model: nn.Module, layers: Iterable[int]) -> None:
     """Set requires_grad=False on layer 0 (the embeddings; for speech the feature encoder, its projection and the
-    position embedding) and the chosen encoder layers 1..L.
+    position embedding) and the chosen encoder layers 1..L, with what the anatomy map says belongs to them: the
+    final norm with layer L, and the tables every block reads (relative positions) once every block is frozen.
 
     Only freezes: other parameters keep their flag (the pooler and any task head stay as
     they are), so call ``model.requires_grad_(True)`` first to start from a trainable model.
@@ -109,15 +112,17 @@ def freeze(model: nn.Module, layers: Iterable[int]) -> None:
             f"pass indices in that range (see parse_freeze)."
         )
     for i in chosen:
-        for module in embedding_modules(base) if i == 0 else [layers_[i - 1]]:
-            module.requires_grad_(False)
-        if i == 0 and getattr(base, "masked_spec_embed", None) is not None:  # SpecAugment's mask, a layer-0 input
-            base.masked_spec_embed.requires_grad_(False)
-        if i == 0 and hasattr(base, "feature_extractor"):
+        # layer 0 holds parameters too (SpecAugment's mask embedding of a speech model)
+        for part in embedding_modules(base) if i == 0 else [layers_[i - 1]]:
+            part.requires_grad_(False)
+        if i == 0 and is_speech(base):
             freeze_feature_encoder(base)
         if i == len(layers_):
             for module in top_modules(base):
                 module.requires_grad_(False)
+    if chosen >= set(range(1, len(layers_) + 1)):  # tables every block reads freeze with the last block that reads them
+        for part in shared_modules(base):
+            part.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -219,7 +224,7 @@ def head_importance(
 
         return hook
 
-    outs = [attention(block).out for block in layers_]  # a WavLM layer is refused here, before any hook is set
+    outs = [attention(block, base).out for block in layers_]  # a WavLM layer is refused here, before any hook is set
     handles = [out.register_forward_pre_hook(make_hook(g)) for out, g in zip(outs, gates)]
     was_training = model.training
     model.eval()
