@@ -1,4 +1,5 @@
-"""What every command shares: error handling, logging and --config files."""
+"""What every command shares: error handling, logging, --config files, and the allowed values of options, read
+from the config classes' constraint tables (:mod:`embstore.errors`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from embstore.errors import EmbstoreError
+from embstore.errors import Constraint, EmbstoreError, InvalidParameterError
 
 
 class UserError(click.ClickException):
@@ -27,8 +28,46 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except InvalidParameterError as exc:  # name the --flag the user typed, not the config's parameter
+            flag = _flag_of(self.commands.get(ctx.invoked_subcommand or ""), exc.name)
+            raise UserError(exc.message(f"The {flag} option") if flag else str(exc)) from None
         except EmbstoreError as exc:
             raise UserError(str(exc)) from None
+
+
+def _flag_of(command: click.Command | None, name: str) -> str | None:
+    """The --flag of ``command`` that sets parameter ``name`` (its option's name, or the flag spelt like it)."""
+    dashed = "--" + name.replace("_", "-")
+    for p in command.params if command is not None else ():
+        if isinstance(p, click.Option) and (p.name == name or dashed in p.opts):
+            return dashed if dashed in p.opts else max(p.opts, key=len)
+    return None
+
+
+def _constraint(config: type | Constraint, name: str | None = None) -> Constraint:
+    """Parameter ``name``'s entry of ``config``'s constraint table (or ``config`` itself when it is a Constraint)."""
+    if isinstance(config, Constraint):
+        return config
+    table = getattr(config, "parameter_constraints")
+    return table[name]
+
+
+def allowed(config: type | Constraint, name: str | None = None) -> list[str]:
+    """The words parameter ``name`` of ``config`` accepts (or each item of its comma list), from its constraint."""
+    choices = _constraint(config, name).choices
+    if choices is None:
+        raise TypeError(f"{getattr(config, '__name__', config)}.{name} takes no fixed set of words")
+    return list(choices)
+
+
+def choice(config: type | Constraint, name: str | None = None) -> click.Choice:
+    """The ``click.Choice`` of parameter ``name`` of ``config``: its constraint's words."""
+    return click.Choice(allowed(config, name))
+
+
+def listed(config: type | Constraint, name: str | None = None) -> str:
+    """The words of parameter ``name`` for help text: 'cls, mean, max'."""
+    return ", ".join(allowed(config, name))
 
 
 def setup_logging(verbose: bool) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from cli.common import Group, UserError, explicit, load_yaml_config, setup_logging
+from cli.common import Group, UserError, choice, explicit, listed, load_yaml_config, setup_logging
+from embstore.config import ExtractConfig, default_pooling
 from embstore.data.spec import DEFAULT_MAX_LENGTH
 
 
@@ -88,7 +89,8 @@ def extract_options(f: Any) -> Any:
             ),
             click.option(
                 "--augment",
-                help="Audio: augmented training copies with these transforms: comma list of noise, shift, speed.",
+                help=f"Audio: augmented training copies with these transforms: comma list of "
+                f"{listed(ExtractConfig, 'augment')}.",
             ),
             click.option(
                 "--copies", type=int, default=1, show_default=True, help="Augmented copies per chosen training row."
@@ -133,7 +135,9 @@ def extract_options(f: Any) -> Any:
                 help="Layers to store: all, 9-12, -4--1, 3,6 (0 = embeddings).",
             ),
             click.option(
-                "--pooling", help="Comma list of cls, mean, max [default: cls,mean for text, mean,max for audio]."
+                "--pooling",
+                help=f"Comma list of {listed(ExtractConfig, 'pooling')} [default: {','.join(default_pooling('text'))} "
+                f"for text, {','.join(default_pooling('audio'))} for audio].",
             ),
             click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
             click.option(
@@ -154,7 +158,7 @@ def extract_options(f: Any) -> Any:
             ),
             click.option(
                 "--dtype",
-                type=click.Choice(["float16", "float32"]),
+                type=choice(ExtractConfig, "dtype"),
                 default="float16",
                 show_default=True,
                 help="Storage dtype.",
@@ -162,7 +166,7 @@ def extract_options(f: Any) -> Any:
             click.option(
                 "--format",
                 "fmt",
-                type=click.Choice(["zarr", "h5"]),
+                type=choice(ExtractConfig, "format"),
                 default="zarr",
                 show_default=True,
                 help="Store format.",
@@ -195,7 +199,7 @@ def extract_options(f: Any) -> Any:
             ),
             click.option(
                 "--quantize",
-                type=click.Choice(["none", "int8"]),
+                type=choice(ExtractConfig, "quantize"),
                 default="none",
                 show_default=True,
                 help="int8: dynamic int8 quantisation of the Linear layers, CPU only (faster; changes the values: "
@@ -225,7 +229,6 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
     text and label columns the options leave out are found in the table's header (one line each says which)."""
     import dataclasses
 
-    from embstore.config import ExtractConfig
     from embstore.data.columns import find_columns
 
     no_labels = bool(opts.pop("no_labels", False))

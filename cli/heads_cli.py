@@ -10,8 +10,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from cli.common import Group, load_yaml_config, setup_logging
+from cli.common import Group, choice, listed, load_yaml_config, setup_logging
 from embstore.data.spec import DEFAULT_MAX_LENGTH
+from heads.finetune.config import FEATURE_ENCODER, FREEZE_SPEC, FinetuneConfig
+from heads.pretrain.config import PretrainConfig
+from heads.probe.config import HeadConfig
+from heads.probe.specs import COMBINE
+from heads.training.optim import OptimConfig
 
 if TYPE_CHECKING:
     from heads.probe.sweep import SweepConfig, SweepResult
@@ -25,18 +30,16 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option("--store", help="Store path [default: the most recent complete store in the cache]."),
     click.option("--layers", help="Layer spec: all, 9-12, -4--1, 3,6, last4 [default: all]."),
-    click.option(
-        "--combine", help="Comma list of single, concat, sum, mean, mix [default: all five; heads train: single]."
-    ),
+    click.option("--combine", help=f"Comma list of {listed(COMBINE)} [default: all five; heads train: single]."),
     click.option("--pooling", help="Comma list of stored poolings [default: every stored pooling]."),
     click.option(
-        "--head", help="Head kind(s), comma list: linear, mlp, conv, sum, mix, pair, rnn, gru, lstm [default: linear]."
+        "--head", "heads", help=f"Head kinds, a comma list of {listed(HeadConfig, 'head')} [default: linear]."
     ),
     click.option("--hidden", help="mlp hidden sizes, e.g. 2048 or 512,128. [default: 2048]"),
     click.option("--dropout", type=float, help="mlp, conv, rnn heads: dropout. [default: 0.1]"),
     click.option(
         "--activation",
-        type=click.Choice(["relu", "gelu", "tanh"]),
+        type=choice(HeadConfig, "activation"),
         help="mlp and conv heads: activation. [default: relu]",
     ),
     click.option("--conv-hidden", type=int, help="conv head: channels. [default: 512]"),
@@ -50,7 +53,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option(
         "--aggregate",
-        type=click.Choice(["mean", "max", "last"]),
+        type=choice(HeadConfig, "aggregate"),
         help="rnn, gru, lstm heads: how the token states become one vector. [default: mean]",
     ),
     click.option("--lr", type=float, help="Heads trained by AdamW: learning rate. [default: 0.001]"),
@@ -62,13 +65,13 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 5]"),
     click.option(
         "--schedule",
-        type=click.Choice(["constant", "exponential", "cosine"]),
+        type=choice(HeadConfig, "schedule"),
         help="Heads trained by AdamW: lr schedule. [default: constant]",
     ),
     click.option("--gamma", type=float, help="Exponential schedule: lr factor per epoch. [default: 0.9]"),
     click.option(
         "--class-weight",
-        type=click.Choice(["none", "balanced"]),
+        type=choice(HeadConfig, "class_weight"),
         help="Weigh the loss by inverse class frequency (balanced) or not. [default: none]",
     ),
     click.option(
@@ -83,7 +86,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     ),
     click.option(
         "--solver",
-        type=click.Choice(["lbfgs", "adamw"]),
+        type=choice(HeadConfig, "solver"),
         help="Linear heads: batched L-BFGS over a C grid "
         "(scikit-learn's objective) or minibatch AdamW [default: lbfgs].",
     ),
@@ -148,6 +151,8 @@ def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[
 
     values = dict(defaults or {})
     values.update(load_yaml_config(config_file))
+    if "head" in values:  # a file's 'head' key is the --head flag, whose value is the 'heads' parameter
+        values["heads"] = values.pop("head")
     values.update({k: v for k, v in opts.items() if v is not None})
     return SweepConfig.from_dict(values)
 
@@ -318,13 +323,13 @@ def _with_flags(values: dict[str, Any], splits: tuple[str, ...], opts: dict[str,
 
 
 def trainer_options(
-    *, schedules: tuple[str, ...], out: str, progress: str, defaults: dict[str, str]
+    *, config: type, out: str, progress: str, defaults: dict[str, str]
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options of the backbone trainers (``heads finetune``, ``heads pretrain``): the optimiser's
-    (:class:`heads.training.optim.OptimConfig`, ``schedules`` the ones the trainer allows), the seed, resuming, the
-    device, the run directory (help text ``out``), the progress bar (``progress``) and -v. ``defaults``: the
-    trainer's config defaults (lr, weight_decay, batch_size, epochs, warmup_ratio) as --help shows them; the flags
-    default to None so that a --config file's values hold unless a flag is given."""
+    (:class:`heads.training.optim.OptimConfig`; the schedules those the trainer's ``config`` class allows), the seed,
+    resuming, the device, the run directory (help text ``out``), the progress bar (``progress``) and -v.
+    ``defaults``: the trainer's config defaults (lr, weight_decay, batch_size, epochs, warmup_ratio) as --help shows
+    them; the flags default to None so that a --config file's values hold unless a flag is given."""
     options = [
         click.option(
             "--weight-decay",
@@ -339,13 +344,13 @@ def trainer_options(
             help=f"Share of the optimizer steps with a linear warmup. [default: {defaults['warmup_ratio']}]",
         ),
         click.option(
-            "--schedule", type=click.Choice(list(schedules)), help="lr decay after the warmup. [default: linear]"
+            "--schedule", type=choice(config, "optim.schedule"), help="lr decay after the warmup. [default: linear]"
         ),
         click.option("--max-grad-norm", type=float, help="Gradient-norm clipping (0: off). [default: 1]"),
         click.option("--grad-accum", type=int, help="Batches per optimizer step. [default: 1]"),
         click.option(
             "--mixed-precision",
-            type=click.Choice(["no", "fp16", "bf16"]),
+            type=choice(OptimConfig, "mixed_precision"),
             help="accelerate mixed precision. [default: no]",
         ),
         click.option("--seed", type=int, help="Seeds the splits, initialisation and shuffling. [default: 0]"),
@@ -448,7 +453,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option(
     "--augment",
     help="Speech: augment the training clips on the fly, new draws each epoch: a comma list of "
-    "noise, shift, speed (the augmenters of embstore extract).",
+    f"{listed(FinetuneConfig, 'augment')} (the augmenters of embstore extract).",
     show_default="none",
 )
 @click.option(
@@ -466,9 +471,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 )
 @click.option(
     "--freeze",
-    help="Layers to freeze: 0-8, embeddings, all, all-but-last, none, lists, negative indices; "
-    "speech also feature-encoder (the conv front end, alone or in a list). "
-    "[default: none for text, feature-encoder for speech]",
+    help=f"Layers to freeze: {FREEZE_SPEC}. [default: none for text, {FEATURE_ENCODER} for speech]",
 )
 @click.option("--truncate", type=int, help="Classify from layer K and drop the layers above it.")
 @click.option("--prune-heads", help="Remove attention heads: '11:0,3;10:5' (layer:heads; layers 1..L, heads from 0).")
@@ -480,14 +483,16 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     type=int,
     help="--prune-fraction keeps at least this many heads in every layer. [default: 1]",
 )
-@click.option("--classifier", type=click.Choice(["linear", "mlp"]), help="Head on the pooled vector. [default: linear]")
+@click.option(
+    "--classifier", type=choice(FinetuneConfig, "classifier"), help="Head on the pooled vector. [default: linear]"
+)
 @click.option(
     "--classifier-hidden", help="mlp hidden sizes, e.g. 2048 (expand, then to the classes) or 512,128. [default: 2048]"
 )
 @click.option("--dropout", type=float, help="mlp dropout. [default: 0.1]")
 @click.option(
     "--pooling",
-    type=click.Choice(["cls", "mean"]),
+    type=choice(FinetuneConfig, "pooling"),
     help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or "
     "frames). [default: cls for text, mean for speech]",
 )
@@ -510,7 +515,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "per-fold rows and mean +- std; no model/ is kept.",
 )
 @trainer_options(
-    schedules=("linear", "cosine", "exponential"),
+    config=FinetuneConfig,
     out="Run directory [default: runs/<time>-finetune].",
     progress="tqdm bar per epoch with loss and examples/s.",
     defaults={"weight_decay": "0", "batch_size": "8", "epochs": "5", "warmup_ratio": "0"},
@@ -518,7 +523,6 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Fine-tune the backbone (optionally frozen, truncated or pruned) and report like a sweep."""
     setup_logging(verbose)
-    from heads.finetune.config import FinetuneConfig
     from heads.finetune.run import run_finetune
     from heads.report import write_report
     from heads.report.rundir import run_dir
@@ -605,7 +609,7 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 )
 @click.option(
     "--pair-objective",
-    type=click.Choice(["sop", "nsp", "none"]),
+    type=choice(PretrainConfig, "pair_objective"),
     help="Pairs: sentence-order or next-sentence prediction, trained jointly [default: none].",
 )
 @click.option("--pair-weight", type=float, help="Weight of the pair loss [default: 1].")
@@ -613,7 +617,7 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 @click.option("--max-steps", type=int, help="Optimizer steps in total (overrides --epochs).")
 @click.option("--max-minutes", type=float, help="Stop after this many minutes of training.")
 @trainer_options(
-    schedules=("linear", "cosine", "constant"),
+    config=PretrainConfig,
     out="Run directory; the backbone goes to OUT/model [default: runs/<time>-pretrain].",
     progress="tqdm progress bar with tokens/s.",
     defaults={"weight_decay": "0.01", "batch_size": "32", "epochs": "1", "warmup_ratio": "0.06"},
@@ -621,7 +625,6 @@ _BERT_FIELDS = {"model_type", "num_hidden_layers", "hidden_size", "num_attention
 def pretrain(config_file: str | None, splits: tuple[str, ...], progress: bool, verbose: bool, **opts: Any) -> None:
     """Pretrain a BERT from scratch with masked-LM; OUT/model is a --model for embstore extract and heads finetune."""
     setup_logging(verbose)
-    from heads.pretrain.config import PretrainConfig
     from heads.pretrain.run import run_pretrain
 
     values = load_yaml_config(config_file)

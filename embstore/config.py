@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from embstore.data.augment import TRANSFORMS
 from embstore.data.spec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
-from embstore.errors import ConfigError
+from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
 
 __all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
 
 POOLINGS = ("cls", "mean", "max")
-QUANTIZE_MODES = ("none", "int8")
 AUDIO_POOLINGS = ("mean", "max")
+PairMode = Literal["joint", "towers"]
+Dtype = Literal["float16", "float32"]
+StoreFormat = Literal["zarr", "h5"]
+Quantize = Literal["none", "int8"]
 
 
 def default_pooling(modality: str) -> tuple[str, ...]:
@@ -37,12 +42,12 @@ class ExtractConfig:
     source: DataSpec = DataSpec()
     """Where the rows come from (data or splits, holdout and seed, columns, limit, skip_empty/skip_bad);
     its keys stay flat in YAML, on the command line and in the stored config."""
-    pair_mode: Literal["joint", "towers"] = "joint"
+    pair_mode: PairMode = "joint"
     """'joint' encodes [CLS] a [SEP] b; 'towers' encodes each column alone and stores both."""
     max_seconds: float | None = None
     """Audio: crop each recording to its first this many seconds (cropped rows are counted)."""
     augment: tuple[str, ...] = ()
-    """Audio: transforms of augmented training copies, any of noise, shift, speed; () for none."""
+    """Audio: transforms of augmented training copies (of :data:`embstore.data.augment.TRANSFORMS`); () for none."""
     copies: int = 1
     """Augmented copies per chosen training row."""
     augment_classes: str = "minority"
@@ -56,7 +61,7 @@ class ExtractConfig:
     layers: str = "all"
     """Layers to store: 'all', '9-12', '-4--1', '3,6'. 0 is the embedding output."""
     pooling: tuple[str, ...] | None = None
-    """Poolings to store, any of cls, mean, max (masked); None: cls,mean for text, mean,max for audio."""
+    """Poolings to store, any of :data:`POOLINGS` (masked); None: :func:`default_pooling` of the modality."""
     tokens: str | None = None
     """Layers whose per-token states are also stored (ragged); None stores none."""
     max_length: int = DEFAULT_MAX_LENGTH
@@ -66,9 +71,9 @@ class ExtractConfig:
     """Most rows in one forward batch."""
     token_budget: int = 16384
     """Most padded tokens (rows x longest row) in one forward batch."""
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Dtype = "float16"
     """Storage dtype of hidden states."""
-    format: Literal["zarr", "h5"] = "zarr"
+    format: StoreFormat = "zarr"
     """Store format."""
     out: str | None = None
     """Store path (ends in .zarr/.h5) or a directory for content-addressed stores; None: the cache."""
@@ -81,7 +86,7 @@ class ExtractConfig:
     wait: bool = False
     """When another process is writing the same store, wait for it (then resume or find it complete) instead of
     failing."""
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Quantize = "none"
     """'int8': dynamic int8 quantisation of the backbone's Linear layers, CPU only (faster; the
     measured deviation from float32 is recorded in provenance). Part of the store id."""
     allow_pickle: bool = False
@@ -93,17 +98,30 @@ class ExtractConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded in provenance, never in the fingerprint."""
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "pooling": Optional(ListOf(Choice(POOLINGS))),
+        "augment": ListOf(Choice(TRANSFORMS), min_len=0),
+        "max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
+        "batch_seconds": Interval(float, 0, None, closed="neither", desc="a positive number of seconds"),
+        "max_length": Interval(int, 2, None, desc="at least 2 tokens"),
+        "batch_size": Interval(int, 1, None),
+        "token_budget": Interval(int, 1, None),
+        "chunk_rows": Interval(int, 1, None),
+        "num_processes": Interval(int, 1, None),
+        "pair_mode": Choice(PairMode),
+        "dtype": Choice(Dtype),
+        "quantize": Choice(Quantize),
+        "random_weights": Optional(Interval(int, 0, None, desc="a seed, a whole number >= 0")),
+        "format": Choice(StoreFormat),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`); the CLI's choices and help come from
+    it too."""
+
     def __post_init__(self) -> None:
+        validate_params(self)
         src = self.source
-        if self.pooling is not None:
-            bad = [p for p in self.pooling if p not in POOLINGS]
-            if bad or not self.pooling:
-                raise ConfigError(
-                    f"The 'pooling' option must be a comma list of {', '.join(POOLINGS)}; got "
-                    f"{','.join(self.pooling) or 'nothing'}."
-                )
-            if src.audio_col and "cls" in self.pooling:
-                raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max with --audio-col.")
+        if self.pooling is not None and src.audio_col and "cls" in self.pooling:
+            raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max with --audio-col.")
         if self.augment and not src.audio_col:
             raise ConfigError("--augment makes audio copies: it needs --audio-col (and a speech model).")
         if self.augment and src.holdout is None and "train" not in dict(src.splits):
@@ -111,45 +129,12 @@ class ExtractConfig:
                 "Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or "
                 "--split train=FILE."
             )
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ConfigError(f"The 'max_seconds' option must be a positive number of seconds; got {self.max_seconds}.")
-        if self.batch_seconds <= 0:
-            raise ConfigError(
-                f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}."
-            )
         self.augment_spec()  # validates the transforms and copies
-        for name, value in (
-            ("max_length", self.max_length),
-            ("batch_size", self.batch_size),
-            ("token_budget", self.token_budget),
-            ("chunk_rows", self.chunk_rows),
-            ("num_processes", self.num_processes),
-        ):
-            if value < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {value}.")
-        if self.max_length < 2:
-            raise ConfigError(f"The 'max_length' option must be at least 2 tokens; got {self.max_length}.")
-        if self.pair_mode not in ("joint", "towers"):
-            raise ConfigError(f"The 'pair_mode' option must be 'joint' or 'towers'; got {self.pair_mode!r}.")
         if self.pair_mode == "towers" and not src.text_pair_col:
             raise ConfigError("Towers mode encodes two columns separately: give --text-pair-col too.")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"The 'dtype' option must be float16 or float32; got {self.dtype!r}.")
-        if self.quantize not in QUANTIZE_MODES:
-            raise ConfigError(
-                f"The 'quantize' option must be one of {', '.join(QUANTIZE_MODES)}; got {self.quantize!r}."
-            )
-        if self.random_weights is not None and (
-            isinstance(self.random_weights, bool) or not isinstance(self.random_weights, int) or self.random_weights < 0
-        ):
-            raise ConfigError(
-                f"The 'random_weights' option must be a seed, a whole number >= 0; got {self.random_weights!r}."
-            )
         from embstore.backbones.quantize import check_quantize_device
 
         check_quantize_device(self.quantize, self.device)
-        if self.format not in ("zarr", "h5"):
-            raise ConfigError(f"The 'format' option must be zarr or h5; got {self.format!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data source's keys at the top level)."""

@@ -139,7 +139,7 @@ def test_choose_sources_and_params():
     again = draw_params(spec, np.array([4, 5]), np.arange(7) + 100)
     assert [repr(p) for p in params] == [repr(p) for p in again]  # deterministic (repr: NaN != NaN)
     assert len({p.noise_seed for p in params}) == 4
-    with pytest.raises(ConfigError, match="comma list of noise, shift, speed; got echo"):
+    with pytest.raises(ConfigError, match="'transforms' .* must be a comma list of noise, shift, speed. Got 'echo'"):
         AugmentSpec(transforms=("echo",))
 
 
@@ -407,7 +407,11 @@ def test_cli_extract_and_info(tones: Path, tmp_path: Path):
         ("empty", [], r"1 of 24 audio files .* zero-length audio"),
         (None, ["--pooling", "cls"], r"Audio has no \[CLS\] frame"),
         (None, ["--augment", "noise"], r"Augmented rows may only enter a training split"),
-        (None, ["--augment", "echo", "--holdout", "0.5"], r"comma list of noise, shift, speed; got echo"),
+        (
+            None,
+            ["--augment", "echo", "--holdout", "0.5"],
+            r"The --augment option must be a comma list of noise, shift, speed\. Got 'echo'",
+        ),
         (None, ["--model", "random:tiny-bert"], r"random:tiny-bert is a text model, but --audio-col gives audio"),
         (
             None,

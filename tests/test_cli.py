@@ -97,12 +97,12 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
         "layers_out_of_range": (base + ["--layers", "9-12"], r"must name layers in \[0, 2\] .* got '9-12'"),
         "bad_pooling": (
             base + ["--pooling", "cls,sum"],
-            r"'pooling' option must be a comma list of cls, mean, max; got cls,sum",
+            r"The --pooling option must be a comma list of cls, mean, max\. Got 'cls,sum' instead\.",
         ),
         "unwritable_out": (base + ["--out", str(blocker / "sub")], r"Cannot write the store under .*a-file/sub"),
         "bad_split": (["--split", "train"], r"expected NAME=FILE"),
         "data_and_split": (base + ["--split", f"test={csv}"], r"cannot pass both --data and --split"),
-        "bad_holdout": (base + ["--holdout", "1.5"], r"fraction in \(0, 1\); got 1\.5"),
+        "bad_holdout": (base + ["--holdout", "1.5"], r"The --holdout option must be a fraction in \(0, 1\)\. Got 1\.5"),
     }
     return cases[kind]
 

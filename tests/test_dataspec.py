@@ -74,7 +74,8 @@ def test_each_command_takes_only_its_data_and_optimiser_keys():
     with pytest.raises(ConfigError, match="heads pretrain does not take the 'label_col' option"):
         PretrainConfig(source=DataSpec(data="x.csv", label_col="y"))
     with pytest.raises(
-        ConfigError, match="'schedule' option must be one of linear, cosine, constant; got 'exponential'"
+        ConfigError,
+        match="'schedule' parameter of PretrainConfig must be one of linear, cosine, constant. Got 'exponential'",
     ):
         PretrainConfig.from_dict({"data": "x.csv", "schedule": "exponential"})
     with pytest.raises(ConfigError, match="cannot pass both --data and --split"):
@@ -90,7 +91,7 @@ def test_optimiser_fields_keep_each_commands_defaults():
     assert ft.optim.batch_size == FinetuneConfig().optim.batch_size  # one key given, the other defaults kept
     assert pt.optim.batch_size == 32 and pt.optim.warmup_ratio == 0.06
     assert isinstance(ft.optim, OptimConfig) and ft.to_dict()["lr"] == 1e-3
-    with pytest.raises(ConfigError, match="'grad_accum' option must be a positive integer; got 0"):
+    with pytest.raises(ConfigError, match="'grad_accum' parameter of OptimConfig must be a positive integer. Got 0"):
         OptimConfig(grad_accum=0)
 
 

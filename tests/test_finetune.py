@@ -205,12 +205,16 @@ def test_bad_surgery_is_refused(sep_csv, tmp_path, kw, error, match):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"pooling": "max"}, "'pooling' option must be one of cls, mean"),
+        ({"pooling": "max"}, r"'pooling' parameter of FinetuneConfig must be one of cls, mean\. Got 'max' instead\."),
         ({"prune_fraction": 0.3, "epochs": 1}, "at least 2"),
-        ({"lr": 0}, "'lr' option must be positive"),
-        ({"head_lr": -1e-3}, r"'head_lr' option \(the classifier's learning rate\) must be positive; got -0.001"),
-        ({"min_epochs": 0}, "'min_epochs' option must be a positive number of epochs"),
-        ({"max_grad_norm": -1}, "'max_grad_norm' option must be 0"),
+        ({"lr": 0}, "'lr' parameter of OptimConfig must be a positive number. Got 0 instead."),
+        (
+            {"head_lr": -1e-3},
+            r"'head_lr' .* must be positive \(it is the classifier's learning rate\)\. Got -0.001 "
+            r"instead\. Use e\.g\. --head-lr 0\.001\.",
+        ),
+        ({"min_epochs": 0}, "'min_epochs' parameter of FinetuneConfig must be a positive number of epochs. Got 0"),
+        ({"max_grad_norm": -1}, r"'max_grad_norm' parameter of OptimConfig must be 0 \(no clipping\) or more\. Got -1"),
         ({"bogus": 1}, r"Unknown finetune config keys \['bogus'\]"),
     ],
 )
@@ -392,7 +396,7 @@ def test_folds_are_disjoint_stratified_seeded_and_cover_the_data(sep_csv):
     assert again == [r.eval_rows.tolist() for r in plan] and other != again
     with pytest.raises(ConfigError, match="--folds 30 needs at least 30 training rows of every class"):
         rounds(30, data, 3)
-    with pytest.raises(ConfigError, match="'folds' option must be at least 2"):
+    with pytest.raises(ConfigError, match="'folds' parameter of FinetuneConfig must be at least 2"):
         FinetuneConfig.from_dict({"data": "x.csv", "folds": 1})
 
 
@@ -536,8 +540,8 @@ def test_cli_head_lr_must_be_positive(sep_csv, tmp_path):
     )
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.stderr.strip().splitlines() == [
-        "error: The 'head_lr' option (the classifier's learning rate) must be "
-        "positive; got 0.0. Use e.g. --head-lr 0.001."
+        "error: The --head-lr option must be positive (it is the classifier's learning rate). Got 0.0 instead. "
+        "Use e.g. --head-lr 0.001."
     ]
     assert not (tmp_path / "r").exists()
 

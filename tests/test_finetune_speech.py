@@ -334,7 +334,9 @@ def test_speech_options_are_refused_where_they_do_not_apply(tmp_path):
         FinetuneConfig.from_dict({"data": "x.csv", "augment": "noise"})
     with pytest.raises(ConfigError, match="Speech models have no CLS frame"):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "pooling": "cls"})
-    with pytest.raises(ConfigError, match="'augment' option must be a comma list of noise, shift, speed"):
+    with pytest.raises(
+        ConfigError, match="'augment' parameter .* must be a comma list of noise, shift, speed. Got 'echo'"
+    ):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "augment": "echo"})
-    with pytest.raises(ConfigError, match="'batch_seconds' option must be a positive"):
+    with pytest.raises(ConfigError, match="'batch_seconds' parameter .* must be a positive number of seconds. Got 0"):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "batch_seconds": 0})

@@ -552,9 +552,12 @@ def test_report_refuses_runs_scored_on_other_rows(store, tmp_path):
             r"validation carve of the training split 'train' \(0.02 of 90 rows = 2\) cannot hold every one of the 3 "
             r"classes",
         ),
-        (["--c-grid", "1e-3,0,1"], r"'c_grid' option must hold positive inverse L2 strengths C .*got 0.0"),
-        (["--c-grid", "1e-3,-1"], r"'c_grid' option must hold positive .*got -1.0"),
-        (["--c-grid", "big"], r"'c_grid' option must be a comma list of positive numbers .*got 'big'"),
+        (
+            ["--c-grid", "1e-3,0,1"],
+            r"The --c-grid option must be a comma list of positive inverse L2 strengths C .*Got '0.001,0.0,1.0'",
+        ),
+        (["--c-grid", "1e-3,-1"], r"The --c-grid option must be a comma list of positive .*Got '0.001,-1.0' instead"),
+        (["--c-grid", "big"], r"The --c-grid option must be .*Got 'big' instead\. Pass values such as 1e-4"),
         (["--max-memory", "0"], r"'max_memory' option must be a positive size"),
     ],
 )

@@ -146,7 +146,9 @@ def test_expand_errors(kw, exc, match):
 
 
 def test_combine_spec_error():
-    with pytest.raises(ConfigError, match=r"comma list of single, concat, sum, mean, mix; got avg"):
+    with pytest.raises(
+        ConfigError, match=r"'combine' parameter .* must be a comma list of single, concat, sum, mean, mix\. Got 'avg'"
+    ):
         parse_combine("avg")
 
 
@@ -412,7 +414,10 @@ def _bad(kind: str, tiny_store: str, tower_store: str, tmp_path: Path) -> tuple[
         "layer": (["--store", tiny_store, "--layers", "5"], r"must name layers in \[0, 2\]"),
         "tokens": (["--store", tower_store, "--head", "gru"], r"'gru' head reads per-token states"),
         "pair": (["--store", tiny_store, "--head", "pair"], r"needs a store extracted in towers mode"),
-        "head": (["--store", tiny_store, "--head", "svm"], r"'head' option must be one of linear, mlp"),
+        "head": (
+            ["--store", tiny_store, "--head", "svm"],
+            r"The --head option must be a comma list of linear, mlp, .*\. Got 'svm'",
+        ),
         "eval_split": (
             ["--store", tiny_store, "--eval-split", "dev"],
             r"--eval-split 'dev' is not in .* its splits are train, test",

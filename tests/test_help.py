@@ -46,7 +46,7 @@ def config_defaults(command: str) -> dict[str, Any]:
         from heads.probe.sweep import SweepConfig
 
         d = SweepConfig().to_dict()
-        return {**d, "head": d["heads"], "combine": d["combine"] if command == "heads sweep" else ["single"]}
+        return {**d, "combine": d["combine"] if command == "heads sweep" else ["single"]}
     if command == "heads finetune":
         from heads.finetune.config import FinetuneConfig
 

@@ -339,7 +339,7 @@ def test_every_optimizer_step_clips_the_gradient_norm(tiny_csv, tmp_path, monkey
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["--vocab-size", "4"], "room beyond the 5 special tokens"),
+        (["--vocab-size", "4"], "The --vocab-size option must be more than the 5 special tokens"),
         (["--max-positions", "16", "--max-length", "32"], "max_positions 16 is shorter than max_length 32"),
         (["--swap-augment"], "need sentence pairs; pass --text-pair-col"),
         (["--text-pair-col", "text", "--swap-augment", "--pair-objective", "sop"], "use --pair-objective nsp"),

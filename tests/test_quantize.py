@@ -74,7 +74,9 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
         match=r"--quantize int8 is for CPU extraction .* got --device cuda: pass --device cpu or drop --quantize",
     ):
         cfg(tiny_csv, quantize="int8", device="cuda")
-    with pytest.raises(ConfigError, match=r"'quantize' option must be one of none, int8; got 'int4'"):
+    with pytest.raises(
+        ConfigError, match=r"'quantize' parameter of ExtractConfig must be one of none, int8\. Got 'int4'"
+    ):
         cfg(tiny_csv, quantize="int4")
     # CUDA picked automatically (no --device) is refused before anything is loaded
     monkeypatch.setattr(extraction, "resolve_device", lambda requested: "cuda")

@@ -9,12 +9,14 @@ the row, so a resumed or multi-process run makes the same rows bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from embstore.data.audio import rational, resample, resampled_length
-from embstore.errors import ConfigError
+from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, validate_params
 
 __all__ = ["TRANSFORMS", "AugmentSpec", "AugmentParams", "choose_sources", "draw_params", "augmented_length", "apply"]
 
@@ -35,15 +37,13 @@ class AugmentSpec:
     """speed: factors are drawn uniformly from this range (rounded to 0.01)."""
     seed: int = 0
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "transforms": ListOf(Choice(TRANSFORMS)),
+        "copies": Interval(int, 1, None, desc="at least 1"),
+    }
+
     def __post_init__(self) -> None:
-        bad = [t for t in self.transforms if t not in TRANSFORMS]
-        if bad or not self.transforms:
-            raise ConfigError(
-                f"The 'augment' option must be a comma list of {', '.join(TRANSFORMS)}; got "
-                f"{','.join(self.transforms) or 'nothing'}."
-            )
-        if self.copies < 1:
-            raise ConfigError(f"The 'copies' option must be at least 1; got {self.copies}.")
+        validate_params(self)
         lo, hi = self.speed_range
         if not 0.5 <= lo <= hi <= 2.0:
             raise ConfigError(f"The speed range must satisfy 0.5 <= low <= high <= 2.0; got {lo}-{hi}.")

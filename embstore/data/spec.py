@@ -13,11 +13,11 @@ evaluates on exactly the rows ``embstore extract --holdout 0.2 --seed 0`` stores
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from embstore.errors import ConfigError
+from embstore.errors import ConfigError, Constraint, Interval, Optional, validate_params
 
 __all__ = ["DATA_KEYS", "DEFAULT_DATA", "DEFAULT_MAX_LENGTH", "DataSpec", "split_flat"]
 
@@ -61,6 +61,12 @@ class DataSpec:
     """Audio: drop rows whose file is missing, unreadable or empty instead of failing (the audio
     counterpart of ``skip_empty``: it decides which rows load, so it belongs to the source)."""
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "holdout": Optional(Interval(float, 0, 1, closed="neither")),
+        "limit": Optional(Interval(int, 1, None, desc="a positive number of rows")),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`)."""
+
     def __post_init__(self) -> None:
         if self.data is not None and self.splits:
             raise ConfigError(
@@ -68,12 +74,9 @@ class DataSpec:
             )
         if self.data is None and not self.splits:
             raise ConfigError("No data given: pass --data FILE or --split NAME=FILE.")
-        if self.holdout is not None and not 0.0 < self.holdout < 1.0:
-            raise ConfigError(f"The 'holdout' option must be a fraction in (0, 1); got {self.holdout}.")
+        validate_params(self)
         if self.holdout is not None and self.splits:
             raise ConfigError("--holdout splits one --data file; with --split files the splits are already given.")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"The 'limit' option must be a positive number of rows; got {self.limit}.")
         if self.audio_col and (self.text_col or self.text_pair_col):
             raise ConfigError(
                 "You cannot pass both --audio-col and --text-col/--text-pair-col; a store holds text or audio."

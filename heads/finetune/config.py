@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from embstore.data.augment import AugmentSpec
+from embstore.data.augment import TRANSFORMS, AugmentSpec
 from embstore.data.spec import DEFAULT_MAX_LENGTH, DataSpec
-from embstore.errors import ConfigError
-from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
+from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
+from heads.training.optim import OptimConfig, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "FinetuneConfig"]
 
@@ -27,7 +28,16 @@ DATA_KEYS = (
     "skip_bad",
 )
 """The flat data-source keys ``heads finetune`` takes: text or audio tables, with groups (e.g. speakers)."""
-SCHEDULES = ("linear", "cosine", "exponential")
+Classifier = Literal["linear", "mlp"]
+Pooling = Literal["cls", "mean"]
+FEATURE_ENCODER = "feature-encoder"
+"""The freeze word for a speech model's convolutional feature encoder (alone, as ``freeze_feature_encoder()``)."""
+FREEZE_SPEC = (
+    "none, embeddings, all, all-but-last, a range 0-8, a list 0,3, negative indices, and for speech models "
+    f"{FEATURE_ENCODER} (the conv front end, alone or in a list such as {FEATURE_ENCODER},1-4)"
+)
+"""What ``freeze`` accepts, in words (its parser is :func:`heads.finetune.surgery.parse_freeze`, which needs the
+model's layer count); the CLI's help and the parser's error say it."""
 # Measured on 400-800 rows of four data sets (README, "Fine-tuning defaults"): the Trainer's lr and batch, no
 # warmup or decay, and 5 epochs rather than 3 (small sets need the steps; early stopping keeps the best epoch).
 _DEFAULT_OPTIM = OptimConfig(lr=5e-5, weight_decay=0.0, batch_size=8, epochs=5, warmup_ratio=0.0)
@@ -46,10 +56,10 @@ class FinetuneConfig:
     """Inputs are truncated to this many tokens; the default is extraction's, so a sweep and a fine-tune of one
     file see the same text (:data:`embstore.data.spec.DEFAULT_MAX_LENGTH` says why 128)."""
     freeze: str | None = None
-    """Layers to freeze: '0-8', 'embeddings', 'all', 'all-but-last', '0,3', negative indices (0 = embeddings; for speech
-    the conv feature encoder, its projection and the position embedding), 'none', and for speech 'feature-encoder'
-    (the conv front end alone, as the Trainer's ``freeze_feature_encoder()``), also in a list ('feature-encoder,1-4').
-    None: nothing for text, 'feature-encoder' for speech (the recipe of speech fine-tuning since wav2vec 2.0)."""
+    """Layers to freeze, any of :data:`FREEZE_SPEC` (0 = embeddings; for speech the conv feature encoder, its
+    projection and the position embedding; :data:`FEATURE_ENCODER` is the conv front end alone, as the Trainer's
+    ``freeze_feature_encoder()``). None: nothing for text, the feature encoder for speech (the recipe of speech
+    fine-tuning since wav2vec 2.0)."""
     truncate: int | None = None
     """Keep encoder layers 1..K and classify from layer K."""
     prune_heads: str | None = None
@@ -60,13 +70,13 @@ class FinetuneConfig:
     """prune_fraction keeps at least this many heads in every layer."""
     prune_batches: int = 8
     """Training batches used to estimate head importance."""
-    classifier: Literal["linear", "mlp"] = "linear"
+    classifier: Classifier = "linear"
     """Head on the pooled vector."""
     classifier_hidden: tuple[int, ...] = (2048,)
     """mlp: hidden layer sizes."""
     dropout: float = 0.1
     """mlp: dropout before each linear layer after the first."""
-    pooling: Literal["cls", "mean"] | None = None
+    pooling: Pooling | None = None
     """'cls' (first token) or attention-masked 'mean' of the last hidden state; None: 'cls' for text, 'mean' (of the
     frames, masked by each clip's frame count) for speech, which has no CLS."""
     max_seconds: float | None = 20.0
@@ -78,13 +88,13 @@ class FinetuneConfig:
     ``batch_size`` rows; a clip longer than this is a batch of its own. Batches are formed from rows of similar
     length (a seeded order each epoch), so little of the budget is padding."""
     augment: str | None = None
-    """Speech: on-the-fly augmentation of the training clips, a comma list of noise, shift, speed (the extraction
-    side's augmenters, :mod:`embstore.data.augment`), drawn anew each epoch from a generator seeded by (seed, epoch,
+    """Speech: on-the-fly augmentation of the training clips, a comma list of the extraction side's augmenters
+    (:data:`embstore.data.augment.TRANSFORMS`), drawn anew each epoch from a generator seeded by (seed, epoch,
     row)."""
     snr_db: float = 20.0
     """augment noise: signal-to-noise ratio of the added Gaussian noise, in dB."""
     optim: OptimConfig = _DEFAULT_OPTIM
-    """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (linear, cosine, exponential), grad_accum,
+    """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (those of ``optim.schedule`` below), grad_accum,
     mixed_precision, max_grad_norm (clipping, as the Trainer does); flat keys in YAML."""
     head_lr: float = 1e-3
     """Learning rate of the freshly initialised classifier (the backbone gets ``lr``): a random head needs a far
@@ -111,45 +121,41 @@ class FinetuneConfig:
     device: str | None = None
     """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "classifier": Choice(Classifier),
+        "pooling": Optional(Choice(Pooling)),
+        "optim.schedule": Choice(("linear", "cosine", "exponential")),
+        "max_length": Interval(int, 2, None, desc="at least 2 tokens"),
+        **{k: Interval(int, 1, None) for k in ("prune_batches", "min_heads_per_layer")},
+        "folds": Optional(Interval(int, 2, None, desc="at least 2 (K-fold cross-validation)")),
+        "patience": Interval(int, 0, None, desc="0 (off) or more epochs"),
+        "min_epochs": Interval(int, 1, None, desc="a positive number of epochs"),
+        "head_lr": Interval(
+            float,
+            0,
+            None,
+            closed="neither",
+            desc="positive (it is the classifier's learning rate)",
+            hint="Use e.g. --head-lr 0.001.",
+        ),
+        "validation_fraction": Interval(float, 0, 1, closed="neither"),
+        "gamma": Interval(float, 0, 1, closed="right"),
+        "dropout": Interval(float, 0, 1, closed="left"),
+        "classifier_hidden": ListOf(Interval(int, 1, None), min_len=0, desc="positive layer sizes"),
+        "max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
+        "batch_seconds": Interval(float, 0, None, closed="neither", desc="a positive number of seconds"),
+        "augment": Optional(ListOf(Choice(TRANSFORMS))),
+        "truncate": Optional(Interval(int, 1, None, desc="at least 1 encoder layer")),
+        "prune_fraction": Optional(
+            Interval(float, 0, 1, closed="neither", hint="Use e.g. 0.2 to remove 20% of the heads.")
+        ),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`); the CLI's choices and help come from
+    it too. ``optim.schedule``: the schedules this loop implements."""
+
     def __post_init__(self) -> None:
-        check_choice(self, "classifier", ("linear", "mlp"))
-        check_choice(self, "pooling", ("cls", "mean", None))
+        validate_params(self)
         self.source.only(DATA_KEYS, "heads finetune")
-        self.optim.check(SCHEDULES)
-        check_positive(self, ("max_length", "prune_batches", "min_heads_per_layer"))
-        if self.max_length < 2:
-            raise ConfigError(f"The 'max_length' option must be at least 2 tokens; got {self.max_length}.")
-        if self.folds is not None and self.folds < 2:
-            raise ConfigError(f"The 'folds' option must be at least 2 (K-fold cross-validation); got {self.folds}.")
-        if self.patience < 0:
-            raise ConfigError(f"The 'patience' option must be 0 (off) or more epochs; got {self.patience}.")
-        if self.min_epochs < 1:
-            raise ConfigError(f"The 'min_epochs' option must be a positive number of epochs; got {self.min_epochs}.")
-        if not self.head_lr > 0:
-            raise ConfigError(
-                f"The 'head_lr' option (the classifier's learning rate) must be positive; got "
-                f"{self.head_lr}. Use e.g. --head-lr 0.001."
-            )
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ConfigError(
-                f"The 'validation_fraction' option must be a fraction in (0, 1); got {self.validation_fraction}."
-            )
-        if not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(f"The 'gamma' option must be in (0, 1]; got {self.gamma}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"The 'dropout' option must be in [0, 1); got {self.dropout}.")
-        if any(h < 1 for h in self.classifier_hidden):
-            raise ConfigError(
-                f"The 'classifier_hidden' option must be positive layer sizes; got {self.classifier_hidden}."
-            )
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ConfigError(
-                f"The 'max_seconds' option must be a positive number of seconds (or none); got {self.max_seconds}."
-            )
-        if not self.batch_seconds > 0:
-            raise ConfigError(
-                f"The 'batch_seconds' option must be a positive number of seconds; got {self.batch_seconds}."
-            )
         if self.audio:
             if self.pooling == "cls":
                 raise ConfigError("Speech models have no CLS frame: pass --pooling mean (the default for speech).")
@@ -160,19 +166,11 @@ class FinetuneConfig:
             )
         if self.augment is not None:
             self.augment_spec(0)  # names a bad transform now, not in the first epoch
-        if self.truncate is not None and self.truncate < 1:
-            raise ConfigError(f"The 'truncate' option must keep at least 1 encoder layer; got {self.truncate}.")
-        if self.prune_fraction is not None:
-            if not 0.0 < self.prune_fraction < 1.0:
-                raise ConfigError(
-                    f"The 'prune_fraction' option must be in (0, 1); got {self.prune_fraction}. "
-                    "Use e.g. 0.2 to remove 20% of the heads."
-                )
-            if self.optim.epochs < 2:
-                raise ConfigError(
-                    f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
-                    f"at least 2; got {self.optim.epochs}."
-                )
+        if self.prune_fraction is not None and self.optim.epochs < 2:
+            raise ConfigError(
+                f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
+                f"at least 2; got {self.optim.epochs}."
+            )
 
     @property
     def audio(self) -> bool:
@@ -187,7 +185,7 @@ class FinetuneConfig:
     @property
     def freeze_(self) -> str:
         """The freeze spec in effect: ``freeze``, or the modality's default."""
-        return self.freeze or ("feature-encoder" if self.audio else "none")
+        return self.freeze or (FEATURE_ENCODER if self.audio else "none")
 
     def augment_spec(self, epoch: int) -> AugmentSpec | None:
         """The augmenters of one epoch (None without ``augment``): one copy per row, seeded by (seed, epoch), so a

@@ -28,6 +28,7 @@ from embstore.backbones.anatomy import (
 from embstore.backbones.pruned import heads_per_layer, pruned_heads, set_pruned_record
 from embstore.errors import ConfigError, LayerSpecError
 from embstore.layers import parse_layers
+from heads.finetune.config import FEATURE_ENCODER, FREEZE_SPEC
 
 __all__ = [
     "FEATURE_ENCODER",
@@ -48,14 +49,6 @@ def _base(model: nn.Module) -> Any:
     return base_of(model)
 
 
-_FREEZE_WORDS = (
-    "'none', 'embeddings', 'all', 'all-but-last', a range '0-8', a list '0,3', negative indices, and "
-    "for speech models 'feature-encoder'"
-)
-FEATURE_ENCODER = "feature-encoder"
-"""The freeze word for a speech model's convolutional feature encoder (alone, as ``freeze_feature_encoder()``)."""
-
-
 def parse_freeze(spec: str, n_layers: int) -> set[int]:
     """Layers to freeze for ``spec`` on a model with ``n_layers`` encoder layers (0 = embeddings).
 
@@ -71,7 +64,7 @@ def parse_freeze(spec: str, n_layers: int) -> set[int]:
     if text == "all-but-last":
         return set(range(n_layers))
     if not text:
-        raise ConfigError(f"The 'freeze' option is empty; use {_FREEZE_WORDS}.")
+        raise ConfigError(f"The 'freeze' option is empty; use {FREEZE_SPEC}.")
     parts = ["0" if p.strip() == "embeddings" else p for p in text.split(",")]
     return set(parse_layers(",".join(parts), range(n_layers + 1), option="freeze"))
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from embstore.data.spec import DataSpec
-from embstore.errors import ConfigError
-from heads.training.optim import OptimConfig, check_choice, check_positive, flat_keys, nested_values
+from embstore.errors import Choice, ConfigError, Constraint, Interval, Optional, validate_params
+from heads.training.optim import OptimConfig, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "NOT_FINGERPRINTED", "SPECIAL_TOKENS", "PretrainConfig"]
 
@@ -18,7 +19,9 @@ NOT_FINGERPRINTED = ("out", "resume", "epochs", "max_steps", "max_minutes", "dev
 DATA_KEYS = ("data", "splits", "seed", "text_col", "text_pair_col", "limit", "skip_empty")
 """The flat data-source keys ``heads pretrain`` takes (unlabelled text; held-out rows are carved by
 ``heldout_fraction`` or come from a split, so no holdout)."""
-SCHEDULES = ("linear", "cosine", "constant")
+PairObjective = Literal["sop", "nsp"]
+NO_PAIR_OBJECTIVE = "none"
+"""What ``--pair-objective`` (or a YAML value) types for no pair objective (None)."""
 _DEFAULT_OPTIM = OptimConfig(lr=5e-4, weight_decay=0.01, batch_size=32, epochs=1, warmup_ratio=0.06)
 
 
@@ -66,13 +69,14 @@ class PretrainConfig:
     """Select whole words (all their WordPiece pieces) instead of single tokens."""
     swap_augment: bool = False
     """Sentence pairs: train on both orders (A, B) and (B, A), doubling the corpus."""
-    pair_objective: Literal["sop", "nsp"] | None = None
+    pair_objective: PairObjective | None = None
     """Sentence pairs: add sentence-order ('sop') or next-sentence ('nsp') prediction on [CLS], trained jointly."""
     pair_weight: float = 1.0
     """Weight of the pair-objective loss added to the MLM loss."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs (a bound; max_steps and max_minutes may stop earlier), warmup_ratio,
-    schedule (linear, cosine, constant), grad_accum, mixed_precision, max_grad_norm (clipping); flat keys in YAML."""
+    schedule (those of ``optim.schedule`` below), grad_accum, mixed_precision, max_grad_norm (clipping); flat keys
+    in YAML."""
     max_steps: int | None = None
     """Optimizer steps in total; when given it sets the schedule length instead of ``epochs``."""
     max_minutes: float | None = None
@@ -84,22 +88,31 @@ class PretrainConfig:
     device: str | None = None
     """'cpu', 'cuda'...; None or 'auto' picks CUDA when present (:func:`embstore.device.resolve_device`)."""
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "pair_objective": Optional(Choice(PairObjective), none=NO_PAIR_OBJECTIVE),
+        "optim.schedule": Choice(("linear", "cosine", "constant")),
+        "min_frequency": Interval(int, 1, None),
+        **{k: Optional(Interval(int, 1, None)) for k in ("max_steps", "layers", "hidden", "heads", "intermediate")},
+        "max_positions": Optional(Interval(int, 1, None)),
+        "vocab_size": Interval(
+            int,
+            len(SPECIAL_TOKENS) + 1,
+            None,
+            desc=f"more than the {len(SPECIAL_TOKENS)} special tokens ({', '.join(SPECIAL_TOKENS)})",
+            hint="Use e.g. 8000.",
+        ),
+        "max_length": Interval(int, 4, None, desc="at least 4 tokens ([CLS] A [SEP] B [SEP])"),
+        "mask_prob": Interval(float, 0, 1, closed="neither", hint="BERT uses 0.15."),
+        "heldout_fraction": Interval(float, 0, 1, closed="neither"),
+        "pair_weight": Interval(float, 0, None, desc="0 or more"),
+        "max_minutes": Optional(Interval(float, 0, None, closed="neither")),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`); the CLI's choices and help come from
+    it too. ``optim.schedule``: the schedules this loop implements."""
+
     def __post_init__(self) -> None:
-        check_choice(self, "pair_objective", (None, "sop", "nsp"))
+        validate_params(self)
         self.source.only(DATA_KEYS, "heads pretrain")
-        self.optim.check(SCHEDULES)
-        check_positive(
-            self, ("min_frequency", "max_steps", "layers", "hidden", "heads", "intermediate", "max_positions")
-        )
-        if self.vocab_size <= len(SPECIAL_TOKENS):
-            raise ConfigError(
-                f"The 'vocab_size' option must leave room beyond the {len(SPECIAL_TOKENS)} special tokens "
-                f"({', '.join(SPECIAL_TOKENS)}); got {self.vocab_size}. Use e.g. 8000."
-            )
-        if self.max_length < 4:
-            raise ConfigError(
-                f"The 'max_length' option must be at least 4 tokens ([CLS] A [SEP] B [SEP]); got {self.max_length}."
-            )
         if self.max_positions is not None and self.max_positions < self.max_length:
             raise ConfigError(
                 f"max_positions {self.max_positions} is shorter than max_length {self.max_length}: the model "
@@ -111,16 +124,6 @@ class PretrainConfig:
                 f"hidden {self.hidden} is not a multiple of heads {self.heads}; each head gets hidden/heads "
                 "dimensions, so pick e.g. --hidden 256 --heads 4."
             )
-        if not 0.0 < self.mask_prob < 1.0:
-            raise ConfigError(f"The 'mask_prob' option must be in (0, 1); got {self.mask_prob}. BERT uses 0.15.")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(
-                f"The 'heldout_fraction' option must be a fraction in (0, 1); got {self.heldout_fraction}."
-            )
-        if self.pair_weight < 0:
-            raise ConfigError(f"The 'pair_weight' option must be 0 or more; got {self.pair_weight}.")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"The 'max_minutes' option must be positive; got {self.max_minutes}.")
         if (self.swap_augment or self.pair_objective) and not self.source.text_pair_col:
             raise ConfigError("--swap-augment and --pair-objective need sentence pairs; pass --text-pair-col COLUMN.")
         if self.swap_augment and self.pair_objective == "sop":
@@ -142,6 +145,6 @@ class PretrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
         values = nested_values(cls, d, DATA_KEYS, _DEFAULT_OPTIM, "pretrain", data_defaults={"data": None})
-        if values.get("pair_objective") in ("none", ""):
+        if values.get("pair_objective") in (NO_PAIR_OBJECTIVE, ""):
             values["pair_objective"] = None
         return cls(**values)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from embstore.config import reject_unknown_keys
-from embstore.errors import ConfigError
+from embstore.errors import Choice, Constraint, Interval, ListOf, validate_params
 
 __all__ = ["HeadConfig", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS", "parse_grid"]
 
@@ -20,6 +22,17 @@ PAIR_HEADS = ("pair",)
 TOKEN_HEADS = ("rnn", "gru", "lstm")
 """Take ragged per-token states of one layer."""
 HEADS = POOLED_HEADS + LAYERED_HEADS + PAIR_HEADS + TOKEN_HEADS
+Activation = Literal["relu", "gelu", "tanh"]
+Aggregate = Literal["mean", "max", "last"]
+Solver = Literal["lbfgs", "adamw"]
+Schedule = Literal["constant", "exponential", "cosine"]
+"""The schedules a probe head steps per epoch (of :data:`heads.protocol.schedule.SCHEDULES`)."""
+ClassWeight = Literal["none", "balanced"]
+C_GRID = ListOf(
+    Interval(float, 0, math.inf, closed="neither"),
+    desc="a comma list of positive inverse L2 strengths C (finite, > 0)",
+    hint="Pass values such as 1e-4,1e-2,1,100.",
+)
 
 
 def parse_grid(value: Any) -> tuple[float, ...]:
@@ -32,9 +45,7 @@ def parse_grid(value: Any) -> tuple[float, ...]:
         try:
             out.append(float(p))
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"The 'c_grid' option must be a comma list of positive numbers such as 1e-4,1e-2,1; got {p!r}."
-            ) from None
+            raise C_GRID.error("c_grid", value, "HeadConfig") from None
     return tuple(out)
 
 
@@ -43,12 +54,12 @@ class HeadConfig:
     """One head: architecture and training hyper-parameters. Saved with every fitted head."""
 
     head: str = "linear"
-    """One of linear, mlp, conv, sum, mix, pair, rnn, gru, lstm."""
+    """A head kind of :data:`HEADS`."""
     hidden: tuple[int, ...] = (2048,)
     """mlp: hidden layer sizes."""
     dropout: float = 0.1
     """mlp / conv / pair / recurrent heads: dropout before each linear layer after the first."""
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    activation: Activation = "relu"
     """mlp: activation between hidden layers."""
     conv_hidden: int = 512
     """conv: width of the fully connected layer after the convolutions."""
@@ -60,12 +71,12 @@ class HeadConfig:
     """rnn/gru/lstm: stacked layers (num_layers)."""
     bidirectional: bool = False
     """rnn/gru/lstm: run both directions."""
-    aggregate: Literal["mean", "max", "last"] = "mean"
+    aggregate: Aggregate = "mean"
     """rnn/gru/lstm: how the per-token outputs become one vector (masked)."""
     standardize: bool = True
     """Every head: standardise each input feature with the training rows' mean and std (token heads: over the
     training tokens), kept with the head and applied by ``heads predict``."""
-    solver: Literal["lbfgs", "adamw"] = "lbfgs"
+    solver: Solver = "lbfgs"
     """linear: 'lbfgs' solves scikit-learn's logistic regression objective for every C of ``c_grid`` at once and
     picks C on validation; 'adamw' trains by minibatch AdamW (lr, weight_decay, epochs, early stopping)."""
     c_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -82,10 +93,10 @@ class HeadConfig:
     patience: int = 5
     """Early stopping: epochs without a better validation macro-F1 before stopping (0: never stop early).
     The best epoch's weights are restored."""
-    schedule: Literal["constant", "exponential", "cosine"] = "constant"
+    schedule: Schedule = "constant"
     gamma: float = 0.9
     """exponential schedule: lr multiplier per epoch."""
-    class_weight: Literal["none", "balanced"] = "none"
+    class_weight: ClassWeight = "none"
     """'balanced' weights the loss by n / (classes * count) per class."""
     validation_fraction: float = 0.1
     """Share of the training rows carved (seeded, stratified) for early stopping when no validation set is given."""
@@ -93,44 +104,29 @@ class HeadConfig:
     device: str | None = None
     """'cpu', 'cuda'...; None picks CUDA when present."""
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "head": Choice(HEADS),
+        "schedule": Choice(Schedule),
+        "activation": Choice(Activation),
+        "aggregate": Choice(Aggregate),
+        "class_weight": Choice(ClassWeight),
+        **{k: Interval(int, 1, None) for k in ("batch_size", "epochs", "conv_hidden", "sum_hidden", "rnn_hidden")},
+        "rnn_layers": Interval(int, 1, None),
+        "patience": Interval(int, 0, None, desc="0 (off) or more epochs"),
+        "dropout": Interval(float, 0, 1, closed="left"),
+        "validation_fraction": Interval(float, 0, 1, closed="neither"),
+        "lr": Interval(float, 0, None, closed="neither"),
+        "solver": Choice(Solver),
+        "c_grid": C_GRID,
+        "max_iter": Interval(int, 1, None),
+        "tol": Interval(float, 0, None, closed="neither"),
+        "hidden": ListOf(Interval(int, 1, None), min_len=0, desc="positive layer sizes"),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`); the CLI's choices and help come from
+    it too."""
+
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ConfigError(f"The 'head' option must be one of {', '.join(HEADS)}; got {self.head!r}.")
-        if self.schedule not in ("constant", "exponential", "cosine"):
-            raise ConfigError(f"The 'schedule' option must be constant, exponential or cosine; got {self.schedule!r}.")
-        if self.activation not in ("relu", "gelu", "tanh"):
-            raise ConfigError(f"The 'activation' option must be relu, gelu or tanh; got {self.activation!r}.")
-        if self.aggregate not in ("mean", "max", "last"):
-            raise ConfigError(f"The 'aggregate' option must be mean, max or last; got {self.aggregate!r}.")
-        if self.class_weight not in ("none", "balanced"):
-            raise ConfigError(f"The 'class_weight' option must be none or balanced; got {self.class_weight!r}.")
-        for name in ("batch_size", "epochs", "conv_hidden", "sum_hidden", "rnn_hidden", "rnn_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"The '{name}' option must be a positive integer; got {getattr(self, name)}.")
-        if self.patience < 0:
-            raise ConfigError(f"The 'patience' option must be 0 (off) or more epochs; got {self.patience}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"The 'dropout' option must be in [0, 1); got {self.dropout}.")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ConfigError(f"The 'validation_fraction' option must be in (0, 1); got {self.validation_fraction}.")
-        if self.lr <= 0:
-            raise ConfigError(f"The 'lr' option must be positive; got {self.lr}.")
-        if self.solver not in ("lbfgs", "adamw"):
-            raise ConfigError(f"The 'solver' option must be lbfgs or adamw; got {self.solver!r}.")
-        if not self.c_grid:
-            raise ConfigError("The 'c_grid' option must hold at least one inverse L2 strength C, e.g. 1e-4,1e-2,1,100.")
-        bad = [c for c in self.c_grid if not (isinstance(c, (int, float)) and c > 0 and c != float("inf"))]
-        if bad:
-            raise ConfigError(
-                f"The 'c_grid' option must hold positive inverse L2 strengths C (finite, > 0); got {bad[0]!r}. "
-                "Pass values such as 1e-4,1e-2,1,100."
-            )
-        if self.max_iter < 1:
-            raise ConfigError(f"The 'max_iter' option must be a positive integer; got {self.max_iter}.")
-        if not self.tol > 0:
-            raise ConfigError(f"The 'tol' option must be positive; got {self.tol}.")
-        if any(h < 1 for h in self.hidden):
-            raise ConfigError(f"The 'hidden' option must be positive layer sizes; got {self.hidden}.")
+        validate_params(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

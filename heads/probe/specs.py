@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from embstore.errors import ConfigError
+from embstore.errors import Choice, ConfigError, ListOf
 from embstore.layers import format_layers, parse_layers
 from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS
 
-__all__ = ["COMBINES", "Combo", "parse_combine", "expand"]
+__all__ = ["COMBINES", "COMBINE", "Combo", "parse_combine", "expand"]
 
 COMBINES = ("single", "concat", "sum", "mean", "mix")
+COMBINE = ListOf(Choice(COMBINES))
+"""What ``--combine`` accepts (``SweepConfig``'s constraint table holds it)."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,7 @@ class Combo:
 
 def parse_combine(spec: str | Sequence[str]) -> tuple[str, ...]:
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
-    bad = [p for p in parts if p not in COMBINES]
-    if bad or not parts:
-        raise ConfigError(
-            f"The 'combine' option must be a comma list of {', '.join(COMBINES)}; got {','.join(parts) or 'nothing'}."
-        )
+    COMBINE.check("combine", parts, "SweepConfig")
     return tuple(dict.fromkeys(parts))
 
 

@@ -13,15 +13,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from embstore.config import reject_unknown_keys
-from embstore.errors import ConfigError, DataError
+from embstore.errors import ConfigError, Constraint, DataError, Interval, ListOf, Optional, validate_params
 from embstore.store.reader import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
 from heads.probe.chunks import Comm
@@ -43,7 +43,7 @@ from heads.probe.plan import (
 )
 from heads.probe.record import result_row, sureness, uncertainty_meta, with_fields
 from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
-from heads.probe.specs import COMBINES, Combo, expand, parse_combine
+from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine
 from heads.protocol import carve_groups, split_roles
 from heads.report import rundir
 from heads.report.metrics import majority_accuracy
@@ -97,15 +97,19 @@ class SweepConfig:
     mdl: bool = False
     """The online codelength (MDL) of the training labels given each linear probe's features."""
 
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "combine": COMBINE,
+        "heads": ListOf(HeadConfig.parameter_constraints["head"], min_len=0),
+        "seeds": Interval(int, 1, None, desc="at least 1"),
+        "folds": Optional(Interval(int, 2, None, desc="at least 2")),
+        "holdout": Interval(float, 0, 1, closed="neither"),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`); ``combine`` and ``heads`` are the
+    tables of :mod:`heads.probe.specs` and :class:`HeadConfig`, which the CLI reads."""
+
     def __post_init__(self) -> None:
-        parse_combine(self.combine)
+        validate_params(self)
         parse_memory(self.max_memory)
-        if self.seeds < 1:
-            raise ConfigError(f"The 'seeds' option must be at least 1; got {self.seeds}.")
-        if self.folds is not None and self.folds < 2:
-            raise ConfigError(f"The 'folds' option must be at least 2; got {self.folds}.")
-        if not 0.0 < self.holdout < 1.0:
-            raise ConfigError(f"The 'holdout' option must be a fraction in (0, 1); got {self.holdout}.")
         if self.mdl and self.folds is not None:
             raise ConfigError(
                 f"--mdl codes the labels of the whole training split and --folds {self.folds} cuts it into "
@@ -116,8 +120,6 @@ class SweepConfig:
                 "--mdl codes the labels with the L-BFGS linear probes; add --head linear (with --solver lbfgs, "
                 "the default)."
             )
-        for h in self.heads:
-            HeadConfig(head=h)  # validates the name with the list of heads
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "head"}

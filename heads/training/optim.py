@@ -12,42 +12,25 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from embstore.config import reject_unknown_keys
 from embstore.data.spec import DataSpec
-from embstore.errors import ConfigError
-from heads.protocol.schedule import SCHEDULES
+from embstore.errors import Choice, Constraint, Interval, validate_params
+
+if TYPE_CHECKING:  # the configs stay importable without torch (the CLI reads their tables at start)
+    from torch import nn
 
 __all__ = [
     "OPTIM_KEYS",
-    "SCHEDULES",
     "OptimConfig",
     "TrainerConfig",
-    "check_choice",
-    "check_positive",
     "flat_keys",
     "nested_values",
     "param_groups",
 ]
 
-
-def check_positive(config: object, names: tuple[str, ...]) -> None:
-    """ConfigError naming the first of ``names`` whose value is below 1 (None, an option not given, passes)."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"The '{name}' option must be a positive integer; got {value}.")
-
-
-def check_choice(config: object, name: str, allowed: tuple[Any, ...]) -> None:
-    """ConfigError naming the option, its choices (None shown as none) and the value given."""
-    value = getattr(config, name)
-    if value not in allowed:
-        shown = ", ".join("none" if a is None else str(a) for a in allowed)
-        raise ConfigError(f"The '{name}' option must be one of {shown}; got {value!r}.")
+MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,31 +47,28 @@ class OptimConfig:
     """Passes over the training rows."""
     warmup_ratio: float = 0.0
     """Share of the optimizer steps with a linear warmup from 0."""
-    schedule: Literal["linear", "cosine", "exponential", "constant"] = "linear"
-    """lr decay after the warmup (per optimizer step)."""
+    schedule: str = "linear"
+    """lr decay after the warmup (per optimizer step), one of :data:`heads.protocol.schedule.SCHEDULES`; each
+    trainer allows those its loop implements (the ``optim.schedule`` entry of its config's constraint table)."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     """accelerate mixed precision (fp16 needs a GPU)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this before every optimizer step (0: no clipping), as the Trainer does."""
 
-    def __post_init__(self) -> None:
-        self.check(SCHEDULES)
-        check_choice(self, "mixed_precision", ("no", "fp16", "bf16"))
-        check_positive(self, ("batch_size", "epochs", "grad_accum"))
-        if self.lr <= 0:
-            raise ConfigError(f"The 'lr' option must be positive; got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"The 'weight_decay' option must be 0 or more; got {self.weight_decay}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"The 'warmup_ratio' option must be in [0, 1); got {self.warmup_ratio}.")
-        if self.max_grad_norm < 0:
-            raise ConfigError(f"The 'max_grad_norm' option must be 0 (no clipping) or more; got {self.max_grad_norm}.")
+    parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "mixed_precision": Choice(MixedPrecision),
+        **{k: Interval(int, 1, None) for k in ("batch_size", "epochs", "grad_accum")},
+        "lr": Interval(float, 0, None, closed="neither"),
+        "weight_decay": Interval(float, 0, None, desc="0 or more"),
+        "warmup_ratio": Interval(float, 0, 1, closed="left"),
+        "max_grad_norm": Interval(float, 0, None, desc="0 (no clipping) or more"),
+    }
+    """What each parameter accepts (:func:`embstore.errors.validate_params`); the CLI's choices come from it too."""
 
-    def check(self, schedules: tuple[str, ...]) -> None:
-        """Refuse a schedule the owning loop does not implement."""
-        check_choice(self, "schedule", schedules)
+    def __post_init__(self) -> None:
+        validate_params(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON-ready keys."""
