@@ -26,7 +26,7 @@ from heads.probe.config import HeadConfig
 from heads.probe.ensemble import Member, bundle_key, fit_stacked, members_per_stack
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank, feature_width
-from heads.probe.fitting import mark_fitted
+from heads.probe.fitting import FittedHead
 from heads.probe.modules import InputShape, LinearHead, as_inputs
 from heads.probe.scoring import LogisticFit, probe_probabilities
 from heads.probe.solvers import fit_logistic_probes
@@ -127,9 +127,9 @@ def _linear_head(
         module.linear.bias.copy_(torch.from_numpy(fit.bias[k]))
         module.standardize.shift.copy_(torch.from_numpy(fit.mean))
         module.standardize.scale.copy_(torch.from_numpy(fit.scale))
-    est = HeadClassifier(cfg)
-    mark_fitted(est, module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
-    return est
+    return HeadClassifier.from_fit(
+        cfg, FittedHead(module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
+    )
 
 
 def train_lbfgs(
