@@ -116,6 +116,30 @@ def test_a_cycle_is_found_when_there_is_one():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+def private_imports(tree: ast.AST, modules: dict[str, Path]) -> list[str]:
+    """``module.name`` for every private name (``_x``, not ``__x__``) ``tree`` imports from a project module."""
+    return sorted(
+        f"{node.module}.{a.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module in modules and node.level == 0
+        for a in node.names
+        if a.name.startswith("_") and not a.name.startswith("__")
+    )
+
+
+def test_a_private_import_is_found():
+    modules = {"a": Path("a.py"), "b": Path("b.py")}
+    source = "from a import _helper, public\nfrom a import __version__\ndef f():\n    from b import _inner\n"
+    assert private_imports(ast.parse(source), modules) == ["a._helper", "b._inner"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name another module needs is public (no underscore); a product never borrows another's internals."""
+    modules = _modules()
+    found = {name: private_imports(ast.parse(path.read_text()), modules) for name, path in modules.items()}
+    assert {name: names for name, names in found.items() if names} == {}
+
+
 def _in(package: str, component: list[str]) -> bool:
     return any(m == package or m.startswith(package + ".") for m in component)
 
