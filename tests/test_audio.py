@@ -245,7 +245,7 @@ def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
 
 
 def _planned(monkeypatch) -> list:
-    """The Plans (fit, validation and evaluation rows of every round) the sweeps run from now on make."""
+    """The RoundRows (fit, validation and evaluation rows of every round) the sweeps run from now on make."""
     import heads.probe.sweep as sweep_module
 
     plans: list = []

@@ -151,7 +151,8 @@ def minilm_path() -> Path:
     return path
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of the model directory ``path`` (only the PyTorch ones when both formats are present)."""
     files = [
         f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack") and f.is_file()
     ]
@@ -404,7 +405,7 @@ def load_backbone(
                 f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + "
                 f"weights + tokenizer)."
             )
-        weights = _weight_files(path)
+        weights = weight_files(path)
         _refuse_pickle(path, allow_pickle)
         if not weights:
             raise ModelNotFoundError(

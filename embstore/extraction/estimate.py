@@ -227,14 +227,14 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
     from embstore.device import resolve_device
     from embstore.extraction.plan import make_plan, store_paths
-    from embstore.extraction.run import _state
+    from embstore.extraction.run import store_state
     from embstore.store.writer import StoreWriter
 
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     plan = make_plan(config, device)
     final, write_path = store_paths(config, plan.fingerprint)
-    state = _state(final, write_path, plan.fingerprint)
+    state = store_state(final, write_path, plan.fingerprint)
     planning_seconds = time.perf_counter() - t0
 
     lay = plan.layout

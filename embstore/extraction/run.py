@@ -258,7 +258,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
             quick = None
             plan = make_plan(config, device)
             final, write_path = store_paths(config, plan.fingerprint)
-            state = _state(final, write_path, plan.fingerprint)
+            state = store_state(final, write_path, plan.fingerprint)
     if done is not None:
         return _complete_result(final, done, t0)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
@@ -284,7 +284,9 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                     _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
                 if lock is not None:
                     lock.acquire(wait=config.wait, ranks=ranks.world)
-                    state = _state(final, write_path, plan.fingerprint)  # another writer may have finished meanwhile
+                    state = store_state(
+                        final, write_path, plan.fingerprint
+                    )  # another writer may have finished meanwhile
                 if state == "absent":
                     if config.quantize == "int8":
                         plan.meta["provenance"]["quantization"] = _measure_int8(plan, config, device)
@@ -342,7 +344,7 @@ def _complete_result(path: str, meta: dict[str, Any], t0: float) -> ExtractResul
     )
 
 
-def _state(final: str, write_path: str, fingerprint: str) -> str:
+def store_state(final: str, write_path: str, fingerprint: str) -> str:
     """'complete', 'partial' (resumable) or 'absent'; raises when something else is in the way.
 
     A store made from other inputs is :class:`StoreMismatchError`; one whose metadata cannot be

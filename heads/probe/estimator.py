@@ -21,12 +21,12 @@ from torch import nn
 from embstore.errors import ConfigError, EmbstoreError
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.fitting import (
+    FittedHead,
     check_labels,
     class_weights,
     epoch_batches,
     epoch_schedule,
     head_device,
-    mark_fitted,
     resolve_n_classes,
 )
 from heads.probe.modules import Inputs, InputShape, Ragged, as_inputs, build_module, fit_input_stats
@@ -65,7 +65,7 @@ class HeadClassifier:
     (n, layers, hidden) float arrays, a pair (Xa, Xb), or ragged token states, depending on the head.
     """
 
-    # Learned state, set by fit (or load); absent before.
+    # Learned state, set by fit, load or from_fit (all through _set_fitted); absent before.
     module_: nn.Module
     n_classes_: int
     input_shape_: InputShape
@@ -148,7 +148,27 @@ class HeadClassifier:
                 break
         if tracker.state is not None:
             module.load_state_dict(tracker.state)
-        return mark_fitted(self, module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
+        return self._set_fitted(
+            FittedHead(module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
+        )
+
+    @classmethod
+    def from_fit(cls, config: HeadConfig, fit: FittedHead) -> "HeadClassifier":
+        """A fitted head of ``config`` holding what a trainer returned (the batched, stacked and L-BFGS trainers of
+        :mod:`heads.probe` train many heads at once and end here)."""
+        return cls(config)._set_fitted(fit)
+
+    def _set_fitted(self, fit: FittedHead) -> "HeadClassifier":
+        """Take ``fit`` as this head's learned state: its module (in eval mode), classes, input shape, history, best
+        epoch and training seconds, and for a 'mix' head the learnt layer weights; returns self."""
+        self.module_ = fit.module.eval()
+        self.n_classes_, self.input_shape_, self.history_ = fit.n_classes, fit.input_shape, fit.history
+        self.best_epoch_, self.train_seconds_ = fit.best_epoch, fit.train_seconds
+        mix = getattr(fit.module, "mix", None)
+        if self.config.head == "mix" and mix is not None:
+            self.mix_weights_ = mix.mix_weights()
+            self.mix_scale_ = float(mix.gamma.detach().cpu())
+        return self
 
     # -- inference -----------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -221,14 +241,15 @@ class HeadClassifier:
         with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
             module = build_module(cfg, shape, int(meta["n_classes"]))
         _load_weights(module, load_file(str(path / WEIGHTS_FILE)), path)
-        mark_fitted(
-            est,
-            module.to(head_device(cfg)),
-            int(meta["n_classes"]),
-            shape,
-            list(meta["history"]),
-            int(meta["best_epoch"]),
-            float(meta["train_seconds"]),
+        est._set_fitted(
+            FittedHead(
+                module.to(head_device(cfg)),
+                int(meta["n_classes"]),
+                shape,
+                list(meta["history"]),
+                int(meta["best_epoch"]),
+                float(meta["train_seconds"]),
+            )
         )
         est.extra_ = dict(meta.get("extra") or {})
         return est

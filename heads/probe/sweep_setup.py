@@ -1,7 +1,7 @@
-"""What a sweep will train on which rows, and in which groups, decided (and checked) before anything is trained or
-written.
+"""The setup of a sweep: what it will train on which rows, and in which groups, decided (and checked) before
+anything is trained or written.
 
-:func:`plan_rounds` turns the evaluation protocol (:mod:`heads.protocol`) into one :class:`Plan` per seed
+:func:`plan_rounds` turns the evaluation protocol (:mod:`heads.protocol`) into one :class:`RoundRows` per seed
 (x fold): the rows to fit on, the validation rows every choice is made on (the seeded, stratified, group-aware
 carve of the training rows, or ``--val-split``) and the evaluation rows scored once for the report.
 :func:`drop_duplicates` removes configurations that are the same model as another. :class:`SweepSetup` is all of it
@@ -23,7 +23,7 @@ from embstore.errors import ConfigError
 from embstore.store.reader import Store
 from heads.probe.config import POOLED_HEADS, HeadConfig
 from heads.probe.features import FeatureBank, feature_width
-from heads.probe.rounds import Labels, Plan
+from heads.probe.rounds import Labels, RoundRows
 from heads.probe.solvers import PATH_PATIENCE
 from heads.probe.specs import Combo
 from heads.protocol import carve_groups, fold_rounds, validation_carve
@@ -71,8 +71,8 @@ def plan_rounds(
     val_split: str | None,
     train: tuple[str, np.ndarray | None],
     evaluate: tuple[str, np.ndarray | None],
-) -> list[Plan]:
-    """One Plan per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work."""
+) -> list[RoundRows]:
+    """One RoundRows per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work."""
     tr_split, tr_rows = train
     ev_split, ev_rows = evaluate
     y_all = store.labels(tr_split)
@@ -87,7 +87,7 @@ def plan_rounds(
     val_rows_split = None
     if val_split is not None:
         val_rows_split = np.flatnonzero(~store.augmented(val_split))
-    plans = []
+    rounds = []
     for seed in range(seeds):
         for rnd in fold_rounds(
             folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented, ids_train
@@ -104,8 +104,8 @@ def plan_rounds(
                 fit, val, vsplit = base[fit_pos], base[val_pos], tr_split
                 val = val[~augmented[val]]  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)
-            plans.append(
-                Plan(
+            rounds.append(
+                RoundRows(
                     seed=seed,
                     fold=rnd.fold,
                     train_split=tr_split,
@@ -116,7 +116,7 @@ def plan_rounds(
                     eval_rows=eval_rows,
                 )
             )
-    return plans
+    return rounds
 
 
 def drop_duplicates(combos: Sequence[Combo], standardize: bool) -> tuple[list[Combo], list[str]]:
@@ -167,7 +167,7 @@ class SweepSetup:
     evaluate: tuple[str, np.ndarray | None]
     combos: list[Combo]
     notes: list[str]
-    plans: list[Plan]
+    rounds: list[RoundRows]
     splits: list[str]
     budget: int
     labels: Labels
@@ -215,7 +215,7 @@ def in_memory(setup: SweepSetup, combos: list[Combo]) -> bool:
 
 def _cache_bytes(setup: SweepSetup, lbfgs: Sequence[Combo]) -> int:
     """The solver's standardised float32 copy of the linear probes' training features (one per round)."""
-    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.plans)
+    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.rounds)
 
 
 def feature_groups(setup: SweepSetup, cfg: HeadConfig) -> list[list[Combo]]:
