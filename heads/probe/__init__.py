@@ -6,6 +6,6 @@ device, class weights, schedule, batches, marking a head fitted), ``solvers`` (l
 L-BFGS along the C path: ``lbfgs`` the batched optimiser, ``objective`` the loss and its row blocks, ``chunks`` what
 the solver reads and how ranks sum it, ``scoring`` what solutions say about rows), ``adamw`` (batched AdamW linear
 probes), ``ensemble`` (stacked non-linear heads), ``plan`` and ``rounds`` (what a sweep trains on which rows, and how),
-``mdl`` (the online codelength), ``control`` (the control store's checks), ``sweep`` and ``predict``. Public names
-are re-exported from :mod:`heads`.
+``mdl`` (the online codelength), ``control`` (the control store's checks), ``sweep`` and ``predict`` (with ``card``,
+the ``HeadCard`` that describes a saved head). Public names are re-exported from :mod:`heads`.
 """
