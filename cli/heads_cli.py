@@ -249,7 +249,7 @@ def predict(
     from embstore.device import resolve_device
     from embstore.errors import ConfigError
     from heads.finetune.predict import is_finetune_run, predict_finetuned, predict_finetuned_audio
-    from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
+    from heads.probe.predict import head_modality, label_names, load_head, predict_audio, predict_texts
     from heads.report.rundir import RUN_FILE
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
@@ -279,7 +279,7 @@ def predict(
             labels, proba = predict_audio(est, [line.strip() for line in lines], device=resolve_device(device))
         else:
             labels, proba = predict_texts(est, texts, pairs, device=resolve_device(device))
-        names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
+        names = label_names(est, proba.shape[1])
     if predictions_file is not None:
         import numpy as np
 

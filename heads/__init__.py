@@ -33,6 +33,7 @@ _EXPORTS = {
     "run_sweep": "heads.probe.sweep",
     "latest_store": "embstore.store.catalog",
     "load_head": "heads.probe.predict",
+    "HeadCard": "heads.probe.card",
     "predict_texts": "heads.probe.predict",
     "predict_audio": "heads.probe.predict",
     # the shared evaluation protocol

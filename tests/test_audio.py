@@ -174,8 +174,8 @@ def test_audio_store_shapes_and_values(tones: Path, tmp_path: Path):
             np.testing.assert_allclose(s.pooled("all", "mean")[i, k], hs[k][0].mean(0).numpy(), atol=1e-4)
             np.testing.assert_allclose(s.pooled("all", "max")[i, k], hs[k][0].amax(0).numpy(), atol=1e-4)
         np.testing.assert_allclose(tok[i], hs[2][0].numpy(), atol=1e-4)
-        assert s.provenance["sources"][0]["audio_files"] == 24
-        assert s.meta["sampling_rate"] == 16000
+        assert s.provenance.sources[0]["audio_files"] == 24
+        assert s.meta.sampling_rate == 16000
 
 
 def test_bucketing_changes_order_not_values(tones: Path, tmp_path: Path):
@@ -228,7 +228,7 @@ def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
         aug = s.augmentation("train")
         copies = aug["copy"]
         originals = s.row_ids("train")[copies == 0]
-        assert (copies > 0).sum() == 2 * len(originals) == s.meta["augmented"]["train"]
+        assert (copies > 0).sum() == 2 * len(originals) == (s.meta.augmented or {})["train"]
         # every copy points at a training original, keeps its label and group, and records its transform
         lab, grp = s.labels("train"), s.groups("train")
         by_row = {int(r): (int(lab[i]), int(grp[i])) for i, r in enumerate(s.row_ids("train")) if copies[i] == 0}
@@ -475,7 +475,7 @@ def test_too_short_audio(tmp_path: Path):
     res = extract(cfg(tmp_path / "t.csv", tmp_path, skip_bad=True), show_progress=False)
     with open_store(res.path) as store:
         assert store.n_rows("all") == 1 and list(store.row_ids("all")) == [0]
-        assert store.meta["skipped_empty"] == {"all": 1}
+        assert store.meta.skipped_empty == {"all": 1}
 
 
 # -- real recordings ----------------------------------------------------------------------------
@@ -560,7 +560,7 @@ def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
 
 
 def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_path: Path):
-    from heads.probe.predict import head_modality, load_head
+    from heads.probe.predict import head_card, head_modality, load_head
 
     path = extract(cfg(tones, tmp_path, holdout=0.25, max_seconds=0.4), show_progress=False).path
     out = run_sweep(SweepConfig(store=path, layers="1-2", combine=("concat",), out=str(tmp_path / "run")))
@@ -575,8 +575,8 @@ def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_pat
     res = CliRunner().invoke(heads_main, ["predict", "--run", str(out.run_dir), "-"], input="\n".join(files) + "\n")
     assert res.exit_code == 0, res.output
     got = [json.loads(line)["label"] for line in res.output.strip().splitlines()]
-    assert got == [est.extra_["label_names"][i] for i in stored]
-    names = est.extra_["label_names"]
+    names = list(head_card(est).label_names or ())
+    assert got == [names[i] for i in stored]
     got_proba = np.array(
         [[json.loads(line)["probabilities"][n] for n in names] for line in res.output.strip().splitlines()]
     )
@@ -616,7 +616,7 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
     padded = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=24, tokens="0,-1"), show_progress=False)
     ref = extract(cfg(tones, tmp_path, batch_size=1, tokens="0,-1"), show_progress=False)
     with open_store(alone.path) as a, open_store(padded.path) as p, open_store(ref.path) as r:
-        assert a.provenance["model"]["path"] == str(model_dir.resolve())
+        assert a.provenance.model["path"] == str(model_dir.resolve())
         # one row per batch: no padding, so masked or not the states equal the random model's
         np.testing.assert_allclose(a.pooled("all", "mean"), r.pooled("all", "mean"), atol=1e-4)
         np.testing.assert_array_equal(a.n_tokens("all"), r.n_tokens("all"))
@@ -652,7 +652,7 @@ def test_other_speech_architectures_from_local_directories(model_type: str, tone
     res = extract(cfg(tones, tmp_path, model=str(tmp_path / model_type)), show_progress=False)
     with open_store(res.path) as s:
         assert s.modality == "audio" and s.pooled("all", "mean").shape == (24, 3, 32)
-        assert s.provenance["model"]["class"] == type(model).__name__
+        assert s.provenance.model["class"] == type(model).__name__
 
 
 def test_one_table_per_split_and_augmentation_only_in_train(tones: Path, tmp_path: Path):

@@ -665,7 +665,7 @@ def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
             show_progress=False,
         ).path
     )
-    expected = eval_set(source_sha256(store.provenance["sources"], "test"), store.row_ids("test"))
+    expected = eval_set(source_sha256(store.provenance.sources, "test"), store.row_ids("test"))
     res = run_finetune(cfg(data, tmp_path / "ft", epochs=1, **common), show_progress=False)
     recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
     assert recorded == expected and recorded["rows"] == store.n_rows("test") == 15

@@ -12,6 +12,7 @@ import torch
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.store.reader import TokenStates
 from heads.probe.adamw import fit_linear_probes
+from heads.probe.card import HeadCard
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier, HeadNotFoundError, NotFittedError, Ragged
 
@@ -264,12 +265,14 @@ def test_label_and_width_validation(data: dict[str, Any]) -> None:
 def test_save_load_round_trip(head: str, data: dict[str, Any], tmp_path: Path) -> None:
     X, y, X_te, _ = data[INPUT_OF[head]]
     clf = HeadClassifier(head=head, **{**SMALL, "epochs": 2}).fit(X, y)
-    clf.save(tmp_path / "h", extra={"layers": [1, 2], "store_id": "abc"})
+    card = HeadCard(layers=(1, 2), combine="concat", pooling="mean", head=head, model={"name": "m"}, store_id="abc")
+    clf.save(tmp_path / "h", card=card)
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.json", "head.safetensors"]
     back = HeadClassifier.load(tmp_path / "h")
     np.testing.assert_array_equal(back.predict_proba(X_te), clf.predict_proba(X_te))
     assert back.config == clf.config and back.history_ == clf.history_ and back.best_epoch_ == clf.best_epoch_
-    assert back.extra_ == {"layers": [1, 2], "store_id": "abc"} == HeadClassifier.read_extra(tmp_path / "h")
+    assert back.card_ == card == HeadClassifier.read_card(tmp_path / "h")
+    assert HeadClassifier.load(clf.save(tmp_path / "bare")).card_ is None  # saved outside a sweep: no card
     if head == "mix":
         np.testing.assert_allclose(back.mix_weights_, clf.mix_weights_)
     with pytest.raises(HeadNotFoundError, match="holds no saved head"):

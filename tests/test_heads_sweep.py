@@ -253,7 +253,7 @@ def test_predict_equals_the_head_on_stored_features(tiny_store, tmp_path):
     )
     est = load_head(str(out))
     store = open_store(tiny_store)
-    src = store.provenance["sources"][0]["path"]
+    src = store.provenance.sources[0]["path"]
     texts = pd.read_csv(src).text.tolist()
     rid = store.row_ids("test")[:20]
     _, proba = predict_texts(est, [texts[i] for i in rid])

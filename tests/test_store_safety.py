@@ -241,23 +241,23 @@ def test_only_dead_owners_staging_is_cleaned(tmp_path):
 
 
 def test_a_store_appearing_during_creation_is_a_clear_error(tmp_path):
+    from embstore.store import layout as L
     from embstore.store.writer import StoreWriter
 
     target = tmp_path / "s.zarr"
     target.mkdir()
     (target / "x").write_text("someone else")
-    meta = {
-        "layout": {
-            "layers": [0],
-            "poolings": ["cls"],
-            "hidden": 2,
-            "dtype": "float16",
-            "towers": ["text"],
-            "token_layers": [],
-            "chunk_rows": 4,
-            "splits": {},
-        }
-    }
+    layout = L.StoreLayout(
+        layers=(0,),
+        poolings=("cls",),
+        hidden=2,
+        dtype="float16",
+        towers=("text",),
+        token_layers=(),
+        chunk_rows=4,
+        splits={},
+    )
+    meta = L.StoreMeta.from_dict({"schema_version": L.SCHEMA_VERSION, "fingerprint": "f", "layout": layout.to_dict()})
     with pytest.raises(StoreMismatchError, match="appeared while this run was creating it"):
         StoreWriter.create(str(target), meta, {}, {})
     assert not list(tmp_path.glob("s.zarr.creating-*"))

@@ -292,7 +292,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def test_random_weights_store_is_reproducible_differs_and_keeps_the_rows(tiny_model_dir, noisy_store, tmp_path):
-    data = open_store(noisy_store).provenance["sources"][0]
+    data = open_store(noisy_store).provenance.sources[0]
     csv = tmp_path / "n.csv"
     noisy(csv)
     real = _extract(tmp_path / "real", csv, model=str(tiny_model_dir))
@@ -301,13 +301,13 @@ def test_random_weights_store_is_reproducible_differs_and_keeps_the_rows(tiny_mo
     other = _extract(tmp_path / "c", csv, model=str(tiny_model_dir), random_weights=4)
     r, a, b, o = (open_store(p) for p in (real, ctl_a, ctl_b, other))
     assert a.fingerprint == b.fingerprint and len({r.fingerprint, a.fingerprint, o.fingerprint}) == 3
-    assert "random3" in Path(ctl_a).name and a.provenance["model"]["random_weights"] == 3
+    assert "random3" in Path(ctl_a).name and a.provenance.model["random_weights"] == 3
     for split in ("train", "test"):
         assert np.array_equal(a.pooled(split, "mean", [1]), b.pooled(split, "mean", [1]))
         assert not np.allclose(a.pooled(split, "mean", [1]), r.pooled(split, "mean", [1]))
         assert not np.allclose(a.pooled(split, "mean", [1]), o.pooled(split, "mean", [1]))
         assert np.array_equal(a.row_ids(split), r.row_ids(split)) and np.array_equal(a.labels(split), r.labels(split))
-    assert data["sha256"] == r.provenance["sources"][0]["sha256"]
+    assert data["sha256"] == r.provenance.sources[0]["sha256"]
     runs = {}
     for name, path in (("real", real), ("ctl", ctl_a)):
         res = heads("sweep", "--store", path, "--combine", "single", "--no-ci", "--out", str(tmp_path / f"s-{name}"))

@@ -168,7 +168,7 @@ def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
         writer = StoreWriter.create(f"memory://{root}", plan.meta, plan.arrays, plan.token_counts)
         before = int(fs.du(root, total=True))
         meta_before = int(fs.du(f"{root}/zarr.json", total=True))
-        writer.finalize({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        writer.finalize(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         grown = int(fs.du(f"{root}/zarr.json", total=True)) - meta_before
         arrays = sum(
             1
@@ -254,7 +254,7 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     n_chunks = sum(sl.n_chunks for sl in lay.splits.values())
     chunks = n_chunks * (len(lay.towers) * (len(lay.layers) * len(lay.poolings) + len(lay.token_layers)) + 2)
     total = (
-        _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta, default=str)))
+        _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta.to_dict(), default=str)))
         if h5
         else zarr_bytes
     )
@@ -292,12 +292,12 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
             "rows": sl.n_rows,
             "chunks": sl.n_chunks,
             "chunks_left": len(pending.get(name, [])),
-            "truncated": int(plan.meta["truncated"].get(name, 0)),
+            "truncated": int(plan.meta.truncated.get(name, 0)),
         }
         if audio:
             entry["seconds"] = float(plan.arrays[L.duration_path(name)].astype(np.float64).sum())
             entry["frames"] = int(sum(sl.n_tokens.values()))
-            entry["augmented"] = int(plan.meta.get("augmented", {}).get(name, 0))
+            entry["augmented"] = int((plan.meta.augmented or {}).get(name, 0))
         else:
             entry["tokens"] = int(sum(sl.n_tokens.values()))
         splits[name] = entry

@@ -3,6 +3,7 @@ write, mark complete. The model loop itself lives in :mod:`embstore.extraction.e
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -262,7 +263,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     if done is not None:
         return _complete_result(final, done, t0)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
-    truncated = dict(plan.meta["truncated"])
+    truncated = dict(plan.meta.truncated)
 
     def result(status: str) -> ExtractResult:
         return ExtractResult(
@@ -289,7 +290,9 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                     )  # another writer may have finished meanwhile
                 if state == "absent":
                     if config.quantize == "int8":
-                        plan.meta["provenance"]["quantization"] = _measure_int8(plan, config, device)
+                        measured = _measure_int8(plan, config, device)
+                        provenance = dataclasses.replace(plan.meta.provenance, quantization=measured)
+                        plan.meta = dataclasses.replace(plan.meta, provenance=provenance)
                     StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
         state = str(ranks.share(state))
         if state == "complete":
@@ -331,15 +334,14 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     return result(status)
 
 
-def _complete_result(path: str, meta: dict[str, Any], t0: float) -> ExtractResult:
+def _complete_result(path: str, meta: L.StoreMeta, t0: float) -> ExtractResult:
     """The result of a run that found its store complete, from the store's own record."""
-    rows = {s: int(v["n_rows"]) for s, v in meta["layout"]["splits"].items()}
     return ExtractResult(
         path=path,
         status="already complete",
-        rows=rows,
-        truncated=dict(meta.get("truncated") or {}),
-        skipped_empty=dict(meta.get("skipped_empty") or {}),
+        rows={s: sl.n_rows for s, sl in meta.layout.splits.items()},
+        truncated=dict(meta.truncated),
+        skipped_empty=dict(meta.skipped_empty),
         seconds=time.perf_counter() - t0,
     )
 
@@ -380,7 +382,7 @@ def _finalize(writer: StoreWriter, final: str, write_path: str) -> None:
     if any(missing.values()):
         raise RuntimeError(f"row chunks still missing after extraction: {missing}; re-run to resume")
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    writer.finalize({"finished": now})
+    writer.finalize(now)
     if final != write_path:
         export_h5(write_path, final)
         with io_errors(write_path):

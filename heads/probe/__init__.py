@@ -8,5 +8,6 @@ loss and its row blocks, ``chunks`` what the solver reads and how ranks sum it, 
 rows), ``adamw`` (batched AdamW linear probes), ``ensemble`` (stacked non-linear heads), ``sweep_setup`` (the
 rows of every round, feature groups within the memory budget, the notes) and ``rounds`` (how each kind of head
 trains a round), ``mdl`` (the online codelength), ``control`` (the control store's checks), ``sweep`` and
-``predict``. Public names are re-exported from :mod:`heads`.
+``predict`` (with ``card``, the ``HeadCard`` that describes a saved head). Public names are re-exported from
+:mod:`heads`.
 """

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from embstore.errors import ConfigError, EmbstoreError
+from heads.probe.card import HeadCard
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.fitting import (
     FittedHead,
@@ -74,7 +75,8 @@ class HeadClassifier:
     train_seconds_: float
     mix_weights_: np.ndarray
     mix_scale_: float
-    extra_: dict[str, Any]
+    card_: HeadCard | None
+    """Set by :meth:`load`: the saved head's description, or None when it was saved without one."""
 
     def __init__(self, config: HeadConfig | None = None, **overrides: Any) -> None:
         unknown = sorted(set(overrides) - set(HeadConfig().to_dict()))
@@ -201,8 +203,8 @@ class HeadClassifier:
         return self.predict_proba(X).argmax(axis=1).astype(np.int64)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write head.safetensors (weights) and head.json (config, shapes, history, ``extra``) into ``directory``."""
+    def save(self, directory: str | Path, card: HeadCard | None = None) -> Path:
+        """Write head.safetensors (weights) and head.json (config, shapes, history, ``card``) into ``directory``."""
         self._check_fitted()
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
@@ -218,19 +220,19 @@ class HeadClassifier:
             "history": self.history_,
             "mix_weights": self.mix_weights_.tolist() if hasattr(self, "mix_weights_") else None,
             "mix_scale": getattr(self, "mix_scale_", None),
-            "extra": extra or {},
+            "extra": {} if card is None else card.to_dict(),  # the card's key since before it was typed
         }
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
         return path
 
     @staticmethod
-    def read_extra(directory: str | Path) -> dict[str, Any]:
-        """The ``extra`` dict given to :meth:`save`."""
-        return dict(_read_meta(Path(directory)).get("extra") or {})
+    def read_card(directory: str | Path) -> HeadCard | None:
+        """The card given to :meth:`save`, without loading the weights; None when it was saved without one."""
+        return HeadCard.from_saved(_read_meta(Path(directory)).get("extra") or {})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "HeadClassifier":
-        """Rebuild a head written by :meth:`save`; ``device`` overrides the saved one. Sets ``extra_``."""
+        """Rebuild a head written by :meth:`save`; ``device`` overrides the saved one. Sets ``card_``."""
         path = Path(directory)
         meta = _read_meta(path)
         cfg = HeadConfig.from_dict(meta["config"])
@@ -251,7 +253,7 @@ class HeadClassifier:
                 float(meta["train_seconds"]),
             )
         )
-        est.extra_ = dict(meta.get("extra") or {})
+        est.card_ = HeadCard.from_saved(meta.get("extra") or {})
         return est
 
 

@@ -24,6 +24,7 @@ from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, Constraint, DataError, Interval, ListOf, Optional, validate_params
 from embstore.store.reader import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
+from heads.probe.card import HeadCard
 from heads.probe.chunks import Comm
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.control import check_control
@@ -196,7 +197,7 @@ def _progress(total: int, show: bool | None) -> Any:
 
 def _eval_record(store: Store, rnd: RoundRows) -> dict[str, Any]:
     return eval_set(
-        source_sha256(store.provenance.get("sources", []), rnd.eval_split),
+        source_sha256(store.provenance.sources, rnd.eval_split),
         store.row_ids(rnd.eval_split)[rnd.eval_rows],
     )
 
@@ -360,13 +361,13 @@ def _meta(
     )
     held = np.unique(np.concatenate([p.eval_rows for p in rounds if p.seed == 0]))
     run_eval = eval_set(
-        source_sha256(store.provenance.get("sources", []), first.eval_split), store.row_ids(first.eval_split)[held]
+        source_sha256(store.provenance.sources, first.eval_split), store.row_ids(first.eval_split)[held]
     )
     meta = {
         "kind": "sweep",
         "store": setup.path,
         "store_fingerprint": store.fingerprint,
-        "model": store.provenance.get("model", {}).get("name"),
+        "model": store.provenance.model_name,
         "label_names": names,
         "train_split": tr_split,
         "eval_split": ev_split,
@@ -382,7 +383,7 @@ def _meta(
         "kept_apart": None
         if groups_all is None
         else (
-            f"groups of {store.provenance.get('group_col') or 'the group column'}"
+            f"groups of {store.provenance.group_col or 'the group column'}"
             if store.groups(tr_split) is not None
             else "augmented copies and their source rows"
         ),
@@ -398,18 +399,17 @@ def _meta(
         "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
         # what the store's rows were cut to (heads report marks runs whose truncation differs)
         **(
-            {"max_seconds": store.provenance.get("max_seconds")}
-            if store.provenance.get("audio_col")
-            else {"max_length": store.provenance.get("max_length")}
+            {"max_seconds": store.provenance.max_seconds}
+            if store.provenance.audio_col
+            else {"max_length": store.provenance.max_length}
         ),
     }
     if control is not None:
-        model = control.provenance.get("model", {})
         meta["control"] = {
             "store": str(control.path),
             "store_fingerprint": control.fingerprint,
-            "model": model.get("name"),
-            "random_weights": model.get("random_weights"),
+            "model": control.provenance.model_name,
+            "random_weights": control.provenance.model.get("random_weights"),
         }
     return meta
 
@@ -533,28 +533,8 @@ def _finish(
         o.est for o in outcomes if o.combo.key == key and o.round.seed == shown.seed and o.round.fold == shown.fold
     )
     combo = next(c for c in setup.combos if c.key == key)
-    extra = {
-        "layers": list(combo.layers),
-        "layers_label": combo.layers_label,
-        "combine": combo.combine,
-        "pooling": combo.pooling,
-        "head": combo.head,
-        "store": path,
-        "store_id": store.fingerprint,
-        "label_names": names,
-        "model": store.provenance.get("model", {}),
-        "max_length": store.provenance.get("max_length"),
-        "pair_mode": store.provenance.get("pair_mode"),
-        "text_pair_col": store.provenance.get("text_pair_col"),
-        "towers": store.towers,
-        "dtype": store.layout.dtype,
-        "max_seconds": store.provenance.get("max_seconds"),
-        "precision": store.provenance.get("precision"),
-        "seed": shown.seed,
-        "fold": shown.fold,
-        "chosen_on": "validation macro-F1",
-    }
-    est.save(writer.run_dir / rundir.BEST_HEAD_DIR, extra=extra)
+    card = HeadCard.for_store(combo, store, path, seed=shown.seed, fold=shown.fold)
+    est.save(writer.run_dir / rundir.BEST_HEAD_DIR, card=card)
     timings["total_s"] = time.perf_counter() - t_start
     writer.update_meta(timings={k: round(v, 4) for k, v in timings.items()})
     log.info(
