@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TEXTS, needs_shared
+from factories import TEXTS, needs_shared
 
 from embstore import (
     ConfigError,

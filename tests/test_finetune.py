@@ -296,7 +296,7 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
         "--out",
         str(out),
     ]
-    from conftest import recorded_calls, recording_env
+    from factories import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.training.session:Session.step")
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
@@ -343,7 +343,7 @@ def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
 def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     """A short real run at the default learning rates and batch size: MiniLM on 160 AG News rows, embeddings and
     layers 1-4 frozen, evaluated on 160 test rows (2 epochs and 64 tokens to keep it short)."""
-    from conftest import needs_shared
+    from factories import needs_shared
 
     ag = needs_shared("ag_news")
     pd.read_csv(ag / "train_pool.csv").sample(160, random_state=0)[["text", "label"]].to_csv(

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from test_heads_sweep import separable
+from factories import layered, random_model_dir, separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ExtractConfig, extract
@@ -30,18 +30,14 @@ def run(*args: str, input: str | None = None):
 def outlier_model(tmp_path_factory) -> Path:
     """random:tiny-bert with 3 hidden dims of every layer's output scaled (and shifted) by 300, as MiniLM's CLS
     vectors have a few dims hundreds of times larger than the rest; saved as a local model directory."""
-    from embstore.backbones.registry import load_backbone
 
-    base = tmp_path_factory.mktemp("outlier")
-    bb = load_backbone("random:tiny-bert")
-    with torch.no_grad():
-        bb.model.embeddings.LayerNorm.weight[:3] *= 300.0
-        for layer in bb.model.encoder.layer:
+    def scale(model) -> None:
+        model.embeddings.LayerNorm.weight[:3] *= 300.0
+        for layer in model.encoder.layer:
             layer.output.LayerNorm.weight[:3] *= 300.0
             layer.output.LayerNorm.bias[:3] += 300.0
-    bb.model.save_pretrained(base / "model")
-    bb.tokenizer.save_pretrained(base / "model")
-    return base / "model"
+
+    return random_model_dir(tmp_path_factory.mktemp("outlier") / "model", edit=scale)
 
 
 @pytest.fixture(scope="module")
@@ -287,15 +283,13 @@ def test_the_C_path_warm_starts_and_stops_after_two_falls(monkeypatch):
 
 def test_stacked_heads_equal_their_single_fits():
     """Every member of a stack trains as HeadClassifier.fit would train it alone (dropout 0)."""
-    from test_heads_estimator import _layered
-
     from heads.probe.config import HeadConfig
     from heads.probe.ensemble import Member, fit_stacked
     from heads.probe.estimator import HeadClassifier
     from heads.probe.modules import as_inputs
 
-    X, y = _layered(0, n=150)
-    Xv, yv = _layered(1, n=60)
+    X, y = layered(0, n=150)
+    Xv, yv = layered(1, n=60)
     rng = np.random.default_rng(0)
     for head, feats, vfeats in (
         ("mlp", [X[:, 0], X[:, 2]], [Xv[:, 0], Xv[:, 2]]),

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from test_heads_sweep import separable
+from factories import separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ExtractConfig, extract
@@ -123,7 +123,7 @@ def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path
         "--out",
         str(tmp_path / "two"),
     ]
-    from conftest import recorded_calls, recording_env
+    from factories import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.probe.features:FeatureBank.chunk_blocks")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -10,34 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import needs_shared, separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
 from heads.probe.specs import expand, parse_combine
-
-VOCAB = {
-    "sport": "goal match striker keeper league cup coach penalty team season".split(),
-    "money": "stock bank profit market shares rates investor budget trade price".split(),
-    "space": "planet orbit rocket galaxy telescope star moon comet astronaut launch".split(),
-}
-
-
-def separable(path: Path, n_per_class: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for label, words in VOCAB.items():
-        for _ in range(n_per_class):
-            rows.append(
-                {
-                    "text": " ".join(rng.choice(words, size=rng.integers(4, 10))),
-                    "label": label,
-                    "other": " ".join(rng.choice(words, size=5)),
-                }
-            )
-    df = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    df.to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")

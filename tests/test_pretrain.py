@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import needs_shared
 
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError, DataError
@@ -528,7 +528,7 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
         "--out",
         str(out),
     ]
-    from conftest import recorded_calls, recording_env
+    from factories import recorded_calls, recording_env
 
     proc = subprocess.run(
         cmd,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import synthetic_csv
+from factories import synthetic_csv
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, StoreBusyError, StoreDamagedError, StoreMismatchError, extract, open_store

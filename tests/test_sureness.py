@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import VOCAB, needs_shared, random_model_dir, separable
 from scipy.stats import binomtest
-from test_heads_sweep import VOCAB, separable
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
@@ -282,13 +281,7 @@ def test_predict_writes_the_same_arrays(noisy_sweep, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """random:tiny-bert saved as a local model directory (its 'pretrained' weights are seed 0's)."""
-    from embstore.backbones.registry import load_backbone
-
-    out = tmp_path_factory.mktemp("tinymodel") / "model"
-    bb = load_backbone("random:tiny-bert")
-    bb.model.save_pretrained(out)
-    bb.tokenizer.save_pretrained(out)
-    return out
+    return random_model_dir(tmp_path_factory.mktemp("tinymodel") / "model")
 
 
 def test_random_weights_store_is_reproducible_differs_and_keeps_the_rows(tiny_model_dir, noisy_store, tmp_path):

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import TEXTS
+from factories import TEXTS
 from torch import nn
 from transformers import BertConfig, BertModel
 
