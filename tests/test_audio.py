@@ -455,6 +455,7 @@ def test_too_short_audio(tmp_path: Path):
 # -- real recordings ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_emodb_files(tmp_path: Path):
     root = needs_shared("emodb")
     table = pd.read_csv(root / "labels.csv")
@@ -509,6 +510,7 @@ def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
     kw = dict(augment=("noise",), augment_classes="all", holdout=0.25, chunk_rows=5)
     one = extract(cfg(tones, tmp_path / "one", **kw), show_progress=False).path

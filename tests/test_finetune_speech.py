@@ -279,6 +279,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
     return res.exit_code, res.stderr
 
 
+@pytest.mark.slow
 def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
     table = pd.read_csv(few_tones)
     base = [

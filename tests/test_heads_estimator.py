@@ -93,7 +93,7 @@ def test_linear_flattens_layers(data: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "head,options",
     [
-        ("gru", {"aggregate": "last", "bidirectional": True}),
+        pytest.param("gru", {"aggregate": "last", "bidirectional": True}, marks=pytest.mark.slow),
         ("lstm", {"aggregate": "max", "rnn_layers": 2, "dropout": 0.1}),
     ],
 )

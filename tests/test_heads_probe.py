@@ -67,7 +67,17 @@ def test_the_outlier_store_has_a_few_huge_dims(outlier_store):
     assert np.sort(std)[-3:].min() > 50 * np.median(std)
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp", "conv", "sum", "mix", "gru"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param("linear", marks=pytest.mark.slow),
+        "mlp",
+        pytest.param("conv", marks=pytest.mark.slow),
+        "sum",
+        "mix",
+        pytest.param("gru", marks=pytest.mark.slow),
+    ],
+)
 def test_every_head_beats_the_majority_class_when_a_few_dims_are_huge(outlier_store, tmp_path, head):
     tokens = head == "gru"
     out = tmp_path / head
@@ -281,6 +291,7 @@ def test_the_C_path_warm_starts_and_stops_after_two_falls(monkeypatch):
     assert len(starts) == 4 + 7 and all(gap == 0.0 for _k, gap in starts)  # each C started where the previous one ended
 
 
+@pytest.mark.slow
 def test_stacked_heads_equal_their_single_fits():
     """Every member of a stack trains as HeadClassifier.fit would train it alone (dropout 0)."""
     from heads.probe.config import HeadConfig

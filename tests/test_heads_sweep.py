@@ -127,6 +127,7 @@ def test_combine_spec_error():
         parse_combine("avg")
 
 
+@pytest.mark.slow
 def test_sweep_writes_the_run_and_the_best_head_predicts(tiny_store, tmp_path):
     out = tmp_path / "run"
     res = run(
@@ -237,7 +238,18 @@ def test_predict_equals_the_head_on_stored_features(tiny_store, tmp_path):
     np.testing.assert_allclose(proba, stored, atol=1e-3)
 
 
-@pytest.mark.parametrize("head", ["mlp", "conv", "sum", "mix", "gru", "lstm", "rnn"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param("mlp", marks=pytest.mark.slow),
+        pytest.param("conv", marks=pytest.mark.slow),
+        "sum",
+        "mix",
+        "gru",
+        "lstm",
+        "rnn",
+    ],
+)
 def test_every_head_trains_from_the_store(tiny_store, tmp_path, head):
     out = tmp_path / head
     layers = "-1" if head in ("gru", "lstm", "rnn") else "1-2"

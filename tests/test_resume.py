@@ -97,6 +97,7 @@ def _split_between_two(by_worker: dict[str, list[int]], n_chunks: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
     data = _data(tmp_path, 300)
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
@@ -113,6 +114,7 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
     """The `accelerate launch` / torchrun path: ranks from the environment, gloo barriers on CPU."""
     data = _data(tmp_path, 200)

@@ -312,6 +312,7 @@ def test_save_and_reload_classifier_wrapper(inputs, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, clf(**inputs).logits, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_load_backbone_and_extract_from_a_pruned_directory(tmp_path):
     from transformers import AutoTokenizer
 
