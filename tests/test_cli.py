@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import LABELS, TEXTS
+from factories import LABELS, TEXTS
 
 from cli.embstore_cli import main
 

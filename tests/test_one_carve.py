@@ -92,6 +92,7 @@ def _eval_set(run_dir: str) -> dict:
     return json.loads((Path(run_dir) / "run.json").read_text())["eval_set"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["one-file", "groups", "folds"])
 def test_sweep_and_finetune_of_one_file_merge_without_allow_mixed(case, tmp_path):
     data = my_csv(tmp_path / "my.csv", speakers=case == "groups")

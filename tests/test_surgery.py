@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import TEXTS
+from factories import TEXTS
 from torch import nn
 from transformers import BertConfig, BertModel
 
@@ -316,6 +316,7 @@ def test_save_and_reload_classifier_wrapper(inputs, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, clf(**inputs).logits, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_load_backbone_and_extract_from_a_pruned_directory(tmp_path):
     from transformers import AutoTokenizer
 
