@@ -34,6 +34,7 @@ __all__ = [
     "StoreBusyError",
     "StoreDamagedError",
     "RankFailedError",
+    "ForwardError",
     "StoreCorruptedError",
     "InvalidParameterError",
     "Constraint",
@@ -103,6 +104,10 @@ class StoreDamagedError(EmbstoreError, ValueError):
 
 class RankFailedError(EmbstoreError, RuntimeError):
     """One rank of a multi-process run failed; every rank stops with this error."""
+
+
+class ForwardError(EmbstoreError, RuntimeError):
+    """The model raised an exception in its forward pass over a batch (the message names the model and the batch)."""
 
 
 class StoreCorruptedError(EmbstoreError, ValueError):
