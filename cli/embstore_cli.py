@@ -397,9 +397,21 @@ def info(store_path: str, as_json: bool) -> None:
             f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns "
             f"{','.join(src['columns'])}"
         )
+    if d["modality"] == "audio":
+        lines.append(f"batching   {_batching(prov.batching)}")
     lines.append(f"bytes      {_human(d['bytes'])}")
     lines.append(f"created    {d['created']}  finished {d['finished']}  embstore {prov.tool.get('embstore')}")
     click.echo("\n".join(lines))
+
+
+def _batching(batching: object) -> str:
+    """The ``embstore info`` line on an audio store's batching (``Provenance.batching``)."""
+    if batching == "exact":
+        return "exact: each clip has the values it has alone, whatever shares its batch"
+    if isinstance(batching, dict):
+        opts = ", ".join(f"{k} {v}" for k, v in batching.items())
+        return f"changes values ({opts}, in the store id): the anatomy map does not know this speech model"
+    return "not recorded (a store written before embstore recorded it)"
 
 
 @main.command("ls")

@@ -23,7 +23,7 @@ from embstore.data.audio import usable_rows
 from embstore.data.tables import Dataset, SplitData, load_dataset
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.extraction.encode import Encoded, length_order, tokenize
-from embstore.extraction.store_id import data_identity, model_identity, store_fingerprint
+from embstore.extraction.store_id import audio_batching, data_identity, model_identity, store_fingerprint
 from embstore.layers import parse_layers
 from embstore.store import layout as L
 from embstore.store.backends import is_h5_path
@@ -202,7 +202,7 @@ def _plan_audio(
     poolings: tuple[str, ...],
 ) -> Plan:
     """Audio rows: lengths from file headers, augmented copies for the training split only."""
-    from embstore.data.audio import min_samples
+    from embstore.data.audio import check_window, min_samples
     from embstore.extraction.speech import plan_audio_split
 
     rate = backbone.sampling_rate  # (ExtractConfig already refused cls pooling with --audio-col)
@@ -224,6 +224,17 @@ def _plan_audio(
             max_seconds=config.max_seconds,
             augment=spec if name == "train" else None,
             label_names=dataset.label_names,
+        )
+        window = backbone.window_samples
+        check_window(
+            [it.path for it in rows.items],
+            rows.samples,
+            window=window,
+            rate=rate,
+            split=name,
+            max_seconds=config.max_seconds,
+            fix=f"Pass --max-seconds {(window or 0) / rate:g} to keep the first {(window or 0) / rate:g} s of each "
+            "(and a milder --augment speed if the copies grew), or remove them.",
         )
         encoded[(name, t)] = rows
         order[name] = perm = length_order(rows.samples) if config.bucket else np.arange(len(rows.items))
@@ -278,9 +289,10 @@ def _finish_plan(
     data = data_identity(config.source)
     if data is None:  # load_dataset has read every file: they exist
         raise RuntimeError("the data files changed while planning; re-run")
+    model = model_identity(config.model)
     fp = store_fingerprint(
         config,
-        model_identity(config.model),
+        model,
         data,
         layers=list(lay.layers),
         token_layers=list(lay.token_layers),
@@ -307,6 +319,7 @@ def _finish_plan(
         audio_col=config.source.audio_col,
         group_col=config.source.group_col,
         max_seconds=config.max_seconds,
+        batching=audio_batching(config, model) if audio is not None else None,
         augment=None
         if not config.augment
         else {

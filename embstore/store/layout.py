@@ -243,6 +243,10 @@ class Provenance:
     quantization: dict[str, Any] | None = None
     """--quantize int8: the measured deviation from float32 of every stored array on the first batch; else None
     (and absent from the stored attribute)."""
+    batching: str | dict[str, Any] | None = None
+    """Audio stores: ``'exact'`` (each clip has its values alone, whatever shares its batch: a family the anatomy map
+    knows), or the batching options that changed the values and are in the store id (batch_seconds, batch_size,
+    chunk_rows: a speech model the map does not know). None for text (and absent from the stored attribute)."""
     other: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
 
@@ -277,6 +281,8 @@ class Provenance:
         }
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.batching is not None:
+            d["batching"] = self.batching
         return {**d, **self.other}
 
     @classmethod
@@ -304,6 +310,7 @@ class Provenance:
             tool=dict(d.get("tool") or {}),
             config=dict(d.get("config") or {}),
             quantization=d.get("quantization"),
+            batching=d.get("batching"),
             other=_other(d, cls),
         )
 
