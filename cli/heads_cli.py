@@ -95,7 +95,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--train-split", help="Split to train on (a one-split store is carved instead). [default: train]"),
     click.option("--eval-split", help="Split scored for the report [default: test, else validation]."),
     click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
-    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
+    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 (from a config's seed S: S..S+N-1) [default: 1]."),
     click.option(
         "--folds",
         type=int,
