@@ -499,7 +499,8 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "--validation-fraction",
     type=float,
     help="Share of the training rows carved "
-    "(seeded, stratified, group-aware) as validation rows for early stopping. [default: 0.1]",
+    "(seeded, stratified, group-aware) as validation rows for early stopping: the rows heads sweep validates on "
+    "for the same data, seed and fraction. [default: 0.1]",
 )
 @click.option("--train-split", help="Split to train on (a one-split table is carved instead). [default: train]")
 @click.option("--eval-split", help="Split scored for the report [default: test, else validation].")
