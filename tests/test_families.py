@@ -318,7 +318,8 @@ def test_finetune_truncated_and_pruned_reloads_through_extract(tmp_path, data, c
     """``heads finetune --truncate 1`` (and ``--prune-heads 1:0`` where the family prunes) writes run/model, which
     ``embstore extract --model run/model`` reads: one layer, the pruned head gone, the values of the saved model."""
     prune = {"prune_heads": "1:0"} if case in PRUNABLE else {}
-    res = finetune(data, tmp_path / "run", model_path(tmp_path, case), truncate=1, **prune)
+    # 18 training rows of 4 classes: the default 0.1 carve (2 rows) cannot hold every class and is refused
+    res = finetune(data, tmp_path / "run", model_path(tmp_path, case), truncate=1, validation_fraction=0.25, **prune)
     model_dir = res.run_dir / "model"
     store = open_store(extract_cli(str(model_dir), data, tmp_path / "s.zarr"))
     assert store.complete and store.layers == [0, 1]
@@ -334,7 +335,11 @@ def test_finetune_truncated_and_pruned_reloads_through_extract(tmp_path, data, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_finetune_with_no_options_runs(tmp_path, data, case):
+def test_finetune_with_no_options_runs(tmp_path, case):
+    """On 48 rows of 4 classes every default holds: the 0.25 holdout leaves 36, whose 0.1 carve (4) holds each class."""
+    data = tmp_path / "rows48.csv"
+    texts = TEXTS + [f"{t} again" for t in TEXTS]
+    pd.DataFrame({"text": texts, "label": LABELS * 2}).to_csv(data, index=False)
     res = finetune(data, tmp_path / "run", model_path(tmp_path, case))
     assert (res.run_dir / "model" / "config.json").is_file()
     assert 0 < res.trainable_params <= res.total_params
