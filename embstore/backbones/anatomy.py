@@ -64,6 +64,7 @@ __all__ = [
     "family_of",
     "feature_encoder",
     "has_window",
+    "top_state_module",
     "padding_parts",
     "state_frames",
     "PaddingPart",
@@ -457,6 +458,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="encoder.layers",
         embeddings=_SPEECH_EMBED,
         norm_by_config="encoder.layer_norm",
+        after_top=("adapter",),
         front_end=_FRONT_END,
         # the relative position table sits in the first block's attention but every block adds the bias it makes
         shared=("encoder.layers.0.attention.rel_attn_embed",),
@@ -471,8 +473,9 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("data2vec-audio",),
         modality="audio",
         blocks="encoder.layers",
-        embeddings=_SPEECH_EMBED,
-        norm_by_config="encoder.layer_norm",
+        # post-norm only (it has no stable-layer-norm variant): the encoder's layer norm runs before the first block
+        embeddings=(*_SPEECH_EMBED, "encoder.layer_norm"),
+        after_top=("adapter",),
         front_end=_FRONT_END,
         # its front end is layer-normed (per frame); its position embedding is a stack of convolutions, each of
         # which would see the previous one's output at the padded frames
@@ -768,6 +771,23 @@ def embedding_modules(base: Any) -> list[nn.Module | nn.Parameter]:
     parts = _parts(base, _family(base).embeddings)
     norm, stable = _norm_by_config(base)
     return parts + ([norm] if norm is not None and not stable else [])
+
+
+def top_state_module(model: nn.Module) -> nn.Module | None:
+    """The module whose input is a speech model's top stored state (``hidden_states[L]``) where its output is not
+    that state: a pre-norm encoder's final norm, the conformer's, SEW's upsampling, a wav2vec2 adapter (the first of
+    them the forward runs). None where ``last_hidden_state`` is the top state (post-norm encoders, Whisper, whose
+    final norm is in its states). Fine-tuning reads the top state from it with a forward pre-hook: unlike
+    ``hidden_states``, which transformers records by hooks on the blocks, it is there when layerdrop skips blocks."""
+    found = _resolve(model)
+    if found is None:
+        return None
+    base, fam = found
+    norm, stable = _norm_by_config(base)
+    first = [norm] if norm is not None and stable else []
+    own = (fam.final_norm,) if fam.final_norm and not fam.final_norm_in_states else ()
+    parts = first + [p for p in _parts(base, own + fam.after_top) if isinstance(p, nn.Module)]
+    return parts[0] if parts else None
 
 
 def top_modules(base: Any) -> list[nn.Module]:

@@ -125,13 +125,21 @@ class SpeechClassifier(Classifier):
     ) -> torch.Tensor:
         """(B,) lengths in the model's input units, and the (B, S) waveforms (with their (B, S) mask) or Whisper's
         (B, mels, frames) log-mel features -> (B, C) logits."""
-        from embstore.backbones.anatomy import state_frames
+        from embstore.backbones.anatomy import state_frames, top_state_module
         from embstore.backbones.padding import exact_batches
 
         given = {"input_values": input_values, "input_features": input_features, "attention_mask": attention_mask}
         inputs = {k: v for k, v in given.items() if v is not None}
-        with exact_batches(self.encoder):
-            states = self.encoder(**inputs, output_hidden_states=True).hidden_states[-1]  # (B, F, H)
+        top: list[torch.Tensor] = []
+        module = top_state_module(self.encoder)  # the top state is its input (a final norm, SEW's upsampling)
+        hook = None if module is None else module.register_forward_pre_hook(lambda _m, args: top.append(args[0]))
+        try:
+            with exact_batches(self.encoder):
+                out = self.encoder(**inputs).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
+        states = top[0] if top else out  # (B, F, H)
         frames = state_frames(self.encoder, lengths.cpu()).to(states.device)  # (B,)
         mask = (torch.arange(states.shape[1], device=states.device)[None] < frames[:, None]).unsqueeze(-1)  # (B, F, 1)
         mask = mask.to(states.dtype)
