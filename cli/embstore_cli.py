@@ -80,7 +80,12 @@ def extract_options(f: Any) -> Any:
             click.option(
                 "--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split."
             ),
-            click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds."),
+            click.option(
+                "--max-seconds",
+                type=float,
+                help="Audio: crop recordings to their first N seconds (Whisper: at most its 30-second window; a longer "
+                "clip is refused without it).",
+            ),
             click.option(
                 "--skip-bad",
                 is_flag=True,

@@ -440,7 +440,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "--max-seconds",
     type=float,
     help="Speech: cut each training clip to a random window this long, drawn "
-    "anew each epoch; evaluation reads whole clips.",
+    "anew each epoch; evaluation reads whole clips (Whisper: at most its 30-second window).",
     show_default="20",
 )
 @click.option(

@@ -381,6 +381,7 @@ def test_cli_extract_and_info(tones: Path, tmp_path: Path):
     assert info["splits"]["train"]["augmented"] > 0 and info["splits"]["test"]["augmented"] == 0
     text = run("info", path).output
     assert "audio" in text and "frames" in text and "augmented" in text
+    assert "batching   exact: each clip has the values it has alone" in text
 
 
 @pytest.mark.parametrize(
