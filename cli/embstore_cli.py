@@ -414,8 +414,13 @@ def _batching(batching: object) -> str:
     if batching == "exact":
         return "exact: each clip has the values it has alone, whatever shares its batch"
     if isinstance(batching, dict):
-        opts = ", ".join(f"{k} {v}" for k, v in batching.items())
-        return f"changes values ({opts}, in the store id): the anatomy map does not know this speech model"
+        opts = ", ".join(f"{k} {v}" for k, v in batching.items() if k != "why")
+        why = (
+            "int8 quantises each batch's activations with one scale"
+            if batching.get("why") == "int8"
+            else "the anatomy map does not know this speech model"
+        )
+        return f"changes values ({opts}, in the store id): {why}"
     return "not recorded (a store written before embstore recorded it)"
 
 

@@ -260,8 +260,15 @@ def store_fingerprint(
 
 def audio_batching(config: ExtractConfig, model: dict[str, Any]) -> str | dict[str, Any]:
     """What an audio store's batching contributes to its id: ``exact`` for a family the anatomy map knows (which
-    clips share a batch changes no value), else the options that decide it (the padding of a batch reaches the real
-    frames of a model the map does not know)."""
-    if model.get("batch_exact"):
+    clips share a batch changes no value), else the options that decide it and why: ``unmapped`` (the padding of a
+    batch reaches the real frames of a model the map does not know) or ``int8`` (``--quantize int8`` quantises each
+    batch's activations with one scale, which the batch's other clips and padding move)."""
+    quantized = getattr(config, "quantize", "none") != "none"
+    if model.get("batch_exact") and not quantized:
         return "exact"
-    return {"batch_seconds": config.batch_seconds, "batch_size": config.batch_size, "chunk_rows": config.chunk_rows}
+    return {
+        "why": "int8" if quantized else "unmapped",
+        "batch_seconds": config.batch_seconds,
+        "batch_size": config.batch_size,
+        "chunk_rows": config.chunk_rows,
+    }

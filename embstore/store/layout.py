@@ -246,7 +246,8 @@ class Provenance:
     batching: str | dict[str, Any] | None = None
     """Audio stores: ``'exact'`` (each clip has its values alone, whatever shares its batch: a family the anatomy map
     knows), or the batching options that changed the values and are in the store id (batch_seconds, batch_size,
-    chunk_rows: a speech model the map does not know). None for text (and absent from the stored attribute)."""
+    chunk_rows, and ``why``: ``unmapped``, a speech model the map does not know, or ``int8``, --quantize int8). None
+    for text (and absent from the stored attribute)."""
     other: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
 
