@@ -380,3 +380,30 @@ def test_finetune_truncated_runs_and_reloads_through_extract(tmp_path, case):
         assert s.complete and s.layers == [0, 1, 2] and s.provenance.batching == "exact"
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved.get("embstore_pruned_heads") == (None if case in REFUSED else {"2": [0]})
+
+
+@pytest.mark.parametrize("case", ["wav2vec2-layer", "hubert-group", "conformer-relative", "sew", "whisper"])
+def test_finetuning_pools_the_stored_top_layer(tmp_path, clips, case):
+    """The fine-tune classifies the mean of the very tensor the store calls layer L (before the final norm of a
+    pre-norm encoder and the conformer, at SEW's squeezed rate, Whisper's normed top), batched as extraction batches
+    them; in training, with every block dropped by layerdrop, it still has a top state (the input of the norm)."""
+    from heads.finetune.audio import collate_clips
+    from heads.finetune.model import SpeechClassifier
+
+    model = model_path(tmp_path, case)
+    cfg = dict(model=model, data=str(clips), audio_col="file", label_col="label", dtype="float32", batch_size=8)
+    res = extract(ExtractConfig.from_dict(dict(cfg, pooling=("mean",), layers="3")), show_progress=False)
+    bb = load_backbone(model)
+    classifier = SpeechClassifier(bb.model, 2, pooling="mean")
+    classifier.head = torch.nn.Identity()  # the pooled features themselves
+    with open_store(res.path) as store:
+        rows, stored = store.row_ids("all"), store.pooled("all", "mean", layers=[3])[:, 0]
+    waves = [sf.read(clips.parent / "audio" / f"r{row}.wav", dtype="float32")[0] for row in rows]
+    batch = collate_clips(bb.tokenizer)([(w, 0) for w in waves])
+    batch.pop("labels")
+    with torch.inference_mode():
+        pooled = classifier.eval()(**batch).numpy()
+    np.testing.assert_allclose(pooled, stored, atol=1e-5, rtol=0)
+    if hasattr(bb.model.config, "layerdrop"):
+        bb.model.config.layerdrop = 1.0
+        assert classifier.train()(**batch).shape == pooled.shape
