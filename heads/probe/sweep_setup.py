@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,8 +71,10 @@ def plan_rounds(
     val_split: str | None,
     train: tuple[str, np.ndarray | None],
     evaluate: tuple[str, np.ndarray | None],
+    carve: Callable[..., tuple[np.ndarray, np.ndarray]] = validation_carve,
 ) -> list[RoundRows]:
-    """One RoundRows per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work."""
+    """One RoundRows per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work.
+    ``carve`` draws each round's validation rows (word tasks: :func:`heads.probe.word.sentence_carve`)."""
     tr_split, tr_rows = train
     ev_split, ev_rows = evaluate
     y_all = store.labels(tr_split)
@@ -98,9 +100,7 @@ def plan_rounds(
             else:
                 where = f"the training split {tr_split!r}" + ("" if rnd.fold is None else f" (fold {rnd.fold})")
                 g = None if groups_all is None else groups_all[base]
-                fit_pos, val_pos = validation_carve(
-                    y_all[base], validation_fraction, seed, g, what=where, row_ids=ids_all[base]
-                )
+                fit_pos, val_pos = carve(y_all[base], validation_fraction, seed, g, what=where, row_ids=ids_all[base])
                 fit, val, vsplit = base[fit_pos], base[val_pos], tr_split
                 val = val[~augmented[val]]  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)
@@ -171,6 +171,8 @@ class SweepSetup:
     splits: list[str]
     budget: int
     labels: Labels
+    control_labels: Labels | None = None
+    """``--control-task``: every split's control-task labels (the same rows, carve and probes train on them)."""
 
 
 def linear_combos(setup: SweepSetup, cfg: HeadConfig) -> list[Combo]:
