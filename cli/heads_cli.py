@@ -142,6 +142,16 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="Word, edge and arc tasks: the stored word label (upos, xpos, deprel...); depth (per word) and "
         "distance (--task edge, word pairs) are regression targets from the heads [default: none].",
     ),
+    click.option(
+        "--rank",
+        "ranks",
+        help="Probe complexity: a rank-constrained linear probe (head rank) at each of these ranks, e.g. 1,4,16,64 "
+        "[default: none].",
+    ),
+    click.option(
+        "--mlp-widths",
+        help="Probe complexity: every mlp head at each of these hidden widths, e.g. 16,128,1024 [default: --hidden].",
+    ),
     click.option("--alphas", help="Regression: ridge penalties to try, comma list [default: 0.1,1,10,...,1e5]."),
     click.option(
         "--control-task",

@@ -27,7 +27,7 @@ def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> Resul
     est, combo, rnd = o.est, o.combo, o.round
     history = list(getattr(est, "history_", []))
     seconds = float(getattr(est, "train_seconds_", 0.0))
-    hp = {k: v for k, v in cfg.replace(head=combo.head).to_dict().items() if k not in ("seed", "device")}
+    hp = {k: v for k, v in combo.config(cfg).to_dict().items() if k not in ("seed", "device")}
     hp.update(o.hyper)
     lbfgs = "C" in o.hyper
     mix = getattr(est, "mix_weights_", None)
@@ -35,7 +35,7 @@ def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> Resul
         layers=combo.layers_label,
         combine=combo.combine,
         pooling=combo.pooling,
-        head=combo.head,
+        head=combo.head_label,
         seed=rnd.seed,
         accuracy=o.metrics["accuracy"],
         f1_macro=o.metrics["f1_macro"],

@@ -42,7 +42,7 @@ from heads.probe.rounds import (
     train_stacked,
     train_tokens,
 )
-from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine
+from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine, sized
 from heads.probe.sweep_setup import (
     SweepSetup,
     check_budget,
@@ -117,12 +117,20 @@ class SweepConfig:
     control_task: bool = False
     """Also train every configuration on the control task (each word type a fixed random label; Hewitt & Liang
     2019) and report control accuracy and selectivity."""
+    ranks: tuple[int, ...] = ()
+    """Probe complexity: a rank-constrained linear probe (head ``rank``) at each of these ranks, one configuration
+    each (Hewitt & Liang 2019: selectivity depends on the probe's complexity); () for none."""
+    mlp_widths: tuple[int, ...] = ()
+    """Probe complexity: every ``mlp`` head at each of these hidden widths (one hidden layer), one configuration
+    each; () keeps ``hidden``."""
     alphas: tuple[float, ...] = ALPHAS
     """Regression: the ridge penalties tried (scikit-learn's alpha, on standardised features), chosen on
     validation."""
 
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "task": Choice(TASKS),
+        "ranks": ListOf(Interval(int, 1, None), min_len=0, desc="a comma list of positive ranks"),
+        "mlp_widths": ListOf(Interval(int, 1, None), min_len=0, desc="a comma list of positive widths"),
         "alphas": ListOf(
             Interval(float, 0, None, closed="neither"),
             desc="a comma list of positive ridge penalties",
@@ -180,6 +188,11 @@ class SweepConfig:
         head_keys = {f.name for f in dataclasses.fields(HeadConfig)} - {"head"}
         reject_unknown_keys(d, own | head_keys | {"head"}, "sweep")
         kw = {k: v for k, v in d.items() if k in own}
+        for key in ("ranks", "mlp_widths"):
+            if isinstance(kw.get(key), (str, int)):
+                kw[key] = tuple(int(p) for p in str(kw[key]).split(",") if p.strip())
+            elif kw.get(key) is not None:
+                kw[key] = tuple(int(p) for p in kw[key])
         if isinstance(kw.get("alphas"), (str, int, float)):
             kw["alphas"] = parse_grid(kw["alphas"])
         elif kw.get("alphas") is not None:
@@ -266,17 +279,19 @@ def _setup(config: SweepConfig, path: str) -> SweepSetup:
             f"Class {', '.join(map(repr, absent))} has no rows in the training split {tr_split!r}; a head cannot learn "
             f"it: re-split the data so every class is in training."
         )
+    heads = config.heads + (("rank",) if config.ranks and "rank" not in config.heads else ())
     combos = expand(
         layers=config.layers,
         combine=parse_combine(config.combine),
         poolings=config.pooling or tuple(store.poolings),
-        heads=config.heads,
+        heads=heads,
         store_layers=store.layers,
         store_poolings=store.poolings,
         token_layers=store.token_layers,
         towers=store.towers,
         store_path=path,
     )
+    combos = sized(combos, config.ranks, config.mlp_widths)
     combos, notes = drop_duplicates(combos, cfg.standardize)
     rounds = plan_rounds(
         store,
