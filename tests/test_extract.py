@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TEXTS, needs_shared
+from factories import TEXTS, needs_shared
 
 from embstore import (
     ConfigError,
@@ -250,6 +250,7 @@ def test_fsspec_url_store(tiny_csv):
     )
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_from_the_local_hf_cache(tiny_csv, tmp_path, monkeypatch):
     """A Hub id is looked up in the local cache only (offline); here a cache laid out as the Hub client does."""
     from embstore.backbones.registry import load_backbone, minilm_path

@@ -105,10 +105,11 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
     assert len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_predict_on_an_int8_store_encodes_with_int8(tmp_path):
     """heads predict re-encodes new texts as the store was made: with the int8 model, not float32."""
     import pandas as pd
-    from conftest import synthetic_csv
+    from factories import synthetic_csv
 
     from cli.heads_cli import main as heads_main
     from heads.probe.features import FeatureBank

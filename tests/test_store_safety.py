@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import synthetic_csv
+from factories import synthetic_csv
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, StoreBusyError, StoreDamagedError, StoreMismatchError, extract, open_store
@@ -104,6 +104,7 @@ def test_extract_refuses_a_store_whose_lock_is_held(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_concurrent_extractions_one_writes_one_refuses_one_waits(tmp_path):
     """One run writes; a second is refused naming it; a third with --wait queues, and when the writer is killed
     (SIGKILL, holding the lock, after its first row chunk) the waiter takes the lock and resumes the store."""
@@ -301,6 +302,7 @@ main(sys.argv[1:])
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "fail_rank,kind,message", [("1", "bug", "boom in the encoder"), ("0", "user", "row 7 of the data cannot be used")]
 )

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import needs_shared
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main

@@ -30,7 +30,6 @@ from embstore.store.reader import Store, open_store
 from heads.probe.ridge import fit_ridge_path
 from heads.probe.scored_setup import StateCache, combos_for, split_roles_of, validation_rows
 from heads.probe.word import ID_STRIDE
-from heads.protocol import carve_groups
 from heads.report import rundir
 from heads.report.scored import ScoredRun, write_scored_run
 
@@ -93,7 +92,7 @@ def regression_examples(store: Store, split: str, level: str, label: str | None)
         values = _numeric(store.label_names, "the labels", store.path)
         y = values[store.labels(split)]
         keep = ~store.augmented(split)
-        g = carve_groups(store, split)
+        g = store.groups(split)
         ids = store.row_ids(split)
         return RegressionExamples(
             np.flatnonzero(keep), None, y[keep], None if g is None else g[keep], ids[keep], {"row": ids[keep]}

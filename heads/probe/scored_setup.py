@@ -58,7 +58,7 @@ def split_roles_of(
         return Roles(train, np.arange(n_rows[train]), name, np.arange(n_rows[name]))
     if len(splits) == 1 and evaluate is None:
         only = splits[0]
-        tr, te = carve(None, holdout, seed, groups[only], ids[only])
+        tr, te = carve(None, holdout, seed, groups=groups[only], row_ids=ids[only])
         return Roles(only, tr, only, te)
     raise ConfigError(f"--train-split {train!r} is not in {path}; its splits are {', '.join(splits)}.")
 
@@ -68,7 +68,7 @@ def validation_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) absolute rows: a seeded carve of ``fraction`` of ``rows``, groups (sentences) whole."""
     g = None if groups is None else groups[rows]
-    fit, val = carve(None, fraction, seed, g, ids[rows])
+    fit, val = carve(None, fraction, seed, groups=g, row_ids=ids[rows])
     return np.sort(rows[fit]), np.sort(rows[val])
 
 

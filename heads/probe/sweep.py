@@ -55,8 +55,8 @@ from heads.probe.sweep_setup import (
     plan_rounds,
     sweep_notes,
 )
-from heads.probe.word import TASKS, ExampleStore, sentence_carve
-from heads.protocol import carve_groups, split_roles, validation_carve
+from heads.probe.word import TASKS, ExampleStore
+from heads.protocol import split_roles
 from heads.report import rundir
 from heads.report.metrics import majority_accuracy
 from heads.report.results import RunWriter, aggregate, best_config
@@ -91,7 +91,8 @@ class SweepConfig:
     """A store split to make every choice on (epoch, C, configuration); None carves ``validation_fraction`` of the
     training rows (seeded, stratified, group-aware)."""
     seeds: int = 1
-    """Repeat every configuration with seeds 0..N-1 (reported as mean +- std)."""
+    """Repeat every configuration with seeds S..S+N-1, S the head's ``seed`` (default 0), reported as mean +- std.
+    Seed S carves the rows a ``heads finetune --seed S`` of the same data carves."""
     folds: int | None = None
     """K-fold cross-validation on the training split instead of the evaluation split."""
     max_memory: str = "8GB"
@@ -301,7 +302,8 @@ def _setup(config: SweepConfig, path: str) -> SweepSetup:
         val_split=config.val_split,
         train=(tr_split, tr_rows),
         evaluate=(ev_split, ev_rows),
-        carve=sentence_carve if isinstance(store, ExampleStore) else validation_carve,
+        first_seed=cfg.seed,
+        every_class=not isinstance(store, ExampleStore),
     )
     splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
     labels = Labels({s: store.labels(s) for s in splits}, names)
@@ -385,7 +387,6 @@ def _codelengths(
     cfg: HeadConfig,
     device: Any,
     comm: Comm,
-    seeds: int,
 ) -> dict[tuple[Combo, int], Codelength]:
     """--mdl: the online codelength of every L-BFGS probe configuration and seed, at its chosen C."""
     tr_split, tr_rows = setup.train
@@ -399,8 +400,38 @@ def _codelengths(
         return row_source(bank, combos, tr_split, row_sets, set_of, y, comm)
 
     return online_codelengths(
-        combos, chosen, list(range(seeds)), bank, tr_split, rows, y, len(setup.names), cfg, device, comm, source
+        combos,
+        chosen,
+        sorted({p.seed for p in setup.rounds}),
+        bank,
+        tr_split,
+        rows,
+        y,
+        len(setup.names),
+        cfg,
+        device,
+        comm,
+        source,
     )
+
+
+def _rows_record(store: Store, rounds: Sequence[RoundRows], folds: bool) -> dict[str, Any] | list[dict[str, Any]]:
+    """The fit, validation and evaluation rows of the first seed's rounds as sorted source-row ids (copies count
+    once), one object (a list of one per fold with ``folds``): the record ``heads finetune`` writes, so a sweep and a
+    fine-tune of one file, seed and fraction can be checked to choose and score on the same rows."""
+
+    def ids(split: str, rows: np.ndarray) -> list[int]:
+        return np.unique(store.row_ids(split)[rows]).tolist()
+
+    out = [
+        {
+            "fit": ids(p.train_split, p.fit_rows),
+            "validation": ids(p.val_split, p.val_rows),
+            "evaluation": ids(p.eval_split, p.eval_rows),
+        }
+        for p in rounds
+    ]
+    return out if folds else out[0]
 
 
 def _meta(
@@ -415,7 +446,7 @@ def _meta(
     y_all = store.labels(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     augmented = store.augmented(tr_split)
-    groups_all = carve_groups(store, tr_split)
+    groups_all = store.groups(tr_split)
     aug_train = augmented if tr_rows is None else augmented[tr_rows]
     y_eval_all = store.labels(ev_split)
     y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
@@ -423,14 +454,14 @@ def _meta(
     validation = (
         f"split `{config.val_split}` ({len(first.val_rows)} rows)"
         if config.val_split
-        else f"a seeded {cfg.validation_fraction:g} carve of the training sentences (each sentence whole on one "
-        f"side){' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} examples)"
+        else f"a seeded, stratified {cfg.validation_fraction:g} carve of the training sentences (each sentence "
+        f"whole on one side){' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} examples)"
         if isinstance(store, ExampleStore)
-        else f"a seeded, stratified{', group-aware' if groups_all is not None else ''} {cfg.validation_fraction:g} "
+        else f"a seeded, {'group-disjoint' if groups_all is not None else 'stratified'} {cfg.validation_fraction:g} "
         f"carve of "
         f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)"
     )
-    held = np.unique(np.concatenate([p.eval_rows for p in rounds if p.seed == 0]))
+    held = np.unique(np.concatenate([p.eval_rows for p in rounds if p.seed == first.seed]))
     run_eval = eval_set(
         source_sha256(store.provenance.sources, first.eval_split), store.row_ids(first.eval_split)[held]
     )
@@ -451,12 +482,12 @@ def _meta(
         "majority_accuracy": majority_accuracy(y_train[~aug_train], y_train[~aug_train] if config.folds else y_eval),
         "config": config.to_dict(),
         "augmented_rows": int(aug_train.sum()),
-        "kept_apart": None
-        if groups_all is None
-        else (
+        "kept_apart": (
             f"groups of {store.provenance.group_col or 'the group column'}"
-            if store.groups(tr_split) is not None
+            if groups_all is not None
             else "augmented copies and their source rows"
+            if aug_train.any()
+            else None
         ),
         "configurations": len(setup.combos),
         "embstore": __version__,
@@ -467,6 +498,7 @@ def _meta(
         "solver": cfg.solver,
         "world_size": comm.world,
         EVAL_SET_KEY: run_eval,
+        "rows": _rows_record(store, [p for p in rounds if p.seed == first.seed], config.folds is not None),
         "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
         # what the store's rows were cut to (heads report marks runs whose truncation differs)
         **(
@@ -561,7 +593,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
             timings["control_task_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if config.mdl and linear_combos(part, cfg):
-            codes.update(_codelengths(part, bank, found, cfg, device, comm, config.seeds))
+            codes.update(_codelengths(part, bank, found, cfg, device, comm))
         timings["mdl_s"] += time.perf_counter() - t0
         outcomes += found
         del bank

@@ -44,7 +44,6 @@ __all__ = [
     "edge_examples",
     "control_labels",
     "type_hash",
-    "sentence_carve",
 ]
 
 TASKS = ("sentence", "word", "edge", "arc", "regression")
@@ -175,28 +174,6 @@ def control_labels(types: Sequence[str], distribution: np.ndarray, seed: int) ->
             drawn[t] = min(int(np.searchsorted(cdf, type_hash(t, seed), side="right")), len(cdf) - 1)
         out[i] = drawn[t]
     return out
-
-
-def sentence_carve(
-    y: np.ndarray,
-    fraction: float,
-    seed: int,
-    groups: np.ndarray | None = None,
-    what: str = "the training rows",
-    row_ids: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, validation) sorted positions: a seeded carve of about ``fraction`` of the sentences (``groups``), every
-    sentence whole on one side (:func:`embstore.data.carve.carve`). Unlike the sentence-level carve it does not ask
-    every class to sit on both sides: a word label's rare values (one word of a treebank) cannot."""
-    from embstore.data.carve import carve
-
-    if groups is None or len(np.unique(groups)) < 2:
-        raise ConfigError(
-            f"The validation carve of {what} keeps sentences whole, and it holds "
-            f"{0 if groups is None else len(np.unique(groups))} "
-            "sentence(s); give more sentences, or pass --val-split NAME."
-        )
-    return carve(None, fraction, seed, groups, row_ids)
 
 
 class _Layout:
