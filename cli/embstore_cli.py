@@ -43,8 +43,8 @@ def extract_options(f: Any) -> Any:
             ),
             click.option(
                 "--data",
-                help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets [default: builtin:tweets when no "
-                "--split is given].",
+                help="One CSV/TSV/JSONL/Parquet file, a CoNLL-U file (.conllu: word-level data), or builtin:tweets "
+                "[default: builtin:tweets when no --split is given].",
             ),
             click.option(
                 "--split",
