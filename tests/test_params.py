@@ -99,8 +99,8 @@ def _sweep(**kw):
         ),
         (
             lambda: _sweep(heads=("linear", "svm")),
-            r"^The 'heads' parameter of SweepConfig must be a comma list of linear, mlp, rank, conv, sum, mix, pair, rnn, "
-            r"gru, lstm\. Got 'linear,svm' instead\.$",
+            r"^The 'heads' parameter of SweepConfig must be a comma list of linear, mlp, rank, conv, sum, mix, pair, "
+            r"rnn, gru, lstm\. Got 'linear,svm' instead\.$",
         ),
         (
             lambda: _sweep(seeds=0),
