@@ -36,6 +36,7 @@ __all__ = [
     "RankFailedError",
     "StoreCorruptedError",
     "InvalidParameterError",
+    "NonFiniteValuesError",
     "Constraint",
     "Choice",
     "Interval",
@@ -107,6 +108,10 @@ class RankFailedError(EmbstoreError, RuntimeError):
 
 class StoreCorruptedError(EmbstoreError, ValueError):
     """Data read from a store does not match the checksum recorded when it was written."""
+
+
+class NonFiniteValuesError(EmbstoreError, ArithmeticError):
+    """A hidden state is inf or NaN, from the model or once cast to the storage dtype: never stored silently."""
 
 
 class InvalidParameterError(ConfigError):

@@ -94,9 +94,7 @@ def _job(plan: Plan, split: str, chunk: int, tower: str, rows: np.ndarray) -> Ch
     src = plan.order[split][rows]
     e = plan.encoded[(split, tower)]
     if isinstance(e, Encoded):
-        towers: dict[str, Any] = {
-            tower: ([e.ids[i] for i in src], None if e.type_ids is None else [e.type_ids[i] for i in src])
-        }
+        towers: dict[str, Any] = {tower: e.rows(src)}
     else:
         towers = {tower: [e.items[i] for i in src]}
     return ChunkJob(split=split, chunk=chunk, towers=towers)

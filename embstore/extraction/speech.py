@@ -19,7 +19,7 @@ from embstore.data.audio import load_waveform
 from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
 from embstore.data.tables import SplitData
 from embstore.errors import DataError
-from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
+from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, Prepared, make_batches
 
 if TYPE_CHECKING:
     from torch import nn
@@ -161,7 +161,7 @@ class AudioChunkEncoder(ChunkEncoder):
         offsets = np.concatenate([[0], np.cumsum(frames)])
         buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
 
-        def prepare(start: int, stop: int) -> tuple[dict[str, Any], np.ndarray]:
+        def prepare(start: int, stop: int) -> Prepared:
             """Decode, resample and pad one batch (in the prefetch thread, while the model runs)."""
             waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
             enc = self.fe(
@@ -170,7 +170,7 @@ class AudioChunkEncoder(ChunkEncoder):
             batch = {"input_values": enc["input_values"].astype(np.float32, copy=False)}
             if self.use_mask:
                 batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)
-            return self.forward.stage(batch), frames[start:stop]
+            return self.forward.stage(batch), frames[start:stop], None
 
-        self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows)
+        self._run(job.split, make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows)
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))
