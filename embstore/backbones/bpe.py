@@ -97,8 +97,12 @@ _BY_MODEL_TYPE = {
     "gpt_neox": "neox",
     "qwen2": "qwen2",
     "qwen3": "qwen2",
-    **{t: "llama" for t in ("llama", "mistral", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite")},
-    **{t: "gpt2" for t in ("opt", "phi", "stablelm", "gptj", "gpt_neo", "bloom", "falcon")},
+    **{
+        t: "llama"
+        for t in ("llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite")
+    },
+    **{t: "gpt2" for t in ("opt", "phi", "stablelm", "gptj", "gpt_neo", "codegen", "bloom", "falcon", "starcoder2")},
+    "cohere": "llama",
 }
 
 

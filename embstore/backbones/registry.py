@@ -397,6 +397,11 @@ def _dispatch(model: Any, placement: Placement) -> Any:
     if placement.device_map != "sequential":
         memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split)
     device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    if set(device_map.values()) == {"disk"}:
+        raise ConfigError(
+            f"--max-device-memory {placement.max_memory} leaves no device room for even the first part of the model, "
+            "so all of it would run from --offload-dir; raise --max-device-memory."
+        )
     model = dispatch_model(model, device_map=device_map, offload_dir=placement.offload_dir)
     model.hf_device_map = device_map
     return model

@@ -100,7 +100,8 @@ class TextSpec:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 f"--chat-template applies the tokenizer's own chat template, and this tokenizer "
-                f"({type(tokenizer).__name__}) has none; pass --template 'PROMPT {{text}}' instead."
+                f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has none; pass --template "
+                "'PROMPT {text}' instead."
             )
         messages = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [
             {"role": "user", "content": _SENTINEL}

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore.backbones.registry import load_backbone
+from embstore.backbones.registry import Placement, load_backbone
 from embstore.errors import ConfigError, ModelNotFoundError
 from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+from embstore.extraction.textspec import TextSpec
 from embstore.store import layout as L
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank
@@ -61,8 +62,9 @@ def predict_texts(
         raise ConfigError(f"This head was trained on audio ({backbone.name}); give audio file paths, one per line.")
     max_length = int(extra.get("max_length") or 256)
     tok = backbone.tokenizer
+    spec = TextSpec.from_dict(extra.get("text"))  # the store's template and pooled tokens (None: the text alone)
     inputs = {
-        t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length)
+        t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length, spec)
         for t in towers
     }
     lengths = np.sum([e.lengths for e in inputs.values()], axis=0)
@@ -70,10 +72,7 @@ def predict_texts(
     job = ChunkJob(
         split="predict",
         chunk=0,
-        towers={
-            t: ([e.ids[i] for i in order], None if e.type_ids is None else [e.type_ids[i] for i in order])
-            for t, e in inputs.items()
-        },
+        towers={t: e.rows(order) for t, e in inputs.items()},
     )
     token_layers = list(combo.layers) if combo.pooling == "tokens" else []
     poolings = [] if combo.pooling == "tokens" else [combo.pooling]
@@ -96,7 +95,9 @@ def predict_texts(
 def _backbone(extra: dict[str, Any], device: str) -> Any:
     """The head's backbone, refused when its weights are not those the store was made with."""
     model_info = extra["model"]
-    backbone = load_backbone(str(model_info["name"]), device)
+    # the compute dtype the store was made in (stores from before it was recorded computed in float32 on the CPU)
+    dtype = str(extra.get("compute_dtype") or "float32")
+    backbone = load_backbone(str(model_info["name"]), device, placement=Placement(dtype=dtype))
     if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
         raise ModelNotFoundError(
             f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; "
