@@ -32,6 +32,8 @@ Usage: python benchmarks/extract.py [--rows 3000] [--repeats 3] [--data ../share
        python benchmarks/extract.py --seq-len 128 --rows 2048 [--model random:bert-base] [--device cuda]
        python benchmarks/extract.py --decoder --rows 150 --repeats 2 [--max-length 128]
        python benchmarks/extract.py --peak-memory --rows 16 --seq-len 128
+       python benchmarks/extract.py --plan-table     # docs/llm.md's disk and memory table (no model is run)
+       python benchmarks/extract.py --batching --rows 32 --max-length 128   # batch size at float32 / bfloat16
 """
 
 from __future__ import annotations
@@ -212,7 +214,20 @@ def main() -> None:
     ap.add_argument("--compute-dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--decoder", action="store_true", help="decoder LLMs: forward stop and b/a (extract_llm.py)")
     ap.add_argument("--peak-memory", action="store_true", help="peak RSS of a 24 x 2048 decoder (extract_llm.py)")
+    ap.add_argument("--plan-table", action="store_true", help="docs/llm.md's disk and memory table (extract_llm.py)")
+    ap.add_argument("--batching", action="store_true", help="batch 16 vs 1 at float32 and bfloat16 (extract_llm.py)")
     args = ap.parse_args()
+    if args.plan_table:
+        import extract_llm
+
+        extract_llm.plan_table()
+        return
+    if args.batching:
+        import extract_llm
+
+        args.model = None if args.model == "minilm" else args.model
+        extract_llm.batching(args)
+        return
     if args.decoder or args.peak_memory:
         import extract_llm
 

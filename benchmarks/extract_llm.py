@@ -6,8 +6,9 @@ causal defaults last+mean over text tokens, float16 storage), in one process, th
 
 (a) the bare transformers loop over the same length-sorted, token-budgeted batches (tokenizing and sorting
     included), ``output_hidden_states=True``, nothing pooled or stored;
-(b) ``embstore extract --layers all`` end to end (CSV read and hashed, tokenizing, model initialisation, pooling,
-    zarr store with checksums);
+(b) ``embstore extract --layers all`` end to end (CSV read and hashed, tokenizing, the model loaded from its
+    safetensors directory, pooling, zarr store with checksums; a ``random:`` model is saved as a directory first,
+    so extraction loads weights as it would a real LLM's instead of initialising them at random);
 (s) ``embstore extract --layers 0-1``, the same end to end: the forward stops after block 1.
 
 ``--peak-memory`` (random:llama-24x2048: 24 blocks x 2048, about 1.1B parameters, float32 compute on the CPU):
@@ -53,17 +54,24 @@ def decoder(args: argparse.Namespace) -> None:
     from embstore.backbones.registry import load_backbone
     from embstore.extraction.encode import length_order, tokenize
 
-    model = args.model or "random:llama-base"
+    work = Path(tempfile.mkdtemp(prefix="embstore-llm-"))
+    name = args.model or "random:llama-base"
+    model = name
+    if name.startswith("random:"):  # saved as a model directory: extraction loads it as it loads a real LLM
+        random_bb = load_backbone(name)
+        model = str(work / "model")
+        random_bb.model.save_pretrained(model)
+        random_bb.tokenizer.save_pretrained(model)
+        del random_bb
     texts = pd.read_csv(args.data).text.astype(str).tolist()[: args.rows]
     bb = load_backbone(model, args.device)
     enc = tokenize(bb.tokenizer, texts, None, args.max_length)
     ids = [enc.ids[i] for i in length_order(enc.lengths)]
     print(
         f"data: {args.data} ({len(texts)} rows, {int(enc.lengths.sum())} tokens, max length {args.max_length}), "
-        f"model {model} ({bb.n_layers} blocks x {bb.hidden}), batches of {args.batch_size} rows / "
-        f"{args.token_budget} tokens"
+        f"model {name} ({bb.n_layers} blocks x {bb.hidden}, loaded from a safetensors directory), batches of "
+        f"{args.batch_size} rows / {args.token_budget} tokens"
     )
-    work = Path(tempfile.mkdtemp(prefix="embstore-llm-"))
 
     def run_extract(layers: str, r: int) -> float:
         cfg = ExtractConfig.from_dict(
@@ -206,6 +214,109 @@ def peak_memory(args: argparse.Namespace) -> None:
         print(f"load average: {', '.join(f'{x:.1f}' for x in loads)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def batching(args: argparse.Namespace) -> None:
+    """How much the batch size moves stored values at float32 and at bfloat16 compute (the store id leaves batching
+    out): the same rows at batch 16 and batch 1, the largest |difference| of last and mean over every layer, beside
+    bfloat16's own difference from float32."""
+    from embstore.backbones.registry import Placement, load_backbone
+    from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+
+    model = args.model or "random:llama-base"
+    texts = pd.read_csv(args.data).text.astype(str).tolist()[: args.rows]
+    out: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for dtype in ("float32", "bfloat16"):
+        bb = load_backbone(model, placement=Placement(dtype=dtype))
+        enc = tokenize(bb.tokenizer, texts, None, args.max_length)
+        order = length_order(enc.lengths)
+        job = ChunkJob(split="b", chunk=0, towers={"x": enc.rows(order)})
+        for batch in (1, 16):
+            encoder = ChunkEncoder(
+                bb.model,
+                0,
+                layers=list(range(bb.n_layers + 1)),
+                token_layers=[],
+                poolings=["last", "mean"],
+                dtype="float32",
+                batch_size=batch,
+                token_budget=1 << 20,
+                device="cpu",
+            )
+            out[(dtype, batch)] = encoder.encode(job, lambda t, w, layer: w)
+    print(f"model {model}, {len(texts)} rows of {args.data}, max length {args.max_length}, values stored as float32")
+    for p in ("last", "mean"):
+        f32 = np.abs(out[("float32", 16)][p] - out[("float32", 1)][p]).max()
+        b16 = np.abs(out[("bfloat16", 16)][p] - out[("bfloat16", 1)][p]).max()
+        vs = np.abs(out[("bfloat16", 1)][p] - out[("float32", 1)][p]).max()
+        scale = np.abs(out[("float32", 1)][p]).max()
+        print(
+            f"{p}: batch 16 vs 1 at float32 {f32:.2e}, at bfloat16 {b16:.2e}; bfloat16 vs float32 {vs:.2e} "
+            f"(largest |value| {scale:.3g})"
+        )
+
+
+LLAMA_7B = {
+    "model_type": "llama",
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 11008,
+    "vocab_size": 32000,
+}
+"""The 32 x 4096 shape of docs/llm.md's table (Llama-2-7B's)."""
+
+
+def plan_table(rows: int = 100_000, seq_len: int = 128) -> None:
+    """docs/llm.md's table: disk and peak memory of a 32 x 4096 model over ``rows`` rows of ``seq_len`` tokens, from
+    the functions ``embstore plan`` uses (the layout's bytes and :func:`memory_estimate`), the model built on the
+    meta device (a random 7B model cannot be built on this machine)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from embstore.extraction.encode import make_batches
+    from embstore.extraction.estimate import _state_bytes, memory_estimate
+    from embstore.store import layout as L
+
+    cfg = dict(LLAMA_7B)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    gib = 1 << 30
+    print(f"{rows} rows x {seq_len} tokens, 32 x 4096 (Llama-2-7B shape), default --token-budget 16384")
+    print("| layers | poolings | --dtype | --compute-dtype | disk | peak memory (weights + one batch + buffers) |")
+    print("|---|---|---|---|---|---|")
+    lengths = np.full(rows, seq_len)
+    spans = make_batches(lengths, 64, 16384)
+    batches = [("all", 0, "text", np.arange(a, b), (b - a) * seq_len) for a, b in spans[:1]]
+    for layers, poolings, dtype, compute in (
+        ("all", ("last", "mean"), "float16", "bfloat16"),
+        ("all", ("last", "mean"), "float32", "bfloat16"),
+        ("all", ("last", "mean", "max"), "float16", "bfloat16"),
+        ("-4--1", ("last",), "float16", "bfloat16"),
+        ("all", ("last", "mean"), "float16", "float32"),
+    ):
+        with torch.device("meta"):
+            meta = AutoModel.from_config(config, dtype=getattr(torch, compute))
+        chosen = tuple(range(33)) if layers == "all" else tuple(range(29, 33))
+        lay = L.StoreLayout(
+            layers=chosen,
+            poolings=poolings,
+            hidden=4096,
+            dtype=dtype,
+            towers=("text",),
+            token_layers=(),
+            chunk_rows=2048,
+            splits={"all": L.SplitLayout.plan(rows, 2048, {"text": rows * seq_len})},
+        )
+        disk = sum(_state_bytes(lay)["pooled"].values())
+        mem = memory_estimate(meta, lay, batches)
+        print(
+            f"| {layers} | {','.join(poolings)} | {dtype} | {compute} | {disk / gib:.1f} GiB | "
+            f"{mem['total'] / gib:.1f} GiB ({mem['weights'] / gib:.1f} + {mem['activations'] / gib:.2f} + "
+            f"{(mem['pooled'] + mem['chunks'] + mem['runtime']) / gib:.2f}) |"
+        )
+    tokens = rows * seq_len * 33 * 4096 * 2
+    print(f"--tokens all instead (every token of every layer, float16): {tokens / (1 << 40):.1f} TiB")
 
 
 def main() -> None:

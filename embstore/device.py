@@ -75,21 +75,25 @@ def resolve_compute_dtype(requested: str, device: str) -> str:
 
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
 
 
-def parse_device_memory(text: str) -> dict[int | str, str]:
-    """``--max-device-memory`` ('0=20GiB,1=20GiB,cpu=64GiB') as accelerate's ``max_memory`` ({0: '20GiB', ...});
-    a ConfigError naming the bad entry."""
-    out: dict[int | str, str] = {}
+def parse_device_memory(text: str) -> dict[int | str, int]:
+    """``--max-device-memory`` ('0=20GiB,1=20GiB,cpu=64GiB') as accelerate's ``max_memory`` in bytes
+    ({0: 21474836480, ..., 'cpu': ...}); a ConfigError naming the bad entry. Sizes are turned into bytes here, in
+    either case ('20gb' is 20 GB), because accelerate reads a lower-case 'b' as bits and knows no 'B' or 'TB'."""
+    out: dict[int | str, int] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         key, sep, size = part.partition("=")
         key = key.strip().lower()
-        if not sep or not (key.isdigit() or key == "cpu") or not _SIZE.fullmatch(size):
+        found = _SIZE.fullmatch(size) if sep else None
+        if found is None or not (key.isdigit() or key == "cpu"):
             raise ConfigError(
                 f"The --max-device-memory entry {part!r} must be GPU=SIZE or cpu=SIZE with a size such as 20GiB or "
                 "512MB, e.g. '0=20GiB,1=20GiB,cpu=64GiB'."
             )
-        out[int(key) if key.isdigit() else key] = size.strip()
+        out[int(key) if key.isdigit() else key] = int(float(found.group(1)) * _UNITS[found.group(2).lower()])
     if not out:
         raise ConfigError("--max-device-memory is empty; give e.g. '0=20GiB,cpu=64GiB'.")
     return out
@@ -109,12 +113,12 @@ def rank_gpus(local_rank: int, per_rank: int, visible: int) -> list[int]:
 
 
 def rank_device_memory(
-    group: list[int], budgets: dict[int | str, int | str] | None, totals: dict[int, int | str]
-) -> dict[int | str, int | str]:
+    group: list[int], budgets: dict[int | str, int] | None, totals: dict[int, int]
+) -> dict[int | str, int]:
     """accelerate's ``max_memory`` for one rank's GPU ``group``: only its GPUs (so the map never reaches another
     rank's), each at the budget ``--max-device-memory`` gives its position in the group (0 = the group's first GPU),
     else at ``totals[gpu]``; the CPU budget passes through."""
-    out: dict[int | str, int | str] = {}
+    out: dict[int | str, int] = {}
     for pos, gpu in enumerate(group):
         out[gpu] = (budgets or {}).get(pos, totals[gpu])
     if budgets and "cpu" in budgets:

@@ -199,6 +199,19 @@ def test_pairs_need_text_pair_in_the_template(pair_csv):
     assert store.provenance["text"]["prompt"] == "{text}\nQ: {text_pair}"
 
 
+def test_plain_pairs_on_a_decoder_get_no_token_type_ids(pair_csv):
+    """GPT-2's forward takes token_type_ids (and would add their embeddings), but its tokenizer never feeds them:
+    neither does embstore, so a pair's states are transformers' on the pair's ids alone."""
+    store = _extract(pair_csv, model="random:tiny-gpt2", text_col="s1", text_pair_col="s2", pooling=("last",))
+    bb = load_backbone("random:tiny-gpt2")
+    table = pd.read_csv(pair_csv).iloc[store.row_ids("all")]
+    for i, (a, b) in enumerate(zip(table.s1, table.s2)):
+        ids = bb.tokenizer(a, b)["input_ids"]
+        np.testing.assert_allclose(
+            store.pooled("all", "last")[i], _reference(bb.model, ids, np.ones(len(ids), bool))["last"], atol=1e-5
+        )
+
+
 def test_the_chat_template_renders_as_transformers_does(texts_csv):
     store = _extract(texts_csv, model="random:tiny-qwen2", chat_template=True, system="Be brief.", batch_size=5)
     other = _extract(texts_csv, model="random:tiny-qwen2", chat_template=True)

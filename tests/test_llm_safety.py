@@ -169,14 +169,16 @@ def test_gpus_per_rank_gives_each_rank_its_own_group(monkeypatch):
         rank_gpus(2, 4, 8)
     totals = {g: 80 << 30 for g in range(8)}
     budgets = parse_device_memory("0=20GiB,1=30GiB,cpu=64GiB")
-    assert budgets == {0: "20GiB", 1: "30GiB", "cpu": "64GiB"}
+    assert budgets == {0: 20 << 30, 1: 30 << 30, "cpu": 64 << 30}
+    # bytes, whatever the case: accelerate would read '20gb' as gigabits and knows no 'B' or 'TB'
+    assert parse_device_memory("0=20gb,cpu=1.5TB,1=512B") == {0: 20 * 10**9, "cpu": 15 * 10**11, 1: 512}
     # positions in the group: the rank's first GPU gets 20GiB, its second 30GiB, the rest their totals; no other GPU
     assert rank_device_memory([4, 5, 6, 7], budgets, totals) == {
-        4: "20GiB",
-        5: "30GiB",
+        4: 20 << 30,
+        5: 30 << 30,
         6: 80 << 30,
         7: 80 << 30,
-        "cpu": "64GiB",
+        "cpu": 64 << 30,
     }
     config = ExtractConfig(model="random:tiny-llama", device_map="auto", gpus_per_rank=4)
     monkeypatch.setenv("LOCAL_RANK", "1")

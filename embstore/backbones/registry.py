@@ -168,9 +168,9 @@ class Placement:
     """'float32', 'bfloat16' or 'float16' (resolved from 'auto' by :func:`embstore.device.resolve_compute_dtype`)."""
     device_map: str | None = None
     """'auto', 'balanced' or 'sequential' (accelerate's strategies); None loads the model whole on one device."""
-    max_memory: dict[int | str, int | str] | None = None
-    """accelerate's ``max_memory`` ({0: '20GiB', 'cpu': '64GiB'}); what does not fit goes to the next device, then to
-    ``offload_dir`` on disk."""
+    max_memory: dict[int | str, int] | None = None
+    """accelerate's ``max_memory`` in bytes per device ({0: 20 << 30, 'cpu': 64 << 30}); what does not fit goes to
+    the next device, then to ``offload_dir`` on disk."""
     offload_dir: str | None = None
     """Where weights offloaded to disk are kept."""
 
@@ -399,8 +399,8 @@ def _dispatch(model: Any, placement: Placement) -> Any:
     device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
     if set(device_map.values()) == {"disk"}:
         raise ConfigError(
-            f"--max-device-memory {placement.max_memory} leaves no device room for even the first part of the model, "
-            "so all of it would run from --offload-dir; raise --max-device-memory."
+            f"--max-device-memory ({placement.max_memory}, in bytes) leaves no device room for even the first part of "
+            "the model, so all of it would run from --offload-dir; raise --max-device-memory."
         )
     model = dispatch_model(model, device_map=device_map, offload_dir=placement.offload_dir)
     model.hf_device_map = device_map

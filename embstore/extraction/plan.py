@@ -106,7 +106,7 @@ def poolings_of(config: ExtractConfig, modality: str, causal: bool) -> tuple[str
 def placement_of(config: ExtractConfig, device: str) -> Placement:
     """How the extraction holds the model: its compute dtype and device map (with ``--gpus-per-rank``, over this
     rank's group of GPUs: :func:`embstore.device.rank_gpus`)."""
-    memory: dict[int | str, int | str] | None = (
+    memory: dict[int | str, int] | None = (
         dict(parse_device_memory(config.max_device_memory)) if config.max_device_memory else None
     )
     if config.gpus_per_rank is not None and device.startswith("cuda"):
