@@ -252,7 +252,7 @@ def main() -> None:
                 "model": "random:hubert-tiny",
                 "extract_s": round(t_aug, 2),
                 "rows": {sp: s.n_rows(sp) for sp in s.splits},
-                "augmented": s.meta["augmented"],
+                "augmented": s.meta.augmented,
             }
         print(json.dumps(out["augmentation"]), flush=True)
     out["sweeps"] = sweeps

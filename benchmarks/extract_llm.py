@@ -198,7 +198,7 @@ def peak_memory(args: argparse.Namespace) -> None:
         o = _measured([*me, "--child", "old", *common, "--out", str(work / "o.npy")])
         loads.append(_load())
         weights, layer = est["weights"], args.rows * seq_len * hidden * 4
-        target = weights + 2 * layer + (500 << 20)
+        target = weights + 2 * layer + 500_000_000  # 0.5 GB
         gib = 1 << 30
         print(
             f"model {model}: weights {weights / gib:.2f} GiB (float32); one batch of {args.rows} rows x {seq_len} "
@@ -208,7 +208,7 @@ def peak_memory(args: argparse.Namespace) -> None:
         print(f"(n) embstore extract          : peak RSS {n[0] / gib:.2f} GiB ({n[1]:.0f} s)")
         print(f"(o) stacked forward, pre-26   : peak RSS {o[0] / gib:.2f} GiB ({o[1]:.0f} s)")
         verdict = "met" if n[0] <= target else "MISSED"
-        print(f"target weights + 2 x layer + 0.5 GiB = {target / gib:.2f} GiB: (n) {verdict}")
+        print(f"target weights + 2 x layer + 0.5 GB = {target / gib:.2f} GiB: (n) {verdict}")
         parts = json.dumps({k: round(v / gib, 3) for k, v in est.items()})
         print(f"embstore plan's estimate: {est['total'] / gib:.2f} GiB ({parts} GiB)")
         print(f"load average: {', '.join(f'{x:.1f}' for x in loads)}")

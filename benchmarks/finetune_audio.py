@@ -52,8 +52,8 @@ def prepare_emodb(work: Path, per_speaker: int, seed: int = 0) -> tuple[Path, Pa
 
 
 def prepare_tones(work: Path, per_class: int, seconds: float = 1.0) -> tuple[Path, Path]:
-    """Generated tones (tests/tones.py), 5 speakers; speaker 4 is the test speaker."""
-    from tones import write_tones
+    """Generated tones (tests/factories.py, write_tones), 5 speakers; speaker 4 is the test speaker."""
+    from factories import write_tones
 
     table = write_tones(work / "tones", per_class=per_class, speakers=5, seconds=seconds)
     df = pd.read_csv(table)
@@ -267,7 +267,7 @@ def _memory_child(table: str, model: str, batch_seconds: float, batch_size: int,
 
 def memory(work: Path, model: str, clips: int, budgets: list[float]) -> list[dict[str, Any]]:
     """Peak RSS for each ``--batch-seconds`` budget (batch size 8), and of the model alone, each in a fresh process."""
-    from tones import write_tones
+    from factories import write_tones
 
     table = write_tones(work / "long", per_class=max(1, clips // 4), speakers=1, seconds=30.0)
     base = subprocess.run(

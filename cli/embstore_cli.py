@@ -437,26 +437,24 @@ def info(store_path: str, as_json: bool) -> None:
 
     with open_store(store_path, allow_incomplete=True) as store:
         d = store.describe()
+        prov = store.provenance
     if as_json:
         click.echo(json.dumps(d, default=str))
         return
-    prov = d["provenance"]
     lines = [
         f"store      {d['path']} ({d['format']}, {d['modality']}, {'complete' if d['complete'] else 'INCOMPLETE'})",
-        f"model      {prov.get('model', {}).get('name')}  hidden {d['hidden']}  layers "
-        f"{','.join(map(str, d['layers']))}",
+        f"model      {prov.model_name}  hidden {d['hidden']}  layers {','.join(map(str, d['layers']))}",
         f"poolings   {','.join(d['poolings'])}  dtype {d['dtype']}  towers {','.join(d['towers'])}"
         + (f"  tokens for layers {','.join(map(str, d['token_layers']))}" if d["token_layers"] else ""),
         f"labels     {', '.join(d['label_names']) if d['label_names'] else '(none)'}",
     ]
-    if prov.get("compute_dtype"):
-        lines.append(f"compute    {prov['compute_dtype']} (precision {prov.get('precision')})")
-    text = prov.get("text") or {}
-    if text:
-        prompt = text.get("prompt")
+    if prov.compute_dtype:
+        lines.append(f"compute    {prov.compute_dtype} (precision {prov.precision})")
+    if prov.text is not None:
+        text = prov.text
         lines.append(
-            f"text       pool-tokens {text.get('pool_tokens')}"
-            + (f"  {'chat template' if text.get('chat_template') else 'template'} {prompt!r}" if prompt else "")
+            f"text       pool-tokens {text.pool_tokens}"
+            + (f"  {'chat template' if text.chat_template else 'template'} {text.prompt!r}" if text.prompt else "")
         )
     if d.get("group_names"):
         lines.append(f"groups     {', '.join(d['group_names'])}")
@@ -467,15 +465,13 @@ def info(store_path: str, as_json: bool) -> None:
             f"{sum(s['tokens'].values())} {unit}, {s['truncated'] or 0} {cut}"
             + (f", {s['augmented']} augmented" if s.get("augmented") else "")
         )
-    for src in prov.get("sources", []):
+    for src in prov.sources:
         lines.append(
             f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns "
             f"{','.join(src['columns'])}"
         )
     lines.append(f"bytes      {_human(d['bytes'])}")
-    lines.append(
-        f"created    {d['created']}  finished {d['finished']}  embstore {prov.get('tool', {}).get('embstore')}"
-    )
+    lines.append(f"created    {d['created']}  finished {d['finished']}  embstore {prov.tool.get('embstore')}")
     click.echo("\n".join(lines))
 
 
@@ -500,11 +496,11 @@ def ls_(directory: str | None) -> None:
         try:
             with open_store(p, allow_incomplete=True) as store:
                 d = store.describe()
+                model = store.provenance.model_name
             done = sum(s["chunks_done"] for s in d["splits"].values())
             total = sum(s["chunks"] for s in d["splits"].values())
             state = "complete" if d["complete"] else f"incomplete {done}/{total} chunks"
             rows = ",".join(f"{k}={v['rows']}" for k, v in d["splits"].items())
-            model = d["provenance"].get("model", {}).get("name")
             click.echo(f"{p}\t{state}\t{model}\t{rows}\t{_human(d['bytes'])}")
         except Exception as exc:  # one unreadable entry must not hide the others
             click.echo(f"{p}\tunreadable ({type(exc).__name__})")

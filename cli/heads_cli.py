@@ -98,7 +98,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--train-split", help="Split to train on (a one-split store is carved instead). [default: train]"),
     click.option("--eval-split", help="Split scored for the report [default: test, else validation]."),
     click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
-    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
+    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 (from a config's seed S: S..S+N-1) [default: 1]."),
     click.option(
         "--folds",
         type=int,
@@ -249,7 +249,7 @@ def predict(
     from embstore.device import resolve_device
     from embstore.errors import ConfigError
     from heads.finetune.predict import is_finetune_run, predict_finetuned, predict_finetuned_audio
-    from heads.probe.predict import head_modality, load_head, predict_audio, predict_texts
+    from heads.probe.predict import head_modality, label_names, load_head, predict_audio, predict_texts
     from heads.report.rundir import RUN_FILE
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
@@ -279,7 +279,7 @@ def predict(
             labels, proba = predict_audio(est, [line.strip() for line in lines], device=resolve_device(device))
         else:
             labels, proba = predict_texts(est, texts, pairs, device=resolve_device(device))
-        names = [str(n) for n in (est.extra_.get("label_names") or range(proba.shape[1]))]
+        names = label_names(est, proba.shape[1])
     if predictions_file is not None:
         import numpy as np
 
@@ -504,7 +504,8 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "--validation-fraction",
     type=float,
     help="Share of the training rows carved "
-    "(seeded, stratified, group-aware) as validation rows for early stopping. [default: 0.1]",
+    "(seeded, stratified, group-aware) as validation rows for early stopping: the rows heads sweep validates on "
+    "for the same data, seed and fraction. [default: 0.1]",
 )
 @click.option("--train-split", help="Split to train on (a one-split table is carved instead). [default: train]")
 @click.option("--eval-split", help="Split scored for the report [default: test, else validation].")

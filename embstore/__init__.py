@@ -32,6 +32,7 @@ from embstore.errors import (
 )
 from embstore.layers import format_layers, parse_layers
 from embstore.store.layout import EMBSTORE_VERSION as __version__
+from embstore.store.layout import Provenance, StoreMeta
 from embstore.store.reader import Store, TokenStates, open_store
 
 
@@ -49,6 +50,8 @@ __all__ = [
     "extract",
     "open_store",
     "Store",
+    "StoreMeta",
+    "Provenance",
     "TokenStates",
     "parse_layers",
     "format_layers",

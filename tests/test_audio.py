@@ -1,6 +1,8 @@
 """Speech backbones: audio reading and resampling, the audio store, groups, augmentation, bad input.
 
-Synthetic tones are written per test; a few real Emo-DB files are used when ../shared is present.
+Synthetic tones (factories.pitch_clips): the tests that only read them and their stores share the session's
+``pitch_table`` and ``shared_store`` (each distinct store extracted once); a test that edits the table, interrupts
+or times an extraction writes its own (``tones``). A few real Emo-DB files are used when ../shared is present.
 """
 
 from __future__ import annotations
@@ -13,6 +15,15 @@ import pandas as pd
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from factories import (
+    assert_same_store,
+    needs_shared,
+    pitch_clips,
+    random_model_dir,
+    recorded_calls,
+    recording_env,
+    tone,
+)
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
@@ -25,14 +36,8 @@ from embstore.extraction.run import extract
 from embstore.store.reader import open_store
 from heads.probe.sweep import SweepConfig, run_sweep
 from heads.protocol import split_roles
-from tests.conftest import needs_shared
 
 HUBERT = "random:hubert-tiny"
-
-
-def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
-    t = np.arange(int(round(seconds * rate))) / rate
-    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
 def peak_hz(x: np.ndarray, rate: int) -> float:
@@ -42,24 +47,9 @@ def peak_hz(x: np.ndarray, rate: int) -> float:
 
 @pytest.fixture
 def tones(tmp_path: Path) -> Path:
-    """24 recordings in audio/ (22.05, 16 and 8 kHz; one stereo), label low/high by pitch, 6 speakers."""
-    d = tmp_path / "audio"
-    d.mkdir()
-    rows = []
-    rates = [22050, 16000, 8000]
-    for i in range(24):
-        label = "low" if i % 2 == 0 else "high"
-        freq = (200 if label == "low" else 2000) + 15 * i
-        rate = rates[i % 3]
-        x = tone(freq, 0.3 + 0.05 * (i % 5), rate)
-        if i == 5:
-            x = np.stack([x, 0.5 * x], axis=1)  # stereo
-        sf.write(d / f"r{i:02d}.wav", x, rate)
-        # every speaker says both (2 low, 2 high): a speaker-disjoint validation carve can then hold both classes
-        rows.append({"file": f"audio/r{i:02d}.wav", "label": label, "speaker": f"s{(i // 2) % 6}"})
-    path = tmp_path / "labels.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
+    """The 24 recordings of factories.pitch_clips, this test's own copy (it may edit the table or write beside it);
+    a test that only reads them takes the session's ``pitch_table``."""
+    return pitch_clips(tmp_path)
 
 
 def cfg(data: Path, tmp_path: Path, **kw) -> ExtractConfig:
@@ -146,8 +136,8 @@ def test_choose_sources_and_params():
 # -- extraction ---------------------------------------------------------------------------------
 
 
-def test_audio_store_shapes_and_values(tones: Path, tmp_path: Path):
-    res = extract(cfg(tones, tmp_path, tokens="2", batch_size=4), show_progress=False)
+def test_audio_store_shapes_and_values(pitch_table: Path, shared_store, tmp_path: Path):
+    res = shared_store(cfg(pitch_table, tmp_path, tokens="2", batch_size=4))
     bb = load_backbone(HUBERT)
     with open_store(res.path) as s:
         assert s.modality == "audio" and s.towers == ["audio"] and s.poolings == ["mean", "max"]
@@ -166,7 +156,7 @@ def test_audio_store_shapes_and_values(tones: Path, tmp_path: Path):
         import torch
 
         i = 3
-        wav = load_waveform(tones.parent / f"audio/r{rows[i]:02d}.wav", 16000)
+        wav = load_waveform(pitch_table.parent / f"audio/r{rows[i]:02d}.wav", 16000)
         x = bb.tokenizer(wav, sampling_rate=16000, return_tensors="pt")["input_values"]
         with torch.inference_mode():
             hs = bb.model(input_values=x, output_hidden_states=True).hidden_states
@@ -174,13 +164,13 @@ def test_audio_store_shapes_and_values(tones: Path, tmp_path: Path):
             np.testing.assert_allclose(s.pooled("all", "mean")[i, k], hs[k][0].mean(0).numpy(), atol=1e-4)
             np.testing.assert_allclose(s.pooled("all", "max")[i, k], hs[k][0].amax(0).numpy(), atol=1e-4)
         np.testing.assert_allclose(tok[i], hs[2][0].numpy(), atol=1e-4)
-        assert s.provenance["sources"][0]["audio_files"] == 24
-        assert s.meta["sampling_rate"] == 16000
+        assert s.provenance.sources[0]["audio_files"] == 24
+        assert s.meta.sampling_rate == 16000
 
 
-def test_bucketing_changes_order_not_values(tones: Path, tmp_path: Path):
-    a = extract(cfg(tones, tmp_path), show_progress=False).path
-    b = extract(cfg(tones, tmp_path, bucket=False, batch_size=5), show_progress=False).path
+def test_bucketing_changes_order_not_values(pitch_table: Path, shared_store, tmp_path: Path):
+    a = shared_store(cfg(pitch_table, tmp_path)).path
+    b = shared_store(cfg(pitch_table, tmp_path, bucket=False, batch_size=5)).path
     assert a != b
     with open_store(a) as sa, open_store(b) as sb:
         assert sb.row_ids("all").tolist() == list(range(24))
@@ -189,31 +179,31 @@ def test_bucketing_changes_order_not_values(tones: Path, tmp_path: Path):
         np.testing.assert_allclose(sa.pooled("all", "mean")[ia], sb.pooled("all", "mean")[ib], atol=1e-4)
 
 
-def test_max_seconds_crops(tones: Path, tmp_path: Path):
-    res = extract(cfg(tones, tmp_path, max_seconds=0.35), show_progress=False)
+def test_max_seconds_crops(pitch_table: Path, shared_store, tmp_path: Path):
+    res = shared_store(cfg(pitch_table, tmp_path, max_seconds=0.35))
     with open_store(res.path) as s:
         assert float(s.durations("all").max()) == pytest.approx(0.35)
         cropped = s._b.read("splits/all/audio/truncated")
         assert int(cropped.sum()) == res.truncated["all"] == sum(1 for i in range(24) if 0.3 + 0.05 * (i % 5) > 0.35)
 
 
-def test_group_holdout_is_speaker_disjoint(tones: Path, tmp_path: Path):
-    res = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34), show_progress=False)
+def test_group_holdout_is_speaker_disjoint(pitch_table: Path, shared_store, tmp_path: Path):
+    res = shared_store(cfg(pitch_table, tmp_path, group_col="speaker", holdout=0.34))
     with open_store(res.path) as s:
         names = s.group_names
         assert names == [f"s{i}" for i in range(6)]
         train, test = set(s.groups("train").tolist()), set(s.groups("test").tolist())
         assert train and test and not train & test and len(train | test) == 6
         # each row's stored group is its speaker in the table
-        table = pd.read_csv(tones)
+        table = pd.read_csv(pitch_table)
         for split in ("train", "test"):
             assert [names[g] for g in s.groups(split)] == table.speaker[s.row_ids(split)].tolist()
 
 
-def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
-    res = extract(
+def test_augmented_rows_only_in_train(pitch_table: Path, shared_store, tmp_path: Path):
+    res = shared_store(
         cfg(
-            tones,
+            pitch_table,
             tmp_path,
             group_col="speaker",
             holdout=0.34,
@@ -221,14 +211,13 @@ def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
             copies=2,
             augment_classes="all",
         ),
-        show_progress=False,
     )
     with open_store(res.path) as s:
         assert s.augmentation("test") is None and not s.augmented("test").any()
         aug = s.augmentation("train")
         copies = aug["copy"]
         originals = s.row_ids("train")[copies == 0]
-        assert (copies > 0).sum() == 2 * len(originals) == s.meta["augmented"]["train"]
+        assert (copies > 0).sum() == 2 * len(originals) == (s.meta.augmented or {})["train"]
         # every copy points at a training original, keeps its label and group, and records its transform
         lab, grp = s.labels("train"), s.groups("train")
         by_row = {int(r): (int(lab[i]), int(grp[i])) for i, r in enumerate(s.row_ids("train")) if copies[i] == 0}
@@ -245,7 +234,7 @@ def test_augmented_rows_only_in_train(tones: Path, tmp_path: Path):
 
 
 def _planned(monkeypatch) -> list:
-    """The Plans (fit, validation and evaluation rows of every round) the sweeps run from now on make."""
+    """The RoundRows (fit, validation and evaluation rows of every round) the sweeps run from now on make."""
     import heads.probe.sweep as sweep_module
 
     plans: list = []
@@ -260,10 +249,9 @@ def _planned(monkeypatch) -> list:
     return plans
 
 
-def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Path, monkeypatch):
-    path = extract(
-        cfg(tones, tmp_path, group_col="speaker", holdout=0.34, augment=("noise",), augment_classes="high"),
-        show_progress=False,
+def test_sweep_on_audio_never_evaluates_augmented_rows(pitch_table: Path, shared_store, tmp_path: Path, monkeypatch):
+    path = shared_store(
+        cfg(pitch_table, tmp_path, group_col="speaker", holdout=0.34, augment=("noise",), augment_classes="high"),
     ).path
     plans = _planned(monkeypatch)
     out = run_sweep(SweepConfig(store=path, layers="all", combine=("single",), seeds=2, out=str(tmp_path / "run")))
@@ -295,10 +283,10 @@ def test_sweep_on_audio_never_evaluates_augmented_rows(tones: Path, tmp_path: Pa
     assert folds.rows == 2 * 2  # two poolings, two folds
 
 
-def test_sweep_carves_and_folds_keep_speakers_apart(tones: Path, tmp_path: Path, monkeypatch):
+def test_sweep_carves_and_folds_keep_speakers_apart(pitch_table: Path, shared_store, tmp_path: Path, monkeypatch):
     """The validation carve of every seed and the --folds rounds are speaker-disjoint: no speaker's rows on both
     sides, as planned for the sweep (a one-split store's evaluation carve: test_one_split_store_carves_by_group)."""
-    path = extract(cfg(tones, tmp_path, group_col="speaker", holdout=0.34), show_progress=False).path
+    path = shared_store(cfg(pitch_table, tmp_path, group_col="speaker", holdout=0.34)).path
     plans = _planned(monkeypatch)
     run_sweep(
         SweepConfig.from_dict(
@@ -326,7 +314,8 @@ def test_sweep_carves_and_folds_keep_speakers_apart(tones: Path, tmp_path: Path,
     )
     with open_store(path) as s:
         groups = s.groups("train")
-    assert len(plans) == 3 + 3 and len(set(groups.tolist())) == 3  # 3 of the 6 speakers train
+    # a 0.34 holdout of 6 speakers holds out 2 (1 of 3 group folds): 4 train
+    assert len(plans) == 3 + 3 and len(set(groups.tolist())) == 4
     for p in plans:
         fit, val = set(groups[p.fit_rows].tolist()), set(groups[p.val_rows].tolist())
         assert fit and val and not fit & val, (p.seed, p.fold, fit, val)
@@ -336,16 +325,16 @@ def test_sweep_carves_and_folds_keep_speakers_apart(tones: Path, tmp_path: Path,
     assert sorted(r for p in plans[3:] for r in p.eval_rows.tolist()) == list(range(len(groups)))  # each row once
 
 
-def test_one_split_store_carves_by_group(tones: Path, tmp_path: Path):
-    path = extract(cfg(tones, tmp_path, group_col="speaker"), show_progress=False).path
+def test_one_split_store_carves_by_group(pitch_table: Path, shared_store, tmp_path: Path):
+    path = shared_store(cfg(pitch_table, tmp_path, group_col="speaker")).path
     with open_store(path) as s:
         (tr_split, tr), (ev_split, ev) = split_roles(s, "train", None, 0.34, 0)
         g = s.groups("all")
         assert tr_split == ev_split == "all" and not set(g[tr]) & set(g[ev])
 
 
-def test_recurrent_head_over_frames(tones: Path, tmp_path: Path):
-    path = extract(cfg(tones, tmp_path, tokens="-1", holdout=0.25), show_progress=False).path
+def test_recurrent_head_over_frames(pitch_table: Path, shared_store, tmp_path: Path):
+    path = shared_store(cfg(pitch_table, tmp_path, tokens="-1", holdout=0.25)).path
     res = CliRunner().invoke(
         heads_main,
         ["train", "--store", path, "--head", "gru", "--layers", "-1", "--epochs", "2", "--out", str(tmp_path / "gru")],
@@ -475,12 +464,13 @@ def test_too_short_audio(tmp_path: Path):
     res = extract(cfg(tmp_path / "t.csv", tmp_path, skip_bad=True), show_progress=False)
     with open_store(res.path) as store:
         assert store.n_rows("all") == 1 and list(store.row_ids("all")) == [0]
-        assert store.meta["skipped_empty"] == {"all": 1}
+        assert store.meta.skipped_empty == {"all": 1}
 
 
 # -- real recordings ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_emodb_files(tmp_path: Path):
     root = needs_shared("emodb")
     table = pd.read_csv(root / "labels.csv")
@@ -508,7 +498,6 @@ def test_emodb_files(tmp_path: Path):
 
 def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp_path: Path, monkeypatch):
     from embstore.store.writer import StoreWriter
-    from tests.test_resume import _assert_same_store
 
     kw = dict(
         group_col="speaker", holdout=0.34, augment=("noise", "shift", "speed"), augment_classes="all", chunk_rows=4
@@ -529,16 +518,15 @@ def test_interrupted_audio_extraction_resumes_to_the_same_store(tones: Path, tmp
     monkeypatch.setattr(StoreWriter, "write_chunk", real)
     res = extract(cfg(tones, tmp_path / "b", **kw), show_progress=False)
     assert res.status == "resumed"
-    _assert_same_store(whole, res.path)
+    assert_same_store(whole, res.path)
     with open_store(whole) as a, open_store(res.path) as b:
         for f, v in a.augmentation("train").items():
             np.testing.assert_array_equal(v, b.augmentation("train")[f])
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
-    from conftest import recorded_calls, recording_env
-
     kw = dict(augment=("noise",), augment_classes="all", holdout=0.25, chunk_rows=5)
     one = extract(cfg(tones, tmp_path / "one", **kw), show_progress=False).path
     for key, value in recording_env(tmp_path, "embstore.store.writer:StoreWriter.write_chunk").items():
@@ -559,24 +547,24 @@ def test_two_processes_equal_one(tones: Path, tmp_path: Path, monkeypatch):
                 np.testing.assert_allclose(a.pooled(split, pooling), b.pooled(split, pooling), rtol=0, atol=1e-6)
 
 
-def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_path: Path):
-    from heads.probe.predict import head_modality, load_head
+def test_predict_audio_files_equals_head_on_stored_features(pitch_table: Path, shared_store, tmp_path: Path):
+    from heads.probe.predict import head_card, head_modality, load_head
 
-    path = extract(cfg(tones, tmp_path, holdout=0.25, max_seconds=0.4), show_progress=False).path
+    path = shared_store(cfg(pitch_table, tmp_path, holdout=0.25, max_seconds=0.4)).path
     out = run_sweep(SweepConfig(store=path, layers="1-2", combine=("concat",), out=str(tmp_path / "run")))
     est = load_head(str(out.run_dir))
     assert head_modality(est) == "audio"
-    table = pd.read_csv(tones)
+    table = pd.read_csv(pitch_table)
     with open_store(path) as s:
         rows = s.row_ids("test")
         proba = est.predict_proba(s.pooled("test", out.best["pooling"], [1, 2]).reshape(len(rows), -1))
     stored = proba.argmax(1)
-    files = [str(tones.parent / table.file[r]) for r in rows]
+    files = [str(pitch_table.parent / table.file[r]) for r in rows]
     res = CliRunner().invoke(heads_main, ["predict", "--run", str(out.run_dir), "-"], input="\n".join(files) + "\n")
     assert res.exit_code == 0, res.output
     got = [json.loads(line)["label"] for line in res.output.strip().splitlines()]
-    assert got == [est.extra_["label_names"][i] for i in stored]
-    names = est.extra_["label_names"]
+    names = list(head_card(est).label_names or ())
+    assert got == [names[i] for i in stored]
     got_proba = np.array(
         [[json.loads(line)["probabilities"][n] for n in names] for line in res.output.strip().splitlines()]
     )
@@ -585,10 +573,10 @@ def test_predict_audio_files_equals_head_on_stored_features(tones: Path, tmp_pat
     assert bad.exit_code == 2 and "1 of 1 audio files cannot be used: nope.wav: no such file" in bad.output
 
 
-def test_h5_audio_store_matches_zarr(tones: Path, tmp_path: Path):
+def test_h5_audio_store_matches_zarr(pitch_table: Path, shared_store, tmp_path: Path):
     kw = dict(group_col="speaker", holdout=0.34, augment=("shift",), augment_classes="all")
-    z = extract(cfg(tones, tmp_path, **kw), show_progress=False).path
-    h = extract(cfg(tones, tmp_path, format="h5", **kw), show_progress=False).path
+    z = shared_store(cfg(pitch_table, tmp_path, **kw)).path
+    h = shared_store(cfg(pitch_table, tmp_path, format="h5", **kw)).path
     assert h.endswith(".h5")
     with open_store(z) as a, open_store(h) as b:
         assert b.modality == "audio" and b.group_names == a.group_names and b.verify() == []
@@ -603,12 +591,7 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
     """A saved HuBERT directory loads through AutoFeatureExtractor + AutoModel. Its feature extractor takes no
     attention mask, so the model sees the zero padding of a batch; pooling must still count only each row's own
     frames: the frames each row has alone, checked against its own stored per-frame states in a padded batch."""
-    bb = load_backbone(HUBERT)
-    model_dir = tmp_path / "my-hubert"
-    bb.model.save_pretrained(model_dir)
-    fe = bb.tokenizer
-    fe.return_attention_mask = False
-    fe.save_pretrained(model_dir)
+    model_dir = random_model_dir(tmp_path / "my-hubert", HUBERT, mask=False)
     local = load_backbone(str(model_dir))
     assert local.modality == "audio" and type(local.tokenizer).__name__ == "Wav2Vec2FeatureExtractor"
     assert local.identity["tokenizer"]["sha256"] and local.identity["kind"] == "local"
@@ -616,7 +599,7 @@ def test_local_speech_model_directory(tones: Path, tmp_path: Path):
     padded = extract(cfg(tones, tmp_path, model=str(model_dir), batch_size=24, tokens="0,-1"), show_progress=False)
     ref = extract(cfg(tones, tmp_path, batch_size=1, tokens="0,-1"), show_progress=False)
     with open_store(alone.path) as a, open_store(padded.path) as p, open_store(ref.path) as r:
-        assert a.provenance["model"]["path"] == str(model_dir.resolve())
+        assert a.provenance.model["path"] == str(model_dir.resolve())
         # one row per batch: no padding, so masked or not the states equal the random model's
         np.testing.assert_allclose(a.pooled("all", "mean"), r.pooled("all", "mean"), atol=1e-4)
         np.testing.assert_array_equal(a.n_tokens("all"), r.n_tokens("all"))
@@ -652,7 +635,7 @@ def test_other_speech_architectures_from_local_directories(model_type: str, tone
     res = extract(cfg(tones, tmp_path, model=str(tmp_path / model_type)), show_progress=False)
     with open_store(res.path) as s:
         assert s.modality == "audio" and s.pooled("all", "mean").shape == (24, 3, 32)
-        assert s.provenance["model"]["class"] == type(model).__name__
+        assert s.provenance.model["class"] == type(model).__name__
 
 
 def test_one_table_per_split_and_augmentation_only_in_train(tones: Path, tmp_path: Path):

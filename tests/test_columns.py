@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import LABELS, TEXTS, write_table
+from factories import LABELS, TEXTS, write_table
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main

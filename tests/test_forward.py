@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from factories import TEXTS
 
 from embstore import ExtractConfig, extract, open_store
 from embstore.backbones.anatomy import find_blocks as layer_modules

@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from factories import layered
 
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.store.reader import TokenStates
 from heads.probe.adamw import fit_linear_probes
+from heads.probe.card import HeadCard
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier, HeadNotFoundError, NotFittedError, Ragged
 
@@ -29,15 +31,6 @@ SMALL = dict(
 )
 
 
-def _layered(seed: int, n: int = N, k: int = K, h: int = H) -> tuple[np.ndarray, np.ndarray]:
-    """(n, k, h) float16 with far-apart class means (sharper in the last layer), balanced labels."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % C
-    means = np.random.default_rng(123).normal(size=(C, k, h)) * np.linspace(0.5, 1.5, k)[None, :, None]
-    X = means[y] + rng.normal(scale=0.7, size=(n, k, h))
-    return X.astype(np.float16), y.astype(np.int64)
-
-
 def _ragged(seed: int, n: int = N, h: int = H) -> tuple[Ragged, np.ndarray]:
     """Ragged tokens, lengths 3..12, token means depending on the class."""
     rng = np.random.default_rng(seed)
@@ -51,10 +44,10 @@ def _ragged(seed: int, n: int = N, h: int = H) -> tuple[Ragged, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, Any]:
-    Xl, y = _layered(0)
-    Xl_te, y_te = _layered(1, n=120)
-    Xb, _ = _layered(2)  # second tower: same labels, independent noise
-    Xb_te, _ = _layered(3, n=120)
+    Xl, y = layered(0, n=N, k=K, h=H)
+    Xl_te, y_te = layered(1, n=120, k=K, h=H)
+    Xb, _ = layered(2, n=N, k=K, h=H)  # second tower: same labels, independent noise
+    Xb_te, _ = layered(3, n=120, k=K, h=H)
     tok, ty = _ragged(0)
     tok_te, ty_te = _ragged(1, n=120)
     return {
@@ -101,7 +94,7 @@ def test_linear_flattens_layers(data: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "head,options",
     [
-        ("gru", {"aggregate": "last", "bidirectional": True}),
+        pytest.param("gru", {"aggregate": "last", "bidirectional": True}, marks=pytest.mark.slow),
         ("lstm", {"aggregate": "max", "rnn_layers": 2, "dropout": 0.1}),
     ],
 )
@@ -264,12 +257,14 @@ def test_label_and_width_validation(data: dict[str, Any]) -> None:
 def test_save_load_round_trip(head: str, data: dict[str, Any], tmp_path: Path) -> None:
     X, y, X_te, _ = data[INPUT_OF[head]]
     clf = HeadClassifier(head=head, **{**SMALL, "epochs": 2}).fit(X, y)
-    clf.save(tmp_path / "h", extra={"layers": [1, 2], "store_id": "abc"})
+    card = HeadCard(layers=(1, 2), combine="concat", pooling="mean", head=head, model={"name": "m"}, store_id="abc")
+    clf.save(tmp_path / "h", card=card)
     assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["head.json", "head.safetensors"]
     back = HeadClassifier.load(tmp_path / "h")
     np.testing.assert_array_equal(back.predict_proba(X_te), clf.predict_proba(X_te))
     assert back.config == clf.config and back.history_ == clf.history_ and back.best_epoch_ == clf.best_epoch_
-    assert back.extra_ == {"layers": [1, 2], "store_id": "abc"} == HeadClassifier.read_extra(tmp_path / "h")
+    assert back.card_ == card == HeadClassifier.read_card(tmp_path / "h")
+    assert HeadClassifier.load(clf.save(tmp_path / "bare")).card_ is None  # saved outside a sweep: no card
     if head == "mix":
         np.testing.assert_allclose(back.mix_weights_, clf.mix_weights_)
     with pytest.raises(HeadNotFoundError, match="holds no saved head"):
@@ -278,11 +273,11 @@ def test_save_load_round_trip(head: str, data: dict[str, Any], tmp_path: Path) -
 
 @pytest.mark.parametrize("patience", [0, 2])
 def test_batched_probes_equal_single(patience: int) -> None:
-    Xl, y = _layered(5, n=180, k=4, h=12)
+    Xl, y = layered(5, n=180, k=4, h=12)
     rng = np.random.default_rng(9)
     y = np.where(rng.random(len(y)) < 0.25, rng.integers(0, C, len(y)), y)  # noise: probes stop at different epochs
     feats = [Xl[:, 0], Xl[:, 3], Xl[:, 1:3].reshape(len(y), -1), Xl[:, 2]]  # widths 12, 12, 24, 12
-    Xv, yv = _layered(6, n=60, k=4, h=12)
+    Xv, yv = layered(6, n=60, k=4, h=12)
     val = [Xv[:, 0], Xv[:, 3], Xv[:, 1:3].reshape(len(yv), -1), Xv[:, 2]]
     cfg = HeadConfig(
         head="linear",
@@ -310,8 +305,8 @@ def test_batched_probes_equal_single(patience: int) -> None:
 
 
 def test_batched_probes_with_validation_set() -> None:
-    Xl, y = _layered(5, n=120, k=3, h=12)
-    Xv, yv = _layered(6, n=60, k=3, h=12)
+    Xl, y = layered(5, n=120, k=3, h=12)
+    Xv, yv = layered(6, n=60, k=3, h=12)
     cfg = HeadConfig(head="linear", epochs=4, batch_size=32, lr=1e-2, patience=2)
     probes = fit_linear_probes([Xl[:, 0], Xl[:, 2]], y, [Xv[:, 0], Xv[:, 2]], yv, cfg)
     for g, probe in enumerate(probes):

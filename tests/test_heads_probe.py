@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from test_heads_sweep import separable
+from factories import layered, random_model_dir, separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ExtractConfig, extract
@@ -30,18 +30,14 @@ def run(*args: str, input: str | None = None):
 def outlier_model(tmp_path_factory) -> Path:
     """random:tiny-bert with 3 hidden dims of every layer's output scaled (and shifted) by 300, as MiniLM's CLS
     vectors have a few dims hundreds of times larger than the rest; saved as a local model directory."""
-    from embstore.backbones.registry import load_backbone
 
-    base = tmp_path_factory.mktemp("outlier")
-    bb = load_backbone("random:tiny-bert")
-    with torch.no_grad():
-        bb.model.embeddings.LayerNorm.weight[:3] *= 300.0
-        for layer in bb.model.encoder.layer:
+    def scale(model) -> None:
+        model.embeddings.LayerNorm.weight[:3] *= 300.0
+        for layer in model.encoder.layer:
             layer.output.LayerNorm.weight[:3] *= 300.0
             layer.output.LayerNorm.bias[:3] += 300.0
-    bb.model.save_pretrained(base / "model")
-    bb.tokenizer.save_pretrained(base / "model")
-    return base / "model"
+
+    return random_model_dir(tmp_path_factory.mktemp("outlier") / "model", edit=scale)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +67,17 @@ def test_the_outlier_store_has_a_few_huge_dims(outlier_store):
     assert np.sort(std)[-3:].min() > 50 * np.median(std)
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp", "conv", "sum", "mix", "gru"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param("linear", marks=pytest.mark.slow),
+        "mlp",
+        pytest.param("conv", marks=pytest.mark.slow),
+        "sum",
+        "mix",
+        pytest.param("gru", marks=pytest.mark.slow),
+    ],
+)
 def test_every_head_beats_the_majority_class_when_a_few_dims_are_huge(outlier_store, tmp_path, head):
     tokens = head == "gru"
     out = tmp_path / head
@@ -285,17 +291,16 @@ def test_the_C_path_warm_starts_and_stops_after_two_falls(monkeypatch):
     assert len(starts) == 4 + 7 and all(gap == 0.0 for _k, gap in starts)  # each C started where the previous one ended
 
 
+@pytest.mark.slow
 def test_stacked_heads_equal_their_single_fits():
     """Every member of a stack trains as HeadClassifier.fit would train it alone (dropout 0)."""
-    from test_heads_estimator import _layered
-
     from heads.probe.config import HeadConfig
     from heads.probe.ensemble import Member, fit_stacked
     from heads.probe.estimator import HeadClassifier
     from heads.probe.modules import as_inputs
 
-    X, y = _layered(0, n=150)
-    Xv, yv = _layered(1, n=60)
+    X, y = layered(0, n=150)
+    Xv, yv = layered(1, n=60)
     rng = np.random.default_rng(0)
     for head, feats, vfeats in (
         ("mlp", [X[:, 0], X[:, 2]], [Xv[:, 0], Xv[:, 2]]),

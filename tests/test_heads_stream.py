@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from test_heads_sweep import separable
+from factories import separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ExtractConfig, extract
@@ -72,6 +72,7 @@ def _same(a: Path, b: Path) -> None:
     np.testing.assert_allclose(pa["proba"], pb["proba"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_groups_and_streamed_configurations_give_the_in_memory_results(chunked, tmp_path):
     mem = run("sweep", "--store", chunked, *ARGS, "--out", str(tmp_path / "mem"))
     assert mem.exit_code == 0, mem.output
@@ -90,6 +91,7 @@ def test_groups_and_streamed_configurations_give_the_in_memory_results(chunked, 
         assert (tmp_path / budget / "best_head" / "head.json").is_file()
 
 
+@pytest.mark.slow
 def test_max_memory_below_one_chunk(chunked, tmp_path):
     res = run("sweep", "--store", chunked, *ARGS, "--max-memory", "2000", "--out", str(tmp_path / "r"))
     assert res.exit_code == 2
@@ -104,6 +106,7 @@ def test_max_memory_below_one_chunk(chunked, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path):
     cmd = [
         sys.executable,
@@ -123,7 +126,7 @@ def test_torchrun_ranks_split_the_chunks_and_equal_one_process(chunked, tmp_path
         "--out",
         str(tmp_path / "two"),
     ]
-    from conftest import recorded_calls, recording_env
+    from factories import recorded_calls, recording_env
 
     env = recording_env(tmp_path, "heads.probe.features:FeatureBank.chunk_blocks")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -10,34 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import needs_shared, separable
 
 from cli.heads_cli import main as heads_main
 from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
 from heads.probe.specs import expand, parse_combine
-
-VOCAB = {
-    "sport": "goal match striker keeper league cup coach penalty team season".split(),
-    "money": "stock bank profit market shares rates investor budget trade price".split(),
-    "space": "planet orbit rocket galaxy telescope star moon comet astronaut launch".split(),
-}
-
-
-def separable(path: Path, n_per_class: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for label, words in VOCAB.items():
-        for _ in range(n_per_class):
-            rows.append(
-                {
-                    "text": " ".join(rng.choice(words, size=rng.integers(4, 10))),
-                    "label": label,
-                    "other": " ".join(rng.choice(words, size=5)),
-                }
-            )
-    df = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    df.to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +129,7 @@ def test_combine_spec_error():
         parse_combine("avg")
 
 
+@pytest.mark.slow
 def test_sweep_writes_the_run_and_the_best_head_predicts(tiny_store, tmp_path):
     out = tmp_path / "run"
     res = run(
@@ -253,7 +231,7 @@ def test_predict_equals_the_head_on_stored_features(tiny_store, tmp_path):
     )
     est = load_head(str(out))
     store = open_store(tiny_store)
-    src = store.provenance["sources"][0]["path"]
+    src = store.provenance.sources[0]["path"]
     texts = pd.read_csv(src).text.tolist()
     rid = store.row_ids("test")[:20]
     _, proba = predict_texts(est, [texts[i] for i in rid])
@@ -262,7 +240,18 @@ def test_predict_equals_the_head_on_stored_features(tiny_store, tmp_path):
     np.testing.assert_allclose(proba, stored, atol=1e-3)
 
 
-@pytest.mark.parametrize("head", ["mlp", "conv", "sum", "mix", "gru", "lstm", "rnn"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param("mlp", marks=pytest.mark.slow),
+        pytest.param("conv", marks=pytest.mark.slow),
+        "sum",
+        "mix",
+        "gru",
+        "lstm",
+        "rnn",
+    ],
+)
 def test_every_head_trains_from_the_store(tiny_store, tmp_path, head):
     out = tmp_path / head
     layers = "-1" if head in ("gru", "lstm", "rnn") else "1-2"

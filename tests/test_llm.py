@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEXTS
+from factories import TEXTS
 
 from cli.embstore_cli import main
 from embstore import ConfigError, ExtractConfig, extract, open_store
@@ -74,7 +74,7 @@ def test_every_pooling_equals_transformers_row_by_row(texts_csv, name, pool_toke
         texts_csv, model=f"random:{name}", pooling=("last", "mean", "max"), pool_tokens=pool_tokens, batch_size=5
     )
     bb = load_backbone(f"random:{name}")
-    assert store.provenance["text"]["pool_tokens"] == pool_tokens
+    assert store.provenance.text.pool_tokens == pool_tokens
     stored = {p: store.pooled("all", p).astype(np.float32) for p in ("last", "mean", "max")}  # (n, layers, hidden)
     for i, text in enumerate(_texts(store, texts_csv)):
         enc = bb.tokenizer(text, return_special_tokens_mask=True)
@@ -113,8 +113,8 @@ def test_the_tokenizers_padding_side_changes_nothing(tmp_path, texts_csv, name):
 @pytest.mark.parametrize("name", DECODERS)
 def test_causal_defaults_and_cls_refused(texts_csv, name):
     store = _extract(texts_csv, model=f"random:{name}", layers="0-1")
-    assert store.poolings == ["last", "mean"] and store.provenance["causal"] is True
-    assert store.provenance["top_layer"].startswith("the last block") is False  # after the final norm
+    assert store.poolings == ["last", "mean"] and store.provenance.causal is True
+    assert store.provenance.top_layer.startswith("the last block") is False  # after the final norm
     with pytest.raises(
         ConfigError, match=r"--pooling cls reads position 0, which in a causal model .* pass --pooling last"
     ):
@@ -132,7 +132,7 @@ def test_causal_cls_is_one_line_and_exit_2(texts_csv):
 def test_encoder_text_tokens_leave_out_cls_and_sep(texts_csv):
     all_ = _extract(texts_csv, model="random:tiny-bert", pooling=("mean",))
     text = _extract(texts_csv, model="random:tiny-bert", pooling=("mean",), pool_tokens="text")
-    assert all_.provenance["text"]["pool_tokens"] == "all" and text.fingerprint != all_.fingerprint
+    assert all_.provenance.text.pool_tokens == "all" and text.fingerprint != all_.fingerprint
     bb = load_backbone("random:tiny-bert")
     row = _texts(text, texts_csv)[0]
     ids = bb.tokenizer(row)["input_ids"]
@@ -152,7 +152,7 @@ def test_a_template_is_pooled_around_its_text_and_in_the_id(texts_csv):
     plain = _extract(texts_csv, model="random:tiny-qwen2", pooling=("last", "mean"))
     store = _extract(texts_csv, model="random:tiny-qwen2", pooling=("last", "mean"), template=TEMPLATE, batch_size=5)
     assert store.fingerprint != plain.fingerprint
-    assert store.provenance["text"]["template"] == TEMPLATE and store.provenance["text"]["prompt"] == TEMPLATE
+    assert store.provenance.text.template == TEMPLATE and store.provenance.text.prompt == TEMPLATE
     bb = load_backbone("random:tiny-qwen2")
     enc = tokenize(bb.tokenizer, _texts(store, texts_csv), None, 128, TextSpec(template=TEMPLATE, pool_tokens="text"))
     for i, text in enumerate(_texts(store, texts_csv)):
@@ -196,7 +196,7 @@ def test_pairs_need_text_pair_in_the_template(pair_csv):
     store = _extract(
         pair_csv, model="random:tiny-gpt2", text_col="s1", text_pair_col="s2", template="{text}\nQ: {text_pair}"
     )
-    assert store.provenance["text"]["prompt"] == "{text}\nQ: {text_pair}"
+    assert store.provenance.text.prompt == "{text}\nQ: {text_pair}"
 
 
 def test_plain_pairs_on_a_decoder_get_no_token_type_ids(pair_csv):
@@ -216,7 +216,7 @@ def test_the_chat_template_renders_as_transformers_does(texts_csv):
     store = _extract(texts_csv, model="random:tiny-qwen2", chat_template=True, system="Be brief.", batch_size=5)
     other = _extract(texts_csv, model="random:tiny-qwen2", chat_template=True)
     assert store.fingerprint != other.fingerprint  # the system turn is in the id
-    prompt = store.provenance["text"]["prompt"]
+    prompt = store.provenance.text.prompt
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>") and prompt.endswith("<|im_start|>assistant\n")
     bb = load_backbone("random:tiny-qwen2")
     for i, text in enumerate(_texts(store, texts_csv)[:6]):
@@ -237,7 +237,7 @@ def test_the_cli_reads_escapes_in_a_template(texts_csv):
         main, ["extract", "--model", "random:tiny-gpt2", "--data", str(texts_csv), "-q", "--template", r"R: {text}\nS:"]
     )
     assert res.exit_code == 0, res.output
-    assert open_store(res.stdout.strip().splitlines()[-1]).provenance["text"]["template"] == "R: {text}\nS:"
+    assert open_store(res.stdout.strip().splitlines()[-1]).provenance.text.template == "R: {text}\nS:"
 
 
 def test_a_bf16_checkpoint_is_cast_up_on_the_cpu_and_the_dtype_is_on_record(tmp_path, texts_csv):
@@ -247,9 +247,9 @@ def test_a_bf16_checkpoint_is_cast_up_on_the_cpu_and_the_dtype_is_on_record(tmp_
     bb.tokenizer.save_pretrained(saved)
     assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
     auto = _extract(texts_csv, model=str(saved), pooling=("last",))
-    assert auto.provenance["compute_dtype"] == "float32" and auto.provenance["precision"] == "float32"
+    assert auto.provenance.compute_dtype == "float32" and auto.provenance.precision == "float32"
     bf16 = _extract(texts_csv, model=str(saved), pooling=("last",), compute_dtype="bfloat16")
-    assert bf16.provenance["compute_dtype"] == "bfloat16" and bf16.fingerprint != auto.fingerprint
+    assert bf16.provenance.compute_dtype == "bfloat16" and bf16.fingerprint != auto.fingerprint
     diff = np.abs(bf16.pooled("all", "last") - auto.pooled("all", "last"))
     assert 0 < diff.max() < 0.5  # bf16 compute changes values (by its rounding), and the id says so
 
@@ -264,3 +264,17 @@ def test_plan_prints_the_peak_memory(texts_csv):
     assert res.exit_code == 0, res.output
     line = next(line for line in res.output.splitlines() if line.startswith("memory"))
     assert "at peak, estimated: weights" in line and "one batch inside a block" in line
+
+
+def test_the_llm_sentiment_config_runs(tmp_path):
+    """configs/extract-llm-sentiment.yaml as shipped (the flags only cut it to 60 rows and write to tmp_path): the
+    causal defaults, the template on record and in the summary a sweep writes."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "extract-llm-sentiment.yaml"
+    res = CliRunner().invoke(
+        main, ["extract", "-q", "--config", str(config), "--limit", "60", "--holdout", "0.3", "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 0, res.output
+    store = open_store(res.stdout.strip().splitlines()[-1])
+    assert store.poolings == ["last", "mean"] and store.provenance.causal is True
+    assert store.provenance.text.template == "Tweet: {text}\nSentiment:" and store.provenance.text.pool_tokens == "text"
+    assert store.provenance.compute_dtype == "float32" and store.layout.dtype == "float16"

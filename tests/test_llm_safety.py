@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEXTS, synthetic_csv
+from factories import TEXTS, synthetic_csv
 
 from cli.embstore_cli import main
 from cli.heads_cli import main as heads_main
@@ -138,7 +138,7 @@ def test_a_device_map_with_blocks_offloaded_to_disk_writes_the_same_store(tmp_pa
             show_progress=False,
         ).path
     )
-    placed = mapped.provenance["model"]["device_map"]
+    placed = mapped.provenance.model["device_map"]
     assert "disk" in placed.values() and "cpu" in placed.values(), placed  # some blocks run from disk
     assert mapped.fingerprint == plain.fingerprint  # where the weights sit changes no value
     for p in ("last", "mean", "max"):

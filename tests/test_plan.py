@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-import soundfile as sf
 from click.testing import CliRunner
-from conftest import synthetic_csv
+from factories import synthetic_csv, write_clips
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, extract, open_store
@@ -106,14 +103,7 @@ def test_cli_plan_text_and_json(tmp_path):
 
 
 def test_plan_of_audio_counts_seconds(tmp_path):
-    d = tmp_path / "audio"
-    d.mkdir()
-    rows = []
-    for i in range(6):
-        sf.write(d / f"r{i}.wav", (0.3 * np.sin(np.arange(8000 + 800 * i) / 5.0)).astype(np.float32), 16000)
-        rows.append({"file": f"audio/r{i}.wav", "label": i % 2})
-    table = tmp_path / "labels.csv"
-    pd.DataFrame(rows).to_csv(table, index=False)
+    table = write_clips(tmp_path, [8000 + 800 * i for i in range(6)])  # 0.5 to 0.75 s at 16 kHz
     cfg = ExtractConfig.from_dict(
         dict(
             model="random:hubert-tiny",

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import needs_shared
 
 from cli.heads_cli import main as heads_main
 from embstore.errors import ConfigError, DataError
@@ -52,6 +52,7 @@ def _wic_sentences(tmp_path: Path, rows: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_mlm_loss_falls_on_real_text(tmp_path):
     data = _wic_sentences(tmp_path, 400)
     res = run_pretrain(
@@ -204,6 +205,7 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
                 label_col="label",
                 folds=2,
                 epochs=1,
+                validation_fraction=0.3,  # 6 rows a fold: as the sweep above, 0.1 would be one row, refused
                 batch_size=4,
                 classifier="mlp",
                 classifier_hidden=(64,),
@@ -481,6 +483,7 @@ main(sys.argv[1:])
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
     """torchrun with 2 CPU processes (the environment `accelerate launch` sets up): DDP over gloo, a
     time budget every rank stops at together, only rank 0 writes and reports, model/ loads.
@@ -528,7 +531,7 @@ def test_two_processes_pretrain_with_a_time_budget(tiny_csv, tmp_path):
         "--out",
         str(out),
     ]
-    from conftest import recorded_calls, recording_env
+    from factories import recorded_calls, recording_env
 
     proc = subprocess.run(
         cmd,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -21,8 +23,9 @@ def test_int8_is_a_new_store_whose_recorded_deviation_is_the_measured_one(tiny_c
     int8 = open_store(extract(cfg(tiny_csv, quantize="int8"), show_progress=False).path)
     assert int8.path != fp32.path and int8.fingerprint != fp32.fingerprint
     prov = int8.provenance
-    assert prov["precision"] == "int8-dynamic" and fp32.provenance["precision"] == "float32"
-    record = prov["quantization"]
+    assert prov.precision == "int8-dynamic" and fp32.provenance.precision == "float32"
+    record = prov.quantization
+    assert record is not None
     assert record["mode"] == "int8" and record["split"] == "all" and record["first_batch_rows"] == 12
     deviation = record["mean_relative_l2_deviation_per_row"]
     assert set(deviation) == {"cls", "mean", "tokens"} and set(deviation["cls"]) == {"0", "1", "2"}
@@ -63,7 +66,7 @@ def test_a_resumed_int8_store_equals_an_uninterrupted_one(tiny_csv, tmp_path, mo
     res = extract(cfg(tiny_csv, quantize="int8", chunk_rows=4, out=out), show_progress=False)
     assert res.status == "resumed"
     resumed = open_store(out)
-    assert resumed.provenance["quantization"] == whole.provenance["quantization"]
+    assert resumed.provenance.quantization == whole.provenance.quantization
     for p in ("cls", "mean"):
         np.testing.assert_array_equal(resumed.pooled("all", p), whole.pooled("all", p))
 
@@ -102,10 +105,11 @@ def test_int8_is_refused_on_cuda_and_bad_values_are_named(tiny_csv, monkeypatch)
     assert len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_predict_on_an_int8_store_encodes_with_int8(tmp_path):
     """heads predict re-encodes new texts as the store was made: with the int8 model, not float32."""
     import pandas as pd
-    from conftest import synthetic_csv
+    from factories import synthetic_csv
 
     from cli.heads_cli import main as heads_main
     from heads.probe.features import FeatureBank
@@ -133,7 +137,7 @@ def test_predict_on_an_int8_store_encodes_with_int8(tmp_path):
     )
     assert res.exit_code == 0, res.output
     est = load_head(str(out))
-    assert est.extra_["precision"] == "int8-dynamic"
+    assert est.card_ is not None and est.card_.precision == "int8-dynamic"
     texts = pd.read_csv(data).text.tolist()
     rid = store.row_ids("test")
     combo = Combo((1, 2), "concat", "mean", "linear")
@@ -141,7 +145,7 @@ def test_predict_on_an_int8_store_encodes_with_int8(tmp_path):
         FeatureBank(store, [combo], ["test"], 1 << 30).features(combo, "test", np.arange(len(rid)))
     )
     _, proba = predict_texts(est, [texts[i] for i in rid])
-    est.extra_ = {**est.extra_, "precision": "float32"}  # what predict did before: the float32 model
+    est.card_ = dataclasses.replace(est.card_, precision="float32")  # what predict did before: the float32 model
     _, proba_fp32 = predict_texts(est, [texts[i] for i in rid])
     err, err_fp32 = np.abs(proba - stored).max(), np.abs(proba_fp32 - stored).max()
     assert err < 1e-3 and err < err_fp32, (err, err_fp32)

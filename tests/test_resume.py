@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import recorded_calls, recording_env, synthetic_csv
+from factories import assert_same_store, recorded_calls, recording_env, synthetic_csv
 
 from embstore import ExtractConfig, StoreIncompleteError, extract, open_store
 
@@ -19,19 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _data(tmp_path: Path, n: int) -> Path:
     return synthetic_csv(tmp_path, n)
-
-
-def _assert_same_store(a: str, b: str) -> None:
-    sa, sb = open_store(a), open_store(b)
-    assert sa.fingerprint == sb.fingerprint
-    for split in sa.splits:
-        np.testing.assert_array_equal(sa.row_ids(split), sb.row_ids(split))
-        np.testing.assert_array_equal(sa.labels(split), sb.labels(split))
-        for pooling in sa.poolings:
-            np.testing.assert_array_equal(sa.pooled(split, pooling), sb.pooled(split, pooling))
-        for layer in sa.token_layers:
-            np.testing.assert_array_equal(sa.tokens(split, layer).values, sb.tokens(split, layer).values)
-    assert sa.verify() == [] and sb.verify() == []
 
 
 def _done(path: Path) -> tuple[int, int]:
@@ -94,7 +80,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed.status == "resumed"
     clean = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "clean.zarr"), **cfg)), show_progress=False)
     assert clean.status == "created"
-    _assert_same_store(resumed.path, clean.path)
+    assert_same_store(resumed.path, clean.path)
 
 
 def _chunks_by_worker(tmp_path: Path) -> dict[str, list[int]]:
@@ -111,6 +97,7 @@ def _split_between_two(by_worker: dict[str, list[int]], n_chunks: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
     data = _data(tmp_path, 300)
     cfg = dict(model="random:tiny-bert", data=str(data), label_col="label", tokens="0", chunk_rows=16)
@@ -123,10 +110,11 @@ def test_two_processes_write_the_same_store_as_one(tmp_path, monkeypatch):
     assert f"pid{os.getpid()}" not in by_worker and all(w.startswith("pid") for w in by_worker)
     _split_between_two(by_worker, 19)  # 300 rows in chunks of 16
     one = extract(ExtractConfig.from_dict(dict(out=str(tmp_path / "one.zarr"), **cfg)), show_progress=False)
-    _assert_same_store(two.path, one.path)
+    assert_same_store(two.path, one.path)
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
     """The `accelerate launch` / torchrun path: ranks from the environment, gloo barriers on CPU."""
     data = _data(tmp_path, 200)
@@ -171,4 +159,4 @@ def test_torchrun_ranks_write_the_same_store_as_one(tmp_path):
         ),
         show_progress=False,
     )
-    _assert_same_store(str(out), one.path)
+    assert_same_store(str(out), one.path)

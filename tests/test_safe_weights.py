@@ -52,7 +52,7 @@ def test_pickle_weights_are_refused_unless_allowed(pickle_dir, tiny_csv):
     same = open_store(
         extract(ExtractConfig.from_dict(dict(model="random:tiny-bert", data=str(tiny_csv))), show_progress=False).path
     )
-    assert allowed.provenance["model"]["weight_files"] == ["pytorch_model.bin"]
+    assert allowed.provenance.model["weight_files"] == ["pytorch_model.bin"]
     np.testing.assert_array_equal(allowed.pooled("all", "mean"), same.pooled("all", "mean"))
 
 

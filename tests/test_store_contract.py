@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import LABELS, TEXTS
+from factories import LABELS, TEXTS
 
 from embstore import ConfigError, ExtractConfig, LayerSpecError, extract, open_store
 from embstore.store import layout as L

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import synthetic_csv
+from factories import synthetic_csv
 
 from cli.embstore_cli import main
 from embstore import ExtractConfig, StoreBusyError, StoreDamagedError, StoreMismatchError, extract, open_store
@@ -104,6 +104,7 @@ def test_extract_refuses_a_store_whose_lock_is_held(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_concurrent_extractions_one_writes_one_refuses_one_waits(tmp_path):
     """One run writes; a second is refused naming it; a third with --wait queues, and when the writer is killed
     (SIGKILL, holding the lock, after its first row chunk) the waiter takes the lock and resumes the store."""
@@ -241,23 +242,23 @@ def test_only_dead_owners_staging_is_cleaned(tmp_path):
 
 
 def test_a_store_appearing_during_creation_is_a_clear_error(tmp_path):
+    from embstore.store import layout as L
     from embstore.store.writer import StoreWriter
 
     target = tmp_path / "s.zarr"
     target.mkdir()
     (target / "x").write_text("someone else")
-    meta = {
-        "layout": {
-            "layers": [0],
-            "poolings": ["cls"],
-            "hidden": 2,
-            "dtype": "float16",
-            "towers": ["text"],
-            "token_layers": [],
-            "chunk_rows": 4,
-            "splits": {},
-        }
-    }
+    layout = L.StoreLayout(
+        layers=(0,),
+        poolings=("cls",),
+        hidden=2,
+        dtype="float16",
+        towers=("text",),
+        token_layers=(),
+        chunk_rows=4,
+        splits={},
+    )
+    meta = L.StoreMeta.from_dict({"schema_version": L.SCHEMA_VERSION, "fingerprint": "f", "layout": layout.to_dict()})
     with pytest.raises(StoreMismatchError, match="appeared while this run was creating it"):
         StoreWriter.create(str(target), meta, {}, {})
     assert not list(tmp_path.glob("s.zarr.creating-*"))
@@ -301,6 +302,7 @@ main(sys.argv[1:])
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "fail_rank,kind,message", [("1", "bug", "boom in the encoder"), ("0", "user", "row 7 of the data cannot be used")]
 )

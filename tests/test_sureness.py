@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import needs_shared
+from factories import VOCAB, needs_shared, random_model_dir, separable
 from scipy.stats import binomtest
-from test_heads_sweep import VOCAB, separable
 
 from cli.embstore_cli import main as embstore_main
 from cli.heads_cli import main as heads_main
@@ -127,6 +126,7 @@ def test_holm_by_hand():
 # -- a sweep's files ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predictions_npz_holds_every_run_and_row(noisy_sweep, noisy_store):
     rows = _rows(noisy_sweep)
     p = np.load(noisy_sweep / "predictions.npz")
@@ -146,6 +146,7 @@ def test_predictions_npz_holds_every_run_and_row(noisy_sweep, noisy_store):
         assert row["f1_macro_lo"] <= row["f1_macro"] <= row["f1_macro_hi"]
 
 
+@pytest.mark.slow
 def test_p_vs_best_is_the_exact_mcnemar_of_the_predictions_and_holm_corrected(noisy_sweep):
     rows = _rows(noisy_sweep)
     p = np.load(noisy_sweep / "predictions.npz")
@@ -189,6 +190,7 @@ def test_p_vs_best_is_the_exact_mcnemar_of_the_predictions_and_holm_corrected(no
         assert f"{tied} configuration" in summary and "statistically indistinguishable" in summary
 
 
+@pytest.mark.slow
 def test_mdl_equals_a_scikit_learn_online_code(noisy_sweep, noisy_store):
     """The same definition from scratch: source order, the seeded permutation, the block ends, scikit-learn's
     scaled logistic regression at the run's C on each prefix, -log2 p of the next block."""
@@ -253,6 +255,7 @@ def test_no_ci_turns_the_uncertainty_layer_off_but_keeps_the_predictions(noisy_s
     assert "--no-ci" in (tmp_path / "r" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_keeps_the_new_columns(noisy_sweep, tmp_path):
     res = heads("report", str(noisy_sweep), "--out", str(tmp_path / "rep"))
     assert res.exit_code == 0, res.output
@@ -262,6 +265,7 @@ def test_report_keeps_the_new_columns(noisy_sweep, tmp_path):
     assert table["f1_macro_lo"].notna().all() and (table["f1_macro_lo"] <= table["f1_macro_mean"]).all()
 
 
+@pytest.mark.slow
 def test_predict_writes_the_same_arrays(noisy_sweep, tmp_path):
     out = tmp_path / "p.npz"
     res = CliRunner().invoke(
@@ -282,17 +286,12 @@ def test_predict_writes_the_same_arrays(noisy_sweep, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """random:tiny-bert saved as a local model directory (its 'pretrained' weights are seed 0's)."""
-    from embstore.backbones.registry import load_backbone
-
-    out = tmp_path_factory.mktemp("tinymodel") / "model"
-    bb = load_backbone("random:tiny-bert")
-    bb.model.save_pretrained(out)
-    bb.tokenizer.save_pretrained(out)
-    return out
+    return random_model_dir(tmp_path_factory.mktemp("tinymodel") / "model")
 
 
+@pytest.mark.slow
 def test_random_weights_store_is_reproducible_differs_and_keeps_the_rows(tiny_model_dir, noisy_store, tmp_path):
-    data = open_store(noisy_store).provenance["sources"][0]
+    data = open_store(noisy_store).provenance.sources[0]
     csv = tmp_path / "n.csv"
     noisy(csv)
     real = _extract(tmp_path / "real", csv, model=str(tiny_model_dir))
@@ -301,13 +300,13 @@ def test_random_weights_store_is_reproducible_differs_and_keeps_the_rows(tiny_mo
     other = _extract(tmp_path / "c", csv, model=str(tiny_model_dir), random_weights=4)
     r, a, b, o = (open_store(p) for p in (real, ctl_a, ctl_b, other))
     assert a.fingerprint == b.fingerprint and len({r.fingerprint, a.fingerprint, o.fingerprint}) == 3
-    assert "random3" in Path(ctl_a).name and a.provenance["model"]["random_weights"] == 3
+    assert "random3" in Path(ctl_a).name and a.provenance.model["random_weights"] == 3
     for split in ("train", "test"):
         assert np.array_equal(a.pooled(split, "mean", [1]), b.pooled(split, "mean", [1]))
         assert not np.allclose(a.pooled(split, "mean", [1]), r.pooled(split, "mean", [1]))
         assert not np.allclose(a.pooled(split, "mean", [1]), o.pooled(split, "mean", [1]))
         assert np.array_equal(a.row_ids(split), r.row_ids(split)) and np.array_equal(a.labels(split), r.labels(split))
-    assert data["sha256"] == r.provenance["sources"][0]["sha256"]
+    assert data["sha256"] == r.provenance.sources[0]["sha256"]
     runs = {}
     for name, path in (("real", real), ("ctl", ctl_a)):
         res = heads("sweep", "--store", path, "--combine", "single", "--no-ci", "--out", str(tmp_path / f"s-{name}"))
@@ -353,7 +352,16 @@ def test_random_weights_of_a_model_without_config_is_one_line(tmp_path):
     assert len(res.output.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("kind", ["other rows", "other shape", "itself", "mdl with folds", "mdl without linear"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "other rows",
+        pytest.param("other shape", marks=pytest.mark.slow),  # a store of the real MiniLM
+        "itself",
+        "mdl with folds",
+        "mdl without linear",
+    ],
+)
 def test_bad_control_and_mdl_options_are_one_line(kind, noisy_store, tmp_path):
     out = tmp_path / "run"
     if kind == "other rows":

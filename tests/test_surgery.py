@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import TEXTS
+from factories import TEXTS
 from torch import nn
 from transformers import BertConfig, BertModel
 
@@ -83,7 +83,7 @@ def test_encoder_layers_accepts_wrappers_and_refuses_other_models(model):
     with pytest.raises(
         ConfigError,
         match=r"Model surgery does not know the 'Linear' family \(Linear\): the anatomy map "
-        r"covers bert, .*speech.*\. Use a model of one of these families",
+        r"covers albert, bert, .*speech.*\. Use a model of one of these families",
     ):
         encoder_layers(nn.Linear(2, 2))
 
@@ -316,6 +316,7 @@ def test_save_and_reload_classifier_wrapper(inputs, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, clf(**inputs).logits, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_load_backbone_and_extract_from_a_pruned_directory(tmp_path):
     from transformers import AutoTokenizer
 

@@ -51,7 +51,7 @@ def test_token_states_are_verified_too(tiny_csv):
 
 
 def test_a_sweep_on_a_corrupted_store_stops_with_one_line(tmp_path):
-    from conftest import synthetic_csv
+    from factories import synthetic_csv
 
     path = _store(synthetic_csv(tmp_path, 60), holdout=0.5)
     _flip(path / "splits/train/text/pooled/cls/c/0/0/0")

@@ -27,6 +27,7 @@ __all__ = [
     "compute_dtype",
     "load_backbone",
     "RANDOM_CONFIGS",
+    "encoder_class",
     "minilm_path",
     "resolve_model_path",
     "resolve_random_config",
@@ -229,7 +230,8 @@ def minilm_path() -> Path:
     return path
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of the model directory ``path`` (only the PyTorch ones when both formats are present)."""
     files = [
         f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".h5", ".msgpack") and f.is_file()
     ]
@@ -374,14 +376,47 @@ def _state_sha256(model: Any) -> str:
     return h.hexdigest()
 
 
+def encoder_class(config: Any) -> Any:
+    """The class a backbone of ``config`` is built as: ``AutoModel``, except that an encoder-decoder checkpoint (T5,
+    mT5, UMT5) is built as its encoder alone (``T5EncoderModel``), so no decoder runs or is loaded; a saved encoder
+    (its config says ``T5EncoderModel``, and no longer ``is_encoder_decoder``) too. None for an encoder-decoder
+    without such a class: build it with ``AutoModel`` and keep ``get_encoder()`` (:func:`encoder_only`)."""
+    import transformers
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    name = MODEL_MAPPING_NAMES.get(str(config.model_type))
+    encoder = (
+        getattr(transformers, name.removesuffix("Model") + "EncoderModel", None) if isinstance(name, str) else None
+    )
+    saved = getattr(config, "architectures", None) or []
+    if encoder is not None and (getattr(config, "is_encoder_decoder", False) or encoder.__name__ in saved):
+        return encoder
+    return None if getattr(config, "is_encoder_decoder", False) else AutoModel
+
+
+def encoder_only(model: Any) -> Any:
+    """The encoder of an encoder-decoder ``model`` built whole (extraction cannot run it: its decoder asks for
+    decoder inputs); ``model`` itself otherwise."""
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder()
+    return model
+
+
 def _from_config(config: Any, seed: int) -> Any:
     """A model of ``config`` with weights initialised the way ``AutoModel.from_config`` does, under ``seed``, in
-    float32 (the compute dtype is applied after, so the weights are the same whatever it is)."""
+    float32 (the compute dtype is applied after, so the weights are the same whatever it is; an encoder-decoder's
+    encoder alone, :func:`encoder_class`)."""
     import torch
     from transformers import AutoModel
 
+    cls = encoder_class(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if cls is None:
+            return encoder_only(AutoModel.from_config(config, dtype=torch.float32))
+        if cls is not AutoModel:
+            return cls(config).float()
         return AutoModel.from_config(config, dtype=torch.float32)
 
 
@@ -545,7 +580,7 @@ def load_backbone(
                 f"{path} is a directory but holds no config.json; pass a Hugging Face model directory (config.json + "
                 f"weights + tokenizer)."
             )
-        weights = _weight_files(path)
+        weights = weight_files(path)
         _refuse_pickle(path, allow_pickle)
         if not weights:
             raise ModelNotFoundError(
@@ -581,13 +616,15 @@ def load_backbone(
                     }
                 # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed;
                 # dtype: a checkpoint saved in bf16 is cast to the compute dtype (transformers 5 would keep its own)
-                model = AutoModel.from_pretrained(
+                cls = encoder_class(AutoConfig.from_pretrained(path))
+                model = (cls or AutoModel).from_pretrained(
                     path,
                     use_safetensors=None if allow_pickle else True,
                     weights_only=True,
                     dtype=getattr(torch, placement.dtype),
                     **mapped,
                 )
+                model = encoder_only(model) if cls is None else model
         except pickle.UnpicklingError as exc:
             raise ConfigError(
                 f"The pickle weights in {path} hold more than tensors, so torch.load(weights_only=True) refused "

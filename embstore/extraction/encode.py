@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embstore.errors import EmbstoreError, ForwardError
+
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
@@ -121,6 +123,12 @@ def pad_batch(ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None, pa
     return out
 
 
+def _where(job: ChunkJob, tower: str) -> str:
+    """The row chunk of ``job`` (and its tower, when a pair is encoded as two), as errors name it."""
+    towers = f", tower {tower!r}" if len(job.towers) > 1 else ""
+    return f"row chunk {job.chunk} of split {job.split!r}{towers}"
+
+
 Prepared = tuple[dict[str, Any], np.ndarray, "np.ndarray | None"]
 """One batch ready for the forward: staged inputs, (B,) output lengths, (B, T) pooled-token mask or None."""
 
@@ -191,10 +199,13 @@ class ChunkEncoder:
         batch_size: int,
         token_budget: int,
         device: str,
+        name: str | None = None,
     ) -> None:
         from embstore.extraction.forward import BatchForward
 
         self.model = model
+        self.name = name or type(model).__name__
+        """The model as errors name it (its ``--model``)."""
         self.pad_id = pad_id
         self.layers = list(layers)
         self.token_layers = list(token_layers)
@@ -222,13 +233,15 @@ class ChunkEncoder:
         prepare: Callable[[int, int], Prepared],
         buf: ChunkBuffers,
         on_rows: Callable[[int], None] | None,
+        where: str = "",
     ) -> None:
         """Encode the batches ``spans`` ([start, stop) rows) of ``split`` into ``buf``.
 
         ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths, (B, T) pooled-token mask or
         None); it runs in a prefetch thread, ``prefetch`` batches ahead. A batch holding a non-finite value once
         cast to the storage dtype stops the extraction before anything of its row chunk is written
-        (:class:`embstore.errors.NonFiniteValuesError`)."""
+        (:class:`embstore.errors.NonFiniteValuesError`). An exception in the model's forward becomes one
+        :class:`ForwardError` naming the model and the batch (``where``: the row chunk)."""
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -259,7 +272,12 @@ class ChunkEncoder:
                 span, future = ahead.popleft()
                 refill()
                 inputs, lengths, pool_mask = future.result()
-                launched = self.forward.launch(inputs, lengths, pool_mask)
+                try:
+                    launched = self.forward.launch(inputs, lengths, pool_mask)
+                except EmbstoreError:
+                    raise
+                except Exception as exc:  # a model bug or an out-of-memory: one line, never a traceback
+                    raise self._forward_error(exc, span, inputs, where) from exc
                 if waiting is not None:
                     land(*waiting)
                 waiting = (span, launched)
@@ -291,6 +309,21 @@ class ChunkEncoder:
             f"Split {split!r}, {what}: a value of |x| = {bad.largest:.6g} does not fit the storage dtype "
             f"{self.np_dtype.name} (largest {top:.6g}), so it would be stored as inf; nothing of this row chunk was "
             "written and the store is left incomplete: pass --dtype float32."
+        )
+
+    def _forward_error(self, exc: Exception, span: tuple[int, int], inputs: dict[str, Any], where: str) -> ForwardError:
+        shape = tuple(next(iter(inputs.values())).shape)
+        unit = "tokens" if "input_ids" in inputs else "samples"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        hint = (
+            "lower --batch-size or --token-budget"
+            if "out of memory" in first.lower()
+            else "fix the cause (the model or its inputs)"
+        )
+        return ForwardError(
+            f"{self.name} failed in its forward on rows {span[0]}-{span[1] - 1} of {where or 'a row chunk'} (a batch "
+            f"of {shape[0]} rows x {shape[-1]} {unit}): {type(exc).__name__}: {first}. Nothing of that row chunk "
+            f"was stored and the store is not complete; {hint}, then re-run the same command to resume."
         )
 
     def _text_batch(
@@ -343,6 +376,7 @@ class ChunkEncoder:
                 prepare,
                 buf,
                 on_rows if tower == next(iter(job.towers)) else None,
+                _where(job, tower),
             )
             out.update(buf.named(functools.partial(paths, tower)))
         return out

@@ -222,7 +222,7 @@ def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
         writer = StoreWriter.create(f"memory://{root}", plan.meta, plan.arrays, plan.token_counts)
         before = int(fs.du(root, total=True))
         meta_before = int(fs.du(f"{root}/zarr.json", total=True))
-        writer.finalize({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        writer.finalize(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         grown = int(fs.du(f"{root}/zarr.json", total=True)) - meta_before
         arrays = sum(
             1
@@ -281,14 +281,14 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
     from embstore.device import resolve_device
     from embstore.extraction.plan import make_plan, store_paths
-    from embstore.extraction.run import _state
+    from embstore.extraction.run import store_state
     from embstore.store.writer import StoreWriter
 
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     plan = make_plan(config, device)
     final, write_path = store_paths(config, plan.fingerprint)
-    state = _state(final, write_path, plan.fingerprint)
+    state = store_state(final, write_path, plan.fingerprint)
     planning_seconds = time.perf_counter() - t0
 
     lay = plan.layout
@@ -308,7 +308,7 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     n_chunks = sum(sl.n_chunks for sl in lay.splits.values())
     chunks = n_chunks * (len(lay.towers) * (len(lay.layers) * len(lay.poolings) + len(lay.token_layers)) + 2)
     total = (
-        _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta, default=str)))
+        _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta.to_dict(), default=str)))
         if h5
         else zarr_bytes
     )
@@ -347,12 +347,12 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
             "rows": sl.n_rows,
             "chunks": sl.n_chunks,
             "chunks_left": len(pending.get(name, [])),
-            "truncated": int(plan.meta["truncated"].get(name, 0)),
+            "truncated": int(plan.meta.truncated.get(name, 0)),
         }
         if audio:
             entry["seconds"] = float(plan.arrays[L.duration_path(name)].astype(np.float64).sum())
             entry["frames"] = int(sum(sl.n_tokens.values()))
-            entry["augmented"] = int(plan.meta.get("augmented", {}).get(name, 0))
+            entry["augmented"] = int((plan.meta.augmented or {}).get(name, 0))
         else:
             entry["tokens"] = int(sum(sl.n_tokens.values()))
         splits[name] = entry

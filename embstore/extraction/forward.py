@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embstore.backbones.anatomy import find_blocks, state_norm
+from embstore.backbones.anatomy import find_blocks, state_norm, state_outputs
 from embstore.extraction.pooling import Masks, pool_layers, pool_state
 
 __all__ = ["run_states", "hidden_states", "pool_layers", "BatchForward", "Launched", "input_device"]
@@ -51,14 +51,15 @@ def run_states(
         return
     n = len(blocks)
     norm = state_norm(model) if last == n else None
+    # state i (1..L) is the output of layer i's block, or of what follows it outside the block (DeBERTa-v2's conv),
+    # or, for the top state of the language models, of the final norm; a block shared by every layer (ALBERT) is
+    # hooked once and hands on each of its runs
+    outs = state_outputs(model)[: min(last, n)]
+    if norm is not None:
+        outs[n - 1] = norm
     seen: list[int] = []
 
     def deliver(i: int, h: torch.Tensor) -> None:
-        if seen != list(range(i)):
-            raise RuntimeError(
-                f"{type(model).__name__} produced hidden state {i} after states {seen}; its blocks are not called once "
-                "each in order, so it cannot be pooled layer by layer"
-            )
         seen.append(i)
         if i in want:
             on_state(i, h)
@@ -66,18 +67,21 @@ def run_states(
             raise _Stop
 
     def first(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if seen:  # a block shared by every layer (ALBERT) runs again
+            return
         deliver(0, args[0] if args else kwargs["hidden_states"])  # what transformers records as state 0
 
-    def after(i: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            deliver(i, output[0] if isinstance(output, tuple) else output)
-
-        return hook
+    def after(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        i = len(seen)
+        if i == 0 or i > len(outs) or outs[i - 1] is not module:
+            raise RuntimeError(
+                f"{type(model).__name__} produced hidden state {i} out of order (after states {seen}); its blocks are "
+                "not called once each in order, so it cannot be pooled layer by layer"
+            )
+        deliver(i, output[0] if isinstance(output, tuple) else output)
 
     handles = [blocks[0].register_forward_pre_hook(first, with_kwargs=True)]
-    handles += [blocks[i].register_forward_hook(after(i + 1)) for i in range(min(last, n) - (norm is not None))]
-    if norm is not None:
-        handles.append(norm.register_forward_hook(after(n)))
+    handles += [m.register_forward_hook(after) for m in dict.fromkeys(outs)]
     try:
         model(**inputs)
     except _Stop:

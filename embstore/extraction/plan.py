@@ -46,7 +46,8 @@ class Plan:
     order: dict[str, np.ndarray]
     encoded: dict[tuple[str, str], Any]
     """(split, tower) -> Encoded token ids (text) or AudioRows (audio)."""
-    meta: dict[str, Any]
+    meta: L.StoreMeta
+    """The store's root attribute as it is created (not complete)."""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     token_counts: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
@@ -214,9 +215,19 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
         chunk_rows=config.chunk_rows,
         splits=splits,
     )
-    plan = _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
-    plan.meta["provenance"]["text"] = spec.record(tok)
-    return plan
+    return _finish_plan(
+        config,
+        device,
+        dataset,
+        backbone,
+        lay,
+        order,
+        encoded,
+        arrays,
+        token_counts,
+        truncated,
+        text_record=L.TextRecord.from_dict(spec.record(tok)),
+    )
 
 
 def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: np.ndarray, source: np.ndarray) -> None:
@@ -312,10 +323,9 @@ def _plan_audio(
         chunk_rows=config.chunk_rows,
         splits=splits,
     )
-    plan = _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
-    plan.meta["augmented"] = augmented
-    plan.meta["sampling_rate"] = rate
-    return plan
+    return _finish_plan(
+        config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated, (augmented, rate)
+    )
 
 
 def _finish_plan(
@@ -329,8 +339,11 @@ def _finish_plan(
     arrays: dict[str, np.ndarray],
     token_counts: dict[tuple[str, str], np.ndarray],
     truncated: dict[str, int],
+    audio: tuple[dict[str, int], int] | None = None,
+    text_record: L.TextRecord | None = None,
 ) -> Plan:
-
+    """The plan with its store id and metadata; ``audio`` is (augmented copies per split, sampling rate);
+    ``text_record`` is the template and pooled-token choice as provenance records them (text stores)."""
     precision = precision_of(resolve_compute_dtype(config.compute_dtype, device), config.quantize)
     causal = is_causal(backbone.model)
     text = None if dataset.modality == "audio" else config.text_spec(causal).id_content()
@@ -351,57 +364,60 @@ def _finish_plan(
     import transformers
     import zarr
 
-    meta = {
-        "schema_version": L.SCHEMA_VERSION,
-        "complete": False,
-        "fingerprint": fp,
-        "modality": dataset.modality,
-        "group_names": dataset.group_names,
-        "layout": lay.to_dict(),
-        "label_names": dataset.label_names,
-        "truncated": truncated,
-        "skipped_empty": dataset.skipped_empty,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "finished": None,
-        "provenance": {
-            "model": {k: v for k, v in backbone.identity.items() if k not in ("tokenizer", "compute_dtype")},
-            "tokenizer": backbone.identity["tokenizer"],
-            "max_length": config.max_length,
-            "poolings": list(lay.poolings),
-            "dtype": config.dtype,
-            "precision": precision,
-            "compute_dtype": backbone.identity["compute_dtype"],
-            "causal": causal,
-            "top_layer": top_state(backbone.model),
-            "device": device,
-            "sources": dataset.sources,
-            "text_col": config.source.text_col or "text",
-            "text_pair_col": config.source.text_pair_col,
-            "pair_mode": config.pair_mode,
-            "label_col": config.source.label_col,
-            "audio_col": config.source.audio_col,
-            "group_col": config.source.group_col,
-            "max_seconds": config.max_seconds,
-            "augment": None
-            if not config.augment
-            else {
-                "transforms": list(config.augment),
-                "copies": config.copies,
-                "classes": config.augment_classes,
-                "snr_db": config.snr_db,
-                "seed": config.source.seed,
-            },
-            "rows": {k: v.n_rows for k, v in lay.splits.items()},
-            "tool": {
-                "embstore": L.EMBSTORE_VERSION,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "zarr": zarr.__version__,
-                "python": sys.version.split()[0],
-            },
-            "config": config.to_dict(),
+    provenance = L.Provenance(
+        model={k: v for k, v in backbone.identity.items() if k not in ("tokenizer", "compute_dtype")},
+        tokenizer=backbone.identity["tokenizer"],
+        max_length=config.max_length,
+        poolings=lay.poolings,
+        dtype=config.dtype,
+        precision=precision,
+        compute_dtype=backbone.identity["compute_dtype"],
+        causal=causal,
+        top_layer=top_state(backbone.model),
+        text=text_record,
+        device=device,
+        sources=tuple(dataset.sources),
+        text_col=config.source.text_col or "text",
+        text_pair_col=config.source.text_pair_col,
+        pair_mode=config.pair_mode,
+        label_col=config.source.label_col,
+        audio_col=config.source.audio_col,
+        group_col=config.source.group_col,
+        max_seconds=config.max_seconds,
+        augment=None
+        if not config.augment
+        else {
+            "transforms": list(config.augment),
+            "copies": config.copies,
+            "classes": config.augment_classes,
+            "snr_db": config.snr_db,
+            "seed": config.source.seed,
         },
-    }
+        rows={k: v.n_rows for k, v in lay.splits.items()},
+        tool={
+            "embstore": L.EMBSTORE_VERSION,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "zarr": zarr.__version__,
+            "python": sys.version.split()[0],
+        },
+        config=config.to_dict(),
+    )
+    meta = L.StoreMeta(
+        complete=False,
+        fingerprint=fp,
+        modality=dataset.modality,
+        group_names=None if dataset.group_names is None else tuple(dataset.group_names),
+        layout=lay,
+        label_names=None if dataset.label_names is None else tuple(dataset.label_names),
+        truncated=truncated,
+        skipped_empty=dict(dataset.skipped_empty),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        finished=None,
+        provenance=provenance,
+        augmented=None if audio is None else audio[0],
+        sampling_rate=None if audio is None else audio[1],
+    )
     return Plan(
         backbone=backbone,
         dataset=dataset,

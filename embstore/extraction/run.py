@@ -3,6 +3,7 @@ write, mark complete. The model loop itself lives in :mod:`embstore.extraction.e
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -109,6 +110,7 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
         batch_size=config.batch_size,
         token_budget=config.token_budget,
         device=device,
+        name=backbone.name,
     )
     if backbone.modality == "audio":
         from embstore.extraction.speech import AudioChunkEncoder
@@ -258,11 +260,11 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
             quick = None
             plan = make_plan(config, device)
             final, write_path = store_paths(config, plan.fingerprint)
-            state = _state(final, write_path, plan.fingerprint)
+            state = store_state(final, write_path, plan.fingerprint)
     if done is not None:
         return _complete_result(final, done, t0)
     rows = {k: v.n_rows for k, v in plan.layout.splits.items()}
-    truncated = dict(plan.meta["truncated"])
+    truncated = dict(plan.meta.truncated)
 
     def result(status: str) -> ExtractResult:
         return ExtractResult(
@@ -284,10 +286,14 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
                     _check_writable(final, _needed_bytes(plan.layout, is_h5_path(final)))
                 if lock is not None:
                     lock.acquire(wait=config.wait, ranks=ranks.world)
-                    state = _state(final, write_path, plan.fingerprint)  # another writer may have finished meanwhile
+                    state = store_state(
+                        final, write_path, plan.fingerprint
+                    )  # another writer may have finished meanwhile
                 if state == "absent":
                     if config.quantize == "int8":
-                        plan.meta["provenance"]["quantization"] = _measure_int8(plan, config, device)
+                        measured = _measure_int8(plan, config, device)
+                        provenance = dataclasses.replace(plan.meta.provenance, quantization=measured)
+                        plan.meta = dataclasses.replace(plan.meta, provenance=provenance)
                     StoreWriter.create(write_path, plan.meta, plan.arrays, plan.token_counts)
         state = str(ranks.share(state))
         if state == "complete":
@@ -329,20 +335,19 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     return result(status)
 
 
-def _complete_result(path: str, meta: dict[str, Any], t0: float) -> ExtractResult:
+def _complete_result(path: str, meta: L.StoreMeta, t0: float) -> ExtractResult:
     """The result of a run that found its store complete, from the store's own record."""
-    rows = {s: int(v["n_rows"]) for s, v in meta["layout"]["splits"].items()}
     return ExtractResult(
         path=path,
         status="already complete",
-        rows=rows,
-        truncated=dict(meta.get("truncated") or {}),
-        skipped_empty=dict(meta.get("skipped_empty") or {}),
+        rows={s: sl.n_rows for s, sl in meta.layout.splits.items()},
+        truncated=dict(meta.truncated),
+        skipped_empty=dict(meta.skipped_empty),
         seconds=time.perf_counter() - t0,
     )
 
 
-def _state(final: str, write_path: str, fingerprint: str) -> str:
+def store_state(final: str, write_path: str, fingerprint: str) -> str:
     """'complete', 'partial' (resumable) or 'absent'; raises when something else is in the way.
 
     A store made from other inputs is :class:`StoreMismatchError`; one whose metadata cannot be
@@ -378,7 +383,7 @@ def _finalize(writer: StoreWriter, final: str, write_path: str) -> None:
     if any(missing.values()):
         raise RuntimeError(f"row chunks still missing after extraction: {missing}; re-run to resume")
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    writer.finalize({"finished": now})
+    writer.finalize(now)
     if final != write_path:
         export_h5(write_path, final)
         with io_errors(write_path):

@@ -92,11 +92,11 @@ def model_identity(name: str) -> dict[str, Any]:
     from embstore.backbones.registry import (
         RANDOM_SEED,
         SPEECH_MODEL_TYPES,
-        _weight_files,
         minilm_path,
         resolve_model_path,
         resolve_random_config,
         tokenizer_files,
+        weight_files,
     )
     from embstore.errors import ModelNotFoundError
 
@@ -124,7 +124,7 @@ def model_identity(name: str) -> dict[str, Any]:
             ) from None
         model_type = str(cfg.get("model_type", ""))
         audio = model_type in SPEECH_MODEL_TYPES
-        files = _weight_files(path)
+        files = weight_files(path)
         weights = files_sha256(files) if files else "none"
         tfiles = tokenizer_files(path)
         tok = files_sha256(tfiles) if tfiles else None

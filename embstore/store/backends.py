@@ -153,7 +153,7 @@ def check_metadata(path: str) -> None:
             )
 
 
-def complete_meta(path: str, fingerprint: str) -> dict[str, Any] | None:
+def complete_meta(path: str, fingerprint: str) -> L.StoreMeta | None:
     """The metadata of the complete store at ``path`` if its fingerprint is ``fingerprint``, else None.
 
     Reads only the root metadata (``zarr.json`` as JSON; an HDF5 file's attribute), so a re-run that
@@ -170,11 +170,10 @@ def complete_meta(path: str, fingerprint: str) -> dict[str, Any] | None:
             meta = None if raw is None else json.loads(raw)
         else:
             meta = json.loads((Path(path) / "zarr.json").read_bytes()).get("attributes", {}).get(L.ATTR_KEY)
-    except (OSError, ValueError):
+        found = L.StoreMeta.from_dict(meta, source=path) if isinstance(meta, dict) else None
+    except (OSError, ValueError):  # unreadable, another schema version (StoreMismatchError) or damaged
         return None
-    if not isinstance(meta, dict) or meta.get("schema_version") != L.SCHEMA_VERSION:
-        return None
-    return meta if meta.get("fingerprint") == fingerprint and meta.get("complete") else None
+    return found if found is not None and found.fingerprint == fingerprint and found.complete else None
 
 
 def open_backend(path: str, storage_options: dict[str, Any] | None = None) -> Backend:

@@ -41,7 +41,7 @@ def latest_store(cache: Path) -> str:
         try:
             with open_store(p, allow_incomplete=True) as s:
                 if s.complete:
-                    found.append((str(s.meta.get("finished") or ""), str(p)))
+                    found.append((s.meta.finished or "", str(p)))
         except Exception:  # an unreadable entry is not a candidate
             continue
     if not found:

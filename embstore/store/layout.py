@@ -2,7 +2,7 @@
 
 A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
 
-    attrs["embstore"] = {schema_version, complete, fingerprint, layout, provenance, ...}
+    attrs["embstore"] = StoreMeta.to_dict(): {schema_version, complete, fingerprint, layout, provenance, ...}
     splits/<split>/row_ids                       (n,) int64   row index in the source file
     splits/<split>/labels                        (n,) int64   index into label_names (if labelled)
     splits/<split>/groups                        (n,) int64   index into group_names (with --group-col)
@@ -29,12 +29,18 @@ array is chunked one layer at a time, so reading one layer touches only that lay
 Row chunk ``c`` covers rows [c * chunk_rows, (c + 1) * chunk_rows) (chunk_rows per split, see
 ``SplitLayout.plan``): the unit of resume and
 of multi-process work, aligned with the storage chunks so ranks never share a chunk.
+
+The root attribute is written from a :class:`StoreMeta` (with its :class:`Provenance` and :class:`StoreLayout`)
+and read back through one: no other module names its keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from embstore.errors import StoreDamagedError, StoreMismatchError
 
 __all__ = [
     "EMBSTORE_VERSION",
@@ -44,6 +50,9 @@ __all__ = [
     "PAIR_TOWERS",
     "StoreLayout",
     "SplitLayout",
+    "StoreMeta",
+    "Provenance",
+    "TextRecord",
     "row_ids_path",
     "labels_path",
     "groups_path",
@@ -172,6 +181,300 @@ class StoreLayout:
         for tower in self.towers:
             paths += [pooled_path(split, tower, p) for p in self.poolings]
         return paths
+
+
+def _other(d: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """The keys of ``d`` that ``cls`` has no field for (kept as read, see :class:`StoreMeta`)."""
+    known = {f.name for f in fields(cls)} - {"other"}
+    return {k: v for k, v in d.items() if k not in known}
+
+
+def _names(values: Any) -> tuple[Any, ...] | None:
+    return None if values is None else tuple(values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextRecord:
+    """How each text became the model's input (:attr:`Provenance.text`): the template or chat template, and which
+    tokens ``mean`` and ``max`` cover (``embstore.extraction.textspec.TextSpec``, plus the rendered prompt)."""
+
+    template: str | None = None
+    """--template, with ``{text}`` (and ``{text_pair}``), or None."""
+    chat_template: bool = False
+    """--chat-template: the tokenizer's own chat template, the text as the user turn."""
+    system: str | None = None
+    """--system: the system turn of the chat template, or None."""
+    pool_tokens: str = "all"
+    """--pool-tokens: 'text' (the row's own text tokens) or 'all' (every non-pad token)."""
+    prompt: str | None = None
+    """The prompt as rendered: the template, or the chat template with ``{text}`` where the user's text goes; None
+    for the text alone."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "chat_template": self.chat_template,
+            "system": self.system,
+            "pool_tokens": self.pool_tokens,
+            "prompt": self.prompt,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TextRecord":
+        return cls(
+            template=d.get("template"),
+            chat_template=bool(d.get("chat_template", False)),
+            system=d.get("system"),
+            pool_tokens=str(d.get("pool_tokens") or "all"),
+            prompt=d.get("prompt"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    """How a store was made: the model, the data, the options and the tools (:attr:`StoreMeta.provenance`).
+
+    Written when the store is created (plus :attr:`quantization` for int8 stores) and never changed after. Its
+    fields are described; what is in the store id is :mod:`embstore.extraction.store_id`'s to say.
+    """
+
+    model: dict[str, Any]
+    """The backbone's identity (:mod:`embstore.backbones.registry`, less its tokenizer): name, kind, path,
+    weights_sha256, config, class, modality, and random_weights for a random-weights control."""
+    tokenizer: dict[str, Any] | None
+    """The tokenizer's (audio: feature extractor's) identity: class, path, files, sha256."""
+    max_length: int | None
+    """--max-length: the tokens each text was cut to (recorded for audio stores too, where it does nothing)."""
+    poolings: tuple[str, ...]
+    """The stored poolings, as in the layout."""
+    dtype: str | None
+    """--dtype: the storage dtype of the hidden states."""
+    precision: str | None
+    """How the model computed, as the store id holds it: the compute dtype ('float32', 'bfloat16', 'float16') or
+    'int8-dynamic' (``precision_of``); stores written before --compute-dtype say 'float32' or 'bf16-autocast'."""
+    device: str | None
+    """The device the extraction ran on ('cpu', 'cuda', 'cuda:1', ...)."""
+    sources: tuple[dict[str, Any], ...]
+    """One record per source file: split ('all' for a file --holdout carved), path, sha256, format, columns, rows,
+    holdout (audio adds audio_files and audio_sha256)."""
+    text_col: str | None
+    """--text-col."""
+    text_pair_col: str | None
+    """--text-pair-col: the second sentence of pairs, or None."""
+    pair_mode: str | None
+    """'joint' (one input of both sentences) or 'towers' (each sentence its own tower)."""
+    label_col: str | None
+    """--label-col, or None for an unlabelled store."""
+    audio_col: str | None
+    """--audio-col: set for audio stores, None for text."""
+    group_col: str | None
+    """--group-col (e.g. the speaker), or None."""
+    max_seconds: float | None
+    """--max-seconds: the audio each clip was cropped to, or None."""
+    augment: dict[str, Any] | None
+    """The audio augmentation (transforms, copies, classes, snr_db, seed), or None."""
+    rows: dict[str, int]
+    """Stored rows per split."""
+    tool: dict[str, str]
+    """The version of each package that wrote the store (embstore, torch, transformers, zarr, python)."""
+    config: dict[str, Any]
+    """The whole ``ExtractConfig.to_dict()`` of the extraction."""
+    compute_dtype: str | None = None
+    """The dtype the model's parameters actually had during the forward ('float32', 'bfloat16', 'float16'); None
+    (and absent from the stored attribute) in stores written before it was recorded."""
+    causal: bool | None = None
+    """Whether the model is a decoder (causal attention: ``last,mean`` by default, ``cls`` refused); None in older
+    stores."""
+    top_layer: str | None = None
+    """What the top stored layer is, in words (after the final norm for the language models); None in older
+    stores."""
+    text: TextRecord | None = None
+    """Text stores: the template or chat template and the pooled tokens; None for audio and older stores."""
+    quantization: dict[str, Any] | None = None
+    """--quantize int8: the measured deviation from float32 of every stored array on the first batch; else None
+    (and absent from the stored attribute)."""
+    other: dict[str, Any] = field(default_factory=dict)
+    """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
+
+    @property
+    def model_name(self) -> str | None:
+        """The ``--model`` the store was made with."""
+        name = self.model.get("name")
+        return None if name is None else str(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: the keys in the order extraction has always written them, then :attr:`other`."""
+        d: dict[str, Any] = {
+            "model": dict(self.model),
+            "tokenizer": self.tokenizer,
+            "max_length": self.max_length,
+            "poolings": list(self.poolings),
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "device": self.device,
+            "sources": [dict(s) for s in self.sources],
+            "text_col": self.text_col,
+            "text_pair_col": self.text_pair_col,
+            "pair_mode": self.pair_mode,
+            "label_col": self.label_col,
+            "audio_col": self.audio_col,
+            "group_col": self.group_col,
+            "max_seconds": self.max_seconds,
+            "augment": self.augment,
+            "rows": dict(self.rows),
+            "tool": dict(self.tool),
+            "config": dict(self.config),
+        }
+        for key, value in (
+            ("compute_dtype", self.compute_dtype),
+            ("causal", self.causal),
+            ("top_layer", self.top_layer),
+        ):
+            if value is not None:
+                d[key] = value
+        if self.text is not None:
+            d["text"] = self.text.to_dict()
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
+        return {**d, **self.other}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Provenance":
+        """Read any schema-1 provenance: a key an older version did not write reads as None (or empty), which
+        every reader takes as "not recorded"; an unknown key goes to :attr:`other`."""
+        return cls(
+            model=dict(d.get("model") or {}),
+            tokenizer=d.get("tokenizer"),
+            max_length=d.get("max_length"),
+            poolings=tuple(d.get("poolings") or ()),
+            dtype=d.get("dtype"),
+            precision=d.get("precision"),
+            device=d.get("device"),
+            sources=tuple(dict(s) for s in d.get("sources") or ()),
+            text_col=d.get("text_col"),
+            text_pair_col=d.get("text_pair_col"),
+            pair_mode=d.get("pair_mode"),
+            label_col=d.get("label_col"),
+            audio_col=d.get("audio_col"),
+            group_col=d.get("group_col"),
+            max_seconds=d.get("max_seconds"),
+            augment=d.get("augment"),
+            rows=dict(d.get("rows") or {}),
+            tool=dict(d.get("tool") or {}),
+            config=dict(d.get("config") or {}),
+            compute_dtype=d.get("compute_dtype"),
+            causal=d.get("causal"),
+            top_layer=d.get("top_layer"),
+            text=None if d.get("text") is None else TextRecord.from_dict(d["text"]),
+            quantization=d.get("quantization"),
+            other=_other(d, cls),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreMeta:
+    """The root attribute of a store (``attrs[ATTR_KEY]``): what it holds, whether it is complete, how it was made.
+
+    Extraction builds one before the model runs (``complete=False``) and marks it complete last
+    (:meth:`completed`); every reader parses the attribute with :meth:`from_dict`. Schema version 1 covers every
+    store written so far: :meth:`from_dict` reads a store an older version wrote (a key it lacks reads as None or
+    empty) and keeps the keys it does not know in :attr:`other`, so :meth:`to_dict` gives back the attribute it
+    read and rewriting the metadata of a resumed store loses nothing.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    """The version of this layout (:data:`SCHEMA_VERSION`); :meth:`from_dict` refuses any other."""
+    complete: bool
+    """Every row chunk is written and the store is final (the last write of an extraction)."""
+    fingerprint: str
+    """The store id: the sha256 of everything that decides its contents (:mod:`embstore.extraction.store_id`)."""
+    modality: str = "text"
+    """'text' or 'audio'."""
+    group_names: tuple[str, ...] | None = None
+    """Names of the groups (e.g. speakers) that ``splits/<split>/groups`` indexes, with --group-col; else None."""
+    layout: StoreLayout
+    """What arrays the store holds and how they are shaped."""
+    label_names: tuple[str, ...] | None = None
+    """Names of the classes that ``splits/<split>/labels`` indexes; None for an unlabelled store."""
+    truncated: dict[str, int] = field(default_factory=dict)
+    """Rows cut by --max-length (audio: cropped by --max-seconds) per split."""
+    skipped_empty: dict[str, int] = field(default_factory=dict)
+    """Rows dropped as empty (--skip-empty) per split."""
+    created: str | None = None
+    """When the store was created (ISO 8601, UTC, seconds)."""
+    finished: str | None = None
+    """When the store was marked complete; None until then."""
+    provenance: Provenance
+    """How the store was made."""
+    augmented: dict[str, int] | None = None
+    """Audio stores: augmented copies per split (absent from text stores)."""
+    sampling_rate: int | None = None
+    """Audio stores: the rate (Hz) the model heard (absent from text stores)."""
+    other: dict[str, Any] = field(default_factory=dict)
+    """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
+
+    def completed(self, finished: str) -> "StoreMeta":
+        """This metadata marked complete at ``finished``."""
+        return replace(self, complete=True, finished=finished)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (plain JSON), the keys in the order extraction has always written them."""
+        d: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "complete": self.complete,
+            "fingerprint": self.fingerprint,
+            "modality": self.modality,
+            "group_names": None if self.group_names is None else list(self.group_names),
+            "layout": self.layout.to_dict(),
+            "label_names": None if self.label_names is None else list(self.label_names),
+            "truncated": dict(self.truncated),
+            "skipped_empty": dict(self.skipped_empty),
+            "created": self.created,
+            "finished": self.finished,
+            "provenance": self.provenance.to_dict(),
+        }
+        if self.augmented is not None:
+            d["augmented"] = dict(self.augmented)
+        if self.sampling_rate is not None:
+            d["sampling_rate"] = self.sampling_rate
+        return {**d, **self.other}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "this store") -> "StoreMeta":
+        """Parse a store's root attribute; ``source`` names the store in errors.
+
+        Another schema version is :class:`StoreMismatchError`; an attribute without a fingerprint or layout is
+        :class:`StoreDamagedError`.
+        """
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreMismatchError(
+                f"{source} has store schema version {version}, this embstore reads version {SCHEMA_VERSION}; "
+                f"re-extract it with this version."
+            )
+        for key in ("fingerprint", "layout"):
+            if not d.get(key):
+                raise StoreDamagedError(
+                    f"{source} has no {key!r} in its '{ATTR_KEY}' attribute; the store is damaged: delete it and "
+                    f"re-extract."
+                )
+        return cls(
+            schema_version=version,
+            complete=bool(d.get("complete")),
+            fingerprint=str(d["fingerprint"]),
+            modality=str(d.get("modality") or "text"),
+            group_names=_names(d.get("group_names")),
+            layout=StoreLayout.from_dict(d["layout"]),
+            label_names=_names(d.get("label_names")),
+            truncated=dict(d.get("truncated") or {}),
+            skipped_empty=dict(d.get("skipped_empty") or {}),
+            created=d.get("created"),
+            finished=d.get("finished"),
+            provenance=Provenance.from_dict(d.get("provenance") or {}),
+            augmented=None if d.get("augmented") is None else dict(d["augmented"]),
+            sampling_rate=d.get("sampling_rate"),
+            other=_other(d, cls),
+        )
 
 
 def _split(split: str) -> str:

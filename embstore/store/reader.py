@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.errors import ConfigError, StoreIncompleteError, StoreMismatchError, StoreNotFoundError
+from embstore.errors import ConfigError, StoreIncompleteError, StoreNotFoundError
 from embstore.layers import parse_layers
 from embstore.store import layout as L
 from embstore.store.backends import Backend, check_metadata, is_h5_path, open_backend
@@ -49,22 +49,20 @@ class Store:
     :class:`StoreCorruptedError` naming the split, chunk, array and layer.
     """
 
+    meta: L.StoreMeta
+    """The store's root attribute, typed: completeness, fingerprint, layout, labels, :attr:`provenance`."""
+
     def __init__(self, backend: Backend, path: str, verify: bool = True) -> None:
         self._b = backend
         self.path = path
-        meta = backend.attrs()
-        if not meta:
+        raw = backend.attrs()
+        if not raw:
             raise StoreNotFoundError(
                 f"{path} is not an embstore store (no '{L.ATTR_KEY}' attributes); pass a path printed by 'embstore "
                 f"extract' or listed by 'embstore ls'."
             )
-        if meta.get("schema_version") != L.SCHEMA_VERSION:
-            raise StoreMismatchError(
-                f"{path} has store schema version {meta.get('schema_version')}, this embstore reads version "
-                f"{L.SCHEMA_VERSION}; re-extract it with this version."
-            )
-        self.meta: dict[str, Any] = meta
-        self.layout = L.StoreLayout.from_dict(meta["layout"])
+        self.meta = L.StoreMeta.from_dict(raw, source=path)
+        self.layout = self.meta.layout
         self._verifier = ChunkVerifier(backend, self.layout, path, enabled=verify)
 
     @property
@@ -75,11 +73,11 @@ class Store:
     # -- description ---------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.meta.get("complete"))
+        return self.meta.complete
 
     @property
     def fingerprint(self) -> str:
-        return str(self.meta["fingerprint"])
+        return self.meta.fingerprint
 
     @property
     def splits(self) -> list[str]:
@@ -107,16 +105,17 @@ class Store:
 
     @property
     def label_names(self) -> list[str] | None:
-        names = self.meta.get("label_names")
+        names = self.meta.label_names
         return None if names is None else list(names)
 
     @property
-    def provenance(self) -> dict[str, Any]:
-        return dict(self.meta.get("provenance", {}))
+    def provenance(self) -> L.Provenance:
+        """How the store was made: model, data, options, tools."""
+        return self.meta.provenance
 
     @property
     def modality(self) -> str:
-        return str(self.meta.get("modality", "text"))
+        return self.meta.modality
 
     def n_rows(self, split: str) -> int:
         return self._split(split).n_rows
@@ -138,8 +137,8 @@ class Store:
                 "chunks": sl.n_chunks,
                 "chunks_done": done,
                 "tokens": sl.n_tokens,
-                "truncated": self.meta.get("truncated", {}).get(name),
-                "augmented": self.meta.get("augmented", {}).get(name, 0),
+                "truncated": self.meta.truncated.get(name),
+                "augmented": (self.meta.augmented or {}).get(name, 0),
             }
         return {
             "path": self.path,
@@ -157,11 +156,11 @@ class Store:
             "dtype": self.layout.dtype,
             "label_names": self.label_names,
             "group_names": self.group_names,
-            "sampling_rate": self.meta.get("sampling_rate"),
+            "sampling_rate": self.meta.sampling_rate,
             "bytes": self.nbytes(),
-            "created": self.meta.get("created"),
-            "finished": self.meta.get("finished"),
-            "provenance": self.provenance,
+            "created": self.meta.created,
+            "finished": self.meta.finished,
+            "provenance": self.provenance.to_dict(),
         }
 
     # -- data ----------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ class Store:
     @property
     def group_names(self) -> list[str] | None:
         """Names of the groups (e.g. speakers) when extracted with --group-col."""
-        names = self.meta.get("group_names")
+        names = self.meta.group_names
         return None if names is None else list(names)
 
     def groups(self, split: str) -> np.ndarray | None:

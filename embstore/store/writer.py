@@ -115,14 +115,14 @@ class StoreWriter:
     def __init__(self, path: str, group: Any) -> None:
         self.path = path
         self.group = group
-        self.meta: dict[str, Any] = dict(group.attrs[L.ATTR_KEY])
-        self.layout = L.StoreLayout.from_dict(self.meta["layout"])
+        self.meta = L.StoreMeta.from_dict(dict(group.attrs[L.ATTR_KEY]), source=path)
+        self.layout = self.meta.layout
 
     @classmethod
     def create(
         cls,
         path: str,
-        meta: dict[str, Any],
+        meta: L.StoreMeta,
         arrays: dict[str, np.ndarray],
         token_counts: dict[tuple[str, str], np.ndarray],
     ) -> "StoreWriter":
@@ -135,7 +135,7 @@ class StoreWriter:
         """
         import zarr
 
-        lay = L.StoreLayout.from_dict(meta["layout"])
+        lay = meta.layout
         target = f"{path}{CREATING}{owner_tag()}" if _local(path) else path
         with io_errors(path):
             if _local(path):
@@ -196,7 +196,7 @@ class StoreWriter:
                                 fill_value=0,
                                 compressors=None,
                             )
-            g.attrs[L.ATTR_KEY] = meta
+            g.attrs[L.ATTR_KEY] = meta.to_dict()
             if _local(path):
                 _fsync_tree(Path(target))
                 try:
@@ -262,20 +262,14 @@ class StoreWriter:
         for d in dirs:
             fsync_dir(d)
 
-    def finalize(self, updates: dict[str, Any]) -> None:
-        """Mark the store complete (the last write of an extraction)."""
-        meta = {**self.meta, **updates, "complete": True}
+    def finalize(self, finished: str) -> None:
+        """Mark the store complete at ``finished`` (ISO time; the last write of an extraction)."""
+        meta = self.meta.completed(finished)
         with io_errors(self.path):
-            self.group.attrs[L.ATTR_KEY] = meta
+            self.group.attrs[L.ATTR_KEY] = meta.to_dict()
             if _local(self.path):
                 _fsync_file(Path(self.path) / "zarr.json")
                 fsync_dir(Path(self.path))
-        self.meta = meta
-
-    def update_meta(self, updates: dict[str, Any]) -> None:
-        meta = {**self.meta, **updates}
-        with io_errors(self.path):
-            self.group.attrs[L.ATTR_KEY] = meta
         self.meta = meta
 
 

@@ -14,10 +14,54 @@ from embstore.errors import ConfigError, DataError
 from heads.pretrain.config import PretrainConfig
 from heads.pretrain.tokenizer import load_tokenizer, train_wordpiece
 
-__all__ = ["PretrainData", "load_corpus"]
+__all__ = ["CorpusProvenance", "PretrainData", "load_corpus"]
 
 log = logging.getLogger(__name__)
 _EVAL_SPLITS = ("validation", "dev", "test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusProvenance:
+    """Where a pretraining run's corpus and tokenizer came from (``run.json["corpus"]``)."""
+
+    sources: list[dict[str, Any]]
+    """One record per source file (as a store's provenance has them): split, path, sha256, columns, rows."""
+    tokenizer: str
+    """How the tokenizer was made: 'trained WordPiece', or where it was loaded from."""
+    tokenizer_sha256: str
+    """The sha256 of the tokenizer's JSON: part of the run's fingerprint, with the sources' sha256."""
+    vocab_size: int
+    """Tokens in the vocabulary."""
+    train_rows: int
+    """Training rows (texts, or pairs)."""
+    eval_rows: int
+    """Held-out rows, scored for perplexity."""
+    eval_from: str
+    """Where the held-out rows come from: a split, or the carve that made them."""
+    pairs: bool
+    """Whether the rows are sentence pairs."""
+    eval_set: dict[str, Any]
+    """The held-out rows' evaluation-set record (:mod:`heads.evalset`)."""
+
+    @property
+    def sources_sha256(self) -> list[str]:
+        """The sha256 of each source file, in order."""
+        return [str(s["sha256"]) for s in self.sources]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What run.json records (``sources_sha256`` beside the sources, for people reading it)."""
+        return {
+            "sources": self.sources,
+            "sources_sha256": self.sources_sha256,
+            "tokenizer": self.tokenizer,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab_size": self.vocab_size,
+            "train_rows": self.train_rows,
+            "eval_rows": self.eval_rows,
+            "eval_from": self.eval_from,
+            "pairs": self.pairs,
+            "eval_set": self.eval_set,
+        }
 
 
 @dataclass(frozen=True)
@@ -29,8 +73,8 @@ class PretrainData:
     train_pairs: list[str] | None
     eval_texts: list[str]
     eval_pairs: list[str] | None
-    provenance: dict[str, Any]
-    """sources, sources_sha256, tokenizer (how it was made), tokenizer_sha256, train_rows, eval_rows, eval_from."""
+    provenance: CorpusProvenance
+    """Where the corpus and tokenizer came from."""
 
 
 def _split_roles(config: PretrainConfig, splits: dict[str, Any]) -> tuple[Any, Any | None, str]:
@@ -110,18 +154,17 @@ def load_corpus(config: PretrainConfig, saved_tokenizer: Path | None = None) -> 
         how = "trained WordPiece"
     tok.model_max_length = config.max_length
     tok_json = tok.backend_tokenizer.to_str()
-    provenance = {
-        "sources": ds.sources,
-        "sources_sha256": [s["sha256"] for s in ds.sources],
-        "tokenizer": how,
-        "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
-        "vocab_size": len(tok),
-        "train_rows": len(texts),
-        "eval_rows": len(ev_texts),
-        "eval_from": eval_from,
-        "pairs": pairs is not None,
-        "eval_set": scored,
-    }
+    provenance = CorpusProvenance(
+        sources=ds.sources,
+        tokenizer=how,
+        tokenizer_sha256=hashlib.sha256(tok_json.encode()).hexdigest(),
+        vocab_size=len(tok),
+        train_rows=len(texts),
+        eval_rows=len(ev_texts),
+        eval_from=eval_from,
+        pairs=pairs is not None,
+        eval_set=scored,
+    )
     log.info(
         "corpus: %d training rows, %d held-out rows (%s); vocabulary %d (%s)",
         len(texts),

@@ -12,7 +12,7 @@ from embstore import __version__
 from embstore.errors import OutputNotWritableError
 from heads.evalset import EVAL_SET_KEY
 from heads.pretrain.config import PretrainConfig
-from heads.pretrain.data import PretrainData
+from heads.pretrain.data import CorpusProvenance, PretrainData
 from heads.report.rundir import RUN_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ def write_outputs(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "config": config.to_dict(),
             "model_config": bert_config.to_diff_dict(),
-            "corpus": data.provenance,
-            EVAL_SET_KEY: data.provenance.get(EVAL_SET_KEY),
+            "corpus": data.provenance.to_dict(),
+            EVAL_SET_KEY: data.provenance.eval_set,
             "final": final,
         }
         (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -91,7 +91,7 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 def _summary(
     name: str,
     config: PretrainConfig,
-    corpus: dict[str, Any],
+    corpus: CorpusProvenance,
     bert_config: BertConfig,
     history: list[dict[str, Any]],
     final: dict[str, Any] | None,
@@ -103,12 +103,12 @@ def _summary(
         (
             f"- model: BERT {c.num_hidden_layers} layers x {c.hidden_size} hidden, {c.num_attention_heads} heads, "
             f"intermediate {c.intermediate_size}, {c.max_position_embeddings} positions, vocabulary {c.vocab_size} "
-            f"({corpus['tokenizer']})"
+            f"({corpus.tokenizer})"
         ),
         (
-            f"- corpus: {corpus['train_rows']} training rows{' (pairs)' if corpus['pairs'] else ''}"
-            f"{', both orders' if config.swap_augment else ''}; held-out: {corpus['eval_rows']} rows "
-            f"({corpus['eval_from']})"
+            f"- corpus: {corpus.train_rows} training rows{' (pairs)' if corpus.pairs else ''}"
+            f"{', both orders' if config.swap_augment else ''}; held-out: {corpus.eval_rows} rows "
+            f"({corpus.eval_from})"
         ),
         f"- objective: masked-LM at {config.mask_prob} ({'whole words' if config.whole_word else 'tokens'}, 80/10/10)"
         + (f" + {config.pair_objective}" if config.pair_objective else ""),

@@ -110,7 +110,7 @@ def _prepare(config: PretrainConfig) -> _Run:
     tok = data.tokenizer
     bert_config = build_bert_config(config, vocab_size=len(tok), pad_id=int(tok.pad_token_id))
     fp = fingerprint(
-        config.fingerprinted(), json.dumps(data.provenance["sources_sha256"]), data.provenance["tokenizer_sha256"]
+        config.fingerprinted(), json.dumps(data.provenance.sources_sha256), data.provenance.tokenizer_sha256
     )
     resumed = read_checkpoint(ckpt, STATE_FILE, fp, config.fingerprinted()) if config.resume else None
     return _Run(config=config, run_dir=run_dir, data=data, bert_config=bert_config, fingerprint=fp, resumed=resumed)

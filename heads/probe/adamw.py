@@ -25,12 +25,12 @@ from embstore.errors import ConfigError
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier
 from heads.probe.fitting import (
+    FittedHead,
     check_labels,
     class_weights,
     epoch_batches,
     epoch_schedule,
     head_device,
-    mark_fitted,
     resolve_n_classes,
 )
 from heads.probe.modules import Inputs, LinearHead, as_inputs, build_module
@@ -226,14 +226,11 @@ def _fitted(
             with torch.no_grad():
                 module.linear.weight.copy_(w.T)
                 module.linear.bias.copy_(b)
-            fitted[g] = mark_fitted(
-                HeadClassifier(cfg),
-                module.to(stack.device),
-                n_classes,
-                train[g].shape,
-                histories[g],
-                trackers[g].best_epoch,
-                seconds,
+            fitted[g] = HeadClassifier.from_fit(
+                cfg,
+                FittedHead(
+                    module.to(stack.device), n_classes, train[g].shape, histories[g], trackers[g].best_epoch, seconds
+                ),
             )
     return [est for est in fitted if est is not None]
 

@@ -68,8 +68,8 @@ def check_control(store: Store, control: Store, splits: Sequence[str], combos: S
             mine is not None and theirs is not None and not np.array_equal(mine, theirs)
         ):
             _refuse(control, f"its split {split!r} has other groups")
-        a = source_sha256(store.provenance.get("sources", []), split)
-        b = source_sha256(control.provenance.get("sources", []), split)
+        a = source_sha256(store.provenance.sources, split)
+        b = source_sha256(control.provenance.sources, split)
         if a != b:
             _refuse(
                 control,

@@ -15,6 +15,7 @@ Every configuration's features are moved to the device once, as float32, and eve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from torch import nn
 
 from heads.probe.config import HeadConfig
 from heads.probe.estimator import HeadClassifier
-from heads.probe.fitting import class_weights, epoch_schedule, mark_fitted
+from heads.probe.fitting import FittedHead, class_weights, epoch_schedule
 from heads.probe.modules import Inputs, InputShape, build_module, fit_input_stats
 from heads.protocol import BestTracker, scores
 from heads.protocol.optim import adamw
@@ -250,7 +251,7 @@ def fit_stacked(
         else [torch.stack(ts) for ts in zip(*(_device_arrays(i, device) for i in val_inputs))]
     )
     size = len(members) if stack_size is None else max(1, stack_size)
-    fitted: list[HeadClassifier] = []
+    fitted: list[FittedHead] = []
     for start in range(0, len(members), size):
         part = list(range(start, min(len(members), start + size)))
 
@@ -262,9 +263,10 @@ def fit_stacked(
             cfg, train_inputs, train_x, val_x, [members[i] for i in part], y_train, y_val, n_classes, device, done
         )
     seconds = (time.perf_counter() - t0) / max(1, len(members))
-    for est in fitted:
-        est.train_seconds_ = seconds
-    return fitted
+    return [
+        HeadClassifier.from_fit(cfg.replace(seed=m.seed), dataclasses.replace(fit, train_seconds=seconds))
+        for m, fit in zip(members, fitted)
+    ]
 
 
 def _fit_stack(
@@ -278,8 +280,8 @@ def _fit_stack(
     n_classes: int,
     device: torch.device,
     on_done: Callable[[int], None] | None,
-) -> list[HeadClassifier]:
-    """One stack of members, trained together to the end."""
+) -> list[FittedHead]:
+    """One stack of members, trained together to the end; their training seconds are left to the caller (0)."""
     shape = train_inputs[0].shape
     modules = _initial_modules(cfg, shape, train_inputs, members, n_classes, device)
     base = copy.deepcopy(modules[0]).to("meta")
@@ -337,17 +339,7 @@ def _fit_stack(
             with torch.no_grad():
                 for name, p in module.named_parameters():
                     p.copy_(state[name])
-        fitted.append(
-            mark_fitted(
-                HeadClassifier(cfg.replace(seed=members[i].seed)),
-                module,
-                n_classes,
-                shape,
-                histories[i],
-                trackers[i].best_epoch,
-                0.0,
-            )
-        )
+        fitted.append(FittedHead(module, n_classes, shape, histories[i], trackers[i].best_epoch, 0.0))
     return fitted
 
 

@@ -19,14 +19,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from embstore.errors import ConfigError, EmbstoreError
+from heads.probe.card import HeadCard
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.fitting import (
+    FittedHead,
     check_labels,
     class_weights,
     epoch_batches,
     epoch_schedule,
     head_device,
-    mark_fitted,
     resolve_n_classes,
 )
 from heads.probe.modules import Inputs, InputShape, Ragged, as_inputs, build_module, fit_input_stats
@@ -65,7 +66,7 @@ class HeadClassifier:
     (n, layers, hidden) float arrays, a pair (Xa, Xb), or ragged token states, depending on the head.
     """
 
-    # Learned state, set by fit (or load); absent before.
+    # Learned state, set by fit, load or from_fit (all through _set_fitted); absent before.
     module_: nn.Module
     n_classes_: int
     input_shape_: InputShape
@@ -74,7 +75,8 @@ class HeadClassifier:
     train_seconds_: float
     mix_weights_: np.ndarray
     mix_scale_: float
-    extra_: dict[str, Any]
+    card_: HeadCard | None
+    """Set by :meth:`load`: the saved head's description, or None when it was saved without one."""
 
     def __init__(self, config: HeadConfig | None = None, **overrides: Any) -> None:
         unknown = sorted(set(overrides) - set(HeadConfig().to_dict()))
@@ -148,7 +150,27 @@ class HeadClassifier:
                 break
         if tracker.state is not None:
             module.load_state_dict(tracker.state)
-        return mark_fitted(self, module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
+        return self._set_fitted(
+            FittedHead(module, n_classes, train.shape, history, tracker.best_epoch, time.perf_counter() - t0)
+        )
+
+    @classmethod
+    def from_fit(cls, config: HeadConfig, fit: FittedHead) -> "HeadClassifier":
+        """A fitted head of ``config`` holding what a trainer returned (the batched, stacked and L-BFGS trainers of
+        :mod:`heads.probe` train many heads at once and end here)."""
+        return cls(config)._set_fitted(fit)
+
+    def _set_fitted(self, fit: FittedHead) -> "HeadClassifier":
+        """Take ``fit`` as this head's learned state: its module (in eval mode), classes, input shape, history, best
+        epoch and training seconds, and for a 'mix' head the learnt layer weights; returns self."""
+        self.module_ = fit.module.eval()
+        self.n_classes_, self.input_shape_, self.history_ = fit.n_classes, fit.input_shape, fit.history
+        self.best_epoch_, self.train_seconds_ = fit.best_epoch, fit.train_seconds
+        mix = getattr(fit.module, "mix", None)
+        if self.config.head == "mix" and mix is not None:
+            self.mix_weights_ = mix.mix_weights()
+            self.mix_scale_ = float(mix.gamma.detach().cpu())
+        return self
 
     # -- inference -----------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -181,8 +203,8 @@ class HeadClassifier:
         return self.predict_proba(X).argmax(axis=1).astype(np.int64)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write head.safetensors (weights) and head.json (config, shapes, history, ``extra``) into ``directory``."""
+    def save(self, directory: str | Path, card: HeadCard | None = None) -> Path:
+        """Write head.safetensors (weights) and head.json (config, shapes, history, ``card``) into ``directory``."""
         self._check_fitted()
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
@@ -198,19 +220,19 @@ class HeadClassifier:
             "history": self.history_,
             "mix_weights": self.mix_weights_.tolist() if hasattr(self, "mix_weights_") else None,
             "mix_scale": getattr(self, "mix_scale_", None),
-            "extra": extra or {},
+            "extra": {} if card is None else card.to_dict(),  # the card's key since before it was typed
         }
         (path / META_FILE).write_text(json.dumps(meta, indent=1))
         return path
 
     @staticmethod
-    def read_extra(directory: str | Path) -> dict[str, Any]:
-        """The ``extra`` dict given to :meth:`save`."""
-        return dict(_read_meta(Path(directory)).get("extra") or {})
+    def read_card(directory: str | Path) -> HeadCard | None:
+        """The card given to :meth:`save`, without loading the weights; None when it was saved without one."""
+        return HeadCard.from_saved(_read_meta(Path(directory)).get("extra") or {})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> "HeadClassifier":
-        """Rebuild a head written by :meth:`save`; ``device`` overrides the saved one. Sets ``extra_``."""
+        """Rebuild a head written by :meth:`save`; ``device`` overrides the saved one. Sets ``card_``."""
         path = Path(directory)
         meta = _read_meta(path)
         cfg = HeadConfig.from_dict(meta["config"])
@@ -221,16 +243,17 @@ class HeadClassifier:
         with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite; leave the caller's RNG be
             module = build_module(cfg, shape, int(meta["n_classes"]))
         _load_weights(module, load_file(str(path / WEIGHTS_FILE)), path)
-        mark_fitted(
-            est,
-            module.to(head_device(cfg)),
-            int(meta["n_classes"]),
-            shape,
-            list(meta["history"]),
-            int(meta["best_epoch"]),
-            float(meta["train_seconds"]),
+        est._set_fitted(
+            FittedHead(
+                module.to(head_device(cfg)),
+                int(meta["n_classes"]),
+                shape,
+                list(meta["history"]),
+                int(meta["best_epoch"]),
+                float(meta["train_seconds"]),
+            )
         )
-        est.extra_ = dict(meta.get("extra") or {})
+        est.card_ = HeadCard.from_saved(meta.get("extra") or {})
         return est
 
 

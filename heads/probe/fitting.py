@@ -1,16 +1,18 @@
 """What every probe trainer needs besides its own loop: labels checked, the device, class weights, the per-epoch
-schedule, seeded minibatches, and marking a head fitted.
+schedule, seeded minibatches, and :class:`FittedHead`, what a trainer hands back.
 
 ``HeadClassifier.fit`` (:mod:`heads.probe.estimator`), the batched AdamW probes (:mod:`heads.probe.adamw`), the
 stacked heads (:mod:`heads.probe.ensemble`) and the L-BFGS route (:mod:`heads.probe.rounds`) all train heads; they
-share these steps, each given only the settings it uses. Nothing here imports the estimator, so each of those
-modules (the estimator too) imports this one without a cycle.
+share these steps, each given only the settings it uses. Each trainer returns a :class:`FittedHead` and the
+estimator takes it as its own learned state (``HeadClassifier.from_fit``), as scikit-learn's estimators set their
+own ``*_`` attributes from what their fitting functions return. Nothing here knows the estimator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +24,6 @@ from heads.probe.config import HeadConfig
 from heads.probe.modules import InputShape
 from heads.protocol.schedule import make_scheduler
 
-if TYPE_CHECKING:
-    from heads.probe.estimator import HeadClassifier
-
 __all__ = [
     "check_labels",
     "resolve_n_classes",
@@ -32,7 +31,7 @@ __all__ = [
     "class_weights",
     "epoch_schedule",
     "epoch_batches",
-    "mark_fitted",
+    "FittedHead",
 ]
 
 
@@ -90,22 +89,17 @@ def epoch_batches(train_idx: np.ndarray, batch_size: int, gen: torch.Generator) 
         yield order[start : start + batch_size]
 
 
-def mark_fitted(
-    est: HeadClassifier,
-    module: nn.Module,
-    n_classes: int,
-    shape: InputShape,
-    history: list[dict[str, Any]],
-    best_epoch: int,
-    train_seconds: float,
-) -> HeadClassifier:
-    """Make ``est`` a fitted head: its module (in eval mode), classes, input shape, history, best epoch and training
-    seconds, and for a 'mix' head the learnt layer weights; returns ``est``. Every trainer ends with this."""
-    est.module_ = module.eval()
-    est.n_classes_, est.input_shape_, est.history_ = n_classes, shape, history
-    est.best_epoch_, est.train_seconds_ = best_epoch, train_seconds
-    mix = getattr(module, "mix", None)
-    if est.config.head == "mix" and mix is not None:
-        est.mix_weights_ = mix.mix_weights()
-        est.mix_scale_ = float(mix.gamma.detach().cpu())
-    return est
+@dataclass(frozen=True)
+class FittedHead:
+    """What training a head produced; ``HeadClassifier.from_fit`` makes it a fitted estimator."""
+
+    module: nn.Module
+    """The trained head module, on its device, with its best epoch's weights."""
+    n_classes: int
+    input_shape: InputShape
+    """The shapes of the inputs it was trained on (predict checks its inputs against them)."""
+    history: list[dict[str, Any]]
+    """One entry per epoch (per C for L-BFGS probes)."""
+    best_epoch: int
+    """The epoch whose weights the module holds (-1 for L-BFGS probes, which have no epochs)."""
+    train_seconds: float

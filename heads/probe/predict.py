@@ -1,4 +1,7 @@
-"""``heads predict``: the backbone of the store plus a saved head, on new texts."""
+"""``heads predict``: the backbone of the store plus a saved head, on new texts or audio files.
+
+Everything about the store comes from the head's :class:`~heads.probe.card.HeadCard`; the store itself is not read.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +14,18 @@ from embstore.backbones.registry import Placement, load_backbone
 from embstore.errors import ConfigError, ModelNotFoundError
 from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
 from embstore.extraction.textspec import TextSpec
-from embstore.store import layout as L
+from heads.probe.card import HeadCard
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank
 from heads.probe.modules import Ragged
 from heads.probe.specs import Combo
 from heads.report.rundir import BEST_HEAD_DIR
 
-__all__ = ["load_head", "predict_texts", "predict_audio", "head_modality"]
+__all__ = ["load_head", "head_card", "label_names", "predict_texts", "predict_audio", "head_modality"]
 
 
 def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassifier:
-    """The best head of a run directory, or a head directory."""
+    """The best head of a run directory, or a head directory, with its card (``est.card_``, see :func:`head_card`)."""
     if (run is None) == (head_dir is None):
         raise ConfigError("Pass exactly one of --run RUNDIR (its best head) or --head-dir DIR.")
     directory = Path(head_dir) if head_dir is not None else Path(str(run)) / BEST_HEAD_DIR
@@ -31,7 +34,19 @@ def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassi
             f"{directory} holds no saved head (head.json); pass a run directory written by 'heads sweep'/'heads train' "
             f"or a head directory."
         )
-    return HeadClassifier.load(directory)
+    est = HeadClassifier.load(directory)
+    head_card(est)
+    return est
+
+
+def head_card(est: HeadClassifier) -> HeadCard:
+    """The card of a loaded head; ConfigError when it was saved without one (outside a sweep)."""
+    card = getattr(est, "card_", None)
+    if card is None:
+        raise ConfigError(
+            "This head was saved without its store's description; save it with 'heads sweep' or 'heads train'."
+        )
+    return card
 
 
 def predict_texts(
@@ -43,26 +58,21 @@ def predict_texts(
     token_budget: int = 16384,
 ) -> tuple[list[str], np.ndarray]:
     """Labels and (n, classes) probabilities for new texts, encoded exactly as the store was."""
-    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
-    if "model" not in extra:
-        raise ConfigError(
-            "This head was saved without its store's description; save it with 'heads sweep' or 'heads train'."
-        )
+    card = head_card(est)
     if not texts:
         raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")
-    combo = Combo(tuple(extra["layers"]), extra["combine"], extra["pooling"], extra["head"])
-    towers = list(extra.get("towers") or [L.SINGLE_TOWER])
-    needs_pairs = len(towers) == 2 or bool(extra.get("text_pair_col"))
-    if needs_pairs and pairs is None:
+    combo, towers = card.combo, list(card.towers)
+    if card.needs_pairs and pairs is None:
         raise ConfigError("This head was trained on sentence pairs: give one 'TEXT<TAB>PAIR' per line.")
-    if not needs_pairs:
+    if not card.needs_pairs:
         pairs = None
-    backbone = _backbone(extra, device)
+    backbone = _backbone(card, device)
     if backbone.modality != "text":
         raise ConfigError(f"This head was trained on audio ({backbone.name}); give audio file paths, one per line.")
-    max_length = int(extra.get("max_length") or 256)
+    max_length = int(card.max_length or 256)
     tok = backbone.tokenizer
-    spec = TextSpec.from_dict(extra.get("text"))  # the store's template and pooled tokens (None: the text alone)
+    # the store's template and pooled tokens (None: the text alone, every token pooled)
+    spec = TextSpec.from_dict(None if card.text is None else card.text.to_dict())
     inputs = {
         t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length, spec)
         for t in towers
@@ -82,7 +92,7 @@ def predict_texts(
         layers=combo.layers,
         token_layers=token_layers,
         poolings=poolings or ["cls"],
-        dtype=str(extra.get("dtype", "float16")),
+        dtype=card.dtype,
         batch_size=batch_size,
         token_budget=token_budget,
         device=device,
@@ -92,18 +102,19 @@ def predict_texts(
     return _classify(est, combo, arrays, towers, order, lens)
 
 
-def _backbone(extra: dict[str, Any], device: str) -> Any:
+def _backbone(card: HeadCard, device: str) -> Any:
     """The head's backbone, refused when its weights are not those the store was made with."""
-    model_info = extra["model"]
+    model_info = card.model
     # the compute dtype the store was made in (stores from before it was recorded computed in float32 on the CPU)
-    dtype = str(extra.get("compute_dtype") or "float32")
-    backbone = load_backbone(str(model_info["name"]), device, placement=Placement(dtype=dtype))
+    backbone = load_backbone(
+        str(model_info["name"]), device, placement=Placement(dtype=str(card.compute_dtype or "float32"))
+    )
     if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
         raise ModelNotFoundError(
             f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; "
             f"point --model at the original weights."
         )
-    if extra.get("precision") == "int8-dynamic":  # the store was made with --quantize int8: encode the same way
+    if card.precision == "int8-dynamic":  # the store was made with --quantize int8: encode the same way
         from embstore.backbones.quantize import check_quantize_device, quantize_int8
 
         check_quantize_device("int8", device)
@@ -120,7 +131,6 @@ def _classify(
     token_lengths: np.ndarray,
 ) -> tuple[list[str], np.ndarray]:
     """Labels and probabilities from encoded arrays (rows in ``order``), back in input order."""
-    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
     inverse = np.argsort(order)
     if combo.pooling == "tokens":
         values = arrays[f"{towers[0]}/tokens/{combo.layers[0]}"]
@@ -131,14 +141,19 @@ def _classify(
         shaped = [FeatureBank._shape(combo, b, None) for b in blocks]
         X = tuple(shaped) if combo.head == "pair" else shaped[0]
     proba = est.predict_proba(X)
-    names = list(extra.get("label_names") or [str(i) for i in range(proba.shape[1])])
+    names = label_names(est, proba.shape[1])
     return [names[i] for i in proba.argmax(1)], proba
+
+
+def label_names(est: HeadClassifier, n_classes: int) -> list[str]:
+    """The names of the head's outputs: its card's label names, else the class indices."""
+    names = head_card(est).label_names
+    return [str(n) for n in names] if names else [str(i) for i in range(n_classes)]
 
 
 def head_modality(est: HeadClassifier) -> str:
     """'audio' when the head was trained on a speech model's store, else 'text'."""
-    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
-    return str((extra.get("model") or {}).get("modality") or "text")
+    return head_card(est).modality
 
 
 def predict_audio(
@@ -155,21 +170,16 @@ def predict_audio(
     )
     from embstore.extraction.speech import AUDIO_TOWER, AudioChunkEncoder, AudioItem
 
-    extra: dict[str, Any] = dict(getattr(est, "extra_", {}) or {})
-    if "model" not in extra:
-        raise ConfigError(
-            "This head was saved without its store's description; save it with 'heads sweep' or 'heads train'."
-        )
+    card = head_card(est)
     if not paths:
         raise ConfigError("No audio files to label: give one file path per line.")
-    combo = Combo(tuple(extra["layers"]), extra["combine"], extra["pooling"], extra["head"])
-    backbone = _backbone(extra, device)
+    combo = card.combo
+    backbone = _backbone(card, device)
     info = probe_files(paths)
     if info.bad:
         raise bad_files_error(info, len(paths), "", "Fix the paths.")
     rate = backbone.sampling_rate
-    max_seconds = extra.get("max_seconds")
-    max_samples = None if max_seconds is None else int(round(float(max_seconds) * rate))
+    max_samples = None if card.max_seconds is None else int(round(float(card.max_seconds) * rate))
     whole = clip_lengths(info.frames, info.rates, rate)
     usable_rows(
         paths,
@@ -195,7 +205,7 @@ def predict_audio(
         layers=combo.layers,
         token_layers=token_layers,
         poolings=poolings or ["mean"],
-        dtype=str(extra.get("dtype", "float16")),
+        dtype=card.dtype,
         batch_size=batch_size,
         token_budget=0,
         device=device,

@@ -23,7 +23,7 @@ __all__ = ["result_row", "with_fields", "uncertainty_meta", "sureness"]
 
 
 def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> ResultRow:
-    est, combo, plan = o.est, o.combo, o.plan
+    est, combo, rnd = o.est, o.combo, o.round
     history = list(getattr(est, "history_", []))
     seconds = float(getattr(est, "train_seconds_", 0.0))
     hp = {k: v for k, v in cfg.replace(head=combo.head).to_dict().items() if k not in ("seed", "device")}
@@ -35,7 +35,7 @@ def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> Resul
         combine=combo.combine,
         pooling=combo.pooling,
         head=combo.head,
-        seed=plan.seed,
+        seed=rnd.seed,
         accuracy=o.metrics["accuracy"],
         f1_macro=o.metrics["f1_macro"],
         train_seconds=seconds,
@@ -43,7 +43,7 @@ def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> Resul
         per_class=o.metrics["per_class"],
         confusion=o.metrics["confusion"],
         store_id=store.fingerprint,
-        fold=plan.fold,
+        fold=rnd.fold,
         best_epoch=None if lbfgs else getattr(est, "best_epoch_", None),
         trainable_params=sum(int(p.numel()) for p in est.module_.parameters()),
         seconds_per_epoch=None if lbfgs else seconds / max(1, len(history)),
@@ -89,26 +89,26 @@ def sureness(
 ) -> Assessment:
     """The sureness fields of every outcome's row: intervals and paired tests (``ci``), control scores and gain,
     and codelengths."""
-    by_run = {(o.combo.key, o.plan.seed, o.plan.fold): o for o in controls}
+    by_run = {(o.combo.key, o.round.seed, o.round.fold): o for o in controls}
     runs = []
     for o in outcomes:
-        c = by_run.get((o.combo.key, o.plan.seed, o.plan.fold))
-        y = labels[o.plan.eval_split][o.plan.eval_rows]
+        c = by_run.get((o.combo.key, o.round.seed, o.round.fold))
+        y = labels[o.round.eval_split][o.round.eval_rows]
         runs.append(
             RunPredictions(
-                o.combo.key, o.plan.seed, o.plan.fold, o.plan.eval_rows, y, o.pred, None if c is None else c.pred
+                o.combo.key, o.round.seed, o.round.fold, o.round.eval_rows, y, o.pred, None if c is None else c.pred
             )
         )
     found = assess(runs, best, len(labels.names), seed=seed) if ci else Assessment(fields=[{} for _ in runs])
     for o, f, r in zip(outcomes, found.fields, runs):
         if r.control is not None and "control_f1_macro" not in f:  # --no-ci: the scores without intervals
-            c = by_run[(o.combo.key, o.plan.seed, o.plan.fold)]
+            c = by_run[(o.combo.key, o.round.seed, o.round.fold)]
             f.update(
                 control_accuracy=c.metrics["accuracy"],
                 control_f1_macro=c.metrics["f1_macro"],
                 gain_f1_macro=o.metrics["f1_macro"] - c.metrics["f1_macro"],
             )
-        code = codes.get((o.combo, o.plan.seed))
+        code = codes.get((o.combo, o.round.seed))
         if code is not None:
             f.update(mdl_bits=code.bits, compression=code.compression)
     return found

@@ -26,19 +26,20 @@ from heads.probe.config import HeadConfig
 from heads.probe.ensemble import Member, bundle_key, fit_stacked, members_per_stack
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank, feature_width
-from heads.probe.fitting import mark_fitted
+from heads.probe.fitting import FittedHead
 from heads.probe.modules import InputShape, LinearHead, as_inputs
 from heads.probe.scoring import LogisticFit, probe_probabilities
 from heads.probe.solvers import fit_logistic_probes
 from heads.probe.specs import Combo
 from heads.report.metrics import classification_metrics, metrics_from_confusion
 
-__all__ = ["Plan", "Outcome", "train_lbfgs", "train_adamw", "train_stacked", "train_tokens", "row_source"]
+__all__ = ["RoundRows", "Outcome", "train_lbfgs", "train_adamw", "train_stacked", "train_tokens", "row_source"]
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One round of a sweep: a seed (and fold), its fitting, validation and evaluation rows (absolute, sorted)."""
+class RoundRows:
+    """The rows of one round of a sweep: a seed (and fold), its fitting, validation and evaluation rows (absolute,
+    sorted). :class:`heads.protocol.Round` is the round before its validation rows are carved."""
 
     seed: int
     fold: int | None
@@ -55,12 +56,12 @@ class Outcome:
     """One trained head of one round, scored on validation and on the evaluation rows."""
 
     combo: Combo
-    plan: Plan
+    round: RoundRows
     est: HeadClassifier
     metrics: dict[str, Any]
     """classification_metrics on the evaluation rows."""
     proba: np.ndarray
-    """(len(plan.eval_rows), classes) float32 class probabilities of the evaluation rows, in plan order."""
+    """(len(round.eval_rows), classes) float32 class probabilities of the evaluation rows, in their order."""
     val: dict[str, Any]
     """classification_metrics on the validation rows."""
     hyper: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +70,7 @@ class Outcome:
 
     @property
     def pred(self) -> np.ndarray:
-        """(len(plan.eval_rows),) int64 predicted labels of the evaluation rows (the most probable class)."""
+        """(len(round.eval_rows),) int64 predicted labels of the evaluation rows (the most probable class)."""
         return self.proba.argmax(1).astype(np.int64)
 
 
@@ -87,26 +88,26 @@ def row_source(
     bank: FeatureBank,
     combos: Sequence[Combo],
     split: str,
-    plan_rows: Sequence[np.ndarray],
-    plan_of: Sequence[int],
+    round_rows: Sequence[np.ndarray],
+    round_of: Sequence[int],
     y: np.ndarray,
     comm: Comm,
 ) -> Callable[[], Iterator[RowBlock]]:
-    """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``plan_rows``, with their
-    rows, every combo's features once, and each probe's rows (probe p belongs to plan ``plan_of[p]``)."""
-    union = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in plan_rows]))
+    """Blocks of this rank's row chunks (chunk c goes to rank c % world) of the union of ``round_rows``, with their
+    rows, every combo's features once, and each probe's rows (probe p belongs to round ``round_of[p]``)."""
+    union = np.unique(np.concatenate([np.asarray(r, dtype=np.int64) for r in round_rows]))
     mine = [(c, r) for c, r in bank.chunks(split, union) if c % comm.world == comm.rank]
     n = bank.store.n_rows(split)
-    member = np.zeros((len(plan_rows), n), dtype=bool)
-    for i, r in enumerate(plan_rows):
+    member = np.zeros((len(round_rows), n), dtype=bool)
+    for i, r in enumerate(round_rows):
         member[i, r] = True
-    everyone = bool(member[:, union].all())  # one plan, or plans on the same rows: no masks
-    probe_plan = np.asarray(plan_of, dtype=np.int64)
+    everyone = bool(member[:, union].all())  # one round, or rounds on the same rows: no masks
+    probe_round = np.asarray(round_of, dtype=np.int64)
 
     def blocks() -> Iterator[RowBlock]:
         for c, r in mine:
             for rows, feats in bank.chunk_blocks(combos, split, c, r):
-                yield rows, feats, y[rows], None if everyone else member[probe_plan][:, rows]
+                yield rows, feats, y[rows], None if everyone else member[probe_round][:, rows]
 
     return blocks
 
@@ -127,14 +128,14 @@ def _linear_head(
         module.linear.bias.copy_(torch.from_numpy(fit.bias[k]))
         module.standardize.shift.copy_(torch.from_numpy(fit.mean))
         module.standardize.scale.copy_(torch.from_numpy(fit.scale))
-    est = HeadClassifier(cfg)
-    mark_fitted(est, module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
-    return est
+    return HeadClassifier.from_fit(
+        cfg, FittedHead(module.to(device), n_classes, InputShape("dense", ((d,),)), history, -1, seconds)
+    )
 
 
 def train_lbfgs(
     combos: Sequence[Combo],
-    plans: Sequence[Plan],
+    rounds: Sequence[RoundRows],
     bank: FeatureBank,
     labels: Labels,
     cfg: HeadConfig,
@@ -146,21 +147,21 @@ def train_lbfgs(
     combo's features read once per pass), C chosen on each round's validation rows."""
     t0 = time.perf_counter()
     n_classes, names = len(labels.names), labels.names
-    p0 = plans[0]
-    probes = [(ci, pi) for pi in range(len(plans)) for ci in range(len(combos))]
-    feature_of, plan_of = [ci for ci, _ in probes], [pi for _, pi in probes]
+    r0 = rounds[0]
+    probes = [(ci, pi) for pi in range(len(rounds)) for ci in range(len(combos))]
+    feature_of, round_of = [ci for ci, _ in probes], [pi for _, pi in probes]
     widths = [feature_width(c, bank.store.hidden) for c in combos]
 
     def source(split: str, rows: Sequence[np.ndarray]) -> Callable[[], Iterator[RowBlock]]:
-        return row_source(bank, combos, split, rows, plan_of, labels[split], comm)
+        return row_source(bank, combos, split, rows, round_of, labels[split], comm)
 
     fits = fit_logistic_probes(
-        chunks_of(source(p0.train_split, [p.fit_rows for p in plans])),
+        chunks_of(source(r0.train_split, [p.fit_rows for p in rounds])),
         widths,
         n_classes,
         cfg.c_grid,
         feature_of=feature_of,
-        val_source=chunks_of(source(p0.val_split, [p.val_rows for p in plans])),
+        val_source=chunks_of(source(r0.val_split, [p.val_rows for p in rounds])),
         max_iter=cfg.max_iter,
         tol=cfg.tol,
         class_weight=cfg.class_weight,
@@ -172,23 +173,23 @@ def train_lbfgs(
     seconds = (time.perf_counter() - t0) / max(1, len(probes))
     probas = probe_probabilities(
         [f.at(f.chosen) for f in fits],
-        source(p0.eval_split, [p.eval_rows for p in plans]),
-        [plans[pi].eval_rows for _, pi in probes],
+        source(r0.eval_split, [p.eval_rows for p in rounds]),
+        [rounds[pi].eval_rows for _, pi in probes],
         feature_of,
         comm=comm,
     )
-    y_eval = labels[p0.eval_split]
+    y_eval = labels[r0.eval_split]
     out = []
     for (ci, pi), fit, proba in zip(probes, fits, probas):
         k = fit.chosen
         history = [_c_step(fit, j, c, names) for j, c in enumerate(cfg.c_grid)]
-        est = _linear_head(fit, k, cfg.replace(seed=plans[pi].seed), n_classes, device, seconds, history)
+        est = _linear_head(fit, k, cfg.replace(seed=rounds[pi].seed), n_classes, device, seconds, history)
         val = metrics_from_confusion(fit.val_confusion[k], names) if fit.val_confusion is not None else {}
-        metrics = classification_metrics(y_eval[plans[pi].eval_rows], proba.argmax(1), names)
+        metrics = classification_metrics(y_eval[rounds[pi].eval_rows], proba.argmax(1), names)
         out.append(
             Outcome(
                 combos[ci],
-                plans[pi],
+                rounds[pi],
                 est,
                 metrics,
                 proba,
@@ -224,42 +225,42 @@ def _score(
 
 
 def _evaluate(
-    est: HeadClassifier, bank: FeatureBank, combo: Combo, plan: Plan, labels: Labels
+    est: HeadClassifier, bank: FeatureBank, combo: Combo, rnd: RoundRows, labels: Labels
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics and (rows, classes) probabilities of the evaluation rows (scored once, for the report)."""
-    proba = est.predict_proba(bank.features(combo, plan.eval_split, plan.eval_rows))
-    return classification_metrics(labels[plan.eval_split][plan.eval_rows], proba.argmax(1), labels.names), proba
+    proba = est.predict_proba(bank.features(combo, rnd.eval_split, rnd.eval_rows))
+    return classification_metrics(labels[rnd.eval_split][rnd.eval_rows], proba.argmax(1), labels.names), proba
 
 
 def train_adamw(
-    probes: Sequence[Combo], plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig
+    probes: Sequence[Combo], rnd: RoundRows, bank: FeatureBank, labels: Labels, cfg: HeadConfig
 ) -> list[Outcome]:
     """Every pooled linear probe of one round by minibatch AdamW in one batched pass, early-stopped on validation."""
     from heads.probe.adamw import fit_linear_probes
 
-    y_tr, y_va = labels[plan.train_split], labels[plan.val_split]
+    y_tr, y_va = labels[rnd.train_split], labels[rnd.val_split]
     ests = fit_linear_probes(
-        [bank.features(c, plan.train_split, plan.fit_rows) for c in probes],
-        y_tr[plan.fit_rows],
-        [bank.features(c, plan.val_split, plan.val_rows) for c in probes],
-        y_va[plan.val_rows],
-        cfg.replace(head="linear", seed=plan.seed),
+        [bank.features(c, rnd.train_split, rnd.fit_rows) for c in probes],
+        y_tr[rnd.fit_rows],
+        [bank.features(c, rnd.val_split, rnd.val_rows) for c in probes],
+        y_va[rnd.val_rows],
+        cfg.replace(head="linear", seed=rnd.seed),
         n_classes=len(labels.names),
     )
     return [
         Outcome(
             c,
-            plan,
+            rnd,
             e,
-            *_evaluate(e, bank, c, plan, labels),
-            _score(e, bank, c, plan.val_split, plan.val_rows, y_va, labels.names),
+            *_evaluate(e, bank, c, rnd, labels),
+            _score(e, bank, c, rnd.val_split, rnd.val_rows, y_va, labels.names),
         )
         for c, e in zip(probes, ests)
     ]
 
 
 def train_stacked(
-    jobs: Sequence[tuple[Combo, Plan]],
+    jobs: Sequence[tuple[Combo, RoundRows]],
     bank: FeatureBank,
     labels: Labels,
     cfg: HeadConfig,
@@ -271,13 +272,13 @@ def train_stacked(
     input shape, every configuration's features moved to the device once. A stack whose float32 features exceed
     ``budget`` is cut into stacks of fewer configurations (each configuration's features still move once)."""
     names = labels.names
-    by_bundle: dict[Any, list[tuple[Combo, Plan]]] = {}
+    by_bundle: dict[Any, list[tuple[Combo, RoundRows]]] = {}
     shapes: dict[Combo, InputShape] = {}
-    for combo, plan in jobs:
+    for combo, rnd in jobs:
         if combo not in shapes:
-            shapes[combo] = as_inputs(bank.features(combo, plan.train_split, plan.fit_rows[:1]), combo.head).shape
-        by_bundle.setdefault(bundle_key(cfg.replace(head=combo.head), shapes[combo]), []).append((combo, plan))
-    pieces: list[list[tuple[Combo, Plan]]] = []
+            shapes[combo] = as_inputs(bank.features(combo, rnd.train_split, rnd.fit_rows[:1]), combo.head).shape
+        by_bundle.setdefault(bundle_key(cfg.replace(head=combo.head), shapes[combo]), []).append((combo, rnd))
+    pieces: list[list[tuple[Combo, RoundRows]]] = []
     for bundle in by_bundle.values():
         combos = list(dict.fromkeys(c for c, _ in bundle))
         rows = bank.store.n_rows(bundle[0][1].train_split) + (
@@ -291,52 +292,52 @@ def train_stacked(
     out: list[Outcome] = []
     for bundle in pieces:
         combos = list(dict.fromkeys(c for c, _ in bundle))
-        plan0 = bundle[0][1]
+        rnd0 = bundle[0][1]
         head_cfg = cfg.replace(head=combos[0].head)
-        train_inputs = [as_inputs(bank.features(c, plan0.train_split), c.head) for c in combos]
-        same = plan0.val_split == plan0.train_split
-        val_inputs = train_inputs if same else [as_inputs(bank.features(c, plan0.val_split), c.head) for c in combos]
+        train_inputs = [as_inputs(bank.features(c, rnd0.train_split), c.head) for c in combos]
+        same = rnd0.val_split == rnd0.train_split
+        val_inputs = train_inputs if same else [as_inputs(bank.features(c, rnd0.val_split), c.head) for c in combos]
         members = [Member(combos.index(c), p.seed, p.fit_rows, p.val_rows) for c, p in bundle]
         ests = fit_stacked(
             head_cfg,
             train_inputs,
             val_inputs,
             members,
-            labels[plan0.train_split],
-            labels[plan0.val_split],
+            labels[rnd0.train_split],
+            labels[rnd0.val_split],
             len(names),
             device,
             on_done=lambda _i: on_done(),
             stack_size=members_per_stack(head_cfg, train_inputs[0].shape, len(names), device),
         )
-        for (combo, plan), est in zip(bundle, ests):
+        for (combo, rnd), est in zip(bundle, ests):
             out.append(
                 Outcome(
                     combo,
-                    plan,
+                    rnd,
                     est,
-                    *_evaluate(est, bank, combo, plan, labels),
-                    _score(est, bank, combo, plan.val_split, plan.val_rows, labels[plan.val_split], names),
+                    *_evaluate(est, bank, combo, rnd, labels),
+                    _score(est, bank, combo, rnd.val_split, rnd.val_rows, labels[rnd.val_split], names),
                 )
             )
     return out
 
 
-def train_tokens(combo: Combo, plan: Plan, bank: FeatureBank, labels: Labels, cfg: HeadConfig) -> Outcome:
+def train_tokens(combo: Combo, rnd: RoundRows, bank: FeatureBank, labels: Labels, cfg: HeadConfig) -> Outcome:
     """One recurrent head over per-token states, early-stopped on validation."""
-    y_tr, y_va = labels[plan.train_split], labels[plan.val_split]
-    est = HeadClassifier(cfg.replace(head=combo.head, seed=plan.seed))
+    y_tr, y_va = labels[rnd.train_split], labels[rnd.val_split]
+    est = HeadClassifier(cfg.replace(head=combo.head, seed=rnd.seed))
     est.fit(
-        bank.features(combo, plan.train_split, plan.fit_rows),
-        y_tr[plan.fit_rows],
-        bank.features(combo, plan.val_split, plan.val_rows),
-        y_va[plan.val_rows],
+        bank.features(combo, rnd.train_split, rnd.fit_rows),
+        y_tr[rnd.fit_rows],
+        bank.features(combo, rnd.val_split, rnd.val_rows),
+        y_va[rnd.val_rows],
         n_classes=len(labels.names),
     )
     return Outcome(
         combo,
-        plan,
+        rnd,
         est,
-        *_evaluate(est, bank, combo, plan, labels),
-        _score(est, bank, combo, plan.val_split, plan.val_rows, y_va, labels.names),
+        *_evaluate(est, bank, combo, rnd, labels),
+        _score(est, bank, combo, rnd.val_split, rnd.val_rows, y_va, labels.names),
     )

@@ -1,6 +1,6 @@
 """``heads sweep`` / ``heads train``: many heads on many layer combinations, straight from a store.
 
-A sweep plans its rounds (:mod:`heads.probe.plan`), trains every configuration of every round
+A sweep sets up its rounds (:mod:`heads.probe.sweep_setup`), trains every configuration of every round
 (:mod:`heads.probe.rounds`), writes one result row per configuration x seed x fold, and saves as ``best_head/``
 the head of the summary's best row: the configuration with the highest mean validation macro-F1. The evaluation
 split is scored once per configuration, for the report only.
@@ -24,12 +24,25 @@ from embstore.config import reject_unknown_keys
 from embstore.errors import ConfigError, Constraint, DataError, Interval, ListOf, Optional, validate_params
 from embstore.store.reader import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
+from heads.probe.card import HeadCard
 from heads.probe.chunks import Comm
 from heads.probe.config import TOKEN_HEADS, HeadConfig
 from heads.probe.control import check_control
 from heads.probe.features import FeatureBank, parse_memory
 from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
-from heads.probe.plan import (
+from heads.probe.record import result_row, sureness, uncertainty_meta, with_fields
+from heads.probe.rounds import (
+    Labels,
+    Outcome,
+    RoundRows,
+    row_source,
+    train_adamw,
+    train_lbfgs,
+    train_stacked,
+    train_tokens,
+)
+from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine
+from heads.probe.sweep_setup import (
     SweepSetup,
     check_budget,
     check_val_split,
@@ -41,10 +54,7 @@ from heads.probe.plan import (
     plan_rounds,
     sweep_notes,
 )
-from heads.probe.record import result_row, sureness, uncertainty_meta, with_fields
-from heads.probe.rounds import Labels, Outcome, Plan, row_source, train_adamw, train_lbfgs, train_stacked, train_tokens
-from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine
-from heads.protocol import carve_groups, split_roles
+from heads.protocol import split_roles
 from heads.report import rundir
 from heads.report.metrics import majority_accuracy
 from heads.report.results import RunWriter, aggregate, best_config
@@ -79,7 +89,8 @@ class SweepConfig:
     """A store split to make every choice on (epoch, C, configuration); None carves ``validation_fraction`` of the
     training rows (seeded, stratified, group-aware)."""
     seeds: int = 1
-    """Repeat every configuration with seeds 0..N-1 (reported as mean +- std)."""
+    """Repeat every configuration with seeds S..S+N-1, S the head's ``seed`` (default 0), reported as mean +- std.
+    Seed S carves the rows a ``heads finetune --seed S`` of the same data carves."""
     folds: int | None = None
     """K-fold cross-validation on the training split instead of the evaluation split."""
     max_memory: str = "8GB"
@@ -185,15 +196,15 @@ def _progress(total: int, show: bool | None) -> Any:
     )
 
 
-def _eval_record(store: Store, plan: Plan) -> dict[str, Any]:
+def _eval_record(store: Store, rnd: RoundRows) -> dict[str, Any]:
     return eval_set(
-        source_sha256(store.provenance.get("sources", []), plan.eval_split),
-        store.row_ids(plan.eval_split)[plan.eval_rows],
+        source_sha256(store.provenance.sources, rnd.eval_split),
+        store.row_ids(rnd.eval_split)[rnd.eval_rows],
     )
 
 
-def _plan(config: SweepConfig, path: str) -> SweepSetup:
-    """Open the store, name the split roles, expand the configurations and plan every round (nothing written)."""
+def _setup(config: SweepConfig, path: str) -> SweepSetup:
+    """Open the store, name the split roles, expand the configurations and carve every round (nothing written)."""
     store = open_store(path, verify=config.verify)
     if store.label_names is None:
         raise DataError(f"{path} was extracted without labels; re-extract with --label-col COLUMN.")
@@ -224,7 +235,7 @@ def _plan(config: SweepConfig, path: str) -> SweepSetup:
         store_path=path,
     )
     combos, notes = drop_duplicates(combos, cfg.standardize)
-    plans = plan_rounds(
+    rounds = plan_rounds(
         store,
         seeds=config.seeds,
         folds=config.folds,
@@ -232,6 +243,7 @@ def _plan(config: SweepConfig, path: str) -> SweepSetup:
         val_split=config.val_split,
         train=(tr_split, tr_rows),
         evaluate=(ev_split, ev_rows),
+        first_seed=cfg.seed,
     )
     splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
     labels = Labels({s: store.labels(s) for s in splits}, names)
@@ -243,7 +255,7 @@ def _plan(config: SweepConfig, path: str) -> SweepSetup:
         (ev_split, ev_rows),
         combos,
         notes,
-        plans,
+        rounds,
         splits,
         parse_memory(config.max_memory),
         labels,
@@ -263,7 +275,7 @@ def _train(
     """Every configuration of every round: L-BFGS probes of every round first, on every rank (their passes are
     collective), then what rank 0 trains alone. ``done`` sees each outcome as it finishes."""
     main = comm.rank == 0
-    plans, labels = setup.plans, setup.labels
+    rounds, labels = setup.rounds, setup.labels
     lbfgs = linear_combos(setup, cfg)
     adamw = [c for c in setup.combos if c.head == "linear" and cfg.solver == "adamw"]
     tokens = [c for c in setup.combos if c.head in TOKEN_HEADS]
@@ -276,19 +288,19 @@ def _train(
             outcomes.append(o)
 
     if lbfgs:
-        keep(train_lbfgs(lbfgs, plans, bank, labels, cfg, device, cache_chunks, comm))
-        step(len(lbfgs) * len(plans))
-    for plan in plans if main else []:
-        found = train_adamw(adamw, plan, bank, labels, cfg) if adamw else []
+        keep(train_lbfgs(lbfgs, rounds, bank, labels, cfg, device, cache_chunks, comm))
+        step(len(lbfgs) * len(rounds))
+    for rnd in rounds if main else []:
+        found = train_adamw(adamw, rnd, bank, labels, cfg) if adamw else []
         step(len(adamw))
         for combo in tokens:
-            found.append(train_tokens(combo, plan, bank, labels, cfg))
+            found.append(train_tokens(combo, rnd, bank, labels, cfg))
             step(1)
         keep(found)
     if main and stacked:  # every round at once: one stack per architecture and input shape
         keep(
             train_stacked(
-                [(c, p) for p in plans for c in stacked],
+                [(c, p) for p in rounds for c in stacked],
                 bank,
                 labels,
                 cfg,
@@ -307,22 +319,51 @@ def _codelengths(
     cfg: HeadConfig,
     device: Any,
     comm: Comm,
-    seeds: int,
 ) -> dict[tuple[Combo, int], Codelength]:
     """--mdl: the online codelength of every L-BFGS probe configuration and seed, at its chosen C."""
     tr_split, tr_rows = setup.train
     rows = np.arange(setup.store.n_rows(tr_split)) if tr_rows is None else tr_rows
     rows = rows[~setup.store.augmented(tr_split)[rows]]
     combos = linear_combos(setup, cfg)
-    chosen = {(o.combo, o.plan.seed): float(o.hyper["C"]) for o in outcomes if "C" in o.hyper}
+    chosen = {(o.combo, o.round.seed): float(o.hyper["C"]) for o in outcomes if "C" in o.hyper}
     y = setup.labels[tr_split]
 
     def source(row_sets: Sequence[np.ndarray], set_of: Sequence[int]) -> Any:
         return row_source(bank, combos, tr_split, row_sets, set_of, y, comm)
 
     return online_codelengths(
-        combos, chosen, list(range(seeds)), bank, tr_split, rows, y, len(setup.names), cfg, device, comm, source
+        combos,
+        chosen,
+        sorted({p.seed for p in setup.rounds}),
+        bank,
+        tr_split,
+        rows,
+        y,
+        len(setup.names),
+        cfg,
+        device,
+        comm,
+        source,
     )
+
+
+def _rows_record(store: Store, rounds: Sequence[RoundRows], folds: bool) -> dict[str, Any] | list[dict[str, Any]]:
+    """The fit, validation and evaluation rows of the first seed's rounds as sorted source-row ids (copies count
+    once), one object (a list of one per fold with ``folds``): the record ``heads finetune`` writes, so a sweep and a
+    fine-tune of one file, seed and fraction can be checked to choose and score on the same rows."""
+
+    def ids(split: str, rows: np.ndarray) -> list[int]:
+        return np.unique(store.row_ids(split)[rows]).tolist()
+
+    out = [
+        {
+            "fit": ids(p.train_split, p.fit_rows),
+            "validation": ids(p.val_split, p.val_rows),
+            "evaluation": ids(p.eval_split, p.eval_rows),
+        }
+        for p in rounds
+    ]
+    return out if folds else out[0]
 
 
 def _meta(
@@ -333,33 +374,33 @@ def _meta(
 
     store, cfg, names = setup.store, config.head, setup.names
     (tr_split, tr_rows), (ev_split, ev_rows) = setup.train, setup.evaluate
-    plans = setup.plans
+    rounds = setup.rounds
     y_all = store.labels(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     augmented = store.augmented(tr_split)
-    groups_all = carve_groups(store, tr_split)
+    groups_all = store.groups(tr_split)
     aug_train = augmented if tr_rows is None else augmented[tr_rows]
     y_eval_all = store.labels(ev_split)
     y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
-    first = plans[0]
+    first = rounds[0]
     validation = (
         f"split `{config.val_split}` ({len(first.val_rows)} rows)"
         if config.val_split
-        else f"a seeded, stratified{', group-aware' if groups_all is not None else ''} {cfg.validation_fraction:g} "
+        else f"a seeded, {'group-disjoint' if groups_all is not None else 'stratified'} {cfg.validation_fraction:g} "
         f"carve of "
         f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)"
     )
-    held = np.unique(np.concatenate([p.eval_rows for p in plans if p.seed == 0]))
+    held = np.unique(np.concatenate([p.eval_rows for p in rounds if p.seed == first.seed]))
     run_eval = eval_set(
-        source_sha256(store.provenance.get("sources", []), first.eval_split), store.row_ids(first.eval_split)[held]
+        source_sha256(store.provenance.sources, first.eval_split), store.row_ids(first.eval_split)[held]
     )
     meta = {
         "kind": "sweep",
         "store": setup.path,
         "store_fingerprint": store.fingerprint,
-        "model": store.provenance.get("model", {}).get("name"),
-        "text": store.provenance.get("text"),
-        "compute_dtype": store.provenance.get("compute_dtype"),
+        "model": store.provenance.model_name,
+        "text": None if store.provenance.text is None else store.provenance.text.to_dict(),
+        "compute_dtype": store.provenance.compute_dtype,
         "label_names": names,
         "train_split": tr_split,
         "eval_split": ev_split,
@@ -372,12 +413,12 @@ def _meta(
         "majority_accuracy": majority_accuracy(y_train[~aug_train], y_train[~aug_train] if config.folds else y_eval),
         "config": config.to_dict(),
         "augmented_rows": int(aug_train.sum()),
-        "kept_apart": None
-        if groups_all is None
-        else (
-            f"groups of {store.provenance.get('group_col') or 'the group column'}"
-            if store.groups(tr_split) is not None
+        "kept_apart": (
+            f"groups of {store.provenance.group_col or 'the group column'}"
+            if groups_all is not None
             else "augmented copies and their source rows"
+            if aug_train.any()
+            else None
         ),
         "configurations": len(setup.combos),
         "embstore": __version__,
@@ -388,21 +429,21 @@ def _meta(
         "solver": cfg.solver,
         "world_size": comm.world,
         EVAL_SET_KEY: run_eval,
+        "rows": _rows_record(store, [p for p in rounds if p.seed == first.seed], config.folds is not None),
         "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
         # what the store's rows were cut to (heads report marks runs whose truncation differs)
         **(
-            {"max_seconds": store.provenance.get("max_seconds")}
-            if store.provenance.get("audio_col")
-            else {"max_length": store.provenance.get("max_length")}
+            {"max_seconds": store.provenance.max_seconds}
+            if store.provenance.audio_col
+            else {"max_length": store.provenance.max_length}
         ),
     }
     if control is not None:
-        model = control.provenance.get("model", {})
         meta["control"] = {
             "store": str(control.path),
             "store_fingerprint": control.fingerprint,
-            "model": model.get("name"),
-            "random_weights": model.get("random_weights"),
+            "model": control.provenance.model_name,
+            "random_weights": control.provenance.model.get("random_weights"),
         }
     return meta
 
@@ -418,7 +459,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     t_start = time.perf_counter()
     _join_process_group()
     comm = Comm()
-    setup = _plan(config, config.store or latest_store(cache or cache_dir()))
+    setup = _setup(config, config.store or latest_store(cache or cache_dir()))
     cfg = config.head
     control = None
     if config.control is not None:
@@ -432,13 +473,13 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     writer = RunWriter(run_dir, _meta(config, setup, groups, comm, control)) if main else None
 
     bar = _progress(
-        len(setup.combos) * len(setup.plans) * (2 if control is not None else 1), show_progress if main else False
+        len(setup.combos) * len(setup.rounds) * (2 if control is not None else 1), show_progress if main else False
     )
-    eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.plans}
+    eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.rounds}
 
     def write(o: Outcome) -> None:
         if writer is not None:
-            writer.add(result_row(o, setup.store, cfg, eval_ids[id(o.plan)]))
+            writer.add(result_row(o, setup.store, cfg, eval_ids[id(o.round)]))
 
     timings = {"setup_s": time.perf_counter() - t_start, "train_s": 0.0, "mdl_s": 0.0, "control_s": 0.0}
     outcomes: list[Outcome] = []
@@ -451,7 +492,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         timings["train_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if config.mdl and linear_combos(part, cfg):
-            codes.update(_codelengths(part, bank, found, cfg, device, comm, config.seeds))
+            codes.update(_codelengths(part, bank, found, cfg, device, comm))
         timings["mdl_s"] += time.perf_counter() - t0
         outcomes += found
         del bank
@@ -484,8 +525,8 @@ def _finish(
     seed and fold, however they were grouped to train), then the run's files and its best head."""
     store, names, path = setup.store, setup.names, setup.path
     combo_at = {c: i for i, c in enumerate(setup.combos)}
-    plan_at = {id(p): i for i, p in enumerate(setup.plans)}
-    order = sorted(range(len(outcomes)), key=lambda i: (combo_at[outcomes[i].combo], plan_at[id(outcomes[i].plan)]))
+    round_at = {id(p): i for i, p in enumerate(setup.rounds)}
+    order = sorted(range(len(outcomes)), key=lambda i: (combo_at[outcomes[i].combo], round_at[id(outcomes[i].round)]))
     outcomes, rows = [outcomes[i] for i in order], [writer.rows[i] for i in order]
     best_key = best_config(aggregate(rows)).key
     t0 = time.perf_counter()
@@ -506,10 +547,14 @@ def _finish(
             }
         )
     ev_split = setup.evaluate[0]
-    row_ids = {s: store.row_ids(s) for s in {o.plan.eval_split for o in outcomes}}
+    row_ids = {s: store.row_ids(s) for s in {o.round.eval_split for o in outcomes}}
     writer.write_predictions(
         [
-            (row_ids[o.plan.eval_split][o.plan.eval_rows], setup.labels[o.plan.eval_split][o.plan.eval_rows], o.proba)
+            (
+                row_ids[o.round.eval_split][o.round.eval_rows],
+                setup.labels[o.round.eval_split][o.round.eval_rows],
+                o.proba,
+            )
             for o in outcomes
         ],
         names,
@@ -519,33 +564,11 @@ def _finish(
     key = (best["layers"], best["combine"], best["pooling"], best["head"])
     shown = next(r for r in writer.rows if r.config_key == key)  # the summary's best row (the first written)
     est = next(
-        o.est for o in outcomes if o.combo.key == key and o.plan.seed == shown.seed and o.plan.fold == shown.fold
+        o.est for o in outcomes if o.combo.key == key and o.round.seed == shown.seed and o.round.fold == shown.fold
     )
     combo = next(c for c in setup.combos if c.key == key)
-    extra = {
-        "layers": list(combo.layers),
-        "layers_label": combo.layers_label,
-        "combine": combo.combine,
-        "pooling": combo.pooling,
-        "head": combo.head,
-        "store": path,
-        "store_id": store.fingerprint,
-        "label_names": names,
-        "model": store.provenance.get("model", {}),
-        "max_length": store.provenance.get("max_length"),
-        "pair_mode": store.provenance.get("pair_mode"),
-        "text_pair_col": store.provenance.get("text_pair_col"),
-        "towers": store.towers,
-        "dtype": store.layout.dtype,
-        "max_seconds": store.provenance.get("max_seconds"),
-        "precision": store.provenance.get("precision"),
-        "compute_dtype": store.provenance.get("compute_dtype"),
-        "text": store.provenance.get("text"),
-        "seed": shown.seed,
-        "fold": shown.fold,
-        "chosen_on": "validation macro-F1",
-    }
-    est.save(writer.run_dir / rundir.BEST_HEAD_DIR, extra=extra)
+    card = HeadCard.for_store(combo, store, path, seed=shown.seed, fold=shown.fold)
+    est.save(writer.run_dir / rundir.BEST_HEAD_DIR, card=card)
     timings["total_s"] = time.perf_counter() - t_start
     writer.update_meta(timings={k: round(v, 4) for k, v in timings.items()})
     log.info(

@@ -3,7 +3,7 @@ processes ``--num-processes`` spawns, which a test cannot monkeypatch. With $REC
 or ``module:function``) that function first logs each call: one line of the call's int and str arguments, appended
 to $RECORD_LOG.<rank> ($RANK, or pid<process id> without it). Without $RECORD_TARGET nothing happens.
 
-It lets a multi-process test assert that the workers ran and what each did (see ``conftest.recording_env``).
+It lets a multi-process test assert that the workers ran and what each did (see ``factories.recording_env``).
 """
 
 import os

@@ -1,7 +1,7 @@
-"""What a sweep will train on which rows, and in which groups, decided (and checked) before anything is trained or
-written.
+"""The setup of a sweep: what it will train on which rows, and in which groups, decided (and checked) before
+anything is trained or written.
 
-:func:`plan_rounds` turns the evaluation protocol (:mod:`heads.protocol`) into one :class:`Plan` per seed
+:func:`plan_rounds` turns the evaluation protocol (:mod:`heads.protocol`) into one :class:`RoundRows` per seed
 (x fold): the rows to fit on, the validation rows every choice is made on (the seeded, stratified, group-aware
 carve of the training rows, or ``--val-split``) and the evaluation rows scored once for the report.
 :func:`drop_duplicates` removes configurations that are the same model as another. :class:`SweepSetup` is all of it
@@ -23,10 +23,10 @@ from embstore.errors import ConfigError
 from embstore.store.reader import Store
 from heads.probe.config import POOLED_HEADS, HeadConfig
 from heads.probe.features import FeatureBank, feature_width
-from heads.probe.rounds import Labels, Plan
+from heads.probe.rounds import Labels, RoundRows
 from heads.probe.solvers import PATH_PATIENCE
 from heads.probe.specs import Combo
-from heads.protocol import carve_groups, fold_rounds, validation_carve
+from heads.protocol import fold_rounds, validation_carve
 
 __all__ = [
     "plan_rounds",
@@ -71,14 +71,20 @@ def plan_rounds(
     val_split: str | None,
     train: tuple[str, np.ndarray | None],
     evaluate: tuple[str, np.ndarray | None],
-) -> list[Plan]:
-    """One Plan per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work."""
+    first_seed: int = 0,
+) -> list[RoundRows]:
+    """One RoundRows per seed (``first_seed`` .. ``first_seed + seeds - 1``) x fold, in (seed, fold) order; raises
+    ConfigError for a carve that cannot work.
+
+    Every carve is drawn on source-row ids, grouped by the stored groups, with augmented copies following their
+    source row (:func:`heads.protocol.validation_carve`): the rows ``heads finetune`` of the same data, seed and
+    ``--validation-fraction`` validates on."""
     tr_split, tr_rows = train
     ev_split, ev_rows = evaluate
     y_all = store.labels(tr_split)
     augmented = store.augmented(tr_split)
-    groups_all = carve_groups(store, tr_split)
-    ids_all = store.row_ids(tr_split)  # every carve is drawn in source-row order (embstore.data.carve)
+    groups_all = store.groups(tr_split)
+    ids_all = store.row_ids(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     ids_train = ids_all if tr_rows is None else ids_all[tr_rows]
     g_train = None if groups_all is None else groups_all if tr_rows is None else groups_all[tr_rows]
@@ -87,8 +93,8 @@ def plan_rounds(
     val_rows_split = None
     if val_split is not None:
         val_rows_split = np.flatnonzero(~store.augmented(val_split))
-    plans = []
-    for seed in range(seeds):
+    rounds = []
+    for seed in range(first_seed, first_seed + seeds):
         for rnd in fold_rounds(
             folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented, ids_train
         ):
@@ -97,15 +103,19 @@ def plan_rounds(
                 fit, val, vsplit = base, val_rows_split, val_split
             else:
                 where = f"the training split {tr_split!r}" + ("" if rnd.fold is None else f" (fold {rnd.fold})")
-                g = None if groups_all is None else groups_all[base]
                 fit_pos, val_pos = validation_carve(
-                    y_all[base], validation_fraction, seed, g, what=where, row_ids=ids_all[base]
+                    y_all[base],
+                    validation_fraction,
+                    seed,
+                    None if groups_all is None else groups_all[base],
+                    what=where,
+                    row_ids=ids_all[base],
+                    augmented=augmented[base],
                 )
-                fit, val, vsplit = base[fit_pos], base[val_pos], tr_split
-                val = val[~augmented[val]]  # choices are made on original rows only
+                fit, val, vsplit = base[fit_pos], base[val_pos], tr_split  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)
-            plans.append(
-                Plan(
+            rounds.append(
+                RoundRows(
                     seed=seed,
                     fold=rnd.fold,
                     train_split=tr_split,
@@ -116,7 +126,7 @@ def plan_rounds(
                     eval_rows=eval_rows,
                 )
             )
-    return plans
+    return rounds
 
 
 def drop_duplicates(combos: Sequence[Combo], standardize: bool) -> tuple[list[Combo], list[str]]:
@@ -167,7 +177,7 @@ class SweepSetup:
     evaluate: tuple[str, np.ndarray | None]
     combos: list[Combo]
     notes: list[str]
-    plans: list[Plan]
+    rounds: list[RoundRows]
     splits: list[str]
     budget: int
     labels: Labels
@@ -215,7 +225,7 @@ def in_memory(setup: SweepSetup, combos: list[Combo]) -> bool:
 
 def _cache_bytes(setup: SweepSetup, lbfgs: Sequence[Combo]) -> int:
     """The solver's standardised float32 copy of the linear probes' training features (one per round)."""
-    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.plans)
+    return 4 * sum(feature_width(c, setup.store.hidden) for c in lbfgs) * sum(len(p.fit_rows) for p in setup.rounds)
 
 
 def feature_groups(setup: SweepSetup, cfg: HeadConfig) -> list[list[Combo]]:
