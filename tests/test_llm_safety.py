@@ -114,10 +114,19 @@ def test_old_stores_with_inf_are_reported_by_verify_and_refused_by_the_sweep(tmp
     assert "re-extract it with --dtype float32" in sweep.output
 
 
-@pytest.mark.parametrize("how", ["directory", "random"])
-@pytest.mark.parametrize("device_map, budget", [("sequential", "cpu=150KB"), ("auto", "cpu=120KB")])
-def test_a_device_map_with_blocks_offloaded_to_disk_writes_the_same_store(tmp_path, texts_csv, how, device_map, budget):
-    model = str(_saved(tmp_path, "tiny-llama")) if how == "directory" else "random:tiny-llama"
+@pytest.mark.parametrize(
+    "name, how, device_map, budget",
+    [
+        ("tiny-llama", how, device_map, budget)
+        for how in ("directory", "random")
+        for device_map, budget in (("sequential", "cpu=150KB"), ("auto", "cpu=120KB"))
+    ]
+    + [(name, "random", "sequential", "cpu=150KB") for name in ("tiny-gpt2", "tiny-qwen2", "tiny-neox")],
+)
+def test_a_device_map_with_blocks_offloaded_to_disk_writes_the_same_store(
+    tmp_path, texts_csv, name, how, device_map, budget
+):
+    model = str(_saved(tmp_path, name)) if how == "directory" else f"random:{name}"
     kw = dict(
         model=model, data=str(texts_csv), pooling=("last", "mean", "max"), tokens="1", dtype="float32", batch_size=5
     )
