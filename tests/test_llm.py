@@ -278,3 +278,32 @@ def test_the_llm_sentiment_config_runs(tmp_path):
     assert store.poolings == ["last", "mean"] and store.provenance.causal is True
     assert store.provenance.text.template == "Tweet: {text}\nSentiment:" and store.provenance.text.pool_tokens == "text"
     assert store.provenance.compute_dtype == "float32" and store.layout.dtype == "float16"
+
+
+def test_heads_predict_puts_new_texts_into_the_stores_template(tmp_path, texts_csv):
+    """The head's card carries the store's template, pooled tokens and compute dtype, and heads predict encodes new
+    texts with them: the probabilities equal the head on the stored features. Without the template the same texts
+    give other features (so the check can fail)."""
+    from cli.heads_cli import main as heads_main
+    from heads.probe.features import FeatureBank
+    from heads.probe.predict import load_head, predict_texts
+    from heads.probe.specs import Combo
+
+    store = _extract(texts_csv, model="random:tiny-qwen2", template=TEMPLATE, holdout=0.25, label_col="label")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        heads_main, ["sweep", "--store", store.path, "--layers", "2", "--pooling", "mean", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    est = load_head(str(out))
+    card = est.card_
+    assert card is not None and card.text is not None
+    assert (card.text.template, card.text.pool_tokens, card.compute_dtype) == (TEMPLATE, "text", "float32")
+    texts = pd.read_csv(texts_csv).text.astype(str).to_numpy()[store.row_ids("test")].tolist()
+    _, proba = predict_texts(est, texts)
+    combo = Combo((2,), "single", "mean", "linear")
+    features = FeatureBank(store, [combo], ["test"], 1 << 30).features(combo, "test", np.arange(len(texts)))
+    np.testing.assert_allclose(proba, est.predict_proba(features), atol=1e-4)
+    plain = _extract(texts_csv, model="random:tiny-qwen2", holdout=0.25, label_col="label")
+    other = FeatureBank(plain, [combo], ["test"], 1 << 30).features(combo, "test", np.arange(len(texts)))
+    assert np.abs(other - features).max() > 1e-3
