@@ -331,7 +331,9 @@ class _Batch:
             self.checks[0, : p * k] = self.pooled.abs().amax(dim=(2, 3)).reshape(-1)
             self.checks[1, : p * k] = (~torch.isfinite(cast)).any(dim=3).any(dim=2).reshape(-1).float()
         if self.n_tokens:
-            self.checks[1, p * k :] = (~torch.isfinite(self.tokens)).reshape(len(self.tokens), -1).any(dim=1).float()
+            self.checks[1, p * k : p * k + len(self.tokens)] = (
+                (~torch.isfinite(self.tokens)).reshape(len(self.tokens), -1).any(dim=1).float()
+            )
         if self.words is not None:
             tail = self.flat[self.flat.numel() - self.words.numel() :].view(self.words.shape)
             tail.copy_(self.words)  # the cast to the storage dtype

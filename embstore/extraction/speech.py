@@ -206,6 +206,11 @@ class AudioChunkEncoder(ChunkEncoder):
         where = f"row chunk {job.chunk} of split {job.split!r}"
         with self.exactness():
             self._run(
-                job.split, make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where=where
+                job.split,
+                make_batches(lengths, self.batch_size, self.sample_budget),
+                prepare,
+                buf,
+                on_rows,
+                where=where,
             )
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))
