@@ -205,5 +205,5 @@ class AudioChunkEncoder(ChunkEncoder):
 
         where = f"row chunk {job.chunk} of split {job.split!r}"
         with self.exactness():
-            self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where)
+            self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where=where)
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))

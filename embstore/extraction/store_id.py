@@ -219,6 +219,7 @@ def store_fingerprint(
     token_layers: list[int],
     poolings: list[str],
     precision: str,
+    word_poolings: list[str] | None = None,
 ) -> str:
     """The store id: sha256 of everything that can change a stored value (see the module docstring).
 
@@ -227,7 +228,8 @@ def store_fingerprint(
     from embstore.store.layout import SCHEMA_VERSION
 
     content: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        # version 2 only added word states: a store without them holds what version 1 wrote, under the same id
+        "schema_version": SCHEMA_VERSION if word_poolings else 1,
         "model": {k: model[k] for k in ("model_type", "config", "weights", "tokenizer", "extractor")},
         "data": data,
         "pair_mode": config.pair_mode,
@@ -240,6 +242,8 @@ def store_fingerprint(
         "precision": precision,
         "libraries": library_versions(),
     }
+    if word_poolings:  # word states (and the alignment, tokenizer offsets) are stored
+        content["word_poolings"] = list(word_poolings)
     if getattr(config, "quantize", "none") != "none":
         content["quantize"] = config.quantize
     if getattr(config, "random_weights", None) is not None:
