@@ -791,7 +791,7 @@ def top_state_module(model: nn.Module) -> nn.Module | None:
 def _after_states(model: nn.Module) -> list[nn.Module]:
     """The modules that run after the top stored state, in the order the forward runs them (module docstring)."""
     found = _resolve(model)
-    if found is None:
+    if found is None or found[1].modality != "audio":  # text pools last_hidden_state, its final norm included
         return []
     base, fam = found
     norm, stable = _norm_by_config(base)
@@ -806,7 +806,7 @@ def idle_modules(model: nn.Module) -> list[nn.Module]:
     adapter) and what transformers builds but never runs (the family's ``never_run``). A fine-tune freezes them as it
     freezes a text model's pooler."""
     found = _resolve(model)
-    idle = _parts(found[0], found[1].never_run) if found is not None else []
+    idle = _parts(found[0], found[1].never_run) if found is not None and found[1].modality == "audio" else []
     return _after_states(model) + [m for m in idle if isinstance(m, nn.Module)]
 
 
