@@ -66,6 +66,7 @@ __all__ = [
     "feature_encoder",
     "has_window",
     "top_state_module",
+    "idle_modules",
     "padding_parts",
     "state_frames",
     "PaddingPart",
@@ -269,6 +270,9 @@ class Family:
     window: bool = False
     """Every input is padded to one fixed window on its own (Whisper's 30 s of log-mel frames): no clip sees another's
     padding, and a longer clip must be cut."""
+    never_run: tuple[str, ...] = ()
+    """Modules transformers builds but never runs (the conformer's ``encoder.pos_conv_embed``): placed with the layer
+    the map names (freezing reaches them), and frozen by a fine-tune, which no loss on them can train."""
     encoder_class: str | None = None
     """The transformers class the backbone is built as when the family's checkpoints hold a decoder too (Whisper's
     ``WhisperEncoder``): only its weights are read (:mod:`embstore.backbones.registry`)."""
@@ -508,6 +512,7 @@ FAMILIES: tuple[Family, ...] = (
         embeddings=_SPEECH_EMBED,
         final_norm="encoder.layer_norm",
         after_top=("adapter",),
+        never_run=("encoder.pos_conv_embed",),
         front_end=_FRONT_END,
         padding=(_GROUP_NORM, PaddingPart(path="encoder.layers.*.conv_module.depthwise_conv", fix="zero-padding")),
         attention=CONFORMER_ATTENTION,
@@ -842,15 +847,30 @@ def top_state_module(model: nn.Module) -> nn.Module | None:
     them the forward runs). None where ``last_hidden_state`` is the top state (post-norm encoders, Whisper, whose
     final norm is in its states). Fine-tuning reads the top state from it with a forward pre-hook: unlike
     ``hidden_states``, which transformers records by hooks on the blocks, it is there when layerdrop skips blocks."""
+    parts = _after_states(model)
+    return parts[0] if parts else None
+
+
+def _after_states(model: nn.Module) -> list[nn.Module]:
+    """The modules that run after the top stored state, in the order the forward runs them (module docstring)."""
     found = _resolve(model)
-    if found is None:
-        return None
+    if found is None or found[1].modality != "audio":  # text pools last_hidden_state, its final norm included
+        return []
     base, fam = found
     norm, stable = _norm_by_config(base)
     first = [norm] if norm is not None and stable else []
     own = (fam.final_norm,) if fam.final_norm and not fam.final_norm_in_states else ()
-    parts = first + [p for p in _parts(base, own + fam.after_top) if isinstance(p, nn.Module)]
-    return parts[0] if parts else None
+    return first + [p for p in _parts(base, own + fam.after_top) if isinstance(p, nn.Module)]
+
+
+def idle_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of a speech model that no loss on its top stored state reaches: what runs after that state (from
+    :func:`top_state_module` on: a pre-norm encoder's final norm, the conformer's, SEW's upsampling, a wav2vec2
+    adapter) and what transformers builds but never runs (the family's ``never_run``). A fine-tune freezes them as it
+    freezes a text model's pooler."""
+    found = _resolve(model)
+    idle = _parts(found[0], found[1].never_run) if found is not None and found[1].modality == "audio" else []
+    return _after_states(model) + [m for m in idle if isinstance(m, nn.Module)]
 
 
 def top_modules(base: Any) -> list[nn.Module]:
