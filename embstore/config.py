@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from embstore.data.augment import TRANSFORMS
+from embstore.data.augment import BALANCE, TRANSFORMS
 from embstore.data.spec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
 
-__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
+__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling", "parse_steps"]
 
 POOLINGS = ("cls", "mean", "max")
 AUDIO_POOLINGS = ("mean", "max")
@@ -24,6 +24,17 @@ Quantize = Literal["none", "int8"]
 def default_pooling(modality: str) -> tuple[str, ...]:
     """cls and mean for text; mean and max over frames for audio (which has no [CLS] frame)."""
     return AUDIO_POOLINGS if modality == "audio" else ("cls", "mean")
+
+
+def parse_steps(value: Any) -> tuple[float, ...]:
+    """'-1,0,1' or a list of numbers -> semitones as a tuple of floats (AugmentSpec checks their range)."""
+    parts = str(value).split(",") if isinstance(value, (str, int, float)) else list(value)
+    try:
+        return tuple(float(p) for p in parts if str(p).strip())
+    except ValueError:
+        raise ConfigError(
+            f"The --pitch-steps option must be a comma list of semitones such as -1,0,1. Got {value!r}."
+        ) from None
 
 
 def reject_unknown_keys(d: dict[str, Any], known: set[str], what: str) -> None:
@@ -54,6 +65,15 @@ class ExtractConfig:
     """Rows to augment: 'minority' (classes below the mean class size), 'all', or a comma list of labels."""
     snr_db: float = 20.0
     """noise: signal-to-noise ratio of the added Gaussian noise, dB."""
+    noise_std: float | None = None
+    """noise: a fixed standard deviation of the added noise instead of ``snr_db`` (an absolute amplitude)."""
+    shift_max_seconds: float | None = None
+    """shift: roll by up to this many seconds either way, instead of by any fraction of the clip."""
+    pitch_steps: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    """pitch: semitones, one drawn per copy (the duration is kept: :mod:`embstore.data.pitch`)."""
+    balance: str = "none"
+    """'oversample': augmented copies bring every class of the training split to the majority class's count
+    (instead of ``copies`` of the ``augment_classes`` rows); needs ``augment``."""
     batch_seconds: float = 60.0
     """Audio: most padded seconds of audio in one forward batch (the audio token budget)."""
     bucket: bool = True
@@ -101,6 +121,7 @@ class ExtractConfig:
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "pooling": Optional(ListOf(Choice(POOLINGS))),
         "augment": ListOf(Choice(TRANSFORMS), min_len=0),
+        "balance": Choice(BALANCE),
         "max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
         "batch_seconds": Interval(float, 0, None, closed="neither", desc="a positive number of seconds"),
         "max_length": Interval(int, 2, None, desc="at least 2 tokens"),
@@ -129,6 +150,11 @@ class ExtractConfig:
                 "Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or "
                 "--split train=FILE."
             )
+        if self.balance != "none" and not self.augment:
+            raise ConfigError(
+                f"--balance {self.balance} adds augmented copies: pass --augment with the transforms to apply "
+                "(e.g. --augment noise,shift,pitch)."
+            )
         self.augment_spec()  # validates the transforms and copies
         if self.pair_mode == "towers" and not src.text_pair_col:
             raise ConfigError("Towers mode encodes two columns separately: give --text-pair-col too.")
@@ -146,6 +172,7 @@ class ExtractConfig:
         d["extra"] = dict(self.extra)
         d["pooling"] = None if self.pooling is None else list(self.pooling)
         d["augment"] = list(self.augment)
+        d["pitch_steps"] = list(self.pitch_steps)
         return d
 
     @classmethod
@@ -160,7 +187,25 @@ class ExtractConfig:
             p = d.get(key)
             if p is not None:
                 d[key] = tuple(x.strip() for x in p.split(",") if x.strip()) if isinstance(p, str) else tuple(p)
+        if d.get("pitch_steps") is not None:
+            d["pitch_steps"] = parse_steps(d["pitch_steps"])
+        else:
+            d.pop("pitch_steps", None)
         return cls(**d)
+
+    def augment_extras(self) -> dict[str, Any]:
+        """The augmentation settings beyond transforms, copies, classes, SNR and seed, only where they are used: what
+        the store's provenance and id add (a store made without them keeps the id it had)."""
+        out: dict[str, Any] = {}
+        if self.balance != "none":
+            out["balance"] = self.balance
+        if "noise" in self.augment and self.noise_std is not None:
+            out["noise_std"] = self.noise_std
+        if "shift" in self.augment and self.shift_max_seconds is not None:
+            out["shift_max_seconds"] = self.shift_max_seconds
+        if "pitch" in self.augment:
+            out["pitch_steps"] = list(self.pitch_steps)
+        return out
 
     def augment_spec(self) -> Any:
         """The :class:`embstore.data.augment.AugmentSpec` of this extraction, or None without --augment."""
@@ -173,5 +218,9 @@ class ExtractConfig:
             copies=self.copies,
             classes=self.augment_classes,
             snr_db=self.snr_db,
+            noise_std=self.noise_std,
+            shift_max_seconds=self.shift_max_seconds,
+            pitch_steps=self.pitch_steps,
+            balance=self.balance,
             seed=self.source.seed,
         )

@@ -8,7 +8,8 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
     splits/<split>/groups                        (n,) int64   index into group_names (with --group-col)
     splits/<split>/duration                      (n,) float32 seconds the model heard (audio)
     splits/<split>/augment/<field>               (n,) per row: copy (int16, 0 = original row),
-                                                 speed, shift, snr_db (float32, NaN = not applied)
+                                                 speed, shift, snr_db (float32, NaN = not applied), and
+                                                 pitch, shift_seconds, noise_std where those were used
     splits/<split>/<tower>/n_tokens              (n,) int32   tokens (audio: output frames) after truncation
     splits/<split>/<tower>/truncated             (n,) bool    (audio: cropped by --max-seconds)
     splits/<split>/<tower>/pooled/<pooling>      (n_layers, n, hidden)  chunks (1, chunk_rows, hidden)
@@ -77,7 +78,8 @@ ATTR_KEY = "embstore"
 SINGLE_TOWER = "text"
 PAIR_TOWERS = ("a", "b")
 AUDIO_TOWER = "audio"
-AUGMENT_FIELDS = ("copy", "speed", "shift", "snr_db")
+AUGMENT_FIELDS = ("copy", "speed", "shift", "snr_db", "pitch", "shift_seconds", "noise_std")
+"""Per-row augmentation arrays; the last three are written only by stores whose augmentation used them."""
 TOKEN_CHUNK_ROWS = 8192
 
 

@@ -259,6 +259,14 @@ def train_adamw(
     ]
 
 
+def head_config(cfg: HeadConfig, combo: Combo) -> HeadConfig:
+    """The head configuration ``combo`` trains: its head kind and, for a pair head of ``--combine sum``, the fixed sum
+    of each tower's layers."""
+    if combo.head == "pair":
+        return cfg.replace(head="pair", tower_merge="sum" if combo.combine == "sum" else cfg.tower_merge)
+    return cfg.replace(head=combo.head)
+
+
 def train_stacked(
     jobs: Sequence[tuple[Combo, RoundRows]],
     bank: FeatureBank,
@@ -277,7 +285,7 @@ def train_stacked(
     for combo, rnd in jobs:
         if combo not in shapes:
             shapes[combo] = as_inputs(bank.features(combo, rnd.train_split, rnd.fit_rows[:1]), combo.head).shape
-        by_bundle.setdefault(bundle_key(cfg.replace(head=combo.head), shapes[combo]), []).append((combo, rnd))
+        by_bundle.setdefault(bundle_key(head_config(cfg, combo), shapes[combo]), []).append((combo, rnd))
     pieces: list[list[tuple[Combo, RoundRows]]] = []
     for bundle in by_bundle.values():
         combos = list(dict.fromkeys(c for c, _ in bundle))
@@ -293,7 +301,7 @@ def train_stacked(
     for bundle in pieces:
         combos = list(dict.fromkeys(c for c, _ in bundle))
         rnd0 = bundle[0][1]
-        head_cfg = cfg.replace(head=combos[0].head)
+        head_cfg = head_config(cfg, combos[0])
         train_inputs = [as_inputs(bank.features(c, rnd0.train_split), c.head) for c in combos]
         same = rnd0.val_split == rnd0.train_split
         val_inputs = train_inputs if same else [as_inputs(bank.features(c, rnd0.val_split), c.head) for c in combos]

@@ -103,7 +103,12 @@ def expand(
                     cb.key == (format_layers(group), "mix", pooling, "mix") for cb in combos
                 ):
                     combos.append(Combo(group, "mix", pooling, "mix"))
-            elif head in LAYERED_HEADS or head in PAIR_HEADS:
+            elif head in PAIR_HEADS:  # --combine sum: each tower's fixed sum; any other: its learnt scalar mix
+                if "sum" in combine:
+                    combos.append(Combo(group, "sum", pooling, head))
+                if any(c not in ("single", "sum") for c in combine):
+                    combos.append(Combo(group, head, pooling, head))
+            elif head in LAYERED_HEADS:
                 if any(c != "single" for c in combine):
                     combos.append(Combo(group, head, pooling, head))
     if not combos:
