@@ -129,7 +129,7 @@ def test_choose_sources_and_params():
     again = draw_params(spec, np.array([4, 5]), np.arange(7) + 100)
     assert [repr(p) for p in params] == [repr(p) for p in again]  # deterministic (repr: NaN != NaN)
     assert len({p.noise_seed for p in params}) == 4
-    with pytest.raises(ConfigError, match="'transforms' .* must be a comma list of noise, shift, speed, pitch. Got 'echo'"):
+    with pytest.raises(ConfigError, match="'transforms' .* must be a comma list of noise, shift, speed, pitch. Got"):
         AugmentSpec(transforms=("echo",))
 
 

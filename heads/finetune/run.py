@@ -379,7 +379,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
             "note": "the data has no evaluation split apart from the training rows (pass --split test=FILE or "
             "--holdout), so the fold models were kept but not scored together"
         }
-    meta["data"] = data_profile(data, backbone, config.max_length)
+    meta["data"] = data_profile(data, backbone, config, plan[0])
     writer = RunWriter(run_dir, meta)
     for row in rows:
         writer.add(row)
@@ -388,9 +388,11 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     return result
 
 
-def data_profile(data: FinetuneData, backbone: Backbone, max_length: int) -> dict[str, Any]:
+def data_profile(data: FinetuneData, backbone: Backbone, config: FinetuneConfig, first: Round) -> dict[str, Any]:
     """Per split the run reads (training rows, evaluation rows): rows, class counts and each row's length (tokens
-    after truncation for text, seconds for speech): what data.png draws and run.json records."""
+    after truncation for text, seconds for speech): what data.png draws and run.json records. With --balance, also
+    what one epoch of the first round trains on: its fitting rows and the augmented copies that balance them."""
+    max_length = config.max_length
     out: dict[str, Any] = {}
     parts = [("train", data.train, data.train_rows), (data.evaluation.name, data.evaluation, data.eval_rows)]
     if data.evaluation is data.train and np.array_equal(data.train_rows, data.eval_rows):
@@ -408,4 +410,15 @@ def data_profile(data: FinetuneData, backbone: Backbone, max_length: int) -> dic
             unit = "tokens"
         counts = np.bincount(data.labels(split)[rows], minlength=len(data.label_names))
         out[name] = profile_entry(counts, lengths, unit)
+    if config.balance == "oversample":
+        from heads.finetune.audio import balanced_rows
+
+        fit = round_rows(data, first, config.validation_fraction, config.source.seed).fit
+        rows, copies = balanced_rows(fit, data.labels(data.train)[fit], len(data.label_names))
+        y = data.labels(data.train)[rows]
+        n = len(data.label_names)
+        lengths = data.train.clip_lengths(backbone.sampling_rate)[rows] / backbone.sampling_rate
+        out["fitting rows per epoch"] = profile_entry(
+            np.bincount(y, minlength=n), lengths, "seconds", np.bincount(y[copies > 0], minlength=n)
+        )
     return out

@@ -308,7 +308,8 @@ class ConvHead(nn.Module):
     ``order='layers-first'``: each layer its own k3/s3 kernel, then the pointwise merge:
     (batch, layers, hidden) -> (batch, layers, hidden // 3) -> (batch, 1, hidden // 3) -> (batch, classes).
     ``order='merge-first'`` (the YouTube-titles study): the pointwise (1x1) conv merges the layers first, then one
-    k3/s3 conv: (batch, layers, hidden) -> (batch, 1, hidden) -> (batch, 1, hidden // 3) -> (batch, classes).
+    k3/s3 conv: (batch, layers, hidden) -> (batch, 1, hidden) -> (batch, 1, hidden // 3) -> (batch, classes); one
+    layer goes straight to the k3/s3 conv.
     """
 
     def __init__(
@@ -317,7 +318,8 @@ class ConvHead(nn.Module):
         super().__init__()
         self.order = order
         if order == "merge-first":
-            self.merge = nn.Conv1d(layers, 1, kernel_size=1)
+            # one layer has nothing to merge: the study applied the 1x1 conv to several layers only
+            self.merge: nn.Module = nn.Conv1d(layers, 1, kernel_size=1) if layers > 1 else nn.Identity()
             self.strided = nn.Conv1d(1, 1, kernel_size=3, stride=3)
         else:
             # groups=layers: each layer gets its own kernel, so layers are not mixed before the pointwise conv.
