@@ -61,7 +61,7 @@ from sklearn.preprocessing import StandardScaler
 store = open_store(sys.argv[1])
 grid = json.loads(sys.argv[2])
 y, y_test = store.labels("train"), store.labels("test")
-fit, _ = validation_carve(y, 0.1, 0)
+fit, _ = validation_carve(y, 0.1, 0, row_ids=store.row_ids("train"))  # the rows the sweep fits on (seed 0)
 for pooling in ("cls", "mean"):
     X_all, T_all = store.pooled("train", pooling), store.pooled("test", pooling)
     for i in range(X_all.shape[1]):
@@ -208,7 +208,8 @@ def linear_part(name: str, store_path: str, work: Path, report: dict[str, Any], 
 
     store = open_store(store_path)
     y = store.labels("train")
-    fit, _ = validation_carve(y, HeadConfig().validation_fraction, 0)  # the rows our sweep fits on (seed 0)
+    # the rows our sweep fits on (seed 0): its carve is drawn in source-row order
+    fit, _ = validation_carve(y, HeadConfig().validation_fraction, 0, row_ids=store.row_ids("train"))
     grid = list(HeadConfig().c_grid)
     full = LIMITS[name] is None
     print(

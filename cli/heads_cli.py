@@ -121,7 +121,7 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
     click.option("--train-split", help="Split to train on (a one-split store is carved instead). [default: train]"),
     click.option("--eval-split", help="Split scored for the report [default: test, else validation]."),
     click.option("--holdout", type=float, help="One-split stores: share carved for evaluation [default: 0.2]."),
-    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 [default: 1]."),
+    click.option("--seeds", type=int, help="Repeat with seeds 0..N-1 (from a config's seed S: S..S+N-1) [default: 1]."),
     click.option(
         "--folds",
         type=int,
@@ -609,7 +609,8 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "--validation-fraction",
     type=float,
     help="Share of the training rows carved "
-    "(seeded, stratified, group-aware) as validation rows for early stopping. [default: 0.1]",
+    "(seeded, stratified, group-aware) as validation rows for early stopping: the rows heads sweep validates on "
+    "for the same data, seed and fraction. [default: 0.1]",
 )
 @click.option("--train-split", help="Split to train on (a one-split table is carved instead). [default: train]")
 @click.option("--eval-split", help="Split scored for the report [default: test, else validation].")

@@ -31,9 +31,11 @@ __all__ = [
     "OutputNotWritableError",
     "DiskFullError",
     "ConfigError",
+    "CarveError",
     "StoreBusyError",
     "StoreDamagedError",
     "RankFailedError",
+    "ForwardError",
     "StoreCorruptedError",
     "InvalidParameterError",
     "Constraint",
@@ -51,6 +53,18 @@ class EmbstoreError(Exception):
 
 class ConfigError(EmbstoreError, ValueError):
     """An option has a value outside what it accepts."""
+
+
+class CarveError(ConfigError):
+    """A carve cannot hold every class (or keep groups apart) on both sides.
+
+    ``detail`` says why with the sizes, for a caller to put after what it carved and before the option that fixes
+    it: ``f"The validation carve of {what} {e.detail}; raise --validation-fraction."``.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"The carve {detail}.")
 
 
 class DataError(EmbstoreError, ValueError):
@@ -103,6 +117,10 @@ class StoreDamagedError(EmbstoreError, ValueError):
 
 class RankFailedError(EmbstoreError, RuntimeError):
     """One rank of a multi-process run failed; every rank stops with this error."""
+
+
+class ForwardError(EmbstoreError, RuntimeError):
+    """The model raised an exception in its forward pass over a batch (the message names the model and the batch)."""
 
 
 class StoreCorruptedError(EmbstoreError, ValueError):

@@ -40,7 +40,7 @@ _EXPORTS = {
     "split_roles": "heads.protocol",
     "carve": "heads.protocol",
     "validation_carve": "heads.protocol",
-    "carve_groups": "heads.protocol",
+    "carve_with_copies": "heads.protocol",
     "fold_rounds": "heads.protocol",
     "BestTracker": "heads.protocol",
     "make_split": "heads.protocol",

@@ -36,7 +36,7 @@ def test_extract_info_ls_verify(tiny_csv, tmp_path):
         "fraction": 0.5,
         "seed": 0,
         "stratified": True,
-        "carve": "row-ids-1",
+        "carve": "row-ids-2",
     }
     text = run("info", path).stdout
     assert "complete" in text and "train: 6 rows" in text

@@ -674,7 +674,10 @@ def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
     res = run_finetune(cfg(data, tmp_path / "ft", epochs=1, **common), show_progress=False)
     recorded = json.loads((res.run_dir / "run.json").read_text())["eval_set"]
     assert recorded == expected and recorded["rows"] == store.n_rows("test") == 15
-    folds = run_finetune(cfg(data, tmp_path / "cv", epochs=1, folds=2, **common), show_progress=False)
+    # each fold fits on 17 rows: a 0.2 early-stopping carve (4 rows) holds the 3 classes, 0.1 (2 rows) is refused
+    folds = run_finetune(
+        cfg(data, tmp_path / "cv", epochs=1, folds=2, validation_fraction=0.2, **common), show_progress=False
+    )
     cv = json.loads((folds.run_dir / "run.json").read_text())
     train_ids = store.row_ids("train")
     assert cv["eval_set"] == eval_set(expected["source_sha256"], train_ids)  # every held-out fold: the training rows

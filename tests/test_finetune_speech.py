@@ -293,6 +293,8 @@ def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
         "0.25",
         "--epochs",
         "1",
+        "--validation-fraction",  # 17 training rows of 4 classes: 0.25 (5 rows) holds every class, 0.1 is refused
+        "0.25",
     ]
     broken = table.copy()
     broken.loc[3, "file"] = "wav/missing.wav"

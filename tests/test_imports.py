@@ -154,3 +154,11 @@ def test_no_import_cycle(package):
 def test_no_cycle_hidden_under_type_checking(package):
     found = [c for c in cycles(import_graph(type_checking=True)) if _in(package, c)]
     assert found == [], found
+
+
+def test_embstore_keeps_only_its_five_top_level_modules():
+    """The store, data, backbones and extraction live in their subpackages; only these stay at the top."""
+    top = sorted(p.stem for p in (ROOT / "embstore").glob("*.py"))
+    assert top == ["__init__", "config", "device", "errors", "layers"], top
+    packages = sorted(p.parent.name for p in (ROOT / "embstore").glob("*/__init__.py"))
+    assert packages == ["backbones", "data", "extraction", "store"], packages

@@ -205,6 +205,7 @@ def test_saved_directory_reloads_extracts_and_sweeps(pair_csv, tmp_path):
                 label_col="label",
                 folds=2,
                 epochs=1,
+                validation_fraction=0.3,  # 6 rows a fold: as the sweep above, 0.1 would be one row, refused
                 batch_size=4,
                 classifier="mlp",
                 classifier_hidden=(64,),

@@ -93,30 +93,43 @@ def test_sweep_config_with_runs_runs_one_sweep_each_and_a_report(tmp_path):
 # -- study B: the freeze word, weighted averages, curves, data.png, --preprocess --------------------------------------
 
 
-def test_freeze_all_but_embeddings_and_last_trains_only_those(tmp_path, tiny_csv):
+def test_freeze_all_but_embeddings_and_last_trains_only_those(tmp_path):
     """Read from the saved model against the initial weights: the embeddings and the last layer moved, no other."""
+    import yaml
     from safetensors.torch import load_file
 
     from embstore.backbones.registry import load_backbone
     from heads.finetune.surgery import parse_freeze
 
     assert parse_freeze("all-but-embeddings-and-last", 6) == {1, 2, 3, 4, 5}
+    four = tmp_path / "four-layers.yaml"  # four layers: three of them must stay as they were
+    four.write_text(
+        yaml.safe_dump(
+            {"model_type": "bert", "num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64, "vocab_size": 30522}
+        )
+    )  # fmt: skip
+    data = separable(tmp_path / "sep.csv", n_per_class=10)
     out = tmp_path / "ft"
     result = CliRunner().invoke(
         heads_main,
-        ["finetune", "--model", "random:tiny-bert", "--data", str(tiny_csv), "--freeze", "all-but-embeddings-and-last",
+        ["finetune", "--model", f"random:{four}", "--data", str(data), "--freeze", "all-but-embeddings-and-last",
          "--epochs", "2", "--patience", "0", "--lr", "1e-2", "--out", str(out), "--no-progress"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    initial = {k: v for k, v in load_backbone("random:tiny-bert").model.state_dict().items()}
+    initial = {k: v for k, v in load_backbone(f"random:{four}").model.state_dict().items()}
     saved = {}
     for f in (out / "model").glob("*.safetensors"):
         saved.update(load_file(str(f)))
+    assert set(initial) <= set(saved)
     moved = {k for k, v in saved.items() if k in initial and not torch.equal(v, initial[k])}
-    assert moved, "nothing trained"
-    assert all(k.startswith(("embeddings.", "encoder.layer.1.")) for k in moved), sorted(moved)
-    assert any(k.startswith("embeddings.") for k in moved) and any(k.startswith("encoder.layer.1.") for k in moved)
-    assert not any(k.startswith("encoder.layer.0.") for k in moved)
+    assert all(k.startswith(("embeddings.", "encoder.layer.3.")) for k in moved), sorted(moved)
+    embeddings = {k for k in initial if k.startswith("embeddings.") and "position_ids" not in k}
+    last = {k for k in initial if k.startswith("encoder.layer.3.")}
+    assert last <= moved and {"embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight"} <= moved
+    # every embedding table trained (the token-type table only gets a gradient where token types are passed)
+    assert embeddings - moved <= {"embeddings.token_type_embeddings.weight"}
+    assert not any(k.startswith(("encoder.layer.0.", "encoder.layer.1.", "encoder.layer.2.")) for k in moved)
 
 
 def test_weighted_averages_are_scikit_learns():
@@ -173,6 +186,10 @@ def test_preprocess_is_applied_and_part_of_the_store_id(tmp_path, tiny_csv):
     shouted = extract(ExtractConfig(source=spec, **base), show_progress=False)
     assert open_store(plain.path).fingerprint != open_store(shouted.path).fingerprint
     assert open_store(shouted.path).provenance.sources[0]["preprocess"] == f"{norm}:shout"
+    typed = open_store(shouted.path).provenance.preprocess  # a typed field of the store's provenance
+    assert typed is not None and typed["function"] == f"{norm}:shout" and len(typed["sha256"]) == 64
+    assert open_store(plain.path).provenance.preprocess is None
+    assert "preprocess" not in open_store(plain.path).provenance.to_dict()  # older stores' attribute is unchanged
     norm.write_text("def shout(text):\n    return text.upper() + '!'\n")  # an edited function: another store
     again = extract(ExtractConfig(source=spec, **base), show_progress=False)
     assert open_store(again.path).fingerprint != open_store(shouted.path).fingerprint
@@ -255,7 +272,7 @@ def test_extract_balances_the_training_split_with_labels_from_file_names(tmp_pat
     assert np.all(aug["noise_std"][copies] == np.float32(0.005)) and np.all(
         np.abs(aug["shift_seconds"][copies]) <= 0.05
     )
-    assert s.provenance.augment["balance"] == "oversample"
+    assert s.provenance.augment["balance"] == "oversample" and s.provenance.label_from_path == r"^r(\d)"
     with pytest.raises(DataError, match=r"'r00.wav' .* does not match --label-from-path"):
         DataSpec(data=str(table), audio_col="file", label_from_path=r"^x(\d)").load()
     with pytest.raises(ConfigError, match="must hold a capture group"):
@@ -381,7 +398,8 @@ def test_finetune_keeps_fold_models_and_scores_their_ensemble(tmp_path):
     result = CliRunner().invoke(
         heads_main,
         ["finetune", "--model", "random:tiny-bert", "--split", f"train={tmp_path / 'train.csv'}", "--split",
-         f"test={tmp_path / 'test.csv'}", "--folds", "3", "--keep-fold-models", "--epochs", "1", "--out", str(out),
+         f"test={tmp_path / 'test.csv'}", "--folds", "3", "--keep-fold-models", "--epochs", "1",
+             "--validation-fraction", "0.25", "--out", str(out),
          "--no-progress"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -7,15 +7,22 @@ projected conv features plus the convolutional position embedding), 1..L are the
 Each :class:`Family` names, relative to the *base* model (the bare encoder or decoder that a task wrapper holds,
 found by :func:`base_of`):
 
-- ``blocks``: the block list (index i holds layer i + 1);
+- ``blocks``: the block list (index i holds layer i + 1; ALBERT's holds a few blocks that several layers share,
+  ``layer_groups``);
 - ``embeddings``: the modules and parameters of layer 0 (missing ones are skipped: a model may lack an optional
   projection);
 - ``final_norm``: a norm applied after the last block, which belongs to layer L (transformers' ``hidden_states``
   include it in the top entry for the language models, see ``final_norm_in_states``);
-- ``shared``: modules outside the blocks that every block uses (relative-position tables and their norms); freezing
-  freezes them only when every block is frozen;
+- ``shared``: modules that every block uses (relative-position tables and their norms, T5's table that sits in the
+  first block); freezing freezes them only when every block is frozen;
+- ``after_block``: a module applied to one block's output outside the block (DeBERTa-v2's conv after block 1): it
+  belongs to that layer, and the layer's stored state is its output;
 - ``attention``: where a block's q/k/v and output projections are, for head pruning; ``no_prune`` says why heads
-  cannot be removed from a family (fused or grouped projections).
+  cannot be removed from a family (grouped projections, one block or one position bias serving every layer).
+
+One rule for every edit: a parameter belongs to the layers that run it (:func:`layer_parameters`), and freezing
+freezes it only when all of them are frozen. A block's parameters belong to its layer (ALBERT's shared block to
+every layer), the embeddings to layer 0, the final norm to layer L, the shared tables to 1..L.
 
 A model whose family is not in the map still extracts (it runs whole: no forward stop, one line in the log says
 so); surgery on it is refused in one line naming the family.
@@ -36,6 +43,7 @@ __all__ = [
     "AttentionLayout",
     "Family",
     "FAMILIES",
+    "after_block_modules",
     "attention",
     "base_of",
     "blocks",
@@ -46,8 +54,12 @@ __all__ = [
     "find_blocks",
     "is_causal",
     "is_speech",
+    "keep_layers",
+    "layer_blocks",
+    "layer_parameters",
     "set_blocks",
     "shared_modules",
+    "state_outputs",
     "top_modules",
 ]
 
@@ -60,8 +72,9 @@ class AttentionLayout:
 
     holder: str
     """The module holding the q/k/v projections (``attention.self`` in BERT)."""
-    qkv: tuple[str, str, str]
-    """Attribute names of the q, k and v projections on ``holder``."""
+    qkv: tuple[str, ...]
+    """Attribute names of the q, k and v projections on ``holder``; or one name, of a fused projection whose output
+    is q, then k, then v, each heads x head width (ModernBERT's Wqkv)."""
     out_holder: str
     """The module holding the output projection."""
     out: str
@@ -72,6 +85,13 @@ class AttentionLayout:
     """Attributes of ``holder`` that store the head count, set to the new count after pruning."""
     width: str | None = None
     """Attribute of ``holder`` storing heads x head width, updated with them (BERT's ``all_head_size``)."""
+    extra: tuple[str, ...] = ()
+    """Further projections on ``holder`` with one block of output rows per head, cut like q where the block has them
+    (DeBERTa-v2's ``pos_key_proj``/``pos_query_proj``, absent with ``share_att_key``)."""
+    head_bias: tuple[int, str] | None = None
+    """(position, name) of an argument of ``holder``'s forward carrying a (B, heads, T, T) score bias made outside
+    the block for every head (MPNet's relative position bias, computed once by the encoder): pruning cuts it to the
+    kept heads of that block (:mod:`embstore.backbones.pruned`)."""
 
 
 BERT_ATTENTION = AttentionLayout(
@@ -90,6 +110,43 @@ SPEECH_ATTENTION = AttentionLayout(
     out="out_proj",
     head_dim="head_dim",
     head_counts=("num_heads",),
+)
+
+DISTILBERT_ATTENTION = AttentionLayout(
+    holder="attention",
+    qkv=("q_lin", "k_lin", "v_lin"),
+    out_holder="attention",
+    out="out_lin",
+    head_dim="attention_head_size",
+    head_counts=("n_heads",),
+)
+MPNET_ATTENTION = AttentionLayout(
+    holder="attention.attn",
+    qkv=("q", "k", "v"),
+    out_holder="attention.attn",
+    out="o",
+    head_dim="attention_head_size",
+    head_counts=("num_attention_heads",),
+    width="all_head_size",
+    head_bias=(2, "position_bias"),
+)
+DEBERTA_V2_ATTENTION = AttentionLayout(
+    holder="attention.self",
+    qkv=("query_proj", "key_proj", "value_proj"),
+    out_holder="attention.output",
+    out="dense",
+    head_dim="attention_head_size",
+    head_counts=("num_attention_heads",),
+    width="all_head_size",
+    extra=("pos_key_proj", "pos_query_proj"),
+)
+MODERNBERT_ATTENTION = AttentionLayout(
+    holder="attn",
+    qkv=("Wqkv",),
+    out_holder="attn",
+    out="Wo",
+    head_dim="head_dim",
+    head_counts=(),  # its forward reads the head count off the projection's width
 )
 
 _GQA = (
@@ -121,6 +178,14 @@ class Family:
     """Why heads cannot be removed from this family (None with an ``attention`` layout)."""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     """Base-model attribute names a wrapper may hold the base under, besides ``base_model``."""
+    layer_groups: str | None = None
+    """The config attribute counting the blocks when several layers share one (ALBERT's ``num_hidden_groups``):
+    layer i + 1 runs block ``int(i / (L / G))``, as transformers' AlbertTransformer does."""
+    after_block: tuple[tuple[int, str], ...] = ()
+    """(layer, path): a module applied to that layer's block output outside the block, where the model has one
+    (DeBERTa-v2's conv, after block 1, with ``conv_kernel_size``); see the module docstring."""
+    per_layer_config: tuple[str, ...] = ()
+    """Config lists with one entry per layer (ModernBERT's ``layer_types``), cut with the blocks by truncation."""
 
 
 _DECODER_EMBED = ("embed_tokens",)
@@ -140,27 +205,51 @@ FAMILIES: tuple[Family, ...] = (
         attention=BERT_ATTENTION,
     ),
     Family(
+        name="albert",
+        model_types=("albert",),
+        blocks="encoder.albert_layer_groups",
+        layer_groups="num_hidden_groups",
+        # the projection from the embedding width to the hidden width runs before the first block: layer 0
+        embeddings=("embeddings", "encoder.embedding_hidden_mapping_in"),
+        no_prune=(
+            "ALBERT runs one shared block for every layer, so a head cannot leave one layer without leaving them "
+            "all; use --freeze or --truncate"
+        ),
+    ),
+    Family(
         name="mpnet",
         model_types=("mpnet",),
         blocks="encoder.layer",
         embeddings=("embeddings",),
         shared=("encoder.relative_attention_bias",),
-        no_prune="MPNet's attention is not mapped for head pruning yet; use --freeze or --truncate",
+        attention=MPNET_ATTENTION,
     ),
     Family(
         name="deberta",
-        model_types=("deberta", "deberta-v2"),
+        model_types=("deberta",),
         blocks="encoder.layer",
         embeddings=("embeddings",),
-        shared=("encoder.rel_embeddings", "encoder.LayerNorm", "encoder.conv"),
-        no_prune="DeBERTa's disentangled attention is not mapped for head pruning yet; use --freeze or --truncate",
+        shared=("encoder.rel_embeddings",),
+        no_prune=(
+            "DeBERTa (v1) fuses q, k and v into in_proj with per-head biases (and may mix heads: talking_head), "
+            "which head pruning does not slice; use --freeze or --truncate (DeBERTa-v2 and v3 prune)"
+        ),
+    ),
+    Family(
+        name="deberta-v2",
+        model_types=("deberta-v2",),
+        blocks="encoder.layer",
+        embeddings=("embeddings",),
+        shared=("encoder.rel_embeddings", "encoder.LayerNorm"),
+        after_block=((1, "encoder.conv"),),
+        attention=DEBERTA_V2_ATTENTION,
     ),
     Family(
         name="distilbert",
         model_types=("distilbert",),
         blocks="transformer.layer",
         embeddings=("embeddings",),
-        no_prune="DistilBERT's attention is not mapped for head pruning yet; use --freeze or --truncate",
+        attention=DISTILBERT_ATTENTION,
     ),
     Family(
         name="modernbert",
@@ -169,16 +258,34 @@ FAMILIES: tuple[Family, ...] = (
         embeddings=("embeddings",),
         final_norm="final_norm",
         final_norm_in_states=True,
-        no_prune=_FUSED.format(name="ModernBERT (Wqkv)"),
+        per_layer_config=("layer_types",),
+        attention=MODERNBERT_ATTENTION,
     ),
     Family(
         name="t5-encoder",
-        model_types=("t5", "mt5", "umt5"),
+        model_types=("t5", "mt5"),
         blocks="encoder.block",
         embeddings=("shared",),
         final_norm="encoder.final_layer_norm",
         final_norm_in_states=True,
-        no_prune="T5's attention is not mapped for head pruning yet; use --freeze or --truncate",
+        # the relative position table sits in the first block but every block adds the bias it makes
+        shared=("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",),
+        no_prune=(
+            "T5's relative position bias is made for every head by the first block and added to every block's "
+            "scores, so one block cannot lose a head; use --freeze or --truncate"
+        ),
+    ),
+    Family(
+        name="umt5-encoder",
+        model_types=("umt5",),
+        blocks="encoder.block",
+        embeddings=("shared",),
+        final_norm="encoder.final_layer_norm",
+        final_norm_in_states=True,
+        no_prune=(
+            "UMT5's attention (a position table in every block) is not mapped for head pruning; use --freeze or "
+            "--truncate"
+        ),
     ),
     Family(
         name="gpt2",
@@ -359,28 +466,85 @@ def is_causal(model: nn.Module) -> bool:
 
 
 def blocks(base: Any) -> nn.ModuleList:
-    """The blocks 1..L (index i holds layer i + 1)."""
+    """The block list: blocks 1..L (index i holds layer i + 1), or the few blocks that ALBERT's layers share (see
+    :func:`layer_blocks` for the block each layer runs)."""
     return _get(base, _family(base).blocks)
 
 
 def set_blocks(base: Any, layers: nn.ModuleList) -> None:
-    """Replace the blocks (truncation)."""
+    """Replace the block list."""
     _set(base, _family(base).blocks, layers)
 
 
+def _group_of(i: int, n_layers: int, n_groups: int) -> int:
+    """The block layer i + 1 runs when ``n_groups`` blocks serve ``n_layers`` layers (transformers' formula)."""
+    return int(i / (n_layers / n_groups))
+
+
+def layer_blocks(base: Any) -> list[nn.Module]:
+    """The block each layer 1..L runs (index i for layer i + 1): the block list itself, except where several layers
+    share a block (ALBERT), which then appears once per layer that runs it."""
+    fam, mods = _family(base), blocks(base)
+    if fam.layer_groups is None:
+        return list(mods)
+    inner = int(getattr(base.config, "inner_group_num", 1))
+    if inner != 1:
+        raise ConfigError(
+            f"This {fam.name} model runs {inner} blocks per layer (inner_group_num {inner}), which embstore's "
+            "layer numbering (one state per layer) cannot number; use a model with inner_group_num 1 (every "
+            "released ALBERT)."
+        )
+    n = int(base.config.num_hidden_layers)
+    return [mods[_group_of(i, n, len(mods))] for i in range(n)]
+
+
+def _kept_groups(mods: nn.ModuleList, runs: list[nn.Module], k: int) -> int | None:
+    """How many of the shared blocks ``mods`` a model of ``k`` layers needs so that its layers run the blocks
+    ``runs[:k]`` do in the longer model (None: no count does)."""
+    return next(
+        (g for g in range(1, len(mods) + 1) if all(mods[_group_of(i, k, g)] is runs[i] for i in range(k))), None
+    )
+
+
+def keep_layers(base: Any, k: int) -> None:
+    """Keep layers 1..k and delete the blocks no kept layer runs; the config follows (num_hidden_layers, ALBERT's
+    group count, the per-layer config lists). ``k`` must be in [1, L] (the caller checks)."""
+    fam, mods = _family(base), blocks(base)
+    if fam.layer_groups is not None:  # the kept layers must run the same blocks in the shorter model
+        runs = layer_blocks(base)
+        groups = _kept_groups(mods, runs, k)
+        if groups is None:
+            can = [j for j in range(1, len(runs) + 1) if _kept_groups(mods, runs, j) is not None]
+            raise ConfigError(
+                f"Cannot truncate this {fam.name} model to {k} layers: its {len(mods)} shared blocks serve "
+                f"{len(runs)} layers, and a {k}-layer model would run them in another order; truncate to one of "
+                f"{', '.join(map(str, can))}."
+            )
+        set_blocks(base, nn.ModuleList(list(mods)[:groups]))
+        setattr(base.config, fam.layer_groups, groups)
+    else:
+        set_blocks(base, nn.ModuleList(list(mods)[:k]))
+    for name in fam.per_layer_config:
+        value = getattr(base.config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(base.config, name, list(value)[:k])
+    base.config.num_hidden_layers = k
+
+
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The blocks 1..L of ``model`` (or of the base it wraps) as a list (index i holds layer i + 1)."""
-    return list(blocks(base_of(model)))
+    """The block each layer 1..L of ``model`` (or of the base it wraps) runs (index i for layer i + 1)."""
+    return layer_blocks(base_of(model))
 
 
 _unknown_logged: set[str] = set()
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The blocks of ``model`` in order, or None for a family the map does not know (which then runs whole: see
-    :func:`embstore.extraction.forward.hidden_states`; one line in the log says it cannot stop early)."""
+def find_blocks(model: nn.Module) -> list[nn.Module] | None:
+    """The block each layer of ``model`` runs, in order (ALBERT's shared block once per layer), or None for a
+    family the map does not know (which then runs whole: see :func:`embstore.extraction.forward.hidden_states`; one
+    line in the log says it cannot stop early)."""
     found = _resolve(model)
-    layers = None if found is None else _get(found[0], found[1].blocks)
+    layers = None if found is None else layer_blocks(found[0])
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if layers is not None and (n is None or len(layers) == n):
         return layers
@@ -389,6 +553,26 @@ def find_blocks(model: nn.Module) -> nn.ModuleList | None:
         _unknown_logged.add(kind)
         log.info("%s: the anatomy map does not know this family, so the forward runs every block", kind)
     return None
+
+
+def after_block_modules(base: Any) -> dict[int, nn.Module]:
+    """{layer: module} applied to that layer's block output outside the block, those the model has."""
+    parts = {layer: _get(base, path) for layer, path in _family(base).after_block}
+    return {layer: m for layer, m in parts.items() if isinstance(m, nn.Module)}
+
+
+def state_outputs(model: nn.Module) -> list[nn.Module]:
+    """The module whose output is each stored state 1..L of ``model`` (index i for state i + 1): the layer's block,
+    or what the model applies to the block's output outside it (DeBERTa-v2's conv for state 1). A shared block
+    appears once per layer. ``model`` must be of a family the map knows (:func:`find_blocks` is not None)."""
+    found = _resolve(model)
+    if found is None:  # pragma: no cover - callers check find_blocks first
+        raise ConfigError(f"{type(model).__name__} is not of a family the anatomy map knows")
+    outs = layer_blocks(found[0])
+    for layer, module in after_block_modules(found[0]).items():
+        if layer <= len(outs):
+            outs[layer - 1] = module
+    return outs
 
 
 def _speech_norm(base: Any) -> nn.Module | None:
@@ -421,8 +605,41 @@ def top_modules(base: Any) -> list[nn.Module]:
 
 
 def shared_modules(base: Any) -> list[nn.Module | nn.Parameter]:
-    """Modules outside the blocks that every block uses (frozen only when every block is)."""
+    """Modules that every block uses (frozen only when every block is)."""
     return [p for p in (_get(base, path) for path in _family(base).shared) if isinstance(p, (nn.Module, nn.Parameter))]
+
+
+def _params(part: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    return [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+
+
+def layer_parameters(base: Any) -> list[tuple[nn.Parameter, frozenset[int]]]:
+    """Every parameter the map places, with the layers that run it (0 = embeddings): a block's belong to the
+    layers that run the block (every layer, for ALBERT's one shared block), what follows a block outside it to that
+    layer, the final norm to layer L, and the shared tables to 1..L (T5's, although it sits in the first block).
+    Parameters the map does not place (a pooler, a task head) are left out. Freezing reads this: a parameter is
+    frozen only when every layer that runs it is."""
+    users: dict[int, tuple[nn.Parameter, set[int]]] = {}
+
+    def add(part: nn.Module | nn.Parameter, layers: set[int]) -> None:
+        for p in _params(part):
+            users.setdefault(id(p), (p, set()))[1].update(layers)
+
+    runs = layer_blocks(base)
+    n = len(runs)
+    for part in embedding_modules(base):
+        add(part, {0})
+    for i, block in enumerate(runs, 1):
+        add(block, {i})
+    for layer, module in after_block_modules(base).items():
+        add(module, {layer})
+    for module in top_modules(base):
+        add(module, {n})
+    every = set(range(1, n + 1))
+    for part in shared_modules(base):
+        for p in _params(part):
+            users[id(p)] = (p, set(every))
+    return [(p, frozenset(layers)) for p, layers in users.values()]
 
 
 def feature_encoder(base: Any) -> nn.Module:
@@ -441,11 +658,14 @@ class Attention:
     holding the output projection and its attribute name, the width of one head, and where the head count is."""
 
     holder: Any
-    qkv: tuple[str, str, str]
+    qkv: tuple[str, ...]
+    """Three projections, or one fused q|k|v projection (``AttentionLayout.qkv``)."""
     out_holder: Any
     out_name: str
     head_dim: int
     layout: AttentionLayout
+    extra: tuple[str, ...] = ()
+    """The ``layout.extra`` projections this block has."""
 
     @property
     def out(self) -> nn.Linear:
@@ -480,9 +700,16 @@ def attention(layer: nn.Module, base: Any = None) -> Attention:
             and all(isinstance(getattr(holder, n, None), nn.Linear) for n in lay.qkv)
             and isinstance(getattr(out_holder, lay.out, None), nn.Linear)
         ):
-            return Attention(holder, lay.qkv, out_holder, lay.out, int(getattr(holder, lay.head_dim)), lay)
+            extra = tuple(n for n in lay.extra if isinstance(getattr(holder, n, None), nn.Linear))
+            return Attention(holder, lay.qkv, out_holder, lay.out, int(getattr(holder, lay.head_dim)), lay, extra)
+    if fam is not None and fam.attention is not None:
+        lay = fam.attention
+        raise ConfigError(
+            f"{type(layer).__name__} does not hold the {fam.name} attention the anatomy map names ({lay.holder}."
+            f"{'/'.join(lay.qkv)} and {lay.out_holder}.{lay.out}); head pruning cannot cut it."
+        )
     raise ConfigError(
         f"{type(layer).__name__} has neither BERT-style attention (attention.self.query/key/value and "
         f"attention.output.dense) nor HuBERT-style attention (attention.q_proj/k_proj/v_proj/out_proj); head pruning "
-        f"supports BERT, RoBERTa, ELECTRA, HuBERT and wav2vec2 layers."
+        f"supports the families of the anatomy map whose attention it names."
     )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from embstore.backbones.anatomy import attention, base_of, blocks
+from embstore.backbones.anatomy import Attention, attention, base_of, layer_blocks
 from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -57,14 +57,16 @@ def set_pruned_record(base: Any, record: Mapping[int, Iterable[int]]) -> None:
 def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
     """Physically remove attention heads, {layer 1..L: [original head indices]}.
 
-    Shrinks query/key/value (output rows) and the attention output dense (input columns),
-    updates the attention module's head count, and accumulates the removed original indices
-    in ``config.embstore_pruned_heads``. Heads already removed are skipped.
+    Shrinks query/key/value (output rows; a fused q|k|v projection in each of its three parts; DeBERTa-v2's
+    position projections alike) and the attention output (input columns), updates the attention module's head
+    count, cuts a per-head score bias made outside the block to the kept heads (MPNet), and accumulates the removed
+    original indices in ``config.embstore_pruned_heads``. Heads already removed are skipped. A family whose heads
+    cannot be cut is refused (:func:`embstore.backbones.anatomy.attention`) before any weight changes.
     """
     from transformers.pytorch_utils import prune_linear_layer
 
     base = base_of(model)
-    layers_ = list(blocks(base))
+    layers_ = layer_blocks(base)
     n_heads = heads_per_layer(base)
     record = pruned_heads(base)
     plan: dict[int, tuple[list[int], list[int]]] = {}
@@ -90,12 +92,49 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
         mask = torch.ones(len(kept), att.head_dim, dtype=torch.bool)
         mask[positions] = False
         index = cast(torch.LongTensor, torch.arange(len(kept) * att.head_dim)[mask.view(-1)])
+        width = len(kept) * att.head_dim
+        # a fused projection holds q, k and v one after the other, each heads x head width
+        fused = cast(torch.LongTensor, torch.cat([index + part * width for part in range(3)]))
         for name in att.qkv:
+            setattr(
+                att.holder, name, prune_linear_layer(getattr(att.holder, name), index if len(att.qkv) > 1 else fused)
+            )
+        for name in att.extra:
             setattr(att.holder, name, prune_linear_layer(getattr(att.holder, name), index))
         setattr(att.out_holder, att.out_name, prune_linear_layer(att.out, index, dim=1))
         att.set_heads(len(kept) - len(remove))
+        _cut_head_bias(att, [h for h in kept if h not in remove])
         record[layer] = sorted(set(record.get(layer, [])) | set(remove))
     set_pruned_record(base, record)
+
+
+_KEPT = "_embstore_kept_heads"
+"""Attribute of an attention module whose score bias is cut by :func:`_cut_bias_hook`: its heads' original
+indices (the bias it is given has one entry per original head)."""
+
+
+def _cut_bias_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Forward pre-hook: the (B, heads, T, T) bias argument cut to the module's kept heads."""
+    position, name = getattr(module, "_embstore_head_bias")
+    kept = getattr(module, _KEPT)
+    if name in kwargs and kwargs[name] is not None:
+        kwargs = {**kwargs, name: kwargs[name][:, kept]}
+    elif len(args) > position and args[position] is not None:
+        args = (*args[:position], args[position][:, kept], *args[position + 1 :])
+    else:
+        return None
+    return args, kwargs
+
+
+def _cut_head_bias(att: Attention, kept: list[int]) -> None:
+    """Where the layout names a per-head bias made outside the block, have the block's attention cut it to
+    ``kept`` (original head indices) on every call; the hook is set once and reads the current heads."""
+    if att.layout.head_bias is None:
+        return
+    if not hasattr(att.holder, _KEPT):
+        att.holder.register_forward_pre_hook(_cut_bias_hook, with_kwargs=True)
+    setattr(att.holder, "_embstore_head_bias", att.layout.head_bias)
+    setattr(att.holder, _KEPT, list(kept))
 
 
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:

@@ -20,7 +20,15 @@ from typing import Any
 from embstore.errors import ConfigError, ModelNotFoundError
 from embstore.store.fingerprint import files_sha256
 
-__all__ = ["Backbone", "load_backbone", "RANDOM_CONFIGS", "minilm_path", "resolve_model_path", "resolve_random_config"]
+__all__ = [
+    "Backbone",
+    "load_backbone",
+    "RANDOM_CONFIGS",
+    "encoder_class",
+    "minilm_path",
+    "resolve_model_path",
+    "resolve_random_config",
+]
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 RANDOM_SEED = 0
@@ -294,14 +302,45 @@ def _state_sha256(model: Any) -> str:
     return h.hexdigest()
 
 
+def encoder_class(config: Any) -> Any:
+    """The class a backbone of ``config`` is built as: ``AutoModel``, except that an encoder-decoder checkpoint (T5,
+    mT5, UMT5) is built as its encoder alone (``T5EncoderModel``), so no decoder runs or is loaded; a saved encoder
+    (its config says ``T5EncoderModel``, and no longer ``is_encoder_decoder``) too. None for an encoder-decoder
+    without such a class: build it with ``AutoModel`` and keep ``get_encoder()`` (:func:`encoder_only`)."""
+    import transformers
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    name = MODEL_MAPPING_NAMES.get(str(config.model_type))
+    encoder = (
+        getattr(transformers, name.removesuffix("Model") + "EncoderModel", None) if isinstance(name, str) else None
+    )
+    saved = getattr(config, "architectures", None) or []
+    if encoder is not None and (getattr(config, "is_encoder_decoder", False) or encoder.__name__ in saved):
+        return encoder
+    return None if getattr(config, "is_encoder_decoder", False) else AutoModel
+
+
+def encoder_only(model: Any) -> Any:
+    """The encoder of an encoder-decoder ``model`` built whole (extraction cannot run it: its decoder asks for
+    decoder inputs); ``model`` itself otherwise."""
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder()
+    return model
+
+
 def _from_config(config: Any, seed: int) -> Any:
-    """A model of ``config`` with weights initialised the way ``AutoModel.from_config`` does, under ``seed``."""
+    """A model of ``config`` with weights initialised the way ``AutoModel.from_config`` does, under ``seed``
+    (an encoder-decoder's encoder alone, :func:`encoder_class`)."""
     import torch
     from transformers import AutoModel
 
+    cls = encoder_class(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModel.from_config(config)
+        if cls is None:
+            return encoder_only(AutoModel.from_config(config))
+        return cls(config) if cls is not AutoModel else AutoModel.from_config(config)
 
 
 def _random_weights(name: str, path: Path, seed: int, device: str) -> Backbone:
@@ -426,9 +465,11 @@ def load_backbone(
                 model = load_model(path).base_model
             else:
                 # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed
-                model = AutoModel.from_pretrained(
+                cls = encoder_class(AutoConfig.from_pretrained(path))
+                model = (cls or AutoModel).from_pretrained(
                     path, use_safetensors=None if allow_pickle else True, weights_only=True
                 )
+                model = encoder_only(model) if cls is None else model
         except pickle.UnpicklingError as exc:
             raise ConfigError(
                 f"The pickle weights in {path} hold more than tensors, so torch.load(weights_only=True) refused "

@@ -382,8 +382,13 @@ def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
 
 def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(train, test) positions by :func:`embstore.data.carve.carve` (on source-row ids, the carve every product
-    uses): group-disjoint when groups are given, else stratified by label when possible."""
-    from embstore.data.carve import CARVE_VERSION, carve, stratifiable
+    uses): group-disjoint when groups are given, else stratified by label.
+
+    ``every_class=False``: a holdout is the data's test split, made before any product runs, so a share too small to
+    hold every class is carved anyway (stratified as far as the counts allow, the training side keeping a row of
+    every class it can) with a warning; the products then refuse a training side that lacks a class. Each side is
+    listed in a seeded shuffle, so ``--limit N`` keeps a random N of it."""
+    from embstore.data.carve import CARVE_VERSION, carve
 
     n = len(raw.row_ids)
     if n < 2:
@@ -397,12 +402,13 @@ def _holdout(raw: _Raw, holdout: float, seed: int, source: Path) -> tuple[np.nda
     if raw.labels is not None:
         lookup = {name: i for i, name in enumerate(_label_names(raw.labels))}
         y = np.array([lookup[_label_key(v)] for v in raw.labels], dtype=np.int64)
-    # each split in the order the carve drew it, as before carves were shared: --limit N keeps a random N
-    tr, te = carve(y, holdout, seed, groups, raw.row_ids, drawn_order=True)
+    tr, te = carve(y, holdout, seed, groups=groups, row_ids=raw.row_ids, every_class=False)
+    shuffle = np.random.default_rng(seed)  # each split in a seeded order: --limit N keeps a random N
+    tr, te = tr[shuffle.permutation(len(tr))], te[shuffle.permutation(len(te))]
     how: dict[str, Any] = {
         "fraction": holdout,
         "seed": seed,
-        "stratified": groups is None and stratifiable(y, holdout),
+        "stratified": groups is None and y is not None,
         "carve": CARVE_VERSION,
     }
     if groups is not None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embstore.errors import EmbstoreError, ForwardError
+
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
@@ -110,6 +112,12 @@ def pad_batch(ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None, pa
     return out
 
 
+def _where(job: ChunkJob, tower: str) -> str:
+    """The row chunk of ``job`` (and its tower, when a pair is encoded as two), as errors name it."""
+    towers = f", tower {tower!r}" if len(job.towers) > 1 else ""
+    return f"row chunk {job.chunk} of split {job.split!r}{towers}"
+
+
 @dataclass(frozen=True)
 class ChunkJob:
     """One row chunk to encode: for each tower, the ids of its rows in stored order."""
@@ -175,10 +183,13 @@ class ChunkEncoder:
         batch_size: int,
         token_budget: int,
         device: str,
+        name: str | None = None,
     ) -> None:
         from embstore.extraction.forward import BatchForward
 
         self.model = model
+        self.name = name or type(model).__name__
+        """The model as errors name it (its ``--model``)."""
         self.pad_id = pad_id
         self.layers = list(layers)
         self.token_layers = list(token_layers)
@@ -205,11 +216,13 @@ class ChunkEncoder:
         prepare: Callable[[int, int], tuple[dict[str, Any], np.ndarray]],
         buf: ChunkBuffers,
         on_rows: Callable[[int], None] | None,
+        where: str = "",
     ) -> None:
         """Encode the batches ``spans`` ([start, stop) rows) into ``buf``.
 
         ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths); it runs in a
-        prefetch thread, ``prefetch`` batches ahead."""
+        prefetch thread, ``prefetch`` batches ahead. An exception in the model's forward becomes one
+        :class:`ForwardError` naming the model and the batch (``where``: the row chunk)."""
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -237,12 +250,32 @@ class ChunkEncoder:
                 span, future = ahead.popleft()
                 refill()
                 inputs, lengths = future.result()
-                launched = self.forward.launch(inputs, lengths)
+                try:
+                    launched = self.forward.launch(inputs, lengths)
+                except EmbstoreError:
+                    raise
+                except Exception as exc:  # a model bug or an out-of-memory: one line, never a traceback
+                    raise self._forward_error(exc, span, inputs, where) from exc
                 if waiting is not None:
                     land(*waiting)
                 waiting = (span, launched)
             if waiting is not None:
                 land(*waiting)
+
+    def _forward_error(self, exc: Exception, span: tuple[int, int], inputs: dict[str, Any], where: str) -> ForwardError:
+        shape = tuple(next(iter(inputs.values())).shape)
+        unit = "tokens" if "input_ids" in inputs else "samples"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        hint = (
+            "lower --batch-size or --token-budget"
+            if "out of memory" in first.lower()
+            else "fix the cause (the model or its inputs)"
+        )
+        return ForwardError(
+            f"{self.name} failed in its forward on rows {span[0]}-{span[1] - 1} of {where or 'a row chunk'} (a batch "
+            f"of {shape[0]} rows x {shape[-1]} {unit}): {type(exc).__name__}: {first}. Nothing of that row chunk "
+            f"was stored and the store is not complete; {hint}, then re-run the same command to resume."
+        )
 
     def _text_batch(
         self, ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None
@@ -286,6 +319,7 @@ class ChunkEncoder:
                 prepare,
                 buf,
                 on_rows if tower == next(iter(job.towers)) else None,
+                _where(job, tower),
             )
             out.update(buf.named(functools.partial(paths, tower)))
         return out

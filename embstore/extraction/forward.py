@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embstore.backbones.anatomy import find_blocks
+from embstore.backbones.anatomy import find_blocks, state_outputs
 
 __all__ = ["hidden_states", "pool_layers", "BatchForward", "Launched"]
 
@@ -42,6 +42,8 @@ def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor], last: int) 
     states: list[torch.Tensor] = []
 
     def first(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if states:  # a block shared by every layer (ALBERT) runs again
+            return
         states.append(args[0] if args else kwargs["hidden_states"])  # what transformers records as state 0
         if last == 0:
             raise _Stop
@@ -51,8 +53,11 @@ def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor], last: int) 
         if len(states) > last:
             raise _Stop
 
+    # state i is the output of layer i's block, or of what follows it outside the block (DeBERTa-v2's conv); a
+    # shared block is hooked once and records each of its runs
+    outputs = dict.fromkeys(state_outputs(model)[:last])
     handles = [layers[0].register_forward_pre_hook(first, with_kwargs=True)]
-    handles += [layers[i].register_forward_hook(after) for i in range(last)]
+    handles += [m.register_forward_hook(after) for m in outputs]
     try:
         model(**inputs)
     except _Stop:

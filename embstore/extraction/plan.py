@@ -20,6 +20,7 @@ import numpy as np
 from embstore.backbones.registry import Backbone, load_backbone
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data.audio import usable_rows
+from embstore.data.preprocess import preprocess_identity
 from embstore.data.tables import Dataset, SplitData
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.extraction.encode import Encoded, length_order, tokenize
@@ -324,6 +325,8 @@ def _finish_plan(
             "python": sys.version.split()[0],
         },
         config=config.to_dict(),
+        preprocess=None if config.source.preprocess is None else preprocess_identity(config.source.preprocess),
+        label_from_path=config.source.label_from_path,
     )
     meta = L.StoreMeta(
         complete=False,

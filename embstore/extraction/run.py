@@ -113,6 +113,7 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
         batch_size=config.batch_size,
         token_budget=config.token_budget,
         device=device,
+        name=backbone.name,
     )
     if backbone.modality == "audio":
         from embstore.extraction.speech import AudioChunkEncoder

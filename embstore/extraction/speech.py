@@ -171,5 +171,6 @@ class AudioChunkEncoder(ChunkEncoder):
                 batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)
             return self.forward.stage(batch), frames[start:stop]
 
-        self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows)
+        where = f"row chunk {job.chunk} of split {job.split!r}"
+        self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where)
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))

@@ -245,6 +245,13 @@ class Provenance:
     quantization: dict[str, Any] | None = None
     """--quantize int8: the measured deviation from float32 of every stored array on the first batch; else None
     (and absent from the stored attribute)."""
+    preprocess: dict[str, Any] | None = None
+    """--preprocess: the text-to-text function applied before tokenisation, ``{function: 'MODULE:NAME', sha256: of
+    its module's source}`` (:func:`embstore.data.preprocess.preprocess_identity`); None (and absent from the stored
+    attribute) when none was."""
+    label_from_path: str | None = None
+    """--label-from-path: the regular expression whose first group of each audio file's name is its label; None
+    (and absent) when the labels came from a column."""
     other: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
 
@@ -279,6 +286,10 @@ class Provenance:
         }
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.preprocess is not None:  # only when used: a store made without them keeps the attribute it had
+            d["preprocess"] = dict(self.preprocess)
+        if self.label_from_path is not None:
+            d["label_from_path"] = self.label_from_path
         return {**d, **self.other}
 
     @classmethod
@@ -306,6 +317,8 @@ class Provenance:
             tool=dict(d.get("tool") or {}),
             config=dict(d.get("config") or {}),
             quantization=d.get("quantization"),
+            preprocess=d.get("preprocess"),
+            label_from_path=d.get("label_from_path"),
             other=_other(d, cls),
         )
 

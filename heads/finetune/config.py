@@ -132,7 +132,8 @@ class FinetuneConfig:
     eval_split: str | None = None
     """None: 'test' if present, else 'validation'."""
     validation_fraction: float = 0.1
-    """Share of the training rows carved (seeded, stratified) for early stopping."""
+    """Share of the training rows carved (seeded, stratified, group-disjoint with groups) for early stopping: the
+    sweep's validation carve, so ``heads sweep`` of the same data, seed and fraction validates on the same rows."""
     folds: int | None = None
     """Stratified, seeded K-fold cross-validation of the training rows: K models from the same backbone, each
     scored on its held-out fold (the evaluation split is unused); results are reported as mean +- std."""

@@ -19,7 +19,7 @@ import torch
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
-from heads.protocol import Round, carve, fold_rounds, make_split
+from heads.protocol import Round, carve, fold_rounds, validation_carve
 
 __all__ = ["FinetuneData", "RoundRows", "Rows", "collate", "early_stopping_carve", "load_rows", "round_rows", "rounds"]
 
@@ -104,7 +104,15 @@ def load_rows(config: FinetuneConfig) -> FinetuneData:
         if config.folds is not None:
             rows_tr = rows_te = np.arange(len(tr))
         else:
-            rows_tr, rows_te = carve(np.asarray(tr.labels), ONE_SPLIT_EVAL, config.source.seed, tr.groups, tr.row_ids)
+            # as --holdout carves a file (every_class=False: see heads.protocol.roles.split_roles)
+            rows_tr, rows_te = carve(
+                np.asarray(tr.labels),
+                ONE_SPLIT_EVAL,
+                config.source.seed,
+                groups=tr.groups,
+                row_ids=tr.row_ids,
+                every_class=False,
+            )
             log.info("data has one split %r: carved %d rows for evaluation", names[0], len(rows_te))
     else:
         raise ConfigError(
@@ -154,19 +162,21 @@ def rounds(folds: int | None, data: FinetuneData, seed: int) -> list[Round]:
 def early_stopping_carve(
     data: FinetuneData, fit_pool: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, validation rows) of the training split: a seeded carve of ``fraction`` of ``fit_pool`` (stratified,
-    or group-disjoint when the rows have groups) that early stopping watches."""
+    """(fit rows, validation rows) of the training split that early stopping watches: the sweep's validation carve
+    (:func:`~heads.protocol.validation_carve`) of ``fraction`` of ``fit_pool`` on its source-row ids (stratified, or
+    group-disjoint when the rows have groups), so a sweep of the same data, seed and fraction chooses on the same
+    rows. A carve that cannot hold every class is refused, naming --validation-fraction."""
     groups = None if data.train.groups is None else data.train.groups[fit_pool]
-    split = make_split(
+    fit, val = validation_carve(
         data.labels(data.train)[fit_pool],
-        None,
-        validation_fraction=fraction,
-        seed=seed,
-        patience=1,
-        groups=groups,
+        fraction,
+        seed,
+        groups,
+        what=f"the training split {data.train.name!r}",
         row_ids=data.train.row_ids[fit_pool],
+        fix="raise --validation-fraction",
     )
-    return fit_pool[split.train_idx], fit_pool[split.val_idx if split.val_idx is not None else []]
+    return fit_pool[fit], fit_pool[val]
 
 
 @dataclass(frozen=True)

@@ -79,14 +79,24 @@ class Classifier(nn.Module):
         return self.encoder
 
 
+def _takes_type_ids(encoder: nn.Module) -> bool:
+    """Whether ``encoder``'s forward has a ``token_type_ids`` parameter (as extraction decides it)."""
+    import inspect
+
+    return "token_type_ids" in inspect.signature(encoder.forward).parameters
+
+
 class SequenceClassifier(Classifier):
     """Text: encoder + pooling ('cls' or masked 'mean') of the last hidden state + classifier."""
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, T) ids and mask -> (B, C) logits."""
-        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        """(B, T) ids and mask -> (B, C) logits; token types (sentence pairs) only for an encoder that reads them
+        (DistilBERT, ModernBERT and T5 do not)."""
+        kwargs = (
+            {} if token_type_ids is None or not _takes_type_ids(self.encoder) else {"token_type_ids": token_type_ids}
+        )
         states = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).last_hidden_state  # (B, T, H)

@@ -30,6 +30,7 @@ from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
 from heads.finetune.model import save_finetuned
 from heads.finetune.surgery import (
+    check_prunable,
     count_parameters,
     freeze,
     freeze_feature_encoder,
@@ -102,6 +103,8 @@ def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
         prune_heads(
             encoder, parse_prune_spec(config.prune_heads, n_layers, int(getattr(encoder, "config").num_attention_heads))
         )
+    if config.prune_fraction is not None:  # refused now, not after the first epoch
+        check_prunable(encoder)
     conv, rest = split_feature_encoder(config.freeze_)
     if conv:  # a text model is refused here, naming the word
         freeze_feature_encoder(encoder)

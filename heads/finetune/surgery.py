@@ -7,6 +7,7 @@ head removal and the saved format that extraction reloads live in :mod:`embstore
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -17,13 +18,11 @@ from torch import nn
 from embstore.backbones.anatomy import (
     attention,
     base_of,
-    blocks,
-    embedding_modules,
     feature_encoder,
     is_speech,
-    set_blocks,
-    shared_modules,
-    top_modules,
+    keep_layers,
+    layer_blocks,
+    layer_parameters,
 )
 from embstore.backbones.pruned import heads_per_layer, pruned_heads, set_pruned_record
 from embstore.errors import ConfigError, LayerSpecError
@@ -37,11 +36,14 @@ __all__ = [
     "freeze",
     "freeze_feature_encoder",
     "count_parameters",
+    "check_prunable",
     "truncate",
     "parse_prune_spec",
     "head_importance",
     "heads_to_prune",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _base(model: nn.Module) -> Any:
@@ -91,34 +93,40 @@ def freeze_feature_encoder(model: nn.Module) -> None:
 
 
 def freeze(model: nn.Module, layers: Iterable[int]) -> None:
-    """Set requires_grad=False on layer 0 (the embeddings; for speech the feature encoder, its projection and the
-    position embedding) and the chosen encoder layers 1..L, with what the anatomy map says belongs to them: the
-    final norm with layer L, and the tables every block reads (relative positions) once every block is frozen.
+    """Set requires_grad=False on the parameters of the chosen layers (0 = the embeddings; for speech the feature
+    encoder, its projection and the position embedding; 1..L the encoder layers) by the anatomy map's one rule
+    (:func:`embstore.backbones.anatomy.layer_parameters`): a parameter is frozen when every layer that runs it is.
+    The final norm freezes with layer L, what a model applies to a block's output outside it (DeBERTa-v2's conv)
+    with that layer, and the tables every block reads (relative positions) and ALBERT's one shared block only once
+    every layer 1..L is frozen.
 
     Only freezes: other parameters keep their flag (the pooler and any task head stay as
     they are), so call ``model.requires_grad_(True)`` first to start from a trainable model.
     """
     base = _base(model)
-    layers_ = list(blocks(base))
+    n = len(layer_blocks(base))
     chosen = set(layers)
-    bad = sorted(i for i in chosen if not 0 <= i <= len(layers_))
+    bad = sorted(i for i in chosen if not 0 <= i <= n)
     if bad:
         raise LayerSpecError(
-            f"Cannot freeze layers {bad}: the model has layers [0, {len(layers_)}] (0 = embeddings); "
+            f"Cannot freeze layers {bad}: the model has layers [0, {n}] (0 = embeddings); "
             f"pass indices in that range (see parse_freeze)."
         )
-    for i in chosen:
-        # layer 0 holds parameters too (SpecAugment's mask embedding of a speech model)
-        for part in embedding_modules(base) if i == 0 else [layers_[i - 1]]:
-            part.requires_grad_(False)
-        if i == 0 and is_speech(base):
-            freeze_feature_encoder(base)
-        if i == len(layers_):
-            for module in top_modules(base):
-                module.requires_grad_(False)
-    if chosen >= set(range(1, len(layers_) + 1)):  # tables every block reads freeze with the last block that reads them
-        for part in shared_modules(base):
-            part.requires_grad_(False)
+    partly: set[int] = set()
+    for param, users in layer_parameters(base):
+        if users <= chosen:
+            param.requires_grad_(False)
+        elif users & chosen:
+            partly |= users - chosen
+    if 0 in chosen and is_speech(base):
+        freeze_feature_encoder(base)
+    if partly:
+        log.info(
+            "--freeze %s leaves parameters that layers %s also run trainable (shared tables, or a block several "
+            "layers share); they freeze once every layer that runs them is frozen",
+            ",".join(map(str, sorted(chosen))),
+            ",".join(map(str, sorted(partly))),
+        )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -131,15 +139,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def truncate(model: nn.Module, k: int) -> None:
-    """Keep encoder layers 1..k and physically delete the rest; config.num_hidden_layers = k.
+    """Keep encoder layers 1..k and physically delete the rest; config.num_hidden_layers = k (ALBERT: k passes of
+    its shared block, :func:`embstore.backbones.anatomy.keep_layers`).
 
     k = 0 is refused: in transformers 5 a BERT without encoder layers returns no
     ``hidden_states`` at all (they are captured by hooks on the layers), which breaks
     extraction; keep at least one layer.
     """
     base = _base(model)
-    layers_ = blocks(base)
-    n = len(layers_)
+    n = len(layer_blocks(base))
     if not 1 <= k <= n:
         extra = (
             " (0, embeddings only, is not supported: transformers 5 then returns no hidden states)" if k == 0 else ""
@@ -147,11 +155,17 @@ def truncate(model: nn.Module, k: int) -> None:
         raise LayerSpecError(
             f"Cannot truncate to {k} layers: keep between 1 and {n} encoder layers{extra}; pass k in [1, {n}]."
         )
-    set_blocks(base, nn.ModuleList(list(layers_)[:k]))
-    base.config.num_hidden_layers = k
+    keep_layers(base, k)
     record = pruned_heads(base)
     if record:  # removed layers no longer have heads to re-prune on reload
         set_pruned_record(base, {layer: heads for layer, heads in record.items() if layer <= k})
+
+
+def check_prunable(model: nn.Module) -> None:
+    """Refuse, in one line with the reason, a model whose attention heads cannot be removed (before any training)."""
+    base = _base(model)
+    for block in dict.fromkeys(layer_blocks(base)):
+        attention(block, base)
 
 
 # --------------------------------------------------------------------------- prune specs and head importance
@@ -204,7 +218,7 @@ def head_importance(
     already pruned away are NaN. The model runs in eval mode; its .grad fields are untouched.
     """
     base = _base(model)
-    layers_ = list(blocks(base))
+    layers_ = layer_blocks(base)
     n_heads = heads_per_layer(base)
     record = pruned_heads(base)
     kept = [[h for h in range(n_heads) if h not in record.get(i + 1, [])] for i in range(len(layers_))]

@@ -122,8 +122,10 @@ class HeadConfig:
     class_weight: ClassWeight = "none"
     """'balanced' weights the loss by n / (classes * count) per class."""
     validation_fraction: float = 0.1
-    """Share of the training rows carved (seeded, stratified) for early stopping when no validation set is given."""
+    """Share of the training rows carved (seeded, stratified: :func:`embstore.data.carve.carve`) for early stopping
+    when no validation set is given."""
     seed: int = 0
+    """Seeds the validation carve, initialisation and shuffling (a sweep's first seed, and its holdout's)."""
     device: str | None = None
     """'cpu', 'cuda'...; None picks CUDA when present."""
 

@@ -54,7 +54,7 @@ from heads.probe.sweep_setup import (
     plan_rounds,
     sweep_notes,
 )
-from heads.protocol import carve_groups, split_roles
+from heads.protocol import split_roles
 from heads.report import rundir
 from heads.report.metrics import majority_accuracy
 from heads.report.plots import DATA_PLOT, plot_data, profile_entry
@@ -90,7 +90,8 @@ class SweepConfig:
     """A store split to make every choice on (epoch, C, configuration); None carves ``validation_fraction`` of the
     training rows (seeded, stratified, group-aware)."""
     seeds: int = 1
-    """Repeat every configuration with seeds 0..N-1 (reported as mean +- std)."""
+    """Repeat every configuration with seeds S..S+N-1, S the head's ``seed`` (default 0), reported as mean +- std.
+    Seed S carves the rows a ``heads finetune --seed S`` of the same data carves."""
     folds: int | None = None
     """K-fold cross-validation on the training split instead of the evaluation split."""
     max_memory: str = "8GB"
@@ -249,6 +250,7 @@ def _setup(config: SweepConfig, path: str) -> SweepSetup:
         val_split=config.val_split,
         train=(tr_split, tr_rows),
         evaluate=(ev_split, ev_rows),
+        first_seed=cfg.seed,
     )
     splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
     labels = Labels({s: store.labels(s) for s in splits}, names)
@@ -324,7 +326,6 @@ def _codelengths(
     cfg: HeadConfig,
     device: Any,
     comm: Comm,
-    seeds: int,
 ) -> dict[tuple[Combo, int], Codelength]:
     """--mdl: the online codelength of every L-BFGS probe configuration and seed, at its chosen C."""
     tr_split, tr_rows = setup.train
@@ -338,8 +339,38 @@ def _codelengths(
         return row_source(bank, combos, tr_split, row_sets, set_of, y, comm)
 
     return online_codelengths(
-        combos, chosen, list(range(seeds)), bank, tr_split, rows, y, len(setup.names), cfg, device, comm, source
+        combos,
+        chosen,
+        sorted({p.seed for p in setup.rounds}),
+        bank,
+        tr_split,
+        rows,
+        y,
+        len(setup.names),
+        cfg,
+        device,
+        comm,
+        source,
     )
+
+
+def _rows_record(store: Store, rounds: Sequence[RoundRows], folds: bool) -> dict[str, Any] | list[dict[str, Any]]:
+    """The fit, validation and evaluation rows of the first seed's rounds as sorted source-row ids (copies count
+    once), one object (a list of one per fold with ``folds``): the record ``heads finetune`` writes, so a sweep and a
+    fine-tune of one file, seed and fraction can be checked to choose and score on the same rows."""
+
+    def ids(split: str, rows: np.ndarray) -> list[int]:
+        return np.unique(store.row_ids(split)[rows]).tolist()
+
+    out = [
+        {
+            "fit": ids(p.train_split, p.fit_rows),
+            "validation": ids(p.val_split, p.val_rows),
+            "evaluation": ids(p.eval_split, p.eval_rows),
+        }
+        for p in rounds
+    ]
+    return out if folds else out[0]
 
 
 def _meta(
@@ -354,7 +385,7 @@ def _meta(
     y_all = store.labels(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     augmented = store.augmented(tr_split)
-    groups_all = carve_groups(store, tr_split)
+    groups_all = store.groups(tr_split)
     aug_train = augmented if tr_rows is None else augmented[tr_rows]
     y_eval_all = store.labels(ev_split)
     y_eval = y_eval_all if ev_rows is None else y_eval_all[ev_rows]
@@ -362,11 +393,11 @@ def _meta(
     validation = (
         f"split `{config.val_split}` ({len(first.val_rows)} rows)"
         if config.val_split
-        else f"a seeded, stratified{', group-aware' if groups_all is not None else ''} {cfg.validation_fraction:g} "
+        else f"a seeded, {'group-disjoint' if groups_all is not None else 'stratified'} {cfg.validation_fraction:g} "
         f"carve of "
         f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)"
     )
-    held = np.unique(np.concatenate([p.eval_rows for p in rounds if p.seed == 0]))
+    held = np.unique(np.concatenate([p.eval_rows for p in rounds if p.seed == first.seed]))
     run_eval = eval_set(
         source_sha256(store.provenance.sources, first.eval_split), store.row_ids(first.eval_split)[held]
     )
@@ -387,12 +418,12 @@ def _meta(
         "majority_accuracy": majority_accuracy(y_train[~aug_train], y_train[~aug_train] if config.folds else y_eval),
         "config": config.to_dict(),
         "augmented_rows": int(aug_train.sum()),
-        "kept_apart": None
-        if groups_all is None
-        else (
+        "kept_apart": (
             f"groups of {store.provenance.group_col or 'the group column'}"
-            if store.groups(tr_split) is not None
+            if groups_all is not None
             else "augmented copies and their source rows"
+            if aug_train.any()
+            else None
         ),
         "configurations": len(setup.combos),
         "embstore": __version__,
@@ -403,6 +434,7 @@ def _meta(
         "solver": cfg.solver,
         "world_size": comm.world,
         EVAL_SET_KEY: run_eval,
+        "rows": _rows_record(store, [p for p in rounds if p.seed == first.seed], config.folds is not None),
         "notes": setup.notes + sweep_notes(setup, groups, cfg, config.max_memory),
         # what the store's rows were cut to (heads report marks runs whose truncation differs)
         **(
@@ -520,7 +552,7 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         timings["train_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if config.mdl and linear_combos(part, cfg):
-            codes.update(_codelengths(part, bank, found, cfg, device, comm, config.seeds))
+            codes.update(_codelengths(part, bank, found, cfg, device, comm))
         timings["mdl_s"] += time.perf_counter() - t0
         outcomes += found
         del bank

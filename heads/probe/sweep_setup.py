@@ -26,7 +26,7 @@ from heads.probe.features import FeatureBank, feature_width
 from heads.probe.rounds import Labels, RoundRows
 from heads.probe.solvers import PATH_PATIENCE
 from heads.probe.specs import Combo
-from heads.protocol import carve_groups, fold_rounds, validation_carve
+from heads.protocol import fold_rounds, validation_carve
 
 __all__ = [
     "plan_rounds",
@@ -71,14 +71,20 @@ def plan_rounds(
     val_split: str | None,
     train: tuple[str, np.ndarray | None],
     evaluate: tuple[str, np.ndarray | None],
+    first_seed: int = 0,
 ) -> list[RoundRows]:
-    """One RoundRows per seed (x fold), in (seed, fold) order; raises ConfigError for a carve that cannot work."""
+    """One RoundRows per seed (``first_seed`` .. ``first_seed + seeds - 1``) x fold, in (seed, fold) order; raises
+    ConfigError for a carve that cannot work.
+
+    Every carve is drawn on source-row ids, grouped by the stored groups, with augmented copies following their
+    source row (:func:`heads.protocol.validation_carve`): the rows ``heads finetune`` of the same data, seed and
+    ``--validation-fraction`` validates on."""
     tr_split, tr_rows = train
     ev_split, ev_rows = evaluate
     y_all = store.labels(tr_split)
     augmented = store.augmented(tr_split)
-    groups_all = carve_groups(store, tr_split)
-    ids_all = store.row_ids(tr_split)  # every carve is drawn in source-row order (embstore.data.carve)
+    groups_all = store.groups(tr_split)
+    ids_all = store.row_ids(tr_split)
     y_train = y_all if tr_rows is None else y_all[tr_rows]
     ids_train = ids_all if tr_rows is None else ids_all[tr_rows]
     g_train = None if groups_all is None else groups_all if tr_rows is None else groups_all[tr_rows]
@@ -88,7 +94,7 @@ def plan_rounds(
     if val_split is not None:
         val_rows_split = np.flatnonzero(~store.augmented(val_split))
     rounds = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for rnd in fold_rounds(
             folds, y_train, tr_rows, tr_split, ev_split, ev_rows, y_eval, seed, g_train, augmented, ids_train
         ):
@@ -97,12 +103,16 @@ def plan_rounds(
                 fit, val, vsplit = base, val_rows_split, val_split
             else:
                 where = f"the training split {tr_split!r}" + ("" if rnd.fold is None else f" (fold {rnd.fold})")
-                g = None if groups_all is None else groups_all[base]
                 fit_pos, val_pos = validation_carve(
-                    y_all[base], validation_fraction, seed, g, what=where, row_ids=ids_all[base]
+                    y_all[base],
+                    validation_fraction,
+                    seed,
+                    None if groups_all is None else groups_all[base],
+                    what=where,
+                    row_ids=ids_all[base],
+                    augmented=augmented[base],
                 )
-                fit, val, vsplit = base[fit_pos], base[val_pos], tr_split
-                val = val[~augmented[val]]  # choices are made on original rows only
+                fit, val, vsplit = base[fit_pos], base[val_pos], tr_split  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)
             rounds.append(
                 RoundRows(

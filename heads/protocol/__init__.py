@@ -7,10 +7,13 @@ calls
 :func:`carve`, :func:`make_split` and :func:`fold_rounds` on the loaded rows):
 
 * :func:`split_roles` names the training and evaluation splits of a store (a one-split store is carved);
-* :func:`carve` is the seeded, stratified (or group-disjoint) carve of a share of rows;
-* :func:`validation_carve` is the same carve for choosing (epoch, L2 strength, configuration); it refuses a
-  carve that cannot hold every class;
-* :func:`fold_rounds` gives the ``--folds K`` rounds (stratified, group-disjoint with groups);
+* :func:`carve` (:mod:`embstore.data.carve`) is the one seeded carve of a share of rows, stratified or
+  group-disjoint, on source-row ids; every carve below is it;
+* :func:`carve_with_copies` carves a store's original rows, its augmented copies following their source;
+* :func:`validation_carve` is the carve for choosing (epoch, L2 strength, configuration) in a sweep, an estimator
+  (:func:`make_split`) and each fine-tuning round; it refuses, naming the option to change, a carve that cannot
+  hold every class;
+* :func:`fold_rounds` gives the ``--folds K`` rounds (:func:`embstore.data.carve.folds`);
 * :class:`BestTracker` is early stopping on validation macro-F1; :func:`make_split` carves validation rows
   for a single estimator that was given none.
 
@@ -19,9 +22,9 @@ are not imported by ``import heads.protocol``.
 """
 
 from embstore.data.carve import carve
-from heads.protocol.carves import Split, make_split, validation_carve
+from heads.protocol.carves import Split, carve_with_copies, make_split, validation_carve
 from heads.protocol.folds import Round, fold_rounds
-from heads.protocol.roles import carve_groups, split_roles
+from heads.protocol.roles import split_roles
 from heads.protocol.stopping import BestTracker, scores
 
 __all__ = [
@@ -31,7 +34,7 @@ __all__ = [
     "scores",
     "carve",
     "validation_carve",
-    "carve_groups",
+    "carve_with_copies",
     "split_roles",
     "Round",
     "fold_rounds",

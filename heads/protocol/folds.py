@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embstore.data.carve import source_order
+from embstore.data.carve import folds as carve_folds
 from embstore.errors import ConfigError
 
 __all__ = ["Round", "fold_rounds"]
@@ -40,35 +40,34 @@ def fold_rounds(
     row_ids: np.ndarray | None = None,
 ) -> Iterator[Round]:
     """One round on the evaluation split, or ``folds`` seeded, stratified folds of the training rows (each row
-    held out once; group-disjoint when ``groups``, aligned with the training rows, are given). Augmented rows
-    only ever join the fitting side. ``row_ids``, aligned with the training rows: their source ids; the folds
-    are drawn on the rows in that order (:mod:`embstore.data.carve`), so a store and its table fold alike."""
+    held out once; group-disjoint when ``groups``, aligned with the training rows, are given): the folds of
+    :func:`embstore.data.carve.folds`, drawn in source-row order (``row_ids``, aligned with the training rows), so
+    a store and its table fold alike. ``augmented`` (the training split's rows) marks augmented copies (their row id
+    is their source's): the original rows are folded, and a copy joins the fitting side of its source's folds and
+    is never held out, so a store with copies folds as its table does."""
     if not folds:
         yield Round(None, tr_rows, ev_split, ev_rows, y_eval)
         return
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-    base = np.arange(len(y_train)) if tr_rows is None else tr_rows
-    order = source_order(row_ids, len(y_train))
-    base, y_train = base[order], y_train[order]
-    groups = None if groups is None else groups[order]
-    counts = np.bincount(y_train)
+    base = np.arange(len(y_train)) if tr_rows is None else np.asarray(tr_rows)
+    ids = np.arange(len(y_train)) if row_ids is None else np.asarray(row_ids)
+    copy = augmented[base]
+    orig = np.flatnonzero(~copy)
+    counts = np.bincount(y_train[orig])
     if counts[counts > 0].min() < folds:
         raise ConfigError(
             f"--folds {folds} needs at least {folds} training rows of every class; the rarest class has "
             f"{counts[counts > 0].min()}. Use fewer folds or more data."
         )
     if groups is not None:
-        n_groups = len(np.unique(groups))
+        n_groups = len(np.unique(groups[orig]))
         if n_groups < folds:
             raise ConfigError(
                 f"--folds {folds} keeps groups apart but the training rows hold only {n_groups} groups; use --folds "
                 f"{n_groups} or fewer."
             )
-        splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(base, y_train, groups)
-    else:
-        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(base, y_train)
+    splits = carve_folds(y_train[orig], folds, seed, groups=None if groups is None else groups[orig], row_ids=ids[orig])
     for k, (fit, held) in enumerate(splits):
-        held = held[~augmented[base[held]]]
+        fit, held = orig[fit], orig[held]
+        copies = np.flatnonzero(copy & np.isin(ids, ids[fit]))
         held = held[np.argsort(base[held], kind="stable")]  # rows in split order, labels aligned
-        yield Round(k, np.sort(base[fit]), tr_split, base[held], y_train[held])
+        yield Round(k, np.sort(base[np.concatenate([fit, copies])]), tr_split, base[held], y_train[held])

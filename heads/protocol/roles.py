@@ -1,5 +1,4 @@
-"""Split roles: which split of a store trains and which is scored (a one-split store is carved), and the groups
-no carve may cut through."""
+"""Split roles: which split of a store trains and which is scored (a one-split store is carved)."""
 
 from __future__ import annotations
 
@@ -8,32 +7,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embstore.data.carve import carve
 from embstore.errors import ConfigError
+from heads.protocol.carves import carve_with_copies
 
 if TYPE_CHECKING:
     from embstore.store.reader import Store
 
-__all__ = ["carve_groups", "split_roles"]
+__all__ = ["split_roles"]
 
 log = logging.getLogger(__name__)
-
-
-def carve_groups(store: Store, split: str) -> np.ndarray | None:
-    """Groups no carve may cut through: the stored groups (e.g. speakers), else the source row of
-    augmented copies (a copy must stay on its source's side), else None."""
-    groups = store.groups(split)
-    if groups is not None:
-        return groups
-    return store.row_ids(split) if store.augmented(split).any() else None
 
 
 def split_roles(
     store: Store, train: str, evaluate: str | None, holdout: float, seed: int, folds: int | None = None
 ) -> tuple[tuple[str, np.ndarray | None], tuple[str, np.ndarray | None]]:
     """((train split, rows or None), (eval split, rows or None)); a one-split store is carved (by
-    :func:`embstore.data.carve.carve`, on source-row ids, as ``heads finetune`` carves a one-split table), unless
-    ``folds`` cross-validates all its rows."""
+    :func:`embstore.data.carve.carve`, on source-row ids and group-disjoint with stored groups, as ``heads finetune``
+    carves a one-split table and ``--holdout`` a file), unless ``folds`` cross-validates all its rows.
+
+    The evaluation carve, like ``--holdout``, does not refuse a share too small to hold every class
+    (``every_class=False``): it must draw the rows ``--holdout`` draws, and a class missing from the scored rows
+    makes a weaker test, not a wrong one. Augmented copies train with their source row, and never evaluate."""
     if train in store.splits:
         name = evaluate or next((s for s in ("test", "validation") if s in store.splits), None)
         if name is None and folds:
@@ -52,8 +46,15 @@ def split_roles(
         only = store.splits[0]
         if folds:
             return (only, None), (only, None)
-        tr, te = carve(store.labels(only), holdout, seed, carve_groups(store, only), store.row_ids(only))
-        te = te[~store.augmented(only)[te]]  # augmented copies train, never evaluate
+        tr, te = carve_with_copies(
+            store.labels(only),
+            holdout,
+            seed,
+            groups=store.groups(only),
+            row_ids=store.row_ids(only),
+            augmented=store.augmented(only),
+            every_class=False,
+        )
         log.info("store has one split %r: carved %d rows for evaluation", only, len(te))
         return (only, tr), (only, te)
     raise ConfigError(f"--train-split {train!r} is not in {store.path}; its splits are {', '.join(store.splits)}.")
