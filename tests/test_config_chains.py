@@ -11,9 +11,8 @@ its differences.
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
