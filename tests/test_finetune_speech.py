@@ -178,10 +178,10 @@ def test_resumed_speech_run_with_noise_equals_an_uninterrupted_one(few_tones, tm
     whole = run_finetune(cfg(few_tones, tmp_path / "whole", **kw), show_progress=False)
     real = RoundTrainer.epoch
 
-    def dies_in_epoch_2(self, epoch):
+    def dies_in_epoch_2(self, epoch, *rest):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real(self, epoch)
+        return real(self, epoch, *rest)
 
     monkeypatch.setattr(RoundTrainer, "epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
@@ -344,7 +344,7 @@ def test_speech_options_are_refused_where_they_do_not_apply(tmp_path):
     with pytest.raises(ConfigError, match="Speech models have no CLS frame"):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "pooling": "cls"})
     with pytest.raises(
-        ConfigError, match="'augment' parameter .* must be a comma list of noise, shift, speed. Got 'echo'"
+        ConfigError, match="'augment' parameter .* must be a comma list of noise, shift, speed, pitch. Got 'echo'"
     ):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "augment": "echo"})
     with pytest.raises(ConfigError, match="'batch_seconds' parameter .* must be a positive number of seconds. Got 0"):

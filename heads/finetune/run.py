@@ -41,7 +41,8 @@ from heads.finetune.surgery import (
     truncate,
 )
 from heads.protocol import Round
-from heads.report.rundir import CHECKPOINT_DIR
+from heads.report.plots import DATA_PLOT, plot_data, profile_entry
+from heads.report.rundir import CHECKPOINT_DIR, FOLDS_DIR
 from heads.report.rundir import run_dir as default_run_dir
 from heads.report.table import ResultRow
 from heads.training.checkpoint import fingerprint, read_checkpoint, write_state
@@ -53,6 +54,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune", "config_fingerpri
 
 log = logging.getLogger(__name__)
 _NOT_FINGERPRINTED = ("out", "resume", "epochs", "device")
+TEST_PROBA_FILE = "test_proba.npy"
+"""--keep-fold-models: a fold model's (evaluation rows, classes) probabilities, beside its model/."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
         seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
         history=outcome.history,
         extra={
+            **({"step_evaluations": outcome.step_evaluations} if outcome.step_evaluations else {}),
+            **({"split_reports": outcome.split_reports} if outcome.split_reports else {}),
             "total_params": total,
             "freeze": config.freeze_,
             "truncate": config.truncate,
@@ -152,14 +157,30 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
     )
 
 
+def _settings(config: FinetuneConfig, data: FinetuneData, modality: str) -> dict[str, Any]:
+    """What a saved model's classifier/ records besides its weights (:func:`heads.finetune.model.save_finetuned`)."""
+    return {
+        "label_names": data.label_names,
+        "pooling": config.pooling_,
+        "classifier": config.classifier,
+        "classifier_hidden": list(config.classifier_hidden),
+        "dropout": config.dropout,
+        "n_classes": len(data.label_names),
+        "max_length": config.max_length,
+        "modality": modality,
+    }
+
+
 def _run_rounds(
-    spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path
-) -> tuple[list[ResultRow], RoundOutcome | None]:
-    """Every round's result row (a fold that finished before a resume is read back, not trained again) and the last
-    trained round's outcome."""
+    spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path, modality: str = "text"
+) -> tuple[list[ResultRow], RoundOutcome | None, dict[int, np.ndarray]]:
+    """Every round's result row (a fold that finished before a resume is read back, not trained again), the last
+    trained round's outcome and, with --keep-fold-models, each fold's probabilities on the evaluation split (its
+    model saved in FOLDS_DIR/fold-K)."""
     config = spec.config
     rows: list[ResultRow] = []
     outcome: RoundOutcome | None = None
+    test_probas: dict[int, np.ndarray] = {}
     for rnd in plan:
         ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
         resumed = read_checkpoint(ckpt, STATE_FILE, spec.fingerprint, spec.fingerprinted) if config.resume else None
@@ -171,10 +192,36 @@ def _run_rounds(
         outcome = fit_round(spec, start, rnd, ckpt, resumed)
         row = _result_row(config, rnd, outcome, encoder)
         rows.append(row)
+        if rnd.fold is not None and outcome.is_main and config.keep_fold_models:
+            fold_dir = run_dir / FOLDS_DIR / f"fold-{rnd.fold}"
+            save_finetuned(outcome.model, spec.tokenizer, fold_dir, _settings(config, spec.data, modality))
+            if outcome.test_proba is not None:
+                np.save(fold_dir / TEST_PROBA_FILE, outcome.test_proba)
         if rnd.fold is not None and outcome.is_main:  # mark the fold done, so --resume skips it
             write_state(ckpt / STATE_FILE, {**json.loads((ckpt / STATE_FILE).read_text()), "row": row.to_dict()})
             log.info("fold %d: accuracy %.4f, macro-F1 %.4f", rnd.fold, row.accuracy, row.f1_macro)
-    return rows, outcome
+    if config.keep_fold_models:  # every fold's probabilities, also of folds finished before a resume
+        for rnd in plan:
+            f = run_dir / FOLDS_DIR / f"fold-{rnd.fold}" / TEST_PROBA_FILE
+            if rnd.fold is not None and f.is_file():
+                test_probas[rnd.fold] = np.load(f)
+    return rows, outcome, test_probas
+
+
+def fold_ensemble(data: FinetuneData, probas: dict[int, np.ndarray]) -> dict[str, Any]:
+    """The fold models' averaged probabilities scored on the evaluation split: classification_metrics, the folds
+    averaged and the rows scored (what run.json's ``fold_ensemble`` records)."""
+    from heads.report.metrics import classification_metrics
+
+    mean = np.mean([probas[k] for k in sorted(probas)], axis=0)
+    y = data.labels(data.evaluation)[data.eval_rows]
+    return {
+        "folds": sorted(probas),
+        "split": data.evaluation.name,
+        "rows": int(len(y)),
+        "how": "the mean of the fold models' class probabilities, then the most probable class",
+        **classification_metrics(y, mean.argmax(1), data.label_names),
+    }
 
 
 def _summary(rows: list[ResultRow], run_dir: Path, folds: int | None) -> FinetuneResult:
@@ -338,28 +385,60 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     )
     encoder = prepare_encoder(config, backbone.model)
     plan = rounds(config.folds, data, config.source.seed)
-    rows, outcome = _run_rounds(spec, encoder, plan, run_dir)
+    rows, outcome, test_probas = _run_rounds(spec, encoder, plan, run_dir, backbone.modality)
     result = _summary(rows, run_dir, config.folds)
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
     if config.folds is None and outcome is not None:
-        save_finetuned(
-            outcome.model,
-            backbone.tokenizer,
-            run_dir,
-            {
-                "label_names": data.label_names,
-                "pooling": config.pooling_,
-                "classifier": config.classifier,
-                "classifier_hidden": list(config.classifier_hidden),
-                "dropout": config.dropout,
-                "n_classes": len(data.label_names),
-                "max_length": config.max_length,
-                "modality": backbone.modality,
-            },
-        )
-    writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result, plan))
+        save_finetuned(outcome.model, backbone.tokenizer, run_dir, _settings(config, data, backbone.modality))
+    meta = _run_meta(config, data, backbone, spec.fingerprint, result, plan)
+    if test_probas:
+        meta["fold_ensemble"] = fold_ensemble(data, test_probas)
+    elif config.keep_fold_models:
+        meta["fold_ensemble"] = {
+            "note": "the data has no evaluation split apart from the training rows (pass --split test=FILE or "
+            "--holdout), so the fold models were kept but not scored together"
+        }
+    meta["data"] = data_profile(data, backbone, config, plan[0])
+    writer = RunWriter(run_dir, meta)
     for row in rows:
         writer.add(row)
     writer.finish(data.label_names)
+    plot_data(run_dir / DATA_PLOT, meta["data"], data.label_names)
     return result
+
+
+def data_profile(data: FinetuneData, backbone: Backbone, config: FinetuneConfig, first: Round) -> dict[str, Any]:
+    """Per split the run reads (training rows, evaluation rows): rows, class counts and each row's length (tokens
+    after truncation for text, seconds for speech): what data.png draws and run.json records. With --balance, also
+    what one epoch of the first round trains on: its fitting rows and the augmented copies that balance them."""
+    max_length = config.max_length
+    out: dict[str, Any] = {}
+    parts = [("train", data.train, data.train_rows), (data.evaluation.name, data.evaluation, data.eval_rows)]
+    if data.evaluation is data.train and np.array_equal(data.train_rows, data.eval_rows):
+        parts = parts[:1]
+    for name, split, rows in parts:
+        if split.audio is not None:
+            lengths = split.clip_lengths(backbone.sampling_rate)[rows] / backbone.sampling_rate
+            unit = "seconds"
+        else:
+            from embstore.extraction.encode import tokenize
+
+            texts = [split.texts[i] for i in rows]
+            pairs = None if split.pairs is None else [split.pairs[i] for i in rows]
+            lengths = np.asarray(tokenize(backbone.tokenizer, texts, pairs, max_length).lengths, dtype=np.float64)
+            unit = "tokens"
+        counts = np.bincount(data.labels(split)[rows], minlength=len(data.label_names))
+        out[name] = profile_entry(counts, lengths, unit)
+    if config.balance == "oversample":
+        from heads.finetune.audio import balanced_rows
+
+        fit = round_rows(data, first, config.validation_fraction, config.source.seed).fit
+        rows, copies = balanced_rows(fit, data.labels(data.train)[fit], len(data.label_names))
+        y = data.labels(data.train)[rows]
+        n = len(data.label_names)
+        lengths = data.train.clip_lengths(backbone.sampling_rate)[rows] / backbone.sampling_rate
+        out["fitting rows per epoch"] = profile_entry(
+            np.bincount(y, minlength=n), lengths, "seconds", np.bincount(y[copies > 0], minlength=n)
+        )
+    return out

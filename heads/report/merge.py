@@ -37,6 +37,7 @@ REPORT_COLUMNS = [
     "accuracy_std",
     "f1_macro_mean",
     "f1_macro_std",
+    "f1_weighted_mean",
     "val_accuracy_mean",
     "val_f1_macro_mean",
     "trainable_params",
@@ -162,6 +163,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
             if with_val:
                 cells.append("" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n))
             cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
+            cells.append("" if s.f1_weighted_mean is None else f"{s.f1_weighted_mean:.4f}")
             if with_ci:
                 cells.append("" if not s.has_interval else f"{s.f1_lo:.4f}–{s.f1_hi:.4f}")
             cells += [
@@ -187,6 +189,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                 *(["val macro-F1"] if with_val else []),
                 "accuracy",
                 "macro-F1",
+                "weighted F1",
                 *(["95% CI macro-F1"] if with_ci else []),
                 "runs",
                 "trainable params",
