@@ -403,7 +403,11 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     type=click.Path(exists=True, dir_okay=False),
     help="YAML of options; with a 'runs:' list (name + overrides each) it runs a study and writes a report.",
 )
-@click.option("--model", help="Backbone: minilm, random:NAME, a local HF directory. [default: minilm]")
+@click.option(
+    "--model",
+    help="Backbone: minilm, random:NAME, a local HF directory, or scratch:gru, scratch:lstm, scratch:rnn (a "
+    "recurrent model trained from nothing on the training rows' words). [default: minilm]",
+)
 @click.option(
     "--data",
     help="One CSV/TSV/JSONL/Parquet file or builtin:tweets; without "
@@ -495,6 +499,44 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     type=choice(FinetuneConfig, "pooling"),
     help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or "
     "frames). [default: cls for text, mean for speech]",
+)
+@click.option(
+    "--lora",
+    type=int,
+    help="LoRA rank R (peft): train low-rank adapters on the blocks --freeze leaves trainable, and the classifier; "
+    "the run saves the adapter (RUN/adapter) and the merged model (RUN/model). [default: none: full fine-tune]",
+)
+@click.option("--lora-alpha", type=int, help="LoRA scaling numerator (updates scaled by alpha / R). [default: 2R]")
+@click.option("--lora-dropout", type=float, help="Dropout on the LoRA adapters' input. [default: 0]")
+@click.option(
+    "--lora-targets",
+    help="Comma list of block module names to adapt, matched as peft matches target_modules (e.g. query,value). "
+    "[default: the attention and MLP projections of the anatomy map]",
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=None,
+    help="Recompute block activations in the backward pass instead of keeping them (long inputs). "
+    "[default: no-gradient-checkpointing]",
+)
+@click.option(
+    "--vocab-min-count",
+    type=int,
+    help="scratch: keep words seen at least this often in the training rows. [default: 25]",
+)
+@click.option(
+    "--lowercase/--cased", default=None, help="scratch: lower-case before splitting words. [default: lowercase]"
+)
+@click.option("--embedding-dim", type=int, help="scratch: width of the trainable word embedding. [default: 300]")
+@click.option("--rnn-layers", type=int, help="scratch: stacked recurrent layers. [default: 1]")
+@click.option("--rnn-hidden", type=int, help="scratch: hidden size per direction. [default: 256]")
+@click.option(
+    "--bidirectional/--unidirectional", default=None, help="scratch: run both ways. [default: unidirectional]"
+)
+@click.option(
+    "--aggregate",
+    type=choice(FinetuneConfig, "aggregate"),
+    help="scratch: states over time to one vector (last: the last state of each direction). [default: mean]",
 )
 @click.option("--lr", type=float, help="Backbone learning rate. [default: 5e-05]")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's. [default: 0.001]")

@@ -8,10 +8,10 @@ from typing import Any, ClassVar, Literal
 
 from embstore.data.augment import TRANSFORMS, AugmentSpec
 from embstore.data.spec import DEFAULT_MAX_LENGTH, DataSpec
-from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
+from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, Text, validate_params
 from heads.training.optim import OptimConfig, flat_keys, nested_values
 
-__all__ = ["DATA_KEYS", "FinetuneConfig"]
+__all__ = ["DATA_KEYS", "RECURRENT", "SCRATCH", "FinetuneConfig"]
 
 DATA_KEYS = (
     "data",
@@ -30,6 +30,11 @@ DATA_KEYS = (
 """The flat data-source keys ``heads finetune`` takes: text or audio tables, with groups (e.g. speakers)."""
 Classifier = Literal["linear", "mlp"]
 Pooling = Literal["cls", "mean"]
+Aggregate = Literal["mean", "max", "last"]
+SCRATCH = "scratch:"
+"""The --model prefix of a recurrent classifier trained from nothing (:mod:`heads.finetune.scratch`)."""
+RECURRENT = ("gru", "lstm", "rnn")
+"""The cores ``scratch:`` builds (``scratch:gru``...)."""
 FEATURE_ENCODER = "feature-encoder"
 """The freeze word for a speech model's convolutional feature encoder (alone, as ``freeze_feature_encoder()``)."""
 FREEZE_SPEC = (
@@ -106,6 +111,35 @@ class FinetuneConfig:
     class (the classifier has not moved yet) do not count against the patience."""
     gamma: float = 0.9
     """exponential: lr multiplier per epoch."""
+    lora: int | None = None
+    """LoRA rank R (peft): low-rank adapters on ``lora_targets`` of every block that ``freeze`` leaves trainable;
+    the backbone's own weights stay as they are, the classifier trains fully. None: no adapters (full fine-tune)."""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator (the update is scaled by alpha / R); None: 2R."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (peft's default, 0)."""
+    lora_targets: str | None = None
+    """Comma list of block-relative module names to adapt, matched as peft matches ``target_modules`` (a name, or
+    its end after a dot: 'query,value'); None: the attention and MLP projections of the anatomy map
+    (:func:`embstore.backbones.anatomy.projections`)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (long inputs): the
+    backbone's ``gradient_checkpointing_enable`` (non-reentrant), torch's checkpoint around a scratch model's RNN."""
+    vocab_min_count: int = 25
+    """scratch: a word enters the vocabulary when it occurs at least this often in the training rows."""
+    lowercase: bool = True
+    """scratch: lower-case the text before splitting it into words."""
+    embedding_dim: int = 300
+    """scratch: width of the trainable word embedding."""
+    rnn_layers: int = 1
+    """scratch: stacked recurrent layers."""
+    rnn_hidden: int = 256
+    """scratch: hidden size of each recurrent layer (per direction)."""
+    bidirectional: bool = False
+    """scratch: run the recurrent core both ways and concatenate the two directions."""
+    aggregate: Aggregate | None = None
+    """scratch: how the states over time become one vector: mean or max over the words, or the last state (of
+    each direction); None: mean."""
     train_split: str = "train"
     eval_split: str | None = None
     """None: 'test' if present, else 'validation'."""
@@ -150,6 +184,14 @@ class FinetuneConfig:
         "prune_fraction": Optional(
             Interval(float, 0, 1, closed="neither", hint="Use e.g. 0.2 to remove 20% of the heads.")
         ),
+        "lora": Optional(Interval(int, 1, None, desc="a positive rank", hint="Use e.g. --lora 8.")),
+        "lora_alpha": Optional(Interval(int, 1, None)),
+        "lora_dropout": Interval(float, 0, 1, closed="left"),
+        "lora_targets": Optional(
+            ListOf(Text(r"[A-Za-z_][\w.]*"), desc="a comma list of module names", hint="Use e.g. query,value.")
+        ),
+        **{k: Interval(int, 1, None) for k in ("vocab_min_count", "embedding_dim", "rnn_layers", "rnn_hidden")},
+        "aggregate": Optional(Choice(Aggregate)),
     }
     """What each parameter accepts (:func:`embstore.errors.validate_params`); the CLI's choices and help come from
     it too. ``optim.schedule``: the schedules this loop implements."""
@@ -167,11 +209,82 @@ class FinetuneConfig:
             )
         if self.augment is not None:
             self.augment_spec(0)  # names a bad transform now, not in the first epoch
+        self._check_lora()
+        self._check_scratch()
         if self.prune_fraction is not None and self.optim.epochs < 2:
             raise ConfigError(
                 f"prune_fraction prunes after the first epoch and keeps training, so 'epochs' must be "
                 f"at least 2; got {self.optim.epochs}."
             )
+
+    def _check_lora(self) -> None:
+        """LoRA options without --lora, or with head pruning (which cuts the projections the adapters wrap)."""
+        if self.lora is None:
+            given = [k for k in ("lora_alpha", "lora_targets") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} sets up LoRA adapters; pass --lora R with it.")
+            return
+        if self.prune_heads or self.prune_fraction is not None:
+            flag = "--prune-heads" if self.prune_heads else "--prune-fraction"
+            raise ConfigError(
+                f"--lora cannot be combined with {flag}: pruning cuts the attention projections the adapters wrap; "
+                "prune in a full fine-tune, or drop one of them."
+            )
+
+    def _check_scratch(self) -> None:
+        """A scratch: model names a known core and reads words: no audio, no surgery, no LoRA; pretrained backbones
+        take no scratch-only options."""
+        if not self.scratch:
+            if self.aggregate is not None:
+                raise ConfigError(
+                    "--aggregate pools a scratch: model's recurrent states; a pretrained backbone pools with "
+                    "--pooling (cls, mean)."
+                )
+            return
+        core = self.model[len(SCRATCH) :]
+        if core not in RECURRENT:
+            raise ConfigError(
+                f"--model {self.model!r} names no recurrent core; use one of "
+                f"{', '.join(SCRATCH + c for c in RECURRENT)}."
+            )
+        if self.audio:
+            raise ConfigError(
+                f"--model {self.model} trains on words from the training rows; it cannot read the audio column "
+                f"{self.source.audio_col!r}: pass --text-col for a text table, or a speech model for audio."
+            )
+        surgery = [
+            flag
+            for flag, value in (
+                ("--lora", self.lora),
+                ("--freeze", self.freeze),
+                ("--truncate", self.truncate),
+                ("--prune-heads", self.prune_heads),
+                ("--prune-fraction", self.prune_fraction),
+                ("--pooling", self.pooling),
+                ("--text-pair-col", self.source.text_pair_col),
+            )
+            if value is not None
+        ]
+        if surgery:
+            raise ConfigError(
+                f"{surgery[0]} does not apply to --model {self.model} (a recurrent model trained from nothing, with "
+                "no pretrained blocks or CLS token): drop it (scratch: pools with --aggregate)."
+            )
+
+    @property
+    def scratch(self) -> bool:
+        """Whether the model is trained from nothing (``scratch:gru``...) rather than loaded."""
+        return self.model.startswith(SCRATCH)
+
+    @property
+    def aggregate_(self) -> str:
+        """scratch: the aggregation in effect (``aggregate``, or mean)."""
+        return self.aggregate or "mean"
+
+    @property
+    def lora_alpha_(self) -> int:
+        """The LoRA alpha in effect: ``lora_alpha``, or 2R."""
+        return int(self.lora_alpha if self.lora_alpha is not None else 2 * (self.lora or 0))
 
     @property
     def audio(self) -> bool:
@@ -181,6 +294,8 @@ class FinetuneConfig:
     @property
     def pooling_(self) -> str:
         """The pooling in effect: ``pooling``, or the modality's default."""
+        if self.scratch:
+            return self.aggregate_
         return self.pooling or ("mean" if self.audio else "cls")
 
     @property

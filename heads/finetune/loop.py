@@ -73,6 +73,7 @@ class RoundTrainer:
         )
         self.val, self.eval = self.session.loaders
         self.show_progress = show_progress
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     @property
     def steps(self) -> int:
@@ -89,7 +90,7 @@ class RoundTrainer:
         rows, loss_sum, t0 = 0, 0.0, time.perf_counter()
         bar = tqdm(
             s.train,
-            desc=f"finetune epoch {epoch}",
+            desc=f"finetune epoch {epoch} ({self.trainable:,} trainable)",
             leave=False,
             disable=not (self.show_progress and s.acc.is_local_main_process),
         )

@@ -28,6 +28,7 @@ from embstore.errors import ConfigError
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
+from heads.finetune.lora import ADAPTER_DIR, add_adapters, merged, save_adapter
 from heads.finetune.model import save_finetuned
 from heads.finetune.surgery import (
     check_prunable,
@@ -88,10 +89,13 @@ class _Encoder:
     model: nn.Module
     n_layers: int
     spec_pruned: dict[int, list[int]]
+    adapted: list[str] = dataclasses.field(default_factory=list)
+    """The modules holding LoRA adapters (none without --lora)."""
 
 
 def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
-    """Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape)."""
+    """Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape), then the
+    LoRA adapters on the blocks left trainable (:mod:`heads.finetune.lora`) and gradient checkpointing."""
     encoder.requires_grad_(True)
     if config.truncate is not None:
         truncate(encoder, config.truncate)
@@ -105,11 +109,29 @@ def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
     conv, rest = split_feature_encoder(config.freeze_)
     if conv:  # a text model is refused here, naming the word
         freeze_feature_encoder(encoder)
-    freeze(encoder, parse_freeze(rest, n_layers))
+    frozen = parse_freeze(rest, n_layers)
+    freeze(encoder, frozen)
     pooler = getattr(encoder, "pooler", None)
     if pooler is not None:  # unused by cls/mean pooling of the last hidden state
         pooler.requires_grad_(False)
-    return _Encoder(encoder, n_layers, pruned_heads(encoder))
+    adapted = add_adapters(encoder, config, frozen) if config.lora is not None else []
+    if config.gradient_checkpointing:
+        checkpointing(encoder)
+    return _Encoder(encoder, n_layers, pruned_heads(encoder), adapted)
+
+
+def checkpointing(encoder: nn.Module) -> None:
+    """Turn on the backbone's gradient checkpointing (non-reentrant: frozen embeddings or LoRA need no input
+    gradients); a model without it is refused naming its class."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"{type(encoder).__name__} does not support gradient checkpointing; drop --gradient-checkpointing."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5's name
+        getattr(encoder, "activation_checkpointing_enable")(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - transformers 4
+        getattr(encoder, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs=kwargs)
 
 
 def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encoder: _Encoder) -> ResultRow:
@@ -136,6 +158,7 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
         history=outcome.history,
         extra={
             "total_params": total,
+            "lora": _lora_record(config, encoder),
             "freeze": config.freeze_,
             "truncate": config.truncate,
             "eval_rows": int(eval_rows),
@@ -147,6 +170,19 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
             },
         },
     )
+
+
+def _lora_record(config: FinetuneConfig, encoder: _Encoder) -> dict[str, Any] | None:
+    """What run.json and the result rows say about the adapters (None without --lora)."""
+    if config.lora is None:
+        return None
+    return {
+        "r": config.lora,
+        "alpha": config.lora_alpha_,
+        "dropout": config.lora_dropout,
+        "targets": config.lora_targets or "anatomy map: attention and MLP projections",
+        "modules": len(encoder.adapted),
+    }
 
 
 def _run_rounds(
@@ -205,6 +241,7 @@ def _run_meta(
     y_train = data.labels(tr)[data.train_rows]
     meta = {
         "kind": "finetune",
+        "parameters": {"trainable": result.trainable_params, "total": result.total_params},
         "model": backbone.identity,
         "label_names": data.label_names,
         "train_rows": int(len(data.train_rows)),
@@ -326,8 +363,10 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
     if config.folds is None and outcome is not None:
+        if encoder.adapted:  # the small adapter, and a plain backbone with it merged for model/
+            save_adapter(outcome.model.encoder, run_dir / ADAPTER_DIR, config.model, encoder.adapted)
         save_finetuned(
-            outcome.model,
+            merged(outcome.model) if encoder.adapted else outcome.model,
             backbone.tokenizer,
             run_dir,
             {
