@@ -110,7 +110,8 @@ class FinetuneConfig:
     """Early stopping never stops before this many epochs; epochs whose validation predictions are all one
     class (the classifier has not moved yet) do not count against the patience."""
     gamma: float = 0.9
-    """exponential: lr multiplier per epoch."""
+    """exponential, exponential-epoch: lr multiplier per epoch (smoothly per step, or once per epoch as torch's
+    ExponentialLR stepped per epoch)."""
     lora: int | None = None
     """LoRA rank R (peft): low-rank adapters on ``lora_targets`` of every block that ``freeze`` leaves trainable;
     the backbone's own weights stay as they are, the classifier trains fully. None: no adapters (full fine-tune)."""
@@ -159,7 +160,7 @@ class FinetuneConfig:
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "classifier": Choice(Classifier),
         "pooling": Optional(Choice(Pooling)),
-        "optim.schedule": Choice(("linear", "cosine", "exponential")),
+        "optim.schedule": Choice(("linear", "cosine", "exponential", "exponential-epoch")),
         "max_length": Interval(int, 2, None, desc="at least 2 tokens"),
         **{k: Interval(int, 1, None) for k in ("prune_batches", "min_heads_per_layer")},
         "folds": Optional(Interval(int, 2, None, desc="at least 2 (K-fold cross-validation)")),

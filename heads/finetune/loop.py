@@ -28,6 +28,7 @@ from heads.finetune.audio import ClipBatches, Clips, collate_clips
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
 from heads.finetune.model import Classifier, SequenceClassifier, SpeechClassifier, importance_pruning, state_copy
+from heads.finetune.scratch import ScratchClassifier
 from heads.protocol import BestTracker, Round
 from heads.protocol.schedule import EpochSampler
 from heads.training.checkpoint import load_training_state, save_training_state, write_state
@@ -381,7 +382,7 @@ def fit_round(
 
     config, names = spec.config, spec.data.label_names
     set_seed(config.source.seed)
-    cls = SpeechClassifier if config.audio else SequenceClassifier
+    cls = ScratchClassifier if config.scratch else SpeechClassifier if config.audio else SequenceClassifier
     model = cls(
         encoder,
         len(names),

@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from embstore.errors import ConfigError
 from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
-from heads.finetune.model import is_finetune_run, load_finetuned
+from heads.finetune.model import CLASSIFIER_DIR, CLASSIFIER_META, CLASSIFIER_WEIGHTS, is_finetune_run, load_finetuned
+from heads.finetune.scratch import ScratchClassifier, is_scratch_dir, load_scratch
+from heads.report.rundir import MODEL_DIR
 
-__all__ = ["is_finetune_run", "predict_finetuned", "predict_finetuned_audio"]
+__all__ = ["is_finetune_run", "load_run_model", "predict_finetuned", "predict_finetuned_audio"]
+
+
+def load_run_model(run: str | Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(classifier in eval mode, tokenizer or vocabulary, settings) of a fine-tune run: a pretrained backbone's
+    (:func:`~heads.finetune.model.load_finetuned`) or a scratch: model's (:mod:`heads.finetune.scratch`)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    model_dir = Path(run) / MODEL_DIR
+    if not is_scratch_dir(model_dir):
+        return load_finetuned(run, device)
+    meta: dict[str, Any] = json.loads((model_dir / CLASSIFIER_DIR / CLASSIFIER_META).read_text())
+    encoder, vocab = load_scratch(model_dir, device)
+    clf = ScratchClassifier(
+        encoder,
+        int(meta["n_classes"]),
+        pooling=meta["pooling"],
+        classifier=meta["classifier"],
+        hidden=tuple(meta["classifier_hidden"]),
+        dropout=float(meta["dropout"]),
+    )
+    clf.head.load_state_dict(load_file(str(model_dir / CLASSIFIER_DIR / CLASSIFIER_WEIGHTS)))
+    return clf.eval().to(device), vocab, meta
 
 
 def predict_finetuned(
@@ -21,7 +48,7 @@ def predict_finetuned(
 
     if not texts:
         raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")
-    clf, tokenizer, meta = load_finetuned(run, device)
+    clf, tokenizer, meta = load_run_model(run, device)
     enc = tokenize(tokenizer, texts, pairs, int(meta["max_length"]))
     order = length_order(enc.lengths)
     proba = np.zeros((len(texts), int(meta["n_classes"])), dtype=np.float32)

@@ -30,6 +30,7 @@ from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
 from heads.finetune.lora import ADAPTER_DIR, add_adapters, merged, save_adapter
 from heads.finetune.model import save_finetuned
+from heads.finetune.scratch import scratch_backbone
 from heads.finetune.surgery import (
     check_prunable,
     count_parameters,
@@ -166,7 +167,7 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
                 "spec": {str(k): v for k, v in encoder.spec_pruned.items()},
                 "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
                 "importance_after_epoch": 1 if config.prune_fraction is not None else None,
-                "all": {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()},
+                "all": {} if config.scratch else {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()},
             },
         },
     )
@@ -340,9 +341,13 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
 
     resolve_device(config.device)  # an unusable --device fails before the data and model are loaded
     run_dir = default_run_dir(config.out, "finetune")
-    backbone = load_backbone(config.model, "cpu")
-    _check_modality(config, backbone)
-    data = load_rows(config)
+    if config.scratch:  # the vocabulary and the model come from the training rows, never the evaluation rows
+        data = load_rows(config)
+        backbone: Any = scratch_backbone(config, (data.train.texts[i] for i in data.train_rows))
+    else:
+        backbone = load_backbone(config.model, "cpu")
+        _check_modality(config, backbone)
+        data = load_rows(config)
     if backbone.modality == "audio":
         data = usable_clips(data, backbone, config.source.skip_bad)
     weights_sha = backbone.identity.get("weights_sha256")
@@ -356,7 +361,9 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
         show_progress=show_progress,
         min_train_samples=_spec_augment_samples(backbone),
     )
-    encoder = prepare_encoder(config, backbone.model)
+    encoder = (
+        _Encoder(backbone.model, config.rnn_layers, {}) if config.scratch else prepare_encoder(config, backbone.model)
+    )
     plan = rounds(config.folds, data, config.source.seed)
     rows, outcome = _run_rounds(spec, encoder, plan, run_dir)
     result = _summary(rows, run_dir, config.folds)
