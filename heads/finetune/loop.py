@@ -115,16 +115,21 @@ class RoundTrainer:
 
     def predict(self, loader: DataLoader[Any]) -> tuple[np.ndarray, np.ndarray]:
         """(y_true, y_pred) over a prepared loader, gathered across processes."""
+        y, proba = self.probabilities(loader)
+        return y, proba.argmax(1)
+
+    def probabilities(self, loader: DataLoader[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(y_true, (n, classes) class probabilities) over a prepared loader, gathered across processes."""
         s = self.session
         s.model.eval()
         ys, ps = [], []
         with torch.no_grad():
             for batch in loader:
                 labels = batch.pop("labels")
-                pred = s.model(**batch).argmax(-1)
-                pred, labels = s.acc.gather_for_metrics((pred, labels))
+                proba = torch.softmax(s.model(**batch).float(), -1)
+                proba, labels = s.acc.gather_for_metrics((proba, labels))
                 ys.append(labels.cpu().numpy())
-                ps.append(pred.cpu().numpy())
+                ps.append(proba.cpu().numpy())
         return np.concatenate(ys), np.concatenate(ps)
 
     def lr(self) -> tuple[float | None, float]:
@@ -226,6 +231,8 @@ class RoundOutcome:
     train_seconds: float
     importance_pruned: dict[int, list[int]]
     is_main: bool
+    predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """(row ids in the data file, true labels, (n, classes) probabilities) of the evaluation rows, in one order."""
 
 
 @dataclass
@@ -422,7 +429,11 @@ def fit_round(
     final = p.trainer.session.unwrapped()
     if p.stopper.state is not None:
         final.load_state_dict(p.stopper.state)
-    y_eval, p_eval = p.trainer.predict(p.trainer.eval)
+    y_eval, proba = p.trainer.probabilities(p.trainer.eval)
+    p_eval = proba.argmax(1)
+    rr = round_rows(spec.data, rnd, config.validation_fraction, config.source.seed)
+    order = _loader_order(loaders["eval"], len(rr.evaluation))
+    eval_ids = np.asarray(spec.data.split(rr.eval_split).row_ids)[rr.evaluation][order]
     if not isinstance(final, Classifier):
         raise TypeError(f"expected a Classifier, got {type(final).__name__}")
     return RoundOutcome(
@@ -434,4 +445,13 @@ def fit_round(
         train_seconds=float(sum(epoch_seconds)),
         importance_pruned=p.importance_pruned,
         is_main=p.trainer.session.acc.is_main_process,
+        predictions=(eval_ids, y_eval, proba),
     )
+
+
+def _loader_order(loader: DataLoader[Any], n: int) -> np.ndarray:
+    """The order in which an unshuffled evaluation loader yields its ``n`` rows: as they are for token batches,
+    by the batches of similar duration for speech (:class:`~heads.finetune.audio.ClipBatches`)."""
+    if isinstance(loader.batch_sampler, ClipBatches):
+        return np.asarray([i for batch in loader.batch_sampler for i, _ in batch], dtype=np.int64)
+    return np.arange(n)

@@ -138,6 +138,10 @@ def checkpointing(encoder: nn.Module) -> None:
 def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encoder: _Encoder) -> ResultRow:
     metrics = outcome.metrics
     trainable, total = count_parameters(outcome.model)
+    # the validation scores of the epoch whose weights were kept (the last one without early stopping's choice),
+    # so heads report ranks a fine-tune beside a sweep on the rows both chose on
+    kept = outcome.best_epoch or (outcome.history[-1]["epoch"] if outcome.history else None)
+    chosen = next((h for h in outcome.history if h["epoch"] == kept), {})
     eval_rows = 0 if rnd.eval_rows is None else len(rnd.eval_rows)
     return ResultRow(
         layers=str(encoder.n_layers),
@@ -157,6 +161,8 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
         trainable_params=trainable,
         seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
         history=outcome.history,
+        val_accuracy=chosen.get("val_accuracy"),
+        val_f1_macro=chosen.get("val_f1_macro"),
         extra={
             "total_params": total,
             "lora": _lora_record(config, encoder),
@@ -188,12 +194,14 @@ def _lora_record(config: FinetuneConfig, encoder: _Encoder) -> dict[str, Any] | 
 
 def _run_rounds(
     spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path
-) -> tuple[list[ResultRow], RoundOutcome | None]:
-    """Every round's result row (a fold that finished before a resume is read back, not trained again) and the last
-    trained round's outcome."""
+) -> tuple[list[ResultRow], RoundOutcome | None, list[Any]]:
+    """Every round's result row (a fold that finished before a resume is read back, not trained again), the last
+    trained round's outcome and the trained rounds' evaluation predictions (fewer than the rows after a resume that
+    skipped finished folds: then none are written)."""
     config = spec.config
     rows: list[ResultRow] = []
     outcome: RoundOutcome | None = None
+    predictions: list[Any] = []
     for rnd in plan:
         ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
         resumed = read_checkpoint(ckpt, STATE_FILE, spec.fingerprint, spec.fingerprinted) if config.resume else None
@@ -203,12 +211,14 @@ def _run_rounds(
             continue
         start = encoder.model if len(plan) == 1 else copy.deepcopy(encoder.model)  # every fold starts from the backbone
         outcome = fit_round(spec, start, rnd, ckpt, resumed)
+        if outcome.predictions is not None:
+            predictions.append(outcome.predictions)
         row = _result_row(config, rnd, outcome, encoder)
         rows.append(row)
         if rnd.fold is not None and outcome.is_main:  # mark the fold done, so --resume skips it
             write_state(ckpt / STATE_FILE, {**json.loads((ckpt / STATE_FILE).read_text()), "row": row.to_dict()})
             log.info("fold %d: accuracy %.4f, macro-F1 %.4f", rnd.fold, row.accuracy, row.f1_macro)
-    return rows, outcome
+    return rows, outcome, predictions
 
 
 def _summary(rows: list[ResultRow], run_dir: Path, folds: int | None) -> FinetuneResult:
@@ -365,7 +375,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
         _Encoder(backbone.model, config.rnn_layers, {}) if config.scratch else prepare_encoder(config, backbone.model)
     )
     plan = rounds(config.folds, data, config.source.seed)
-    rows, outcome = _run_rounds(spec, encoder, plan, run_dir)
+    rows, outcome, predictions = _run_rounds(spec, encoder, plan, run_dir)
     result = _summary(rows, run_dir, config.folds)
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
@@ -390,5 +400,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result, plan))
     for row in rows:
         writer.add(row)
+    if predictions and len(predictions) == len(rows):  # per-row predictions, as a sweep writes them
+        writer.write_predictions([(ids, y, proba) for ids, y, proba in predictions], data.label_names)
     writer.finish(data.label_names)
     return result
