@@ -538,7 +538,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     type=choice(FinetuneConfig, "aggregate"),
     help="scratch: states over time to one vector (last: the last state of each direction). [default: mean]",
 )
-@click.option("--lr", type=float, help="Backbone learning rate. [default: 5e-05]")
+@click.option("--lr", type=float, help="Backbone (or LoRA adapter) learning rate. [default: 5e-05; 0.0005 with --lora]")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's. [default: 0.001]")
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 2]")
 @click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs. [default: 3]")

@@ -208,3 +208,12 @@ def test_lora_targets_choose_the_modules(sep_csv, tmp_path):
     assert res.trainable_params == 4 * 4 * (32 + 32) + HEAD
     with pytest.raises(ConfigError, match="names no module"):
         run_finetune(cfg(sep_csv, tmp_path / "bad", lora_targets="nothing_here"), show_progress=False)
+
+
+def test_lora_defaults_to_the_adapter_learning_rate():
+    """--lora without --lr trains the adapters at LORA_LR; a given --lr holds; a full fine-tune keeps 5e-5."""
+    from heads.finetune.config import LORA_LR
+
+    assert FinetuneConfig.from_dict({"data": "x.csv", "lora": 8}).optim.lr == LORA_LR == 5e-4
+    assert FinetuneConfig.from_dict({"data": "x.csv", "lora": 8, "lr": 1e-4}).optim.lr == 1e-4
+    assert FinetuneConfig.from_dict({"data": "x.csv"}).optim.lr == 5e-5

@@ -11,7 +11,7 @@ from embstore.data.spec import DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, Text, validate_params
 from heads.training.optim import OptimConfig, flat_keys, nested_values
 
-__all__ = ["DATA_KEYS", "RECURRENT", "SCRATCH", "FinetuneConfig"]
+__all__ = ["DATA_KEYS", "LORA_LR", "RECURRENT", "SCRATCH", "FinetuneConfig"]
 
 DATA_KEYS = (
     "data",
@@ -46,6 +46,10 @@ model's layer count); the CLI's help and the parser's error say it."""
 # Measured on 400-800 rows of four data sets (README, "Fine-tuning defaults"): the Trainer's lr and batch, no
 # warmup or decay, and 5 epochs rather than 3 (small sets need the steps; early stopping keeps the best epoch).
 _DEFAULT_OPTIM = OptimConfig(lr=5e-5, weight_decay=0.0, batch_size=8, epochs=5, warmup_ratio=0.0)
+LORA_LR = 5e-4
+"""--lr with --lora when none is given: the adapters start at zero (B = 0) and are all that moves in the backbone,
+so they take the step size of the LoRA paper's RoBERTa-base runs (4e-4 to 5e-4), not a full fine-tune's."""
+_LORA_OPTIM = OptimConfig(lr=LORA_LR, weight_decay=0.0, batch_size=8, epochs=5, warmup_ratio=0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +118,8 @@ class FinetuneConfig:
     ExponentialLR stepped per epoch)."""
     lora: int | None = None
     """LoRA rank R (peft): low-rank adapters on ``lora_targets`` of every block that ``freeze`` leaves trainable;
-    the backbone's own weights stay as they are, the classifier trains fully. None: no adapters (full fine-tune)."""
+    the backbone's own weights stay as they are, the classifier trains fully. None: no adapters (full fine-tune).
+    The adapters train at ``lr``, whose default with LoRA (from a config file or flags) is :data:`LORA_LR`."""
     lora_alpha: int | None = None
     """LoRA scaling numerator (the update is scaled by alpha / R); None: 2R."""
     lora_dropout: float = 0.0
@@ -326,7 +331,8 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         """Inverse of :meth:`to_dict` (flat keys, as in YAML); unknown keys are an error naming them."""
-        values = nested_values(cls, d, DATA_KEYS, _DEFAULT_OPTIM, "finetune")
+        optim = _LORA_OPTIM if d.get("lora") is not None else _DEFAULT_OPTIM
+        values = nested_values(cls, d, DATA_KEYS, optim, "finetune")
         if "classifier_hidden" in values:
             h = values["classifier_hidden"]
             values["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
