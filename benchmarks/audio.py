@@ -19,6 +19,12 @@
    random:hubert-base): the speed figures are real, the accuracies say nothing about
    pretrained HuBERT.
 
+3. ``--only-exactness``: the cost of exact batches (embstore.backbones.padding): ``embstore extract`` at batch 8
+   on --exact-clips variable-length clips (as in 1), a group-norm HuBERT-base shape, every layer, mean pooling,
+   float32, once with the padding fixes switched off (what extraction did before: the group norm sees the batch's
+   padding) and once with them, and clip by clip (batch 1, the alternative exactness); seconds per hour of audio,
+   and each store's largest difference from the clip-by-clip store.
+
 Usage: python benchmarks/audio.py [--model random:hubert-base] [--clips 200] [--sweep-model random:hubert-tiny]
 """
 
@@ -104,12 +110,55 @@ def timed_extract(cfg: ExtractConfig) -> tuple[float, str]:
     return time.perf_counter() - t0, res.path
 
 
+def exactness_cost(model: str, root: Path, tmpd: Path, n_clips: int) -> dict[str, object]:
+    """Section 3 of the module docstring: extraction at batch 8 without and with the padding fixes, and at batch 1."""
+    import contextlib
+
+    from embstore.extraction.speech import AudioChunkEncoder
+
+    clips, total = variable_clips(root, tmpd / "exact-clips", n_clips, seed=1)
+    common = dict(model=model, data=str(clips), audio_col="file", label_col="label", layers="all", pooling="mean",
+                  dtype="float32", batch_seconds=80.0, out=str(tmpd / "exact-stores"))  # fmt: skip
+    extract(ExtractConfig.from_dict(dict(common, limit=8, out=str(tmpd / "warm"))), show_progress=False)
+    fixed = AudioChunkEncoder.exactness
+    runs: dict[str, tuple[float, str]] = {}
+    try:
+        AudioChunkEncoder.exactness = lambda self: contextlib.nullcontext()  # type: ignore[method-assign]
+        # the store id says batching: exact either way; a separate directory keeps the runs apart
+        runs["before"] = timed_extract(ExtractConfig.from_dict(dict(common, batch_size=8, out=str(tmpd / "before"))))
+    finally:
+        AudioChunkEncoder.exactness = fixed  # type: ignore[method-assign]
+    runs["after"] = timed_extract(ExtractConfig.from_dict(dict(common, batch_size=8, out=str(tmpd / "after"))))
+    runs["clip_by_clip"] = timed_extract(ExtractConfig.from_dict(dict(common, batch_size=1, out=str(tmpd / "one"))))
+    with open_store(runs["clip_by_clip"][1]) as one:
+        order = np.argsort(one.row_ids("all"))
+        ref = one.pooled("all", "mean")[order]
+        diffs = {}
+        for name in ("before", "after"):
+            with open_store(runs[name][1]) as s:
+                got = s.pooled("all", "mean")[np.argsort(s.row_ids("all"))]
+                diffs[name] = float(np.abs(got - ref).max())
+    hour = 3600.0 / total
+    return {
+        "model": model,
+        "clips": n_clips,
+        "audio_seconds": round(total, 1),
+        **{f"{k}_s": round(v[0], 2) for k, v in runs.items()},
+        **{f"{k}_s_per_hour": round(v[0] * hour, 1) for k, v in runs.items()},
+        "before_max_abs_diff_vs_clip_by_clip": diffs["before"],
+        "after_max_abs_diff_vs_clip_by_clip": diffs["after"],
+        "load_before": os.getloadavg()[0],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random:hubert-base", help="model of the bucketing comparison")
     ap.add_argument("--clips", type=int, default=200, help="variable-length clips for the bucketing comparison")
     ap.add_argument("--rows", type=int, default=100, help="Emo-DB files of the bare/naive comparison")
     ap.add_argument("--only-loops", action="store_true", help="run only the bare/naive comparison")
+    ap.add_argument("--only-exactness", action="store_true", help="run only the cost of exact batches (section 3)")
+    ap.add_argument("--exact-clips", type=int, default=40, help="variable-length clips of section 3")
     ap.add_argument("--batch-seconds", type=float, default=60.0)
     ap.add_argument("--sweep-models", default="random:hubert-tiny,random:hubert-base")
     ap.add_argument("--data", default=str(EMODB))
@@ -124,6 +173,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
+        if args.only_exactness:
+            out["exactness"] = exactness_cost(args.model, root, tmpd, args.exact_clips)
+            print(json.dumps(out, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=1))
+            return
         table = pd.read_csv(root / "labels.csv").head(args.rows)
         few = [(root / f).resolve() for f in table.file]
         table.assign(file=[str(f) for f in few]).to_csv(tmpd / "few.csv", index=False)

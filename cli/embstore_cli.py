@@ -12,6 +12,7 @@ import click
 from cli.common import Group, UserError, choice, explicit, listed, load_yaml_config, setup_logging
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data.spec import DEFAULT_MAX_LENGTH
+from embstore.data.words import WORD_POOLINGS
 
 
 def _split_option(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -42,8 +43,8 @@ def extract_options(f: Any) -> Any:
             ),
             click.option(
                 "--data",
-                help="One CSV/TSV/JSONL/Parquet file, or builtin:tweets [default: builtin:tweets when no "
-                "--split is given].",
+                help="One CSV/TSV/JSONL/Parquet file, a CoNLL-U file (.conllu: word-level data), or builtin:tweets "
+                "[default: builtin:tweets when no --split is given].",
             ),
             click.option(
                 "--split",
@@ -80,7 +81,12 @@ def extract_options(f: Any) -> Any:
             click.option(
                 "--group-col", help="Column of groups (e.g. speaker): --holdout keeps each group in one split."
             ),
-            click.option("--max-seconds", type=float, help="Audio: crop recordings to their first N seconds."),
+            click.option(
+                "--max-seconds",
+                type=float,
+                help="Audio: crop recordings to their first N seconds (Whisper: at most its 30-second window; a longer "
+                "clip is refused without it).",
+            ),
             click.option(
                 "--skip-bad",
                 is_flag=True,
@@ -140,6 +146,12 @@ def extract_options(f: Any) -> Any:
                 f"for text, {','.join(default_pooling('audio'))} for audio].",
             ),
             click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
+            click.option(
+                "--word-pooling",
+                help="Word-level data (CoNLL-U, or JSONL/Parquet with a 'tokens' list column): comma list of "
+                f"{', '.join(WORD_POOLINGS)}, each word's subword states pooled, for every layer "
+                "[default: first for word-level data, none for sentences].",
+            ),
             click.option(
                 "--max-length",
                 type=int,
@@ -239,7 +251,7 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
         if explicit(ctx, key) or name not in values:
             if key == "towers":
                 value = "towers" if value else "joint"
-            if key in ("pooling", "augment") and isinstance(value, str):
+            if key in ("pooling", "augment", "word_pooling") and isinstance(value, str):
                 value = tuple(p.strip() for p in value.split(",") if p.strip())
             values[name] = value
     if not values.get("splits") and not values.get("data"):
@@ -276,6 +288,12 @@ def extract(ctx: click.Context, config_file: str | None, quiet: bool, verbose: b
     trunc = sum(result.truncated.values())
     if trunc:
         click.echo(f"truncated at --max-length {config.max_length}: {trunc} inputs ({result.truncated})", err=True)
+    if result.words_cut:
+        click.echo(
+            f"words no token reached (their states are zeros, marked cut): {sum(result.words_cut.values())} "
+            f"({result.words_cut}; --max-length {config.max_length} cut off {sum(result.words_truncated.values())})",
+            err=True,
+        )
     skipped = sum(result.skipped_empty.values())
     if skipped:
         what = "unusable audio rows" if config.source.audio_col else "empty rows"
@@ -319,12 +337,14 @@ def _plan_text(r: Any) -> str:
             )
             if r.modality == "audio"
             else f"{s['tokens']} tokens, {s['truncated']} truncated"
+            + (f", {s['words']} words ({s['words_cut']} cut off)" if "words" in s else "")
         )
         lines.append(f"split      {name}: {s['rows']} rows, {size}, {s['chunks_left']}/{s['chunks']} chunks to write")
     d = r.bytes_detail
     parts = [f"{p} {_human(n)}" for p, n in d["pooled"].items()] + [
         f"tokens of layer {k} {_human(n)}" for k, n in d["tokens"].items()
     ]
+    parts += [f"words ({p}) {_human(n)}" for p, n in d.get("words", {}).items()]
     parts.append(f"metadata and row arrays {_human(d['metadata_and_row_arrays'] + d['progress'])}")
     lines.append(
         f"bytes      {_human(r.bytes)} ({r.bytes} bytes{'' if r.bytes_exact else ', estimated'}): " + ", ".join(parts)
@@ -391,15 +411,39 @@ def info(store_path: str, as_json: bool) -> None:
             f"split      {name}: {s['rows']} rows, {s['chunks_done']}/{s['chunks']} chunks, "
             f"{sum(s['tokens'].values())} {unit}, {s['truncated'] or 0} {cut}"
             + (f", {s['augmented']} augmented" if s.get("augmented") else "")
+            + (f", {s['words']} words ({s['words_cut']} cut)" if "words" in s else "")
+        )
+    if d.get("word_poolings"):
+        lines.append(
+            f"words      pooling {','.join(d['word_poolings'])}  labels "
+            + ", ".join(f"{k} ({n} values)" for k, n in d["word_labels"].items())
+            + ("  heads" if d.get("word_heads") else "")
         )
     for src in prov.sources:
         lines.append(
             f"source     {src['split']}: {src['path']} sha256 {src['sha256'][:16]}... columns "
             f"{','.join(src['columns'])}"
         )
+    if d["modality"] == "audio":
+        lines.append(f"batching   {_batching(prov.batching)}")
     lines.append(f"bytes      {_human(d['bytes'])}")
     lines.append(f"created    {d['created']}  finished {d['finished']}  embstore {prov.tool.get('embstore')}")
     click.echo("\n".join(lines))
+
+
+def _batching(batching: object) -> str:
+    """The ``embstore info`` line on an audio store's batching (``Provenance.batching``)."""
+    if batching == "exact":
+        return "exact: each clip has the values it has alone, whatever shares its batch"
+    if isinstance(batching, dict):
+        opts = ", ".join(f"{k} {v}" for k, v in batching.items() if k != "why")
+        why = (
+            "int8 quantises each batch's activations with one scale"
+            if batching.get("why") == "int8"
+            else "the anatomy map does not know this speech model"
+        )
+        return f"changes values ({opts}, in the store id): {why}"
+    return "not recorded (a store written before embstore recorded it)"
 
 
 @main.command("ls")

@@ -16,6 +16,7 @@ from heads.finetune.config import FEATURE_ENCODER, FREEZE_SPEC, FinetuneConfig
 from heads.pretrain.config import PretrainConfig
 from heads.probe.config import HeadConfig
 from heads.probe.specs import COMBINE
+from heads.probe.word import TASKS
 from heads.training.optim import OptimConfig
 
 if TYPE_CHECKING:
@@ -130,6 +131,35 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="Also the online codelength (MDL, bits) of the training labels "
         "given each linear probe's features, and its compression over the uniform code.",
     ),
+    click.option(
+        "--task",
+        type=click.Choice(list(TASKS)),
+        help="What one example is: sentence (a store row), word, edge (a word and its head), arc (which word is "
+        "the head), regression (a numeric target) [default: sentence].",
+    ),
+    click.option(
+        "--label",
+        help="Word, edge and arc tasks: the stored word label (upos, xpos, deprel...); depth (per word) and "
+        "distance (--task edge, word pairs) are regression targets from the heads [default: none].",
+    ),
+    click.option(
+        "--rank",
+        "ranks",
+        help="Probe complexity: a rank-constrained linear probe (head rank) at each of these ranks, e.g. 1,4,16,64 "
+        "[default: none].",
+    ),
+    click.option(
+        "--mlp-widths",
+        help="Probe complexity: every mlp head at each of these hidden widths, e.g. 16,128,1024 [default: --hidden].",
+    ),
+    click.option("--alphas", help="Regression: ridge penalties to try, comma list [default: 0.1,1,10,...,1e5]."),
+    click.option(
+        "--control-task",
+        is_flag=True,
+        default=None,
+        help="Also train every configuration on the control task (each word type a fixed random label, Hewitt & "
+        "Liang 2019) and report control accuracy and selectivity.",
+    ),
     click.option("--out", help="Run directory [default: runs/<time>-<store>]."),
     click.option("--device", help="cpu, cuda, auto [default: auto, CUDA when present]."),
     click.option(
@@ -181,6 +211,17 @@ def _finish(result: SweepResult) -> None:
     if result.rank != 0:  # under torchrun only rank 0 reports
         return
     b = result.best
+    if "metric" in b:  # a regression or arc sweep
+        from heads.report.rundir import SUMMARY_FILE
+
+        click.echo(
+            f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} "
+            f"{b['head']}: validation {b['metric']} {b['val_value']:.4f}, test {b['metric']} {b['value']:.4f}",
+            err=True,
+        )
+        click.echo(f"summary: {result.run_dir / SUMMARY_FILE}", err=True)
+        click.echo(str(result.run_dir))
+        return
     val = f"validation macro-F1 {b['val_f1_macro']:.4f}, " if b.get("val_f1_macro") is not None else ""
     click.echo(
         f"{result.rows} runs; best (chosen on validation): layers {b['layers']} {b['combine']} {b['pooling']} "
@@ -444,7 +485,7 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "--max-seconds",
     type=float,
     help="Speech: cut each training clip to a random window this long, drawn "
-    "anew each epoch; evaluation reads whole clips.",
+    "anew each epoch; evaluation reads whole clips (Whisper: at most its 30-second window).",
     show_default="20",
 )
 @click.option(

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from embstore.data.augment import TRANSFORMS
 from embstore.data.spec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
+from embstore.data.words import WORD_POOLINGS
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
 
 __all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
@@ -64,6 +65,10 @@ class ExtractConfig:
     """Poolings to store, any of :data:`POOLINGS` (masked); None: :func:`default_pooling` of the modality."""
     tokens: str | None = None
     """Layers whose per-token states are also stored (ragged); None stores none."""
+    word_pooling: tuple[str, ...] | None = None
+    """Word-level data (CoNLL-U, or a table with a ``tokens`` list column): how each word's subword states become
+    its state, any of :data:`embstore.data.words.WORD_POOLINGS`, stored for every layer of ``layers``; None: 'first'
+    for word-level data, nothing for sentences."""
     max_length: int = DEFAULT_MAX_LENGTH
     """Inputs longer than this many tokens are truncated (and counted); the default is fine-tuning's
     (:data:`embstore.data.spec.DEFAULT_MAX_LENGTH` says why)."""
@@ -100,6 +105,7 @@ class ExtractConfig:
 
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "pooling": Optional(ListOf(Choice(POOLINGS))),
+        "word_pooling": Optional(ListOf(Choice(WORD_POOLINGS))),
         "augment": ListOf(Choice(TRANSFORMS), min_len=0),
         "max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
         "batch_seconds": Interval(float, 0, None, closed="neither", desc="a positive number of seconds"),
@@ -130,6 +136,10 @@ class ExtractConfig:
                 "--split train=FILE."
             )
         self.augment_spec()  # validates the transforms and copies
+        if self.word_pooling and (src.audio_col or src.text_pair_col):
+            raise ConfigError(
+                "--word-pooling stores the words of single sentences; it does not take --audio-col or --text-pair-col."
+            )
         if self.pair_mode == "towers" and not src.text_pair_col:
             raise ConfigError("Towers mode encodes two columns separately: give --text-pair-col too.")
         from embstore.backbones.quantize import check_quantize_device
@@ -145,6 +155,7 @@ class ExtractConfig:
         }
         d["extra"] = dict(self.extra)
         d["pooling"] = None if self.pooling is None else list(self.pooling)
+        d["word_pooling"] = None if self.word_pooling is None else list(self.word_pooling)
         d["augment"] = list(self.augment)
         return d
 
@@ -156,7 +167,7 @@ class ExtractConfig:
         d["source"] = DataSpec.from_dict({k: v for k, v in d_in.items() if k in DATA_KEYS})
         if d.get("augment") is None:
             d.pop("augment", None)
-        for key in ("pooling", "augment"):
+        for key in ("pooling", "augment", "word_pooling"):
             p = d.get(key)
             if p is not None:
                 d[key] = tuple(x.strip() for x in p.split(",") if x.strip()) if isinstance(p, str) else tuple(p)

@@ -105,11 +105,18 @@ def test_options_that_cannot_change_values_keep_the_id(table, tmp_path):
     assert _id(cfg(**{**base, "data": str(moved)})) == ref  # the bytes count, not the path
 
 
-def test_audio_batching_is_in_the_id_only_without_an_attention_mask(tmp_path):
+def test_audio_batching_is_in_the_id_only_where_it_changes_values(tmp_path):
+    """A mapped speech family is exact at any batch size, with or without the attention mask its feature extractor
+    returns (extraction always gives one), so batching stays out of its id; with --quantize int8 (one activation
+    scale per batch) it is in."""
     table = write_clips(tmp_path, [4000 + 400 * i for i in range(4)])  # 0.25 to 0.325 s
     unmasked = random_model_dir(tmp_path / "unmasked-hubert", "random:hubert-tiny", mask=False)
-    for model, batching_counts in (("random:hubert-tiny", False), (str(unmasked), True)):
-        base = dict(model=model, data=str(table), audio_col="file", label_col="label")
+    for model, quantize, batching_counts in (
+        ("random:hubert-tiny", "none", False),
+        (str(unmasked), "none", False),
+        ("random:hubert-tiny", "int8", True),
+    ):
+        base = dict(model=model, data=str(table), audio_col="file", label_col="label", quantize=quantize)
         for change in (dict(batch_seconds=1.0), dict(batch_size=2), dict(chunk_rows=2)):
             assert (_id(cfg(**base, **change)) != _id(cfg(**base))) is batching_counts, (model, change)
         assert _id(cfg(**base, max_seconds=0.3)) != _id(cfg(**base))

@@ -140,16 +140,16 @@ def test_keys_this_version_does_not_know_are_kept(tmp_path: Path):
 
 def test_another_schema_version_or_a_damaged_attribute_is_refused(tmp_path: Path):
     raw = _raw(OLD / "store.zarr")
-    with pytest.raises(StoreMismatchError, match="has store schema version 2, this embstore reads version 1"):
-        L.StoreMeta.from_dict({**raw, "schema_version": 2})
+    with pytest.raises(StoreMismatchError, match="has store schema version 3, this embstore reads versions 1, 2"):
+        L.StoreMeta.from_dict({**raw, "schema_version": 3})
     with pytest.raises(StoreDamagedError, match="has no 'fingerprint' in its 'embstore' attribute"):
         L.StoreMeta.from_dict({k: v for k, v in raw.items() if k != "fingerprint"})
     store = tmp_path / "future.zarr"
     shutil.copytree(OLD / "store.zarr", store)
     doc = json.loads((store / "zarr.json").read_text())
-    doc["attributes"][L.ATTR_KEY]["schema_version"] = 2
+    doc["attributes"][L.ATTR_KEY]["schema_version"] = 3
     (store / "zarr.json").write_text(json.dumps(doc))
-    with pytest.raises(StoreMismatchError, match=r"future\.zarr has store schema version 2.*re-extract it"):
+    with pytest.raises(StoreMismatchError, match=r"future\.zarr has store schema version 3.*re-extract it"):
         open_store(store)
 
 

@@ -99,8 +99,8 @@ def _sweep(**kw):
         ),
         (
             lambda: _sweep(heads=("linear", "svm")),
-            r"^The 'heads' parameter of SweepConfig must be a comma list of linear, mlp, conv, sum, mix, pair, rnn, "
-            r"gru, lstm\. Got 'linear,svm' instead\.$",
+            r"^The 'heads' parameter of SweepConfig must be a comma list of linear, mlp, rank, conv, sum, mix, pair, "
+            r"rnn, gru, lstm\. Got 'linear,svm' instead\.$",
         ),
         (
             lambda: _sweep(seeds=0),
@@ -240,7 +240,7 @@ def test_the_walk_sees_the_options_with_choices():
         (
             heads_main,
             ["sweep", "--head", "svm", "--store", "nowhere.zarr"],
-            "error: The --head option must be a comma list of linear, mlp, conv",
+            "error: The --head option must be a comma list of linear, mlp, rank, conv",
         ),
         (
             heads_main,

@@ -2,7 +2,10 @@
 and the families' defaults (causal or not) all read it, so there is one way to find a model's layers.
 
 One numbering everywhere: 0 is what the first block receives (the embedding output for text; for speech the
-projected conv features plus the convolutional position embedding), 1..L are the blocks.
+projected conv features plus the convolutional position embedding, for Whisper the two convolutions over the log-mel
+frames plus the position table), 1..L are the blocks. A stored state i is transformers' ``hidden_states[i]``: for
+the speech encoders whose final norm (or SEW's upsampling) follows the last block, state L is the last block's
+output before it (transformers 5 records it so), and fine-tuning pools that same tensor.
 
 Each :class:`Family` names, relative to the *base* model (the bare encoder or decoder that a task wrapper holds,
 found by :func:`base_of`):
@@ -12,13 +15,18 @@ found by :func:`base_of`):
 - ``embeddings``: the modules and parameters of layer 0 (missing ones are skipped: a model may lack an optional
   projection);
 - ``final_norm``: a norm applied after the last block, which belongs to layer L (transformers' ``hidden_states``
-  include it in the top entry for the language models, see ``final_norm_in_states``);
+  include it in the top entry for the language models and Whisper, see ``final_norm_in_states``; not for the speech
+  encoders); ``norm_by_config``: the speech encoders' layer norm, before the blocks (layer 0) or after them (layer L)
+  by the config; ``after_top``: what follows the last block outside every stored state (SEW's upsampling), layer L;
 - ``shared``: modules that every block uses (relative-position tables and their norms, T5's table that sits in the
   first block); freezing freezes them only when every block is frozen;
 - ``after_block``: a module applied to one block's output outside the block (DeBERTa-v2's conv after block 1): it
   belongs to that layer, and the layer's stored state is its output;
 - ``attention``: where a block's q/k/v and output projections are, for head pruning; ``no_prune`` says why heads
-  cannot be removed from a family (grouped projections, one block or one position bias serving every layer).
+  cannot be removed from a family (grouped projections, one block or one position bias serving every layer);
+- for speech: ``front_end`` (the conv feature encoder), ``squeeze`` (hidden states at a lower frame rate than the
+  front end: SEW), ``padding`` (the parts a batch's padding reaches although the model is given an attention mask,
+  which :mod:`embstore.backbones.padding` keeps it out of) and ``window`` (one fixed input window: Whisper).
 
 One rule for every edit: a parameter belongs to the layers that run it (:func:`layer_parameters`), and freezing
 freezes it only when all of them are frozen. A block's parameters belong to its layer (ALBERT's shared block to
@@ -30,10 +38,12 @@ so); surgery on it is refused in one line naming the family.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from embstore.errors import ConfigError
@@ -50,8 +60,15 @@ __all__ = [
     "block_linears",
     "embedding_modules",
     "encoder_layers",
+    "batch_exact",
+    "encoder_class_of",
     "family_of",
     "feature_encoder",
+    "has_window",
+    "top_state_module",
+    "padding_parts",
+    "state_frames",
+    "PaddingPart",
     "find_blocks",
     "is_causal",
     "is_speech",
@@ -91,6 +108,9 @@ class AttentionLayout:
     extra: tuple[str, ...] = ()
     """Further projections on ``holder`` with one block of output rows per head, cut like q where the block has them
     (DeBERTa-v2's ``pos_key_proj``/``pos_query_proj``, absent with ``share_att_key``)."""
+    head_params: tuple[str, ...] = ()
+    """Parameters of ``holder`` with one row per head ((heads, head width): the conformer's relative position biases
+    ``pos_bias_u``/``pos_bias_v``), cut to the kept heads where the block has them."""
     head_bias: tuple[int, str] | None = None
     """(position, name) of an argument of ``holder``'s forward carrying a (B, heads, T, T) score bias made outside
     the block for every head (MPNet's relative position bias, computed once by the encoder): pruning cuts it to the
@@ -115,6 +135,26 @@ SPEECH_ATTENTION = AttentionLayout(
     head_counts=("num_heads",),
 )
 
+WHISPER_ATTENTION = AttentionLayout(
+    holder="self_attn",
+    qkv=("q_proj", "k_proj", "v_proj"),
+    out_holder="self_attn",
+    out="out_proj",
+    head_dim="head_dim",
+    head_counts=("num_heads",),
+)
+CONFORMER_ATTENTION = AttentionLayout(
+    holder="self_attn",
+    qkv=("linear_q", "linear_k", "linear_v"),
+    out_holder="self_attn",
+    out="linear_out",
+    head_dim="head_size",
+    # num_heads is left as it is: the rotary embedding reads it to split the block's *input* (hidden width) into
+    # heads, before q and k are projected, and the attention itself reshapes by head width
+    head_counts=(),
+    extra=("linear_pos",),
+    head_params=("pos_bias_u", "pos_bias_v"),
+)
 DISTILBERT_ATTENTION = AttentionLayout(
     holder="attention",
     qkv=("q_lin", "k_lin", "v_lin"),
@@ -160,6 +200,29 @@ _FUSED = "{name} fuses q, k and v into one projection, which head pruning does n
 
 
 @dataclass(frozen=True, kw_only=True)
+class PaddingPart:
+    """A part of a speech model that the padding of a batch reaches although the model is given an attention mask,
+    and how :mod:`embstore.backbones.padding` keeps the padding out of it, so that each clip of a batch gets the values
+    it has alone."""
+
+    path: str
+    """Dotted path from the base; ``*`` stands for every entry of a module list (every block)."""
+    fix: str
+    """``own-frames``: the module runs again on each clip's own frames (a group norm, whose statistics run over time;
+    a layer norm there normalises each frame and is left alone); ``zero-padding``: its input is zeroed past each
+    clip's frames (a convolution over time, which on a clip alone sees zeros there); ``state-mask``: the attention
+    mask it is given is rebuilt from each clip's own state frames (SEW pools the frame mask by its maximum, so a clip
+    of an odd frame count attends one state more in a batch than alone, where its states round down)."""
+    frames: str = "frames"
+    """The frames its input runs at: ``first-conv`` (after the front end's first convolution), ``frames`` (the
+    front end's output), ``states`` (the hidden states')."""
+
+
+FIXES = ("own-frames", "zero-padding", "state-mask")
+FRAME_KINDS = ("first-conv", "frames", "states")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Family:
     """One model family: which ``config.model_type`` values it covers and where its parts are (module docstring)."""
 
@@ -193,6 +256,25 @@ class Family:
     """The attention and MLP projections of a block, as names relative to the block (a module matches a name it
     equals or ends with after a dot, as peft matches ``target_modules``): where LoRA adapters go by default
     (:func:`projections`). Empty: every linear layer of the block."""
+    norm_by_config: str | None = None
+    """A speech encoder's layer norm: applied before the first block in post-norm models (layer 0) and after the last
+    in pre-norm ones (``config.do_stable_layer_norm``; layer L, outside the stored states)."""
+    after_top: tuple[str, ...] = ()
+    """Modules applied after the last block that no stored state runs (SEW's upsampling back to the conv frame rate,
+    wav2vec2's adapter): they belong to layer L."""
+    front_end: tuple[str, ...] = ()
+    """A speech model's convolutional front end: what ``--freeze feature-encoder`` freezes."""
+    squeeze: str | None = None
+    """The config attribute by which the hidden states run at a lower frame rate than the front end (SEW's
+    ``squeeze_factor``): a clip of F conv frames has F // squeeze states."""
+    padding: tuple[PaddingPart, ...] = ()
+    """The parts a batch's padding reaches although the model is given an attention mask (see :class:`PaddingPart`)."""
+    window: bool = False
+    """Every input is padded to one fixed window on its own (Whisper's 30 s of log-mel frames): no clip sees another's
+    padding, and a longer clip must be cut."""
+    encoder_class: str | None = None
+    """The transformers class the backbone is built as when the family's checkpoints hold a decoder too (Whisper's
+    ``WhisperEncoder``): only its weights are read (:mod:`embstore.backbones.registry`)."""
 
 
 _DECODER_EMBED = ("embed_tokens",)
@@ -208,6 +290,10 @@ _T5_PROJECTIONS = (
     "wi_1",
 )
 _DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SPEECH_EMBED = ("feature_extractor", "feature_projection", "encoder.pos_conv_embed", "masked_spec_embed")
+_FRONT_END = ("feature_extractor",)
+# the group norm of a group-norm front end (wav2vec2-base, HuBERT-base, WavLM-base): per channel over all of time
+_GROUP_NORM = PaddingPart(path="feature_extractor.conv_layers.0.layer_norm", fix="own-frames", frames="first-conv")
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="bert",
@@ -391,25 +477,119 @@ FAMILIES: tuple[Family, ...] = (
         no_prune="OPT's attention is not mapped for head pruning yet; use --freeze or --truncate",
         projections=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     ),
+    # Speech. Layer 0 is what the first block receives; the conv front end, its projection, the position convs and
+    # SpecAugment's mask embedding belong to it. Every family but Whisper takes an attention mask, and extraction
+    # always gives one; the parts the padding still reaches are the families' ``padding``.
     Family(
-        name="speech",
-        model_types=(
-            "hubert",
-            "wav2vec2",
-            "wavlm",
-            "data2vec-audio",
-            "unispeech",
-            "unispeech-sat",
-            "sew",
-            "sew-d",
-            "wav2vec2-conformer",
-        ),
+        name="wav2vec2",
+        model_types=("wav2vec2", "hubert", "unispeech", "unispeech-sat"),
         modality="audio",
         blocks="encoder.layers",
-        # the encoder's layer norm joins layer 0 in post-norm models, layer L in pre-norm ones (see _speech_norm)
-        embeddings=("feature_extractor", "feature_projection", "encoder.pos_conv_embed", "masked_spec_embed"),
+        embeddings=_SPEECH_EMBED,
+        norm_by_config="encoder.layer_norm",
+        after_top=("adapter",),
+        front_end=_FRONT_END,
+        padding=(_GROUP_NORM,),
         attention=SPEECH_ATTENTION,
         projections=("q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"),
+    ),
+    Family(
+        name="wavlm",
+        model_types=("wavlm",),
+        modality="audio",
+        blocks="encoder.layers",
+        embeddings=_SPEECH_EMBED,
+        norm_by_config="encoder.layer_norm",
+        after_top=("adapter",),
+        front_end=_FRONT_END,
+        # the relative position table sits in the first block's attention but every block adds the bias it makes
+        shared=("encoder.layers.0.attention.rel_attn_embed",),
+        padding=(_GROUP_NORM,),
+        no_prune=(
+            "WavLM's gated relative position bias splits the layer input by head and one bias is shared by every "
+            "layer, so heads cannot be removed from it physically; use --freeze or --truncate"
+        ),
+    ),
+    Family(
+        name="data2vec-audio",
+        model_types=("data2vec-audio",),
+        modality="audio",
+        blocks="encoder.layers",
+        # post-norm only (it has no stable-layer-norm variant): the encoder's layer norm runs before the first block
+        embeddings=(*_SPEECH_EMBED, "encoder.layer_norm"),
+        after_top=("adapter",),
+        front_end=_FRONT_END,
+        # its front end is layer-normed (per frame); its position embedding is a stack of convolutions, each of
+        # which would see the previous one's output at the padded frames
+        padding=(PaddingPart(path="encoder.pos_conv_embed.layers.*.conv", fix="zero-padding"),),
+        attention=SPEECH_ATTENTION,
+    ),
+    Family(
+        name="wav2vec2-conformer",
+        model_types=("wav2vec2-conformer",),
+        modality="audio",
+        blocks="encoder.layers",
+        # encoder.pos_conv_embed is built but never run by transformers' conformer: frozen with layer 0 all the same
+        embeddings=_SPEECH_EMBED,
+        final_norm="encoder.layer_norm",
+        after_top=("adapter",),
+        front_end=_FRONT_END,
+        padding=(_GROUP_NORM, PaddingPart(path="encoder.layers.*.conv_module.depthwise_conv", fix="zero-padding")),
+        attention=CONFORMER_ATTENTION,
+    ),
+    Family(
+        name="sew",
+        model_types=("sew",),
+        modality="audio",
+        blocks="encoder.layers",
+        # the front end's layer norm and projection, then the encoder pools to the squeezed rate, adds the strided
+        # position conv and normalises: all before the first block
+        embeddings=(
+            "feature_extractor",
+            "layer_norm",
+            "feature_projection",
+            "encoder.pos_conv_embed",
+            "encoder.layer_norm",
+            "masked_spec_embed",
+        ),
+        after_top=("encoder.upsample",),
+        front_end=_FRONT_END,
+        squeeze="squeeze_factor",
+        padding=(_GROUP_NORM, PaddingPart(path="encoder.layers.*", fix="state-mask", frames="states")),
+        attention=SPEECH_ATTENTION,
+    ),
+    Family(
+        name="sew-d",
+        model_types=("sew-d",),
+        modality="audio",
+        blocks="encoder.encoder.layer",
+        embeddings=(
+            "feature_extractor",
+            "layer_norm",
+            "feature_projection",
+            "encoder.pos_conv_embed",
+            "masked_spec_embed",
+        ),
+        shared=("encoder.encoder.rel_embeddings", "encoder.encoder.LayerNorm"),
+        after_top=("encoder.upsample",),
+        front_end=_FRONT_END,
+        squeeze="squeeze_factor",
+        padding=(_GROUP_NORM, PaddingPart(path="encoder.encoder", fix="state-mask", frames="states")),
+        attention=DEBERTA_V2_ATTENTION,
+    ),
+    Family(
+        name="whisper-encoder",
+        model_types=("whisper",),
+        modality="audio",
+        blocks="layers",
+        # two convolutions over the log-mel frames (the second halves the rate) plus the fixed position table
+        embeddings=("conv1", "conv2", "embed_positions"),
+        final_norm="layer_norm",
+        final_norm_in_states=True,
+        front_end=("conv1", "conv2"),
+        window=True,
+        encoder_class="WhisperEncoder",
+        attention=WHISPER_ATTENTION,
     ),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -617,33 +797,48 @@ def state_outputs(model: nn.Module) -> list[nn.Module]:
     return outs
 
 
-def _speech_norm(base: Any) -> nn.Module | None:
-    norm = _get(base, "encoder.layer_norm")
-    return norm if isinstance(norm, nn.Module) else None
+def _norm_by_config(base: Any) -> tuple[nn.Module | None, bool]:
+    """(the family's ``norm_by_config`` module or None, whether it follows the last block: a pre-norm model)."""
+    fam = _family(base)
+    norm = _get(base, fam.norm_by_config) if fam.norm_by_config else None
+    return (norm if isinstance(norm, nn.Module) else None), bool(getattr(base.config, "do_stable_layer_norm", False))
 
 
-def _stable(base: Any) -> bool:
-    """Pre-norm speech encoder: its encoder layer norm follows the last layer."""
-    return bool(getattr(base.config, "do_stable_layer_norm", False))
+def _parts(base: Any, paths: tuple[str, ...]) -> list[nn.Module | nn.Parameter]:
+    return [p for p in (_get(base, path) for path in paths) if isinstance(p, (nn.Module, nn.Parameter))]
 
 
 def embedding_modules(base: Any) -> list[nn.Module | nn.Parameter]:
     """The modules and parameters of layer 0 (see the module docstring), those the model has."""
-    fam = _family(base)
-    parts = [p for p in (_get(base, path) for path in fam.embeddings) if isinstance(p, (nn.Module, nn.Parameter))]
-    if fam.modality == "audio" and not _stable(base) and (norm := _speech_norm(base)) is not None:
-        parts.append(norm)
-    return parts
+    parts = _parts(base, _family(base).embeddings)
+    norm, stable = _norm_by_config(base)
+    return parts + ([norm] if norm is not None and not stable else [])
+
+
+def top_state_module(model: nn.Module) -> nn.Module | None:
+    """The module whose input is a speech model's top stored state (``hidden_states[L]``) where its output is not
+    that state: a pre-norm encoder's final norm, the conformer's, SEW's upsampling, a wav2vec2 adapter (the first of
+    them the forward runs). None where ``last_hidden_state`` is the top state (post-norm encoders, Whisper, whose
+    final norm is in its states). Fine-tuning reads the top state from it with a forward pre-hook: unlike
+    ``hidden_states``, which transformers records by hooks on the blocks, it is there when layerdrop skips blocks."""
+    found = _resolve(model)
+    if found is None:
+        return None
+    base, fam = found
+    norm, stable = _norm_by_config(base)
+    first = [norm] if norm is not None and stable else []
+    own = (fam.final_norm,) if fam.final_norm and not fam.final_norm_in_states else ()
+    parts = first + [p for p in _parts(base, own + fam.after_top) if isinstance(p, nn.Module)]
+    return parts[0] if parts else None
 
 
 def top_modules(base: Any) -> list[nn.Module]:
-    """Modules that belong to layer L: the final norm (a pre-norm speech encoder's layer norm)."""
+    """Modules that belong to layer L: the final norm (a pre-norm speech encoder's layer norm) and what follows the
+    last block outside every stored state (SEW's upsampling)."""
     fam = _family(base)
-    if fam.modality == "audio":
-        norm = _speech_norm(base)
-        return [norm] if _stable(base) and norm is not None else []
-    norm = _get(base, fam.final_norm) if fam.final_norm else None
-    return [norm] if isinstance(norm, nn.Module) else []
+    norm, stable = _norm_by_config(base)
+    parts = _parts(base, ((fam.final_norm,) if fam.final_norm else ()) + fam.after_top)
+    return [p for p in parts if isinstance(p, nn.Module)] + ([norm] if norm is not None and stable else [])
 
 
 def shared_modules(base: Any) -> list[nn.Module | nn.Parameter]:
@@ -732,14 +927,96 @@ def projections(base: Any, patterns: tuple[str, ...] | None = None) -> list[Proj
     return [x for x in linears if any(_matches(x.name, p) for p in chosen)]
 
 
-def feature_encoder(base: Any) -> nn.Module:
-    """A speech encoder's convolutional feature encoder (what ``freeze_feature_encoder()`` freezes)."""
+def feature_encoder(base: Any) -> list[nn.Module]:
+    """A speech encoder's convolutional front end (what ``freeze_feature_encoder()`` freezes; Whisper's two
+    convolutions over the log-mel frames)."""
     if not is_speech(base):
         raise ConfigError(
             f"'feature-encoder' names the convolutional front end of a speech model (HuBERT, wav2vec2, "
-            f"WavLM); {type(base).__name__} is a text model. Use 'embeddings' or layer numbers."
+            f"WavLM, Whisper); {type(base).__name__} is a text model. Use 'embeddings' or layer numbers."
         )
-    return base.feature_extractor
+    return [m for m in _parts(base, _family(base).front_end) if isinstance(m, nn.Module)]
+
+
+# --------------------------------------------------------------------------- speech: frames, padding, window
+
+
+def batch_exact(model_type: str) -> bool:
+    """Whether extraction gives every clip of a speech model of ``model_type`` the values it has alone, in any batch:
+    the map knows its family, so :mod:`embstore.backbones.padding` keeps the padding out of every part it reaches."""
+    fam = _BY_TYPE.get(model_type)
+    return fam is not None and fam.modality == "audio"
+
+
+def _output_lengths(base: Any, lengths: torch.Tensor) -> torch.Tensor:
+    """The front end's frames for inputs of ``lengths`` (the model's own arithmetic; a wav2vec2 adapter, which runs
+    after the blocks, left out)."""
+    fn = base._get_feat_extract_output_lengths
+    if "add_adapter" in inspect.signature(fn).parameters:
+        return fn(lengths, add_adapter=False)
+    return fn(lengths)
+
+
+def state_frames(model: nn.Module, lengths: torch.Tensor, kind: str = "states") -> torch.Tensor:
+    """(B,) int64 frames of a speech model's inputs of ``lengths`` (the model's input units: samples, or log-mel frames
+    for Whisper): ``states``, the hidden states' frames (the front end's, divided by SEW's squeeze and rounded down);
+    ``frames``, the front end's output; ``first-conv``, after its first convolution."""
+    found = _resolve(model)
+    base, fam = found if found is not None else (model, None)
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if kind == "first-conv":
+        config: Any = base.config
+        return torch.div(lengths - int(config.conv_kernel[0]), int(config.conv_stride[0]), rounding_mode="floor") + 1
+    frames = _output_lengths(base, lengths).to(torch.long)
+    if kind == "states" and fam is not None and fam.squeeze is not None:
+        frames = torch.div(frames, int(getattr(base.config, fam.squeeze)), rounding_mode="floor")
+    return frames
+
+
+def padding_parts(model: nn.Module) -> list[tuple[nn.Module, PaddingPart]]:
+    """The modules of ``model`` a batch's padding reaches, each with its part of the map (``*`` expanded over the
+    module list it stands for; parts the model lacks skipped; an ``own-frames`` part only where it is a group norm)."""
+    found = _resolve(model)
+    if found is None:
+        return []
+    base, fam = found
+    out: list[tuple[nn.Module, PaddingPart]] = []
+    for part in fam.padding:
+        head, star, tail = part.path.partition(".*")
+        if star:
+            holder = _get(base, head)
+            mods = (
+                [_get(m, tail.lstrip(".")) if tail else m for m in holder] if isinstance(holder, nn.ModuleList) else []
+            )
+        else:
+            mods = [_get(base, part.path)]
+        for m in mods:
+            if isinstance(m, nn.Module) and (part.fix != "own-frames" or isinstance(m, nn.GroupNorm)):
+                out.append((m, part))
+    return out
+
+
+def encoder_class_of(model_type: str) -> Any:
+    """The class of the family's ``encoder_class`` for ``model_type`` (imported from transformers' modeling module of
+    that type, where it is not exported at the top), or None."""
+    import importlib
+
+    fam = _BY_TYPE.get(model_type)
+    if fam is None or fam.encoder_class is None:
+        return None
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
+    return getattr(module, fam.encoder_class, None) or getattr(
+        importlib.import_module(f"{module.__name__}.modeling_{model_type_to_module_name(model_type)}"),
+        fam.encoder_class,
+    )
+
+
+def has_window(model: nn.Module) -> bool:
+    """Whether every input of ``model`` is padded to one fixed window on its own (Whisper)."""
+    fam = family_of(model)
+    return fam is not None and fam.window
 
 
 @dataclass(frozen=True)
@@ -756,6 +1033,8 @@ class Attention:
     layout: AttentionLayout
     extra: tuple[str, ...] = ()
     """The ``layout.extra`` projections this block has."""
+    head_params: tuple[str, ...] = ()
+    """The ``layout.head_params`` parameters this block has."""
 
     @property
     def out(self) -> nn.Linear:
@@ -791,7 +1070,9 @@ def attention(layer: nn.Module, base: Any = None) -> Attention:
             and isinstance(getattr(out_holder, lay.out, None), nn.Linear)
         ):
             extra = tuple(n for n in lay.extra if isinstance(getattr(holder, n, None), nn.Linear))
-            return Attention(holder, lay.qkv, out_holder, lay.out, int(getattr(holder, lay.head_dim)), lay, extra)
+            params = tuple(n for n in lay.head_params if isinstance(getattr(holder, n, None), nn.Parameter))
+            head_dim = int(getattr(holder, lay.head_dim))
+            return Attention(holder, lay.qkv, out_holder, lay.out, head_dim, lay, extra, params)
     if fam is not None and fam.attention is not None:
         lay = fam.attention
         raise ConfigError(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from embstore.backbones.anatomy import Attention, attention, base_of, layer_blocks
+from embstore.backbones.anatomy import Attention, attention, base_of, encoder_class_of, layer_blocks
 from embstore.errors import ConfigError, LayerSpecError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -57,8 +57,9 @@ def set_pruned_record(base: Any, record: Mapping[int, Iterable[int]]) -> None:
 def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
     """Physically remove attention heads, {layer 1..L: [original head indices]}.
 
-    Shrinks query/key/value (output rows; a fused q|k|v projection in each of its three parts; DeBERTa-v2's
-    position projections alike) and the attention output (input columns), updates the attention module's head
+    Shrinks query/key/value (output rows; a fused q|k|v projection in each of its three parts; DeBERTa-v2's and the
+    conformer's position projections alike; the conformer's per-head position biases by row) and the attention
+    output (input columns), updates the attention module's head
     count, cuts a per-head score bias made outside the block to the kept heads (MPNet), and accumulates the removed
     original indices in ``config.embstore_pruned_heads``. Heads already removed are skipped. A family whose heads
     cannot be cut is refused (:func:`embstore.backbones.anatomy.attention`) before any weight changes.
@@ -101,6 +102,10 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> None:
             )
         for name in att.extra:
             setattr(att.holder, name, prune_linear_layer(getattr(att.holder, name), index))
+        rows = [i for i in range(len(kept)) if i not in positions]  # the current rows of the kept heads
+        for name in att.head_params:
+            old = getattr(att.holder, name)
+            setattr(att.holder, name, nn.Parameter(old.detach()[rows].clone(), requires_grad=old.requires_grad))
         setattr(att.out_holder, att.out_name, prune_linear_layer(att.out, index, dim=1))
         att.set_heads(len(kept) - len(remove))
         _cut_head_bias(att, [h for h in kept if h not in remove])
@@ -170,6 +175,8 @@ def load_model(directory: str | Path) -> nn.Module:
     # The saved class (e.g. a classifier wrapper) so its keys match; AutoModel otherwise.
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
+    speech = encoder_class_of(str(config.model_type))
+    cls = speech if cls is None and speech is not None and speech.__name__ == arch else cls  # WhisperEncoder
     model: nn.Module = cls(config) if cls is not None else AutoModel.from_config(config)
     prune_heads(model, record)
     state: dict[str, torch.Tensor] = {}

@@ -100,9 +100,12 @@ SPEECH_MODEL_TYPES = frozenset(
         "unispeech-sat",
         "sew",
         "sew-d",
+        "whisper",
     }
 )
 SPEECH_SAMPLING_RATE = 16000
+MEL_HOP = 160
+"""Whisper's log-mel hop in samples (10 ms at 16 kHz): the random Whisper models' feature extractor uses it."""
 
 
 @dataclass
@@ -124,12 +127,22 @@ class Backbone:
         return int(getattr(self.tokenizer, "sampling_rate", SPEECH_SAMPLING_RATE))
 
     def frames(self, samples: Any) -> Any:
-        """Audio models: output frames for input lengths in samples (the conv front end's arithmetic)."""
+        """Audio models: (n,) int64 frames of the hidden states for clips of ``samples`` (the model's own arithmetic:
+        the conv front end's, SEW's squeeze, Whisper's log-mel hop then its strided conv)."""
         import torch
 
+        from embstore.backbones.anatomy import state_frames
+
         with torch.no_grad():
-            out = self.model._get_feat_extract_output_lengths(torch.as_tensor(samples, dtype=torch.long))
+            out = state_frames(self.model, torch.as_tensor(input_lengths(self.tokenizer, samples), dtype=torch.long))
         return out.cpu().numpy().astype("int64")
+
+    @property
+    def window_samples(self) -> int | None:
+        """Audio models that pad every input to one fixed window (Whisper): its length in samples; else None."""
+        from embstore.backbones.anatomy import has_window
+
+        return window_samples(self.tokenizer) if has_window(self.model) else None
 
     @property
     def n_layers(self) -> int:
@@ -143,6 +156,29 @@ class Backbone:
     @property
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 512))
+
+
+def input_lengths(feature_extractor: Any, samples: Any) -> Any:
+    """(n,) int64 lengths of clips of ``samples`` in the model's input units: samples for a waveform model, log-mel
+    frames for a log-mel one (Whisper's feature extractor: every hop whose start lies in the clip, as its attention
+    mask counts them)."""
+    import numpy as np
+
+    n = np.asarray(samples, dtype=np.int64)
+    if _is_log_mel(feature_extractor):
+        hop = int(feature_extractor.hop_length)
+        return np.minimum(-(-n // hop), int(feature_extractor.nb_max_frames))
+    return n
+
+
+def _is_log_mel(feature_extractor: Any) -> bool:
+    names = list(getattr(feature_extractor, "model_input_names", None) or [])
+    return bool(names) and names[0] == "input_features" and hasattr(feature_extractor, "hop_length")
+
+
+def window_samples(feature_extractor: Any) -> int | None:
+    """The fixed window a log-mel feature extractor pads every clip to, in samples (Whisper's 30 s), else None."""
+    return int(feature_extractor.n_samples) if _is_log_mel(feature_extractor) else None
 
 
 def minilm_path() -> Path:
@@ -206,16 +242,43 @@ def _tokenizer_identity(tokenizer: Any, path: Path | None) -> dict[str, Any]:
     return ident
 
 
-def _speech_feature_extractor() -> Any:
-    """The feature extractor of a random speech model: 16 kHz, per-utterance normalisation, attention mask."""
+def _speech_feature_extractor(config: Any = None) -> Any:
+    """The feature extractor of a random speech model: 16 kHz, per-utterance normalisation, attention mask; for a
+    Whisper config, its log-mel extractor with the window the config's positions span (1500 positions: 30 s)."""
     from transformers import Wav2Vec2FeatureExtractor
 
+    if config is not None and str(getattr(config, "model_type", "")) == "whisper":
+        return _whisper_feature_extractor(config)
     return Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=SPEECH_SAMPLING_RATE,
         padding_value=0.0,
         do_normalize=True,
         return_attention_mask=True,
+    )
+
+
+def whisper_window(config: Any) -> int:
+    """The seconds of audio a Whisper config's position table spans (its conv halves the log-mel rate): 30 for the
+    released models; a ModelNotFoundError for a table that spans no whole number of seconds."""
+    samples = int(config.max_source_positions) * 2 * MEL_HOP
+    if samples % SPEECH_SAMPLING_RATE:
+        raise ModelNotFoundError(
+            f"A random Whisper model's window is its {config.max_source_positions} positions x 2 log-mel frames x "
+            f"{MEL_HOP} samples, {samples / SPEECH_SAMPLING_RATE:g} s, and its feature extractor takes whole seconds; "
+            "use a max_source_positions that is a multiple of 50 (1500 for 30 s)."
+        )
+    return samples // SPEECH_SAMPLING_RATE
+
+
+def _whisper_feature_extractor(config: Any) -> Any:
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(
+        feature_size=int(config.num_mel_bins),
+        sampling_rate=SPEECH_SAMPLING_RATE,
+        hop_length=MEL_HOP,
+        chunk_length=whisper_window(config),
     )
 
 
@@ -305,12 +368,18 @@ def _state_sha256(model: Any) -> str:
 def encoder_class(config: Any) -> Any:
     """The class a backbone of ``config`` is built as: ``AutoModel``, except that an encoder-decoder checkpoint (T5,
     mT5, UMT5) is built as its encoder alone (``T5EncoderModel``), so no decoder runs or is loaded; a saved encoder
-    (its config says ``T5EncoderModel``, and no longer ``is_encoder_decoder``) too. None for an encoder-decoder
+    (its config says ``T5EncoderModel``, and no longer ``is_encoder_decoder``) too; Whisper as ``WhisperEncoder``
+    (the anatomy map's ``encoder_class``). None for an encoder-decoder
     without such a class: build it with ``AutoModel`` and keep ``get_encoder()`` (:func:`encoder_only`)."""
     import transformers
     from transformers import AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
+    from embstore.backbones.anatomy import encoder_class_of
+
+    speech = encoder_class_of(str(config.model_type))
+    if speech is not None:  # Whisper: its encoder alone, from a full checkpoint too (load_encoder_weights)
+        return speech
     name = MODEL_MAPPING_NAMES.get(str(config.model_type))
     encoder = (
         getattr(transformers, name.removesuffix("Model") + "EncoderModel", None) if isinstance(name, str) else None
@@ -327,6 +396,46 @@ def encoder_only(model: Any) -> Any:
     if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         return model.get_encoder()
     return model
+
+
+def load_encoder_alone(cls: Any, config: Any, files: list[Path]) -> Any:
+    """``cls`` (Whisper's encoder) built from ``config`` with its weights read from ``files``: the checkpoint's
+    tensors under ``model.encoder.``, ``encoder.`` or no prefix (a full model, a bare one, or the encoder saved by
+    itself); the decoder's are never read. A ModelNotFoundError names what the files lack."""
+    import torch
+
+    model = cls(config)
+    wanted = set(model.state_dict())
+    state: dict[str, Any] = {}
+    for f in [f for f in files if f.suffix == ".safetensors"] or files:
+        for key, get in _tensors(f):
+            for prefix in ("model.encoder.", "encoder.", ""):
+                name = key[len(prefix) :]
+                if key.startswith(prefix) and name in wanted and name not in state:
+                    state[name] = get()
+                    break
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ModelNotFoundError(
+            f"The weights in {files[0].parent} hold no {cls.__name__} tensors for {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}; pass a complete model directory."
+        )
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def _tensors(path: Path) -> list[tuple[str, Any]]:
+    """(key, read the tensor) of every tensor in a weight file, read lazily from safetensors."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt")
+        return [(k, (lambda k=k: handle.get_tensor(k))) for k in handle.keys()]
+    import torch
+
+    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # only with --allow-pickle
+    return [(k, (lambda v=v: v)) for k, v in loaded.items()]
 
 
 def _from_config(config: Any, seed: int) -> Any:
@@ -417,7 +526,7 @@ def load_backbone(
         model_type = cfg_dict.pop("model_type")
         config = AutoConfig.for_model(model_type, **cfg_dict)
         if model_type in SPEECH_MODEL_TYPES:
-            modality, tok_path, tokenizer = "audio", None, _speech_feature_extractor()
+            modality, tok_path, tokenizer = "audio", None, _speech_feature_extractor(config)
         else:
             tok_path = minilm_path()
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -465,11 +574,17 @@ def load_backbone(
                 model = load_model(path).base_model
             else:
                 # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed
-                cls = encoder_class(AutoConfig.from_pretrained(path))
-                model = (cls or AutoModel).from_pretrained(
-                    path, use_safetensors=None if allow_pickle else True, weights_only=True
-                )
-                model = encoder_only(model) if cls is None else model
+                from embstore.backbones.anatomy import encoder_class_of
+
+                config = AutoConfig.from_pretrained(path)
+                cls = encoder_class(config)
+                if cls is not None and cls is encoder_class_of(str(config.model_type)):
+                    model = load_encoder_alone(cls, config, weights)
+                else:
+                    model = (cls or AutoModel).from_pretrained(
+                        path, use_safetensors=None if allow_pickle else True, weights_only=True
+                    )
+                    model = encoder_only(model) if cls is None else model
         except pickle.UnpicklingError as exc:
             raise ConfigError(
                 f"The pickle weights in {path} hold more than tensors, so torch.load(weights_only=True) refused "

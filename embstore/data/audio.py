@@ -1,5 +1,6 @@
 """Audio input: probing and reading files, mono mixdown, polyphase resampling, cropping, and the clip rules every
-product shares (clip lengths from headers, the crop, the bad-file message, the minimum length and usable rows).
+product shares (clip lengths from headers, the crop, the bad-file message, the minimum length and usable rows, and
+the longest clip a fixed-window model such as Whisper reads).
 
 Files are read with ``soundfile`` (WAV, FLAC, OGG and whatever libsndfile reads). Only file
 headers are read while planning (:func:`probe_files`); samples are decoded when their row
@@ -34,6 +35,7 @@ __all__ = [
     "bad_files_error",
     "min_samples",
     "usable_rows",
+    "check_window",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,3 +180,37 @@ def usable_rows(
         )
     log.warning("skipped %d clips of split %r shorter than %d samples (--skip-bad)", len(short), split, minimum)
     return np.setdiff1d(rows, short)
+
+
+def check_window(
+    paths: Sequence[str],
+    lengths: np.ndarray,
+    *,
+    window: int | None,
+    rate: int,
+    split: str,
+    max_seconds: float | None,
+    fix: str,
+) -> None:
+    """The one rule for a model that reads one fixed window (Whisper's 30 s; ``window`` in samples, None for every
+    other model): ``max_seconds`` may not exceed it (a ConfigError), and no clip of ``lengths`` (samples the model
+    would see, aligned with ``paths``) may be longer (a DataError naming the first three and ``fix``). Nothing is cut
+    silently: a clip is cut only by an explicit ``--max-seconds``."""
+    from embstore.errors import ConfigError
+
+    if window is None:
+        return
+    if max_seconds is not None and int(round(max_seconds * rate)) > window:
+        raise ConfigError(
+            f"--max-seconds {max_seconds:g} is longer than the model's input window of {window / rate:g} s (Whisper "
+            f"reads one window); pass --max-seconds {window / rate:g} or less."
+        )
+    long = np.flatnonzero(np.asarray(lengths) > window)
+    if not len(long):
+        return
+    shown = "; ".join(f"{paths[i]} ({int(lengths[i]) / rate:.2f} s)" for i in long[:3])
+    more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+    raise DataError(
+        f"{len(long)} clips of split {split!r} are longer than the model's input window of {window / rate:g} s, "
+        f"which is all it reads: {shown}{more}. {fix}"
+    )

@@ -234,8 +234,12 @@ def _grouped(
     y = np.zeros(n, dtype=np.int64) if ys is None else ys
     need = int(y.max()) + 1
     idx = np.arange(n)
+    # a class seen in one group only can never sit on both sides: then no (m, k) is searched beyond the first
+    hopeless = int(np.bincount(np.unique(y * n_groups + gs) // n_groups, minlength=need).min()) < 2
     first: tuple[np.ndarray, np.ndarray] | None = None
     for rank, (m, k) in enumerate(_fold_counts(fraction, n_groups)):
+        if hopeless and first is not None:
+            break
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "the least populated class has fewer than k members"

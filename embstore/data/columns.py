@@ -17,6 +17,7 @@ from typing import Any
 
 from embstore.data.spec import DataSpec
 from embstore.data.tables import SUFFIXES, read_table
+from embstore.data.words import WORDS_COL, is_conllu
 from embstore.errors import ColumnNotFoundError, ConfigError
 
 __all__ = ["TEXT_COLUMNS", "LABEL_COLUMNS", "find_columns", "table_columns"]
@@ -85,7 +86,25 @@ def find_columns(spec: DataSpec, *, labels: bool = True, need_labels: bool = Fal
     path = spec.data if spec.data is not None else spec.splits[0][1] if spec.splits else None
     if path is None:
         return spec, []
+    if is_conllu(path):  # words and their labels; the text is rebuilt from the words, and there is no row label
+        return spec, [f"words: CoNLL-U {path} (one row per sentence, labels upos, xpos, deprel and head per word)"]
     columns = table_columns(path)
+    if WORDS_COL in columns and not any(c.lower() in TEXT_COLUMNS for c in columns) and spec.text_col is None:
+        # a word table: the text is rebuilt from its words (extraction checks that the column holds lists)
+        said = [f"words: column {WORDS_COL!r} of {path} (the text is rebuilt from them)"]
+        spec = dataclasses.replace(spec, text_col=WORDS_COL)
+        columns = [c for c in columns if c != WORDS_COL]
+        if not labels or spec.label_col is not None:
+            return spec, said
+        label = _pick(columns, LABEL_COLUMNS, "--label-col", "labels", path)
+        if label is not None:
+            said.append(f"labels: column {label!r} of {path} (a label per row; pass --no-labels to leave it out)")
+            return dataclasses.replace(spec, label_col=label), said
+        if need_labels:
+            raise ColumnNotFoundError(
+                f"No --label-col given and {path} has no column named label or labels; pass --label-col NAME."
+            )
+        return spec, said
     shown = ", ".join(columns)
     notes: list[str] = []
     changes: dict[str, Any] = {}

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from embstore.data.words import WORDS_COL, WordRow, read_conllu, word_rows_from_table
 from embstore.errors import ColumnNotFoundError, DataError, DataFileNotFoundError
 from embstore.store.fingerprint import file_sha256
 
-__all__ = ["SplitData", "Dataset", "load_dataset", "read_table", "file_sha256", "BUILTIN_SOURCES"]
+__all__ = ["SplitData", "Dataset", "load_dataset", "read_table", "is_word_table", "file_sha256", "BUILTIN_SOURCES"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ SUFFIXES = {
     ".json": "jsonl",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".conllu": "conllu",
+    ".conll": "conllu",
 }
 
 
@@ -74,6 +77,9 @@ class SplitData:
     """(n,) int64 samples per channel of each audio file."""
     audio_rates: np.ndarray | None = None
     """(n,) int64 sampling rate of each audio file."""
+    words: list[WordRow] | None = None
+    """Word-level rows (CoNLL-U, or a table with a ``tokens`` list column): each row's words and their labels;
+    ``texts`` are then the words joined by spaces."""
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -109,6 +115,7 @@ class SplitData:
             audio=pick(self.audio),
             audio_frames=take(self.audio_frames),
             audio_rates=take(self.audio_rates),
+            words=None if self.words is None else [self.words[i] for i in rows],
         )
 
 
@@ -122,6 +129,9 @@ class Dataset:
     group_names: list[str] | None = None
     modality: str = "text"
     """'text' or 'audio'."""
+    word_labels: dict[str, list[str]] | None = None
+    """Word-level data: every per-word label column's values (sorted), which the stored word labels index; None for
+    sentence-level data."""
 
 
 def builtin_path(name: str) -> Path:
@@ -157,6 +167,8 @@ def read_table(path: str | os.PathLike[str]) -> Any:
         raise DataError(
             f"Cannot tell the format of {p} from its suffix {p.suffix!r}; use one of {', '.join(sorted(SUFFIXES))}."
         )
+    if kind == "conllu":
+        return _conllu_frame(p)
     try:
         if kind == "csv":
             df = pd.read_csv(p, encoding_errors="replace")
@@ -173,6 +185,32 @@ def read_table(path: str | os.PathLike[str]) -> Any:
     if len(df) == 0:
         raise DataError(f"{p} has a header but no data rows; give a file with at least one row.")
     return df
+
+
+def _conllu_frame(path: Path) -> Any:
+    """A CoNLL-U file as a table: one row per sentence, ``tokens`` (the words), a list column per label
+    (upos, xpos, deprel) and ``head``; the word rows themselves ride along in ``attrs['word_rows']``."""
+    import pandas as pd
+
+    rows = read_conllu(path)
+    df = pd.DataFrame(
+        {
+            WORDS_COL: [list(r.forms) for r in rows],
+            **{name: [list(r.labels[name]) for r in rows] for name in rows[0].labels},
+            "head": [list(r.heads or ()) for r in rows],
+        }
+    )
+    df.attrs["word_rows"] = rows
+    return df
+
+
+def is_word_table(df: Any) -> bool:
+    """Whether a read table holds word-level rows: CoNLL-U, or a ``tokens`` column of lists."""
+    if "word_rows" in df.attrs:
+        return True
+    if WORDS_COL not in df.columns or not len(df):
+        return False
+    return all(isinstance(v, (list, tuple, np.ndarray)) for v in df[WORDS_COL].tolist())
 
 
 def _column(df: Any, col: str, path: Path, option: str) -> Any:
@@ -208,6 +246,7 @@ class _Raw:
     audio: list[str] | None = None
     frames: np.ndarray | None = None
     rates: np.ndarray | None = None
+    words: list[WordRow] | None = None
 
 
 def _filled(df: Any, col: str, path: Path, option: str, what: str, empty: np.ndarray) -> list[Any]:
@@ -258,9 +297,22 @@ def _read_split(
     df = read_table(path)
     pairs = None
     audio = info = None
-    if audio_col:
+    words: list[WordRow] | None = None
+    texts: list[str] = []
+    if is_word_table(df):
+        if audio_col or pair_col:
+            raise DataError(
+                f"{path} holds words (a word-level table); --audio-col and --text-pair-col do not apply to it: pass "
+                "the words of one sentence per row."
+            )
+        if "word_rows" in df.attrs:  # CoNLL-U
+            words, word_cols = df.attrs["word_rows"], list(df.attrs["word_rows"][0].labels)
+        else:
+            words, word_cols = word_rows_from_table(df, path)
+        texts, empty = [w.text for w in words], np.zeros(len(words), dtype=bool)
+        text_col = WORDS_COL
+    elif audio_col:
         audio, empty, info = _audio_rows(df, path, audio_col, skip_bad)
-        texts: list[str] = []
     else:
         texts, empty = _texts(_column(df, text_col, path, "--text-col"))
     if pair_col:
@@ -291,8 +343,11 @@ def _read_split(
         audio=None if audio is None else [audio[i] for i in keep],
         frames=None if info is None else info.frames[keep],
         rates=None if info is None else info.rates[keep],
+        words=None if words is None else [words[i] for i in keep],
     )
     used = [c for c in ((audio_col or text_col), pair_col, label_col, group_col) if c]
+    if words is not None:
+        used += [c for c in word_cols if c not in used] + (["head"] if words[0].heads is not None else [])
     prov = {
         "split": name,
         "path": display,
@@ -343,6 +398,7 @@ def _subset(raw: _Raw, idx: np.ndarray, name: str) -> _Raw:
         audio=pick(raw.audio),
         frames=None if raw.frames is None else raw.frames[idx],
         rates=None if raw.rates is None else raw.rates[idx],
+        words=pick(raw.words),
     )
 
 
@@ -442,6 +498,7 @@ def load_dataset(
         label_names = _label_names([v for r in raws for v in (r.labels or [])])
         lookup = {n: i for i, n in enumerate(label_names)}
     group_names = sorted({g for r in raws for g in (r.groups or [])}) if group_col else None
+    word_labels = _word_vocabularies(raws)
     out = {}
     for r in raws:
         labels = groups = None
@@ -460,6 +517,7 @@ def load_dataset(
             audio=r.audio,
             audio_frames=r.frames,
             audio_rates=r.rates,
+            words=r.words,
         )
     return Dataset(
         splits=out,
@@ -468,4 +526,34 @@ def load_dataset(
         skipped_empty=skipped,
         group_names=group_names,
         modality="audio" if audio_col else "text",
+        word_labels=word_labels,
     )
+
+
+def _word_vocabularies(raws: list[_Raw]) -> dict[str, list[str]] | None:
+    """Every per-word label column's sorted values over all splits (None for sentence-level data); every split must
+    be word-level, with the same label columns and heads or none."""
+    worded = [r.words is not None for r in raws]
+    if not any(worded):
+        return None
+    if not all(worded):
+        names = ", ".join(r.name for r in raws if r.words is None)
+        raise DataError(
+            f"Split(s) {names} hold sentences, the others words; give every split as CoNLL-U or a word table "
+            f"(a {WORDS_COL!r} list column)."
+        )
+    first = [r for r in raws if r.words][0].words or []
+    columns = list(first[0].labels) if first else []
+    has_heads = bool(first) and first[0].heads is not None
+    values: dict[str, set[str]] = {c: set() for c in columns}
+    for r in raws:
+        for w in r.words or []:
+            if list(w.labels) != columns or (w.heads is not None) != has_heads:
+                raise DataError(
+                    f"Split {r.name!r} has other word label columns ({', '.join(w.labels) or 'none'}"
+                    f"{', head' if w.heads is not None else ''}) than split {raws[0].name!r} ({', '.join(columns)}"
+                    f"{', head' if has_heads else ''}); give every split the same columns."
+                )
+            for c in columns:
+                values[c].update(w.labels[c])
+    return {c: sorted(v) for c, v in values.items()}

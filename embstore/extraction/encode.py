@@ -126,6 +126,9 @@ class ChunkJob:
     chunk: int
     towers: dict[str, Any]
     """Text: tower -> (token ids, token type ids or None). Audio: 'audio' -> list of AudioItem."""
+    words: list[np.ndarray] | None = None
+    """Word-level rows (``--word-pooling``): per row of the (single) text tower, its words' (n_words, 2) token
+    ranges (:class:`embstore.extraction.words.WordAlignment`)."""
 
     @property
     def n_rows(self) -> int:
@@ -141,6 +144,9 @@ class ChunkBuffers:
         self.n_layers, self.n_rows, self.offsets, self.dtype = n_layers, n_rows, offsets, dtype
         self.pooled: dict[str, np.ndarray] = {}
         self.tokens: dict[int, np.ndarray] = {}
+        self.words: dict[str, np.ndarray] = {}
+        self.word_offsets: np.ndarray | None = None
+        """(n_rows + 1,) word offsets of the chunk's rows, when it stores word states."""
 
     def put(self, start: int, stop: int, pooled: dict[str, np.ndarray], tokens: dict[int, np.ndarray]) -> None:
         """Store one batch's outputs for rows [start, stop)."""
@@ -153,10 +159,21 @@ class ChunkBuffers:
                 self.tokens[layer] = np.empty((int(self.offsets[-1]), v.shape[1]), dtype=self.dtype)
             self.tokens[layer][self.offsets[start] : self.offsets[stop]] = v
 
+    def put_words(self, start: int, stop: int, words: dict[str, np.ndarray]) -> None:
+        """Store one batch's word states (pooling -> (k, words, hidden)) for rows [start, stop)."""
+        assert self.word_offsets is not None  # set by the encoder before the batches run
+        lo, hi = int(self.word_offsets[start]), int(self.word_offsets[stop])
+        for p, v in words.items():
+            if p not in self.words:
+                self.words[p] = np.zeros((self.n_layers, int(self.word_offsets[-1]), v.shape[2]), dtype=self.dtype)
+            self.words[p][:, lo:hi] = v
+
     def named(self, name: Callable[[str, int | None], str]) -> dict[str, np.ndarray]:
-        """The arrays keyed by ``name(pooling, None)`` and ``name('tokens', layer)``."""
+        """The arrays keyed by ``name(pooling, None)``, ``name('tokens', layer)`` and ``name('words/<pooling>',
+        None)``."""
         out = {name(p, None): v for p, v in self.pooled.items()}
         out.update({name("tokens", layer): v for layer, v in self.tokens.items()})
+        out.update({name(f"words/{p}", None): v for p, v in self.words.items()})
         return out
 
 
@@ -183,6 +200,7 @@ class ChunkEncoder:
         batch_size: int,
         token_budget: int,
         device: str,
+        word_poolings: Sequence[str] = (),
         name: str | None = None,
     ) -> None:
         from embstore.extraction.forward import BatchForward
@@ -198,6 +216,7 @@ class ChunkEncoder:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.device = device
+        self.word_poolings = list(word_poolings)
         self.forward = BatchForward(
             model,
             layers=self.layers,
@@ -205,6 +224,7 @@ class ChunkEncoder:
             poolings=self.poolings,
             dtype=dtype,
             device=device,
+            word_poolings=self.word_poolings,
         )
         import inspect
 
@@ -216,20 +236,22 @@ class ChunkEncoder:
         prepare: Callable[[int, int], tuple[dict[str, Any], np.ndarray]],
         buf: ChunkBuffers,
         on_rows: Callable[[int], None] | None,
+        words_of: Callable[[int, int], Any] | None = None,
         where: str = "",
     ) -> None:
         """Encode the batches ``spans`` ([start, stop) rows) into ``buf``.
 
         ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths); it runs in a
-        prefetch thread, ``prefetch`` batches ahead. An exception in the model's forward becomes one
-        :class:`ForwardError` naming the model and the batch (``where``: the row chunk)."""
+        prefetch thread, ``prefetch`` batches ahead, as does ``words_of(start, stop)``, the batch's
+        :class:`embstore.extraction.words.WordIndex` when word states are stored. An exception in the
+        model's forward becomes one :class:`ForwardError` naming the model and the batch (``where``: the row chunk)."""
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
         from embstore.extraction.forward import Launched
 
         todo = iter(spans)
-        ahead: deque[tuple[tuple[int, int], Future[tuple[dict[str, Any], np.ndarray]]]] = deque()
+        ahead: deque[tuple[tuple[int, int], Future[tuple[dict[str, Any], np.ndarray]], Future[Any] | None]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embstore-prefetch") as pool:
 
             def refill() -> None:
@@ -237,21 +259,26 @@ class ChunkEncoder:
                     span = next(todo, None)
                     if span is None:
                         return
-                    ahead.append((span, pool.submit(prepare, *span)))
+                    ahead.append(
+                        (span, pool.submit(prepare, *span), None if words_of is None else pool.submit(words_of, *span))
+                    )
 
             def land(span: tuple[int, int], launched: Launched) -> None:
                 buf.put(*span, *launched.result(self.poolings, self.token_layers))
+                if launched.words_shape is not None:
+                    buf.put_words(*span, launched.words(self.word_poolings))
                 if on_rows is not None:
                     on_rows(span[1] - span[0])
 
             refill()
             waiting: tuple[tuple[int, int], Launched] | None = None
             while ahead:
-                span, future = ahead.popleft()
+                span, future, words = ahead.popleft()
                 refill()
                 inputs, lengths = future.result()
+                index = None if words is None else words.result()
                 try:
-                    launched = self.forward.launch(inputs, lengths)
+                    launched = self.forward.launch(inputs, lengths, index)
                 except EmbstoreError:
                     raise
                 except Exception as exc:  # a model bug or an out-of-memory: one line, never a traceback
@@ -314,12 +341,24 @@ class ChunkEncoder:
             ) -> tuple[dict[str, Any], np.ndarray]:
                 return self._text_batch(_ids[start:stop], None if _tt is None else _tt[start:stop])
 
+            words_of = None
+            if job.words is not None and self.word_poolings:
+                buf.word_offsets = np.concatenate([[0], np.cumsum([len(w) for w in job.words])]).astype(np.int64)
+                words_of = functools.partial(_word_index, job.words, lengths)
             self._run(
                 make_batches(lengths, self.batch_size, self.token_budget),
                 prepare,
                 buf,
                 on_rows if tower == next(iter(job.towers)) else None,
+                words_of,
                 _where(job, tower),
             )
             out.update(buf.named(functools.partial(paths, tower)))
         return out
+
+
+def _word_index(words: list[np.ndarray], lengths: np.ndarray, start: int, stop: int) -> Any:
+    """The WordIndex of the batch of rows [start, stop), padded to its longest row (as :func:`pad_batch` pads it)."""
+    from embstore.extraction.words import batch_index
+
+    return batch_index(words[start:stop], int(lengths[start:stop].max()))

@@ -99,7 +99,9 @@ def _job(plan: Plan, split: str, chunk: int, tower: str, rows: np.ndarray) -> Ch
         }
     else:
         towers = {tower: [e.items[i] for i in src]}
-    return ChunkJob(split=split, chunk=chunk, towers=towers)
+    aligned = plan.words.get(split)
+    words = None if aligned is None else [aligned.spans[i] for i in src]
+    return ChunkJob(split=split, chunk=chunk, towers=towers, words=words)
 
 
 def _time_batches(
@@ -223,6 +225,27 @@ def _token_chunk_bytes(plan: Plan) -> dict[str, int]:
     return out
 
 
+def _word_chunk_bytes(plan: Plan) -> dict[str, int]:
+    """Bytes of the word states per word pooling: each row chunk's (layers, words, hidden) array is stored in chunks
+    of (1, WORD_CHUNK_ROWS, hidden) (the last one full-size too)."""
+    lay = plan.layout
+    item = np.dtype(lay.dtype).itemsize
+    out = {p: 0 for p in lay.word_poolings}
+    for split, sl in lay.splits.items():
+        if not lay.word_poolings:
+            break
+        offsets = plan.arrays[L.word_offsets_path(split)]
+        for c in range(sl.n_chunks):
+            start, stop = sl.rows(c)
+            n_words = int(offsets[stop] - offsets[start])
+            if n_words == 0:
+                continue
+            rows = min(n_words, L.WORD_CHUNK_ROWS)
+            for p in lay.word_poolings:
+                out[p] += len(lay.towers) * len(lay.layers) * -(-n_words // rows) * rows * lay.hidden * item
+    return out
+
+
 def plan_extraction(config: ExtractConfig) -> PlanReport:
     """Plan ``config``'s extraction and estimate its size and time (see the module docstring)."""
     from embstore.device import resolve_device
@@ -247,12 +270,19 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
 
     states = _state_bytes(lay)
     states["tokens"] = _token_chunk_bytes(plan)
+    states["words"] = _word_chunk_bytes(plan)
     skeleton, grown, n_arrays = _skeleton_bytes(plan)
-    data_bytes = sum(states["pooled"].values()) + sum(states["tokens"].values()) + states["progress"]
+    data_bytes = (
+        sum(states["pooled"].values())
+        + sum(states["tokens"].values())
+        + sum(states["words"].values())
+        + states["progress"]
+    )
     zarr_bytes = skeleton + grown + data_bytes
     h5 = is_h5_path(final)
     n_chunks = sum(sl.n_chunks for sl in lay.splits.values())
-    chunks = n_chunks * (len(lay.towers) * (len(lay.layers) * len(lay.poolings) + len(lay.token_layers)) + 2)
+    per_chunk = len(lay.layers) * (len(lay.poolings) + len(lay.word_poolings)) + len(lay.token_layers)
+    chunks = n_chunks * (len(lay.towers) * per_chunk + 2)
     total = (
         _h5_bytes(data_bytes + skeleton, n_arrays, chunks, grown + len(json.dumps(plan.meta.to_dict(), default=str)))
         if h5
@@ -261,6 +291,7 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
     detail = {
         "pooled": states["pooled"],
         "tokens": states["tokens"],
+        "words": states["words"],
         "metadata_and_row_arrays": skeleton + grown,
         "progress": states["progress"],
         "format": "h5" if h5 else "zarr",
@@ -300,6 +331,9 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
             entry["augmented"] = int((plan.meta.augmented or {}).get(name, 0))
         else:
             entry["tokens"] = int(sum(sl.n_tokens.values()))
+        if lay.word_poolings:
+            entry["words"] = sl.n_words
+            entry["words_cut"] = int(plan.meta.words.cut.get(name, 0)) if plan.meta.words else 0
         splits[name] = entry
     return PlanReport(
         path=final,

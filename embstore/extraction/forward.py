@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from embstore.backbones.anatomy import find_blocks, state_outputs
+from embstore.extraction.words import WordIndex, pool_words
 
 __all__ = ["hidden_states", "pool_layers", "BatchForward", "Launched"]
 
@@ -106,6 +107,8 @@ class Launched:
     """CUDA event recorded after the copy (None on CPU)."""
     pooled_shape: tuple[int, int, int, int]
     n_tokens: int
+    words_shape: tuple[int, ...] | None = None
+    """(word poolings, k, words, H) of the word states after the per-token ones (``--word-pooling``), or None."""
 
     def result(
         self, poolings: Sequence[str], token_layers: Sequence[int]
@@ -117,11 +120,21 @@ class Launched:
         n_pooled = int(np.prod(self.pooled_shape))
         pooled = flat[:n_pooled].reshape(self.pooled_shape)
         hidden = self.pooled_shape[-1]
-        tokens = flat[n_pooled:].reshape(len(token_layers), self.n_tokens, hidden)
+        tokens = flat[n_pooled : n_pooled + len(token_layers) * self.n_tokens * hidden]
+        tokens = tokens.reshape(len(token_layers), self.n_tokens, hidden)
         return (
             {p: pooled[j] for j, p in enumerate(poolings)},
             {layer: tokens[j] for j, layer in enumerate(token_layers)},
         )
+
+    def words(self, poolings: Sequence[str]) -> dict[str, np.ndarray]:
+        """Word states (pooling -> (k, words, H)) as host views, after :meth:`result` (which waits for the copy)."""
+        if self.words_shape is None:
+            return {}
+        size = int(np.prod(self.words_shape))
+        flat = self.host.numpy()
+        block = flat[len(flat) - size :].reshape(self.words_shape) if size else flat[:0].reshape(self.words_shape)
+        return {p: block[j] for j, p in enumerate(poolings)}
 
 
 class _HostRing:
@@ -179,9 +192,11 @@ class BatchForward:
         poolings: Sequence[str],
         dtype: str,
         device: str,
+        word_poolings: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.layers, self.token_layers, self.poolings = list(layers), list(token_layers), list(poolings)
+        self.word_poolings = list(word_poolings)
         self.last = max([*self.layers, *self.token_layers])
         self.dtype = getattr(torch, dtype)
         self.device = torch.device(device)
@@ -197,9 +212,10 @@ class BatchForward:
         t = torch.from_numpy(array)
         return t.pin_memory().to(self.device, non_blocking=True) if self.on_cuda else t
 
-    def launch(self, inputs: dict[str, torch.Tensor], lengths: np.ndarray) -> Launched:
+    def launch(self, inputs: dict[str, torch.Tensor], lengths: np.ndarray, words: WordIndex | None = None) -> Launched:
         """Forward, pool, cast and start the copy to the host of one batch; ``lengths`` (B,) are the
-        real positions of each row in the model's output (tokens, or frames for audio)."""
+        real positions of each row in the model's output (tokens, or frames for audio); ``words`` where the batch's
+        words sit, for their states (:func:`embstore.extraction.words.pool_words`)."""
         with torch.inference_mode():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.on_cuda):
                 hidden = hidden_states(
@@ -211,19 +227,42 @@ class BatchForward:
             mask = torch.arange(width, device=self.device)[None, :] < self._up(lens)[:, None]  # (B, T)
             pooled = pool_layers(hidden, self.layers, self.poolings, mask)  # (P, k, B, H)
             n_tokens = int(lens.sum()) if self.token_layers else 0
+            word_states = self._words(hidden, words)  # (Pw, k, W, H) or None
             flat = torch.empty(
-                pooled.numel() + len(self.token_layers) * n_tokens * size, dtype=self.dtype, device=self.device
+                pooled.numel()
+                + len(self.token_layers) * n_tokens * size
+                + (0 if word_states is None else word_states.numel()),
+                dtype=self.dtype,
+                device=self.device,
             )
             flat[: pooled.numel()].view(pooled.shape).copy_(pooled)  # the cast to the storage dtype, on the device
             if self.token_layers:
                 # rows are right-padded, so the real positions in row order are the flat ragged layout
                 where = np.flatnonzero((np.arange(width)[None, :] < lens[:, None]).reshape(-1))
                 index = self._up(where)
-                tokens = flat[pooled.numel() :].view(len(self.token_layers), n_tokens, size)
+                n_flat = len(self.token_layers) * n_tokens * size
+                tokens = flat[pooled.numel() : pooled.numel() + n_flat].view(len(self.token_layers), n_tokens, size)
                 for j, layer in enumerate(self.token_layers):
                     tokens[j].copy_(hidden[layer].reshape(batch * width, size).index_select(0, index).float())
+            words_shape: tuple[int, ...] | None = None
+            if word_states is not None:
+                words_shape = tuple(word_states.shape)
+                flat[flat.numel() - word_states.numel() :].view(word_states.shape).copy_(word_states)
             shape = (len(self.poolings), len(self.layers), batch, size)
             if self.ring is None:  # CPU: flat already is the host array
-                return Launched(host=flat, event=None, pooled_shape=shape, n_tokens=n_tokens)
+                return Launched(host=flat, event=None, pooled_shape=shape, n_tokens=n_tokens, words_shape=words_shape)
             host, event = self.ring.copy(flat)  # returns at once; the next forward is launched while it copies
-        return Launched(host=host, event=event, pooled_shape=shape, n_tokens=n_tokens)
+        return Launched(host=host, event=event, pooled_shape=shape, n_tokens=n_tokens, words_shape=words_shape)
+
+    def _words(self, hidden: Sequence[torch.Tensor], words: WordIndex | None) -> torch.Tensor | None:
+        """(Pw, k, W, H) float32 word states of the batch (``--word-pooling``), or None."""
+        if not self.word_poolings or words is None:
+            return None
+        index = {
+            "first": self._up(words.first),
+            "last": self._up(words.last),
+            "member_pos": self._up(words.member_pos),
+            "member_word": self._up(words.member_word),
+            "counts": self._up(words.counts),
+        }
+        return pool_words(hidden, self.layers, self.word_poolings, index)

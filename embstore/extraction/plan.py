@@ -23,7 +23,8 @@ from embstore.data.audio import usable_rows
 from embstore.data.tables import Dataset, SplitData, load_dataset
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.extraction.encode import Encoded, length_order, tokenize
-from embstore.extraction.store_id import data_identity, model_identity, store_fingerprint
+from embstore.extraction.store_id import audio_batching, data_identity, model_identity, store_fingerprint
+from embstore.extraction.words import WordAlignment, align_words, word_poolings_for
 from embstore.layers import parse_layers
 from embstore.store import layout as L
 from embstore.store.backends import is_h5_path
@@ -47,6 +48,8 @@ class Plan:
     """The store's root attribute as it is created (not complete)."""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     token_counts: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    words: dict[str, WordAlignment] = field(default_factory=dict)
+    """Word-level data: split -> its words aligned to their tokens (rows in source order)."""
 
 
 def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
@@ -64,6 +67,10 @@ def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
         available = list(range(int(model["n_layers"]) + 1))
         layers = parse_layers(config.layers, available, "layers")
         token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
+        word_data = _word_data_hint(config)
+        if word_data is None:
+            return None
+        word_poolings = word_poolings_for(config.word_pooling, word_data)
     except EmbstoreError:
         return None
     fp = store_fingerprint(
@@ -74,8 +81,25 @@ def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
         token_layers=token_layers,
         poolings=list(config.pooling or default_pooling(model["modality"])),
         precision=precision_of(device, config.quantize),
+        word_poolings=list(word_poolings),
     )
     return (fp, *store_paths(config, fp))
+
+
+def _word_data_hint(config: ExtractConfig) -> bool | None:
+    """Whether the data is word-level, from file names and headers alone (None: only reading it can tell)."""
+    from embstore.data.columns import table_columns
+    from embstore.data.words import WORDS_COL, is_conllu
+
+    src = config.source
+    if src.audio_col or (src.data is not None and src.data.startswith("builtin:")):
+        return False
+    paths = [src.data] if src.data is not None else [p for _, p in src.splits]
+    if all(is_conllu(p) for p in paths):
+        return True
+    if any(is_conllu(p) for p in paths):
+        return None
+    return None if any(WORDS_COL in table_columns(p) for p in paths) else False
 
 
 def precision_of(device: str, quantize: str) -> str:
@@ -123,6 +147,11 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
             f"positions); use --max-length {backbone.max_positions} or less."
         )
     towers = L.PAIR_TOWERS if config.pair_mode == "towers" else (L.SINGLE_TOWER,)
+    word_poolings = word_poolings_for(config.word_pooling, dataset.word_labels is not None)
+    if word_poolings and config.pair_mode == "towers":
+        raise ConfigError("--word-pooling stores the words of single sentences; it does not take --towers.")
+    words: dict[str, WordAlignment] = {}
+    word_counts: dict[str, dict[str, int]] = {"cut": {}, "truncated": {}}
     tok = backbone.tokenizer
     encoded: dict[tuple[str, str], Encoded] = {}
     order: dict[str, np.ndarray] = {}
@@ -146,8 +175,14 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
             arrays[L.truncated_path(name, t)] = e.truncated[perm]
             token_counts[(name, t)] = e.lengths[perm]
         truncated[name] = int(sum(encoded[(name, t)].truncated.sum() for t in towers))
+        n_words = 0
+        if word_poolings and sd.words is not None and dataset.word_labels is not None:
+            words[name] = aligned = align_words(tok, sd.words, encoded[(name, L.SINGLE_TOWER)].ids, config.max_length)
+            n_words = _word_arrays(arrays, name, sd, perm, aligned, dataset.word_labels)
+            word_counts["cut"][name] = int(aligned.cut.sum())
+            word_counts["truncated"][name] = int(aligned.truncated.sum())
         splits[name] = L.SplitLayout.plan(
-            n, config.chunk_rows, n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers}
+            n, config.chunk_rows, n_tokens={t: int(encoded[(name, t)].lengths.sum()) for t in towers}, n_words=n_words
         )
     lay = L.StoreLayout(
         layers=tuple(layers),
@@ -158,8 +193,54 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
         token_layers=tuple(token_layers),
         chunk_rows=config.chunk_rows,
         splits=splits,
+        word_poolings=word_poolings,
     )
-    return _finish_plan(config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated)
+    words_info = None
+    if word_poolings and dataset.word_labels is not None:
+        first = next(iter(dataset.splits.values())).words or []
+        words_info = L.WordsMeta(
+            labels={k: tuple(v) for k, v in dataset.word_labels.items()},
+            heads=bool(first) and first[0].heads is not None,
+            cut=word_counts["cut"],
+            truncated=word_counts["truncated"],
+        )
+    plan = _finish_plan(
+        config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated, words_meta=words_info
+    )
+    plan.words = words
+    return plan
+
+
+def _word_arrays(
+    arrays: dict[str, np.ndarray],
+    name: str,
+    sd: SplitData,
+    perm: np.ndarray,
+    aligned: WordAlignment,
+    vocab: dict[str, list[str]],
+) -> int:
+    """The per-word arrays of one split in stored row order (offsets, cut, head, labels, forms); the word count."""
+    rows = sd.words or []
+    counts = np.array([len(r.forms) for r in rows], dtype=np.int64)
+    source_offsets = np.concatenate([[0], np.cumsum(counts)])
+    # flat source-order positions of every word, in stored row order
+    parts = [np.arange(source_offsets[i], source_offsets[i + 1]) for i in perm]
+    take = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    arrays[L.word_offsets_path(name)] = np.concatenate([[0], np.cumsum(counts[perm])]).astype(np.int64)
+    arrays[L.word_cut_path(name)] = aligned.cut[take]
+    if rows and rows[0].heads is not None:
+        arrays[L.word_head_path(name)] = np.concatenate([np.asarray(rows[i].heads, np.int32) for i in perm])
+    for label, values in vocab.items():
+        lookup = {v: j for j, v in enumerate(values)}
+        arrays[L.word_label_path(name, label)] = np.fromiter(
+            (lookup[v] for i in perm for v in rows[i].labels[label]), dtype=np.int32, count=len(take)
+        )
+    forms = [f.encode("utf-8") for i in perm for f in rows[i].forms]
+    arrays[L.word_form_bytes_path(name)] = np.frombuffer(b"".join(forms) or b"\0", dtype=np.uint8)[
+        : sum(map(len, forms))
+    ]
+    arrays[L.word_form_offsets_path(name)] = np.concatenate([[0], np.cumsum([len(f) for f in forms])]).astype(np.int64)
+    return int(len(take))
 
 
 def _row_arrays(arrays: dict[str, np.ndarray], name: str, sd: SplitData, perm: np.ndarray, source: np.ndarray) -> None:
@@ -202,7 +283,7 @@ def _plan_audio(
     poolings: tuple[str, ...],
 ) -> Plan:
     """Audio rows: lengths from file headers, augmented copies for the training split only."""
-    from embstore.data.audio import min_samples
+    from embstore.data.audio import check_window, min_samples
     from embstore.extraction.speech import plan_audio_split
 
     rate = backbone.sampling_rate  # (ExtractConfig already refused cls pooling with --audio-col)
@@ -224,6 +305,17 @@ def _plan_audio(
             max_seconds=config.max_seconds,
             augment=spec if name == "train" else None,
             label_names=dataset.label_names,
+        )
+        window = backbone.window_samples
+        check_window(
+            [it.path for it in rows.items],
+            rows.samples,
+            window=window,
+            rate=rate,
+            split=name,
+            max_seconds=config.max_seconds,
+            fix=f"Pass --max-seconds {(window or 0) / rate:g} to keep the first {(window or 0) / rate:g} s of each "
+            "(and a milder --augment speed if the copies grew), or remove them.",
         )
         encoded[(name, t)] = rows
         order[name] = perm = length_order(rows.samples) if config.bucket else np.arange(len(rows.items))
@@ -272,20 +364,24 @@ def _finish_plan(
     token_counts: dict[tuple[str, str], np.ndarray],
     truncated: dict[str, int],
     audio: tuple[dict[str, int], int] | None = None,
+    words_meta: L.WordsMeta | None = None,
 ) -> Plan:
-    """The plan with its store id and metadata; ``audio`` is (augmented copies per split, sampling rate)."""
+    """The plan with its store id and metadata; ``audio`` is (augmented copies per split, sampling rate),
+    ``words_meta`` what a store of word-level data knows about its words."""
     precision = precision_of(device, config.quantize)
     data = data_identity(config.source)
     if data is None:  # load_dataset has read every file: they exist
         raise RuntimeError("the data files changed while planning; re-run")
+    model = model_identity(config.model)
     fp = store_fingerprint(
         config,
-        model_identity(config.model),
+        model,
         data,
         layers=list(lay.layers),
         token_layers=list(lay.token_layers),
         poolings=list(lay.poolings),
         precision=precision,
+        word_poolings=list(lay.word_poolings),
     )
     import torch
     import transformers
@@ -307,6 +403,7 @@ def _finish_plan(
         audio_col=config.source.audio_col,
         group_col=config.source.group_col,
         max_seconds=config.max_seconds,
+        batching=audio_batching(config, model) if audio is not None else None,
         augment=None
         if not config.augment
         else {
@@ -340,6 +437,7 @@ def _finish_plan(
         provenance=provenance,
         augmented=None if audio is None else audio[0],
         sampling_rate=None if audio is None else audio[1],
+        words=words_meta,
     )
     return Plan(
         backbone=backbone,

@@ -50,6 +50,10 @@ class ExtractResult:
     truncated: dict[str, int]
     skipped_empty: dict[str, int]
     seconds: float
+    words_cut: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Word-level data: words per split that no token reached (zeros in the store, marked cut)."""
+    words_truncated: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Of those, the words --max-length cut off."""
 
 
 def _check_writable(path: str, needed: int) -> None:
@@ -79,6 +83,7 @@ def _needed_bytes(lay: L.StoreLayout, h5: bool) -> int:
     for sl in lay.splits.values():
         total += sl.n_rows * len(lay.layers) * len(lay.poolings) * len(lay.towers) * lay.hidden * item
         total += sum(sl.n_tokens.values()) * len(lay.token_layers) * lay.hidden * item
+        total += sl.n_words * len(lay.word_poolings) * len(lay.layers) * lay.hidden * item
     return int(total * (2 if h5 else 1) * 1.02)
 
 
@@ -99,7 +104,9 @@ def _jobs(plan: Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
                     )
                 else:  # AudioRows
                     towers[t] = [e.items[i] for i in rows]
-            jobs.append(ChunkJob(split=split, chunk=c, towers=towers))
+            aligned = plan.words.get(split)
+            words = None if aligned is None else [aligned.spans[i] for i in rows]
+            jobs.append(ChunkJob(split=split, chunk=c, towers=towers, words=words))
     return jobs
 
 
@@ -115,7 +122,7 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
         device=device,
         name=backbone.name,
     )
-    if backbone.modality == "audio":
+    if backbone.modality == "audio":  # (plan refuses --word-pooling for audio)
         from embstore.extraction.speech import AudioChunkEncoder
 
         rate = backbone.sampling_rate
@@ -127,7 +134,7 @@ def make_encoder(backbone: Backbone, lay: L.StoreLayout, config: ExtractConfig, 
             max_samples=None if config.max_seconds is None else int(round(config.max_seconds * rate)),
             **common,
         )
-    return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, **common)
+    return ChunkEncoder(backbone.model, backbone.tokenizer.pad_token_id or 0, word_poolings=lay.word_poolings, **common)
 
 
 def _measure_int8(plan: Plan, config: ExtractConfig, device: str) -> dict[str, Any]:
@@ -173,6 +180,8 @@ def _run_jobs(
         for job in jobs:
 
             def name(tower: str, what: str, layer: int | None, _s: str = job.split, _c: int = job.chunk) -> str:
+                if what.startswith("words/"):
+                    return L.word_chunk_path(_s, tower, what.split("/", 1)[1], _c)
                 return (
                     L.token_chunk_path(_s, tower, layer, _c)
                     if what == "tokens" and layer is not None
@@ -274,6 +283,8 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
             truncated=truncated,
             skipped_empty=dict(plan.dataset.skipped_empty),
             seconds=time.perf_counter() - t0,
+            words_cut={} if plan.meta.words is None else dict(plan.meta.words.cut),
+            words_truncated={} if plan.meta.words is None else dict(plan.meta.words.truncated),
         )
 
     if state == "complete":
@@ -344,6 +355,8 @@ def _complete_result(path: str, meta: L.StoreMeta, t0: float) -> ExtractResult:
         truncated=dict(meta.truncated),
         skipped_empty=dict(meta.skipped_empty),
         seconds=time.perf_counter() - t0,
+        words_cut={} if meta.words is None else dict(meta.words.cut),
+        words_truncated={} if meta.words is None else dict(meta.words.truncated),
     )
 
 

@@ -1,20 +1,30 @@
-"""Speech backbones (HuBERT, wav2vec2, WavLM...): plan the rows of an audio split (including
-augmented copies) and encode row chunks of waveforms into pooled and per-frame states.
+"""Speech backbones (HuBERT, wav2vec2, WavLM, data2vec-audio, the conformer, SEW, Whisper's encoder...): plan the
+rows of an audio split (including augmented copies) and encode row chunks of waveforms into pooled and per-frame
+states.
 
-Hidden state 0 is what the transformer receives (the projected conv features plus the
-convolutional position embedding); 1..L are the transformer layers. Pooling is over output
-frames, masked by each row's frame count (the conv front end's arithmetic on its length), so
-padded frames never enter a mean or max, whether or not the model takes an attention mask.
+Hidden state 0 is what the transformer receives (the projected conv features plus the convolutional position
+embedding; for Whisper the two convolutions over the log-mel frames plus the position table); 1..L are the
+transformer layers. Pooling is over each clip's own frames, masked by its frame count (the model's own arithmetic
+on its length: :meth:`embstore.backbones.registry.Backbone.frames`), so padded frames never enter a mean or max.
+
+**Exact at any batch size.** Each clip goes through the feature extractor alone (its normalisation sees no other
+clip), is right-padded, and the model is always given the sample-level attention mask, also when its feature
+extractor returns none (alone, a clip is all real samples); :func:`embstore.backbones.padding.exact_batches` keeps
+the padding out of the parts that would still see it (a group-norm front end, stacked or depthwise convolutions,
+SEW's squeezed mask). So a clip's stored values are the ones it has alone, whatever shares its batch. Whisper pads
+every clip to its own 30-second window, which no other clip touches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embstore.backbones.registry import window_samples
 from embstore.data.audio import load_waveform
 from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
 from embstore.data.tables import SplitData
@@ -123,8 +133,9 @@ def load_item(item: AudioItem, rate: int, max_samples: int | None) -> np.ndarray
 
 
 class AudioChunkEncoder(ChunkEncoder):
-    """Encodes row chunks of audio: load, resample, augment, pad by the feature extractor (the next
-    batches in a prefetch thread), pool over frames."""
+    """Encodes row chunks of audio: load, resample, augment, run each clip through the feature extractor alone and
+    pad (the next batches in a prefetch thread), run the model with the padding kept out of every clip, pool over
+    each clip's own frames."""
 
     def __init__(
         self,
@@ -142,7 +153,33 @@ class AudioChunkEncoder(ChunkEncoder):
         self.frames_of = frames_of
         self.max_samples = max_samples
         self.sample_budget = max(1, int(batch_seconds * self.rate))
-        self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+        self.input_name = str((getattr(feature_extractor, "model_input_names", None) or ["input_values"])[0])
+        """'input_values' (waveforms) or 'input_features' (Whisper's log-mel frames)."""
+        self.window = window_samples(feature_extractor)
+        """Whisper: the window every clip is padded to on its own, in samples (its model takes no mask)."""
+
+    def batch(self, waves: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The model inputs of one batch: each clip through the feature extractor alone, right-padded, with the
+        sample-level attention mask (none for a fixed-window model, whose clips are each padded to the window)."""
+        alone = [
+            np.asarray(self.fe(w, sampling_rate=self.rate, return_tensors="np")[self.input_name][0], dtype=np.float32)
+            for w in waves
+        ]
+        if self.window is not None:
+            return {self.input_name: np.stack(alone)}
+        width = max(len(x) for x in alone)
+        values = np.full((len(alone), width), float(getattr(self.fe, "padding_value", 0.0)), dtype=np.float32)
+        mask = np.zeros((len(alone), width), dtype=np.int64)
+        for i, x in enumerate(alone):
+            values[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        return {self.input_name: values, "attention_mask": mask}
+
+    def exactness(self) -> AbstractContextManager[None]:
+        """The context the batches run in: the padding kept out of every clip (see the module docstring)."""
+        from embstore.backbones.padding import exact_batches
+
+        return exact_batches(self.model)
 
     def first_batch(self, job: ChunkJob) -> ChunkJob:
         items: list[AudioItem] = job.towers[AUDIO_TOWER]
@@ -164,14 +201,9 @@ class AudioChunkEncoder(ChunkEncoder):
         def prepare(start: int, stop: int) -> tuple[dict[str, Any], np.ndarray]:
             """Decode, resample and pad one batch (in the prefetch thread, while the model runs)."""
             waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
-            enc = self.fe(
-                waves, sampling_rate=self.rate, padding=True, return_attention_mask=self.use_mask, return_tensors="np"
-            )
-            batch = {"input_values": enc["input_values"].astype(np.float32, copy=False)}
-            if self.use_mask:
-                batch["attention_mask"] = enc["attention_mask"].astype(np.int64, copy=False)
-            return self.forward.stage(batch), frames[start:stop]
+            return self.forward.stage(self.batch(waves)), frames[start:stop]
 
         where = f"row chunk {job.chunk} of split {job.split!r}"
-        self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where)
+        with self.exactness():
+            self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where=where)
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))

@@ -9,9 +9,12 @@ computes its id from the very same function.
 
 What is deliberately *not* in the id: thread counts, ``--num-processes``, the device index, and
 for text (whose padding the attention mask hides) the batch size, token budget and chunk size:
-they change values only by float rounding. For speech models that take no attention mask, padding
-reaches the real frames, so their batching options *are* in the id. The torch and transformers
-major.minor versions are in the id (kernels and random initialisation change between them).
+they change values only by float rounding. Speech models of every family the anatomy map knows
+give each clip its values alone in any batch (:mod:`embstore.backbones.padding`), so their id says
+``batching: exact`` instead; for a speech model the map does not know, the padding of a batch can
+reach the real frames, so its batching options *are* in the id (and ``embstore info`` says so).
+The torch and transformers major.minor versions are in the id (kernels and random initialisation
+change between them).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "library_versions",
     "VOLATILE_CONFIG_KEYS",
     "speech_extractor_settings",
+    "audio_batching",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,9 +70,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def speech_extractor_settings(path: Path | None) -> dict[str, Any]:
-    """A speech model's feature extractor settings: its preprocessor_config.json, or the random models' own."""
+def speech_extractor_settings(path: Path | None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A speech model's feature extractor settings: its preprocessor_config.json, or the random models' own (for a
+    random Whisper, its log-mel extractor, set by the config: mel bins and window)."""
     if path is None:
+        if config is not None and config.get("model_type") == "whisper":
+            return {
+                "feature_extractor_type": "WhisperFeatureExtractor",
+                "feature_size": config.get("num_mel_bins", 80),
+                "max_source_positions": config.get("max_source_positions", 1500),
+            }
         return dict(SPEECH_EXTRACTOR)
     try:
         return dict(json.loads((path / "preprocessor_config.json").read_text()))
@@ -117,7 +128,9 @@ def model_identity(name: str) -> dict[str, Any]:
         weights = files_sha256(files) if files else "none"
         tfiles = tokenizer_files(path)
         tok = files_sha256(tfiles) if tfiles else None
-    extractor = speech_extractor_settings(path) if audio else None
+    extractor = speech_extractor_settings(path, cfg) if audio else None
+    if audio:
+        from embstore.backbones.anatomy import batch_exact  # audio models only: the map imports torch
     return {
         "model_type": model_type,
         "config": {k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG_KEYS},
@@ -127,6 +140,7 @@ def model_identity(name: str) -> dict[str, Any]:
         "modality": "audio" if audio else "text",
         "extractor": extractor,
         "attention_mask": None if extractor is None else bool(extractor.get("return_attention_mask", False)),
+        "batch_exact": batch_exact(model_type) if audio else None,
     }
 
 
@@ -205,6 +219,7 @@ def store_fingerprint(
     token_layers: list[int],
     poolings: list[str],
     precision: str,
+    word_poolings: list[str] | None = None,
 ) -> str:
     """The store id: sha256 of everything that can change a stored value (see the module docstring).
 
@@ -213,7 +228,8 @@ def store_fingerprint(
     from embstore.store.layout import SCHEMA_VERSION
 
     content: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        # version 2 only added word states: a store without them holds what version 1 wrote, under the same id
+        "schema_version": SCHEMA_VERSION if word_poolings else 1,
         "model": {k: model[k] for k in ("model_type", "config", "weights", "tokenizer", "extractor")},
         "data": data,
         "pair_mode": config.pair_mode,
@@ -226,6 +242,8 @@ def store_fingerprint(
         "precision": precision,
         "libraries": library_versions(),
     }
+    if word_poolings:  # word states (and the alignment, tokenizer offsets) are stored
+        content["word_poolings"] = list(word_poolings)
     if getattr(config, "quantize", "none") != "none":
         content["quantize"] = config.quantize
     if getattr(config, "random_weights", None) is not None:
@@ -240,12 +258,21 @@ def store_fingerprint(
             "snr_db": config.snr_db if "noise" in config.augment else None,
             "seed": config.source.seed if config.augment else None,
         }
-        if not model["attention_mask"]:
-            # Without an attention mask the zero padding of a batch reaches the real frames' attention,
-            # so which rows share a batch changes the stored values.
-            content["audio"]["batching"] = {
-                "batch_seconds": config.batch_seconds,
-                "batch_size": config.batch_size,
-                "chunk_rows": config.chunk_rows,
-            }
+        content["audio"]["batching"] = audio_batching(config, model)
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def audio_batching(config: ExtractConfig, model: dict[str, Any]) -> str | dict[str, Any]:
+    """What an audio store's batching contributes to its id: ``exact`` for a family the anatomy map knows (which
+    clips share a batch changes no value), else the options that decide it and why: ``unmapped`` (the padding of a
+    batch reaches the real frames of a model the map does not know) or ``int8`` (``--quantize int8`` quantises each
+    batch's activations with one scale, which the batch's other clips and padding move)."""
+    quantized = getattr(config, "quantize", "none") != "none"
+    if model.get("batch_exact") and not quantized:
+        return "exact"
+    return {
+        "why": "int8" if quantized else "unmapped",
+        "batch_seconds": config.batch_seconds,
+        "batch_size": config.batch_size,
+        "chunk_rows": config.chunk_rows,
+    }

@@ -33,6 +33,8 @@ def chunk_selections(lay: L.StoreLayout, split: str, chunk: int) -> list[tuple[s
             out.append((L.pooled_path(split, tower, pooling), (slice(None), slice(start, stop))))
         for layer in lay.token_layers:
             out.append((L.token_chunk_path(split, tower, layer, chunk), ...))
+        for pooling in lay.word_poolings:
+            out.append((L.word_chunk_path(split, tower, pooling, chunk), ...))
     return out
 
 
@@ -64,6 +66,9 @@ def layer_digests(lay: L.StoreLayout, split: str, chunk: int, data: dict[str, np
         if what == "tokens":
             name = L.token_chunk_path(split, tower, layer, chunk)
             arr = data[name]
+        elif what.startswith("words/"):
+            name = L.word_chunk_path(split, tower, what.split("/", 1)[1], chunk)
+            arr = data[name][lay.layer_position(layer)]
         else:
             name = L.pooled_path(split, tower, what)
             arr = data[name][lay.layer_position(layer)]
@@ -125,6 +130,15 @@ class ChunkVerifier:
                 continue
             if done[c]:
                 self._verify(split, entry, c, name_of(c), chunk_data(c), bytes(recorded[c, e]))
+
+    def check_chunk(self, split: str, entry: tuple[str, str, int], c: int, name: str, data: np.ndarray) -> None:
+        """Compare one written row chunk of one (tower, what, layer) entry with its recorded sha256."""
+        if not self.enabled or (split, entry, c) in self._verified:
+            return
+        recorded = self.recorded(split)
+        if recorded is None or not self.done(split)[c]:
+            return
+        self._verify(split, entry, c, name, data, bytes(recorded[c, self.layout.digest_entries().index(entry)]))
 
     def _verify(
         self, split: str, entry: tuple[str, str, int], c: int, name: str, data: np.ndarray, recorded: bytes

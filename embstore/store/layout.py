@@ -14,6 +14,13 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
     splits/<split>/<tower>/pooled/<pooling>      (n_layers, n, hidden)  chunks (1, chunk_rows, hidden)
     splits/<split>/<tower>/tokens/<layer>/offsets      (n + 1,) int64 into the flat token rows
     splits/<split>/<tower>/tokens/<layer>/c<chunk>     (tokens of that row chunk, hidden)
+    splits/<split>/words/offsets                 (n + 1,) int64 into the flat word rows (word-level data)
+    splits/<split>/words/cut                     (words,) bool  no token reached the model (truncated or empty)
+    splits/<split>/words/head                    (words,) int32 1-based head within the row, 0 = root (if known)
+    splits/<split>/words/labels/<name>           (words,) int32 index into words.labels[name]
+    splits/<split>/words/form_bytes              (bytes,) uint8 the words' UTF-8 text, back to back
+    splits/<split>/words/form_offsets            (words + 1,) int64 into form_bytes
+    splits/<split>/<tower>/words/<pooling>/c<chunk>    (n_layers, words of that row chunk, hidden)
     progress/<split>/done                        (n_chunks,) uint8, one storage chunk per element
     progress/<split>/digest                      (n_chunks, 32) uint8 sha256 of each row chunk
     progress/<split>/layer_digest                (n_chunks, entries, 32) uint8 sha256 of each
@@ -24,6 +31,9 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
 Text stores have one tower 'text' (or 'a' and 'b'), audio stores one tower 'audio'.
 Augmented audio rows share their source row's ``row_ids`` (and group), so they can be traced
 and kept on their source's side of every split.
+Word states (``--word-pooling``, schema version 2) are ragged per row as the token states are: row ``i``'s words
+are ``offsets[i]:offsets[i + 1]`` of every per-word array, and the words of row chunk ``c`` are one array per
+(pooling, chunk), chunked one layer at a time.
 Rows are stored in extraction order (longest first); ``row_ids`` maps them back. The pooled
 array is chunked one layer at a time, so reading one layer touches only that layer's chunks.
 Row chunk ``c`` covers rows [c * chunk_rows, (c + 1) * chunk_rows) (chunk_rows per split, see
@@ -52,6 +62,16 @@ __all__ = [
     "SplitLayout",
     "StoreMeta",
     "Provenance",
+    "WordsMeta",
+    "READABLE_VERSIONS",
+    "word_offsets_path",
+    "word_cut_path",
+    "word_head_path",
+    "word_label_path",
+    "word_form_bytes_path",
+    "word_form_offsets_path",
+    "word_chunk_path",
+    "word_entry",
     "row_ids_path",
     "labels_path",
     "groups_path",
@@ -69,7 +89,10 @@ __all__ = [
     "layer_digest_path",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added word states and word labels (``--word-pooling``); a version 1 store is a version 2 store without them."""
+READABLE_VERSIONS = (1, 2)
+"""Schema versions this embstore opens."""
 
 EMBSTORE_VERSION = "0.1.0"
 """The version of embstore that writes stores (``embstore.__version__``), recorded in each store's provenance."""
@@ -79,6 +102,7 @@ PAIR_TOWERS = ("a", "b")
 AUDIO_TOWER = "audio"
 AUGMENT_FIELDS = ("copy", "speed", "shift", "snr_db")
 TOKEN_CHUNK_ROWS = 8192
+WORD_CHUNK_ROWS = 8192
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,11 +115,13 @@ class SplitLayout:
     """Rows per row chunk: the requested maximum evened out so the last chunk is not mostly empty."""
     n_tokens: dict[str, int]
     """Total tokens per tower (the flat length of per-token arrays)."""
+    n_words: int = 0
+    """Total words (word-level data; 0 otherwise)."""
 
     @classmethod
-    def plan(cls, n_rows: int, max_chunk_rows: int, n_tokens: dict[str, int]) -> "SplitLayout":
+    def plan(cls, n_rows: int, max_chunk_rows: int, n_tokens: dict[str, int], n_words: int = 0) -> "SplitLayout":
         chunks = max(1, -(-n_rows // max_chunk_rows))
-        return cls(n_rows=n_rows, chunk_rows=max(1, -(-n_rows // chunks)), n_tokens=n_tokens)
+        return cls(n_rows=n_rows, chunk_rows=max(1, -(-n_rows // chunks)), n_tokens=n_tokens, n_words=n_words)
 
     @property
     def n_chunks(self) -> int:
@@ -125,8 +151,19 @@ class StoreLayout:
     chunk_rows: int
     """The requested maximum rows per chunk (each split evens it out)."""
     splits: dict[str, SplitLayout]
+    word_poolings: tuple[str, ...] = ()
+    """Word poolings stored (first, last, mean) for every layer of :attr:`layers`; () for none (and every store of
+    schema version 1)."""
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._to_dict()
+        if self.word_poolings:  # absent otherwise: a store without words reads back exactly as version 1 wrote it
+            d["word_poolings"] = list(self.word_poolings)
+            for name, sl in self.splits.items():
+                d["splits"][name]["n_words"] = sl.n_words
+        return d
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "layers": list(self.layers),
             "poolings": list(self.poolings),
@@ -157,9 +194,15 @@ class StoreLayout:
             token_layers=tuple(d["token_layers"]),
             chunk_rows=int(d["chunk_rows"]),
             splits={
-                k: SplitLayout(n_rows=v["n_rows"], chunk_rows=v["chunk_rows"], n_tokens=dict(v["n_tokens"]))
+                k: SplitLayout(
+                    n_rows=v["n_rows"],
+                    chunk_rows=v["chunk_rows"],
+                    n_tokens=dict(v["n_tokens"]),
+                    n_words=int(v.get("n_words", 0)),
+                )
                 for k, v in d["splits"].items()
             },
+            word_poolings=tuple(d.get("word_poolings") or ()),
         )
 
     def layer_position(self, layer: int) -> int:
@@ -172,7 +215,10 @@ class StoreLayout:
     def digest_entries(self) -> list[tuple[str, str, int]]:
         """(tower, pooling or 'tokens', layer) of every per-layer checksum of a row chunk, in stored order."""
         out = [(t, p, layer) for t in self.towers for p in self.poolings for layer in self.layers]
-        return out + [(t, "tokens", layer) for t in self.towers for layer in self.token_layers]
+        out += [(t, "tokens", layer) for t in self.towers for layer in self.token_layers]
+        return out + [
+            (t, word_entry(p), layer) for t in self.towers for p in self.word_poolings for layer in self.layers
+        ]
 
     def data_paths(self, split: str) -> list[str]:
         """Every array written per row chunk, in the canonical order used for digests."""
@@ -243,6 +289,11 @@ class Provenance:
     quantization: dict[str, Any] | None = None
     """--quantize int8: the measured deviation from float32 of every stored array on the first batch; else None
     (and absent from the stored attribute)."""
+    batching: str | dict[str, Any] | None = None
+    """Audio stores: ``'exact'`` (each clip has its values alone, whatever shares its batch: a family the anatomy map
+    knows), or the batching options that changed the values and are in the store id (batch_seconds, batch_size,
+    chunk_rows, and ``why``: ``unmapped``, a speech model the map does not know, or ``int8``, --quantize int8). None
+    for text (and absent from the stored attribute)."""
     other: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
 
@@ -277,6 +328,8 @@ class Provenance:
         }
         if self.quantization is not None:
             d["quantization"] = self.quantization
+        if self.batching is not None:
+            d["batching"] = self.batching
         return {**d, **self.other}
 
     @classmethod
@@ -304,7 +357,39 @@ class Provenance:
             tool=dict(d.get("tool") or {}),
             config=dict(d.get("config") or {}),
             quantization=d.get("quantization"),
+            batching=d.get("batching"),
             other=_other(d, cls),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class WordsMeta:
+    """What a store of word-level data knows about its words (:attr:`StoreMeta.words`)."""
+
+    labels: dict[str, tuple[str, ...]]
+    """Per-word label column -> its values, which ``splits/<split>/words/labels/<name>`` indexes."""
+    heads: bool
+    """Whether ``splits/<split>/words/head`` holds every word's dependency head."""
+    cut: dict[str, int]
+    """Words per split that no token reached (their states are zeros, ``words/cut`` marks them)."""
+    truncated: dict[str, int]
+    """Of those, the words --max-length cut off (the rest the tokenizer made no token of)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": {k: list(v) for k, v in self.labels.items()},
+            "heads": self.heads,
+            "cut": dict(self.cut),
+            "truncated": dict(self.truncated),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WordsMeta":
+        return cls(
+            labels={k: tuple(v) for k, v in (d.get("labels") or {}).items()},
+            heads=bool(d.get("heads")),
+            cut=dict(d.get("cut") or {}),
+            truncated=dict(d.get("truncated") or {}),
         )
 
 
@@ -347,6 +432,8 @@ class StoreMeta:
     """Audio stores: augmented copies per split (absent from text stores)."""
     sampling_rate: int | None = None
     """Audio stores: the rate (Hz) the model heard (absent from text stores)."""
+    words: WordsMeta | None = None
+    """Stores of word-level data (``--word-pooling``): the word labels and cut words (absent otherwise)."""
     other: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
 
@@ -374,6 +461,8 @@ class StoreMeta:
             d["augmented"] = dict(self.augmented)
         if self.sampling_rate is not None:
             d["sampling_rate"] = self.sampling_rate
+        if self.words is not None:
+            d["words"] = self.words.to_dict()
         return {**d, **self.other}
 
     @classmethod
@@ -384,10 +473,10 @@ class StoreMeta:
         :class:`StoreDamagedError`.
         """
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreMismatchError(
-                f"{source} has store schema version {version}, this embstore reads version {SCHEMA_VERSION}; "
-                f"re-extract it with this version."
+                f"{source} has store schema version {version}, this embstore reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-extract it with this version."
             )
         for key in ("fingerprint", "layout"):
             if not d.get(key):
@@ -410,6 +499,7 @@ class StoreMeta:
             provenance=Provenance.from_dict(d.get("provenance") or {}),
             augmented=None if d.get("augmented") is None else dict(d["augmented"]),
             sampling_rate=d.get("sampling_rate"),
+            words=None if d.get("words") is None else WordsMeta.from_dict(d["words"]),
             other=_other(d, cls),
         )
 
@@ -470,3 +560,40 @@ def digest_path(split: str) -> str:
 
 def layer_digest_path(split: str) -> str:
     return f"progress/{split}/layer_digest"
+
+
+def _words(split: str) -> str:
+    return f"{_split(split)}/words"
+
+
+def word_offsets_path(split: str) -> str:
+    return f"{_words(split)}/offsets"
+
+
+def word_cut_path(split: str) -> str:
+    return f"{_words(split)}/cut"
+
+
+def word_head_path(split: str) -> str:
+    return f"{_words(split)}/head"
+
+
+def word_label_path(split: str, name: str) -> str:
+    return f"{_words(split)}/labels/{name}"
+
+
+def word_form_bytes_path(split: str) -> str:
+    return f"{_words(split)}/form_bytes"
+
+
+def word_form_offsets_path(split: str) -> str:
+    return f"{_words(split)}/form_offsets"
+
+
+def word_entry(pooling: str) -> str:
+    """The 'what' of a word pooling in ``digest_entries`` and in the chunk encoder's array names: 'words/first'."""
+    return f"words/{pooling}"
+
+
+def word_chunk_path(split: str, tower: str, pooling: str, chunk: int) -> str:
+    return f"{_split(split)}/{tower}/words/{pooling}/c{chunk:06d}"

@@ -140,12 +140,15 @@ class Store:
                 "truncated": self.meta.truncated.get(name),
                 "augmented": (self.meta.augmented or {}).get(name, 0),
             }
+            if self.meta.words is not None:
+                splits[name]["words"] = sl.n_words
+                splits[name]["words_cut"] = self.meta.words.cut.get(name, 0)
         return {
             "path": self.path,
             "format": self._b.format,
             "complete": self.complete,
             "fingerprint": self.fingerprint,
-            "schema_version": L.SCHEMA_VERSION,
+            "schema_version": self.meta.schema_version,
             "modality": self.modality,
             "splits": splits,
             "layers": self.layers,
@@ -161,6 +164,15 @@ class Store:
             "created": self.meta.created,
             "finished": self.meta.finished,
             "provenance": self.provenance.to_dict(),
+            **(
+                {
+                    "word_poolings": self.word_poolings,
+                    "word_labels": {k: len(v) for k, v in self.word_label_names.items()},
+                    "word_heads": self.has_word_heads,
+                }
+                if self.word_poolings
+                else {}
+            ),
         }
 
     # -- data ----------------------------------------------------------------------------------
@@ -291,6 +303,110 @@ class Store:
             split, (t, "tokens", resolved), lambda c: L.token_chunk_path(split, t, resolved, c), parts.__getitem__
         )
         return TokenStates(values=np.concatenate(parts) if parts else np.zeros((0, self.hidden)), offsets=offsets)
+
+    # -- words (word-level data, --word-pooling) ---------------------------------------------------
+    @property
+    def word_poolings(self) -> list[str]:
+        """The stored word poolings (first, last, mean); empty for a store without word states."""
+        return list(self.layout.word_poolings)
+
+    @property
+    def word_label_names(self) -> dict[str, list[str]]:
+        """Per-word label column -> its values (what :meth:`word_labels` indexes); empty without words."""
+        words = self.meta.words
+        return {} if words is None else {k: list(v) for k, v in words.labels.items()}
+
+    @property
+    def has_word_heads(self) -> bool:
+        """Whether every word's dependency head is stored (:meth:`word_heads`)."""
+        return self.meta.words is not None and self.meta.words.heads
+
+    def _words(self, split: str) -> L.SplitLayout:
+        sl = self._split(split)
+        if not self.layout.word_poolings:
+            raise ConfigError(
+                f"{self.path} has no word states; extract word-level data (a CoNLL-U file, or a table with a "
+                f"'tokens' list column) with --word-pooling first."
+            )
+        return sl
+
+    def word_offsets(self, split: str) -> np.ndarray:
+        """(n + 1,) int64: row ``i``'s words are ``offsets[i]:offsets[i + 1]`` of every per-word array."""
+        self._words(split)
+        return self._b.read(L.word_offsets_path(split))
+
+    def word_sentence(self, split: str) -> np.ndarray:
+        """(n_words,) int64: the stored row (sentence) of every word."""
+        offsets = self.word_offsets(split)
+        return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+    def word_position(self, split: str) -> np.ndarray:
+        """(n_words,) int64: every word's 0-based position in its sentence."""
+        offsets = self.word_offsets(split)
+        return np.arange(int(offsets[-1])) - np.repeat(offsets[:-1], np.diff(offsets))
+
+    def word_cut(self, split: str) -> np.ndarray:
+        """(n_words,) bool: words no token reached (--max-length cut them off, or the tokenizer made nothing of
+        them); their states are zeros."""
+        self._words(split)
+        return self._b.read(L.word_cut_path(split)).astype(bool)
+
+    def word_labels(self, split: str, name: str) -> np.ndarray:
+        """(n_words,) int64 indices into ``word_label_names[name]``."""
+        self._words(split)
+        names = self.word_label_names
+        if name not in names:
+            raise ConfigError(
+                f"{self.path} has no word label {name!r}; its word labels are {', '.join(names) or 'none'}."
+            )
+        return self._b.read(L.word_label_path(split, name)).astype(np.int64)
+
+    def word_heads(self, split: str) -> np.ndarray:
+        """(n_words,) int64 every word's dependency head: its 1-based position in the sentence, 0 for the root."""
+        self._words(split)
+        if not self.has_word_heads:
+            raise ConfigError(
+                f"{self.path} stores no dependency heads; extract a CoNLL-U file, or a table with a 'head' column."
+            )
+        return self._b.read(L.word_head_path(split)).astype(np.int64)
+
+    def word_forms(self, split: str) -> list[str]:
+        """Every word as written in the data, in stored order."""
+        self._words(split)
+        raw = self._b.read(L.word_form_bytes_path(split)).tobytes()
+        offsets = self._b.read(L.word_form_offsets_path(split))
+        return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def word_states(
+        self,
+        split: str,
+        layers: str | Sequence[int] | None = None,
+        pooling: str | None = None,
+        tower: str | None = None,
+    ) -> np.ndarray:
+        """Word states as ``(n_words, len(layers), hidden)`` in the stored dtype; ``pooling`` defaults to the first
+        stored word pooling."""
+        sl = self._words(split)
+        t = self._tower(tower)
+        p = pooling or self.layout.word_poolings[0]
+        if p not in self.layout.word_poolings:
+            raise ConfigError(
+                f"Word pooling {p!r} is not in {self.path}; it stores {', '.join(self.layout.word_poolings)}."
+            )
+        chosen = self.layers if layers is None else parse_layers(layers, self.layers)
+        pos = [self.layout.layer_position(x) for x in chosen]
+        parts = []
+        for c in range(sl.n_chunks):
+            path = L.word_chunk_path(split, t, p, c)
+            block = self._b.read(path)  # (n_layers, words of the chunk, hidden)
+            for layer in chosen:
+                self._verifier.check_chunk(
+                    split, (t, L.word_entry(p), layer), c, path, block[self.layout.layer_position(layer)]
+                )
+            parts.append(block[pos])
+        if not parts:
+            return np.zeros((0, len(chosen), self.hidden), dtype=self.layout.dtype)
+        return np.ascontiguousarray(np.concatenate(parts, axis=1).transpose(1, 0, 2))
 
     # -- integrity -----------------------------------------------------------------------------
     def verify(self) -> list[str]:

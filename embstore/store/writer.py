@@ -174,6 +174,20 @@ class StoreWriter:
                             fill_value=0,
                             compressors=None,
                         )
+                    if lay.word_poolings:
+                        words = arrays[L.word_offsets_path(split)]
+                        for c in range(sl.n_chunks):
+                            start, stop = sl.rows(c)
+                            n_words = int(words[stop] - words[start])
+                            for pooling in lay.word_poolings:
+                                g.create_array(
+                                    L.word_chunk_path(split, tower, pooling, c),
+                                    shape=(len(lay.layers), n_words, lay.hidden),
+                                    chunks=(1, max(1, min(n_words, L.WORD_CHUNK_ROWS)), lay.hidden),
+                                    dtype=lay.dtype,
+                                    fill_value=0,
+                                    compressors=None,
+                                )
                     if not lay.token_layers:
                         continue
                     counts = token_counts[(split, tower)].astype(np.int64)

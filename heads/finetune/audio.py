@@ -116,30 +116,37 @@ class ClipBatches(Sampler[list[Key]]):
 def collate_clips(
     feature_extractor: Any, min_width: int = 0
 ) -> Callable[[list[tuple[np.ndarray, int]]], dict[str, torch.Tensor]]:
-    """A DataLoader collate_fn: the feature extractor's padded (and normalised) input_values, its attention_mask
-    when the model takes one, each clip's length in samples and the labels. Batches narrower than ``min_width``
-    samples are padded to it (SpecAugment's time masks need a batch of at least ``mask_time_length`` frames)."""
+    """A DataLoader collate_fn that batches clips as extraction does (``AudioChunkEncoder.batch``): each clip
+    through the feature extractor alone, right-padded, with the sample-level attention mask (none for Whisper, whose
+    clips are each padded to its window); each clip's length in the model's input units (samples, or Whisper's
+    log-mel frames) and the labels. Batches narrower than ``min_width`` samples are padded to it (SpecAugment's time
+    masks need a batch of at least ``mask_time_length`` frames)."""
+    from embstore.backbones.registry import input_lengths, window_samples
+
     rate = int(feature_extractor.sampling_rate)
-    use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
+    name = str((getattr(feature_extractor, "model_input_names", None) or ["input_values"])[0])
+    window = window_samples(feature_extractor)
+    pad = float(getattr(feature_extractor, "padding_value", 0.0))
 
     def fn(rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        waves = [r[0] for r in rows]
-        width = max(min_width, max(len(w) for w in waves))
-        enc = feature_extractor(
-            waves,
-            sampling_rate=rate,
-            padding="max_length",
-            max_length=width,
-            return_attention_mask=use_mask,
-            return_tensors="np",
-        )
+        alone = [
+            np.asarray(feature_extractor(r[0], sampling_rate=rate, return_tensors="np")[name][0], dtype=np.float32)
+            for r in rows
+        ]
         batch = {
-            "input_values": torch.from_numpy(np.asarray(enc["input_values"], dtype=np.float32)),
-            "lengths": torch.tensor([len(w) for w in waves], dtype=torch.long),
+            "lengths": torch.from_numpy(input_lengths(feature_extractor, [len(r[0]) for r in rows])),
             "labels": torch.tensor([r[1] for r in rows], dtype=torch.long),
         }
-        if use_mask:
-            batch["attention_mask"] = torch.from_numpy(np.asarray(enc["attention_mask"], dtype=np.int64))
+        if window is not None:
+            batch[name] = torch.from_numpy(np.stack(alone))
+            return batch
+        width = max(min_width, max(len(x) for x in alone))
+        values = np.full((len(alone), width), pad, dtype=np.float32)
+        mask = np.zeros((len(alone), width), dtype=np.int64)
+        for i, x in enumerate(alone):
+            values[i, : len(x)] = x
+            mask[i, : len(x)] = 1
+        batch[name], batch["attention_mask"] = torch.from_numpy(values), torch.from_numpy(mask)
         return batch
 
     return fn

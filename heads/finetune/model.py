@@ -109,16 +109,38 @@ class SequenceClassifier(Classifier):
 
 
 class SpeechClassifier(Classifier):
-    """Speech: encoder + mean of the last layer's frames (masked by each clip's frame count, from its length in
-    samples by the conv front end's arithmetic, so padding never enters the mean) + classifier."""
+    """Speech: encoder + mean of the top layer's frames + classifier. The top layer is the tensor a store of the same
+    model calls layer L (transformers' ``hidden_states[-1]``: before the final norm of the pre-norm encoders and the
+    conformer, at SEW's squeezed rate, after Whisper's final norm), so a probe on the store's top layer and the
+    fine-tune classify the same features (and ``--truncate K`` classifies from the store's layer K). The mean is
+    masked by each clip's own frame count, and the batch runs with the padding kept out of every clip
+    (:func:`embstore.backbones.padding.exact_batches`), so a clip's logits do not depend on its batch."""
 
     def forward(
-        self, input_values: torch.Tensor, lengths: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        lengths: torch.Tensor,
+        input_values: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, S) waveforms, (B,) lengths in samples and, for models that take one, the (B, S) mask -> (B, C)."""
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        states = self.encoder(input_values=input_values, **kwargs).last_hidden_state  # (B, F, H)
-        frames = getattr(self.encoder, "_get_feat_extract_output_lengths")(lengths)  # (B,)
+        """(B,) lengths in the model's input units, and the (B, S) waveforms (with their (B, S) mask) or Whisper's
+        (B, mels, frames) log-mel features -> (B, C) logits."""
+        from embstore.backbones.anatomy import state_frames, top_state_module
+        from embstore.backbones.padding import exact_batches
+
+        given = {"input_values": input_values, "input_features": input_features, "attention_mask": attention_mask}
+        inputs = {k: v for k, v in given.items() if v is not None}
+        top: list[torch.Tensor] = []
+        module = top_state_module(self.encoder)  # the top state is its input (a final norm, SEW's upsampling)
+        hook = None if module is None else module.register_forward_pre_hook(lambda _m, args: top.append(args[0]))
+        try:
+            with exact_batches(self.encoder):
+                out = self.encoder(**inputs).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
+        states = top[0] if top else out  # (B, F, H)
+        frames = state_frames(self.encoder, lengths.cpu()).to(states.device)  # (B,)
         mask = (torch.arange(states.shape[1], device=states.device)[None] < frames[:, None]).unsqueeze(-1)  # (B, F, 1)
         mask = mask.to(states.dtype)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)

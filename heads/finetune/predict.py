@@ -98,6 +98,18 @@ def predict_finetuned_audio(
         audio_rates=info.rates,
     )
     clips = Clips(split, np.arange(n), np.zeros(n, dtype=np.int64), rate, seed=0)
+    from embstore.backbones.registry import window_samples
+    from embstore.data.audio import check_window
+
+    check_window(
+        list(paths),
+        clips.lengths,
+        window=window_samples(fe),
+        rate=rate,
+        split="predict",
+        max_seconds=None,
+        fix="Cut those files to the window, or leave them out.",
+    )
     collate = collate_clips(fe)
     proba = np.zeros((n, int(meta["n_classes"])), dtype=np.float32)
     with torch.inference_mode():

@@ -301,18 +301,32 @@ def _check_modality(config: FinetuneConfig, backbone: Backbone) -> None:
         )
 
 
-def usable_clips(data: FinetuneData, backbone: Backbone, skip_bad: bool) -> FinetuneData:
+def usable_clips(
+    data: FinetuneData, backbone: Backbone, skip_bad: bool, max_seconds: float | None = None
+) -> FinetuneData:
     """``data`` without clips shorter than the model's receptive field (refused naming them, or dropped and counted
-    with ``skip_bad``)."""
-    from embstore.data.audio import min_samples, usable_rows
+    with ``skip_bad``); for a fixed-window model (Whisper), ``max_seconds`` and every clip within its window (or
+    refused in one line)."""
+    from embstore.data.audio import check_window, min_samples, usable_rows
 
     rate, minimum = backbone.sampling_rate, min_samples(backbone.frames)
 
     def usable(split: SplitData, rows: np.ndarray) -> np.ndarray:
         lengths = split.clip_lengths(rate)  # (split rows,) samples, read once
-        return usable_rows(
+        kept = usable_rows(
             split.audio or [], lengths, rows, minimum=minimum, rate=rate, split=split.name, skip_bad=skip_bad
         )
+        # Whisper reads one window; validation and evaluation read clips whole, so every clip must fit in it
+        check_window(
+            [(split.audio or [])[i] for i in kept],
+            lengths[kept],
+            window=backbone.window_samples,
+            rate=rate,
+            split=split.name,
+            max_seconds=max_seconds,
+            fix="heads finetune validates and evaluates on whole clips: cut those files to the window, or remove them.",
+        )
+        return kept
 
     train_rows, eval_rows = usable(data.train, data.train_rows), usable(data.evaluation, data.eval_rows)
     dropped = {(data.train.name, int(i)) for i in np.setdiff1d(data.train_rows, train_rows)}
@@ -359,7 +373,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
         _check_modality(config, backbone)
         data = load_rows(config)
     if backbone.modality == "audio":
-        data = usable_clips(data, backbone, config.source.skip_bad)
+        data = usable_clips(data, backbone, config.source.skip_bad, config.max_seconds)
     weights_sha = backbone.identity.get("weights_sha256")
     spec = RoundSpec(
         config=config,

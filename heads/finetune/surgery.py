@@ -80,13 +80,15 @@ def split_feature_encoder(spec: str) -> tuple[bool, str]:
 
 
 def freeze_feature_encoder(model: nn.Module) -> None:
-    """Freeze a speech model's convolutional feature encoder as ``freeze_feature_encoder()`` of transformers does:
-    its parameters and its ``_requires_grad`` flag, so no activation of it is kept for the backward pass."""
-    encoder: Any = feature_encoder(_base(model))
-    if hasattr(encoder, "_freeze_parameters"):
-        encoder._freeze_parameters()
-    else:  # pragma: no cover - every transformers speech encoder has it
-        encoder.requires_grad_(False)
+    """Freeze a speech model's convolutional front end as ``freeze_feature_encoder()`` of transformers does: its
+    parameters and its ``_requires_grad`` flag, so no activation of it is kept for the backward pass (Whisper: its two
+    convolutions over the log-mel frames)."""
+    for encoder in feature_encoder(_base(model)):
+        part: Any = encoder
+        if hasattr(part, "_freeze_parameters"):
+            part._freeze_parameters()
+        else:  # Whisper's conv1 and conv2
+            part.requires_grad_(False)
 
 
 def freeze(model: nn.Module, layers: Iterable[int]) -> None:

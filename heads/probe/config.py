@@ -13,8 +13,9 @@ from embstore.errors import Choice, Constraint, Interval, ListOf, validate_param
 
 __all__ = ["HeadConfig", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS", "parse_grid"]
 
-POOLED_HEADS = ("linear", "mlp")
-"""Take one feature vector per row: (n, d); several layers arrive concatenated/summed/averaged."""
+POOLED_HEADS = ("linear", "mlp", "rank")
+"""Take one feature vector per row: (n, d); several layers arrive concatenated/summed/averaged. ``rank`` is the
+rank-constrained linear probe (Hewitt & Liang 2019's complexity control): x -> B (A x), A of rank ``rank``."""
 LAYERED_HEADS = ("conv", "sum", "mix")
 """Take the chosen layers separately: (n, k, hidden)."""
 PAIR_HEADS = ("pair",)
@@ -57,6 +58,8 @@ class HeadConfig:
     """A head kind of :data:`HEADS`."""
     hidden: tuple[int, ...] = (2048,)
     """mlp: hidden layer sizes."""
+    rank: int = 16
+    """rank: the rank of the rank-constrained linear probe (``heads sweep --rank`` sweeps several)."""
     dropout: float = 0.1
     """mlp / conv / pair / recurrent heads: dropout before each linear layer after the first."""
     activation: Activation = "relu"
@@ -112,7 +115,10 @@ class HeadConfig:
         "activation": Choice(Activation),
         "aggregate": Choice(Aggregate),
         "class_weight": Choice(ClassWeight),
-        **{k: Interval(int, 1, None) for k in ("batch_size", "epochs", "conv_hidden", "sum_hidden", "rnn_hidden")},
+        **{
+            k: Interval(int, 1, None)
+            for k in ("batch_size", "epochs", "conv_hidden", "sum_hidden", "rnn_hidden", "rank")
+        },
         "rnn_layers": Interval(int, 1, None),
         "patience": Interval(int, 0, None, desc="0 (off) or more epochs"),
         "dropout": Interval(float, 0, 1, closed="left"),

@@ -281,6 +281,20 @@ class LinearHead(nn.Module):
         return self.linear(self.standardize(x.flatten(1)))
 
 
+class RankHead(nn.Module):
+    """A rank-constrained linear probe: (batch, dim) -> A (rank, no bias) -> B (classes); a linear map of rank at
+    most ``rank`` (Hewitt & Liang 2019)."""
+
+    def __init__(self, dim: int, rank: int, n_classes: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.out = nn.Linear(rank, n_classes)
+        self.standardize = Standardize(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.down(self.standardize(x.flatten(1))))
+
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
@@ -426,6 +440,8 @@ def build_module(cfg: HeadConfig, shape: InputShape, n_classes: int) -> nn.Modul
         dim = int(np.prod(s[0]))
         if head == "linear":
             return LinearHead(dim, n_classes)
+        if head == "rank":
+            return RankHead(dim, cfg.rank, n_classes)
         return MLPHead(dim, cfg.hidden, cfg.activation, cfg.dropout, n_classes)
     if head in LAYERED_HEADS:
         layers, hidden = s[0]

@@ -17,16 +17,17 @@ from heads.probe.mdl import Codelength
 from heads.probe.rounds import Labels, Outcome
 from heads.probe.specs import Combo
 from heads.report.assess import ALPHA, Assessment, RunPredictions, assess
-from heads.report.table import ResultRow
+from heads.report.selectivity import SelectivityRun, selectivity_fields
+from heads.report.table import CONFIG_INTERVAL_KEY, ResultRow
 
-__all__ = ["result_row", "with_fields", "uncertainty_meta", "sureness"]
+__all__ = ["result_row", "with_fields", "merge_fields", "uncertainty_meta", "sureness", "control_task_fields"]
 
 
 def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> ResultRow:
     est, combo, rnd = o.est, o.combo, o.round
     history = list(getattr(est, "history_", []))
     seconds = float(getattr(est, "train_seconds_", 0.0))
-    hp = {k: v for k, v in cfg.replace(head=combo.head).to_dict().items() if k not in ("seed", "device")}
+    hp = {k: v for k, v in combo.config(cfg).to_dict().items() if k not in ("seed", "device")}
     hp.update(o.hyper)
     lbfgs = "C" in o.hyper
     mix = getattr(est, "mix_weights_", None)
@@ -34,7 +35,7 @@ def result_row(o: Outcome, store: Store, cfg: HeadConfig, eval_id: str) -> Resul
         layers=combo.layers_label,
         combine=combo.combine,
         pooling=combo.pooling,
-        head=combo.head,
+        head=combo.head_label,
         seed=rnd.seed,
         accuracy=o.metrics["accuracy"],
         f1_macro=o.metrics["f1_macro"],
@@ -60,6 +61,55 @@ def with_fields(row: ResultRow, found: dict[str, Any]) -> ResultRow:
     found = dict(found)
     extra = {**row.extra, **found.pop("extra", {})}
     return dataclasses.replace(row, extra=extra, **found)
+
+
+def merge_fields(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` and ``b`` together, their ``extra`` entries (and the configuration intervals in it) merged."""
+    out = {**a, **{k: v for k, v in b.items() if k != "extra"}}
+    extra = {**a.get("extra", {}), **b.get("extra", {})}
+    shared = {**a.get("extra", {}).get(CONFIG_INTERVAL_KEY, {}), **b.get("extra", {}).get(CONFIG_INTERVAL_KEY, {})}
+    if shared:
+        extra[CONFIG_INTERVAL_KEY] = shared
+    if extra:
+        out["extra"] = extra
+    return out
+
+
+def control_task_fields(
+    outcomes: Sequence[Outcome],
+    task_controls: Sequence[Outcome],
+    labels: Labels,
+    control_labels: Labels,
+    ci: bool,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The control-task fields of every outcome's row (``--control-task``): control accuracy and selectivity, with
+    paired-bootstrap intervals (``ci``); an outcome without a control-task run gets none."""
+    by_run = {(o.combo.key, o.round.seed, o.round.fold): o for o in task_controls}
+    runs, where = [], []
+    for i, o in enumerate(outcomes):
+        c = by_run.get((o.combo.key, o.round.seed, o.round.fold))
+        if c is None:
+            continue
+        rows = o.round.eval_rows
+        runs.append(
+            SelectivityRun(
+                o.combo.key,
+                o.round.seed,
+                o.round.fold,
+                rows,
+                o.pred == labels[o.round.eval_split][rows],
+                c.pred == control_labels[o.round.eval_split][rows],
+                o.val.get("accuracy"),
+                c.val.get("accuracy"),
+            )
+        )
+        where.append(i)
+    found = selectivity_fields(runs, seed=seed, intervals=ci)
+    fields: list[dict[str, Any]] = [{} for _ in outcomes]
+    for i, f in zip(where, found):
+        fields[i] = f
+    return fields
 
 
 def uncertainty_meta(a: Assessment) -> dict[str, Any]:

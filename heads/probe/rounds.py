@@ -277,7 +277,7 @@ def train_stacked(
     for combo, rnd in jobs:
         if combo not in shapes:
             shapes[combo] = as_inputs(bank.features(combo, rnd.train_split, rnd.fit_rows[:1]), combo.head).shape
-        by_bundle.setdefault(bundle_key(cfg.replace(head=combo.head), shapes[combo]), []).append((combo, rnd))
+        by_bundle.setdefault((bundle_key(combo.config(cfg), shapes[combo]), combo.size), []).append((combo, rnd))
     pieces: list[list[tuple[Combo, RoundRows]]] = []
     for bundle in by_bundle.values():
         combos = list(dict.fromkeys(c for c, _ in bundle))
@@ -293,7 +293,7 @@ def train_stacked(
     for bundle in pieces:
         combos = list(dict.fromkeys(c for c, _ in bundle))
         rnd0 = bundle[0][1]
-        head_cfg = cfg.replace(head=combos[0].head)
+        head_cfg = combos[0].config(cfg)
         train_inputs = [as_inputs(bank.features(c, rnd0.train_split), c.head) for c in combos]
         same = rnd0.val_split == rnd0.train_split
         val_inputs = train_inputs if same else [as_inputs(bank.features(c, rnd0.val_split), c.head) for c in combos]

@@ -7,14 +7,15 @@ against the store's layers, so the error names the store's valid range.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from embstore.errors import Choice, ConfigError, ListOf
 from embstore.layers import format_layers, parse_layers
-from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS
+from heads.probe.config import LAYERED_HEADS, PAIR_HEADS, POOLED_HEADS, TOKEN_HEADS, HeadConfig
 
-__all__ = ["COMBINES", "COMBINE", "Combo", "parse_combine", "expand"]
+__all__ = ["COMBINES", "COMBINE", "Combo", "parse_combine", "expand", "sized"]
 
 COMBINES = ("single", "concat", "sum", "mean", "mix")
 COMBINE = ListOf(Choice(COMBINES))
@@ -33,14 +34,40 @@ class Combo:
     """A stored pooling, or 'tokens'."""
     head: str
     """The head kind that is trained (combine 'mix' always trains the scalar-mix head)."""
+    size: int | None = None
+    """The probe's complexity where a sweep tries several: the rank of a ``rank`` head, the hidden width of an
+    ``mlp`` head (``heads sweep --rank``, ``--mlp-widths``); None: the head configuration's own."""
 
     @property
     def layers_label(self) -> str:
         return format_layers(self.layers)
 
     @property
+    def head_label(self) -> str:
+        """The head as the results name it: 'rank-8', 'mlp-256', or the head kind."""
+        return self.head if self.size is None else f"{self.head}-{self.size}"
+
+    @property
     def key(self) -> tuple[str, str, str, str]:
-        return (self.layers_label, self.combine, self.pooling, self.head)
+        return (self.layers_label, self.combine, self.pooling, self.head_label)
+
+    def config(self, cfg: HeadConfig) -> HeadConfig:
+        """``cfg`` for this configuration's head: its kind, and its rank or hidden width when it has a size."""
+        if self.size is None:
+            return cfg.replace(head=self.head)
+        if self.head == "rank":
+            return cfg.replace(head="rank", rank=self.size)
+        return cfg.replace(head=self.head, hidden=(self.size,))
+
+
+def sized(combos: Sequence[Combo], ranks: Sequence[int], widths: Sequence[int]) -> list[Combo]:
+    """``combos`` with every ``rank`` head tried at each of ``ranks`` and every ``mlp`` head at each hidden width
+    of ``widths`` (none given: the head configuration's own); one configuration each, in order."""
+    out: list[Combo] = []
+    for c in combos:
+        sizes = ranks if c.head == "rank" else widths if c.head == "mlp" else ()
+        out += [dataclasses.replace(c, size=int(v)) for v in sizes] if sizes else [c]
+    return out
 
 
 def parse_combine(spec: str | Sequence[str]) -> tuple[str, ...]:

@@ -21,16 +21,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from embstore.config import reject_unknown_keys
-from embstore.errors import ConfigError, Constraint, DataError, Interval, ListOf, Optional, validate_params
+from embstore.errors import Choice, ConfigError, Constraint, DataError, Interval, ListOf, Optional, validate_params
 from embstore.store.reader import Store, open_store
 from heads.evalset import EVAL_SET_KEY, eval_set, source_sha256
 from heads.probe.card import HeadCard
 from heads.probe.chunks import Comm
-from heads.probe.config import TOKEN_HEADS, HeadConfig
+from heads.probe.config import TOKEN_HEADS, HeadConfig, parse_grid
 from heads.probe.control import check_control
 from heads.probe.features import FeatureBank, parse_memory
 from heads.probe.mdl import FRACTIONS, Codelength, online_codelengths
-from heads.probe.record import result_row, sureness, uncertainty_meta, with_fields
+from heads.probe.record import control_task_fields, merge_fields, result_row, sureness, uncertainty_meta, with_fields
+from heads.probe.ridge import ALPHAS
 from heads.probe.rounds import (
     Labels,
     Outcome,
@@ -41,7 +42,7 @@ from heads.probe.rounds import (
     train_stacked,
     train_tokens,
 )
-from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine
+from heads.probe.specs import COMBINE, COMBINES, Combo, expand, parse_combine, sized
 from heads.probe.sweep_setup import (
     SweepSetup,
     check_budget,
@@ -54,6 +55,7 @@ from heads.probe.sweep_setup import (
     plan_rounds,
     sweep_notes,
 )
+from heads.probe.word import TASKS, ExampleStore
 from heads.protocol import split_roles
 from heads.report import rundir
 from heads.report.metrics import majority_accuracy
@@ -107,8 +109,34 @@ class SweepConfig:
     on the same rows, and the gain over it is reported."""
     mdl: bool = False
     """The online codelength (MDL) of the training labels given each linear probe's features."""
+    task: str = "sentence"
+    """What one example is: 'sentence' (a store row), 'word' (a word, label: a stored word label), 'edge' (a word
+    and its head), 'arc' (which word is a word's head), 'regression' (a numeric target: the store's labels, or a
+    word-level one such as ``depth``); see docs/word-probing.md."""
+    label: str | None = None
+    """Word and edge tasks: the word label (upos, xpos, deprel, ...; ``depth``, ``distance`` for regression)."""
+    control_task: bool = False
+    """Also train every configuration on the control task (each word type a fixed random label; Hewitt & Liang
+    2019) and report control accuracy and selectivity."""
+    ranks: tuple[int, ...] = ()
+    """Probe complexity: a rank-constrained linear probe (head ``rank``) at each of these ranks, one configuration
+    each (Hewitt & Liang 2019: selectivity depends on the probe's complexity); () for none."""
+    mlp_widths: tuple[int, ...] = ()
+    """Probe complexity: every ``mlp`` head at each of these hidden widths (one hidden layer), one configuration
+    each; () keeps ``hidden``."""
+    alphas: tuple[float, ...] = ALPHAS
+    """Regression: the ridge penalties tried (scikit-learn's alpha, on standardised features), chosen on
+    validation."""
 
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
+        "task": Choice(TASKS),
+        "ranks": ListOf(Interval(int, 1, None), min_len=0, desc="a comma list of positive ranks"),
+        "mlp_widths": ListOf(Interval(int, 1, None), min_len=0, desc="a comma list of positive widths"),
+        "alphas": ListOf(
+            Interval(float, 0, None, closed="neither"),
+            desc="a comma list of positive ridge penalties",
+            hint="Pass values such as 0.1,10,1000.",
+        ),
         "combine": COMBINE,
         "heads": ListOf(HeadConfig.parameter_constraints["head"], min_len=0),
         "seeds": Interval(int, 1, None, desc="at least 1"),
@@ -126,11 +154,28 @@ class SweepConfig:
                 f"--mdl codes the labels of the whole training split and --folds {self.folds} cuts it into "
                 "folds; run --mdl without --folds (a second sweep), or --folds without --mdl."
             )
+        if self.control_task and self.regression:
+            raise ConfigError(
+                f"--control-task draws a random label per word type for classification; --task {self.task}"
+                f"{' --label ' + self.label if self.label else ''} is a regression task: leave --control-task out."
+            )
+        if self.control_task and self.task == "sentence":
+            raise ConfigError(
+                "--control-task gives every word type a random label: it needs --task word, edge or arc (a store of "
+                "word-level data); for a sentence task use --control STORE (a random-weights store)."
+            )
+        if self.task in ("word", "edge") and not self.label and not self.regression:
+            raise ConfigError(f"--task {self.task} needs --label NAME: a stored word label such as upos, xpos, deprel.")
         if self.mdl and not ("linear" in self.heads and self.head.solver == "lbfgs"):
             raise ConfigError(
                 "--mdl codes the labels with the L-BFGS linear probes; add --head linear (with --solver lbfgs, "
                 "the default)."
             )
+
+    @property
+    def regression(self) -> bool:
+        """Whether the task is a regression: ``--task regression``, word ``depth``, edge ``distance``."""
+        return self.task == "regression" or (self.task, self.label) in (("word", "depth"), ("edge", "distance"))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "head"}
@@ -144,6 +189,15 @@ class SweepConfig:
         head_keys = {f.name for f in dataclasses.fields(HeadConfig)} - {"head"}
         reject_unknown_keys(d, own | head_keys | {"head"}, "sweep")
         kw = {k: v for k, v in d.items() if k in own}
+        for key in ("ranks", "mlp_widths"):
+            if isinstance(kw.get(key), (str, int)):
+                kw[key] = tuple(int(p) for p in str(kw[key]).split(",") if p.strip())
+            elif kw.get(key) is not None:
+                kw[key] = tuple(int(p) for p in kw[key])
+        if isinstance(kw.get("alphas"), (str, int, float)):
+            kw["alphas"] = parse_grid(kw["alphas"])
+        elif kw.get("alphas") is not None:
+            kw["alphas"] = tuple(float(a) for a in kw["alphas"])
         for key in ("combine", "pooling", "heads"):
             if isinstance(kw.get(key), str):
                 kw[key] = tuple(p.strip() for p in kw[key].split(",") if p.strip())
@@ -205,11 +259,14 @@ def _eval_record(store: Store, rnd: RoundRows) -> dict[str, Any]:
 
 def _setup(config: SweepConfig, path: str) -> SweepSetup:
     """Open the store, name the split roles, expand the configurations and carve every round (nothing written)."""
-    store = open_store(path, verify=config.verify)
+    cfg = config.head
+    base = open_store(path, verify=config.verify)
+    store: Any = base
+    if config.task in ("word", "edge"):
+        store = ExampleStore.open(base, config.task, str(config.label), base.splits, config.train_split)
     if store.label_names is None:
         raise DataError(f"{path} was extracted without labels; re-extract with --label-col COLUMN.")
     names = store.label_names
-    cfg = config.head
     (tr_split, tr_rows), (ev_split, ev_rows) = split_roles(
         store, config.train_split, config.eval_split, config.holdout, cfg.seed, config.folds
     )
@@ -223,17 +280,19 @@ def _setup(config: SweepConfig, path: str) -> SweepSetup:
             f"Class {', '.join(map(repr, absent))} has no rows in the training split {tr_split!r}; a head cannot learn "
             f"it: re-split the data so every class is in training."
         )
+    heads = config.heads + (("rank",) if config.ranks and "rank" not in config.heads else ())
     combos = expand(
         layers=config.layers,
         combine=parse_combine(config.combine),
         poolings=config.pooling or tuple(store.poolings),
-        heads=config.heads,
+        heads=heads,
         store_layers=store.layers,
         store_poolings=store.poolings,
         token_layers=store.token_layers,
         towers=store.towers,
         store_path=path,
     )
+    combos = sized(combos, config.ranks, config.mlp_widths)
     combos, notes = drop_duplicates(combos, cfg.standardize)
     rounds = plan_rounds(
         store,
@@ -244,9 +303,17 @@ def _setup(config: SweepConfig, path: str) -> SweepSetup:
         train=(tr_split, tr_rows),
         evaluate=(ev_split, ev_rows),
         first_seed=cfg.seed,
+        every_class=not isinstance(store, ExampleStore),
     )
     splits = list(dict.fromkeys([tr_split, ev_split] + ([config.val_split] if config.val_split else [])))
     labels = Labels({s: store.labels(s) for s in splits}, names)
+    control = None
+    if config.control_task and isinstance(store, ExampleStore):
+        drawn = store.control_task_labels(tr_rows, tr_split, cfg.seed)
+        control = Labels({s: drawn[s] for s in splits}, names)
+        notes = notes + list(store.notes)
+    elif isinstance(store, ExampleStore):
+        notes = notes + list(store.notes)
     return SweepSetup(
         path,
         store,
@@ -259,6 +326,7 @@ def _setup(config: SweepConfig, path: str) -> SweepSetup:
         splits,
         parse_memory(config.max_memory),
         labels,
+        control,
     )
 
 
@@ -386,6 +454,9 @@ def _meta(
     validation = (
         f"split `{config.val_split}` ({len(first.val_rows)} rows)"
         if config.val_split
+        else f"a seeded, stratified {cfg.validation_fraction:g} carve of the training sentences (each sentence "
+        f"whole on one side){' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} examples)"
+        if isinstance(store, ExampleStore)
         else f"a seeded, {'group-disjoint' if groups_all is not None else 'stratified'} {cfg.validation_fraction:g} "
         f"carve of "
         f"the training rows{' of each fold' if config.folds else ''}, one per seed ({len(first.val_rows)} rows)"
@@ -436,6 +507,25 @@ def _meta(
             else {"max_length": store.provenance.max_length}
         ),
     }
+    if isinstance(store, ExampleStore):
+        meta["task"] = {
+            "task": config.task,
+            "label": config.label,
+            "word_pooling": sorted({c.pooling for c in setup.combos}),
+            "examples": {s: store.n_rows(s) for s in setup.splits},
+            "features": "the word's state" if config.task == "word" else "[h_dep, h_head, h_dep * h_head]",
+            "groups": "sentences: every carve and fold keeps a sentence's words on one side",
+        }
+        if setup.control_labels is not None:
+            meta["task"]["control_task"] = {
+                "definition": "every word type (lower-cased form"
+                + ("; for edges the pair of the dependent's and the head's types" if config.task == "edge" else "")
+                + ") gets one label drawn, by a seeded hash of the type, from the empirical label distribution of "
+                "the training examples; the same probes, carve and C grid are trained on it",
+                "citation": "Hewitt & Liang (2019), Designing and Interpreting Probes with Control Tasks, EMNLP",
+                "seed": config.head.seed,
+                "types": len(set(store.examples[tr_split].types or [])),
+            }
     if control is not None:
         meta["control"] = {
             "store": str(control.path),
@@ -455,6 +545,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     from heads.probe.fitting import head_device
 
     t_start = time.perf_counter()
+    if config.regression or config.task == "arc":  # probes of their own, scored by R² or attachment accuracy
+        return _scored(config, config.store or latest_store(cache or cache_dir()))
     _join_process_group()
     comm = Comm()
     setup = _setup(config, config.store or latest_store(cache or cache_dir()))
@@ -462,6 +554,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     control = None
     if config.control is not None:
         control = open_store(config.control, verify=config.verify)
+        if isinstance(setup.store, ExampleStore):  # the random-weights store's words, as the task's examples
+            control = ExampleStore.open(control, config.task, str(config.label), control.splits, config.train_split)
         check_control(setup.store, control, setup.splits, setup.combos)
     groups = feature_groups(setup, cfg)
     check_budget(setup, groups, cfg, config.max_memory)
@@ -471,7 +565,8 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     writer = RunWriter(run_dir, _meta(config, setup, groups, comm, control)) if main else None
 
     bar = _progress(
-        len(setup.combos) * len(setup.rounds) * (2 if control is not None else 1), show_progress if main else False
+        len(setup.combos) * len(setup.rounds) * (1 + (control is not None) + config.control_task),
+        show_progress if main else False,
     )
     eval_ids = {id(p): _eval_record(setup.store, p)["id"] for p in setup.rounds}
 
@@ -480,6 +575,9 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
             writer.add(result_row(o, setup.store, cfg, eval_ids[id(o.round)]))
 
     timings = {"setup_s": time.perf_counter() - t_start, "train_s": 0.0, "mdl_s": 0.0, "control_s": 0.0}
+    if setup.control_labels is not None:
+        timings["control_task_s"] = 0.0
+    task_controls: list[Outcome] = []
     outcomes: list[Outcome] = []
     codes: dict[tuple[Combo, int], Codelength] = {}
     for group in groups:  # each group's features read once, trained, then let go
@@ -488,6 +586,11 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
         bank, cache_chunks = feature_bank(part, cfg)
         found = _train(part, bank, cache_chunks, cfg, device, comm, bar.update, write)
         timings["train_s"] += time.perf_counter() - t0
+        if setup.control_labels is not None:  # the control task: the same features, probes, rows and C grid
+            t0 = time.perf_counter()
+            ct = dataclasses.replace(part, labels=setup.control_labels)
+            task_controls += _train(ct, bank, cache_chunks, cfg, device, comm, bar.update, lambda _o: None)
+            timings["control_task_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if config.mdl and linear_combos(part, cfg):
             codes.update(_codelengths(part, bank, found, cfg, device, comm))
@@ -506,7 +609,24 @@ def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: 
     bar.close()
     if writer is None:  # another rank: rank 0 writes the run directory
         return SweepResult(run_dir=run_dir, store=setup.path, rows=len(outcomes), best={}, rank=comm.rank)
-    return _finish(writer, setup, outcomes, controls, codes, config, t_start, timings)
+    return _finish(writer, setup, outcomes, controls, codes, config, t_start, timings, task_controls)
+
+
+def _scored(config: SweepConfig, path: str) -> SweepResult:
+    """A regression or arc sweep (:mod:`heads.probe.regression`, :mod:`heads.probe.arcs`)."""
+    if config.control is not None:
+        raise ConfigError(
+            f"--control STORE is not supported with --task {config.task} yet; use it with the classification tasks."
+        )
+    if config.regression:
+        from heads.probe.regression import run_regression
+
+        run_dir, best, n = run_regression(config, path)
+    else:
+        from heads.probe.arcs import run_arcs
+
+        run_dir, best, n = run_arcs(config, path)
+    return SweepResult(run_dir=run_dir, store=path, rows=n, best=best)
 
 
 def _finish(
@@ -518,6 +638,7 @@ def _finish(
     config: SweepConfig,
     t_start: float,
     timings: dict[str, float],
+    task_controls: Sequence[Outcome] = (),
 ) -> SweepResult:
     """Sureness, control and MDL columns on every row, the rows in report order (configurations as planned, then
     seed and fold, however they were grouped to train), then the run's files and its best head."""
@@ -529,6 +650,11 @@ def _finish(
     best_key = best_config(aggregate(rows)).key
     t0 = time.perf_counter()
     fields = sureness(outcomes, controls, codes, best_key, setup.labels, config.ci, config.head.seed)
+    if setup.control_labels is not None:
+        found = control_task_fields(
+            outcomes, task_controls, setup.labels, setup.control_labels, config.ci, config.head.seed
+        )
+        fields.fields = [merge_fields(a, b) for a, b in zip(fields.fields, found)]
     timings["sureness_s"] = time.perf_counter() - t0
     writer.replace_rows([with_fields(row, f) for row, f in zip(rows, fields.fields)])
     if config.ci:
@@ -556,6 +682,9 @@ def _finish(
             for o in outcomes
         ],
         names,
+        [store.prediction_ids(o.round.eval_split, o.round.eval_rows) for o in outcomes]
+        if isinstance(store, ExampleStore)
+        else None,
     )
     summary = writer.finish(names, best_key=best_key)
     best = summary["best"]

@@ -72,13 +72,18 @@ def plan_rounds(
     train: tuple[str, np.ndarray | None],
     evaluate: tuple[str, np.ndarray | None],
     first_seed: int = 0,
+    every_class: bool = True,
 ) -> list[RoundRows]:
     """One RoundRows per seed (``first_seed`` .. ``first_seed + seeds - 1``) x fold, in (seed, fold) order; raises
     ConfigError for a carve that cannot work.
 
     Every carve is drawn on source-row ids, grouped by the stored groups, with augmented copies following their
     source row (:func:`heads.protocol.validation_carve`): the rows ``heads finetune`` of the same data, seed and
-    ``--validation-fraction`` validates on."""
+    ``--validation-fraction`` validates on.
+
+    Word and edge tasks (``every_class`` False) carve whole sentences (their stored groups) and do not refuse a carve
+    whose rare labels cannot sit on both sides (a word label seen once in a treebank cannot): the carve keeps the
+    sentences apart anyway and logs the classes missing from a side."""
     tr_split, tr_rows = train
     ev_split, ev_rows = evaluate
     y_all = store.labels(tr_split)
@@ -111,6 +116,7 @@ def plan_rounds(
                     what=where,
                     row_ids=ids_all[base],
                     augmented=augmented[base],
+                    every_class=every_class,
                 )
                 fit, val, vsplit = base[fit_pos], base[val_pos], tr_split  # choices are made on original rows only
             eval_rows = np.arange(len(y_eval_all)) if rnd.eval_rows is None else np.sort(rnd.eval_rows)
@@ -181,6 +187,8 @@ class SweepSetup:
     splits: list[str]
     budget: int
     labels: Labels
+    control_labels: Labels | None = None
+    """``--control-task``: every split's control-task labels (the same rows, carve and probes train on them)."""
 
 
 def linear_combos(setup: SweepSetup, cfg: HeadConfig) -> list[Combo]:

@@ -73,6 +73,7 @@ def validation_carve(
     row_ids: np.ndarray | None = None,
     augmented: np.ndarray | None = None,
     fix: str = SWEEP_FIX,
+    every_class: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) sorted positions: the carve (:func:`embstore.data.carve.carve`) of ``ceil(fraction * n)``
     rows, seeded, stratified, or group-disjoint when ``groups`` are given, drawn in the order of ``row_ids``.
@@ -80,12 +81,15 @@ def validation_carve(
     Every choice is made on the carved rows, so they must hold every class that ``y`` holds (and the fitting side
     too); otherwise a ConfigError names ``what`` was carved, the sizes and ``fix``. ``augmented`` (n,) marks
     augmented copies (their row id is their source's): the original rows are carved and the copies follow their
-    source (:func:`carve_with_copies`; the validation side has none).
+    source (:func:`carve_with_copies`; the validation side has none). ``every_class=False`` (word and edge tasks,
+    whose rare labels may occur once) carves as close to every class as the counts allow instead of refusing.
     """
     try:
         if row_ids is None:
-            return carve(y, fraction, seed, groups=groups)
-        return carve_with_copies(y, fraction, seed, groups=groups, row_ids=row_ids, augmented=augmented)
+            return carve(y, fraction, seed, groups=groups, every_class=every_class)
+        return carve_with_copies(
+            y, fraction, seed, groups=groups, row_ids=row_ids, augmented=augmented, every_class=every_class
+        )
     except CarveError as e:
         raise ConfigError(f"The validation carve of {what} {e.detail}; {fix}.") from None
 

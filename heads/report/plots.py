@@ -153,3 +153,53 @@ def plot_report(path: Path, entries: list[tuple[str, str, ConfigStats]]) -> None
     ax.set(xlabel="evaluation macro-F1 (mean ± std)", title="Macro-F1 per config, best (as the report ranks) on top")
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=120)
+
+
+def plot_selectivity(path: Path, stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str]) -> bool:
+    """Accuracy and selectivity (accuracy - control-task accuracy) per single layer, each with its 95% band, beside
+    each other (``--control-task``)."""
+    singles = [s for s in stats if s.is_single and s.has_selectivity]
+    if not singles:
+        return False
+    fig, (ax_acc, ax_sel) = new_figure(11, 4.2, ncols=2)
+    lines: dict[tuple[str, str], list[ConfigStats]] = {}
+    for s in singles:
+        lines.setdefault((s.key[2], s.key[3]), []).append(s)
+    for (pooling, head), group in lines.items():
+        xs = [int(s.key[0]) for s in group]
+        name = f"{pooling} / {head}"
+        drawn = ax_acc.plot(xs, [s.accuracy_mean for s in group], marker="o", label=name)
+        color = drawn[0].get_color()
+        ax_acc.plot(
+            xs,
+            [float(s.control_task_accuracy_mean or 0.0) for s in group],
+            linestyle="--",
+            marker="x",
+            color=color,
+            alpha=0.7,
+            label=f"{name}: control task",
+        )
+        ax_sel.plot(xs, [float(s.selectivity_mean or 0.0) for s in group], marker="o", color=color, label=name)
+        for ax, lo, hi in (
+            (ax_acc, [s.accuracy_lo for s in group], [s.accuracy_hi for s in group]),
+            (ax_sel, [s.selectivity_lo for s in group], [s.selectivity_hi for s in group]),
+        ):
+            if all(v is not None for v in lo + hi):
+                ax.fill_between(
+                    xs,
+                    [float(v or 0.0) for v in lo],
+                    [float(v or 0.0) for v in hi],
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
+    ticks = sorted({int(s.key[0]) for s in singles})
+    ax_acc.set(xlabel="layer", ylabel="accuracy (band: 95% CI)", title="Accuracy per layer (dashed: control task)")
+    ax_sel.set(xlabel="layer", ylabel="selectivity (band: 95% CI)", title="Selectivity = accuracy - control accuracy")
+    ax_sel.axhline(0.0, color="gray", linewidth=0.8)
+    for ax in (ax_acc, ax_sel):
+        ax.set_xticks(ticks)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return True

@@ -25,7 +25,7 @@ from typing import Any
 
 from embstore import __version__
 from embstore.errors import DataError, DataFileNotFoundError, OutputNotWritableError
-from heads.report.plots import plot_confusion, plot_curves, plot_per_layer
+from heads.report.plots import plot_confusion, plot_curves, plot_per_layer, plot_selectivity
 from heads.report.rundir import CSV_FILE, PREDICTIONS_FILE, ROWS_FILE, RUN_FILE, SUMMARY_FILE
 from heads.report.summary import summary_md
 from heads.report.table import ConfigKey, ConfigStats, ResultRow, aggregate, best_config
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 PLOT_PER_LAYER, PLOT_CURVES, PLOT_CONFUSION = "metric_per_layer.png", "learning_curves.png", "confusion_best.png"
+PLOT_SELECTIVITY = "selectivity_per_layer.png"
 RUN_FORMAT_VERSION = 1
 CSV_COLUMNS = [
     "layers",
@@ -78,6 +79,13 @@ CSV_COLUMNS = [
     "gain_f1_macro_hi",
     "mdl_bits",
     "compression",
+    "control_task_accuracy",
+    "control_task_accuracy_lo",
+    "control_task_accuracy_hi",
+    "selectivity",
+    "selectivity_lo",
+    "selectivity_hi",
+    "val_selectivity",
 ]
 
 
@@ -146,10 +154,13 @@ class RunWriter:
             ) from None
         self.rows = list(rows)
 
-    def write_predictions(self, runs: list[tuple[Any, Any, Any]], label_names: list[str]) -> None:
+    def write_predictions(
+        self, runs: list[tuple[Any, Any, Any]], label_names: list[str], ids: list[dict[str, Any]] | None = None
+    ) -> None:
         """predictions.npz: one entry per (run, evaluation row); ``runs[i]`` = (row ids, true labels, (rows, classes)
-        probabilities) of the run on line i of results.jsonl. See :func:`save_predictions`."""
-        save_predictions(self.run_dir / PREDICTIONS_FILE, runs, label_names)
+        probabilities) of the run on line i of results.jsonl; ``ids[i]`` more ids of its rows (word tasks: sentence
+        and word). See :func:`save_predictions`."""
+        save_predictions(self.run_dir / PREDICTIONS_FILE, runs, label_names, ids)
 
     def finish(self, label_names: list[str], best_key: ConfigKey | None = None) -> dict[str, Any]:
         """Write results.csv, summary.md and the plots; return the summary (configs, best, files, skipped plots).
@@ -171,10 +182,11 @@ class RunWriter:
             (PLOT_PER_LAYER, plot_per_layer),
             (PLOT_CURVES, plot_curves),
             (PLOT_CONFUSION, plot_confusion),
+            (PLOT_SELECTIVITY, plot_selectivity),
         ):
             if draw(self.run_dir / name, stats, best, label_names):
                 files.append(name)
-            else:
+            elif name != PLOT_SELECTIVITY:  # drawn only with --control-task: not a skip otherwise
                 skipped.append(name)
         (self.run_dir / SUMMARY_FILE).write_text(
             summary_md(self.meta, stats, best, label_names, files, skipped, _SKIP_REASON)
@@ -189,7 +201,9 @@ class RunWriter:
         }
 
 
-def save_predictions(path: Path, runs: list[tuple[Any, Any, Any]], label_names: list[str]) -> Path:
+def save_predictions(
+    path: Path, runs: list[tuple[Any, Any, Any]], label_names: list[str], ids: list[dict[str, Any]] | None = None
+) -> Path:
     """Write per-row predictions in long format, readable with numpy alone (no pickle)::
 
         run      (N,) int64    the run's 0-based line in results.jsonl (0 for heads predict)
@@ -198,16 +212,20 @@ def save_predictions(path: Path, runs: list[tuple[Any, Any, Any]], label_names: 
         y_pred   (N,) int64    the predicted label index (the most probable class)
         proba    (N, K) float32 class probabilities, columns in label_names order
         label_names (K,) str
+        sentence_id, word_id, head_id (N,) int64   word and edge tasks: the sentence's row id in its source file,
+                 the word's (dependent's) 0-based position in it, and an edge's head position (row_id is then
+                 sentence_id * 65536 + word_id)
 
-    ``runs[i]`` = (row ids, true labels or None, probabilities) of run i. Written to a temporary file and renamed.
+    ``runs[i]`` = (row ids, true labels or None, probabilities) of run i, ``ids[i]`` its rows' further ids (the
+    same names in every run). Written to a temporary file and renamed.
     """
     import numpy as np
 
     n_classes = len(label_names)
-    ids, ys, probas, run = [], [], [], []
+    row_id, ys, probas, run = [], [], [], []
     for i, (row_ids, y_true, proba) in enumerate(runs):
         p = np.asarray(proba, dtype=np.float32).reshape(-1, n_classes)
-        ids.append(np.asarray(row_ids, dtype=np.int64))
+        row_id.append(np.asarray(row_ids, dtype=np.int64))
         ys.append(np.full(len(p), -1, dtype=np.int64) if y_true is None else np.asarray(y_true, dtype=np.int64))
         probas.append(p)
         run.append(np.full(len(p), i, dtype=np.int64))
@@ -216,16 +234,20 @@ def save_predictions(path: Path, runs: list[tuple[Any, Any, Any]], label_names: 
         return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
 
     proba_all = cat(probas, (0, n_classes), np.float32)
+    more = {}
+    if ids:
+        more = {k: cat([np.asarray(d[k], dtype=np.int64) for d in ids], (0,), np.int64) for k in ids[0]}
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     try:
         np.savez(
             tmp,
             run=cat(run, (0,), np.int64),
-            row_id=cat(ids, (0,), np.int64),
+            row_id=cat(row_id, (0,), np.int64),
             y_true=cat(ys, (0,), np.int64),
             y_pred=proba_all.argmax(1).astype(np.int64) if len(proba_all) else np.zeros(0, np.int64),
             proba=proba_all,
             label_names=np.asarray([str(n) for n in label_names]),
+            **more,
         )
         os.replace(tmp, path)
     except OSError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from heads.report.plots import names_for
-from heads.report.table import ConfigStats, pm, selection_rule
+from heads.report.table import ConfigStats, most_selective, pm, selection_rule
 
 __all__ = ["summary_md", "md_table"]
 
@@ -65,6 +65,62 @@ def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> lis
         ["MDL bits", "compression"] if with_mdl else []
     )
     return md_table(header + ["runs", "train s", ""], table)
+
+
+def _ci_of(mean: float | None, lo: float | None, hi: float | None, sign: bool = False) -> str:
+    if mean is None:
+        return ""
+    fmt = "{:+.4f}" if sign else "{:.4f}"
+    shown = fmt.format(mean)
+    return shown + (f" ({fmt.format(lo)} to {fmt.format(hi)})" if lo is not None and hi is not None else "")
+
+
+def _selectivity_section(stats: list[ConfigStats], best: ConfigStats) -> list[str]:
+    """Per configuration (single layers first, in layer order): test accuracy, control accuracy and selectivity,
+    with their 95% intervals; then the most selective configuration beside the most accurate one."""
+    rows = []
+    for s in stats:
+        cells = list(s.key) + [
+            _ci_of(s.accuracy_mean, s.accuracy_lo, s.accuracy_hi),
+            _ci_of(s.control_task_accuracy_mean, s.control_task_lo, s.control_task_hi),
+            _ci_of(s.selectivity_mean, s.selectivity_lo, s.selectivity_hi, sign=True),
+            "" if s.val_selectivity_mean is None else f"{s.val_selectivity_mean:+.4f}",
+        ]
+        rows.append([f"**{c}**" if c and s is best else c for c in cells])
+    lines = ["## Accuracy and selectivity per layer", ""]
+    lines += md_table(
+        [
+            "layers",
+            "combine",
+            "pooling",
+            "head",
+            "test accuracy (95% CI)",
+            "control accuracy (95% CI)",
+            "selectivity (95% CI)",
+            "val selectivity",
+        ],
+        rows,
+    )
+    top = most_selective(stats)
+    lines += [""]
+    lines.append(
+        f"- most accurate (the best, chosen on validation macro-F1): **{_name(best)}**, test accuracy "
+        f"{_ci_of(best.accuracy_mean, best.accuracy_lo, best.accuracy_hi)}, selectivity "
+        f"{_ci_of(best.selectivity_mean, best.selectivity_lo, best.selectivity_hi, sign=True)}"
+    )
+    if top is not None:
+        lines.append(
+            f"- most selective (the highest validation selectivity): **{_name(top)}**, test selectivity "
+            f"{_ci_of(top.selectivity_mean, top.selectivity_lo, top.selectivity_hi, sign=True)}, test accuracy "
+            f"{_ci_of(top.accuracy_mean, top.accuracy_lo, top.accuracy_hi)}"
+            + (" (the same configuration)" if top is best else "")
+        )
+    above = sum(1 for s in stats if (s.selectivity_lo or 0.0) > 0)
+    lines.append(
+        f"- selectivity = accuracy - control accuracy, row by row; {above} of {len(stats)} configurations have a "
+        "95% interval above 0"
+    )
+    return lines
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -209,6 +265,23 @@ def summary_md(
         lines.append(f"- evaluation set `{meta['eval_set'].get('id')}` ({meta['eval_set'].get('rows')} rows)")
     if meta.get("kept_apart"):
         lines.append(f"- every carve keeps {meta['kept_apart']} apart (no group on both sides)")
+    task = meta.get("task")
+    if task:
+        lines.append(
+            f"- task: {task.get('task')} (label `{task.get('label')}`"
+            + (f", word pooling {', '.join(task['word_pooling'])}" if task.get("word_pooling") else "")
+            + (f"; features {task['features']}" if task.get("features") else "")
+            + "); examples "
+            + ", ".join(f"{k} {v}" for k, v in (task.get("examples") or {}).items())
+            + (f"; {task['groups']}" if task.get("groups") else "")
+        )
+        ct = task.get("control_task")
+        lines.append(
+            f"- control task: {ct['definition']} ({ct.get('types')} training types, seed {ct.get('seed')}; "
+            f"{ct.get('citation')})"
+            if ct
+            else "- control task: none (pass --control-task for control accuracy and selectivity)"
+        )
     for note in meta.get("notes") or []:
         lines.append(f"- {note}")
     if meta.get("control"):
@@ -233,6 +306,8 @@ def summary_md(
     lines.append(_how_chosen(meta, rule))
     lines += ["", "## Configs" + (" (mean ± std over seeds/folds)" if any(s.n > 1 for s in stats) else ""), ""]
     lines += _config_table(stats, best, rule)
+    if any(s.has_selectivity for s in stats):
+        lines += [""] + _selectivity_section(stats, best)
     first = best.first
     lines += [
         "",

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigKey",
     "aggregate",
     "best_config",
+    "most_selective",
     "selection_rule",
     "pm",
     "CONFIG_INTERVAL_KEY",
@@ -93,6 +94,18 @@ class ResultRow:
     """Online codelength of the training labels given the features, bits (``--mdl``; linear probes)."""
     compression: float | None = None
     """``n log2 K / mdl_bits``: how many times shorter than the uniform code."""
+    # -- control task (``--control-task``, word and edge tasks; Hewitt & Liang 2019) ---------------------------
+    control_task_accuracy: float | None = None
+    """The same configuration, seed and fold trained on the control task's labels (each word type a fixed random
+    label), scored on the same rows against those labels: the *control accuracy*."""
+    control_task_accuracy_lo: float | None = None
+    control_task_accuracy_hi: float | None = None
+    selectivity: float | None = None
+    """``accuracy - control_task_accuracy``, with its paired-bootstrap 95% interval below."""
+    selectivity_lo: float | None = None
+    selectivity_hi: float | None = None
+    val_selectivity: float | None = None
+    """The same difference on the validation rows (what "most selective" is chosen on)."""
 
     @property
     def config_key(self) -> ConfigKey:
@@ -156,6 +169,14 @@ class ConfigStats:
     mdl_bits: float | None = None
     """Mean over the configuration's runs."""
     compression: float | None = None
+    control_task_accuracy_mean: float | None = None
+    control_task_lo: float | None = None
+    control_task_hi: float | None = None
+    selectivity_mean: float | None = None
+    selectivity_lo: float | None = None
+    """95% interval of the configuration's mean selectivity (folds pooled, seeds averaged on every resample)."""
+    selectivity_hi: float | None = None
+    val_selectivity_mean: float | None = None
 
     @property
     def is_single(self) -> bool:
@@ -203,7 +224,18 @@ class ConfigStats:
             "gain_f1_macro_hi": self.gain_f1_hi,
             "mdl_bits": self.mdl_bits,
             "compression": self.compression,
+            "control_task_accuracy_mean": self.control_task_accuracy_mean,
+            "control_task_accuracy_lo": self.control_task_lo,
+            "control_task_accuracy_hi": self.control_task_hi,
+            "selectivity_mean": self.selectivity_mean,
+            "selectivity_lo": self.selectivity_lo,
+            "selectivity_hi": self.selectivity_hi,
+            "val_selectivity_mean": self.val_selectivity_mean,
         }
+
+    @property
+    def has_selectivity(self) -> bool:
+        return self.selectivity_mean is not None
 
     @property
     def has_interval(self) -> bool:
@@ -301,6 +333,13 @@ def _sureness(group: list[ResultRow]) -> dict[str, Any]:
         "gain_f1_hi": interval("gain_f1_macro_hi"),
         "mdl_bits": _mean_of([r.mdl_bits for r in group]),
         "compression": _mean_of([r.compression for r in group]),
+        "control_task_accuracy_mean": _mean_of([r.control_task_accuracy for r in group]),
+        "control_task_lo": interval("control_task_accuracy_lo"),
+        "control_task_hi": interval("control_task_accuracy_hi"),
+        "selectivity_mean": _mean_of([r.selectivity for r in group]),
+        "selectivity_lo": interval("selectivity_lo"),
+        "selectivity_hi": interval("selectivity_hi"),
+        "val_selectivity_mean": _mean_of([r.val_selectivity for r in group]),
     }
 
 
@@ -316,6 +355,18 @@ def rank(s: ConfigStats, rule: str) -> tuple[float, float, float]:
     if rule == "validation":
         return (-float(s.val_f1_mean or 0.0), -float(s.val_accuracy_mean or 0.0), params)
     return (-s.f1_mean, -s.accuracy_mean, params)
+
+
+def most_selective(stats: list[ConfigStats]) -> ConfigStats | None:
+    """The configuration with the highest mean validation selectivity (ties: higher validation accuracy, then fewer
+    trainable parameters), or None without a control task."""
+    found = [s for s in stats if s.val_selectivity_mean is not None]
+    if not found:
+        return None
+    params = lambda s: float(s.trainable_params) if s.trainable_params is not None else float("inf")  # noqa: E731
+    return min(
+        found, key=lambda s: (-float(s.val_selectivity_mean or 0.0), -float(s.val_accuracy_mean or 0.0), params(s))
+    )
 
 
 def best_config(stats: list[ConfigStats]) -> ConfigStats:
