@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora", type=int, help="LoRA of this rank instead: ours vs the Trainer + peft, and both full")
     ap.add_argument("--lora-model", default="minilm", help="--lora: minilm or random:NAME (both load its weights)")
     ap.add_argument("--max-length", type=int, default=128, help="--lora: tokens per row, both contenders")
+    ap.add_argument("--lora-epochs", type=int, help="--lora: epochs of every contender [default: each its own]")
     ap.add_argument("--memory", action="store_true", help="peak RSS of an epoch on 30-second clips per --budgets")
     ap.add_argument("--memory-clips", type=int, default=4, help="--memory: 30-second clips (3/4 of them train)")
     ap.add_argument("--budgets", default="30,60", help="--memory: --batch-seconds values to measure")
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         train_csv, test_csv = prepare("ag_news", work, args.train_rows, args.test_rows, args.seed)
         print(
             f"\nag_news: {args.train_rows} train / {args.test_rows} test rows, {args.lora_model}, "
-            f"{args.max_length} tokens, load {os.getloadavg()[0]:.2f}"
+            f"{args.max_length} tokens, epochs {args.lora_epochs or 'each its default'}, "
+            f"load {os.getloadavg()[0]:.2f}"
         )
         rows = finetune_lora.compare(train_csv, test_csv, work / "lora", args.lora, args.lora_model, args.max_length)
         print(f"load after: {os.getloadavg()[0]:.2f}")

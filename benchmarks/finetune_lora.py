@@ -67,7 +67,7 @@ def our_optimizer_bytes(path: Path, lora: int | None, n_classes: int) -> int:
 
 
 def run_trainer_lora(
-    path: Path, train_csv: Path, test_csv: Path, r: int | None, out: Path, max_length: int
+    path: Path, train_csv: Path, test_csv: Path, r: int | None, out: Path, max_length: int, epochs: int | None = None
 ) -> dict[str, Any]:
     """The Trainer at its defaults on the model at ``path``, with peft LoRA of rank ``r`` on BERT_TARGETS (None:
     a full fine-tune)."""
@@ -97,7 +97,13 @@ def run_trainer_lora(
         model = get_peft_model(
             model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=BERT_TARGETS, task_type="SEQ_CLS")
         )
-    args = TrainingArguments(output_dir=str(out), report_to="none", save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        **({} if epochs is None else {"num_train_epochs": epochs}),
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Encoded(train), processing_class=tok)
     metrics = trainer.train().metrics
     pred = trainer.predict(Encoded(test))
@@ -114,10 +120,17 @@ def run_trainer_lora(
 
 
 def compare(
-    train_csv: Path, test_csv: Path, work: Path, r: int, model: str = "minilm", max_length: int = 128
+    train_csv: Path,
+    test_csv: Path,
+    work: Path,
+    r: int,
+    model: str = "minilm",
+    max_length: int = 128,
+    epochs: int | None = None,
 ) -> list[dict[str, Any]]:
     """Ours and the Trainer, LoRA of rank ``r`` and full, on the same rows and initial weights (``model``): one dict
-    per variant."""
+    per variant. ``epochs``: both train this many (None: each its default, ours 5 with early stopping, the
+    Trainer's 3)."""
     from finetune import run_ours
 
     path = model_dir(model, work)
@@ -125,9 +138,11 @@ def compare(
     rows = []
     for variant, rank in ((f"LoRA r={r}", r), ("full", None)):
         options: dict[str, Any] = {"model": str(path), "max_length": max_length, **({"lora": rank} if rank else {})}
+        if epochs is not None:
+            options["epochs"], options["min_epochs"] = epochs, min(3, epochs)
         ours = run_ours(train_csv, test_csv, None, work / f"ours-{rank}", **options)
         ours["optimizer_state_bytes"] = our_optimizer_bytes(path, rank, n_classes)
-        peer = run_trainer_lora(path, train_csv, test_csv, rank, work / f"hf-{rank}", max_length)
+        peer = run_trainer_lora(path, train_csv, test_csv, rank, work / f"hf-{rank}", max_length, epochs)
         rows.append({"variant": variant, "ours": ours, "trainer": peer})
         print(
             f"  {variant:9s} ours macro-F1 {ours['f1_macro']:.4f} ({ours['seconds_per_epoch']:.1f} s/epoch, "
