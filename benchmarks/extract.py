@@ -21,8 +21,19 @@ is sequences/s at a fixed shape: (a), (d) and (e) only. The ready-made GPU measu
 (all 13 hidden states of a bert-base-shaped model, cls+mean, bf16 autocast on CUDA). It stops
 with one line when CUDA is asked for but absent; ``--device cpu`` runs the same measurement here.
 
+Decoder LLMs (benchmarks/extract_llm.py): ``--decoder`` measures the forward stop (``--layers 0-1`` against
+``all``) and extraction against a bare transformers loop on a 12-block random decoder; ``--peak-memory`` the peak
+RSS of a 24 x 2048 random decoder's extraction against its weights. The GPU measurement for a 1B Llama shape, bf16,
+every layer stored, is
+
+    python benchmarks/extract.py --model random:llama-1b --device cuda --seq-len 128 --rows 4096
+
 Usage: python benchmarks/extract.py [--rows 3000] [--repeats 3] [--data ../shared/datasets/ag_news/test.csv]
        python benchmarks/extract.py --seq-len 128 --rows 2048 [--model random:bert-base] [--device cuda]
+       python benchmarks/extract.py --decoder --rows 150 --repeats 2 [--max-length 128]
+       python benchmarks/extract.py --peak-memory --rows 16 --seq-len 128
+       python benchmarks/extract.py --plan-table     # docs/llm.md's disk and memory table (no model is run)
+       python benchmarks/extract.py --batching --rows 32 --max-length 128   # batch size at float32 / bfloat16
 """
 
 from __future__ import annotations
@@ -103,8 +114,13 @@ def legacy_encode(
             weights = (mask / mask.sum(1, keepdim=True).clamp(min=1)).unsqueeze(1).float()
             pooled = {}
             for p in POOLINGS:
+                last = mask.sum(1) - 1
                 per_layer = [
-                    hidden[i].float()[:, 0] if p == "cls" else torch.bmm(weights, hidden[i].float()).squeeze(1)
+                    hidden[i].float()[:, 0]
+                    if p == "cls"
+                    else hidden[i].float()[torch.arange(len(last)), last]
+                    if p == "last"
+                    else torch.bmm(weights, hidden[i].float()).squeeze(1)
                     for i in layers
                 ]
                 pooled[p] = torch.stack(per_layer).cpu().numpy().astype(np.float16, copy=False)
@@ -114,7 +130,9 @@ def legacy_encode(
 
 def new_encode(encoder: ChunkEncoder, ids: list[list[int]]) -> dict[str, np.ndarray]:
     """(e) the hot loop now: what ``embstore extract`` runs per row chunk."""
-    return encoder.encode(ChunkJob(split="bench", chunk=0, towers={"x": (ids, None)}), lambda tower, what, layer: what)
+    return encoder.encode(
+        ChunkJob(split="bench", chunk=0, towers={"x": (ids, None, None)}), lambda tower, what, layer: what
+    )
 
 
 def naive(texts: list[str], bb: Any, max_length: int, batch_size: int, out: Path, device: str) -> float:
@@ -139,6 +157,11 @@ def hot_loops(
     bb: Any, ids: list[list[int]], args: argparse.Namespace, texts: list[str] | None = None
 ) -> tuple[list[float], list[float], list[float]]:
     """(a), (d), (e) interleaved, after one warm-up pass of each."""
+    global POOLINGS
+    from embstore.backbones.anatomy import is_causal
+
+    if is_causal(bb.model):
+        POOLINGS = ["last", "mean"]  # a causal model's defaults (cls is refused for it)
     layers = list(range(bb.n_layers + 1))
     encoder = ChunkEncoder(
         bb.model,
@@ -188,7 +211,33 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--token-budget", type=int, default=16384)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compute-dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--decoder", action="store_true", help="decoder LLMs: forward stop and b/a (extract_llm.py)")
+    ap.add_argument("--peak-memory", action="store_true", help="peak RSS of a 24 x 2048 decoder (extract_llm.py)")
+    ap.add_argument("--plan-table", action="store_true", help="docs/llm.md's disk and memory table (extract_llm.py)")
+    ap.add_argument("--batching", action="store_true", help="batch 16 vs 1 at float32 and bfloat16 (extract_llm.py)")
     args = ap.parse_args()
+    if args.plan_table:
+        import extract_llm
+
+        extract_llm.plan_table()
+        return
+    if args.batching:
+        import extract_llm
+
+        args.model = None if args.model == "minilm" else args.model
+        extract_llm.batching(args)
+        return
+    if args.decoder or args.peak_memory:
+        import extract_llm
+
+        print(
+            f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads "
+            f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+        )
+        args.model = None if args.model == "minilm" else args.model
+        (extract_llm.decoder if args.decoder else extract_llm.peak_memory)(args)
+        return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(
             f"--device {args.device}: no CUDA GPU is visible to torch {torch.__version__}; run this on a GPU machine "
@@ -200,15 +249,23 @@ def main() -> None:
         f"{torch.get_num_threads()}, "
         f"device {args.device}{gpu}{' (bf16 autocast)' if gpu else ''}"
     )
-    bb = load_backbone(args.model, args.device)
+    from embstore.backbones.registry import Placement
+    from embstore.device import resolve_compute_dtype
+
+    dtype = resolve_compute_dtype(args.compute_dtype, args.device)
+    bb = load_backbone(args.model, args.device, placement=Placement(dtype=dtype))
+    print(f"compute dtype {dtype}")
     if args.seq_len is not None:
         n = args.rows or 2048
         rng = np.random.default_rng(0)
         low = 1000 if len(bb.tokenizer) > 2000 else 5  # plain word pieces, past the special tokens
+        tok = bb.tokenizer
+        first = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         ids = [
-            [int(bb.tokenizer.cls_token_id)]
-            + rng.integers(low, len(bb.tokenizer), args.seq_len - 2).tolist()
-            + [int(bb.tokenizer.sep_token_id)]
+            [int(first if first is not None else low)]
+            + rng.integers(low, len(tok), args.seq_len - 2).tolist()
+            + [int(end if end is not None else low)]
             for _ in range(n)
         ]
         print(

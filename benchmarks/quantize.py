@@ -39,7 +39,7 @@ def speed(model_name: str, rows: int, repeats: int, max_length: int, batch_size:
     texts = pd.read_csv(AG / "test.csv").text.astype(str).tolist()[:rows]
     enc = tokenize(bb.tokenizer, texts, None, max_length)
     order = length_order(enc.lengths)
-    job = ChunkJob(split="bench", chunk=0, towers={"x": ([enc.ids[i] for i in order], None)})
+    job = ChunkJob(split="bench", chunk=0, towers={"x": enc.rows(order)})
     layers = list(range(bb.n_layers + 1))
     models = {"float32": bb.model, "int8": quantize_int8(copy.deepcopy(bb.model))}
     encoders = {

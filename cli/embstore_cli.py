@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,29 @@ def extract_options(f: Any) -> Any:
             ),
             click.option(
                 "--pooling",
-                help=f"Comma list of {listed(ExtractConfig, 'pooling')} [default: {','.join(default_pooling('text'))} "
-                f"for text, {','.join(default_pooling('audio'))} for audio].",
+                help=f"Comma list of {listed(ExtractConfig, 'pooling')} (last: each row's last non-pad token) "
+                f"[default: {','.join(default_pooling('text'))} for encoders, "
+                f"{','.join(default_pooling('text', causal=True))} for causal models, "
+                f"{','.join(default_pooling('audio'))} for audio].",
             ),
+            click.option(
+                "--pool-tokens",
+                type=choice(ExtractConfig, "pool_tokens"),
+                help="Tokens mean and max cover: text (the row's own text tokens, no BOS/EOS/CLS/SEP or template "
+                "tokens) or all (every non-pad token) [default: text for causal models, all for encoders].",
+            ),
+            click.option(
+                "--template",
+                help="A prompt around each text, e.g. 'Review: {text}\\nSentiment:' (\\n is a newline; {text_pair} "
+                "for pairs); part of the store id.",
+            ),
+            click.option(
+                "--chat-template",
+                is_flag=True,
+                help="Wrap each text in the tokenizer's chat template as the user turn, with the generation prompt "
+                "(so last reads where the answer begins).",
+            ),
+            click.option("--system", help="The system turn of --chat-template."),
             click.option("--tokens", help="Also store per-token states of these layers (same syntax as --layers)."),
             click.option(
                 "--word-pooling",
@@ -173,7 +194,37 @@ def extract_options(f: Any) -> Any:
                 type=choice(ExtractConfig, "dtype"),
                 default="float16",
                 show_default=True,
-                help="Storage dtype.",
+                help="Storage dtype (a value beyond float16's range stops the extraction: pass float32). bfloat16 is "
+                "not offered: neither zarr 3 nor HDF5 has a bfloat16 type.",
+            ),
+            click.option(
+                "--compute-dtype",
+                type=choice(ExtractConfig, "compute_dtype"),
+                default="auto",
+                show_default=True,
+                help="The dtype of the model's parameters in the forward: auto is float32 on CPU (a bf16 checkpoint "
+                "is cast up), bfloat16 on CUDA where supported. Recorded and part of the store id.",
+            ),
+            click.option(
+                "--device-map",
+                type=choice(ExtractConfig, "device_map"),
+                help="Spread a model bigger than one device over the GPUs, the CPU and --offload-dir "
+                "(transformers/accelerate big-model inference).",
+            ),
+            click.option(
+                "--max-device-memory",
+                help="With --device-map: the most memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+            ),
+            click.option(
+                "--offload-dir",
+                type=click.Path(file_okay=False),
+                help="With --device-map: where weights that fit no device are offloaded.",
+            ),
+            click.option(
+                "--gpus-per-rank",
+                type=click.IntRange(min=1),
+                help="Under torchrun/accelerate launch with --device-map: each rank maps the model over its own K "
+                "GPUs (local rank r gets GPUs r*K..r*K+K-1), so 8 GPUs run 2 copies of a model that needs 4.",
             ),
             click.option(
                 "--format",
@@ -236,6 +287,11 @@ def extract_options(f: Any) -> Any:
     return f
 
 
+def _unescape(text: str) -> str:
+    """A shell argument's backslash escapes \\n, \\t and \\\\ as the characters (a YAML file writes them itself)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str, Any]) -> Any:
     """The ExtractConfig of the command line: the --config file, then the flags given (which override it); the
     text and label columns the options leave out are found in the table's header (one line each says which)."""
@@ -253,6 +309,8 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
                 value = "towers" if value else "joint"
             if key in ("pooling", "augment", "word_pooling") and isinstance(value, str):
                 value = tuple(p.strip() for p in value.split(",") if p.strip())
+            if key in ("template", "system") and isinstance(value, str) and explicit(ctx, key):
+                value = _unescape(value)
             values[name] = value
     if not values.get("splits") and not values.get("data"):
         values["data"] = "builtin:tweets"
@@ -354,6 +412,13 @@ def _plan_text(r: Any) -> str:
     if r.free_bytes is not None:
         verdict = "enough" if r.free_bytes >= r.peak_bytes else "NOT ENOUGH: free space or choose another --out"
         lines.append(f"disk       {_human(r.free_bytes)} free where the store goes ({verdict})")
+    m = r.memory_detail
+    if m:
+        lines.append(
+            f"memory     about {_human(m['total'])} at peak, estimated: weights {_human(m['weights'])}, one batch "
+            f"inside a block {_human(m['activations'])}, pooled {_human(m['pooled'])}, two row chunks "
+            f"{_human(m['chunks'])}, runtime {_human(m['runtime'])}"
+        )
     t = r.timing
     timed = (
         f"{t['batches_timed']} of {t['batches']} batches timed ({t['rows_timed']} rows in {t['seconds_timed']:.2f} s)"
@@ -403,6 +468,14 @@ def info(store_path: str, as_json: bool) -> None:
         + (f"  tokens for layers {','.join(map(str, d['token_layers']))}" if d["token_layers"] else ""),
         f"labels     {', '.join(d['label_names']) if d['label_names'] else '(none)'}",
     ]
+    if prov.compute_dtype:
+        lines.append(f"compute    {prov.compute_dtype} (precision {prov.precision})")
+    if prov.text is not None:
+        text = prov.text
+        lines.append(
+            f"text       pool-tokens {text.pool_tokens}"
+            + (f"  {'chat template' if text.chat_template else 'template'} {text.prompt!r}" if text.prompt else "")
+        )
     if d.get("group_names"):
         lines.append(f"groups     {', '.join(d['group_names'])}")
     unit, cut = ("frames", "cropped") if d["modality"] == "audio" else ("tokens", "truncated")

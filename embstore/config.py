@@ -11,20 +11,47 @@ from embstore.data.augment import TRANSFORMS
 from embstore.data.spec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
 from embstore.data.words import WORD_POOLINGS
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
+from embstore.extraction.textspec import POOL_TOKENS, PoolTokens, TextSpec
 
-__all__ = ["ExtractConfig", "POOLINGS", "DEFAULT_DATA", "reject_unknown_keys", "default_pooling"]
+__all__ = [
+    "ExtractConfig",
+    "POOLINGS",
+    "DEFAULT_DATA",
+    "reject_unknown_keys",
+    "default_pooling",
+    "default_pool_tokens",
+    "BFLOAT16_STORAGE",
+]
 
-POOLINGS = ("cls", "mean", "max")
+POOLINGS = ("cls", "last", "mean", "max")
 AUDIO_POOLINGS = ("mean", "max")
 PairMode = Literal["joint", "towers"]
 Dtype = Literal["float16", "float32"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 StoreFormat = Literal["zarr", "h5"]
 Quantize = Literal["none", "int8"]
+DeviceMap = Literal["auto", "balanced", "sequential"]
+
+BFLOAT16_STORAGE = (
+    "bfloat16 is not a storage dtype: zarr 3 has no bfloat16 data type (even with ml_dtypes installed it refuses "
+    "the dtype) and HDF5 would keep it as opaque 2-byte words other readers cannot read as numbers; store float16 "
+    "(or float32 where values pass float16's 65504), and compute in bfloat16 with --compute-dtype bfloat16."
+)
+"""Why ``--dtype bfloat16`` is refused (checked with zarr 3.1, h5py 3.16 and ml_dtypes 0.7)."""
 
 
-def default_pooling(modality: str) -> tuple[str, ...]:
-    """cls and mean for text; mean and max over frames for audio (which has no [CLS] frame)."""
-    return AUDIO_POOLINGS if modality == "audio" else ("cls", "mean")
+def default_pooling(modality: str, causal: bool = False) -> tuple[str, ...]:
+    """cls and mean for encoders; last and mean for causal models (whose position 0 has seen only itself); mean and
+    max over frames for audio (which has no [CLS] frame)."""
+    if modality == "audio":
+        return AUDIO_POOLINGS
+    return ("last", "mean") if causal else ("cls", "mean")
+
+
+def default_pool_tokens(causal: bool) -> str:
+    """Which tokens mean and max cover by default: the text's own for causal models (their BOS position is an
+    attention sink, orders of magnitude larger than the rest), every token for encoders (sentence-transformers')."""
+    return "text" if causal else "all"
 
 
 def reject_unknown_keys(d: dict[str, Any], known: set[str], what: str) -> None:
@@ -62,7 +89,17 @@ class ExtractConfig:
     layers: str = "all"
     """Layers to store: 'all', '9-12', '-4--1', '3,6'. 0 is the embedding output."""
     pooling: tuple[str, ...] | None = None
-    """Poolings to store, any of :data:`POOLINGS` (masked); None: :func:`default_pooling` of the modality."""
+    """Poolings to store, any of :data:`POOLINGS` (masked); None: :func:`default_pooling` of the modality (and of a
+    causal model)."""
+    pool_tokens: PoolTokens | None = None
+    """Which tokens mean and max cover: 'text' (the row's own text tokens: no BOS/EOS/CLS/SEP or template tokens) or
+    'all' (every non-pad token); None: :func:`default_pool_tokens` of the model. Part of the store id."""
+    template: str | None = None
+    """A prompt around each text, with ``{text}`` (and ``{text_pair}`` for pairs); part of the store id."""
+    chat_template: bool = False
+    """Wrap each text in the tokenizer's chat template as the user turn, generation prompt added; part of the id."""
+    system: str | None = None
+    """The system turn of ``chat_template``."""
     tokens: str | None = None
     """Layers whose per-token states are also stored (ragged); None stores none."""
     word_pooling: tuple[str, ...] | None = None
@@ -77,7 +114,20 @@ class ExtractConfig:
     token_budget: int = 16384
     """Most padded tokens (rows x longest row) in one forward batch."""
     dtype: Dtype = "float16"
-    """Storage dtype of hidden states."""
+    """Storage dtype of hidden states (bfloat16 is refused: :data:`BFLOAT16_STORAGE`)."""
+    compute_dtype: ComputeDtype = "auto"
+    """The dtype of the model's parameters during the forward: 'auto' is float32 on the CPU (a bf16 checkpoint is
+    cast up) and bfloat16 on CUDA where supported. Recorded as it was and part of the store id."""
+    device_map: DeviceMap | None = None
+    """Spread a model bigger than one device over the GPUs, the CPU and ``offload_dir`` (transformers/accelerate
+    big-model inference): 'auto', 'balanced' or 'sequential'; None loads it whole on ``device``."""
+    max_device_memory: str | None = None
+    """With ``device_map``: the most memory per device, '0=20GiB,1=20GiB,cpu=64GiB' (accelerate's max_memory)."""
+    offload_dir: str | None = None
+    """With ``device_map``: the directory that weights which fit no device are offloaded to."""
+    gpus_per_rank: int | None = None
+    """Under torchrun/accelerate: each rank maps the model over its own group of this many GPUs (local rank r gets
+    GPUs r*K .. r*K+K-1)."""
     format: StoreFormat = "zarr"
     """Store format."""
     out: str | None = None
@@ -115,7 +165,11 @@ class ExtractConfig:
         "chunk_rows": Interval(int, 1, None),
         "num_processes": Interval(int, 1, None),
         "pair_mode": Choice(PairMode),
-        "dtype": Choice(Dtype),
+        "pool_tokens": Optional(Choice(POOL_TOKENS)),
+        "dtype": Choice(Dtype, hint=BFLOAT16_STORAGE),
+        "compute_dtype": Choice(ComputeDtype),
+        "device_map": Optional(Choice(DeviceMap)),
+        "gpus_per_rank": Optional(Interval(int, 1, None)),
         "quantize": Choice(Quantize),
         "random_weights": Optional(Interval(int, 0, None, desc="a seed, a whole number >= 0")),
         "format": Choice(StoreFormat),
@@ -126,8 +180,16 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         validate_params(self)
         src = self.source
-        if self.pooling is not None and src.audio_col and "cls" in self.pooling:
-            raise ConfigError("Audio has no [CLS] frame: pass --pooling mean, max or mean,max with --audio-col.")
+        if self.pooling is not None and src.audio_col and {"cls", "last"} & set(self.pooling):
+            raise ConfigError(
+                "Audio has no [CLS] frame and no last token: pass --pooling mean, max or mean,max with --audio-col."
+            )
+        if src.audio_col and (self.template is not None or self.chat_template or self.pool_tokens == "text"):
+            raise ConfigError("--template, --chat-template and --pool-tokens text are for text models; drop them.")
+        self.text_spec(causal=False).check_columns(
+            pairs=src.text_pair_col is not None, towers=self.pair_mode == "towers"
+        )  # validates the template too
+        self._check_placement()
         if self.augment and not src.audio_col:
             raise ConfigError("--augment makes audio copies: it needs --audio-col (and a speech model).")
         if self.augment and src.holdout is None and "train" not in dict(src.splits):
@@ -145,6 +207,44 @@ class ExtractConfig:
         from embstore.backbones.quantize import check_quantize_device
 
         check_quantize_device(self.quantize, self.device)
+
+    def _check_placement(self) -> None:
+        """The compute dtype and the device map options fit together."""
+        if self.quantize == "int8" and self.compute_dtype not in ("auto", "float32"):
+            raise ConfigError(
+                f"--quantize int8 quantises float32 Linear layers; drop --compute-dtype {self.compute_dtype} (or "
+                "--quantize)."
+            )
+        mapped = {
+            "--max-device-memory": self.max_device_memory,
+            "--offload-dir": self.offload_dir,
+            "--gpus-per-rank": self.gpus_per_rank,
+        }
+        if self.device_map is None:
+            given = [flag for flag, v in mapped.items() if v is not None]
+            if given:
+                raise ConfigError(f"{given[0]} places a device map: pass --device-map auto (or balanced/sequential).")
+            return
+        if self.quantize == "int8":
+            raise ConfigError("--quantize int8 runs a whole model on the CPU; drop --device-map or --quantize.")
+        if self.num_processes > 1:
+            raise ConfigError(
+                "--device-map spreads one model copy over the devices; with --num-processes each process would load "
+                "its own: drop --num-processes (use torchrun with --gpus-per-rank for several copies)."
+            )
+        if self.max_device_memory is not None:
+            from embstore.device import parse_device_memory
+
+            parse_device_memory(self.max_device_memory)
+
+    def text_spec(self, causal: bool) -> TextSpec:
+        """The text spec of this extraction for a model that is ``causal`` or not (its ``pool_tokens`` default)."""
+        return TextSpec(
+            template=self.template,
+            chat_template=self.chat_template,
+            system=self.system,
+            pool_tokens=self.pool_tokens or default_pool_tokens(causal),  # type: ignore[arg-type]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready flat dict (tuples become lists; the data source's keys at the top level)."""

@@ -38,6 +38,7 @@ __all__ = [
     "ForwardError",
     "StoreCorruptedError",
     "InvalidParameterError",
+    "NonFiniteValuesError",
     "Constraint",
     "Choice",
     "Interval",
@@ -126,6 +127,10 @@ class ForwardError(EmbstoreError, RuntimeError):
 
 class StoreCorruptedError(EmbstoreError, ValueError):
     """Data read from a store does not match the checksum recorded when it was written."""
+
+
+class NonFiniteValuesError(EmbstoreError, ArithmeticError):
+    """A hidden state is inf or NaN, from the model or once cast to the storage dtype: never stored silently."""
 
 
 class InvalidParameterError(ConfigError):

@@ -97,7 +97,7 @@ def _bad(tmp_path: Path, kind: str) -> tuple[list[str], str]:
         "layers_out_of_range": (base + ["--layers", "9-12"], r"must name layers in \[0, 2\] .* got '9-12'"),
         "bad_pooling": (
             base + ["--pooling", "cls,sum"],
-            r"The --pooling option must be a comma list of cls, mean, max\. Got 'cls,sum' instead\.",
+            r"The --pooling option must be a comma list of cls, last, mean, max\. Got 'cls,sum' instead\.",
         ),
         "unwritable_out": (base + ["--out", str(blocker / "sub")], r"Cannot write the store under .*a-file/sub"),
         "bad_split": (["--split", "train"], r"expected NAME=FILE"),

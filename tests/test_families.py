@@ -355,15 +355,15 @@ def test_an_exception_in_the_forward_is_one_line_naming_the_model_and_the_batch(
     from embstore.store.catalog import latest_store
 
     calls = []
-    original = forward.hidden_states
+    original = forward.run_states  # what the hot loop calls
 
-    def failing(model, inputs, last):
+    def failing(model, inputs, wanted, on_state):
         calls.append(inputs["input_ids"].shape)
         if len(calls) == 2:
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x32 and 64x32)\nsecond line")
-        return original(model, inputs, last)
+        return original(model, inputs, wanted, on_state)
 
-    monkeypatch.setattr(forward, "hidden_states", failing)
+    monkeypatch.setattr(forward, "run_states", failing)
     model = model_path(tmp_path, "distilbert")
     out = tmp_path / "cache" / "failing.zarr"
     res = CliRunner().invoke(

@@ -63,6 +63,7 @@ CHANGES = {
     "bucket": dict(bucket=False),
     "model": dict(model="random:mini-bert"),
     "quantize": dict(quantize="int8"),
+    "compute_dtype": dict(compute_dtype="bfloat16"),
 }
 
 
@@ -76,7 +77,13 @@ def test_holdout_seed_file_bytes_device_and_libraries_change_the_id(table, tmp_p
     base = dict(model="random:tiny-bert", data=str(table), label_col="label", holdout=0.5)
     ref = _id(cfg(**base))
     assert _id(cfg(**base, seed=1)) != ref
-    assert _id(cfg(**base), "cuda") != ref  # bf16 autocast on a GPU computes other values
+    import torch
+
+    # --compute-dtype auto is bfloat16 on a GPU that supports it: other values, another id (no GPU needed to plan it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _id(cfg(**base), "cuda") != ref
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _id(cfg(**base), "cuda") == ref  # float32 there too: the same values
     edited = tmp_path / "edited.csv"
     edited.write_text(table.read_text().replace("twice", "thrice"))
     assert _id(cfg(**{**base, "data": str(edited)})) != ref

@@ -129,7 +129,7 @@ def test_batches_read_back_through_a_reused_ring_of_host_buffers_are_intact(tiny
 
     bb = load_backbone("random:tiny-bert")
     enc = tokenize(bb.tokenizer, [t * (1 + i % 3) for i, t in enumerate(TEXTS)], None, 64)
-    job = ChunkJob(split="x", chunk=0, towers={"t": (enc.ids, None)})
+    job = ChunkJob(split="x", chunk=0, towers={"t": (enc.ids, None, None)})
     kw = dict(
         layers=[0, 2],
         token_layers=[1],
@@ -143,9 +143,7 @@ def test_batches_read_back_through_a_reused_ring_of_host_buffers_are_intact(tiny
     ringed = ChunkEncoder(bb.model, 0, **kw)
     ringed.forward.ring = _HostRing()
     out = ringed.encode(job, lambda t, w, layer: f"{w}{layer}")
-    assert ringed.forward.ring.next == 0 and all(
-        b is not None for b in ringed.forward.ring.buffers
-    )  # 6 batches, 2 slots
+    assert ringed.forward.ring.next == 0 and all(b for b in ringed.forward.ring.buffers)  # 6 batches, 2 slots
     assert out.keys() == plain.keys()
     for name in plain:
         np.testing.assert_array_equal(out[name], plain[name])

@@ -121,6 +121,13 @@ def test_results_csv(run: tuple[Path, dict[str, Any], list[ResultRow]]) -> None:
         "gain_f1_macro_hi",
         "mdl_bits",
         "compression",
+        "control_task_accuracy",
+        "control_task_accuracy_lo",
+        "control_task_accuracy_hi",
+        "selectivity",
+        "selectivity_lo",
+        "selectivity_hi",
+        "val_selectivity",
         "hp_hidden",
         "hp_lr",
     ]

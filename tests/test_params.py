@@ -75,11 +75,13 @@ def _sweep(**kw):
     [
         (
             lambda: ExtractConfig(pooling=("avg",)),
-            r"^The 'pooling' parameter of ExtractConfig must be a comma list of cls, mean, max\. Got 'avg' instead\.$",
+            r"^The 'pooling' parameter of ExtractConfig must be a comma list of cls, last, mean, max\. "
+            r"Got 'avg' instead\.$",
         ),
         (
             lambda: ExtractConfig(dtype="float64"),
-            r"^The 'dtype' parameter of ExtractConfig must be one of float16, float32\. Got 'float64' instead\.$",
+            r"^The 'dtype' parameter of ExtractConfig must be one of float16, float32\. Got 'float64' instead\. "
+            r"bfloat16 is not a storage dtype: zarr 3 has no bfloat16 data type",
         ),
         (
             lambda: DataSpec(holdout=1.0),
@@ -234,7 +236,7 @@ def test_the_walk_sees_the_options_with_choices():
         (
             embstore_main,
             ["extract", "--pooling", "cls,avg"],
-            "error: The --pooling option must be a comma list of cls, mean, max. Got 'cls,avg' instead.",
+            "error: The --pooling option must be a comma list of cls, last, mean, max. Got 'cls,avg' instead.",
         ),
         (embstore_main, ["plan", "--chunk-rows", "0"], "error: The --chunk-rows option must be a positive integer."),
         (

@@ -404,6 +404,14 @@ def test_finetuning_pools_the_stored_top_layer(tmp_path, clips, case):
     with torch.inference_mode():
         pooled = classifier.eval()(**batch).numpy()
     np.testing.assert_allclose(pooled, stored, atol=1e-5, rtol=0)
+    # what follows the top state (the final norm, SEW's upsampling) is frozen: every trainable parameter gets a
+    # gradient (several processes' DDP refuses unused ones); SpecAugment's mask embedding runs only when a mask is drawn
+    prepare_encoder(FinetuneConfig.from_dict(dict(model="unused", freeze="none")), bb.model)
+    if hasattr(bb.model.config, "layerdrop"):
+        bb.model.config.layerdrop = 0.0
+    classifier.train()(**batch).sum().backward()
+    unused = [n for n, p in bb.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert [n for n in unused if n != "masked_spec_embed"] == []
     if hasattr(bb.model.config, "layerdrop"):
         bb.model.config.layerdrop = 1.0
         assert classifier.train()(**batch).shape == pooled.shape

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +67,12 @@ __all__ = [
     "feature_encoder",
     "has_window",
     "top_state_module",
+    "idle_modules",
     "padding_parts",
     "state_frames",
     "PaddingPart",
     "find_blocks",
+    "causal_from_config",
     "is_causal",
     "is_speech",
     "keep_layers",
@@ -79,6 +82,8 @@ __all__ = [
     "projections",
     "set_blocks",
     "shared_modules",
+    "state_norm",
+    "top_state",
     "state_outputs",
     "top_modules",
 ]
@@ -272,6 +277,9 @@ class Family:
     window: bool = False
     """Every input is padded to one fixed window on its own (Whisper's 30 s of log-mel frames): no clip sees another's
     padding, and a longer clip must be cut."""
+    never_run: tuple[str, ...] = ()
+    """Modules transformers builds but never runs (the conformer's ``encoder.pos_conv_embed``): placed with the layer
+    the map names (freezing reaches them), and frozen by a fine-tune, which no loss on them can train."""
     encoder_class: str | None = None
     """The transformers class the backbone is built as when the family's checkpoints hold a decoder too (Whisper's
     ``WhisperEncoder``): only its weights are read (:mod:`embstore.backbones.registry`)."""
@@ -411,7 +419,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="gpt2",
-        model_types=("gpt2",),
+        model_types=("gpt2", "gptj", "gpt_neo", "codegen"),
         causal=True,
         blocks="h",
         embeddings=("wte", "wpe"),
@@ -442,10 +450,13 @@ FAMILIES: tuple[Family, ...] = (
             "gemma",
             "gemma2",
             "phi3",
+            "gemma3_text",
             "olmo",
             "olmo2",
             "granite",
             "stablelm",
+            "starcoder2",
+            "cohere",
         ),
         causal=True,
         blocks="layers",
@@ -465,6 +476,16 @@ FAMILIES: tuple[Family, ...] = (
         final_norm_in_states=True,
         no_prune=_GQA,
         projections=("q_proj", "k_proj", "v_proj", "self_attn.dense", "fc1", "fc2"),
+    ),
+    Family(
+        name="bloom",
+        model_types=("bloom", "falcon"),
+        causal=True,
+        blocks="h",
+        embeddings=("word_embeddings", "word_embeddings_layernorm"),
+        final_norm="ln_f",
+        final_norm_in_states=True,
+        no_prune=_FUSED.format(name="BLOOM and Falcon (query_key_value)"),
     ),
     Family(
         name="opt",
@@ -533,6 +554,7 @@ FAMILIES: tuple[Family, ...] = (
         embeddings=_SPEECH_EMBED,
         final_norm="encoder.layer_norm",
         after_top=("adapter",),
+        never_run=("encoder.pos_conv_embed",),
         front_end=_FRONT_END,
         padding=(_GROUP_NORM, PaddingPart(path="encoder.layers.*.conv_module.depthwise_conv", fix="zero-padding")),
         attention=CONFORMER_ATTENTION,
@@ -595,6 +617,13 @@ FAMILIES: tuple[Family, ...] = (
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 
+def _nn() -> Any:
+    """torch.nn, imported when a model is looked at (the map itself, and :func:`causal_from_config`, need no torch)."""
+    from torch import nn
+
+    return nn
+
+
 def _get(root: Any, path: str) -> Any:
     """``root.a.b`` for ``path`` 'a.b', or None where a part is missing."""
     obj = root
@@ -612,9 +641,9 @@ def _set(root: Any, path: str, value: Any) -> None:
 
 def _structural(cand: Any) -> Family | None:
     """A family by structure, for model types the map does not list: BERT-like or speech-like layouts."""
-    if isinstance(_get(cand, "encoder.layer"), nn.ModuleList) and hasattr(cand, "embeddings"):
+    if isinstance(_get(cand, "encoder.layer"), _nn().ModuleList) and hasattr(cand, "embeddings"):
         return FAMILIES[0]
-    if isinstance(_get(cand, "encoder.layers"), nn.ModuleList) and hasattr(cand, "feature_extractor"):
+    if isinstance(_get(cand, "encoder.layers"), _nn().ModuleList) and hasattr(cand, "feature_extractor"):
         return _BY_TYPE["hubert"]
     return None
 
@@ -628,7 +657,7 @@ def _candidates(model: Any) -> list[Any]:
     out = [model]
     for name in ("base_model", "bert", "model", "transformer", "encoder"):
         cand = getattr(model, name, None)
-        if isinstance(cand, nn.Module) and all(cand is not c for c in out):
+        if isinstance(cand, _nn().Module) and all(cand is not c for c in out):
             out.append(cand)
     return out
 
@@ -637,7 +666,7 @@ def _resolve(model: Any) -> tuple[Any, Family] | None:
     """(base, family): the first candidate whose family's block list is where the map says."""
     for cand in _candidates(model):
         fam = _BY_TYPE.get(_model_type(cand)) or _structural(cand)
-        if fam is not None and isinstance(_get(cand, fam.blocks), nn.ModuleList):
+        if fam is not None and isinstance(_get(cand, fam.blocks), _nn().ModuleList):
             return cand, fam
     return None
 
@@ -676,6 +705,17 @@ def is_speech(base: Any) -> bool:
     return _family(base).modality == "audio"
 
 
+def causal_from_config(config: Mapping[str, Any]) -> bool:
+    """Whether a config (``config.json`` as a dict) is a decoder's: its model type is a causal family of the map,
+    or it says ``is_decoder`` or names a ``*ForCausalLM`` architecture. Reads no weights and needs no torch, so a
+    store id can depend on it."""
+    fam = _BY_TYPE.get(str(config.get("model_type") or ""))
+    if fam is not None:
+        return fam.causal
+    archs = config.get("architectures") or []
+    return bool(config.get("is_decoder", False)) or any(str(a).endswith("ForCausalLM") for a in archs)
+
+
 def is_causal(model: nn.Module) -> bool:
     """Whether ``model`` is a decoder (its family is causal, or its config says ``is_decoder`` or a ``*ForCausalLM``
     architecture), for families the map does not know too."""
@@ -683,8 +723,9 @@ def is_causal(model: nn.Module) -> bool:
     if fam is not None:
         return fam.causal
     config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None) or []
-    return bool(getattr(config, "is_decoder", False)) or any(str(a).endswith("ForCausalLM") for a in archs)
+    return causal_from_config(
+        {"is_decoder": getattr(config, "is_decoder", False), "architectures": getattr(config, "architectures", None)}
+    )
 
 
 def blocks(base: Any) -> nn.ModuleList:
@@ -742,10 +783,10 @@ def keep_layers(base: Any, k: int) -> None:
                 f"{len(runs)} layers, and a {k}-layer model would run them in another order; truncate to one of "
                 f"{', '.join(map(str, can))}."
             )
-        set_blocks(base, nn.ModuleList(list(mods)[:groups]))
+        set_blocks(base, _nn().ModuleList(list(mods)[:groups]))
         setattr(base.config, fam.layer_groups, groups)
     else:
-        set_blocks(base, nn.ModuleList(list(mods)[:k]))
+        set_blocks(base, _nn().ModuleList(list(mods)[:k]))
     for name in fam.per_layer_config:
         value = getattr(base.config, name, None)
         if isinstance(value, (list, tuple)):
@@ -763,7 +804,7 @@ _unknown_logged: set[str] = set()
 
 def find_blocks(model: nn.Module) -> list[nn.Module] | None:
     """The block each layer of ``model`` runs, in order (ALBERT's shared block once per layer), or None for a
-    family the map does not know (which then runs whole: see :func:`embstore.extraction.forward.hidden_states`; one
+    family the map does not know (which then runs whole: see :func:`embstore.extraction.forward.run_states`; one
     line in the log says it cannot stop early)."""
     found = _resolve(model)
     layers = None if found is None else layer_blocks(found[0])
@@ -773,14 +814,41 @@ def find_blocks(model: nn.Module) -> list[nn.Module] | None:
     kind = _model_type(model) or type(model).__name__
     if kind not in _unknown_logged:
         _unknown_logged.add(kind)
-        log.info("%s: the anatomy map does not know this family, so the forward runs every block", kind)
+        log.warning(
+            "%s: the anatomy map does not know this family, so it cannot stop early: the forward runs every block and "
+            "keeps every layer's states until they are pooled",
+            kind,
+        )
     return None
+
+
+def state_norm(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the top hidden state L, where that is not the last block's output: the final norm
+    of the families with ``final_norm_in_states`` (transformers ties their top ``hidden_states`` entry to
+    ``last_hidden_state``); None elsewhere (the speech encoders' top entry is their last block's output, before a
+    pre-norm encoder's layer norm)."""
+    found = _resolve(model)
+    if found is None or found[1].modality == "audio" or not found[1].final_norm_in_states:
+        return None
+    top = top_modules(found[0])
+    return top[0] if top else None
+
+
+def top_state(model: nn.Module) -> str:
+    """What the top stored layer L is, in words, for provenance: transformers' top ``hidden_states`` entry, which for
+    the language models is after the final norm (the layers below are the raw residual stream)."""
+    norm = state_norm(model)
+    if norm is not None:
+        return "after the final norm, as transformers' hidden_states (the layers below it are the raw residual stream)"
+    if _resolve(model) is None:
+        return "transformers' top hidden_states entry (a family the anatomy map does not know)"
+    return "the last block's output, as transformers' hidden_states"
 
 
 def after_block_modules(base: Any) -> dict[int, nn.Module]:
     """{layer: module} applied to that layer's block output outside the block, those the model has."""
     parts = {layer: _get(base, path) for layer, path in _family(base).after_block}
-    return {layer: m for layer, m in parts.items() if isinstance(m, nn.Module)}
+    return {layer: m for layer, m in parts.items() if isinstance(m, _nn().Module)}
 
 
 def state_outputs(model: nn.Module) -> list[nn.Module]:
@@ -821,15 +889,30 @@ def top_state_module(model: nn.Module) -> nn.Module | None:
     them the forward runs). None where ``last_hidden_state`` is the top state (post-norm encoders, Whisper, whose
     final norm is in its states). Fine-tuning reads the top state from it with a forward pre-hook: unlike
     ``hidden_states``, which transformers records by hooks on the blocks, it is there when layerdrop skips blocks."""
+    parts = _after_states(model)
+    return parts[0] if parts else None
+
+
+def _after_states(model: nn.Module) -> list[nn.Module]:
+    """The modules that run after the top stored state, in the order the forward runs them (module docstring)."""
     found = _resolve(model)
-    if found is None:
-        return None
+    if found is None or found[1].modality != "audio":  # text pools last_hidden_state, its final norm included
+        return []
     base, fam = found
     norm, stable = _norm_by_config(base)
     first = [norm] if norm is not None and stable else []
     own = (fam.final_norm,) if fam.final_norm and not fam.final_norm_in_states else ()
-    parts = first + [p for p in _parts(base, own + fam.after_top) if isinstance(p, nn.Module)]
-    return parts[0] if parts else None
+    return first + [p for p in _parts(base, own + fam.after_top) if isinstance(p, nn.Module)]
+
+
+def idle_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of a speech model that no loss on its top stored state reaches: what runs after that state (from
+    :func:`top_state_module` on: a pre-norm encoder's final norm, the conformer's, SEW's upsampling, a wav2vec2
+    adapter) and what transformers builds but never runs (the family's ``never_run``). A fine-tune freezes them as it
+    freezes a text model's pooler."""
+    found = _resolve(model)
+    idle = _parts(found[0], found[1].never_run) if found is not None and found[1].modality == "audio" else []
+    return _after_states(model) + [m for m in idle if isinstance(m, nn.Module)]
 
 
 def top_modules(base: Any) -> list[nn.Module]:
@@ -843,10 +926,14 @@ def top_modules(base: Any) -> list[nn.Module]:
 
 def shared_modules(base: Any) -> list[nn.Module | nn.Parameter]:
     """Modules that every block uses (frozen only when every block is)."""
-    return [p for p in (_get(base, path) for path in _family(base).shared) if isinstance(p, (nn.Module, nn.Parameter))]
+    return [
+        p for p in (_get(base, path) for path in _family(base).shared) if isinstance(p, (_nn().Module, _nn().Parameter))
+    ]
 
 
 def _params(part: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    from torch import nn
+
     return [part] if isinstance(part, nn.Parameter) else list(part.parameters())
 
 
@@ -1066,8 +1153,8 @@ def attention(layer: nn.Module, base: Any = None) -> Attention:
         holder, out_holder = _get(layer, lay.holder), _get(layer, lay.out_holder)
         if (
             holder is not None
-            and all(isinstance(getattr(holder, n, None), nn.Linear) for n in lay.qkv)
-            and isinstance(getattr(out_holder, lay.out, None), nn.Linear)
+            and all(isinstance(getattr(holder, n, None), _nn().Linear) for n in lay.qkv)
+            and isinstance(getattr(out_holder, lay.out, None), _nn().Linear)
         ):
             extra = tuple(n for n in lay.extra if isinstance(getattr(holder, n, None), nn.Linear))
             params = tuple(n for n in lay.head_params if isinstance(getattr(holder, n, None), nn.Parameter))

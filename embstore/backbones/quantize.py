@@ -34,7 +34,8 @@ def check_quantize_device(quantize: str, device: str | None) -> None:
     if quantize != "none" and device is not None and device.startswith("cuda"):
         raise ConfigError(
             f"--quantize {quantize} is for CPU extraction (dynamic int8 kernels run on the CPU; on CUDA the "
-            f"forward already runs under bf16 autocast); got --device {device}: pass --device cpu or drop --quantize."
+            f"forward already runs in bfloat16 with --compute-dtype auto); got --device {device}: pass --device cpu "
+            "or drop --quantize."
         )
 
 

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embstore.backbones import bpe
 from embstore.errors import ConfigError, ModelNotFoundError
 from embstore.store.fingerprint import files_sha256
 
 __all__ = [
     "Backbone",
+    "Placement",
+    "compute_dtype",
     "load_backbone",
     "RANDOM_CONFIGS",
     "encoder_class",
@@ -32,6 +35,15 @@ __all__ = [
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 RANDOM_SEED = 0
+
+_TINY = {
+    "num_hidden_layers": 3,
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 512,
+    "vocab_size": bpe.VOCAB_SIZE,
+}
 
 # Random-init model configs built in code; more can live in configs/models/NAME.yaml.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
@@ -85,6 +97,49 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         "do_stable_layer_norm": False,
         "vocab_size": 32,
     },
+    # Tiny decoders for tests: 3 blocks, 32 wide, with a byte-level BPE tokenizer of the family's conventions
+    # (embstore.backbones.bpe: Llama adds BOS and pads on the left, GPT-2/NeoX/Llama have no pad token, Qwen2 has
+    # one and a chat template).
+    "tiny-gpt2": {"model_type": "gpt2", **_TINY, **bpe.CONVENTIONS["gpt2"].ids()},
+    "tiny-llama": {"model_type": "llama", **_TINY, "num_key_value_heads": 1, **bpe.CONVENTIONS["llama"].ids()},
+    "tiny-qwen2": {"model_type": "qwen2", **_TINY, "num_key_value_heads": 1, **bpe.CONVENTIONS["qwen2"].ids()},
+    "tiny-neox": {"model_type": "gpt_neox", **_TINY, **bpe.CONVENTIONS["neox"].ids()},
+    # Decoder shapes for measurements: 12 x 768 (the forward stop, extraction against a bare loop), 24 x 2048
+    # (peak memory; about 1.1B parameters) and Llama-3.2-1B's (16 x 2048, 1.2B parameters; the GPU figure).
+    "llama-base": {
+        "model_type": "llama",
+        "num_hidden_layers": 12,
+        "hidden_size": 768,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "intermediate_size": 2048,
+        "max_position_embeddings": 2048,
+        "vocab_size": bpe.VOCAB_SIZE,
+        **bpe.CONVENTIONS["llama"].ids(),
+    },
+    "llama-24x2048": {
+        "model_type": "llama",
+        "num_hidden_layers": 24,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "intermediate_size": 5632,
+        "max_position_embeddings": 2048,
+        "vocab_size": bpe.VOCAB_SIZE,
+        **bpe.CONVENTIONS["llama"].ids(),
+    },
+    "llama-1b": {
+        "model_type": "llama",
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 4096,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        **bpe.CONVENTIONS["llama"].ids(),
+    },
 }
 
 # Hugging Face model types whose input is a waveform (read through AutoFeatureExtractor).
@@ -106,6 +161,22 @@ SPEECH_MODEL_TYPES = frozenset(
 SPEECH_SAMPLING_RATE = 16000
 MEL_HOP = 160
 """Whisper's log-mel hop in samples (10 ms at 16 kHz): the random Whisper models' feature extractor uses it."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a backbone's weights are held: the dtype its parameters have during the forward and, for a model bigger
+    than one device, a transformers/accelerate device map (big-model inference)."""
+
+    dtype: str = "float32"
+    """'float32', 'bfloat16' or 'float16' (resolved from 'auto' by :func:`embstore.device.resolve_compute_dtype`)."""
+    device_map: str | None = None
+    """'auto', 'balanced' or 'sequential' (accelerate's strategies); None loads the model whole on one device."""
+    max_memory: dict[int | str, int] | None = None
+    """accelerate's ``max_memory`` in bytes per device ({0: 20 << 30, 'cpu': 64 << 30}); what does not fit goes to
+    the next device, then to ``offload_dir`` on disk."""
+    offload_dir: str | None = None
+    """Where weights offloaded to disk are kept."""
 
 
 @dataclass
@@ -214,6 +285,9 @@ _TOKENIZER_FILES = (
     "special_tokens_map.json",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
     "preprocessor_config.json",
 )
 
@@ -439,8 +513,9 @@ def _tensors(path: Path) -> list[tuple[str, Any]]:
 
 
 def _from_config(config: Any, seed: int) -> Any:
-    """A model of ``config`` with weights initialised the way ``AutoModel.from_config`` does, under ``seed``
-    (an encoder-decoder's encoder alone, :func:`encoder_class`)."""
+    """A model of ``config`` with weights initialised the way ``AutoModel.from_config`` does, under ``seed``, in
+    float32 (the compute dtype is applied after, so the weights are the same whatever it is; an encoder-decoder's
+    encoder alone, :func:`encoder_class`)."""
     import torch
     from transformers import AutoModel
 
@@ -448,11 +523,35 @@ def _from_config(config: Any, seed: int) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cls is None:
-            return encoder_only(AutoModel.from_config(config))
-        return cls(config) if cls is not AutoModel else AutoModel.from_config(config)
+            return encoder_only(AutoModel.from_config(config, dtype=torch.float32))
+        if cls is not AutoModel:
+            return cls(config).float()
+        return AutoModel.from_config(config, dtype=torch.float32)
 
 
-def _random_weights(name: str, path: Path, seed: int, device: str) -> Backbone:
+def _dispatch(model: Any, placement: Placement) -> Any:
+    """A model built in memory (random weights), spread over devices by accelerate's big-model inference: the map
+    from ``infer_auto_device_map`` (balanced over the GPUs unless 'sequential'), then ``dispatch_model``, which
+    offloads what does not fit to ``offload_dir``."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    memory = placement.max_memory
+    if placement.device_map != "sequential":
+        memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    if set(device_map.values()) == {"disk"}:
+        raise ConfigError(
+            f"--max-device-memory ({placement.max_memory}, in bytes) leaves no device room for even the first part of "
+            "the model, so all of it would run from --offload-dir; raise --max-device-memory."
+        )
+    model = dispatch_model(model, device_map=device_map, offload_dir=placement.offload_dir)
+    model.hf_device_map = device_map
+    return model
+
+
+def _random_weights(name: str, path: Path, seed: int, device: str, placement: Placement) -> Backbone:
     """``--random-weights SEED``: the architecture (config.json) and tokenizer of the model at ``path``, its weights
     re-initialised from the config (the weight files are neither read nor needed)."""
     from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer
@@ -483,28 +582,60 @@ def _random_weights(name: str, path: Path, seed: int, device: str) -> Backbone:
         "random_weights": seed,
         "weights_sha256": _state_sha256(model),
     }
-    return _finish(name, model, tokenizer, identity, "audio" if audio else "text", path, device)
+    return _finish(name, model, tokenizer, identity, "audio" if audio else "text", path, device, placement)
+
+
+def compute_dtype(model: Any) -> str:
+    """The dtype of ``model``'s floating-point parameters ('float32', 'bfloat16', ...): what the forward runs in."""
+    dtypes = {str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()}
+    return ",".join(sorted(dtypes)) or "none"
 
 
 def _finish(
-    name: str, model: Any, tokenizer: Any, identity: dict[str, Any], modality: str, tok_path: Path | None, device: str
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    identity: dict[str, Any],
+    modality: str,
+    tok_path: Path | None,
+    device: str,
+    placement: Placement,
+    tok_sha256: str | None = None,
 ) -> Backbone:
+    import torch
+
     if modality == "text" and not getattr(tokenizer, "is_fast", False):
         raise ModelNotFoundError(
             f"{name} has no fast tokenizer (tokenizer.json); embstore needs one for offsets and speed."
         )
-    model.eval().requires_grad_(False).to(device)
+    model.eval().requires_grad_(False)
+    if getattr(model, "hf_device_map", None) is None:
+        if placement.device_map is not None:  # built in memory: accelerate spreads it
+            model = _dispatch(model.to(getattr(torch, placement.dtype)), placement)
+        else:
+            model.to(device=device, dtype=getattr(torch, placement.dtype))
     identity["config"] = model.config.to_diff_dict()
     identity["class"] = type(model).__name__
     identity["tokenizer"] = _tokenizer_identity(tokenizer, tok_path)
+    if tok_sha256 is not None:
+        identity["tokenizer"]["sha256"] = tok_sha256
     identity["modality"] = modality
+    identity["compute_dtype"] = compute_dtype(model)
+    if getattr(model, "hf_device_map", None):
+        identity["device_map"] = {str(k): str(v) for k, v in model.hf_device_map.items()}
     return Backbone(name=name, model=model, tokenizer=tokenizer, identity=identity, modality=modality)
 
 
 def load_backbone(
-    name: str, device: str = "cpu", *, allow_pickle: bool = False, random_weights: int | None = None
+    name: str,
+    device: str = "cpu",
+    *,
+    allow_pickle: bool = False,
+    random_weights: int | None = None,
+    placement: Placement = Placement(),
 ) -> Backbone:
-    """Load a frozen backbone in eval mode on ``device``.
+    """Load a frozen backbone in eval mode on ``device``, its parameters in ``placement.dtype`` (a checkpoint saved
+    in another dtype is cast), or spread over devices by ``placement.device_map``.
 
     A model directory whose weights are only pickle files (.bin/.pt) is refused unless
     ``allow_pickle``; then they load with ``weights_only=True`` (tensors only, no code).
@@ -518,15 +649,20 @@ def load_backbone(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     modality = "text"
     tok_path: Path | None
+    tok_sha256: str | None = None
     if random_weights is not None and not name.startswith("random:"):
-        return _random_weights(name, resolve_model_path(name)[0], random_weights, device)
+        return _random_weights(name, resolve_model_path(name)[0], random_weights, device, placement)
     if name.startswith("random:"):
         cfg_dict, origin = resolve_random_config(name.split(":", 1)[1])
         cfg_dict = dict(cfg_dict)
         model_type = cfg_dict.pop("model_type")
         config = AutoConfig.for_model(model_type, **cfg_dict)
+        convention = bpe.convention_for(model_type)
+        tok_sha256 = None
         if model_type in SPEECH_MODEL_TYPES:
             modality, tok_path, tokenizer = "audio", None, _speech_feature_extractor(config)
+        elif convention is not None:  # a decoder: a byte-level BPE tokenizer of its family's conventions
+            tok_path, tokenizer, tok_sha256 = None, bpe.decoder_tokenizer(convention), bpe.tokenizer_sha256(convention)
         else:
             tok_path = minilm_path()
             tokenizer = AutoTokenizer.from_pretrained(tok_path)
@@ -571,18 +707,39 @@ def load_backbone(
                 # Pruned heads change layer shapes, so from_pretrained cannot build it.
                 from embstore.backbones.pruned import load_model
 
+                if placement.device_map is not None:
+                    raise ConfigError(
+                        f"{path} has pruned attention heads and loads whole; drop --device-map (or map the unpruned "
+                        "model)."
+                    )
                 model = load_model(path).base_model
             else:
-                # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed
+                import torch
+
                 from embstore.backbones.anatomy import encoder_class_of
 
+                mapped: dict[str, Any] = {}
+                if placement.device_map is not None:  # transformers/accelerate big-model inference
+                    mapped = {
+                        "device_map": placement.device_map,
+                        "max_memory": placement.max_memory,
+                        "offload_folder": placement.offload_dir,
+                    }
+                # use_safetensors=True: transformers never falls back to a pickle file unless it was allowed;
+                # dtype: a checkpoint saved in bf16 is cast to the compute dtype (transformers 5 would keep its own)
                 config = AutoConfig.from_pretrained(path)
                 cls = encoder_class(config)
                 if cls is not None and cls is encoder_class_of(str(config.model_type)):
-                    model = load_encoder_alone(cls, config, weights)
+                    if placement.device_map is not None:
+                        raise ConfigError(f"{path} loads its encoder alone and whole; drop --device-map.")
+                    model = load_encoder_alone(cls, config, weights).to(getattr(torch, placement.dtype))
                 else:
                     model = (cls or AutoModel).from_pretrained(
-                        path, use_safetensors=None if allow_pickle else True, weights_only=True
+                        path,
+                        use_safetensors=None if allow_pickle else True,
+                        weights_only=True,
+                        dtype=getattr(torch, placement.dtype),
+                        **mapped,
                     )
                     model = encoder_only(model) if cls is None else model
         except pickle.UnpicklingError as exc:
@@ -601,4 +758,14 @@ def load_backbone(
             "weights_sha256": files_sha256(weights),
             "weight_files": sorted(f.name for f in weights),
         }
-    return _finish(name, model, tokenizer, identity, modality, tok_path, device)
+    return _finish(
+        name,
+        model,
+        tokenizer,
+        identity,
+        modality,
+        tok_path,
+        device,
+        placement,
+        tok_sha256 if name.startswith("random:") else None,
+    )

@@ -17,12 +17,15 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from embstore.extraction.textspec import TextSpec
+
 __all__ = [
     "Encoded",
     "tokenize",
     "length_order",
     "make_batches",
     "pad_batch",
+    "pad_mask",
     "ChunkJob",
     "ChunkBuffers",
     "ChunkEncoder",
@@ -38,37 +41,37 @@ class Encoded:
     lengths: np.ndarray
     """(n,) int32 tokens after truncation."""
     truncated: np.ndarray
-    """(n,) bool: longer than max_length before truncation."""
+    """(n,) bool: longer than max_length before truncation (with a template: cut inside the text)."""
+    text_mask: list[np.ndarray] | None = None
+    """Per row (tokens,) bool, its own text tokens, with ``--pool-tokens text`` (:mod:`embstore.extraction.textspec`);
+    None: mean and max cover every token."""
+
+    def rows(
+        self, index: Sequence[int] | np.ndarray
+    ) -> tuple[list[list[int]], list[list[int]] | None, list[np.ndarray] | None]:
+        """(ids, type ids, text masks) of rows ``index``, in that order: one tower of a :class:`ChunkJob`."""
+        return (
+            [self.ids[i] for i in index],
+            None if self.type_ids is None else [self.type_ids[i] for i in index],
+            None if self.text_mask is None else [self.text_mask[i] for i in index],
+        )
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int) -> Encoded:
-    """Tokenize with truncation; count truncations by re-tokenizing only rows that hit the cap."""
-    enc = tokenizer(
-        texts,
-        pairs,
-        truncation=True,
-        max_length=max_length,
-        add_special_tokens=True,
-        return_attention_mask=False,
-        return_token_type_ids=pairs is not None,
-    )
-    ids = enc["input_ids"]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-    truncated = np.zeros(len(ids), dtype=bool)
-    at_cap = np.flatnonzero(lengths >= max_length)
-    if len(at_cap):
-        full = tokenizer(
-            [texts[i] for i in at_cap],
-            None if pairs is None else [pairs[i] for i in at_cap],
-            truncation=False,
-            add_special_tokens=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )["input_ids"]
-        truncated[at_cap] = np.array([len(x) > max_length for x in full], dtype=bool)
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    spec: TextSpec | None = None,
+) -> Encoded:
+    """Tokenize with truncation as ``spec`` says (template, chat template, which tokens are text; None: the text
+    alone, every token pooled), counting truncations (:func:`embstore.extraction.textspec.tokenize_text`)."""
+    from embstore.extraction.textspec import TextSpec, tokenize_text
+
+    out = tokenize_text(tokenizer, spec or TextSpec(), texts, pairs, max_length)
+    lengths = np.fromiter((len(x) for x in out.ids), dtype=np.int32, count=len(out.ids))
     return Encoded(
-        ids=ids, type_ids=enc.get("token_type_ids") if pairs is not None else None, lengths=lengths, truncated=truncated
+        ids=out.ids, type_ids=out.type_ids, lengths=lengths, truncated=out.truncated, text_mask=out.text_mask
     )
 
 
@@ -95,6 +98,14 @@ def make_batches(lengths: np.ndarray, batch_size: int, token_budget: int) -> lis
     return out
 
 
+def pad_mask(masks: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """(B, width) bool: each row's text-token mask, right-padded with False."""
+    out = np.zeros((len(masks), width), dtype=bool)
+    for i, m in enumerate(masks):
+        out[i, : len(m)] = m
+    return out
+
+
 def pad_batch(ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None, pad_id: int) -> dict[str, np.ndarray]:
     """Right-pad to the longest row: input_ids, attention_mask (and token_type_ids), int64 (B, T)."""
     width = max(len(x) for x in ids)
@@ -118,6 +129,10 @@ def _where(job: ChunkJob, tower: str) -> str:
     return f"row chunk {job.chunk} of split {job.split!r}{towers}"
 
 
+Prepared = tuple[dict[str, Any], np.ndarray, "np.ndarray | None"]
+"""One batch ready for the forward: staged inputs, (B,) output lengths, (B, T) pooled-token mask or None."""
+
+
 @dataclass(frozen=True)
 class ChunkJob:
     """One row chunk to encode: for each tower, the ids of its rows in stored order."""
@@ -125,7 +140,8 @@ class ChunkJob:
     split: str
     chunk: int
     towers: dict[str, Any]
-    """Text: tower -> (token ids, token type ids or None). Audio: 'audio' -> list of AudioItem."""
+    """Text: tower -> (token ids, token type ids or None, text masks or None), see :meth:`Encoded.rows`. Audio:
+    'audio' -> list of AudioItem."""
     words: list[np.ndarray] | None = None
     """Word-level rows (``--word-pooling``): per row of the (single) text tower, its words' (n_words, 2) token
     ranges (:class:`embstore.extraction.words.WordAlignment`)."""
@@ -232,26 +248,29 @@ class ChunkEncoder:
 
     def _run(
         self,
+        split: str,
         spans: Sequence[tuple[int, int]],
-        prepare: Callable[[int, int], tuple[dict[str, Any], np.ndarray]],
+        prepare: Callable[[int, int], Prepared],
         buf: ChunkBuffers,
         on_rows: Callable[[int], None] | None,
         words_of: Callable[[int, int], Any] | None = None,
         where: str = "",
     ) -> None:
-        """Encode the batches ``spans`` ([start, stop) rows) into ``buf``.
+        """Encode the batches ``spans`` ([start, stop) rows) of ``split`` into ``buf``.
 
-        ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths); it runs in a
-        prefetch thread, ``prefetch`` batches ahead, as does ``words_of(start, stop)``, the batch's
-        :class:`embstore.extraction.words.WordIndex` when word states are stored. An exception in the
-        model's forward becomes one :class:`ForwardError` naming the model and the batch (``where``: the row chunk)."""
+        ``prepare(start, stop)`` returns (staged input tensors, (B,) output lengths, (B, T) pooled-token mask or
+        None); it runs in a prefetch thread, ``prefetch`` batches ahead, as does ``words_of(start, stop)``, the
+        batch's :class:`embstore.extraction.words.WordIndex` when word states are stored. A batch holding a non-finite
+        value once cast to the storage dtype stops the extraction before anything of its row chunk is written
+        (:class:`embstore.errors.NonFiniteValuesError`). An exception in the model's forward becomes one
+        :class:`ForwardError` naming the model and the batch (``where``: the row chunk)."""
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
         from embstore.extraction.forward import Launched
 
         todo = iter(spans)
-        ahead: deque[tuple[tuple[int, int], Future[tuple[dict[str, Any], np.ndarray]], Future[Any] | None]] = deque()
+        ahead: deque[tuple[tuple[int, int], Future[Prepared], Future[Any] | None]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embstore-prefetch") as pool:
 
             def refill() -> None:
@@ -264,6 +283,9 @@ class ChunkEncoder:
                     )
 
             def land(span: tuple[int, int], launched: Launched) -> None:
+                bad = launched.bad(self.poolings, self.layers, self.token_layers, self.word_poolings)
+                if bad is not None:
+                    raise self._non_finite(split, bad)
                 buf.put(*span, *launched.result(self.poolings, self.token_layers))
                 if launched.words_shape is not None:
                     buf.put_words(*span, launched.words(self.word_poolings))
@@ -275,10 +297,10 @@ class ChunkEncoder:
             while ahead:
                 span, future, words = ahead.popleft()
                 refill()
-                inputs, lengths = future.result()
+                inputs, lengths, pool_mask = future.result()
                 index = None if words is None else words.result()
                 try:
-                    launched = self.forward.launch(inputs, lengths, index)
+                    launched = self.forward.launch(inputs, lengths, pool_mask, index)
                 except EmbstoreError:
                     raise
                 except Exception as exc:  # a model bug or an out-of-memory: one line, never a traceback
@@ -288,6 +310,33 @@ class ChunkEncoder:
                 waiting = (span, launched)
             if waiting is not None:
                 land(*waiting)
+
+    def _non_finite(self, split: str, bad: Any) -> Exception:
+        """The one-line error for a non-finite value (:class:`embstore.extraction.forward.Bad`) in ``split``."""
+        from embstore.errors import NonFiniteValuesError
+
+        what = (
+            f"per-token states of layer {bad.layer}"
+            if bad.what == "tokens"
+            else f"layer {bad.layer}, pooling {bad.what}"
+        )
+        compute = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        if bad.from_model:
+            fix = (
+                f"pass --compute-dtype float32 (it overflowed in {compute})"
+                if compute != "float32"
+                else "its float32 weights give inf or NaN: check the checkpoint, or store lower --layers"
+            )
+            return NonFiniteValuesError(
+                f"Split {split!r}, {what}: the model produced inf or NaN (computing in {compute}), so it would be "
+                f"stored as such; nothing of this row chunk was written and the store is left incomplete: {fix}."
+            )
+        top = float(np.finfo(self.np_dtype).max)
+        return NonFiniteValuesError(
+            f"Split {split!r}, {what}: a value of |x| = {bad.largest:.6g} does not fit the storage dtype "
+            f"{self.np_dtype.name} (largest {top:.6g}), so it would be stored as inf; nothing of this row chunk was "
+            "written and the store is left incomplete: pass --dtype float32."
+        )
 
     def _forward_error(self, exc: Exception, span: tuple[int, int], inputs: dict[str, Any], where: str) -> ForwardError:
         shape = tuple(next(iter(inputs.values())).shape)
@@ -305,10 +354,11 @@ class ChunkEncoder:
         )
 
     def _text_batch(
-        self, ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None
-    ) -> tuple[dict[str, Any], np.ndarray]:
+        self, ids: Sequence[list[int]], type_ids: Sequence[list[int]] | None, masks: Sequence[np.ndarray] | None
+    ) -> Prepared:
         batch = pad_batch(ids, type_ids if self.uses_type_ids else None, self.pad_id)
-        return self.forward.stage(batch), batch["attention_mask"].sum(1)
+        pool = None if masks is None else pad_mask(masks, batch["input_ids"].shape[1])
+        return self.forward.stage(batch), batch["attention_mask"].sum(1), pool
 
     def first_batch(self, job: ChunkJob) -> ChunkJob:
         """``job`` cut to the rows of its first forward batch (of its first tower)."""
@@ -319,7 +369,7 @@ class ChunkEncoder:
         return ChunkJob(
             split=job.split,
             chunk=job.chunk,
-            towers={t: (i[:stop], None if tt is None else tt[:stop]) for t, (i, tt) in job.towers.items()},
+            towers={t: tuple(None if part is None else part[:stop] for part in rows) for t, rows in job.towers.items()},
         )
 
     def encode(
@@ -330,22 +380,29 @@ class ChunkEncoder:
         ``paths(tower, pooling_or_'tokens', layer)`` names each array.
         """
         out: dict[str, np.ndarray] = {}
-        for tower, (ids, type_ids) in job.towers.items():
+        for tower, (ids, type_ids, masks) in job.towers.items():
             n = len(ids)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
 
             def prepare(
-                start: int, stop: int, _ids: list[list[int]] = ids, _tt: list[list[int]] | None = type_ids
-            ) -> tuple[dict[str, Any], np.ndarray]:
-                return self._text_batch(_ids[start:stop], None if _tt is None else _tt[start:stop])
+                start: int,
+                stop: int,
+                _ids: list[list[int]] = ids,
+                _tt: list[list[int]] | None = type_ids,
+                _m: list[np.ndarray] | None = masks,
+            ) -> Prepared:
+                return self._text_batch(
+                    _ids[start:stop], None if _tt is None else _tt[start:stop], None if _m is None else _m[start:stop]
+                )
 
             words_of = None
             if job.words is not None and self.word_poolings:
                 buf.word_offsets = np.concatenate([[0], np.cumsum([len(w) for w in job.words])]).astype(np.int64)
                 words_of = functools.partial(_word_index, job.words, lengths)
             self._run(
+                job.split,
                 make_batches(lengths, self.batch_size, self.token_budget),
                 prepare,
                 buf,

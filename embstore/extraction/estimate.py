@@ -11,7 +11,10 @@ data, reports:
   store's total is exact (an HDF5 export's is an estimate);
 * the free space where the store will be written;
 * an estimate of the extraction's wall time from timing a few real batches of the very encoder
-  the extraction runs, spread over the length-sorted batches, plus the planning time itself.
+  the extraction runs, spread over the length-sorted batches, plus the planning time itself;
+* an estimate of its peak memory (:func:`memory_estimate`): the weights, one batch's activations inside a block
+  (each layer is pooled as it is produced, so the states of one layer at a time, never all of them), the pooled and
+  host buffers of a row chunk, and the runtime.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from embstore.store.backends import is_h5_path
 if TYPE_CHECKING:
     from embstore.extraction.plan import Plan
 
-__all__ = ["PlanReport", "plan_extraction", "SAMPLE_BATCHES"]
+__all__ = ["PlanReport", "plan_extraction", "memory_estimate", "SAMPLE_BATCHES", "RUNTIME_BYTES"]
 
 SAMPLE_BATCHES = 8
 """Batches timed for the estimate (after one untimed warm-up batch)."""
@@ -63,6 +66,9 @@ class PlanReport:
     """Space needed while extracting (an HDF5 store is staged as zarr, then exported)."""
     estimated_seconds: float
     timing: dict[str, Any] = field(default_factory=dict)
+    memory_bytes: int = 0
+    """Estimated peak memory of the extraction (host and devices together)."""
+    memory_detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,9 +100,7 @@ def _job(plan: Plan, split: str, chunk: int, tower: str, rows: np.ndarray) -> Ch
     src = plan.order[split][rows]
     e = plan.encoded[(split, tower)]
     if isinstance(e, Encoded):
-        towers: dict[str, Any] = {
-            tower: ([e.ids[i] for i in src], None if e.type_ids is None else [e.type_ids[i] for i in src])
-        }
+        towers: dict[str, Any] = {tower: e.rows(src)}
     else:
         towers = {tower: [e.items[i] for i in src]}
     aligned = plan.words.get(split)
@@ -153,6 +157,56 @@ def _time_batches(
         "rows_timed": timed_rows,
         "seconds_timed": round(timed_seconds, 3),
     }
+
+
+RUNTIME_BYTES = 500 << 20
+"""Python, torch, transformers and the tokenizer (about what a tiny model's extraction takes: BENCHMARKS.md)."""
+
+
+def memory_estimate(
+    model: Any, lay: L.StoreLayout, batches: list[tuple[str, int, str, np.ndarray, int]]
+) -> dict[str, Any]:
+    """Peak memory of an extraction of ``model`` (it may sit on the meta device: only its parameters' sizes are
+    read) into a store of layout ``lay``, over the planned ``batches`` (:func:`_batches`), in bytes per part and their
+    sum as ``total``.
+
+    - ``weights``: the parameters in the compute dtype;
+    - ``activations``: the widest batch inside one block: its (rows x tokens) states twice (the block's input and
+      its normed copy) plus three MLP intermediates (gate, up, activation) in the compute dtype, and the attention
+      scores (rows x heads x tokens^2, float32) where the kernel materialises them (a padded batch on the CPU);
+    - ``pooled``: the float32 pooled values and their storage-dtype copy of one batch;
+    - ``chunks``: two row chunks of stored values on the host (one being written while the next fills);
+    - ``runtime``: :data:`RUNTIME_BYTES`.
+    """
+    cfg = model.config
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    item = params[0].element_size() if params else 4
+    hidden = int(getattr(cfg, "hidden_size", lay.hidden) or lay.hidden)
+    inner = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    store_item = np.dtype(lay.dtype).itemsize
+    k, p = len(lay.layers), len(lay.poolings)
+    widest, pooled = 0, 0
+    for _split, _chunk, _tower, rows, padded in batches:
+        n = len(rows)
+        width = padded // max(1, n)
+        widest = max(widest, padded * (2 * hidden + 3 * inner) * item + n * heads * width * width * 4)
+        pooled = max(
+            pooled, p * k * n * hidden * (4 + store_item) + len(lay.token_layers) * padded * hidden * store_item
+        )
+    most_rows = max((sl.chunk_rows for sl in lay.splits.values()), default=0)
+    tokens = max((sum(sl.n_tokens.values()) // max(1, sl.n_chunks) for sl in lay.splits.values()), default=0)
+    chunk = len(lay.towers) * (p * k * most_rows + len(lay.token_layers) * tokens) * hidden * store_item
+    detail = {
+        "weights": int(weights),
+        "activations": int(widest),
+        "pooled": int(pooled),
+        "chunks": int(2 * chunk),
+        "runtime": RUNTIME_BYTES,
+    }
+    detail["total"] = sum(detail.values())
+    return detail
 
 
 def _skeleton_bytes(plan: Plan) -> tuple[int, int, int]:
@@ -305,6 +359,7 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
         free = int(shutil.disk_usage(probe).free)
 
     batches = _batches(plan, pending, config)
+    memory = memory_estimate(plan.backbone.model, lay, batches or _batches(plan, {s: [0] for s in lay.splits}, config))
     compute, timing = _time_batches(plan, config, device, batches)
     timing.update(
         {
@@ -351,6 +406,8 @@ def plan_extraction(config: ExtractConfig) -> PlanReport:
         peak_bytes=int(zarr_bytes + (total if h5 else 0)),
         estimated_seconds=round(float(estimate), 2),
         timing=timing,
+        memory_bytes=int(memory["total"]),
+        memory_detail=memory,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from embstore.backbones.registry import Backbone, load_backbone
+from embstore.backbones.anatomy import is_causal, top_state
+from embstore.backbones.registry import Backbone, Placement, load_backbone
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data.audio import usable_rows
 from embstore.data.tables import Dataset, SplitData, load_dataset
+from embstore.device import parse_device_memory, rank_device_memory, rank_gpus, resolve_compute_dtype
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.extraction.encode import Encoded, length_order, tokenize
 from embstore.extraction.store_id import audio_batching, data_identity, model_identity, store_fingerprint
@@ -30,7 +33,7 @@ from embstore.store import layout as L
 from embstore.store.backends import is_h5_path
 from embstore.store.catalog import cache_dir, slug
 
-__all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of"]
+__all__ = ["Plan", "make_plan", "quick_id", "store_paths", "precision_of", "poolings_of", "placement_of", "rank_device"]
 
 
 @dataclass
@@ -62,6 +65,7 @@ def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
             data is None
             or model["n_layers"] is None
             or model["modality"] != ("audio" if config.source.audio_col else "text")
+            or config.chat_template  # the prompt is rendered by the tokenizer
         ):
             return None
         available = list(range(int(model["n_layers"]) + 1))
@@ -71,6 +75,8 @@ def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
         if word_data is None:
             return None
         word_poolings = word_poolings_for(config.word_pooling, word_data)
+        poolings = poolings_of(config, model["modality"], bool(model["causal"]))
+        precision = precision_of(resolve_compute_dtype(config.compute_dtype, device), config.quantize)
     except EmbstoreError:
         return None
     fp = store_fingerprint(
@@ -79,9 +85,10 @@ def quick_id(config: ExtractConfig, device: str) -> tuple[str, str, str] | None:
         data,
         layers=layers,
         token_layers=token_layers,
-        poolings=list(config.pooling or default_pooling(model["modality"])),
-        precision=precision_of(device, config.quantize),
+        poolings=list(poolings),
+        precision=precision,
         word_poolings=list(word_poolings),
+        text=None if model["modality"] == "audio" else config.text_spec(bool(model["causal"])).id_content(),
     )
     return (fp, *store_paths(config, fp))
 
@@ -102,9 +109,52 @@ def _word_data_hint(config: ExtractConfig) -> bool | None:
     return None if any(WORDS_COL in table_columns(p) for p in paths) else False
 
 
-def precision_of(device: str, quantize: str) -> str:
-    """How the model computes: bf16 autocast on CUDA, int8 dynamic Linear layers with --quantize int8, else float32."""
-    return "bf16-autocast" if device.startswith("cuda") else "int8-dynamic" if quantize == "int8" else "float32"
+def precision_of(compute_dtype: str, quantize: str) -> str:
+    """How the model computes: its parameters' dtype ('float32', 'bfloat16', 'float16'), or 'int8-dynamic' with
+    --quantize int8 (dynamic int8 Linear layers, on the CPU)."""
+    return "int8-dynamic" if quantize == "int8" else compute_dtype
+
+
+def poolings_of(config: ExtractConfig, modality: str, causal: bool) -> tuple[str, ...]:
+    """The poolings stored: ``--pooling``, or the default of the modality and the model (last,mean for a causal
+    one); ``cls`` on a causal model is refused in one line."""
+    poolings = config.pooling or default_pooling(modality, causal)
+    if causal and "cls" in poolings:
+        raise ConfigError(
+            f"--pooling cls reads position 0, which in a causal model ({config.model}) has seen only itself (after a "
+            "BOS token it is one vector for every row): pass --pooling last, the last token, which has seen the whole "
+            "text (e.g. --pooling last,mean)."
+        )
+    return tuple(poolings)
+
+
+def placement_of(config: ExtractConfig, device: str) -> Placement:
+    """How the extraction holds the model: its compute dtype and device map (with ``--gpus-per-rank``, over this
+    rank's group of GPUs: :func:`embstore.device.rank_gpus`)."""
+    memory: dict[int | str, int] | None = (
+        dict(parse_device_memory(config.max_device_memory)) if config.max_device_memory else None
+    )
+    if config.gpus_per_rank is not None and device.startswith("cuda"):
+        import torch
+        from accelerate.utils import get_max_memory
+
+        group = rank_gpus(int(os.environ.get("LOCAL_RANK", "0")), config.gpus_per_rank, torch.cuda.device_count())
+        memory = rank_device_memory(group, memory, get_max_memory())  # type: ignore[arg-type]
+    return Placement(
+        dtype=resolve_compute_dtype(config.compute_dtype, device),
+        device_map=config.device_map,
+        max_memory=memory,
+        offload_dir=config.offload_dir,
+    )
+
+
+def rank_device(config: ExtractConfig, device: str, world: int) -> str:
+    """The device of this rank under torchrun/accelerate: cuda:LOCAL_RANK, or with ``--gpus-per-rank K`` the first
+    GPU of its group; ``device`` itself in a single process or on the CPU."""
+    if world <= 1 or not device.startswith("cuda"):
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return f"cuda:{local * (config.gpus_per_rank or 1)}"
 
 
 def make_plan(config: ExtractConfig, device: str) -> Plan:
@@ -123,7 +173,11 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
         skip_bad=config.source.skip_bad,
     )
     backbone = load_backbone(
-        config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights
+        config.model,
+        device,
+        allow_pickle=config.allow_pickle,
+        random_weights=config.random_weights,
+        placement=placement_of(config, device),
     )
     if backbone.modality != dataset.modality:
         if backbone.modality == "audio":
@@ -138,7 +192,8 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
     available = list(range(backbone.n_layers + 1))
     layers = parse_layers(config.layers, available, "layers")
     token_layers = parse_layers(config.tokens, available, "tokens") if config.tokens else []
-    poolings = config.pooling or default_pooling(dataset.modality)
+    causal = is_causal(backbone.model)
+    poolings = poolings_of(config, dataset.modality, causal)
     if dataset.modality == "audio":
         return _plan_audio(config, device, dataset, backbone, layers, token_layers, poolings)
     if config.max_length > backbone.max_positions:
@@ -153,6 +208,7 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
     words: dict[str, WordAlignment] = {}
     word_counts: dict[str, dict[str, int]] = {"cut": {}, "truncated": {}}
     tok = backbone.tokenizer
+    spec = config.text_spec(causal)
     encoded: dict[tuple[str, str], Encoded] = {}
     order: dict[str, np.ndarray] = {}
     splits: dict[str, L.SplitLayout] = {}
@@ -161,10 +217,10 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
     truncated: dict[str, int] = {}
     for name, sd in dataset.splits.items():
         if config.pair_mode == "towers":
-            encoded[(name, "a")] = tokenize(tok, sd.texts, None, config.max_length)
-            encoded[(name, "b")] = tokenize(tok, sd.pairs or [], None, config.max_length)
+            encoded[(name, "a")] = tokenize(tok, sd.texts, None, config.max_length, spec)
+            encoded[(name, "b")] = tokenize(tok, sd.pairs or [], None, config.max_length, spec)
         else:
-            encoded[(name, L.SINGLE_TOWER)] = tokenize(tok, sd.texts, sd.pairs, config.max_length)
+            encoded[(name, L.SINGLE_TOWER)] = tokenize(tok, sd.texts, sd.pairs, config.max_length, spec)
         total = np.sum([encoded[(name, t)].lengths.astype(np.int64) for t in towers], axis=0)  # (n,)
         order[name] = perm = length_order(total) if config.bucket else np.arange(len(total))
         n = len(perm)
@@ -205,7 +261,18 @@ def make_plan(config: ExtractConfig, device: str) -> Plan:
             truncated=word_counts["truncated"],
         )
     plan = _finish_plan(
-        config, device, dataset, backbone, lay, order, encoded, arrays, token_counts, truncated, words_meta=words_info
+        config,
+        device,
+        dataset,
+        backbone,
+        lay,
+        order,
+        encoded,
+        arrays,
+        token_counts,
+        truncated,
+        words_meta=words_info,
+        text_record=L.TextRecord.from_dict(spec.record(tok)),
     )
     plan.words = words
     return plan
@@ -365,10 +432,14 @@ def _finish_plan(
     truncated: dict[str, int],
     audio: tuple[dict[str, int], int] | None = None,
     words_meta: L.WordsMeta | None = None,
+    text_record: L.TextRecord | None = None,
 ) -> Plan:
     """The plan with its store id and metadata; ``audio`` is (augmented copies per split, sampling rate),
-    ``words_meta`` what a store of word-level data knows about its words."""
-    precision = precision_of(device, config.quantize)
+    ``words_meta`` what a store of word-level data knows about its words, ``text_record`` the template and
+    pooled-token choice as provenance records them (text stores)."""
+    precision = precision_of(resolve_compute_dtype(config.compute_dtype, device), config.quantize)
+    causal = is_causal(backbone.model)
+    text = None if dataset.modality == "audio" else config.text_spec(causal).id_content()
     data = data_identity(config.source)
     if data is None:  # load_dataset has read every file: they exist
         raise RuntimeError("the data files changed while planning; re-run")
@@ -382,18 +453,23 @@ def _finish_plan(
         poolings=list(lay.poolings),
         precision=precision,
         word_poolings=list(lay.word_poolings),
+        text=text,
     )
     import torch
     import transformers
     import zarr
 
     provenance = L.Provenance(
-        model={k: v for k, v in backbone.identity.items() if k != "tokenizer"},
+        model={k: v for k, v in backbone.identity.items() if k not in ("tokenizer", "compute_dtype")},
         tokenizer=backbone.identity["tokenizer"],
         max_length=config.max_length,
         poolings=lay.poolings,
         dtype=config.dtype,
         precision=precision,
+        compute_dtype=backbone.identity["compute_dtype"],
+        causal=causal,
+        top_layer=top_state(backbone.model),
+        text=text_record,
         device=device,
         sources=tuple(dataset.sources),
         text_col=config.source.text_col or "text",

@@ -28,7 +28,7 @@ from embstore.errors import (
     StoreNotFoundError,
 )
 from embstore.extraction.encode import ChunkEncoder, ChunkJob, Encoded
-from embstore.extraction.plan import Plan, make_plan, quick_id, store_paths
+from embstore.extraction.plan import Plan, make_plan, placement_of, quick_id, rank_device, store_paths
 from embstore.extraction.ranks import Ranks
 from embstore.store import layout as L
 from embstore.store.backends import complete_meta, is_h5_path
@@ -98,10 +98,7 @@ def _jobs(plan: Plan, pending: dict[str, list[int]]) -> list[ChunkJob]:
             for t in plan.layout.towers:
                 e = plan.encoded[(split, t)]
                 if isinstance(e, Encoded):
-                    towers[t] = (
-                        [e.ids[i] for i in rows],
-                        None if e.type_ids is None else [e.type_ids[i] for i in rows],
-                    )
+                    towers[t] = e.rows(rows)
                 else:  # AudioRows
                     towers[t] = [e.items[i] for i in rows]
             aligned = plan.words.get(split)
@@ -206,7 +203,11 @@ def _worker(
     torch.set_num_threads(threads)
     config = ExtractConfig.from_dict(config_dict)
     backbone = load_backbone(
-        config.model, device, allow_pickle=config.allow_pickle, random_weights=config.random_weights
+        config.model,
+        device,
+        allow_pickle=config.allow_pickle,
+        random_weights=config.random_weights,
+        placement=placement_of(config, device),
     )
     lay = StoreWriter.open(write_path).layout
     _run_jobs(backbone, lay, config, write_path, jobs, device, show_progress=rank == 0, desc=f"extract[rank {rank}]")
@@ -259,8 +260,7 @@ def extract(config: ExtractConfig, *, show_progress: bool = True) -> ExtractResu
     with ranks.phase("planning"):
         device = resolve_device(config.device)
         check_quantize_device(config.quantize, device)
-        if ranks.world > 1 and device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = rank_device(config, device, ranks.world)
         quick = quick_id(config, device)
         done = None if quick is None else complete_meta(quick[1], quick[0])
         if quick is not None and done is not None:

@@ -29,7 +29,7 @@ from embstore.data.audio import load_waveform
 from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
 from embstore.data.tables import SplitData
 from embstore.errors import DataError
-from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, make_batches
+from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, Prepared, make_batches
 
 if TYPE_CHECKING:
     from torch import nn
@@ -198,12 +198,19 @@ class AudioChunkEncoder(ChunkEncoder):
         offsets = np.concatenate([[0], np.cumsum(frames)])
         buf = ChunkBuffers(len(self.layers), n, offsets, self.np_dtype)
 
-        def prepare(start: int, stop: int) -> tuple[dict[str, Any], np.ndarray]:
+        def prepare(start: int, stop: int) -> Prepared:
             """Decode, resample and pad one batch (in the prefetch thread, while the model runs)."""
             waves = [load_item(it, self.rate, self.max_samples) for it in items[start:stop]]
-            return self.forward.stage(self.batch(waves)), frames[start:stop]
+            return self.forward.stage(self.batch(waves)), frames[start:stop], None
 
         where = f"row chunk {job.chunk} of split {job.split!r}"
         with self.exactness():
-            self._run(make_batches(lengths, self.batch_size, self.sample_budget), prepare, buf, on_rows, where=where)
+            self._run(
+                job.split,
+                make_batches(lengths, self.batch_size, self.sample_budget),
+                prepare,
+                buf,
+                on_rows,
+                where=where,
+            )
         return buf.named(lambda what, layer: paths(AUDIO_TOWER, what, layer))

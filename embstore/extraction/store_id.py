@@ -7,14 +7,16 @@ keyed by (path, size, modification time, inode), kept in ``$EMBSTORE_CACHE/.hash
 re-run of a finished extraction finds its complete store at once, and the full extraction
 computes its id from the very same function.
 
-What is deliberately *not* in the id: thread counts, ``--num-processes``, the device index, and
-for text (whose padding the attention mask hides) the batch size, token budget and chunk size:
-they change values only by float rounding. Speech models of every family the anatomy map knows
-give each clip its values alone in any batch (:mod:`embstore.backbones.padding`), so their id says
-``batching: exact`` instead; for a speech model the map does not know, the padding of a batch can
-reach the real frames, so its batching options *are* in the id (and ``embstore info`` says so).
-The torch and transformers major.minor versions are in the id (kernels and random initialisation
-change between them).
+What is deliberately *not* in the id: thread counts, ``--num-processes``, the device index, a device map and
+offloading, and for text (whose padding the attention mask hides) the batch size, token budget and chunk size:
+they change values only by float rounding (at float32 within 1e-5; at bfloat16 by its own rounding, as much as
+bfloat16 compute already differs from float32: docs/llm.md gives the figures). The compute dtype is in the id
+(``precision``), and so are a template, a chat template and ``--pool-tokens`` where they differ from the text
+alone with every token pooled. Speech models of every family the anatomy map knows give each clip its values
+alone in any batch (:mod:`embstore.backbones.padding`), so their id says ``batching: exact`` instead; for a
+speech model the map does not know, the padding of a batch can reach the real frames, so its batching options
+*are* in the id (and ``embstore info`` says so). The torch and transformers major.minor versions are in the id
+(kernels and random initialisation change between them).
 """
 
 from __future__ import annotations
@@ -90,11 +92,13 @@ def speech_extractor_settings(path: Path | None, config: dict[str, Any] | None =
 def model_identity(name: str) -> dict[str, Any]:
     """The id-relevant identity of ``--model``, without loading it.
 
-    ``{model_type, config, weights, tokenizer, n_layers, modality, extractor}``: the config is the
+    ``{model_type, config, weights, tokenizer, n_layers, modality, causal, extractor}``: the config is the
     config.json (or the random model's config) without :data:`VOLATILE_CONFIG_KEYS`; ``weights`` is
     the weight files' sha256 for real models, or ``random:<seed>`` (their weights follow from config,
     seed and library versions); ``tokenizer`` the sha256 of the tokenizer files.
     """
+    from embstore.backbones import bpe
+    from embstore.backbones.anatomy import causal_from_config
     from embstore.backbones.registry import (
         RANDOM_SEED,
         SPEECH_MODEL_TYPES,
@@ -110,7 +114,13 @@ def model_identity(name: str) -> dict[str, Any]:
         cfg, _origin = resolve_random_config(name.split(":", 1)[1])
         model_type = str(cfg["model_type"])
         audio = model_type in SPEECH_MODEL_TYPES
-        tok = None if audio else files_sha256(tokenizer_files(minilm_path()))
+        convention = bpe.convention_for(model_type)
+        if audio:
+            tok = None
+        elif convention is not None:
+            tok = bpe.tokenizer_sha256(convention)
+        else:
+            tok = files_sha256(tokenizer_files(minilm_path()))
         weights = f"random:{RANDOM_SEED}"
         path: Path | None = None
     else:
@@ -138,6 +148,7 @@ def model_identity(name: str) -> dict[str, Any]:
         "tokenizer": tok,
         "n_layers": cfg.get("num_hidden_layers"),
         "modality": "audio" if audio else "text",
+        "causal": causal_from_config(cfg),
         "extractor": extractor,
         "attention_mask": None if extractor is None else bool(extractor.get("return_attention_mask", False)),
         "batch_exact": batch_exact(model_type) if audio else None,
@@ -220,10 +231,14 @@ def store_fingerprint(
     poolings: list[str],
     precision: str,
     word_poolings: list[str] | None = None,
+    text: dict[str, Any] | None = None,
 ) -> str:
     """The store id: sha256 of everything that can change a stored value (see the module docstring).
 
-    ``model`` is :func:`model_identity`, ``data`` is :func:`data_identity`, ``config`` an ExtractConfig.
+    ``model`` is :func:`model_identity`, ``data`` is :func:`data_identity`, ``config`` an ExtractConfig,
+    ``precision`` the compute dtype ('float32', 'bfloat16', 'float16') or 'int8-dynamic', ``text`` the text spec's
+    :meth:`~embstore.extraction.textspec.TextSpec.id_content` (template, chat template, pooled tokens; None for the
+    text alone with every token pooled, so encoder stores keep their ids).
     """
     from embstore.store.layout import SCHEMA_VERSION
 
@@ -246,6 +261,8 @@ def store_fingerprint(
         content["word_poolings"] = list(word_poolings)
     if getattr(config, "quantize", "none") != "none":
         content["quantize"] = config.quantize
+    if text is not None:
+        content["text"] = text
     if getattr(config, "random_weights", None) is not None:
         # re-initialised from the config: the weight files play no part, the seed does
         content["model"]["weights"] = f"reinit:{config.random_weights}"

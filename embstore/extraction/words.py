@@ -17,7 +17,7 @@ float32 (:func:`pool_words`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +174,7 @@ def batch_index(spans: Sequence[np.ndarray], width: int) -> WordIndex:
 
 
 def pool_words(
-    hidden: Sequence[torch.Tensor],
+    hidden: Sequence[torch.Tensor] | Mapping[int, torch.Tensor],
     layers: Sequence[int],
     poolings: Sequence[str],
     index: dict[str, Any],

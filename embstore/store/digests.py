@@ -179,4 +179,31 @@ class ChunkVerifier:
                     layer_digests(self.layout, split, c, dict(arrays)), per_layer[c]
                 ):
                     problems.append(f"split {split}: row chunk {c} does not match its per-layer checksums (corrupted)")
+                    continue
+                problems += self._non_finite(split, c, arrays)
         return problems
+
+    def _non_finite(self, split: str, chunk: int, arrays: list[tuple[str, np.ndarray]]) -> list[str]:
+        """One line per layer of one row chunk that holds inf or NaN (an embstore from before extraction checked
+        for them stored such values silently)."""
+        lay = self.layout
+        token_layer = {
+            L.token_chunk_path(split, t, layer, chunk): layer for t in lay.towers for layer in lay.token_layers
+        }
+        out = []
+        for name, arr in arrays:
+            values = np.asarray(arr)
+            if not values.dtype.kind == "f":
+                continue
+            if name in token_layer:
+                per_layer = [(token_layer[name], int((~np.isfinite(values)).sum()))]
+            else:  # pooled (layers, rows, hidden)
+                bad = (~np.isfinite(values)).reshape(len(values), -1).sum(axis=1)
+                per_layer = list(zip(lay.layers, (int(b) for b in bad)))
+            for layer, n in per_layer:
+                if n:
+                    out.append(
+                        f"split {split}: row chunk {chunk}, {name} layer {layer}: {n} non-finite values (inf or NaN), "
+                        "stored silently by an older embstore; re-extract with --dtype float32"
+                    )
+        return out

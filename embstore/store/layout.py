@@ -72,6 +72,7 @@ __all__ = [
     "word_form_offsets_path",
     "word_chunk_path",
     "word_entry",
+    "TextRecord",
     "row_ids_path",
     "labels_path",
     "groups_path",
@@ -239,6 +240,43 @@ def _names(values: Any) -> tuple[Any, ...] | None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TextRecord:
+    """How each text became the model's input (:attr:`Provenance.text`): the template or chat template, and which
+    tokens ``mean`` and ``max`` cover (``embstore.extraction.textspec.TextSpec``, plus the rendered prompt)."""
+
+    template: str | None = None
+    """--template, with ``{text}`` (and ``{text_pair}``), or None."""
+    chat_template: bool = False
+    """--chat-template: the tokenizer's own chat template, the text as the user turn."""
+    system: str | None = None
+    """--system: the system turn of the chat template, or None."""
+    pool_tokens: str = "all"
+    """--pool-tokens: 'text' (the row's own text tokens) or 'all' (every non-pad token)."""
+    prompt: str | None = None
+    """The prompt as rendered: the template, or the chat template with ``{text}`` where the user's text goes; None
+    for the text alone."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "chat_template": self.chat_template,
+            "system": self.system,
+            "pool_tokens": self.pool_tokens,
+            "prompt": self.prompt,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TextRecord":
+        return cls(
+            template=d.get("template"),
+            chat_template=bool(d.get("chat_template", False)),
+            system=d.get("system"),
+            pool_tokens=str(d.get("pool_tokens") or "all"),
+            prompt=d.get("prompt"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Provenance:
     """How a store was made: the model, the data, the options and the tools (:attr:`StoreMeta.provenance`).
 
@@ -258,7 +296,8 @@ class Provenance:
     dtype: str | None
     """--dtype: the storage dtype of the hidden states."""
     precision: str | None
-    """How the model computed: 'float32', 'bf16-autocast' or 'int8-dynamic' (``precision_of``)."""
+    """How the model computed, as the store id holds it: the compute dtype ('float32', 'bfloat16', 'float16') or
+    'int8-dynamic' (``precision_of``); stores written before --compute-dtype say 'float32' or 'bf16-autocast'."""
     device: str | None
     """The device the extraction ran on ('cpu', 'cuda', 'cuda:1', ...)."""
     sources: tuple[dict[str, Any], ...]
@@ -286,6 +325,17 @@ class Provenance:
     """The version of each package that wrote the store (embstore, torch, transformers, zarr, python)."""
     config: dict[str, Any]
     """The whole ``ExtractConfig.to_dict()`` of the extraction."""
+    compute_dtype: str | None = None
+    """The dtype the model's parameters actually had during the forward ('float32', 'bfloat16', 'float16'); None
+    (and absent from the stored attribute) in stores written before it was recorded."""
+    causal: bool | None = None
+    """Whether the model is a decoder (causal attention: ``last,mean`` by default, ``cls`` refused); None in older
+    stores."""
+    top_layer: str | None = None
+    """What the top stored layer is, in words (after the final norm for the language models); None in older
+    stores."""
+    text: TextRecord | None = None
+    """Text stores: the template or chat template and the pooled tokens; None for audio and older stores."""
     quantization: dict[str, Any] | None = None
     """--quantize int8: the measured deviation from float32 of every stored array on the first batch; else None
     (and absent from the stored attribute)."""
@@ -326,6 +376,15 @@ class Provenance:
             "tool": dict(self.tool),
             "config": dict(self.config),
         }
+        for key, value in (
+            ("compute_dtype", self.compute_dtype),
+            ("causal", self.causal),
+            ("top_layer", self.top_layer),
+        ):
+            if value is not None:
+                d[key] = value
+        if self.text is not None:
+            d["text"] = self.text.to_dict()
         if self.quantization is not None:
             d["quantization"] = self.quantization
         if self.batching is not None:
@@ -356,6 +415,10 @@ class Provenance:
             rows=dict(d.get("rows") or {}),
             tool=dict(d.get("tool") or {}),
             config=dict(d.get("config") or {}),
+            compute_dtype=d.get("compute_dtype"),
+            causal=d.get("causal"),
+            top_layer=d.get("top_layer"),
+            text=None if d.get("text") is None else TextRecord.from_dict(d["text"]),
             quantization=d.get("quantization"),
             batching=d.get("batching"),
             other=_other(d, cls),

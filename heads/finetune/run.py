@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
+from embstore.backbones.anatomy import idle_modules
 from embstore.backbones.pruned import prune_heads, pruned_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
@@ -115,6 +116,8 @@ def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
     pooler = getattr(encoder, "pooler", None)
     if pooler is not None:  # unused by cls/mean pooling of the last hidden state
         pooler.requires_grad_(False)
+    for module in idle_modules(encoder):  # no loss on the top stored state reaches them (a speech final norm)
+        module.requires_grad_(False)
     adapted = add_adapters(encoder, config, frozen) if config.lora is not None else []
     if config.gradient_checkpointing:
         checkpointing(encoder)

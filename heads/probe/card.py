@@ -55,6 +55,12 @@ class HeadCard:
     """The store's --max-seconds (audio): new clips are cropped the same way."""
     precision: str | None = None
     """How the store's model computed ('int8-dynamic' makes new inputs go through int8 layers too)."""
+    compute_dtype: str | None = None
+    """The dtype the store's model computed in (``Provenance.compute_dtype``): new inputs are encoded in it too;
+    None for stores from before it was recorded (float32)."""
+    text: L.TextRecord | None = None
+    """The store's template or chat template and pooled tokens (``Provenance.text``): new texts are put into the
+    same prompt; None: the text alone, every token pooled."""
     store: str | None = None
     """The store the head was trained on (its path as given to the sweep)."""
     store_id: str | None = None
@@ -101,6 +107,8 @@ class HeadCard:
             text_pair_col=prov.text_pair_col,
             max_seconds=prov.max_seconds,
             precision=prov.precision,
+            compute_dtype=prov.compute_dtype,
+            text=prov.text,
             store=store_path,
             store_id=store.fingerprint,
             seed=seed,
@@ -110,7 +118,7 @@ class HeadCard:
 
     def to_dict(self) -> dict[str, Any]:
         """The saved form, in the key order sweeps have always written (``layers_label`` is for people reading it)."""
-        return {
+        out: dict[str, Any] = {
             "layers": list(self.layers),
             "layers_label": format_layers(self.layers),
             "combine": self.combine,
@@ -127,11 +135,13 @@ class HeadCard:
             "dtype": self.dtype,
             "max_seconds": self.max_seconds,
             "precision": self.precision,
-            "seed": self.seed,
-            "fold": self.fold,
-            "chosen_on": self.chosen_on,
-            **self.other,
         }
+        if self.compute_dtype is not None:  # absent from cards of stores that did not record it, as before
+            out["compute_dtype"] = self.compute_dtype
+        if self.text is not None:
+            out["text"] = self.text.to_dict()
+        out.update({"seed": self.seed, "fold": self.fold, "chosen_on": self.chosen_on})
+        return {**out, **self.other}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "HeadCard":
@@ -159,6 +169,8 @@ class HeadCard:
             text_pair_col=d.get("text_pair_col"),
             max_seconds=d.get("max_seconds"),
             precision=d.get("precision"),
+            compute_dtype=d.get("compute_dtype"),
+            text=None if d.get("text") is None else L.TextRecord.from_dict(d["text"]),
             store=d.get("store"),
             store_id=d.get("store_id"),
             seed=d.get("seed"),

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.errors import ConfigError
+from embstore.errors import ConfigError, NonFiniteValuesError
 from embstore.store.reader import Store, TokenStates
 from heads.probe.config import POOLED_HEADS
 from heads.probe.modules import Ragged
@@ -97,12 +97,16 @@ class FeatureBank:
         self.max_memory = max_memory
         self.preloaded = self.needed <= max_memory
         self._cache: dict[tuple[str, str, str], np.ndarray] = {}
+        self._finite: set[tuple[str, str, int, int]] = set()
+        """(split, pooling, first row, layer) blocks already seen finite (a streamed chunk is checked once)."""
         if self.preloaded and self.layers:
             for split in self.splits:
                 for pooling in self.poolings:
                     for tower in self.towers:
                         # (n, k, hidden) in the stored dtype, read once for the whole sweep
-                        self._cache[(split, pooling, tower)] = store.pooled(split, pooling, self.layers, tower=tower)
+                        block = store.pooled(split, pooling, self.layers, tower=tower)
+                        self._check_finite(split, pooling, self.layers, block)
+                        self._cache[(split, pooling, tower)] = block
         elif self.layers:
             log.info(
                 "features need %.2f GB > max_memory %.2f GB: streaming row chunks from the store",
@@ -123,6 +127,22 @@ class FeatureBank:
             * np.dtype(store.layout.dtype).itemsize
         )
 
+    def _check_finite(self, split: str, pooling: str, layers: Sequence[int], block: np.ndarray, start: int = 0) -> None:
+        """Refuse features holding inf or NaN (``block`` (rows, k, hidden), rows from ``start``): an embstore from
+        before extraction checked for them stored such values silently, and a head would train on them."""
+        todo = [j for j, layer in enumerate(layers) if (split, pooling, start, layer) not in self._finite]
+        if not todo:
+            return
+        bad = ~np.isfinite(block[:, todo]).all(axis=(0, 2))
+        if bad.any():
+            layer = layers[todo[int(np.flatnonzero(bad)[0])]]
+            raise NonFiniteValuesError(
+                f"{self.store.path} holds inf or NaN in split {split!r}, layer {layer}, pooling {pooling} (stored by "
+                "an embstore from before extraction checked for them; 'embstore verify' lists them all): re-extract "
+                "it with --dtype float32, or sweep other --layers or --pooling."
+            )
+        self._finite.update((split, pooling, start, layers[j]) for j in todo)
+
     # -- whole configurations ------------------------------------------------------------------------------
     def _block(self, split: str, pooling: str, tower: str, layers: Sequence[int]) -> np.ndarray:
         """(n, len(layers), hidden) for the given layers, from memory or the store."""
@@ -138,7 +158,9 @@ class FeatureBank:
                 f"One configuration ({len(layers)} layers of {split}) needs {need / 1e9:.2f} GB, over --max-memory "
                 f"{self.max_memory / 1e9:.2f} GB; raise --max-memory or sweep fewer layers at once."
             )
-        return self.store.pooled(split, pooling, list(layers), tower=tower)
+        block = self.store.pooled(split, pooling, list(layers), tower=tower)
+        self._check_finite(split, pooling, list(layers), block)
+        return block
 
     def features(self, combo: Combo, split: str, rows: np.ndarray | None = None) -> Any:
         """The input of ``combo``'s head for ``split`` (optionally only ``rows``, in that order).
@@ -200,6 +222,8 @@ class FeatureBank:
         else:
             start, stop = self.store.layout.splits[split].rows(chunk)
             raw = {p: self.store.pooled_rows(split, p, start, stop, self.layers, tower=tower) for p in self.poolings}
+            for p, block in raw.items():
+                self._check_finite(split, p, self.layers, block, start)
             offset = start
         pos = {c: [self.layers.index(x) for x in c.layers] for c in combos}
         for b in range(0, len(rows), BLOCK_ROWS):

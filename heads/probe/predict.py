@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore.backbones.registry import load_backbone
+from embstore.backbones.registry import Placement, load_backbone
 from embstore.errors import ConfigError, ModelNotFoundError
 from embstore.extraction.encode import ChunkEncoder, ChunkJob, length_order, tokenize
+from embstore.extraction.textspec import TextSpec
 from heads.probe.card import HeadCard
 from heads.probe.estimator import HeadClassifier
 from heads.probe.features import FeatureBank
@@ -70,8 +71,10 @@ def predict_texts(
         raise ConfigError(f"This head was trained on audio ({backbone.name}); give audio file paths, one per line.")
     max_length = int(card.max_length or 256)
     tok = backbone.tokenizer
+    # the store's template and pooled tokens (None: the text alone, every token pooled)
+    spec = TextSpec.from_dict(None if card.text is None else card.text.to_dict())
     inputs = {
-        t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length)
+        t: tokenize(tok, texts if t != "b" else pairs or [], pairs if len(towers) == 1 else None, max_length, spec)
         for t in towers
     }
     lengths = np.sum([e.lengths for e in inputs.values()], axis=0)
@@ -79,10 +82,7 @@ def predict_texts(
     job = ChunkJob(
         split="predict",
         chunk=0,
-        towers={
-            t: ([e.ids[i] for i in order], None if e.type_ids is None else [e.type_ids[i] for i in order])
-            for t, e in inputs.items()
-        },
+        towers={t: e.rows(order) for t, e in inputs.items()},
     )
     token_layers = list(combo.layers) if combo.pooling == "tokens" else []
     poolings = [] if combo.pooling == "tokens" else [combo.pooling]
@@ -105,7 +105,10 @@ def predict_texts(
 def _backbone(card: HeadCard, device: str) -> Any:
     """The head's backbone, refused when its weights are not those the store was made with."""
     model_info = card.model
-    backbone = load_backbone(str(model_info["name"]), device)
+    # the compute dtype the store was made in (stores from before it was recorded computed in float32 on the CPU)
+    backbone = load_backbone(
+        str(model_info["name"]), device, placement=Placement(dtype=str(card.compute_dtype or "float32"))
+    )
     if model_info.get("weights_sha256") and backbone.identity["weights_sha256"] != model_info["weights_sha256"]:
         raise ModelNotFoundError(
             f"The model {model_info['name']!r} found now has other weights than the store this head was trained on; "

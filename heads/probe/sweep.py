@@ -470,6 +470,8 @@ def _meta(
         "store": setup.path,
         "store_fingerprint": store.fingerprint,
         "model": store.provenance.model_name,
+        "text": None if store.provenance.text is None else store.provenance.text.to_dict(),
+        "compute_dtype": store.provenance.compute_dtype,
         "label_names": names,
         "train_split": tr_split,
         "eval_split": ev_split,

@@ -3,6 +3,7 @@ configuration's per-class table and confusion matrix."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from heads.report.plots import names_for
@@ -232,6 +233,18 @@ def _answer(meta: dict[str, Any], stats: list[ConfigStats], best: ConfigStats) -
     return lines
 
 
+def _text_lines(text: dict[str, Any] | None) -> list[str]:
+    """What the model read, from the store's text record: the template or rendered chat template, and the tokens
+    mean and max cover (none for stores from before it was recorded, or of audio)."""
+    if not text:
+        return []
+    prompt = text.get("prompt")
+    kind = "chat template" if text.get("chat_template") else "template"
+    shown = f"{kind} `{json.dumps(prompt)[1:-1]}`" if prompt else "the text alone (no template)"
+    covered = "the text tokens" if text.get("pool_tokens") == "text" else "every token"
+    return [f"- text: {shown}; mean and max over {covered}"]
+
+
 def summary_md(
     meta: dict[str, Any],
     stats: list[ConfigStats],
@@ -248,7 +261,9 @@ def summary_md(
     lines += [
         f"- store: `{meta.get('store_path', meta.get('store', '?'))}` (fingerprint "
         f"`{meta.get('store_fingerprint', '?')}`)",
-        f"- model: `{meta.get('model', meta.get('model_name', '?'))}`",
+        f"- model: `{meta.get('model', meta.get('model_name', '?'))}`"
+        + (f", computing in {meta['compute_dtype']}" if meta.get("compute_dtype") else ""),
+        *_text_lines(meta.get("text")),
         f"- labels: {', '.join(label_names)}",
         f"- rows: {sum(s.n for s in stats)} runs of {len(stats)} configs",
     ]
