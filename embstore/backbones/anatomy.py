@@ -463,6 +463,7 @@ FAMILIES: tuple[Family, ...] = (
         embeddings=_DECODER_EMBED,
         final_norm="norm",
         final_norm_in_states=True,
+        per_layer_config=("layer_types",),  # Qwen2, Gemma2...: one attention kind per layer
         no_prune=_GQA,
         projections=_DECODER_PROJECTIONS,
     ),

@@ -29,7 +29,7 @@ DATA_KEYS = (
 )
 """The flat data-source keys ``heads finetune`` takes: text or audio tables, with groups (e.g. speakers)."""
 Classifier = Literal["linear", "mlp"]
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["cls", "mean", "last"]
 Aggregate = Literal["mean", "max", "last"]
 SCRATCH = "scratch:"
 """The --model prefix of a recurrent classifier trained from nothing (:mod:`heads.finetune.scratch`)."""
@@ -86,8 +86,9 @@ class FinetuneConfig:
     dropout: float = 0.1
     """mlp: dropout before each linear layer after the first."""
     pooling: Pooling | None = None
-    """'cls' (first token) or attention-masked 'mean' of the last hidden state; None: 'cls' for text, 'mean' (of the
-    frames, masked by each clip's frame count) for speech, which has no CLS."""
+    """'cls' (first token), attention-masked 'mean' or 'last' (the last non-pad token) of the last hidden state; None:
+    'cls' for a text encoder, 'last' for a causal model (decoder LLMs; 'cls' is refused there), 'mean' (of the frames,
+    masked by each clip's frame count) for speech, which has no CLS."""
     max_seconds: float | None = 20.0
     """Speech: a training clip longer than this is cut to a random window of this length, drawn anew each epoch
     (seeded); evaluation always reads whole clips. None: never cut. 20 s is the Hugging Face audio-classification
@@ -206,8 +207,10 @@ class FinetuneConfig:
         validate_params(self)
         self.source.only(DATA_KEYS, "heads finetune")
         if self.audio:
-            if self.pooling == "cls":
-                raise ConfigError("Speech models have no CLS frame: pass --pooling mean (the default for speech).")
+            if self.pooling in ("cls", "last"):
+                raise ConfigError(
+                    f"Speech models have no {self.pooling} token to pool: pass --pooling mean (the default for speech)."
+                )
         elif self.augment is not None:
             raise ConfigError(
                 f"The 'augment' option ({self.augment!r}) transforms audio clips; pass --audio-col COLUMN "
@@ -244,7 +247,7 @@ class FinetuneConfig:
             if self.aggregate is not None:
                 raise ConfigError(
                     "--aggregate pools a scratch: model's recurrent states; a pretrained backbone pools with "
-                    "--pooling (cls, mean)."
+                    "--pooling (cls, mean, last)."
                 )
             return
         core = self.model[len(SCRATCH) :]

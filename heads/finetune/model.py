@@ -87,7 +87,7 @@ def _takes_type_ids(encoder: nn.Module) -> bool:
 
 
 class SequenceClassifier(Classifier):
-    """Text: encoder + pooling ('cls' or masked 'mean') of the last hidden state + classifier."""
+    """Text: encoder + pooling ('cls', masked 'mean' or 'last' non-pad token) of the last hidden state + classifier."""
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -100,7 +100,11 @@ class SequenceClassifier(Classifier):
         states = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).last_hidden_state  # (B, T, H)
-        if self.pooling == "mean":
+        if self.pooling == "last":  # the last non-pad token of each (right-padded) row: in a causal model it has
+            # seen the whole text, and the padding after it changes nothing before it
+            last = attention_mask.sum(1).clamp(min=1) - 1  # (B,)
+            pooled = states[torch.arange(states.shape[0], device=states.device), last]
+        elif self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         else:

@@ -289,6 +289,29 @@ def _run_meta(
     return meta
 
 
+def causal_config(config: FinetuneConfig, model: nn.Module) -> FinetuneConfig:
+    """``config`` for a causal model (decoder LLMs): pooling 'last' unless given; 'cls' (position 0 has seen only
+    itself) and head pruning (grouped-query attention shares key/value heads) are refused in one line. An encoder's
+    config is returned as it is."""
+    from embstore.backbones.anatomy import is_causal
+
+    if not is_causal(model):
+        return config
+    if config.pooling == "cls":
+        raise ConfigError(
+            f"--pooling cls reads position 0, which in a causal model ({config.model}) has seen only itself: pass "
+            "--pooling last (the default for causal models, the last non-pad token) or --pooling mean."
+        )
+    if config.prune_heads or config.prune_fraction is not None:
+        flag = "--prune-heads" if config.prune_heads else "--prune-fraction"
+        raise ConfigError(
+            f"{flag} is not supported on a causal model ({config.model}): grouped-query attention shares each "
+            "key/value head among several query heads, so a head cannot be removed alone; drop it (--truncate and "
+            "--freeze work by block)."
+        )
+    return config if config.pooling is not None else dataclasses.replace(config, pooling="last")
+
+
 def _check_modality(config: FinetuneConfig, backbone: Backbone) -> None:
     """A text table for a speech model, or audio for a text model, is refused naming the model type."""
     kind = str(backbone.identity.get("config", {}).get("model_type", type(backbone.model).__name__))
@@ -374,6 +397,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     else:
         backbone = load_backbone(config.model, "cpu")
         _check_modality(config, backbone)
+        config = causal_config(config, backbone.model)
         data = load_rows(config)
     if backbone.modality == "audio":
         data = usable_clips(data, backbone, config.source.skip_bad, config.max_seconds)
