@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from cli.common import Group, choice, listed, load_yaml_config, setup_logging
+from cli.common import Group, choice, listed, load_yaml_config, setup_logging, unescape
 from embstore.data.spec import DEFAULT_MAX_LENGTH
 from heads.finetune.config import FEATURE_ENCODER, FREEZE_SPEC, FinetuneConfig
 from heads.pretrain.config import PretrainConfig
@@ -538,8 +538,27 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option(
     "--pooling",
     type=choice(FinetuneConfig, "pooling"),
-    help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or "
-    "frames). [default: cls for text, mean for speech]",
+    help="Pooled vector the classifier reads: the first token, the masked mean of the last layer (over tokens or "
+    "frames), or the last non-pad token (causal models). [default: cls for encoders, last for causal models, mean "
+    "for speech]",
+)
+@click.option(
+    "--template",
+    help="A prompt around each text, e.g. 'Review: {text}\\nSentiment:' (\\n is a newline; {text_pair} for pairs), "
+    "as embstore extract's; recorded in run.json and used by heads predict.",
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=None,
+    help="Wrap each text in the tokenizer's chat template as the user turn, with the generation prompt. "
+    "[default: no-chat-template]",
+)
+@click.option("--system", help="The system turn of --chat-template.")
+@click.option(
+    "--pool-tokens",
+    type=choice(FinetuneConfig, "pool_tokens"),
+    help="Tokens --pooling mean covers: text (the row's own text tokens, no BOS/EOS/CLS/SEP or template tokens) or all "
+    "(every non-pad token). [default: text for causal models, all for encoders]",
 )
 @click.option(
     "--lora",
@@ -613,6 +632,9 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)
+    for key in ("template", "system"):
+        if isinstance(opts.get(key), str):
+            opts[key] = unescape(opts[key])
     values = _with_flags(values, splits, opts)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 from embstore.data.augment import TRANSFORMS, AugmentSpec
 from embstore.data.spec import DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, Text, validate_params
+from embstore.extraction.textspec import POOL_TOKENS, PoolTokens, TextSpec
 from heads.training.optim import OptimConfig, flat_keys, nested_values
 
 __all__ = ["DATA_KEYS", "LORA_LR", "RECURRENT", "SCRATCH", "FinetuneConfig"]
@@ -89,6 +90,16 @@ class FinetuneConfig:
     """'cls' (first token), attention-masked 'mean' or 'last' (the last non-pad token) of the last hidden state; None:
     'cls' for a text encoder, 'last' for a causal model (decoder LLMs; 'cls' is refused there), 'mean' (of the frames,
     masked by each clip's frame count) for speech, which has no CLS."""
+    template: str | None = None
+    """Text: a prompt around each text, with ``{text}`` (and ``{text_pair}`` for pairs), as extraction's
+    (:class:`embstore.extraction.textspec.TextSpec`); recorded in run.json and used by ``heads predict``."""
+    chat_template: bool = False
+    """Text: wrap each text in the tokenizer's chat template as the user turn, generation prompt added."""
+    system: str | None = None
+    """The system turn of ``chat_template``."""
+    pool_tokens: PoolTokens | None = None
+    """Which tokens 'mean' covers: 'text' (the row's own text tokens: no BOS/EOS/CLS/SEP or template tokens) or 'all'
+    (every non-pad token); None: 'text' for a causal model, 'all' for an encoder (as extraction)."""
     max_seconds: float | None = 20.0
     """Speech: a training clip longer than this is cut to a random window of this length, drawn anew each epoch
     (seeded); evaluation always reads whole clips. None: never cut. 20 s is the Hugging Face audio-classification
@@ -166,6 +177,7 @@ class FinetuneConfig:
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "classifier": Choice(Classifier),
         "pooling": Optional(Choice(Pooling)),
+        "pool_tokens": Optional(Choice(POOL_TOKENS)),
         "optim.schedule": Choice(("linear", "cosine", "exponential", "exponential-epoch")),
         "max_length": Interval(int, 2, None, desc="at least 2 tokens"),
         **{k: Interval(int, 1, None) for k in ("prune_batches", "min_heads_per_layer")},
@@ -211,7 +223,13 @@ class FinetuneConfig:
                 raise ConfigError(
                     f"Speech models have no {self.pooling} token to pool: pass --pooling mean (the default for speech)."
                 )
-        elif self.augment is not None:
+            if self.template is not None or self.chat_template or self.pool_tokens is not None:
+                raise ConfigError(
+                    "--template, --chat-template and --pool-tokens shape text; speech models read audio: drop them."
+                )
+        else:
+            self.text_spec(False)  # a bad template is refused now
+        if self.augment is not None and not self.audio:
             raise ConfigError(
                 f"The 'augment' option ({self.augment!r}) transforms audio clips; pass --audio-col COLUMN "
                 "with a table of audio files, or drop --augment."
@@ -306,6 +324,17 @@ class FinetuneConfig:
         if self.scratch:
             return self.aggregate_
         return self.pooling or ("mean" if self.audio else "cls")
+
+    def text_spec(self, causal: bool) -> TextSpec:
+        """The text spec of this run for a model that is ``causal`` or not (its ``pool_tokens`` default)."""
+        from embstore.config import default_pool_tokens
+
+        return TextSpec(
+            template=self.template,
+            chat_template=self.chat_template,
+            system=self.system,
+            pool_tokens=self.pool_tokens or default_pool_tokens(causal),  # type: ignore[arg-type]
+        )
 
     @property
     def freeze_(self) -> str:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from embstore.backbones.pruned import prune_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
+from embstore.extraction.textspec import TextSpec
 from heads.finetune.audio import ClipBatches, Clips, collate_clips
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
@@ -217,6 +218,8 @@ class RoundSpec:
     show_progress: bool = False
     min_train_samples: int = 0
     """Speech: training batches are padded to at least this many samples (what SpecAugment's time masks need)."""
+    text: TextSpec | None = None
+    """Text: the prompt and pooled tokens (:class:`embstore.extraction.textspec.TextSpec`); None: the text alone."""
 
 
 @dataclass
@@ -261,8 +264,8 @@ def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], i
     def rows(split: SplitData, idx: np.ndarray) -> Rows:
         texts = [split.texts[i] for i in idx]
         pairs = None if split.pairs is None else [split.pairs[i] for i in idx]
-        enc = tokenize(spec.tokenizer, texts, pairs, config.max_length)
-        return Rows(enc.ids, enc.type_ids, data.labels(split)[idx])
+        enc = tokenize(spec.tokenizer, texts, pairs, config.max_length, spec.text)
+        return Rows(enc.ids, enc.type_ids, data.labels(split)[idx], enc.text_mask)
 
     fn = collate(int(spec.tokenizer.pad_token_id or 0))
     train_rows = rows(data.train, rr.fit)

@@ -49,7 +49,10 @@ def predict_finetuned(
     if not texts:
         raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")
     clf, tokenizer, meta = load_run_model(run, device)
-    enc = tokenize(tokenizer, texts, pairs, int(meta["max_length"]))
+    from embstore.extraction.textspec import TextSpec
+
+    text = TextSpec.from_dict(meta.get("text"))  # the prompt and pooled tokens it was trained with
+    enc = tokenize(tokenizer, texts, pairs, int(meta["max_length"]), text)
     order = length_order(enc.lengths)
     proba = np.zeros((len(texts), int(meta["n_classes"])), dtype=np.float32)
     with torch.inference_mode():
@@ -60,7 +63,13 @@ def predict_finetuned(
                 None if enc.type_ids is None else [enc.type_ids[i] for i in rows],
                 tokenizer.pad_token_id or 0,
             )
-            logits = clf(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+            inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+            if enc.text_mask is not None:
+                mask = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+                for j, i in enumerate(rows):
+                    mask[j, : len(enc.text_mask[i])] = torch.from_numpy(np.asarray(enc.text_mask[i], dtype=bool))
+                inputs["text_mask"] = mask
+            logits = clf(**inputs)
             proba[rows] = torch.softmax(logits.float(), -1).cpu().numpy()
     names = list(meta["label_names"])
     return [names[i] for i in proba.argmax(1)], proba, names

@@ -26,6 +26,7 @@ from embstore.backbones.anatomy import idle_modules
 from embstore.backbones.pruned import prune_heads, pruned_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
+from embstore.extraction.textspec import TextSpec
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
@@ -289,6 +290,19 @@ def _run_meta(
     return meta
 
 
+def _text_spec(config: FinetuneConfig, backbone: Any) -> TextSpec | None:
+    """The text spec of a pretrained text backbone (its prompt checked against the tokenizer and the columns now);
+    None for speech and scratch: models."""
+    from embstore.backbones.anatomy import is_causal
+
+    if config.scratch or backbone.modality != "text":
+        return None
+    text = config.text_spec(is_causal(backbone.model))
+    text.check_columns(config.source.text_pair_col is not None, towers=False)
+    text.prompt(backbone.tokenizer)
+    return text
+
+
 def causal_config(config: FinetuneConfig, model: nn.Module) -> FinetuneConfig:
     """``config`` for a causal model (decoder LLMs): pooling 'last' unless given; 'cls' (position 0 has seen only
     itself) and head pruning (grouped-query attention shares key/value heads) are refused in one line. An encoder's
@@ -411,6 +425,7 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
         weights_sha256=weights_sha,
         show_progress=show_progress,
         min_train_samples=_spec_augment_samples(backbone),
+        text=_text_spec(config, backbone),
     )
     encoder = (
         _Encoder(backbone.model, config.rnn_layers, {}) if config.scratch else prepare_encoder(config, backbone.model)
@@ -436,9 +451,13 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
                 "n_classes": len(data.label_names),
                 "max_length": config.max_length,
                 "modality": backbone.modality,
+                **({"text": spec.text.record(backbone.tokenizer)} if spec.text is not None else {}),
             },
         )
-    writer = RunWriter(run_dir, _run_meta(config, data, backbone, spec.fingerprint, result, plan))
+    meta = _run_meta(config, data, backbone, spec.fingerprint, result, plan)
+    if spec.text is not None:
+        meta["text"] = spec.text.record(backbone.tokenizer)
+    writer = RunWriter(run_dir, meta)
     for row in rows:
         writer.add(row)
     if predictions and len(predictions) == len(rows):  # per-row predictions, as a sweep writes them
