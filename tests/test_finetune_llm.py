@@ -120,3 +120,71 @@ def test_lora_on_a_decoder_trains(last_word_csv, tmp_path):
     )
     assert res.trainable_params < res.total_params
     assert (res.run_dir / "model" / "config.json").is_file()
+
+
+def test_template_and_pool_tokens_are_recorded_and_predict_uses_them(last_word_csv, tmp_path):
+    import json
+
+    from heads.finetune.predict import predict_finetuned
+
+    template = "Review: {text}\nAnswer:"
+    res = run_finetune(
+        cfg(last_word_csv, tmp_path / "run", "tiny-gpt2", template=template, pooling="mean", epochs=1, min_epochs=1),
+        show_progress=False,
+    )
+    meta = json.loads((res.run_dir / "run.json").read_text())
+    assert meta["text"]["template"] == template and meta["text"]["pool_tokens"] == "text"
+    assert meta["text"]["prompt"] == template
+    saved = json.loads((res.run_dir / "model" / "classifier" / "classifier.json").read_text())
+    assert saved["text"]["template"] == template and saved["pooling"] == "mean"
+    # heads predict wraps the text in the same prompt and pools the same tokens: its probabilities are the model's
+    from embstore.extraction.encode import tokenize
+    from embstore.extraction.textspec import TextSpec
+    from heads.finetune.predict import load_run_model
+
+    clf, tokenizer, _ = load_run_model(res.run_dir, "cpu")
+    enc = tokenize(tokenizer, ["red tree yes"], None, 512, TextSpec(template=template, pool_tokens="text"))
+    ids = torch.tensor(enc.ids)
+    with torch.no_grad():
+        ref = torch.softmax(
+            clf(ids, torch.ones_like(ids), text_mask=torch.from_numpy(enc.text_mask[0])[None]), -1
+        ).numpy()
+    _, proba, _ = predict_finetuned(res.run_dir, ["red tree yes"])
+    assert abs(proba - ref).max() < 1e-5
+
+
+def test_text_pool_tokens_cover_only_the_text(last_word_csv):
+    backbone = load_backbone("random:tiny-llama")
+    clf = SequenceClassifier(backbone.model, 2, pooling="mean").eval()
+    from embstore.extraction.encode import tokenize
+    from embstore.extraction.textspec import TextSpec
+
+    enc = tokenize(
+        backbone.tokenizer, ["red tree yes"], None, 512, TextSpec(template="Q: {text} A:", pool_tokens="text")
+    )
+    ids = torch.tensor(enc.ids)
+    text = torch.from_numpy(enc.text_mask[0])[None]
+    assert 0 < int(text.sum()) < ids.shape[1]
+    with torch.no_grad():
+        states = backbone.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        want = clf.head(states[0, text[0]].mean(0, keepdim=True))
+        got = clf(ids, torch.ones_like(ids), text_mask=text)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_cli_takes_the_template_flags(last_word_csv, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.heads_cli import main
+
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "random:tiny-qwen2", "--data", str(last_word_csv), "--label-col", "label"]
+    args += ["--holdout", "0.25", "--epochs", "1", "--template", "Text: {text}\\nLabel:", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["text"]["template"] == "Text: {text}\nLabel:"
+    refused = CliRunner().invoke(main, [*args[:-2], "--pooling", "cls", "--out", str(tmp_path / "r2")])
+    assert refused.exit_code == 2 and "--pooling cls reads position 0" in refused.output
