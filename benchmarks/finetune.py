@@ -24,6 +24,8 @@ Data (seeded, from ../shared/datasets):
 
 Usage:
     python benchmarks/finetune.py --audio --memory      # speech: ours vs the Trainer on HuBERT; peak RSS, 30 s clips
+    python benchmarks/finetune.py --lora 8 --train-rows 240 --test-rows 400   # LoRA: ours vs Trainer + peft, and full
+
     python benchmarks/finetune.py                       # 800 / 800 rows, ag_news youtube sentipers, + surgery
     python benchmarks/finetune.py --quick               # 96 / 96 rows of ag_news, no surgery (a smoke test)
     python benchmarks/finetune.py --datasets ag_news,tweets --train-rows 800 --test-rows 400 --json out.json
@@ -299,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--audio-epochs", type=int, default=1, help="--audio: epochs of both contenders")
     ap.add_argument("--snr-db", type=float, default=23.0, help="--audio: noise on the training clips, both contenders")
+    ap.add_argument("--lora", type=int, help="LoRA of this rank instead: ours vs the Trainer + peft, and both full")
+    ap.add_argument("--lora-model", default="minilm", help="--lora: minilm or random:NAME (both load its weights)")
+    ap.add_argument("--max-length", type=int, default=128, help="--lora: tokens per row, both contenders")
+    ap.add_argument("--lora-epochs", type=int, help="--lora: epochs of every contender [default: each its own]")
     ap.add_argument("--memory", action="store_true", help="peak RSS of an epoch on 30-second clips per --budgets")
     ap.add_argument("--memory-clips", type=int, default=4, help="--memory: 30-second clips (3/4 of them train)")
     ap.add_argument("--budgets", default="30,60", help="--memory: --batch-seconds values to measure")
@@ -333,6 +339,33 @@ def main(argv: list[str] | None = None) -> None:
             )
         if args.json:
             Path(args.json).write_text(json.dumps(report_audio, indent=2, default=str) + "\n")
+        return
+    if args.lora is not None:
+        import finetune_lora
+
+        train_csv, test_csv = prepare("ag_news", work, args.train_rows, args.test_rows, args.seed)
+        print(
+            f"\nag_news: {args.train_rows} train / {args.test_rows} test rows, {args.lora_model}, "
+            f"{args.max_length} tokens, epochs {args.lora_epochs or 'each its default'}, "
+            f"load {os.getloadavg()[0]:.2f}"
+        )
+        rows = finetune_lora.compare(train_csv, test_csv, work / "lora", args.lora, args.lora_model, args.max_length)
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        print(
+            "\n| variant | ours macro-F1 | Trainer macro-F1 | ours s/epoch | Trainer s/epoch | ratio | ours trainable "
+            "| Trainer trainable | ours optimiser state | Trainer optimiser state |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            o, h = r["ours"], r["trainer"]
+            print(
+                f"| {r['variant']} | {o['f1_macro']:.4f} | {h['f1_macro']:.4f} | {o['seconds_per_epoch']:.1f} | "
+                f"{h['seconds_per_epoch']:.1f} | {o['seconds_per_epoch'] / h['seconds_per_epoch']:.2f}x | "
+                f"{o['trainable_params']:,} | {h['trainable_params']:,} | "
+                f"{o['optimizer_state_bytes'] / 2**20:.2f} MiB | {h['optimizer_state_bytes'] / 2**20:.2f} MiB |"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine, "lora": rows}, indent=2, default=str) + "\n")
         return
     report: dict[str, Any] = {
         "machine": machine,

@@ -4,6 +4,7 @@ from the config classes' constraint tables (:mod:`embstore.errors`)."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,8 @@ def load_yaml_config(path: str | None) -> dict[str, Any]:
 def explicit(ctx: click.Context, name: str) -> bool:
     """Was the option given on the command line (so it overrides the config file)?"""
     return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+
+def unescape(text: str) -> str:
+    """A shell argument's backslash escapes \\n, \\t and \\\\ as the characters (a YAML file writes them itself)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)

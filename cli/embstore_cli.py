@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cli.common import Group, UserError, choice, explicit, listed, load_yaml_config, setup_logging
+from cli.common import Group, UserError, choice, explicit, listed, load_yaml_config, setup_logging, unescape
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data.spec import DEFAULT_MAX_LENGTH
 from embstore.data.words import WORD_POOLINGS
@@ -323,11 +322,6 @@ def extract_options(f: Any) -> Any:
     return f
 
 
-def _unescape(text: str) -> str:
-    """A shell argument's backslash escapes \\n, \\t and \\\\ as the characters (a YAML file writes them itself)."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
 def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str, Any]) -> Any:
     """The ExtractConfig of the command line: the --config file, then the flags given (which override it); the
     text and label columns the options leave out are found in the table's header (one line each says which)."""
@@ -346,7 +340,7 @@ def _extract_config(ctx: click.Context, config_file: str | None, opts: dict[str,
             if key in ("pooling", "augment", "word_pooling") and isinstance(value, str):
                 value = tuple(p.strip() for p in value.split(",") if p.strip())
             if key in ("template", "system") and isinstance(value, str) and explicit(ctx, key):
-                value = _unescape(value)
+                value = unescape(value)
             values[name] = value
     if not values.get("splits") and not values.get("data"):
         values["data"] = "builtin:tweets"

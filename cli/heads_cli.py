@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from cli.common import Group, choice, listed, load_yaml_config, setup_logging
+from cli.common import Group, choice, listed, load_yaml_config, setup_logging, unescape
 from embstore.data.spec import DEFAULT_MAX_LENGTH
 from heads.finetune.config import FEATURE_ENCODER, FREEZE_SPEC, FinetuneConfig
 from heads.pretrain.config import PretrainConfig
@@ -517,7 +517,11 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     type=click.Path(exists=True, dir_okay=False),
     help="YAML of options; with a 'runs:' list (name + overrides each) it runs a study and writes a report.",
 )
-@click.option("--model", help="Backbone: minilm, random:NAME, a local HF directory. [default: minilm]")
+@click.option(
+    "--model",
+    help="Backbone: minilm, random:NAME, a local HF directory, or scratch:gru, scratch:lstm, scratch:rnn (a "
+    "recurrent model trained from nothing on the training rows' words). [default: minilm]",
+)
 @click.option(
     "--data",
     help="One CSV/TSV/JSONL/Parquet file or builtin:tweets; without "
@@ -639,10 +643,67 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
 @click.option(
     "--pooling",
     type=choice(FinetuneConfig, "pooling"),
-    help="Pooled vector the classifier reads: the first token, or the masked mean of the last layer (over tokens or "
-    "frames). [default: cls for text, mean for speech]",
+    help="Pooled vector the classifier reads: the first token, the masked mean of the last layer (over tokens or "
+    "frames), or the last non-pad token (causal models). [default: cls for encoders, last for causal models, mean "
+    "for speech]",
 )
-@click.option("--lr", type=float, help="Backbone learning rate. [default: 5e-05]")
+@click.option(
+    "--template",
+    help="A prompt around each text, e.g. 'Review: {text}\\nSentiment:' (\\n is a newline; {text_pair} for pairs), "
+    "as embstore extract's; recorded in run.json and used by heads predict.",
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=None,
+    help="Wrap each text in the tokenizer's chat template as the user turn, with the generation prompt. "
+    "[default: no-chat-template]",
+)
+@click.option("--system", help="The system turn of --chat-template.")
+@click.option(
+    "--pool-tokens",
+    type=choice(FinetuneConfig, "pool_tokens"),
+    help="Tokens --pooling mean covers: text (the row's own text tokens, no BOS/EOS/CLS/SEP or template tokens) or all "
+    "(every non-pad token). [default: text for causal models, all for encoders]",
+)
+@click.option(
+    "--lora",
+    type=int,
+    help="LoRA rank R (peft): train low-rank adapters on the blocks --freeze leaves trainable, and the classifier; "
+    "the run saves the adapter (RUN/adapter) and the merged model (RUN/model). [default: none: full fine-tune]",
+)
+@click.option("--lora-alpha", type=int, help="LoRA scaling numerator (updates scaled by alpha / R). [default: 2R]")
+@click.option("--lora-dropout", type=float, help="Dropout on the LoRA adapters' input. [default: 0]")
+@click.option(
+    "--lora-targets",
+    help="Comma list of block module names to adapt, matched as peft matches target_modules (e.g. query,value). "
+    "[default: the attention and MLP projections of the anatomy map]",
+)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing",
+    default=None,
+    help="Recompute block activations in the backward pass instead of keeping them (long inputs). "
+    "[default: no-gradient-checkpointing]",
+)
+@click.option(
+    "--vocab-min-count",
+    type=int,
+    help="scratch: keep words seen at least this often in the training rows. [default: 25]",
+)
+@click.option(
+    "--lowercase/--cased", default=None, help="scratch: lower-case before splitting words. [default: lowercase]"
+)
+@click.option("--embedding-dim", type=int, help="scratch: width of the trainable word embedding. [default: 300]")
+@click.option("--rnn-layers", type=int, help="scratch: stacked recurrent layers. [default: 1]")
+@click.option("--rnn-hidden", type=int, help="scratch: hidden size per direction. [default: 256]")
+@click.option(
+    "--bidirectional/--unidirectional", default=None, help="scratch: run both ways. [default: unidirectional]"
+)
+@click.option(
+    "--aggregate",
+    type=choice(FinetuneConfig, "aggregate"),
+    help="scratch: states over time to one vector (last: the last state of each direction). [default: mean]",
+)
+@click.option("--lr", type=float, help="Backbone (or LoRA adapter) learning rate. [default: 5e-05; 0.0005 with --lora]")
 @click.option("--head-lr", type=float, help="Classifier learning rate, far above the backbone's. [default: 0.001]")
 @click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 2]")
 @click.option("--min-epochs", type=int, help="Early stopping never stops before this many epochs. [default: 3]")
@@ -695,6 +756,9 @@ def finetune(config_file: str | None, splits: tuple[str, ...], progress: bool, v
 
     values = load_yaml_config(config_file)
     runs = values.pop("runs", None)
+    for key in ("template", "system"):
+        if isinstance(opts.get(key), str):
+            opts[key] = unescape(opts[key])
     values = _with_flags(values, splits, opts)
     quiet_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun / accelerate launch only rank 0 reports
     if runs is None:

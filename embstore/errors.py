@@ -42,6 +42,7 @@ __all__ = [
     "Constraint",
     "Choice",
     "Interval",
+    "Text",
     "ListOf",
     "Optional",
     "validate_params",
@@ -201,6 +202,22 @@ class Choice(Constraint):
     @property
     def choices(self) -> tuple[str, ...]:
         return self.values
+
+
+class Text(Constraint):
+    """A string matching the regular expression ``pattern`` in full (``desc`` says it in words)."""
+
+    def __init__(self, pattern: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        import re
+
+        self.pattern = re.compile(pattern)
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and self.pattern.fullmatch(value) is not None
+
+    def generated(self) -> str:
+        return f"a string matching {self.pattern.pattern}"
 
 
 class Interval(Constraint):

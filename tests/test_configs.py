@@ -64,3 +64,20 @@ def test_speech_study_config_parses():
     cfg = FinetuneConfig.from_dict(load_yaml_config(str(CONFIGS / "study-speech-finetune.yaml")))
     assert cfg.audio and cfg.freeze_ == "feature-encoder" and cfg.pooling_ == "mean" and cfg.classifier == "mlp"
     assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.epochs, cfg.augment) == (2, 1e-5, 4, "noise")
+
+
+def test_scratch_study_config_parses():
+    from heads.finetune.config import FinetuneConfig
+
+    cfg = FinetuneConfig.from_dict(load_yaml_config(str(CONFIGS / "study-rnn-scratch.yaml")))
+    assert cfg.scratch and cfg.model == "scratch:gru" and cfg.aggregate_ == "mean" and cfg.classifier == "mlp"
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.schedule, o.batch_size, cfg.gamma, cfg.max_length) == (
+        1e-3,
+        0.0,
+        "exponential-epoch",
+        128,
+        0.9,
+        256,
+    )
+    assert [name for name, _ in cfg.source.splits or ()] == ["train", "test"]

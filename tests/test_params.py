@@ -118,8 +118,8 @@ def _sweep(**kw):
         ),
         (
             lambda: FinetuneConfig.from_dict({"data": "x.csv", "schedule": "constant"}),
-            r"^The 'schedule' parameter of FinetuneConfig must be one of linear, cosine, exponential\. "
-            r"Got 'constant' instead\.$",
+            r"^The 'schedule' parameter of FinetuneConfig must be one of linear, cosine, exponential, "
+            r"exponential-epoch\. Got 'constant' instead\.$",
         ),
         (
             lambda: PretrainConfig.from_dict({"data": "x.csv", "pair_objective": "mlm"}),

@@ -58,6 +58,7 @@ __all__ = [
     "attention",
     "base_of",
     "blocks",
+    "block_linears",
     "embedding_modules",
     "encoder_layers",
     "batch_exact",
@@ -77,6 +78,8 @@ __all__ = [
     "keep_layers",
     "layer_blocks",
     "layer_parameters",
+    "Projection",
+    "projections",
     "set_blocks",
     "shared_modules",
     "state_norm",
@@ -254,6 +257,10 @@ class Family:
     (DeBERTa-v2's conv, after block 1, with ``conv_kernel_size``); see the module docstring."""
     per_layer_config: tuple[str, ...] = ()
     """Config lists with one entry per layer (ModernBERT's ``layer_types``), cut with the blocks by truncation."""
+    projections: tuple[str, ...] = ()
+    """The attention and MLP projections of a block, as names relative to the block (a module matches a name it
+    equals or ends with after a dot, as peft matches ``target_modules``): where LoRA adapters go by default
+    (:func:`projections`). Empty: every linear layer of the block."""
     norm_by_config: str | None = None
     """A speech encoder's layer norm: applied before the first block in post-norm models (layer 0) and after the last
     in pre-norm ones (``config.do_stable_layer_norm``; layer L, outside the stored states)."""
@@ -279,6 +286,18 @@ class Family:
 
 
 _DECODER_EMBED = ("embed_tokens",)
+_BERT_PROJECTIONS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+_T5_PROJECTIONS = (
+    "SelfAttention.q",
+    "SelfAttention.k",
+    "SelfAttention.v",
+    "SelfAttention.o",
+    "wi",
+    "wo",
+    "wi_0",
+    "wi_1",
+)
+_DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SPEECH_EMBED = ("feature_extractor", "feature_projection", "encoder.pos_conv_embed", "masked_spec_embed")
 _FRONT_END = ("feature_extractor",)
 # the group norm of a group-norm front end (wav2vec2-base, HuBERT-base, WavLM-base): per channel over all of time
@@ -290,6 +309,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="encoder.layer",
         embeddings=("embeddings",),
         attention=BERT_ATTENTION,
+        projections=_BERT_PROJECTIONS,
     ),
     Family(
         name="electra",
@@ -297,6 +317,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="encoder.layer",
         embeddings=("embeddings", "embeddings_project"),
         attention=BERT_ATTENTION,
+        projections=_BERT_PROJECTIONS,
     ),
     Family(
         name="albert",
@@ -309,6 +330,7 @@ FAMILIES: tuple[Family, ...] = (
             "ALBERT runs one shared block for every layer, so a head cannot leave one layer without leaving them "
             "all; use --freeze or --truncate"
         ),
+        projections=("query", "key", "value", "attention.dense", "ffn", "ffn_output"),
     ),
     Family(
         name="mpnet",
@@ -317,6 +339,7 @@ FAMILIES: tuple[Family, ...] = (
         embeddings=("embeddings",),
         shared=("encoder.relative_attention_bias",),
         attention=MPNET_ATTENTION,
+        projections=("attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"),
     ),
     Family(
         name="deberta",
@@ -328,6 +351,7 @@ FAMILIES: tuple[Family, ...] = (
             "DeBERTa (v1) fuses q, k and v into in_proj with per-head biases (and may mix heads: talking_head), "
             "which head pruning does not slice; use --freeze or --truncate (DeBERTa-v2 and v3 prune)"
         ),
+        projections=("in_proj", "attention.output.dense", "intermediate.dense", "output.dense"),
     ),
     Family(
         name="deberta-v2",
@@ -337,6 +361,14 @@ FAMILIES: tuple[Family, ...] = (
         shared=("encoder.rel_embeddings", "encoder.LayerNorm"),
         after_block=((1, "encoder.conv"),),
         attention=DEBERTA_V2_ATTENTION,
+        projections=(
+            "query_proj",
+            "key_proj",
+            "value_proj",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
     ),
     Family(
         name="distilbert",
@@ -344,6 +376,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="transformer.layer",
         embeddings=("embeddings",),
         attention=DISTILBERT_ATTENTION,
+        projections=("q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"),
     ),
     Family(
         name="modernbert",
@@ -354,6 +387,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm_in_states=True,
         per_layer_config=("layer_types",),
         attention=MODERNBERT_ATTENTION,
+        projections=("attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"),
     ),
     Family(
         name="t5-encoder",
@@ -368,6 +402,7 @@ FAMILIES: tuple[Family, ...] = (
             "T5's relative position bias is made for every head by the first block and added to every block's "
             "scores, so one block cannot lose a head; use --freeze or --truncate"
         ),
+        projections=_T5_PROJECTIONS,
     ),
     Family(
         name="umt5-encoder",
@@ -380,6 +415,7 @@ FAMILIES: tuple[Family, ...] = (
             "UMT5's attention (a position table in every block) is not mapped for head pruning; use --freeze or "
             "--truncate"
         ),
+        projections=_T5_PROJECTIONS,
     ),
     Family(
         name="gpt2",
@@ -390,6 +426,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="ln_f",
         final_norm_in_states=True,
         no_prune=_FUSED.format(name="GPT-2 (c_attn)"),
+        projections=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     ),
     Family(
         name="gpt-neox",
@@ -400,6 +437,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="final_layer_norm",
         final_norm_in_states=True,
         no_prune=_FUSED.format(name="GPT-NeoX (query_key_value)"),
+        projections=("query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
     ),
     Family(
         name="llama",
@@ -425,7 +463,9 @@ FAMILIES: tuple[Family, ...] = (
         embeddings=_DECODER_EMBED,
         final_norm="norm",
         final_norm_in_states=True,
+        per_layer_config=("layer_types",),  # Qwen2, Gemma2...: one attention kind per layer
         no_prune=_GQA,
+        projections=_DECODER_PROJECTIONS,
     ),
     Family(
         name="phi",
@@ -436,6 +476,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="final_layernorm",
         final_norm_in_states=True,
         no_prune=_GQA,
+        projections=("q_proj", "k_proj", "v_proj", "self_attn.dense", "fc1", "fc2"),
     ),
     Family(
         name="bloom",
@@ -456,6 +497,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="decoder.final_layer_norm",
         final_norm_in_states=True,
         no_prune="OPT's attention is not mapped for head pruning yet; use --freeze or --truncate",
+        projections=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     ),
     # Speech. Layer 0 is what the first block receives; the conv front end, its projection, the position convs and
     # SpecAugment's mask embedding belong to it. Every family but Whisper takes an attention mask, and extraction
@@ -471,6 +513,7 @@ FAMILIES: tuple[Family, ...] = (
         front_end=_FRONT_END,
         padding=(_GROUP_NORM,),
         attention=SPEECH_ATTENTION,
+        projections=("q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"),
     ),
     Family(
         name="wavlm",
@@ -922,6 +965,54 @@ def layer_parameters(base: Any) -> list[tuple[nn.Parameter, frozenset[int]]]:
         for p in _params(part):
             users[id(p)] = (p, set(every))
     return [(p, frozenset(layers)) for p, layers in users.values()]
+
+
+def _is_projection(module: nn.Module) -> bool:
+    """A linear layer: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's transposed linear)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """peft's rule for ``target_modules``: the name is the pattern, or ends with it after a dot."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear layer inside a block: its name relative to the block, the module, and the layers that run it
+    (every layer for ALBERT's shared block)."""
+
+    name: str
+    module: nn.Module
+    layers: frozenset[int]
+
+
+def block_linears(base: Any) -> list[Projection]:
+    """Every linear layer of the blocks (each module once, with the layers 1..L that run it), in block order."""
+    found: dict[int, tuple[str, nn.Module, set[int]]] = {}
+    for i, block in enumerate(layer_blocks(base), 1):
+        for name, module in block.named_modules():
+            if name and _is_projection(module):
+                found.setdefault(id(module), (name, module, set()))[2].add(i)
+    return [Projection(name, module, frozenset(layers)) for name, module, layers in found.values()]
+
+
+def projections(base: Any, patterns: tuple[str, ...] | None = None) -> list[Projection]:
+    """The block linears matching ``patterns`` (block-relative names, matched as peft matches ``target_modules``);
+    None: the family's attention and MLP projections (``Family.projections``; every linear layer of the blocks for
+    a family that lists none). A pattern that matches nothing is a ConfigError listing the block's linears."""
+    linears = block_linears(base)
+    chosen = _family(base).projections if patterns is None else patterns
+    if not chosen:
+        return linears
+    unmatched = [p for p in chosen if not any(_matches(x.name, p) for x in linears)]
+    if unmatched and patterns is not None:
+        names = ", ".join(dict.fromkeys(x.name for x in linears))
+        raise ConfigError(
+            f"--lora-targets {','.join(unmatched)} names no module of this {_family(base).name} model's blocks; "
+            f"its blocks' linear layers are {names} (a target matches a name or its end after a dot)."
+        )
+    return [x for x in linears if any(_matches(x.name, p) for p in chosen)]
 
 
 def feature_encoder(base: Any) -> list[nn.Module]:

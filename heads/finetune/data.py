@@ -28,26 +28,47 @@ ONE_SPLIT_EVAL = 0.2
 """The share of a one-split data set carved for evaluation when there is no ``--holdout`` (as a sweep carves)."""
 
 
-class Rows(torch.utils.data.Dataset[tuple[list[int], list[int] | None, int]]):
-    """Token ids (and token types) with labels, one item per row."""
+class Rows(torch.utils.data.Dataset[tuple[list[int], list[int] | None, int, np.ndarray | None]]):
+    """Token ids (and token types) with labels, one item per row, and each row's text-token mask (``--pool-tokens
+    text``: the tokens 'mean' covers; None: every token)."""
 
-    def __init__(self, ids: list[list[int]], type_ids: list[list[int]] | None, labels: np.ndarray) -> None:
-        self.ids, self.type_ids, self.labels = ids, type_ids, labels
+    def __init__(
+        self,
+        ids: list[list[int]],
+        type_ids: list[list[int]] | None,
+        labels: np.ndarray,
+        text_mask: list[np.ndarray] | None = None,
+    ) -> None:
+        self.ids, self.type_ids, self.labels, self.text_mask = ids, type_ids, labels, text_mask
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[int] | None, int]:
-        return self.ids[i], None if self.type_ids is None else self.type_ids[i], int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[list[int], list[int] | None, int, np.ndarray | None]:
+        return (
+            self.ids[i],
+            None if self.type_ids is None else self.type_ids[i],
+            int(self.labels[i]),
+            None if self.text_mask is None else self.text_mask[i],
+        )
 
 
-def collate(pad_id: int) -> Callable[[list[tuple[list[int], list[int] | None, int]]], dict[str, torch.Tensor]]:
-    """A DataLoader collate_fn: right-padded input_ids, attention_mask (token_type_ids) and labels."""
+Row = tuple[list[int], list[int] | None, int, np.ndarray | None]
+
+
+def collate(pad_id: int) -> Callable[[list[Row]], dict[str, torch.Tensor]]:
+    """A DataLoader collate_fn: right-padded input_ids, attention_mask (token_type_ids, text_mask) and labels."""
     from embstore.extraction.encode import pad_batch
 
-    def fn(rows: list[tuple[list[int], list[int] | None, int]]) -> dict[str, torch.Tensor]:
+    def fn(rows: list[Row]) -> dict[str, torch.Tensor]:
         types = None if rows[0][1] is None else [r[1] or [] for r in rows]
         batch = {k: torch.from_numpy(v) for k, v in pad_batch([r[0] for r in rows], types, pad_id).items()}
+        if rows[0][3] is not None:
+            text = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+            for j, r in enumerate(rows):
+                mask = torch.from_numpy(np.asarray(r[3], dtype=bool))
+                text[j, : len(mask)] = mask
+            batch["text_mask"] = text
         batch["labels"] = torch.tensor([r[2] for r in rows], dtype=torch.long)
         return batch
 

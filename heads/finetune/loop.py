@@ -24,10 +24,12 @@ from torch.utils.data import DataLoader
 from embstore.backbones.pruned import prune_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
+from embstore.extraction.textspec import TextSpec
 from heads.finetune.audio import ClipBatches, Clips, balanced_rows, collate_clips
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
 from heads.finetune.model import Classifier, SequenceClassifier, SpeechClassifier, importance_pruning, state_copy
+from heads.finetune.scratch import ScratchClassifier
 from heads.protocol import BestTracker, Round
 from heads.protocol.schedule import EpochSampler
 from heads.training.checkpoint import load_training_state, save_training_state, write_state
@@ -80,6 +82,7 @@ class RoundTrainer:
         self.test: DataLoader[Any] | None = prepared.get("test")
         """The evaluation split's rows for a fold ensemble (``keep_fold_models``), else None."""
         self.show_progress = show_progress
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     @property
     def steps(self) -> int:
@@ -101,7 +104,7 @@ class RoundTrainer:
         right, seen = 0, 0
         bar = tqdm(
             s.train,
-            desc=f"finetune epoch {epoch}",
+            desc=f"finetune epoch {epoch} ({self.trainable:,} trainable)",
             leave=False,
             disable=not (self.show_progress and s.acc.is_local_main_process),
         )
@@ -234,6 +237,8 @@ class RoundSpec:
     show_progress: bool = False
     min_train_samples: int = 0
     """Speech: training batches are padded to at least this many samples (what SpecAugment's time masks need)."""
+    text: TextSpec | None = None
+    """Text: the prompt and pooled tokens (:class:`embstore.extraction.textspec.TextSpec`); None: the text alone."""
 
 
 @dataclass
@@ -254,6 +259,8 @@ class RoundOutcome:
     """--split-reports: classification_metrics of the fitting, validation and evaluation rows."""
     test_proba: np.ndarray | None = None
     """--keep-fold-models: (evaluation rows, classes) probabilities of this fold's model on the evaluation split."""
+    predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """(row ids in the data file, true labels, (n, classes) probabilities) of the evaluation rows, in one order."""
 
 
 @dataclass
@@ -283,8 +290,8 @@ def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], i
     def rows(split: SplitData, idx: np.ndarray) -> Rows:
         texts = [split.texts[i] for i in idx]
         pairs = None if split.pairs is None else [split.pairs[i] for i in idx]
-        enc = tokenize(spec.tokenizer, texts, pairs, config.max_length)
-        return Rows(enc.ids, enc.type_ids, data.labels(split)[idx])
+        enc = tokenize(spec.tokenizer, texts, pairs, config.max_length, spec.text)
+        return Rows(enc.ids, enc.type_ids, data.labels(split)[idx], enc.text_mask)
 
     fn = collate(int(spec.tokenizer.pad_token_id or 0))
     train_rows = rows(data.train, rr.fit)
@@ -446,7 +453,7 @@ def fit_round(
 
     config, names = spec.config, spec.data.label_names
     set_seed(config.source.seed)
-    cls = SpeechClassifier if config.audio else SequenceClassifier
+    cls = ScratchClassifier if config.scratch else SpeechClassifier if config.audio else SequenceClassifier
     model = cls(
         encoder,
         len(names),
@@ -512,6 +519,9 @@ def fit_round(
         final.load_state_dict(p.stopper.state)
     y_eval, proba_eval = p.trainer.probabilities(p.trainer.eval)
     metrics = _report(y_eval, proba_eval, names)
+    rr = round_rows(spec.data, rnd, config.validation_fraction, config.source.seed)
+    order = _loader_order(loaders["eval"], len(rr.evaluation))
+    eval_ids = np.asarray(spec.data.split(rr.eval_split).row_ids)[rr.evaluation][order]
     if not isinstance(final, Classifier):
         raise TypeError(f"expected a Classifier, got {type(final).__name__}")
     reports: dict[str, Any] = {}
@@ -533,4 +543,13 @@ def fit_round(
         step_evaluations=p.step_evaluations,
         split_reports=reports,
         test_proba=test_proba,
+        predictions=(eval_ids, y_eval, proba_eval),
     )
+
+
+def _loader_order(loader: DataLoader[Any], n: int) -> np.ndarray:
+    """The order in which an unshuffled evaluation loader yields its ``n`` rows: as they are for token batches,
+    by the batches of similar duration for speech (:class:`~heads.finetune.audio.ClipBatches`)."""
+    if isinstance(loader.batch_sampler, ClipBatches):
+        return np.asarray([i for batch in loader.batch_sampler for i, _ in batch], dtype=np.int64)
+    return np.arange(n)

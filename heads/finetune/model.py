@@ -87,21 +87,31 @@ def _takes_type_ids(encoder: nn.Module) -> bool:
 
 
 class SequenceClassifier(Classifier):
-    """Text: encoder + pooling ('cls' or masked 'mean') of the last hidden state + classifier."""
+    """Text: encoder + pooling ('cls', masked 'mean' or 'last' non-pad token) of the last hidden state + classifier."""
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) ids and mask -> (B, C) logits; token types (sentence pairs) only for an encoder that reads them
-        (DistilBERT, ModernBERT and T5 do not)."""
+        (DistilBERT, ModernBERT and T5 do not); ``text_mask`` (B, T): the tokens 'mean' covers (``--pool-tokens
+        text``; None: every non-pad token)."""
         kwargs = (
             {} if token_type_ids is None or not _takes_type_ids(self.encoder) else {"token_type_ids": token_type_ids}
         )
         states = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, **kwargs
         ).last_hidden_state  # (B, T, H)
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
+        if self.pooling == "last":  # the last non-pad token of each (right-padded) row: in a causal model it has
+            # seen the whole text, and the padding after it changes nothing before it
+            last = attention_mask.sum(1).clamp(min=1) - 1  # (B,)
+            pooled = states[torch.arange(states.shape[0], device=states.device), last]
+        elif self.pooling == "mean":
+            covered = attention_mask if text_mask is None else text_mask
+            mask = covered.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         else:
             pooled = states[:, 0]  # (B, H)

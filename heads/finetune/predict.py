@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from embstore.errors import ConfigError
 from embstore.extraction.encode import length_order, make_batches, pad_batch, tokenize
-from heads.finetune.model import is_finetune_run, load_finetuned
+from heads.finetune.model import CLASSIFIER_DIR, CLASSIFIER_META, CLASSIFIER_WEIGHTS, is_finetune_run, load_finetuned
+from heads.finetune.scratch import ScratchClassifier, is_scratch_dir, load_scratch
+from heads.report.rundir import MODEL_DIR
 
-__all__ = ["is_finetune_run", "fold_runs", "predict_finetuned", "predict_finetuned_audio", "predict_folds"]
+__all__ = [
+    "is_finetune_run",
+    "load_run_model",
+    "fold_runs",
+    "predict_finetuned",
+    "predict_finetuned_audio",
+    "predict_folds",
+]
 
 
 def fold_runs(run: str | Path) -> list[Path]:
@@ -44,6 +54,30 @@ def predict_folds(
     return [names[i] for i in mean.argmax(1)], mean, names
 
 
+def load_run_model(run: str | Path, device: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(classifier in eval mode, tokenizer or vocabulary, settings) of a fine-tune run: a pretrained backbone's
+    (:func:`~heads.finetune.model.load_finetuned`) or a scratch: model's (:mod:`heads.finetune.scratch`)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    model_dir = Path(run) / MODEL_DIR
+    if not is_scratch_dir(model_dir):
+        return load_finetuned(run, device)
+    meta: dict[str, Any] = json.loads((model_dir / CLASSIFIER_DIR / CLASSIFIER_META).read_text())
+    encoder, vocab = load_scratch(model_dir, device)
+    clf = ScratchClassifier(
+        encoder,
+        int(meta["n_classes"]),
+        pooling=meta["pooling"],
+        classifier=meta["classifier"],
+        hidden=tuple(meta["classifier_hidden"]),
+        dropout=float(meta["dropout"]),
+    )
+    clf.head.load_state_dict(load_file(str(model_dir / CLASSIFIER_DIR / CLASSIFIER_WEIGHTS)))
+    return clf.eval().to(device), vocab, meta
+
+
 def predict_finetuned(
     run: str | Path, texts: list[str], pairs: list[str] | None = None, device: str = "cpu", batch_size: int = 64
 ) -> tuple[list[str], np.ndarray, list[str]]:
@@ -52,8 +86,11 @@ def predict_finetuned(
 
     if not texts:
         raise ConfigError("No texts to label: give one text per line (TEXT<TAB>PAIR for sentence pairs).")
-    clf, tokenizer, meta = load_finetuned(run, device)
-    enc = tokenize(tokenizer, texts, pairs, int(meta["max_length"]))
+    clf, tokenizer, meta = load_run_model(run, device)
+    from embstore.extraction.textspec import TextSpec
+
+    text = TextSpec.from_dict(meta.get("text"))  # the prompt and pooled tokens it was trained with
+    enc = tokenize(tokenizer, texts, pairs, int(meta["max_length"]), text)
     order = length_order(enc.lengths)
     proba = np.zeros((len(texts), int(meta["n_classes"])), dtype=np.float32)
     with torch.inference_mode():
@@ -64,7 +101,13 @@ def predict_finetuned(
                 None if enc.type_ids is None else [enc.type_ids[i] for i in rows],
                 tokenizer.pad_token_id or 0,
             )
-            logits = clf(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+            inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+            if enc.text_mask is not None:
+                mask = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+                for j, i in enumerate(rows):
+                    mask[j, : len(enc.text_mask[i])] = torch.from_numpy(np.asarray(enc.text_mask[i], dtype=bool))
+                inputs["text_mask"] = mask
+            logits = clf(**inputs)
             proba[rows] = torch.softmax(logits.float(), -1).cpu().numpy()
     names = list(meta["label_names"])
     return [names[i] for i in proba.argmax(1)], proba, names

@@ -26,10 +26,13 @@ from embstore.backbones.anatomy import idle_modules
 from embstore.backbones.pruned import prune_heads, pruned_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
+from embstore.extraction.textspec import TextSpec
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, load_rows, round_rows, rounds
 from heads.finetune.loop import STATE_FILE, RoundOutcome, RoundSpec, fit_round
+from heads.finetune.lora import ADAPTER_DIR, add_adapters, merged, save_adapter
 from heads.finetune.model import save_finetuned
+from heads.finetune.scratch import scratch_backbone
 from heads.finetune.surgery import (
     check_prunable,
     count_parameters,
@@ -92,10 +95,13 @@ class _Encoder:
     model: nn.Module
     n_layers: int
     spec_pruned: dict[int, list[int]]
+    adapted: list[str] = dataclasses.field(default_factory=list)
+    """The modules holding LoRA adapters (none without --lora)."""
 
 
 def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
-    """Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape)."""
+    """Surgery in a fixed order: truncate, named heads, freeze (each validates against the current shape), then the
+    LoRA adapters on the blocks left trainable (:mod:`heads.finetune.lora`) and gradient checkpointing."""
     encoder.requires_grad_(True)
     if config.truncate is not None:
         truncate(encoder, config.truncate)
@@ -109,18 +115,40 @@ def prepare_encoder(config: FinetuneConfig, encoder: nn.Module) -> _Encoder:
     conv, rest = split_feature_encoder(config.freeze_)
     if conv:  # a text model is refused here, naming the word
         freeze_feature_encoder(encoder)
-    freeze(encoder, parse_freeze(rest, n_layers))
+    frozen = parse_freeze(rest, n_layers)
+    freeze(encoder, frozen)
     pooler = getattr(encoder, "pooler", None)
     if pooler is not None:  # unused by cls/mean pooling of the last hidden state
         pooler.requires_grad_(False)
     for module in idle_modules(encoder):  # no loss on the top stored state reaches them (a speech final norm)
         module.requires_grad_(False)
-    return _Encoder(encoder, n_layers, pruned_heads(encoder))
+    adapted = add_adapters(encoder, config, frozen) if config.lora is not None else []
+    if config.gradient_checkpointing:
+        checkpointing(encoder)
+    return _Encoder(encoder, n_layers, pruned_heads(encoder), adapted)
+
+
+def checkpointing(encoder: nn.Module) -> None:
+    """Turn on the backbone's gradient checkpointing (non-reentrant: frozen embeddings or LoRA need no input
+    gradients); a model without it is refused naming its class."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"{type(encoder).__name__} does not support gradient checkpointing; drop --gradient-checkpointing."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers 5's name
+        getattr(encoder, "activation_checkpointing_enable")(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - transformers 4
+        getattr(encoder, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs=kwargs)
 
 
 def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encoder: _Encoder) -> ResultRow:
     metrics = outcome.metrics
     trainable, total = count_parameters(outcome.model)
+    # the validation scores of the epoch whose weights were kept (the last one without early stopping's choice),
+    # so heads report ranks a fine-tune beside a sweep on the rows both chose on
+    kept = outcome.best_epoch or (outcome.history[-1]["epoch"] if outcome.history else None)
+    chosen = next((h for h in outcome.history if h["epoch"] == kept), {})
     eval_rows = 0 if rnd.eval_rows is None else len(rnd.eval_rows)
     return ResultRow(
         layers=str(encoder.n_layers),
@@ -140,10 +168,13 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
         trainable_params=trainable,
         seconds_per_epoch=float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else 0.0,
         history=outcome.history,
+        val_accuracy=chosen.get("val_accuracy"),
+        val_f1_macro=chosen.get("val_f1_macro"),
         extra={
             **({"step_evaluations": outcome.step_evaluations} if outcome.step_evaluations else {}),
             **({"split_reports": outcome.split_reports} if outcome.split_reports else {}),
             "total_params": total,
+            "lora": _lora_record(config, encoder),
             "freeze": config.freeze_,
             "truncate": config.truncate,
             "eval_rows": int(eval_rows),
@@ -151,14 +182,17 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
                 "spec": {str(k): v for k, v in encoder.spec_pruned.items()},
                 "importance": {str(k): v for k, v in outcome.importance_pruned.items()},
                 "importance_after_epoch": 1 if config.prune_fraction is not None else None,
-                "all": {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()},
+                "all": {} if config.scratch else {str(k): v for k, v in pruned_heads(outcome.model.encoder).items()},
             },
         },
     )
 
 
-def _settings(config: FinetuneConfig, data: FinetuneData, modality: str) -> dict[str, Any]:
-    """What a saved model's classifier/ records besides its weights (:func:`heads.finetune.model.save_finetuned`)."""
+def _settings(
+    config: FinetuneConfig, data: FinetuneData, modality: str, text: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a saved model's classifier/ records besides its weights (:func:`heads.finetune.model.save_finetuned`);
+    ``text`` the template and pooled tokens of a decoder's text spec."""
     return {
         "label_names": data.label_names,
         "pooling": config.pooling_,
@@ -168,19 +202,35 @@ def _settings(config: FinetuneConfig, data: FinetuneData, modality: str) -> dict
         "n_classes": len(data.label_names),
         "max_length": config.max_length,
         "modality": modality,
+        **({"text": text} if text is not None else {}),
+    }
+
+
+def _lora_record(config: FinetuneConfig, encoder: _Encoder) -> dict[str, Any] | None:
+    """What run.json and the result rows say about the adapters (None without --lora)."""
+    if config.lora is None:
+        return None
+    return {
+        "r": config.lora,
+        "alpha": config.lora_alpha_,
+        "dropout": config.lora_dropout,
+        "targets": config.lora_targets or "anatomy map: attention and MLP projections",
+        "modules": len(encoder.adapted),
     }
 
 
 def _run_rounds(
     spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path, modality: str = "text"
-) -> tuple[list[ResultRow], RoundOutcome | None, dict[int, np.ndarray]]:
+) -> tuple[list[ResultRow], RoundOutcome | None, dict[int, np.ndarray], list[Any]]:
     """Every round's result row (a fold that finished before a resume is read back, not trained again), the last
-    trained round's outcome and, with --keep-fold-models, each fold's probabilities on the evaluation split (its
-    model saved in FOLDS_DIR/fold-K)."""
+    trained round's outcome, with --keep-fold-models each fold's probabilities on the evaluation split (its model
+    saved in FOLDS_DIR/fold-K), and the trained rounds' evaluation predictions (fewer than the rows after a resume
+    that skipped finished folds: then none are written)."""
     config = spec.config
     rows: list[ResultRow] = []
     outcome: RoundOutcome | None = None
     test_probas: dict[int, np.ndarray] = {}
+    predictions: list[Any] = []
     for rnd in plan:
         ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
         resumed = read_checkpoint(ckpt, STATE_FILE, spec.fingerprint, spec.fingerprinted) if config.resume else None
@@ -190,6 +240,8 @@ def _run_rounds(
             continue
         start = encoder.model if len(plan) == 1 else copy.deepcopy(encoder.model)  # every fold starts from the backbone
         outcome = fit_round(spec, start, rnd, ckpt, resumed)
+        if outcome.predictions is not None:
+            predictions.append(outcome.predictions)
         row = _result_row(config, rnd, outcome, encoder)
         rows.append(row)
         if rnd.fold is not None and outcome.is_main and config.keep_fold_models:
@@ -205,7 +257,7 @@ def _run_rounds(
             f = run_dir / FOLDS_DIR / f"fold-{rnd.fold}" / TEST_PROBA_FILE
             if rnd.fold is not None and f.is_file():
                 test_probas[rnd.fold] = np.load(f)
-    return rows, outcome, test_probas
+    return rows, outcome, test_probas, predictions
 
 
 def fold_ensemble(data: FinetuneData, probas: dict[int, np.ndarray]) -> dict[str, Any]:
@@ -255,6 +307,7 @@ def _run_meta(
     y_train = data.labels(tr)[data.train_rows]
     meta = {
         "kind": "finetune",
+        "parameters": {"trainable": result.trainable_params, "total": result.total_params},
         "model": backbone.identity,
         "label_names": data.label_names,
         "train_rows": int(len(data.train_rows)),
@@ -286,6 +339,42 @@ def _run_meta(
         }
         meta["majority_accuracy"] = majority_accuracy(y_train, y_train)
     return meta
+
+
+def _text_spec(config: FinetuneConfig, backbone: Any) -> TextSpec | None:
+    """The text spec of a pretrained text backbone (its prompt checked against the tokenizer and the columns now);
+    None for speech and scratch: models."""
+    from embstore.backbones.anatomy import is_causal
+
+    if config.scratch or backbone.modality != "text":
+        return None
+    text = config.text_spec(is_causal(backbone.model))
+    text.check_columns(config.source.text_pair_col is not None, towers=False)
+    text.prompt(backbone.tokenizer)
+    return text
+
+
+def causal_config(config: FinetuneConfig, model: nn.Module) -> FinetuneConfig:
+    """``config`` for a causal model (decoder LLMs): pooling 'last' unless given; 'cls' (position 0 has seen only
+    itself) and head pruning (grouped-query attention shares key/value heads) are refused in one line. An encoder's
+    config is returned as it is."""
+    from embstore.backbones.anatomy import is_causal
+
+    if not is_causal(model):
+        return config
+    if config.pooling == "cls":
+        raise ConfigError(
+            f"--pooling cls reads position 0, which in a causal model ({config.model}) has seen only itself: pass "
+            "--pooling last (the default for causal models, the last non-pad token) or --pooling mean."
+        )
+    if config.prune_heads or config.prune_fraction is not None:
+        flag = "--prune-heads" if config.prune_heads else "--prune-fraction"
+        raise ConfigError(
+            f"{flag} is not supported on a causal model ({config.model}): grouped-query attention shares each "
+            "key/value head among several query heads, so a head cannot be removed alone; drop it (--truncate and "
+            "--freeze work by block)."
+        )
+    return config if config.pooling is not None else dataclasses.replace(config, pooling="last")
 
 
 def _check_modality(config: FinetuneConfig, backbone: Backbone) -> None:
@@ -367,9 +456,14 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
 
     resolve_device(config.device)  # an unusable --device fails before the data and model are loaded
     run_dir = default_run_dir(config.out, "finetune")
-    backbone = load_backbone(config.model, "cpu")
-    _check_modality(config, backbone)
-    data = load_rows(config)
+    if config.scratch:  # the vocabulary and the model come from the training rows, never the evaluation rows
+        data = load_rows(config)
+        backbone: Any = scratch_backbone(config, (data.train.texts[i] for i in data.train_rows))
+    else:
+        backbone = load_backbone(config.model, "cpu")
+        _check_modality(config, backbone)
+        config = causal_config(config, backbone.model)
+        data = load_rows(config)
     if backbone.modality == "audio":
         data = usable_clips(data, backbone, config.source.skip_bad, config.max_seconds)
     weights_sha = backbone.identity.get("weights_sha256")
@@ -382,16 +476,29 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
         weights_sha256=weights_sha,
         show_progress=show_progress,
         min_train_samples=_spec_augment_samples(backbone),
+        text=_text_spec(config, backbone),
     )
-    encoder = prepare_encoder(config, backbone.model)
+    encoder = (
+        _Encoder(backbone.model, config.rnn_layers, {}) if config.scratch else prepare_encoder(config, backbone.model)
+    )
     plan = rounds(config.folds, data, config.source.seed)
-    rows, outcome, test_probas = _run_rounds(spec, encoder, plan, run_dir, backbone.modality)
+    rows, outcome, test_probas, predictions = _run_rounds(spec, encoder, plan, run_dir, backbone.modality)
     result = _summary(rows, run_dir, config.folds)
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
     if config.folds is None and outcome is not None:
-        save_finetuned(outcome.model, backbone.tokenizer, run_dir, _settings(config, data, backbone.modality))
+        text = spec.text.record(backbone.tokenizer) if spec.text is not None else None
+        if encoder.adapted:  # the small adapter, and a plain backbone with it merged for model/
+            save_adapter(outcome.model.encoder, run_dir / ADAPTER_DIR, config.model, encoder.adapted)
+        save_finetuned(
+            merged(outcome.model) if encoder.adapted else outcome.model,
+            backbone.tokenizer,
+            run_dir,
+            _settings(config, data, backbone.modality, text),
+        )
     meta = _run_meta(config, data, backbone, spec.fingerprint, result, plan)
+    if spec.text is not None:
+        meta["text"] = spec.text.record(backbone.tokenizer)
     if test_probas:
         meta["fold_ensemble"] = fold_ensemble(data, test_probas)
     elif config.keep_fold_models:
@@ -403,6 +510,8 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
     writer = RunWriter(run_dir, meta)
     for row in rows:
         writer.add(row)
+    if predictions and len(predictions) == len(rows):  # per-row predictions, as a sweep writes them
+        writer.write_predictions([(ids, y, proba) for ids, y, proba in predictions], data.label_names)
     writer.finish(data.label_names)
     plot_data(run_dir / DATA_PLOT, meta["data"], data.label_names)
     return result

@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 
 __all__ = ["EpochSampler", "SCHEDULES", "make_scheduler", "steps_per_epoch"]
 
-SCHEDULES = ("linear", "cosine", "exponential", "constant")
+SCHEDULES = ("linear", "cosine", "exponential", "exponential-epoch", "constant")
 """lr decay after the warmup; a product may allow fewer (see ``OptimConfig.check``)."""
 
 
@@ -67,7 +67,18 @@ def _factor(schedule: str, warmup: int, total: int, per_epoch: int, gamma: float
             return (step + 1) / (warmup + 1)
         return float(gamma ** ((step - warmup) / max(1, per_epoch)))
 
-    return {"linear": linear, "cosine": cosine, "constant": constant, "exponential": exponential}[schedule]
+    def exponential_epoch(step: int) -> float:  # torch's ExponentialLR stepped once per epoch: a staircase
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return float(gamma ** ((step - warmup) // max(1, per_epoch)))
+
+    return {
+        "linear": linear,
+        "cosine": cosine,
+        "constant": constant,
+        "exponential": exponential,
+        "exponential-epoch": exponential_epoch,
+    }[schedule]
 
 
 def make_scheduler(
@@ -81,7 +92,8 @@ def make_scheduler(
     done_steps: int = 0,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warmup over ``warmup`` steps, then 'linear' or 'cosine' decay to 0 at step ``total``, 'exponential'
-    (x ``gamma`` per ``per_epoch`` steps) or 'constant'; fast-forwarded by ``done_steps``.
+    (x ``gamma`` per ``per_epoch`` steps, smoothly), 'exponential-epoch' (x ``gamma`` once every ``per_epoch`` steps:
+    torch's ExponentialLR stepped per epoch) or 'constant'; fast-forwarded by ``done_steps``.
 
     A step is whatever the caller steps it by: an optimizer step (backbone trainers) or an epoch (probe heads,
     ``per_epoch=1``, ``total`` = epochs)."""

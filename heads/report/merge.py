@@ -16,6 +16,7 @@ from typing import Any
 
 from embstore.errors import ConfigError, DataError, OutputNotWritableError
 from heads.evalset import EVAL_SET_KEY
+from heads.report.compare import Compared, RunInput, compare, seconds_per_row
 from heads.report.plots import plot_report
 from heads.report.results import read_run
 from heads.report.summary import md_table
@@ -62,8 +63,16 @@ REPORT_COLUMNS = [
     "gain_f1_macro_hi",
     "mdl_bits",
     "compression",
+    # the paired comparison across runs (heads.report.compare): on the rows every run scored, against the best
+    "paired_f1_macro_lo",
+    "paired_f1_macro_hi",
+    "paired_p_vs_best_holm",
+    "paired_vs_best",
+    "seconds_per_row",
 ]
 UNKNOWN = "unknown"
+FINE_TUNED = "fine-tuned from"
+"""What the store column says for a fine-tune, which reads no store."""
 
 
 def eval_set_id(meta: dict[str, Any]) -> str:
@@ -108,6 +117,29 @@ def _opt(value: float | int | None, fmt: str = "{}") -> str:
     return "" if value is None else fmt.format(value)
 
 
+def _interval(s: ConfigStats, c: Compared | None) -> str:
+    """The paired interval of the comparison, else the run's own (or nothing)."""
+    if c is not None:
+        return f"{c.f1_lo:.4f}–{c.f1_hi:.4f}"
+    return "" if not s.has_interval else f"{s.f1_lo:.4f}–{s.f1_hi:.4f}"
+
+
+def _versus(c: Compared | None) -> str:
+    """'best', 'tied (0.31)', 'worse (<0.001)'; blank for a configuration without predictions."""
+    if c is None or c.vs_best is None:
+        return ""
+    if c.is_best or c.p_vs_best_holm is None:
+        return c.vs_best
+    p = c.p_vs_best_holm
+    return f"{c.vs_best} ({'<0.001' if p < 0.001 else f'{p:.3f}'})"
+
+
+def _rows_of(runs: list[RunInput]) -> str:
+    """The evaluation row count the runs record (they agree when compared)."""
+    counts = {int(r.meta.get("eval_rows") or 0) for r in runs} - {0}
+    return f"{next(iter(counts)):,}" if len(counts) == 1 else "same"
+
+
 def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -> Path:
     """Merge run directories into ``out/report.md``, ``report.csv`` and ``report.png``; return the report.md path.
 
@@ -117,6 +149,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
     merged and the runs scored on rows other than the most common evaluation set are marked.
     """
     entries: list[tuple[str, str, ConfigStats]] = []
+    inputs: list[RunInput] = []
     stores: dict[str, str] = {}
     ids: dict[str, str] = {}
     cuts: dict[str, str] = {}
@@ -128,8 +161,9 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
         store_ids = sorted({r.store_id for r in rows if r.store_id}) or [str(meta.get("store_fingerprint", "?"))]
         if meta.get("kind") == "finetune":  # fine-tunes read no store: name the model they started from
             model = meta.get("model")
-            store_ids = [f"fine-tuned from {model.get('name') if isinstance(model, dict) else model}"]
+            store_ids = [f"{FINE_TUNED} {model.get('name') if isinstance(model, dict) else model}"]
         stores[name] = ", ".join(store_ids)
+        inputs.append(RunInput(name, Path(run_dir), meta, rows))
         ids[name] = eval_set_id(meta)
         cuts[name] = truncation(meta)
         entries += [(name, stores[name], s) for s in aggregate(rows)]
@@ -146,17 +180,28 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
     cut_other = {name for name, c in cuts.items() if c != UNKNOWN and c != common_cut[0][0]} if common_cut else set()
     rule = selection_rule([s for _, _, s in entries])
     entries.sort(key=lambda e: rank(e[2], rule))
+    paired = compare(inputs, [(run, s) for run, _, s in entries]) if reference is not None and not other else {}
+    metas = {r.name: r.meta for r in inputs}
+    per_row = [seconds_per_row(s, metas[run]) for run, _, s in entries]
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "report.csv", "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(REPORT_COLUMNS)
-            for run, store, s in entries:
+            for i, (run, store, s) in enumerate(entries):
                 d = s.to_dict()
+                cmp = paired.get(i)
+                d.update(
+                    paired_f1_macro_lo=None if cmp is None else cmp.f1_lo,
+                    paired_f1_macro_hi=None if cmp is None else cmp.f1_hi,
+                    paired_p_vs_best_holm=None if cmp is None else cmp.p_vs_best_holm,
+                    paired_vs_best=None if cmp is None else cmp.vs_best,
+                    seconds_per_row=per_row[i],
+                )
                 writer.writerow([run, store, ids[run], cuts[run], *(_opt(d[c]) for c in REPORT_COLUMNS[4:])])
         with_val = any(s.has_validation for _, _, s in entries)
-        with_ci = any(s.has_interval for _, _, s in entries)
+        with_ci = bool(paired) or any(s.has_interval for _, _, s in entries)
         table = []
         for i, (run, _, s) in enumerate(entries):
             cells = [run + (" †" if run in other else "") + (" ‡" if run in cut_other else ""), *s.key]
@@ -164,11 +209,15 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                 cells.append("" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n))
             cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
             cells.append("" if s.f1_weighted_mean is None else f"{s.f1_weighted_mean:.4f}")
+            c = paired.get(i)
             if with_ci:
-                cells.append("" if not s.has_interval else f"{s.f1_lo:.4f}–{s.f1_hi:.4f}")
+                cells.append(_interval(s, c))
+            if paired:
+                cells.append(_versus(c))
             cells += [
                 str(s.n),
                 _opt(s.trainable_params, "{:,}"),
+                _opt(per_row[i], "{:.2g}"),
                 _opt(s.seconds_per_epoch, "{:.2f}"),
                 f"{s.train_seconds:.1f}",
             ]
@@ -191,14 +240,24 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                 "macro-F1",
                 "weighted F1",
                 *(["95% CI macro-F1"] if with_ci else []),
+                *(["vs best (McNemar, Holm p)"] if paired else []),
                 "runs",
                 "trainable params",
+                "train s / row",
                 "s / epoch",
                 "train s",
             ],
             table,
         )
-        if with_ci:
+        if paired:
+            lines.append(
+                f"\nEvery run scored the same {_rows_of(inputs)} evaluation rows: intervals are a 95% paired bootstrap "
+                "over them (one set of resamples for every configuration), and each configuration is tested against "
+                "the best (exact McNemar test on correctness, Holm-corrected over the configurations compared; tied: "
+                "p >= 0.05). Runs without per-row predictions show their own interval, untested. train s / row: "
+                "training seconds per training row (a probe's exclude its store's one extraction pass)."
+            )
+        elif with_ci:
             lines.append(
                 "\nIntervals are each run's own (95% bootstrap over its evaluation rows); paired tests against "
                 "each run's best are in the runs' summaries and in report.csv."
@@ -221,7 +280,8 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                 + ", ".join(f"{run} ({cuts[run]})" for run in sorted(cut_other))
                 + "; they were scored on the same rows but did not see the same text."
             )
-        if len(set(stores.values())) > 1:
+        real_stores = {store for run, store in stores.items() if not store.startswith(FINE_TUNED)}
+        if len(real_stores) > 1:  # fine-tunes read no store: only several stores need the warning
             lines.append(
                 "\nThe runs come from different stores: compare them only if the stores share their data split."
             )
