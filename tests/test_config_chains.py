@@ -319,6 +319,7 @@ CHAINS = [
         ),  # fmt: skip
         _check_pretrain,
     ),
+    Chain("rnn-scratch", "ag_news", (_finetune("study-rnn-scratch.yaml", 400, "--epochs", "1"),)),
     Chain(
         "llm-sentiment",
         None,  # builtin:tweets and a tiny random Qwen2
@@ -366,7 +367,7 @@ def test_every_config_the_docs_run_exists_and_is_in_a_chain():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("study-*.yaml")), ids=lambda p: p.name)
 def test_every_study_config_names_its_study_and_its_differences(path):
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
-    assert re.search(r"Study [A-E]\b", header), f"{path.name}: the header must name its study"
+    assert re.search(r"Study [A-F]\b", header), f"{path.name}: the header must name its study"
     assert "docs/studies.md" in header and "Deliberate differences" in header
     assert header.splitlines()[0].startswith(("# heads ", "# embstore ")), "the first line is the command to run"
 

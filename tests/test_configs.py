@@ -40,10 +40,10 @@ def test_sweep_configs_parse(path):
     assert cfg.heads and cfg.layers
 
 
-def test_finetune_study_config_parses():
+def test_finetune_variants_config_parses():
     from heads.finetune.config import FinetuneConfig
 
-    values = load_yaml_config(str(CONFIGS / "study-finetune.yaml"))
+    values = load_yaml_config(str(CONFIGS / "finetune-variants-ag-news.yaml"))
     runs = values.pop("runs")
     assert [r["name"] for r in runs] == ["full", "freeze-0-4", "freeze-all-but-last", "truncate-4", "prune-30pct"]
     for run in runs:
@@ -58,10 +58,10 @@ def test_pretrain_config_parses():
     assert cfg.swap_augment and cfg.source.text_pair_col
 
 
-def test_speech_study_config_parses():
+def test_speech_emodb_config_parses():
     from heads.finetune.config import FinetuneConfig
 
-    cfg = FinetuneConfig.from_dict(load_yaml_config(str(CONFIGS / "study-speech-finetune.yaml")))
+    cfg = FinetuneConfig.from_dict(load_yaml_config(str(CONFIGS / "finetune-speech-emodb.yaml")))
     assert cfg.audio and cfg.freeze_ == "feature-encoder" and cfg.pooling_ == "mean" and cfg.classifier == "mlp"
     assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.epochs, cfg.augment) == (2, 1e-5, 4, "noise")
 
