@@ -132,7 +132,7 @@ def extraction(rows: int, repeats: int, work: Path) -> dict[str, Any]:
     def run(data: Path, name: str) -> float:
         out = work / f"{name}.zarr"
         shutil.rmtree(out, ignore_errors=True)
-        cfg = ExtractConfig.from_dict(dict(model="minilm", data=str(data), no_labels=True, out=str(out)))
+        cfg = ExtractConfig.from_dict(dict(model="minilm", data=str(data), out=str(out)))
         t0 = time.perf_counter()
         res = extract(cfg, show_progress=False)
         wall = time.perf_counter() - t0

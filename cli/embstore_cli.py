@@ -88,6 +88,16 @@ def extract_options(f: Any) -> Any:
                 "clip is refused without it).",
             ),
             click.option(
+                "--label-from-path",
+                help="Audio: a regular expression whose first capture group, searched in each file's name, is its "
+                "label (instead of --label-col), e.g. '^.{5}(.)'.",
+            ),
+            click.option(
+                "--preprocess",
+                help="Text: MODULE:FUNCTION (a module or a .py file), a str -> str function applied to every text "
+                "before tokenisation; part of the store id.",
+            ),
+            click.option(
                 "--skip-bad",
                 is_flag=True,
                 help="Audio: drop rows whose file is missing, unreadable or empty, or whose clip is shorter than the "
@@ -113,6 +123,32 @@ def extract_options(f: Any) -> Any:
                 default=20.0,
                 show_default=True,
                 help="Noise augmentation: signal-to-noise ratio in dB.",
+            ),
+            click.option(
+                "--noise-std",
+                type=float,
+                help="Noise augmentation: a fixed standard deviation of the added Gaussian noise (an absolute "
+                "amplitude) instead of --snr-db [default: none: --snr-db decides].",
+            ),
+            click.option(
+                "--shift-max-seconds",
+                type=float,
+                help="Shift augmentation: roll each copy by up to this many seconds either way [default: none: by "
+                "any fraction of the clip].",
+            ),
+            click.option(
+                "--pitch-steps",
+                default="-1,0,1",
+                show_default=True,
+                help="Pitch augmentation: semitones to draw from, one per copy (the clip's duration is kept).",
+            ),
+            click.option(
+                "--balance",
+                type=choice(ExtractConfig, "balance"),
+                default="none",
+                show_default=True,
+                help="oversample: augmented copies (of --augment) bring every class of the training split to the "
+                "majority class's count, instead of --copies of the --augment-classes rows.",
             ),
             click.option(
                 "--batch-seconds",

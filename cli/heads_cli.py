@@ -27,7 +27,8 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--config",
         "config_file",
         type=click.Path(exists=True, dir_okay=False),
-        help="YAML file of options; flags given here override it.",
+        help="YAML file of options; flags given here override it. heads sweep: with a 'runs:' list (name + "
+        "overrides each) it runs one sweep per entry and writes a merged report.",
     ),
     click.option("--store", help="Store path [default: the most recent complete store in the cache]."),
     click.option("--layers", help="Layer spec: all, 9-12, -4--1, 3,6, last4 [default: all]."),
@@ -44,7 +45,23 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         help="mlp and conv heads: activation. [default: relu]",
     ),
     click.option("--conv-hidden", type=int, help="conv head: channels. [default: 512]"),
+    click.option(
+        "--conv-order",
+        type=choice(HeadConfig, "conv_order"),
+        help="conv head: the per-layer k3/s3 conv before the pointwise merge of the layers (layers-first), or the "
+        "pointwise merge first (merge-first). [default: layers-first]",
+    ),
     click.option("--sum-hidden", type=int, help="sum head (pairs): hidden size. [default: 256]"),
+    click.option(
+        "--tower-hidden",
+        help="pair head: widths of each tower's Linear layers, e.g. 128,32 (activation between, tanh after the "
+        "last). [default: one layer of --sum-hidden]",
+    ),
+    click.option(
+        "--pair-features",
+        help=f"pair head: the features of the towers' vectors u and v the classifier reads, a comma list of "
+        f"{listed(HeadConfig, 'pair_features')} (|u-v|, u*v). [default: all four]",
+    ),
     click.option("--rnn-hidden", type=int, help="rnn, gru, lstm heads: hidden size. [default: 256]"),
     click.option("--rnn-layers", type=int, help="rnn, gru, lstm heads: stacked layers. [default: 1]"),
     click.option(
@@ -64,6 +81,12 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         "--epochs", type=int, help="Heads trained by AdamW: most passes over the training rows. [default: 30]"
     ),
     click.option("--patience", type=int, help="Early-stopping patience in epochs (0: off). [default: 5]"),
+    click.option(
+        "--report-epoch",
+        type=choice(HeadConfig, "report_epoch"),
+        help="Heads trained by epochs: keep and score the best validation epoch's weights, or the last epoch's. "
+        "[default: best]",
+    ),
     click.option(
         "--schedule",
         type=choice(HeadConfig, "schedule"),
@@ -105,6 +128,13 @@ _HEAD_OPTIONS: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         type=int,
         help="K-fold cross-validation of the training rows (all rows of a one-split "
         "store), seeded and stratified, as heads finetune --folds [default: none: score the evaluation rows].",
+    ),
+    click.option(
+        "--keep-fold-models",
+        is_flag=True,
+        default=None,
+        help="With --folds: keep the best configuration's head of every fold, score them together (their averaged "
+        "probabilities) on the store's evaluation split, and let heads predict --run average them.",
     ),
     click.option("--max-memory", help="Feature memory budget, e.g. 8GB. [default: 8GB]"),
     click.option(
@@ -175,16 +205,43 @@ def head_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _sweep_config(config_file: str | None, opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> SweepConfig:
-    """Defaults, then the YAML file, then the flags given on the command line."""
+def _sweep_config(
+    config_file: str | None,
+    opts: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
+) -> SweepConfig:
+    """Defaults, then the YAML file (or its ``values`` already read), then the flags given on the command line."""
     from heads.probe.sweep import SweepConfig
 
-    values = dict(defaults or {})
-    values.update(load_yaml_config(config_file))
-    if "head" in values:  # a file's 'head' key is the --head flag, whose value is the 'heads' parameter
-        values["heads"] = values.pop("head")
-    values.update({k: v for k, v in opts.items() if v is not None})
-    return SweepConfig.from_dict(values)
+    merged = dict(defaults or {})
+    merged.update(load_yaml_config(config_file) if values is None else values)
+    if "head" in merged:  # a file's 'head' key is the --head flag, whose value is the 'heads' parameter
+        merged["heads"] = merged.pop("head")
+    merged.update({k: v for k, v in opts.items() if v is not None})
+    return SweepConfig.from_dict(merged)
+
+
+def _sweep_study(
+    runs: list[dict[str, Any]], values: dict[str, Any], opts: dict[str, Any], progress: bool | None
+) -> None:
+    """A --config file with a 'runs:' list: one sweep per run (the file's options, then the run's, then the flags;
+    each into OUT/NAME), then a merged report of them all in OUT/report."""
+    from heads.probe.sweep import run_sweep
+    from heads.report import write_report
+    from heads.report.rundir import run_dir
+
+    base = run_dir(opts.pop("out", None) or values.pop("out", None), "study")
+    dirs = []
+    for variant in runs:
+        variant = dict(variant)
+        name = str(variant.pop("name"))
+        config = _sweep_config(None, {**opts, "out": str(base / name)}, values={**values, **variant})
+        result = run_sweep(_announce(config), show_progress=progress)
+        b = result.best
+        click.echo(f"{name}: layers {b['layers']} {b['combine']}: test macro-F1 {b['f1_macro']:.4f}", err=True)
+        dirs.append(result.run_dir)
+    click.echo(str(write_report(dirs, base / "report")))
 
 
 def _announce(config: SweepConfig) -> SweepConfig:
@@ -238,11 +295,18 @@ def _finish(result: SweepResult) -> None:
 @main.command()
 @head_options
 def sweep(config_file: str | None, verbose: bool, progress: bool | None, **opts: Any) -> None:
-    """Train every head on every layer combination of a store; write results, plots and the best head."""
+    """Train every head on every layer combination of a store; write results, plots and the best head.
+
+    A --config file with a 'runs:' list (a name and overrides each) runs one sweep per entry and a merged report."""
     setup_logging(verbose)
     from heads.probe.sweep import run_sweep
 
-    _finish(run_sweep(_announce(_sweep_config(config_file, opts)), show_progress=progress))
+    values = load_yaml_config(config_file)
+    runs = values.pop("runs", None)
+    if runs is not None:
+        _sweep_study(runs, values, opts, progress)
+        return
+    _finish(run_sweep(_announce(_sweep_config(None, opts, values=values)), show_progress=progress))
 
 
 @main.command()
@@ -289,8 +353,8 @@ def predict(
     """
     from embstore.device import resolve_device
     from embstore.errors import ConfigError
-    from heads.finetune.predict import is_finetune_run, predict_finetuned, predict_finetuned_audio
-    from heads.probe.predict import head_modality, label_names, load_head, predict_audio, predict_texts
+    from heads.finetune.predict import is_finetune_run, predict_finetuned, predict_finetuned_audio, predict_folds
+    from heads.probe.predict import fold_heads, head_modality, label_names, load_head, predict_audio, predict_texts
     from heads.report.rundir import RUN_FILE
 
     lines = [line.rstrip("\n") for line in input_file if line.strip()]
@@ -302,12 +366,12 @@ def predict(
     )
     run_meta = Path(run_dir or "", RUN_FILE)
     meta = json.loads(run_meta.read_text()) if run_dir is not None and run_meta.is_file() else {}
-    if meta.get("kind") == "finetune" and meta.get("folds"):
-        raise ConfigError(
-            f"{run_dir} is a cross-validation run (heads finetune --folds), which keeps no model; "
-            "fine-tune without --folds to get one for heads predict."
+    if run_dir is not None and head_dir is None and meta.get("kind") == "finetune" and meta.get("folds"):
+        audio = meta.get("modality") == "audio"  # a fold ensemble: every fold model's probabilities averaged
+        labels, proba, names = predict_folds(
+            run_dir, [line.strip() for line in lines] if audio else texts, pairs, resolve_device(device), audio
         )
-    if run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
+    elif run_dir is not None and head_dir is None and is_finetune_run(run_dir):  # a fine-tuned backbone + classifier
         if meta.get("modality") == "audio":  # each line is an audio file
             labels, proba, names = predict_finetuned_audio(
                 run_dir, [line.strip() for line in lines], device=resolve_device(device)
@@ -316,11 +380,20 @@ def predict(
             labels, proba, names = predict_finetuned(run_dir, texts, pairs, device=resolve_device(device))
     else:
         est = load_head(run_dir, head_dir)
-        if head_modality(est) == "audio":
-            labels, proba = predict_audio(est, [line.strip() for line in lines], device=resolve_device(device))
-        else:
-            labels, proba = predict_texts(est, texts, pairs, device=resolve_device(device))
-        names = label_names(est, proba.shape[1])
+        ests = (fold_heads(run_dir) if run_dir is not None and head_dir is None else []) or [est]
+        probas = []
+        for one in ests:  # a sweep's --keep-fold-models: every fold's head, probabilities averaged
+            if head_modality(one) == "audio":
+                labels, proba = predict_audio(one, [line.strip() for line in lines], device=resolve_device(device))
+            else:
+                labels, proba = predict_texts(one, texts, pairs, device=resolve_device(device))
+            probas.append(proba)
+        names = label_names(est, probas[0].shape[1])
+        if len(probas) > 1:
+            import numpy as np
+
+            proba = np.mean(probas, axis=0).astype(np.float32)
+            labels = [names[i] for i in proba.argmax(1)]
     if predictions_file is not None:
         import numpy as np
 
@@ -507,6 +580,38 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     help="--augment noise: signal-to-noise ratio of the added Gaussian noise in dB.",
     show_default="20",
 )
+@click.option(
+    "--noise-std",
+    type=float,
+    help="--augment noise: a fixed standard deviation of the added noise instead of --snr-db.",
+    show_default="none: --snr-db decides",
+)
+@click.option(
+    "--shift-max-seconds",
+    type=float,
+    help="--augment shift: roll by up to this many seconds either way.",
+    show_default="none: by any fraction of the clip",
+)
+@click.option(
+    "--pitch-steps", help="--augment pitch: semitones to draw from (the duration is kept).", show_default="-1,0,1"
+)
+@click.option(
+    "--balance",
+    type=choice(FinetuneConfig, "balance"),
+    help="Speech, oversample: each epoch, augmented copies (--augment, drawn anew) bring every class of the fitting "
+    "rows to the majority's count; the original clips are then read unaugmented.",
+    show_default="none",
+)
+@click.option(
+    "--label-from-path",
+    help="Speech: a regular expression whose first capture group, searched in each file's name, is its label "
+    "(instead of --label-col).",
+)
+@click.option(
+    "--preprocess",
+    help="Text: MODULE:FUNCTION (a module or a .py file), a str -> str function applied to every text before "
+    "tokenisation; recorded in run.json and the run's fingerprint.",
+)
 @click.option("--limit", type=int, help="First N rows of each split.")
 @click.option(
     "--max-length",
@@ -615,7 +720,26 @@ def _split_pairs(values: tuple[str, ...]) -> list[list[str]] | None:
     "--folds",
     type=int,
     help="Stratified K-fold cross-validation of the training rows (seeded): "
-    "per-fold rows and mean +- std; no model/ is kept.",
+    "per-fold rows and mean +- std; no model/ is kept (but see --keep-fold-models).",
+)
+@click.option(
+    "--keep-fold-models",
+    is_flag=True,
+    default=None,
+    help="With --folds: keep every fold's model (folds/fold-K/model), score their averaged probabilities on the "
+    "evaluation split, and let heads predict --run average them.",
+)
+@click.option(
+    "--eval-steps",
+    type=int,
+    help="Also score the validation rows (loss, accuracy, macro-F1) every N optimizer steps.",
+    show_default="none: once per epoch",
+)
+@click.option(
+    "--split-reports/--no-split-reports",
+    default=None,
+    help="After training, a classification report of the fitting, validation and evaluation rows (summary.md).",
+    show_default="no-split-reports",
 )
 @trainer_options(
     config=FinetuneConfig,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from embstore.data.augment import TRANSFORMS
+from embstore.data.augment import BALANCE, TRANSFORMS
 from embstore.data.spec import DATA_KEYS, DEFAULT_DATA, DEFAULT_MAX_LENGTH, DataSpec
 from embstore.data.words import WORD_POOLINGS
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
@@ -21,6 +21,7 @@ __all__ = [
     "default_pooling",
     "default_pool_tokens",
     "BFLOAT16_STORAGE",
+    "parse_steps",
 ]
 
 POOLINGS = ("cls", "last", "mean", "max")
@@ -54,6 +55,17 @@ def default_pool_tokens(causal: bool) -> str:
     return "text" if causal else "all"
 
 
+def parse_steps(value: Any) -> tuple[float, ...]:
+    """'-1,0,1' or a list of numbers -> semitones as a tuple of floats (AugmentSpec checks their range)."""
+    parts = str(value).split(",") if isinstance(value, (str, int, float)) else list(value)
+    try:
+        return tuple(float(p) for p in parts if str(p).strip())
+    except ValueError:
+        raise ConfigError(
+            f"The --pitch-steps option must be a comma list of semitones such as -1,0,1. Got {value!r}."
+        ) from None
+
+
 def reject_unknown_keys(d: dict[str, Any], known: set[str], what: str) -> None:
     """A config file's misspelt key is an error naming it and the valid keys, never silently ignored."""
     unknown = sorted(set(d) - known)
@@ -82,6 +94,15 @@ class ExtractConfig:
     """Rows to augment: 'minority' (classes below the mean class size), 'all', or a comma list of labels."""
     snr_db: float = 20.0
     """noise: signal-to-noise ratio of the added Gaussian noise, dB."""
+    noise_std: float | None = None
+    """noise: a fixed standard deviation of the added noise instead of ``snr_db`` (an absolute amplitude)."""
+    shift_max_seconds: float | None = None
+    """shift: roll by up to this many seconds either way, instead of by any fraction of the clip."""
+    pitch_steps: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    """pitch: semitones, one drawn per copy (the duration is kept: :mod:`embstore.data.pitch`)."""
+    balance: str = "none"
+    """'oversample': augmented copies bring every class of the training split to the majority class's count
+    (instead of ``copies`` of the ``augment_classes`` rows); needs ``augment``."""
     batch_seconds: float = 60.0
     """Audio: most padded seconds of audio in one forward batch (the audio token budget)."""
     bucket: bool = True
@@ -157,6 +178,7 @@ class ExtractConfig:
         "pooling": Optional(ListOf(Choice(POOLINGS))),
         "word_pooling": Optional(ListOf(Choice(WORD_POOLINGS))),
         "augment": ListOf(Choice(TRANSFORMS), min_len=0),
+        "balance": Choice(BALANCE),
         "max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
         "batch_seconds": Interval(float, 0, None, closed="neither", desc="a positive number of seconds"),
         "max_length": Interval(int, 2, None, desc="at least 2 tokens"),
@@ -196,6 +218,11 @@ class ExtractConfig:
             raise ConfigError(
                 "Augmented rows may only enter a training split: pass --holdout F (making 'train' and 'test') or "
                 "--split train=FILE."
+            )
+        if self.balance != "none" and not self.augment:
+            raise ConfigError(
+                f"--balance {self.balance} adds augmented copies: pass --augment with the transforms to apply "
+                "(e.g. --augment noise,shift,pitch)."
             )
         self.augment_spec()  # validates the transforms and copies
         if self.word_pooling and (src.audio_col or src.text_pair_col):
@@ -257,6 +284,7 @@ class ExtractConfig:
         d["pooling"] = None if self.pooling is None else list(self.pooling)
         d["word_pooling"] = None if self.word_pooling is None else list(self.word_pooling)
         d["augment"] = list(self.augment)
+        d["pitch_steps"] = list(self.pitch_steps)
         return d
 
     @classmethod
@@ -271,7 +299,25 @@ class ExtractConfig:
             p = d.get(key)
             if p is not None:
                 d[key] = tuple(x.strip() for x in p.split(",") if x.strip()) if isinstance(p, str) else tuple(p)
+        if d.get("pitch_steps") is not None:
+            d["pitch_steps"] = parse_steps(d["pitch_steps"])
+        else:
+            d.pop("pitch_steps", None)
         return cls(**d)
+
+    def augment_extras(self) -> dict[str, Any]:
+        """The augmentation settings beyond transforms, copies, classes, SNR and seed, only where they are used: what
+        the store's provenance and id add (a store made without them keeps the id it had)."""
+        out: dict[str, Any] = {}
+        if self.balance != "none":
+            out["balance"] = self.balance
+        if "noise" in self.augment and self.noise_std is not None:
+            out["noise_std"] = self.noise_std
+        if "shift" in self.augment and self.shift_max_seconds is not None:
+            out["shift_max_seconds"] = self.shift_max_seconds
+        if "pitch" in self.augment:
+            out["pitch_steps"] = list(self.pitch_steps)
+        return out
 
     def augment_spec(self) -> Any:
         """The :class:`embstore.data.augment.AugmentSpec` of this extraction, or None without --augment."""
@@ -284,5 +330,9 @@ class ExtractConfig:
             copies=self.copies,
             classes=self.augment_classes,
             snr_db=self.snr_db,
+            noise_std=self.noise_std,
+            shift_max_seconds=self.shift_max_seconds,
+            pitch_steps=self.pitch_steps,
+            balance=self.balance,
             seed=self.source.seed,
         )

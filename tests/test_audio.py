@@ -129,7 +129,7 @@ def test_choose_sources_and_params():
     again = draw_params(spec, np.array([4, 5]), np.arange(7) + 100)
     assert [repr(p) for p in params] == [repr(p) for p in again]  # deterministic (repr: NaN != NaN)
     assert len({p.noise_seed for p in params}) == 4
-    with pytest.raises(ConfigError, match="'transforms' .* must be a comma list of noise, shift, speed. Got 'echo'"):
+    with pytest.raises(ConfigError, match="'transforms' .* must be a comma list of noise, shift, speed, pitch. Got"):
         AugmentSpec(transforms=("echo",))
 
 
@@ -400,7 +400,7 @@ def test_cli_extract_and_info(tones: Path, tmp_path: Path):
         (
             None,
             ["--augment", "echo", "--holdout", "0.5"],
-            r"The --augment option must be a comma list of noise, shift, speed\. Got 'echo'",
+            r"The --augment option must be a comma list of noise, shift, speed, pitch\. Got 'echo'",
         ),
         (None, ["--model", "random:tiny-bert"], r"random:tiny-bert is a text model, but --audio-col gives audio"),
         (

@@ -16,7 +16,7 @@ from heads.finetune.config import FinetuneConfig
 from heads.pretrain.config import PretrainConfig
 from heads.training.optim import OptimConfig
 
-# The data keys ExtractConfig.to_dict() wrote at the top level before DataSpec existed: stores keep them there.
+# The data keys ExtractConfig.to_dict() writes at the top level (as before DataSpec existed): stores keep them there.
 DATA_KEYS = {
     "data",
     "splits",
@@ -30,6 +30,8 @@ DATA_KEYS = {
     "limit",
     "skip_empty",
     "skip_bad",
+    "label_from_path",
+    "preprocess",
 }
 FLAT_EXTRACT_KEYS = ({f.name for f in dataclasses.fields(ExtractConfig)} - {"source"}) | DATA_KEYS
 

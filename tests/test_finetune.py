@@ -139,9 +139,9 @@ def _count_epochs(monkeypatch) -> list[int]:
 
     real, trained = RoundTrainer.epoch, []
 
-    def epoch(self, n):
+    def epoch(self, n, *rest):
         trained.append(n)
-        return real(self, n)
+        return real(self, n, *rest)
 
     monkeypatch.setattr(RoundTrainer, "epoch", epoch)
     return trained
@@ -168,11 +168,11 @@ def test_resumed_run_equals_an_uninterrupted_one_and_checkpoints_hold_no_pickle(
     whole = run_finetune(cfg(sep_csv, tmp_path / "whole", epochs=3, patience=0))
     real_epoch, calls = RoundTrainer.epoch, []
 
-    def dies_in_epoch_2(self, epoch):
+    def dies_in_epoch_2(self, epoch, *rest):
         calls.append(epoch)
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real_epoch(self, epoch)
+        return real_epoch(self, epoch, *rest)
 
     monkeypatch.setattr(RoundTrainer, "epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):

@@ -66,11 +66,14 @@ def assert_groups_apart(table: Path, rows: dict[str, list[int]]) -> None:
 
 @pytest.mark.slow
 def test_hubert_tiny_learns_tones_with_the_feature_encoder_trained(tones, tmp_path):
-    """Issue 19: a random-init hubert-tiny, --freeze none, reaches at least 0.9 accuracy on a held-out speaker."""
-    res = run_finetune(cfg(tones, tmp_path / "run", freeze="none", epochs=3, patience=0), show_progress=False)
+    """Issue 19: a random-init hubert-tiny, --freeze none, reaches at least 0.9 accuracy on a held-out speaker (the
+    epoch kept is chosen on validation)."""
+    res = run_finetune(cfg(tones, tmp_path / "run", freeze="none", epochs=3, patience=2), show_progress=False)
     meta, (row,) = read_run(res.run_dir)
     assert res.accuracy >= 0.9, row.history
-    assert res.trainable_params == res.total_params  # the conv front end trained too
+    # the conv front end trained too; only the final norm after the pooled top state is idle (frozen)
+    n_norm = sum(p.numel() for p in load_backbone("random:hubert-tiny").model.encoder.layer_norm.parameters())
+    assert res.trainable_params == res.total_params - n_norm
     assert meta["modality"] == "audio" and row.pooling == "mean" and row.extra["freeze"] == "none"
     assert_groups_apart(tones, meta["rows"])
     assert len(meta["rows"]["evaluation"]) == meta["eval_rows"] == 16  # one whole speaker
@@ -175,10 +178,10 @@ def test_resumed_speech_run_with_noise_equals_an_uninterrupted_one(few_tones, tm
     whole = run_finetune(cfg(few_tones, tmp_path / "whole", **kw), show_progress=False)
     real = RoundTrainer.epoch
 
-    def dies_in_epoch_2(self, epoch):
+    def dies_in_epoch_2(self, epoch, *rest):
         if epoch == 2:
             raise KeyboardInterrupt("killed")
-        return real(self, epoch)
+        return real(self, epoch, *rest)
 
     monkeypatch.setattr(RoundTrainer, "epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
@@ -341,7 +344,7 @@ def test_speech_options_are_refused_where_they_do_not_apply(tmp_path):
     with pytest.raises(ConfigError, match="Speech models have no CLS frame"):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "pooling": "cls"})
     with pytest.raises(
-        ConfigError, match="'augment' parameter .* must be a comma list of noise, shift, speed. Got 'echo'"
+        ConfigError, match="'augment' parameter .* must be a comma list of noise, shift, speed, pitch. Got 'echo'"
     ):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "augment": "echo"})
     with pytest.raises(ConfigError, match="'batch_seconds' parameter .* must be a positive number of seconds. Got 0"):

@@ -96,6 +96,9 @@ def test_results_csv(run: tuple[Path, dict[str, Any], list[ResultRow]]) -> None:
         "fold",
         "accuracy",
         "f1_macro",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
         "val_accuracy",
         "val_f1_macro",
         "train_seconds",
@@ -146,7 +149,8 @@ def test_summary_marks_best_and_computes_mean_std(run: tuple[Path, dict[str, Any
     assert len(best_lines) == 1
     assert "**0-2**" in best_lines[0] and "**0.8200 ± 0.0200**" in best_lines[0] and "**mlp**" in best_lines[0]
     # layer 1, mean pooling: f1 0.65 and 0.67 -> 0.6600 ± 0.0100; accuracy 0.70/0.72 -> 0.7100 ± 0.0100.
-    assert "| 1 | single | mean | linear | 0.7100 ± 0.0100 | 0.6600 ± 0.0100 | 2 |" in text
+    # then the weighted F1 of the per-class table (every class 0.5)
+    assert "| 1 | single | mean | linear | 0.7100 ± 0.0100 | 0.6600 ± 0.0100 | 0.5000 | 2 |" in text
     assert summary["best"]["layers"] == "0-2" and summary["best"]["f1_macro_mean"] == pytest.approx(0.82)
     assert "minilm" in text and "/stores/abc" in text and "majority-class baseline accuracy: 0.4000" in text
     # Order: single layers per pooling in layer order, then the combinations.

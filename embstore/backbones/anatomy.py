@@ -826,10 +826,10 @@ def find_blocks(model: nn.Module) -> list[nn.Module] | None:
 def state_norm(model: nn.Module) -> nn.Module | None:
     """The module whose output is the top hidden state L, where that is not the last block's output: the final norm
     of the families with ``final_norm_in_states`` (transformers ties their top ``hidden_states`` entry to
-    ``last_hidden_state``); None elsewhere (the speech encoders' top entry is their last block's output, before a
-    pre-norm encoder's layer norm)."""
+    ``last_hidden_state``: the language models and Whisper's encoder); None elsewhere (the other speech encoders' top
+    entry is their last block's output, before a pre-norm encoder's layer norm)."""
     found = _resolve(model)
-    if found is None or found[1].modality == "audio" or not found[1].final_norm_in_states:
+    if found is None or not found[1].final_norm_in_states:
         return None
     top = top_modules(found[0])
     return top[0] if top else None

@@ -2,9 +2,16 @@
 
 Each augmented copy applies every chosen transform, in this order: speed perturbation
 (resampling by a factor, which changes tempo and pitch together, as Kaldi's speed
-perturbation), a circular time shift, then Gaussian noise at a target SNR. Parameters are
-drawn at planning time from a generator seeded by (seed, source row, copy), and stored with
-the row, so a resumed or multi-process run makes the same rows bit for bit.
+perturbation), a pitch shift by semitones that keeps the duration (:mod:`embstore.data.pitch`,
+librosa's ``pitch_shift`` recipe), a circular time shift (a fraction of the clip, or up to
+``shift_max_seconds`` either way), then Gaussian noise at a target SNR or of a fixed standard
+deviation (``noise_std``). Parameters are drawn at planning time from a generator seeded by
+(seed, source row, copy), and stored with the row, so a resumed or multi-process run makes the
+same rows bit for bit.
+
+Which rows are copied: every row of the chosen classes ``copies`` times, or with ``balance='oversample'``
+as many copies of each class's rows (in turn) as bring the class to the majority class's count
+(:func:`balance_copies`).
 """
 
 from __future__ import annotations
@@ -16,11 +23,25 @@ from typing import ClassVar
 import numpy as np
 
 from embstore.data.audio import rational, resample, resampled_length
-from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, validate_params
+from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, validate_params
 
-__all__ = ["TRANSFORMS", "AugmentSpec", "AugmentParams", "choose_sources", "draw_params", "augmented_length", "apply"]
+__all__ = [
+    "TRANSFORMS",
+    "BALANCE",
+    "AugmentSpec",
+    "AugmentParams",
+    "choose_sources",
+    "balance_copies",
+    "planned_copies",
+    "draw_params",
+    "draw_copies",
+    "augmented_length",
+    "apply",
+]
 
-TRANSFORMS = ("noise", "shift", "speed")
+TRANSFORMS = ("noise", "shift", "speed", "pitch")
+BALANCE = ("none", "oversample")
+"""``--balance``: 'oversample' adds augmented copies until every training class has the majority class's rows."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,11 +56,25 @@ class AugmentSpec:
     """noise: signal-to-noise ratio of the added Gaussian noise, in dB."""
     speed_range: tuple[float, float] = (0.9, 1.1)
     """speed: factors are drawn uniformly from this range (rounded to 0.01)."""
+    noise_std: float | None = None
+    """noise: the standard deviation of the added Gaussian noise (an absolute amplitude, whatever the clip's level);
+    None: ``snr_db`` decides it."""
+    shift_max_seconds: float | None = None
+    """shift: roll by a uniform draw of up to this many seconds either way; None: by a uniform fraction of the
+    clip (anywhere in it)."""
+    pitch_steps: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    """pitch: semitones, one drawn uniformly per copy (the duration is kept)."""
+    balance: str = "none"
+    """'oversample': copies bring every class to the majority's count (``copies`` and ``classes`` are unused)."""
     seed: int = 0
 
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "transforms": ListOf(Choice(TRANSFORMS)),
         "copies": Interval(int, 1, None, desc="at least 1"),
+        "noise_std": Optional(Interval(float, 0, None, closed="neither", desc="a positive standard deviation")),
+        "shift_max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
+        "pitch_steps": ListOf(Interval(float, -24, 24), desc="a comma list of semitones in [-24, 24]"),
+        "balance": Choice(BALANCE),
     }
 
     def __post_init__(self) -> None:
@@ -62,6 +97,12 @@ class AugmentParams:
     """Circular shift as a fraction of the (speed-perturbed, cropped) length."""
     snr_db: float
     noise_seed: int
+    pitch: float = float("nan")
+    """Semitones of the duration-keeping pitch shift."""
+    shift_seconds: float = float("nan")
+    """Circular shift in seconds (negative: to the left), used instead of ``shift_fraction`` when set."""
+    noise_std: float = float("nan")
+    """Standard deviation of the added noise, used instead of ``snr_db`` when set."""
 
 
 def choose_sources(labels: np.ndarray | None, label_names: list[str] | None, classes: str) -> np.ndarray:
@@ -89,25 +130,70 @@ def choose_sources(labels: np.ndarray | None, label_names: list[str] | None, cla
     return np.flatnonzero(np.isin(labels, sorted(chosen))).astype(np.int64)
 
 
+def balance_copies(labels: np.ndarray, n_classes: int) -> list[tuple[int, int]]:
+    """(source position, copy number) of every copy that brings each class of ``labels`` (n,) to the majority
+    class's count: a class of n_c rows below the majority's m gets m - n_c copies, its rows in turn (row order),
+    copy 1 of each before any copy 2. A class with no rows gets none."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=n_classes)
+    majority = int(counts.max()) if len(counts) else 0
+    out: list[tuple[int, int]] = []
+    for c in range(n_classes):
+        rows = np.flatnonzero(labels == c)
+        for k in range(majority - len(rows) if len(rows) else 0):
+            out.append((int(rows[k % len(rows)]), k // len(rows) + 1))
+    return sorted(out)
+
+
+def planned_copies(
+    spec: AugmentSpec, labels: np.ndarray | None, label_names: list[str] | None
+) -> list[tuple[int, int]]:
+    """(source position, copy number) of every augmented copy ``spec`` makes of a training split."""
+    if spec.balance == "oversample":
+        if labels is None or label_names is None:
+            raise ConfigError("--balance oversample counts the rows of each class: it needs labels (--label-col).")
+        return balance_copies(labels, len(label_names))
+    chosen = choose_sources(labels, label_names, spec.classes)
+    return [(int(pos), copy) for pos in chosen.tolist() for copy in range(1, spec.copies + 1)]
+
+
 def draw_params(spec: AugmentSpec, sources: np.ndarray, source_ids: np.ndarray) -> list[AugmentParams]:
-    """Parameters of every copy, seeded by (seed, source row id in the file, copy)."""
+    """Parameters of ``spec.copies`` copies of every row of ``sources``, seeded by (seed, source row id in the file,
+    copy)."""
+    return draw_copies(
+        spec, [(pos, copy) for pos in sources.tolist() for copy in range(1, spec.copies + 1)], source_ids
+    )
+
+
+def draw_copies(spec: AugmentSpec, copies: list[tuple[int, int]], source_ids: np.ndarray) -> list[AugmentParams]:
+    """Parameters of every (source position, copy number), seeded by (seed, source row id in the file, copy)."""
+    nan = float("nan")
     out = []
-    for pos, rid in zip(sources.tolist(), source_ids[sources].tolist()):
-        for copy in range(1, spec.copies + 1):
-            rng = np.random.default_rng([spec.seed, int(rid), copy])
-            speed = round(float(rng.uniform(*spec.speed_range)), 2) if "speed" in spec.transforms else float("nan")
-            shift = float(rng.uniform(0.0, 1.0)) if "shift" in spec.transforms else float("nan")
-            snr = spec.snr_db if "noise" in spec.transforms else float("nan")
-            out.append(
-                AugmentParams(
-                    source=pos,
-                    copy=copy,
-                    speed=speed,
-                    shift_fraction=shift,
-                    snr_db=snr,
-                    noise_seed=int(rng.integers(0, 2**63 - 1)),
-                )
+    for pos, copy in copies:
+        rng = np.random.default_rng([spec.seed, int(source_ids[pos]), copy])
+        speed = round(float(rng.uniform(*spec.speed_range)), 2) if "speed" in spec.transforms else nan
+        shift = float(rng.uniform(0.0, 1.0)) if "shift" in spec.transforms else nan
+        snr = spec.snr_db if "noise" in spec.transforms and spec.noise_std is None else nan
+        noise_seed = int(rng.integers(0, 2**63 - 1))
+        # drawn after the original three, so the copies of a spec without the newer knobs are the same as before
+        pitch = float(rng.choice(spec.pitch_steps)) if "pitch" in spec.transforms else nan
+        shift_s = nan
+        if "shift" in spec.transforms and spec.shift_max_seconds is not None:
+            shift_s, shift = float(rng.uniform(-spec.shift_max_seconds, spec.shift_max_seconds)), nan
+        std = spec.noise_std if "noise" in spec.transforms and spec.noise_std is not None else nan
+        out.append(
+            AugmentParams(
+                source=pos,
+                copy=copy,
+                speed=speed,
+                shift_fraction=shift,
+                snr_db=snr,
+                noise_seed=noise_seed,
+                pitch=pitch,
+                shift_seconds=shift_s,
+                noise_std=std if std is not None else nan,
             )
+        )
     return out
 
 
@@ -123,15 +209,27 @@ def augmented_length(n: int, params: AugmentParams, max_samples: int | None) -> 
     return min(n, max_samples) if max_samples is not None else n
 
 
-def apply(x: np.ndarray, params: AugmentParams, max_samples: int | None) -> np.ndarray:
-    """The augmented copy of ``x`` (float32 mono at the model's rate, not yet cropped)."""
+def apply(x: np.ndarray, params: AugmentParams, max_samples: int | None, rate: int | None = None) -> np.ndarray:
+    """The augmented copy of ``x`` (float32 mono at the model's ``rate``, not yet cropped); ``rate`` is needed for a
+    shift in seconds only."""
     if not np.isnan(params.speed):
         x = resample(x, *_speed_ratio(params.speed))
+    if not np.isnan(params.pitch) and params.pitch != 0:
+        from embstore.data.pitch import pitch_shift
+
+        x = pitch_shift(x, params.pitch)
     if max_samples is not None:
         x = x[:max_samples]
-    if not np.isnan(params.shift_fraction):
+    if not np.isnan(params.shift_seconds):
+        if rate is None:
+            raise ConfigError("A shift in seconds needs the sampling rate; pass rate= to apply.")
+        x = np.roll(x, int(round(params.shift_seconds * rate)))
+    elif not np.isnan(params.shift_fraction):
         x = np.roll(x, int(params.shift_fraction * len(x)))
-    if not np.isnan(params.snr_db):
+    if not np.isnan(params.noise_std):
+        noise = np.random.default_rng(params.noise_seed).standard_normal(len(x))
+        x = (x + params.noise_std * noise).astype(np.float32)
+    elif not np.isnan(params.snr_db):
         power = float(np.mean(x.astype(np.float64) ** 2))
         noise_power = power / (10.0 ** (params.snr_db / 10.0))
         noise = np.random.default_rng(params.noise_seed).standard_normal(len(x))

@@ -118,7 +118,7 @@ def find_columns(spec: DataSpec, *, labels: bool = True, need_labels: bool = Fal
         changes["text_col"] = text
         if text != "text":  # 'text' was always the default: only another choice is news
             notes.append(f"text: column {text!r} of {path} (pass --text-col to choose another)")
-    if labels and spec.label_col is None:
+    if labels and spec.label_col is None and spec.label_from_path is None:
         label = _pick(columns, LABEL_COLUMNS, "--label-col", "labels", path)
         if label is not None:
             changes["label_col"] = label

@@ -60,6 +60,13 @@ class DataSpec:
     skip_bad: bool = False
     """Audio: drop rows whose file is missing, unreadable or empty instead of failing (the audio
     counterpart of ``skip_empty``: it decides which rows load, so it belongs to the source)."""
+    label_from_path: str | None = None
+    """Audio: a regular expression whose first capture group, searched in each file's name, is the row's label
+    (instead of a label column), e.g. ``^.{5}(.)`` for Emo-DB's emotion letter; a name that does not match is an
+    error naming it."""
+    preprocess: str | None = None
+    """Text: ``MODULE:FUNCTION``, a str -> str function applied to every text (and pair) before tokenisation
+    (:mod:`embstore.data.preprocess`); its name and source hash are part of the store id and run fingerprint."""
 
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "holdout": Optional(Interval(float, 0, 1, closed="neither")),
@@ -84,6 +91,29 @@ class DataSpec:
         names = [n for n, _ in self.splits]
         if len(set(names)) != len(names):
             raise ConfigError(f"Split names must be unique; got {', '.join(names)}.")
+        if self.label_from_path is not None:
+            import re
+
+            if not self.audio_col:
+                raise ConfigError("--label-from-path reads each audio file's name: it needs --audio-col COLUMN.")
+            if self.label_col:
+                raise ConfigError(
+                    "You cannot pass both --label-col and --label-from-path; the labels come from one of them."
+                )
+            try:
+                groups = re.compile(self.label_from_path).groups
+            except re.error as exc:
+                raise ConfigError(
+                    f"The --label-from-path option must be a regular expression; {self.label_from_path!r} is not "
+                    f"({exc})."
+                ) from None
+            if groups < 1:
+                raise ConfigError(
+                    f"The --label-from-path option must hold a capture group, the label; got "
+                    f"{self.label_from_path!r}. Wrap the label part in parentheses, e.g. '^.{{5}}(.)'."
+                )
+        if self.preprocess is not None and self.audio_col:
+            raise ConfigError("--preprocess transforms texts; an audio table (--audio-col) has none. Drop it.")
 
     def only(self, keys: Iterable[str], command: str) -> DataSpec:
         """``self``, refused (naming the option) when a field outside ``keys`` is set: a command that reads
@@ -120,13 +150,20 @@ class DataSpec:
             audio_col=self.audio_col,
             group_col=self.group_col,
             skip_bad=self.skip_bad,
+            label_from_path=self.label_from_path,
+            preprocess=self.preprocess,
         )
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the rows get labels (a label column, or labels from the file names)."""
+        return bool(self.label_col or self.label_from_path)
 
     def fingerprinted(self, sources: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """What decides the loaded text rows, for a fingerprint: each file's content hash (not its path) and
         the holdout, the columns and the row filters. ``sources`` is the loaded Dataset's provenance (whose
         ``columns`` also name the group and audio columns). These are the data keys of a store's fingerprint."""
-        return {
+        out: dict[str, Any] = {
             "data": [
                 {k: s.get(k) for k in ("split", "sha256", "columns", "holdout", "audio_sha256") if k in s}
                 for s in sources
@@ -135,6 +172,13 @@ class DataSpec:
             "limit": self.limit,
             "skip_empty": self.skip_empty,
         }
+        if self.label_from_path is not None:  # only when set: the fingerprints made before these keys stay the same
+            out["label_from_path"] = self.label_from_path
+        if self.preprocess is not None:
+            from embstore.data.preprocess import preprocess_identity
+
+            out["preprocess"] = preprocess_identity(self.preprocess)
+        return out
 
     def to_dict(self, keys: Iterable[str] = ()) -> dict[str, Any]:
         """The flat JSON-ready keys (tuples become lists); ``keys`` limits them to those a config accepts."""

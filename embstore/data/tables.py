@@ -293,6 +293,8 @@ def _read_split(
     audio_col: str | None = None,
     group_col: str | None = None,
     skip_bad: bool = False,
+    label_from_path: str | None = None,
+    preprocess: Any = None,
 ) -> tuple[_Raw, dict[str, Any], int]:
     df = read_table(path)
     pairs = None
@@ -322,6 +324,14 @@ def _read_split(
     if group_col:
         groups = [_label_key(v) for v in _filled(df, group_col, path, "--group-col", "group", empty)]
     labels = _filled(df, label_col, path, "--label-col", "label", empty) if label_col else None
+    if label_from_path is not None and audio is not None:
+        labels = _labels_from_names(audio, empty, label_from_path, path)
+    if preprocess is not None:
+        fn, spec = preprocess
+        from embstore.data.preprocess import apply_preprocess
+
+        texts = apply_preprocess(fn, texts, spec, str(path))
+        pairs = None if pairs is None else apply_preprocess(fn, pairs, spec, str(path))
     bad = np.flatnonzero(empty)
     if len(bad) and not skip_empty and not audio_col:
         cols = text_col + (f"/{pair_col}" if pair_col else "")
@@ -348,7 +358,7 @@ def _read_split(
     used = [c for c in ((audio_col or text_col), pair_col, label_col, group_col) if c]
     if words is not None:
         used += [c for c in word_cols if c not in used] + (["head"] if words[0].heads is not None else [])
-    prov = {
+    prov: dict[str, Any] = {
         "split": name,
         "path": display,
         "sha256": file_sha256(path),
@@ -356,6 +366,10 @@ def _read_split(
         "columns": used,
         "rows": int(len(df)),
     }
+    if label_from_path is not None:
+        prov["label_from_path"] = label_from_path
+    if preprocess is not None:
+        prov["preprocess"] = preprocess[1]
     if audio is not None:
         # The files' bytes are part of the data: a changed recording makes another store.
         h = hashlib.sha256()
@@ -365,6 +379,26 @@ def _read_split(
         prov["audio_sha256"] = h.hexdigest()
         prov["audio_files"] = int(len(keep))
     return raw, prov, int(len(bad))
+
+
+def _labels_from_names(files: list[str], empty: np.ndarray, pattern: str, table: Path) -> list[Any]:
+    """The first capture group of ``pattern`` searched in each file's name (rows already unusable get None)."""
+    import re
+
+    rx = re.compile(pattern)
+    labels: list[Any] = []
+    for f, skip in zip(files, empty):
+        if skip:
+            labels.append(None)
+            continue
+        m = rx.search(Path(f).name)
+        if m is None or m.group(1) is None:
+            raise DataError(
+                f"The file name {Path(f).name!r} (listed in {table}) does not match --label-from-path {pattern!r}; "
+                "fix the pattern or the file's name."
+            )
+        labels.append(m.group(1))
+    return labels
 
 
 def _label_names(values: list[Any]) -> list[str]:
@@ -452,6 +486,8 @@ def load_dataset(
     audio_col: str | None = None,
     group_col: str | None = None,
     skip_bad: bool = False,
+    label_from_path: str | None = None,
+    preprocess: str | None = None,
 ) -> Dataset:
     """Read, validate and split the data. Errors name the file, column or rows and the fix.
 
@@ -472,11 +508,27 @@ def load_dataset(
     else:
         sources += [(n, Path(p), p) for n, p in splits]
     text_col = text_col or "text"
+    prep = None
+    if preprocess is not None:
+        from embstore.data.preprocess import resolve_preprocess
+
+        prep = (resolve_preprocess(preprocess), preprocess)
 
     raws, provs, skipped = [], [], {}
     for name, path, display in sources:
         raw, prov, n_bad = _read_split(
-            name, path, text_col, text_pair_col, label_col, skip_empty, display, audio_col, group_col, skip_bad
+            name,
+            path,
+            text_col,
+            text_pair_col,
+            label_col,
+            skip_empty,
+            display,
+            audio_col,
+            group_col,
+            skip_bad,
+            label_from_path,
+            prep,
         )
         raws.append(raw)
         provs.append(prov)
@@ -494,7 +546,7 @@ def load_dataset(
         raws = [_subset(r, np.arange(min(limit, len(r.row_ids))), r.name) for r in raws]
 
     label_names = None
-    if label_col:
+    if label_col or label_from_path:
         label_names = _label_names([v for r in raws for v in (r.labels or [])])
         lookup = {n: i for i, n in enumerate(label_names)}
     group_names = sorted({g for r in raws for g in (r.groups or [])}) if group_col else None

@@ -22,7 +22,8 @@ from embstore.backbones.anatomy import is_causal, top_state
 from embstore.backbones.registry import Backbone, Placement, load_backbone
 from embstore.config import ExtractConfig, default_pooling
 from embstore.data.audio import usable_rows
-from embstore.data.tables import Dataset, SplitData, load_dataset
+from embstore.data.preprocess import preprocess_identity
+from embstore.data.tables import Dataset, SplitData
 from embstore.device import parse_device_memory, rank_device_memory, rank_gpus, resolve_compute_dtype
 from embstore.errors import ConfigError, EmbstoreError
 from embstore.extraction.encode import Encoded, length_order, tokenize
@@ -158,20 +159,7 @@ def rank_device(config: ExtractConfig, device: str, world: int) -> str:
 
 
 def make_plan(config: ExtractConfig, device: str) -> Plan:
-    dataset = load_dataset(
-        data=config.source.data,
-        splits=config.source.splits,
-        holdout=config.source.holdout,
-        seed=config.source.seed,
-        text_col=config.source.text_col,
-        text_pair_col=config.source.text_pair_col,
-        label_col=config.source.label_col,
-        limit=config.source.limit,
-        skip_empty=config.source.skip_empty,
-        audio_col=config.source.audio_col,
-        group_col=config.source.group_col,
-        skip_bad=config.source.skip_bad,
-    )
+    dataset = config.source.load()
     backbone = load_backbone(
         config.model,
         device,
@@ -340,6 +328,15 @@ def _usable_clips(dataset: Dataset, rate: int, minimum: int, skip_bad: bool) -> 
     return dataclasses.replace(dataset, splits=splits, skipped_empty=skipped)
 
 
+def _used(spec: Any, field: str) -> bool:
+    """Whether augmentation ``spec`` records the newer per-row ``field`` (older stores lack these arrays)."""
+    if field == "pitch":
+        return "pitch" in spec.transforms
+    if field == "shift_seconds":
+        return "shift" in spec.transforms and spec.shift_max_seconds is not None
+    return "noise" in spec.transforms and spec.noise_std is not None
+
+
 def _plan_audio(
     config: ExtractConfig,
     device: str,
@@ -398,7 +395,9 @@ def _plan_audio(
             arrays[L.augment_path(name, "copy")] = np.array(
                 [0 if p is None else p.copy for p in params], dtype=np.int16
             )[perm]
-            for f, attr in (("speed", "speed"), ("shift", "shift_fraction"), ("snr_db", "snr_db")):
+            fields = [("speed", "speed"), ("shift", "shift_fraction"), ("snr_db", "snr_db")]
+            fields += [(f, f) for f in ("pitch", "shift_seconds", "noise_std") if _used(spec, f)]
+            for f, attr in fields:
                 arrays[L.augment_path(name, f)] = np.array(
                     [nan if p is None else getattr(p, attr) for p in params], dtype=np.float32
                 )[perm]
@@ -488,6 +487,7 @@ def _finish_plan(
             "classes": config.augment_classes,
             "snr_db": config.snr_db,
             "seed": config.source.seed,
+            **config.augment_extras(),
         },
         rows={k: v.n_rows for k, v in lay.splits.items()},
         tool={
@@ -498,6 +498,8 @@ def _finish_plan(
             "python": sys.version.split()[0],
         },
         config=config.to_dict(),
+        preprocess=None if config.source.preprocess is None else preprocess_identity(config.source.preprocess),
+        label_from_path=config.source.label_from_path,
     )
     meta = L.StoreMeta(
         complete=False,

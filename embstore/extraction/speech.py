@@ -26,7 +26,7 @@ import numpy as np
 
 from embstore.backbones.registry import window_samples
 from embstore.data.audio import load_waveform
-from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, choose_sources, draw_params
+from embstore.data.augment import AugmentParams, AugmentSpec, apply, augmented_length, draw_copies, planned_copies
 from embstore.data.tables import SplitData
 from embstore.errors import DataError
 from embstore.extraction.encode import ChunkBuffers, ChunkEncoder, ChunkJob, Prepared, make_batches
@@ -84,8 +84,7 @@ def plan_audio_split(
     source = list(range(len(items)))
     cropped = [max_samples is not None and int(n) > max_samples for n in full]
     if augment is not None:
-        chosen = choose_sources(sd.labels, label_names, augment.classes)
-        for params in draw_params(augment, chosen, sd.row_ids):
+        for params in draw_copies(augment, planned_copies(augment, sd.labels, label_names), sd.row_ids):
             n_full = augmented_length(int(full[params.source]), params, None)
             items.append(
                 AudioItem(
@@ -123,7 +122,7 @@ def load_item(item: AudioItem, rate: int, max_samples: int | None) -> np.ndarray
     if item.augment is None:
         x = load_waveform(item.path, rate, max_samples)
     else:
-        x = apply(load_waveform(item.path, rate, None), item.augment, max_samples)
+        x = apply(load_waveform(item.path, rate, None), item.augment, max_samples, rate)
     if len(x) != item.samples:
         raise DataError(
             f"{item.path} now has {len(x)} samples at {rate} Hz where its header promised {item.samples}; the file "

@@ -206,7 +206,7 @@ def data_identity(src: DataSpec) -> dict[str, Any] | None:
             if entry["audio"] is None:
                 return None
         entries.append(entry)
-    return {
+    out = {
         "files": entries,
         "text_col": None if src.audio_col else (text_col or "text"),
         "text_pair_col": src.text_pair_col,
@@ -219,6 +219,15 @@ def data_identity(src: DataSpec) -> dict[str, Any] | None:
         "skip_empty": src.skip_empty,
         "skip_bad": getattr(src, "skip_bad", False),
     }
+    # only when set, so the ids of stores made before these options stay what they were
+    if getattr(src, "label_from_path", None) is not None:
+        out["label_from_path"] = src.label_from_path
+    preprocess = getattr(src, "preprocess", None)
+    if preprocess is not None:
+        from embstore.data.preprocess import preprocess_identity
+
+        out["preprocess"] = preprocess_identity(preprocess)
+    return out
 
 
 def store_fingerprint(
@@ -275,6 +284,7 @@ def store_fingerprint(
             "snr_db": config.snr_db if "noise" in config.augment else None,
             "seed": config.source.seed if config.augment else None,
         }
+        content["audio"].update(config.augment_extras())
         content["audio"]["batching"] = audio_batching(config, model)
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 

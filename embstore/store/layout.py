@@ -8,7 +8,8 @@ A store (zarr v3 directory, or one HDF5 file with the same tree) holds::
     splits/<split>/groups                        (n,) int64   index into group_names (with --group-col)
     splits/<split>/duration                      (n,) float32 seconds the model heard (audio)
     splits/<split>/augment/<field>               (n,) per row: copy (int16, 0 = original row),
-                                                 speed, shift, snr_db (float32, NaN = not applied)
+                                                 speed, shift, snr_db (float32, NaN = not applied), and
+                                                 pitch, shift_seconds, noise_std where those were used
     splits/<split>/<tower>/n_tokens              (n,) int32   tokens (audio: output frames) after truncation
     splits/<split>/<tower>/truncated             (n,) bool    (audio: cropped by --max-seconds)
     splits/<split>/<tower>/pooled/<pooling>      (n_layers, n, hidden)  chunks (1, chunk_rows, hidden)
@@ -101,7 +102,8 @@ ATTR_KEY = "embstore"
 SINGLE_TOWER = "text"
 PAIR_TOWERS = ("a", "b")
 AUDIO_TOWER = "audio"
-AUGMENT_FIELDS = ("copy", "speed", "shift", "snr_db")
+AUGMENT_FIELDS = ("copy", "speed", "shift", "snr_db", "pitch", "shift_seconds", "noise_std")
+"""Per-row augmentation arrays; the last three are written only by stores whose augmentation used them."""
 TOKEN_CHUNK_ROWS = 8192
 WORD_CHUNK_ROWS = 8192
 
@@ -344,6 +346,13 @@ class Provenance:
     knows), or the batching options that changed the values and are in the store id (batch_seconds, batch_size,
     chunk_rows, and ``why``: ``unmapped``, a speech model the map does not know, or ``int8``, --quantize int8). None
     for text (and absent from the stored attribute)."""
+    preprocess: dict[str, Any] | None = None
+    """--preprocess: the text-to-text function applied before tokenisation, ``{function: 'MODULE:NAME', sha256: of
+    its module's source}`` (:func:`embstore.data.preprocess.preprocess_identity`); None (and absent from the stored
+    attribute) when none was."""
+    label_from_path: str | None = None
+    """--label-from-path: the regular expression whose first group of each audio file's name is its label; None
+    (and absent) when the labels came from a column."""
     other: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (a later version wrote them), kept as read and written back unchanged."""
 
@@ -389,6 +398,10 @@ class Provenance:
             d["quantization"] = self.quantization
         if self.batching is not None:
             d["batching"] = self.batching
+        if self.preprocess is not None:  # only when used: a store made without them keeps the attribute it had
+            d["preprocess"] = dict(self.preprocess)
+        if self.label_from_path is not None:
+            d["label_from_path"] = self.label_from_path
         return {**d, **self.other}
 
     @classmethod
@@ -421,6 +434,8 @@ class Provenance:
             text=None if d.get("text") is None else TextRecord.from_dict(d["text"]),
             quantization=d.get("quantization"),
             batching=d.get("batching"),
+            preprocess=d.get("preprocess"),
+            label_from_path=d.get("label_from_path"),
             other=_other(d, cls),
         )
 

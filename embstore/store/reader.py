@@ -221,11 +221,14 @@ class Store:
         return self._b.read(L.duration_path(split)) if self._b.has(L.duration_path(split)) else None
 
     def augmentation(self, split: str) -> dict[str, np.ndarray] | None:
-        """Per-row augmentation record (copy, speed, shift, snr_db), or None when the split has none."""
+        """Per-row augmentation record (copy, speed, shift, snr_db, and pitch, shift_seconds, noise_std where the
+        store used them), or None when the split has none."""
         self._split(split)
         if not self._b.has(L.augment_path(split, "copy")):
             return None
-        return {f: self._b.read(L.augment_path(split, f)) for f in L.AUGMENT_FIELDS}
+        return {
+            f: self._b.read(L.augment_path(split, f)) for f in L.AUGMENT_FIELDS if self._b.has(L.augment_path(split, f))
+        }
 
     def augmented(self, split: str) -> np.ndarray:
         """(n,) bool: rows that are augmented copies (never evaluate on them)."""

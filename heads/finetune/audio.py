@@ -26,13 +26,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from embstore.data.audio import load_waveform
-from embstore.data.augment import AugmentSpec, apply, draw_params
+from embstore.data.augment import AugmentSpec, apply, balance_copies, draw_copies
 from embstore.data.tables import SplitData
 from embstore.errors import DataError
 from embstore.extraction.encode import make_batches
 from heads.protocol.schedule import EpochSampler
 
-__all__ = ["ClipBatches", "Clips", "collate_clips"]
+__all__ = ["ClipBatches", "Clips", "collate_clips", "balanced_rows"]
 
 log = logging.getLogger(__name__)
 Key = tuple[int, int]
@@ -54,6 +54,7 @@ class Clips(Dataset[tuple[np.ndarray, int]]):
         seed: int,
         max_samples: int | None = None,
         augment: Callable[[int], AugmentSpec | None] | None = None,
+        copies: np.ndarray | None = None,
     ) -> None:
         if split.audio is None:
             raise DataError(f"Split {split.name!r} holds text, but the model takes audio; pass --audio-col COLUMN.")
@@ -61,6 +62,9 @@ class Clips(Dataset[tuple[np.ndarray, int]]):
         self.row_ids = np.asarray(split.row_ids)[rows]
         self.labels, self.rate, self.seed = labels, rate, seed
         self.max_samples, self.augment = max_samples, augment
+        self.copies = copies
+        """(n,) copy number of each item (0: the original clip, read as it is; k > 0: an augmented copy), or None:
+        every item is augmented (when ``augment`` is given)."""
         self.lengths = split.clip_lengths(rate)[rows]
         """(n,) int64 samples of each whole clip."""
 
@@ -75,14 +79,27 @@ class Clips(Dataset[tuple[np.ndarray, int]]):
         i, epoch = key
         x = load_waveform(self.paths[i], self.rate)  # (samples,) float32
         spec = None if self.augment is None else self.augment(epoch)
-        if spec is not None:
-            params = draw_params(spec, np.array([i]), self.row_ids)[0]  # seeded by (seed, epoch) and the row id
-            x = apply(x, params, None)
+        copy = 1 if self.copies is None else int(self.copies[i])
+        if spec is not None and copy > 0:
+            # seeded by (seed, epoch), the row id and the copy number
+            params = draw_copies(spec, [(i, copy)], self.row_ids)[0]
+            x = apply(x, params, None, self.rate)
         if self.max_samples is not None and len(x) > self.max_samples:
             rng = np.random.default_rng([self.seed, epoch, int(self.row_ids[i]), 1])
             start = int(rng.integers(0, len(x) - self.max_samples + 1))
             x = x[start : start + self.max_samples]
         return x, int(self.labels[i])
+
+
+def balanced_rows(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, copy numbers): the fitting ``rows`` (copy 0), then the copies (:func:`embstore.data.augment.
+    balance_copies`) that bring every class of ``labels`` (the rows' labels) to the majority class's count."""
+    extra = balance_copies(labels, n_classes)
+    pos = np.array([p for p, _ in extra], dtype=np.int64)
+    return (
+        np.concatenate([rows, rows[pos]]).astype(np.int64),
+        np.concatenate([np.zeros(len(rows), dtype=np.int64), np.array([c for _, c in extra], dtype=np.int64)]),
+    )
 
 
 class ClipBatches(Sampler[list[Key]]):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from embstore.data.augment import TRANSFORMS, AugmentSpec
+from embstore.data.augment import BALANCE, TRANSFORMS, AugmentSpec
 from embstore.data.spec import DEFAULT_MAX_LENGTH, DataSpec
 from embstore.errors import Choice, ConfigError, Constraint, Interval, ListOf, Optional, Text, validate_params
 from embstore.extraction.textspec import POOL_TOKENS, PoolTokens, TextSpec
@@ -27,6 +27,8 @@ DATA_KEYS = (
     "limit",
     "skip_empty",
     "skip_bad",
+    "label_from_path",
+    "preprocess",
 )
 """The flat data-source keys ``heads finetune`` takes: text or audio tables, with groups (e.g. speakers)."""
 Classifier = Literal["linear", "mlp"]
@@ -39,7 +41,8 @@ RECURRENT = ("gru", "lstm", "rnn")
 FEATURE_ENCODER = "feature-encoder"
 """The freeze word for a speech model's convolutional feature encoder (alone, as ``freeze_feature_encoder()``)."""
 FREEZE_SPEC = (
-    "none, embeddings, all, all-but-last, a range 0-8, a list 0,3, negative indices, and for speech models "
+    "none, embeddings, all, all-but-last, all-but-embeddings-and-last, a range 0-8, a list 0,3, negative indices, "
+    "and for speech models "
     f"{FEATURE_ENCODER} (the conv front end, alone or in a list such as {FEATURE_ENCODER},1-4)"
 )
 """What ``freeze`` accepts, in words (its parser is :func:`heads.finetune.surgery.parse_freeze`, which needs the
@@ -114,6 +117,25 @@ class FinetuneConfig:
     row)."""
     snr_db: float = 20.0
     """augment noise: signal-to-noise ratio of the added Gaussian noise, in dB."""
+    noise_std: float | None = None
+    """augment noise: a fixed standard deviation of the added noise instead of ``snr_db``."""
+    shift_max_seconds: float | None = None
+    """augment shift: roll by up to this many seconds either way, instead of by any fraction of the clip."""
+    pitch_steps: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    """augment pitch: semitones, one drawn per clip and epoch (the duration is kept)."""
+    balance: str = "none"
+    """Speech, 'oversample': each epoch, augmented copies (``augment``'s transforms, drawn anew) of the fitting rows
+    of every class below the majority's count bring it to that count; the original clips are then read as they are
+    (only the copies are augmented). The validation and evaluation rows are never copied."""
+    eval_steps: int | None = None
+    """Also score the validation rows (loss, accuracy, macro-F1) every this many optimizer steps, as the Trainer's
+    ``eval_steps``; recorded with the run (``step_evaluations``) and drawn in learning_curves.png."""
+    split_reports: bool = False
+    """After training, a classification report (per-class and weighted precision, recall, F1) of every split: the
+    fitting rows, the validation rows and the evaluation rows, in summary.md and results.jsonl."""
+    keep_fold_models: bool = False
+    """With ``folds``: keep every fold's model (``fold-K/model``), score their averaged probabilities on the
+    evaluation split (the fold ensemble, in run.json and summary.md), and let ``heads predict --run`` average them."""
     optim: OptimConfig = _DEFAULT_OPTIM
     """lr, weight_decay, batch_size, epochs, warmup_ratio, schedule (those of ``optim.schedule`` below), grad_accum,
     mixed_precision, max_grad_norm (clipping, as the Trainer does); flat keys in YAML."""
@@ -199,6 +221,8 @@ class FinetuneConfig:
         "max_seconds": Optional(Interval(float, 0, None, closed="neither", desc="a positive number of seconds")),
         "batch_seconds": Interval(float, 0, None, closed="neither", desc="a positive number of seconds"),
         "augment": Optional(ListOf(Choice(TRANSFORMS))),
+        "balance": Choice(BALANCE),
+        "eval_steps": Optional(Interval(int, 1, None, desc="a positive number of optimizer steps")),
         "truncate": Optional(Interval(int, 1, None, desc="at least 1 encoder layer")),
         "prune_fraction": Optional(
             Interval(float, 0, 1, closed="neither", hint="Use e.g. 0.2 to remove 20% of the heads.")
@@ -236,6 +260,13 @@ class FinetuneConfig:
             )
         if self.augment is not None:
             self.augment_spec(0)  # names a bad transform now, not in the first epoch
+        if self.balance != "none" and (not self.audio or self.augment is None):
+            raise ConfigError(
+                f"--balance {self.balance} adds augmented copies of speech clips: pass --audio-col COLUMN and "
+                "--augment with the transforms to apply (e.g. --augment noise,shift,pitch)."
+            )
+        if self.keep_fold_models and self.folds is None:
+            raise ConfigError("--keep-fold-models keeps the models of --folds K; pass --folds too, or drop it.")
         self._check_lora()
         self._check_scratch()
         if self.prune_fraction is not None and self.optim.epochs < 2:
@@ -351,6 +382,9 @@ class FinetuneConfig:
             copies=1,
             classes="all",
             snr_db=self.snr_db,
+            noise_std=self.noise_std,
+            shift_max_seconds=self.shift_max_seconds,
+            pitch_steps=self.pitch_steps,
             seed=self.source.seed * 100_003 + epoch,
         )
 
@@ -358,6 +392,7 @@ class FinetuneConfig:
         """JSON-ready flat dict (tuples become lists; the data and optimiser keys at the top level)."""
         d = flat_keys(self, DATA_KEYS, first=("model",))
         d["classifier_hidden"] = list(self.classifier_hidden)
+        d["pitch_steps"] = list(self.pitch_steps)
         return d
 
     @classmethod
@@ -368,4 +403,10 @@ class FinetuneConfig:
         if "classifier_hidden" in values:
             h = values["classifier_hidden"]
             values["classifier_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
+        if values.get("pitch_steps") is not None:
+            from embstore.config import parse_steps
+
+            values["pitch_steps"] = parse_steps(values["pitch_steps"])
+        else:
+            values.pop("pitch_steps", None)
         return cls(**values)

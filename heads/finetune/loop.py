@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from embstore.backbones.pruned import prune_heads
 from embstore.data.tables import SplitData
 from embstore.errors import ConfigError
 from embstore.extraction.textspec import TextSpec
-from heads.finetune.audio import ClipBatches, Clips, collate_clips
+from heads.finetune.audio import ClipBatches, Clips, balanced_rows, collate_clips
 from heads.finetune.config import FinetuneConfig
 from heads.finetune.data import FinetuneData, RoundRows, Rows, collate, round_rows
 from heads.finetune.model import Classifier, SequenceClassifier, SpeechClassifier, importance_pruning, state_copy
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 STATE_FILE, BEST_FILE = "finetune_state.json", "best.safetensors"
 """A round's checkpoint directory holds the training state (:mod:`heads.training.checkpoint`), this JSON state
 (epoch, steps, early stopping, history, fingerprint; ``row`` once a fold has finished) and the best epoch's weights."""
+
+
+_OTHER_LOADERS = ("val", "eval", "fit", "test")
+"""The loaders besides the training one, in the order the session prepares them ('test': a fold ensemble's)."""
 
 
 class RoundTrainer:
@@ -69,11 +73,14 @@ class RoundTrainer:
             optim,
             device=config.device,
             train=loaders["train"],
-            loaders=[loaders["val"], loaders["eval"]],
+            loaders=[loaders[k] for k in _OTHER_LOADERS if k in loaders],
             gamma=config.gamma,
             done_steps=done_steps,
         )
-        self.val, self.eval = self.session.loaders
+        prepared = dict(zip([k for k in _OTHER_LOADERS if k in loaders], self.session.loaders))
+        self.val, self.eval, self.fit = prepared["val"], prepared["eval"], prepared["fit"]
+        self.test: DataLoader[Any] | None = prepared.get("test")
+        """The evaluation split's rows for a fold ensemble (``keep_fold_models``), else None."""
         self.show_progress = show_progress
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -81,8 +88,12 @@ class RoundTrainer:
     def steps(self) -> int:
         return self.session.steps
 
-    def epoch(self, epoch: int) -> float:
-        """One pass over the training rows (a tqdm bar with the running loss and examples/s); the mean loss."""
+    def epoch(
+        self, epoch: int, every: int | None = None, evaluate: Callable[[], None] | None = None
+    ) -> tuple[float, float]:
+        """One pass over the training rows (a tqdm bar with the running loss and examples/s): (the mean loss, the
+        running accuracy of the epoch's batches, in training mode, as Keras reports it). ``evaluate()`` is called
+        after every ``every``-th optimizer step (``--eval-steps``), the model back in training mode after it."""
         from tqdm.auto import tqdm
 
         s = self.session
@@ -90,6 +101,7 @@ class RoundTrainer:
         s.train.set_epoch(epoch)  # type: ignore[attr-defined]  # accelerate's loader re-seeds the sampler from its own counter
         losses: list[float] = []
         rows, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        right, seen = 0, 0
         bar = tqdm(
             s.train,
             desc=f"finetune epoch {epoch} ({self.trainable:,} trainable)",
@@ -101,26 +113,33 @@ class RoundTrainer:
 
             def loss_of(
                 model: nn.Module, batch: dict[str, torch.Tensor] = batch, labels: torch.Tensor = labels
-            ) -> tuple[torch.Tensor, float]:
-                loss = nn.functional.cross_entropy(model(**batch), labels)
-                return loss, float(loss.detach())
+            ) -> tuple[torch.Tensor, tuple[float, int]]:
+                logits = model(**batch)
+                loss = nn.functional.cross_entropy(logits, labels)
+                return loss, (float(loss.detach()), int((logits.detach().argmax(-1) == labels).sum()))
 
-            losses.append(s.step(loss_of))
+            before = s.steps
+            loss_value, hits = s.step(loss_of)
+            losses.append(loss_value)
+            right, seen = right + hits, seen + int(labels.shape[0])
             loss_sum += losses[-1]  # a running sum: the bar's mean costs O(1) per step, not O(steps)
+            if every is not None and evaluate is not None and s.steps > before and s.steps % every == 0:
+                evaluate()
+                s.model.train()
             rows += int(labels.shape[0]) * s.acc.num_processes
             bar.set_postfix(
                 loss=f"{loss_sum / len(losses):.4f}", ex_s=f"{rows / max(time.perf_counter() - t0, 1e-9):.1f}"
             )
         bar.close()
-        return float(np.mean(losses)) if losses else float("nan")
+        return (float(np.mean(losses)) if losses else float("nan")), right / max(1, seen)
 
     def predict(self, loader: DataLoader[Any]) -> tuple[np.ndarray, np.ndarray]:
         """(y_true, y_pred) over a prepared loader, gathered across processes."""
         y, proba = self.probabilities(loader)
-        return y, proba.argmax(1)
+        return y, proba.argmax(-1)
 
     def probabilities(self, loader: DataLoader[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(y_true, (n, classes) class probabilities) over a prepared loader, gathered across processes."""
+        """(y_true (n,), class probabilities (n, C) float32) over a prepared loader, gathered across processes."""
         s = self.session
         s.model.eval()
         ys, ps = [], []
@@ -131,7 +150,7 @@ class RoundTrainer:
                 proba, labels = s.acc.gather_for_metrics((proba, labels))
                 ys.append(labels.cpu().numpy())
                 ps.append(proba.cpu().numpy())
-        return np.concatenate(ys), np.concatenate(ps)
+        return np.concatenate(ys), np.concatenate(ps).astype(np.float32)
 
     def lr(self) -> tuple[float | None, float]:
         """(backbone lr, classifier lr) after the last step; the backbone's is None when all of it is frozen."""
@@ -234,6 +253,12 @@ class RoundOutcome:
     train_seconds: float
     importance_pruned: dict[int, list[int]]
     is_main: bool
+    step_evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """--eval-steps: the validation scores every N optimizer steps."""
+    split_reports: dict[str, Any] = field(default_factory=dict)
+    """--split-reports: classification_metrics of the fitting, validation and evaluation rows."""
+    test_proba: np.ndarray | None = None
+    """--keep-fold-models: (evaluation rows, classes) probabilities of this fold's model on the evaluation split."""
     predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     """(row ids in the data file, true labels, (n, classes) probabilities) of the evaluation rows, in one order."""
 
@@ -248,6 +273,7 @@ class _Progress:
     importance_pruned: dict[int, list[int]]
     start: int
     """The first epoch still to train."""
+    step_evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], int]:
@@ -276,7 +302,20 @@ def _loaders(spec: RoundSpec, rnd: Round) -> tuple[dict[str, DataLoader[Any]], i
         ),
         "val": DataLoader(rows(data.train, rr.validation), batch_size=batch, collate_fn=fn),
         "eval": DataLoader(rows(evaluation, rr.evaluation), batch_size=batch, collate_fn=fn),
+        "fit": DataLoader(train_rows, batch_size=batch, collate_fn=fn),  # in order: the fitting rows' report
+        **(
+            {"test": DataLoader(rows(data.evaluation, data.eval_rows), batch_size=batch, collate_fn=fn)}
+            if _ensembled(spec)
+            else {}
+        ),
     }, len(rr.validation)
+
+
+def _ensembled(spec: RoundSpec) -> bool:
+    """Whether each fold also scores the evaluation split for the fold ensemble: --keep-fold-models with --folds and
+    an evaluation split apart from the training rows."""
+    c, d = spec.config, spec.data
+    return c.keep_fold_models and c.folds is not None and d.evaluation.name != d.train.name
 
 
 def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
@@ -288,6 +327,9 @@ def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
     max_samples = None if config.max_seconds is None else int(round(config.max_seconds * rate))
 
     def loader(split: SplitData, rows: np.ndarray, train: bool) -> DataLoader[Any]:
+        copies = None
+        if train and config.balance == "oversample":  # the fitting rows, then the copies that balance them
+            rows, copies = balanced_rows(rows, data.labels(split)[rows], len(data.label_names))
         clips = Clips(
             split,
             rows,
@@ -296,6 +338,7 @@ def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
             seed=seed,
             max_samples=max_samples if train else None,
             augment=config.augment_spec if train else None,
+            copies=copies,
         )
         batches = ClipBatches(clips.seen_lengths(), config.optim.batch_size, budget, seed=seed, shuffle=train)
         return DataLoader(
@@ -306,6 +349,8 @@ def _clip_loaders(spec: RoundSpec, rr: RoundRows) -> dict[str, DataLoader[Any]]:
         "train": loader(data.train, rr.fit, True),
         "val": loader(data.train, rr.validation, False),
         "eval": loader(data.split(rr.eval_split), rr.evaluation, False),
+        "fit": loader(data.train, rr.fit, False),  # whole original clips: the fitting rows' report
+        **({"test": loader(data.evaluation, data.eval_rows, False)} if _ensembled(spec) else {}),
     }
 
 
@@ -328,17 +373,34 @@ def _start(
     load_training_state(s.acc, ckpt, s.model, s.opt, s.sched)
     stopper.load(resumed, load_file(str(ckpt / BEST_FILE)) if (ckpt / BEST_FILE).is_file() else None)
     log.info("resumed from epoch %d of %s", int(resumed["epoch"]), ckpt)
-    return _Progress(trainer, stopper, list(resumed["history"]), pruned, int(resumed["epoch"]) + 1)
+    return _Progress(
+        trainer,
+        stopper,
+        list(resumed["history"]),
+        pruned,
+        int(resumed["epoch"]) + 1,
+        list(resumed.get("step_evaluations") or []),
+    )
 
 
 def _validate(trainer: RoundTrainer, n_val: int, label_names: list[str]) -> tuple[dict[str, Any], bool]:
-    """Validation accuracy and macro-F1 (None without validation rows) and whether every prediction is one class."""
+    """Validation accuracy, macro-F1 and loss (None without validation rows) and whether every prediction is one
+    class."""
+    if not n_val:
+        return {"accuracy": None, "f1_macro": None, "loss": None}, False
+    y_val, proba = trainer.probabilities(trainer.val)
+    p_val = proba.argmax(-1)
+    return _report(y_val, proba, label_names), EarlyStopping.one_class(y_val, p_val)
+
+
+def _report(y: np.ndarray, proba: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """classification_metrics of the most probable classes, and the mean cross-entropy ``loss``."""
     from heads.report.metrics import classification_metrics
 
-    if not n_val:
-        return {"accuracy": None, "f1_macro": None}, False
-    y_val, p_val = trainer.predict(trainer.val)
-    return classification_metrics(y_val, p_val, label_names), EarlyStopping.one_class(y_val, p_val)
+    metrics = classification_metrics(y, proba.argmax(-1), label_names)
+    picked = proba[np.arange(len(y)), y] if len(y) else np.zeros(0)
+    metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean()) if len(y) else None
+    return metrics
 
 
 def _checkpoint(spec: RoundSpec, p: _Progress, epoch: int, ckpt: Path) -> None:
@@ -361,6 +423,7 @@ def _checkpoint(spec: RoundSpec, p: _Progress, epoch: int, ckpt: Path) -> None:
                 "weights_sha256": spec.weights_sha256,
                 "config": spec.fingerprinted,
                 "importance_pruned": {str(k): v for k, v in p.importance_pruned.items()},
+                "step_evaluations": p.step_evaluations,
             },
         )
     s.acc.wait_for_everyone()
@@ -388,8 +451,6 @@ def fit_round(
     rows with the best epoch's weights. ``resumed``: the checkpoint's JSON state, to continue after its epoch."""
     from accelerate.utils import set_seed
 
-    from heads.report.metrics import classification_metrics
-
     config, names = spec.config, spec.data.label_names
     set_seed(config.source.seed)
     cls = ScratchClassifier if config.scratch else SpeechClassifier if config.audio else SequenceClassifier
@@ -408,7 +469,21 @@ def fit_round(
         if p.stopper.stopped:
             break
         t0 = time.perf_counter()
-        loss = p.trainer.epoch(epoch)
+
+        def at_step(epoch: int = epoch) -> None:
+            scored, _ = _validate(p.trainer, n_val, names)
+            p.step_evaluations.append(
+                {
+                    "step": p.trainer.steps,
+                    "epoch": epoch,
+                    "val_loss": scored["loss"],
+                    "val_accuracy": scored["accuracy"],
+                    "val_f1_macro": scored["f1_macro"],
+                }
+            )
+            log.info("step %d: val loss %s, val accuracy %s", p.trainer.steps, scored["loss"], scored["accuracy"])
+
+        loss, train_acc = p.trainer.epoch(epoch, config.eval_steps, at_step if n_val else None)
         lr, head_lr = p.trainer.lr()
         if epoch == 1 and config.prune_fraction is not None:
             _prune_after_first_epoch(spec, p, loaders)
@@ -418,6 +493,8 @@ def fit_round(
             {
                 "epoch": epoch,
                 "train_loss": loss,
+                "train_accuracy": train_acc,
+                "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"],
                 "val_f1_macro": val["f1_macro"],
                 "lr": lr,
@@ -425,30 +502,48 @@ def fit_round(
                 "one_class": one_class,
             }
         )
-        log.info("epoch %d: loss %.4f, val macro-F1 %s", epoch, loss, val["f1_macro"])
+        log.info(
+            "epoch %d: train loss %.4f, train accuracy %.4f, val loss %s, val accuracy %s, val macro-F1 %s",
+            epoch,
+            loss,
+            train_acc,
+            val["loss"],
+            val["accuracy"],
+            val["f1_macro"],
+        )
         p.stopper.update(epoch, val["f1_macro"], one_class, lambda: state_copy(p.trainer.session.unwrapped()))
         _checkpoint(spec, p, epoch, ckpt)
 
     final = p.trainer.session.unwrapped()
     if p.stopper.state is not None:
         final.load_state_dict(p.stopper.state)
-    y_eval, proba = p.trainer.probabilities(p.trainer.eval)
-    p_eval = proba.argmax(1)
+    y_eval, proba_eval = p.trainer.probabilities(p.trainer.eval)
+    metrics = _report(y_eval, proba_eval, names)
     rr = round_rows(spec.data, rnd, config.validation_fraction, config.source.seed)
     order = _loader_order(loaders["eval"], len(rr.evaluation))
     eval_ids = np.asarray(spec.data.split(rr.eval_split).row_ids)[rr.evaluation][order]
     if not isinstance(final, Classifier):
         raise TypeError(f"expected a Classifier, got {type(final).__name__}")
+    reports: dict[str, Any] = {}
+    if config.split_reports:  # the same weights on every split
+        reports["fit"] = _report(*p.trainer.probabilities(p.trainer.fit), names)
+        if n_val:
+            reports["validation"] = _validate(p.trainer, n_val, names)[0]
+        reports["evaluation"] = metrics
+    test_proba = None if p.trainer.test is None else p.trainer.probabilities(p.trainer.test)[1]
     return RoundOutcome(
         model=final,
-        metrics=classification_metrics(y_eval, p_eval, names),
+        metrics=metrics,
         history=p.history,
         best_epoch=p.stopper.best_epoch if p.stopper.best_epoch > 0 else None,
         epoch_seconds=epoch_seconds,
         train_seconds=float(sum(epoch_seconds)),
         importance_pruned=p.importance_pruned,
         is_main=p.trainer.session.acc.is_main_process,
-        predictions=(eval_ids, y_eval, proba),
+        step_evaluations=p.step_evaluations,
+        split_reports=reports,
+        test_proba=test_proba,
+        predictions=(eval_ids, y_eval, proba_eval),
     )
 
 

@@ -13,7 +13,45 @@ from heads.finetune.model import CLASSIFIER_DIR, CLASSIFIER_META, CLASSIFIER_WEI
 from heads.finetune.scratch import ScratchClassifier, is_scratch_dir, load_scratch
 from heads.report.rundir import MODEL_DIR
 
-__all__ = ["is_finetune_run", "load_run_model", "predict_finetuned", "predict_finetuned_audio"]
+__all__ = [
+    "is_finetune_run",
+    "load_run_model",
+    "fold_runs",
+    "predict_finetuned",
+    "predict_finetuned_audio",
+    "predict_folds",
+]
+
+
+def fold_runs(run: str | Path) -> list[Path]:
+    """The fold model directories of a ``heads finetune --folds K --keep-fold-models`` run, in fold order."""
+    from heads.report.rundir import FOLDS_DIR
+
+    found = [d for d in (Path(run) / FOLDS_DIR).glob("fold-*") if is_finetune_run(d)]
+    return sorted(found, key=lambda d: int(d.name.split("-", 1)[1]))
+
+
+def predict_folds(
+    run: str | Path, lines: list[str], pairs: list[str] | None, device: str, audio: bool
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Labels, (n, classes) probabilities and label names of the fold ensemble: every fold model's probabilities
+    averaged (each line a text, or an audio file path with ``audio``)."""
+    folds = fold_runs(run)
+    if not folds:
+        raise ConfigError(
+            f"{run} is a cross-validation run (heads finetune --folds) that kept no fold models; fine-tune with "
+            "--keep-fold-models for a fold ensemble, or without --folds for one model."
+        )
+    probas: list[np.ndarray] = []
+    names: list[str] = []
+    for d in folds:
+        if audio:
+            _, proba, names = predict_finetuned_audio(d, lines, device=device)
+        else:
+            _, proba, names = predict_finetuned(d, lines, pairs, device=device)
+        probas.append(proba)
+    mean = np.mean(probas, axis=0).astype(np.float32)
+    return [names[i] for i in mean.argmax(1)], mean, names
 
 
 def load_run_model(run: str | Path, device: str) -> tuple[Any, Any, dict[str, Any]]:

@@ -44,7 +44,8 @@ from heads.finetune.surgery import (
     truncate,
 )
 from heads.protocol import Round
-from heads.report.rundir import CHECKPOINT_DIR
+from heads.report.plots import DATA_PLOT, plot_data, profile_entry
+from heads.report.rundir import CHECKPOINT_DIR, FOLDS_DIR
 from heads.report.rundir import run_dir as default_run_dir
 from heads.report.table import ResultRow
 from heads.training.checkpoint import fingerprint, read_checkpoint, write_state
@@ -56,6 +57,8 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune", "config_fingerpri
 
 log = logging.getLogger(__name__)
 _NOT_FINGERPRINTED = ("out", "resume", "epochs", "device")
+TEST_PROBA_FILE = "test_proba.npy"
+"""--keep-fold-models: a fold model's (evaluation rows, classes) probabilities, beside its model/."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,8 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
         val_accuracy=chosen.get("val_accuracy"),
         val_f1_macro=chosen.get("val_f1_macro"),
         extra={
+            **({"step_evaluations": outcome.step_evaluations} if outcome.step_evaluations else {}),
+            **({"split_reports": outcome.split_reports} if outcome.split_reports else {}),
             "total_params": total,
             "lora": _lora_record(config, encoder),
             "freeze": config.freeze_,
@@ -181,6 +186,24 @@ def _result_row(config: FinetuneConfig, rnd: Round, outcome: RoundOutcome, encod
             },
         },
     )
+
+
+def _settings(
+    config: FinetuneConfig, data: FinetuneData, modality: str, text: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a saved model's classifier/ records besides its weights (:func:`heads.finetune.model.save_finetuned`);
+    ``text`` the template and pooled tokens of a decoder's text spec."""
+    return {
+        "label_names": data.label_names,
+        "pooling": config.pooling_,
+        "classifier": config.classifier,
+        "classifier_hidden": list(config.classifier_hidden),
+        "dropout": config.dropout,
+        "n_classes": len(data.label_names),
+        "max_length": config.max_length,
+        "modality": modality,
+        **({"text": text} if text is not None else {}),
+    }
 
 
 def _lora_record(config: FinetuneConfig, encoder: _Encoder) -> dict[str, Any] | None:
@@ -197,14 +220,16 @@ def _lora_record(config: FinetuneConfig, encoder: _Encoder) -> dict[str, Any] | 
 
 
 def _run_rounds(
-    spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path
-) -> tuple[list[ResultRow], RoundOutcome | None, list[Any]]:
+    spec: RoundSpec, encoder: _Encoder, plan: list[Round], run_dir: Path, modality: str = "text"
+) -> tuple[list[ResultRow], RoundOutcome | None, dict[int, np.ndarray], list[Any]]:
     """Every round's result row (a fold that finished before a resume is read back, not trained again), the last
-    trained round's outcome and the trained rounds' evaluation predictions (fewer than the rows after a resume that
-    skipped finished folds: then none are written)."""
+    trained round's outcome, with --keep-fold-models each fold's probabilities on the evaluation split (its model
+    saved in FOLDS_DIR/fold-K), and the trained rounds' evaluation predictions (fewer than the rows after a resume
+    that skipped finished folds: then none are written)."""
     config = spec.config
     rows: list[ResultRow] = []
     outcome: RoundOutcome | None = None
+    test_probas: dict[int, np.ndarray] = {}
     predictions: list[Any] = []
     for rnd in plan:
         ckpt = run_dir / CHECKPOINT_DIR / ("" if rnd.fold is None else f"fold-{rnd.fold}")
@@ -219,10 +244,36 @@ def _run_rounds(
             predictions.append(outcome.predictions)
         row = _result_row(config, rnd, outcome, encoder)
         rows.append(row)
+        if rnd.fold is not None and outcome.is_main and config.keep_fold_models:
+            fold_dir = run_dir / FOLDS_DIR / f"fold-{rnd.fold}"
+            save_finetuned(outcome.model, spec.tokenizer, fold_dir, _settings(config, spec.data, modality))
+            if outcome.test_proba is not None:
+                np.save(fold_dir / TEST_PROBA_FILE, outcome.test_proba)
         if rnd.fold is not None and outcome.is_main:  # mark the fold done, so --resume skips it
             write_state(ckpt / STATE_FILE, {**json.loads((ckpt / STATE_FILE).read_text()), "row": row.to_dict()})
             log.info("fold %d: accuracy %.4f, macro-F1 %.4f", rnd.fold, row.accuracy, row.f1_macro)
-    return rows, outcome, predictions
+    if config.keep_fold_models:  # every fold's probabilities, also of folds finished before a resume
+        for rnd in plan:
+            f = run_dir / FOLDS_DIR / f"fold-{rnd.fold}" / TEST_PROBA_FILE
+            if rnd.fold is not None and f.is_file():
+                test_probas[rnd.fold] = np.load(f)
+    return rows, outcome, test_probas, predictions
+
+
+def fold_ensemble(data: FinetuneData, probas: dict[int, np.ndarray]) -> dict[str, Any]:
+    """The fold models' averaged probabilities scored on the evaluation split: classification_metrics, the folds
+    averaged and the rows scored (what run.json's ``fold_ensemble`` records)."""
+    from heads.report.metrics import classification_metrics
+
+    mean = np.mean([probas[k] for k in sorted(probas)], axis=0)
+    y = data.labels(data.evaluation)[data.eval_rows]
+    return {
+        "folds": sorted(probas),
+        "split": data.evaluation.name,
+        "rows": int(len(y)),
+        "how": "the mean of the fold models' class probabilities, then the most probable class",
+        **classification_metrics(y, mean.argmax(1), data.label_names),
+    }
 
 
 def _summary(rows: list[ResultRow], run_dir: Path, folds: int | None) -> FinetuneResult:
@@ -431,36 +482,72 @@ def run_finetune(config: FinetuneConfig, *, show_progress: bool = True) -> Finet
         _Encoder(backbone.model, config.rnn_layers, {}) if config.scratch else prepare_encoder(config, backbone.model)
     )
     plan = rounds(config.folds, data, config.source.seed)
-    rows, outcome, predictions = _run_rounds(spec, encoder, plan, run_dir)
+    rows, outcome, test_probas, predictions = _run_rounds(spec, encoder, plan, run_dir, backbone.modality)
     result = _summary(rows, run_dir, config.folds)
     if outcome is not None and not outcome.is_main:  # rank 0 writes the run directory
         return result
     if config.folds is None and outcome is not None:
+        text = spec.text.record(backbone.tokenizer) if spec.text is not None else None
         if encoder.adapted:  # the small adapter, and a plain backbone with it merged for model/
             save_adapter(outcome.model.encoder, run_dir / ADAPTER_DIR, config.model, encoder.adapted)
         save_finetuned(
             merged(outcome.model) if encoder.adapted else outcome.model,
             backbone.tokenizer,
             run_dir,
-            {
-                "label_names": data.label_names,
-                "pooling": config.pooling_,
-                "classifier": config.classifier,
-                "classifier_hidden": list(config.classifier_hidden),
-                "dropout": config.dropout,
-                "n_classes": len(data.label_names),
-                "max_length": config.max_length,
-                "modality": backbone.modality,
-                **({"text": spec.text.record(backbone.tokenizer)} if spec.text is not None else {}),
-            },
+            _settings(config, data, backbone.modality, text),
         )
     meta = _run_meta(config, data, backbone, spec.fingerprint, result, plan)
     if spec.text is not None:
         meta["text"] = spec.text.record(backbone.tokenizer)
+    if test_probas:
+        meta["fold_ensemble"] = fold_ensemble(data, test_probas)
+    elif config.keep_fold_models:
+        meta["fold_ensemble"] = {
+            "note": "the data has no evaluation split apart from the training rows (pass --split test=FILE or "
+            "--holdout), so the fold models were kept but not scored together"
+        }
+    meta["data"] = data_profile(data, backbone, config, plan[0])
     writer = RunWriter(run_dir, meta)
     for row in rows:
         writer.add(row)
     if predictions and len(predictions) == len(rows):  # per-row predictions, as a sweep writes them
         writer.write_predictions([(ids, y, proba) for ids, y, proba in predictions], data.label_names)
     writer.finish(data.label_names)
+    plot_data(run_dir / DATA_PLOT, meta["data"], data.label_names)
     return result
+
+
+def data_profile(data: FinetuneData, backbone: Backbone, config: FinetuneConfig, first: Round) -> dict[str, Any]:
+    """Per split the run reads (training rows, evaluation rows): rows, class counts and each row's length (tokens
+    after truncation for text, seconds for speech): what data.png draws and run.json records. With --balance, also
+    what one epoch of the first round trains on: its fitting rows and the augmented copies that balance them."""
+    max_length = config.max_length
+    out: dict[str, Any] = {}
+    parts = [("train", data.train, data.train_rows), (data.evaluation.name, data.evaluation, data.eval_rows)]
+    if data.evaluation is data.train and np.array_equal(data.train_rows, data.eval_rows):
+        parts = parts[:1]
+    for name, split, rows in parts:
+        if split.audio is not None:
+            lengths = split.clip_lengths(backbone.sampling_rate)[rows] / backbone.sampling_rate
+            unit = "seconds"
+        else:
+            from embstore.extraction.encode import tokenize
+
+            texts = [split.texts[i] for i in rows]
+            pairs = None if split.pairs is None else [split.pairs[i] for i in rows]
+            lengths = np.asarray(tokenize(backbone.tokenizer, texts, pairs, max_length).lengths, dtype=np.float64)
+            unit = "tokens"
+        counts = np.bincount(data.labels(split)[rows], minlength=len(data.label_names))
+        out[name] = profile_entry(counts, lengths, unit)
+    if config.balance == "oversample":
+        from heads.finetune.audio import balanced_rows
+
+        fit = round_rows(data, first, config.validation_fraction, config.source.seed).fit
+        rows, copies = balanced_rows(fit, data.labels(data.train)[fit], len(data.label_names))
+        y = data.labels(data.train)[rows]
+        n = len(data.label_names)
+        lengths = data.train.clip_lengths(backbone.sampling_rate)[rows] / backbone.sampling_rate
+        out["fitting rows per epoch"] = profile_entry(
+            np.bincount(y, minlength=n), lengths, "seconds", np.bincount(y[copies > 0], minlength=n)
+        )
+    return out

@@ -54,7 +54,8 @@ def _base(model: nn.Module) -> Any:
 def parse_freeze(spec: str, n_layers: int) -> set[int]:
     """Layers to freeze for ``spec`` on a model with ``n_layers`` encoder layers (0 = embeddings).
 
-    Accepts 'none', 'embeddings' (= {0}), 'all' (0..L), 'all-but-last' (0..L-1) and any
+    Accepts 'none', 'embeddings' (= {0}), 'all' (0..L), 'all-but-last' (0..L-1), 'all-but-embeddings-and-last'
+    (1..L-1: the embeddings and the last layer train) and any
     embstore layer spec over 0..L ('0-8', '0,3', '-3--1'); 'embeddings' may appear in a list.
     'feature-encoder' is not a layer: see :func:`split_feature_encoder`.
     """
@@ -65,6 +66,8 @@ def parse_freeze(spec: str, n_layers: int) -> set[int]:
         return set(range(n_layers + 1))
     if text == "all-but-last":
         return set(range(n_layers))
+    if text == "all-but-embeddings-and-last":
+        return set(range(1, n_layers))
     if not text:
         raise ConfigError(f"The 'freeze' option is empty; use {FREEZE_SPEC}.")
     parts = ["0" if p.strip() == "embeddings" else p for p in text.split(",")]

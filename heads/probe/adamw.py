@@ -262,7 +262,7 @@ def fit_linear_probes(
     weight = class_weights(y_arr[split.train_idx], n_classes, cfg.class_weight)
     weight = None if weight is None else weight.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    trackers = [BestTracker(cfg.patience) for _ in train]
+    trackers = [BestTracker(cfg.patience, cfg.report_epoch) for _ in train]
     histories: list[list[dict[str, Any]]] = [[] for _ in train]
     for epoch in range(cfg.epochs):
         live, pos = stack.live(trackers)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from embstore.config import reject_unknown_keys
-from embstore.errors import Choice, Constraint, Interval, ListOf, validate_params
+from embstore.errors import Choice, Constraint, Interval, ListOf, Optional, validate_params
 
-__all__ = ["HeadConfig", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS", "parse_grid"]
+__all__ = ["HeadConfig", "PAIR_FEATURES", "HEADS", "POOLED_HEADS", "LAYERED_HEADS", "TOKEN_HEADS", "parse_grid"]
 
 POOLED_HEADS = ("linear", "mlp", "rank")
 """Take one feature vector per row: (n, d); several layers arrive concatenated/summed/averaged. ``rank`` is the
@@ -29,6 +29,14 @@ Solver = Literal["lbfgs", "adamw"]
 Schedule = Literal["constant", "exponential", "cosine"]
 """The schedules a probe head steps per epoch (of :data:`heads.protocol.schedule.SCHEDULES`)."""
 ClassWeight = Literal["none", "balanced"]
+ConvOrder = Literal["layers-first", "merge-first"]
+"""conv head: 'layers-first' convolves each layer with its own k3/s3 kernel, then merges the layers with a pointwise
+conv; 'merge-first' merges the layers with the pointwise (1x1) conv first, then applies one k3/s3 conv (the order of
+the YouTube-titles study, docs/studies.md)."""
+ReportEpoch = Literal["best", "last"]
+TowerMerge = Literal["mix", "sum"]
+PAIR_FEATURES = ("u", "v", "absdiff", "product")
+"""pair head: the features of the two tower vectors the classifier reads: u, v, |u - v| and u * v."""
 C_GRID = ListOf(
     Interval(float, 0, math.inf, closed="neither"),
     desc="a comma list of positive inverse L2 strengths C (finite, > 0)",
@@ -66,8 +74,19 @@ class HeadConfig:
     """mlp: activation between hidden layers."""
     conv_hidden: int = 512
     """conv: width of the fully connected layer after the convolutions."""
+    conv_order: ConvOrder = "layers-first"
+    """conv: which comes first, the per-layer k3/s3 conv or the pointwise merge of the layers (:data:`ConvOrder`)."""
     sum_hidden: int = 256
-    """sum: width of the tanh layer after summing the layers; pair: width of each tower's projection."""
+    """sum: width of the tanh layer after summing the layers; pair: width of each tower's projection (when
+    ``tower_hidden`` is not given)."""
+    tower_hidden: tuple[int, ...] | None = None
+    """pair: the widths of each tower's Linear layers (``activation`` between them, tanh after the last); None: one
+    layer of ``sum_hidden``."""
+    pair_features: tuple[str, ...] = PAIR_FEATURES
+    """pair: which of u, v, |u - v| ('absdiff') and u * v ('product') the classifier reads, concatenated."""
+    tower_merge: TowerMerge = "mix"
+    """pair: how each tower merges its layers: a learnt scalar mix ('mix') or their fixed sum ('sum'; a sweep sets
+    it for ``--combine sum``)."""
     rnn_hidden: int = 256
     """rnn/gru/lstm: hidden size."""
     rnn_layers: int = 1
@@ -95,7 +114,11 @@ class HeadConfig:
     epochs: int = 30
     patience: int = 5
     """Early stopping: epochs without a better validation macro-F1 before stopping (0: never stop early).
-    The best epoch's weights are restored."""
+    The best epoch's weights are restored (``report_epoch='best'``)."""
+    report_epoch: ReportEpoch = "best"
+    """Heads trained by epochs: the weights kept and scored, those of the best validation epoch ('best') or of the
+    last epoch trained ('last', what a study that reports its last epoch did; with patience > 0 the epoch where
+    early stopping stopped)."""
     schedule: Schedule = "constant"
     gamma: float = 0.9
     """exponential schedule: lr multiplier per epoch."""
@@ -115,6 +138,11 @@ class HeadConfig:
         "activation": Choice(Activation),
         "aggregate": Choice(Aggregate),
         "class_weight": Choice(ClassWeight),
+        "conv_order": Choice(ConvOrder),
+        "tower_merge": Choice(TowerMerge),
+        "tower_hidden": Optional(ListOf(Interval(int, 1, None), desc="positive layer sizes")),
+        "pair_features": ListOf(Choice(PAIR_FEATURES)),
+        "report_epoch": Choice(ReportEpoch),
         **{
             k: Interval(int, 1, None)
             for k in ("batch_size", "epochs", "conv_hidden", "sum_hidden", "rnn_hidden", "rank")
@@ -140,6 +168,8 @@ class HeadConfig:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         d["c_grid"] = list(self.c_grid)
+        d["tower_hidden"] = None if self.tower_hidden is None else list(self.tower_hidden)
+        d["pair_features"] = list(self.pair_features)
         return d
 
     @classmethod
@@ -151,6 +181,12 @@ class HeadConfig:
             d["hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
         if "c_grid" in d:
             d["c_grid"] = parse_grid(d["c_grid"])
+        if d.get("tower_hidden") is not None:
+            h = d["tower_hidden"]
+            d["tower_hidden"] = tuple(int(x) for x in (str(h).split(",") if isinstance(h, (str, int)) else h))
+        if "pair_features" in d:
+            f = d["pair_features"]
+            d["pair_features"] = tuple(p.strip() for p in (f.split(",") if isinstance(f, str) else f) if p.strip())
         return cls(**d)
 
     def replace(self, **changes: Any) -> "HeadConfig":

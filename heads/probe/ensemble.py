@@ -303,7 +303,7 @@ def _fit_stack(
     y_tr = torch.from_numpy(y_train).to(device)
     gens = [torch.Generator().manual_seed(m.seed) for m in members]
     lrs = schedule_lrs(cfg)
-    trackers = [BestTracker(cfg.patience) for _ in members]
+    trackers = [BestTracker(cfg.patience, cfg.report_epoch) for _ in members]
     histories: list[list[dict[str, Any]]] = [[] for _ in members]
     st = _StackState(
         params,
@@ -410,6 +410,7 @@ def _compact(
     return new_params, new_buffers, new_opt
 
 
-def bundle_key(cfg: HeadConfig, shape: InputShape) -> tuple[str, tuple[tuple[int, ...], ...]]:
-    """Members with the same key train in one stack."""
-    return (cfg.head, shape.shapes)
+def bundle_key(cfg: HeadConfig, shape: InputShape) -> tuple[str, str, tuple[tuple[int, ...], ...]]:
+    """Members with the same key train in one stack (one architecture: head, how a pair head merges layers, and
+    input shape)."""
+    return (cfg.head, cfg.tower_merge, shape.shapes)

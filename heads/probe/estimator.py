@@ -120,7 +120,7 @@ class HeadClassifier:
         weight = class_weights(y[split.train_idx], n_classes, cfg.class_weight)
         loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
         gen = torch.Generator().manual_seed(cfg.seed)
-        tracker, history = BestTracker(cfg.patience), []
+        tracker, history = BestTracker(cfg.patience, cfg.report_epoch), []
         for epoch in range(cfg.epochs):
             lr = float(opt.param_groups[0]["lr"])
             module.train()

@@ -317,16 +317,28 @@ class MLPHead(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """Per-layer strided conv over hidden, pointwise conv across layers, then an MLP.
+    """A strided conv over hidden and a pointwise conv across layers, then an MLP.
 
+    ``order='layers-first'``: each layer its own k3/s3 kernel, then the pointwise merge:
     (batch, layers, hidden) -> (batch, layers, hidden // 3) -> (batch, 1, hidden // 3) -> (batch, classes).
+    ``order='merge-first'`` (the YouTube-titles study): the pointwise (1x1) conv merges the layers first, then one
+    k3/s3 conv: (batch, layers, hidden) -> (batch, 1, hidden) -> (batch, 1, hidden // 3) -> (batch, classes); one
+    layer goes straight to the k3/s3 conv.
     """
 
-    def __init__(self, layers: int, hidden: int, conv_hidden: int, dropout: float, n_classes: int) -> None:
+    def __init__(
+        self, layers: int, hidden: int, conv_hidden: int, dropout: float, n_classes: int, order: str = "layers-first"
+    ) -> None:
         super().__init__()
-        # groups=layers: each layer gets its own kernel, so layers are not mixed before the pointwise conv.
-        self.depthwise = nn.Conv1d(layers, layers, kernel_size=3, stride=3, groups=layers)
-        self.pointwise = nn.Conv1d(layers, 1, kernel_size=1)
+        self.order = order
+        if order == "merge-first":
+            # one layer has nothing to merge: the study applied the 1x1 conv to several layers only
+            self.merge: nn.Module = nn.Conv1d(layers, 1, kernel_size=1) if layers > 1 else nn.Identity()
+            self.strided = nn.Conv1d(1, 1, kernel_size=3, stride=3)
+        else:
+            # groups=layers: each layer gets its own kernel, so layers are not mixed before the pointwise conv.
+            self.depthwise = nn.Conv1d(layers, layers, kernel_size=3, stride=3, groups=layers)
+            self.pointwise = nn.Conv1d(layers, 1, kernel_size=1)
         reduced = (hidden - 3) // 3 + 1
         self.mlp = nn.Sequential(
             nn.Linear(reduced, conv_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(conv_hidden, n_classes)
@@ -334,7 +346,10 @@ class ConvHead(nn.Module):
         self.standardize = Standardize(layers, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pointwise(self.depthwise(self.standardize(x))).flatten(1))
+        x = self.standardize(x)
+        if self.order == "merge-first":
+            return self.mlp(self.strided(self.merge(x)).flatten(1))
+        return self.mlp(self.pointwise(self.depthwise(x)).flatten(1))
 
 
 class SumHead(nn.Module):
@@ -363,26 +378,64 @@ class MixHead(nn.Module):
         return self.linear(self.mix(self.standardize(x)))
 
 
-class PairHead(nn.Module):
-    """Two towers (own scalar mix + Linear + tanh), combined as [u, v, |u-v|, u*v] -> Dropout -> Linear.
+class _Sum(nn.Module):
+    """The fixed sum of the layers: (batch, layers, hidden) -> (batch, hidden)."""
 
-    ``a`` (batch, layers_a, hidden_a), ``b`` (batch, layers_b, hidden_b) -> (batch, classes).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=1)
+
+
+class PairHead(nn.Module):
+    """Two towers (each: merge its layers, Linear layers with ``activation`` between them, tanh after the last), then
+    the chosen features of u and v ([u, v, |u-v|, u*v] by default) -> Dropout -> Linear.
+
+    ``a`` (batch, layers_a, hidden_a), ``b`` (batch, layers_b, hidden_b) -> (batch, classes). ``merge`` 'mix' is a
+    learnt scalar mix per tower, 'sum' the fixed sum of the layers.
     """
 
     def __init__(
-        self, shape_a: tuple[int, ...], shape_b: tuple[int, ...], sum_hidden: int, dropout: float, n_classes: int
+        self,
+        shape_a: tuple[int, ...],
+        shape_b: tuple[int, ...],
+        sum_hidden: int,
+        dropout: float,
+        n_classes: int,
+        *,
+        tower: tuple[int, ...] | None = None,
+        features: tuple[str, ...] = ("u", "v", "absdiff", "product"),
+        merge: str = "mix",
+        activation: str = "relu",
     ) -> None:
         super().__init__()
-        self.mix_a, self.mix_b = ScalarMix(shape_a[0]), ScalarMix(shape_b[0])
-        self.proj_a, self.proj_b = nn.Linear(shape_a[1], sum_hidden), nn.Linear(shape_b[1], sum_hidden)
+        widths = tuple(tower) if tower else (sum_hidden,)
+        self.features = tuple(features)
+        self.mix_a: nn.Module
+        self.mix_b: nn.Module
+        if merge == "sum":
+            self.mix_a, self.mix_b = _Sum(), _Sum()
+        else:
+            self.mix_a, self.mix_b = ScalarMix(shape_a[0]), ScalarMix(shape_b[0])
+        # every layer but the last in pre_*, the last (tanh after it) in proj_*: one layer keeps the old names
+        self.pre_a, last_a = self._layers(shape_a[1], widths, activation)
+        self.pre_b, last_b = self._layers(shape_b[1], widths, activation)
+        self.proj_a, self.proj_b = nn.Linear(last_a, widths[-1]), nn.Linear(last_b, widths[-1])
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(4 * sum_hidden, n_classes)
+        self.out = nn.Linear(len(self.features) * widths[-1], n_classes)
         self.standardize_a, self.standardize_b = Standardize(*shape_a), Standardize(*shape_b)
 
+    @staticmethod
+    def _layers(width: int, widths: tuple[int, ...], activation: str) -> tuple[nn.Sequential, int]:
+        layers: list[nn.Module] = []
+        for size in widths[:-1]:
+            layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+            width = size
+        return nn.Sequential(*layers), width
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        u = torch.tanh(self.proj_a(self.mix_a(self.standardize_a(a))))  # (batch, sum_hidden)
-        v = torch.tanh(self.proj_b(self.mix_b(self.standardize_b(b))))
-        return self.out(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], dim=1)))
+        u = torch.tanh(self.proj_a(self.pre_a(self.mix_a(self.standardize_a(a)))))  # (batch, tower width)
+        v = torch.tanh(self.proj_b(self.pre_b(self.mix_b(self.standardize_b(b)))))
+        parts = {"u": u, "v": v, "absdiff": (u - v).abs(), "product": u * v}
+        return self.out(self.dropout(torch.cat([parts[f] for f in self.features], dim=1)))
 
 
 _RNNS: dict[str, Any] = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -446,12 +499,22 @@ def build_module(cfg: HeadConfig, shape: InputShape, n_classes: int) -> nn.Modul
     if head in LAYERED_HEADS:
         layers, hidden = s[0]
         if head == "conv":
-            return ConvHead(layers, hidden, cfg.conv_hidden, cfg.dropout, n_classes)
+            return ConvHead(layers, hidden, cfg.conv_hidden, cfg.dropout, n_classes, cfg.conv_order)
         if head == "sum":
             return SumHead(layers, hidden, cfg.sum_hidden, n_classes)
         return MixHead(layers, hidden, n_classes)
     if head in PAIR_HEADS:
-        return PairHead(s[0], s[1], cfg.sum_hidden, cfg.dropout, n_classes)
+        return PairHead(
+            s[0],
+            s[1],
+            cfg.sum_hidden,
+            cfg.dropout,
+            n_classes,
+            tower=cfg.tower_hidden,
+            features=cfg.pair_features,
+            merge=cfg.tower_merge,
+            activation=cfg.activation,
+        )
     if head in TOKEN_HEADS:
         return RecurrentHead(head, s[0][0], cfg, n_classes)
     raise AssertionError(f"unhandled head {head!r}")  # HeadConfig validates head names

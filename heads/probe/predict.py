@@ -21,7 +21,7 @@ from heads.probe.modules import Ragged
 from heads.probe.specs import Combo
 from heads.report.rundir import BEST_HEAD_DIR
 
-__all__ = ["load_head", "head_card", "label_names", "predict_texts", "predict_audio", "head_modality"]
+__all__ = ["load_head", "fold_heads", "head_card", "label_names", "predict_texts", "predict_audio", "head_modality"]
 
 
 def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassifier:
@@ -37,6 +37,15 @@ def load_head(run: str | None = None, head_dir: str | None = None) -> HeadClassi
     est = HeadClassifier.load(directory)
     head_card(est)
     return est
+
+
+def fold_heads(run: str | Path) -> list[HeadClassifier]:
+    """The fold heads a sweep kept (``heads sweep --folds K --keep-fold-models``), in fold order; [] for none."""
+    from heads.report.rundir import FOLDS_DIR
+
+    root = Path(run) / BEST_HEAD_DIR / FOLDS_DIR
+    dirs = sorted((d for d in root.glob("fold-*") if (d / "head.json").is_file()), key=lambda d: int(d.name[5:]))
+    return [HeadClassifier.load(d) for d in dirs]
 
 
 def head_card(est: HeadClassifier) -> HeadCard:

@@ -259,6 +259,12 @@ def train_adamw(
     ]
 
 
+def head_config(cfg: HeadConfig, combo: Combo) -> HeadConfig:
+    """The head configuration ``combo`` trains: its head kind and, for a pair head of ``--combine sum``, the fixed sum
+    of each tower's layers."""
+    return combo.config(cfg)
+
+
 def train_stacked(
     jobs: Sequence[tuple[Combo, RoundRows]],
     bank: FeatureBank,

@@ -52,7 +52,10 @@ class Combo:
         return (self.layers_label, self.combine, self.pooling, self.head_label)
 
     def config(self, cfg: HeadConfig) -> HeadConfig:
-        """``cfg`` for this configuration's head: its kind, and its rank or hidden width when it has a size."""
+        """``cfg`` for this configuration's head: its kind, and its rank or hidden width when it has a size; for a
+        pair head of ``--combine sum``, the fixed sum of each tower's layers."""
+        if self.head == "pair":
+            return cfg.replace(head="pair", tower_merge="sum" if self.combine == "sum" else cfg.tower_merge)
         if self.size is None:
             return cfg.replace(head=self.head)
         if self.head == "rank":
@@ -130,7 +133,12 @@ def expand(
                     cb.key == (format_layers(group), "mix", pooling, "mix") for cb in combos
                 ):
                     combos.append(Combo(group, "mix", pooling, "mix"))
-            elif head in LAYERED_HEADS or head in PAIR_HEADS:
+            elif head in PAIR_HEADS:  # --combine sum: each tower's fixed sum; any other: its learnt scalar mix
+                if "sum" in combine:
+                    combos.append(Combo(group, "sum", pooling, head))
+                if any(c not in ("single", "sum") for c in combine):
+                    combos.append(Combo(group, head, pooling, head))
+            elif head in LAYERED_HEADS:
                 if any(c != "single" for c in combine):
                     combos.append(Combo(group, head, pooling, head))
     if not combos:

@@ -59,6 +59,7 @@ from heads.probe.word import TASKS, ExampleStore
 from heads.protocol import split_roles
 from heads.report import rundir
 from heads.report.metrics import majority_accuracy
+from heads.report.plots import DATA_PLOT, plot_data, profile_entry
 from heads.report.results import RunWriter, aggregate, best_config
 
 __all__ = ["SweepConfig", "SweepResult", "run_sweep"]
@@ -127,6 +128,10 @@ class SweepConfig:
     alphas: tuple[float, ...] = ALPHAS
     """Regression: the ridge penalties tried (scikit-learn's alpha, on standardised features), chosen on
     validation."""
+    keep_fold_models: bool = False
+    """With ``folds``: keep the best configuration's head of every fold (``best_head/folds/fold-K``), score their
+    averaged probabilities on the store's evaluation split (the fold ensemble, in run.json and summary.md), and let
+    ``heads predict --run`` average them."""
 
     parameter_constraints: ClassVar[Mapping[str, Constraint]] = {
         "task": Choice(TASKS),
@@ -166,6 +171,8 @@ class SweepConfig:
             )
         if self.task in ("word", "edge") and not self.label and not self.regression:
             raise ConfigError(f"--task {self.task} needs --label NAME: a stored word label such as upos, xpos, deprel.")
+        if self.keep_fold_models and self.folds is None:
+            raise ConfigError("--keep-fold-models keeps the heads of --folds K; pass --folds too, or drop it.")
         if self.mdl and not ("linear" in self.heads and self.head.solver == "lbfgs"):
             raise ConfigError(
                 "--mdl codes the labels with the L-BFGS linear probes; add --head linear (with --solver lbfgs, "
@@ -538,6 +545,61 @@ def _meta(
     return meta
 
 
+def _keep_folds(run_dir: Path, setup: SweepSetup, outcomes: list[Outcome], combo: Combo, seed: int) -> dict[str, Any]:
+    """Save the best configuration's head of every fold (seed ``seed``) under best_head/folds/fold-K and score their
+    averaged probabilities on the store's evaluation split (one apart from the training split), as run.json's
+    ``fold_ensemble``."""
+    from heads.report.metrics import classification_metrics
+    from heads.report.rundir import BEST_HEAD_DIR, FOLDS_DIR
+
+    store, tr = setup.store, setup.train[0]
+    mine = sorted(
+        (o for o in outcomes if o.combo == combo and o.round.seed == seed and o.round.fold is not None),
+        key=lambda o: int(o.round.fold or 0),
+    )
+    for o in mine:
+        card = HeadCard.for_store(combo, store, setup.path, seed=seed, fold=o.round.fold)
+        o.est.save(run_dir / BEST_HEAD_DIR / FOLDS_DIR / f"fold-{o.round.fold}", card=card)
+    test = next((s for s in ("test", "validation") if s in store.splits and s != tr), None)
+    if test is None:
+        return {"note": f"{store.path} has no evaluation split apart from {tr!r}: the fold heads are kept, not scored"}
+    bank = FeatureBank(store, [combo], [test], setup.budget)
+    rows = np.flatnonzero(~store.augmented(test))
+    X = bank.features(combo, test, rows)
+    proba = np.mean([o.est.predict_proba(X) for o in mine], axis=0)
+    y = store.labels(test)[rows]
+    return {
+        "configuration": "/".join(combo.key),
+        "folds": [int(o.round.fold or 0) for o in mine],
+        "split": test,
+        "rows": int(len(rows)),
+        "how": "the mean of the fold heads' class probabilities, then the most probable class",
+        **classification_metrics(y, proba.argmax(1), setup.names),
+    }
+
+
+def data_profile(setup: SweepSetup) -> dict[str, Any]:
+    """The training and evaluation rows of the store (data.png, run.json ``data``): class counts (augmented copies
+    apart) and lengths (tokens after truncation, or seconds of audio)."""
+    store, out = setup.store, {}
+    (tr, tr_rows), (ev, ev_rows) = setup.train, setup.evaluate
+    for name, split, rows in ((tr, tr, tr_rows), (ev if ev != tr else f"{ev} (carved)", ev, ev_rows)):
+        rows = np.arange(store.n_rows(split)) if rows is None else rows
+        durations = store.durations(split)
+        lengths, unit = (
+            (durations[rows], "seconds")
+            if durations is not None
+            else (
+                store.n_tokens(split, store.towers[0])[rows],
+                "tokens",
+            )
+        )
+        y, aug = store.labels(split)[rows], store.augmented(split)[rows]
+        n = len(setup.names)
+        out[name] = profile_entry(np.bincount(y, minlength=n), lengths, unit, np.bincount(y[aug], minlength=n))
+    return out
+
+
 def run_sweep(config: SweepConfig, cache: Path | None = None, *, show_progress: bool | None = None) -> SweepResult:
     """Train every configuration x seed (x fold) and write the run directory (rank 0 under torchrun).
 
@@ -688,7 +750,9 @@ def _finish(
         if isinstance(store, ExampleStore)
         else None,
     )
+    writer.update_meta(data=data_profile(setup))
     summary = writer.finish(names, best_key=best_key)
+    plot_data(writer.run_dir / DATA_PLOT, writer.meta["data"], names)
     best = summary["best"]
     key = (best["layers"], best["combine"], best["pooling"], best["head"])
     shown = next(r for r in writer.rows if r.config_key == key)  # the summary's best row (the first written)
@@ -698,6 +762,15 @@ def _finish(
     combo = next(c for c in setup.combos if c.key == key)
     card = HeadCard.for_store(combo, store, path, seed=shown.seed, fold=shown.fold)
     est.save(writer.run_dir / rundir.BEST_HEAD_DIR, card=card)
+    if config.keep_fold_models:
+        ensemble = _keep_folds(writer.run_dir, setup, outcomes, combo, shown.seed)
+        writer.update_meta(fold_ensemble=ensemble)
+        if "accuracy" in ensemble:  # summary.md was written before the fold heads were scored together
+            from heads.report.rundir import SUMMARY_FILE
+            from heads.report.summary import fold_ensemble_md
+
+            with open(writer.run_dir / SUMMARY_FILE, "a", encoding="utf-8") as fh:
+                fh.write("\n".join(fold_ensemble_md(ensemble, names)) + "\n")
     timings["total_s"] = time.perf_counter() - t_start
     writer.update_meta(timings={k: round(v, 4) for k, v in timings.items()})
     log.info(

@@ -23,10 +23,15 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
 
 
 class BestTracker:
-    """Early stopping on validation macro-F1: keeps the best (earliest on ties) epoch and its state."""
+    """Early stopping on validation macro-F1: keeps the best (earliest on ties) epoch and its state.
 
-    def __init__(self, patience: int) -> None:
+    ``keep='last'`` still stops after ``patience`` epochs without a better score, but keeps no state: the weights of
+    the last epoch trained are the ones reported (``best_epoch`` is then that epoch), as studies that report their
+    last epoch did."""
+
+    def __init__(self, patience: int, keep: str = "best") -> None:
         self.patience, self.best_f1, self.best_epoch, self.bad = patience, -math.inf, -1, 0
+        self.keep = keep
         self.state: Any = None
         self.stopped = False
 
@@ -36,8 +41,12 @@ class BestTracker:
             self.best_epoch = epoch
             return False
         if f1 > self.best_f1:
-            self.best_f1, self.best_epoch, self.bad, self.state = f1, epoch, 0, snapshot()
+            self.best_f1, self.bad = f1, 0
+            if self.keep == "best":
+                self.best_epoch, self.state = epoch, snapshot()
         else:
             self.bad += 1
+        if self.keep == "last":
+            self.best_epoch = epoch
         self.stopped = self.bad >= self.patience
         return self.stopped

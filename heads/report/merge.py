@@ -38,6 +38,7 @@ REPORT_COLUMNS = [
     "accuracy_std",
     "f1_macro_mean",
     "f1_macro_std",
+    "f1_weighted_mean",
     "val_accuracy_mean",
     "val_f1_macro_mean",
     "trainable_params",
@@ -207,6 +208,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
             if with_val:
                 cells.append("" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n))
             cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
+            cells.append("" if s.f1_weighted_mean is None else f"{s.f1_weighted_mean:.4f}")
             c = paired.get(i)
             if with_ci:
                 cells.append(_interval(s, c))
@@ -236,6 +238,7 @@ def write_report(run_dirs: list[Path], out: Path, *, allow_mixed: bool = True) -
                 *(["val macro-F1"] if with_val else []),
                 "accuracy",
                 "macro-F1",
+                "weighted F1",
                 *(["95% CI macro-F1"] if with_ci else []),
                 *(["vs best (McNemar, Holm p)"] if paired else []),
                 "runs",

@@ -12,6 +12,7 @@ __all__ = [
     "confusion",
     "metrics_from_confusion",
     "macro_f1_present",
+    "averages",
     "majority_accuracy",
     "mean_std",
 ]
@@ -78,6 +79,23 @@ def metrics_from_confusion(confusion: np.ndarray, label_names: list[str]) -> dic
         "f1_macro": float(f1.mean()) if len(f1) else 0.0,
         "per_class": per_class,
         "confusion": cm.astype(int).tolist(),
+        "macro": averages(per_class, "macro"),
+        "weighted": averages(per_class, "weighted"),
+    }
+
+
+def averages(per_class: dict[str, dict[str, Any]], how: str) -> dict[str, float]:
+    """Precision, recall and F1 averaged over the classes of a per-class table ({label: {precision, recall, f1,
+    support}}): 'macro' (every class counts once) or 'weighted' (by support, as scikit-learn's
+    ``classification_report`` weighted avg; 0 without rows)."""
+    rows = list(per_class.values())
+    if not rows:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    weights = np.array([float(r["support"]) if how == "weighted" else 1.0 for r in rows])
+    total = weights.sum()
+    return {
+        k: float(np.dot(weights, [float(r[k]) for r in rows]) / total) if total else 0.0
+        for k in ("precision", "recall", "f1")
     }
 
 

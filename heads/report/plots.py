@@ -7,6 +7,61 @@ from typing import Any
 
 from heads.report.table import ConfigStats
 
+DATA_PLOT = "data.png"
+
+
+def profile_entry(counts: Any, lengths: Any, unit: str, augmented: Any = None) -> dict[str, Any]:
+    """One split of a run's data profile (run.json ``data``): rows, class counts (and augmented copies per class),
+    the length ``unit`` and a 20-bin histogram of the lengths."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    hist, edges = np.histogram(lengths, bins=20) if len(lengths) else (np.zeros(0), np.zeros(0))
+    out: dict[str, Any] = {
+        "rows": int(np.sum(counts)),
+        "class_counts": [int(c) for c in counts],
+        "length_unit": unit,
+        "length_mean": float(lengths.mean()) if len(lengths) else None,
+        "length_max": float(lengths.max()) if len(lengths) else None,
+        "length_histogram": {"counts": hist.astype(int).tolist(), "edges": [float(e) for e in edges]},
+    }
+    if augmented is not None:
+        out["augmented_counts"] = [int(c) for c in augmented]
+    return out
+
+
+def plot_data(path: Path, profile: dict[str, dict[str, Any]], label_names: list[str]) -> bool:
+    """data.png: per split, its class counts (augmented copies stacked on the originals) and the histogram of its
+    row lengths (tokens or seconds), from a data profile (:func:`profile_entry` per split)."""
+    if not profile:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(profile), 6.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(2, len(profile), squeeze=False)
+    for j, (split, entry) in enumerate(profile.items()):
+        counts = entry["class_counts"]
+        names = list(label_names) if len(label_names) == len(counts) else [str(i) for i in range(len(counts))]
+        aug = entry.get("augmented_counts") or [0] * len(counts)
+        original = [c - a for c, a in zip(counts, aug)]
+        ax = grid[0][j]
+        ax.bar(range(len(counts)), original, color="tab:blue", label="original")
+        if any(aug):
+            ax.bar(range(len(counts)), aug, bottom=original, color="tab:orange", label="augmented copies")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(counts)), names, rotation=45, ha="right", fontsize=8)
+        ax.set(title=f"{split}: {entry['rows']} rows", ylabel="rows")
+        hist = entry["length_histogram"]
+        ax = grid[1][j]
+        if hist["counts"]:
+            edges = hist["edges"]
+            ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")
+        ax.set(xlabel=entry["length_unit"], ylabel="rows", title=f"{split}: length ({entry['length_unit']})")
+    fig.savefig(path, dpi=100)
+    return True
+
 
 def names_for(confusion: list[list[int]], label_names: list[str]) -> list[str]:
     return list(label_names) if len(label_names) == len(confusion) else [str(i) for i in range(len(confusion))]
@@ -80,7 +135,9 @@ def plot_curves(path: Path, stats: list[ConfigStats], best: ConfigStats | None, 
     history = best.first.history if best else []
     if not best or not history:
         return False
-    fig, (ax_loss, ax_f1) = new_figure(10, 4, ncols=2)
+    steps = best.first.extra.get("step_evaluations") or []  # fine-tunes with --eval-steps: a third panel
+    fig, axes = new_figure(15 if steps else 10, 4, ncols=3 if steps else 2)
+    ax_loss, ax_f1 = axes[0], axes[1]
     if all("C" in h for h in history):
         import math
 
@@ -102,24 +159,49 @@ def plot_curves(path: Path, stats: list[ConfigStats], best: ConfigStats | None, 
             ax.set_xticks(xs, [f"{float(h['C']):g}" for h in history])
             ax.grid(alpha=0.3)
     else:
-        epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-        ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in history], marker="o")
-        ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-        ax_f1.plot(epochs, [h.get("val_f1_macro", float("nan")) for h in history], marker="o", color="tab:green")
-        ax_f1.set(xlabel="epoch", ylabel="validation macro-F1", title="Validation macro-F1")
-        if best.first.best_epoch is not None:
-            ax_f1.axvline(
-                best.first.best_epoch, color="gray", linestyle="--", label=f"best epoch {best.first.best_epoch}"
-            )
-            ax_f1.legend()
-        from matplotlib.ticker import MaxNLocator
-
-        for ax in (ax_loss, ax_f1):
-            ax.grid(alpha=0.3)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_curves(ax_loss, ax_f1, history, best.first.best_epoch)
+    if steps:
+        ax_steps = axes[2]
+        xs = [e["step"] for e in steps]
+        ax_steps.plot(xs, [_num(e.get("val_accuracy")) for e in steps], marker=".", label="val accuracy")
+        ax_steps.plot(xs, [_num(e.get("val_loss")) for e in steps], marker=".", label="val loss")
+        ax_steps.set(xlabel="optimizer step", title="Validation every --eval-steps steps")
+        ax_steps.grid(alpha=0.3)
+        ax_steps.legend()
     fig.suptitle(f"{' / '.join(best.key)} (seed {best.first.seed})")
     fig.savefig(path, dpi=120)
     return True
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _epoch_curves(ax_loss: Any, ax_f1: Any, history: list[dict[str, Any]], best_epoch: int | None) -> None:
+    """Loss (training, and validation where recorded) and validation scores (with the training accuracy where
+    recorded: fine-tunes) per epoch, the kept epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    ax_loss.plot(epochs, [_num(h.get("train_loss")) for h in history], marker="o", label="train loss")
+    if any(h.get("val_loss") is not None for h in history):
+        ax_loss.plot(epochs, [_num(h.get("val_loss")) for h in history], marker="o", label="val loss")
+        ax_loss.legend()
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    if any(h.get("train_accuracy") is not None for h in history):
+        ax_f1.plot(epochs, [_num(h.get("train_accuracy")) for h in history], marker="o", label="train accuracy")
+    if any(h.get("val_accuracy") is not None for h in history):
+        ax_f1.plot(epochs, [_num(h.get("val_accuracy")) for h in history], marker="o", label="val accuracy")
+    ax_f1.plot(
+        epochs, [_num(h.get("val_f1_macro")) for h in history], marker="o", color="tab:green", label="val macro-F1"
+    )
+    ax_f1.set(xlabel="epoch", ylabel="score", title="Accuracy and validation macro-F1")
+    if best_epoch is not None:
+        ax_f1.axvline(best_epoch, color="gray", linestyle="--", label=f"kept epoch {best_epoch}")
+    ax_f1.legend()
+    for ax in (ax_loss, ax_f1):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_confusion(path: Path, stats: list[ConfigStats], best: ConfigStats | None, label_names: list[str]) -> bool:

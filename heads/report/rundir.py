@@ -9,7 +9,9 @@ imported wherever a run is written or read::
         results.jsonl, results.csv    one result row per configuration x seed x fold (sweeps and fine-tunes)
         summary.md                    the table a person reads
         predictions.npz               per (run, evaluation row): the predicted label and class probabilities (sweeps)
+        data.png                      class counts and length histograms of every split the run read
         model/                        a backbone usable as --model (fine-tunes without --folds, pretraining)
+        folds/fold-K/model/           each fold's model (heads finetune --folds K --keep-fold-models)
         checkpoint/                   the training state --resume continues from (fine-tunes, pretraining)
     reports/<YYYYmmdd-HHMMSS>/        a merged report without --out
 """
@@ -28,6 +30,7 @@ __all__ = [
     "BEST_HEAD_DIR",
     "MODEL_DIR",
     "CHECKPOINT_DIR",
+    "FOLDS_DIR",
     "RUNS_ROOT",
     "REPORTS_ROOT",
     "timestamp",
@@ -36,7 +39,7 @@ __all__ = [
 
 RUN_FILE, ROWS_FILE, CSV_FILE, SUMMARY_FILE = "run.json", "results.jsonl", "results.csv", "summary.md"
 PREDICTIONS_FILE, BEST_HEAD_DIR = "predictions.npz", "best_head"
-MODEL_DIR, CHECKPOINT_DIR = "model", "checkpoint"
+MODEL_DIR, CHECKPOINT_DIR, FOLDS_DIR = "model", "checkpoint", "folds"
 RUNS_ROOT, REPORTS_ROOT = Path("runs"), Path("reports")
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from heads.report.metrics import averages
 from heads.report.plots import names_for
 from heads.report.table import ConfigStats, most_selective, pm, selection_rule
 
-__all__ = ["summary_md", "md_table"]
+__all__ = ["summary_md", "md_table", "per_class_table", "fold_ensemble_md"]
 
 
 def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> list[str]:
@@ -32,6 +33,7 @@ def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> lis
                 "" if s.val_f1_mean is None else pm(s.val_f1_mean, s.val_f1_std or 0.0, s.n),
             ]
         cells += [pm(s.accuracy_mean, s.accuracy_std, s.n), pm(s.f1_mean, s.f1_std, s.n)]
+        cells.append("" if s.f1_weighted_mean is None else f"{s.f1_weighted_mean:.4f}")
         if with_ci:
             cells.append(_ci(s.f1_lo, s.f1_hi))
         if with_p:
@@ -60,7 +62,11 @@ def _config_table(stats: list[ConfigStats], best: ConfigStats, rule: str) -> lis
             cells.append(s.vs_best if s.vs_best in ("tied", "worse", "better") else "")
         table.append(cells)
     header = ["layers", "combine", "pooling", "head"] + (["C"] if with_c else [])
-    header += (["val accuracy", "val macro-F1"] if with_val else []) + ["test accuracy", "test macro-F1"]
+    header += (["val accuracy", "val macro-F1"] if with_val else []) + [
+        "test accuracy",
+        "test macro-F1",
+        "test weighted F1",
+    ]
     header += (["95% CI macro-F1"] if with_ci else []) + (["p vs best (Holm)"] if with_p else [])
     header += (["control macro-F1", "gain (95% CI)"] if with_control else []) + (
         ["MDL bits", "compression"] if with_mdl else []
@@ -122,6 +128,55 @@ def _selectivity_section(stats: list[ConfigStats], best: ConfigStats) -> list[st
         "95% interval above 0"
     )
     return lines
+
+
+def per_class_table(per_class: dict[str, dict[str, Any]], label_names: list[str]) -> list[str]:
+    """Precision, recall, F1 and support per class, then the macro and the support-weighted averages (the rows of
+    scikit-learn's ``classification_report``)."""
+    names = [n for n in label_names if n in per_class] or list(per_class)
+    support = str(sum(int(per_class[n]["support"]) for n in names))
+    rows = [
+        [n, *(f"{per_class[n][k]:.4f}" for k in ("precision", "recall", "f1")), str(per_class[n]["support"])]
+        for n in names
+    ]
+    for how in ("macro", "weighted"):
+        avg = averages({n: per_class[n] for n in names}, how)
+        rows.append([f"*{how} avg*", *(f"{avg[k]:.4f}" for k in ("precision", "recall", "f1")), support])
+    return md_table(["label", "precision", "recall", "F1", "support"], rows)
+
+
+_SPLIT_NAMES = {"fit": "training (fitting) rows", "validation": "validation rows", "evaluation": "evaluation rows"}
+
+
+def _split_reports(reports: dict[str, Any], label_names: list[str]) -> list[str]:
+    """The classification report of every split (heads finetune --split-reports), the same weights on each."""
+    if not reports:
+        return []
+    lines = ["", "## Classification report per split (the kept weights)", ""]
+    for name, m in reports.items():
+        loss = "" if m.get("loss") is None else f", loss {m['loss']:.4f}"
+        lines += [
+            f"**{_SPLIT_NAMES.get(name, name)}**: accuracy {m['accuracy']:.4f}, macro-F1 {m['f1_macro']:.4f}{loss}"
+        ]
+        lines += [""] + per_class_table(m["per_class"], label_names) + [""]
+    return lines
+
+
+def fold_ensemble_md(record: dict[str, Any] | None, label_names: list[str]) -> list[str]:
+    """The fold models' averaged probabilities on the evaluation split (heads finetune --keep-fold-models)."""
+    if not record:
+        return []
+    if "accuracy" not in record:
+        return ["", "## Fold ensemble", "", str(record.get("note", ""))]
+    return [
+        "",
+        "## Fold ensemble",
+        "",
+        f"The {len(record['folds'])} fold models together ({record['how']}) on the {record['rows']} rows of split "
+        f"`{record['split']}`: accuracy {record['accuracy']:.4f}, macro-F1 {record['f1_macro']:.4f}.",
+        "",
+        *per_class_table(record["per_class"], label_names),
+    ]
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -337,24 +392,17 @@ def summary_md(
             f"test {best.accuracy_mean:.4f}). Per class on the evaluation split:",
             "",
         ]
-    names = [n for n in label_names if n in first.per_class] or list(first.per_class)
-    lines += md_table(
-        ["label", "precision", "recall", "F1", "support"],
-        [
-            [
-                n,
-                *(f"{first.per_class[n][k]:.4f}" for k in ("precision", "recall", "f1")),
-                str(first.per_class[n]["support"]),
-            ]
-            for n in names
-        ],
-    )
+    lines += per_class_table(first.per_class, label_names)
     if first.confusion:
         cm_names = names_for(first.confusion, label_names)
         lines += ["", "Confusion matrix (rows: true, columns: predicted):", ""]
         lines += md_table(
             ["true \\ predicted", *cm_names], [[n, *map(str, r)] for n, r in zip(cm_names, first.confusion)]
         )
+    lines += _split_reports(first.extra.get("split_reports") or {}, label_names)
+    lines += fold_ensemble_md(meta.get("fold_ensemble"), label_names)
     lines += ["", "## Plots", ""] + [f"- [{f}]({f})" for f in files]
+    if meta.get("data"):
+        lines.append("- [data.png](data.png): class counts and row lengths of every split read")
     lines += [f"- {f}: skipped ({skip_reason[f]})" for f in skipped]
     return "\n".join(lines) + "\n"

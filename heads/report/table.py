@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embstore.errors import DataError
-from heads.report.metrics import mean_std
+from heads.report.metrics import averages, mean_std
 
 __all__ = [
     "ResultRow",
@@ -108,6 +108,19 @@ class ResultRow:
     """The same difference on the validation rows (what "most selective" is chosen on)."""
 
     @property
+    def f1_weighted(self) -> float | None:
+        """Support-weighted F1 on the evaluation split, from ``per_class`` (None for a row without one)."""
+        return averages(self.per_class, "weighted")["f1"] if self.per_class else None
+
+    @property
+    def precision_weighted(self) -> float | None:
+        return averages(self.per_class, "weighted")["precision"] if self.per_class else None
+
+    @property
+    def recall_weighted(self) -> float | None:
+        return averages(self.per_class, "weighted")["recall"] if self.per_class else None
+
+    @property
     def config_key(self) -> ConfigKey:
         """(layers, combine, pooling, head): rows sharing it are seeds/folds of one config."""
         return (self.layers, self.combine, self.pooling, self.head)
@@ -177,6 +190,9 @@ class ConfigStats:
     """95% interval of the configuration's mean selectivity (folds pooled, seeds averaged on every resample)."""
     selectivity_hi: float | None = None
     val_selectivity_mean: float | None = None
+    f1_weighted_mean: float | None = None
+    """Mean over runs of the support-weighted F1 on the evaluation split (None unless every run has a per-class
+    table)."""
 
     @property
     def is_single(self) -> bool:
@@ -231,6 +247,7 @@ class ConfigStats:
             "selectivity_lo": self.selectivity_lo,
             "selectivity_hi": self.selectivity_hi,
             "val_selectivity_mean": self.val_selectivity_mean,
+            "f1_weighted_mean": self.f1_weighted_mean,
         }
 
     @property
@@ -263,6 +280,7 @@ def aggregate(rows: Iterable[ResultRow]) -> list[ConfigStats]:
         val = all(r.val_f1_macro is not None and r.val_accuracy is not None for r in group)
         vf1 = mean_std([float(r.val_f1_macro or 0.0) for r in group]) if val else (None, None)
         vacc = mean_std([float(r.val_accuracy or 0.0) for r in group])[0] if val else None
+        weighted = [r.f1_weighted for r in group]
         stats.append(
             ConfigStats(
                 key,
@@ -278,6 +296,7 @@ def aggregate(rows: Iterable[ResultRow]) -> list[ConfigStats]:
                 val_accuracy_mean=vacc,
                 val_f1_mean=vf1[0],
                 val_f1_std=vf1[1],
+                f1_weighted_mean=_mean_of(weighted),
                 **_sureness(group),
             )
         )
