@@ -207,7 +207,10 @@ def test_bad_surgery_is_refused(sep_csv, tmp_path, kw, error, match):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"pooling": "max"}, r"'pooling' parameter of FinetuneConfig must be one of cls, mean\. Got 'max' instead\."),
+        (
+            {"pooling": "max"},
+            r"'pooling' parameter of FinetuneConfig must be one of cls, mean, last\. Got 'max' instead\.",
+        ),
         ({"prune_fraction": 0.3, "epochs": 1}, "at least 2"),
         ({"lr": 0}, "'lr' parameter of OptimConfig must be a positive number. Got 0 instead."),
         (
