@@ -463,10 +463,10 @@ def test_folds_report_mean_and_std_and_resume_skips_finished_folds(sep_csv, tmp_
         folds_trained.append(rnd.fold)
         return real_fit(spec, encoder, rnd, ckpt, resumed)
 
-    def killed_in_fold_1(self, epoch):
+    def killed_in_fold_1(self, epoch, *args, **kwargs):
         if folds_trained[-1] == 1:
             raise KeyboardInterrupt("killed in fold 1")
-        return real_epoch(self, epoch)
+        return real_epoch(self, epoch, *args, **kwargs)
 
     monkeypatch.setattr(run_module, "fit_round", fit_round)
     with monkeypatch.context() as m:

@@ -341,7 +341,7 @@ def test_bad_audio_input_is_one_line_and_writes_nothing(few_tones, tmp_path):
 def test_speech_options_are_refused_where_they_do_not_apply(tmp_path):
     with pytest.raises(ConfigError, match="'augment' option .* transforms audio clips; pass --audio-col"):
         FinetuneConfig.from_dict({"data": "x.csv", "augment": "noise"})
-    with pytest.raises(ConfigError, match="Speech models have no CLS frame"):
+    with pytest.raises(ConfigError, match="Speech models have no cls token to pool: pass --pooling mean"):
         FinetuneConfig.from_dict({"data": "x.csv", "audio_col": "file", "pooling": "cls"})
     with pytest.raises(
         ConfigError, match="'augment' parameter .* must be a comma list of noise, shift, speed, pitch. Got 'echo'"

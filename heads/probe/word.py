@@ -316,6 +316,17 @@ class ExampleStore:
     def augmented(self, split: str) -> np.ndarray:
         return np.zeros(self.n_rows(split), dtype=bool)
 
+    def durations(self, split: str) -> None:
+        """Word-level data is text: no seconds of audio."""
+        return None
+
+    def n_tokens(self, split: str, tower: str | None = None) -> np.ndarray:
+        """(n,) tokens of each example's sentence after truncation (the lengths data.png draws)."""
+        ids = self.base.row_ids(split)
+        order = np.argsort(ids, kind="stable")
+        at = order[np.searchsorted(ids, self._ex(split).sentence, sorter=order)]
+        return self.base.n_tokens(split, tower)[at]
+
     def _word_states(self, split: str, pooling: str) -> np.ndarray:
         """(n_words, layers, hidden) of the split's words, read once per (split, pooling)."""
         key = (split, pooling)
