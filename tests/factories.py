@@ -48,6 +48,25 @@ def needs_shared(name: str) -> Path:
     return path
 
 
+SEPARABLE_VOCAB = {
+    "fruit": "apple banana cherry grape lemon mango peach".split(),
+    "vehicle": "car truck bus train bicycle engine wheel".split(),
+    "color": "red blue green yellow purple orange pink".split(),
+}
+"""Three classes, each with its own words: a task any backbone that trains at all can learn."""
+
+
+def separable_csv(path: Path, n: int = 60) -> Path:
+    """``n`` rows of 5 words, 3 classes (:data:`SEPARABLE_VOCAB`), each class with its own vocabulary; seeded."""
+    import random
+
+    rng = random.Random(0)
+    names = list(SEPARABLE_VOCAB)
+    rows = [(" ".join(rng.choice(SEPARABLE_VOCAB[names[i % 3]]) for _ in range(5)), names[i % 3]) for i in range(n)]
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    return path
+
+
 def tiny_csv(path: Path) -> Path:
     """12 rows (:data:`TEXTS`), 4 string classes (:data:`LABELS`), a 'text' and a 'label' column."""
     pd.DataFrame({"text": TEXTS, "label": LABELS}).to_csv(path, index=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from factories import SEPARABLE_VOCAB, separable_csv
 
 from embstore import ExtractConfig, extract, open_store
 from embstore.backbones.registry import load_backbone
@@ -21,22 +22,11 @@ from heads.finetune.run import run_finetune
 from heads.finetune.surgery import count_parameters
 from heads.report.results import read_run
 
-VOCAB = {
-    "fruit": "apple banana cherry grape lemon mango peach".split(),
-    "vehicle": "car truck bus train bicycle engine wheel".split(),
-    "color": "red blue green yellow purple orange pink".split(),
-}
-
 
 @pytest.fixture
 def sep_csv(tmp_path: Path) -> Path:
     """60 rows, 3 classes, each with its own vocabulary."""
-    rng = random.Random(0)
-    names = list(VOCAB)
-    rows = [(" ".join(rng.choice(VOCAB[names[i % 3]]) for _ in range(5)), names[i % 3]) for i in range(60)]
-    path = tmp_path / "sep.csv"
-    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
-    return path
+    return separable_csv(tmp_path / "sep.csv")
 
 
 def cfg(data: Path, out: Path, **kw: object) -> FinetuneConfig:
@@ -68,7 +58,7 @@ def test_run_writes_outputs_and_beats_majority(sep_csv, tmp_path):
     ):
         assert (res.run_dir / name).is_file(), name
     meta, rows = read_run(res.run_dir)
-    assert meta["kind"] == "finetune" and meta["label_names"] == sorted(VOCAB)
+    assert meta["kind"] == "finetune" and meta["label_names"] == sorted(SEPARABLE_VOCAB)
     assert res.accuracy > meta["majority_accuracy"] + 0.2
     (row,) = rows
     assert row.combine == "finetune" and row.layers == "2" and row.pooling == "mean" and len(row.history) == 4
@@ -80,7 +70,9 @@ def test_run_writes_outputs_and_beats_majority(sep_csv, tmp_path):
     assert res.total_params == count_parameters(clf)[1]
     pooler = sum(p.numel() for p in backbone.model.pooler.parameters())
     assert res.trainable_params == res.total_params - pooler
-    assert json.loads((res.run_dir / "model/classifier/classifier.json").read_text())["label_names"] == sorted(VOCAB)
+    assert json.loads((res.run_dir / "model/classifier/classifier.json").read_text())["label_names"] == sorted(
+        SEPARABLE_VOCAB
+    )
 
 
 def test_freeze_keeps_frozen_weights_bit_identical(sep_csv, tmp_path):
@@ -333,7 +325,7 @@ def test_predict_with_a_finetuned_run(sep_csv, tmp_path):
     # Every 6th row carries the next class's label: a model of the vocabularies errs on those, so its test score is
     # a number of its own, told apart from a score of other rows or of another model.
     df = pd.read_csv(sep_csv)
-    names = sorted(VOCAB)
+    names = sorted(SEPARABLE_VOCAB)
     df.loc[::6, "label"] = [names[(names.index(v) + 1) % 3] for v in df.label[::6]]
     noisy = tmp_path / "noisy.csv"
     df.to_csv(noisy, index=False)
@@ -659,8 +651,8 @@ def test_holdout_scores_exactly_the_rows_extract_puts_in_test(tmp_path):
     from heads.evalset import eval_set, source_sha256
 
     rng = random.Random(1)
-    names = list(VOCAB)
-    rows = [(" ".join(rng.choice(VOCAB[names[i % 3]]) for _ in range(4)), names[i % 3]) for i in range(50)]
+    names = list(SEPARABLE_VOCAB)
+    rows = [(" ".join(rng.choice(SEPARABLE_VOCAB[names[i % 3]]) for _ in range(4)), names[i % 3]) for i in range(50)]
     rows[7] = ("", rows[7][1])  # an empty row, dropped by skip_empty: positions in the file must still agree
     data = tmp_path / "data.csv"
     pd.DataFrame(rows, columns=["text", "label"]).to_csv(data, index=False)

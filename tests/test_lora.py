@@ -5,14 +5,13 @@ with nothing written."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import write_tones
+from factories import separable_csv, write_tones
 from safetensors.torch import load_file
 
 from cli.heads_cli import main as heads_main
@@ -24,22 +23,13 @@ from heads.finetune.model import CLASSIFIER_DIR, CLASSIFIER_WEIGHTS, SequenceCla
 from heads.finetune.run import run_finetune
 from heads.report.results import read_run
 
-WORDS = {
-    "fruit": "apple banana cherry grape lemon mango peach".split(),
-    "vehicle": "car truck bus train bicycle engine wheel".split(),
-    "color": "red blue green yellow purple orange pink".split(),
-}
 HEAD = 32 * 3 + 3  # the linear classifier on the 32-wide tiny-bert, 3 classes
 
 
 @pytest.fixture
 def sep_csv(tmp_path: Path) -> Path:
-    rng = random.Random(0)
-    names = list(WORDS)
-    rows = [(" ".join(rng.choice(WORDS[names[i % 3]]) for _ in range(5)), names[i % 3]) for i in range(60)]
-    path = tmp_path / "sep.csv"
-    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
-    return path
+    """60 rows, 3 classes, each with its own vocabulary."""
+    return separable_csv(tmp_path / "sep.csv")
 
 
 def cfg(data: Path, out: Path, **kw: object) -> FinetuneConfig:
