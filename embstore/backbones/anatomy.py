@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -140,14 +140,7 @@ SPEECH_ATTENTION = AttentionLayout(
     head_counts=("num_heads",),
 )
 
-WHISPER_ATTENTION = AttentionLayout(
-    holder="self_attn",
-    qkv=("q_proj", "k_proj", "v_proj"),
-    out_holder="self_attn",
-    out="out_proj",
-    head_dim="head_dim",
-    head_counts=("num_heads",),
-)
+WHISPER_ATTENTION = replace(SPEECH_ATTENTION, holder="self_attn", out_holder="self_attn")
 CONFORMER_ATTENTION = AttentionLayout(
     holder="self_attn",
     qkv=("linear_q", "linear_k", "linear_v"),
